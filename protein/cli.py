@@ -1,0 +1,255 @@
+"""`protein` command line: synth, validate, train, evaluate, predict, models.
+
+Every verb prints its result as JSON on stdout (the last line, for train) and reports
+failures as one line on stderr with a specific exit code: 1 data failed validation,
+2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from protein.config import ARCHITECTURES, DEFAULT_IMAGE_SIZE, TrainConfig
+
+log = logging.getLogger("protein")
+
+
+def emit(payload: Any) -> None:
+    print(json.dumps(payload, default=str))
+
+
+@contextmanager
+def progress_bar(total: int | None, desc: str):  # noqa: ANN201
+    """A progress bar on stderr for interactive terminals; silent in pipes and CI logs."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False) as bar:
+        yield bar.update
+
+
+# --- verbs -----------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from protein.config import SynthConfig
+    from protein.synth import generate_dataset
+
+    config = SynthConfig(train=args.train, test=args.test, size=args.size, seed=args.seed,
+                         label_noise=args.label_noise, workers=args.workers)
+    with progress_bar(args.train + args.test, "synth") as update:
+        summary = generate_dataset(config, Path(args.out), Path(args.truth) if args.truth else None, update)
+    emit({"out": str(summary.out), "truth": str(summary.truth), "train": summary.train, "test": summary.test,
+          "seconds": round(summary.seconds, 2)})
+    return 0
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(arch=args.arch, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+                       seed=args.seed, lr=args.lr, loss=args.loss, holdout_fraction=args.holdout,
+                       weights=args.weights, device=args.device, compile=args.compile)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from protein.pipeline import train_and_register
+
+    config = train_config_from_args(args)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %.4f (%.1f img/s)", record["epoch"],
+                 record["epochs"], record["train_loss"], record["holdout_f1_samples"], record["train_images_per_s"])
+
+    with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
+        result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
+                                    on_epoch=on_epoch, on_batch=trained, on_decode=decoded)
+    emit(result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from protein.pipeline import evaluate_version
+
+    emit(evaluate_version(args.data, args.store, args.model, args.holdout, args.seed, args.cache_dir))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from protein.pipeline import predict_and_publish
+
+    emit(predict_and_publish(args.data, args.store, args.model, Path(args.out) if args.out else None, args.cache_dir))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from protein.validation import ValidationConfig, run_validation
+
+    config = ValidationConfig(image_size=args.image_size, check_pixels=not args.headers_only,
+                              drift_tolerance=args.drift_tolerance, drift_action=args.drift_action)
+    report_dir = Path(args.report) if args.report else None
+    report = run_validation(args.data, config, store_uri=args.store, report_dir=report_dir)
+    emit({"success": report.success, "data_fingerprint": report.data_fingerprint, "failures": len(report.failures),
+          "warnings": len(report.warnings), "report_uri": report.report_uri, "docs_uri": report.docs_uri,
+          "docs_path": report.docs_path, "seconds": round(report.seconds, 2)})
+    for line in report.summary_lines():
+        print(line, file=sys.stderr)
+    return 0 if report.success else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from protein.registry import Registry
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    registry = Registry(store)
+    if args.models_cmd == "list":
+        rows = registry.listing()
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                mark = "*" if row["champion"] else " "
+                score = row["metrics"].get("f1_samples")
+                score_text = f"{score:.4f}" if isinstance(score, float) else "-"
+                print(f"{mark} {row['id']}  {row['created']}  {row['arch']}@{row['image_size']}px  "
+                      f"f1_samples={score_text}")
+            if not rows:
+                print(f"no model versions in {store.uri}", file=sys.stderr)
+    elif args.models_cmd == "show":
+        emit(registry.spec(args.model))
+    elif args.models_cmd == "promote":
+        state = registry.promote(args.model, reason=args.reason or "manual promotion")
+        emit({"champion": state.champion, "history": len(state.history)})
+    elif args.models_cmd == "rollback":
+        state = registry.rollback(reason=args.reason or "manual rollback")
+        emit({"champion": state.champion, "history": len(state.history)})
+    elif args.models_cmd == "gc":
+        orphans = registry.orphans()
+        if not args.dry_run:
+            for version in orphans:
+                registry.delete_orphan(version)
+        emit({"orphans": orphans, "deleted": not args.dry_run})
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from protein.pipeline import default_cache_dir, default_store_uri
+
+    parser = argparse.ArgumentParser(prog="protein", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def store_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=default_store_uri(),
+                       help="object store: a local folder or s3://bucket/prefix (env PROTEIN_STORE)")
+
+    def cache_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                       help="decoded-image cache folder (env PROTEIN_CACHE_DIR)")
+
+    p = add("synth", cmd_synth, "write a synthetic dataset in the competition layout")
+    p.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")
+    p.add_argument("--train", type=int, default=200, help="number of train images")
+    p.add_argument("--test", type=int, default=50, help="number of test images")
+    p.add_argument("--size", type=int, default=512, help="image width and height in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-noise", type=float, default=0.0, help="share of images whose recorded labels are perturbed")
+    p.add_argument("--truth", help="hidden test labels CSV (default: OUT-test-labels.csv beside OUT)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering images")
+
+    p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
+    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    store_arg(p)
+    p.add_argument("--report", help="folder for report.json and Data Docs HTML")
+    p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
+    p.add_argument("--headers-only", action="store_true", help="skip the full-decode check (faster)")
+    p.add_argument("--drift-tolerance", type=float, default=0.05, help="allowed absolute change in a class's share")
+    p.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
+
+    p = add("train", cmd_train, "train a model and register it as a new version")
+    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    store_arg(p)
+    cache_arg(p)
+    defaults = TrainConfig()
+    p.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="training resolution in pixels")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--loss", choices=("bce", "focal"), default=defaults.loss)
+    p.add_argument("--holdout", type=float, default=defaults.holdout_fraction, help="holdout share")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--weights", help="local file with pretrained backbone weights (default: from scratch)")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
+
+    p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
+    p.add_argument("--data", required=True)
+    store_arg(p)
+    cache_arg(p)
+    p.add_argument("--model", default="champion", help="version id or 'champion'")
+    p.add_argument("--holdout", type=float, help="holdout share (default: the one the model was trained with)")
+    p.add_argument("--seed", type=int, help="split seed (default: the one the model was trained with)")
+
+    p = add("predict", cmd_predict, "predict the test set and write the submission")
+    p.add_argument("--data", required=True)
+    store_arg(p)
+    cache_arg(p)
+    p.add_argument("--model", default="champion", help="version id or 'champion'")
+    p.add_argument("--out", help="also write the submission CSV to this local file")
+
+    p = add("models", cmd_models, "list, show, promote, roll back and clean model versions")
+    models = p.add_subparsers(dest="models_cmd", required=True)
+    for name, help_text in (("list", "list versions; the champion is marked"), ("show", "print a version's model.json"),
+                            ("promote", "make a version the champion"), ("rollback", "return to the previous champion"),
+                            ("gc", "remove incomplete versions (interrupted registrations)")):
+        mp = models.add_parser(name, help=help_text, description=help_text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        store_arg(mp)
+        if name == "list":
+            mp.add_argument("--json", action="store_true", help="print a JSON array")
+        if name in ("show", "promote"):
+            mp.add_argument("model", help="version id" + (" or 'champion'" if name == "show" else ""))
+        if name in ("promote", "rollback"):
+            mp.add_argument("--reason", help="recorded in the champion history")
+        if name == "gc":
+            mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from protein.errors import ProteinError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "great_expectations", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ProteinError as exc:
+        print(f"protein {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # config checks: bad option values are usage errors
+        print(f"protein {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protein {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Errors the pipeline raises on purpose; each carries the exit code the CLI returns."""
+
+from __future__ import annotations
+
+
+class ProteinError(Exception):
+    """Base class: a clear, one-line, user-facing failure (no traceback needed)."""
+
+    exit_code = 2
+
+
+class DataError(ProteinError):
+    """The dataset is missing, malformed, or an input file is unreadable."""
+
+    exit_code = 2
+
+
+class ValidationFailed(ProteinError):
+    """The dataset was read but failed validation; the report says why."""
+
+    exit_code = 1
+
+
+class StoreError(ProteinError):
+    """The object store is unreachable, refuses access, or returned a bad object."""
+
+    exit_code = 3
+
+
+class IntegrityError(StoreError):
+    """An object's bytes do not match the checksum recorded when it was written."""
+
+
+class RegistryError(ProteinError):
+    """A model version is unknown or inconsistent."""
+
+    exit_code = 4
+
+
+class PromotionConflict(RegistryError):
+    """The champion moved since the caller read it: compare-and-swap lost."""
+
+    exit_code = 5
+
+
+class NotFound(StoreError):
+    """The requested object does not exist in the store."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object exists, or changed since its etag was read."""

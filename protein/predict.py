@@ -1,0 +1,86 @@
+"""Inference: `Predictor.from_checkpoint` is the one way in. It rebuilds the model from what
+the model version's model.json says and applies the same preset training used."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from protein.errors import RegistryError
+from protein.labels import LABELS, format_label_set
+from protein.metrics import binarize
+from protein.model import build_model
+from protein.presets import EvalPreset
+from protein.registry import SPEC_FILE, WEIGHTS_FILE
+from protein.train import predict_probs, select_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    spec: dict[str, Any]
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.spec["image_size"])
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.spec["thresholds"], dtype=np.float32)
+
+    @property
+    def preset(self) -> EvalPreset:
+        norm = self.spec["normalization"]
+        return EvalPreset(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: Path, device: str = "auto") -> Predictor:
+        """Load a model version folder (model.json + model.safetensors)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        spec = json.loads((model_dir / SPEC_FILE).read_text())
+        if list(spec.get("class_names", [])) != list(LABELS):
+            raise RegistryError(f"{model_dir}: model classes {spec.get('class_names')} differ from {list(LABELS)}")
+        try:
+            state = load_file(str(model_dir / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise RegistryError(f"{model_dir / WEIGHTS_FILE}: unreadable weights ({exc})") from None
+        model = build_model(spec["arch"], len(LABELS))
+        own = model.state_dict()
+        mismatched = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        if mismatched:
+            raise RegistryError(
+                f"{model_dir}: weights do not match architecture {spec['arch']!r} "
+                f"({len(mismatched)} tensors differ, e.g. {mismatched[0]})"
+            )
+        model.load_state_dict(state)
+        target = select_device(device)
+        return cls(model=model.to(target).eval(), spec=spec, device=target)
+
+    def predict_probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N, S, S, 3) uint8 at this model's image size -> (N, C) probabilities."""
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) uint8 images, got {images.shape}")
+        return predict_probs(self.model, images, self.preset, self.device, batch_size)
+
+    def label_strings(self, probs: np.ndarray) -> list[str]:
+        """Tuned per-class thresholds; an image never goes without a label (top class)."""
+        predicted = binarize(probs, self.thresholds, ensure_one=True)
+        return [format_label_set(np.flatnonzero(row)) for row in predicted]
+
+    def submission(self, image_ids: list[str], images: np.ndarray) -> pd.DataFrame:
+        labels = self.label_strings(self.predict_probs(images))
+        return pd.DataFrame({"Image": image_ids, "Label": labels})

@@ -1,0 +1,288 @@
+"""Training: loop functions that take their collaborators as arguments, and `fit`, which
+wires them together with per-epoch checkpoints so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from protein.config import TrainConfig, from_dict, to_dict
+from protein.labels import LABELS
+from protein.metrics import evaluate_predictions, tune_thresholds
+from protein.model import build_model
+from protein.presets import EvalPreset, TrainPreset
+from protein.storage import Store
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "protein-train-checkpoint/1"
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """The one precision path: bf16 autocast on CUDA, plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class FocalLoss(nn.Module):
+    """Binary focal loss (Lin et al. 2017) on logits, mean over all labels."""
+
+    def __init__(self, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        p_t = torch.exp(-bce)
+        return ((1 - p_t) ** self.gamma * bce).mean()
+
+
+def make_loss(config: TrainConfig) -> nn.Module:
+    return FocalLoss(config.focal_gamma) if config.loss == "focal" else nn.BCEWithLogitsLoss()
+
+
+def iterate_batches(
+    images: np.ndarray,
+    targets: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 NHWC images, float targets) batches; shuffled when a generator is given."""
+    order = indices
+    if generator is not None:
+        order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    for start in range(0, len(order), batch_size):
+        # Sorted reads walk the memory-mapped cache forwards; batch order stays random.
+        batch_idx = np.sort(order[start : start + batch_size])
+        yield torch.from_numpy(np.ascontiguousarray(images[batch_idx])), torch.from_numpy(targets[batch_idx])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    preset: TrainPreset,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    model.train()
+    total_loss, seen = 0.0, 0
+    started = time.perf_counter()
+    for images, targets in batches:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        x = preset(images, generator)
+        with autocast_context(device):
+            loss = loss_fn(model(x), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += float(loss.detach()) * len(images)
+        seen += len(images)
+        if on_batch:
+            on_batch(len(images))
+    seconds = time.perf_counter() - started
+    return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
+            "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: np.ndarray,
+    preset: EvalPreset,
+    device: torch.device,
+    batch_size: int = 64,
+    indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sigmoid probabilities (N, C) for images[indices] (all images when indices is None)."""
+    model.eval()
+    if indices is None:
+        indices = np.arange(len(images))
+    outputs: list[np.ndarray] = []
+    for start in range(0, len(indices), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]])).to(device)
+        with autocast_context(device):
+            logits = model(preset(batch))
+        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+    if not outputs:
+        return np.zeros((0, len(LABELS)), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def bce(probs: np.ndarray, targets: np.ndarray) -> float:
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    return float(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean())
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    holdout_probs: np.ndarray
+    thresholds: np.ndarray
+    metrics: dict[str, Any]
+    resumed_from_epoch: int = 0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_key(run_id: str) -> str:
+    return f"runs/{run_id}/checkpoint.pt"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"runs/{run_id}/metrics.jsonl"
+
+
+def save_checkpoint(store: Store, run_id: str, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # One object, written whole: a crash mid-upload leaves the previous epoch's checkpoint.
+    store.put_bytes(checkpoint_key(run_id), buffer.getvalue())
+
+
+def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
+    key = checkpoint_key(run_id)
+    if not store.exists(key):
+        return None
+    # weights_only: a checkpoint is data; never run code found in a store.
+    state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{store.uri}/{key}: not a protein training checkpoint")
+    return state
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> tuple[
+    torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
+]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # OneCycleLR divides by the length of each phase; tiny runs (a few steps) would make a
+    # phase empty, so the schedule is planned over at least 8 steps.
+    total_steps = max(config.epochs * steps_per_epoch, 8)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                    pct_start=0.25)
+    return optimizer, scheduler
+
+
+def fit(
+    config: TrainConfig,
+    images: np.ndarray,
+    targets: np.ndarray,
+    train_idx: np.ndarray,
+    holdout_idx: np.ndarray,
+    store: Store,
+    run_id: str,
+    on_epoch: EpochCallback | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train for config.epochs, checkpointing every epoch under runs/<run_id>/ in the store.
+
+    If that run already has a checkpoint it resumes from the epoch after it. Batch order,
+    augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
+    uninterrupted one.
+    """
+    device = select_device(config.device)
+    log.info("training %s at %d px on %s (%d train / %d holdout images)",
+             config.arch, config.image_size, device, len(train_idx), len(holdout_idx))
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, len(LABELS), config.weights).to(device)
+    channels_last = config.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
+    loss_fn = make_loss(config)
+    train_preset = TrainPreset(channels_last=channels_last)
+    eval_preset = EvalPreset(channels_last=channels_last)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    state = load_checkpoint(store, run_id)
+    if state is not None:
+        saved = from_dict(TrainConfig, state["config"])
+        if saved != config:
+            raise ValueError(
+                f"run {run_id} was started with a different config; use a new --run-id "
+                f"(saved: {to_dict(saved)}, now: {to_dict(config)})"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = [json.loads(h) for h in state["history"]]
+        start_epoch = int(state["epoch"])
+        log.info("resuming run %s after epoch %d", run_id, start_epoch)
+
+    step_model = torch.compile(model) if config.compile else model
+    holdout_targets = targets[holdout_idx]
+    holdout_probs = np.zeros((len(holdout_idx), len(LABELS)), dtype=np.float32)
+    for epoch in range(start_epoch, config.epochs):
+        # Everything random in an epoch derives from (seed, epoch): resume needs no RNG state.
+        torch.manual_seed(config.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        batches = iterate_batches(images, targets, train_idx, config.batch_size, generator)
+        stats = train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, train_preset, device,
+                                generator, on_batch)
+        holdout_probs = predict_probs(step_model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
+        scores = evaluate_predictions(holdout_probs, holdout_targets, 0.5)
+        record = {
+            "epoch": epoch + 1,
+            "epochs": config.epochs,
+            **stats,
+            "holdout_loss": bce(holdout_probs, holdout_targets),
+            "holdout_f1_samples": scores["f1_samples"],
+            "holdout_f1_macro": scores["f1_macro"],
+            "holdout_course_f_score": scores["course_f_score"],
+            "lr": scheduler.get_last_lr()[0],
+        }
+        history.append(record)
+        save_checkpoint(store, run_id, {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": to_dict(config),
+            "class_names": list(LABELS),
+            "history": [json.dumps(h) for h in history],
+        })
+        store.put_bytes(metrics_key(run_id), "".join(json.dumps(h) + "\n" for h in history).encode())
+        log.info("epoch %d/%d %s", epoch + 1, config.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        if on_epoch:
+            on_epoch(record)
+
+    if start_epoch >= config.epochs:  # resumed a finished run: holdout probs are not in the checkpoint
+        holdout_probs = predict_probs(model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
+    thresholds = tune_thresholds(holdout_probs, holdout_targets)
+    metrics = evaluate_predictions(holdout_probs, holdout_targets, thresholds)
+    return FitResult(model=model, config=config, history=history, holdout_probs=holdout_probs,
+                     thresholds=thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device))

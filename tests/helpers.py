@@ -1,0 +1,33 @@
+"""Small builders shared by tests: tiny valid datasets written with PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL = SHARED / "data" / "real"
+
+
+def write_png(path: Path, size: int = 32, seed: int = 0, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size, size, channels) if channels else (size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+
+
+def write_dataset(root: Path, labels: dict[str, str], test_ids: list[str], size: int = 32) -> Path:
+    """A competition-layout folder with random images."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["Image,Label"] + [f"{k},{v}" for k, v in labels.items()]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    (root / "sample_submission.csv").write_text("\n".join(["Image,Label"] + [f"{t},0" for t in test_ids]) + "\n")
+    for i, image_id in enumerate(labels):
+        write_png(root / "train" / f"{image_id}.png", size, seed=i)
+    for i, image_id in enumerate(test_ids):
+        write_png(root / "test" / f"{image_id}.png", size, seed=1000 + i)
+    return root
