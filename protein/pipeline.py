@@ -190,3 +190,30 @@ def publish_submission(
         write_bytes_atomic(Path(out), csv_bytes)
         pointer["local_path"] = str(Path(out).resolve())
     return pointer
+
+
+def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | None, decision: dict[str, Any],
+                         challenger_eval: dict[str, Any], champion_eval: dict[str, Any] | None) -> str:
+    """Keep every gate decision in the store, beside the models it judged."""
+    store = open_store(store_uri)
+    key = f"gates/{check_version_id(challenger_id)}.json"
+    doc = {"challenger": challenger_id, "champion": champion_id, "decision": decision,
+           "challenger_eval": challenger_eval, "champion_eval": champion_eval,
+           "decided": dt.datetime.now(dt.UTC).isoformat()}
+    store.put_bytes(key, json.dumps(doc, indent=2).encode())
+    return f"{store.uri.rstrip('/')}/{key}"
+
+
+def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],
+                          champion_eval: dict[str, Any] | None) -> str:
+    """Render the training curves and per-class F1 to reports/<model>/training.png; return its URL
+    (presigned on S3)."""
+    from protein.report import training_plot_png
+
+    store = open_store(store_uri)
+    spec = Registry(store).spec(model_id)
+    png = training_plot_png(spec.get("history", []), challenger_eval["per_class"]["f1"],
+                            champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
+    key = f"reports/{check_version_id(model_id)}/training.png"
+    store.put_bytes(key, png, content_type="image/png")
+    return store.url(key)

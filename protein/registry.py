@@ -224,3 +224,8 @@ class Registry:
         if version in self.versions():
             raise RegistryError(f"model version {version} is complete; only incomplete versions are removed")
         return self.store.delete_prefix(version_prefix(version))
+
+    def find_by_run(self, run_id: str) -> str | None:
+        """The version a training run registered (newest if several), or None."""
+        found = [v for v in self.versions() if self.spec(v).get("run_id") == run_id]
+        return found[-1] if found else None

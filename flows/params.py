@@ -1,0 +1,64 @@
+"""Flow parameters as pydantic models: titles, descriptions and defaults make the Prefect UI
+run form usable without reading code. Each converts to the library's frozen config."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from protein.validation import ValidationConfig
+from pydantic import BaseModel, Field
+
+from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig
+
+
+def default_store() -> str:
+    return os.environ.get("PROTEIN_STORE", "work/store")
+
+
+class TrainParams(BaseModel):
+    """How to train the challenger."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = Field(
+        "resnet18", title="Architecture", description="torchvision backbone with a 10-logit head")
+    epochs: int = Field(4, ge=1, le=200, title="Epochs")
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=16, le=1024, title="Image size (px)",
+                            description="training resolution; images are decoded and resized once, then cached")
+    batch_size: int = Field(32, ge=1, le=1024, title="Batch size")
+    lr: float = Field(2e-3, gt=0, title="Peak learning rate", description="AdamW with a one-cycle schedule")
+    loss: Literal["bce", "focal"] = Field("bce", title="Loss")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, title="Holdout share",
+                                    description="stratified holdout used for thresholds and the gate")
+    seed: int = Field(0, title="Seed", description="split, initialisation and augmentation seed")
+    weights: str | None = Field(None, title="Pretrained weights file",
+                                description="local safetensors/state-dict file on the worker; empty = from scratch")
+    device: str = Field("auto", title="Device", description="auto picks CUDA when the worker has a GPU")
+
+    def to_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
+
+
+class GateParams(BaseModel):
+    """When the challenger replaces the champion (scores are holdout F1, 0-1)."""
+
+    min_score: float = Field(GateConfig.min_score, ge=0, le=1, title="Minimum score")
+    min_gain: float = Field(GateConfig.min_gain, ge=-1, le=1, title="Minimum gain over the champion")
+    max_class_drop: float = Field(GateConfig.max_class_drop, ge=0, le=1, title="Maximum F1 drop on any class")
+    metric: Literal["f1_samples", "f1_micro", "f1_macro", "course_f_score"] = Field(
+        "f1_samples", title="Gate metric")
+
+    def to_config(self) -> GateConfig:
+        return GateConfig(**self.model_dump())
+
+
+class ValidationParams(BaseModel):
+    """What the data must look like before anything is trained on it."""
+
+    image_size: int = Field(512, ge=1, title="Expected image size (px)")
+    check_pixels: bool = Field(True, title="Fully decode every image", description="catches truncated files")
+    drift_tolerance: float = Field(0.05, ge=0, le=1, title="Label drift tolerance",
+                                   description="allowed absolute change of a class's share vs the reference")
+    drift_action: Literal["fail", "warn"] = Field("fail", title="On label drift")
+
+    def to_config(self) -> ValidationConfig:
+        return ValidationConfig(**self.model_dump())

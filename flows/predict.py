@@ -1,0 +1,37 @@
+"""predict: champion (or a named version) -> submission for a dataset's test set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from prefect import flow
+
+from flows.params import default_store
+from tasks.prediction import predict_submission
+
+
+@flow(name="predict", flow_run_name="predict-{model}")
+def predict(data: str, store: str = default_store(), model: str = "champion") -> dict[str, Any]:
+    """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store."""
+    return predict_submission(data, store, model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--store", default=default_store())
+    parser.add_argument("--model", default="champion")
+    args = parser.parse_args(argv)
+    state = predict(data=args.data, store=args.store, model=args.model, return_state=True)
+    if not state.is_completed():
+        print(f"predict failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""retrain: validate -> train -> evaluate challenger and champion on one holdout -> gate ->
+promote (only if the gate passes) -> predict the test set with the champion -> submission."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from flows.params import GateParams, TrainParams, ValidationParams, default_store
+from protein.data import DatasetSource, fingerprint
+from tasks.evaluation import evaluate_model, gate
+from tasks.prediction import predict_submission
+from tasks.registry import current_champion, find_run_model, promote_model
+from tasks.training import train_model
+from tasks.validation import validate_data
+
+
+def data_label(data: str) -> str:
+    try:
+        return fingerprint(DatasetSource.open(data))[:8]
+    except Exception:  # an unreadable dataset still gets a run; validation then says why
+        return "unreadable"
+
+
+def retrain_run_name() -> str:
+    return f"retrain-{data_label(flow_run.parameters['data'])}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}"
+
+
+@flow(name="retrain", flow_run_name=retrain_run_name, log_prints=True)
+def retrain(
+    data: str,
+    store: str = default_store(),
+    train: TrainParams = TrainParams(),
+    gate_config: GateParams = GateParams(),
+    validation: ValidationParams = ValidationParams(),
+    train_deployment: str | None = None,
+) -> dict[str, Any]:
+    """Retrain on a dataset (folder or competition zip) and promote the challenger only if it
+    beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
+    training as a deployment on the GPU work pool; empty trains in this process."""
+    logger = get_run_logger()
+    report = validate_data(data, validation.to_config(), store)
+    if not report["success"]:
+        return Failed(message=f"data failed validation ({len(report['failures'])} findings): "
+                      f"{'; '.join(report['failures'][:3])}; report: {report['report_uri'] or 'see artifact'}")
+
+    champion = current_champion(store)
+    run_id = f"{report['data_fingerprint'][:8]}-{str(flow_run.id)[:8]}"
+    config = train.to_config()
+    if train_deployment:
+        child = run_deployment(train_deployment, parameters={"data": data, "store": store, "train": train.model_dump(),
+                                                             "run_id": run_id}, timeout=None)
+        if not child.state or not child.state.is_completed():
+            return Failed(message=f"training deployment {train_deployment} ended {child.state and child.state.name}")
+        challenger = find_run_model(store, run_id)
+        if challenger is None:
+            return Failed(message=f"training run {run_id} completed but registered no model in {store}")
+    else:
+        challenger = train_model(data, store, config, run_id)["model_id"]
+
+    challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
+    champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)
+                     if champion else None)
+    decision = gate(store, challenger, champion, challenger_eval, champion_eval, gate_config.to_config())
+    if decision["promote"]:
+        champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]))["champion"]
+    logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",
+                "; ".join(decision["reasons"]))
+
+    submission = predict_submission(data, store, champion)
+    return {"champion": champion, "challenger": challenger, "promoted": decision["promote"],
+            "reasons": decision["reasons"], "challenger_score": decision["challenger_score"],
+            "champion_score": decision["champion_score"], "submission": submission["uri"],
+            "data_fingerprint": report["data_fingerprint"], "run_id": run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
+    parser.add_argument("--data", required=True, help="dataset folder or competition zip")
+    parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
+    parser.add_argument("--arch", default=TrainParams().arch)
+    parser.add_argument("--epochs", type=int, default=TrainParams().epochs)
+    parser.add_argument("--image-size", type=int, default=TrainParams().image_size)
+    parser.add_argument("--batch-size", type=int, default=TrainParams().batch_size)
+    parser.add_argument("--seed", type=int, default=TrainParams().seed)
+    parser.add_argument("--expected-image-size", type=int, default=ValidationParams().image_size,
+                        help="image size validation expects")
+    parser.add_argument("--min-score", type=float, default=GateParams().min_score)
+    parser.add_argument("--min-gain", type=float, default=GateParams().min_gain)
+    parser.add_argument("--train-deployment", help="run training as this deployment (e.g. train/gpu)")
+    args = parser.parse_args(argv)
+    state = retrain(
+        data=args.data, store=args.store,
+        train=TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                          batch_size=args.batch_size, seed=args.seed),
+        gate_config=GateParams(min_score=args.min_score, min_gain=args.min_gain),
+        validation=ValidationParams(image_size=args.expected_image_size),
+        train_deployment=args.train_deployment,
+        return_state=True,
+    )
+    if not state.is_completed():
+        print(f"retrain failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""validate: data validation alone, for the data team."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.states import Failed
+
+from flows.params import ValidationParams
+from tasks.validation import validate_data
+
+
+@flow(name="validate")
+def validate(data: str, store: str | None = None, validation: ValidationParams = ValidationParams()) -> dict[str, Any]:
+    """Validate a dataset; the run fails when the data does (see the validation-summary artifact)."""
+    report = validate_data(data, validation.to_config(), store)
+    if not report["success"]:
+        return Failed(message=f"data failed validation: {'; '.join(report['failures'][:3])}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.validate", description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--store")
+    parser.add_argument("--image-size", type=int, default=ValidationParams().image_size)
+    parser.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
+    args = parser.parse_args(argv)
+    params = ValidationParams(image_size=args.image_size, drift_action=args.drift_action)
+    state = validate(data=args.data, store=args.store, validation=params, return_state=True)
+    if not state.is_completed():
+        print(f"validate failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

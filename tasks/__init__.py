@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the protein library: retries, timeouts, caching and artifacts."""

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from protein.config import GateConfig
+from protein.gate import decide
+from protein.pipeline import evaluate_version, publish_training_plot, record_gate_decision
+from protein.report import gate_markdown, per_class_rows
+
+
+@task(name="evaluate-model", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
+def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float, seed: int) -> dict[str, Any]:
+    """Holdout metrics of one version on an explicit split, so challenger and champion are
+    scored on exactly the same images."""
+    return evaluate_version(data, store, model_id, holdout_fraction, seed)
+
+
+@task(name="gate", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eval: dict[str, Any],
+         champion_eval: dict[str, Any] | None, config: GateConfig) -> dict[str, Any]:
+    decision = decide(challenger_eval, champion_eval, config).to_dict()
+    decision["record_uri"] = record_gate_decision(store, challenger_id, champion_id, decision, challenger_eval,
+                                                  champion_eval)
+    create_markdown_artifact(gate_markdown(decision, challenger_id, champion_id), key="gate-decision",
+                             description="promotion gate decision and reasons")
+    create_table_artifact(per_class_rows(challenger_eval, champion_eval), key="per-class-comparison",
+                          description=f"holdout per-class scores, {challenger_id} vs {champion_id or 'no champion'}")
+    plot_url = publish_training_plot(store, challenger_id, challenger_eval, champion_eval)
+    create_link_artifact(plot_url, link_text="training curves and per-class F1 (PNG)", key="training-plot")
+    decision["plot_url"] = plot_url
+    return decision

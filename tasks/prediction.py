@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
+
+from protein.pipeline import predict_and_publish
+from protein.storage import open_store
+
+
+@task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
+def predict_submission(data: str, store: str, model_id: str = "champion") -> dict[str, Any]:
+    result = predict_and_publish(data, store, model_id)
+    url = open_store(store).url(result["key"])
+    create_link_artifact(url, link_text=f"submission.csv ({result['rows']} rows, model {result['model_id']})",
+                         key="submission", description="latest test-set submission")
+    return result

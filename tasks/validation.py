@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from protein.validation import ValidationConfig, run_validation
+
+from protein.data import DatasetSource, fingerprint
+
+
+def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Validation is keyed by the data fingerprint: unchanged data is not validated twice."""
+    config: ValidationConfig = parameters["config"]
+    data_fingerprint = fingerprint(DatasetSource.open(parameters["data"]))
+    # repr, not hash(): str hashes are salted per process and a cache key must survive restarts.
+    settings = hashlib.sha256(f"{config!r}|{parameters.get('store')}".encode()).hexdigest()[:16]
+    return f"validate-{data_fingerprint}-{settings}"
+
+
+@task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], timeout_seconds=3600,
+      cache_key_fn=validation_cache_key, persist_result=True, result_serializer="json")
+def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
+    report = run_validation(data, config, store_uri=store)
+    verdict = "passed" if report.success else "FAILED"
+    lines = [f"# Data validation {verdict}", "", f"- dataset: `{report.dataset}`",
+             f"- fingerprint: `{report.data_fingerprint}`", f"- took {report.seconds:.1f} s"]
+    if report.docs_uri:
+        lines.append(f"- [Data Docs]({report.docs_uri})")
+    if report.report_uri:
+        lines.append(f"- [report.json]({report.report_uri})")
+    summary = report.summary_lines()
+    if summary:
+        lines += ["", "## Findings", *[f"- {line}" for line in summary]]
+    create_markdown_artifact("\n".join(lines), key="validation-summary",
+                             description=f"validation of {report.data_fingerprint}")
+    return {"success": report.success, "data_fingerprint": report.data_fingerprint,
+            "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri}
