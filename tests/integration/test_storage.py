@@ -1,0 +1,410 @@
+"""The object store against a local folder and a real S3 server (moto_server over HTTP).
+
+Both backends run the same suite through `open_store`, the path users take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protein import storage
+from protein.errors import IntegrityError, NotFound, PreconditionFailed, StoreError
+from protein.storage import LocalStore, S3Store, Store, open_store, validate_key
+from tests.conftest import MotoServer, free_port
+
+pytestmark = pytest.mark.integration
+
+FAKE_SECRET = "SECRETfake1234567890"
+MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    return open_store(request.getfixturevalue("s3_bucket"))
+
+
+def raw_s3(store: Store) -> tuple[Any, str, str]:
+    """A plain boto3 client, the bucket and the object-key prefix: for writing behind the store's back."""
+    import boto3
+
+    assert isinstance(store, S3Store)
+    return boto3.session.Session().client("s3"), store.bucket, f"{store.prefix}/"
+
+
+def write_behind_back(store: Store, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Replace an object's bytes the way another tool (or bit rot) would, leaving recorded hashes alone."""
+    if isinstance(store, LocalStore):
+        path = store.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        client, bucket, prefix = raw_s3(store)
+        client.put_object(Bucket=bucket, Key=prefix + key, Body=data, Metadata=metadata or {})
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+
+def test_bytes_round_trip(store: Store) -> None:
+    assert not store.exists("models/v1/meta.json")
+    assert store.etag("models/v1/meta.json") is None
+
+    token = store.put_bytes("models/v1/meta.json", b'{"a": 1}', content_type="application/json")
+
+    assert store.get_bytes("models/v1/meta.json") == b'{"a": 1}'
+    assert store.exists("models/v1/meta.json")
+    assert store.etag("models/v1/meta.json") == token
+    # Overwrite without conditions just replaces, with a new token.
+    token2 = store.put_bytes("models/v1/meta.json", b'{"a": 2}')
+    assert token2 != token
+    assert store.get_bytes("models/v1/meta.json") == b'{"a": 2}'
+
+
+def test_missing_object(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="missing/key"):
+        store.get_bytes("missing/key")
+    with pytest.raises(NotFound, match="missing/key"):
+        store.get_file("missing/key", tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+    assert not store.exists("missing/key")
+    assert store.etag("missing/key") is None
+    store.delete("missing/key")  # idempotent
+
+
+def test_file_round_trip_multipart(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5 MiB is S3's smallest allowed part; 9 MiB then means two parts.
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * MiB)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * MiB)
+    source = tmp_path / "model.safetensors"
+    payload = os.urandom(9 * MiB + 123)
+    source.write_bytes(payload)
+
+    store.put_file("models/x/model.safetensors", source)
+
+    if isinstance(store, S3Store):
+        etag = store.etag("models/x/model.safetensors")
+        assert etag is not None and etag.strip('"').endswith("-2"), f"not a 2-part upload: {etag}"
+    out_dir = tmp_path / "download" / "nested"
+    store.get_file("models/x/model.safetensors", out_dir / "model.safetensors")
+    assert (out_dir / "model.safetensors").read_bytes() == payload
+    assert os.listdir(out_dir) == ["model.safetensors"]  # no temp file left beside it
+    assert store.get_bytes("models/x/model.safetensors") == payload
+
+
+def test_put_file_missing_source_is_callers_error(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        store.put_file("x", tmp_path / "nope.bin")
+    assert not store.exists("x")
+
+
+# --- listing and deleting ------------------------------------------------------------------------------
+
+
+def test_list_and_delete(store: Store) -> None:
+    assert store.list() == []
+    for key in ("a/1", "a/2", "a/sub/3", "ab", "b/1"):
+        store.put_bytes(key, key.encode())
+
+    assert store.list() == ["a/1", "a/2", "a/sub/3", "ab", "b/1"]
+    assert store.list("a/") == ["a/1", "a/2", "a/sub/3"]
+    assert store.list("a") == ["a/1", "a/2", "a/sub/3", "ab"]  # a string prefix, like S3
+    assert store.list("a/s") == ["a/sub/3"]
+    assert store.list("zzz/") == []
+
+    store.delete("a/1")
+    store.delete("a/1")
+    assert not store.exists("a/1")
+    assert store.list("a/") == ["a/2", "a/sub/3"]
+
+    assert store.delete_prefix("a/") == 2
+    assert store.list() == ["ab", "b/1"]
+    assert store.delete_prefix("a/") == 0
+    with pytest.raises(ValueError, match="non-empty"):
+        store.delete_prefix("")
+    # A key can reuse a name that was a folder before its contents were deleted.
+    store.put_bytes("a", b"now a file")
+    assert store.get_bytes("a") == b"now a file"
+
+
+def test_list_hides_internal_files(store: Store) -> None:
+    store.put_bytes("models/m.bin", b"x")
+    store.put_bytes("models/m.bin.sha256", b"a key that looks like a sidecar is still a key")
+    if isinstance(store, LocalStore):
+        on_disk = {p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file()}
+        assert any(p.startswith(storage.LOCAL_META_DIR + "/") for p in on_disk)  # sidecars and lock exist
+    else:
+        client, bucket, prefix = raw_s3(store)
+        head = client.head_object(Bucket=bucket, Key=prefix + "models/m.bin")
+        assert len(head["Metadata"]["sha256"]) == 64
+        # A "folder" marker other tools create is not a key.
+        client.put_object(Bucket=bucket, Key=prefix + "models/", Body=b"")
+    assert store.list() == ["models/m.bin", "models/m.bin.sha256"]
+    assert store.get_bytes("models/m.bin.sha256").startswith(b"a key")
+
+
+# --- compare-and-swap -----------------------------------------------------------------------------------
+
+
+def test_if_none_match(store: Store) -> None:
+    token = store.put_bytes("champion.json", b"v1", if_none_match=True)
+    with pytest.raises(PreconditionFailed, match="champion.json: already exists"):
+        store.put_bytes("champion.json", b"v2", if_none_match=True)
+    assert store.get_bytes("champion.json") == b"v1"
+    assert store.etag("champion.json") == token
+
+
+def test_if_match(store: Store) -> None:
+    t1 = store.put_bytes("champion.json", b"v1")
+    t2 = store.put_bytes("champion.json", b"v2", if_match=t1)
+    assert store.etag("champion.json") == t2 != t1
+
+    with pytest.raises(PreconditionFailed, match="champion.json"):
+        store.put_bytes("champion.json", b"v3", if_match=t1)  # stale token
+    assert store.get_bytes("champion.json") == b"v2"
+    assert store.etag("champion.json") == t2
+
+    with pytest.raises(PreconditionFailed, match="does not exist"):
+        store.put_bytes("nobody.json", b"v1", if_match=t2)
+    assert not store.exists("nobody.json")
+    with pytest.raises(ValueError):
+        store.put_bytes("champion.json", b"v4", if_match=t2, if_none_match=True)
+
+
+def race_to_create(store: Store, key: str, writers: int) -> tuple[list[int], list[PreconditionFailed]]:
+    """Release ``writers`` threads at once, each creating ``key``; return the winners and the losers' errors."""
+    barrier = threading.Barrier(writers)
+    winners: list[int] = []
+    losers: list[PreconditionFailed] = []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        try:
+            store.put_bytes(key, f"writer {i}".encode(), if_none_match=True)
+            winners.append(i)
+        except PreconditionFailed as exc:
+            losers.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return winners, losers
+
+
+def test_racing_creates_exactly_one_wins(store: Store) -> None:
+    for round_ in range(3):
+        key = f"race/{round_}.json"
+        winners, losers = race_to_create(store, key, writers=8)
+        assert len(winners) == 1, f"round {round_}: winners {winners}"
+        assert len(losers) == 7
+        assert store.get_bytes(key) == f"writer {winners[0]}".encode()
+
+
+# --- integrity ------------------------------------------------------------------------------------------
+
+
+def test_tampered_object_raises_integrity_error(store: Store, tmp_path: Path) -> None:
+    store.put_bytes("models/x/model.safetensors", b"good weights")
+    metadata = {}
+    if isinstance(store, S3Store):
+        client, bucket, prefix = raw_s3(store)
+        metadata = client.head_object(Bucket=bucket, Key=prefix + "models/x/model.safetensors")["Metadata"]
+    write_behind_back(store, "models/x/model.safetensors", b"evil weights", metadata)
+
+    expected_uri = f"{store.uri}/models/x/model.safetensors"
+    with pytest.raises(IntegrityError, match="checksum mismatch") as info:
+        store.get_bytes("models/x/model.safetensors")
+    assert str(info.value).startswith(f"{expected_uri}: checksum mismatch (expected ")
+
+    out = tmp_path / "dl" / "model.safetensors"
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        store.get_file("models/x/model.safetensors", out)
+    assert not out.exists()
+    assert os.listdir(out.parent) == []  # the temp download was removed
+
+
+def test_foreign_object_reads_with_warning(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    write_behind_back(store, "incoming/report.csv", b"a,b\n1,2\n")
+    with caplog.at_level(logging.WARNING, logger="protein.storage"):
+        assert store.get_bytes("incoming/report.csv") == b"a,b\n1,2\n"
+    assert "no sha256 recorded" in caplog.text
+    assert "incoming/report.csv" in caplog.text
+    assert store.list() == ["incoming/report.csv"]
+    assert store.etag("incoming/report.csv") is not None
+
+
+# --- keys, URLs, URIs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "a b", "é", "", "a/", "x/..", "a\\b", "a" * 513])
+def test_validate_key_rejects(key: str) -> None:
+    with pytest.raises(ValueError):
+        validate_key(key)
+
+
+@pytest.mark.parametrize("key", ["a", "models/v-1/model.safetensors", "runs/date=2024-01-01/x_y.json", "a" * 512])
+def test_validate_key_accepts(key: str) -> None:
+    assert validate_key(key) == key
+
+
+def test_every_method_validates_keys(store: Store, tmp_path: Path) -> None:
+    bad = "../escape"
+    calls = [
+        lambda: store.put_bytes(bad, b"x"),
+        lambda: store.get_bytes(bad),
+        lambda: store.put_file(bad, tmp_path / "x"),
+        lambda: store.get_file(bad, tmp_path / "x"),
+        lambda: store.exists(bad),
+        lambda: store.list(bad),
+        lambda: store.delete(bad),
+        lambda: store.delete_prefix(bad),
+        lambda: store.etag(bad),
+        lambda: store.url(bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError):
+            call()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_url_serves_the_bytes(store: Store) -> None:
+    store.put_bytes("reports/index.html", b"<h1>hi</h1>")
+    url = store.url("reports/index.html", expires_s=60)
+    if isinstance(store, S3Store):
+        assert url.startswith("http://127.0.0.1:") and "Signature=" in url
+    else:
+        assert url.startswith("file:///")
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == b"<h1>hi</h1>"
+
+
+def test_local_store_is_lazy(tmp_path: Path) -> None:
+    root = tmp_path / "deep" / "store"
+    store = open_store(root.as_uri())  # file:// URI, same as a plain path
+    assert isinstance(store, LocalStore) and store.uri == str(root)
+    store.check()
+    assert store.list() == [] and not store.exists("a") and store.etag("a") is None
+    store.delete("a")
+    with pytest.raises(NotFound):
+        store.get_bytes("a")
+    assert not (tmp_path / "deep").exists()
+
+    store.put_bytes("a", b"1")
+    assert open_store(str(root)).get_bytes("a") == b"1"
+
+
+def test_local_check_rejects_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a folder"):
+        open_store(str(tmp_path / "file" / "store")).check()
+
+
+def test_open_store_uris() -> None:
+    assert open_store("s3://bucket/some/prefix/").uri == "s3://bucket/some/prefix"
+    assert open_store("s3://bucket").uri == "s3://bucket"
+    assert isinstance(open_store("s3://bucket/p"), Store)
+    for uri in ("gs://bucket/p", "s3://bucket/a b", "s3://x/p", "file://otherhost/p", ""):
+        with pytest.raises(ValueError):
+            open_store(uri)
+
+
+# --- S3 failures: one line, naming the URI and the cause, never the secret -----------------------------
+
+
+def assert_clean(exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    assert FAKE_SECRET not in str(exc)
+    assert FAKE_SECRET not in caplog.text
+    assert "\n" not in str(exc)
+
+
+def test_missing_bucket(s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    bucket = f"nope-{uuid.uuid4().hex[:12]}"
+    store = open_store(f"s3://{bucket}/x")
+    caplog.set_level(logging.DEBUG, logger="protein")
+    for call in (store.check, lambda: store.get_bytes("k"), lambda: store.exists("k"), lambda: store.etag("k")):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert not isinstance(info.value, NotFound)
+        assert str(info.value) == f"s3://{bucket}/x: bucket '{bucket}' does not exist"
+        assert_clean(info.value, caplog)
+    with pytest.raises(StoreError, match="does not exist"):
+        store.put_bytes("k", b"x")
+
+
+def test_unreachable_endpoint_fails_fast(
+    s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    caplog.set_level(logging.DEBUG, logger="protein")
+    store = open_store("s3://some-bucket/p")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach the S3 endpoint") as info:
+        store.check()
+    assert time.monotonic() - started < 10
+    assert str(info.value).startswith("s3://some-bucket/p: ")
+    assert_clean(info.value, caplog)
+    with pytest.raises(StoreError, match="cannot reach"):
+        store.put_bytes("k", b"x")
+
+
+def test_server_going_away_and_back(s3_server: MotoServer, s3_bucket: str) -> None:
+    store = open_store(s3_bucket)
+    store.put_bytes("k", b"x")
+    s3_server.stop()
+    try:
+        with pytest.raises(StoreError, match="cannot reach"):
+            store.get_bytes("k")
+    finally:
+        s3_server.start()
+    # The server keeps state in memory only, so the bucket is gone; the same store object recovers.
+    with pytest.raises(StoreError, match="does not exist"):
+        store.check()
+
+
+def test_no_credentials(s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StoreError, match="no AWS credentials found in the standard chain"):
+        open_store("s3://some-bucket/p").check()
+
+
+@pytest.fixture(scope="module")
+def s3_server_enforcing_auth() -> Any:
+    # moto accepts any credentials unless told to check them against its own IAM from the first request.
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_wrong_credentials(
+    s3_server_enforcing_auth: MotoServer,
+    s3_env: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server_enforcing_auth.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    caplog.set_level(logging.DEBUG, logger="protein")
+    store = open_store("s3://some-bucket/p")
+    for call in (store.check, lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), store.list):
+        with pytest.raises(StoreError, match="access denied \\(check credentials\\)") as info:
+            call()
+        assert_clean(info.value, caplog)
