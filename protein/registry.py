@@ -229,3 +229,16 @@ class Registry:
         """The version a training run registered (newest if several), or None."""
         found = [v for v in self.versions() if self.spec(v).get("run_id") == run_id]
         return found[-1] if found else None
+
+    def import_version(self, source: Registry, version: str) -> str:
+        """Copy a complete version from another store (e.g. a dev folder to production S3),
+        byte for byte; the copy keeps its id and is verified on the way."""
+        version = source.resolve(version)
+        prefix = version_prefix(version)
+        if self.store.exists(prefix + SPEC_FILE):
+            raise RegistryError(f"model version {version} already exists in {self.store.uri}")
+        with tempfile.TemporaryDirectory(prefix="protein-import-") as tmp:
+            local = source.download(version, Path(tmp))
+            self.store.put_file(prefix + WEIGHTS_FILE, local / WEIGHTS_FILE)
+            self.store.put_bytes(prefix + SPEC_FILE, (local / SPEC_FILE).read_bytes(), if_none_match=True)
+        return version

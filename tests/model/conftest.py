@@ -1,0 +1,30 @@
+"""A tiny model trained once per session on random images: enough to exercise registry,
+prediction and round trips (it learns nothing, which no test here relies on)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from protein.config import TrainConfig
+from protein.pipeline import train_and_register
+from tests.helpers import write_dataset
+
+TINY_CONFIG = TrainConfig(image_size=32, epochs=1, batch_size=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(0)
+    labels = {str(i): " ".join(map(str, rng.sample(range(10), rng.randint(1, 2)))) for i in range(40)}
+    return write_dataset(tmp_path_factory.mktemp("tiny") / "ds", labels, [str(500 + i) for i in range(12)], size=48)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dict:
+    root = tmp_path_factory.mktemp("trained")
+    store, cache = str(root / "store"), root / "cache"
+    result = train_and_register(tiny_dataset, store, TINY_CONFIG, cache_dir=cache)
+    return {**result, "store": store, "cache": cache, "data": tiny_dataset}
