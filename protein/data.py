@@ -301,6 +301,8 @@ def decode_png(data: bytes, where: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DataError(f"{where}: not an image (expected an RGB PNG)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a PNG signature followed by garbage
+        raise DataError(f"{where}: not an image, unreadable header ({exc}) (expected an RGB PNG)") from None
     if image.format != "PNG":
         raise DataError(f"{where}: {image.format} image (expected an RGB PNG)")
     width, height = image.size
