@@ -1,0 +1,108 @@
+"""The flows under a real (temporary) Prefect API: states, branching on the gate, artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.params import GateParams, TrainParams, ValidationParams
+from protein.registry import Registry
+from protein.storage import open_store
+from tests.helpers import write_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRAIN = TrainParams(epochs=1, image_size=32, batch_size=8)
+VALIDATION = ValidationParams(image_size=40)
+LENIENT = GateParams(min_score=0.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
+    return str(write_dataset(tmp_path_factory.mktemp("flows") / "ds", labels, ["900", "901", "902"], size=40))
+
+
+@pytest.fixture(scope="module")
+def promoted_store(prefect_harness, dataset, tmp_path_factory):
+    """A store whose champion came from one passing retrain run."""
+    from flows.retrain import retrain
+
+    store = str(tmp_path_factory.mktemp("store") / "store")
+    state = retrain(data=dataset, store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                    return_state=True)
+    assert state.is_completed(), state.message
+    return store, state.result()
+
+
+def read_artifact(key):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1] if found else None
+
+
+def test_failing_validation_fails_the_run_and_trains_nothing(prefect_harness, tmp_path):
+    from flows.retrain import retrain
+
+    broken = write_dataset(tmp_path / "broken", {"1": "0", "2": "11"}, ["9"], size=40)
+    store = tmp_path / "store"
+    state = retrain(data=str(broken), store=str(store), train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                    return_state=True)
+    assert state.is_failed()
+    assert "failed validation" in state.message
+    assert not (store / "models").exists() and not (store / "runs").exists()
+    summary = read_artifact("validation-summary")
+    assert summary is not None and "FAILED" in summary.data
+
+
+def test_passing_run_promotes_and_publishes(promoted_store):
+    store, result = promoted_store
+    registry = Registry(open_store(store))
+    assert result["promoted"] is True
+    assert registry.champion().champion == result["challenger"] == result["champion"]
+    latest = json.loads(registry.store.get_bytes("submissions/latest.json"))
+    assert latest["model_id"] == result["champion"]
+    gate_record = json.loads(registry.store.get_bytes(f"gates/{result['challenger']}.json"))
+    assert gate_record["decision"]["promote"] is True
+    assert registry.store.exists(f"reports/{result['challenger']}/training.png")
+    for key in ("training-progress", "gate-decision", "per-class-comparison", "training-plot", "submission",
+                "champion-model", "validation-summary"):
+        assert read_artifact(key) is not None, key
+    assert "PROMOTE" in read_artifact("gate-decision").data
+
+
+def test_challenger_that_does_not_beat_the_champion_is_not_promoted(promoted_store, dataset):
+    from flows.retrain import retrain
+
+    store, first = promoted_store
+    state = retrain(data=dataset, store=store, train=TRAIN, gate_config=GateParams(min_score=0.0, min_gain=0.5),
+                    validation=VALIDATION, return_state=True)
+    assert state.is_completed(), state.message  # a rejected challenger is a normal outcome
+    result = state.result()
+    assert result["promoted"] is False and result["challenger"] != first["champion"]
+    assert any("below the required" in reason for reason in result["reasons"])
+    registry = Registry(open_store(store))
+    assert registry.champion().champion == first["champion"]
+    assert len(registry.champion().history) == 1
+    assert result["challenger"] in registry.versions()  # kept for inspection, just not serving
+    assert "KEEP CHAMPION" in read_artifact("gate-decision").data
+
+
+def test_predict_flow_writes_a_submission(promoted_store, dataset):
+    from flows.predict import predict
+
+    store, first = promoted_store
+    result = predict(data=dataset, store=store)
+    body = open_store(store).get_bytes(result["key"]).decode().splitlines()
+    assert body[0] == "Image,Label" and [row.split(",")[0] for row in body[1:]] == ["900", "901", "902"]
+    assert result["model_id"] == first["champion"]
+
+
+def test_validate_flow_passes_good_data(prefect_harness, dataset):
+    from flows.validate import validate
+
+    assert validate(data=dataset, validation=VALIDATION)["success"] is True
