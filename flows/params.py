@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from protein.validation import ValidationConfig
 from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig
+from protein.validation import ValidationConfig
 
 
 def default_store() -> str:

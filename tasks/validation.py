@@ -6,9 +6,9 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
-from protein.validation import ValidationConfig, run_validation
 
 from protein.data import DatasetSource, fingerprint
+from protein.validation import ValidationConfig, run_validation
 
 
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
