@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m protein.quickstart --work $(WORK)
+	PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
