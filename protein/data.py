@@ -9,6 +9,7 @@ Layout (possibly nested one folder down, as in the Kaggle zip):
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
@@ -209,10 +210,14 @@ def read_csv_table(source: DatasetSource, relpath: str, columns: tuple[str, ...]
         raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
         raise DataError(f"{where}: empty file (expected a header row {','.join(columns)})")
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{where}: not a valid CSV ({str(exc).splitlines()[0]})") from None
+    # The csv module, not pandas: pandas silently turns a row with one field too many into
+    # an index and shifts every column; here such a row is an error naming its line.
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    header = [c.strip() for c in rows[0]]
+    for line_number, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(header):
+            raise DataError(f"{where} line {line_number}: {len(row)} fields, expected {len(header)} ({','.join(header)})")
+    frame = pd.DataFrame([r for r in rows[1:] if r], columns=header, dtype=str)
     frame.columns = [str(c).strip() for c in frame.columns]
     if tuple(frame.columns) != columns:
         missing = [c for c in columns if c not in frame.columns]

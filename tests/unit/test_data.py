@@ -70,6 +70,7 @@ def test_bom_and_crlf_are_accepted(tiny):
     ("Image,Label\n../x,0\n", "line 2: image id '../x' is not a safe id"),
     ("Image,Label\n1,x\n", "expected integer class ids"),
     ("Image,Label\n", "no data rows"),
+    ("Image,Label\n1,0\n2,4,5\n", "line 3: 3 fields, expected 2"),
     ("", "empty file"),
 ])
 def test_bad_train_csv_names_the_row(tiny, content, needle):

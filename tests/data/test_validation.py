@@ -1,0 +1,253 @@
+"""Validation suites on good and broken datasets: each fault fails exactly its expectation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from protein.errors import DataError
+from protein.labels import parse_label_set
+from protein.validation import (
+    REFERENCE_PROFILE,
+    ValidationConfig,
+    ValidationReport,
+    profile_labels,
+    run_validation,
+    validate_dataset,
+)
+from tests.data.corpus import FAULTS, SIZE, VALID_VARIANTS, Fault, make_faulty, write_base
+
+REAL_TRAIN_CSV = Path(__file__).resolve().parents[2].parent / "shared/data/real/train.csv"
+CONFIG = ValidationConfig(image_size=SIZE)
+
+
+def failure_names(report: ValidationReport) -> list[tuple[str, str, str | None]]:
+    return [(f["suite"], f["expectation"], f["column"]) for f in report.failures]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_base(tmp_path_factory.mktemp("corpus") / "base")
+
+
+def test_valid_base_passes(base: Path) -> None:
+    report = validate_dataset(base, CONFIG)
+    assert report.success, report.summary_lines()
+    assert report.failures == [] and report.summary_lines() == []
+    assert report.statistics["images_checked"] == 9
+    # Six images cannot be compared with the real distribution: reported, never failed.
+    assert {w["suite"] for w in report.warnings} <= {"distribution"}
+    assert len(report.data_fingerprint) == 16
+    json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault_fails_exactly_its_expectation(base: Path, tmp_path: Path, fault: Fault) -> None:
+    report = validate_dataset(make_faulty(base, tmp_path / fault.name, fault), CONFIG)
+    assert not report.success
+    assert failure_names(report) == [(fault.suite, fault.expectation, fault.column)], report.summary_lines()
+    failure = report.failures[0]
+    assert failure["unexpected_count"] >= 1 and failure["message"]
+    assert fault.example.items() <= failure["examples"][0].items(), failure["examples"]
+    lines = report.summary_lines()
+    assert len(lines) == 1 and fault.expectation in lines[0]
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f.name in ("truncated_png", "non_png", "wrong_size")],
+                         ids=lambda f: f.name)
+def test_header_only_mode_still_catches_image_faults(base: Path, tmp_path: Path, fault: Fault) -> None:
+    config = ValidationConfig(image_size=SIZE, check_pixels=False)
+    report = validate_dataset(make_faulty(base, tmp_path / fault.name, fault), config)
+    assert failure_names(report) == [(fault.suite, fault.expectation, fault.column)]
+    assert report.statistics["pixel_check"] == "header and IEND trailer only"
+
+
+def test_header_only_mode_cannot_see_corrupt_pixels(base: Path, tmp_path: Path) -> None:
+    # The price of skipping the full read: damage between header and trailer goes unnoticed.
+    fault = next(f for f in FAULTS if f.name == "corrupt_pixels")
+    report = validate_dataset(make_faulty(base, tmp_path / "ds", fault), ValidationConfig(image_size=SIZE,
+                                                                                           check_pixels=False))
+    assert report.success
+
+
+def test_summary_line_points_at_the_row(base: Path, tmp_path: Path) -> None:
+    fault = next(f for f in FAULTS if f.name == "path_traversal_id")
+    (line,) = validate_dataset(make_faulty(base, tmp_path / "ds", fault), CONFIG).summary_lines()
+    assert line.startswith("labels: expect_column_values_to_match_regex(Image): 1 of 6 rows")
+    assert "'../101'" in line and "row 2" in line
+
+
+@pytest.mark.parametrize("variant", sorted(VALID_VARIANTS))
+def test_valid_variants_pass(base: Path, tmp_path: Path, variant: str) -> None:
+    root = tmp_path / variant
+    shutil.copytree(base, root)
+    VALID_VARIANTS[variant](root)
+    report = validate_dataset(root, CONFIG)
+    assert report.success, report.summary_lines()
+
+
+def test_zip_of_valid_dataset_passes(base: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "competition.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(base.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"data/{path.relative_to(base).as_posix()}")  # nested once, as on Kaggle
+    report = validate_dataset(archive, CONFIG)
+    assert report.success, report.summary_lines()
+    assert report.statistics["images_checked"] == 9
+
+
+def test_label_cells_are_sets_of_single_digits(tmp_path: Path) -> None:
+    cells = {"1": "6 4", "2": "1 1", "3": "10", "4": "-1", "5": "a", "6": "1  2", "7": "", "8": "0 9 5"}
+    root = write_base(tmp_path / "ds", labels=cells, test_ids=[])
+    report = validate_dataset(root, CONFIG)
+    rows = {(f["expectation"], f["column"]): [e["row"] for e in f["examples"]] for f in report.failures}
+    assert rows == {
+        ("expect_column_values_to_be_in_set", "label_ids_distinct"): [3],
+        ("expect_column_values_to_match_regex", "Label"): [4, 5, 6, 7],
+        ("expect_column_values_to_not_be_null", "Label"): [8],
+    }
+
+
+def test_missing_train_csv_is_a_failed_expectation(base: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    shutil.copytree(base, root)
+    (root / "train.csv").unlink()
+    report = validate_dataset(root, CONFIG)
+    assert failure_names(report) == [("files", "expect_column_values_to_be_in_set", "present")]
+
+
+def test_unlisted_files_are_reported_as_warnings(base: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    shutil.copytree(base, root)
+    shutil.copy(root / "train" / "101.png", root / "train" / "999.png")
+    report = validate_dataset(root, CONFIG)
+    assert report.success
+    (warning,) = [w for w in report.warnings if w["column"] == "listed"]
+    assert warning["examples"] == [{"Image": "999", "file": "train/999.png", "value": False}]
+
+
+def test_not_a_dataset_raises_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError):
+        validate_dataset(tmp_path / "nope", CONFIG)
+    (tmp_path / "file.txt").write_text("hello")
+    with pytest.raises(DataError):
+        validate_dataset(tmp_path / "file.txt", CONFIG)
+
+
+# ---- the real labels table and the distribution ------------------------------------------------
+
+
+def real_label_sets() -> list[tuple[str, frozenset[int]]]:
+    lines = REAL_TRAIN_CSV.read_text().splitlines()[1:]
+    return [(row.split(",")[0], parse_label_set(row.split(",")[1])) for row in lines]
+
+
+def test_real_train_csv_passes_the_labels_suite(tmp_path: Path) -> None:
+    root = tmp_path / "real"
+    root.mkdir()
+    shutil.copy(REAL_TRAIN_CSV, root / "train.csv")
+    report = validate_dataset(root, ValidationConfig())
+    assert report.statistics["train_rows"] == 19_236
+    assert [f for f in report.failures if f["suite"] in ("labels", "distribution")] == []
+    # Without the images every listed file is missing, and that is the only failure.
+    assert failure_names(report) == [("files", "expect_column_values_to_be_in_set", "exists")]
+    assert report.failures[0]["unexpected_count"] == 19_236
+    # The embedded reference is the real file's own profile.
+    assert report.profile["n"] == REFERENCE_PROFILE["n"]
+    assert report.profile["class_share"] == pytest.approx(REFERENCE_PROFILE["class_share"], abs=1e-6)
+    assert report.profile["labels_per_image_share"] == pytest.approx(REFERENCE_PROFILE["labels_per_image_share"])
+
+
+def test_profile_labels() -> None:
+    profile = profile_labels([frozenset({0}), frozenset({0, 4}), frozenset({1, 2, 3, 4})])
+    assert profile["n"] == 3
+    assert profile["class_share"][0] == pytest.approx(2 / 3) and profile["class_share"][9] == 0.0
+    assert profile["labels_per_image_share"] == pytest.approx({"1": 1 / 3, "2": 1 / 3, "3": 0.0, "4+": 1 / 3})
+
+
+DRIFT_ROWS = 400
+DRIFT_CLASS = 7  # Plasma membrane, ~14% of images
+
+
+@pytest.fixture(scope="module")
+def drift_sets() -> tuple[list[tuple[str, frozenset[int]]], list[tuple[str, frozenset[int]]]]:
+    """The first 400 real rows, and the same rows with class 7's frequency doubled by turning
+    'Nucleoplasm only' images into 'Plasma membrane only' (labels per image unchanged)."""
+    base = real_label_sets()[:DRIFT_ROWS]
+    target = sum(DRIFT_CLASS in s for _, s in base)
+    donors = [i for i, (_, s) in enumerate(base) if s == frozenset({4})][:target]
+    assert len(donors) == target
+    drifted = list(base)
+    for i in donors:
+        drifted[i] = (base[i][0], frozenset({DRIFT_CLASS}))
+    return base, drifted
+
+
+def write_linked(root: Path, rows: list[tuple[str, frozenset[int]]], template: Path) -> Path:
+    """A dataset whose images are hard links of one valid PNG: hundreds of files in milliseconds."""
+    (root / "train").mkdir(parents=True)
+    text = "Image,Label\n" + "".join(f"{i},{' '.join(map(str, sorted(s)))}\n" for i, s in rows)
+    (root / "train.csv").write_text(text)
+    for image_id, _ in rows:
+        (root / "train" / f"{image_id}.png").hardlink_to(template)
+    return root
+
+
+def test_drift_fails_naming_the_class(base: Path, tmp_path: Path, drift_sets) -> None:
+    base_rows, drifted_rows = drift_sets
+    reference = profile_labels([s for _, s in base_rows])
+    template = base / "train" / "101.png"
+    assert validate_dataset(write_linked(tmp_path / "same", base_rows, template), CONFIG, reference).success
+
+    drifted = write_linked(tmp_path / "drifted", drifted_rows, template)
+    report = validate_dataset(drifted, CONFIG, reference)
+    assert failure_names(report) == [("distribution", "expect_column_values_to_be_between", "class_shift")]
+    moved = {e["class"]: e for e in report.failures[0]["examples"]}
+    assert DRIFT_CLASS in moved
+    share = reference["class_share"][DRIFT_CLASS]
+    assert moved[DRIFT_CLASS]["observed"] == pytest.approx(2 * share, abs=1e-6)
+    assert "class 7 Plasma membrane" in report.summary_lines()[0]
+
+    warned = validate_dataset(drifted, ValidationConfig(image_size=SIZE, drift_action="warn"), reference)
+    assert warned.success
+    assert [(w["suite"], w["column"]) for w in warned.warnings] == [("distribution", "class_shift")]
+
+
+# ---- reports, Data Docs and the store ----------------------------------------------------------
+
+
+def test_run_validation_writes_report_and_docs_and_updates_the_store(base: Path, tmp_path: Path) -> None:
+    pytest.importorskip("protein.storage")
+    from protein.storage import open_store
+
+    store_uri = str(tmp_path / "store")
+    config = ValidationConfig(image_size=SIZE, min_rows_for_drift=1, drift_tolerance=0.99)
+    report = run_validation(base, config, store_uri=store_uri, report_dir=tmp_path / "report")
+    assert report.success
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["data_fingerprint"] == report.data_fingerprint and saved["success"] is True
+    assert Path(report.docs_path).is_file() and report.docs_path.endswith("docs/index.html")
+    assert report.report_uri and report.docs_uri
+
+    store = open_store(store_uri)
+    prefix = f"validation/{report.data_fingerprint}"
+    assert json.loads(store.get_bytes(f"{prefix}/report.json"))["report_uri"] == report.report_uri
+    assert store.exists(f"{prefix}/docs/index.html")
+    assert any(k.startswith(f"{prefix}/docs/validations/") for k in store.list(f"{prefix}/docs/"))
+    reference = json.loads(store.get_bytes("validation/reference_profile.json"))
+    assert reference["data_fingerprint"] == report.data_fingerprint
+
+    # A failing dataset gets its report, but does not become the reference.
+    broken = make_faulty(base, tmp_path / "broken", next(f for f in FAULTS if f.name == "grayscale"))
+    failed = run_validation(broken, config, store_uri=store_uri, report_dir=tmp_path / "report")
+    assert not failed.success
+    assert failed.statistics["reference_profile"]["source"] == f"accepted dataset {report.data_fingerprint}"
+    assert store.exists(f"validation/{failed.data_fingerprint}/report.json")
+    reference = json.loads(store.get_bytes("validation/reference_profile.json"))
+    assert reference["data_fingerprint"] == report.data_fingerprint
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["success"] is False
