@@ -216,7 +216,9 @@ def read_csv_table(source: DatasetSource, relpath: str, columns: tuple[str, ...]
     header = [c.strip() for c in rows[0]]
     for line_number, row in enumerate(rows[1:], start=2):
         if row and len(row) != len(header):
-            raise DataError(f"{where} line {line_number}: {len(row)} fields, expected {len(header)} ({','.join(header)})")
+            raise DataError(
+                f"{where} line {line_number}: {len(row)} fields, expected {len(header)} ({','.join(header)})"
+            )
     frame = pd.DataFrame([r for r in rows[1:] if r], columns=header, dtype=str)
     frame.columns = [str(c).strip() for c in frame.columns]
     if tuple(frame.columns) != columns:
