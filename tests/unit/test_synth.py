@@ -1,0 +1,177 @@
+"""The synthetic dataset generator: competition layout, determinism, label statistics, realism."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protein.config import SynthConfig
+from protein.errors import DataError
+from protein.labels import NUM_CLASSES, parse_label_set
+from protein.synth import SynthSummary, _plan, generate_dataset, render_image, sample_label_sets
+
+# From /work/shared/data/README.md: share of real train images with each class, in percent.
+REAL_CLASS_SHARE = np.array([10.9, 9.1, 13.2, 10.3, 47.1, 5.8, 29.7, 13.7, 5.4, 6.6])
+# Share of real train images with one, two, three and four labels, in percent.
+REAL_LABELS_PER_IMAGE = np.array([55.3, 37.9, 6.4, 0.3])
+
+SMALL = SynthConfig(train=10, test=4, size=64, seed=3)
+
+
+def read_rows(path: Path) -> list[tuple[str, str]]:
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["Image", "Label"]
+        return [(row[0], row[1]) for row in reader]
+
+
+def snapshot(folder: Path, truth: Path | None = None) -> dict[str, bytes]:
+    """Relative path -> bytes for every file under folder, plus the truth file as "TRUTH"."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    if truth is not None:
+        files["TRUTH"] = truth.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthSummary:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    return generate_dataset(SMALL, out)
+
+
+def test_layout_matches_the_competition(small_dataset: SynthSummary) -> None:
+    out = small_dataset.out
+    assert sorted(p.name for p in out.iterdir()) == ["sample_submission.csv", "test", "train", "train.csv"]
+    assert (small_dataset.train, small_dataset.test) == (SMALL.train, SMALL.test)
+
+    train = read_rows(out / "train.csv")
+    submission = read_rows(out / "sample_submission.csv")
+    truth = read_rows(small_dataset.truth)
+    assert len(train) == SMALL.train and len(submission) == SMALL.test
+    assert all(label == "0" for _, label in submission)
+    assert [i for i, _ in truth] == [i for i, _ in submission]
+    for _, label in train + truth:
+        assert parse_label_set(label)
+    for _, label in truth:
+        assert label == " ".join(sorted(label.split(), key=int))
+
+    train_ids = [i for i, _ in train]
+    test_ids = [i for i, _ in submission]
+    ids = train_ids + test_ids
+    assert len(set(ids)) == len(ids)
+    assert all(i.isdigit() and (i == "0" or not i.startswith("0")) for i in ids)
+    assert sorted(p.stem for p in (out / "train").iterdir()) == sorted(train_ids)
+    assert sorted(p.stem for p in (out / "test").iterdir()) == sorted(test_ids)
+
+    for image_id in train_ids[:3] + test_ids[:2]:
+        split = "train" if image_id in train_ids else "test"
+        with Image.open(out / split / f"{image_id}.png") as image:
+            assert image.format == "PNG"
+            assert image.mode == "RGB"
+            assert image.size == (SMALL.size, SMALL.size)
+            assert np.asarray(image).dtype == np.uint8
+
+    # The hidden truth lies beside the dataset, never inside it.
+    assert small_dataset.truth == out.parent / f"{out.name}-test-labels.csv"
+    assert not small_dataset.truth.is_relative_to(out)
+
+
+def test_same_seed_same_bytes_and_workers_do_not_matter(tmp_path: Path, small_dataset: SynthSummary) -> None:
+    again = generate_dataset(SMALL, tmp_path / "again")
+    parallel = generate_dataset(dataclasses.replace(SMALL, workers=2), tmp_path / "parallel")
+    other = generate_dataset(dataclasses.replace(SMALL, seed=SMALL.seed + 1), tmp_path / "other")
+
+    reference = snapshot(small_dataset.out, small_dataset.truth)
+    assert snapshot(again.out, again.truth) == reference
+    assert snapshot(parallel.out, parallel.truth) == reference
+    different = snapshot(other.out, other.truth)
+    assert different["train.csv"] != reference["train.csv"]
+    first_png = sorted((other.out / "train").iterdir())[0].read_bytes()
+    assert first_png not in reference.values()
+
+
+def test_progress_counts_every_image(tmp_path: Path) -> None:
+    done: list[int] = []
+    generate_dataset(dataclasses.replace(SMALL, train=5, test=2), tmp_path / "d", progress=done.append)
+    assert sum(done) == 7
+
+
+def test_label_sets_follow_the_real_distribution() -> None:
+    sets = sample_label_sets(20_000, np.random.default_rng(0))
+    share = np.array([sum(c in s for s in sets) for c in range(NUM_CLASSES)]) / len(sets) * 100
+    np.testing.assert_allclose(share, REAL_CLASS_SHARE, atol=1.5)
+    per_image = np.bincount([len(s) for s in sets], minlength=5)[1:5] / len(sets) * 100
+    np.testing.assert_allclose(per_image, REAL_LABELS_PER_IMAGE, atol=1.5)
+    assert all(s and s <= set(range(NUM_CLASSES)) for s in sets)
+
+
+def green_inside_nuclei(labels: set[int], seed: int) -> tuple[float, float, float]:
+    """(share of green mass on nuclei, mean green on nuclei, mean green elsewhere)."""
+    rgb = render_image(frozenset(labels), 128, np.random.default_rng(seed)).astype(np.float64)
+    nuclei = rgb[..., 2] > 40
+    green = rgb[..., 1]
+    return green[nuclei].sum() / max(green.sum(), 1.0), green[nuclei].mean(), green[~nuclei].mean()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_green_follows_the_labelled_compartment(seed: int) -> None:
+    share, inside, outside = green_inside_nuclei({4}, seed)  # nucleoplasm
+    assert share > 0.6 and inside > 5 * outside
+    for cytoplasmic in ({6}, {7}):  # cytosol, plasma membrane
+        share, inside, outside = green_inside_nuclei(cytoplasmic, seed)
+        assert share < 0.3 and outside > inside
+
+
+def test_images_look_like_the_real_ones_on_average() -> None:
+    sets = sample_label_sets(24, np.random.default_rng(1))
+    means = np.mean([render_image(s, 128, np.random.default_rng(i)).mean(axis=(0, 1)) for i, s in enumerate(sets)], 0)
+    # Real images: mostly dark, mean RGB about [0.079, 0.053, 0.054].
+    np.testing.assert_allclose(means / 255, [0.079, 0.053, 0.054], atol=0.035)
+
+
+def test_label_noise_changes_recorded_labels_only(tmp_path: Path) -> None:
+    clean = _plan(dataclasses.replace(SMALL, train=400, test=100))
+    noisy = _plan(dataclasses.replace(SMALL, train=400, test=100, label_noise=0.3))
+    assert clean.recorded == clean.true_sets
+    assert noisy.true_sets == clean.true_sets and noisy.ids == clean.ids
+    changed = np.mean([a != b for a, b in zip(noisy.recorded, noisy.true_sets, strict=True)])
+    assert 0.2 < changed < 0.4
+    assert all(s for s in noisy.recorded)
+
+    a = generate_dataset(SMALL, tmp_path / "clean")
+    b = generate_dataset(dataclasses.replace(SMALL, label_noise=0.3), tmp_path / "noisy")
+    rows_a, rows_b = read_rows(a.out / "train.csv"), read_rows(b.out / "train.csv")
+    assert [i for i, _ in rows_a] == [i for i, _ in rows_b]
+    assert [parse_label_set(x) for _, x in rows_a] != [parse_label_set(x) for _, x in rows_b]
+    # The images show the true labels, so they do not change with the noise.
+    assert snapshot(a.out / "train") == snapshot(b.out / "train")
+
+
+def test_refuses_to_overwrite_a_non_empty_folder(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        generate_dataset(SMALL, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp dirs or truth left behind
+
+
+def test_truth_inside_the_dataset_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    with pytest.raises(DataError, match="outside"):
+        generate_dataset(SMALL, out, truth=out / "truth.csv")
+    assert not out.exists()
+
+
+def test_an_empty_existing_folder_is_filled(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    summary = generate_dataset(dataclasses.replace(SMALL, train=2, test=1), out)
+    assert (out / "train.csv").is_file() and summary.truth.is_file()
