@@ -56,7 +56,7 @@ class ValidationParams(BaseModel):
 
     image_size: int = Field(512, ge=1, title="Expected image size (px)")
     check_pixels: bool = Field(True, title="Fully decode every image", description="catches truncated files")
-    drift_tolerance: float = Field(0.05, ge=0, le=1, title="Label drift tolerance",
+    drift_tolerance: float = Field(0.05, gt=0, lt=1, title="Label drift tolerance",
                                    description="allowed absolute change of a class's share vs the reference")
     drift_action: Literal["fail", "warn"] = Field("fail", title="On label drift")
 

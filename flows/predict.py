@@ -14,9 +14,9 @@ from tasks.prediction import predict_submission
 
 
 @flow(name="predict", flow_run_name="predict-{model}")
-def predict(data: str, store: str = default_store(), model: str = "champion") -> dict[str, Any]:
+def predict(data: str, store: str | None = None, model: str = "champion") -> dict[str, Any]:
     """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store."""
-    return predict_submission(data, store, model)
+    return predict_submission(data, store or default_store(), model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def retrain_run_name() -> str:
 @flow(name="retrain", flow_run_name=retrain_run_name, log_prints=True)
 def retrain(
     data: str,
-    store: str = default_store(),
+    store: str | None = None,
     train: TrainParams = TrainParams(),
     gate_config: GateParams = GateParams(),
     validation: ValidationParams = ValidationParams(),
@@ -45,8 +45,10 @@ def retrain(
 ) -> dict[str, Any]:
     """Retrain on a dataset (folder or competition zip) and promote the challenger only if it
     beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
-    training as a deployment on the GPU work pool; empty trains in this process."""
+    training as a deployment on the GPU work pool; empty trains in this process. An empty
+    `store` means the worker's PROTEIN_STORE (default work/store)."""
     logger = get_run_logger()
+    store = store or default_store()  # read on the worker at run time, not at import
     report = validate_data(data, validation.to_config(), store)
     if not report["success"]:
         return Failed(message=f"data failed validation ({len(report['failures'])} findings): "

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import stat
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # Decompression-bomb guard: the competition images are 512x512; refuse anything absurdly big
 # before PIL allocates it.
 MAX_IMAGE_PIXELS = 4096 * 4096
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A labels table larger than this is not a plausible competition file; refuse before parsing.
 MAX_CSV_BYTES = 64 * 1024 * 1024
 
@@ -200,8 +202,10 @@ class ZipSource(DatasetSource):
 
 def read_csv_table(source: DatasetSource, relpath: str, columns: tuple[str, ...] = LABEL_COLUMNS) -> pd.DataFrame:
     """Read a competition CSV as strings, tolerating a UTF-8 BOM and CRLF line endings."""
-    raw = source.read_bytes(relpath)
-    where = source.locate(relpath)
+    return parse_csv_bytes(source.read_bytes(relpath), source.locate(relpath), columns)
+
+
+def parse_csv_bytes(raw: bytes, where: str, columns: tuple[str, ...] = LABEL_COLUMNS) -> pd.DataFrame:
     if len(raw) > MAX_CSV_BYTES:
         raise DataError(f"{where}: {len(raw):,} bytes is larger than the {MAX_CSV_BYTES:,}-byte limit")
     try:
@@ -300,30 +304,55 @@ def load_competition(path: str | os.PathLike[str], require_test: bool = True) ->
     return CompetitionData(source=source, train_ids=train_ids, train_label_sets=label_sets, test_ids=test_ids)
 
 
+def png_end(data: bytes) -> int | None:
+    """Offset just past the IEND chunk, found by walking the chunk lengths; None if there is none."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos if pos <= len(data) else None
+    return None
+
+
 def decode_png(data: bytes, where: str) -> Image.Image:
     """Open and fully decode one competition image, refusing anything that is not an RGB PNG."""
     if not data:
         raise DataError(f"{where}: empty file (expected an RGB PNG)")
+    bomb = f"exceeds the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
     try:
-        image = Image.open(io.BytesIO(data))
+        # Our own size check below is stricter than PIL's warning; PIL's hard limit (twice its
+        # warning level) raises before we get to look, and must not escape as a traceback.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DataError(f"{where}: not an image (expected an RGB PNG)") from None
+    except Image.DecompressionBombError:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+        size = f"{width}x{height} pixels" if data.startswith(PNG_SIGNATURE) else "the image size"
+        raise DataError(f"{where}: {size} {bomb}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # a PNG signature followed by garbage
         raise DataError(f"{where}: not an image, unreadable header ({exc}) (expected an RGB PNG)") from None
     if image.format != "PNG":
         raise DataError(f"{where}: {image.format} image (expected an RGB PNG)")
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(
-            f"{where}: {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS:,}-pixel limit "
-            "(decompression-bomb guard)"
-        )
+        raise DataError(f"{where}: {width}x{height} pixels {bomb}")
     if image.mode != "RGB":
         raise DataError(f"{where}: mode {image.mode} (expected an 8-bit RGB PNG)")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: truncated or corrupt PNG ({exc})") from None
+    # PIL stops reading at IEND: bytes after it (a smuggled payload, a second file glued on)
+    # would pass unnoticed.
+    end = png_end(data)
+    if end is None:
+        raise DataError(f"{where}: no IEND chunk (truncated PNG)")
+    if end != len(data):
+        raise DataError(f"{where}: {len(data) - end:,} bytes of trailing data after the IEND chunk")
     return image
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from protein.data import FolderSource, parse_labels_table, read_csv_table
+from protein.data import parse_csv_bytes, parse_labels_table
 from protein.errors import DataError
 from protein.labels import encode_many
 from protein.metrics import evaluate_predictions, prior_baseline
@@ -15,8 +15,9 @@ from protein.metrics import evaluate_predictions, prior_baseline
 
 def read_label_csv(path: Path) -> tuple[list[str], np.ndarray]:
     path = Path(path)
-    source = FolderSource(path.parent)
-    frame = read_csv_table(source, path.name)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected an Image,Label CSV)")
+    frame = parse_csv_bytes(path.read_bytes(), str(path))
     ids, label_sets = parse_labels_table(frame, str(path))
     return ids, encode_many(label_sets)
 
