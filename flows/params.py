@@ -33,9 +33,11 @@ class TrainParams(BaseModel):
     weights: str | None = Field(None, title="Pretrained weights file",
                                 description="local safetensors/state-dict file on the worker; empty = from scratch")
     device: str = Field("auto", title="Device", description="auto picks CUDA when the worker has a GPU")
+    share_cache: bool = Field(False, title="Share the decoded-image cache through the store",
+                              description="pull it when another worker built it, push it otherwise")
 
     def to_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump())
+        return TrainConfig(**self.model_dump(exclude={"share_cache"}))
 
 
 class GateParams(BaseModel):

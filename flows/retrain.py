@@ -66,7 +66,7 @@ def retrain(
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
-        challenger = train_model(data, store, config, run_id)["model_id"]
+        challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
 
     challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
     champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)

@@ -21,6 +21,7 @@ import numpy as np
 
 from protein.atomic import atomic_path, write_text_atomic
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
+from protein.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,25 @@ class ImageCache:
         workers: int | None = None,
         progress: Callable[[int], None] | None = None,
         key: CacheKey | None = None,
+        shared: Store | None = None,
     ) -> np.ndarray:
-        """Return the split's decoded images, decoding them only if no valid cache exists."""
+        """Return the split's decoded images, decoding them only if no valid cache exists.
+
+        With a `shared` object store, a cache another machine built (e.g. a CPU worker for a
+        GPU worker) is pulled from `cache/<key>.npy` instead of decoding again, and a cache
+        built here is pushed there. The store verifies each object's SHA-256 on the way.
+        """
         image_ids = data.train_ids if split == "train" else data.test_ids
         key = key or CacheKey(fingerprint(data.source), split, image_size)
         cached = self.load(key, image_ids)
         if cached is not None:
             log.info("image cache hit: %s (%d images)", key.name, len(image_ids))
             return cached
+        if shared is not None and self.pull(shared, key):
+            cached = self.load(key, image_ids)
+            if cached is not None:
+                log.info("image cache pulled from %s: %s", shared.uri, key.name)
+                return cached
         folder = TRAIN_DIR if split == "train" else TEST_DIR
         rels = [f"{folder}/{i}.png" for i in image_ids]
         self.root.mkdir(parents=True, exist_ok=True)
@@ -130,4 +142,26 @@ class ImageCache:
             del out
         write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__}))
         log.info("image cache built: %s (%d images)", key.name, len(image_ids))
+        if shared is not None:
+            self.push(shared, key)
         return np.load(array_path, mmap_mode="r")
+
+    @staticmethod
+    def store_keys(key: CacheKey) -> tuple[str, str]:
+        return f"cache/{key.name}.npy", f"cache/{key.name}.json"
+
+    def push(self, store: Store, key: CacheKey) -> None:
+        array_key, meta_key = self.store_keys(key)
+        array_path, meta_path = self.paths(key)
+        store.put_file(array_key, array_path)
+        # The ids file goes last: its presence marks a complete upload for pull().
+        store.put_file(meta_key, meta_path)
+
+    def pull(self, store: Store, key: CacheKey) -> bool:
+        array_key, meta_key = self.store_keys(key)
+        if not store.exists(meta_key):
+            return False
+        array_path, meta_path = self.paths(key)
+        store.get_file(array_key, array_path)
+        store.get_file(meta_key, meta_path)
+        return True

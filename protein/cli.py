@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
-                                    on_epoch=on_epoch, on_batch=trained, on_decode=decoded)
+                                    on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
+                                    share_cache=args.share_cache)
     emit(result)
     return 0
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
+    p.add_argument("--share-cache", action="store_true",
+                   help="pull the decoded-image cache from the store if another worker built it, else push it")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
     p.add_argument("--data", required=True)

@@ -59,8 +59,10 @@ def load_split_images(
     cache_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    shared: Store | None = None,
 ) -> np.ndarray:
-    return ImageCache(cache_dir or default_cache_dir()).build(data, split, image_size, workers, progress)
+    return ImageCache(cache_dir or default_cache_dir()).build(data, split, image_size, workers, progress,
+                                                              shared=shared)
 
 
 def train_and_register(
@@ -72,15 +74,20 @@ def train_and_register(
     on_epoch: EpochCallback | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_decode: Callable[[int], None] | None = None,
+    share_cache: bool = False,
 ) -> dict[str, Any]:
-    """Train on a dataset and register the result as a new (not yet promoted) model version."""
+    """Train on a dataset and register the result as a new (not yet promoted) model version.
+
+    share_cache pulls the decoded-image cache from the store when another worker built it, and
+    pushes it there otherwise."""
     store = open_store(store_uri)
     store.check()
     data = load_competition(data_path, require_test=False)
     data_fingerprint = fingerprint(data.source)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
-    images = load_split_images(data, "train", config.image_size, cache_dir, on_decode)
+    images = load_split_images(data, "train", config.image_size, cache_dir, on_decode,
+                               shared=store if share_cache else None)
     train_idx, holdout_idx = holdout_split(data, config.holdout_fraction, config.seed)
     result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
 

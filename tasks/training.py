@@ -17,7 +17,7 @@ GPU_LIMIT = "gpu"
 
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
       cache_policy=NO_CACHE)
-def train_model(data: str, store: str, config: TrainConfig, run_id: str) -> dict[str, Any]:
+def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()
@@ -40,7 +40,7 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str) -> dict
     # One slot per GPU: two retrains never share a card. Without a 'gpu' limit on the server
     # this does not block (strict=False), which is what local development wants.
     with concurrency(GPU_LIMIT, occupy=1, timeout_seconds=24 * 3600):
-        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch)
+        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
     logging.getLogger(__name__).debug("trained %s", result["model_id"])

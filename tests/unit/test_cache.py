@@ -42,3 +42,22 @@ def test_cache_with_other_ids_is_not_reused(tmp_path):
     key = CacheKey("same", "train", 16)
     cache.build(data, "train", 16, key=key)
     assert cache.load(key, ["2", "1"]) is None
+
+
+def test_cache_is_shared_through_the_store(tmp_path, monkeypatch):
+    from protein.storage import open_store
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4", "3": "6"}, ["9"], size=16)
+    data = load_competition(root)
+    store = open_store(str(tmp_path / "store"))
+    built = np.array(ImageCache(tmp_path / "worker-a").build(data, "train", 16, shared=store))
+    key = CacheKey(fingerprint(data.source), "train", 16)
+    assert store.exists(f"cache/{key.name}.npy") and store.exists(f"cache/{key.name}.json")
+
+    # Another worker pulls instead of decoding: make decoding impossible to prove it.
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again although the store had the cache")
+
+    monkeypatch.setattr("protein.cache.decode_all", no_decode)
+    pulled = ImageCache(tmp_path / "worker-b").build(data, "train", 16, shared=store)
+    np.testing.assert_array_equal(np.asarray(pulled), built)
