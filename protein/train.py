@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from protein.config import TrainConfig, from_dict, to_dict
+from protein.errors import StoreError
 from protein.labels import LABELS
 from protein.metrics import evaluate_predictions, tune_thresholds
 from protein.model import build_model
@@ -175,8 +177,15 @@ def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
     if not store.exists(key):
         return None
     # weights_only: a checkpoint is data; never run code found in a store.
-    state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
+    try:
+        state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # The unpickler's message is a page of advice that suggests weights_only=False: not for users.
+        raise StoreError(
+            f"{store.uri}/{key}: not a loadable training checkpoint ({type(exc).__name__}); nothing in it "
+            "was executed; delete it or start a new --run-id"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{store.uri}/{key}: not a protein training checkpoint")
     return state
 
