@@ -1,7 +1,11 @@
 """Named preprocessing presets, defined once and shared by training, evaluation and prediction,
 so preprocessing cannot drift between training and serving.
 
-Images arrive as uint8 NHWC batches already resized by `protein.data.load_image`.
+Images arrive as uint8 NHWC batches already resized by `protein.data.load_image`. Each preset
+writes its float NCHW output in one pass (uint8 -> float conversion, HWC -> CHW transpose and,
+for training, the dihedral transform happen in a single copy into a preallocated tensor),
+followed by one in-place multiply-add for the normalisation: on the CPU this is 3-7x faster
+than a chain of full-size float ops (bench/data_path.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ IMAGE_MEAN: tuple[float, float, float] = (0.079, 0.053, 0.054)
 IMAGE_STD: tuple[float, float, float] = (0.129, 0.088, 0.137)
 
 
+def dihedral(image: torch.Tensor, op: int) -> torch.Tensor:
+    """One of the 8 symmetries of the square on an (H, W, C) image: bit 2 flips left-right,
+    bits 0-1 rotate by 90 degrees that many times. Returns a view where possible."""
+    if op & 4:
+        image = image.flip(1)
+    if op & 3:
+        image = torch.rot90(image, op & 3, dims=(0, 1))
+    return image
+
+
+def draw_dihedral_ops(n: int, generator: torch.Generator | None = None) -> list[int]:
+    return torch.randint(0, 8, (n,), generator=generator).tolist()
+
+
+def dihedral_augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one of the 8 dihedral transforms, chosen per image, to an (N, H, W, C) batch
+    (the same draw TrainPreset makes)."""
+    ops = draw_dihedral_ops(batch.shape[0], generator)
+    return torch.stack([dihedral(image, op) for image, op in zip(batch, ops, strict=True)])
+
+
 @dataclass(frozen=True)
 class EvalPreset:
     mean: tuple[float, float, float] = IMAGE_MEAN
@@ -23,37 +48,30 @@ class EvalPreset:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on any device -> (N, 3, H, W) normalised float32."""
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+        out = self._empty(batch)
+        out.copy_(batch.permute(0, 3, 1, 2))
+        return self._normalize_(out)
+
+    def _empty(self, batch: torch.Tensor) -> torch.Tensor:
+        n, h, w, _ = batch.shape
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.empty((n, 3, h, w), dtype=torch.float32, device=batch.device, memory_format=memory_format)
+
+    def _normalize_(self, out: torch.Tensor) -> torch.Tensor:
+        std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale + shift, in place.
+        return out.mul_(1.0 / (255.0 * std)).add_(-mean / std)
 
 
 @dataclass(frozen=True)
 class TrainPreset(EvalPreset):
     """Eval preprocessing plus the augmentation microscopy allows: the 8 symmetries of the
-    square (flips and 90-degree rotations), since a cell has no up or down. Done as tensor
-    ops on the whole batch, on whatever device the batch is on."""
+    square (flips and 90-degree rotations), since a cell has no up or down. Runs on whatever
+    device the batch is on."""
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return super().__call__(dihedral_augment(batch, generator))
-
-
-def dihedral_augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply one of the 8 dihedral transforms, chosen per image, to an (N, H, W, C) batch."""
-    n = batch.shape[0]
-    ops = torch.randint(0, 8, (n,), generator=generator)
-    out = batch.clone()
-    for op in range(1, 8):
-        idx = (ops == op).nonzero().flatten().to(batch.device)
-        if idx.numel() == 0:
-            continue
-        x = batch.index_select(0, idx)
-        if op & 4:
-            x = x.flip(2)
-        x = torch.rot90(x, op & 3, dims=(1, 2))
-        out.index_copy_(0, idx, x)
-    return out
+        out = self._empty(batch)
+        for i, op in enumerate(draw_dihedral_ops(batch.shape[0], generator)):
+            out[i].copy_(dihedral(batch[i], op).permute(2, 0, 1))
+        return self._normalize_(out)

@@ -28,3 +28,12 @@ def test_train_preset_is_seeded():
     a = TrainPreset()(batch, torch.Generator().manual_seed(3))
     b = TrainPreset()(batch, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_train_preset_equals_augment_then_eval():
+    batch = torch.randint(0, 255, (16, 12, 12, 3), dtype=torch.uint8)
+    for channels_last in (False, True):
+        fused = TrainPreset(channels_last=channels_last)(batch, torch.Generator().manual_seed(5))
+        reference = EvalPreset()(dihedral_augment(batch, torch.Generator().manual_seed(5)))
+        assert torch.allclose(fused, reference, atol=1e-5)
+        assert fused.is_contiguous(memory_format=torch.channels_last) == channels_last

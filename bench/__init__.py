@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print a table and write bench/results/<name>.json (not tests)."""

@@ -1,0 +1,147 @@
+"""Helpers shared by the benchmarks: timing with medians, machine info, atomic JSON results,
+tables, and benchmark datasets made once and reused by later runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from protein.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+# Under the Makefile's WORK folder, which git ignores; override with BENCH_DATA_DIR.
+DEFAULT_DATA_DIR = REPO / "work" / "bench-data"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("BENCH_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def results_path(name: str, quick: bool = False) -> Path:
+    """bench/results/<name>.json; quick runs write <name>.quick.json so they never replace full numbers."""
+    return RESULTS_DIR / (f"{name}.quick.json" if quick else f"{name}.json")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        # Other work on a shared machine skews timings; a high load average says to distrust them.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> list[float]:
+    """Wall seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    # Numbers right-aligned, text left-aligned.
+    lines += ["  ".join(v.rjust(w) if isinstance(row.get(c), int | float) else v.ljust(w)
+                        for v, w, c in zip(r, widths, columns, strict=True))
+              for r, row in zip(cells, rows, strict=True)]
+    return "\n".join(lines)
+
+
+def bench_dataset(n_train: int, size: int, seed: int = 0, root: Path | None = None) -> Path:
+    """A competition-layout dataset of n_train synthetic size x size PNGs, made once under
+    <data dir>/synth-<n>-<size>px-seed<seed> and reused while it is complete. If protein.synth
+    cannot make it, noise PNGs are written to noise-<n>-<size>px-seed<seed> instead."""
+    root = Path(root) if root is not None else data_dir()
+    name = f"{n_train}-{size}px-seed{seed}"
+    synth, noise = root / f"synth-{name}", root / f"noise-{name}"
+    for out in (synth, noise):
+        if _complete(out, n_train):
+            return out
+    truth = root / f"synth-{name}-test-labels.csv"
+    shutil.rmtree(synth, ignore_errors=True)  # incomplete: left by a killed run
+    truth.unlink(missing_ok=True)
+    started = time.perf_counter()
+    try:
+        from protein.config import SynthConfig
+        from protein.synth import generate_dataset
+
+        workers = max(1, min(8, os.cpu_count() or 1))
+        generate_dataset(SynthConfig(train=n_train, test=1, size=size, seed=seed, workers=workers), out=synth,
+                         truth=truth)
+        out = synth
+    except Exception as exc:  # the generator is still being written; any PNGs exercise the same decode
+        log.warning("protein.synth could not write %s (%s: %s); writing noise PNGs instead",
+                    synth, type(exc).__name__, exc)
+        shutil.rmtree(synth, ignore_errors=True)
+        _write_noise_dataset(noise, n_train, size, seed)
+        out = noise
+    log.info("benchmark dataset %s written in %.1fs", out, time.perf_counter() - started)
+    return out
+
+
+def _complete(out: Path, n_train: int) -> bool:
+    train = out / "train"
+    return (out / "train.csv").is_file() and train.is_dir() and sum(1 for _ in train.iterdir()) == n_train
+
+
+def _write_noise_dataset(out: Path, n_train: int, size: int, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "test").mkdir()
+    rng = np.random.default_rng(seed)
+    ids = [str(i) for i in range(n_train)]
+    (tmp / "train.csv").write_text("Image,Label\n" + "".join(f"{i},{int(i) % 10}\n" for i in ids))
+    (tmp / "sample_submission.csv").write_text("Image,Label\nt0,0\n")
+    for image_id in [*ids, "t0"]:
+        folder = "test" if image_id.startswith("t") else "train"
+        # Low-amplitude noise: compresses roughly like the dark microscopy images.
+        pixels = (rng.random((size, size, 3)) * 48).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(tmp / folder / f"{image_id}.png")
+    tmp.rename(out)
