@@ -9,10 +9,12 @@ import json
 import logging
 import math
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from queue import Queue
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from protein.storage import Store
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "protein-train-checkpoint/1"
+T = TypeVar("T")
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
@@ -71,15 +74,45 @@ def iterate_batches(
     indices: np.ndarray,
     batch_size: int,
     generator: torch.Generator | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 NHWC images, float targets) batches; shuffled when a generator is given."""
+    """Yield (uint8 NHWC images, float targets) batches; shuffled when a generator is given.
+    With pin_memory (for a CUDA device) batches land in page-locked memory, so the copy to the
+    GPU can run asynchronously."""
     order = indices
     if generator is not None:
         order = indices[torch.randperm(len(indices), generator=generator).numpy()]
     for start in range(0, len(order), batch_size):
         # Sorted reads walk the memory-mapped cache forwards; batch order stays random.
         batch_idx = np.sort(order[start : start + batch_size])
-        yield torch.from_numpy(np.ascontiguousarray(images[batch_idx])), torch.from_numpy(targets[batch_idx])
+        x = torch.from_numpy(np.ascontiguousarray(images[batch_idx]))
+        y = torch.from_numpy(targets[batch_idx])
+        yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
+
+
+def prefetch(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce the next batches in a background thread (slicing the memory map and pinning
+    release the GIL) while the GPU works on the current one."""
+    queue: Queue[T | object] = Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                queue.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            failure.append(exc)
+        finally:
+            queue.put(done)
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    while (item := queue.get()) is not done:
+        yield item  # type: ignore[misc]
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def train_one_epoch(
@@ -94,7 +127,9 @@ def train_one_epoch(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     model.train()
-    total_loss, seen = 0.0, 0
+    # Summed on the device and read once per epoch: a per-step float() would make the CPU
+    # wait for the GPU at every step.
+    total_loss, seen = torch.zeros((), device=device), 0
     started = time.perf_counter()
     for images, targets in batches:
         images = images.to(device, non_blocking=True)
@@ -106,12 +141,12 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += float(loss.detach()) * len(images)
+        total_loss += loss.detach().float() * len(images)
         seen += len(images)
         if on_batch:
             on_batch(len(images))
     seconds = time.perf_counter() - started
-    return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
+    return {"train_loss": float(total_loss) / max(seen, 1), "train_images": seen, "train_seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
@@ -257,7 +292,10 @@ def fit(
         # Everything random in an epoch derives from (seed, epoch): resume needs no RNG state.
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        batches = iterate_batches(images, targets, train_idx, config.batch_size, generator)
+        batches = iterate_batches(images, targets, train_idx, config.batch_size, generator,
+                                  pin_memory=device.type == "cuda")
+        if device.type == "cuda":
+            batches = prefetch(batches)
         stats = train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, train_preset, device,
                                 generator, on_batch)
         holdout_probs = predict_probs(step_model, images, eval_preset, device, config.batch_size * 2, holdout_idx)

@@ -37,3 +37,4 @@ def test_train_preset_equals_augment_then_eval():
         reference = EvalPreset()(dihedral_augment(batch, torch.Generator().manual_seed(5)))
         assert torch.allclose(fused, reference, atol=1e-5)
         assert fused.is_contiguous(memory_format=torch.channels_last) == channels_last
+
