@@ -38,6 +38,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def publish(name: str, result: dict[str, Any], table_text: str, out: Path | None = None,
+            quick: bool = False) -> Path:
+    """Write a benchmark's JSON (atomically) and print its table."""
+    path = write_json(out or results_path(name, quick), result)
+    print(table_text)
+    print(f"wrote {path}")
+    return path
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

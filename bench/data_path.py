@@ -23,16 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import (
-    bench_dataset,
-    data_dir,
-    format_table,
-    machine_info,
-    median,
-    results_path,
-    time_repeats,
-    write_json,
-)
+from bench.common import bench_dataset, data_dir, format_table, machine_info, median, publish, time_repeats
 from bench.naive import naive_dataset, naive_loader
 from protein.cache import ImageCache, default_workers
 from protein.config import COMPETITION_IMAGE_SIZE
@@ -178,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (2 if args.quick else 7)
     result = run(n_images, args.image_size, args.source_size, args.batch_size, args.workers, repeats)
     result["quick"] = args.quick
-    out = write_json(args.out or results_path(NAME, args.quick), result)
-    print(table(result))
-    print(f"wrote {out}")
+    publish(NAME, result, table(result), args.out, args.quick)
     return result
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import bench_dataset, data_dir, format_table, machine_info, results_path, write_json
+from bench.common import bench_dataset, data_dir, format_table, machine_info, publish
 from bench.naive import naive_dataset, naive_loader
 from protein.cache import ImageCache, default_workers
 from protein.config import TrainConfig
@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = make_plan(args)
     result = run(plan, device)
     result["quick"] = args.quick
-    out = write_json(args.out or results_path(NAME, args.quick), result)
-    print(table(result))
-    print(f"wrote {out}")
+    publish(NAME, result, table(result), args.out, args.quick)
     return result
 
 

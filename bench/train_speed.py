@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import format_table, machine_info, median, results_path, write_json
+from bench.common import format_table, machine_info, median, publish
 from protein.config import TrainConfig
 from protein.labels import NUM_CLASSES
 from protein.model import build_model
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results:  # flat keys for the summary table and quick lookups
         result[f"train_images_per_s_{r['image_size']}"] = r["train_images_per_s"]
         result[f"infer_images_per_s_{r['image_size']}"] = r["infer_images_per_s"]
-    out = write_json(args.out or results_path(NAME, args.quick), result)
-    print(table(result))
-    print(f"wrote {out}")
+    publish(NAME, result, table(result), args.out, args.quick)
     return result
 
 

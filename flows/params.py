@@ -3,13 +3,25 @@ run form usable without reading code. Each converts to the library's frozen conf
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Literal
 
+from prefect.states import State
 from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig
 from protein.validation import ValidationConfig
+
+
+def report_state(state: State, flow_name: str) -> int:
+    """A finished run's result as JSON on stdout (exit 0), or its failure on stderr (exit 1)."""
+    if not state.is_completed():
+        print(f"{flow_name} failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), default=str))
+    return 0
 
 
 def default_store() -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from prefect import flow
 
-from flows.params import default_store
+from flows.params import default_store, report_state
 from tasks.prediction import predict_submission
 
 
@@ -26,11 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="champion")
     args = parser.parse_args(argv)
     state = predict(data=args.data, store=args.store, model=args.model, return_state=True)
-    if not state.is_completed():
-        print(f"predict failed: {state.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(state.result(), default=str))
-    return 0
+    return report_state(state, "predict")
 
 
 if __name__ == "__main__":

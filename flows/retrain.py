@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from typing import Any
 
@@ -14,7 +13,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.params import GateParams, TrainParams, ValidationParams, default_store
+from flows.params import GateParams, TrainParams, ValidationParams, default_store, report_state
 from protein.data import DatasetSource, fingerprint
 from tasks.evaluation import evaluate_model, gate
 from tasks.prediction import predict_submission
@@ -108,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         train_deployment=args.train_deployment,
         return_state=True,
     )
-    if not state.is_completed():
-        print(f"retrain failed: {state.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(state.result(), default=str))
-    return 0
+    return report_state(state, "retrain")
 
 
 if __name__ == "__main__":

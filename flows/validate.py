@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from prefect import flow
 from prefect.states import Failed
 
-from flows.params import ValidationParams
+from flows.params import ValidationParams, report_state
 from tasks.validation import validate_data
 
 
@@ -32,11 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = ValidationParams(image_size=args.image_size, drift_action=args.drift_action)
     state = validate(data=args.data, store=args.store, validation=params, return_state=True)
-    if not state.is_completed():
-        print(f"validate failed: {state.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(state.result(), default=str))
-    return 0
+    return report_state(state, "validate")
 
 
 if __name__ == "__main__":
