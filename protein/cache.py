@@ -74,11 +74,16 @@ def decode_all(
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = [pool.submit(_decode_chunk, source, chunk, image_size) for chunk in chunks]
         start = 0
-        for future, chunk in zip(futures, chunks, strict=True):
-            out[start : start + len(chunk)] = future.result()
-            start += len(chunk)
-            if progress:
-                progress(len(chunk))
+        try:
+            for future, chunk in zip(futures, chunks, strict=True):
+                out[start : start + len(chunk)] = future.result()
+                start += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        except BaseException:
+            # The first corrupt image decides the outcome: do not decode the rest first.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 class ImageCache:

@@ -86,12 +86,21 @@ def train_and_register(
     data_fingerprint = fingerprint(data.source)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
+    registry = Registry(store)
+    finished = registry.find_by_run(run_id)
+    if finished is not None:
+        # A retry after the version was registered (e.g. the task died while reporting):
+        # the run is done, registering it twice would only duplicate the version.
+        spec = registry.spec(finished)
+        log.info("run %s already registered %s; not training again", run_id, finished)
+        return {"model_id": finished, "path": f"{store.uri.rstrip('/')}/models/{finished}", "run_id": run_id,
+                "data_fingerprint": data_fingerprint, "metrics": summarize(spec.get("metrics", {})),
+                "resumed_from_epoch": spec["train_config"]["epochs"], "device": spec.get("device")}
     images = load_split_images(data, "train", config.image_size, cache_dir, on_decode,
                                shared=store if share_cache else None)
     train_idx, holdout_idx = holdout_split(data, config.holdout_fraction, config.seed)
     result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
 
-    registry = Registry(store)
     spec = {
         "arch": config.arch,
         "image_size": config.image_size,

@@ -537,10 +537,15 @@ class S3Store:
                 config = Config(
                     retries={
                         "mode": "standard",
-                        "max_attempts": int(_env_number("PROTEIN_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
+                        # total_max_attempts counts the first try; botocore's "max_attempts" key here
+                        # would count retries only (one attempt more than the name says).
+                        "total_max_attempts": int(_env_number("PROTEIN_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
                     },
                     connect_timeout=_env_number("PROTEIN_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S),
                     read_timeout=_env_number("PROTEIN_S3_READ_TIMEOUT_S", S3_READ_TIMEOUT_S),
+                    # boto3 presigns S3 URLs with the deprecated SigV2 unless told otherwise; R2 and
+                    # newer AWS regions accept only SigV4.
+                    signature_version="s3v4",
                 )
                 with self._translating():
                     self._client_obj = boto3.session.Session().client("s3", config=config)

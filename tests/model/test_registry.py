@@ -164,3 +164,14 @@ def test_orphaned_version_is_listed_and_collected(registry, trained):
     assert registry.orphans() == []
     with pytest.raises(RegistryError, match="is complete"):
         registry.delete_orphan(trained["model_id"])
+
+
+def test_rerunning_a_finished_run_does_not_register_twice(trained):
+    from protein.pipeline import train_and_register
+    from tests.model.conftest import TINY_CONFIG
+
+    before = Registry(open_store(trained["store"])).versions()
+    again = train_and_register(trained["data"], trained["store"], TINY_CONFIG, run_id=trained["run_id"],
+                               cache_dir=trained["cache"])
+    assert again["model_id"] == trained["model_id"]
+    assert Registry(open_store(trained["store"])).versions() == before

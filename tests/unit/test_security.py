@@ -1,0 +1,119 @@
+"""Checkpoints and weight files are data: a hostile pickle is refused, never executed.
+
+Every payload below would create a marker file when unpickled by plain `pickle` or
+`torch.load(weights_only=False)`; the control test proves that, the others prove our loaders
+never get that far.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protein.errors import DataError, StoreError
+from protein.model import read_state_dict
+from protein.storage import open_store
+from protein.train import checkpoint_key, load_checkpoint
+from tests.helpers import write_dataset
+
+
+class Payload:
+    """Unpickling this runs exec(): it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def raw_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"format": "protein-train-checkpoint/1", "model": Payload(marker)}, protocol=2)
+
+
+def torch_file(marker: Path) -> bytes:
+    """The same payload inside torch.save's zip container, as a real checkpoint would be."""
+    buffer = io.BytesIO()
+    torch.save({"format": "protein-train-checkpoint/1", "epoch": 1, "model": Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+PAYLOADS = {"raw-pickle": raw_pickle, "torch-save": torch_file}
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_control_the_payload_is_live(tmp_path, kind):
+    """Without weights_only the bytes do run code: the tests below are not vacuous."""
+    marker = tmp_path / "marker"
+    data = PAYLOADS[kind](marker)
+    torch.load(io.BytesIO(data), weights_only=False) if kind == "torch-save" else pickle.loads(data)
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_malicious_training_checkpoint_is_refused(tmp_path, kind):
+    marker = tmp_path / "marker"
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes(checkpoint_key("run-1"), PAYLOADS[kind](marker))
+    with pytest.raises(StoreError) as info:
+        load_checkpoint(store, "run-1")
+    message = str(info.value)
+    assert "runs/run-1/checkpoint.pt: not a loadable training checkpoint" in message
+    assert "nothing in it was executed" in message
+    assert "\n" not in message and "weights_only=False" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors"])
+def test_malicious_weights_file_is_refused(tmp_path, kind, suffix):
+    marker = tmp_path / "marker"
+    weights = tmp_path / f"pretrained{suffix}"
+    weights.write_bytes(PAYLOADS[kind](marker))
+    with pytest.raises(DataError) as info:
+        read_state_dict(weights)
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_garbage_checkpoint_is_a_store_error(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes(checkpoint_key("run-2"), os.urandom(4096))
+    with pytest.raises(StoreError, match="not a loadable training checkpoint"):
+        load_checkpoint(store, "run-2")
+
+
+def protein_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "protein.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_refuses_malicious_weights_and_checkpoint(tmp_path):
+    """As users meet it: one error line, a specific exit code, no traceback, nothing executed or registered."""
+    data = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(12)}, ["900"], size=32)
+    store, cache = tmp_path / "store", tmp_path / "cache"
+    common = ["--data", str(data), "--store", str(store), "--cache-dir", str(cache), "--epochs", "1",
+              "--image-size", "32", "--batch-size", "4"]
+
+    marker = tmp_path / "weights-marker"
+    weights = tmp_path / "evil.pt"
+    weights.write_bytes(torch_file(marker))
+    result = protein_cli("train", *common, "--weights", str(weights))
+    assert result.returncode == 2, result.stderr
+    assert f"{weights}: not a plain tensor state dict (UnpicklingError)" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+
+    marker = tmp_path / "checkpoint-marker"
+    open_store(str(store)).put_bytes(checkpoint_key("evil-run"), torch_file(marker))
+    result = protein_cli("train", *common, "--run-id", "evil-run")
+    assert result.returncode == 3, result.stderr
+    assert "runs/evil-run/checkpoint.pt: not a loadable training checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+    assert not (store / "models").exists()
