@@ -23,6 +23,7 @@ from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.labels import LABELS
 from protein.metrics import evaluate_predictions
+from protein.predict import Predictor
 from protein.presets import IMAGE_MEAN, IMAGE_STD
 from protein.registry import Registry, check_version_id
 from protein.split import iterative_stratified_split
@@ -166,9 +167,7 @@ def evaluate_version(
             "holdout": {"fraction": fraction, "seed": seed, "n_holdout": int(len(holdout_idx))}, **metrics}
 
 
-def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None):  # noqa: ANN201
-    from protein.predict import Predictor
-
+def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None) -> Predictor:
     local = registry.download(model_id, (cache_dir or default_cache_dir()) / "models")
     return Predictor.from_checkpoint(local)
 

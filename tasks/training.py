@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -43,5 +42,4 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
         result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
-    logging.getLogger(__name__).debug("trained %s", result["model_id"])
     return result

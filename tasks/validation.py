@@ -8,13 +8,18 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from protein.data import DatasetSource, fingerprint
+from protein.errors import ProteinError
 from protein.validation import ValidationConfig, run_validation
 
 
-def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Validation is keyed by the data fingerprint: unchanged data is not validated twice."""
     config: ValidationConfig = parameters["config"]
-    data_fingerprint = fingerprint(DatasetSource.open(parameters["data"]))
+    try:
+        data_fingerprint = fingerprint(DatasetSource.open(parameters["data"]))
+    except ProteinError:
+        return None  # unreadable data is not cached; the task itself reports why
+
     # repr, not hash(): str hashes are salted per process and a cache key must survive restarts.
     settings = hashlib.sha256(f"{config!r}|{parameters.get('store')}".encode()).hexdigest()[:16]
     return f"validate-{data_fingerprint}-{settings}"
