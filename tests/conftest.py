@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,14 +93,21 @@ class MotoServer:
         return Path(self._log.name).read_text(errors="replace")[-chars:]
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[MotoServer]:
+@contextmanager
+def running_moto_server() -> Iterator[MotoServer]:
+    """A started MotoServer, closed (stopped, log removed) on the way out."""
     server = MotoServer()
     server.start()
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    with running_moto_server() as server:
+        yield server
 
 
 def set_s3_env(

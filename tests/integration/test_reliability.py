@@ -41,7 +41,7 @@ from protein.pipeline import train_and_register
 from protein.registry import CHAMPION_KEY, Registry
 from protein.storage import open_store
 from protein.train import load_checkpoint, metrics_key
-from tests.conftest import MotoServer, free_port, set_s3_env
+from tests.conftest import MotoServer, free_port, running_moto_server, set_s3_env
 from tests.helpers import write_dataset, write_png
 
 pytestmark = pytest.mark.integration
@@ -384,12 +384,8 @@ def put_of(suffix: str) -> Callable[[str, str], bool]:
 @pytest.fixture(scope="module")
 def fault_server() -> Iterator[MotoServer]:
     """A moto_server of our own: these tests stop and restart it, which empties it."""
-    server = MotoServer()
-    server.start()
-    try:
+    with running_moto_server() as server:
         yield server
-    finally:
-        server.close()
 
 
 def new_bucket() -> str:
