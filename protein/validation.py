@@ -521,7 +521,11 @@ class _ImageReader:
         if record["format"] != "PNG":
             return record
         if tail != PNG_TRAILER:
-            record.update(decodes=False, error="does not end with an IEND chunk: truncated")
+            # Either the file stops early or something follows the image: tell which.
+            trailing = len(head) == size and PNG_TRAILER in head  # whole file read: look inside
+            error = ("data after the IEND chunk (trailing garbage)" if trailing
+                     else "does not end with an IEND chunk: truncated")
+            record.update(decodes=False, error=error)
             return record
         if not self.check_pixels or record["width"] * record["height"] > MAX_IMAGE_PIXELS:
             record["decodes"] = True if not self.check_pixels else None

@@ -251,3 +251,15 @@ def test_run_validation_writes_report_and_docs_and_updates_the_store(base: Path,
     reference = json.loads(store.get_bytes("validation/reference_profile.json"))
     assert reference["data_fingerprint"] == report.data_fingerprint
     assert json.loads((tmp_path / "report" / "report.json").read_text())["success"] is False
+
+
+@pytest.mark.parametrize("damage,needle", [(lambda b: b + b"garbage", "data after the IEND chunk"),
+                                           (lambda b: b[: len(b) // 2], "does not end with an IEND chunk: truncated")])
+def test_trailing_garbage_and_truncation_are_told_apart(base: Path, tmp_path: Path, damage, needle) -> None:
+    dataset = tmp_path / "ds"
+    shutil.copytree(base, dataset)
+    png = sorted((dataset / "train").iterdir())[0]
+    png.write_bytes(damage(png.read_bytes()))
+    report = validate_dataset(dataset, CONFIG)
+    assert failure_names(report) == [("images", "expect_column_values_to_be_in_set", "decodes")]
+    assert needle in report.summary_lines()[0] and png.name in report.summary_lines()[0]
