@@ -132,7 +132,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not args.dry_run:
             for version in orphans:
                 registry.delete_orphan(version)
-        emit({"orphans": orphans, "deleted": not args.dry_run})
+        stale = store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
+        emit({"orphans": orphans, "stale_uploads": stale, "deleted": not args.dry_run})
     return 0
 
 
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = p.add_subparsers(dest="models_cmd", required=True)
     for name, help_text in (("list", "list versions; the champion is marked"), ("show", "print a version's model.json"),
                             ("promote", "make a version the champion"), ("rollback", "return to the previous champion"),
-                            ("gc", "remove incomplete versions (interrupted registrations)")):
+                            ("gc", "remove incomplete versions and stale interrupted uploads")):
         mp = models.add_parser(name, help=help_text, description=help_text,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         store_arg(mp)
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             mp.add_argument("--reason", help="recorded in the champion history")
         if name == "gc":
             mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+            mp.add_argument("--older-than-hours", type=float, default=1.0,
+                            help="also remove interrupted uploads (temp files, S3 multipart) older than this")
     return parser
 
 

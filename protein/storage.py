@@ -22,6 +22,7 @@ roles); path-style addressing for MinIO-like services is set there too (``s3.add
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import hashlib
 import logging
@@ -29,6 +30,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -133,6 +135,11 @@ class Store(Protocol):
 
     def check(self) -> None:
         """Fail fast with `StoreError` unless the store is reachable and usable."""
+        ...
+
+    def clean_stale_uploads(self, older_than_s: float = 3600, dry_run: bool = False) -> int:
+        """Remove what interrupted writes left behind (local temp files, unfinished S3 multipart
+        uploads) started more than ``older_than_s`` ago; returns how many."""
         ...
 
 
@@ -478,6 +485,17 @@ class LocalStore:
         # Local paths do not expire; expires_s is accepted so callers need not care about the backend.
         return self._path(key).as_uri()
 
+    def clean_stale_uploads(self, older_than_s: float = 3600, dry_run: bool = False) -> int:
+        # Only old files: a younger one may belong to a write in progress in another process.
+        if not self._tmp.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        stale = [p for p in self._tmp.iterdir() if p.is_file() and p.stat().st_mtime < cutoff]
+        if not dry_run:
+            for path in stale:
+                path.unlink(missing_ok=True)
+        return len(stale)
+
     def check(self) -> None:
         existing = self.root
         while not existing.exists() and existing != existing.parent:
@@ -762,6 +780,20 @@ class S3Store:
         client = self._client()
         with self._translating(key):
             client.delete_object(Bucket=self.bucket, Key=object_key)
+
+    def clean_stale_uploads(self, older_than_s: float = 3600, dry_run: bool = False) -> int:
+        # An interrupted multipart upload is invisible to GET/LIST but its parts cost storage.
+        client = self._client()
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)
+        stale: list[tuple[str, str]] = []
+        with self._translating():
+            paginator = client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._root_prefix()):
+                stale += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["Initiated"] < cutoff]
+            if not dry_run:
+                for object_key, upload_id in stale:
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
+        return len(stale)
 
     def delete_prefix(self, prefix: str) -> int:
         if not prefix:

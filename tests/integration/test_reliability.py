@@ -757,10 +757,12 @@ def test_crash_during_registration_leaves_an_orphan_that_gc_lists_and_removes(sm
     assert [row["id"] for row in json.loads(listed.stdout)] == [champion]
 
     dry = cli("models", "gc", "--dry-run", "--store", store.uri)
-    assert dry.returncode == 0 and json.loads(dry.stdout) == {"orphans": orphans, "deleted": False}
+    assert dry.returncode == 0
+    assert json.loads(dry.stdout) == {"orphans": orphans, "stale_uploads": 0, "deleted": False}
     assert registry.orphans() == orphans
     gc = cli("models", "gc", "--store", store.uri)
-    assert gc.returncode == 0 and json.loads(gc.stdout) == {"orphans": orphans, "deleted": True}
+    assert gc.returncode == 0
+    assert json.loads(gc.stdout) == {"orphans": orphans, "stale_uploads": 0, "deleted": True}
     assert registry.orphans() == [] and not store.list(f"models/{orphans[0]}/")
     assert registry.versions() == [champion] and store.get_bytes(CHAMPION_KEY) == pointer
 

@@ -408,3 +408,33 @@ def test_wrong_credentials(
         with pytest.raises(StoreError, match="access denied \\(check credentials\\)") as info:
             call()
         assert_clean(info.value, caplog)
+
+
+def leave_interrupted_upload(store: Store, key: str) -> None:
+    """What a writer killed mid-way leaves: a local temp file, or an unfinished multipart upload."""
+    if isinstance(store, LocalStore):
+        store.put_bytes("warm-up", b"x")  # creates the store's folders
+        leftover = store.root / ".protein+meta" / "tmp" / "put-deadbeef.tmp"
+        leftover.write_bytes(b"half a checkpoint")
+        old = time.time() - 7200
+        os.utime(leftover, (old, old))
+    else:
+        client, bucket, prefix = raw_s3(store)
+        client.create_multipart_upload(Bucket=bucket, Key=prefix + key)
+
+
+def test_stale_interrupted_uploads_are_cleaned(store: Store) -> None:
+    leave_interrupted_upload(store, "runs/r1/checkpoint.pt")
+    age = 3600 if isinstance(store, LocalStore) else 0  # moto's uploads are brand new
+    assert store.clean_stale_uploads(older_than_s=age, dry_run=True) == 1
+    assert store.clean_stale_uploads(older_than_s=age, dry_run=True) == 1  # a dry run removes nothing
+    assert store.clean_stale_uploads(older_than_s=age) == 1
+    assert store.clean_stale_uploads(older_than_s=age) == 0
+    assert "runs/r1/checkpoint.pt" not in store.list()
+
+
+def test_young_temp_files_are_left_alone(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("warm-up", b"x")
+    (store.root / ".protein+meta" / "tmp" / "put-inflight.tmp").write_bytes(b"being written right now")
+    assert store.clean_stale_uploads(older_than_s=3600) == 0
