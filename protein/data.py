@@ -18,7 +18,6 @@ import re
 import stat
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -382,11 +381,3 @@ def fingerprint(source: DatasetSource) -> str:
             digest.update(f"{rel}\0{source.file_signature(rel)}\n".encode())
     return digest.hexdigest()[:16]
 
-
-def iter_images(
-    data: CompetitionData, image_ids: list[str], split: str, image_size: int
-) -> Iterator[np.ndarray]:
-    folder = TRAIN_DIR if split == "train" else TEST_DIR
-    for image_id in image_ids:
-        rel = f"{folder}/{image_id}.png"
-        yield load_image(data.source.read_bytes(rel), data.source.locate(rel), image_size)

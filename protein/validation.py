@@ -55,7 +55,6 @@ from protein.data import (
     TRAIN_DIR,
     DatasetSource,
     FolderSource,
-    ZipSource,
     fingerprint,
 )
 from protein.errors import DataError
@@ -353,15 +352,21 @@ def _image_id(name: str) -> str:
     return name[: -len(".png")] if name.endswith(".png") else name
 
 
-def _train_files_table(listed: list[tuple[int, str]], present: list[str]) -> _Table:
+def _listing_frame(folder: str, listed: list[tuple[int, str]], present: list[str],
+                   listed_column: str, exists_column: str) -> pd.DataFrame:
+    """One row per listed id (does its file exist?) plus one per file nobody listed."""
     names = set(present)
     wanted = {f"{image_id}.png" for _, image_id in listed}
-    records = [(row, image_id, f"{TRAIN_DIR}/{image_id}.png", True, f"{image_id}.png" in names)
+    records = [(row, image_id, f"{folder}/{image_id}.png", True, f"{image_id}.png" in names)
                for row, image_id in listed]
-    records += [(None, _image_id(name), f"{TRAIN_DIR}/{name}", False, True) for name in present if name not in wanted]
+    records += [(None, _image_id(name), f"{folder}/{name}", False, True) for name in present if name not in wanted]
     # Object dtype keeps row numbers ints next to None (unlisted files have no row).
-    frame = pd.DataFrame(records, columns=["row", "Image", "file", "listed", "exists"], dtype=object).astype(
-        {"listed": bool, "exists": bool})
+    return pd.DataFrame(records, columns=["row", "Image", "file", listed_column, exists_column],
+                        dtype=object).astype({listed_column: bool, exists_column: bool})
+
+
+def _train_files_table(listed: list[tuple[int, str]], present: list[str]) -> _Table:
+    frame = _listing_frame(TRAIN_DIR, listed, present, "listed", "exists")
     return _Table("files", "files.train", frame, [
         _Check("expect_column_values_to_be_in_set", {"column": "exists", "value_set": [True]},
                "every image train.csv lists must exist as train/<Image>.png"),
@@ -388,13 +393,7 @@ def _sample_tables(table: _Csv, present: list[str]) -> list[_Table]:
 
 
 def _test_files_table(listed: list[tuple[int, str]], present: list[str]) -> _Table:
-    names = set(present)
-    wanted = {f"{image_id}.png" for _, image_id in listed}
-    records = [(row, image_id, f"{TEST_DIR}/{image_id}.png", True, f"{image_id}.png" in names)
-               for row, image_id in listed]
-    records += [(None, _image_id(name), f"{TEST_DIR}/{name}", False, True) for name in present if name not in wanted]
-    frame = pd.DataFrame(records, columns=["row", "Image", "file", "in_submission", "in_folder"],
-                         dtype=object).astype({"in_submission": bool, "in_folder": bool})
+    frame = _listing_frame(TEST_DIR, listed, present, "in_submission", "in_folder")
     frame["error"] = [
         None if listed == present
         else "listed in sample_submission.csv, missing from test/" if listed
@@ -466,13 +465,6 @@ class _ImageReader:
     def __init__(self, source: DatasetSource, check_pixels: bool) -> None:
         self.source = source
         self.check_pixels = check_pixels
-        self._zip: zipfile.ZipFile | None = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_zip"] = None  # each worker opens its own handle
-        return state
 
     def _read(self, relpath: str) -> tuple[int, bytes, bytes]:
         """(size, head, tail) where head is the whole file when pixels are checked."""
@@ -494,14 +486,9 @@ class _ImageReader:
                     return size, head, head[-len(PNG_TRAILER):]
                 f.seek(max(size - len(PNG_TRAILER), 0))
                 return size, head, f.read(len(PNG_TRAILER))
-        if isinstance(source, ZipSource):
-            if self._zip is None or self._pid != os.getpid():
-                self._zip = zipfile.ZipFile(source.path)
-                self._pid = os.getpid()
-            # Seeking inside a compressed member means decompressing up to it anyway: read it all.
-            data = self._zip.read(source.prefix + relpath)
-        else:
-            data = source.read_bytes(relpath)
+        # Zip members (seeking inside a compressed member means decompressing up to it anyway)
+        # and any other source: read it all; ZipSource keeps one handle per worker process.
+        data = source.read_bytes(relpath)
         return len(data), data, data[-len(PNG_TRAILER):]
 
     def inspect(self, job: tuple[str, int, str, str]) -> dict:
