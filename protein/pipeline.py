@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from protein.atomic import write_bytes_atomic
-from protein.cache import ImageCache
+from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.labels import LABELS
@@ -57,12 +57,16 @@ def load_split_images(
     data: CompetitionData,
     split: str,
     image_size: int,
+    data_fingerprint: str,
     cache_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
     shared: Store | None = None,
 ) -> np.ndarray:
-    return ImageCache(cache_dir or default_cache_dir()).build(data, split, image_size, workers, progress,
+    """Decoded images of a split; the caller passes the fingerprint it already computed, which
+    keys the cache, instead of stat-ing every image again."""
+    key = CacheKey(data_fingerprint, split, image_size)
+    return ImageCache(cache_dir or default_cache_dir()).build(data, split, image_size, workers, progress, key=key,
                                                               shared=shared)
 
 
@@ -97,7 +101,7 @@ def train_and_register(
         return {"model_id": finished, "path": f"{store.uri.rstrip('/')}/models/{finished}", "run_id": run_id,
                 "data_fingerprint": data_fingerprint, "metrics": summarize(spec.get("metrics", {})),
                 "resumed_from_epoch": spec["train_config"]["epochs"], "device": spec.get("device")}
-    images = load_split_images(data, "train", config.image_size, cache_dir, on_decode,
+    images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
                                shared=store if share_cache else None)
     train_idx, holdout_idx = holdout_split(data, config.holdout_fraction, config.seed)
     result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
@@ -160,10 +164,11 @@ def evaluate_version(
     data = load_competition(data_path, require_test=False)
     _, holdout_idx = holdout_split(data, fraction, seed)
     predictor = load_predictor(registry, model_id, cache_dir)
-    images = load_split_images(data, "train", predictor.image_size, cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
     probs = predictor.predict_probs(np.ascontiguousarray(images[holdout_idx]))
     metrics = evaluate_predictions(probs, data.targets[holdout_idx], predictor.thresholds)
-    return {"model_id": model_id, "data_fingerprint": fingerprint(data.source),
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint,
             "holdout": {"fraction": fraction, "seed": seed, "n_holdout": int(len(holdout_idx))}, **metrics}
 
 
@@ -186,10 +191,11 @@ def predict_and_publish(
     model_id = registry.resolve(model_id)
     data = load_competition(data_path, require_test=True)
     predictor = load_predictor(registry, model_id, cache_dir)
-    images = load_split_images(data, "test", predictor.image_size, cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
     frame = predictor.submission(data.test_ids, images)
     csv_bytes = frame.to_csv(index=False, lineterminator="\n").encode()
-    return publish_submission(store, model_id, csv_bytes, fingerprint(data.source), out)
+    return publish_submission(store, model_id, csv_bytes, data_fingerprint, out)
 
 
 def publish_submission(

@@ -104,7 +104,8 @@ class Registry:
         return sorted(found)
 
     def spec(self, version: str) -> dict[str, Any]:
-        version = self.resolve(version)
+        # One GET: a missing model.json is reported as an unknown version, no exists() first.
+        version = self.resolve(version) if version == "champion" else check_version_id(version)
         try:
             return json.loads(self.store.get_bytes(version_prefix(version) + SPEC_FILE))
         except NotFound:

@@ -4,7 +4,7 @@ import threading
 import pandas as pd
 import pytest
 
-from protein.data import load_competition
+from protein.data import fingerprint, load_competition
 from protein.errors import IntegrityError, PromotionConflict, RegistryError
 from protein.pipeline import evaluate_version, load_split_images, predict_and_publish
 from protein.predict import Predictor
@@ -105,7 +105,7 @@ def test_s3_round_trip_predicts_the_same_submission(trained, s3_bucket, tmp_path
     # Predict straight from the local checkpoint folder.
     predictor = Predictor.from_checkpoint(local_registry.download(trained["model_id"], tmp_path / "dl"))
     data = load_competition(trained["data"])
-    images = load_split_images(data, "test", predictor.image_size, tmp_path / "cache")
+    images = load_split_images(data, "test", predictor.image_size, fingerprint(data.source), tmp_path / "cache")
     predictor.submission(data.test_ids, images).to_csv(local_out, index=False)
 
     # Register in S3, promote, predict the champion from s3://.
