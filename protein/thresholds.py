@@ -79,7 +79,11 @@ def tune_for_metric(
     grid = fine_grid() if grid is None else np.asarray(grid, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0:
         raise ValueError(f"expected grid to be a non-empty 1-D array, got shape {grid.shape}")
-    thresholds = (tune_thresholds(probs, targets, grid) if start is None else np.asarray(start)).astype(np.float64)
+    # Tune with the float32 values that are shipped, so a probability equal to a grid value is
+    # judged during tuning as it will be in use.
+    grid = grid.astype(np.float32).astype(np.float64)
+    start = tune_thresholds(probs, targets, grid) if start is None else np.asarray(start)
+    thresholds = start.astype(np.float32).astype(np.float64)
     best = _score(probs, targets, thresholds, metric)
     for _ in range(max_rounds):
         improved = False
@@ -134,9 +138,10 @@ class CrossFit:
 
 
 def cross_fit(probs: np.ndarray, targets: np.ndarray, metric: str = "f1_samples", seed: int = 0,
-              grid: np.ndarray | None = None) -> CrossFit:
+              grid: np.ndarray | None = None, halves: tuple[np.ndarray, np.ndarray] | None = None) -> CrossFit:
     """Tune on every row for the shipped thresholds; report the metric cross-fitted over two
-    halves (split by iterative stratification) so the reported score is not the tuned one."""
+    halves (by default split by seeded iterative stratification) so the reported score is not
+    the tuned one."""
     from protein.split import iterative_stratified_split
 
     probs, targets = _check(probs, targets, metric)
@@ -147,7 +152,7 @@ def cross_fit(probs: np.ndarray, targets: np.ndarray, metric: str = "f1_samples"
         held_out = evaluate_with_row_thresholds(probs, targets, np.tile(thresholds, (probs.shape[0], 1)))
         held_out["cross_fitted"] = False
         return CrossFit(thresholds, held_out, in_sample, at_half, metric)
-    first, second = iterative_stratified_split(targets, 0.5, seed)
+    first, second = halves if halves is not None else iterative_stratified_split(targets, 0.5, seed)
     rows = np.empty_like(probs)
     for fit_rows, score_rows in ((first, second), (second, first)):
         rows[score_rows] = tune_for_metric(probs[fit_rows], targets[fit_rows], metric, grid)
