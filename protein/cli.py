@@ -84,8 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
 
     def on_epoch(record: dict[str, Any]) -> None:
-        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %.4f (%.1f img/s)", record["epoch"],
-                 record["epochs"], record["train_loss"], record["holdout_f1_samples"], record["train_images_per_s"])
+        holdout = record.get("holdout_f1_samples")  # absent for a refit on every row
+        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %s (%.1f img/s)", record["epoch"],
+                 record["epochs"], record["train_loss"], "-" if holdout is None else f"{holdout:.4f}",
+                 record["train_images_per_s"])
 
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
