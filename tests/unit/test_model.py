@@ -154,3 +154,12 @@ def test_a_pickled_weights_file_is_not_unpickled(tmp_path):
     torch.save({"fc.weight": torch.zeros(1), "hook": print}, path)  # a callable needs full unpickling
     with pytest.raises(DataError, match="not a plain tensor state dict"):
         build_model("resnet18", 10, str(path))
+
+
+def test_protein_archs_lists_the_registry(capsys):
+    import json
+
+    from protein.cli import main
+
+    assert main(["archs"]) == 0
+    assert tuple(json.loads(capsys.readouterr().out)) == architectures()
