@@ -11,6 +11,10 @@ from tasks.training import train_model
 
 
 @flow(name="train", flow_run_name="train-{run_id}")
-def train(data: str, run_id: str, store: str | None = None, train: TrainParams = TrainParams()) -> dict[str, Any]:
-    """Train and register a challenger under run_id (a rerun with the same run_id resumes)."""
-    return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache)
+def train(data: str, run_id: str, store: str | None = None, train: TrainParams = TrainParams(),
+          expected_fingerprint: str | None = None) -> dict[str, Any]:
+    """Train and register a challenger under run_id (a rerun with the same run_id resumes).
+    `data` is a folder, zip or s3:// URI as the worker sees it; `expected_fingerprint` (retrain passes
+    the validated one) makes the run fail instead of training on data that changed since."""
+    return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache,
+                       expected_fingerprint)

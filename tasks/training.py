@@ -6,17 +6,25 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.states import State
 
 from protein.config import TrainConfig
+from protein.errors import FingerprintMismatch
 from protein.pipeline import train_and_register
 from protein.train import select_device
 
 GPU_LIMIT = "gpu"
 
 
+def retry_unless_data_changed(task: object, task_run: object, state: State) -> bool:
+    """Data that is not the validated data stays so on a retry: fail the run at once."""
+    return not isinstance(state.result(raise_on_failure=False), FingerprintMismatch)
+
+
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE)
-def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False) -> dict[str, Any]:
+      cache_policy=NO_CACHE, retry_condition_fn=retry_unless_data_changed)
+def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
+                expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()
@@ -39,7 +47,8 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
     # One slot per GPU: two retrains never share a card. Without a 'gpu' limit on the server
     # this does not block (strict=False), which is what local development wants.
     with concurrency(GPU_LIMIT, occupy=1, timeout_seconds=24 * 3600):
-        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
+        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
+                                    expected_fingerprint=expected_fingerprint)
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
     return result
