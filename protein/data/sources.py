@@ -66,7 +66,7 @@ class DatasetSource:
         if isinstance(text, str) and text.startswith("s3://"):
             from protein.data.s3 import open_s3_source
 
-            return open_s3_source(text, data_cache_dir(cache_dir))
+            return open_s3_source(text, cache_dir)
         if isinstance(text, str) and "://" in text:
             raise DataError(f"{text}: unsupported dataset URI (use a local folder, a .zip, or s3://bucket/prefix/)")
         p = Path(text)
