@@ -92,3 +92,23 @@ def test_training_refuses_data_that_is_not_the_validated_data(kaggle, tmp_path, 
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"protein train: error: {kaggle}/Human protein atlas: "
                                                    "data fingerprint ")
+
+
+def test_train_flow_fails_at_once_on_an_unexpected_fingerprint(prefect_harness, kaggle, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.params import TrainParams
+    from flows.train import train
+
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "cache"))
+    state = train(data=str(kaggle), run_id="r-expect", store=str(tmp_path / "store"),
+                  train=TrainParams(epochs=1, image_size=32, batch_size=8), expected_fingerprint="0" * 16,
+                  return_state=True)
+    assert state.is_failed()
+    assert "differs from the expected 0000000000000000" in str(state.result(raise_on_failure=False))
+    with get_client(sync_client=True) as client:
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    assert [(r.name.split("-")[0], r.run_count) for r in runs] == [("train", 1)]  # not retried: the data stays changed
+    assert not (tmp_path / "store" / "models").exists()
