@@ -83,7 +83,7 @@ _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 @dataclass(frozen=True)
-class ObjectInfo:
+class ListedObject:
     """One S3 object as a listing shows it: its full key in the bucket, size and ETag (quotes kept)."""
 
     key: str
@@ -849,13 +849,13 @@ class S3Store:
     # Keys such as "jovian/Human protein atlas/train.csv" fall outside `validate_key`'s alphabet; these
     # methods take the full key in the bucket as listed, ignore the store's prefix, and only read.
 
-    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+    def list_objects(self, prefix: str) -> list[ListedObject]:
         """Every object whose full key starts with ``prefix``, with its size and ETag, sorted by key."""
         client = self._client()
-        found: list[ObjectInfo] = []
+        found: list[ListedObject] = []
         with self._translating(prefix or None):
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                found += [ObjectInfo(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
+                found += [ListedObject(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
         return sorted(found, key=lambda o: o.key)
 
     def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:

@@ -34,7 +34,7 @@ from protein.data.digests import FileDigest, data_cache_dir, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
-from protein.storage import ObjectInfo, S3Store
+from protein.storage import ListedObject, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
         tmp.unlink(missing_ok=True)
 
 
-def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "") -> Path:
+def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str = "") -> Path:
     """Download one (large) object once, resuming a partial download; returns the verified local copy."""
     identity = hashlib.sha256(f"s3\0{store.bucket}\0{info.key}\0{info.etag}\0{info.size}".encode()).hexdigest()[:32]
     final = folder / f"{identity}{suffix}"
@@ -201,7 +201,7 @@ def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "
 class S3Source(DatasetSource):
     """A dataset under an S3 prefix, read through the local download cache."""
 
-    def __init__(self, uri: str, bucket: str, prefix: str, objects: list[ObjectInfo], cache_root: Path) -> None:
+    def __init__(self, uri: str, bucket: str, prefix: str, objects: list[ListedObject], cache_root: Path) -> None:
         self.uri = uri
         self.description = uri.rstrip("/")
         self.bucket = bucket
@@ -220,7 +220,7 @@ class S3Source(DatasetSource):
             self.files, self.manifest = self._from_listing(listed), None
 
     # --- building the file table ---
-    def _from_listing(self, listed: dict[str, ObjectInfo]) -> dict[str, RemoteFile]:
+    def _from_listing(self, listed: dict[str, ListedObject]) -> dict[str, RemoteFile]:
         children: dict[str, set[str]] = {}
         for name in listed:
             parts = name.split("/")[:-1]
@@ -245,7 +245,7 @@ class S3Source(DatasetSource):
                     add(f"{folder}/{name[len(inside):]}", name)
         return files
 
-    def _from_manifest(self, listed: dict[str, ObjectInfo]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
+    def _from_manifest(self, listed: dict[str, ListedObject]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
         from protein.data.fingerprint import fingerprint_of
 
         info = listed[MANIFEST]
