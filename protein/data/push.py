@@ -29,7 +29,7 @@ from protein.data.s3 import MANIFEST, MANIFEST_FORMAT
 from protein.data.sources import DatasetSource
 from protein.data.tables import load_competition
 from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
-from protein.storage import Store
+from protein.storage import Store, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,12 @@ def push_dataset(
         log.info("%s is already in the store", uri)
         return PushResult(uri, fp, len(digests), total, 0, True)
     names = sorted(digests)
+    for name in names:  # keys are built from file names: check them all before writing anything
+        try:
+            validate_key(f"{base}/{name}")
+        except ValueError:
+            raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, digits, "
+                            "'.', '_', '=' or '-'); rename or remove it before pushing") from None
     entries: dict[str, dict[str, Any]] = {}
 
     def upload(name: str) -> bool:

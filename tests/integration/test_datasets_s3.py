@@ -4,7 +4,6 @@ bad URIs, and `protein datasets push/list`."""
 
 import json
 import logging
-import zipfile
 
 import boto3
 import pytest
@@ -202,6 +201,11 @@ def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket
 
 def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):
     flat = write_dataset(tmp_path / "flat", LABELS, TEST_IDS)
-    result = push_dataset(str(flat), open_store(str(tmp_path / "store")))
-    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint
-    assert zipfile.is_zipfile(zip_folder(flat, tmp_path / "f.zip"))
+    store = open_store(str(tmp_path / "store"))
+    result = push_dataset(str(zip_folder(flat, tmp_path / "f.zip")), store)
+    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint == fingerprint(DatasetSource.open(flat))
+
+    write_png(flat / "train" / "copy of 1.png")  # a name no object key can carry
+    with pytest.raises(DataError, match=r"train/copy of 1.png: this file name cannot be an object key"):
+        push_dataset(str(flat), store)
+    assert [row["fingerprint"] for row in list_datasets(store)[0]] == [result.fingerprint]
