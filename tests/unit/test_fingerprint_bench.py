@@ -12,4 +12,4 @@ def test_fingerprint_bench_quick_writes_every_method(tmp_path):
     methods = [row["method"] for row in result["rows"]]
     assert methods == ["stat-only (old, host-local)", "content, cold (no hash cache)", "content, hash cache warm",
                        "zip, first open"]
-    assert all(row["seconds"] > 0 and row["real_set_s"] > 0 for row in result["rows"])
+    assert result["n_files"] == 20 and result["real_images"] == 19_236 + 8_243
