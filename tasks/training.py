@@ -6,23 +6,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
 
 from protein.config import TrainConfig
-from protein.errors import FingerprintMismatch
 from protein.pipeline import train_and_register
 from protein.train import select_device
+from tasks.retry import retry_transient
 
 GPU_LIMIT = "gpu"
 
 
-def retry_unless_data_changed(task: object, task_run: object, state: State) -> bool:
-    """Data that is not the validated data stays so on a retry: fail the run at once."""
-    return not isinstance(state.result(raise_on_failure=False), FingerprintMismatch)
-
-
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE, retry_condition_fn=retry_unless_data_changed)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
                 expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
