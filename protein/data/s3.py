@@ -146,9 +146,8 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
         if writer.size != remote.size:
             raise _changed(store.bucket, remote.key,
                            f"changed size ({remote.size:,} bytes listed, {writer.size:,} read)")
-        if remote.md5 is not None and writer.md5.hexdigest() != remote.md5:
-            raise IntegrityError(f"{where}: MD5 {writer.md5.hexdigest()} does not match {remote.md5}; "
-                                 "nothing was cached")
+        # No MD5-vs-ETag check here: an encrypted object's (SSE-KMS, SSE-C) ETag looks like an MD5 but is
+        # not one. If-Match already pinned the version; a pushed dataset's files are checked by SHA-256.
         if remote.sha256 is not None and writer.sha256.hexdigest() != remote.sha256:
             raise IntegrityError(f"{where}: content does not match the SHA-256 in the dataset's {MANIFEST}; "
                                  "nothing was cached")
@@ -169,7 +168,7 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
     with _file_lock(folder / f"{identity}.lock"):
         if final.is_file() and final.stat().st_size == info.size:
             return final
-        for _attempt in range(2):
+        for attempt in range(2):
             have = part.stat().st_size if part.is_file() else 0
             if have > info.size:
                 part.unlink()
@@ -189,13 +188,20 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
                     part.unlink(missing_ok=True)
                     raise _changed(store.bucket, info.key, "was deleted") from None
             digest = md5_file(part)
-            if digest.size == info.size and (match is None or digest.md5 == match.group(1)):
+            verified = digest.size == info.size and (match is None or digest.md5 == match.group(1))
+            if not verified and attempt == 1 and digest.size == info.size and not have:
+                # A whole fresh download under If-Match that still differs from the ETag: the ETag is not an
+                # MD5 (an encrypted object). The version is pinned by If-Match and the size matches.
+                log.info("%s: ETag %s is not the MD5 of the bytes (encrypted object?); accepted by version and size",
+                         uri, info.etag)
+                verified = True
+            if verified:
                 os.replace(part, final)
                 return final
             log.warning("%s: the partial download does not match the object; downloading it again", uri)
             part.unlink(missing_ok=True)
-    raise IntegrityError(f"{uri}: downloaded twice and the bytes never matched its ETag {info.etag}; "
-                         "nothing was cached")
+    raise IntegrityError(f"{uri}: downloaded twice and the bytes never matched the object (ETag {info.etag}, "
+                         f"{info.size:,} bytes); nothing was cached")
 
 
 class S3Source(DatasetSource):
