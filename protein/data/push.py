@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from protein.data.digests import FileDigest, md5_bytes
@@ -70,7 +71,7 @@ def _put_once(store: Store, key: str, data: bytes) -> bool:
 
 
 def push_dataset(
-    data: str, store: Store, cache_dir: Any = None, progress: Callable[[int], None] | None = None
+    data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None
 ) -> PushResult:
     """Upload a dataset (folder, zip or s3:// URI) to datasets/<fingerprint>/ in `store`."""
     parsed = load_competition(data, require_test=False, cache_dir=cache_dir)  # refuse a non-dataset first

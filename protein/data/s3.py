@@ -215,7 +215,6 @@ class S3Source(DatasetSource):
         self.cache_root = cache_root
         self._store: S3Store | None = None
         self._pid = -1
-        self._ready: set[str] = set()
         listed = {o.key[len(prefix) :]: o for o in objects}
         if MANIFEST in listed:
             self.files, self.manifest = self._from_manifest(listed)
