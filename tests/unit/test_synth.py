@@ -13,7 +13,7 @@ from PIL import Image
 from protein.config import SynthConfig
 from protein.errors import DataError
 from protein.labels import NUM_CLASSES, parse_label_set
-from protein.synth import SynthSummary, _plan, generate_dataset, render_image, sample_label_sets
+from protein.synth import SynthSummary, generate_dataset, plan, render_image, sample_label_sets
 
 # From /work/shared/data/README.md: share of real train images with each class, in percent.
 REAL_CLASS_SHARE = np.array([10.9, 9.1, 13.2, 10.3, 47.1, 5.8, 29.7, 13.7, 5.4, 6.6])
@@ -135,8 +135,8 @@ def test_images_look_like_the_real_ones_on_average() -> None:
 
 
 def test_label_noise_changes_recorded_labels_only(tmp_path: Path) -> None:
-    clean = _plan(dataclasses.replace(SMALL, train=400, test=100))
-    noisy = _plan(dataclasses.replace(SMALL, train=400, test=100, label_noise=0.3))
+    clean = plan(dataclasses.replace(SMALL, train=400, test=100))
+    noisy = plan(dataclasses.replace(SMALL, train=400, test=100, label_noise=0.3))
     assert clean.recorded == clean.true_sets
     assert noisy.true_sets == clean.true_sets and noisy.ids == clean.ids
     changed = np.mean([a != b for a, b in zip(noisy.recorded, noisy.true_sets, strict=True)])
