@@ -61,19 +61,20 @@ class Cells:
 
 def place_cells(size: int, rng: np.random.Generator) -> Cells:
     scale = size / REFERENCE_SIZE
-    # Skewed towards crowded fields, which is what most real crops show.
-    n = 4 + int(27 * math.sqrt(rng.random()))
-    fill = rng.uniform(0.6, 1.0)
-    r0 = float(np.clip(math.sqrt(size * size * fill / (n * math.pi)), 40 * scale, 90 * scale))
+    # Crowded fields of touching cells, as most real crops show (20-35 cells in a 512 px crop);
+    # a sparse field is the exception.
+    n = 8 + int(30 * math.sqrt(rng.random()))
+    fill = rng.uniform(0.9, 1.1)
+    r0 = float(np.clip(math.sqrt(size * size * fill / (n * math.pi)), 30 * scale, 80 * scale))
 
     # Dart throwing with a minimum spacing: cells pack like a monolayer but leave some gaps,
     # and centres beyond the frame give cells cut by the border as in the real crops.
     margin = 0.1 * size
-    candidates = rng.uniform(-margin, size + margin, size=(n * 8, 2))
+    candidates = rng.uniform(-margin, size + margin, size=(n * 12, 2))
     cand_x, cand_y = candidates[:, 0], candidates[:, 1]
     blocked = np.zeros(len(candidates), dtype=bool)
     chosen: list[int] = []
-    spacing2 = (1.1 * r0) ** 2
+    spacing2 = (0.95 * r0) ** 2
     while len(chosen) < n:
         pick = int(np.argmin(blocked))
         if blocked[pick]:
@@ -82,7 +83,7 @@ def place_cells(size: int, rng: np.random.Generator) -> Cells:
         blocked |= (cand_x - cand_x[pick]) ** 2 + (cand_y - cand_y[pick]) ** 2 < spacing2
     centre = candidates[chosen]
     count = len(chosen)
-    own = r0 * rng.uniform(0.95, 1.5, size=count)
+    own = r0 * rng.uniform(1.05, 1.6, size=count)  # larger than the spacing: neighbours touch
 
     theta = np.linspace(0.0, 2 * np.pi, OUTLINE_POINTS, endpoint=False)
     elong = rng.uniform(0.0, 0.4, size=(count, 1))

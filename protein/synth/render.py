@@ -45,7 +45,7 @@ def _mitochondria(canvas: np.ndarray, cells: Cells, scale: float, rng: np.random
     keep = ~cells.inside_nucleus(x, y, 1.1)
     direction = theta + rng.normal(0.0, 0.6, size=theta.shape)
     length = rng.integers(1, 5, size=theta.shape)
-    value = rng.uniform(120, 255, size=theta.shape).astype(np.uint8)
+    value = rng.uniform(60, 255, size=theta.shape).astype(np.uint8)
     step = 1.4 * scale
     for k in range(5):
         live = keep & (length >= k)
@@ -57,16 +57,18 @@ def _mitochondria(canvas: np.ndarray, cells: Cells, scale: float, rng: np.random
         )
 
 
-def _speckles(canvas: np.ndarray, cells: Cells, scale: float, rng: np.random.Generator) -> None:
-    """Nuclear speckles: 10-25 irregular clusters of dots spread through each nucleus."""
+def _speckles(canvas: np.ndarray, cells: Cells, scale: float, rng: np.random.Generator, count: tuple[int, int],
+              level: tuple[float, float], spread: float) -> None:
+    """Irregular clusters of dots spread through each nucleus: speckles, and (fainter, fewer)
+    the granules of a nucleoplasmic stain, which is why the two are confused."""
     n = cells.cx.size
-    per_nucleus = int(rng.integers(10, 26))
+    per_nucleus = int(rng.integers(*count))
     rho = np.sqrt(rng.uniform(0.0, 1.0, size=(n, per_nucleus))) * 0.8
     ang = rng.uniform(0.0, 2 * np.pi, size=(n, per_nucleus))
     cx, cy = cells.in_nucleus(rho * np.cos(ang), rho * np.sin(ang))
-    value = rng.uniform(130, 255, size=(n, per_nucleus)).astype(np.uint8)
+    value = rng.uniform(*level, size=(n, per_nucleus)).astype(np.uint8)
     for _ in range(6):
-        jitter = rng.normal(0.0, 2.2 * scale, size=(2, n, per_nucleus))
+        jitter = rng.normal(0.0, spread * scale, size=(2, n, per_nucleus))
         _stamp(canvas, cx + jitter[0], cy + jitter[1], value)
 
 
@@ -126,9 +128,29 @@ def _render_field(label_set: frozenset[int], size: int, rng: np.random.Generator
     thin = min(1.0, scale) ** 0.5
     red_fil = _level(rng.uniform(150, 255, size=n) * thin)
     red_fil2 = _level(rng.uniform(90, 170, size=n) * thin)
-    faint = float(rng.uniform(4.0, 16.0))  # unspecific green in every compartment
-    cyto_level = _level(rng.uniform(0.35, 1.0, size=n) * 110 if CYTOSOL in labels else np.full(n, faint))
-    nuc_level = _level(rng.uniform(0.5, 1.0, size=n) * 220 if NUCLEOPLASM in labels else np.full(n, faint * 0.6))
+    faint = float(rng.uniform(4.0, 24.0))  # unspecific green in every compartment
+    # Expression varies from cell to cell, and in some fields most cells barely show the protein.
+    expression = rng.uniform(0.05, 1.0, size=n) ** rng.uniform(0.3, 1.5)
+    # The confusable classes share a compartment and overlap in level: a speckle or nuclear-body
+    # stain leaves a nucleoplasmic haze, a membrane stain leaks into the cytoplasm, so the class
+    # is in the texture (dots, rims), not in where the green is or how bright.
+    cytoplasm = np.maximum(faint, rng.uniform(0.3, 1.0, size=n) * 110 * expression)
+    if CYTOSOL in labels:
+        cyto_level = _level(cytoplasm)
+    elif PLASMA_MEMBRANE in labels:
+        cyto_level = _level(np.maximum(faint, cytoplasm * rng.uniform(0.2, 0.8)))
+    elif MITOCHONDRIA in labels:
+        cyto_level = _level(np.maximum(faint, cytoplasm * rng.uniform(0.0, 0.7)))
+    else:
+        cyto_level = _level(np.full(n, faint))
+    nucleoplasm = np.maximum(faint, rng.uniform(0.3, 1.0, size=n) * 200 * expression)
+    if NUCLEOPLASM in labels:
+        nuc_level = _level(nucleoplasm)
+    elif labels & {SPECKLES, NUCLEAR_BODIES}:
+        haze = rng.uniform(0.2, 0.8) if SPECKLES in labels else rng.uniform(0.1, 0.6)
+        nuc_level = _level(np.maximum(faint * 0.6, nucleoplasm * haze))
+    else:
+        nuc_level = _level(np.full(n, faint * 0.6))
 
     red = Image.new("L", (size, size))
     green = Image.new("L", (size, size), int(rng.uniform(0.0, 5.0)))  # weak background haze
@@ -148,7 +170,9 @@ def _render_field(label_set: frozenset[int], size: int, rng: np.random.Generator
         box = (x - r, y - 0.85 * r, x + r, y + 0.85 * r)
         draw_b.ellipse([v * shrink for v in box], fill=int(blue_level[owner] * nucleolus_blue))
         if NUCLEOLI in labels:
-            draw_g.ellipse(box, fill=int(rng.uniform(170, 255)))
+            draw_g.ellipse(box, fill=int(rng.uniform(110, 255)))
+        elif FIBRILLAR_CENTER in labels:
+            draw_g.ellipse(box, fill=int(rng.uniform(faint, 110)))  # a dim nucleolus around its bright dots
         elif NUCLEOPLASM in labels:
             draw_g.ellipse(box, fill=int(faint))  # nucleoplasm spares the nucleoli
 
@@ -161,12 +185,12 @@ def _render_field(label_set: frozenset[int], size: int, rng: np.random.Generator
         draw_r.polygon(nuclei[i], fill=red_body[i] // 4)
 
     if NUCLEAR_BODIES in labels:
-        count = rng.integers(2, 7, size=n)
-        rho = np.sqrt(rng.uniform(0.0, 1.0, size=(n, 6))) * 0.75
-        ang = rng.uniform(0.0, 2 * np.pi, size=(n, 6))
+        count = rng.integers(1, 9, size=n)
+        rho = np.sqrt(rng.uniform(0.0, 1.0, size=(n, 8))) * 0.75
+        ang = rng.uniform(0.0, 2 * np.pi, size=(n, 8))
         bx, by = cells.in_nucleus(rho * np.cos(ang), rho * np.sin(ang))
-        br = np.maximum(0.8, rng.uniform(2.0, 3.8, size=(n, 6)) * scale)
-        level = _level(rng.uniform(220, 255, size=n))
+        br = np.maximum(0.8, rng.uniform(1.5, 3.5, size=(n, 8)) * scale)
+        level = _level(rng.uniform(120, 255, size=n))
         for i in range(n):
             for k in range(count[i]):
                 x, y, r = bx[i, k], by[i, k], br[i, k]
@@ -196,22 +220,32 @@ def _render_field(label_set: frozenset[int], size: int, rng: np.random.Generator
                 py = y[i] + k * 2.5 * r[i] * math.sin(where[i] + 1.5)
                 draw_g.ellipse((px - r[i], py - r[i], px + r[i], py + r[i]), fill=255)
     if PLASMA_MEMBRANE in labels:
-        width = max(1, round(rng.uniform(1.5, 3.0) * scale))
-        level = _level(rng.uniform(150, 255, size=n))
+        # Sometimes barely brighter than its cytoplasmic leak: then it reads like a cytosol rim.
+        width = max(1, round(rng.uniform(1.5, 4.0) * scale))
+        level = _level(np.asarray(cyto_level) * rng.uniform(1.3, 3.5) + 20)
         for i in range(n):
             draw_g.line(outlines[i] + outlines[i][:2], fill=level[i], width=width, joint="curve")
+    elif CYTOSOL in labels and rng.random() < 0.5:
+        # Cortical enrichment: many cytosolic stains are brighter at the cell edge.
+        width = max(1, round(rng.uniform(1.5, 4.0) * scale))
+        rim = _level(np.asarray(cyto_level) * rng.uniform(1.2, 1.8))
+        for i in range(n):
+            draw_g.line(outlines[i] + outlines[i][:2], fill=rim[i], width=width, joint="curve")
 
-    if labels & {MITOCHONDRIA, SPECKLES, FIBRILLAR_CENTER}:
+    granular = NUCLEOPLASM in labels and rng.random() < 0.5  # a granular nucleoplasm looks speckled
+    if labels & {MITOCHONDRIA, SPECKLES, FIBRILLAR_CENTER} or granular:
         canvas = np.array(green)
         if MITOCHONDRIA in labels:
             _mitochondria(canvas, cells, scale, rng)
         if SPECKLES in labels:
-            _speckles(canvas, cells, scale, rng)
+            _speckles(canvas, cells, scale, rng, (6, 26), (90, 255), 2.2)
+        elif granular:
+            _speckles(canvas, cells, scale, rng, (4, 14), (int(max(nuc_level)), 230), 1.6)
         if FIBRILLAR_CENTER in labels and nucleoli:
-            # Tiny dots clustered inside each nucleolus.
+            # Small dots clustered inside each nucleolus; a few per nucleolus, like nucleolar blobs.
             fx, fy, fr = (np.array(v) for v in zip(*nucleoli, strict=True))
             jitter = rng.uniform(-0.6, 0.6, size=(2, fx.size, 5)) * fr[None, :, None]
-            _stamp(canvas, fx[:, None] + jitter[0], fy[:, None] + jitter[1], 255)
+            _stamp(canvas, fx[:, None] + jitter[0], fy[:, None] + jitter[1], int(rng.uniform(170, 256)))
         green = Image.fromarray(canvas)
 
     # Texture, applied before the blur so it turns into soft granules: white noise per pixel
