@@ -7,7 +7,7 @@ model version and prediction, and rebuilt from them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 DEFAULT_IMAGE_SIZE = 128
@@ -97,4 +97,3 @@ class SynthConfig:
     seed: int = 0
     label_noise: float = 0.0
     workers: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -154,6 +154,14 @@ def test_label_noise_changes_recorded_labels_only(tmp_path: Path) -> None:
     assert snapshot(a.out / "train") == snapshot(b.out / "train")
 
 
+def test_multi_label_rows_are_often_out_of_order_as_in_the_real_train_csv() -> None:
+    rows = plan(dataclasses.replace(SMALL, train=2000, test=0))
+    multi = [cell for cell in rows.train_cells if " " in cell]
+    unsorted = [cell for cell in multi if cell.split() != sorted(cell.split(), key=int)]
+    assert 0.45 < len(unsorted) / len(multi) < 0.63  # real: 54 %
+    assert [parse_label_set(c) for c in rows.train_cells] == rows.recorded
+
+
 def test_refuses_to_overwrite_a_non_empty_folder(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()
