@@ -123,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--synth-size", type=int, default=256, help="resolution the synthetic PNGs are written at")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: OpenMP spinning on a loaded machine costs more than it gives)")
     parser.add_argument("--quick", action="store_true", help="write learning_curve.quick.json (never the full result)")
     parser.add_argument("--out", type=Path, help="write the JSON here instead of bench/results/")
     args = parser.parse_args(argv)
     if min(args.sizes) < 10:
         parser.error("every size must be at least 10 images")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
     result = run(sorted(args.sizes), args.recipes, args.test, args.image_size, args.epochs, args.synth_size,
                  args.seed)
     table = format_table(result["results"], ["train_images", "recipe", *METRICS, "train_s"])
