@@ -16,7 +16,7 @@ from prefect.states import Failed
 from flows.cli import run_with_prefect
 from flows.params import GateParams, TrainParams, ValidationParams, default_store, report_state
 from protein.data import DatasetSource, fingerprint
-from tasks.evaluation import evaluate_model, gate
+from tasks.evaluation import evaluate_models, gate
 from tasks.prediction import predict_submission
 from tasks.registry import current_champion, find_run_model, promote_model
 from tasks.training import train_model
@@ -68,10 +68,10 @@ def retrain(
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
 
-    challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
-    champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)
-                     if champion else None)
-    decision = gate(store, challenger, champion, challenger_eval, champion_eval, gate_config.to_config())
+    # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
+    evaluation = evaluate_models(data, store, challenger, champion)
+    decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
+                    gate_config.to_config())
     if decision["promote"]:
         champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]))["champion"]
     logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",
