@@ -64,19 +64,34 @@ DOWNLOAD_RACE_RETRIES = 2
 
 _KEY_PART = re.compile(r"[A-Za-z0-9._=-]+")
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,62}")
-_ACCESS_DENIED_CODES = frozenset(
+_ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
+# The signature or the key itself was refused: a credentials problem, not a missing permission.
+_CREDENTIAL_CODES = frozenset(
     {
-        "AccessDenied",
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
         "InvalidToken",
         "ExpiredToken",
         "TokenRefreshRequired",
-        "AllAccessDisabled",
         "InvalidClientTokenId",
-        "403",
     }
 )
+# The IAM action each S3 API operation needs, so a refusal names the permission the role lacks
+# (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazons3.html).
+IAM_ACTIONS = {
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "ListObjectsV2": "s3:ListBucket",
+    "HeadBucket": "s3:ListBucket",
+    "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+}
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -606,8 +621,13 @@ class S3Store:
                 return self._no_bucket()
             if code in _NOT_FOUND_CODES:
                 return NotFound(f"{uri}: not found")
+            action = IAM_ACTIONS.get(getattr(exc, "operation_name", ""), "an S3 action")
+            if code in _CREDENTIAL_CODES:
+                return StoreError(f"{uri}: S3 rejected the credentials ({code}) on {action}; "
+                                  "check the access key, secret and session token in the standard chain")
             if code in _ACCESS_DENIED_CODES or status == 403:
-                return StoreError(f"{uri}: access denied (check credentials)")
+                return StoreError(f"{uri}: access denied: {action} was refused; the caller's credentials lack "
+                                  "this permission (check the IAM policy of the role or user)")
             if code in _PRECONDITION_CODES or status == 412:
                 return PreconditionFailed(f"{uri}: precondition failed (changed concurrently)")
             return StoreError(f"{uri}: S3 request failed ({code or status})")
@@ -631,8 +651,10 @@ class S3Store:
     def _require_bucket(self) -> None:
         from botocore.exceptions import ClientError
 
+        # A one-key listing of the store's own prefix, not HeadBucket: HeadBucket is authorised by an
+        # unconditioned s3:ListBucket, which the role policies only grant for the store's prefixes.
         try:
-            self._client().head_bucket(Bucket=self.bucket)
+            self._client().list_objects_v2(Bucket=self.bucket, Prefix=self._root_prefix(), MaxKeys=1)
         except ClientError as exc:
             code, status = _error_code(exc)
             if code in _NOT_FOUND_CODES | {"NoSuchBucket"} or status == 404:
@@ -800,19 +822,11 @@ class S3Store:
             raise ValueError("delete_prefix needs a non-empty prefix (refusing to empty the whole store)")
         keys = self.list(prefix)
         client = self._client()
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = keys[start : start + 1000]
-            with self._translating(prefix):
-                response = client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": self._object_key(k)} for k in batch], "Quiet": True},
-                )
-            if errors := response.get("Errors"):
-                first = errors[0]
-                raise StoreError(
-                    f"{self._uri(prefix)}: could not delete {len(errors)} objects "
-                    f"(first: {first.get('Key')}: {first.get('Code')})"
-                )
+        # One DeleteObject per key, not DeleteObjects: each request is authorised against the key's own
+        # ARN (what the operator policy grants), and gc removes a handful of objects at a time.
+        for key in keys:
+            with self._translating(key):
+                client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
         return len(keys)
 
     def etag(self, key: str) -> str | None:

@@ -405,7 +405,7 @@ def test_wrong_credentials(
     caplog.set_level(logging.DEBUG, logger="protein")
     store = open_store("s3://some-bucket/p")
     for call in (store.check, lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), store.list):
-        with pytest.raises(StoreError, match="access denied \\(check credentials\\)") as info:
+        with pytest.raises(StoreError, match="S3 rejected the credentials \\(InvalidAccessKeyId\\)") as info:
             call()
         assert_clean(info.value, caplog)
 
