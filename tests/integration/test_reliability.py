@@ -1038,18 +1038,32 @@ def run_measured(command: list[str], timeout: float = 180) -> tuple[int, str, fl
 
 FAKE_KEY_ID = "AKIAFAKEPROTEIN0001"
 FAKE_SECRET = "SECRETfakeProtein0123456789"
+FAKE_TOKEN = "TOKENfakeProteinSession0123456789"
+# The Prefect API's basic-auth string and the alert webhook's URL (docs/security.md): secrets every
+# worker holds in its environment.
+FAKE_AUTH = "admin:AUTHfakeProteinPrefect0123456789"
+FAKE_WEBHOOK = "https://hooks.example.invalid/services/WEBHOOKfakeProtein0123456789"
+SECRETS = {"secret": FAKE_SECRET, "auth string": FAKE_AUTH.split(":", 1)[1], "webhook": "WEBHOOKfakeProtein0123456789"}
 # A presigned GET URL names the access key id in its credential scope (SigV4 query authentication:
 # X-Amz-Credential=<key id>/<date>/<region>/s3/aws4_request); never the secret. Those, and only
 # those, are tolerated below; docs/reliability.md says where they end up.
 PRESIGNED_SCOPE = re.compile(rf"X-Amz-Credential={FAKE_KEY_ID}(%2F|/)\d{{8}}(%2F|/)")
+# A URL presigned with temporary credentials carries the session token in its query; like the key id,
+# it is tolerated there only (until no presigned URL is persisted at all).
+PRESIGNED_TOKEN = re.compile(rf"X-Amz-Security-Token={FAKE_TOKEN}")
 
 
 def leaks(where: str, text: str | bytes, found: dict[str, list[str]]) -> None:
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-    if FAKE_SECRET in text:
-        found["secret"].append(where)
+    for kind, value in SECRETS.items():
+        if value in text:
+            found["secret"].append(f"{kind} in {where}")
+    text, signed_tokens = PRESIGNED_TOKEN.subn("", text)
+    if FAKE_TOKEN in text:
+        found["secret"].append(f"session token in {where}")
     scrubbed, presigned = PRESIGNED_SCOPE.subn("", text)
+    presigned += signed_tokens
     if presigned:
         found["presigned"].append(where)
     if FAKE_KEY_ID in scrubbed:
@@ -1120,9 +1134,21 @@ def log_records() -> Iterator[list[logging.LogRecord]]:
         ours.setLevel(level)
 
 
+@pytest.fixture
+def prefect_auth_string(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Clients hold the Prefect API's auth string: subprocesses in the environment, this process in settings
+    (the session's harness server has no auth, so it ignores the header)."""
+    import prefect.settings
+
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", FAKE_AUTH)
+    with prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_AUTH_STRING: FAKE_AUTH}):
+        yield FAKE_AUTH
+
+
 @pytest.mark.slow
 def test_credentials_appear_in_no_log_artifact_report_message_or_file(
-    prefect_harness, s3_server, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch, log_records
+    prefect_harness, s3_server, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch, log_records,
+    prefect_auth_string,
 ):
     import tempfile
 
@@ -1132,6 +1158,9 @@ def test_credentials_appear_in_no_log_artifact_report_message_or_file(
     import flows.retrain as retrain_module
 
     set_s3_env(monkeypatch, s3_server.endpoint, FAKE_KEY_ID, FAKE_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", FAKE_TOKEN)  # temporary credentials, as a role would have
+    monkeypatch.setenv("PROTEIN_ALERT_WEBHOOK_URL", FAKE_WEBHOOK)
+    assert prefect.settings.PREFECT_API_AUTH_STRING.value() == prefect_auth_string
     work_tmp = tmp_path / "tmp"
     work_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(work_tmp))  # validation reports, model downloads
