@@ -778,7 +778,7 @@ def test_crash_between_checksum_and_object_rename_is_refused_not_misread(tmp_pat
     """LocalStore renames the checksum sidecar, then the object. A crash between the two leaves the
     old object whole on disk and a checksum for the new one: reads refuse it (IntegrityError) rather
     than serve bytes nobody verified, and the next write of the key heals it."""
-    from protein import storage
+    from protein.storage import local as local_store
 
     store = open_store(str(tmp_path / "store"))
     store.put_bytes("registry/champion.json", b"old")
@@ -789,10 +789,10 @@ def test_crash_between_checksum_and_object_rename_is_refused_not_misread(tmp_pat
             raise KeyboardInterrupt("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(storage.os, "replace", crash_on_object_rename)
+    monkeypatch.setattr(local_store.os, "replace", crash_on_object_rename)
     with pytest.raises(KeyboardInterrupt):
         store.put_bytes("registry/champion.json", b"new")
-    monkeypatch.setattr(storage.os, "replace", real_replace)
+    monkeypatch.setattr(local_store.os, "replace", real_replace)
     assert (store.root / "registry/champion.json").read_bytes() == b"old"
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         store.get_bytes("registry/champion.json")

@@ -84,8 +84,8 @@ def test_missing_object(store: Store, tmp_path: Path) -> None:
 
 def test_file_round_trip_multipart(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 5 MiB is S3's smallest allowed part; 9 MiB then means two parts.
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * MiB)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * MiB)
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 5 * MiB)
+    monkeypatch.setattr(storage.s3, "MULTIPART_CHUNKSIZE", 5 * MiB)
     source = tmp_path / "model.safetensors"
     payload = os.urandom(9 * MiB + 123)
     source.write_bytes(payload)
@@ -404,9 +404,24 @@ def test_wrong_credentials(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     caplog.set_level(logging.DEBUG, logger="protein")
     store = open_store("s3://some-bucket/p")
-    for call in (store.check, lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), store.list):
-        with pytest.raises(StoreError, match="access denied \\(check credentials\\)") as info:
+    # A refused HEAD has no body, so S3 cannot say why; the other calls name the rejected key id.
+    expected = {
+        "check": "s3://some-bucket/p: access denied: s3:ListBucket was refused; the caller's credentials lack "
+                 "this permission (check the IAM policy of the role or user)",
+        "get": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:GetObject; check the "
+               "access key, secret and session token in the standard chain",
+        "put": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:PutObject; check the "
+               "access key, secret and session token in the standard chain",
+        "list": "s3://some-bucket/p: S3 rejected the credentials (InvalidAccessKeyId) on s3:ListBucket; check the "
+                "access key, secret and session token in the standard chain",
+    }
+    calls = {"check": store.check, "get": lambda: store.get_bytes("k"), "put": lambda: store.put_bytes("k", b"x"),
+             "list": store.list}
+    for name, call in calls.items():
+        with pytest.raises(StoreError) as info:
             call()
+        assert str(info.value) == expected[name]
+        assert info.value.exit_code == 3
         assert_clean(info.value, caplog)
 
 
