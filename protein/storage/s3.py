@@ -146,7 +146,13 @@ class S3Store:
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             error = self._error(exc, key, operation)
             if isinstance(error, NotFound) and not self._bucket_seen:
-                self._require_bucket()  # a bare 404 may mean the bucket, not the key
+                # A bare 404 may mean the bucket, not the key. If the bucket cannot be checked (a role
+                # without s3:ListBucket), the key's own answer stands.
+                try:
+                    self._require_bucket()
+                except StoreError as bucket_error:
+                    if str(bucket_error).endswith("does not exist"):
+                        raise
             raise error from exc
 
     def _require_bucket(self) -> None:
@@ -244,7 +250,10 @@ class S3Store:
         if create_only:
             args["IfNoneMatch"] = "*"
         client = self._client()
-        with open(path, "rb") as body, self._translating(key, "PutObject"):
+        # Bytes, not a file handle: a retry resends exactly the bytes that were hashed, with no seek on a
+        # file that may have changed. Below the multipart threshold, so bounded in memory.
+        body = path.read_bytes()
+        with self._translating(key, "PutObject"):
             client.put_object(Body=body, **args)
 
     def _put_multipart(
@@ -456,7 +465,14 @@ class S3Store:
         # A fresh key per check: two hosts checking at once never see each other's probe.
         probe = f"{PROBE_PREFIX}/conditional-write-{secrets.token_hex(8)}"
         missing = None
-        self.put_bytes(probe, b"probe", if_none_match=True)
+        try:
+            self.put_bytes(probe, b"probe", if_none_match=True)
+        except StoreError as exc:
+            if " access denied: " not in str(exc):
+                raise
+            # A read-only caller (a predict role) never writes conditionally: nothing to verify.
+            logger.info("conditional writes not checked: this caller may not write %s (%s)", PROBE_PREFIX, exc)
+            return
         try:
             try:
                 self.put_bytes(probe, b"probe again", if_none_match=True)
