@@ -269,8 +269,12 @@ class S3Store:
     ) -> str:
         # Our own multipart upload, not boto3's upload_file: its transfer manager cannot send
         # If-None-Match / If-Match on CompleteMultipartUpload, which is what makes it conditional.
+        # Checked up front too: some endpoints (moto among them) ignore the conditions on
+        # CompleteMultipartUpload, and failing before the upload saves sending the parts.
         if create_only and self._head(key) is not None:
             raise PreconditionFailed(f"{self._uri(key)}: already exists")
+        if if_match is not None and self.etag(key) != if_match:
+            raise PreconditionFailed(f"{self._uri(key)}: changed since its etag was read")
         chunk = max(MULTIPART_CHUNKSIZE, -(-size // MAX_PARTS))
         client = self._client()
         extra = {"ContentType": content_type} if content_type else {}
