@@ -75,14 +75,16 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
 
 def test_policy_documents_give_each_role_only_its_part() -> None:
     root = "arn:aws:s3:::ml-models/protein/"
-    # Only the operator deletes, and never the champion pointer, submissions, datasets or records.
-    for role in ("trainer", "orchestrator", "publisher"):
+    # Only the operator deletes data, and never the champion pointer, submissions, datasets or records; the
+    # trainer may remove only its own conditional-write probe (a scratch object under probes/).
+    for role in ("orchestrator", "publisher"):
         assert grants(role, "s3:DeleteObject") == [], role
-    assert sorted(grants("operator", "s3:DeleteObject")) == [root + p for p in ("cache/*", "models/*", "runs/*")]
-    # The trainer writes runs, caches and new versions; never the registry or submissions.
-    trainer_writes = grants("trainer", "s3:PutObject")
-    assert sorted(trainer_writes) == sorted([root + "runs/*", root + "cache/*", root + "models/*/model.safetensors",
-                                             root + "models/*/model.json"])
+    assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
+    assert sorted(grants("operator", "s3:DeleteObject")) == [
+        root + p for p in ("cache/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
+    # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
+    trainer_writes = set(grants("trainer", "s3:PutObject"))
+    assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
     # The orchestrator writes reports, gates, submissions and the pointer; never models or datasets.
     assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
         [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
@@ -98,8 +100,11 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
                 if "s3:PutObject" in as_list(s["Action"]) and any(r.endswith(resource_suffix)
                                                                   for r in as_list(s["Resource"]))]
 
-    # A version record is created only if absent; the pointer changes only by compare-and-swap.
-    assert conditions("trainer", "/model.json") == [{"Null": {"s3:if-none-match": "false"}}]
+    # Versions and run index entries are created only if absent (multipart parts exempt, they cannot carry
+    # the header); the pointer changes only by compare-and-swap.
+    assert conditions("trainer", "/models/*") == [{"Null": {"s3:if-none-match": "false"}},
+                                                  {"Bool": {"s3:ObjectCreationOperation": "false"}}]
+    assert conditions("trainer", "/registry/runs/*") == [{"Null": {"s3:if-none-match": "false"}}]
     assert conditions("orchestrator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}},
                                                                     {"Null": {"s3:if-none-match": "false"}}]
     assert conditions("operator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}}]
@@ -107,7 +112,7 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
     listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
     assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
     bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
-    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionRecordsAreCreateOnly"}
+    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsAndRunIndexAreCreateOnly"}
 
 
 def test_renderer_parameters() -> None:
@@ -308,21 +313,21 @@ def test_each_role_does_its_part_and_nothing_else(
     # An interrupted registration (weights without model.json), left by the trainer itself.
     use_role(monkeypatch, iam_store, "trainer")
     trainer_store = open_store(uri)
-    trainer_store.put_bytes("models/20000101-000000-orphan/model.safetensors", b"partial")
+    trainer_store.put_bytes("models/20000101-000000-orphan/model.safetensors", b"partial", if_none_match=True)
 
     # ... but may not promote, delete or publish a submission; each refusal changes nothing.
     before = iam_store.snapshot()
     assert_refused(cli("trainer", "models", "promote", version, "--store", uri),
                    "s3:PutObject", "registry/champion.json")
-    assert_refused(cli("trainer", "models", "gc", "--store", uri),
+    assert_refused(cli("trainer", "models", "gc", "--older-than-hours", "0", "--store", uri),
                    "s3:DeleteObject", "models/20000101-000000-orphan/model.safetensors")
     predicted = cli("trainer", "predict", "--data", str(dataset), *common, "--model", version)
     assert_refused(predicted, "s3:PutObject", f"submissions/{version}/")
     assert iam_store.snapshot() == before
 
-    # Publisher may not promote (it cannot even read the version it names).
+    # Publisher may not promote (it cannot even read the champion pointer).
     assert_refused(cli("publisher", "models", "promote", version, "--store", uri),
-                   "s3:GetObject", f"models/{version}/model.json")
+                   "s3:GetObject", "registry/champion.json")
     assert iam_store.snapshot() == before
 
     # Orchestrator: what the retrain flow's tasks call on the CPU host: validate, evaluate, gate, promote,
@@ -344,7 +349,7 @@ def test_each_role_does_its_part_and_nothing_else(
         assert any(k.startswith(prefix) for k in keys), prefix
     # ... and the orchestrator deletes nothing either.
     before = iam_store.snapshot()
-    assert_refused(cli("orchestrator", "models", "gc", "--store", uri),
+    assert_refused(cli("orchestrator", "models", "gc", "--older-than-hours", "0", "--store", uri),
                    "s3:DeleteObject", "models/20000101-000000-orphan/model.safetensors")
 
     # A second version (the trainer registers; the orchestrator promotes it by compare-and-swap).
@@ -352,7 +357,8 @@ def test_each_role_does_its_part_and_nothing_else(
     weights = tmp_path / "weights.safetensors"
     trainer_store.get_file(f"models/{version}/model.safetensors", weights)
     spec = {k: v for k, v in Registry(trainer_store).spec(version).items()
-            if k not in ("format", "id", "created", "weights_sha256", "code_version")}
+            if k not in ("format", "id", "created", "weights_sha256", "weights_size", "code_version", "event",
+                         "run_id")}
     second = Registry(open_store(uri)).register(weights, spec, version=f"{version}-b")
     use_role(monkeypatch, iam_store, "orchestrator")
     Registry(open_store(uri)).promote(second, expected_champion=version, reason="second")
@@ -360,13 +366,15 @@ def test_each_role_does_its_part_and_nothing_else(
                                                            f"models/{second}/model.safetensors"}
 
     # Operator: the only role that deletes (gc) and rolls back.
-    gc = cli("operator", "models", "gc", "--store", uri)
+    gc = cli("operator", "models", "gc", "--older-than-hours", "0", "--runs", "--store", uri)
     assert gc.returncode == 0, gc.stderr[-3000:]
-    assert json.loads(gc.stdout.strip().splitlines()[-1])["orphans"] == ["20000101-000000-orphan"]
+    removed = json.loads(gc.stdout.strip().splitlines()[-1])
+    assert removed["orphans"] == ["20000101-000000-orphan"] and len(removed["runs"]) == 1, removed
     rolled = cli("operator", "models", "rollback", "--store", uri)
     assert rolled.returncode == 0, rolled.stderr[-3000:]
     after = iam_store.snapshot()
     assert "models/20000101-000000-orphan/model.safetensors" not in after
+    assert not any(k.startswith("runs/") for k in after), "checkpoints of the registered run are gone"
     use_role(monkeypatch, iam_store, "orchestrator")
     assert Registry(open_store(uri)).champion().champion == version
     # The operator never rewrites submissions.
