@@ -89,9 +89,9 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
         [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
         + [root + "registry/champion.json"] * 2)
-    # The publisher touches datasets/ only.
-    for action in ("s3:GetObject", "s3:PutObject"):
-        assert grants("publisher", action) == [root + "datasets/*"]
+    # The publisher touches datasets/ only, and creates objects there only if absent.
+    assert grants("publisher", "s3:GetObject") == [root + "datasets/*"]
+    assert grants("publisher", "s3:PutObject") == [root + "datasets/*"] * 2
 
 
 def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None:
@@ -112,7 +112,10 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
     listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
     assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
     bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
-    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsAndRunIndexAreCreateOnly"}
+    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsDatasetsAndRunIndexAreCreateOnly",
+                                                      "ChampionPointerOnlyByCompareAndSwap"}
+    assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
+                                                      {"Bool": {"s3:ObjectCreationOperation": "false"}}]
 
 
 def test_renderer_parameters() -> None:
@@ -292,12 +295,13 @@ def test_each_role_does_its_part_and_nothing_else(
     uri = iam_store.uri
     cache = tmp_path / "cache"
 
-    # Publisher: writes datasets/ (until `protein datasets push` lands, through the store API it uses).
+    # Publisher: creates objects under datasets/ (as `protein datasets push` does, through the store API: the
+    # data branch's command is not merged here yet).
     use_role(monkeypatch, iam_store, "publisher")
     publisher_store = open_store(uri)
     publisher_store.check()
     for path in sorted(p for p in dataset.rglob("*") if p.is_file()):
-        publisher_store.put_file(f"datasets/d0123456789abcdef/{path.relative_to(dataset)}", path)
+        publisher_store.put_file(f"datasets/d0123456789abcdef/{path.relative_to(dataset)}", path, if_none_match=True)
     assert "datasets/d0123456789abcdef/train.csv" in publisher_store.list("datasets/")
 
     # Trainer: trains and registers (checkpoints under runs/, decoded-image cache under cache/).
