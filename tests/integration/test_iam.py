@@ -31,7 +31,7 @@ import pytest
 
 from deployments.iam import BUCKET_POLICY, ROLES, parse_store, render_policy, template
 from tests.conftest import MotoServer
-from tests.helpers import write_dataset
+from tests.helpers import REPO, write_dataset
 
 IMAGE = 32
 PREFIX = "prod"
@@ -130,7 +130,7 @@ def test_renderer_parameters() -> None:
     with pytest.raises(ValueError, match="unknown role"):
         render_policy("admin", "ml-models", "p")
     result = subprocess.run([sys.executable, "-m", "deployments.iam", "render", "--role", "publisher", "--store",
-                             "s3://ml-models/protein"], capture_output=True, text=True, timeout=60)
+                             "s3://ml-models/protein"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == render_policy("publisher", "ml-models", "protein")
 
