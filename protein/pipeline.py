@@ -277,11 +277,14 @@ def evaluate_version(
     model_id = registry.resolve(model_id)
     spec = registry.spec(model_id)
     holdout = spec.get("holdout") or {}
+    # Decided before `seed` is rebound below: only an explicit fraction or seed replaces the
+    # recorded rows (rebinding first made every call take the explicit path).
+    recorded = holdout_fraction is None and seed is None
     fraction = holdout_fraction if holdout_fraction is not None else (holdout.get("fraction") or 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    if holdout_fraction is None and seed is None:
+    if recorded:
         rows = gate_rows(data, data_fingerprint, spec, None)
     else:
         _, holdout_idx = holdout_split(data, fraction, seed)
