@@ -10,6 +10,7 @@ from protein.config import GateConfig
 from protein.gate import decide
 from protein.pipeline import evaluate_version, publish_training_plot, record_gate_decision
 from protein.report import gate_markdown, per_class_rows
+from tasks import events
 
 
 @task(name="evaluate-model", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
@@ -29,7 +30,11 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
                              description="promotion gate decision and reasons")
     create_table_artifact(per_class_rows(challenger_eval, champion_eval), key="per-class-comparison",
                           description=f"holdout per-class scores, {challenger_id} vs {champion_id or 'no champion'}")
-    plot_url = publish_training_plot(store, challenger_id, challenger_eval, champion_eval)
-    create_link_artifact(plot_url, link_text="training curves and per-class F1 (PNG)", key="training-plot")
-    decision["plot_url"] = plot_url
+    plot_uri = publish_training_plot(store, challenger_id, challenger_eval, champion_eval)
+    create_link_artifact(plot_uri, link_text="training curves and per-class F1 (PNG)", key="training-plot",
+                         description=f"open with `protein link {plot_uri}`")
+    decision["plot_uri"] = plot_uri
+    if not decision["promote"]:  # a promotion is reported by promote-model, once the pointer moved
+        events.gate_decided(challenger_id, champion_id, store, False, decision["challenger_score"],
+                            decision.get("champion_score"), decision["reasons"])
     return decision

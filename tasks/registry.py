@@ -8,8 +8,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from protein.errors import PromotionConflict
+from protein.links import object_uri
 from protein.registry import Registry
 from protein.storage import open_store
+from tasks import events
 
 
 @task(name="current-champion", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
@@ -29,9 +31,16 @@ def retry_unless_conflict(task: object, task_run: object, state: State) -> bool:
 
 @task(name="promote-model", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_conflict)
-def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str) -> dict[str, Any]:
+def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str,
+                  decision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Move the champion pointer (compare-and-swap); ``decision`` is the gate's, reported in the
+    protein.model.promoted event once the pointer has moved."""
     registry = Registry(open_store(store))
     state = registry.promote(model_id, expected_champion=expected_champion, reason=reason)
-    create_link_artifact(registry.store.url(f"models/{model_id}/model.json"), link_text=f"champion {model_id}",
-                         key="champion-model", description="the model version now serving")
+    decision = decision or {}
+    events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
+                        decision.get("champion_score"), decision.get("reasons", [reason]))
+    uri = object_uri(registry.store, f"models/{model_id}/model.json")
+    create_link_artifact(uri, link_text=f"champion {model_id}", key="champion-model",
+                         description=f"the model version now serving; open with `protein link {uri}`")
     return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history)}

@@ -1,0 +1,1 @@
+"""Deployment-as-code: prefect.yaml (deployments, schedules, triggers) and automations.yaml."""
