@@ -10,9 +10,11 @@ from protein.links import object_uri
 from protein.pipeline import predict_and_publish
 from protein.storage import open_store
 from tasks import events
+from tasks.retry import retry_transient
 
 
-@task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
+@task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
 def predict_submission(data: str, store: str, model_id: str = "champion") -> dict[str, Any]:
     result = predict_and_publish(data, store, model_id)
     # The durable URI, never a presigned URL: `protein link URI` makes an openable link on demand.
