@@ -21,7 +21,14 @@ from typing import Any
 
 from tests.conftest import MotoServer, free_port
 from tests.helpers import REPO, write_dataset
-from tests.integration.test_prefect_server import Service, prefect_cli, stop_all, wait_healthy
+from tests.integration.prefect_services import (
+    Service,
+    deploy_from_fresh_clone,
+    git_remote_of_worktree,
+    host_env,
+    stop_all,
+    wait_healthy,
+)
 
 RUN_TIMEOUT_S = 420.0
 # The zombie window the tests apply: above the 30 s heartbeat (the minimum Prefect allows) so
@@ -212,7 +219,6 @@ def start_stack(tmp: Path, s3: MotoServer) -> Stack:
         "PROTEIN_DATA": str(dataset),
         "PROTEIN_CACHE_DIR": str(tmp / "cache"),
         "PYTHONPATH": str(REPO),
-        "PWD": str(REPO),
     }
     stack = Stack(env=env, api_url=api_url, ui_url=f"http://127.0.0.1:{port}", store=store, dataset=dataset,
                   receiver=Receiver())
@@ -222,11 +228,14 @@ def start_stack(tmp: Path, s3: MotoServer) -> Stack:
                                     "--no-scheduler", "--analytics-off"], env, tmp)
         stack.services.append(server)
         wait_healthy(api_url, server)
-        for pool in ("cpu", "gpu"):
-            prefect_cli(env, "work-pool", "create", pool, "--type", "process")
-        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "test-cpu",
-                                                     "--no-create-pool-if-not-found"], env, tmp))
-        prefect_cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        # Deployed as operators do: the deploy wrapper from a clone; the worker clones that commit.
+        remote, _ = git_remote_of_worktree(tmp)
+        deployed = deploy_from_fresh_clone(env, remote, tmp)
+        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+        host = tmp / "cpu-host"
+        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                                     "--no-create-pool-if-not-found"], host_env(env, host), tmp,
+                                      cwd=host))
         from prefect.client.schemas.actions import DeploymentUpdate
 
         with stack.client() as client:
