@@ -87,14 +87,16 @@ def retrain(
     if train_deployment:
         try:
             dispatch_training(train_deployment, {"data": data, "store": store, "train": train.model_dump(),
-                                                 "run_id": run_id}, run_id, dispatch.to_config())
+                                                 "run_id": run_id, "expected_fingerprint": report["data_fingerprint"]},
+                              run_id, dispatch.to_config())
         except RuntimeError as exc:
             return Failed(message=str(exc))
         challenger = find_run_model(store, run_id)
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
-        challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
+        challenger = train_model(data, store, config, run_id, train.share_cache,
+                                 expected_fingerprint=report["data_fingerprint"])["model_id"]
     summary["challenger"] = challenger
 
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.

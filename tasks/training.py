@@ -11,6 +11,7 @@ from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
 from protein.pipeline import train_and_register
 from tasks import events
+from tasks.retry import retry_transient
 
 
 def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
@@ -24,9 +25,9 @@ def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
 # concurrency limit, one slot per card), so a run only starts when a card is free and never
 # spends its timeout waiting for one.
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
-                policy: DevicePolicy = DevicePolicy()) -> dict[str, Any]:
+                policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()
@@ -50,7 +51,8 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                     record["epochs"], record["train_loss"], record["holdout_f1_samples"],
                     record["train_images_per_s"])
 
-    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
+    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
+                                expected_fingerprint=expected_fingerprint)
     if result["resumed_from_epoch"]:
         logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
     if history:  # empty when a retry resumed a run whose epochs were all done

@@ -38,12 +38,13 @@ def push_event(stack: Stack, payload: dict[str, Any]) -> None:
 
 def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webhook(prefect_stack: Stack) -> None:
     stack = prefect_stack
-    uri = str(stack.dataset)
-    pushed = stack.python(
-        "import sys; from protein.cli import pipeline_event; "
-        f"sys.exit(0 if pipeline_event('dataset_pushed', uri={uri!r}, fingerprint='f00d', counts={{'train': 24}}) "
-        "else 1)")
-    assert pushed.returncode == 0, f"dataset_pushed not sent: {pushed.stderr}"
+    # The user's command: upload the dataset to the store; it emits protein.dataset.pushed.
+    pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(stack.dataset),
+                             "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert pushed.returncode == 0, f"datasets push failed: {pushed.stdout}{pushed.stderr}"
+    uri = json.loads(pushed.stdout)["uri"]
+    assert uri.startswith(f"{stack.store}/datasets/")
 
     run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == uri
                          and str(r.parameters.get("trigger_event", "")).startswith("protein.dataset.pushed "),
