@@ -80,8 +80,11 @@ def train_and_register(
     on_batch: Callable[[int], None] | None = None,
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
+
+    actor is recorded in the registration event (default user@host; a Prefect task passes its flow run).
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
     pushes it there otherwise."""
@@ -91,7 +94,7 @@ def train_and_register(
     data_fingerprint = fingerprint(data.source)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
-    registry = Registry(store)
+    registry = Registry(store, actor=actor)
     finished = registry.find_by_run(run_id)
     if finished is not None:
         # A retry after the version was registered (e.g. the task died while reporting):
