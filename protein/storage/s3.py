@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from protein.errors import NotFound, PreconditionFailed, StoreError
@@ -25,6 +25,7 @@ from protein.storage import s3_errors
 from protein.storage.base import (
     COPY_CHUNK_SIZE,
     SHA256_METADATA,
+    ListedObject,
     MiB,
     ObjectInfo,
     env_number,
@@ -158,8 +159,10 @@ class S3Store:
     def _require_bucket(self) -> None:
         from botocore.exceptions import ClientError
 
+        # A one-key listing of the store's own prefix, not HeadBucket: HeadBucket is authorised by an
+        # s3:ListBucket without a prefix, which the role policies (deployments/iam/) never grant.
         try:
-            self._client().head_bucket(Bucket=self.bucket)
+            self._client().list_objects_v2(Bucket=self.bucket, Prefix=self._root_prefix(), MaxKeys=1)
         except ClientError as exc:
             code, status = s3_errors.error_code(exc)
             if code in s3_errors.NOT_FOUND_CODES | {"NoSuchBucket"} or status == 404:
@@ -396,6 +399,36 @@ class S3Store:
                  for key, obj in self._listing(prefix)]
         return sorted(found, key=lambda info: info.key)
 
+    # --- reading objects other tools wrote (datasets): raw bucket keys, never used to write ---
+    # Keys such as "jovian/Human protein atlas/train.csv" fall outside `validate_key`'s alphabet; these
+    # methods take the full key in the bucket as listed, ignore the store's prefix, and only read.
+
+    def list_objects(self, prefix: str) -> list[ListedObject]:
+        """Every object whose full key starts with ``prefix``, with its size and ETag, sorted by key."""
+        client = self._client()
+        found: list[ListedObject] = []
+        with self._translating(prefix or None, operation="ListObjectsV2"):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found += [ListedObject(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
+        return sorted(found, key=lambda o: o.key)
+
+    def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:
+        """Stream the object's bytes from offset ``start`` into ``dest``; returns the ETag served.
+
+        With ``if_match`` the server refuses (`PreconditionFailed`) once the object is no longer that
+        version, so a download never mixes the bytes of two versions."""
+        client = self._client()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        if start:
+            args["Range"] = f"bytes={start}-"
+        with self._translating(key, operation="GetObject"):
+            response = client.get_object(**args)
+            for chunk in response["Body"].iter_chunks(COPY_CHUNK_SIZE):
+                dest.write(chunk)
+        return str(response.get("ETag", ""))
+
     # --- deletes --------------------------------------------------------------------------------
     def delete(self, key: str) -> None:
         object_key = self._object_key(key)
@@ -405,21 +438,12 @@ class S3Store:
 
     def delete_keys(self, keys: list[str]) -> int:
         client = self._client()
-        object_keys = [self._object_key(k) for k in keys]
-        for start in range(0, len(object_keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = object_keys[start : start + 1000]
-            with self._translating(keys[start], "DeleteObjects"):
-                response = client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-                )
-            if errors := response.get("Errors"):
-                first = errors[0]
-                where = self._uri(str(first.get("Key", ""))[len(self._root_prefix()) :] or None)
-                if first.get("Code") == "AccessDenied":
-                    raise s3_errors.access_denied(where, "DeleteObject")
-                raise StoreError(
-                    f"{where}: could not delete {len(errors)} objects (first failed with {first.get('Code')})"
-                )
+        # One DeleteObject per key, not DeleteObjects: each delete is authorised against the key's own ARN,
+        # which is what the operator's policy grants (moto authorises a DeleteObjects batch against the
+        # bucket ARN instead); gc removes a handful of objects per version or run.
+        for key in keys:
+            with self._translating(key, "DeleteObject"):
+                client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
         return len(keys)
 
     def delete_prefix(self, prefix: str) -> int:

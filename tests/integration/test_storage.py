@@ -405,10 +405,10 @@ def test_wrong_credentials(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     caplog.set_level(logging.DEBUG, logger="protein")
     store = open_store("s3://some-bucket/p")
-    # A refused HEAD has no body, so S3 cannot say why; the other calls name the rejected key id.
+    # Every call here has a response body naming the rejected key id (the check lists one key, no HEAD).
     expected = {
-        "check": "s3://some-bucket/p: access denied: s3:ListBucket was refused; the caller's credentials lack "
-                 "this permission (check the IAM policy of the role or user)",
+        "check": "s3://some-bucket/p: S3 rejected the credentials (InvalidAccessKeyId) on s3:ListBucket; check the "
+                 "access key, secret and session token in the standard chain",
         "get": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:GetObject; check the "
                "access key, secret and session token in the standard chain",
         "put": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:PutObject; check the "
@@ -485,8 +485,7 @@ def test_access_denied_names_the_refused_action_and_the_key(
     boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
     iam = boto3.session.Session().client("iam")
     iam.create_user(UserName="reader")
-    # AWS authorises HeadBucket with s3:ListBucket; moto checks it as "s3:HeadBucket", so both are granted.
-    actions = ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"]
+    actions = ["s3:GetObject", "s3:ListBucket"]
     resources = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resources}]}
     iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
