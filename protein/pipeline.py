@@ -101,8 +101,11 @@ def train_and_register(
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
     expected_fingerprint: str | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
+
+    actor is recorded in the registration event (default user@host; a Prefect task passes its flow run).
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
     pushes it there otherwise. expected_fingerprint (the one validation saw) makes training refuse
@@ -114,7 +117,7 @@ def train_and_register(
     check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
-    registry = Registry(store)
+    registry = Registry(store, actor=actor)
     finished = registry.find_by_run(run_id)
     if finished is not None:
         # A retry after the version was registered (e.g. the task died while reporting):
