@@ -64,14 +64,40 @@ class EvalPreset:
         return out.mul_(1.0 / (255.0 * std)).add_(-mean / std)
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square of an (N, C, H, W) batch, identity first (test-time
+    augmentation: the same 8 transforms training draws from)."""
+    views = []
+    for op in range(8):
+        view = x.flip(3) if op & 4 else x
+        views.append(torch.rot90(view, op & 3, dims=(2, 3)) if op & 3 else view)
+    return views
+
+
+def jitter_brightness_contrast_(out: torch.Tensor, amount: float,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """In place on an (N, C, H, W) float batch in [0, 255]: per image, scale the contrast around
+    the image's mean and then the brightness by factors drawn from [1 - amount, 1 + amount]
+    (stain intensity and exposure vary between fields), clamped back to [0, 255]."""
+    n = out.shape[0]
+    factors = 1.0 + amount * (2.0 * torch.rand((2, n, 1, 1, 1), generator=generator) - 1.0)  # (2, N, 1, 1, 1)
+    contrast, brightness = factors.to(out.device)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return out.sub_(mean).mul_(contrast).add_(mean).mul_(brightness).clamp_(0.0, 255.0)
+
+
 @dataclass(frozen=True)
 class TrainPreset(EvalPreset):
     """Eval preprocessing plus the augmentation microscopy allows: the 8 symmetries of the
-    square (flips and 90-degree rotations), since a cell has no up or down. Runs on whatever
-    device the batch is on."""
+    square (flips and 90-degree rotations), since a cell has no up or down, and optionally a
+    per-image brightness/contrast jitter. Runs on whatever device the batch is on."""
+
+    jitter: float = 0.0
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = self._empty(batch)
         for i, op in enumerate(draw_dihedral_ops(batch.shape[0], generator)):
             out[i].copy_(dihedral(batch[i], op).permute(2, 0, 1))
+        if self.jitter > 0:
+            jitter_brightness_contrast_(out, self.jitter, generator)
         return self._normalize_(out)

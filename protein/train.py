@@ -19,14 +19,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from protein.config import TrainConfig, from_dict, to_dict
 from protein.errors import StoreError
 from protein.labels import LABELS
-from protein.metrics import evaluate_predictions, tune_thresholds
+from protein.metrics import evaluate_predictions
 from protein.model import build_model
-from protein.presets import EvalPreset, TrainPreset
+from protein.presets import EvalPreset, TrainPreset, dihedral_views
 from protein.storage import Store
+from protein.thresholds import cross_fit
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,9 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int], None] | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
+    """One pass over `batches`; with `ema`, the moving average is updated after every step."""
     model.train()
     # Summed on the device and read once per epoch: a per-step float() would make the CPU
     # wait for the GPU at every step.
@@ -141,6 +145,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.detach().float() * len(images)
         seen += len(images)
         if on_batch:
@@ -158,17 +164,24 @@ def predict_probs(
     device: torch.device,
     batch_size: int = 64,
     indices: np.ndarray | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Sigmoid probabilities (N, C) for images[indices] (all images when indices is None)."""
+    """Sigmoid probabilities (N, C) for images[indices] (all images when indices is None); with
+    tta, the mean of the probabilities of the 8 dihedral views of each image."""
     model.eval()
     if indices is None:
         indices = np.arange(len(images))
     outputs: list[np.ndarray] = []
     for start in range(0, len(indices), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]])).to(device)
-        with autocast_context(device):
-            logits = model(preset(batch))
-        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        x = preset(batch)
+        views = dihedral_views(x) if tta else [x]
+        probs = torch.zeros((), device=device)
+        for view in views:
+            with autocast_context(device):
+                logits = model(view)
+            probs = probs + torch.sigmoid(logits.float())
+        outputs.append((probs / len(views)).cpu().numpy())
     if not outputs:
         return np.zeros((0, len(LABELS)), dtype=np.float32)
     return np.concatenate(outputs).astype(np.float32)
@@ -225,10 +238,26 @@ def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
     return state
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay for weight matrices and kernels only: decaying norm scales and biases
+    (every 0- and 1-D parameter) pulls them towards zero for no regularising benefit."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and buffers (BatchNorm statistics included),
+    updated by `ema.update_parameters(model)` after each optimizer step."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> tuple[
     torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
 ]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     # OneCycleLR divides by the length of each phase; tiny runs (a few steps) would make a
     # phase empty, so the schedule is planned over at least 8 steps.
     total_steps = max(config.epochs * steps_per_epoch, 8)
@@ -252,20 +281,23 @@ def fit(
 
     If that run already has a checkpoint it resumes from the epoch after it. Batch order,
     augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
-    uninterrupted one.
+    uninterrupted one. With config.ema_decay the moving average of the weights is what is
+    evaluated and returned. An empty holdout (a refit on every row) skips evaluation: the
+    caller supplies thresholds and metrics.
     """
     device = select_device(config.device)
     log.info("training %s at %d px on %s (%d train / %d holdout images)",
              config.arch, config.image_size, device, len(train_idx), len(holdout_idx))
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, len(LABELS), config.weights).to(device)
+    model = build_model(config.arch, len(LABELS), config.weights, config.image_size).to(device)
     channels_last = config.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, config.ema_decay) if config.ema_decay > 0 else None
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
     loss_fn = make_loss(config)
-    train_preset = TrainPreset(channels_last=channels_last)
+    train_preset = TrainPreset(channels_last=channels_last, jitter=config.jitter)
     eval_preset = EvalPreset(channels_last=channels_last)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -281,11 +313,15 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history = [json.loads(h) for h in state["history"]]
         start_epoch = int(state["epoch"])
         log.info("resuming run %s after epoch %d", run_id, start_epoch)
 
     step_model = torch.compile(model) if config.compile else model
+    # The weights that are evaluated and shipped: the average when there is one.
+    eval_model = ema.module if ema is not None else step_model
     holdout_targets = targets[holdout_idx]
     holdout_probs = np.zeros((len(holdout_idx), len(LABELS)), dtype=np.float32)
     for epoch in range(start_epoch, config.epochs):
@@ -297,24 +333,22 @@ def fit(
         if device.type == "cuda":
             batches = prefetch(batches)
         stats = train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, train_preset, device,
-                                generator, on_batch)
-        holdout_probs = predict_probs(step_model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
-        scores = evaluate_predictions(holdout_probs, holdout_targets, 0.5)
-        record = {
-            "epoch": epoch + 1,
-            "epochs": config.epochs,
-            **stats,
-            "holdout_loss": bce(holdout_probs, holdout_targets),
-            "holdout_f1_samples": scores["f1_samples"],
-            "holdout_f1_macro": scores["f1_macro"],
-            "holdout_course_f_score": scores["course_f_score"],
-            "lr": scheduler.get_last_lr()[0],
-        }
+                                generator, on_batch, ema)
+        record: dict[str, Any] = {"epoch": epoch + 1, "epochs": config.epochs, **stats}
+        if len(holdout_idx):
+            # TTA multiplies evaluation by 8: per epoch only the plain view, TTA once at the end.
+            holdout_probs = predict_probs(eval_model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
+            scores = evaluate_predictions(holdout_probs, holdout_targets, 0.5)
+            record.update({"holdout_loss": bce(holdout_probs, holdout_targets),
+                           "holdout_f1_samples": scores["f1_samples"], "holdout_f1_macro": scores["f1_macro"],
+                           "holdout_course_f_score": scores["course_f_score"]})
+        record["lr"] = scheduler.get_last_lr()[0]
         history.append(record)
         save_checkpoint(store, run_id, {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "config": to_dict(config),
@@ -327,9 +361,16 @@ def fit(
         if on_epoch:
             on_epoch(record)
 
-    if start_epoch >= config.epochs:  # resumed a finished run: holdout probs are not in the checkpoint
-        holdout_probs = predict_probs(model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
-    thresholds = tune_thresholds(holdout_probs, holdout_targets)
-    metrics = evaluate_predictions(holdout_probs, holdout_targets, thresholds)
-    return FitResult(model=model, config=config, history=history, holdout_probs=holdout_probs,
-                     thresholds=thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device))
+    shipped = ema.module if ema is not None else model
+    if not len(holdout_idx):
+        return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
+                         thresholds=np.full(len(LABELS), 0.5, dtype=np.float32), metrics={},
+                         resumed_from_epoch=start_epoch, device=str(device))
+    if config.tta or start_epoch >= config.epochs:  # TTA, or a resumed finished run (no probs in the checkpoint)
+        holdout_probs = predict_probs(shipped, images, eval_preset, device, config.batch_size * 2, holdout_idx,
+                                      tta=config.tta)
+    tuned = cross_fit(holdout_probs, holdout_targets, config.threshold_metric, seed=config.seed)
+    # Tuned thresholds flatter the rows they were tuned on: the reported scores are cross-fitted.
+    metrics = tuned.metrics()
+    return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
+                     thresholds=tuned.thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device))
