@@ -66,7 +66,7 @@ def retrain(
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
-        challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
+        challenger = train_model(data, store, config, run_id, train.share_cache, train.nproc)["model_id"]
 
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
     evaluation = evaluate_models(data, store, challenger, champion)
