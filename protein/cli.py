@@ -86,6 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     rank = distributed.current()
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc is not None and args.nproc > 1 and not rank.distributed:
         # This process only prepares (decode cache, run id) and launches the ranks.
         with progress_bar(None, "decode") as decoded:

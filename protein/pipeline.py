@@ -36,7 +36,7 @@ from protein.registry import Registry, check_version_id
 from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store, open_store
 from protein.thresholds import CrossFit
-from protein.train import EpochCallback, fit, select_device
+from protein.train import EpochCallback, check_batch_split, fit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,10 @@ def train_on_ranks(
     here so every rank (and a rerun after a failure) uses the same checkpoint."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+    device = select_device(config.device)
+    if device.type == "cuda" and nproc > torch_cuda_devices():
+        raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
     store = open_store(store_uri)
     store.check()
     data = load_competition(data_path, require_test=False)
@@ -251,6 +255,12 @@ def train_on_ranks(
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
                              f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")
     return result
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def describe_weights(config: TrainConfig) -> dict[str, Any] | None:

@@ -105,3 +105,12 @@ def test_fit_survives_a_last_batch_of_one_image(tmp_path):
     result = fit(config, images, targets, np.arange(49), np.arange(49, 60), open_store(str(tmp_path / "store")), "r1")
     assert result.history[0]["train_images"] == 48
     assert result.extra["layout"]["steps_per_epoch"] == 3
+
+
+def test_nproc_that_cannot_split_the_batch_is_a_usage_error_before_launching(tmp_path, capsys):
+    from protein.cli import main
+
+    code = main(["train", "--data", str(tmp_path / "absent"), "--store", str(tmp_path / "store"),
+                 "--batch-size", "9", "--nproc", "2", "--device", "cpu"])
+    assert code == 2
+    assert "batch_size 9 (the global batch) must be a multiple of nproc x accumulate = 2 x 1" in capsys.readouterr().err
