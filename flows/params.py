@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig, recipe_config
 from protein.validation import ValidationConfig
+from tasks.dispatch import DispatchConfig
 
 
 def report_state(state: State, flow_name: str) -> int:
@@ -75,6 +76,19 @@ class TrainParams(BaseModel):
 
     def to_config(self) -> TrainConfig:
         return recipe_config(**self.model_dump(exclude={"share_cache", "nproc"}))
+
+
+class DispatchParams(BaseModel):
+    """How retrain waits for training on the gpu pool (only with a train deployment)."""
+
+    timeout_minutes: float = Field(360, gt=0, title="Timeout per attempt (min)",
+                                   description="a training attempt not final by then is cancelled and dispatched again")
+    attempts: int = Field(3, ge=1, le=10, title="Attempts",
+                          description="crashed or timed-out training is dispatched again, resuming from its checkpoint")
+    poll_seconds: float = Field(5, gt=0, title="Poll interval (s)")
+
+    def to_config(self) -> DispatchConfig:
+        return DispatchConfig(timeout_s=self.timeout_minutes * 60, attempts=self.attempts, poll_s=self.poll_seconds)
 
 
 class GateParams(BaseModel):

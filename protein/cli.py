@@ -1,4 +1,4 @@
-"""`protein` command line: synth, validate, train, evaluate, predict, models.
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets.
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
@@ -9,6 +9,7 @@ failures as one line on stderr with a specific exit code: 1 data failed validati
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -20,6 +21,9 @@ from typing import Any
 from protein.config import RECIPES, TrainConfig, recipe_config
 
 log = logging.getLogger("protein")
+
+DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
+             "s3://bucket/prefix/ or s3://bucket/key.zip")
 
 
 def emit(payload: Any) -> None:
@@ -36,6 +40,21 @@ def progress_bar(total: int | None, desc: str):  # noqa: ANN201
 
 
 # --- verbs -----------------------------------------------------------------------------------
+def pipeline_event(helper: str, **fields: Any) -> bool:
+    """Emit a Prefect event (e.g. ``pipeline_event("dataset_pushed", uri=..., ...)``) through
+    ``tasks.events``, imported here at call time by name: the ``protein`` library never imports
+    Prefect, and a verb that emits still runs offline (the helper does nothing without an API)."""
+    events = importlib.import_module("tasks.events")
+    return bool(getattr(events, helper)(**fields))
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from protein.links import shareable_url
+
+    print(shareable_url(args.uri, expires_s=int(args.hours * 3600)))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from protein.config import SynthConfig
     from protein.synth import generate_dataset
@@ -92,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # This process only prepares (decode cache, run id) and launches the ranks.
         with progress_bar(None, "decode") as decoded:
             emit(train_on_ranks(args.nproc, args.data, args.store, config, args.run_id, args.cache_dir, decoded,
-                                args.share_cache))
+                                args.share_cache, args.expect_fingerprint))
         return 0
 
     def on_epoch(record: dict[str, Any]) -> None:
@@ -104,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
                                     on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
-                                    share_cache=args.share_cache)
+                                    share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
     if rank.is_main:  # started by torchrun directly: one result line, from rank 0
         emit(result)
     return 0
@@ -119,7 +138,8 @@ def cmd_train_job(args: argparse.Namespace) -> int:
     job = json.loads(Path(args.job).read_text())
     config = from_dict(TrainConfig, job["config"])
     result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
-                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None)
+                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
+                                expected_fingerprint=job.get("expected_fingerprint"))
     distributed.write_result(result)
     return 0
 
@@ -181,13 +201,73 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "rollback":
         state = registry.rollback(reason=args.reason or "manual rollback")
         emit({"champion": state.champion, "history": len(state.history)})
+    elif args.models_cmd == "history":
+        events = registry.history(registrations=args.registrations)
+        if args.json:
+            emit(events)
+        else:
+            for e in events:
+                line = (f"{e.get('at')}  {e.get('action'):<8}  {e.get('model_id')}  "
+                        f"(previous: {e.get('previous') or '-'})  by {e.get('actor') or '?'}  "
+                        f"event {e.get('event_id') or '-'}  {e.get('reason') or ''}")
+                print(line.rstrip())
+            if not events:
+                print(f"no registry events in {store.uri}", file=sys.stderr)
+    elif args.models_cmd == "reindex":
+        emit({"indexed": registry.reindex_runs()})
     elif args.models_cmd == "gc":
-        orphans = registry.orphans()
-        if not args.dry_run:
-            for version in orphans:
-                registry.delete_orphan(version)
-        stale = store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
-        emit({"orphans": orphans, "stale_uploads": stale, "deleted": not args.dry_run})
+        return models_gc(args, registry)
+    return 0
+
+
+def models_gc(args: argparse.Namespace, registry: Any) -> int:
+    plan = registry.plan_gc(older_than_s=args.older_than_hours * 3600, runs=args.runs,
+                            run_age_s=args.run_age_days * 86400, keep_last=args.keep_last)
+    # Complete versions are only deleted when asked twice: --keep-last names them, --yes deletes them.
+    delete_versions = args.yes and not args.dry_run
+    if not args.dry_run:
+        registry.apply_gc(plan, delete_versions=delete_versions)
+    stale = registry.store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
+    result: dict[str, Any] = {"orphans": sorted(plan.orphans), "stale_uploads": stale, "deleted": not args.dry_run}
+    if args.runs:
+        result["runs"] = sorted(plan.runs)
+    if args.keep_last is not None:
+        result["versions"] = plan.versions
+        result["versions_deleted"] = delete_versions
+        if plan.versions and not delete_versions:
+            print(f"{len(plan.versions)} complete versions would be deleted; add --yes to delete them",
+                  file=sys.stderr)
+    emit(result)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from protein.data.push import list_datasets, push_dataset
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    if args.datasets_cmd == "push":
+        store.check()
+        with progress_bar(None, "push") as pushed:
+            result = push_dataset(args.data, store, args.cache_dir, pushed)
+        emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
+              "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+        # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
+        # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
+        pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
+                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded})
+    elif args.datasets_cmd == "list":
+        rows, incomplete = list_datasets(store)
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['uri']}  {row['created']}  train={row['train_images']} test={row['test_images']}  "
+                      f"{(row['bytes'] or 0) / 1e6:.1f} MB")
+            if not rows:
+                print(f"no datasets in {store.uri}", file=sys.stderr)
+        for prefix in incomplete:
+            print(f"incomplete push (no manifest, not usable): {store.uri.rstrip('/')}/{prefix}", file=sys.stderr)
     return 0
 
 
@@ -225,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes rendering images")
 
     p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     p.add_argument("--report", help="folder for report.json and Data Docs HTML")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
@@ -234,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
 
     p = add("train", cmd_train, "train a model and register it as a new version")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     # Options default to None: the recipe supplies every value not given here.
@@ -276,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
     p.add_argument("--share-cache", action="store_true",
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
+    p.add_argument("--expect-fingerprint", metavar="FP",
+                   help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
     opt("--accumulate", "gradient accumulation: each --batch-size batch runs as this many micro-batches", type=int)
     p.add_argument("--nproc", type=int, default=None,
                    help="train on this many processes of this host (one per GPU; CPU: gloo) under torchrun; "
@@ -285,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job file written by the launcher")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
@@ -293,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split seed (default: the one the model was trained with)")
 
     p = add("predict", cmd_predict, "predict the test set and write the submission")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", nargs="+", default=["champion"],
@@ -302,16 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("archs", cmd_archs, "list the architecture names --arch accepts (JSON)")
 
+    p = add("link", cmd_link, "print a link to a stored object (presigned on S3) from its s3:// or file:// URI")
+    p.add_argument("uri", help="s3://bucket/key or file:///path, as artifacts and reports record them")
+    p.add_argument("--hours", type=float, default=24.0, help="how long an S3 link works (at most 168 = 7 days)")
+
     p = add("models", cmd_models, "list, show, promote, roll back and clean model versions")
     models = p.add_subparsers(dest="models_cmd", required=True)
     for name, help_text in (("list", "list versions; the champion is marked"), ("show", "print a version's model.json"),
-                            ("promote", "make a version the champion"), ("rollback", "return to the previous champion"),
-                            ("gc", "remove incomplete versions and stale interrupted uploads")):
+                            ("promote", "make a version the champion"),
+                            ("rollback", "return to the champion before the current one (walks back the history)"),
+                            ("history", "print the registry's events: promotions and rollbacks, with who and when"),
+                            ("reindex", "index the run id of versions registered before the run index existed"),
+                            ("gc", "remove incomplete versions, stale uploads and, if asked, old runs and versions")):
         mp = models.add_parser(name, help=help_text, description=help_text,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         store_arg(mp)
-        if name == "list":
+        if name in ("list", "history"):
             mp.add_argument("--json", action="store_true", help="print a JSON array")
+        if name == "history":
+            mp.add_argument("--registrations", action="store_true",
+                            help="also list each version's registration (one request per version)")
         if name in ("show", "promote"):
             mp.add_argument("model", help="version id" + (" or 'champion'" if name == "show" else ""))
         if name in ("promote", "rollback"):
@@ -319,7 +411,32 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gc":
             mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
             mp.add_argument("--older-than-hours", type=float, default=1.0,
-                            help="also remove interrupted uploads (temp files, S3 multipart) older than this")
+                            help="remove incomplete versions and interrupted uploads only when older than this "
+                                 "(a registration in progress is younger)")
+            mp.add_argument("--runs", action="store_true",
+                            help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
+                                 "unfinished runs older than --run-age-days")
+            mp.add_argument("--run-age-days", type=float, default=7.0,
+                            help="an unregistered run untouched this long counts as abandoned")
+            mp.add_argument("--keep-last", type=int, metavar="N",
+                            help="list complete versions beyond the newest N (never the champion or any version in "
+                                 "its promotion history) for deletion")
+            mp.add_argument("--yes", action="store_true", help="with --keep-last: really delete those versions")
+
+    p = add("datasets", cmd_datasets, "push datasets to the object store and list them")
+    datasets = p.add_subparsers(dest="datasets_cmd", required=True)
+    dp = datasets.add_parser("push", help="upload a dataset to datasets/<fingerprint>/ and print its URI",
+                             description="upload a dataset (any accepted layout) to datasets/<fingerprint>/ in the "
+                             "store, written once and complete or invisible; prints its s3:// (or folder) URI",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dp.add_argument("--data", required=True, help=DATA_HELP)
+    store_arg(dp)
+    cache_arg(dp)
+    dp = datasets.add_parser("list", help="list the complete datasets in the store",
+                             description="list the complete datasets in the store (newest first)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    store_arg(dp)
+    dp.add_argument("--json", action="store_true", help="print a JSON array")
     return parser
 
 

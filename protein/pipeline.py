@@ -25,9 +25,10 @@ from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.ensemble import ensemble_id, ensemble_thresholds, out_of_fold_thresholds, save_holdout_probs
-from protein.errors import TrainingFailed
+from protein.errors import FingerprintMismatch, TrainingFailed
 from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
+from protein.links import object_uri
 from protein.metrics import binarize, evaluate_predictions
 from protein.model import IMAGENET, imagenet_weights
 from protein.predict import Predictor, label_strings
@@ -100,15 +101,18 @@ def train_and_register(
     on_batch: Callable[[int], None] | None = None,
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
     pushes it there otherwise. Under torchrun each rank calls this: they train together (DDP)
-    and rank 0 alone registers; the other ranks return {"model_id": None, "rank": r}."""
+    and rank 0 alone registers; the other ranks return {"model_id": None, "rank": r}.
+    expected_fingerprint (the one validation saw) makes training refuse data that changed since:
+    `FingerprintMismatch`, before anything is trained or registered."""
     with distributed.process_group(select_device(config.device)):
         return _train_and_register(data_path, store_uri, config, run_id, cache_dir, on_epoch, on_batch, on_decode,
-                                   share_cache)
+                                   share_cache, expected_fingerprint)
 
 
 def _train_and_register(
@@ -121,12 +125,14 @@ def _train_and_register(
     on_batch: Callable[[int], None] | None,
     on_decode: Callable[[int], None] | None,
     share_cache: bool,
+    expected_fingerprint: str | None,
 ) -> dict[str, Any]:
     rank = distributed.current()
     store = open_store(store_uri)
     store.check()
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
     registry = Registry(store)
@@ -227,6 +233,7 @@ def train_on_ranks(
     cache_dir: Path | None = None,
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """train_and_register on nproc ranks of this host under torchrun (one per GPU; gloo on CPU).
 
@@ -240,8 +247,9 @@ def train_on_ranks(
         raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
     store = open_store(store_uri)
     store.check()
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
     load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
@@ -249,7 +257,8 @@ def train_on_ranks(
     with tempfile.TemporaryDirectory(prefix="protein-job-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"data": str(data_path), "store": store_uri, "config": to_dict(config),
-                                   "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None}))
+                                   "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
+                                   "expected_fingerprint": data_fingerprint}))
         code, result = distributed.launch(nproc, ["train-job", str(job)])
     if result is None:
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
@@ -271,6 +280,14 @@ def describe_weights(config: TrainConfig) -> dict[str, Any] | None:
         weights = imagenet_weights(config.arch)
         return {"source": IMAGENET, "enum": weights.enum_name, "file": weights.path.name, "url": weights.url}
     return {"source": "file", "file": Path(config.weights).name}
+
+
+def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
+    if expected is not None and expected.strip() and actual != expected.strip():
+        raise FingerprintMismatch(
+            f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
+            "since it was validated); refusing to train on it"
+        )
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -349,7 +366,7 @@ def evaluate_version(
     seed = seed if seed is not None else holdout.get("seed", 0)
     # A fold model is scored on its own fold unless a share is asked for explicitly.
     fold = holdout.get("fold") if holdout_fraction is None else None
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     if not explicit:
         rows = gate_rows(data, data_fingerprint, spec, None)
@@ -378,7 +395,7 @@ def evaluate_for_gate(
     challenger_id = registry.resolve(challenger_id)
     challenger_spec = registry.spec(challenger_id)
     champion_spec = registry.spec(champion_id) if champion_id else None
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
     summary = rows.to_dict()
@@ -421,7 +438,7 @@ def predict_and_publish(
     model_ids = [registry.resolve(m) for m in requested]
     if len(set(model_ids)) != len(model_ids):
         raise ValueError(f"a model version is named twice in {requested}")
-    data = load_competition(data_path, require_test=True)
+    data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     if len(model_ids) == 1:
         predictor = load_predictor(registry, model_ids[0], cache_dir)
@@ -477,8 +494,8 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
 
 def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],
                           champion_eval: dict[str, Any] | None) -> str:
-    """Render the training curves and per-class F1 to reports/<model>/training.png; return its URL
-    (presigned on S3)."""
+    """Render the training curves and per-class F1 to reports/<model>/training.png; return its
+    durable URI (s3:// or file://; `protein link` makes an openable URL of it)."""
     from protein.report import training_plot_png
 
     store = open_store(store_uri)
@@ -487,4 +504,4 @@ def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[s
                             champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
     key = f"reports/{check_version_id(model_id)}/training.png"
     store.put_bytes(key, png, content_type="image/png")
-    return store.url(key)
+    return object_uri(store, key)
