@@ -178,10 +178,6 @@ def _train_and_register(
         refit = {"trained_on": "all rows", **info}
         holdout = {"fraction": None, "seed": config.seed, "fold": None, "folds": None,
                    "n_train": int(len(train_idx)), "n_holdout": 0}
-    # The exact rows, so a later gate scores this model only on rows it never trained on,
-    # whatever happens to the data (see docs/gate.md).
-    holdout["ids"] = [data.train_ids[i] for i in holdout_idx]
-    holdout["ids_sha256"] = ids_digest(data.train_ids[i] for i in holdout_idx)
     spec = {
         "arch": config.arch,
         "image_size": config.image_size,
@@ -196,7 +192,10 @@ def _train_and_register(
         "metrics": metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
-        "holdout": holdout,
+        # The exact rows, so a later gate scores this model only on rows it never trained on,
+        # whatever happens to the data (see docs/gate.md).
+        "holdout": {**holdout, "ids": [data.train_ids[i] for i in holdout_idx],
+                    "ids_sha256": ids_digest(data.train_ids[i] for i in holdout_idx)},
         "training_rows": {"ids": [data.train_ids[i] for i in train_idx],
                           "sha256": ids_digest(data.train_ids[i] for i in train_idx)},
         "train_config": to_dict(config),
@@ -302,8 +301,7 @@ def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint
     if "ids" in holdout and "ids" in spec.get("training_rows", {}):
         return list(spec["training_rows"]["ids"]), list(holdout["ids"])
     if spec.get("data_fingerprint") == data_fingerprint and "fraction" in holdout and "seed" in holdout:
-        train_idx, holdout_idx = holdout_split(data, holdout["fraction"] or 0.2, holdout["seed"], holdout.get("fold"),
-                                               holdout.get("folds") or 5)
+        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"])
         return [data.train_ids[i] for i in train_idx], [data.train_ids[i] for i in holdout_idx]
     return None
 
@@ -361,20 +359,20 @@ def evaluate_version(
     model_id = registry.resolve(model_id)
     spec = registry.spec(model_id)
     holdout = spec.get("holdout") or {}
-    explicit = holdout_fraction is not None or seed is not None
+    # Decided before `seed` is rebound below: only an explicit fraction or seed replaces the
+    # recorded rows (rebinding first made every call take the explicit path).
+    recorded = holdout_fraction is None and seed is None
     fraction = holdout_fraction if holdout_fraction is not None else (holdout.get("fraction") or 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
-    # A fold model is scored on its own fold unless a share is asked for explicitly.
-    fold = holdout.get("fold") if holdout_fraction is None else None
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    if not explicit:
+    if recorded:
         rows = gate_rows(data, data_fingerprint, spec, None)
     else:
-        _, holdout_idx = holdout_split(data, fraction, seed, fold, holdout.get("folds") or 5)
+        _, holdout_idx = holdout_split(data, fraction, seed)
         rows = select_rows(data.train_ids[i] for i in holdout_idx)
     result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
-    return {**result, "holdout": {"fraction": fraction, "seed": seed, "fold": fold, "n_holdout": len(rows.ids)},
+    return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
             "rows": rows.to_dict()}
 
 
