@@ -24,7 +24,8 @@ from protein.synth import generate_dataset
 pytestmark = pytest.mark.slow
 
 # |2-rank - 1-rank| on the final holdout BCE (~8 images). Not equal: BatchNorm normalises each
-# rank's half-batch separately and augmentation draws differ per rank; measured ~0.01-0.03.
+# rank's half-batch separately and augmentation draws differ per rank; measured 0.026
+# (2 ranks 0.544, 1 rank 0.570) on this data and seed.
 HOLDOUT_LOSS_TOLERANCE = 0.08
 BOUND_S = 240  # a killed rank must fail the run well within this (torchrun notices in ~1 s)
 
