@@ -53,7 +53,10 @@ class TrainParams(BaseModel):
     image_size: int | None = Field(None, ge=16, le=1024, title="Image size (px)",
                                    description=f"default {DEFAULT_IMAGE_SIZE}, winner 512; images are decoded and "
                                                "resized once, then cached")
-    batch_size: int | None = Field(None, ge=1, le=1024, title="Batch size", description="default 32")
+    batch_size: int | None = Field(None, ge=1, le=1024, title="Batch size",
+                                   description="the global batch, over all processes (default 32)")
+    accumulate: int | None = Field(None, ge=1, le=64, title="Gradient accumulation steps",
+                                   description="each batch runs as this many micro-batches (default 1)")
     lr: float | None = Field(None, gt=0, title="Peak learning rate",
                              description="AdamW with a one-cycle schedule (default 0.002; winner 0.001)")
     loss: Literal["bce", "focal"] | None = Field(None, title="Loss", description="default bce")
@@ -67,9 +70,12 @@ class TrainParams(BaseModel):
     device: str | None = Field(None, title="Device", description="auto (default) picks CUDA when the worker has a GPU")
     share_cache: bool = Field(False, title="Share the decoded-image cache through the store",
                               description="pull it when another worker built it, push it otherwise")
+    nproc: int = Field(1, ge=1, le=64, title="Processes (GPUs) on the worker",
+                       description="more than 1: data-parallel training under torchrun, one process per GPU "
+                                   "(docs/distributed.md)")
 
     def to_config(self) -> TrainConfig:
-        return recipe_config(**self.model_dump(exclude={"share_cache"}))
+        return recipe_config(**self.model_dump(exclude={"share_cache", "nproc"}))
 
 
 class DispatchParams(BaseModel):

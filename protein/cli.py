@@ -2,7 +2,8 @@
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
-2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict.
+2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict, 7 a training rank died
+(`train --nproc`; rerun with the same --run-id to resume).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe's config with every option given on the command line on top."""
     fold, folds = parse_fold(args.fold)
     return recipe_config(args.recipe, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-                         batch_size=args.batch_size, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, accumulate=args.accumulate, seed=args.seed, lr=args.lr,
+                         weight_decay=args.weight_decay,
                          loss=args.loss, holdout_fraction=args.holdout, weights=args.weights, device=args.device,
                          compile=args.compile or None, jitter=args.jitter, ema_decay=args.ema_decay, tta=args.tta,
                          fold=fold, folds=folds, refit=bool(args.thresholds_from) or None,
@@ -98,9 +100,19 @@ def cmd_archs(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from protein.pipeline import train_and_register
+    from protein import distributed
+    from protein.pipeline import train_and_register, train_on_ranks
 
     config = train_config_from_args(args)
+    rank = distributed.current()
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not rank.distributed:
+        # This process only prepares (decode cache, run id) and launches the ranks.
+        with progress_bar(None, "decode") as decoded:
+            emit(train_on_ranks(args.nproc, args.data, args.store, config, args.run_id, args.cache_dir, decoded,
+                                args.share_cache, args.expect_fingerprint))
+        return 0
 
     def on_epoch(record: dict[str, Any]) -> None:
         holdout = record.get("holdout_f1_samples")  # absent for a refit on every row
@@ -112,7 +124,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
                                     on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
                                     share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
-    emit(result)
+    if rank.is_main:  # started by torchrun directly: one result line, from rank 0
+        emit(result)
+    return 0
+
+
+def cmd_train_job(args: argparse.Namespace) -> int:
+    """One rank of a run launched by `train --nproc`: the job file holds the resolved config."""
+    from protein import distributed
+    from protein.config import from_dict
+    from protein.pipeline import train_and_register
+
+    job = json.loads(Path(args.job).read_text())
+    config = from_dict(TrainConfig, job["config"])
+    result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
+                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
+                                expected_fingerprint=job.get("expected_fingerprint"))
+    distributed.write_result(result)
     return 0
 
 
@@ -330,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
     p.add_argument("--expect-fingerprint", metavar="FP",
                    help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
+    opt("--accumulate", "gradient accumulation: each --batch-size batch runs as this many micro-batches", type=int)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train on this many processes of this host (one per GPU; CPU: gloo) under torchrun; "
+                        "--batch-size stays the global batch (docs/distributed.md)")
+
+    p = add("train-job", cmd_train_job, "one rank of a `train --nproc` run (started by the launcher)")
+    p.add_argument("job", help="job file written by the launcher")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
     p.add_argument("--data", required=True, help=DATA_HELP)

@@ -39,7 +39,11 @@ class TrainConfig:
     arch: str = "resnet18"
     image_size: int = DEFAULT_IMAGE_SIZE
     epochs: int = 4
+    # The global batch: one optimizer step and one learning-rate step per batch_size images,
+    # whatever the number of ranks (nproc) and accumulation steps it is split over.
     batch_size: int = 32
+    # Gradient accumulation: each batch runs as this many micro-batches (for large images).
+    accumulate: int = 1
     lr: float = 2e-3
     weight_decay: float = 1e-4
     loss: Literal["bce", "focal"] = "bce"
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ValueError(f"accumulate must be >= 1 and divide batch_size {self.batch_size}, got {self.accumulate}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.loss not in ("bce", "focal"):

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from protein import distributed
 from protein.atomic import write_bytes_atomic
 from protein.bootstrap import to_bitmasks
 from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.ensemble import ensemble_id, ensemble_thresholds, out_of_fold_thresholds, save_holdout_probs
-from protein.errors import FingerprintMismatch
+from protein.errors import FingerprintMismatch, TrainingFailed
 from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
 from protein.links import object_uri
@@ -36,7 +37,7 @@ from protein.registry import Registry, check_version_id
 from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store, open_store
 from protein.thresholds import CrossFit
-from protein.train import EpochCallback, fit
+from protein.train import EpochCallback, check_batch_split, fit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,28 @@ def train_and_register(
     actor is recorded in the registration event (default user@host; a Prefect task passes its flow run).
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
-    pushes it there otherwise. expected_fingerprint (the one validation saw) makes training refuse
-    data that changed since: `FingerprintMismatch`, before anything is trained or registered."""
+    pushes it there otherwise. Under torchrun each rank calls this: they train together (DDP)
+    and rank 0 alone registers; the other ranks return {"model_id": None, "rank": r}.
+    expected_fingerprint (the one validation saw) makes training refuse data that changed since:
+    `FingerprintMismatch`, before anything is trained or registered."""
+    with distributed.process_group(select_device(config.device)):
+        return _train_and_register(data_path, store_uri, config, run_id, cache_dir, on_epoch, on_batch, on_decode,
+                                   share_cache, expected_fingerprint)
+
+
+def _train_and_register(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    config: TrainConfig,
+    run_id: str | None,
+    cache_dir: Path | None,
+    on_epoch: EpochCallback | None,
+    on_batch: Callable[[int], None] | None,
+    on_decode: Callable[[int], None] | None,
+    share_cache: bool,
+    expected_fingerprint: str | None,
+) -> dict[str, Any]:
+    rank = distributed.current()
     store = open_store(store_uri)
     store.check()
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
@@ -130,10 +151,20 @@ def train_and_register(
     oof: tuple[CrossFit, dict[str, Any]] | None = None
     if config.refit:  # fail before training if the fold models cannot supply thresholds
         oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed)
-    images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
-                               shared=store if share_cache else None)
+    if rank.distributed and run_id is None:
+        raise ValueError("a run on several ranks needs --run-id (the launcher of `protein train --nproc` sets it)")
+    # One decoder per host: its first rank decodes (or finds the cache `--nproc` built before
+    # launching); the others wait and memory-map the finished file.
+    if rank.local_rank == 0:
+        images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
+                                   shared=store if share_cache else None)
+    distributed.barrier()
+    if rank.local_rank != 0:
+        images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir)
     train_idx, holdout_idx = training_split(data, config)
     result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
+    if not rank.is_main:
+        return {"model_id": None, "rank": rank.rank, "run_id": run_id}
 
     thresholds, metrics = result.thresholds, result.metrics
     holdout: dict[str, Any] = {"fraction": config.holdout_fraction, "seed": config.seed, "fold": config.fold,
@@ -174,6 +205,8 @@ def train_and_register(
         "parent_champion": registry.champion().champion,
         "run_id": run_id,
         "device": result.device,
+        # How the global batch was split (ranks, accumulation): the schedule is per global batch.
+        "training": result.extra.get("layout"),
     }
     from safetensors.torch import save_file
 
@@ -191,6 +224,54 @@ def train_and_register(
         "resumed_from_epoch": result.resumed_from_epoch,
         "device": result.device,
     }
+
+
+def train_on_ranks(
+    nproc: int,
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    config: TrainConfig,
+    run_id: str | None = None,
+    cache_dir: Path | None = None,
+    on_decode: Callable[[int], None] | None = None,
+    share_cache: bool = False,
+    expected_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """train_and_register on nproc ranks of this host under torchrun (one per GPU; gloo on CPU).
+
+    The decoded-image cache is built here, once, before any rank starts; the run id is fixed
+    here so every rank (and a rerun after a failure) uses the same checkpoint."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+    device = select_device(config.device)
+    if device.type == "cuda" and nproc > torch_cuda_devices():
+        raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
+    store = open_store(store_uri)
+    store.check()
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
+    run_id = run_id or new_run_id(data_fingerprint)
+    check_version_id(run_id)
+    load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
+                      shared=store if share_cache else None)
+    with tempfile.TemporaryDirectory(prefix="protein-job-") as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"data": str(data_path), "store": store_uri, "config": to_dict(config),
+                                   "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
+                                   "expected_fingerprint": data_fingerprint}))
+        code, result = distributed.launch(nproc, ["train-job", str(job)])
+    if result is None:
+        raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
+                             f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")
+    return result
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def describe_weights(config: TrainConfig) -> dict[str, Any] | None:

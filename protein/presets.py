@@ -10,6 +10,7 @@ than a chain of full-size float ops (bench/data_path.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,19 @@ class EvalPreset:
         return torch.empty((n, 3, h, w), dtype=torch.float32, device=batch.device, memory_format=memory_format)
 
     def _normalize_(self, out: torch.Tensor) -> torch.Tensor:
-        std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std == x * scale + shift, in place.
-        return out.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+        scale, shift = normalization_constants(self.mean, self.std, out.device)
+        return out.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def normalization_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (1, 3, 1, 1) tensors, built once per device: creating them per batch
+    copied host memory to the GPU at every step."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
