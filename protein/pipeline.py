@@ -115,7 +115,7 @@ def train_and_register(
     `FingerprintMismatch`, before anything is trained or registered."""
     with distributed.process_group(select_device(config.device)):
         return _train_and_register(data_path, store_uri, config, run_id, cache_dir, on_epoch, on_batch, on_decode,
-                                   share_cache, expected_fingerprint)
+                                   share_cache, expected_fingerprint, actor)
 
 
 def _train_and_register(
@@ -129,6 +129,7 @@ def _train_and_register(
     on_decode: Callable[[int], None] | None,
     share_cache: bool,
     expected_fingerprint: str | None,
+    actor: str | None,
 ) -> dict[str, Any]:
     rank = distributed.current()
     store = open_store(store_uri)
