@@ -10,7 +10,6 @@ the cap is refused from its size in the folder or the zip directory, before it i
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import struct
 import zipfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from protein.data import PNG_SIGNATURE, DatasetSource, FolderSource, ZipSource, decode_png
 from protein.errors import DataError
+from protein.pools import pool_context
 
 # Signature (8) + IHDR length and type (8) + IHDR body (13) + CRC (4).
 PNG_HEADER_BYTES = 33
@@ -186,13 +186,6 @@ def _init_worker(reader: ImageReader) -> None:
 def _inspect_in_worker(job: Job) -> dict:
     assert _worker_reader is not None
     return _worker_reader.inspect(job)
-
-
-def pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver (or spawn): never fork a process that may run torch or Prefect threads, whose
-    locks and signal handlers a forked child inherits in whatever state they were."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def inspect_images(reader: ImageReader, jobs: list[Job]) -> tuple[list[dict], int]:
