@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from protein.validation.config import MAX_EXAMPLES, SUITES
-from protein.validation.suites import INDEX_COLUMNS, Table
+from protein.validation.suites import INDEX_COLUMNS, Condition, Table
 
 # Columns compared with numbers in row conditions: numeric so pandas can compare them with nulls.
 ROW_KEY = "table_row"
@@ -81,6 +81,18 @@ def _expectation_class(name: str) -> type:
     return getattr(gxe, "".join(part.capitalize() for part in name.split("_")))
 
 
+def _row_condition(table: str, condition: tuple[Condition, ...]) -> Any:
+    """GX Condition objects: this table's rows, and those the check names."""
+    from great_expectations.expectations.row_conditions import AndCondition, Column
+
+    parts = [Column("table") == table]
+    for column, op, value in condition:
+        col = Column(column)
+        parts.append(col.is_not_null() if op == "notnull" else col == value if op == "==" else
+                     col <= value if op == "<=" else col >= value)
+    return parts[0] if len(parts) == 1 else AndCondition(conditions=parts)
+
+
 def combined_frame(tables: list[Table]) -> pd.DataFrame:
     frames = []
     for table in tables:
@@ -128,10 +140,9 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path | None)
             name = suite_name(table, check.severity)
             if name not in suites:
                 suites[name] = gx.ExpectationSuite(name=name)
-            condition = f'table == "{table.name}"' + (f" & ({check.condition})" if check.condition else "")
             cls = _expectation_class(check.expectation)
             suites[name].add_expectation(cls(**check.kwargs, severity=check.severity, notes=check.message,
-                                             row_condition=condition, condition_parser="pandas",
+                                             row_condition=_row_condition(table.name, check.condition),
                                              meta={"table": table.name, "check": i}))
     definitions = []
     for name in sorted(suites, key=order.index):

@@ -30,13 +30,18 @@ IMAGE_ID_PATTERN = SAFE_ID.pattern
 INDEX_COLUMNS = ["row", "Image", "file"]
 
 
+Condition = tuple[str, str, Any]
+
+
 @dataclass(frozen=True)
 class Check:
     expectation: str  # GX expectation type, snake case (a custom one from checkpoint.CUSTOM too)
     kwargs: dict[str, Any]
     message: str  # the rule, in words, for the report and Data Docs
     severity: Literal["critical", "warning"] = "critical"
-    condition: str | None = None  # pandas row_condition within the table, e.g. 'format == "PNG"'
+    # The rows of the table this check reads, ANDed: (column, "==" | "<=" | ">=", value) or
+    # (column, "notnull", None). Turned into a GX row_condition; nothing is filtered silently.
+    condition: tuple[Condition, ...] = ()
 
 
 @dataclass
@@ -157,15 +162,15 @@ def labels_tables(table: Csv, config: ValidationConfig) -> list[Table]:
             Check("expect_column_values_to_be_unique", {"column": "Image"}, "each Image id must appear once"),
             Check("expect_column_values_to_match_regex", {"column": "Image", "regex": IMAGE_ID_PATTERN},
                   "Image ids must be letters, digits, '_' or '-' (no path separators or '..'), at most 128",
-                  condition="Image.notna()"),
+                  condition=(("Image", "notnull", None),)),
         ]
     if "Label" in frame.columns:
         checks += [
             Check("expect_column_values_to_not_be_null", {"column": "Label"}, "every row needs a Label"),
             Check("expect_column_values_to_match_regex", {"column": "Label", "regex": LABEL_PATTERN},
-                  "Label must be class ids 0-9 separated by single spaces", condition="Label.notna()"),
+                  "Label must be class ids 0-9 separated by single spaces", condition=(("Label", "notnull", None),)),
             Check("expect_column_values_to_be_in_set", {"column": "label_ids_distinct", "value_set": [True]},
-                  "a Label names each class once (labels are a set)", condition="label_syntax_ok == True"),
+                  "a Label names each class once (labels are a set)", condition=(("label_syntax_ok", "==", True),)),
         ]
     return [header_table("labels", "labels.train_csv", "train.csv", table, config),
             Table("labels", "labels.rows", derived, checks, ("Label",))]
@@ -225,7 +230,8 @@ def sample_tables(table: Csv, present: list[str]) -> list[Table]:
         Check("expect_column_values_to_not_be_null", {"column": "Image"}, "every sample_submission row needs an id"),
         Check("expect_column_values_to_be_unique", {"column": "Image"}, "sample_submission lists each id once"),
         Check("expect_column_values_to_match_regex", {"column": "Image", "regex": IMAGE_ID_PATTERN},
-              "sample_submission ids must be safe ids (letters, digits, '_' or '-')", condition="Image.notna()"),
+              "sample_submission ids must be safe ids (letters, digits, '_' or '-')",
+              condition=(("Image", "notnull", None),)),
     ]))
     tables.append(test_files_table(listed_ids(table), present))
     return tables
@@ -251,16 +257,16 @@ def images_table(records: list[dict], config: ValidationConfig) -> Table:
     decode_rule = ("images must decode fully, as training decodes them" if config.check_pixels
                    else "images must be complete (end with an IEND chunk; pixels not decoded)")
     # Each check looks only at rows the previous ones admitted, so one fault fails one check.
-    read = "bytes >= 1"
-    png = f'{read} & format == "PNG"'
+    read: tuple[Condition, ...] = (("bytes", ">=", 1),)
+    png = (*read, ("format", "==", "PNG"))
     return Table("images", "images", frame, [
         Check("expect_column_values_to_not_be_null", {"column": "bytes"}, "every listed image must be readable"),
         Check("expect_column_values_to_be_between", {"column": "bytes", "min_value": 1,
                                                      "max_value": config.max_image_bytes},
               f"image files must hold 1 to {config.max_image_bytes:,} bytes (larger ones are not read)",
-              condition="bytes.notna()"),
+              condition=(("bytes", "notnull", None),)),
         Check("expect_column_values_to_be_in_set", {"column": "format", "value_set": ["PNG"]},
-              "images must be PNG files", condition=f"{read} & bytes <= {config.max_image_bytes}"),
+              "images must be PNG files", condition=(*read, ("bytes", "<=", config.max_image_bytes))),
         Check("expect_column_values_to_be_in_set", {"column": "mode", "value_set": ["RGB"]},
               "images must be RGB (3 channels, no alpha, no palette)", condition=png),
         Check("expect_column_values_to_be_in_set", {"column": "bit_depth", "value_set": [8]},
@@ -268,7 +274,7 @@ def images_table(records: list[dict], config: ValidationConfig) -> Table:
         Check("expect_column_values_to_be_in_set", {"column": "size", "value_set": [size]},
               f"images must be {size} pixels", condition=png),
         Check("expect_png_to_decode", {"column": "decodes", "value_set": [True]}, decode_rule,
-              condition=f'{png} & mode == "RGB" & bit_depth == 8'),
+              condition=(*png, ("mode", "==", "RGB"), ("bit_depth", "==", 8))),
     ], ("error",))
 
 
@@ -277,16 +283,16 @@ def integrity_table(records: list[dict], config: ValidationConfig) -> Table:
     frame = pd.DataFrame(records, dtype=object)
     checks = [
         Check("expect_column_values_to_be_null", {"column": "same_id_in_train"},
-              "a test id must not also be a train id (leakage)", condition='split == "test"'),
+              "a test id must not also be a train id (leakage)", condition=(("split", "==", "test"),)),
         Check("expect_image_content_not_in_other_split", {"column": "same_content_in_train"},
               "a test image must not have the same content as a train image (leakage)",
-              condition='split == "test"'),
+              condition=(("split", "==", "test"),)),
         Check("expect_column_values_to_be_null", {"column": "duplicate_of"},
               "train images should not repeat another train image's content", "warning",
-              condition='split == "train"'),
+              condition=(("split", "==", "train"),)),
         Check("expect_column_values_to_be_in_set", {"column": "constant", "value_set": [False]},
               "images should not be blank (every pixel the same value)", "warning",
-              condition="constant.notna()"),
+              condition=(("constant", "notnull", None),)),
     ]
     return Table("integrity", "integrity", frame, checks, ("split", "error"))
 
