@@ -274,3 +274,89 @@ def test_trailing_garbage_and_truncation_are_told_apart(base: Path, tmp_path: Pa
     report = validate_dataset(dataset, CONFIG)
     assert failure_names(report) == [("images", "expect_png_to_decode", "decodes")]
     assert needle in report.summary_lines()[0] and png.name in report.summary_lines()[0]
+
+
+# ---- validation and the training decoder agree; duplicates and blank images ---------------------
+
+
+def _png(mode: str, **save) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    channels = {"RGB": 3, "RGBA": 4, "P": 3}.get(mode)
+    pixels = rng.integers(0, 255, (SIZE, SIZE, channels) if channels else (SIZE, SIZE), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB" if mode == "P" else mode)
+    if mode == "P":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **save)
+    return buffer.getvalue()
+
+
+def _png_variants() -> dict[str, bytes]:
+    from tests.data.corpus import png_16bit_rgb
+
+    return {"sixteen_bit_rgb": png_16bit_rgb(SIZE), "palette": _png("P"), "rgba": _png("RGBA"),
+            "grayscale": _png("L"), "interlaced_rgb": _interlaced()}
+
+
+def _interlaced() -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (PIL writes none): rows of each pass, filter byte 0."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    pixels = np.random.default_rng(5).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    raw = b""
+    for y0, x0, dy, dx in ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+                           (1, 0, 2, 1)):
+        sub = pixels[y0::dy, x0::dx]
+        for row in sub:
+            raw += b"\x00" + row.tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", SIZE, SIZE, 8, 2, 0, 0, 1))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("variant", ["sixteen_bit_rgb", "palette", "rgba", "grayscale", "interlaced_rgb"])
+def test_validation_and_the_training_decoder_give_the_same_verdict(base: Path, tmp_path: Path, variant: str) -> None:
+    from protein.data import decode_png
+
+    data = _png_variants()[variant]
+    try:
+        decode_png(data, "x")
+        decodes = True
+    except DataError:
+        decodes = False
+    root = tmp_path / variant
+    shutil.copytree(base, root)
+    (root / "train" / "103.png").write_bytes(data)
+    report = validate_dataset(root, CONFIG)
+    assert report.success == decodes, (variant, report.summary_lines())
+    assert decodes == (variant == "interlaced_rgb")  # only 8-bit RGB is a training image, interlaced or not
+
+
+def test_duplicates_in_train_warn_naming_the_group_and_blank_images_are_flagged(base: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    shutil.copytree(base, root)
+    shutil.copy(root / "train" / "101.png", root / "train" / "105.png")
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8), "RGB").save(root / "train" / "106.png")
+    report = validate_dataset(root, CONFIG)
+    assert report.success, report.summary_lines()
+    found = {(w["suite"], w["column"]): w for w in report.warnings}
+    duplicate = found[("integrity", "duplicate_of")]
+    assert duplicate["examples"] == [{"row": 6, "Image": "105", "file": "train/105.png", "split": "train",
+                                      "value": "train/101.png"}]
+    assert "train/105.png row 6 = 'train/101.png'" in " ".join(report.warning_lines())
+    blank = found[("integrity", "constant")]
+    assert [e["file"] for e in blank["examples"]] == ["train/106.png"]
