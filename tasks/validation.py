@@ -11,6 +11,7 @@ from protein.data import DatasetSource, fingerprint
 from protein.errors import ProteinError
 from protein.storage import open_store
 from protein.validation import ValidationConfig, load_reference, run_validation
+from tasks.retry import retry_transient
 
 
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -29,7 +30,8 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     return f"validate-{data_fingerprint}-{settings}-ref{reference['hash']}"
 
 
-@task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], timeout_seconds=3600,
+@task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient,
+      timeout_seconds=3600,
       cache_key_fn=validation_cache_key, persist_result=True, result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
     report = run_validation(data, config, store_uri=store)
