@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "validation",
         "description": __doc__.split("\n\n")[0],
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count()},
+                    "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
         "image_bytes": image_bytes,
         "first_call_s": first_call_s,
         "setup_s": setup_s,

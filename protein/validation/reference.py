@@ -62,6 +62,12 @@ def write_reference_profile(store: Any, model_id: str) -> dict | None:
         log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
                     model_id, data_fingerprint)
         return None
-    report = json.loads(store.get_bytes(key))
-    return save_reference(store, report["profile"], source=f"champion {model_id} training data",
+    try:
+        report = json.loads(store.get_bytes(key))
+        profile = check_profile(report["profile"], key)
+    except (ValueError, KeyError, TypeError) as exc:
+        # The promotion already happened; a bad report must not make it look failed (and retried).
+        log.warning("model %s: unusable validation report %s (%s); reference profile unchanged", model_id, key, exc)
+        return None
+    return save_reference(store, profile, source=f"champion {model_id} training data",
                           model_id=model_id, data_fingerprint=data_fingerprint, dataset=report.get("dataset"))
