@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig
 from protein.validation import ValidationConfig
+from tasks.dispatch import DispatchConfig
 
 
 def report_state(state: State, flow_name: str) -> int:
@@ -58,6 +59,19 @@ class TrainParams(BaseModel):
         return TrainConfig(**self.model_dump(exclude={"share_cache"}))
 
 
+class DispatchParams(BaseModel):
+    """How retrain waits for training on the gpu pool (only with a train deployment)."""
+
+    timeout_minutes: float = Field(360, gt=0, title="Timeout per attempt (min)",
+                                   description="a training attempt not final by then is cancelled and dispatched again")
+    attempts: int = Field(3, ge=1, le=10, title="Attempts",
+                          description="crashed or timed-out training is dispatched again, resuming from its checkpoint")
+    poll_seconds: float = Field(5, gt=0, title="Poll interval (s)")
+
+    def to_config(self) -> DispatchConfig:
+        return DispatchConfig(timeout_s=self.timeout_minutes * 60, attempts=self.attempts, poll_s=self.poll_seconds)
+
+
 class GateParams(BaseModel):
     """When the challenger replaces the champion (scores are holdout F1, 0-1)."""
 
@@ -66,6 +80,11 @@ class GateParams(BaseModel):
     max_class_drop: float = Field(GateConfig.max_class_drop, ge=0, le=1, title="Maximum F1 drop on any class")
     metric: Literal["f1_samples", "f1_micro", "f1_macro", "course_f_score"] = Field(
         "f1_samples", title="Gate metric")
+    min_rows: int = Field(GateConfig.min_rows, ge=1, title="Minimum rows for a comparison",
+                          description="fewer rows that neither model trained on and the champion stays")
+    resamples: int = Field(GateConfig.resamples, ge=100, le=100_000, title="Bootstrap resamples")
+    confidence: float = Field(GateConfig.confidence, ge=0.5, lt=1, title="Bootstrap confidence",
+                              description="the gain's interval at this level must clear the minimum gain")
 
     def to_config(self) -> GateConfig:
         return GateConfig(**self.model_dump())

@@ -9,14 +9,14 @@ import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from flows.cli import run_with_prefect
-from flows.params import GateParams, TrainParams, ValidationParams, default_store, report_state
+from flows.params import DispatchParams, GateParams, TrainParams, ValidationParams, default_store, report_state
 from protein.data import DatasetSource, fingerprint
-from tasks.evaluation import evaluate_model, gate
+from tasks.dispatch import dispatch_training
+from tasks.evaluation import evaluate_models, gate
 from tasks.prediction import predict_submission
 from tasks.registry import current_champion, find_run_model, promote_model
 from tasks.training import train_model
@@ -42,10 +42,12 @@ def retrain(
     gate_config: GateParams = GateParams(),
     validation: ValidationParams = ValidationParams(),
     train_deployment: str | None = None,
+    dispatch: DispatchParams = DispatchParams(),
 ) -> dict[str, Any]:
     """Retrain on a dataset (folder or competition zip) and promote the challenger only if it
     beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
-    training as a deployment on the GPU work pool; empty trains in this process. An empty
+    training as a deployment on the GPU work pool, waiting and re-dispatching as `dispatch`
+    says; empty trains in this process. An empty
     `store` means the worker's PROTEIN_STORE (default work/store)."""
     logger = get_run_logger()
     store = store or default_store()  # read on the worker at run time, not at import
@@ -58,20 +60,21 @@ def retrain(
     run_id = f"{report['data_fingerprint'][:8]}-{str(flow_run.id)[:8]}"
     config = train.to_config()
     if train_deployment:
-        child = run_deployment(train_deployment, parameters={"data": data, "store": store, "train": train.model_dump(),
-                                                             "run_id": run_id}, timeout=None)
-        if not child.state or not child.state.is_completed():
-            return Failed(message=f"training deployment {train_deployment} ended {child.state and child.state.name}")
+        try:
+            dispatch_training(train_deployment, {"data": data, "store": store, "train": train.model_dump(),
+                                                 "run_id": run_id}, run_id, dispatch.to_config())
+        except RuntimeError as exc:
+            return Failed(message=str(exc))
         challenger = find_run_model(store, run_id)
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
 
-    challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
-    champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)
-                     if champion else None)
-    decision = gate(store, challenger, champion, challenger_eval, champion_eval, gate_config.to_config())
+    # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
+    evaluation = evaluate_models(data, store, challenger, champion)
+    decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
+                    gate_config.to_config())
     if decision["promote"]:
         champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]))["champion"]
     logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",
@@ -86,7 +89,7 @@ def retrain(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
-    parser.add_argument("--data", required=True, help="dataset folder or competition zip")
+    parser.add_argument("--data", required=True, help="dataset folder, competition zip, s3://bucket/prefix/ or .zip")
     parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
     parser.add_argument("--arch", default=TrainParams().arch)
     parser.add_argument("--epochs", type=int, default=TrainParams().epochs)

@@ -1,28 +1,39 @@
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 
 from protein.config import TrainConfig
+from protein.devices import DevicePolicy, choose_device
 from protein.pipeline import train_and_register
-from protein.train import select_device
-
-GPU_LIMIT = "gpu"
 
 
+def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
+    """Checked before any data is read: a gpu-pool run on a host without CUDA fails in seconds."""
+    import torch
+
+    return choose_device(config.device, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), policy)
+
+
+# The timeout bounds training alone: GPU slots are queued on the server (the gpu work pool's
+# concurrency limit, one slot per card), so a run only starts when a card is free and never
+# spends its timeout waiting for one.
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
       cache_policy=NO_CACHE)
-def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False) -> dict[str, Any]:
+def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
+                policy: DevicePolicy = DevicePolicy()) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()
-    device = select_device(config.device)
+    # A check only: for 'auto' the answer is what training picks anyway, so the config (saved in
+    # the checkpoint and compared on resume) stays as the caller built it.
+    device = device_for(config, policy)
     logger.info("training %s at %d px on device %s (run %s)", config.arch, config.image_size, device, run_id)
-    if device.type == "cuda":
+    if device.startswith("cuda"):
         import torch
 
         logger.info("GPU: %s; bf16 autocast and channels_last enabled", torch.cuda.get_device_name(device))
@@ -36,10 +47,9 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                     record["epochs"], record["train_loss"], record["holdout_f1_samples"],
                     record["train_images_per_s"])
 
-    # One slot per GPU: two retrains never share a card. Without a 'gpu' limit on the server
-    # this does not block (strict=False), which is what local development wants.
-    with concurrency(GPU_LIMIT, occupy=1, timeout_seconds=24 * 3600):
-        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
+    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
+    if result["resumed_from_epoch"]:
+        logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
     return result

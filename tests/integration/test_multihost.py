@@ -1,0 +1,276 @@
+"""Production across machines, made on one: a CPU host and a GPU host that share nothing but
+an S3 bucket (a real moto_server) and a Prefect server (a real `prefect server start`).
+
+Each worker "host" runs in its own empty directory with its own HOME, PREFECT_HOME, cache and
+TMPDIR and without PYTHONPATH; the workers share the project's virtualenv (installed
+dependencies, as every real host has its own) but get the code from the deployments' pull
+step: a git clone of a bare repository made from this checkout. `python -m deployments.deploy`
+runs from a separate clone that is deleted right after, and the dataset's local folder is
+deleted after `protein datasets push`, so the only way to the data is its s3:// URI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MotoServer, set_s3_env
+from tests.helpers import write_dataset
+from tests.integration.prefect_services import (
+    Service,
+    all_logs,
+    deploy_from_fresh_clone,
+    git_remote_of_worktree,
+    host_env,
+    prefect_env,
+    running_services,
+    start_server,
+    wait_final,
+    worker_args,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TEST_IDS = ["900", "901", "902"]
+IMAGE = 32
+RUN_TIMEOUT_S = 420.0
+# The dispatcher calls a worker lost after 3 missed heartbeats: 15 s here, 90 s by default.
+WORKER_HEARTBEAT_S = "5"
+
+
+@dataclass
+class Cluster:
+    root: Path
+    env: dict[str, str]  # what every process inherits: the API URL and the S3 endpoint and keys
+    api_url: str
+    bucket: str
+    data_uri: str
+    commit: str
+    services: list[Service]
+
+    def gpu_host(self, name: str) -> tuple[Service, Path]:
+        """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly."""
+        root = self.root / name
+        env = host_env(self.env, root, {"PROTEIN_ALLOW_CPU": "1",
+                                        "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
+        service = Service(f"worker-{name}", worker_args("gpu", name), env, self.root, cwd=root)
+        self.services.append(service)
+        return service, root.resolve()
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    import os
+
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(local),
+                             "--store", store], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"datasets push failed: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    uri = result.stdout.strip().splitlines()[-1]
+    assert uri.startswith("s3://"), uri
+    return uri
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    import boto3
+
+    root = tmp_path_factory.mktemp("multihost")
+    bucket = f"hosts-{uuid.uuid4().hex[:12]}"
+    aws = aws_env(s3_server.endpoint)
+    s3 = boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
+                                        aws_secret_access_key="testing", region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    env = prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"})
+
+    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
+    local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
+    data_uri = push_dataset(local, f"s3://{bucket}/shared", env)
+    shutil.rmtree(local)
+
+    remote, commit = git_remote_of_worktree(root)
+    with running_services() as services:
+        start_server(env, root, services)
+        deployed = deploy_from_fresh_clone({**env, "PROTEIN_DATA": data_uri, "PROTEIN_GPU_SLOTS": "1"}, remote, root)
+        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+        assert not (root / "deploy-checkout").exists()
+        # The CPU host runs several flows at once (a retrain and a second, cancelled one).
+        cpu = root / "cpu-host"
+        services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                               "--no-create-pool-if-not-found"], host_env(env, cpu), root, cwd=cpu))
+        yield Cluster(root, env, env["PREFECT_API_URL"], bucket, data_uri, commit, services)
+
+
+@pytest.fixture
+def client(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    set_s3_env(monkeypatch, cluster.env["AWS_ENDPOINT_URL"])  # this process reads the store too
+    with temporary_settings(updates={PREFECT_API_URL: cluster.api_url}), get_client(sync_client=True) as c:
+        yield c
+
+
+def retrain_parameters(cluster: Cluster, store: str, epochs: int) -> dict[str, Any]:
+    return {
+        "data": cluster.data_uri,
+        "store": store,
+        "train": {"epochs": epochs, "image_size": IMAGE, "batch_size": 8, "share_cache": True},
+        "validation": {"image_size": IMAGE},
+        "gate_config": {"min_score": 0.0},
+        "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 2},
+    }
+
+
+def train_runs(client: Any, parent_id: Any) -> list[Any]:
+    """train/gpu runs dispatched by one retrain run, oldest first."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    train_gpu = client.read_deployment_by_name("train/gpu")
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[train_gpu.id])),
+                                 sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+    parent_tasks = {t.id for t in task_runs(client, parent_id)}
+    return [r for r in runs if r.parent_task_run_id in parent_tasks]
+
+
+def task_runs(client: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def run_logs(client: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs: list[Any] = []
+    while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=len(logs)):
+        logs += batch
+    return logs
+
+
+def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
+    cluster: Cluster, client: Any
+) -> None:
+    from protein.registry import Registry
+    from protein.storage import open_store
+
+    # What deploy registered: code pinned to a commit, one retrain at a time, one run per GPU slot.
+    nightly = client.read_deployment_by_name("retrain/nightly")
+    assert nightly.pull_steps == [{"prefect.deployments.steps.git_clone": {
+        "repository": nightly.pull_steps[0]["prefect.deployments.steps.git_clone"]["repository"],
+        "commit_sha": cluster.commit}}], nightly.pull_steps
+    assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options is not None and nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert client.read_work_pool("gpu").concurrency_limit == 1
+    train_gpu = client.read_deployment_by_name("train/gpu")
+    assert train_gpu.job_variables["env"]["PROTEIN_REQUIRE_CUDA"] == "1"
+    assert train_gpu.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "protein"
+
+    _, gpu_dir = cluster.gpu_host("gpu-host-a")
+    store_uri = f"s3://{cluster.bucket}/first"
+    first = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))
+    first = wait_final(client, first.id, RUN_TIMEOUT_S, cluster.services)
+    assert first.state.is_completed(), f"retrain ended {first.state.name}: {first.state.message}\n" \
+                                       f"{all_logs(cluster.services)}"
+    assert first.work_pool_name == "cpu"
+    [train] = train_runs(client, first.id)
+    assert train.state.is_completed() and train.work_pool_name == "gpu"
+
+    logs = run_logs(client, train.id)
+    [code_line] = [log.message for log in logs if log.message.startswith("train flow code: ")]
+    code = Path(code_line.removeprefix("train flow code: "))
+    assert code.is_relative_to(gpu_dir), f"the train flow ran from {code}, not from inside {gpu_dir}"
+    assert any(log.name.startswith("protein.") for log in logs), "library logs reach the Prefect API"
+    decoded = list((gpu_dir / "cache").rglob("*.npy"))
+    assert decoded, f"no decode cache in the gpu host's own cache dir {gpu_dir / 'cache'}"
+
+    store = open_store(store_uri)
+    registry = Registry(store)
+    champion = registry.champion().champion
+    assert champion is not None and registry.find_by_run(train.parameters["run_id"]) == champion
+    latest = json.loads(store.get_bytes("submissions/latest.json"))
+    assert latest["model_id"] == champion
+    lines = store.get_bytes(latest["key"]).decode().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == TEST_IDS
+
+    # Unchanged data, a fresh GPU host: validation is a cache hit on the CPU host and the GPU
+    # host pulls the decoded images the first one pushed to the store instead of decoding.
+    _, gpu_dir_b = cluster.gpu_host("gpu-host-b")
+    second = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))
+    while (second := client.read_flow_run(second.id)).state_type.value not in ("RUNNING", "COMPLETED", "FAILED",
+                                                                               "CRASHED", "CANCELLED"):
+        time.sleep(0.5)
+    # A nightly started while one runs is cancelled, not queued behind it.
+    third = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))
+    third = wait_final(client, third.id, RUN_TIMEOUT_S, cluster.services)
+    assert third.state.type.value == "CANCELLED", f"the concurrent nightly ended {third.state.name}"
+    second = wait_final(client, second.id, RUN_TIMEOUT_S, cluster.services)
+    assert second.state.is_completed(), f"{second.state.message}\n{all_logs(cluster.services)}"
+
+    [validation] = [t for t in task_runs(client, second.id) if t.name.startswith("validate-data")]
+    assert validation.state.name == "Cached", f"validation ran again on unchanged data: {validation.state.name}"
+    [train_b] = train_runs(client, second.id)
+    messages = [log.message for log in run_logs(client, train_b.id)]
+    assert any(m.startswith("image cache pulled from s3://") for m in messages), messages
+    assert list((gpu_dir_b / "cache").rglob("*.npy")), "the pulled cache lands in the new host's own directory"
+
+
+def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster: Cluster, client: Any) -> None:
+    from protein.registry import Registry
+    from protein.storage import open_store
+
+    epochs = 12
+    worker, _ = cluster.gpu_host("gpu-host-c")
+    store_uri = f"s3://{cluster.bucket}/killed"
+    store = open_store(store_uri)
+    nightly = client.read_deployment_by_name("retrain/nightly")
+    parent = client.create_flow_run_from_deployment(nightly.id,
+                                                    parameters=retrain_parameters(cluster, store_uri, epochs))
+
+    # Kill the GPU host as soon as training has checkpointed its first epoch.
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (checkpoints := [k for k in store.list("runs/") if k.endswith("/checkpoint.pt")]):
+        assert time.monotonic() < deadline, f"no checkpoint in time\n{all_logs(cluster.services)}"
+        assert client.read_flow_run(parent.id).state_type.value not in ("COMPLETED", "FAILED", "CRASHED")
+        time.sleep(0.2)
+    worker.kill()
+    import torch
+
+    [checkpoint] = checkpoints
+    killed_at = torch.load(__import__("io").BytesIO(store.get_bytes(checkpoint)), weights_only=True)["epoch"]
+    assert killed_at < epochs, "the kill landed after training finished; the test proves nothing then"
+
+    cluster.gpu_host("gpu-host-d")  # the replacement host
+    parent = wait_final(client, parent.id, RUN_TIMEOUT_S, cluster.services)
+    assert parent.state.is_completed(), f"{parent.state.message}\n{all_logs(cluster.services)}"
+
+    first, second = train_runs(client, parent.id)
+    assert first.state.type.value == "CRASHED" and "stopped heartbeating" in (first.state.message or "")
+    assert second.state.is_completed()
+    assert first.parameters["run_id"] == second.parameters["run_id"]
+    messages = [log.message for log in run_logs(client, second.id)]
+    resumed = [m for m in messages if m.startswith("resuming run ")]
+    assert resumed, messages
+    resumed_epoch = int(resumed[0].rsplit(" ", 1)[1])
+    assert killed_at <= resumed_epoch < epochs, (killed_at, resumed_epoch)
+
+    registry = Registry(store)
+    [version] = registry.versions()
+    assert registry.find_by_run(second.parameters["run_id"]) == version == registry.champion().champion
+    assert [h["epoch"] for h in registry.spec(version)["history"]] == list(range(1, epochs + 1))
