@@ -1,4 +1,4 @@
-"""`protein` command line: synth, validate, train, evaluate, predict, models, cache.
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets, cache, link.
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
@@ -8,6 +8,7 @@ failures as one line on stderr with a specific exit code: 1 data failed validati
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -19,6 +20,9 @@ from typing import Any
 from protein.config import ARCHITECTURES, DEFAULT_IMAGE_SIZE, TrainConfig
 
 log = logging.getLogger("protein")
+
+DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
+             "s3://bucket/prefix/ or s3://bucket/key.zip")
 
 
 def emit(payload: Any) -> None:
@@ -35,6 +39,21 @@ def progress_bar(total: int | None, desc: str):  # noqa: ANN201
 
 
 # --- verbs -----------------------------------------------------------------------------------
+def pipeline_event(helper: str, **fields: Any) -> bool:
+    """Emit a Prefect event (e.g. ``pipeline_event("dataset_pushed", uri=..., ...)``) through
+    ``tasks.events``, imported here at call time by name: the ``protein`` library never imports
+    Prefect, and a verb that emits still runs offline (the helper does nothing without an API)."""
+    events = importlib.import_module("tasks.events")
+    return bool(getattr(events, helper)(**fields))
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from protein.links import shareable_url
+
+    print(shareable_url(args.uri, expires_s=int(args.hours * 3600)))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from protein.config import SynthConfig
     from protein.synth import generate_dataset
@@ -66,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
                                     on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
-                                    share_cache=args.share_cache)
+                                    share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
     emit(result)
     return 0
 
@@ -172,6 +191,36 @@ def models_gc(args: argparse.Namespace, registry: Any) -> int:
     return 0
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from protein.data.push import list_datasets, push_dataset
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    if args.datasets_cmd == "push":
+        store.check()
+        with progress_bar(None, "push") as pushed:
+            result = push_dataset(args.data, store, args.cache_dir, pushed)
+        emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
+              "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+        # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
+        # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
+        pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
+                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded})
+    elif args.datasets_cmd == "list":
+        rows, incomplete = list_datasets(store)
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['uri']}  {row['created']}  train={row['train_images']} test={row['test_images']}  "
+                      f"{(row['bytes'] or 0) / 1e6:.1f} MB")
+            if not rows:
+                print(f"no datasets in {store.uri}", file=sys.stderr)
+        for prefix in incomplete:
+            print(f"incomplete push (no manifest, not usable): {store.uri.rstrip('/')}/{prefix}", file=sys.stderr)
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from protein.cache import ImageCache
 
@@ -220,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes rendering images")
 
     p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     p.add_argument("--report", help="folder for report.json and Data Docs HTML")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
@@ -239,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make this dataset's label profile the drift reference (only if it passes)")
 
     p = add("train", cmd_train, "train a model and register it as a new version")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     defaults = TrainConfig()
@@ -257,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
     p.add_argument("--share-cache", action="store_true",
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
+    p.add_argument("--expect-fingerprint", metavar="FP",
+                   help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
@@ -267,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split seed (default: the one the model was trained with)")
 
     p = add("predict", cmd_predict, "predict the test set and write the submission")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
@@ -283,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--older-than-days", type=float, required=True, help="age in days")
     cp.add_argument("--store", help="also clean the shared caches under cache/ in this store")
     cp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
+    p = add("link", cmd_link, "print a link to a stored object (presigned on S3) from its s3:// or file:// URI")
+    p.add_argument("uri", help="s3://bucket/key or file:///path, as artifacts and reports record them")
+    p.add_argument("--hours", type=float, default=24.0, help="how long an S3 link works (at most 168 = 7 days)")
 
     p = add("models", cmd_models, "list, show, promote, roll back and clean model versions")
     models = p.add_subparsers(dest="models_cmd", required=True)
@@ -318,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="list complete versions beyond the newest N (never the champion or any version in "
                                  "its promotion history) for deletion")
             mp.add_argument("--yes", action="store_true", help="with --keep-last: really delete those versions")
+
+    p = add("datasets", cmd_datasets, "push datasets to the object store and list them")
+    datasets = p.add_subparsers(dest="datasets_cmd", required=True)
+    dp = datasets.add_parser("push", help="upload a dataset to datasets/<fingerprint>/ and print its URI",
+                             description="upload a dataset (any accepted layout) to datasets/<fingerprint>/ in the "
+                             "store, written once and complete or invisible; prints its s3:// (or folder) URI",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dp.add_argument("--data", required=True, help=DATA_HELP)
+    store_arg(dp)
+    cache_arg(dp)
+    dp = datasets.add_parser("list", help="list the complete datasets in the store",
+                             description="list the complete datasets in the store (newest first)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    store_arg(dp)
+    dp.add_argument("--json", action="store_true", help="print a JSON array")
     return parser
 
 

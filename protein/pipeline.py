@@ -22,8 +22,10 @@ from protein.bootstrap import to_bitmasks
 from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
+from protein.errors import FingerprintMismatch
 from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
+from protein.links import object_uri
 from protein.metrics import binarize, evaluate_predictions
 from protein.predict import Predictor
 from protein.presets import IMAGE_MEAN, IMAGE_STD
@@ -82,15 +84,18 @@ def train_and_register(
     on_batch: Callable[[int], None] | None = None,
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
-    pushes it there otherwise."""
+    pushes it there otherwise. expected_fingerprint (the one validation saw) makes training refuse
+    data that changed since: `FingerprintMismatch`, before anything is trained or registered."""
     store = open_store(store_uri)
     store.check()
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
     registry = Registry(store)
@@ -146,6 +151,14 @@ def train_and_register(
         "resumed_from_epoch": result.resumed_from_epoch,
         "device": result.device,
     }
+
+
+def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
+    if expected is not None and expected.strip() and actual != expected.strip():
+        raise FingerprintMismatch(
+            f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
+            "since it was validated); refusing to train on it"
+        )
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +232,7 @@ def evaluate_version(
     holdout = spec.get("holdout", {})
     fraction = holdout_fraction if holdout_fraction is not None else holdout.get("fraction", 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     if holdout_fraction is None and seed is None:
         rows = gate_rows(data, data_fingerprint, spec, None)
@@ -248,7 +261,7 @@ def evaluate_for_gate(
     challenger_id = registry.resolve(challenger_id)
     challenger_spec = registry.spec(challenger_id)
     champion_spec = registry.spec(champion_id) if champion_id else None
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
     summary = rows.to_dict()
@@ -284,7 +297,7 @@ def predict_and_publish(
     store = open_store(store_uri)
     registry = Registry(store)
     model_id = registry.resolve(model_id)
-    data = load_competition(data_path, require_test=True)
+    data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     predictor = load_predictor(registry, model_id, cache_dir)
     data_fingerprint = fingerprint(data.source)
     images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
@@ -322,8 +335,8 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
 
 def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],
                           champion_eval: dict[str, Any] | None) -> str:
-    """Render the training curves and per-class F1 to reports/<model>/training.png; return its URL
-    (presigned on S3)."""
+    """Render the training curves and per-class F1 to reports/<model>/training.png; return its
+    durable URI (s3:// or file://; `protein link` makes an openable URL of it)."""
     from protein.report import training_plot_png
 
     store = open_store(store_uri)
@@ -332,4 +345,4 @@ def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[s
                             champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
     key = f"reports/{check_version_id(model_id)}/training.png"
     store.put_bytes(key, png, content_type="image/png")
-    return store.url(key)
+    return object_uri(store, key)

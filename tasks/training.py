@@ -10,6 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
 from protein.pipeline import train_and_register
+from tasks import events
+from tasks.retry import retry_transient
 
 
 def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
@@ -23,9 +25,9 @@ def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
 # concurrency limit, one slot per card), so a run only starts when a card is free and never
 # spends its timeout waiting for one.
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
-                policy: DevicePolicy = DevicePolicy()) -> dict[str, Any]:
+                policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()
@@ -38,8 +40,10 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
 
         logger.info("GPU: %s; bf16 autocast and channels_last enabled", torch.cuda.get_device_name(device))
     progress_id = create_progress_artifact(0.0, key="training-progress", description=f"run {run_id}")
+    history: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
+        history.append(history_row(record))
         update_progress_artifact(progress_id, 100.0 * record["epoch"] / record["epochs"],
                                  description=f"epoch {record['epoch']}/{record['epochs']}: "
                                  f"holdout F1 {record['holdout_f1_samples']:.3f}")
@@ -47,9 +51,23 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                     record["epochs"], record["train_loss"], record["holdout_f1_samples"],
                     record["train_images_per_s"])
 
-    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache)
+    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
+                                expected_fingerprint=expected_fingerprint)
     if result["resumed_from_epoch"]:
         logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
+    if history:  # empty when a retry resumed a run whose epochs were all done
+        create_table_artifact(history, key="training-history",
+                              description=f"per-epoch loss, holdout metrics and speed of run {run_id}")
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
+    events.model_registered(result["model_id"], store, result["data_fingerprint"], result["metrics"])
     return result
+
+
+def history_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One row of the training-history table: what a person compares between epochs."""
+    return {"epoch": record["epoch"], "train_loss": round(record["train_loss"], 4),
+            "holdout_loss": round(record["holdout_loss"], 4),
+            "holdout_f1_samples": round(record["holdout_f1_samples"], 4),
+            "holdout_f1_macro": round(record["holdout_f1_macro"], 4),
+            "images_per_s": round(record["train_images_per_s"], 1), "lr": float(f"{record['lr']:.3g}")}

@@ -11,6 +11,7 @@ from protein.data import DatasetSource, fingerprint
 from protein.errors import ProteinError
 from protein.storage import open_store
 from protein.validation import ValidationConfig, load_reference, run_validation
+from tasks import events
 from tasks.retry import retry_transient
 
 
@@ -48,6 +49,7 @@ def validate_data(data: str, config: ValidationConfig, store: str | None = None)
         lines += ["", "## Findings", *[f"- {line}" for line in summary]]
     create_markdown_artifact("\n".join(lines), key="validation-summary",
                              description=f"validation of {report.data_fingerprint}")
+    events.validation_finished(data, report.data_fingerprint, report.success, summary, report.report_uri)
     return {"success": report.success, "data_fingerprint": report.data_fingerprint,
             "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri,
             "reference_hash": report.reference.get("hash"), "reference_uri": report.reference.get("uri")}

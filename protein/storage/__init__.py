@@ -23,6 +23,7 @@ from urllib.request import url2pathname
 from protein.storage.base import (
     MAX_KEY_LENGTH,
     SHA256_METADATA,
+    ListedObject,
     ObjectInfo,
     Store,
     is_valid_key,
@@ -37,6 +38,7 @@ __all__ = [
     "LOCAL_META_DIR",
     "MAX_KEY_LENGTH",
     "SHA256_METADATA",
+    "ListedObject",
     "LocalStore",
     "ObjectInfo",
     "S3Store",

@@ -33,6 +33,16 @@ class ObjectInfo:
     modified: float  # seconds since the epoch (UTC)
 
 
+@dataclass(frozen=True)
+class ListedObject:
+    """One S3 object as a raw listing shows it: its full key in the bucket, size and ETag (quotes kept).
+    For reading datasets other tools wrote (`S3Store.list_objects`)."""
+
+    key: str
+    size: int
+    etag: str
+
+
 @runtime_checkable
 class Store(Protocol):
     """A flat namespace of objects under one root; see the package docstring for the guarantees."""

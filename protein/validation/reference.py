@@ -30,7 +30,7 @@ def load_reference(store: Any | None) -> dict:
     if store is not None and store.exists(REFERENCE_PROFILE_KEY):
         try:
             profile = check_profile(json.loads(store.get_bytes(REFERENCE_PROFILE_KEY)), REFERENCE_PROFILE_KEY)
-            return {**profile, "hash": profile_hash(profile), "uri": store.url(REFERENCE_PROFILE_KEY)}
+            return {**profile, "hash": profile_hash(profile), "uri": _uri(store)}
         except ValueError as exc:  # json.JSONDecodeError is a ValueError too
             log.warning("ignoring the stored reference profile, using the built-in one: %s", exc)
     return {**REFERENCE_PROFILE, "hash": profile_hash(REFERENCE_PROFILE), "uri": None}
@@ -45,7 +45,14 @@ def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
     record["hash"] = profile_hash(record)
     store.put_bytes(REFERENCE_PROFILE_KEY, json.dumps(record, indent=2).encode(), content_type="application/json")
     log.info("reference label profile is now %s (hash %s)", record.get("source"), record["hash"])
-    return {"uri": store.url(REFERENCE_PROFILE_KEY), "hash": record["hash"]}
+    return {"uri": _uri(store), "hash": record["hash"]}
+
+
+def _uri(store: Any) -> str:
+    """Durable s3:// or file:// address (never presigned: it is recorded in reports and Prefect)."""
+    from protein.links import object_uri
+
+    return object_uri(store, REFERENCE_PROFILE_KEY)
 
 
 def write_reference_profile(store: Any, model_id: str) -> dict | None:

@@ -159,6 +159,7 @@ def run_validation(
     """Validate; write report.json and Data Docs into report_dir (default: a new temp dir); with a
     store, measure drift against its reference profile and upload report and docs. `accept`
     makes this dataset's profile the reference, if it passed."""
+    from protein.links import object_uri
     from protein.storage import open_store
 
     DatasetSource.open(path)  # not a dataset at all: DataError before anything is written
@@ -183,8 +184,9 @@ def run_validation(
     report.docs_path = str(docs / "index.html")
     if store is not None:
         _upload_dir(store, docs, DOCS_PREFIX)
-        report.docs_uri = store.url(f"{DOCS_PREFIX}/index.html")
-        report.report_uri = store.url(report_key(report.data_fingerprint))
+        # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
+        report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
+        report.report_uri = object_uri(store, report_key(report.data_fingerprint))
         if accept:
             if not report.success:
                 log.warning("not accepting %s as the reference: it failed validation", report.data_fingerprint)

@@ -239,7 +239,7 @@ def test_run_validation_keeps_one_docs_site_with_history_and_never_moves_the_ref
     assert saved["reference"]["source"].startswith("real train.csv") and len(saved["reference"]["hash"]) == 16
     assert Path(report.docs_path).is_file() and report.docs_path.endswith("docs/index.html")
     assert json.loads(store.get_bytes(f"validation/{report.data_fingerprint}/report.json"))["success"] is True
-    assert report.docs_uri == store.url("validation/docs/index.html")
+    assert report.docs_uri == (tmp_path / "store" / "validation" / "docs" / "index.html").as_uri()
     # A passing run does not become the reference: only a promotion or --accept moves it.
     assert not store.exists("validation/reference_profile.json")
 
