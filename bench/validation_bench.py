@@ -13,6 +13,11 @@ Rows:
 - full decode: a subset of images fully decoded (check_pixels=True), per-image cost extrapolated to
   19,236 images - extrapolated, not measured, to keep the benchmark under two minutes.
 
+- content hashing: the extra cost of what the full pass adds per image for leakage, duplicate and
+  blank-image checks (SHA-256 of the decoded pixels, min/max per band), measured side by side with
+  the decode alone on the same image, then extrapolated to the real set size (19,236 train + 8,243
+  test images) - extrapolated, not measured on 27,479 files.
+
 Each row is the median of `--repeats` calls after one warm-up call, which pays the one-off
 Great Expectations import (reported separately).
 
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 REAL_ROWS = 19_236
+REAL_TEST_ROWS = 8_243
 IMAGE_SIZE = 512
 
 
@@ -78,12 +84,42 @@ def timed(path: Path, config: ValidationConfig, repeats: int) -> tuple[float, Va
     return median(samples), report
 
 
+def content_hash_cost(template: Path, n: int, repeats: int) -> dict[str, float]:
+    """ms per image of what the pass adds after the decode it already does (SHA-256 of the decoded
+    pixels + per-band min/max), timed on its own, next to the decode it follows (interleaved, so
+    load changes hit both alike)."""
+    import hashlib
+
+    from protein.data import decode_png
+
+    data = template.read_bytes()
+    image = decode_png(data, "bench")
+
+    def decode_only() -> None:
+        decode_png(data, "bench")
+
+    def hash_and_blank_check() -> None:
+        hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+        image.getextrema()
+
+    decode, hashing = [], []
+    for _ in range(repeats):
+        for fn, out in ((decode_only, decode), (hash_and_blank_check, hashing)):
+            started = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append(1000 * (time.perf_counter() - started) / n)
+    decode_ms, hash_ms = median(decode), median(hashing)
+    return {"decode_ms": decode_ms, "hash_ms": hash_ms, "ratio": (decode_ms + hash_ms) / decode_ms}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run, print the table, write bench/results/validation.json; returns the headline numbers
     (flat, for bench.run_all's summary)."""
     parser = argparse.ArgumentParser(prog="python -m bench.validation_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--decode-subset", type=int, default=2000, help="images fully decoded (extrapolated)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hash-images", type=int, default=200, help="decodes per side of the hashing comparison")
     args = parser.parse_args(argv)
 
     headers = ValidationConfig(image_size=IMAGE_SIZE, check_pixels=False)
@@ -125,6 +161,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seconds": extrapolated, "ms_per_image": 1000 * per_image_s, "extrapolated": True,
                      "workers": report.statistics["image_workers"]})
         image_bytes = (Path(tmp) / "template.png").stat().st_size
+        hashing = content_hash_cost(Path(tmp) / "template.png", args.hash_images, args.repeats)
+        total = REAL_ROWS + REAL_TEST_ROWS
+        rows.append({"case": f"content hash + blank check, extrapolated to {total:,} images (1 process)",
+                     "rows": REAL_ROWS, "images": total, "seconds": total * hashing["hash_ms"] / 1000,
+                     "ms_per_image": hashing["hash_ms"], "extrapolated": True, "workers": 1,
+                     "decode_ms_per_image": hashing["decode_ms"], "ratio_vs_decode_alone": hashing["ratio"]})
 
     columns = ["case", "rows", "images", "seconds", "ms_per_image", "gx_s", "workers"]
     print(format_table(rows, columns))
@@ -134,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "validation",
         "description": __doc__.split("\n\n")[0],
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count()},
+                    "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
         "image_bytes": image_bytes,
         "first_call_s": first_call_s,
         "setup_s": setup_s,
@@ -151,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "full_decode_ms_per_image": rows[2]["ms_per_image"],
         "full_decode_19236_extrapolated_s": rows[3]["seconds"],
         "first_call_with_gx_import_s": first_call_s,
+        "content_hash_ms_per_image": rows[4]["ms_per_image"],
+        "content_hash_27479_extrapolated_s": rows[4]["seconds"],
     }
 
 

@@ -114,9 +114,14 @@ class ValidationParams(BaseModel):
 
     image_size: int = Field(512, ge=1, title="Expected image size (px)")
     check_pixels: bool = Field(True, title="Fully decode every image", description="catches truncated files")
-    drift_tolerance: float = Field(0.05, gt=0, lt=1, title="Label drift tolerance",
-                                   description="allowed absolute change of a class's share vs the reference")
+    drift_alpha: float = Field(ValidationConfig.drift_alpha, gt=0, lt=1, title="Label drift significance level",
+                               description="false-alarm rate of the drift test on undrifted data (Holm-corrected)")
+    drift_min_relative_change: float = Field(
+        ValidationConfig.drift_min_relative_change, ge=0, title="Smallest relative label-share change that is drift",
+        description="0.25: a class share must move by a quarter of its reference value (and be significant)")
     drift_action: Literal["fail", "warn"] = Field("fail", title="On label drift")
+    max_image_bytes: int = Field(ValidationConfig.max_image_bytes, ge=1, title="Largest image file (bytes)",
+                                 description="larger files or zip members are refused without being read")
 
     def to_config(self) -> ValidationConfig:
         return ValidationConfig(**self.model_dump())

@@ -2,30 +2,45 @@
 
 Decoding a 512x512 PNG costs milliseconds; doing it every epoch starves the model. One pass
 decodes and resizes every image of a split to the training resolution and stores the uint8
-pixels in one memory-mapped .npy file, keyed by the dataset fingerprint and the size. Later
-epochs, runs and prediction slice it. A changed dataset has a different fingerprint, so a
+pixels in one memory-mapped .npy file, keyed by the dataset fingerprint, the size, the
+preprocessing version and the Pillow version (a new resize or a new decoder gives new pixels).
+Later epochs, runs and prediction slice it. A changed dataset has a different fingerprint, so a
 stale cache is never read.
+
+Two processes that need the same entry do not both decode it: the builder holds an exclusive
+lock on <key>.lock and the second one finds the finished entry when it gets the lock. An entry
+that cannot be read (truncated by a full disk, corrupted) is rebuilt, not raised. `gc` removes
+entries unused for N days.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
+from protein.pools import pool_context
 from protein.storage import Store
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough to balance
+# Bump when load_image's output changes for the same bytes (resize filter, colour handling).
+PREPROCESS_VERSION = 1
+SUFFIXES = (".npy", ".json", ".lock")
 
 
 @dataclass(frozen=True)
@@ -33,10 +48,12 @@ class CacheKey:
     fingerprint: str
     split: str
     image_size: int
+    preprocess: int = PREPROCESS_VERSION
+    pillow: str = field(default_factory=lambda: PIL.__version__)
 
     @property
     def name(self) -> str:
-        return f"{self.fingerprint}-{self.split}-{self.image_size}px"
+        return f"{self.fingerprint}-{self.split}-{self.image_size}px-p{self.preprocess}-pil{self.pillow}"
 
 
 def default_workers() -> int:
@@ -66,12 +83,10 @@ def decode_all(
             if progress:
                 progress(len(chunk))
         return
-    # 'spawn' would re-import torch in every worker; fork is safe here because workers
-    # only touch PIL and numpy.
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # Never fork: the caller may be a training process with torch's or Prefect's threads running,
+    # whose locks a forked child inherits in whatever state they were. forkserver workers start
+    # from a clean server process and import only this module's needs (numpy, PIL).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
         futures = [pool.submit(_decode_chunk, source, chunk, image_size) for chunk in chunks]
         start = 0
         try:
@@ -96,16 +111,68 @@ class ImageCache:
         return self.root / f"{key.name}.npy", self.root / f"{key.name}.json"
 
     def load(self, key: CacheKey, image_ids: list[str]) -> np.ndarray | None:
+        """The entry, or None if it is missing, for other ids, or unreadable (then it is rebuilt)."""
         array_path, meta_path = self.paths(key)
         if not (array_path.exists() and meta_path.exists()):
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("ids") != image_ids:
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("ids") != image_ids:
+                return None
+            array = np.load(array_path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:  # truncated or corrupt: numpy and json say ValueError
+            log.warning("image cache %s is unreadable, rebuilding it: %s", key.name, exc)
             return None
-        array = np.load(array_path, mmap_mode="r")
-        if array.shape != (len(image_ids), key.image_size, key.image_size, 3):
+        if array.shape != (len(image_ids), key.image_size, key.image_size, 3) or array.dtype != np.uint8:
+            log.warning("image cache %s has shape %s, expected %s; rebuilding it", key.name, array.shape,
+                        (len(image_ids), key.image_size, key.image_size, 3))
             return None
+        with contextlib.suppress(OSError):
+            os.utime(meta_path)  # last use, for gc
         return array
+
+    def lock(self, key: CacheKey) -> contextlib.AbstractContextManager[None]:
+        """Exclusive per entry across processes on this host (flock is released if a holder dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.lock_by_name(key.name)
+
+    def gc(self, older_than_days: float, dry_run: bool = False) -> list[str]:
+        """Remove entries not used for older_than_days (and their lock files); returns their names."""
+        if not self.root.is_dir():
+            return []
+        cutoff = time.time() - older_than_days * 86400
+        removed = []
+        for meta_path in sorted(self.root.glob("*.json")):
+            name = meta_path.stem
+            array_path = meta_path.with_suffix(".npy")
+            try:
+                last_used = max(meta_path.stat().st_mtime, array_path.stat().st_mtime if array_path.exists() else 0)
+            except OSError:
+                continue
+            if last_used >= cutoff:
+                continue
+            removed.append(name)
+            if not dry_run:
+                with self.lock_by_name(name):
+                    for suffix in (".npy", ".json"):
+                        (self.root / f"{name}{suffix}").unlink(missing_ok=True)
+                (self.root / f"{name}.lock").unlink(missing_ok=True)
+        # An .npy without its ids file is a build that died: remove it once it is old too.
+        for array_path in self.root.glob("*.npy"):
+            if not array_path.with_suffix(".json").exists() and array_path.stat().st_mtime < cutoff:
+                removed.append(array_path.stem)
+                if not dry_run:
+                    array_path.unlink(missing_ok=True)
+        return removed
+
+    @contextlib.contextmanager
+    def lock_by_name(self, name: str) -> Iterator[None]:
+        with open(self.root / f"{name}.lock", "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def build(
         self,
@@ -129,6 +196,25 @@ class ImageCache:
         if cached is not None:
             log.info("image cache hit: %s (%d images)", key.name, len(image_ids))
             return cached
+        with self.lock(key):
+            # Whoever held the lock before us may have just built it.
+            cached = self.load(key, image_ids)
+            if cached is not None:
+                log.info("image cache built by another process: %s", key.name)
+                return cached
+            return self._build_locked(data, split, image_ids, key, workers, progress, shared)
+
+    def _build_locked(
+        self,
+        data: CompetitionData,
+        split: str,
+        image_ids: list[str],
+        key: CacheKey,
+        workers: int | None,
+        progress: Callable[[int], None] | None,
+        shared: Store | None,
+    ) -> np.ndarray:
+        image_size = key.image_size
         if shared is not None and self.pull(shared, key):
             cached = self.load(key, image_ids)
             if cached is not None:
@@ -145,7 +231,8 @@ class ImageCache:
             decode_all(data.source, rels, image_size, out, workers or default_workers(), progress)
             out.flush()
             del out
-        write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__}))
+        write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__,
+                                                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}))
         log.info("image cache built: %s (%d images)", key.name, len(image_ids))
         if shared is not None:
             self.push(shared, key)
@@ -161,6 +248,27 @@ class ImageCache:
         store.put_file(array_key, array_path)
         # The ids file goes last: its presence marks a complete upload for pull().
         store.put_file(meta_key, meta_path)
+
+    @staticmethod
+    def gc_store(store: Store, older_than_days: float, dry_run: bool = False) -> list[str]:
+        """Remove shared entries under cache/ created more than older_than_days ago (the store has
+        no last-use time; a worker that needs a removed entry rebuilds and pushes it again)."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=older_than_days)
+        removed = []
+        for meta_key in sorted(k for k in store.list("cache/") if k.endswith(".json")):
+            try:
+                created = dt.datetime.fromisoformat(json.loads(store.get_bytes(meta_key))["created"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("%s: no creation time (%s); removing it as stale", meta_key, exc)
+                created = None
+            if created is not None and created >= cutoff:
+                continue
+            removed.append(meta_key[len("cache/") : -len(".json")])
+            if not dry_run:
+                # The ids file first: without it pull() treats the entry as absent.
+                store.delete(meta_key)
+                store.delete(meta_key[: -len(".json")] + ".npy")
+        return removed
 
     def pull(self, store: Store, key: CacheKey) -> bool:
         array_key, meta_key = self.store_keys(key)

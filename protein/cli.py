@@ -1,4 +1,4 @@
-"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets.
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets, cache, link.
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
@@ -163,12 +163,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from protein.validation import ValidationConfig, run_validation
 
     config = ValidationConfig(image_size=args.image_size, check_pixels=not args.headers_only,
-                              drift_tolerance=args.drift_tolerance, drift_action=args.drift_action)
+                              drift_alpha=args.drift_alpha, drift_min_relative_change=args.drift_min_relative_change,
+                              drift_action=args.drift_action, max_image_bytes=args.max_image_bytes)
     report_dir = Path(args.report) if args.report else None
-    report = run_validation(args.data, config, store_uri=args.store, report_dir=report_dir)
+    report = run_validation(args.data, config, store_uri=args.store, report_dir=report_dir, accept=args.accept)
     emit({"success": report.success, "data_fingerprint": report.data_fingerprint, "failures": len(report.failures),
           "warnings": len(report.warnings), "report_uri": report.report_uri, "docs_uri": report.docs_uri,
-          "docs_path": report.docs_path, "seconds": round(report.seconds, 2)})
+          "docs_path": report.docs_path, "reference": report.reference, "seconds": round(report.seconds, 2)})
     for line in report.summary_lines():
         print(line, file=sys.stderr)
     return 0 if report.success else 1
@@ -196,8 +197,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "show":
         emit(registry.spec(args.model))
     elif args.models_cmd == "promote":
+        from protein.validation import write_reference_profile
+
         state = registry.promote(args.model, reason=args.reason or "manual promotion")
-        emit({"champion": state.champion, "history": len(state.history)})
+        # The champion's training data is what later data is compared with.
+        reference = write_reference_profile(store, state.champion) if state.champion else None
+        emit({"champion": state.champion, "history": len(state.history), "reference_profile": reference})
     elif args.models_cmd == "rollback":
         state = registry.rollback(reason=args.reason or "manual rollback")
         emit({"champion": state.champion, "history": len(state.history)})
@@ -271,6 +276,20 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from protein.cache import ImageCache
+
+    result: dict[str, Any] = {"local": ImageCache(args.cache_dir).gc(args.older_than_days, args.dry_run),
+                              "cache_dir": str(args.cache_dir), "deleted": not args.dry_run}
+    if args.store:
+        from protein.storage import open_store
+
+        store = open_store(args.store)
+        result.update(shared=ImageCache.gc_store(store, args.older_than_days, args.dry_run), store=store.uri)
+    emit(result)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from protein.pipeline import default_cache_dir, default_store_uri
@@ -310,8 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="folder for report.json and Data Docs HTML")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
     p.add_argument("--headers-only", action="store_true", help="skip the full-decode check (faster)")
-    p.add_argument("--drift-tolerance", type=float, default=0.05, help="allowed absolute change in a class's share")
+    from protein.validation.config import DEFAULT_MAX_IMAGE_BYTES, ValidationConfig
+
+    vdefaults = ValidationConfig()
+    p.add_argument("--drift-alpha", type=float, default=vdefaults.drift_alpha,
+                   help="significance level of the label-drift test (false-alarm rate on undrifted data)")
+    p.add_argument("--drift-min-relative-change", type=float, default=vdefaults.drift_min_relative_change,
+                   help="smallest relative change of a label share that counts as drift (0.25 = a quarter)")
     p.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="images larger than this are refused without being read")
+    p.add_argument("--accept", action="store_true",
+                   help="make this dataset's label profile the drift reference (only if it passes)")
 
     p = add("train", cmd_train, "train a model and register it as a new version")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -381,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=["champion"],
                    help="version id or 'champion'; several: an ensemble (mean of their TTA probabilities)")
     p.add_argument("--out", help="also write the submission CSV to this local file")
+
+    p = add("cache", cmd_cache, "manage the decoded-image cache")
+    cache = p.add_subparsers(dest="cache_cmd", required=True)
+    cp = cache.add_parser("gc", help="remove cache entries unused for N days",
+                          description="remove decoded-image cache entries unused for N days (local folder) and, "
+                                      "with --store, shared entries created more than N days ago",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cache_arg(cp)
+    cp.add_argument("--older-than-days", type=float, required=True, help="age in days")
+    cp.add_argument("--store", help="also clean the shared caches under cache/ in this store")
+    cp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     add("archs", cmd_archs, "list the architecture names --arch accepts (JSON)")
 

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run, task_run
 from protein.links import object_uri
 from protein.registry import Registry
 from protein.storage import open_store
+from protein.validation import write_reference_profile
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -45,6 +46,8 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
     registry = Registry(open_store(store), actor=prefect_actor())
     state = registry.promote(model_id, expected_champion=expected_champion, reason=reason,
                              event_id=str(task_run.id) if task_run.id else None)
+    # The champion's training data becomes the drift reference for the next validation.
+    reference = write_reference_profile(registry.store, model_id)
     # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after
     # it expired, and it names the access key id.
     uri = object_uri(registry.store, f"models/{model_id}/model.json")
@@ -54,4 +57,5 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
     decision = decision or {}
     events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
                         decision.get("champion_score"), decision.get("reasons", [reason]))
-    return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history)}
+    return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history),
+            "reference_profile": reference}

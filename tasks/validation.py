@@ -9,22 +9,26 @@ from prefect.context import TaskRunContext
 
 from protein.data import DatasetSource, fingerprint
 from protein.errors import ProteinError
-from protein.validation import ValidationConfig, run_validation
+from protein.storage import open_store
+from protein.validation import ValidationConfig, load_reference, run_validation
 from tasks import events
 from tasks.retry import retry_transient
 
 
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Validation is keyed by the data fingerprint: unchanged data is not validated twice."""
+    """Keyed by the data fingerprint, the settings and the reference profile's hash: unchanged data
+    is not validated twice, but a new champion (a new reference) re-measures drift."""
     config: ValidationConfig = parameters["config"]
+    store = parameters.get("store")
     try:
         data_fingerprint = fingerprint(DatasetSource.open(parameters["data"]))
+        reference = load_reference(open_store(store) if store else None)
     except ProteinError:
-        return None  # unreadable data is not cached; the task itself reports why
+        return None  # unreadable data or store is not cached; the task itself reports why
 
     # repr, not hash(): str hashes are salted per process and a cache key must survive restarts.
-    settings = hashlib.sha256(f"{config!r}|{parameters.get('store')}".encode()).hexdigest()[:16]
-    return f"validate-{data_fingerprint}-{settings}"
+    settings = hashlib.sha256(f"{config!r}|{store}".encode()).hexdigest()[:16]
+    return f"validate-{data_fingerprint}-{settings}-ref{reference['hash']}"
 
 
 @task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient,
@@ -39,6 +43,7 @@ def validate_data(data: str, config: ValidationConfig, store: str | None = None)
         lines.append(f"- [Data Docs]({report.docs_uri})")
     if report.report_uri:
         lines.append(f"- [report.json]({report.report_uri})")
+    lines.append(f"- drift reference: {report.reference.get('source')} (hash `{report.reference.get('hash')}`)")
     summary = report.summary_lines()
     if summary:
         lines += ["", "## Findings", *[f"- {line}" for line in summary]]
@@ -46,4 +51,5 @@ def validate_data(data: str, config: ValidationConfig, store: str | None = None)
                              description=f"validation of {report.data_fingerprint}")
     events.validation_finished(data, report.data_fingerprint, report.success, summary, report.report_uri)
     return {"success": report.success, "data_fingerprint": report.data_fingerprint,
-            "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri}
+            "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri,
+            "reference_hash": report.reference.get("hash"), "reference_uri": report.reference.get("uri")}

@@ -132,6 +132,25 @@ def _sixteen_bit(root: Path) -> None:
     (root / "train" / "103.png").write_bytes(png_16bit_rgb(SIZE))
 
 
+def _test_id_in_train(root: Path) -> None:
+    """A test image named like a train image: the same id on both sides is leakage."""
+    (root / "test" / "203.png").rename(root / "test" / "101.png")
+    write_csv(root / "sample_submission.csv", "Image,Label", [("201", "0"), ("202", "0"), ("101", "0")])
+
+
+def _test_content_in_train(root: Path) -> None:
+    """The pixels of train/102.png re-encoded (other compression) as test/202.png."""
+    with Image.open(root / "train" / "102.png") as image:
+        image.save(root / "test" / "202.png", compress_level=1)
+
+
+def _oversize_image(root: Path) -> None:
+    """A file over the configured cap (200,000 bytes in these tests): refused unread."""
+    path = root / "train" / "104.png"
+    data = path.read_bytes()
+    path.write_bytes(data + bytes(250_000 - len(data)))
+
+
 def _header_only_csv(root: Path) -> None:
     (root / "train.csv").write_text("Image,Label\n")
 
@@ -151,8 +170,8 @@ class Fault:
 
 
 FAULTS = [
-    Fault("missing_column", _missing_column, "labels", "expect_table_columns_to_match_ordered_list", None,
-          {"observed": ["Image"]}),
+    Fault("missing_column", _missing_column, "labels", "expect_column_values_to_be_in_set", "header",
+          {"file": "train.csv", "value": "Image"}),
     Fault("out_of_range_label", _out_of_range_label, "labels", "expect_column_values_to_match_regex", "Label",
           {"row": 4, "Image": "103", "value": "10"}),
     Fault("repeated_label", _repeated_label, "labels", "expect_column_values_to_be_in_set", "label_ids_distinct",
@@ -165,9 +184,9 @@ FAULTS = [
           {"row": 2, "Image": "../101"}),
     Fault("missing_image", _missing_image, "files", "expect_column_values_to_be_in_set", "exists",
           {"row": 4, "file": "train/103.png"}),
-    Fault("truncated_png", _truncated_png, "images", "expect_column_values_to_be_in_set", "decodes",
+    Fault("truncated_png", _truncated_png, "images", "expect_png_to_decode", "decodes",
           {"row": 5, "file": "train/104.png", "value": False}),
-    Fault("corrupt_pixels", _corrupt_pixels, "images", "expect_column_values_to_be_in_set", "decodes",
+    Fault("corrupt_pixels", _corrupt_pixels, "images", "expect_png_to_decode", "decodes",
           {"row": 2, "file": "train/101.png", "value": False}),
     Fault("non_png", _non_png, "images", "expect_column_values_to_be_in_set", "format",
           {"file": "train/105.png", "value": "JPEG"}),
@@ -179,8 +198,14 @@ FAULTS = [
           {"file": "train/102.png", "value": "L"}),
     Fault("sixteen_bit", _sixteen_bit, "images", "expect_column_values_to_be_in_set", "bit_depth",
           {"file": "train/103.png", "value": 16}),
-    Fault("header_only_csv", _header_only_csv, "labels", "expect_table_row_count_to_be_between", None,
-          {"observed": 0}),
+    Fault("header_only_csv", _header_only_csv, "labels", "expect_column_values_to_be_between", "rows",
+          {"file": "train.csv", "value": 0}),
+    Fault("test_id_in_train", _test_id_in_train, "integrity", "expect_column_values_to_be_null", "same_id_in_train",
+          {"file": "test/101.png", "value": "train/101.png"}),
+    Fault("test_content_in_train", _test_content_in_train, "integrity", "expect_image_content_not_in_other_split",
+          "same_content_in_train", {"file": "test/202.png", "value": "train/102.png"}),
+    Fault("oversize_image", _oversize_image, "images", "expect_column_values_to_be_between", "bytes",
+          {"file": "train/104.png", "value": 250_000}),
     Fault("test_folder_mismatch", _test_mismatch, "files", "expect_column_pair_values_to_be_equal",
           "in_submission, in_folder", {"row": 4, "file": "test/203.png", "value": [True, False]}),
 ]

@@ -22,7 +22,7 @@ from protein.validation import (
 from tests.data.corpus import FAULTS, SIZE, VALID_VARIANTS, Fault, make_faulty, write_base
 
 REAL_TRAIN_CSV = Path(__file__).resolve().parents[2].parent / "shared/data/real/train.csv"
-CONFIG = ValidationConfig(image_size=SIZE)
+CONFIG = ValidationConfig(image_size=SIZE, max_image_bytes=200_000)
 
 
 def failure_names(report: ValidationReport) -> list[tuple[str, str, str | None]]:
@@ -202,55 +202,66 @@ def test_drift_fails_naming_the_class(base: Path, tmp_path: Path, drift_sets) ->
     base_rows, drifted_rows = drift_sets
     reference = profile_labels([s for _, s in base_rows])
     template = base / "train" / "101.png"
-    assert validate_dataset(write_linked(tmp_path / "same", base_rows, template), CONFIG, reference).success
+    same = validate_dataset(write_linked(tmp_path / "same", base_rows, template), CONFIG, reference)
+    assert same.success, same.summary_lines()
 
     drifted = write_linked(tmp_path / "drifted", drifted_rows, template)
     report = validate_dataset(drifted, CONFIG, reference)
-    assert failure_names(report) == [("distribution", "expect_column_values_to_be_between", "class_shift")]
-    moved = {e["class"]: e for e in report.failures[0]["examples"]}
+    assert failure_names(report) == [("distribution", "expect_label_shares_not_to_drift", "drifted")]
+    moved = {e["class"]: e for e in report.failures[0]["examples"] if "class" in e}
     assert DRIFT_CLASS in moved
     share = reference["class_share"][DRIFT_CLASS]
     assert moved[DRIFT_CLASS]["observed"] == pytest.approx(2 * share, abs=1e-6)
+    assert moved[DRIFT_CLASS]["p_adjusted"] < 0.05
     assert "class 7 Plasma membrane" in report.summary_lines()[0]
 
     warned = validate_dataset(drifted, ValidationConfig(image_size=SIZE, drift_action="warn"), reference)
     assert warned.success
-    assert [(w["suite"], w["column"]) for w in warned.warnings] == [("distribution", "class_shift")]
+    assert ("distribution", "drifted") in [(w["suite"], w["column"]) for w in warned.warnings]
 
 
 # ---- reports, Data Docs and the store ----------------------------------------------------------
 
 
-def test_run_validation_writes_report_and_docs_and_updates_the_store(base: Path, tmp_path: Path) -> None:
-    pytest.importorskip("protein.storage")
+def test_run_validation_keeps_one_docs_site_with_history_and_never_moves_the_reference(
+        base: Path, tmp_path: Path) -> None:
     from protein.storage import open_store
 
     store_uri = str(tmp_path / "store")
-    config = ValidationConfig(image_size=SIZE, min_rows_for_drift=1, drift_tolerance=0.99)
-    report = run_validation(base, config, store_uri=store_uri, report_dir=tmp_path / "report")
+    store = open_store(store_uri)
+    report = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report")
     assert report.success
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["data_fingerprint"] == report.data_fingerprint and saved["success"] is True
+    # The exact rules that admitted the data are kept with it.
+    assert set(saved["suites"]) >= {"labels", "files", "images", "integrity", "distribution.warnings"}
+    assert any(e["type"] == "expect_png_to_decode" for e in saved["suites"]["images"]["expectations"])
+    assert saved["reference"]["source"].startswith("real train.csv") and len(saved["reference"]["hash"]) == 16
     assert Path(report.docs_path).is_file() and report.docs_path.endswith("docs/index.html")
-    assert report.report_uri and report.docs_uri
+    assert json.loads(store.get_bytes(f"validation/{report.data_fingerprint}/report.json"))["success"] is True
+    assert report.docs_uri == (tmp_path / "store" / "validation" / "docs" / "index.html").as_uri()
+    # A passing run does not become the reference: only a promotion or --accept moves it.
+    assert not store.exists("validation/reference_profile.json")
 
-    store = open_store(store_uri)
-    prefix = f"validation/{report.data_fingerprint}"
-    assert json.loads(store.get_bytes(f"{prefix}/report.json"))["report_uri"] == report.report_uri
-    assert store.exists(f"{prefix}/docs/index.html")
-    assert any(k.startswith(f"{prefix}/docs/validations/") for k in store.list(f"{prefix}/docs/"))
-    reference = json.loads(store.get_bytes("validation/reference_profile.json"))
-    assert reference["data_fingerprint"] == report.data_fingerprint
-
-    # A failing dataset gets its report, but does not become the reference.
     broken = make_faulty(base, tmp_path / "broken", next(f for f in FAULTS if f.name == "grayscale"))
-    failed = run_validation(broken, config, store_uri=store_uri, report_dir=tmp_path / "report")
+    failed = run_validation(broken, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report2")
     assert not failed.success
-    assert failed.statistics["reference_profile"]["source"] == f"accepted dataset {report.data_fingerprint}"
-    assert store.exists(f"validation/{failed.data_fingerprint}/report.json")
+    index = store.get_bytes("validation/docs/index.html").decode()
+    pages = [k for k in store.list("validation/docs/validations/") if k.endswith(".html")]
+    # One site, both runs: each run id (the data fingerprint) has its pages, linked from the index.
+    for run in (report, failed):
+        assert any(f"/{run.data_fingerprint}/" in k for k in pages), pages
+        assert run.data_fingerprint in index
+    html = "".join(store.get_bytes(k).decode() for k in pages)
+    assert "PNG integrity" in html  # the custom expectation renders its own description
+
+    accepted = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report3", accept=True)
     reference = json.loads(store.get_bytes("validation/reference_profile.json"))
-    assert reference["data_fingerprint"] == report.data_fingerprint
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["success"] is False
+    assert reference["data_fingerprint"] == accepted.data_fingerprint
+    assert accepted.reference["accepted"]["hash"] == reference["hash"]
+    # A failing dataset is never accepted.
+    run_validation(broken, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report4", accept=True)
+    assert json.loads(store.get_bytes("validation/reference_profile.json"))["hash"] == reference["hash"]
 
 
 @pytest.mark.parametrize("damage,needle", [(lambda b: b + b"garbage", "data after the IEND chunk"),
@@ -261,5 +272,91 @@ def test_trailing_garbage_and_truncation_are_told_apart(base: Path, tmp_path: Pa
     png = sorted((dataset / "train").iterdir())[0]
     png.write_bytes(damage(png.read_bytes()))
     report = validate_dataset(dataset, CONFIG)
-    assert failure_names(report) == [("images", "expect_column_values_to_be_in_set", "decodes")]
+    assert failure_names(report) == [("images", "expect_png_to_decode", "decodes")]
     assert needle in report.summary_lines()[0] and png.name in report.summary_lines()[0]
+
+
+# ---- validation and the training decoder agree; duplicates and blank images ---------------------
+
+
+def _png(mode: str, **save) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    channels = {"RGB": 3, "RGBA": 4, "P": 3}.get(mode)
+    pixels = rng.integers(0, 255, (SIZE, SIZE, channels) if channels else (SIZE, SIZE), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB" if mode == "P" else mode)
+    if mode == "P":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **save)
+    return buffer.getvalue()
+
+
+def _png_variants() -> dict[str, bytes]:
+    from tests.data.corpus import png_16bit_rgb
+
+    return {"sixteen_bit_rgb": png_16bit_rgb(SIZE), "palette": _png("P"), "rgba": _png("RGBA"),
+            "grayscale": _png("L"), "interlaced_rgb": _interlaced()}
+
+
+def _interlaced() -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (PIL writes none): rows of each pass, filter byte 0."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    pixels = np.random.default_rng(5).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    raw = b""
+    for y0, x0, dy, dx in ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+                           (1, 0, 2, 1)):
+        sub = pixels[y0::dy, x0::dx]
+        for row in sub:
+            raw += b"\x00" + row.tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", SIZE, SIZE, 8, 2, 0, 0, 1))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("variant", ["sixteen_bit_rgb", "palette", "rgba", "grayscale", "interlaced_rgb"])
+def test_validation_and_the_training_decoder_give_the_same_verdict(base: Path, tmp_path: Path, variant: str) -> None:
+    from protein.data import decode_png
+
+    data = _png_variants()[variant]
+    try:
+        decode_png(data, "x")
+        decodes = True
+    except DataError:
+        decodes = False
+    root = tmp_path / variant
+    shutil.copytree(base, root)
+    (root / "train" / "103.png").write_bytes(data)
+    report = validate_dataset(root, CONFIG)
+    assert report.success == decodes, (variant, report.summary_lines())
+    assert decodes == (variant == "interlaced_rgb")  # only 8-bit RGB is a training image, interlaced or not
+
+
+def test_duplicates_in_train_warn_naming_the_group_and_blank_images_are_flagged(base: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    shutil.copytree(base, root)
+    shutil.copy(root / "train" / "101.png", root / "train" / "105.png")
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8), "RGB").save(root / "train" / "106.png")
+    report = validate_dataset(root, CONFIG)
+    assert report.success, report.summary_lines()
+    found = {(w["suite"], w["column"]): w for w in report.warnings}
+    duplicate = found[("integrity", "duplicate_of")]
+    assert duplicate["examples"] == [{"row": 6, "Image": "105", "file": "train/105.png", "split": "train",
+                                      "value": "train/101.png"}]
+    assert "train/105.png row 6 = 'train/101.png'" in " ".join(report.warning_lines())
+    blank = found[("integrity", "constant")]
+    assert [e["file"] for e in blank["examples"]] == ["train/106.png"]

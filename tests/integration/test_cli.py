@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def dataset(tmp_path):
 
 
 def test_help_for_every_verb():
-    for verb in ("synth", "validate", "train", "evaluate", "predict", "models", "datasets"):
+    for verb in ("synth", "validate", "train", "evaluate", "predict", "models", "datasets", "cache"):
         result = protein(verb, "--help")
         assert result.returncode == 0 and "usage: protein" in result.stdout, verb
 
@@ -42,7 +43,15 @@ def test_train_evaluate_predict_and_models_local(dataset, tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr
     assert "f1_samples" in json.loads(evaluate.stdout)
 
-    assert protein("models", "promote", model_id, "--store", store).returncode == 0
+    validate = protein("validate", "--data", str(dataset), "--store", store, "--image-size", "40")
+    assert validate.returncode == 0, validate.stderr
+    assert json.loads(validate.stdout)["reference"]["source"].startswith("real train.csv")
+    promote = protein("models", "promote", model_id, "--store", store)
+    assert promote.returncode == 0, promote.stderr
+    # The champion's training data is now what drift is measured against.
+    reference = json.loads((tmp_path / "store" / "validation" / "reference_profile.json").read_text())
+    assert reference["model_id"] == model_id and reference["n"] == 24
+    assert json.loads(promote.stdout)["reference_profile"]["hash"] == reference["hash"]
     listing = json.loads(protein("models", "list", "--json", "--store", store).stdout)
     assert [(row["id"], row["champion"]) for row in listing] == [(model_id, True)]
     assert {"id", "created", "champion", "metrics"} <= set(listing[0])
@@ -111,3 +120,22 @@ def test_models_list_on_s3_marks_the_champion(s3_bucket, dataset, tmp_path):
     listing = protein("models", "list", "--store", s3_bucket)
     assert listing.returncode == 0
     assert listing.stdout.startswith(f"* {model_id}")
+
+
+def test_validate_leakage_exits_1_naming_both_files(dataset, tmp_path):
+    import shutil
+
+    shutil.copy(dataset / "train" / "3.png", dataset / "test" / "901.png")  # a train image reused as a test image
+    result = protein("validate", "--data", str(dataset), "--image-size", "40", "--report", str(tmp_path / "r"),
+                     "--store", str(tmp_path / "store"))
+    assert result.returncode == 1
+    logged = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # log lines, not findings
+    lines = [line for line in result.stderr.strip().splitlines() if not logged.match(line)]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "expect_image_content_not_in_other_split" in lines[0]
+    assert "test/901.png" in lines[0] and "train/3.png" in lines[0]
+
+
+def test_validate_usage_errors_exit_2(dataset):
+    result = protein("validate", "--data", str(dataset), "--drift-alpha", "2")
+    assert result.returncode == 2 and "drift_alpha" in result.stderr and "Traceback" not in result.stderr

@@ -61,3 +61,94 @@ def test_cache_is_shared_through_the_store(tmp_path, monkeypatch):
     monkeypatch.setattr("protein.cache.decode_all", no_decode)
     pulled = ImageCache(tmp_path / "worker-b").build(data, "train", 16, shared=store)
     np.testing.assert_array_equal(np.asarray(pulled), built)
+
+
+def test_key_names_the_preprocessing_and_pillow_versions():
+    import PIL
+
+    from protein.cache import PREPROCESS_VERSION
+
+    key = CacheKey("abc", "train", 32)
+    assert key.name == f"abc-train-32px-p{PREPROCESS_VERSION}-pil{PIL.__version__}"
+    assert CacheKey("abc", "train", 32, pillow="0.0") != key
+    assert CacheKey("abc", "train", 32, preprocess=PREPROCESS_VERSION + 1).name != key.name
+
+
+def _count_decodes(root, cache_dir, out):
+    """Runs in a separate process: build the cache, append one line to `out` per decode pass."""
+    import protein.cache as cache_module
+    from protein.data import load_competition as load
+
+    real = cache_module.decode_all
+
+    def counting(*args, **kwargs):
+        with open(out, "a") as f:
+            f.write("decode\n")
+        import time
+
+        time.sleep(1.0)  # hold the lock long enough for the other process to wait on it
+        return real(*args, **kwargs)
+
+    cache_module.decode_all = counting
+    cache_module.ImageCache(cache_dir).build(load(root), "train", 16, workers=1)
+
+
+def test_two_processes_building_one_entry_decode_once(tmp_path):
+    import multiprocessing
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    out = tmp_path / "decodes.txt"
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_count_decodes, args=(root, tmp_path / "cache", out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    assert out.read_text().splitlines() == ["decode"]
+
+
+def test_truncated_or_corrupt_entries_are_rebuilt_not_raised(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+    cache = ImageCache(tmp_path / "cache")
+    good = np.array(cache.build(data, "train", 16))
+    key = CacheKey(fingerprint(data.source), "train", 16)
+    array_path, meta_path = cache.paths(key)
+    for damage in (lambda: array_path.write_bytes(array_path.read_bytes()[:100]),  # truncated .npy
+                   lambda: array_path.write_bytes(b"not numpy at all"),
+                   lambda: meta_path.write_text("{not json")):
+        damage()
+        assert cache.load(key, data.train_ids) is None
+        np.testing.assert_array_equal(np.asarray(cache.build(data, "train", 16)), good)
+        assert cache.load(key, data.train_ids) is not None
+
+
+def test_cache_gc_removes_old_local_and_shared_entries(tmp_path, capsys):
+    import datetime as dt
+    import json
+    import os
+
+    from protein.cli import main
+    from protein.storage import open_store
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+    store = open_store(str(tmp_path / "store"))
+    cache = ImageCache(tmp_path / "cache")
+    old, new = CacheKey("old", "train", 16), CacheKey("new", "train", 16)
+    for key in (old, new):
+        cache.build(data, "train", 16, key=key, shared=store)
+    ten_days_ago = dt.datetime.now().timestamp() - 10 * 86400
+    for path in cache.paths(old):
+        os.utime(path, (ten_days_ago, ten_days_ago))
+    stale = json.loads(store.get_bytes(f"cache/{old.name}.json"))
+    stale["created"] = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat()
+    store.put_bytes(f"cache/{old.name}.json", json.dumps(stale).encode())
+
+    assert main(["cache", "gc", "--cache-dir", str(tmp_path / "cache"), "--older-than-days", "7",
+                 "--store", str(tmp_path / "store")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["local"] == [old.name] and result["shared"] == [old.name]
+    assert not any(p.exists() for p in cache.paths(old)) and all(p.exists() for p in cache.paths(new))
+    assert not store.exists(f"cache/{old.name}.npy") and store.exists(f"cache/{new.name}.npy")

@@ -1,0 +1,80 @@
+"""The reference label profile drift is measured against, kept in the store.
+
+It is the profile of the champion's training data: written when a model is promoted (from the
+validation report of the dataset it was trained on), or set explicitly by `protein validate
+--accept`. An ordinary validation run, passing or not, never moves it. Without one in the store,
+the real train.csv statistics are the reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+from protein.validation.drift import REFERENCE_PROFILE, check_profile, profile_hash
+
+log = logging.getLogger(__name__)
+
+STORE_PREFIX = "validation"
+REFERENCE_PROFILE_KEY = f"{STORE_PREFIX}/reference_profile.json"
+
+
+def report_key(data_fingerprint: str) -> str:
+    return f"{STORE_PREFIX}/{data_fingerprint}/report.json"
+
+
+def load_reference(store: Any | None) -> dict:
+    """The store's reference profile (with its hash and URI), else the built-in real one."""
+    if store is not None and store.exists(REFERENCE_PROFILE_KEY):
+        try:
+            profile = check_profile(json.loads(store.get_bytes(REFERENCE_PROFILE_KEY)), REFERENCE_PROFILE_KEY)
+            return {**profile, "hash": profile_hash(profile), "uri": _uri(store)}
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+            log.warning("ignoring the stored reference profile, using the built-in one: %s", exc)
+    return {**REFERENCE_PROFILE, "hash": profile_hash(REFERENCE_PROFILE), "uri": None}
+
+
+def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
+    """Write a profile as the reference; returns {uri, hash}."""
+    check_profile(profile, "reference profile")
+    record = {"n": profile["n"], "class_share": profile["class_share"],
+              "labels_per_image_share": profile["labels_per_image_share"], **provenance,
+              "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    record["hash"] = profile_hash(record)
+    store.put_bytes(REFERENCE_PROFILE_KEY, json.dumps(record, indent=2).encode(), content_type="application/json")
+    log.info("reference label profile is now %s (hash %s)", record.get("source"), record["hash"])
+    return {"uri": _uri(store), "hash": record["hash"]}
+
+
+def _uri(store: Any) -> str:
+    """Durable s3:// or file:// address (never presigned: it is recorded in reports and Prefect)."""
+    from protein.links import object_uri
+
+    return object_uri(store, REFERENCE_PROFILE_KEY)
+
+
+def write_reference_profile(store: Any, model_id: str) -> dict | None:
+    """Make the promoted model's training-data profile the reference. Call right after a
+    successful promotion. The profile comes from the validation report of the dataset the model
+    was trained on (model.json's data_fingerprint); None, with a warning, if that dataset was
+    never validated against this store (then the reference stays as it was)."""
+    from protein.registry import Registry
+
+    spec = Registry(store).spec(model_id)
+    data_fingerprint = spec.get("data_fingerprint")
+    key = report_key(str(data_fingerprint)) if data_fingerprint else None
+    if key is None or not store.exists(key):
+        log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
+                    model_id, data_fingerprint)
+        return None
+    try:
+        report = json.loads(store.get_bytes(key))
+        profile = check_profile(report["profile"], key)
+    except (ValueError, KeyError, TypeError) as exc:
+        # The promotion already happened; a bad report must not make it look failed (and retried).
+        log.warning("model %s: unusable validation report %s (%s); reference profile unchanged", model_id, key, exc)
+        return None
+    return save_reference(store, profile, source=f"champion {model_id} training data",
+                          model_id=model_id, data_fingerprint=data_fingerprint, dataset=report.get("dataset"))

@@ -1,0 +1,235 @@
+"""Entry points: validate a dataset, write its report, keep Data Docs in the store.
+
+`run_validation` writes report.json and a Data Docs site locally and, with a store, uploads the
+report under validation/<fingerprint>/ and the site under validation/docs/ (one site for every
+run: the Checkpoint's UpdateDataDocsAction adds this run to the results of earlier runs, which
+live in the store under validation/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from protein.atomic import write_text_atomic
+from protein.data import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, DatasetSource, fingerprint
+from protein.labels import parse_label_set
+from protein.validation import suites
+from protein.validation.checkpoint import run_checkpoint
+from protein.validation.config import ValidationConfig
+from protein.validation.drift import check_profile, profile_hash, profile_labels
+from protein.validation.images import ImageReader, inspect_images, integrity_records
+from protein.validation.reference import STORE_PREFIX, load_reference, report_key, save_reference
+from protein.validation.report import ValidationReport
+
+log = logging.getLogger(__name__)
+
+DOCS_PREFIX = f"{STORE_PREFIX}/docs"
+RESULTS_PREFIX = f"{STORE_PREFIX}/results"
+_GX_DOCS = Path("gx/uncommitted/data_docs/local_site")
+_GX_RESULTS = Path("gx/uncommitted/validations")
+# Under these, a file that exists in the store is an earlier run's and is not uploaded again.
+_IMMUTABLE = ("validations/", "images/", "integrity/", "labels/", "files/", "distribution/")
+_STORE_KEY_PART = re.compile(r"[A-Za-z0-9._=+:-]+")
+
+
+def validate_dataset(
+    path: str | os.PathLike[str],
+    config: ValidationConfig = ValidationConfig(),
+    reference_profile: dict | None = None,
+) -> ValidationReport:
+    """Validate a dataset folder or zip. Bad data gives success=False, never an exception;
+    DataError only when the path is not a dataset at all."""
+    if reference_profile is not None:
+        reference_profile = {**check_profile(reference_profile, "reference_profile"),
+                             "hash": profile_hash(reference_profile)}
+    return _validate(path, config, reference_profile or load_reference(None), project_dir=None)
+
+
+def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference: dict,
+              project_dir: Path | None) -> ValidationReport:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    source = DatasetSource.open(path)
+    tick = time.perf_counter()
+    data_fingerprint = fingerprint(source)
+    timings["fingerprint"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    tables: list[suites.Table] = []
+    readable: list[tuple[str, str | None]] = []
+    has_train_csv = source.exists(TRAIN_CSV)
+    tables.append(suites.required_table(has_train_csv))
+    train_csv: suites.Csv | None = None
+    if has_train_csv:
+        train_csv, problem = suites.read_csv(source, TRAIN_CSV)
+        readable.append((TRAIN_CSV, problem))
+    if train_csv is not None:
+        tables += suites.labels_tables(train_csv, config)
+    train_listed = suites.listed_ids(train_csv)
+    train_present = source.list_dir(TRAIN_DIR)
+    tables.append(suites.train_files_table(train_listed, train_present))
+    test_present = source.list_dir(TEST_DIR)
+    test_listed: list[tuple[int, str]] = []
+    if source.exists(SAMPLE_SUBMISSION_CSV):
+        sample, problem = suites.read_csv(source, SAMPLE_SUBMISSION_CSV)
+        readable.append((SAMPLE_SUBMISSION_CSV, problem))
+        if sample is not None:
+            tables += suites.sample_tables(sample, test_present)
+            test_listed = suites.listed_ids(sample)
+    elif test_present:
+        tables.append(suites.test_files_table([], test_present))
+    if readable:
+        tables.append(suites.readable_table(readable))
+    timings["tables"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    train_names, test_names = set(train_present), set(test_present)
+    jobs = [("train", row, i, f"{TRAIN_DIR}/{i}.png") for row, i in train_listed if f"{i}.png" in train_names]
+    jobs += [("test", row, i, f"{TEST_DIR}/{i}.png") for row, i in test_listed if f"{i}.png" in test_names]
+    records, workers = inspect_images(ImageReader(source, config.check_pixels, config.max_image_bytes), jobs)
+    if records:
+        tables.append(suites.images_table(records, config))
+        tables.append(suites.integrity_table(integrity_records(records), config))
+    timings["images"] = time.perf_counter() - tick
+
+    label_sets = _valid_label_sets(train_csv.column("Label") if train_csv is not None else [])
+    profile = profile_labels(label_sets)
+    if label_sets:
+        tables.append(suites.distribution_table(profile, reference, config))
+
+    tick = time.perf_counter()
+    outcome = run_checkpoint(tables, data_fingerprint, project_dir)
+    timings["great_expectations"] = time.perf_counter() - tick
+
+    statistics: dict[str, Any] = {
+        "train_rows": len(train_csv.rows) if train_csv is not None else 0,
+        "label_sets_profiled": len(label_sets),
+        "train_files": len(train_present),
+        "test_rows": len(test_listed),
+        "test_files": len(test_present),
+        "images_checked": len(records),
+        "image_bytes_read": int(sum(r["bytes"] or 0 for r in records if r["decodes"] is not None))
+        if config.check_pixels else None,
+        "pixel_check": "full decode" if config.check_pixels else "header and IEND trailer only",
+        "content_hashes": sum(1 for r in records if r["content_sha256"]),
+        "image_workers": workers,
+        **outcome.statistics,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    report = ValidationReport(
+        success=outcome.success, data_fingerprint=data_fingerprint, dataset=source.description,
+        failures=outcome.failures, warnings=outcome.warnings, profile=profile, statistics=statistics,
+        seconds=round(time.perf_counter() - started, 3),
+        reference={k: reference.get(k) for k in ("source", "n", "hash", "uri", "model_id", "data_fingerprint")},
+        suites=outcome.suites,
+    )
+    for line in report.summary_lines():
+        log.info("validation failure: %s", line)
+    return report
+
+
+def _valid_label_sets(labels: Iterable[Any]) -> list[frozenset[int]]:
+    out = []
+    for label in labels:
+        try:
+            out.append(parse_label_set(label))
+        except ValueError:
+            continue  # already a failed expectation; the profile counts only usable rows
+    return out
+
+
+def run_validation(
+    path: str | os.PathLike[str],
+    config: ValidationConfig = ValidationConfig(),
+    store_uri: str | None = None,
+    report_dir: Path | None = None,
+    accept: bool = False,
+) -> ValidationReport:
+    """Validate; write report.json and Data Docs into report_dir (default: a new temp dir); with a
+    store, measure drift against its reference profile and upload report and docs. `accept`
+    makes this dataset's profile the reference, if it passed."""
+    from protein.links import object_uri
+    from protein.storage import open_store
+
+    DatasetSource.open(path)  # not a dataset at all: DataError before anything is written
+    store = open_store(store_uri) if store_uri else None
+    reference = load_reference(store)
+    out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="protein-validation-"))
+    out.mkdir(parents=True, exist_ok=True)
+    project = Path(tempfile.mkdtemp(prefix=".gx-", dir=out))
+    try:
+        if store is not None:
+            # Earlier runs: their results (what the index lists) and their pages (GX lists a run in
+            # the index only if the site already holds its page).
+            _download(store, RESULTS_PREFIX, project / _GX_RESULTS)
+            _download(store, f"{DOCS_PREFIX}/validations", project / _GX_DOCS / "validations")
+        report = _validate(path, config, reference, project_dir=project)
+        docs = out / "docs"
+        _replace_dir(project / _GX_DOCS, docs)
+        if store is not None:
+            _upload_dir(store, project / _GX_RESULTS, RESULTS_PREFIX)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    report.docs_path = str(docs / "index.html")
+    if store is not None:
+        _upload_dir(store, docs, DOCS_PREFIX)
+        # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
+        report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
+        report.report_uri = object_uri(store, report_key(report.data_fingerprint))
+        if accept:
+            if not report.success:
+                log.warning("not accepting %s as the reference: it failed validation", report.data_fingerprint)
+            else:
+                report.reference = {**report.reference, "accepted": save_reference(
+                    store, report.profile, source=f"accepted dataset {report.data_fingerprint}",
+                    data_fingerprint=report.data_fingerprint, dataset=report.dataset)}
+    text = json.dumps(report.to_dict(), indent=2, default=str)
+    write_text_atomic(out / "report.json", text)
+    if store is not None:
+        store.put_bytes(report_key(report.data_fingerprint), text.encode(), content_type="application/json")
+    log.info("validation %s for %s (%s): report %s", "passed" if report.success else "FAILED",
+             report.dataset, report.data_fingerprint, report.report_uri or out / "report.json")
+    return report
+
+
+def _download(store: Any, prefix: str, folder: Path) -> None:
+    for key in store.list(f"{prefix}/"):
+        rel = key[len(prefix) + 1 :]
+        if rel and all(_STORE_KEY_PART.fullmatch(part) for part in rel.split("/")):
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(store.get_bytes(key))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished folder into place: readers see the old docs or the new, never a mix."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload_dir(store: Any, folder: Path, prefix: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if not all(_STORE_KEY_PART.fullmatch(part) for part in rel.split("/")):
+            log.warning("not uploading %s: its name is not a valid store key", rel)
+            continue
+        if rel.startswith(_IMMUTABLE) and store.exists(f"{prefix}/{rel}"):
+            continue  # earlier runs' results and pages do not change
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        store.put_bytes(f"{prefix}/{rel}", path.read_bytes(), content_type=content_type)
