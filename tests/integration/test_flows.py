@@ -107,3 +107,32 @@ def test_validate_flow_passes_good_data(prefect_harness, dataset):
     from flows.validate import validate
 
     assert validate(data=dataset, validation=VALIDATION)["success"] is True
+
+
+def test_validation_worker_pool_leaves_no_traceback_in_the_logs(prefect_harness, tmp_path):
+    """Validation decodes in a process pool once a dataset has enough images. A pool forked from a
+    process running Prefect inherits its SIGTERM handler, which fired when the pool shut its
+    workers down and wrote TerminationSignal tracebacks into every retrain's log."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from protein.validation.images import POOL_MIN_IMAGES_DECODE
+    from tests.helpers import REAL, REPO
+
+    # Real label rows, so the distribution check has nothing to say about this data.
+    rows = (REAL / "train.csv").read_text().splitlines()[1:POOL_MIN_IMAGES_DECODE + 21]
+    labels = dict(row.split(",", 1) for row in rows)
+    data = write_dataset(tmp_path / "many", labels, ["t1", "t2"], size=8)
+    store = tmp_path / "store"
+    # As a user runs it, so the run's log lines (the pool workers' included) reach a console we read.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "flows.validate", "--data", str(data), "--store", str(store),
+                             "--image-size", "8"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(store.glob("validation/*/report.json")).read_text())
+    assert report["statistics"]["image_workers"] >= 2, "the pool under test did not run"
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "TerminationSignal" not in output, output[-3000:]
