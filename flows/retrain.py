@@ -12,7 +12,15 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.params import DispatchParams, GateParams, TrainParams, ValidationParams, default_store, report_state
+from flows.params import (
+    DispatchParams,
+    GateParams,
+    TrainParams,
+    ValidationParams,
+    default_store,
+    report_state,
+    route_library_logs,
+)
 from protein.data import DatasetSource, fingerprint
 from tasks.dispatch import dispatch_training
 from tasks.evaluation import evaluate_model, gate
@@ -49,6 +57,7 @@ def retrain(
     says; empty trains in this process. An empty
     `store` means the worker's PROTEIN_STORE (default work/store)."""
     logger = get_run_logger()
+    route_library_logs()
     store = store or default_store()  # read on the worker at run time, not at import
     report = validate_data(data, validation.to_config(), store)
     if not report["success"]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import TrainParams, default_store
+from flows.params import TrainParams, default_store, route_library_logs
 from protein.devices import DevicePolicy
 from tasks.training import train_model
 
@@ -19,6 +19,7 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
 
     On the gpu pool (PROTEIN_REQUIRE_CUDA=1 in the deployment) a worker without CUDA fails the
     run unless `allow_cpu` or the worker's PROTEIN_ALLOW_CPU=1 says CPU is fine."""
+    route_library_logs()
     # Which checkout ran: on a worker host this is the pull step's clone of the pinned commit.
     get_run_logger().info("train flow code: %s", Path(__file__).resolve())
     policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time

@@ -35,6 +35,7 @@ from tests.integration.prefect_services import (
     prefect_env,
     running_services,
     start_server,
+    stop_all,
     wait_final,
     worker_args,
 )
@@ -59,7 +60,9 @@ class Cluster:
     services: list[Service]
 
     def gpu_host(self, name: str) -> tuple[Service, Path]:
-        """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly."""
+        """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly. It replaces
+        the GPU workers started before it, so the runs that follow can only go to this one."""
+        stop_all([s for s in self.services if s.name.startswith("worker-gpu")])
         root = self.root / name
         env = host_env(self.env, root, {"PROTEIN_ALLOW_CPU": "1",
                                         "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
@@ -235,7 +238,7 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     from protein.registry import Registry
     from protein.storage import open_store
 
-    epochs = 12
+    epochs = 6
     worker, _ = cluster.gpu_host("gpu-host-c")
     store_uri = f"s3://{cluster.bucket}/killed"
     store = open_store(store_uri)
