@@ -70,14 +70,16 @@ def retrain(
     if train_deployment:
         try:
             dispatch_training(train_deployment, {"data": data, "store": store, "train": train.model_dump(),
-                                                 "run_id": run_id}, run_id, dispatch.to_config())
+                                                 "run_id": run_id, "expected_fingerprint": report["data_fingerprint"]},
+                              run_id, dispatch.to_config())
         except RuntimeError as exc:
             return Failed(message=str(exc))
         challenger = find_run_model(store, run_id)
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
-        challenger = train_model(data, store, config, run_id, train.share_cache)["model_id"]
+        challenger = train_model(data, store, config, run_id, train.share_cache,
+                                 report["data_fingerprint"])["model_id"]
 
     challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
     champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)
@@ -97,7 +99,7 @@ def retrain(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
-    parser.add_argument("--data", required=True, help="dataset folder or competition zip")
+    parser.add_argument("--data", required=True, help="dataset folder, competition zip, s3://bucket/prefix/ or .zip")
     parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
     parser.add_argument("--arch", default=TrainParams().arch)
     parser.add_argument("--epochs", type=int, default=TrainParams().epochs)

@@ -1,4 +1,4 @@
-"""`protein` command line: synth, validate, train, evaluate, predict, models.
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets.
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
@@ -19,6 +19,9 @@ from typing import Any
 from protein.config import ARCHITECTURES, DEFAULT_IMAGE_SIZE, TrainConfig
 
 log = logging.getLogger("protein")
+
+DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
+             "s3://bucket/prefix/ or s3://bucket/key.zip")
 
 
 def emit(payload: Any) -> None:
@@ -66,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
                                     on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
-                                    share_cache=args.share_cache)
+                                    share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
     emit(result)
     return 0
 
@@ -137,6 +140,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from protein.data.push import list_datasets, push_dataset
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    if args.datasets_cmd == "push":
+        store.check()
+        with progress_bar(None, "push") as pushed:
+            result = push_dataset(args.data, store, args.cache_dir, pushed)
+        emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
+              "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+    elif args.datasets_cmd == "list":
+        rows, incomplete = list_datasets(store)
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['uri']}  {row['created']}  train={row['train_images']} test={row['test_images']}  "
+                      f"{(row['bytes'] or 0) / 1e6:.1f} MB")
+            if not rows:
+                print(f"no datasets in {store.uri}", file=sys.stderr)
+        for prefix in incomplete:
+            print(f"incomplete push (no manifest, not usable): {store.uri.rstrip('/')}/{prefix}", file=sys.stderr)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from protein.pipeline import default_cache_dir, default_store_uri
@@ -171,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes rendering images")
 
     p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     p.add_argument("--report", help="folder for report.json and Data Docs HTML")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
@@ -180,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
 
     p = add("train", cmd_train, "train a model and register it as a new version")
-    p.add_argument("--data", required=True, help="dataset folder or competition zip")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     defaults = TrainConfig()
@@ -198,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
     p.add_argument("--share-cache", action="store_true",
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
+    p.add_argument("--expect-fingerprint", metavar="FP",
+                   help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
@@ -208,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split seed (default: the one the model was trained with)")
 
     p = add("predict", cmd_predict, "predict the test set and write the submission")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
@@ -232,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
             mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
             mp.add_argument("--older-than-hours", type=float, default=1.0,
                             help="also remove interrupted uploads (temp files, S3 multipart) older than this")
+
+    p = add("datasets", cmd_datasets, "push datasets to the object store and list them")
+    datasets = p.add_subparsers(dest="datasets_cmd", required=True)
+    dp = datasets.add_parser("push", help="upload a dataset to datasets/<fingerprint>/ and print its URI",
+                             description="upload a dataset (any accepted layout) to datasets/<fingerprint>/ in the "
+                             "store, written once and complete or invisible; prints its s3:// (or folder) URI",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dp.add_argument("--data", required=True, help=DATA_HELP)
+    store_arg(dp)
+    cache_arg(dp)
+    dp = datasets.add_parser("list", help="list the complete datasets in the store",
+                             description="list the complete datasets in the store (newest first)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    store_arg(dp)
+    dp.add_argument("--json", action="store_true", help="print a JSON array")
     return parser
 
 

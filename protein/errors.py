@@ -15,6 +15,10 @@ class DataError(ProteinError):
     exit_code = 2
 
 
+class FingerprintMismatch(DataError):
+    """The data opened is not the data that was validated (its fingerprint differs)."""
+
+
 class ValidationFailed(ProteinError):
     """The dataset was read but failed validation; the report says why."""
 

@@ -21,6 +21,7 @@ from protein.atomic import write_bytes_atomic
 from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
+from protein.errors import FingerprintMismatch
 from protein.labels import LABELS
 from protein.metrics import evaluate_predictions
 from protein.predict import Predictor
@@ -80,15 +81,18 @@ def train_and_register(
     on_batch: Callable[[int], None] | None = None,
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
 
     share_cache pulls the decoded-image cache from the store when another worker built it, and
-    pushes it there otherwise."""
+    pushes it there otherwise. expected_fingerprint (the one validation saw) makes training refuse
+    data that changed since: `FingerprintMismatch`, before anything is trained or registered."""
     store = open_store(store_uri)
     store.check()
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
     registry = Registry(store)
@@ -140,6 +144,14 @@ def train_and_register(
     }
 
 
+def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
+    if expected is not None and expected.strip() and actual != expected.strip():
+        raise FingerprintMismatch(
+            f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
+            "since it was validated); refusing to train on it"
+        )
+
+
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in ("f1_samples", "f1_micro", "f1_macro", "course_f_score") if k in metrics}
 
@@ -161,7 +173,7 @@ def evaluate_version(
     holdout = spec.get("holdout", {})
     fraction = holdout_fraction if holdout_fraction is not None else holdout.get("fraction", 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
-    data = load_competition(data_path, require_test=False)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     _, holdout_idx = holdout_split(data, fraction, seed)
     predictor = load_predictor(registry, model_id, cache_dir)
     data_fingerprint = fingerprint(data.source)
@@ -189,7 +201,7 @@ def predict_and_publish(
     store = open_store(store_uri)
     registry = Registry(store)
     model_id = registry.resolve(model_id)
-    data = load_competition(data_path, require_test=True)
+    data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     predictor = load_predictor(registry, model_id, cache_dir)
     data_fingerprint = fingerprint(data.source)
     images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -79,6 +80,15 @@ _ACCESS_DENIED_CODES = frozenset(
 )
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One S3 object as a listing shows it: its full key in the bucket, size and ETag (quotes kept)."""
+
+    key: str
+    size: int
+    etag: str
 
 
 @runtime_checkable
@@ -834,6 +844,36 @@ class S3Store:
     def check(self) -> None:
         self._bucket_seen = False
         self._require_bucket()
+
+    # --- reading objects other tools wrote (datasets): raw bucket keys, never used to write ---
+    # Keys such as "jovian/Human protein atlas/train.csv" fall outside `validate_key`'s alphabet; these
+    # methods take the full key in the bucket as listed, ignore the store's prefix, and only read.
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose full key starts with ``prefix``, with its size and ETag, sorted by key."""
+        client = self._client()
+        found: list[ObjectInfo] = []
+        with self._translating(prefix or None):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found += [ObjectInfo(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
+        return sorted(found, key=lambda o: o.key)
+
+    def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:
+        """Stream the object's bytes from offset ``start`` into ``dest``; returns the ETag served.
+
+        With ``if_match`` the server refuses (`PreconditionFailed`) once the object is no longer that
+        version, so a download never mixes the bytes of two versions."""
+        client = self._client()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        if start:
+            args["Range"] = f"bytes={start}-"
+        with self._translating(key):
+            response = client.get_object(**args)
+            for chunk in response["Body"].iter_chunks(COPY_CHUNK_SIZE):
+                dest.write(chunk)
+        return str(response.get("ETag", ""))
 
 
 def _error_code(exc: ClientError) -> tuple[str, int | None]:

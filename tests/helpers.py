@@ -31,3 +31,22 @@ def write_dataset(root: Path, labels: dict[str, str], test_ids: list[str], size:
     for i, image_id in enumerate(test_ids):
         write_png(root / "test" / f"{image_id}.png", size, seed=1000 + i)
     return root
+
+
+def write_kaggle_dataset(root: Path, labels: dict[str, str], test_ids: list[str], size: int = 32) -> Path:
+    """Kaggle's download of the competition: 'Human protein atlas/{train.csv,train/,test/}' and the
+    template submission.csv (dummy label 0 per test image) one level above that folder."""
+    inner = write_dataset(root / "Human protein atlas", labels, test_ids, size)
+    (inner / "sample_submission.csv").rename(root / "submission.csv")
+    return root
+
+
+def zip_folder(folder: Path, zip_path: Path) -> Path:
+    """Zip every file under folder with names relative to it (as Kaggle's download zip is)."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+    return zip_path

@@ -83,7 +83,7 @@ def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
     result = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(local),
                              "--store", store], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"datasets push failed: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    uri = result.stdout.strip().splitlines()[-1]
+    uri = json.loads(result.stdout.strip().splitlines()[-1])["uri"]
     assert uri.startswith("s3://"), uri
     return uri
 

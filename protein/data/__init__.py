@@ -1,0 +1,69 @@
+"""The competition dataset, read-only, from a folder, a zip, an s3:// prefix or an s3:// zip.
+
+- layout: where train.csv, train/, test/ and the submission template sit (Kaggle's form included)
+- sources: local folder and zip sources; s3: S3 prefixes and zips through a local download cache
+- tables: strict CSV parsing and `load_competition`
+- png: strict PNG decoding and the one resize
+- digests, fingerprint: content digests and the host-independent data fingerprint
+- push: `protein datasets push/list`, immutable datasets in the object store
+"""
+
+from protein.data.digests import FileDigest, data_cache_dir
+from protein.data.fingerprint import fingerprint, fingerprint_of
+from protein.data.layout import (
+    KAGGLE_FOLDER,
+    KAGGLE_SUBMISSION_CSV,
+    LABEL_COLUMNS,
+    SAFE_ID,
+    SAMPLE_SUBMISSION_CSV,
+    TEST_DIR,
+    TRAIN_CSV,
+    TRAIN_DIR,
+    Layout,
+    check_image_id,
+    resolve_layout,
+)
+from protein.data.png import MAX_IMAGE_PIXELS, PNG_SIGNATURE, decode_png, load_image, png_end
+from protein.data.sources import DatasetSource, FolderSource, ZipSource
+from protein.data.tables import (
+    MAX_CSV_BYTES,
+    CompetitionData,
+    csv_line,
+    load_competition,
+    parse_csv_bytes,
+    parse_labels_table,
+    read_csv_table,
+)
+
+__all__ = [
+    "KAGGLE_FOLDER",
+    "KAGGLE_SUBMISSION_CSV",
+    "LABEL_COLUMNS",
+    "MAX_CSV_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "PNG_SIGNATURE",
+    "SAFE_ID",
+    "SAMPLE_SUBMISSION_CSV",
+    "TEST_DIR",
+    "TRAIN_CSV",
+    "TRAIN_DIR",
+    "CompetitionData",
+    "DatasetSource",
+    "FileDigest",
+    "FolderSource",
+    "Layout",
+    "ZipSource",
+    "check_image_id",
+    "csv_line",
+    "data_cache_dir",
+    "decode_png",
+    "fingerprint",
+    "fingerprint_of",
+    "load_competition",
+    "load_image",
+    "parse_csv_bytes",
+    "parse_labels_table",
+    "png_end",
+    "read_csv_table",
+    "resolve_layout",
+]

@@ -1,0 +1,120 @@
+"""Content digests of dataset files, and the local cache that keeps re-fingerprinting cheap.
+
+The fingerprint's per-file digest is MD5 (with the size) because that is what S3 already reports
+for every object uploaded in one part (its ETag), so an S3 copy is fingerprinted from a listing,
+with no download, and gets the same fingerprint as the local folder it came from. MD5 is used to
+tell versions of the data apart, not as a defence against someone with write access to the data
+(who could change it anyway); the store's own SHA-256 checks guard integrity.
+
+A folder is fingerprinted by reading every byte. The hash cache remembers each file's MD5 keyed by
+(size, mtime, ctime, inode): ctime cannot be set back by user tools and changes with every write,
+so a cached digest is reused only for the very file that was hashed; a copy on another host, or a
+file rewritten in place, is hashed again. The cache only saves time: the result is the same with
+or without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from protein.atomic import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("work") / "cache"
+HASH_CACHE_VERSION = 1
+# hashlib releases the GIL on large buffers, so a few threads overlap hashing with disk reads.
+HASH_THREADS = 4
+
+
+def data_cache_dir(cache_dir: Path | None = None) -> Path:
+    """<cache>/datasets: downloads, hash caches and locks of the data layer. The cache root is the
+    one the image cache uses (--cache-dir, $PROTEIN_CACHE_DIR, default work/cache)."""
+    root = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("PROTEIN_CACHE_DIR", DEFAULT_CACHE_DIR))
+    return root / "datasets"
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    md5: str
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def md5_file(path: Path) -> FileDigest:
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, digest.hexdigest())
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class HashCache:
+    """One JSON file of {name: [size, mtime_ns, ctime_ns, inode, md5]}, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, list]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict) or doc.get("version") != HASH_CACHE_VERSION:
+            return {}
+        entries = doc.get("entries")
+        return entries if isinstance(entries, dict) else {}
+
+    def digests(
+        self, files: dict[str, Path], stat: Callable[[Path], os.stat_result] = os.stat
+    ) -> dict[str, FileDigest]:
+        """MD5 of every file (name -> path), hashing only those whose identity changed."""
+        cached = self._load()
+        out: dict[str, FileDigest] = {}
+        misses: list[tuple[str, Path, list[int]]] = []
+        for name, path in files.items():
+            identity = _identity(stat(path))
+            entry = cached.get(name)
+            if isinstance(entry, list) and len(entry) == 5 and entry[:4] == identity:
+                out[name] = FileDigest(identity[0], str(entry[4]))
+            else:
+                misses.append((name, path, identity))
+        if misses:
+            with ThreadPoolExecutor(HASH_THREADS) as pool:
+                hashed = list(pool.map(lambda m: md5_file(m[1]), misses))
+            for (name, path, identity), digest in zip(misses, hashed, strict=True):
+                # A file rewritten while we hashed it is not remembered: its identity changed under us.
+                if _identity(stat(path)) == identity and digest.size == identity[0]:
+                    cached[name] = [*identity, digest.md5]
+                out[name] = digest
+            self._save({name: cached[name] for name in files if name in cached})
+            log.info("hashed %d of %d files (%d from the hash cache %s)", len(misses), len(files),
+                     len(files) - len(misses), self.path)
+        return out
+
+    def _save(self, entries: dict[str, list]) -> None:
+        try:
+            write_bytes_atomic(self.path, json.dumps({"version": HASH_CACHE_VERSION, "entries": entries}).encode())
+        except OSError as exc:  # a read-only cache only costs speed
+            log.warning("could not write the hash cache %s: %s", self.path, exc)
+
+
+def cache_file_for(cache_root: Path, kind: str, parts: Iterable[object]) -> Path:
+    key = hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:32]
+    return cache_root / "hashes" / f"{kind}-{key}.json"

@@ -1,0 +1,365 @@
+"""Datasets in S3: ``s3://bucket/prefix/`` (the competition layout under a prefix, Kaggle's nested
+'Human protein atlas/' included, or a dataset pushed by `protein datasets push`) and
+``s3://bucket/key.zip``.
+
+Nothing is read from S3 twice on a host: files are downloaded into <cache>/datasets/ keyed by the
+object's identity (bucket, key, ETag, size) or, for a pushed dataset, by the SHA-256 its manifest
+records. A file lands under its final name only after its size and checksum matched (temp file, then
+atomic rename), so a local copy is either complete and verified or absent. Each GET carries
+If-Match with the ETag the listing showed: an object replaced during the download is refused by the
+server, reported in one line, and nothing of it is cached.
+
+Images are fetched per folder (train/ or test/) on first use, in parallel, so `predict` downloads
+only test/. A zip is downloaded whole (resuming a partial download with a ranged GET) and then read
+in place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protein.data.digests import FileDigest, data_cache_dir, md5_file
+from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
+from protein.data.sources import DatasetSource, ZipSource
+from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
+from protein.storage import ObjectInfo, S3Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "protein-dataset/1"
+# A prefix named like a pushed dataset must carry its manifest: without it the push did not finish.
+PUSHED_PREFIX = re.compile(r"(?:^|/)datasets/([0-9a-f]{16})/$")
+# Single-part uploads (every image; most CSVs) have the content's MD5 as ETag.
+MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+DOWNLOAD_THREADS = 16
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of an S3 dataset: where it is and what its bytes must be."""
+
+    key: str
+    size: int
+    etag: str | None  # the version the listing showed; downloads require it (If-Match)
+    md5: str | None  # from a single-part ETag or the manifest
+    sha256: str | None = None  # from a pushed manifest
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if any(ord(c) < 32 for c in key) or ".." in key.split("/"):
+        raise DataError(f"{uri}: invalid S3 key (control characters or '..')")
+    return bucket, key
+
+
+def _s3_store(bucket: str, uri: str) -> S3Store:
+    try:
+        return S3Store(bucket)
+    except ValueError as exc:
+        raise DataError(f"{uri}: {exc}") from None
+
+
+def open_s3_source(uri: str, cache_dir: Path | None = None) -> DatasetSource:
+    cache_root = data_cache_dir(cache_dir)
+    bucket, key = parse_s3_uri(uri)
+    store = _s3_store(bucket, uri)
+    if key and not key.endswith("/"):
+        listed = store.list_objects(key)
+        exact = [o for o in listed if o.key == key]
+        if exact:
+            if not key.lower().endswith(".zip"):
+                raise DataError(f"{uri}: an object, not a dataset (expected a prefix ending in '/' or a .zip)")
+            local = fetch_object(store, exact[0], cache_root / "zips", ".zip")
+            return ZipSource(local, cache_dir=cache_dir, description=uri)
+        key += "/"
+    objects = store.list_objects(key)
+    if not objects:
+        raise DataError(f"{uri}: no objects under this prefix ({EXPECTED_LAYOUT}; or name a .zip)")
+    return S3Source(f"s3://{bucket}/{key}", bucket, key, objects, cache_root)
+
+
+def _object_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # Several processes (decode workers, two flows on one host) may want the same download: one does it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    def __init__(self, f: Any, md5: Any = None) -> None:
+        self.f = f
+        self.md5 = md5 or hashlib.md5(usedforsecurity=False)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> int:
+        self.md5.update(chunk)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return self.f.write(chunk)
+
+
+def _changed(bucket: str, key: str, what: str) -> StoreError:
+    return StoreError(f"{_object_uri(bucket, key)}: {what} during the download; nothing was cached "
+                      "(retry once whoever writes the dataset has finished)")
+
+
+def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None:
+    """GET one object into a temp file, check it, then rename it to `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            try:
+                store.download_object(remote.key, writer, if_match=remote.etag)  # type: ignore[arg-type]
+            except PreconditionFailed:
+                raise _changed(store.bucket, remote.key, f"changed (no longer ETag {remote.etag})") from None
+            except NotFound:
+                raise _changed(store.bucket, remote.key, "was deleted") from None
+            f.flush()
+            os.fsync(f.fileno())
+        where = _object_uri(store.bucket, remote.key)
+        if writer.size != remote.size:
+            raise _changed(store.bucket, remote.key,
+                           f"changed size ({remote.size:,} bytes listed, {writer.size:,} read)")
+        if remote.md5 is not None and writer.md5.hexdigest() != remote.md5:
+            raise IntegrityError(f"{where}: MD5 {writer.md5.hexdigest()} does not match {remote.md5}; "
+                                 "nothing was cached")
+        if remote.sha256 is not None and writer.sha256.hexdigest() != remote.sha256:
+            raise IntegrityError(f"{where}: content does not match the SHA-256 in the dataset's {MANIFEST}; "
+                                 "nothing was cached")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "") -> Path:
+    """Download one (large) object once, resuming a partial download; returns the verified local copy."""
+    identity = hashlib.sha256(f"s3\0{store.bucket}\0{info.key}\0{info.etag}\0{info.size}".encode()).hexdigest()[:32]
+    final = folder / f"{identity}{suffix}"
+    if final.is_file() and final.stat().st_size == info.size:
+        return final
+    part = folder / f"{identity}{suffix}.part"
+    uri = _object_uri(store.bucket, info.key)
+    match = MD5_ETAG.match(info.etag)
+    with _file_lock(folder / f"{identity}.lock"):
+        if final.is_file() and final.stat().st_size == info.size:
+            return final
+        for _attempt in range(2):
+            have = part.stat().st_size if part.is_file() else 0
+            if have > info.size:
+                part.unlink()
+                have = 0
+            if have:
+                log.info("%s: resuming the download at byte %d of %d", uri, have, info.size)
+            if have < info.size:
+                try:
+                    with open(part, "ab") as f:
+                        store.download_object(info.key, f, if_match=info.etag, start=have)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except PreconditionFailed:
+                    part.unlink(missing_ok=True)
+                    raise _changed(store.bucket, info.key, f"changed (no longer ETag {info.etag})") from None
+                except NotFound:
+                    part.unlink(missing_ok=True)
+                    raise _changed(store.bucket, info.key, "was deleted") from None
+            digest = md5_file(part)
+            if digest.size == info.size and (match is None or digest.md5 == match.group(1)):
+                os.replace(part, final)
+                return final
+            log.warning("%s: the partial download does not match the object; downloading it again", uri)
+            part.unlink(missing_ok=True)
+    raise IntegrityError(f"{uri}: downloaded twice and the bytes never matched its ETag {info.etag}; "
+                         "nothing was cached")
+
+
+class S3Source(DatasetSource):
+    """A dataset under an S3 prefix, read through the local download cache."""
+
+    def __init__(self, uri: str, bucket: str, prefix: str, objects: list[ObjectInfo], cache_root: Path) -> None:
+        self.uri = uri
+        self.description = uri.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.cache_root = cache_root
+        self._store: S3Store | None = None
+        self._pid = -1
+        self._ready: set[str] = set()
+        listed = {o.key[len(prefix) :]: o for o in objects}
+        if MANIFEST in listed:
+            self.files, self.manifest = self._from_manifest(listed)
+        elif PUSHED_PREFIX.search(prefix):
+            raise DataError(f"{self.description}: incomplete dataset push (no {MANIFEST}); run "
+                            "`protein datasets push` again to finish it")
+        else:
+            self.files, self.manifest = self._from_listing(listed), None
+
+    # --- building the file table ---
+    def _from_listing(self, listed: dict[str, ObjectInfo]) -> dict[str, RemoteFile]:
+        children: dict[str, set[str]] = {}
+        for name in listed:
+            parts = name.split("/")[:-1]
+            for depth, part in enumerate(parts):
+                children.setdefault("".join(f"{p}/" for p in parts[:depth]), set()).add(part)
+        layout = resolve_layout(lambda rel: rel in listed, lambda d: sorted(children.get(d, ())), self.description,
+                                strict=True)
+        files: dict[str, RemoteFile] = {}
+
+        def add(logical: str, physical: str) -> None:
+            o = listed[physical]
+            match = MD5_ETAG.match(o.etag)
+            files[logical] = RemoteFile(o.key, o.size, o.etag, match.group(1) if match else None)
+
+        add(TRAIN_CSV, layout.root + TRAIN_CSV)
+        if layout.template is not None:
+            add(SAMPLE_SUBMISSION_CSV, layout.template)
+        for folder in (TRAIN_DIR, TEST_DIR):
+            inside = f"{layout.root}{folder}/"
+            for name in listed:
+                if name.startswith(inside) and "/" not in name[len(inside) :] and name != inside:
+                    add(f"{folder}/{name[len(inside):]}", name)
+        return files
+
+    def _from_manifest(self, listed: dict[str, ObjectInfo]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
+        from protein.data.fingerprint import fingerprint_of
+
+        info = listed[MANIFEST]
+        where = f"{self.uri}{MANIFEST}"
+        if info.size > MAX_MANIFEST_BYTES:
+            raise DataError(f"{where}: {info.size:,} bytes, larger than any dataset manifest")
+        path = fetch_object(self._s3(), info, self.cache_root / "manifests", ".json")
+        try:
+            manifest = json.loads(path.read_bytes())
+            entries = manifest["files"]
+            digests = {name: FileDigest(int(e["size"]), str(e["md5"])) for name, e in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{where}: not a dataset manifest ({type(exc).__name__}: {exc})") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise DataError(f"{where}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        actual = fingerprint_of(digests)
+        named = PUSHED_PREFIX.search(self.prefix)
+        if manifest.get("fingerprint") != actual or (named and named.group(1) != actual):
+            raise DataError(f"{where}: its files have fingerprint {actual}, but it claims "
+                            f"{manifest.get('fingerprint')!r}{f' under datasets/{named.group(1)}/' if named else ''}")
+        files: dict[str, RemoteFile] = {}
+        for name, entry in entries.items():
+            listed_object = listed.get(name)
+            if listed_object is None or listed_object.size != int(entry["size"]):
+                raise StoreError(f"{self.uri}{name}: listed in {MANIFEST} but missing from the store "
+                                 "or of another size")
+            files[name] = RemoteFile(listed_object.key, int(entry["size"]), listed_object.etag, str(entry["md5"]),
+                                     str(entry["sha256"]))
+        return files, manifest
+
+    # --- DatasetSource ---
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None  # boto3 clients do not cross processes; each worker makes its own
+        return state
+
+    def _s3(self) -> S3Store:
+        if self._store is None or self._pid != os.getpid():
+            self._store = _s3_store(self.bucket, self.uri)
+            self._pid = os.getpid()
+        return self._store
+
+    def locate(self, relpath: str) -> str:
+        remote = self.files.get(relpath)
+        return _object_uri(self.bucket, remote.key) if remote else f"{self.uri}{relpath}"
+
+    def exists(self, relpath: str) -> bool:
+        return relpath in self.files
+
+    def size(self, relpath: str) -> int:
+        return self._remote(relpath).size
+
+    def list_dir(self, dirname: str) -> list[str]:
+        prefix = dirname.rstrip("/") + "/"
+        return sorted(n[len(prefix) :] for n in self.files if n.startswith(prefix))
+
+    def _remote(self, relpath: str) -> RemoteFile:
+        remote = self.files.get(relpath)
+        if remote is None:
+            raise DataError(f"{self.uri}{relpath}: file not found in the dataset")
+        return remote
+
+    def local_path(self, remote: RemoteFile) -> Path:
+        if remote.sha256 is not None:  # content-addressed: shared by every dataset holding these bytes
+            name = f"sha256-{remote.sha256}"
+        else:
+            identity = f"s3\0{self.bucket}\0{remote.key}\0{remote.etag}\0{remote.size}"
+            name = f"s3-{hashlib.sha256(identity.encode()).hexdigest()[:40]}"
+        return self.cache_root / "objects" / name[-2:] / name
+
+    def read_bytes(self, relpath: str) -> bytes:
+        remote = self._remote(relpath)
+        path = self.local_path(remote)
+        if not path.is_file():
+            # The first image of a folder brings the whole folder, in parallel: one GET per image,
+            # one at a time, would make decoding wait on the network.
+            folder, _, _ = relpath.rpartition("/")
+            self.fetch([f"{folder}/{n}" for n in self.list_dir(folder)] if folder else [relpath])
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path}") from None
+
+    def fetch(self, relpaths: list[str]) -> int:
+        """Download every file of `relpaths` not yet cached (in parallel); returns how many."""
+        todo = [r for r in relpaths if not self.local_path(self._remote(r)).is_file()]
+        if not todo:
+            return 0
+        group = hashlib.sha256(f"{self.uri}\0{todo[0].rpartition('/')[0]}".encode()).hexdigest()[:24]
+        with _file_lock(self.cache_root / "locks" / f"{group}.lock"):
+            todo = [r for r in todo if not self.local_path(self._remote(r)).is_file()]
+            if todo:
+                log.info("%s: downloading %d files", self.uri, len(todo))
+                store = self._s3()
+                with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+                    futures = [pool.submit(_download_verified, store, self._remote(r), self.local_path(self._remote(r)))
+                               for r in todo]
+                    try:
+                        for future in futures:
+                            future.result()
+                    except BaseException:
+                        for future in futures:
+                            future.cancel()
+                        raise
+        return len(todo)
+
+    def digests(self) -> dict[str, FileDigest]:
+        # ETags (single-part) and manifests give each file's MD5 without a download; only objects
+        # uploaded in several parts need their bytes.
+        unknown = [name for name, remote in self.files.items() if remote.md5 is None]
+        if unknown:
+            self.fetch(unknown)
+        out = {}
+        for name, remote in self.files.items():
+            out[name] = (FileDigest(remote.size, remote.md5) if remote.md5 is not None
+                         else md5_file(self.local_path(remote)))
+        return out

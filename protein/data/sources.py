@@ -1,0 +1,248 @@
+"""Read-only access to the files of one dataset: a local folder, a zip, or (protein.data.s3) an
+S3 prefix or zip. Every source answers in logical names (see protein.data.layout)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from protein.data.digests import FileDigest, HashCache, cache_file_for, data_cache_dir, md5_bytes
+from protein.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, Layout, resolve_layout
+from protein.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class DatasetSource:
+    """Read-only access to the files of one dataset, by logical name (train.csv, sample_submission.csv
+    for the submission template wherever it sits, train/<name>, test/<name>)."""
+
+    description: str
+    cache_root: Path
+
+    def read_bytes(self, relpath: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, relpath: str) -> bool:
+        raise NotImplementedError
+
+    def list_dir(self, dirname: str) -> list[str]:
+        """File names (not paths) directly inside dirname, sorted; [] if it does not exist."""
+        raise NotImplementedError
+
+    def size(self, relpath: str) -> int:
+        return len(self.read_bytes(relpath))
+
+    def locate(self, relpath: str) -> str:
+        return f"{self.description}/{relpath}"
+
+    def fingerprint_files(self) -> list[str]:
+        """The logical names the fingerprint covers: both CSVs and every file in train/ and test/."""
+        names = [n for n in (TRAIN_CSV, SAMPLE_SUBMISSION_CSV) if self.exists(n)]
+        return names + [f"{d}/{n}" for d in (TRAIN_DIR, TEST_DIR) for n in self.list_dir(d)]
+
+    def digests(self) -> dict[str, FileDigest]:
+        """Size and MD5 of every fingerprinted file (reads content; sources override to go faster)."""
+        out = {}
+        for name in self.fingerprint_files():
+            data = self.read_bytes(name)
+            out[name] = FileDigest(len(data), md5_bytes(data))
+        return out
+
+    def file_signature(self, relpath: str) -> str:
+        """Content identity of one file: size and MD5."""
+        data = self.read_bytes(relpath)
+        return f"{len(data)}:{md5_bytes(data)}"
+
+    @staticmethod
+    def open(path: str | os.PathLike[str], cache_dir: Path | None = None) -> DatasetSource:
+        """A folder, a zip, s3://bucket/prefix/ or s3://bucket/key.zip. cache_dir is the cache root
+        (default $PROTEIN_CACHE_DIR or work/cache): S3 downloads and hash caches go to its datasets/."""
+        text = os.fspath(path)
+        if isinstance(text, str) and text.startswith("s3://"):
+            from protein.data.s3 import open_s3_source
+
+            return open_s3_source(text, cache_dir)
+        if isinstance(text, str) and "://" in text:
+            raise DataError(f"{text}: unsupported dataset URI (use a local folder, a .zip, or s3://bucket/prefix/)")
+        p = Path(text)
+        if not p.exists():
+            raise DataError(f"{p}: dataset not found (expected a folder or the competition .zip)")
+        if p.is_dir():
+            return FolderSource(p, cache_dir=cache_dir)
+        if zipfile.is_zipfile(p):
+            return ZipSource(p, cache_dir=cache_dir)
+        raise DataError(f"{p}: not a folder or a zip file")
+
+
+class FolderSource(DatasetSource):
+    """A local folder. `root` is the folder holding train.csv (the Kaggle download nests it in
+    'Human protein atlas/'); `base` is the folder given, which may hold the template above root."""
+
+    def __init__(self, path: Path, cache_dir: Path | None = None) -> None:
+        base = Path(path).resolve()
+
+        def subdirs(folder: str) -> list[str]:
+            try:
+                return sorted(e.name for e in os.scandir(base / folder) if e.is_dir())
+            except OSError:
+                return []
+
+        self.base = base
+        self.layout: Layout = resolve_layout(lambda rel: (base / rel).is_file(), subdirs, str(base), strict=False)
+        self.root = base / self.layout.root if self.layout.root else base
+        self.description = str(self.root)
+        self.cache_root = data_cache_dir(cache_dir)
+
+    def _path(self, relpath: str) -> Path:
+        path = self.base / self.layout.physical(relpath)
+        # A symlink may point anywhere; refuse to read outside the dataset folder.
+        resolved = path.resolve()
+        if resolved != self.base and self.base not in resolved.parents:
+            raise DataError(f"{self.locate(relpath)}: points outside the dataset folder ({resolved})")
+        return path
+
+    def locate(self, relpath: str) -> str:
+        return str(self.base / self.layout.physical(relpath))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        path = self._path(relpath)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{self.locate(relpath)}: file not found") from None
+        except IsADirectoryError:
+            raise DataError(f"{self.locate(relpath)}: expected a file, found a folder") from None
+
+    def exists(self, relpath: str) -> bool:
+        return (self.base / self.layout.physical(relpath)).is_file()
+
+    def size(self, relpath: str) -> int:
+        return self._path(relpath).stat().st_size
+
+    def list_dir(self, dirname: str) -> list[str]:
+        folder = self.root / dirname
+        if not folder.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(folder) if not entry.is_dir())
+
+    def digests(self) -> dict[str, FileDigest]:
+        files = {name: self._path(name) for name in self.fingerprint_files()}
+        cache = HashCache(cache_file_for(self.cache_root, "folder", [self.base]))
+        try:
+            return cache.digests(files)
+        except FileNotFoundError as exc:
+            raise DataError(f"{exc.filename}: vanished while fingerprinting the dataset") from None
+
+    def file_signature(self, relpath: str) -> str:
+        digest = HashCache(cache_file_for(self.cache_root, "folder", [self.base])).digests(
+            {relpath: self._path(relpath)})[relpath]
+        return f"{digest.size}:{digest.md5}"
+
+
+class ZipSource(DatasetSource):
+    """Reads members in place; nothing is extracted, so zip-slip names cannot write anywhere,
+    but they are refused anyway as a sign of a hostile archive."""
+
+    def __init__(self, path: Path, cache_dir: Path | None = None, description: str | None = None) -> None:
+        self.path = Path(path).resolve()
+        self.description = description or str(self.path)
+        self.cache_root = data_cache_dir(cache_dir)
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = -1
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{self.description}: not a readable zip ({exc})") from None
+        for info in infos:
+            name = info.filename
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or "\\" in name or ".." in parts or re.match(r"^[A-Za-z]:", name):
+                raise DataError(f"{self.description}: unsafe member name {name!r} (absolute path or '..')")
+        files = {i.filename: i for i in infos if not i.is_dir()}
+        children: dict[str, set[str]] = {}  # folder ('' = top, else 'a/b/') -> names of folders inside it
+        for name in files:
+            parts = name.split("/")[:-1]
+            for depth, part in enumerate(parts):
+                children.setdefault("".join(f"{p}/" for p in parts[:depth]), set()).add(part)
+
+        def subdirs(folder: str) -> list[str]:
+            return sorted(children.get(folder, ()))
+
+        self.layout = resolve_layout(lambda rel: rel in files, subdirs, self.description, strict=True)
+        self.prefix = self.layout.root
+        self._infos = {
+            name[len(self.prefix) :]: info for name, info in files.items() if name.startswith(self.prefix)
+        }
+        if self.layout.template is not None:
+            self._infos[SAMPLE_SUBMISSION_CSV] = files[self.layout.template]
+        self._identity = list(_file_identity(self.path))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_zip"] = None  # each worker process opens its own handle
+        return state
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._pid = os.getpid()
+        return self._zip
+
+    def read_bytes(self, relpath: str) -> bytes:
+        info = self._infos.get(relpath)
+        if info is None:
+            raise DataError(f"{self.locate(relpath)}: file not found in the zip")
+        try:
+            return self._zipfile().read(info)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{self.locate(relpath)}: cannot read zip member ({exc})") from None
+
+    def exists(self, relpath: str) -> bool:
+        return relpath in self._infos
+
+    def size(self, relpath: str) -> int:
+        info = self._infos.get(relpath)
+        if info is None:
+            raise DataError(f"{self.locate(relpath)}: file not found in the zip")
+        return info.file_size
+
+    def list_dir(self, dirname: str) -> list[str]:
+        prefix = dirname.rstrip("/") + "/"
+        return sorted(
+            name[len(prefix) :] for name in self._infos if name.startswith(prefix) and "/" not in name[len(prefix) :]
+        )
+
+    def digests(self) -> dict[str, FileDigest]:
+        # Members are decompressed and hashed once per zip file (same bytes as after unzip, so the same
+        # fingerprint); the result is kept keyed by the zip's own identity.
+        cache_path = cache_file_for(self.cache_root, "zip", [self.path, *self._identity])
+        names = self.fingerprint_files()
+        try:
+            cached = json.loads(cache_path.read_text())
+            if all(name in cached for name in names):
+                return {name: FileDigest(*cached[name]) for name in names}
+        except (OSError, ValueError, TypeError):
+            pass
+        out = super().digests()
+        from protein.atomic import write_bytes_atomic
+
+        try:
+            write_bytes_atomic(cache_path, json.dumps({k: [v.size, v.md5] for k, v in out.items()}).encode())
+        except OSError as exc:
+            log.warning("could not write the hash cache %s: %s", cache_path, exc)
+        return out
+
+    def locate(self, relpath: str) -> str:
+        info = self._infos.get(relpath)
+        return f"{self.description}!{info.filename if info else self.prefix + relpath}"
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino

@@ -1,0 +1,207 @@
+"""Datasets in S3 against a real moto_server: s3:// prefixes (Kaggle's nested layout included) and
+zips through the download cache, resume and redo of partial downloads, objects changing mid-download,
+bad URIs, and `protein datasets push/list`."""
+
+import json
+import logging
+import zipfile
+
+import boto3
+import pytest
+
+from protein.cli import main as protein_main
+from protein.data import DatasetSource, data_cache_dir, fingerprint, load_competition
+from protein.data.push import list_datasets, push_dataset
+from protein.data.s3 import fetch_object
+from protein.errors import DataError, IntegrityError, StoreError
+from protein.storage import S3Store, open_store
+from tests.helpers import write_dataset, write_kaggle_dataset, write_png, zip_folder
+
+pytestmark = pytest.mark.integration
+
+LABELS = {"1": "0", "2": "6 4", "3": "9", "4": "1"}
+TEST_IDS = ["12", "10", "11"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "cache"))
+    return data_cache_dir()
+
+
+@pytest.fixture
+def kaggle(tmp_path):
+    return write_kaggle_dataset(tmp_path / "jovian-pytorch-z2g", LABELS, TEST_IDS)
+
+
+@pytest.fixture
+def bucket(s3_bucket):
+    return s3_bucket.removeprefix("s3://").split("/")[0]
+
+
+def upload_folder(bucket, folder, prefix):
+    client = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
+
+
+def cached_files(cache):
+    return sorted(p for p in cache.rglob("*") if p.is_file() and p.parent.name not in ("locks", "hashes"))
+
+
+def test_kaggle_layout_under_a_prefix_reads_once_and_matches_the_local_fingerprint(kaggle, bucket, cache):
+    upload_folder(bucket, kaggle, "competition/")  # keys with spaces: "competition/Human protein atlas/..."
+    uri = f"s3://{bucket}/competition/"
+    data = load_competition(uri)
+    assert data.train_ids == list(LABELS) and data.test_ids == TEST_IDS
+    assert data.source.locate("train/2.png") == f"s3://{bucket}/competition/Human protein atlas/train/2.png"
+    assert fingerprint(data.source) == fingerprint(DatasetSource.open(kaggle))
+    # The fingerprint came from the listing's ETags: only the two CSVs (read to parse them) were downloaded.
+    assert len([p for p in cached_files(cache) if p.name.startswith("s3-")]) == 2
+
+    assert data.source.read_bytes("test/10.png") == (kaggle / "Human protein atlas/test/10.png").read_bytes()
+    test_copies = [p for p in cached_files(cache) if p.name.startswith("s3-")]
+    assert len(test_copies) == 2 + len(TEST_IDS)  # both CSVs, and the first test image brought test/, not train/
+
+    # Cached copies are reused: with the objects gone, a fresh source (listing taken before) still reads.
+    again = DatasetSource.open(uri)
+    boto3.client("s3").delete_object(Bucket=bucket, Key="competition/Human protein atlas/test/11.png")
+    assert again.read_bytes("test/11.png") == (kaggle / "Human protein atlas/test/11.png").read_bytes()
+    assert DatasetSource.open(f"s3://{bucket}/competition").description == f"s3://{bucket}/competition"
+
+
+def test_zip_in_s3_resumes_a_partial_download_and_redoes_a_bad_one(kaggle, bucket, tmp_path, cache, caplog):
+    local_zip = zip_folder(kaggle, tmp_path / "jovian-pytorch-z2g.zip")
+    boto3.client("s3").upload_file(str(local_zip), bucket, "kaggle/jovian-pytorch-z2g.zip")
+    store = S3Store(bucket)
+    [info] = store.list_objects("kaggle/jovian-pytorch-z2g.zip")
+    blob = local_zip.read_bytes()
+    folder = cache / "zips"
+
+    final = fetch_object(store, info, folder, ".zip")  # to learn the cache names, then start over
+    part = final.with_name(final.name + ".part")
+    final.unlink()
+    part.write_bytes(blob[: len(blob) // 2])  # an interrupted download
+    with caplog.at_level(logging.INFO, logger="protein.data.s3"):
+        assert fetch_object(store, info, folder, ".zip").read_bytes() == blob
+    assert f"resuming the download at byte {len(blob) // 2} of {len(blob)}" in caplog.text
+    assert not part.exists()
+
+    final.unlink()
+    part.write_bytes(b"\0" * (len(blob) // 2))  # a partial copy that is not the object's bytes
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="protein.data.s3"):
+        assert fetch_object(store, info, folder, ".zip").read_bytes() == blob
+    assert "does not match the object; downloading it again" in caplog.text
+
+    data = load_competition(f"s3://{bucket}/kaggle/jovian-pytorch-z2g.zip")
+    assert data.test_ids == TEST_IDS
+    assert data.source.locate("train/1.png").startswith(f"s3://{bucket}/kaggle/jovian-pytorch-z2g.zip!")
+    assert fingerprint(data.source) == fingerprint(DatasetSource.open(kaggle))
+
+
+def test_objects_changing_during_the_download_are_refused_and_nothing_is_cached(kaggle, bucket, tmp_path, cache):
+    upload_folder(bucket, kaggle, "ds/")
+    source = DatasetSource.open(f"s3://{bucket}/ds/")  # the listing fixes the versions to read
+    write_png(tmp_path / "other.png", seed=77)
+    changed_key = "ds/Human protein atlas/train/3.png"
+    boto3.client("s3").upload_file(str(tmp_path / "other.png"), bucket, changed_key)
+    with pytest.raises(StoreError, match=rf"^s3://{bucket}/{changed_key}: changed \(no longer ETag .*\) during the "
+                                         r"download; nothing was cached"):
+        source.read_bytes("train/1.png")
+    assert not source.local_path(source.files["train/3.png"]).exists()
+    assert not [p for p in cache.rglob("*.tmp")]
+
+    # The same for a zip replaced between its listing and its download: no .part, no copy.
+    local_zip = zip_folder(kaggle, tmp_path / "k.zip")
+    client = boto3.client("s3")
+    client.upload_file(str(local_zip), bucket, "k.zip")
+    store = S3Store(bucket)
+    [stale] = store.list_objects("k.zip")
+    client.put_object(Bucket=bucket, Key="k.zip", Body=local_zip.read_bytes() + b"x")
+    with pytest.raises(StoreError, match=rf"^s3://{bucket}/k.zip: changed .* nothing was cached"):
+        fetch_object(store, stale, cache / "zips", ".zip")
+    assert [p.name for p in (cache / "zips").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("suffix,code,needle", [
+    ("nothing/", 2, "no objects under this prefix (expected train.csv with train/ and test/"),
+    ("junk/", 2, "not the competition layout: expected train.csv"),
+    ("junk/readme.txt", 2, "an object, not a dataset"),
+])
+def test_bad_s3_uris_get_one_line_and_exit_2(bucket, suffix, code, needle, capsys):
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="junk/readme.txt", Body=b"hi")
+    client.put_object(Bucket=bucket, Key="junk/images/1.png", Body=b"x")
+    uri = f"s3://{bucket}/{suffix}"
+    assert protein_main(["train", "--data", uri, "--store", f"s3://{bucket}/store", "--epochs", "1"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"protein train: error: {uri.rstrip('/')}") and needle in err[0]
+
+
+def test_missing_bucket_is_a_store_error_exit_3(s3_env, capsys):
+    assert protein_main(["validate", "--data", "s3://no-such-bucket-here/ds/", "--store", "work-store"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["protein validate: error: s3://no-such-bucket-here: bucket 'no-such-bucket-here' does not exist"]
+
+
+def test_push_list_and_read_back(kaggle, s3_bucket, bucket, tmp_path, capsys):
+    assert protein_main(["datasets", "push", "--data", str(kaggle), "--store", s3_bucket]) == 0
+    pushed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    local_fp = fingerprint(DatasetSource.open(kaggle))
+    assert pushed["fingerprint"] == local_fp and pushed["uri"] == f"{s3_bucket}/datasets/{local_fp}/"
+    assert pushed["files"] == 2 + len(LABELS) + len(TEST_IDS) and not pushed["already_pushed"]
+
+    # Canonical flat layout; create-only; the manifest lists every file with size, MD5 and SHA-256.
+    keys = open_store(s3_bucket).list(f"datasets/{local_fp}/")
+    assert f"datasets/{local_fp}/sample_submission.csv" in keys and f"datasets/{local_fp}/manifest.json" in keys
+    manifest = json.loads(open_store(s3_bucket).get_bytes(f"datasets/{local_fp}/manifest.json"))
+    assert set(manifest["files"]["train/1.png"]) == {"size", "md5", "sha256"}
+
+    back = load_competition(pushed["uri"])
+    assert fingerprint(back.source) == local_fp and back.test_ids == TEST_IDS
+    downloaded = tmp_path / "downloaded"
+    for name in back.source.fingerprint_files():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(back.source.read_bytes(name))
+    assert fingerprint(DatasetSource.open(downloaded)) == local_fp
+
+    assert protein_main(["datasets", "push", "--data", str(zip_folder(kaggle, tmp_path / "k.zip")),
+                         "--store", s3_bucket]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["already_pushed"] and again["uri"] == pushed["uri"]
+
+    assert protein_main(["datasets", "list", "--json", "--store", s3_bucket]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["fingerprint"], r["train_images"], r["test_images"]) for r in rows] == [(local_fp, 4, 3)]
+
+
+def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket, tmp_path):
+    store = open_store(s3_bucket)
+    result = push_dataset(str(kaggle), store)
+    prefix = f"{s3_bucket.removeprefix('s3://' + bucket + '/')}/datasets/{result.fingerprint}/"
+
+    # Another image where a pushed one was: the listing's size or the manifest's SHA-256 catches it.
+    write_png(tmp_path / "evil.png", seed=66)
+    boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, prefix + "train/4.png")
+    source = DatasetSource.open(result.uri)
+    with pytest.raises((IntegrityError, StoreError), match="train/4.png"):
+        source.read_bytes("train/4.png")
+
+    # Without its manifest (a push that died before the end) the dataset is invisible and refused.
+    boto3.client("s3").delete_object(Bucket=bucket, Key=prefix + "manifest.json")
+    with pytest.raises(DataError, match=r"incomplete dataset push \(no manifest.json\)"):
+        DatasetSource.open(result.uri)
+    rows, incomplete = list_datasets(store)
+    assert rows == [] and incomplete == [f"datasets/{result.fingerprint}/"]
+    # Pushing again refuses to overwrite the tampered object (immutability), naming it.
+    with pytest.raises(StoreError, match=r"train/4.png: already holds other bytes"):
+        push_dataset(str(kaggle), store)
+
+
+def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):
+    flat = write_dataset(tmp_path / "flat", LABELS, TEST_IDS)
+    result = push_dataset(str(flat), open_store(str(tmp_path / "store")))
+    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint
+    assert zipfile.is_zipfile(zip_folder(flat, tmp_path / "f.zip"))
