@@ -40,7 +40,7 @@ class Service:
     def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path,
                  cwd: Path = REPO) -> None:
         self.name = name
-        self.killed = False  # on purpose, by the test
+        self.killed = False  # stopped or killed on purpose by the test
         self.log_path = log_dir / f"{name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen([str(PREFECT), *args], env=dict(env), cwd=cwd, stdout=log,

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tasks.dispatch import idempotency_key
 from tests.conftest import MotoServer, set_s3_env
 from tests.helpers import write_dataset
 from tests.integration.prefect_services import (
@@ -62,7 +63,10 @@ class Cluster:
     def gpu_host(self, name: str) -> tuple[Service, Path]:
         """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly. It replaces
         the GPU workers started before it, so the runs that follow can only go to this one."""
-        stop_all([s for s in self.services if s.name.startswith("worker-gpu")])
+        previous = [s for s in self.services if s.name.startswith("worker-gpu") and not s.killed]
+        for service in previous:
+            service.killed = True  # gone on purpose: wait_final must not report it
+        stop_all(previous)
         root = self.root / name
         env = host_env(self.env, root, {"PROTEIN_ALLOW_CPU": "1",
                                         "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
@@ -272,6 +276,12 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     assert resumed, messages
     resumed_epoch = int(resumed[0].rsplit(" ", 1)[1])
     assert killed_at <= resumed_epoch < epochs, (killed_at, resumed_epoch)
+
+    # A retried parent asks for attempt 1 again: the server hands back the run it already has.
+    again = client.create_flow_run_from_deployment(
+        second.deployment_id, parameters=first.parameters,
+        idempotency_key=idempotency_key(first.parameters["run_id"], 1))
+    assert again.id == first.id
 
     registry = Registry(store)
     [version] = registry.versions()
