@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+INSTALL_LOG := $(VENV)-install.log
 WORK := work
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export GX_ANALYTICS_ENABLED := false
@@ -13,16 +14,21 @@ export DO_NOT_TRACK := 1
 
 venv: $(STAMP)
 
-# Reinstall only when the project's dependency list changes.
+# Reinstall only when the project's dependency list changes. pip's pages of output go to a
+# log that is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "installing the project into $(VENV) (first time: 2-3 minutes; log: $(INSTALL_LOG))"
+	@( test -x $(PY) || $(PYTHON) -m venv $(VENV) ) > $(INSTALL_LOG) 2>&1 \
+	  && $(PY) -m pip install --upgrade pip >> $(INSTALL_LOG) 2>&1 \
+	  && $(PY) -m pip install -e '.[dev]' >> $(INSTALL_LOG) 2>&1 \
+	  || { echo "install failed; the last lines of $(INSTALL_LOG):" >&2; tail -n 40 $(INSTALL_LOG) >&2; exit 1; }
+	@touch $(STAMP)
+	@echo "installed"
 
+# The demo: a synthetic dataset, a local Prefect server in $(WORK)/prefect, two retrains.
 run: $(STAMP)
-	mkdir -p $(WORK)/prefect
-	PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
+	@mkdir -p $(WORK)/prefect
+	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -18,10 +18,16 @@ from tasks.dispatch import DispatchConfig
 
 
 def report_state(state: State, flow_name: str) -> int:
-    """A finished run's result as JSON on stdout (exit 0), or its failure on stderr (exit 1)."""
+    """A finished run's result as JSON on stdout (exit 0), or its failure as one line on stderr with
+    the protein CLI's exit code for the error that failed it (1 when the flow itself failed it)."""
     if not state.is_completed():
         print(f"{flow_name} failed: {state.message}", file=sys.stderr)
-        return 1
+        try:
+            error = state.result(raise_on_failure=False)
+        except Exception as exc:  # the state's result may itself be the unreadable part
+            error = exc
+        code = getattr(error, "exit_code", 1) if isinstance(error, Exception) else 1
+        return code if isinstance(code, int) and code > 0 else 1
     print(json.dumps(state.result(), default=str))
     return 0
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.cli import run_with_prefect
 from flows.params import default_store, report_state
 from tasks.prediction import predict_submission
 
@@ -24,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=default_store())
     parser.add_argument("--model", default="champion")
     args = parser.parse_args(argv)
-    state = predict(data=args.data, store=args.store, model=args.model, return_state=True)
-    return report_state(state, "predict")
+
+    def run() -> int:
+        state = predict(data=args.data, store=args.store, model=args.model, return_state=True)
+        return report_state(state, "predict")
+
+    return run_with_prefect("python -m flows.predict", run)
 
 
 if __name__ == "__main__":

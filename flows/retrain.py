@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
+from flows.cli import run_with_prefect
 from flows.params import (
     DispatchParams,
     GateParams,
@@ -112,16 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=GateParams().min_gain)
     parser.add_argument("--train-deployment", help="run training as this deployment (e.g. train/gpu)")
     args = parser.parse_args(argv)
-    state = retrain(
-        data=args.data, store=args.store,
-        train=TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-                          batch_size=args.batch_size, seed=args.seed),
-        gate_config=GateParams(min_score=args.min_score, min_gain=args.min_gain),
-        validation=ValidationParams(image_size=args.expected_image_size),
-        train_deployment=args.train_deployment,
-        return_state=True,
-    )
-    return report_state(state, "retrain")
+
+    def run() -> int:
+        state = retrain(
+            data=args.data, store=args.store,
+            train=TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                              batch_size=args.batch_size, seed=args.seed),
+            gate_config=GateParams(min_score=args.min_score, min_gain=args.min_gain),
+            validation=ValidationParams(image_size=args.expected_image_size),
+            train_deployment=args.train_deployment,
+            return_state=True,
+        )
+        return report_state(state, "retrain")
+
+    return run_with_prefect("python -m flows.retrain", run)
 
 
 if __name__ == "__main__":

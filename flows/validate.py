@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Failed
 
+from flows.cli import run_with_prefect
 from flows.params import ValidationParams, report_state
 from tasks.validation import validate_data
 
@@ -30,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
     args = parser.parse_args(argv)
     params = ValidationParams(image_size=args.image_size, drift_action=args.drift_action)
-    state = validate(data=args.data, store=args.store, validation=params, return_state=True)
-    return report_state(state, "validate")
+
+    def run() -> int:
+        state = validate(data=args.data, store=args.store, validation=params, return_state=True)
+        return report_state(state, "validate")
+
+    return run_with_prefect("python -m flows.validate", run)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,18 @@ from protein.config import GateConfig
 from protein.gate import decide
 from protein.pipeline import evaluate_version, publish_training_plot, record_gate_decision
 from protein.report import gate_markdown, per_class_rows
+from tasks.retry import retry_transient
 
 
-@task(name="evaluate-model", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
+@task(name="evaluate-model", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
 def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float, seed: int) -> dict[str, Any]:
     """Holdout metrics of one version on an explicit split, so challenger and champion are
     scored on exactly the same images."""
     return evaluate_version(data, store, model_id, holdout_fraction, seed)
 
 
-@task(name="gate", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+@task(name="gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eval: dict[str, Any],
          champion_eval: dict[str, Any] | None, config: GateConfig) -> dict[str, Any]:
     decision = decide(challenger_eval, champion_eval, config).to_dict()

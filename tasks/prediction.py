@@ -8,9 +8,11 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.pipeline import predict_and_publish
 from protein.storage import open_store
+from tasks.retry import retry_transient
 
 
-@task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
+@task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
 def predict_submission(data: str, store: str, model_id: str = "champion") -> dict[str, Any]:
     result = predict_and_publish(data, store, model_id)
     url = open_store(store).url(result["key"])

@@ -10,6 +10,7 @@ from prefect.context import TaskRunContext
 from protein.data import DatasetSource, fingerprint
 from protein.errors import ProteinError
 from protein.validation import ValidationConfig, run_validation
+from tasks.retry import retry_transient
 
 
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -25,7 +26,8 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     return f"validate-{data_fingerprint}-{settings}"
 
 
-@task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], timeout_seconds=3600,
+@task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient,
+      timeout_seconds=3600,
       cache_key_fn=validation_cache_key, persist_result=True, result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
     report = run_validation(data, config, store_uri=store)

@@ -1,0 +1,248 @@
+"""Flow modules run from a shell: where they find the Prefect API, and what the user sees.
+
+Prefect's default for a process without PREFECT_API_URL is a temporary server that the first
+flow call starts and then waits 20 s for. In a brand-new PREFECT_HOME that first start also
+creates and migrates the database, which on a loaded 2-core machine takes longer than those
+20 s: the very first `make run` failed with a 40-line traceback (3 of 3 tries in a new
+PREFECT_HOME; once with "database is locked"), while a second run in the same folder worked.
+
+So a local entry point does not leave the start to the first flow call. It starts a real
+`prefect server start` on a free loopback port for the duration of the command and waits for
+its health endpoint with its own bounded, generous timeout (migrations included, measured at
+~20 s on a loaded 2-core machine, so the default leaves a wide margin). That is the same server
+production runs, with its log kept in PREFECT_HOME, and its UI can be watched while the command
+runs. With PREFECT_API_URL set, the API is checked once up front instead. Either way a failure
+is one line that says what failed and what to do, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# A documented exit code of its own: the protein CLI uses 1-5 for data, store and registry.
+EXIT_PREFECT_UNAVAILABLE = 6
+DEFAULT_STARTUP_TIMEOUT_S = 300.0
+STARTUP_TIMEOUT_ENV = "PROTEIN_PREFECT_STARTUP_TIMEOUT_S"
+SERVER_LOG_NAME = "local-server.log"
+
+
+class PrefectUnavailable(Exception):
+    """The Prefect API could not be started or reached; the message says what to do."""
+
+    exit_code = EXIT_PREFECT_UNAVAILABLE
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def api_health(api_url: str, timeout_s: float = 5.0) -> str | None:
+    """None when the API answers its health check, else why not (one line)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(reason) or type(exc).__name__
+
+
+def startup_timeout_s() -> float:
+    raw = os.environ.get(STARTUP_TIMEOUT_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_STARTUP_TIMEOUT_S
+    except ValueError:
+        raise PrefectUnavailable(f"{STARTUP_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+class LocalServer:
+    """`prefect server start` on 127.0.0.1 as a child process, stopped when the command ends."""
+
+    def __init__(self, home: Path, timeout_s: float, port: int | None = None) -> None:
+        self.home = home
+        self.timeout_s = timeout_s
+        self.port = port or free_loopback_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.ui_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / SERVER_LOG_NAME
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, on_wait: Callable[[float], None] | None = None) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_UI_API_URL": self.api_url,
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        env.pop("PREFECT_API_URL", None)
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        started = time.monotonic()
+        last_reason = "no answer yet"
+        while (elapsed := time.monotonic() - started) < self.timeout_s:
+            code = self._process.poll()
+            if code is not None:
+                raise PrefectUnavailable(
+                    f"the local Prefect server exited with code {code} while starting (log: {self.log_path}); "
+                    "set PREFECT_API_URL to a running server to use that one instead")
+            reason = api_health(self.api_url, timeout_s=2.0)
+            if reason is None:
+                return
+            last_reason = reason
+            if on_wait is not None:
+                on_wait(elapsed)
+            time.sleep(0.5)
+        self.stop()
+        raise PrefectUnavailable(
+            f"the local Prefect server did not answer at {self.api_url} within {self.timeout_s:.0f} s "
+            f"({last_reason}; log: {self.log_path}); raise {STARTUP_TIMEOUT_ENV} on a slow machine, or set "
+            "PREFECT_API_URL to a running server (`prefect server start`)")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        # The server shuts down on SIGTERM but may take a few seconds to drain its services.
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@contextmanager
+def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
+    """The Prefect API URL to run flows against for the duration of the block.
+
+    PREFECT_API_URL set: that server, checked first. Unset: a local server started here."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if configured:
+        reason = api_health(configured)
+        if reason is not None:
+            raise PrefectUnavailable(
+                f"the Prefect API at {configured} (PREFECT_API_URL) is not reachable ({reason}); start it "
+                "(`prefect server start`) or unset PREFECT_API_URL to run against a temporary local server")
+        if announce:
+            announce(f"using the server at {configured} (PREFECT_API_URL)")
+        yield configured
+        return
+
+    server = LocalServer(prefect_home(), startup_timeout_s())
+    if announce:
+        announce(f"starting a local Prefect server (UI {server.ui_url} while this runs; log {server.log_path})")
+    try:
+        started = time.monotonic()
+        server.start()
+        if announce:
+            announce(f"server ready in {time.monotonic() - started:.0f} s")
+        # Children (pool workers, subprocesses) read the environment; this process reads settings.
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = server.api_url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+                try:
+                    yield server.api_url
+                finally:
+                    send_pending_logs_and_events()
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+    finally:
+        server.stop()
+
+
+def send_pending_logs_and_events(timeout_s: float = 10.0) -> None:
+    """Deliver buffered run logs and events before the server they go to is stopped; otherwise
+    Prefect's background workers print connection errors after the command has finished."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                handler.flush()
+    try:
+        EventsWorker.drain_all(timeout=timeout_s)
+    except Exception as exc:  # best effort: never fail a finished command over telemetry of it
+        logging.getLogger(__name__).debug("events not drained: %s", exc)
+
+
+def api_error_line(exc: BaseException) -> str | None:
+    """One line for an exception that means the API went away mid-run; None for anything else."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(exc, httpx.TransportError | PrefectHTTPStatusError):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"lost the Prefect API during the run ({type(exc).__name__}: {first})"
+    if isinstance(exc, RuntimeError) and "Prefect API" in str(exc):
+        return str(exc).splitlines()[0]
+    return None
+
+
+class WithoutTraceback(logging.Formatter):
+    """Console records as Prefect formats them, minus tracebacks: the run's failure is reported
+    as one line at the end, and the full traceback stays in the run's logs on the server (UI)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            # A copy: other handlers (the API's) must still see the exception.
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+        return self.inner.format(record)
+
+
+def console_without_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, WithoutTraceback):
+            handler.setFormatter(WithoutTraceback(handler.formatter))
+
+
+def run_with_prefect(command: str, run: Callable[[], int], announce: Callable[[str], None] | None = None) -> int:
+    """Run `run` (which calls a flow and returns an exit code) against a reachable Prefect API.
+
+    The policy of the protein CLI: a failure is one line on stderr and a documented exit code."""
+    console_without_tracebacks()
+    try:
+        with prefect_api(announce):
+            return run()
+    except PrefectUnavailable as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        line = api_error_line(exc)
+        if line is None:
+            raise
+        print(f"{command}: error: {line}; check the server (or its log in {prefect_home()})", file=sys.stderr)
+        return EXIT_PREFECT_UNAVAILABLE

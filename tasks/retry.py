@@ -1,0 +1,30 @@
+"""When a failed task is worth another try.
+
+Prefect retries a task on any exception. Most of the pipeline's own errors are decisions or
+bad input that a second try repeats word for word, 25 s later: a missing dataset, a row that
+fails validation, an unknown model version, a lost compare-and-swap, bytes that fail their
+checksum. Only faults of the path to the store (and anything unexpected) are retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.states import State
+
+from protein.errors import IntegrityError, NotFound, PreconditionFailed, ProteinError, StoreError
+
+# Store errors that a retry repeats: the object is missing, lost a conditional write, or is corrupt.
+PERMANENT_STORE_ERRORS = (NotFound, PreconditionFailed, IntegrityError)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    if isinstance(error, StoreError):
+        return not isinstance(error, PERMANENT_STORE_ERRORS)
+    return not isinstance(error, ProteinError)
+
+
+def retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """A Prefect `retry_condition_fn`: retry only errors that may pass on a second try."""
+    error = state.result(raise_on_failure=False)
+    return is_transient(error if isinstance(error, BaseException) else None)
