@@ -34,6 +34,7 @@ from tests.integration.prefect_services import (
     git_remote_of_worktree,
     host_env,
     prefect_env,
+    processes_under,
     running_services,
     start_server,
     stop_all,
@@ -243,7 +244,7 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     from protein.storage import open_store
 
     epochs = 6
-    worker, _ = cluster.gpu_host("gpu-host-c")
+    worker, worker_dir = cluster.gpu_host("gpu-host-c")
     store_uri = f"s3://{cluster.bucket}/killed"
     store = open_store(store_uri)
     nightly = client.read_deployment_by_name("retrain/nightly")
@@ -256,7 +257,9 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
         assert time.monotonic() < deadline, f"no checkpoint in time\n{all_logs(cluster.services)}"
         assert client.read_flow_run(parent.id).state_type.value not in ("COMPLETED", "FAILED", "CRASHED")
         time.sleep(0.2)
-    worker.kill()
+    running = processes_under(worker_dir)
+    worker.kill(worker_dir)
+    assert not set(processes_under(worker_dir)) & set(running), "the GPU host's processes are gone"
     import torch
 
     [checkpoint] = checkpoints
