@@ -28,7 +28,7 @@ def plain_retrain(data: str, store: str, cache: Path) -> dict[str, Any]:
     from protein.config import GateConfig, TrainConfig
     from protein.gate import decide
     from protein.pipeline import (
-        evaluate_version,
+        evaluate_for_gate,
         predict_and_publish,
         publish_training_plot,
         record_gate_decision,
@@ -44,9 +44,8 @@ def plain_retrain(data: str, store: str, cache: Path) -> dict[str, Any]:
     champion = registry.champion().champion
     config = TrainConfig(**TRAIN)
     challenger = train_and_register(data, store, config, cache_dir=cache)["model_id"]
-    challenger_eval = evaluate_version(data, store, challenger, config.holdout_fraction, config.seed, cache)
-    champion_eval = (evaluate_version(data, store, champion, config.holdout_fraction, config.seed, cache)
-                     if champion else None)
+    evaluation = evaluate_for_gate(data, store, challenger, champion, cache)
+    challenger_eval, champion_eval = evaluation["challenger"], evaluation["champion"]
     decision = decide(challenger_eval, champion_eval, GateConfig(min_score=0.0)).to_dict()
     record_gate_decision(store, challenger, champion, decision, challenger_eval, champion_eval)
     publish_training_plot(store, challenger, challenger_eval, champion_eval)

@@ -1,0 +1,1 @@
+"""Deployment assets: Prefect deployments (prefect.yaml) and IAM policies per role (iam/)."""

@@ -35,7 +35,10 @@ COMMAND = "make run"
 
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    # Not print(): inside a flow run with log_prints, Prefect turns print() into a log record,
+    # which StageLines would print again.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class StageLines(logging.Handler):

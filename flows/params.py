@@ -93,6 +93,11 @@ class GateParams(BaseModel):
     max_class_drop: float = Field(GateConfig.max_class_drop, ge=0, le=1, title="Maximum F1 drop on any class")
     metric: Literal["f1_samples", "f1_micro", "f1_macro", "course_f_score"] = Field(
         "f1_samples", title="Gate metric")
+    min_rows: int = Field(GateConfig.min_rows, ge=1, title="Minimum rows for a comparison",
+                          description="fewer rows that neither model trained on and the champion stays")
+    resamples: int = Field(GateConfig.resamples, ge=100, le=100_000, title="Bootstrap resamples")
+    confidence: float = Field(GateConfig.confidence, ge=0.5, lt=1, title="Bootstrap confidence",
+                              description="the gain's interval at this level must clear the minimum gain")
 
     def to_config(self) -> GateConfig:
         return GateConfig(**self.model_dump())

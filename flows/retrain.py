@@ -24,7 +24,7 @@ from flows.params import (
 )
 from protein.data import DatasetSource, fingerprint
 from tasks.dispatch import dispatch_training
-from tasks.evaluation import evaluate_model, gate
+from tasks.evaluation import evaluate_models, gate
 from tasks.prediction import predict_submission
 from tasks.registry import current_champion, find_run_model, promote_model
 from tasks.training import train_model
@@ -80,12 +80,12 @@ def retrain(
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache,
-                                 report["data_fingerprint"])["model_id"]
+                                 expected_fingerprint=report["data_fingerprint"])["model_id"]
 
-    challenger_eval = evaluate_model(data, store, challenger, config.holdout_fraction, config.seed)
-    champion_eval = (evaluate_model(data, store, champion, config.holdout_fraction, config.seed)
-                     if champion else None)
-    decision = gate(store, challenger, champion, challenger_eval, champion_eval, gate_config.to_config())
+    # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
+    evaluation = evaluate_models(data, store, challenger, champion)
+    decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
+                    gate_config.to_config())
     if decision["promote"]:
         champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]))["champion"]
     logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",

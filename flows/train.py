@@ -25,5 +25,5 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
     # Which checkout ran: on a worker host this is the pull step's clone of the pinned commit.
     get_run_logger().info("train flow code: %s", Path(__file__).resolve())
     policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
-    return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache,
-                       expected_fingerprint, policy)
+    return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache, policy,
+                       expected_fingerprint)

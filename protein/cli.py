@@ -130,13 +130,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "rollback":
         state = registry.rollback(reason=args.reason or "manual rollback")
         emit({"champion": state.champion, "history": len(state.history)})
+    elif args.models_cmd == "history":
+        events = registry.history(registrations=args.registrations)
+        if args.json:
+            emit(events)
+        else:
+            for e in events:
+                line = (f"{e.get('at')}  {e.get('action'):<8}  {e.get('model_id')}  "
+                        f"(previous: {e.get('previous') or '-'})  by {e.get('actor') or '?'}  "
+                        f"event {e.get('event_id') or '-'}  {e.get('reason') or ''}")
+                print(line.rstrip())
+            if not events:
+                print(f"no registry events in {store.uri}", file=sys.stderr)
+    elif args.models_cmd == "reindex":
+        emit({"indexed": registry.reindex_runs()})
     elif args.models_cmd == "gc":
-        orphans = registry.orphans()
-        if not args.dry_run:
-            for version in orphans:
-                registry.delete_orphan(version)
-        stale = store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
-        emit({"orphans": orphans, "stale_uploads": stale, "deleted": not args.dry_run})
+        return models_gc(args, registry)
+    return 0
+
+
+def models_gc(args: argparse.Namespace, registry: Any) -> int:
+    plan = registry.plan_gc(older_than_s=args.older_than_hours * 3600, runs=args.runs,
+                            run_age_s=args.run_age_days * 86400, keep_last=args.keep_last)
+    # Complete versions are only deleted when asked twice: --keep-last names them, --yes deletes them.
+    delete_versions = args.yes and not args.dry_run
+    if not args.dry_run:
+        registry.apply_gc(plan, delete_versions=delete_versions)
+    stale = registry.store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
+    result: dict[str, Any] = {"orphans": sorted(plan.orphans), "stale_uploads": stale, "deleted": not args.dry_run}
+    if args.runs:
+        result["runs"] = sorted(plan.runs)
+    if args.keep_last is not None:
+        result["versions"] = plan.versions
+        result["versions_deleted"] = delete_versions
+        if plan.versions and not delete_versions:
+            print(f"{len(plan.versions)} complete versions would be deleted; add --yes to delete them",
+                  file=sys.stderr)
+    emit(result)
     return 0
 
 
@@ -248,13 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("models", cmd_models, "list, show, promote, roll back and clean model versions")
     models = p.add_subparsers(dest="models_cmd", required=True)
     for name, help_text in (("list", "list versions; the champion is marked"), ("show", "print a version's model.json"),
-                            ("promote", "make a version the champion"), ("rollback", "return to the previous champion"),
-                            ("gc", "remove incomplete versions and stale interrupted uploads")):
+                            ("promote", "make a version the champion"),
+                            ("rollback", "return to the champion before the current one (walks back the history)"),
+                            ("history", "print the registry's events: promotions and rollbacks, with who and when"),
+                            ("reindex", "index the run id of versions registered before the run index existed"),
+                            ("gc", "remove incomplete versions, stale uploads and, if asked, old runs and versions")):
         mp = models.add_parser(name, help=help_text, description=help_text,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         store_arg(mp)
-        if name == "list":
+        if name in ("list", "history"):
             mp.add_argument("--json", action="store_true", help="print a JSON array")
+        if name == "history":
+            mp.add_argument("--registrations", action="store_true",
+                            help="also list each version's registration (one request per version)")
         if name in ("show", "promote"):
             mp.add_argument("model", help="version id" + (" or 'champion'" if name == "show" else ""))
         if name in ("promote", "rollback"):
@@ -262,7 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gc":
             mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
             mp.add_argument("--older-than-hours", type=float, default=1.0,
-                            help="also remove interrupted uploads (temp files, S3 multipart) older than this")
+                            help="remove incomplete versions and interrupted uploads only when older than this "
+                                 "(a registration in progress is younger)")
+            mp.add_argument("--runs", action="store_true",
+                            help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
+                                 "unfinished runs older than --run-age-days")
+            mp.add_argument("--run-age-days", type=float, default=7.0,
+                            help="an unregistered run untouched this long counts as abandoned")
+            mp.add_argument("--keep-last", type=int, metavar="N",
+                            help="list complete versions beyond the newest N (never the champion or any version in "
+                                 "its promotion history) for deletion")
+            mp.add_argument("--yes", action="store_true", help="with --keep-last: really delete those versions")
 
     p = add("datasets", cmd_datasets, "push datasets to the object store and list them")
     datasets = p.add_subparsers(dest="datasets_cmd", required=True)

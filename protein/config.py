@@ -7,7 +7,7 @@ model version and prediction, and rebuilt from them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 DEFAULT_IMAGE_SIZE = 128
@@ -73,6 +73,20 @@ class GateConfig:
     min_gain: float = 0.005
     max_class_drop: float = 0.1
     metric: str = "f1_samples"
+    # Against a champion, fewer rows than this that neither model trained on is noise, not evidence.
+    min_rows: int = 50
+    # Paired bootstrap of the gain: promote only when the lower end of this interval clears min_gain.
+    resamples: int = 1000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {self.min_rows}")
+        if self.resamples < 100:
+            raise ValueError(f"resamples must be >= 100, got {self.resamples}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
 
 
 @dataclass(frozen=True)
@@ -83,4 +97,3 @@ class SynthConfig:
     seed: int = 0
     label_noise: float = 0.0
     workers: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from protein.atomic import write_bytes_atomic
+from protein.bootstrap import to_bitmasks
 from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import FingerprintMismatch
+from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
-from protein.metrics import evaluate_predictions
+from protein.metrics import binarize, evaluate_predictions
 from protein.predict import Predictor
 from protein.presets import IMAGE_MEAN, IMAGE_STD
 from protein.registry import Registry, check_version_id
@@ -119,8 +121,14 @@ def train_and_register(
         "metrics": result.metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
+        # The exact rows, so a later gate scores this model only on rows it never trained on,
+        # whatever happens to the data (see docs/gate.md).
         "holdout": {"fraction": config.holdout_fraction, "seed": config.seed,
-                    "n_train": int(len(train_idx)), "n_holdout": int(len(holdout_idx))},
+                    "n_train": int(len(train_idx)), "n_holdout": int(len(holdout_idx)),
+                    "ids": [data.train_ids[i] for i in holdout_idx],
+                    "ids_sha256": ids_digest(data.train_ids[i] for i in holdout_idx)},
+        "training_rows": {"ids": [data.train_ids[i] for i in train_idx],
+                          "sha256": ids_digest(data.train_ids[i] for i in train_idx)},
         "train_config": to_dict(config),
         "parent_champion": registry.champion().champion,
         "run_id": run_id,
@@ -156,6 +164,55 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in ("f1_samples", "f1_micro", "f1_macro", "course_f_score") if k in metrics}
 
 
+def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint: str
+                   ) -> tuple[list[str], list[str]] | None:
+    """(training ids, holdout ids) of a model version: as its model.json lists them, or rebuilt
+    from its split parameters when it was trained on exactly this data; None when unknowable."""
+    holdout = spec.get("holdout", {})
+    if "ids" in holdout and "ids" in spec.get("training_rows", {}):
+        return list(spec["training_rows"]["ids"]), list(holdout["ids"])
+    if spec.get("data_fingerprint") == data_fingerprint and "fraction" in holdout and "seed" in holdout:
+        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"])
+        return [data.train_ids[i] for i in train_idx], [data.train_ids[i] for i in holdout_idx]
+    return None
+
+
+def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dict[str, Any],
+              champion_spec: dict[str, Any] | None) -> GateRows:
+    """The rows of this dataset neither the challenger nor the champion trained on."""
+    challenger = recorded_split(challenger_spec, data, data_fingerprint)
+    if challenger is None:  # a model from elsewhere: its own split parameters on this data
+        holdout = challenger_spec.get("holdout", {})
+        _, holdout_idx = holdout_split(data, holdout.get("fraction", 0.2), holdout.get("seed", 0))
+        challenger_holdout = [data.train_ids[i] for i in holdout_idx]
+    else:
+        challenger_holdout = challenger[1]
+    present = set(data.train_ids)
+    challenger_holdout = [i for i in challenger_holdout if i in present]
+    if champion_spec is None:
+        return select_rows(challenger_holdout)
+    champion = recorded_split(champion_spec, data, data_fingerprint)
+    return select_rows(challenger_holdout, champion[0] if champion else None, champion[1] if champion else None,
+                       has_champion=True)
+
+
+def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
+                   ids: list[str], cache_dir: Path | None) -> dict[str, Any]:
+    """Metrics of one version on the given rows, plus its per-image predictions (as class
+    bitmasks) for the gate's paired bootstrap."""
+    position = {image_id: i for i, image_id in enumerate(data.train_ids)}
+    index = np.array([position[i] for i in ids], dtype=np.int64)
+    predictor = load_predictor(registry, model_id, cache_dir)
+    images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
+    probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
+    targets = data.targets[index].astype(bool)
+    metrics = evaluate_predictions(probs, targets, predictor.thresholds)
+    thresholds = np.asarray(metrics["thresholds"])
+    per_image = {"pred": to_bitmasks(binarize(probs, thresholds, ensure_one=True)),
+                 "raw": to_bitmasks(probs > thresholds), "targets": to_bitmasks(targets)}
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+
+
 def evaluate_version(
     data_path: str | os.PathLike[str],
     store_uri: str,
@@ -164,7 +221,8 @@ def evaluate_version(
     seed: int | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Score a model version on a dataset's holdout (by default the split it was trained with)."""
+    """Score a model version on a dataset's holdout: by default the rows it held out when it
+    trained (as model.json lists them), else the split given by fraction and seed."""
 
     store = open_store(store_uri)
     registry = Registry(store)
@@ -174,14 +232,51 @@ def evaluate_version(
     fraction = holdout_fraction if holdout_fraction is not None else holdout.get("fraction", 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
-    _, holdout_idx = holdout_split(data, fraction, seed)
-    predictor = load_predictor(registry, model_id, cache_dir)
     data_fingerprint = fingerprint(data.source)
-    images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
-    probs = predictor.predict_probs(np.ascontiguousarray(images[holdout_idx]))
-    metrics = evaluate_predictions(probs, data.targets[holdout_idx], predictor.thresholds)
-    return {"model_id": model_id, "data_fingerprint": data_fingerprint,
-            "holdout": {"fraction": fraction, "seed": seed, "n_holdout": int(len(holdout_idx))}, **metrics}
+    if holdout_fraction is None and seed is None:
+        rows = gate_rows(data, data_fingerprint, spec, None)
+    else:
+        _, holdout_idx = holdout_split(data, fraction, seed)
+        rows = select_rows(data.train_ids[i] for i in holdout_idx)
+    result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
+    return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
+            "rows": rows.to_dict()}
+
+
+def evaluate_for_gate(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    challenger_id: str,
+    champion_id: str | None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Score the challenger and the champion on the same rows, none of which either trained on.
+
+    Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
+    sha256, how it was chosen). With no fair row at all the champion is not scored and the
+    challenger is scored on its own holdout, so the gate can still say what it saw."""
+    store = open_store(store_uri)
+    registry = Registry(store)
+    challenger_id = registry.resolve(challenger_id)
+    challenger_spec = registry.spec(challenger_id)
+    champion_spec = registry.spec(champion_id) if champion_id else None
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
+    summary = rows.to_dict()
+    if rows.ids:
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir)
+        champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir)
+                    if champion_id else None)
+    else:
+        own = gate_rows(data, data_fingerprint, challenger_spec, None)
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir)
+        challenger["scored_on"] = own.selection
+        champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
+    challenger["rows"] = summary
+    if champion is not None:
+        champion["rows"] = summary
+    return {"rows": summary, "challenger": challenger, "champion": champion}
 
 
 def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None) -> Predictor:

@@ -19,7 +19,7 @@ from protein.labels import LABELS, format_label_set
 from protein.metrics import binarize
 from protein.model import build_model
 from protein.presets import EvalPreset
-from protein.registry import SPEC_FILE, WEIGHTS_FILE
+from protein.registry import SPEC_FILE, WEIGHTS_FILE, check_local_weights
 from protein.train import predict_probs, select_device
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class Predictor:
         spec = json.loads((model_dir / SPEC_FILE).read_text())
         if list(spec.get("class_names", [])) != list(LABELS):
             raise RegistryError(f"{model_dir}: model classes {spec.get('class_names')} differ from {list(LABELS)}")
+        # Checked again at load, not only at download: a cached folder may have been altered since.
+        check_local_weights(model_dir, spec)
         try:
             state = load_file(str(model_dir / WEIGHTS_FILE))
         except (SafetensorError, OSError) as exc:

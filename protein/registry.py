@@ -1,31 +1,44 @@
 """Model registry over an object store.
 
 Layout (all keys relative to the store root):
-    models/<version>/model.safetensors   weights, no pickle
-    models/<version>/model.json          everything needed to rebuild and judge the model;
-                                         written last, so its presence marks a complete version
+    models/<version>/model.safetensors   weights, no pickle; written create-only
+    models/<version>/model.json          everything needed to rebuild and judge the model, including
+                                         the weights' SHA-256 and size; written create-only and last,
+                                         so its presence marks a complete version
+    registry/runs/<run_id>.json          {"model_id": ...}: which version a training run registered
+                                         (create-only, written after model.json), so that question
+                                         costs one request however many versions exist
     registry/champion.json               {"champion": <version>|null, "history": [...events]}
 
-A version is immutable (written with if-none-match). Promotion and rollback only rewrite
-champion.json, by compare-and-swap on its etag, so concurrent promotions form one consistent
-line of history: the loser gets PromotionConflict and nothing changes.
+A version is immutable: its weights are bound to its model.json by hash and size, checked when they
+are downloaded and again when they are loaded, whatever the store's own metadata says. Promotion and
+rollback only rewrite champion.json, by compare-and-swap on its etag, so concurrent promotions form one
+line of history: the loser gets PromotionConflict and nothing changes. Every event carries an id and
+an actor; a retried request whose first attempt landed finds its event id and succeeds.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
-import hashlib
+import getpass
 import json
 import logging
 import re
+import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protein.errors import NotFound, PreconditionFailed, PromotionConflict, RegistryError
+from protein.atomic import write_bytes_atomic
+from protein.errors import IntegrityError, NotFound, PreconditionFailed, PromotionConflict, RegistryError
 from protein.storage import Store
+from protein.storage.base import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +46,12 @@ MODEL_FORMAT = "protein-model/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 CHAMPION_KEY = "registry/champion.json"
-VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_INDEX_PREFIX = "registry/runs/"
+PROBE_PREFIX = "probes/"
+# fullmatch, never match with '$': '$' also matches before a trailing newline.
+VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SPEC_FETCH_WORKERS = 16
+DAY_S = 24 * 3600.0
 
 
 def utc_now() -> str:
@@ -52,14 +70,73 @@ def code_version() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def default_actor() -> str:
+    """Who acts when the caller does not say: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname() or 'unknown-host'}"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
 def check_version_id(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_ID.match(version) or ".." in version:
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version) or ".." in version:
         raise RegistryError(f"invalid model version {version!r} (expected letters, digits, '.', '_' or '-')")
     return version
 
 
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not VERSION_ID.fullmatch(run_id) or ".." in run_id:
+        raise RegistryError(f"invalid run id {run_id!r} (expected letters, digits, '.', '_' or '-')")
+    return run_id
+
+
 def version_prefix(version: str) -> str:
     return f"models/{check_version_id(version)}/"
+
+
+def run_index_key(run_id: str) -> str:
+    return f"{RUN_INDEX_PREFIX}{check_run_id(run_id)}.json"
+
+
+def weights_mismatch(version: str, spec: dict[str, Any], size: int, sha256: str | None) -> str | None:
+    """What differs between the weights found and the ones model.json was registered with, or None."""
+    expected_size = spec.get("weights_size")
+    if expected_size is not None and int(expected_size) != size:
+        return f"size {size} bytes, model.json says {expected_size}"
+    expected = spec.get("weights_sha256")
+    if expected is None:
+        return "model.json records no weights_sha256"
+    if sha256 is not None and sha256.lower() != expected.lower():
+        return f"sha256 {sha256[:16]}.., model.json says {expected[:16]}.."
+    return None
+
+
+def check_local_weights(model_dir: Path, spec: dict[str, Any]) -> None:
+    """Refuse a downloaded version folder whose weights are not the ones its model.json names."""
+    weights = Path(model_dir) / WEIGHTS_FILE
+    try:
+        size, digest = weights.stat().st_size, sha256_file(weights)
+    except OSError:
+        raise RegistryError(f"model version {spec.get('id')}: weights missing at {weights}") from None
+    if problem := weights_mismatch(str(spec.get("id")), spec, size, digest):
+        raise RegistryError(f"model version {spec.get('id')}: weights at {weights} refused ({problem})")
+
+
+def promotion_stack(history: Iterable[dict[str, Any]]) -> list[str]:
+    """The champions in serving order: each promote pushes, each rollback pops. Rolling back walks
+    down this stack (promote A, B, C; rollback -> B; rollback -> A), never flips between two."""
+    stack: list[str] = []
+    for event in history:
+        if event.get("action") == "promote":
+            stack.append(event["model_id"])
+        elif event.get("action") == "rollback" and stack:
+            stack.pop()
+    return stack
 
 
 @dataclass(frozen=True)
@@ -68,73 +145,160 @@ class ChampionState:
     history: list[dict[str, Any]]
     etag: str | None  # None: no champion.json yet
 
+    def has_event(self, event_id: str) -> bool:
+        return any(e.get("event_id") == event_id for e in self.history)
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What `Registry.plan_gc` found; nothing is deleted until `Registry.apply_gc`."""
+
+    orphans: dict[str, list[str]] = field(default_factory=dict)  # version -> its incomplete objects
+    runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> its checkpoint objects
+    versions: list[str] = field(default_factory=list)  # complete versions past --keep-last
+    probes: list[str] = field(default_factory=list)
+
 
 class Registry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, actor: str | None = None) -> None:
         self.store = store
+        self.actor = actor or default_actor()
+
+    def _event(self, action: str, model_id: str | None, previous: str | None, reason: str,
+               event_id: str | None, actor: str | None) -> dict[str, Any]:
+        return {"event_id": event_id or new_event_id(), "action": action, "model_id": model_id,
+                "previous": previous, "at": utc_now(), "actor": actor or self.actor, "reason": reason}
 
     # --- versions ---------------------------------------------------------------------------
-    def register(self, weights_path: Path, spec: dict[str, Any], version: str | None = None) -> str:
-        """Upload weights then model.json; returns the new version id."""
-        digest = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()
+    def register(self, weights_path: Path, spec: dict[str, Any], version: str | None = None,
+                 event_id: str | None = None, actor: str | None = None) -> str:
+        """Upload weights then model.json then the run index, each create-only; returns the version id.
+
+        A retry whose earlier attempt landed (same ``event_id``) returns the same version."""
+        weights_path = Path(weights_path)
+        digest, size = sha256_file(weights_path), weights_path.stat().st_size
         now = dt.datetime.now(dt.UTC)
         version = check_version_id(version or f"{now:%Y%m%d-%H%M%S}-{spec['arch']}-{digest[:8]}")
         prefix = version_prefix(version)
-        if self.store.exists(prefix + SPEC_FILE):
-            raise RegistryError(f"model version {version} already exists; versions are immutable")
+        event = self._event("register", version, None, "", event_id, actor)
+        run_id = spec.get("run_id")
+        if run_id is not None:
+            check_run_id(run_id)
         full_spec = {
             "format": MODEL_FORMAT,
             "id": version,
-            "created": utc_now(),
+            "created": event["at"],
             "weights_sha256": digest,
+            "weights_size": size,
             "code_version": code_version(),
             **spec,
+            "event": event,
         }
-        self.store.put_file(prefix + WEIGHTS_FILE, Path(weights_path))
+        try:
+            self.store.put_file(prefix + WEIGHTS_FILE, weights_path, if_none_match=True)
+        except PreconditionFailed:
+            # Our own earlier attempt (or an interrupted registration of these very bytes) is fine;
+            # anything else would replace the bytes a version id stands for.
+            found = self.store.recorded_sha256(prefix + WEIGHTS_FILE)
+            if found is None or found[0] != size or found[1] != digest:
+                raise RegistryError(
+                    f"model version {version} already has different weights in {self.store.uri}; versions are "
+                    "immutable"
+                ) from None
         try:
             self.store.put_bytes(prefix + SPEC_FILE, json.dumps(full_spec, indent=2).encode(), if_none_match=True)
         except PreconditionFailed:
-            raise RegistryError(f"model version {version} already exists; versions are immutable") from None
+            existing = self._read_spec(version)
+            if existing.get("event", {}).get("event_id") != event["event_id"]:
+                raise RegistryError(f"model version {version} already exists; versions are immutable") from None
+            log.info("model version %s was already registered by this request (retry)", version)
+        if run_id is not None:
+            self._index_run(run_id, version, event["event_id"])
         log.info("registered model version %s", version)
         return version
 
+    def _index_run(self, run_id: str, version: str, event_id: str) -> None:
+        doc = {"run_id": run_id, "model_id": version, "event_id": event_id}
+        try:
+            self.store.put_bytes(run_index_key(run_id), json.dumps(doc).encode(), if_none_match=True)
+        except PreconditionFailed:
+            first = self.find_by_run(run_id)
+            if first != version:
+                log.warning("run %s already registered %s; the index keeps that one, not %s", run_id, first, version)
+
     def versions(self) -> list[str]:
-        """Complete versions (those with a model.json), oldest first."""
+        """Complete versions (those with a model.json), sorted by id."""
         found = [k.split("/")[1] for k in self.store.list("models/") if k.endswith("/" + SPEC_FILE)]
         return sorted(found)
 
-    def spec(self, version: str) -> dict[str, Any]:
-        # One GET: a missing model.json is reported as an unknown version, no exists() first.
-        version = self.resolve(version) if version == "champion" else check_version_id(version)
+    def _read_spec(self, version: str) -> dict[str, Any]:
         try:
             return json.loads(self.store.get_bytes(version_prefix(version) + SPEC_FILE))
         except NotFound:
             raise self._unknown(version) from None
+
+    def spec(self, version: str) -> dict[str, Any]:
+        # One GET: a missing model.json is reported as an unknown version, no exists() first.
+        version = self.resolve(version) if version == "champion" else check_version_id(version)
+        return self._read_spec(version)
+
+    def specs(self, versions: list[str]) -> dict[str, dict[str, Any]]:
+        """Many model.json at once, fetched concurrently (each is one small GET)."""
+        if not versions:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(min(SPEC_FETCH_WORKERS, len(versions))) as pool:
+            return dict(zip(versions, pool.map(self._read_spec, versions), strict=True))
 
     def _unknown(self, version: str) -> RegistryError:
         existing = self.versions()
         listing = ", ".join(existing[-10:]) if existing else "none"
         return RegistryError(f"unknown model version {version!r} in {self.store.uri} (versions: {listing})")
 
+    def require_intact(self, version: str) -> dict[str, Any]:
+        """model.json, after checking the weights object exists with the size and recorded hash it names."""
+        spec = self._read_spec(check_version_id(version))
+        found = self.store.recorded_sha256(version_prefix(version) + WEIGHTS_FILE)
+        if found is None:
+            raise RegistryError(f"model version {version}: weights object missing from {self.store.uri} "
+                                "(deleted or never finished uploading); it cannot serve")
+        size, recorded = found
+        # Every write by this module records the hash: an object without one was rewritten by something else.
+        problem = weights_mismatch(version, spec, size, recorded) or (
+            None if recorded else "no sha256 recorded on the object: rewritten outside protein?")
+        if problem:
+            raise RegistryError(f"model version {version}: weights object in {self.store.uri} refused ({problem})")
+        return spec
+
     def resolve(self, version: str) -> str:
-        """'champion' -> the champion's id; anything else must name an existing version."""
+        """'champion' -> the champion's id; anything else must name a complete, intact version."""
         if version == "champion":
             champion = self.champion().champion
             if champion is None:
                 raise RegistryError(f"{self.store.uri} has no champion yet (promote a version first)")
-            return champion
-        check_version_id(version)
-        if not self.store.exists(version_prefix(version) + SPEC_FILE):
-            raise self._unknown(version)
+            version = champion
+        self.require_intact(check_version_id(version))
         return version
 
     def download(self, version: str, cache_root: Path | None = None) -> Path:
-        """Fetch a version's files into a local folder (checksums verified by the store)."""
+        """Fetch a version's files into a local folder; the weights must match model.json."""
         version = self.resolve(version)
         root = Path(cache_root) if cache_root else Path(tempfile.mkdtemp(prefix="protein-model-"))
         target = root / version
-        for name in (WEIGHTS_FILE, SPEC_FILE):
-            self.store.get_file(version_prefix(version) + name, target / name)
+        spec_bytes = self.store.get_bytes(version_prefix(version) + SPEC_FILE)
+        spec = json.loads(spec_bytes)
+        weights = target / WEIGHTS_FILE
+        try:
+            digest = self.store.get_file(version_prefix(version) + WEIGHTS_FILE, weights)
+        except NotFound:
+            raise RegistryError(f"model version {version}: weights object missing from {self.store.uri}") from None
+        except IntegrityError as exc:
+            raise RegistryError(f"model version {version}: weights refused ({exc})") from None
+        problem = weights_mismatch(version, spec, weights.stat().st_size, digest)
+        if problem:
+            weights.unlink(missing_ok=True)
+            raise RegistryError(f"model version {version}: weights in {self.store.uri} refused ({problem})")
+        # model.json last, atomically: a folder with a model.json holds the matching weights.
+        write_bytes_atomic(target / SPEC_FILE, spec_bytes)
         return target
 
     # --- champion ---------------------------------------------------------------------------
@@ -157,53 +321,71 @@ class Registry:
             else:
                 etag = self.store.put_bytes(CHAMPION_KEY, data, if_match=expected.etag)
         except PreconditionFailed:
-            now = self.champion().champion
+            now = self.champion()
+            if now.has_event(event["event_id"]):
+                # Our write landed and only its answer was lost (the client retried into its own
+                # new etag): that is success, not a conflict.
+                log.info("%s %s had already landed (retried request)", event["action"], event["model_id"])
+                return now
             raise PromotionConflict(
-                f"champion changed during promotion: expected {expected.champion or 'none'}, now {now or 'none'}; "
-                "nothing was changed (re-evaluate against the new champion and retry)"
+                f"champion changed during {event['action']}: expected {expected.champion or 'none'}, now "
+                f"{now.champion or 'none'}; nothing was changed (re-evaluate against the new champion and retry)"
             ) from None
         return ChampionState(champion, doc["history"], etag)
 
-    def promote(self, version: str, expected_champion: str | None | type = ..., reason: str = "") -> ChampionState:
+    def promote(self, version: str, expected_champion: str | None | type = ..., reason: str = "",
+                event_id: str | None = None, actor: str | None = None) -> ChampionState:
         """Make `version` the champion if the champion is still `expected_champion`.
 
         With expected_champion omitted, the current champion is read and expected (a manual
-        promotion); a flow passes the champion it evaluated against.
+        promotion); a flow passes the champion it evaluated against. A retry with the same
+        ``event_id`` after the promotion landed returns the current state instead of a conflict.
         """
-        version = self.resolve(version)
         state = self.champion()
+        if event_id is not None and state.has_event(event_id):
+            log.info("promotion %s already landed (retried request)", event_id)
+            return state
+        version = self.resolve(version)
         if expected_champion is not ... and state.champion != expected_champion:
             raise PromotionConflict(
                 f"champion is {state.champion or 'none'}, expected {expected_champion or 'none'}; "
                 "another promotion happened in between, nothing was changed"
             )
-        event = {"action": "promote", "model_id": version, "previous": state.champion, "at": utc_now(),
-                 "reason": reason}
+        event = self._event("promote", version, state.champion, reason, event_id, actor)
         new = self._swap(state, version, event)
         log.info("promoted %s (previous champion: %s)", version, state.champion)
         return new
 
-    def rollback(self, reason: str = "") -> ChampionState:
-        """Make the previous champion the champion again."""
+    def rollback(self, reason: str = "", event_id: str | None = None, actor: str | None = None) -> ChampionState:
+        """Make the champion before the current one the champion again (one step down the stack)."""
         state = self.champion()
+        if event_id is not None and state.has_event(event_id):
+            return state
         if state.champion is None:
             raise RegistryError(f"{self.store.uri} has no champion to roll back")
-        previous = None
-        for event in reversed(state.history):
-            if event.get("model_id") == state.champion:
-                previous = event.get("previous")
-                break
-        if previous is None:
+        stack = promotion_stack(state.history)
+        if len(stack) < 2:
             raise RegistryError(f"champion {state.champion} has no previous champion to roll back to")
-        event = {"action": "rollback", "model_id": previous, "previous": state.champion, "at": utc_now(),
-                 "reason": reason}
-        return self._swap(state, previous, event)
+        target = stack[-2]
+        self.require_intact(target)
+        event = self._event("rollback", target, state.champion, reason, event_id, actor)
+        new = self._swap(state, target, event)
+        log.info("rolled back from %s to %s", state.champion, target)
+        return new
+
+    def history(self, registrations: bool = False) -> list[dict[str, Any]]:
+        """Champion events, oldest first; with ``registrations``, each version's register event too."""
+        events = list(self.champion().history)
+        if registrations:
+            for version, spec in self.specs(self.versions()).items():
+                events.append(spec.get("event") or {"action": "register", "model_id": version,
+                                                    "at": spec.get("created")})
+        return sorted(events, key=lambda e: str(e.get("at") or ""))
 
     def listing(self) -> list[dict[str, Any]]:
         champion = self.champion().champion
         rows = []
-        for version in self.versions():
-            spec = self.spec(version)
+        for version, spec in self.specs(self.versions()).items():
             rows.append({
                 "id": version,
                 "created": spec.get("created"),
@@ -211,25 +393,28 @@ class Registry:
                 "arch": spec.get("arch"),
                 "image_size": spec.get("image_size"),
                 "data_fingerprint": spec.get("data_fingerprint"),
+                "run_id": spec.get("run_id"),
                 "metrics": spec.get("metrics", {}),
             })
         return rows
 
-    def orphans(self) -> list[str]:
-        """Version folders with no model.json (an interrupted registration)."""
-        prefixes = {k.split("/")[1] for k in self.store.list("models/")}
-        return sorted(prefixes - set(self.versions()))
-
-    def delete_orphan(self, version: str) -> int:
-        """Remove an incomplete version's objects; refuses complete versions."""
-        if version in self.versions():
-            raise RegistryError(f"model version {version} is complete; only incomplete versions are removed")
-        return self.store.delete_prefix(version_prefix(version))
-
     def find_by_run(self, run_id: str) -> str | None:
-        """The version a training run registered (newest if several), or None."""
-        found = [v for v in self.versions() if self.spec(v).get("run_id") == run_id]
-        return found[-1] if found else None
+        """The version a training run registered, or None: one GET of the run index."""
+        try:
+            doc = json.loads(self.store.get_bytes(run_index_key(run_id)))
+        except NotFound:
+            return None
+        return check_version_id(doc["model_id"])
+
+    def reindex_runs(self) -> dict[str, str]:
+        """Write the run index for versions registered before it existed (oldest registration wins)."""
+        added: dict[str, str] = {}
+        for version, spec in sorted(self.specs(self.versions()).items(), key=lambda kv: str(kv[1].get("created"))):
+            run_id = spec.get("run_id")
+            if run_id and run_id not in added and self.find_by_run(run_id) is None:
+                self._index_run(run_id, version, (spec.get("event") or {}).get("event_id", "reindex"))
+                added[run_id] = version
+        return added
 
     def import_version(self, source: Registry, version: str) -> str:
         """Copy a complete version from another store (e.g. a dev folder to production S3),
@@ -240,6 +425,105 @@ class Registry:
             raise RegistryError(f"model version {version} already exists in {self.store.uri}")
         with tempfile.TemporaryDirectory(prefix="protein-import-") as tmp:
             local = source.download(version, Path(tmp))
-            self.store.put_file(prefix + WEIGHTS_FILE, local / WEIGHTS_FILE)
-            self.store.put_bytes(prefix + SPEC_FILE, (local / SPEC_FILE).read_bytes(), if_none_match=True)
+            try:
+                self.store.put_file(prefix + WEIGHTS_FILE, local / WEIGHTS_FILE, if_none_match=True)
+                spec_bytes = (local / SPEC_FILE).read_bytes()
+                self.store.put_bytes(prefix + SPEC_FILE, spec_bytes, if_none_match=True)
+            except PreconditionFailed:
+                raise RegistryError(f"model version {version} already exists in {self.store.uri}") from None
+        spec = json.loads(spec_bytes)
+        if spec.get("run_id"):
+            self._index_run(spec["run_id"], version, (spec.get("event") or {}).get("event_id", "import"))
         return version
+
+    # --- retention --------------------------------------------------------------------------
+    def orphans(self, older_than_s: float = 0.0) -> list[str]:
+        """Version folders with no model.json (an interrupted registration) whose newest object is
+        older than ``older_than_s``: a registration in progress is younger and left alone."""
+        return sorted(self._orphan_objects(older_than_s))
+
+    def _orphan_objects(self, older_than_s: float) -> dict[str, list[str]]:
+        by_version: dict[str, list[Any]] = {}
+        for info in self.store.list_info("models/"):
+            by_version.setdefault(info.key.split("/")[1], []).append(info)
+        cutoff = time.time() - older_than_s
+        return {
+            version: [i.key for i in infos]
+            for version, infos in by_version.items()
+            if not any(i.key.endswith("/" + SPEC_FILE) for i in infos) and max(i.modified for i in infos) <= cutoff
+        }
+
+    def delete_orphan(self, version: str, older_than_s: float = 0.0) -> int:
+        """Remove an incomplete version's own objects (not a whole prefix); refuses complete versions."""
+        check_version_id(version)
+        objects = self._orphan_objects(older_than_s).get(version)
+        if objects is None:
+            if self.store.exists(version_prefix(version) + SPEC_FILE):
+                raise RegistryError(f"model version {version} is complete; only incomplete versions are removed")
+            return 0
+        return self.store.delete_keys(objects)
+
+    def protected_versions(self, state: ChampionState | None = None) -> set[str]:
+        """The champion and every version that ever served or was replaced: rollback may need them."""
+        state = state or self.champion()
+        kept = {e.get("model_id") for e in state.history} | {e.get("previous") for e in state.history}
+        return {v for v in kept | {state.champion} if v}
+
+    def plan_gc(self, older_than_s: float = 3600.0, runs: bool = False, run_age_s: float = 7 * DAY_S,
+                keep_last: int | None = None) -> GcPlan:
+        orphans = self._orphan_objects(older_than_s)
+        cutoff = time.time() - older_than_s
+        probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
+        run_objects: dict[str, list[str]] = {}
+        if runs:
+            registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in self.store.list(RUN_INDEX_PREFIX)
+                          if k.endswith(".json")}
+            by_run: dict[str, list[Any]] = {}
+            for info in self.store.list_info("runs/"):
+                by_run.setdefault(info.key.split("/")[1], []).append(info)
+            abandoned_before = time.time() - run_age_s
+            run_objects = {
+                run: [i.key for i in infos] for run, infos in by_run.items()
+                if run in registered or max(i.modified for i in infos) <= abandoned_before
+            }
+        old_versions: list[str] = []
+        if keep_last is not None:
+            if keep_last < 0:
+                raise ValueError(f"--keep-last must be >= 0, got {keep_last}")
+            # Newest by the time model.json was written (from the listing: no extra request).
+            written = {i.key.split("/")[1]: i.modified for i in self.store.list_info("models/")
+                       if i.key.endswith("/" + SPEC_FILE)}
+            by_age = sorted(written, key=lambda v: (written[v], v))
+            newest = set(by_age[len(by_age) - keep_last:]) if keep_last else set()
+            protected = self.protected_versions()
+            old_versions = [v for v in by_age if v not in newest and v not in protected]
+        return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes)
+
+    def apply_gc(self, plan: GcPlan, delete_versions: bool = False) -> None:
+        for objects in plan.orphans.values():
+            self.store.delete_keys(objects)
+        for objects in plan.runs.values():
+            self.store.delete_keys(objects)
+        self.store.delete_keys(plan.probes)
+        if delete_versions:
+            protected = self.protected_versions()  # re-read: a promotion may have landed since planning
+            for version in plan.versions:
+                if version not in protected:
+                    self.delete_version(version)
+
+    def delete_version(self, version: str) -> int:
+        """Remove a complete, never-served version: model.json first, so it is never listed as complete
+        while its weights go away."""
+        if version in self.protected_versions():
+            raise RegistryError(f"model version {version} is the champion or in its promotion history; kept")
+        prefix = version_prefix(version)
+        try:
+            spec = self._read_spec(version)
+        except RegistryError:
+            spec = {}
+        self.store.delete(prefix + SPEC_FILE)
+        count = 1 + self.store.delete_prefix(prefix)
+        run_id = spec.get("run_id")
+        if run_id and self.find_by_run(run_id) == version:
+            self.store.delete(run_index_key(run_id))
+        return count

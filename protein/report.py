@@ -71,11 +71,26 @@ def per_class_rows(challenger: dict[str, Any], champion: dict[str, Any] | None) 
     return rows
 
 
+def _interval_text(interval: dict[str, Any]) -> str:
+    return (f"{interval['estimate']:+.4f}, {interval['confidence']:.0%} interval [{interval['low']:+.4f}, "
+            f"{interval['high']:+.4f}] (paired bootstrap, {interval['resamples']} resamples over "
+            f"{interval['rows']} images, seed {interval['seed']})")
+
+
 def gate_markdown(decision: dict[str, Any], challenger_id: str, champion_id: str | None) -> str:
     verdict = "PROMOTE" if decision["promote"] else "KEEP CHAMPION"
     lines = [f"# Gate: {verdict}", "", f"- challenger: `{challenger_id}`", f"- champion: `{champion_id or 'none'}`",
              f"- metric: `{decision['metric']}`: challenger {decision['challenger_score']:.4f}"
              + (f", champion {decision['champion_score']:.4f}, gain {decision['gain']:+.4f}"
-                if decision.get("champion_score") is not None else ""), "", "## Reasons"]
+                if decision.get("champion_score") is not None else "")]
+    if decision.get("gain_interval"):
+        lines.append(f"- gain: {_interval_text(decision['gain_interval'])}")
+    elif decision.get("score_interval"):
+        lines.append(f"- score: {_interval_text(decision['score_interval'])}")
+    rows = decision.get("rows") or {}
+    if rows:
+        lines.append(f"- rows: {rows.get('n', 0)} ({rows.get('selection', '')}); ids sha256 "
+                     f"`{str(rows.get('sha256', ''))[:16]}`, listed in the gate record")
+    lines += ["", "## Reasons"]
     lines += [f"- {reason}" for reason in decision["reasons"]]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.config import GateConfig
 from protein.gate import decide
-from protein.pipeline import evaluate_version, publish_training_plot, record_gate_decision
+from protein.pipeline import evaluate_for_gate, evaluate_version, publish_training_plot, record_gate_decision
 from protein.report import gate_markdown, per_class_rows
 from tasks.retry import retry_transient
 
@@ -21,6 +21,13 @@ def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float
     return evaluate_version(data, store, model_id, holdout_fraction, seed)
 
 
+@task(name="evaluate-for-gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
+def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None) -> dict[str, Any]:
+    """Challenger and champion scored on the same rows, none of which either trained on."""
+    return evaluate_for_gate(data, store, challenger_id, champion_id)
+
+
 @task(name="gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eval: dict[str, Any],
          champion_eval: dict[str, Any] | None, config: GateConfig) -> dict[str, Any]:
@@ -29,9 +36,12 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
                                                   champion_eval)
     create_markdown_artifact(gate_markdown(decision, challenger_id, champion_id), key="gate-decision",
                              description="promotion gate decision and reasons")
-    create_table_artifact(per_class_rows(challenger_eval, champion_eval), key="per-class-comparison",
-                          description=f"holdout per-class scores, {challenger_id} vs {champion_id or 'no champion'}")
-    plot_url = publish_training_plot(store, challenger_id, challenger_eval, champion_eval)
+    # A champion with no row it did not train on was not scored: nothing to compare per class.
+    scored = champion_eval if champion_eval and "per_class" in champion_eval else None
+    create_table_artifact(per_class_rows(challenger_eval, scored), key="per-class-comparison",
+                          description=f"per-class scores on the gate's rows, {challenger_id} vs "
+                                      f"{champion_id or 'no champion'}")
+    plot_url = publish_training_plot(store, challenger_id, challenger_eval, scored)
     create_link_artifact(plot_url, link_text="training curves and per-class F1 (PNG)", key="training-plot")
     decision["plot_url"] = plot_url
     return decision

@@ -3,13 +3,20 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from protein.errors import PromotionConflict
 from protein.registry import Registry
 from protein.storage import open_store
+
+
+def prefect_actor() -> str | None:
+    """The flow run that acts, recorded in registry events (None outside a flow run: user@host)."""
+    run_id = flow_run.id
+    return f"prefect-flow-run:{run_id}" if run_id else None
 
 
 @task(name="current-champion", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
@@ -30,8 +37,14 @@ def retry_unless_conflict(task: object, task_run: object, state: State) -> bool:
 @task(name="promote-model", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_conflict)
 def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str) -> dict[str, Any]:
-    registry = Registry(open_store(store))
-    state = registry.promote(model_id, expected_champion=expected_champion, reason=reason)
-    create_link_artifact(registry.store.url(f"models/{model_id}/model.json"), link_text=f"champion {model_id}",
-                         key="champion-model", description="the model version now serving")
+    registry = Registry(open_store(store), actor=prefect_actor())
+    # The task run id is the same on every retry of this task: a retry after the promotion landed
+    # (its answer lost) finds this event id in the history and succeeds instead of conflicting.
+    state = registry.promote(model_id, expected_champion=expected_champion, reason=reason,
+                             event_id=str(task_run.id) if task_run.id else None)
+    # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after
+    # it expired, and it names the access key id.
+    create_markdown_artifact(f"Champion is now `{model_id}` (was `{expected_champion or 'none'}`): "
+                             f"`{registry.store.uri.rstrip('/')}/models/{model_id}/model.json`",
+                             key="champion-model", description="the model version now serving")
     return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history)}

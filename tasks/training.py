@@ -6,12 +6,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
 
 from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
-from protein.errors import FingerprintMismatch
 from protein.pipeline import train_and_register
+from tasks.retry import retry_transient
 
 
 def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
@@ -21,18 +20,13 @@ def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
     return choose_device(config.device, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), policy)
 
 
-def retry_unless_data_changed(task: object, task_run: object, state: State) -> bool:
-    """Data that is not the validated data stays so on a retry: fail the run at once."""
-    return not isinstance(state.result(raise_on_failure=False), FingerprintMismatch)
-
-
 # The timeout bounds training alone: GPU slots are queued on the server (the gpu work pool's
 # concurrency limit, one slot per card), so a run only starts when a card is free and never
 # spends its timeout waiting for one.
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE, retry_condition_fn=retry_unless_data_changed)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
-                expected_fingerprint: str | None = None, policy: DevicePolicy = DevicePolicy()) -> dict[str, Any]:
+                policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over."""
     logger = get_run_logger()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,14 +82,16 @@ class HashCache:
         return entries if isinstance(entries, dict) else {}
 
     def digests(
-        self, files: dict[str, Path], stat: Callable[[Path], os.stat_result] = os.stat
+        self, files: dict[str, Path], stats: dict[str, os.stat_result] | None = None
     ) -> dict[str, FileDigest]:
-        """MD5 of every file (name -> path), hashing only those whose identity changed."""
+        """MD5 of every file (name -> path), hashing only those whose identity changed. `stats` may
+        hold stat results the caller already has (from os.scandir), saving a syscall per file."""
         cached = self._load()
         out: dict[str, FileDigest] = {}
         misses: list[tuple[str, Path, list[int]]] = []
+        stats = stats or {}
         for name, path in files.items():
-            identity = _identity(stat(path))
+            identity = _identity(stats[name] if name in stats else os.stat(path))
             entry = cached.get(name)
             if isinstance(entry, list) and len(entry) == 5 and entry[:4] == identity:
                 out[name] = FileDigest(identity[0], str(entry[4]))
@@ -100,7 +102,7 @@ class HashCache:
                 hashed = list(pool.map(lambda m: md5_file(m[1]), misses))
             for (name, path, identity), digest in zip(misses, hashed, strict=True):
                 # A file rewritten while we hashed it is not remembered: its identity changed under us.
-                if _identity(stat(path)) == identity and digest.size == identity[0]:
+                if _identity(os.stat(path)) == identity and digest.size == identity[0]:
                     cached[name] = [*identity, digest.md5]
                 out[name] = digest
             self._save({name: cached[name] for name in files if name in cached})

@@ -54,6 +54,10 @@ def decode_png(data: bytes, where: str) -> Image.Image:
         raise DataError(f"{where}: {width}x{height} pixels {bomb}")
     if image.mode != "RGB":
         raise DataError(f"{where}: mode {image.mode} (expected an 8-bit RGB PNG)")
+    # Pillow opens 16-bit RGB as mode "RGB", silently dropping the low byte; IHDR byte 24 is the
+    # bit depth, and validation refuses anything but 8, so the decoder must too.
+    if data[24] != 8:
+        raise DataError(f"{where}: {data[24]}-bit channels (expected an 8-bit RGB PNG)")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from protein.data.digests import FileDigest, md5_bytes
@@ -29,7 +30,7 @@ from protein.data.s3 import MANIFEST, MANIFEST_FORMAT
 from protein.data.sources import DatasetSource
 from protein.data.tables import load_competition
 from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
-from protein.storage import Store
+from protein.storage import Store, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _put_once(store: Store, key: str, data: bytes) -> bool:
 
 
 def push_dataset(
-    data: str, store: Store, cache_dir: Any = None, progress: Callable[[int], None] | None = None
+    data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None
 ) -> PushResult:
     """Upload a dataset (folder, zip or s3:// URI) to datasets/<fingerprint>/ in `store`."""
     parsed = load_competition(data, require_test=False, cache_dir=cache_dir)  # refuse a non-dataset first
@@ -84,6 +85,12 @@ def push_dataset(
         log.info("%s is already in the store", uri)
         return PushResult(uri, fp, len(digests), total, 0, True)
     names = sorted(digests)
+    for name in names:  # keys are built from file names: check them all before writing anything
+        try:
+            validate_key(f"{base}/{name}")
+        except ValueError:
+            raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, digits, "
+                            "'.', '_', '=' or '-'); rename or remove it before pushing") from None
     entries: dict[str, dict[str, Any]] = {}
 
     def upload(name: str) -> bool:

@@ -34,7 +34,7 @@ from protein.data.digests import FileDigest, data_cache_dir, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
-from protein.storage import ObjectInfo, S3Store
+from protein.storage import ListedObject, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,8 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
         if writer.size != remote.size:
             raise _changed(store.bucket, remote.key,
                            f"changed size ({remote.size:,} bytes listed, {writer.size:,} read)")
-        if remote.md5 is not None and writer.md5.hexdigest() != remote.md5:
-            raise IntegrityError(f"{where}: MD5 {writer.md5.hexdigest()} does not match {remote.md5}; "
-                                 "nothing was cached")
+        # No MD5-vs-ETag check here: an encrypted object's (SSE-KMS, SSE-C) ETag looks like an MD5 but is
+        # not one. If-Match already pinned the version; a pushed dataset's files are checked by SHA-256.
         if remote.sha256 is not None and writer.sha256.hexdigest() != remote.sha256:
             raise IntegrityError(f"{where}: content does not match the SHA-256 in the dataset's {MANIFEST}; "
                                  "nothing was cached")
@@ -157,7 +156,7 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
         tmp.unlink(missing_ok=True)
 
 
-def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "") -> Path:
+def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str = "") -> Path:
     """Download one (large) object once, resuming a partial download; returns the verified local copy."""
     identity = hashlib.sha256(f"s3\0{store.bucket}\0{info.key}\0{info.etag}\0{info.size}".encode()).hexdigest()[:32]
     final = folder / f"{identity}{suffix}"
@@ -169,7 +168,7 @@ def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "
     with _file_lock(folder / f"{identity}.lock"):
         if final.is_file() and final.stat().st_size == info.size:
             return final
-        for _attempt in range(2):
+        for attempt in range(2):
             have = part.stat().st_size if part.is_file() else 0
             if have > info.size:
                 part.unlink()
@@ -189,19 +188,26 @@ def fetch_object(store: S3Store, info: ObjectInfo, folder: Path, suffix: str = "
                     part.unlink(missing_ok=True)
                     raise _changed(store.bucket, info.key, "was deleted") from None
             digest = md5_file(part)
-            if digest.size == info.size and (match is None or digest.md5 == match.group(1)):
+            verified = digest.size == info.size and (match is None or digest.md5 == match.group(1))
+            if not verified and attempt == 1 and digest.size == info.size and not have:
+                # A whole fresh download under If-Match that still differs from the ETag: the ETag is not an
+                # MD5 (an encrypted object). The version is pinned by If-Match and the size matches.
+                log.info("%s: ETag %s is not the MD5 of the bytes (encrypted object?); accepted by version and size",
+                         uri, info.etag)
+                verified = True
+            if verified:
                 os.replace(part, final)
                 return final
             log.warning("%s: the partial download does not match the object; downloading it again", uri)
             part.unlink(missing_ok=True)
-    raise IntegrityError(f"{uri}: downloaded twice and the bytes never matched its ETag {info.etag}; "
-                         "nothing was cached")
+    raise IntegrityError(f"{uri}: downloaded twice and the bytes never matched the object (ETag {info.etag}, "
+                         f"{info.size:,} bytes); nothing was cached")
 
 
 class S3Source(DatasetSource):
     """A dataset under an S3 prefix, read through the local download cache."""
 
-    def __init__(self, uri: str, bucket: str, prefix: str, objects: list[ObjectInfo], cache_root: Path) -> None:
+    def __init__(self, uri: str, bucket: str, prefix: str, objects: list[ListedObject], cache_root: Path) -> None:
         self.uri = uri
         self.description = uri.rstrip("/")
         self.bucket = bucket
@@ -209,7 +215,6 @@ class S3Source(DatasetSource):
         self.cache_root = cache_root
         self._store: S3Store | None = None
         self._pid = -1
-        self._ready: set[str] = set()
         listed = {o.key[len(prefix) :]: o for o in objects}
         if MANIFEST in listed:
             self.files, self.manifest = self._from_manifest(listed)
@@ -220,7 +225,7 @@ class S3Source(DatasetSource):
             self.files, self.manifest = self._from_listing(listed), None
 
     # --- building the file table ---
-    def _from_listing(self, listed: dict[str, ObjectInfo]) -> dict[str, RemoteFile]:
+    def _from_listing(self, listed: dict[str, ListedObject]) -> dict[str, RemoteFile]:
         children: dict[str, set[str]] = {}
         for name in listed:
             parts = name.split("/")[:-1]
@@ -245,7 +250,7 @@ class S3Source(DatasetSource):
                     add(f"{folder}/{name[len(inside):]}", name)
         return files
 
-    def _from_manifest(self, listed: dict[str, ObjectInfo]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
+    def _from_manifest(self, listed: dict[str, ListedObject]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
         from protein.data.fingerprint import fingerprint_of
 
         info = listed[MANIFEST]

@@ -131,10 +131,23 @@ class FolderSource(DatasetSource):
         return sorted(entry.name for entry in os.scandir(folder) if not entry.is_dir())
 
     def digests(self) -> dict[str, FileDigest]:
-        files = {name: self._path(name) for name in self.fingerprint_files()}
+        files = {name: self._path(name) for name in (TRAIN_CSV, SAMPLE_SUBMISSION_CSV) if self.exists(name)}
+        stats: dict[str, os.stat_result] = {}
+        for folder in (TRAIN_DIR, TEST_DIR):
+            path = self._path(folder)
+            if not path.is_dir():
+                continue
+            # One scandir per folder gives every file's stat; only symlinks pay for a resolve().
+            for entry in os.scandir(path):
+                if entry.is_dir():
+                    continue
+                name = f"{folder}/{entry.name}"
+                files[name] = self._path(name) if entry.is_symlink() else Path(entry.path)
+                if not entry.is_symlink():
+                    stats[name] = entry.stat(follow_symlinks=False)
         cache = HashCache(cache_file_for(self.cache_root, "folder", [self.base]))
         try:
-            return cache.digests(files)
+            return cache.digests(files, stats)
         except FileNotFoundError as exc:
             raise DataError(f"{exc.filename}: vanished while fingerprinting the dataset") from None
 

@@ -24,7 +24,7 @@ def dataset(tmp_path):
 
 
 def test_help_for_every_verb():
-    for verb in ("synth", "validate", "train", "evaluate", "predict", "models"):
+    for verb in ("synth", "validate", "train", "evaluate", "predict", "models", "datasets"):
         result = protein(verb, "--help")
         assert result.returncode == 0 and "usage: protein" in result.stdout, verb
 

@@ -4,7 +4,6 @@ bad URIs, and `protein datasets push/list`."""
 
 import json
 import logging
-import zipfile
 
 import boto3
 import pytest
@@ -69,6 +68,24 @@ def test_kaggle_layout_under_a_prefix_reads_once_and_matches_the_local_fingerpri
     boto3.client("s3").delete_object(Bucket=bucket, Key="competition/Human protein atlas/test/11.png")
     assert again.read_bytes("test/11.png") == (kaggle / "Human protein atlas/test/11.png").read_bytes()
     assert DatasetSource.open(f"s3://{bucket}/competition").description == f"s3://{bucket}/competition"
+    assert fingerprint(DatasetSource.open(uri)) != fingerprint(data.source)  # an image less: another fingerprint
+
+
+def test_decode_worker_processes_read_an_s3_dataset(kaggle, bucket, cache, monkeypatch):
+    import numpy as np
+
+    import protein.cache
+
+    upload_folder(bucket, kaggle, "w/")
+    source = DatasetSource.open(f"s3://{bucket}/w/")
+    rels = [f"train/{i}.png" for i in LABELS]
+    monkeypatch.setattr(protein.cache, "CHUNK", 1)  # one image per task: every worker process reads from S3
+    out = np.zeros((len(rels), 32, 32, 3), np.uint8)
+    protein.cache.decode_all(source, rels, 32, out, workers=2)
+    local = DatasetSource.open(kaggle)
+    expected = [protein.cache.load_image(local.read_bytes(r), r, 32) for r in rels]
+    assert np.array_equal(out, np.stack(expected))
+    assert len([p for p in cached_files(cache) if p.name.startswith("s3-")]) == len(LABELS)  # train/ only, once each
 
 
 def test_zip_in_s3_resumes_a_partial_download_and_redoes_a_bad_one(kaggle, bucket, tmp_path, cache, caplog):
@@ -202,6 +219,11 @@ def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket
 
 def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):
     flat = write_dataset(tmp_path / "flat", LABELS, TEST_IDS)
-    result = push_dataset(str(flat), open_store(str(tmp_path / "store")))
-    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint
-    assert zipfile.is_zipfile(zip_folder(flat, tmp_path / "f.zip"))
+    store = open_store(str(tmp_path / "store"))
+    result = push_dataset(str(zip_folder(flat, tmp_path / "f.zip")), store)
+    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint == fingerprint(DatasetSource.open(flat))
+
+    write_png(flat / "train" / "copy of 1.png")  # a name no object key can carry
+    with pytest.raises(DataError, match=r"train/copy of 1.png: this file name cannot be an object key"):
+        push_dataset(str(flat), store)
+    assert [row["fingerprint"] for row in list_datasets(store)[0]] == [result.fingerprint]

@@ -79,7 +79,8 @@ def test_challenger_that_does_not_beat_the_champion_is_not_promoted(promoted_sto
     from flows.retrain import retrain
 
     store, first = promoted_store
-    state = retrain(data=dataset, store=store, train=TRAIN, gate_config=GateParams(min_score=0.0, min_gain=0.5),
+    strict = GateParams(min_score=0.0, min_gain=0.5, min_rows=1)  # min_rows: the tiny holdout is the evidence
+    state = retrain(data=dataset, store=store, train=TRAIN, gate_config=strict,
                     validation=VALIDATION, return_state=True)
     assert state.is_completed(), state.message  # a rejected challenger is a normal outcome
     result = state.result()

@@ -5,6 +5,7 @@ Both backends run the same suite through `open_store`, the path users take.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -84,8 +85,8 @@ def test_missing_object(store: Store, tmp_path: Path) -> None:
 
 def test_file_round_trip_multipart(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 5 MiB is S3's smallest allowed part; 9 MiB then means two parts.
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * MiB)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * MiB)
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 5 * MiB)
+    monkeypatch.setattr(storage.s3, "MULTIPART_CHUNKSIZE", 5 * MiB)
     source = tmp_path / "model.safetensors"
     payload = os.urandom(9 * MiB + 123)
     source.write_bytes(payload)
@@ -404,9 +405,24 @@ def test_wrong_credentials(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     caplog.set_level(logging.DEBUG, logger="protein")
     store = open_store("s3://some-bucket/p")
-    for call in (store.check, lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), store.list):
-        with pytest.raises(StoreError, match="access denied \\(check credentials\\)") as info:
+    # Every call here has a response body naming the rejected key id (the check lists one key, no HEAD).
+    expected = {
+        "check": "s3://some-bucket/p: S3 rejected the credentials (InvalidAccessKeyId) on s3:ListBucket; check the "
+                 "access key, secret and session token in the standard chain",
+        "get": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:GetObject; check the "
+               "access key, secret and session token in the standard chain",
+        "put": "s3://some-bucket/p/k: S3 rejected the credentials (InvalidAccessKeyId) on s3:PutObject; check the "
+               "access key, secret and session token in the standard chain",
+        "list": "s3://some-bucket/p: S3 rejected the credentials (InvalidAccessKeyId) on s3:ListBucket; check the "
+                "access key, secret and session token in the standard chain",
+    }
+    calls = {"check": store.check, "get": lambda: store.get_bytes("k"), "put": lambda: store.put_bytes("k", b"x"),
+             "list": store.list}
+    for name, call in calls.items():
+        with pytest.raises(StoreError) as info:
             call()
+        assert str(info.value) == expected[name]
+        assert info.value.exit_code == 3
         assert_clean(info.value, caplog)
 
 
@@ -438,3 +454,105 @@ def test_young_temp_files_are_left_alone(tmp_path: Path) -> None:
     store.put_bytes("warm-up", b"x")
     (store.root / ".protein+meta" / "tmp" / "put-inflight.tmp").write_bytes(b"being written right now")
     assert store.clean_stale_uploads(older_than_s=3600) == 0
+
+
+# --- IAM: a refused action is named, so the policy can be fixed -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server_with_iam() -> Any:
+    # The first 4 requests (bucket, user, policy, access key) are let through unauthenticated; every
+    # later one is checked against moto's IAM.
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_access_denied_names_the_refused_action_and_the_key(
+    s3_server_with_iam: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    import boto3
+
+    from tests.conftest import set_s3_env
+
+    set_s3_env(monkeypatch, s3_server_with_iam.endpoint)
+    bucket = f"iam-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+    iam = boto3.session.Session().client("iam")
+    iam.create_user(UserName="reader")
+    actions = ["s3:GetObject", "s3:ListBucket"]
+    resources = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resources}]}
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    set_s3_env(monkeypatch, s3_server_with_iam.endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    caplog.set_level(logging.DEBUG, logger="protein")
+
+    store = open_store(f"s3://{bucket}/p")
+    assert store.list() == []  # allowed
+    store.check()  # a read-only caller passes: it never writes, so conditional writes do not concern it
+    with pytest.raises(NotFound):
+        store.get_bytes("models/v/model.json")  # allowed, and missing
+    denied = {
+        "s3:PutObject": lambda: store.put_bytes("models/v/model.json", b"{}"),
+        "s3:DeleteObject": lambda: store.delete("models/v/model.json"),
+    }
+    for action, call in denied.items():
+        with pytest.raises(StoreError) as info:
+            call()
+        assert str(info.value) == (
+            f"s3://{bucket}/p/models/v/model.json: access denied: {action} was refused; the caller's credentials "
+            "lack this permission (check the IAM policy of the role or user)"
+        )
+        assert info.value.exit_code == 3
+        assert key["SecretAccessKey"] not in caplog.text and key["SecretAccessKey"] not in str(info.value)
+
+
+# --- create-only files, big byte payloads, listings with times -------------------------------------------
+
+
+def test_put_file_create_only(store: Store, tmp_path: Path) -> None:
+    source = tmp_path / "w.bin"
+    source.write_bytes(b"first")
+    digest = store.put_file("models/v/model.safetensors", source, if_none_match=True)
+    assert digest == hashlib.sha256(b"first").hexdigest()
+    source.write_bytes(b"second")
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.put_file("models/v/model.safetensors", source, if_none_match=True)
+    assert store.get_bytes("models/v/model.safetensors") == b"first"
+    assert store.recorded_sha256("models/v/model.safetensors") == (5, digest)
+    assert store.recorded_sha256("models/v/none") is None
+
+
+def test_big_payloads_go_up_as_multipart(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 5 * MiB)
+    monkeypatch.setattr(storage.s3, "MULTIPART_CHUNKSIZE", 5 * MiB)
+    payload = os.urandom(10 * MiB + 1)
+    etag = store.put_bytes("runs/r/checkpoint.pt", payload)
+    if isinstance(store, S3Store):
+        assert etag.strip('"').endswith("-3"), f"not a 3-part upload: {etag}"
+    assert store.get_bytes("runs/r/checkpoint.pt") == payload
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("runs/r/checkpoint.pt", payload, if_match='"0123456789abcdef0123456789abcdef"')
+    if isinstance(store, S3Store):
+        assert store.clean_stale_uploads(older_than_s=0) == 0  # the refused upload was aborted, not left
+
+
+def test_list_info_gives_sizes_and_times(store: Store) -> None:
+    before = time.time() - 5  # moto and the local clock agree within seconds; S3 times are whole seconds
+    store.put_bytes("a/one", b"1")
+    store.put_bytes("a/two", b"22")
+    infos = store.list_info("a/")
+    assert [(i.key, i.size) for i in infos] == [("a/one", 1), ("a/two", 2)]
+    assert all(before <= i.modified <= time.time() + 5 for i in infos)
+
+
+def test_s3_check_passes_on_an_endpoint_with_conditional_writes(s3_bucket: str) -> None:
+    store = open_store(s3_bucket)
+    store.check()
+    assert store.list() == []  # the probe was removed

@@ -122,3 +122,36 @@ def test_cli_refuses_malicious_weights_and_checkpoint(tmp_path):
     assert "runs/evil-run/checkpoint.pt: not a loadable training checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
     assert not (store / "models").exists()
+
+
+def test_deployments_hold_no_secrets():
+    """prefect.yaml is stored by the Prefect server (parameters, job variables): no credential, auth string
+    or webhook may be written there, only {{ $VAR }} placeholders for non-secret settings and Secret blocks."""
+    import re
+
+    import yaml
+
+    from tests.helpers import REPO
+
+    secret_names = re.compile(r"SECRET_ACCESS_KEY|ACCESS_KEY_ID|AUTH_STRING|API_KEY|WEBHOOK|PASSWORD|TOKEN", re.I)
+    secret_block = re.compile(r"\{\{ prefect\.blocks\.secret\.[\w-]+ \}\}")
+    document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    found: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                # A git token may come from a Secret block (resolved on the worker), never as a literal.
+                if str(key) == "access_token" and secret_block.fullmatch(str(value)):
+                    continue
+                if secret_names.search(str(key)):
+                    found.append(f"{path}.{key}")
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(node, str) and (secret_names.search(node) or "://" in node and "@" in node):
+            found.append(f"{path} = {node}")
+
+    walk(document, "prefect.yaml")
+    assert found == []

@@ -1,0 +1,529 @@
+"""`S3Store`: a prefix in an S3-compatible bucket (AWS, MinIO, Ceph, R2, ...).
+
+Each object's SHA-256 rides along as user metadata ``sha256`` (``x-amz-meta-sha256``), so a read gets
+bytes and hash in one response. Compare-and-swap uses S3's own conditional writes (``If-None-Match: *``
+and ``If-Match: <etag>``); `check()` proves the endpoint honours both before anything relies on them.
+Endpoint, region and credentials come only from boto3's standard chain.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from protein.errors import NotFound, PreconditionFailed, StoreError
+from protein.storage import s3_errors
+from protein.storage.base import (
+    COPY_CHUNK_SIZE,
+    SHA256_METADATA,
+    ListedObject,
+    MiB,
+    ObjectInfo,
+    env_number,
+    is_valid_key,
+    logger,
+    sha256_file,
+    temp_beside,
+    validate_key,
+    validate_prefix,
+    verify,
+)
+
+# Small connect timeout and few attempts: an unreachable endpoint must fail in seconds, not minutes.
+S3_MAX_ATTEMPTS = 3
+S3_CONNECT_TIMEOUT_S = 2.0
+S3_READ_TIMEOUT_S = 60.0
+# Read when each upload starts (not at import), so tests can shrink them to exercise multipart.
+# A single PUT takes at most 5 GiB; far below that, parts upload in parallel and retry separately.
+MULTIPART_THRESHOLD = 64 * MiB
+MULTIPART_CHUNKSIZE = 16 * MiB
+MULTIPART_WORKERS = 8
+MAX_PARTS = 10_000  # S3's limit per upload
+# Promotions and create-only registrations rely on conditional writes. An endpoint without them can
+# still be used when the user says so (then concurrent promotions are last-writer-wins).
+ALLOW_LAST_WRITER_WINS_ENV = "PROTEIN_ALLOW_LAST_WRITER_WINS"
+PROBE_PREFIX = "probes"
+
+_BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def last_writer_wins_allowed() -> bool:
+    return os.environ.get(ALLOW_LAST_WRITER_WINS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class S3Store:
+    """A prefix in an S3-compatible bucket. The client is created on first use, not at open time."""
+
+    def __init__(self, bucket: str, prefix: str = "") -> None:
+        if not (2 <= len(bucket) <= 63 and bucket[0].isalnum() and set(bucket) <= _BUCKET_NAME_CHARS):
+            raise ValueError(f"s3://{bucket}: invalid bucket name")
+        prefix = prefix.strip("/")
+        if prefix:
+            try:
+                validate_key(prefix)
+            except ValueError as exc:
+                raise ValueError(f"s3://{bucket}/{prefix}: invalid prefix ({exc})") from None
+        self.bucket = bucket
+        self.prefix = prefix
+        self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        # Re-entrant: translating an error may need the client (to tell a missing bucket from a key).
+        self._client_lock = threading.RLock()
+        self._client_obj: Any = None
+        # A HEAD on a missing bucket and on a missing key both answer a bare 404; once the bucket is
+        # known to exist, a 404 means the key.
+        self._bucket_seen = False
+
+    @classmethod
+    def from_uri(cls, uri: str) -> S3Store:
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        return cls(bucket, prefix)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r})"
+
+    def _uri(self, key: str | None) -> str:
+        return f"{self.uri}/{key}" if key else self.uri
+
+    def _object_key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _root_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def _client(self) -> Any:
+        with self._client_lock:
+            if self._client_obj is None:
+                import boto3.session
+                from botocore.config import Config
+
+                config = Config(
+                    retries={
+                        "mode": "standard",
+                        # total_max_attempts counts the first try; botocore's "max_attempts" key here
+                        # would count retries only (one attempt more than the name says).
+                        "total_max_attempts": int(env_number("PROTEIN_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
+                    },
+                    connect_timeout=env_number("PROTEIN_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S),
+                    read_timeout=env_number("PROTEIN_S3_READ_TIMEOUT_S", S3_READ_TIMEOUT_S),
+                    # boto3 presigns S3 URLs with the deprecated SigV2 unless told otherwise; R2 and
+                    # newer AWS regions accept only SigV4.
+                    signature_version="s3v4",
+                    max_pool_connections=max(10, MULTIPART_WORKERS * 2),
+                )
+                with self._translating():
+                    self._client_obj = boto3.session.Session().client("s3", config=config)
+            return self._client_obj
+
+    def _endpoint(self) -> str:
+        endpoint = getattr(getattr(self._client_obj, "meta", None), "endpoint_url", None)
+        if not endpoint:
+            return ""
+        parts = urlsplit(endpoint)
+        # Never echo user:password@ should someone have put credentials into the endpoint URL.
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f" {parts.scheme}://{host}{port}"
+
+    def _error(self, exc: BaseException, key: str | None = None, operation: str | None = None) -> StoreError:
+        return s3_errors.translate(exc, self._uri(key), self._endpoint(), self.uri, self.bucket, operation)
+
+    @contextmanager
+    def _translating(self, key: str | None = None, operation: str | None = None) -> Iterator[None]:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
+            error = self._error(exc, key, operation)
+            if isinstance(error, NotFound) and not self._bucket_seen:
+                # A bare 404 may mean the bucket, not the key. If the bucket cannot be checked (a role
+                # without s3:ListBucket), the key's own answer stands.
+                try:
+                    self._require_bucket()
+                except StoreError as bucket_error:
+                    if str(bucket_error).endswith("does not exist"):
+                        raise
+            raise error from exc
+
+    def _require_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        # A one-key listing of the store's own prefix, not HeadBucket: HeadBucket is authorised by an
+        # s3:ListBucket without a prefix, which the role policies (deployments/iam/) never grant.
+        try:
+            self._client().list_objects_v2(Bucket=self.bucket, Prefix=self._root_prefix(), MaxKeys=1)
+        except ClientError as exc:
+            code, status = s3_errors.error_code(exc)
+            if code in s3_errors.NOT_FOUND_CODES | {"NoSuchBucket"} or status == 404:
+                raise StoreError(f"{self.uri}: bucket '{self.bucket}' does not exist") from exc
+            raise self._error(exc) from exc
+        except Exception as exc:
+            if s3_errors.is_boto_error(exc):
+                raise self._error(exc) from exc
+            raise
+        self._bucket_seen = True
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        object_key = self._object_key(key)
+        client = self._client()
+        try:
+            with self._translating(key):
+                return client.head_object(Bucket=self.bucket, Key=object_key)
+        except NotFound:
+            return None
+
+    # --- writes ---------------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str | None = None,
+    ) -> str:
+        object_key = self._object_key(key)
+        if if_match is not None and if_none_match:
+            raise ValueError("pass if_match or if_none_match, not both")
+        metadata = {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Body": data, "Metadata": metadata}
+        if content_type:
+            args["ContentType"] = content_type
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        client = self._client()
+        try:
+            if len(data) > MULTIPART_THRESHOLD:
+                # Checkpoints can outgrow a single PUT (5 GiB); parts also retry separately.
+                view = memoryview(data)
+                etag = self._put_multipart(key, object_key, lambda offset, n: bytes(view[offset:offset + n]),
+                                           len(data), metadata, if_none_match, if_match, content_type)
+            else:
+                with self._translating(key):
+                    etag = str(client.put_object(**args)["ETag"])
+        except NotFound as exc:
+            if if_match is None:
+                raise
+            # S3 answers a conditional write on a missing key with 404, but for the caller the swap lost.
+            raise PreconditionFailed(f"{self._uri(key)}: does not exist") from exc
+        except PreconditionFailed as exc:
+            state = "already exists" if if_none_match else "changed since its etag was read"
+            raise PreconditionFailed(f"{self._uri(key)}: {state}") from exc
+        logger.debug("wrote %s (%d bytes)", self._uri(key), len(data))
+        return etag
+
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+        object_key = self._object_key(key)
+        path = Path(path)
+        # Hashed before the upload so the hash rides along as metadata; a missing source raises
+        # FileNotFoundError (the caller's error, not the store's).
+        digest = sha256_file(path)
+        size = path.stat().st_size
+        metadata = {SHA256_METADATA: digest}
+        try:
+            if size <= MULTIPART_THRESHOLD:
+                self._put_single(key, object_key, path, metadata, if_none_match)
+            else:
+                def read_part(offset: int, length: int) -> bytes:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        return f.read(length)
+
+                self._put_multipart(key, object_key, read_part, size, metadata, if_none_match)
+        except PreconditionFailed as exc:
+            raise PreconditionFailed(f"{self._uri(key)}: already exists") from exc
+        logger.debug("uploaded %s to %s (%d bytes)", path, self._uri(key), size)
+        return digest
+
+    def _put_single(self, key: str, object_key: str, path: Path, metadata: dict[str, str], create_only: bool) -> None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Metadata": metadata}
+        if create_only:
+            args["IfNoneMatch"] = "*"
+        client = self._client()
+        # Bytes, not a file handle: a retry resends exactly the bytes that were hashed, with no seek on a
+        # file that may have changed. Below the multipart threshold, so bounded in memory.
+        body = path.read_bytes()
+        with self._translating(key, "PutObject"):
+            client.put_object(Body=body, **args)
+
+    def _put_multipart(
+        self,
+        key: str,
+        object_key: str,
+        read_part: Callable[[int, int], bytes],
+        size: int,
+        metadata: dict[str, str],
+        create_only: bool,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        # Our own multipart upload, not boto3's upload_file: its transfer manager cannot send
+        # If-None-Match / If-Match on CompleteMultipartUpload, which is what makes it conditional.
+        # Checked up front too: some endpoints (moto among them) ignore the conditions on
+        # CompleteMultipartUpload, and failing before the upload saves sending the parts.
+        if create_only and self._head(key) is not None:
+            raise PreconditionFailed(f"{self._uri(key)}: already exists")
+        if if_match is not None and self.etag(key) != if_match:
+            raise PreconditionFailed(f"{self._uri(key)}: changed since its etag was read")
+        chunk = max(MULTIPART_CHUNKSIZE, -(-size // MAX_PARTS))
+        client = self._client()
+        extra = {"ContentType": content_type} if content_type else {}
+        with self._translating(key, "CreateMultipartUpload"):
+            created = client.create_multipart_upload(Bucket=self.bucket, Key=object_key, Metadata=metadata, **extra)
+        upload_id = created["UploadId"]
+
+        def upload_part(number: int) -> dict[str, Any]:
+            offset = (number - 1) * chunk
+            body = read_part(offset, min(chunk, size - offset))
+            with self._translating(key, "UploadPart"):
+                response = client.upload_part(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                                              PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        try:
+            numbers = range(1, -(-size // chunk) + 1)
+            with concurrent.futures.ThreadPoolExecutor(MULTIPART_WORKERS) as pool:
+                parts = list(pool.map(upload_part, numbers))
+            args: dict[str, Any] = {}
+            if create_only:
+                args["IfNoneMatch"] = "*"
+            if if_match is not None:
+                args["IfMatch"] = if_match
+            with self._translating(key, "CompleteMultipartUpload"):
+                response = client.complete_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                                                            MultipartUpload={"Parts": parts}, **args)
+        except BaseException:
+            # Parts of an abandoned upload are invisible but billed; `clean_stale_uploads` is the
+            # backstop when even this abort cannot reach the endpoint.
+            try:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
+            except Exception as exc:
+                logger.warning("%s: could not abort the interrupted multipart upload (%s); "
+                               "`protein models gc` removes it later", self._uri(key), self._error(exc, key))
+            raise
+        return str(response["ETag"])
+
+    # --- reads ----------------------------------------------------------------------------------
+    def get_bytes(self, key: str) -> bytes:
+        object_key = self._object_key(key)
+        client = self._client()
+        with self._translating(key, "GetObject"):
+            response = client.get_object(Bucket=self.bucket, Key=object_key)
+            data = response["Body"].read()
+        expected = response.get("Metadata", {}).get(SHA256_METADATA)
+        verify(self._uri(key), expected, hashlib.sha256(data).hexdigest())
+        return data
+
+    def get_file(self, key: str, path: Path) -> str:
+        # One GET: body and the recorded hash come in the same response, so no writer can slip
+        # between reading the hash and reading the bytes.
+        object_key = self._object_key(key)
+        path = Path(path)
+        client = self._client()
+        with self._translating(key, "GetObject"):
+            response = client.get_object(Bucket=self.bucket, Key=object_key)
+        expected = response.get("Metadata", {}).get(SHA256_METADATA)
+        body = response["Body"]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp, f = temp_beside(path)
+        except OSError as exc:
+            body.close()
+            raise StoreError(f"{self._uri(key)}: cannot write {path.parent} ({exc.strerror})") from None
+        try:
+            digest = hashlib.sha256()
+            with f, body:
+                while True:
+                    with self._translating(key, "GetObject"):
+                        chunk = body.read(COPY_CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    try:
+                        f.write(chunk)
+                    except OSError as exc:
+                        raise StoreError(f"{self._uri(key)}: cannot write {path} ({exc.strerror})") from None
+                f.flush()
+                os.fsync(f.fileno())
+            actual = digest.hexdigest()
+            verify(self._uri(key), expected, actual)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return actual
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def recorded_sha256(self, key: str) -> tuple[int, str | None] | None:
+        head = self._head(key)
+        if head is None:
+            return None
+        return int(head["ContentLength"]), head.get("Metadata", {}).get(SHA256_METADATA)
+
+    def etag(self, key: str) -> str | None:
+        head = self._head(key)
+        return None if head is None else str(head["ETag"])
+
+    def _listing(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        validate_prefix(prefix)
+        root = self._root_prefix()
+        client = self._client()
+        with self._translating(operation="ListObjectsV2"):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(root) :]
+                    # Folder markers ("x/") and names other tools wrote outside the key alphabet are
+                    # skipped: every key a listing returns must be usable with the other methods.
+                    if is_valid_key(key):
+                        yield key, obj
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(key for key, _ in self._listing(prefix))
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        found = [ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp())
+                 for key, obj in self._listing(prefix)]
+        return sorted(found, key=lambda info: info.key)
+
+    # --- reading objects other tools wrote (datasets): raw bucket keys, never used to write ---
+    # Keys such as "jovian/Human protein atlas/train.csv" fall outside `validate_key`'s alphabet; these
+    # methods take the full key in the bucket as listed, ignore the store's prefix, and only read.
+
+    def list_objects(self, prefix: str) -> list[ListedObject]:
+        """Every object whose full key starts with ``prefix``, with its size and ETag, sorted by key."""
+        client = self._client()
+        found: list[ListedObject] = []
+        with self._translating(prefix or None, operation="ListObjectsV2"):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found += [ListedObject(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
+        return sorted(found, key=lambda o: o.key)
+
+    def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:
+        """Stream the object's bytes from offset ``start`` into ``dest``; returns the ETag served.
+
+        With ``if_match`` the server refuses (`PreconditionFailed`) once the object is no longer that
+        version, so a download never mixes the bytes of two versions."""
+        client = self._client()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        if start:
+            args["Range"] = f"bytes={start}-"
+        with self._translating(key, operation="GetObject"):
+            response = client.get_object(**args)
+            for chunk in response["Body"].iter_chunks(COPY_CHUNK_SIZE):
+                dest.write(chunk)
+        return str(response.get("ETag", ""))
+
+    # --- deletes --------------------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        object_key = self._object_key(key)
+        client = self._client()
+        with self._translating(key, "DeleteObject"):
+            client.delete_object(Bucket=self.bucket, Key=object_key)
+
+    def delete_keys(self, keys: list[str]) -> int:
+        client = self._client()
+        # One DeleteObject per key, not DeleteObjects: each delete is authorised against the key's own ARN,
+        # which is what the operator's policy grants (moto authorises a DeleteObjects batch against the
+        # bucket ARN instead); gc removes a handful of objects per version or run.
+        for key in keys:
+            with self._translating(key, "DeleteObject"):
+                client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        return len(keys)
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            raise ValueError("delete_prefix needs a non-empty prefix (refusing to empty the whole store)")
+        return self.delete_keys(self.list(prefix))
+
+    def clean_stale_uploads(self, older_than_s: float = 3600, dry_run: bool = False) -> int:
+        # An interrupted multipart upload is invisible to GET/LIST but its parts cost storage.
+        client = self._client()
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)
+        stale: list[tuple[str, str]] = []
+        with self._translating(operation="ListMultipartUploads"):
+            paginator = client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._root_prefix()):
+                stale += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["Initiated"] < cutoff]
+        if not dry_run:
+            for object_key, upload_id in stale:
+                with self._translating(object_key[len(self._root_prefix()) :] or None, "AbortMultipartUpload"):
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
+        return len(stale)
+
+    # --- display and checks -----------------------------------------------------------------------
+    def url(self, key: str, expires_s: int = 3600) -> str:
+        object_key = self._object_key(key)
+        if not 1 <= expires_s <= 7 * 24 * 3600:
+            raise ValueError(f"expires_s must be 1..604800 (7 days), got {expires_s}")
+        client = self._client()
+        with self._translating(key):
+            return str(
+                client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": object_key}, ExpiresIn=expires_s
+                )
+            )
+
+    def check(self) -> None:
+        """Reachable bucket, and conditional writes honoured (unless the user opted out)."""
+        self._bucket_seen = False
+        self._require_bucket()
+        if last_writer_wins_allowed():
+            logger.warning("%s: conditional writes not checked (%s is set): concurrent promotions are "
+                           "last-writer-wins", self.uri, ALLOW_LAST_WRITER_WINS_ENV)
+            return
+        self._check_conditional_writes()
+
+    def _check_conditional_writes(self) -> None:
+        # A fresh key per check: two hosts checking at once never see each other's probe.
+        probe = f"{PROBE_PREFIX}/conditional-write-{secrets.token_hex(8)}"
+        missing = None
+        try:
+            self.put_bytes(probe, b"probe", if_none_match=True)
+        except StoreError as exc:
+            if " access denied: " not in str(exc):
+                raise
+            # A read-only caller (a predict role) never writes conditionally: nothing to verify.
+            logger.info("conditional writes not checked: this caller may not write %s (%s)", PROBE_PREFIX, exc)
+            return
+        try:
+            try:
+                self.put_bytes(probe, b"probe again", if_none_match=True)
+                missing = "If-None-Match (create-only writes)"
+            except PreconditionFailed:
+                pass
+            if missing is None:
+                try:
+                    self.put_bytes(probe, b"probe swap", if_match='"00000000000000000000000000000000"')
+                    missing = "If-Match (compare-and-swap)"
+                except PreconditionFailed:
+                    pass
+        finally:
+            try:
+                self.delete(probe)
+            except StoreError as exc:
+                # The capability is proven either way; a leftover 5-byte probe is harmless and
+                # `protein models gc` removes old ones.
+                logger.warning("could not remove the conditional-write probe: %s", exc)
+        if missing is not None:
+            raise StoreError(
+                f"{self.uri}: the S3 endpoint{self._endpoint()} ignores {missing} on PutObject; "
+                "promotions and registrations need it to never overwrite each other "
+                f"(use an endpoint that honours conditional writes, or set {ALLOW_LAST_WRITER_WINS_ENV}=1 "
+                "to accept last-writer-wins promotions)"
+            )

@@ -1,0 +1,386 @@
+"""Least privilege, enforced: the shipped role policies (deployments/iam/) on a moto_server that
+authenticates and authorizes every request against its own IAM.
+
+The server starts with INITIAL_NO_AUTH_ACTION_COUNT=3: the first three requests (create an admin user,
+give it a policy, create its key) run unauthenticated, and every request after them must be signed by
+a known key whose policies allow it. The admin creates the bucket and one IAM user per role with the
+rendered policy; each step below then runs with one role's keys, passed the way production passes them
+(AWS_* variables of boto3's standard chain).
+
+What moto's enforcement cannot express (moto 5.2, moto/iam/access_control.py): it ignores every policy
+Condition on S3 requests (no request context such as s3:prefix, s3:if-none-match or s3:if-match is
+passed to the evaluator), so the ListBucket prefix conditions and the "create only" / "swap only" write
+conditions are not tested here; `test_policy_documents_*` check them statically and docs/security.md
+says so. Actions and resources (bucket and key ARNs, wildcards) are enforced, which is what every
+refusal below relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.iam import BUCKET_POLICY, ROLES, parse_store, render_policy, template
+from tests.conftest import MotoServer
+from tests.helpers import REPO, write_dataset
+
+IMAGE = 32
+PREFIX = "prod"
+# Unauthenticated requests moto serves before enforcing: create_user, put_user_policy, create_access_key.
+BOOTSTRAP_REQUESTS = 3
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+
+# --- the policy documents, statically ----------------------------------------------------------------------
+
+
+def statements(role: str) -> list[dict[str, Any]]:
+    return render_policy(role, "ml-models", "protein")["Statement"]
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def grants(role: str, action: str) -> list[str]:
+    """Resources on which ``role`` is allowed ``action`` (by any statement, conditions aside)."""
+    return [r for s in statements(role) if s["Effect"] == "Allow" and action in as_list(s["Action"])
+            for r in as_list(s["Resource"])]
+
+
+def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
+    store_arn = "arn:aws:s3:::ml-models/protein/"
+    for role in ROLES:
+        for statement in statements(role):
+            assert statement["Effect"] == "Allow", (role, statement)
+            for action in as_list(statement["Action"]):
+                # No wildcard actions, nothing account-wide, nothing that changes the bucket itself.
+                assert action.startswith("s3:") and "*" not in action, (role, action)
+                assert action not in {"s3:ListAllMyBuckets", "s3:CreateBucket", "s3:DeleteBucket",
+                                      "s3:PutBucketPolicy", "s3:DeleteObjectVersion", "s3:PutBucketVersioning",
+                                      "s3:PutLifecycleConfiguration"}, (role, action)
+            for resource in as_list(statement["Resource"]):
+                assert resource == "arn:aws:s3:::ml-models" or resource.startswith(store_arn), (role, resource)
+
+
+def test_policy_documents_give_each_role_only_its_part() -> None:
+    root = "arn:aws:s3:::ml-models/protein/"
+    # Only the operator deletes data, and never the champion pointer, submissions, datasets or records; the
+    # trainer may remove only its own conditional-write probe (a scratch object under probes/).
+    for role in ("orchestrator", "publisher"):
+        assert grants(role, "s3:DeleteObject") == [], role
+    assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
+    assert sorted(grants("operator", "s3:DeleteObject")) == [
+        root + p for p in ("cache/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
+    # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
+    trainer_writes = set(grants("trainer", "s3:PutObject"))
+    assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
+    # The orchestrator writes reports, gates, submissions and the pointer; never models or datasets.
+    assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
+        [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
+        + [root + "registry/champion.json"] * 2)
+    # The publisher touches datasets/ only, and creates objects there only if absent.
+    assert grants("publisher", "s3:GetObject") == [root + "datasets/*"]
+    assert grants("publisher", "s3:PutObject") == [root + "datasets/*"] * 2
+
+
+def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None:
+    def conditions(role: str, resource_suffix: str) -> list[dict[str, Any]]:
+        return [s.get("Condition") for s in statements(role)
+                if "s3:PutObject" in as_list(s["Action"]) and any(r.endswith(resource_suffix)
+                                                                  for r in as_list(s["Resource"]))]
+
+    # Versions and run index entries are created only if absent (multipart parts exempt, they cannot carry
+    # the header); the pointer changes only by compare-and-swap.
+    assert conditions("trainer", "/models/*") == [{"Null": {"s3:if-none-match": "false"}},
+                                                  {"Bool": {"s3:ObjectCreationOperation": "false"}}]
+    assert conditions("trainer", "/registry/runs/*") == [{"Null": {"s3:if-none-match": "false"}}]
+    assert conditions("orchestrator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}},
+                                                                    {"Null": {"s3:if-none-match": "false"}}]
+    assert conditions("operator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}}]
+    # Listing is confined to the store's prefixes (and gives honest 404s there, see docs/security.md).
+    listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
+    assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
+    bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
+    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsDatasetsAndRunIndexAreCreateOnly",
+                                                      "ChampionPointerOnlyByCompareAndSwap"}
+    assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
+                                                      {"Bool": {"s3:ObjectCreationOperation": "false"}}]
+
+
+def test_renderer_parameters() -> None:
+    assert parse_store("s3://ml-models/protein/") == ("ml-models", "protein")
+    at_root = render_policy("trainer", "ml-models", "")
+    assert "Condition" not in at_root["Statement"][0]  # the whole bucket is the store
+    assert at_root["Statement"][1]["Resource"][0] == "arn:aws:s3:::ml-models/datasets/*"
+    assert "${" in json.dumps(template("trainer")) and "${" not in json.dumps(at_root)
+    for bucket, prefix in (("ml-models", "a/*"), ("ml-models", "../x"), ("Bad_Bucket", "p"), ("ml-models", "a b")):
+        with pytest.raises(ValueError):
+            render_policy("trainer", bucket, prefix)
+    with pytest.raises(ValueError, match="unknown role"):
+        render_policy("admin", "ml-models", "p")
+    result = subprocess.run([sys.executable, "-m", "deployments.iam", "render", "--role", "publisher", "--store",
+                             "s3://ml-models/protein"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == render_policy("publisher", "ml-models", "protein")
+
+
+# --- the product under the policies, on an enforcing server ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    access_key_id: str
+    secret_access_key: str
+
+
+@dataclass(frozen=True)
+class IamStore:
+    server: MotoServer
+    bucket: str
+    uri: str
+    keys: dict[str, Keys]
+
+    def env(self, role: str) -> dict[str, str]:
+        """boto3's standard chain for one role, and nothing of the developer's own AWS set-up."""
+        keys = self.keys[role]
+        return {"AWS_ENDPOINT_URL": self.server.endpoint, "AWS_ACCESS_KEY_ID": keys.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": keys.secret_access_key, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self, role: str = "admin") -> Any:
+        import boto3
+
+        keys = self.keys[role]
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.server.endpoint, region_name="us-east-1",
+            aws_access_key_id=keys.access_key_id, aws_secret_access_key=keys.secret_access_key)
+
+    def snapshot(self) -> dict[str, str]:
+        """Every object under the store with its etag, read with the admin's key."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{PREFIX}/")
+        return {o["Key"].removeprefix(f"{PREFIX}/"): o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def iam_store() -> Iterator[IamStore]:
+    import boto3
+
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": str(BOOTSTRAP_REQUESTS)})
+    server.start()
+    try:
+        def iam_client(keys: Keys) -> Any:
+            return boto3.session.Session().client(
+                "iam", endpoint_url=server.endpoint, region_name="us-east-1",
+                aws_access_key_id=keys.access_key_id, aws_secret_access_key=keys.secret_access_key)
+
+        def new_user(iam: Any, name: str, policy: dict[str, Any] | None) -> Keys:
+            iam.create_user(UserName=name)
+            if policy is not None:
+                iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
+            key = iam.create_access_key(UserName=name)["AccessKey"]
+            return Keys(key["AccessKeyId"], key["SecretAccessKey"])
+
+        admin = new_user(iam_client(Keys("bootstrap", "bootstrap")), "admin", ADMIN_POLICY)
+        iam = iam_client(admin)
+        bucket = f"iam-{uuid.uuid4().hex[:12]}"
+        keys = {"admin": admin, "nobody": new_user(iam, "nobody", None)}
+        for role in ROLES:
+            keys[role] = new_user(iam, f"protein-{role}", render_policy(role, bucket, PREFIX))
+        store = IamStore(server, bucket, f"s3://{bucket}/{PREFIX}", keys)
+        store.client().create_bucket(Bucket=bucket)
+        yield store
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
+    return write_dataset(tmp_path_factory.mktemp("iam") / "ds", labels, ["900", "901", "902"], size=IMAGE)
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def protein(store: IamStore, role: str, *args: str, cache: Path) -> Ran:
+    """`protein ARGS` in a subprocess, with one role's keys (the real entry point, imports included)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {**inherited, **ONE_THREAD, **store.env(role), "PROTEIN_CACHE_DIR": str(cache)}
+    result = subprocess.run([sys.executable, "-m", "protein.cli", *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    return Ran(result.returncode, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def cli(iam_store: IamStore, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """`protein ARGS` in this process with one role's keys: the CLI's own main(), so the same exit codes
+    and error lines, without paying a torch import per command on a loaded 2-core machine."""
+    from protein.cli import main
+
+    def run(role: str, *args: str) -> Ran:
+        use_role(monkeypatch, iam_store, role)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run
+
+
+def assert_refused(result: Ran, action: str, key: str) -> None:
+    """One line naming the refused permission and the key, exit code 3 (store), no traceback."""
+    assert result.returncode == 3, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"{PREFIX}/{key}" in errors[0] and f": access denied: {action} was refused" in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def use_role(monkeypatch: pytest.MonkeyPatch, store: IamStore, role: str) -> None:
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in store.env(role).items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.integration
+def test_enforcement_is_on(iam_store: IamStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: a known user without a policy is refused, and an unknown key too."""
+    from protein.errors import StoreError
+    from protein.storage import open_store
+
+    use_role(monkeypatch, iam_store, "nobody")
+    with pytest.raises(StoreError, match="access denied: s3:ListBucket was refused"):
+        open_store(iam_store.uri).check()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+    with pytest.raises(StoreError, match=r"S3 rejected the credentials \(InvalidAccessKeyId\)"):
+        open_store(iam_store.uri).check()
+    use_role(monkeypatch, iam_store, "trainer")
+    open_store(iam_store.uri).check()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_each_role_does_its_part_and_nothing_else(
+    iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
+    from protein.config import GateConfig
+    from protein.gate import decide
+    from protein.pipeline import (
+        evaluate_version,
+        predict_and_publish,
+        publish_training_plot,
+        record_gate_decision,
+    )
+    from protein.registry import Registry
+    from protein.storage import open_store
+    from protein.validation import ValidationConfig, run_validation
+
+    uri = iam_store.uri
+    cache = tmp_path / "cache"
+
+    # Publisher: creates objects under datasets/ (as `protein datasets push` does, through the store API: the
+    # data branch's command is not merged here yet).
+    use_role(monkeypatch, iam_store, "publisher")
+    publisher_store = open_store(uri)
+    publisher_store.check()
+    for path in sorted(p for p in dataset.rglob("*") if p.is_file()):
+        publisher_store.put_file(f"datasets/d0123456789abcdef/{path.relative_to(dataset)}", path, if_none_match=True)
+    assert "datasets/d0123456789abcdef/train.csv" in publisher_store.list("datasets/")
+
+    # Trainer: trains and registers (checkpoints under runs/, decoded-image cache under cache/).
+    common = ["--store", uri, "--cache-dir", str(cache)]
+    trained = protein(iam_store, "trainer", "train", "--data", str(dataset), *common, "--epochs", "1",
+                      "--image-size", str(IMAGE), "--batch-size", "8", "--device", "cpu", "--share-cache",
+                      cache=cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    version = json.loads(trained.stdout.strip().splitlines()[-1])["model_id"]
+    keys = iam_store.snapshot()
+    assert f"models/{version}/model.json" in keys and f"models/{version}/model.safetensors" in keys
+    assert any(k.startswith("runs/") for k in keys) and any(k.startswith("cache/") for k in keys)
+    # An interrupted registration (weights without model.json), left by the trainer itself.
+    use_role(monkeypatch, iam_store, "trainer")
+    trainer_store = open_store(uri)
+    trainer_store.put_bytes("models/20000101-000000-orphan/model.safetensors", b"partial", if_none_match=True)
+
+    # ... but may not promote, delete or publish a submission; each refusal changes nothing.
+    before = iam_store.snapshot()
+    assert_refused(cli("trainer", "models", "promote", version, "--store", uri),
+                   "s3:PutObject", "registry/champion.json")
+    assert_refused(cli("trainer", "models", "gc", "--older-than-hours", "0", "--store", uri),
+                   "s3:DeleteObject", "models/20000101-000000-orphan/model.safetensors")
+    predicted = cli("trainer", "predict", "--data", str(dataset), *common, "--model", version)
+    assert_refused(predicted, "s3:PutObject", f"submissions/{version}/")
+    assert iam_store.snapshot() == before
+
+    # Publisher may not promote (it cannot even read the champion pointer).
+    assert_refused(cli("publisher", "models", "promote", version, "--store", uri),
+                   "s3:GetObject", "registry/champion.json")
+    assert iam_store.snapshot() == before
+
+    # Orchestrator: what the retrain flow's tasks call on the CPU host: validate, evaluate, gate, promote,
+    # predict. The same library calls as tasks/validation.py, evaluation.py, registry.py, prediction.py.
+    use_role(monkeypatch, iam_store, "orchestrator")
+    report = run_validation(str(dataset), ValidationConfig(image_size=IMAGE), store_uri=uri)
+    assert report.success, report.summary_lines()
+    challenger_eval = evaluate_version(str(dataset), uri, version, cache_dir=cache)
+    decision = decide(challenger_eval, None, GateConfig(min_score=0.0)).to_dict()
+    assert decision["promote"], decision
+    record_gate_decision(uri, version, None, decision, challenger_eval, None)
+    publish_training_plot(uri, version, challenger_eval, None)
+    registry = Registry(open_store(uri))
+    assert registry.promote(version, expected_champion=None, reason="gate passed").champion == version
+    submission = predict_and_publish(str(dataset), uri, "champion", cache_dir=cache)
+    assert submission["model_id"] == version
+    keys = iam_store.snapshot()
+    for prefix in ("validation/", "gates/", "reports/", "submissions/", "registry/champion.json"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    # ... and the orchestrator deletes nothing either.
+    before = iam_store.snapshot()
+    assert_refused(cli("orchestrator", "models", "gc", "--older-than-hours", "0", "--store", uri),
+                   "s3:DeleteObject", "models/20000101-000000-orphan/model.safetensors")
+
+    # A second version (the trainer registers; the orchestrator promotes it by compare-and-swap).
+    use_role(monkeypatch, iam_store, "trainer")
+    weights = tmp_path / "weights.safetensors"
+    trainer_store.get_file(f"models/{version}/model.safetensors", weights)
+    spec = {k: v for k, v in Registry(trainer_store).spec(version).items()
+            if k not in ("format", "id", "created", "weights_sha256", "weights_size", "code_version", "event",
+                         "run_id")}
+    second = Registry(open_store(uri)).register(weights, spec, version=f"{version}-b")
+    use_role(monkeypatch, iam_store, "orchestrator")
+    Registry(open_store(uri)).promote(second, expected_champion=version, reason="second")
+    assert iam_store.snapshot().keys() - before.keys() == {f"models/{second}/model.json",
+                                                           f"models/{second}/model.safetensors"}
+
+    # Operator: the only role that deletes (gc) and rolls back.
+    gc = cli("operator", "models", "gc", "--older-than-hours", "0", "--runs", "--store", uri)
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    removed = json.loads(gc.stdout.strip().splitlines()[-1])
+    assert removed["orphans"] == ["20000101-000000-orphan"] and len(removed["runs"]) == 1, removed
+    rolled = cli("operator", "models", "rollback", "--store", uri)
+    assert rolled.returncode == 0, rolled.stderr[-3000:]
+    after = iam_store.snapshot()
+    assert "models/20000101-000000-orphan/model.safetensors" not in after
+    assert not any(k.startswith("runs/") for k in after), "checkpoints of the registered run are gone"
+    use_role(monkeypatch, iam_store, "orchestrator")
+    assert Registry(open_store(uri)).champion().champion == version
+    # The operator never rewrites submissions.
+    assert_refused(cli("operator", "predict", "--data", str(dataset), *common),
+                   "s3:PutObject", f"submissions/{version}/")
