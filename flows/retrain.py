@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Completed, Failed, State
 
 from flows.cli import run_with_prefect
 from flows.params import (
@@ -27,6 +27,7 @@ from tasks.dispatch import dispatch_training
 from tasks.evaluation import evaluate_models, gate
 from tasks.prediction import predict_submission
 from tasks.registry import current_champion, find_run_model, promote_model
+from tasks.summary import champion_data_fingerprint, data_fingerprint, dataset_uri_problem, publish_run_summary
 from tasks.training import train_model
 from tasks.validation import validate_data
 
@@ -51,21 +52,45 @@ def retrain(
     validation: ValidationParams = ValidationParams(),
     train_deployment: str | None = None,
     dispatch: DispatchParams = DispatchParams(),
-) -> dict[str, Any]:
-    """Retrain on a dataset (folder or competition zip) and promote the challenger only if it
-    beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
+    skip_if_unchanged: bool = False,
+    trigger_event: str | None = None,
+) -> dict[str, Any] | State:
+    """Retrain on a dataset (folder, competition zip or s3:// URI) and promote the challenger only
+    if it beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
     training as a deployment on the GPU work pool, waiting and re-dispatching as `dispatch`
-    says; empty trains in this process. An empty
-    `store` means the worker's PROTEIN_STORE (default work/store)."""
+    says; empty trains in this process. An empty `store` means the worker's PROTEIN_STORE
+    (default work/store). `skip_if_unchanged` (on for the nightly schedule) completes without
+    training when the champion was trained on exactly this data. `trigger_event` is set by the
+    deployment trigger to the event that started the run, so a bad event is named in the failure."""
     logger = get_run_logger()
     route_library_logs()
+    if trigger_event and (problem := dataset_uri_problem(data)):
+        # Fail before any task: the run's message names the event and the field, not a stack trace.
+        return Failed(message=f"event {trigger_event}: field payload.uri is {problem}; nothing was run")
     store = store or default_store()  # read on the worker at run time, not at import
-    report = validate_data(data, validation.to_config(), store)
-    if not report["success"]:
-        return Failed(message=f"data failed validation ({len(report['failures'])} findings): "
-                      f"{'; '.join(report['failures'][:3])}; report: {report['report_uri'] or 'see artifact'}")
-
+    summary: dict[str, Any] = {"data": data, "links": {}}
     champion = current_champion(store)
+    summary["champion_before"] = summary["champion_after"] = champion
+    if skip_if_unchanged and champion:
+        current = data_fingerprint(data)
+        if current == champion_data_fingerprint(store, champion):
+            message = (f"nothing trained: the data (fingerprint {current[:12]}) is what champion {champion} was "
+                       "trained on, and skip_if_unchanged is on")
+            logger.info(message)
+            publish_run_summary({**summary, "outcome": "skipped, data unchanged", "data_fingerprint": current,
+                                 "message": message})
+            return Completed(message=message, data={"champion": champion, "skipped": True,
+                                                    "data_fingerprint": current, "reason": message})
+
+    report = validate_data(data, validation.to_config(), store)
+    summary["data_fingerprint"] = report["data_fingerprint"]
+    summary["links"]["validation report"] = report["report_uri"]
+    if not report["success"]:
+        message = (f"data failed validation ({len(report['failures'])} findings): "
+                   f"{'; '.join(report['failures'][:3])}; report: {report['report_uri'] or 'see artifact'}")
+        publish_run_summary({**summary, "outcome": "data failed validation", "message": message})
+        return Failed(message=message)
+
     run_id = f"{report['data_fingerprint'][:8]}-{str(flow_run.id)[:8]}"
     config = train.to_config()
     if train_deployment:
@@ -81,17 +106,23 @@ def retrain(
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache,
                                  expected_fingerprint=report["data_fingerprint"])["model_id"]
+    summary["challenger"] = challenger
 
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
     evaluation = evaluate_models(data, store, challenger, champion)
     decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
                     gate_config.to_config())
     if decision["promote"]:
-        champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]))["champion"]
+        champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
+                                 decision=decision)["champion"]
     logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",
                 "; ".join(decision["reasons"]))
 
     submission = predict_submission(data, store, champion)
+    publish_run_summary({**summary, "outcome": "promoted" if decision["promote"] else "kept champion",
+                         "champion_after": champion, "gate": decision,
+                         "links": {**summary["links"], "gate record": decision["record_uri"],
+                                   "training plot": decision["plot_uri"], "submission": submission["uri"]}})
     return {"champion": champion, "challenger": challenger, "promoted": decision["promote"],
             "reasons": decision["reasons"], "challenger_score": decision["challenger_score"],
             "champion_score": decision["champion_score"], "submission": submission["uri"],

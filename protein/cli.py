@@ -8,6 +8,7 @@ failures as one line on stderr with a specific exit code: 1 data failed validati
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -38,6 +39,21 @@ def progress_bar(total: int | None, desc: str):  # noqa: ANN201
 
 
 # --- verbs -----------------------------------------------------------------------------------
+def pipeline_event(helper: str, **fields: Any) -> bool:
+    """Emit a Prefect event (e.g. ``pipeline_event("dataset_pushed", uri=..., ...)``) through
+    ``tasks.events``, imported here at call time by name: the ``protein`` library never imports
+    Prefect, and a verb that emits still runs offline (the helper does nothing without an API)."""
+    events = importlib.import_module("tasks.events")
+    return bool(getattr(events, helper)(**fields))
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from protein.links import shareable_url
+
+    print(shareable_url(args.uri, expires_s=int(args.hours * 3600)))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from protein.config import SynthConfig
     from protein.synth import generate_dataset
@@ -181,6 +197,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             result = push_dataset(args.data, store, args.cache_dir, pushed)
         emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
               "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+        # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
+        # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
+        pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
+                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded})
     elif args.datasets_cmd == "list":
         rows, incomplete = list_datasets(store)
         if args.json:
@@ -274,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache_arg(p)
     p.add_argument("--model", default="champion", help="version id or 'champion'")
     p.add_argument("--out", help="also write the submission CSV to this local file")
+
+    p = add("link", cmd_link, "print a link to a stored object (presigned on S3) from its s3:// or file:// URI")
+    p.add_argument("uri", help="s3://bucket/key or file:///path, as artifacts and reports record them")
+    p.add_argument("--hours", type=float, default=24.0, help="how long an S3 link works (at most 168 = 7 days)")
 
     p = add("models", cmd_models, "list, show, promote, roll back and clean model versions")
     models = p.add_subparsers(dest="models_cmd", required=True)

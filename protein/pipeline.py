@@ -25,6 +25,7 @@ from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import FingerprintMismatch
 from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
+from protein.links import object_uri
 from protein.metrics import binarize, evaluate_predictions
 from protein.predict import Predictor
 from protein.presets import IMAGE_MEAN, IMAGE_STD
@@ -334,8 +335,8 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
 
 def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],
                           champion_eval: dict[str, Any] | None) -> str:
-    """Render the training curves and per-class F1 to reports/<model>/training.png; return its URL
-    (presigned on S3)."""
+    """Render the training curves and per-class F1 to reports/<model>/training.png; return its
+    durable URI (s3:// or file://; `protein link` makes an openable URL of it)."""
     from protein.report import training_plot_png
 
     store = open_store(store_uri)
@@ -344,4 +345,4 @@ def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[s
                             champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
     key = f"reports/{check_version_id(model_id)}/training.png"
     store.put_bytes(key, png, content_type="image/png")
-    return store.url(key)
+    return object_uri(store, key)

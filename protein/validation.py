@@ -846,6 +846,7 @@ def run_validation(
     """Validate, write report.json and Data Docs into report_dir (default: a new temp dir), and
     with a store: compare against its reference profile, upload both under
     validation/<fingerprint>/, and make a passing dataset the new reference."""
+    from protein.links import object_uri
     from protein.storage import open_store
 
     DatasetSource.open(path)  # not a dataset at all: DataError before anything is written
@@ -864,8 +865,9 @@ def run_validation(
     if store is not None:
         prefix = f"{STORE_PREFIX}/{report.data_fingerprint}"
         _upload_dir(store, docs, f"{prefix}/docs")
-        report.docs_uri = store.url(f"{prefix}/docs/index.html")
-        report.report_uri = store.url(f"{prefix}/report.json")
+        # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
+        report.docs_uri = object_uri(store, f"{prefix}/docs/index.html")
+        report.report_uri = object_uri(store, f"{prefix}/report.json")
     text = json.dumps(report.to_dict(), indent=2, default=str)
     write_text_atomic(out / "report.json", text)
     if store is not None:

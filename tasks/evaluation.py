@@ -10,6 +10,7 @@ from protein.config import GateConfig
 from protein.gate import decide
 from protein.pipeline import evaluate_for_gate, evaluate_version, publish_training_plot, record_gate_decision
 from protein.report import gate_markdown, per_class_rows
+from tasks import events
 from tasks.retry import retry_transient
 
 
@@ -41,7 +42,11 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
     create_table_artifact(per_class_rows(challenger_eval, scored), key="per-class-comparison",
                           description=f"per-class scores on the gate's rows, {challenger_id} vs "
                                       f"{champion_id or 'no champion'}")
-    plot_url = publish_training_plot(store, challenger_id, challenger_eval, scored)
-    create_link_artifact(plot_url, link_text="training curves and per-class F1 (PNG)", key="training-plot")
-    decision["plot_url"] = plot_url
+    plot_uri = publish_training_plot(store, challenger_id, challenger_eval, scored)
+    create_link_artifact(plot_uri, link_text="training curves and per-class F1 (PNG)", key="training-plot",
+                         description=f"open with `protein link {plot_uri}`")
+    decision["plot_uri"] = plot_uri
+    if not decision["promote"]:  # a promotion is reported by promote-model, once the pointer moved
+        events.gate_decided(challenger_id, champion_id, store, False, decision["challenger_score"],
+                            decision.get("champion_score"), decision["reasons"])
     return decision

@@ -9,8 +9,10 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from protein.errors import PromotionConflict
+from protein.links import object_uri
 from protein.registry import Registry
 from protein.storage import open_store
+from tasks import events
 
 
 def prefect_actor() -> str | None:
@@ -36,7 +38,10 @@ def retry_unless_conflict(task: object, task_run: object, state: State) -> bool:
 
 @task(name="promote-model", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_conflict)
-def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str) -> dict[str, Any]:
+def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str,
+                  decision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Move the champion pointer (compare-and-swap); ``decision`` is the gate's, reported in the
+    protein.model.promoted event once the pointer has moved."""
     registry = Registry(open_store(store), actor=prefect_actor())
     # The task run id is the same on every retry of this task: a retry after the promotion landed
     # (its answer lost) finds this event id in the history and succeeds instead of conflicting.
@@ -44,7 +49,11 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
                              event_id=str(task_run.id) if task_run.id else None)
     # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after
     # it expired, and it names the access key id.
-    create_markdown_artifact(f"Champion is now `{model_id}` (was `{expected_champion or 'none'}`): "
-                             f"`{registry.store.uri.rstrip('/')}/models/{model_id}/model.json`",
-                             key="champion-model", description="the model version now serving")
+    uri = object_uri(registry.store, f"models/{model_id}/model.json")
+    create_markdown_artifact(f"Champion is now `{model_id}` (was `{expected_champion or 'none'}`): `{uri}`",
+                             key="champion-model",
+                             description=f"the model version now serving; open with `protein link {uri}`")
+    decision = decision or {}
+    events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
+                        decision.get("champion_score"), decision.get("reasons", [reason]))
     return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history)}

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
 from protein.pipeline import train_and_register
+from tasks import events
 from tasks.retry import retry_transient
 
 
@@ -39,8 +40,10 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
 
         logger.info("GPU: %s; bf16 autocast and channels_last enabled", torch.cuda.get_device_name(device))
     progress_id = create_progress_artifact(0.0, key="training-progress", description=f"run {run_id}")
+    history: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
+        history.append(history_row(record))
         update_progress_artifact(progress_id, 100.0 * record["epoch"] / record["epochs"],
                                  description=f"epoch {record['epoch']}/{record['epochs']}: "
                                  f"holdout F1 {record['holdout_f1_samples']:.3f}")
@@ -52,6 +55,19 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                                 expected_fingerprint=expected_fingerprint)
     if result["resumed_from_epoch"]:
         logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
+    if history:  # empty when a retry resumed a run whose epochs were all done
+        create_table_artifact(history, key="training-history",
+                              description=f"per-epoch loss, holdout metrics and speed of run {run_id}")
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in result["metrics"].items()],
                           key="challenger-metrics", description=f"holdout metrics of {result['model_id']}")
+    events.model_registered(result["model_id"], store, result["data_fingerprint"], result["metrics"])
     return result
+
+
+def history_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One row of the training-history table: what a person compares between epochs."""
+    return {"epoch": record["epoch"], "train_loss": round(record["train_loss"], 4),
+            "holdout_loss": round(record["holdout_loss"], 4),
+            "holdout_f1_samples": round(record["holdout_f1_samples"], 4),
+            "holdout_f1_macro": round(record["holdout_f1_macro"], 4),
+            "images_per_s": round(record["train_images_per_s"], 1), "lr": float(f"{record['lr']:.3g}")}

@@ -10,6 +10,7 @@ from prefect.context import TaskRunContext
 from protein.data import DatasetSource, fingerprint
 from protein.errors import ProteinError
 from protein.validation import ValidationConfig, run_validation
+from tasks import events
 from tasks.retry import retry_transient
 
 
@@ -43,5 +44,6 @@ def validate_data(data: str, config: ValidationConfig, store: str | None = None)
         lines += ["", "## Findings", *[f"- {line}" for line in summary]]
     create_markdown_artifact("\n".join(lines), key="validation-summary",
                              description=f"validation of {report.data_fingerprint}")
+    events.validation_finished(data, report.data_fingerprint, report.success, summary, report.report_uri)
     return {"success": report.success, "data_fingerprint": report.data_fingerprint,
             "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri}

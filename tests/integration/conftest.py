@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import MotoServer
+    from tests.integration.prefect_stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +17,16 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: MotoServer) -> Iterator[Stack]:
+    """A real server + cpu worker + deployments + automations, shared by the events and UI tests
+    (starting one takes most of a minute on a loaded machine)."""
+    from tests.integration.prefect_stack import start_stack, stop_stack
+
+    stack = start_stack(tmp_path_factory.mktemp("stack"), s3_server)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)

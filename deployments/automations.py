@@ -1,0 +1,99 @@
+"""Apply deployments/automations.yaml and the notification webhook block to a Prefect server.
+
+    PREFECT_API_URL=http://prefect:4200/api PROTEIN_ALERT_WEBHOOK_URL=https://hooks.example/T0 \\
+        python -m deployments.automations apply
+
+Idempotent: the block is saved with overwrite, each automation replaces the one of the same
+name. Exit 2 on a missing setting or a malformed file, 1 when the server refuses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+AUTOMATIONS_FILE = Path(__file__).with_name("automations.yaml")
+WEBHOOK_URL_ENV = "PROTEIN_ALERT_WEBHOOK_URL"
+BLOCK_NAME = "protein-alerts"
+ZOMBIE_AUTOMATION = "protein-crash-zombie-runs"
+
+
+def load_automations(path: Path, block_ids: dict[str, str], zombie_after_s: int | None = None) -> list[Any]:
+    """Parse the file into Prefect Automation objects, each send-notification action's
+    `block: <name>` replaced by the block's id. Pure apart from reading the file."""
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    docs = (yaml.safe_load(path.read_text()) or {}).get("automations")
+    if not isinstance(docs, list) or not docs:
+        raise ValueError(f"{path}: expected a non-empty list under 'automations'")
+    automations = []
+    for doc in docs:
+        for action in doc.get("actions", []):
+            if action.get("type") == "send-notification":
+                name = action.pop("block", None)
+                if name not in block_ids:
+                    raise ValueError(f"{path}: automation {doc.get('name')!r}: unknown notification block {name!r}")
+                action["block_document_id"] = block_ids[name]
+        if zombie_after_s is not None and doc.get("name") == ZOMBIE_AUTOMATION:
+            doc["trigger"]["within"] = zombie_after_s
+        automations.append(AutomationCore.model_validate(doc))
+    return automations
+
+
+def save_webhook_block(url: str) -> str:
+    """The notification block every automation posts to; returns its id. The JSON body has
+    `subject` and `text` so Slack/Teams-style incoming webhooks show it as is."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(name=BLOCK_NAME, url=url, method="POST",
+                                           json_data={"subject": "{{subject}}", "text": "{{body}}"})
+    return str(block.save(BLOCK_NAME, overwrite=True))
+
+
+def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None) -> list[str]:
+    """Save the webhook block, then create or replace every automation by name."""
+    from prefect.client.orchestration import get_client
+
+    block_id = save_webhook_block(webhook_url)
+    automations = load_automations(path, {BLOCK_NAME: block_id}, zombie_after_s)
+    with get_client(sync_client=True) as client:
+        for automation in automations:
+            for existing in client.read_automations_by_name(automation.name):
+                client.delete_automation(existing.id)
+            client.create_automation(automation)
+    return [a.name for a in automations]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.automations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("apply", help="save the webhook block and create or replace the automations")
+    p.add_argument("--file", type=Path, default=AUTOMATIONS_FILE)
+    p.add_argument("--webhook-url", default=os.environ.get(WEBHOOK_URL_ENV),
+                   help=f"where notifications are POSTed (env {WEBHOOK_URL_ENV})")
+    p.add_argument("--zombie-after-s", type=int, help="override the zombie window (seconds without heartbeat)")
+    args = parser.parse_args(argv)
+    if not args.webhook_url:
+        print(f"automations: error: set {WEBHOOK_URL_ENV} or --webhook-url", file=sys.stderr)
+        return 2
+    if not os.environ.get("PREFECT_API_URL"):
+        print("automations: error: set PREFECT_API_URL to the Prefect server's API", file=sys.stderr)
+        return 2
+    try:
+        names = apply(args.file, args.webhook_url, args.zombie_after_s)
+    except (OSError, ValueError) as exc:  # a pydantic ValidationError is a ValueError
+        print(f"automations: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except Exception as exc:  # the server refused or is unreachable: one line, no traceback
+        print(f"automations: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(f"applied {len(names)} automations ({', '.join(names)}) and webhook block {BLOCK_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Prefect events of the protein pipeline: one vocabulary, emitted from the tasks layer and from
+CLI verbs (which import this module lazily, so `protein/` never imports Prefect).
+
+Every helper does nothing when no Prefect API is configured (PREFECT_API_URL unset): the CLI
+and the library work offline, and an event is never the reason a command or a run fails.
+Automations (deployments/automations.yaml) and the retrain deployment trigger
+(deployments/prefect.yaml) match on these names and resource labels, so they are a contract:
+rename nothing without updating both."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATASET_PUSHED = "protein.dataset.pushed"
+VALIDATION_PASSED = "protein.validation.passed"
+VALIDATION_FAILED = "protein.validation.failed"
+MODEL_REGISTERED = "protein.model.registered"
+MODEL_PROMOTED = "protein.model.promoted"
+MODEL_REJECTED = "protein.model.rejected"
+SUBMISSION_WRITTEN = "protein.submission.written"
+
+# A CLI process waits at most this long for the server to take its event.
+CLI_EMIT_TIMEOUT_S = 10.0
+# Findings and reasons are cut so an event stays far below the server's size limit.
+MAX_LIST_ITEMS = 20
+
+
+def api_configured() -> bool:
+    """True when a Prefect API is configured; without one no event is sent (and no temporary
+    server is started just to receive it)."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def _resource(kind: str, ident: str, name: str, **labels: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"protein.{kind}.{ident}", "prefect.resource.name": name,
+            "prefect.resource.role": kind, **labels}
+
+
+def _related(kind: str, ident: str, name: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"protein.{kind}.{ident}", "prefect.resource.role": kind,
+            "prefect.resource.name": name}
+
+
+def _emit(event: str, resource: dict[str, str], payload: Mapping[str, Any],
+          related: Sequence[dict[str, str]] = ()) -> bool:
+    """Queue an event on Prefect's events worker; inside a flow or task run it gets the run,
+    flow and deployment as related resources, which the automations match on."""
+    if not api_configured():
+        return False
+    from prefect.events import emit_event
+
+    try:
+        sent = emit_event(event=event, resource=resource, payload=dict(payload), related=list(related))
+    except Exception as exc:  # an event reports on the work; losing one must not fail the work
+        logger.warning("could not emit %s: %s", event, exc)
+        return False
+    return sent is not None
+
+
+def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any]) -> bool:
+    """Send one event and wait until the server took it: a CLI process exits right after, and
+    the events worker's queue would die with it."""
+    if not api_configured():
+        return False
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    async def send() -> None:
+        async with get_events_client(reconnection_attempts=2) as client:
+            await client.emit(Event(event=event, resource=resource, payload=dict(payload)))
+
+    try:
+        asyncio.run(asyncio.wait_for(send(), CLI_EMIT_TIMEOUT_S))
+    except Exception as exc:  # the data is in the store either way; say the event was lost
+        logger.warning("could not emit %s (nothing will be triggered): %s", event, exc)
+        return False
+    return True
+
+
+def dataset_pushed(uri: str, fingerprint: str, counts: Mapping[str, int]) -> bool:
+    """After `protein datasets push`: the event the retrain deployment trigger starts on. Called
+    from the CLI, so it is sent synchronously."""
+    resource = _resource("dataset", fingerprint, uri, **{"protein.dataset.uri": uri,
+                                                         "protein.dataset.fingerprint": fingerprint})
+    return _emit_now(DATASET_PUSHED, resource, {"uri": uri, "fingerprint": fingerprint, "counts": dict(counts)})
+
+
+def validation_finished(dataset: str, fingerprint: str, success: bool, findings: Sequence[str],
+                        report_uri: str | None) -> bool:
+    return _emit(VALIDATION_PASSED if success else VALIDATION_FAILED,
+                 _resource("dataset", fingerprint, dataset, **{"protein.dataset.uri": dataset}),
+                 {"uri": dataset, "fingerprint": fingerprint, "success": success,
+                  "findings": list(findings)[:MAX_LIST_ITEMS], "findings_total": len(findings),
+                  "report_uri": report_uri})
+
+
+def model_registered(model_id: str, store: str, data_fingerprint: str, metrics: Mapping[str, float]) -> bool:
+    return _emit(MODEL_REGISTERED, _resource("model", model_id, model_id, **{"protein.store": store}),
+                 {"version": model_id, "store": store, "data_fingerprint": data_fingerprint,
+                  "metrics": {k: float(v) for k, v in metrics.items()}},
+                 related=[_related("dataset", data_fingerprint, data_fingerprint)] if data_fingerprint else [])
+
+
+def gate_decided(challenger: str, champion_before: str | None, store: str, promoted: bool,
+                 challenger_score: float | None, champion_score: float | None, reasons: Sequence[str]) -> bool:
+    """protein.model.promoted after the champion pointer moved, protein.model.rejected when the
+    gate kept the champion: version, champion, scores, reasons."""
+    payload = {"version": challenger, "champion_before": champion_before,
+               "champion": challenger if promoted else champion_before, "store": store,
+               "challenger_score": challenger_score, "champion_score": champion_score,
+               "reasons": list(reasons)[:MAX_LIST_ITEMS]}
+    related = [_related("model", champion_before, champion_before)] if champion_before else []
+    return _emit(MODEL_PROMOTED if promoted else MODEL_REJECTED,
+                 _resource("model", challenger, challenger, **{"protein.store": store}), payload, related)
+
+
+def submission_written(uri: str, model_id: str, rows: int) -> bool:
+    return _emit(SUBMISSION_WRITTEN, _resource("submission", uri, uri),
+                 {"uri": uri, "version": model_id, "rows": rows},
+                 related=[_related("model", model_id, model_id)])

@@ -1,0 +1,259 @@
+"""One real Prefect deployment stack shared by the events and browser tests: `prefect server
+start` (API, UI, event services), a process worker on the cpu pool, `prefect deploy` from
+deployments/prefect.yaml, the automations applied by `python -m deployments.automations apply`
+with the webhook pointed at a receiver on 127.0.0.1, and an S3 store on the test moto server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import MotoServer, free_port
+from tests.helpers import REPO, write_dataset
+from tests.integration.prefect_services import (
+    Service,
+    deploy_from_fresh_clone,
+    git_remote_of_worktree,
+    host_env,
+    stop_all,
+    wait_healthy,
+)
+
+RUN_TIMEOUT_S = 420.0
+# The zombie window the tests apply: above the 30 s heartbeat (the minimum Prefect allows) so
+# live runs are not crashed, below the file's 120 s so the zombie test waits less.
+TEST_ZOMBIE_AFTER_S = 50
+TEST_IDS = ["900", "901", "902"]
+# Deployment defaults for tests: tiny images, one epoch, training inside the retrain run.
+TINY_NIGHTLY = {
+    "train_deployment": None,
+    "train": {"epochs": 1, "image_size": 32, "batch_size": 8},
+    "validation": {"image_size": 40, "check_pixels": True},
+    "gate_config": {"min_score": 0.0},
+}
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        received = self.messages
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    received.append(json.loads(body))
+                except ValueError:
+                    received.append({"raw": body.decode(errors="replace")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 120.0,
+                 describe: Callable[[], str] = str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in list(self.messages):
+                if predicate(message):
+                    return message
+            time.sleep(0.5)
+        raise AssertionError(f"no webhook message {what} within {timeout_s:.0f}s; got {self.messages}\n{describe()}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    api_url: str
+    ui_url: str
+    store: str
+    dataset: Path
+    receiver: Receiver
+    services: list[Service] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[Any]:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+            yield client
+
+    def logs(self) -> str:
+        return "\n".join(s.log_tail() for s in self.services)
+
+    def python(self, code: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run Python in a fresh process with the stack's environment (as a CLI user would)."""
+        return subprocess.run([sys.executable, "-c", code], env=self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    def wait_final(self, flow_run_id: Any, timeout_s: float = RUN_TIMEOUT_S) -> Any:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                run = client.read_flow_run(flow_run_id)
+                if run.state is not None and run.state.is_final():
+                    return run
+                for service in self.services:
+                    assert service.alive(), f"{service.name} exited\n{self.logs()}"
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"run {run.name} not final after {timeout_s:.0f}s: {run.state}\n{self.logs()}")
+                time.sleep(1)
+
+    def wait_run(self, deployment: str, match: Callable[[Any], bool], what: str, timeout_s: float = 120.0) -> Any:
+        """The first flow run of ``deployment`` that ``match`` accepts (e.g. one a trigger created)."""
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            dep = client.read_deployment_by_name(deployment)
+            while time.monotonic() < deadline:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                found = [r for r in runs if match(r)]
+                if found:
+                    return found[0]
+                time.sleep(1)
+        raise AssertionError(f"no {deployment} run {what} within {timeout_s:.0f}s\n{self.logs()}")
+
+    def artifacts(self, flow_run_id: Any) -> dict[str, Any]:
+        """This run's artifacts by key (latest version of each), read by flow run id."""
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        from prefect.client.schemas.sorting import ArtifactSort
+
+        with self.client() as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])), sort=ArtifactSort.CREATED_DESC)
+        by_key: dict[str, Any] = {}
+        for artifact in found:
+            by_key.setdefault(artifact.key, artifact)
+        return by_key
+
+    def run_logs(self, flow_run_id: Any) -> list[str]:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        messages: list[str] = []
+        with self.client() as client:
+            while True:
+                page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                        limit=200, offset=len(messages))
+                messages += [log.message for log in page]
+                if len(page) < 200:
+                    return messages
+
+    def wait_events(self, prefix: str, related_id: str, names: set[str], timeout_s: float = 60.0) -> dict[str, Any]:
+        """The events named ``names`` related to ``related_id``, by name; the server stores events
+        asynchronously, a moment after the run that emitted them has finished."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = {e["event"]: e for e in self.events(prefix, related_id)}
+            if names <= set(found) or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
+
+    def events(self, prefix: str, related_id: str | None = None) -> list[dict[str, Any]]:
+        """Events whose name starts with ``prefix`` (optionally related to a resource id)."""
+        body: dict[str, Any] = {"filter": {"event": {"prefix": [prefix]}, "order": "ASC"}, "limit": 50}
+        if related_id:
+            body["filter"]["any_resource"] = {"id": [related_id]}
+        with self.client() as client:
+            response = client._client.post("/events/filter", json=body)
+            response.raise_for_status()
+            return response.json()["events"]
+
+
+def start_stack(tmp: Path, s3: MotoServer) -> Stack:
+    import boto3
+
+    aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    bucket = f"stack-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1").client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket=bucket)
+    store = f"s3://{bucket}/prod"
+    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
+    dataset = write_dataset(tmp / "ds", labels, TEST_IDS, size=40)
+    home = tmp / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    env = {
+        **inherited, **aws,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_URL": api_url,
+        # The UI in the browser calls the API at this address (not the default port 4200).
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "DO_NOT_TRACK": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PROTEIN_STORE": store,
+        "PROTEIN_DATA": str(dataset),
+        "PROTEIN_CACHE_DIR": str(tmp / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    stack = Stack(env=env, api_url=api_url, ui_url=f"http://127.0.0.1:{port}", store=store, dataset=dataset,
+                  receiver=Receiver())
+    try:
+        # No scheduler: the nightly cron must not add runs of its own. The UI stays on.
+        server = Service("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                    "--no-scheduler", "--analytics-off"], env, tmp)
+        stack.services.append(server)
+        wait_healthy(api_url, server)
+        # Deployed as operators do: the deploy wrapper from a clone; the worker clones that commit.
+        remote, _ = git_remote_of_worktree(tmp)
+        deployed = deploy_from_fresh_clone(env, remote, tmp)
+        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+        host = tmp / "cpu-host"
+        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                                     "--no-create-pool-if-not-found"], host_env(env, host), tmp,
+                                      cwd=host))
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        with stack.client() as client:
+            nightly = client.read_deployment_by_name("retrain/nightly")
+            client.update_deployment(nightly.id, DeploymentUpdate(parameters={**nightly.parameters, **TINY_NIGHTLY}))
+        applied = subprocess.run([sys.executable, "-m", "deployments.automations", "apply", "--webhook-url",
+                                  stack.receiver.url, "--zombie-after-s", str(TEST_ZOMBIE_AFTER_S)],
+                                 env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert applied.returncode == 0, f"automations apply failed: {applied.stdout}{applied.stderr}"
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    stop_all([s for s in stack.services if s.name != "server"])
+    stop_all(stack.services)
+    stack.receiver.close()
+    leftover = [s.name for s in stack.services if s.alive()]
+    assert not leftover, f"still running after stop: {leftover}"

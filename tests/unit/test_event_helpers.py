@@ -1,0 +1,105 @@
+"""Pure parts of the events work: the no-op without an API, trigger URI checks, the run summary,
+durable links vs presigned URLs, and the automations file."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, ZOMBIE_AUTOMATION, load_automations
+from protein.links import MAX_LINK_S, object_uri, shareable_url
+from protein.storage import open_store
+from tasks import events
+from tasks.summary import dataset_uri_problem, run_summary_markdown
+
+
+def test_events_do_nothing_without_a_prefect_api() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert not events.api_configured()
+        assert events.dataset_pushed("s3://b/data.zip", "abc", {"train": 1}) is False
+        assert events.submission_written("s3://b/s.csv", "m1", 3) is False
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ("", "missing or empty"),
+    ("   ", "missing or empty"),
+    (None, "missing or empty"),
+    ("s3://bucket", "'s3://bucket' is not s3://bucket/key"),
+    ("s3://bucket/", "'s3://bucket/' is not s3://bucket/key"),
+    ("relative/data", "'relative/data' is not an s3:// URI, file:// URI or absolute path"),
+    ("http://x/data.zip", "'http://x/data.zip' is not an s3:// URI, file:// URI or absolute path"),
+    ("s3://bucket/datasets/x.zip", None),
+    ("file:///data/x.zip", None),
+    ("/data/protein", None),
+])
+def test_dataset_uri_problem(data: object, problem: str | None) -> None:
+    assert dataset_uri_problem(data) == problem
+
+
+def test_run_summary_lists_data_champions_gate_and_links() -> None:
+    text = run_summary_markdown({
+        "outcome": "promoted", "data": "s3://b/d.zip", "data_fingerprint": "f" * 64, "champion_before": "m1",
+        "champion_after": "m2", "challenger": "m2",
+        "gate": {"promote": True, "metric": "f1_samples", "challenger_score": 0.5, "champion_score": 0.25,
+                 "reasons": ["gain 0.25 clears 0.01"]},
+        "links": {"submission": "s3://b/submissions/m2/s.csv", "validation report": None}})
+    assert text.splitlines()[0] == "# Retrain: promoted"
+    for line in ("- data: `s3://b/d.zip`", "- champion before: `m1`", "- champion after: `m2`",
+                 "- gate: **promoted** (f1_samples: challenger 0.5000, champion 0.2500)", "- gain 0.25 clears 0.01",
+                 "- submission: `s3://b/submissions/m2/s.csv`"):
+        assert line in text.splitlines(), line
+    assert "validation report" not in text, "a missing link is left out"
+
+
+def test_object_uri_is_durable(tmp_path: Path) -> None:
+    assert object_uri(open_store("s3://bucket/prod"), "models/m1/model.json") == "s3://bucket/prod/models/m1/model.json"
+    assert object_uri(open_store(str(tmp_path)), "a/b.csv") == (tmp_path / "a" / "b.csv").as_uri()
+    with pytest.raises(ValueError):
+        object_uri(open_store("s3://bucket"), "../escape")
+
+
+def test_shareable_url_presigns_s3_for_at_most_seven_days(s3_env: object, tmp_path: Path) -> None:
+    url = shareable_url("s3://bucket/prod/submission.csv", expires_s=MAX_LINK_S)
+    query = parse_qs(urlsplit(url).query)
+    assert urlsplit(url).path.endswith("/prod/submission.csv")
+    assert query["X-Amz-Expires"] == [str(MAX_LINK_S)] and "X-Amz-Signature" in query
+    with pytest.raises(ValueError, match="7 days"):
+        shareable_url("s3://bucket/prod/submission.csv", expires_s=MAX_LINK_S + 1)
+    with pytest.raises(ValueError, match="s3://bucket/key"):
+        shareable_url("s3://bucket")
+    assert shareable_url(str(tmp_path / "x.csv")) == (tmp_path / "x.csv").as_uri()
+
+
+def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> None:
+    block_id = str(uuid.uuid4())
+    automations = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: block_id})}
+    assert set(automations) == {"protein-run-failed", ZOMBIE_AUTOMATION, "protein-model-promoted"}
+    notify = [a for a in automations.values() for action in a.actions if action.type == "send-notification"]
+    assert {str(action.block_document_id) for a in notify for action in a.actions} == {block_id}
+    failed = automations["protein-run-failed"].trigger
+    assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    zombie = automations[ZOMBIE_AUTOMATION]
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 120
+    assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"
+    shorter = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: block_id}, zombie_after_s=45)}
+    assert shorter[ZOMBIE_AUTOMATION].trigger.within.total_seconds() == 45
+
+
+def test_automations_file_with_an_unknown_block_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(AUTOMATIONS_FILE.read_text().replace("block: protein-alerts", "block: nope", 1))
+    with pytest.raises(ValueError, match="unknown notification block 'nope'"):
+        load_automations(path, {BLOCK_NAME: str(uuid.uuid4())})
+
+
+def test_link_cli_rejects_a_lifetime_over_seven_days(capsys: pytest.CaptureFixture[str]) -> None:
+    from protein.cli import main
+
+    assert main(["link", "s3://bucket/key.csv", "--hours", "169"]) == 2
+    assert capsys.readouterr().err.strip() == ("protein link: error: link lifetime must be 1..604800 s (7 days), "
+                                               "got 608400")
