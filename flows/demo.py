@@ -30,7 +30,7 @@ from protein.scoring import score_submission
 from protein.storage import open_store
 
 DEMO_SYNTH = SynthConfig(train=400, test=100, size=512, seed=7, label_noise=0.03, workers=os.cpu_count() or 1)
-DEMO_TRAIN = TrainParams(epochs=8, image_size=128, batch_size=32)
+DEMO_TRAIN = TrainParams(arch="resnet18", epochs=8, image_size=128, batch_size=32)
 COMMAND = "make run"
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from prefect.states import State
 from pydantic import BaseModel, Field
 
-from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig
+from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig, recipe_config
 from protein.validation import ValidationConfig
 from tasks.dispatch import DispatchConfig
 
@@ -48,28 +48,47 @@ def default_store() -> str:
     return os.environ.get("PROTEIN_STORE", "work/store")
 
 
-class TrainParams(BaseModel):
-    """How to train the challenger."""
+Architecture = Literal["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",
+                       "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s", "convnext_tiny", "regnet_y_800mf",
+                       "mobilenet_v3_large"]
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = Field(
-        "resnet18", title="Architecture", description="torchvision backbone with a 10-logit head")
-    epochs: int = Field(4, ge=1, le=200, title="Epochs")
-    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=16, le=1024, title="Image size (px)",
-                            description="training resolution; images are decoded and resized once, then cached")
-    batch_size: int = Field(32, ge=1, le=1024, title="Batch size")
-    lr: float = Field(2e-3, gt=0, title="Peak learning rate", description="AdamW with a one-cycle schedule")
-    loss: Literal["bce", "focal"] = Field("bce", title="Loss")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, title="Holdout share",
-                                    description="stratified holdout used for thresholds and the gate")
-    seed: int = Field(0, title="Seed", description="split, initialisation and augmentation seed")
-    weights: str | None = Field(None, title="Pretrained weights file",
-                                description="local safetensors/state-dict file on the worker; empty = from scratch")
-    device: str = Field("auto", title="Device", description="auto picks CUDA when the worker has a GPU")
+
+class TrainParams(BaseModel):
+    """How to train the challenger. Empty fields take the recipe's value."""
+
+    recipe: Literal["default", "winner"] = Field(
+        "default", title="Recipe", description="winner: efficientnet_b1 at 512 px from ImageNet weights, 26 epochs, "
+        "EMA of the weights, brightness/contrast jitter, 8-view test-time augmentation")
+    arch: Architecture | None = Field(
+        None, title="Architecture", description="torchvision backbone with a 10-logit head (default resnet18; "
+        "winner efficientnet_b1, efficientnet_b2 selectable). The CLI accepts any torchvision classification model")
+    epochs: int | None = Field(None, ge=1, le=200, title="Epochs", description="default 4; winner 26")
+    image_size: int | None = Field(None, ge=16, le=1024, title="Image size (px)",
+                                   description=f"default {DEFAULT_IMAGE_SIZE}, winner 512; images are decoded and "
+                                               "resized once, then cached")
+    batch_size: int | None = Field(None, ge=1, le=1024, title="Batch size",
+                                   description="the global batch, over all processes (default 32)")
+    accumulate: int | None = Field(None, ge=1, le=64, title="Gradient accumulation steps",
+                                   description="each batch runs as this many micro-batches (default 1)")
+    lr: float | None = Field(None, gt=0, title="Peak learning rate",
+                             description="AdamW with a one-cycle schedule (default 0.002; winner 0.001)")
+    loss: Literal["bce", "focal"] | None = Field(None, title="Loss", description="default bce")
+    holdout_fraction: float | None = Field(None, gt=0, lt=1, title="Holdout share",
+                                           description="stratified holdout for thresholds and the gate (default 0.2)")
+    seed: int | None = Field(None, title="Seed", description="split, initialisation and augmentation seed (default 0)")
+    weights: str | None = Field(None, title="Pretrained weights",
+                                description="'imagenet' (torchvision's file in the worker's $TORCH_HOME, never "
+                                            "downloaded) or a local safetensors/state-dict file; empty: the recipe's "
+                                            "(default from scratch; winner imagenet)")
+    device: str | None = Field(None, title="Device", description="auto (default) picks CUDA when the worker has a GPU")
     share_cache: bool = Field(False, title="Share the decoded-image cache through the store",
                               description="pull it when another worker built it, push it otherwise")
+    nproc: int = Field(1, ge=1, le=64, title="Processes (GPUs) on the worker",
+                       description="more than 1: data-parallel training under torchrun, one process per GPU "
+                                   "(docs/distributed.md)")
 
     def to_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(exclude={"share_cache"}))
+        return recipe_config(**self.model_dump(exclude={"share_cache", "nproc"}))
 
 
 class DispatchParams(BaseModel):

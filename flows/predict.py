@@ -14,8 +14,9 @@ from tasks.prediction import predict_submission
 
 
 @flow(name="predict", flow_run_name="predict-{model}")
-def predict(data: str, store: str | None = None, model: str = "champion") -> dict[str, Any]:
-    """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store."""
+def predict(data: str, store: str | None = None, model: str | list[str] = "champion") -> dict[str, Any]:
+    """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store.
+    Several versions make an ensemble (the mean of their test-time-augmented probabilities)."""
     return predict_submission(data, store or default_store(), model)
 
 
@@ -23,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__)
     parser.add_argument("--data", required=True)
     parser.add_argument("--store", default=default_store())
-    parser.add_argument("--model", default="champion")
+    parser.add_argument("--model", nargs="+", default=["champion"], help="version id(s); several: an ensemble")
     args = parser.parse_args(argv)
+    model = args.model[0] if len(args.model) == 1 else args.model
 
     def run() -> int:
-        state = predict(data=args.data, store=args.store, model=args.model, return_state=True)
+        state = predict(data=args.data, store=args.store, model=model, return_state=True)
         return report_state(state, "predict")
 
     return run_with_prefect("python -m flows.predict", run)

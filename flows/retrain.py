@@ -105,7 +105,7 @@ def retrain(
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache,
-                                 expected_fingerprint=report["data_fingerprint"])["model_id"]
+                                 expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
     summary["challenger"] = challenger
 
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.

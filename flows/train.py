@@ -26,4 +26,4 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
     get_run_logger().info("train flow code: %s", Path(__file__).resolve())
     policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
     return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache, policy,
-                       expected_fingerprint)
+                       expected_fingerprint, train.nproc)

@@ -2,7 +2,8 @@
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
-2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict.
+2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict, 7 a training rank died
+(`train --nproc`; rerun with the same --run-id to resume).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from protein.config import ARCHITECTURES, DEFAULT_IMAGE_SIZE, TrainConfig
+from protein.config import RECIPES, TrainConfig, recipe_config
 
 log = logging.getLogger("protein")
 
@@ -67,26 +68,79 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_fold(text: str | None) -> tuple[int | None, int | None]:
+    """'i/K' -> (i, K), 1 <= i <= K."""
+    if text is None:
+        return None, None
+    try:
+        fold, folds = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--fold expects i/K (e.g. 1/5 for the first of 5 folds), got {text!r}") from None
+    return fold, folds
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(arch=args.arch, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
-                       seed=args.seed, lr=args.lr, loss=args.loss, holdout_fraction=args.holdout,
-                       weights=args.weights, device=args.device, compile=args.compile)
+    """The recipe's config with every option given on the command line on top."""
+    fold, folds = parse_fold(args.fold)
+    return recipe_config(args.recipe, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                         batch_size=args.batch_size, accumulate=args.accumulate, seed=args.seed, lr=args.lr,
+                         weight_decay=args.weight_decay,
+                         loss=args.loss, holdout_fraction=args.holdout, weights=args.weights, device=args.device,
+                         compile=args.compile or None, jitter=args.jitter, ema_decay=args.ema_decay, tta=args.tta,
+                         fold=fold, folds=folds, refit=bool(args.thresholds_from) or None,
+                         thresholds_from=tuple(args.thresholds_from) if args.thresholds_from else None,
+                         threshold_metric=args.threshold_metric)
+
+
+def cmd_archs(args: argparse.Namespace) -> int:
+    from protein.model import architectures
+
+    emit(list(architectures()))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from protein.pipeline import train_and_register
+    from protein import distributed
+    from protein.pipeline import train_and_register, train_on_ranks
 
     config = train_config_from_args(args)
+    rank = distributed.current()
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not rank.distributed:
+        # This process only prepares (decode cache, run id) and launches the ranks.
+        with progress_bar(None, "decode") as decoded:
+            emit(train_on_ranks(args.nproc, args.data, args.store, config, args.run_id, args.cache_dir, decoded,
+                                args.share_cache, args.expect_fingerprint))
+        return 0
 
     def on_epoch(record: dict[str, Any]) -> None:
-        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %.4f (%.1f img/s)", record["epoch"],
-                 record["epochs"], record["train_loss"], record["holdout_f1_samples"], record["train_images_per_s"])
+        holdout = record.get("holdout_f1_samples")  # absent for a refit on every row
+        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %s (%.1f img/s)", record["epoch"],
+                 record["epochs"], record["train_loss"], "-" if holdout is None else f"{holdout:.4f}",
+                 record["train_images_per_s"])
 
     with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
         result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
                                     on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
                                     share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
-    emit(result)
+    if rank.is_main:  # started by torchrun directly: one result line, from rank 0
+        emit(result)
+    return 0
+
+
+def cmd_train_job(args: argparse.Namespace) -> int:
+    """One rank of a run launched by `train --nproc`: the job file holds the resolved config."""
+    from protein import distributed
+    from protein.config import from_dict
+    from protein.pipeline import train_and_register
+
+    job = json.loads(Path(args.job).read_text())
+    config = from_dict(TrainConfig, job["config"])
+    result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
+                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
+                                expected_fingerprint=job.get("expected_fingerprint"))
+    distributed.write_result(result)
     return 0
 
 
@@ -100,7 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from protein.pipeline import predict_and_publish
 
-    emit(predict_and_publish(args.data, args.store, args.model, Path(args.out) if args.out else None, args.cache_dir))
+    models = args.model[0] if len(args.model) == 1 else args.model
+    emit(predict_and_publish(args.data, args.store, models, Path(args.out) if args.out else None, args.cache_dir))
     return 0
 
 
@@ -262,23 +317,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
-    defaults = TrainConfig()
-    p.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="training resolution in pixels")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--loss", choices=("bce", "focal"), default=defaults.loss)
-    p.add_argument("--holdout", type=float, default=defaults.holdout_fraction, help="holdout share")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--weights", help="local file with pretrained backbone weights (default: from scratch)")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
+    # Options default to None: the recipe supplies every value not given here.
+    d = TrainConfig.__dataclass_fields__
+    w = RECIPES["winner"]
+
+    def opt(name: str, help_text: str = "", **kwargs: Any) -> None:
+        field = name.lstrip("-").replace("-", "_")
+        default = d[field].default if field in d else None
+        shown = f"default {default}" + (f"; winner {w[field]}" if field in w else "")
+        p.add_argument(name, default=None, help=f"{help_text} ({shown})".strip(), **kwargs)
+
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="named starting point; 'winner': efficientnet_b1 at 512 px from ImageNet weights, "
+                        "26 epochs, EMA, brightness/contrast jitter, 8-view TTA")
+    opt("--arch", "any torchvision classification architecture (`protein archs` lists them)")
+    opt("--epochs", type=int)
+    opt("--image-size", "training resolution in pixels", type=int)
+    opt("--batch-size", type=int)
+    opt("--lr", "peak learning rate of the one-cycle schedule", type=float)
+    opt("--weight-decay", "AdamW weight decay (never applied to norms and biases)", type=float)
+    opt("--loss", choices=("bce", "focal"))
+    p.add_argument("--holdout", type=float, default=None,
+                   help=f"holdout share (default {TrainConfig.holdout_fraction})")
+    opt("--seed", "split, initialisation and augmentation seed", type=int)
+    opt("--weights", "'imagenet' (torchvision's file from $TORCH_HOME/hub/checkpoints, never downloaded) or a "
+                     "local safetensors/state-dict file; none: from scratch")
+    opt("--jitter", "per-image brightness/contrast factors in [1-j, 1+j]", type=float)
+    opt("--ema-decay", "decay of the weights' moving average that is evaluated and saved; 0: off", type=float)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the 8 dihedral views in evaluation and prediction (default off; winner on)")
+    p.add_argument("--fold", help="i/K: hold out fold i of K (1-based) of the stratified K-fold split")
+    p.add_argument("--thresholds-from", nargs="+", metavar="MODEL",
+                   help="refit on every row; thresholds tuned on these fold models' out-of-fold probabilities")
+    opt("--threshold-metric", "metric the per-class thresholds maximise (the gate's)",
+        choices=("f1_samples", "f1_micro", "f1_macro", "course_f_score"))
+    opt("--device", "auto, cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
     p.add_argument("--share-cache", action="store_true",
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
     p.add_argument("--expect-fingerprint", metavar="FP",
                    help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
+    opt("--accumulate", "gradient accumulation: each --batch-size batch runs as this many micro-batches", type=int)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train on this many processes of this host (one per GPU; CPU: gloo) under torchrun; "
+                        "--batch-size stays the global batch (docs/distributed.md)")
+
+    p = add("train-job", cmd_train_job, "one rank of a `train --nproc` run (started by the launcher)")
+    p.add_argument("job", help="job file written by the launcher")
 
     p = add("evaluate", cmd_evaluate, "score a model version on the dataset's holdout (JSON on stdout)")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -292,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
     cache_arg(p)
-    p.add_argument("--model", default="champion", help="version id or 'champion'")
+    p.add_argument("--model", nargs="+", default=["champion"],
+                   help="version id or 'champion'; several: an ensemble (mean of their TTA probabilities)")
     p.add_argument("--out", help="also write the submission CSV to this local file")
+
+    add("archs", cmd_archs, "list the architecture names --arch accepts (JSON)")
 
     p = add("link", cmd_link, "print a link to a stored object (presigned on S3) from its s3:// or file:// URI")
     p.add_argument("uri", help="s3://bucket/key or file:///path, as artifacts and reports record them")

@@ -12,7 +12,12 @@ from typing import Any, Literal, TypeVar
 
 DEFAULT_IMAGE_SIZE = 128
 COMPETITION_IMAGE_SIZE = 512
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0")
+# The architectures a form offers (the Prefect UI); the CLI and library accept every torchvision
+# classification architecture (protein.model.architectures()).
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",
+                 "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s", "convnext_tiny", "regnet_y_800mf",
+                 "mobilenet_v3_large")
+THRESHOLD_METRICS = ("f1_samples", "f1_micro", "f1_macro", "course_f_score")
 
 T = TypeVar("T")
 
@@ -34,34 +39,100 @@ class TrainConfig:
     arch: str = "resnet18"
     image_size: int = DEFAULT_IMAGE_SIZE
     epochs: int = 4
+    # The global batch: one optimizer step and one learning-rate step per batch_size images,
+    # whatever the number of ranks (nproc) and accumulation steps it is split over.
     batch_size: int = 32
+    # Gradient accumulation: each batch runs as this many micro-batches (for large images).
+    accumulate: int = 1
     lr: float = 2e-3
     weight_decay: float = 1e-4
     loss: Literal["bce", "focal"] = "bce"
     focal_gamma: float = 2.0
     holdout_fraction: float = 0.2
     seed: int = 0
-    # Optional local file with backbone weights (safetensors or a plain state dict);
-    # None trains from scratch. Never downloaded at run time.
+    # None trains from scratch; "imagenet" reads torchvision's ImageNet weights for arch from
+    # $TORCH_HOME; anything else is a local safetensors/state-dict file. Never downloaded at run time.
     weights: str | None = None
     device: str = "auto"
     compile: bool = False
     channels_last: bool = True
     num_workers: int = 0
+    # The named recipe this config started from (recorded; the fields below are what counts).
+    recipe: str = "default"
+    # Per-image brightness and contrast factors drawn from [1 - jitter, 1 + jitter] (0: off).
+    jitter: float = 0.0
+    # Decay of an exponential moving average of the weights, updated every step; the average is
+    # what is evaluated and saved (0: off, the last weights are used).
+    ema_decay: float = 0.0
+    # Test-time augmentation: average the probabilities of the 8 dihedral views.
+    tta: bool = False
+    # K-fold: hold out fold `fold` (1..folds) of an iterative stratification into `folds` parts
+    # instead of a holdout_fraction share.
+    fold: int | None = None
+    folds: int = 5
+    # Train on every row (no holdout); the thresholds are tuned on the out-of-fold probabilities
+    # of the `thresholds_from` model versions (the K fold models of the same data).
+    refit: bool = False
+    thresholds_from: tuple[str, ...] = ()
+    # Per-class thresholds tuned to maximise this metric (the gate's), never-empty rule applied.
+    threshold_metric: str = "f1_samples"
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        from protein.model import check_arch  # imports torchvision: only when a config is built
+
+        check_arch(self.arch)
+        # A config rebuilt from JSON carries a list; keep one type so equal configs compare equal.
+        object.__setattr__(self, "thresholds_from", tuple(self.thresholds_from))
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be 16-1024 px, got {self.image_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ValueError(f"accumulate must be >= 1 and divide batch_size {self.batch_size}, got {self.accumulate}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.loss not in ("bce", "focal"):
             raise ValueError(f"loss must be 'bce' or 'focal', got {self.loss!r}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if self.fold is not None and not 1 <= self.fold <= self.folds:
+            raise ValueError(f"fold must be 1..{self.folds}, got {self.fold}")
+        if self.refit and self.fold is not None:
+            raise ValueError("refit trains on every row; it cannot also hold out a fold")
+        if self.refit != bool(self.thresholds_from):
+            raise ValueError("refit needs thresholds_from (the fold models whose out-of-fold probabilities tune "
+                             "its thresholds), and thresholds_from is only used by refit")
+        if self.threshold_metric not in THRESHOLD_METRICS:
+            raise ValueError(f"threshold_metric must be one of {', '.join(THRESHOLD_METRICS)}, "
+                             f"got {self.threshold_metric!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+
+
+# Named starting points; explicit options override any field. "winner" follows the recipe that
+# won the competition: EfficientNet-B1 (B2 selectable with arch) at full resolution from ImageNet
+# weights, AdamW + one-cycle, dihedral and brightness/contrast augmentation, an EMA of the
+# weights, per-class thresholds and 8-view test-time augmentation.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "winner": {"arch": "efficientnet_b1", "image_size": COMPETITION_IMAGE_SIZE, "weights": "imagenet",
+               "epochs": 26, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-2, "jitter": 0.2,
+               "ema_decay": 0.999, "tta": True},
+}
+
+
+def recipe_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
+    """The recipe's TrainConfig with every override that is not None applied on top."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r} (expected one of {', '.join(RECIPES)})")
+    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}, "recipe": recipe}
+    return TrainConfig(**values)
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,9 @@ class NotFound(StoreError):
 
 class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or changed since its etag was read."""
+
+
+class TrainingFailed(ProteinError):
+    """A training process (one rank of a distributed run) died; the run can be resumed."""
+
+    exit_code = 7

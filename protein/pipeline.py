@@ -11,28 +11,33 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from protein import distributed
 from protein.atomic import write_bytes_atomic
 from protein.bootstrap import to_bitmasks
 from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import FingerprintMismatch
+from protein.ensemble import ensemble_id, ensemble_thresholds, out_of_fold_thresholds, save_holdout_probs
+from protein.errors import FingerprintMismatch, TrainingFailed
 from protein.gate import GateRows, ids_digest, select_rows
 from protein.labels import LABELS
 from protein.links import object_uri
 from protein.metrics import binarize, evaluate_predictions
-from protein.predict import Predictor
+from protein.model import IMAGENET, imagenet_weights
+from protein.predict import Predictor, label_strings
 from protein.presets import IMAGE_MEAN, IMAGE_STD
 from protein.registry import Registry, check_version_id
-from protein.split import iterative_stratified_split
+from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store, open_store
-from protein.train import EpochCallback, fit
+from protein.thresholds import CrossFit
+from protein.train import EpochCallback, check_batch_split, fit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,22 @@ def new_run_id(data_fingerprint: str) -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{data_fingerprint[:8]}"
 
 
-def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The holdout is a pure function of (labels, fraction, seed): a challenger and the
-    champion evaluated with the same parameters see exactly the same images."""
-    return iterative_stratified_split(data.targets, holdout_fraction, seed)
+def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int, fold: int | None = None,
+                  folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The holdout is a pure function of (labels, fraction, seed) or, with a fold, of (labels,
+    folds, seed, fold): a challenger and the champion evaluated with the same parameters see
+    exactly the same images. fold is 1-based: fold k of K holds out the k-th part."""
+    if fold is None:
+        return iterative_stratified_split(data.targets, holdout_fraction, seed)
+    fold_of = iterative_stratified_folds(data.targets, folds, seed)
+    return np.flatnonzero(fold_of != fold - 1).astype(np.int64), np.flatnonzero(fold_of == fold - 1).astype(np.int64)
+
+
+def training_split(data: CompetitionData, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, holdout_idx) of a training run: a refit trains on every row."""
+    if config.refit:
+        return np.arange(len(data.train_ids), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return holdout_split(data, config.holdout_fraction, config.seed, config.fold, config.folds)
 
 
 def load_split_images(
@@ -85,12 +102,36 @@ def train_and_register(
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
     expected_fingerprint: str | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Train on a dataset and register the result as a new (not yet promoted) model version.
 
+    actor is recorded in the registration event (default user@host; a Prefect task passes its flow run).
+
     share_cache pulls the decoded-image cache from the store when another worker built it, and
-    pushes it there otherwise. expected_fingerprint (the one validation saw) makes training refuse
-    data that changed since: `FingerprintMismatch`, before anything is trained or registered."""
+    pushes it there otherwise. Under torchrun each rank calls this: they train together (DDP)
+    and rank 0 alone registers; the other ranks return {"model_id": None, "rank": r}.
+    expected_fingerprint (the one validation saw) makes training refuse data that changed since:
+    `FingerprintMismatch`, before anything is trained or registered."""
+    with distributed.process_group(select_device(config.device)):
+        return _train_and_register(data_path, store_uri, config, run_id, cache_dir, on_epoch, on_batch, on_decode,
+                                   share_cache, expected_fingerprint, actor)
+
+
+def _train_and_register(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    config: TrainConfig,
+    run_id: str | None,
+    cache_dir: Path | None,
+    on_epoch: EpochCallback | None,
+    on_batch: Callable[[int], None] | None,
+    on_decode: Callable[[int], None] | None,
+    share_cache: bool,
+    expected_fingerprint: str | None,
+    actor: str | None,
+) -> dict[str, Any]:
+    rank = distributed.current()
     store = open_store(store_uri)
     store.check()
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
@@ -98,7 +139,7 @@ def train_and_register(
     check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
     run_id = run_id or new_run_id(data_fingerprint)
     check_version_id(run_id)
-    registry = Registry(store)
+    registry = Registry(store, actor=actor)
     finished = registry.find_by_run(run_id)
     if finished is not None:
         # A retry after the version was registered (e.g. the task died while reporting):
@@ -108,25 +149,56 @@ def train_and_register(
         return {"model_id": finished, "path": f"{store.uri.rstrip('/')}/models/{finished}", "run_id": run_id,
                 "data_fingerprint": data_fingerprint, "metrics": summarize(spec.get("metrics", {})),
                 "resumed_from_epoch": spec["train_config"]["epochs"], "device": spec.get("device")}
-    images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
-                               shared=store if share_cache else None)
-    train_idx, holdout_idx = holdout_split(data, config.holdout_fraction, config.seed)
+    oof: tuple[CrossFit, dict[str, Any]] | None = None
+    if config.refit:  # fail before training if the fold models cannot supply thresholds
+        oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed)
+    if rank.distributed and run_id is None:
+        raise ValueError("a run on several ranks needs --run-id (the launcher of `protein train --nproc` sets it)")
+    # One decoder per host: its first rank decodes (or finds the cache `--nproc` built before
+    # launching); the others wait and memory-map the finished file.
+    if rank.local_rank == 0:
+        images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
+                                   shared=store if share_cache else None)
+    distributed.barrier()
+    if rank.local_rank != 0:
+        images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir)
+    train_idx, holdout_idx = training_split(data, config)
     result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
+    if not rank.is_main:
+        return {"model_id": None, "rank": rank.rank, "run_id": run_id}
 
+    thresholds, metrics = result.thresholds, result.metrics
+    holdout: dict[str, Any] = {"fraction": config.holdout_fraction, "seed": config.seed, "fold": config.fold,
+                               "folds": config.folds, "n_train": int(len(train_idx)),
+                               "n_holdout": int(len(holdout_idx))}
+    if len(holdout_idx):
+        holdout["probs_key"] = save_holdout_probs(store, run_id, data, holdout_idx, result.holdout_probs)
+    refit: dict[str, Any] | None = None
+    if oof is not None:
+        # Trained on every row: no holdout of its own. Its thresholds and its reported scores are
+        # the fold models' out-of-fold ones (cross-fitted), recorded as such.
+        tuned, info = oof
+        thresholds, metrics = tuned.thresholds, tuned.metrics()
+        refit = {"trained_on": "all rows", **info}
+        holdout = {"fraction": None, "seed": config.seed, "fold": None, "folds": None,
+                   "n_train": int(len(train_idx)), "n_holdout": 0}
     spec = {
         "arch": config.arch,
         "image_size": config.image_size,
         "normalization": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
         "class_names": list(LABELS),
-        "thresholds": [float(t) for t in result.thresholds],
-        "metrics": result.metrics,
+        "thresholds": [float(t) for t in thresholds],
+        "tta": config.tta,
+        "recipe": config.recipe,
+        "weights_init": describe_weights(config),
+        "ema": {"decay": config.ema_decay} if config.ema_decay > 0 else None,
+        "refit": refit,
+        "metrics": metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
         # The exact rows, so a later gate scores this model only on rows it never trained on,
         # whatever happens to the data (see docs/gate.md).
-        "holdout": {"fraction": config.holdout_fraction, "seed": config.seed,
-                    "n_train": int(len(train_idx)), "n_holdout": int(len(holdout_idx)),
-                    "ids": [data.train_ids[i] for i in holdout_idx],
+        "holdout": {**holdout, "ids": [data.train_ids[i] for i in holdout_idx],
                     "ids_sha256": ids_digest(data.train_ids[i] for i in holdout_idx)},
         "training_rows": {"ids": [data.train_ids[i] for i in train_idx],
                           "sha256": ids_digest(data.train_ids[i] for i in train_idx)},
@@ -134,6 +206,8 @@ def train_and_register(
         "parent_champion": registry.champion().champion,
         "run_id": run_id,
         "device": result.device,
+        # How the global batch was split (ranks, accumulation): the schedule is per global batch.
+        "training": result.extra.get("layout"),
     }
     from safetensors.torch import save_file
 
@@ -147,10 +221,68 @@ def train_and_register(
         "path": f"{store.uri.rstrip('/')}/models/{model_id}",
         "run_id": run_id,
         "data_fingerprint": data_fingerprint,
-        "metrics": summarize(result.metrics),
+        "metrics": summarize(metrics),
         "resumed_from_epoch": result.resumed_from_epoch,
         "device": result.device,
     }
+
+
+def train_on_ranks(
+    nproc: int,
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    config: TrainConfig,
+    run_id: str | None = None,
+    cache_dir: Path | None = None,
+    on_decode: Callable[[int], None] | None = None,
+    share_cache: bool = False,
+    expected_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """train_and_register on nproc ranks of this host under torchrun (one per GPU; gloo on CPU).
+
+    The decoded-image cache is built here, once, before any rank starts; the run id is fixed
+    here so every rank (and a rerun after a failure) uses the same checkpoint."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+    device = select_device(config.device)
+    if device.type == "cuda" and nproc > torch_cuda_devices():
+        raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
+    store = open_store(store_uri)
+    store.check()
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
+    run_id = run_id or new_run_id(data_fingerprint)
+    check_version_id(run_id)
+    load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
+                      shared=store if share_cache else None)
+    with tempfile.TemporaryDirectory(prefix="protein-job-") as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"data": str(data_path), "store": store_uri, "config": to_dict(config),
+                                   "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
+                                   "expected_fingerprint": data_fingerprint}))
+        code, result = distributed.launch(nproc, ["train-job", str(job)])
+    if result is None:
+        raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
+                             f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")
+    return result
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def describe_weights(config: TrainConfig) -> dict[str, Any] | None:
+    """Where the initial weights came from, for model.json."""
+    if not config.weights:
+        return None
+    if config.weights == IMAGENET:
+        weights = imagenet_weights(config.arch)
+        return {"source": IMAGENET, "enum": weights.enum_name, "file": weights.path.name, "url": weights.url}
+    return {"source": "file", "file": Path(config.weights).name}
 
 
 def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
@@ -184,7 +316,8 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
     challenger = recorded_split(challenger_spec, data, data_fingerprint)
     if challenger is None:  # a model from elsewhere: its own split parameters on this data
         holdout = challenger_spec.get("holdout", {})
-        _, holdout_idx = holdout_split(data, holdout.get("fraction", 0.2), holdout.get("seed", 0))
+        _, holdout_idx = holdout_split(data, holdout.get("fraction") or 0.2, holdout.get("seed", 0),
+                                       holdout.get("fold"), holdout.get("folds") or 5)
         challenger_holdout = [data.train_ids[i] for i in holdout_idx]
     else:
         challenger_holdout = challenger[1]
@@ -229,12 +362,15 @@ def evaluate_version(
     registry = Registry(store)
     model_id = registry.resolve(model_id)
     spec = registry.spec(model_id)
-    holdout = spec.get("holdout", {})
-    fraction = holdout_fraction if holdout_fraction is not None else holdout.get("fraction", 0.2)
+    holdout = spec.get("holdout") or {}
+    # Decided before `seed` is rebound below: only an explicit fraction or seed replaces the
+    # recorded rows (rebinding first made every call take the explicit path).
+    recorded = holdout_fraction is None and seed is None
+    fraction = holdout_fraction if holdout_fraction is not None else (holdout.get("fraction") or 0.2)
     seed = seed if seed is not None else holdout.get("seed", 0)
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    if holdout_fraction is None and seed is None:
+    if recorded:
         rows = gate_rows(data, data_fingerprint, spec, None)
     else:
         _, holdout_idx = holdout_split(data, fraction, seed)
@@ -288,32 +424,57 @@ def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = N
 def predict_and_publish(
     data_path: str | os.PathLike[str],
     store_uri: str,
-    model_id: str = "champion",
+    model_id: str | Sequence[str] = "champion",
     out: Path | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
-    submissions/latest.json to the store (and `out` locally when given)."""
+    submissions/latest.json to the store (and `out` locally when given). Several versions make
+    an ensemble: the mean of their (test-time-augmented) probabilities, published under
+    submissions/ensemble-<hash>/."""
     store = open_store(store_uri)
     registry = Registry(store)
-    model_id = registry.resolve(model_id)
+    requested = [model_id] if isinstance(model_id, str) else list(model_id)
+    if not requested:
+        raise ValueError("predict needs at least one model version")
+    model_ids = [registry.resolve(m) for m in requested]
+    if len(set(model_ids)) != len(model_ids):
+        raise ValueError(f"a model version is named twice in {requested}")
     data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
-    predictor = load_predictor(registry, model_id, cache_dir)
     data_fingerprint = fingerprint(data.source)
-    images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
-    frame = predictor.submission(data.test_ids, images)
+    if len(model_ids) == 1:
+        predictor = load_predictor(registry, model_ids[0], cache_dir)
+        images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
+        frame = predictor.submission(data.test_ids, images)
+        csv_bytes = frame.to_csv(index=False, lineterminator="\n").encode()
+        return publish_submission(store, model_ids[0], csv_bytes, data_fingerprint, out)
+
+    thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
+    total: np.ndarray | None = None
+    for member in model_ids:  # one member in memory at a time
+        predictor = load_predictor(registry, member, cache_dir)
+        images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
+        probs = predictor.predict_probs(images)
+        total = probs if total is None else total + probs
+    assert total is not None
+    labels = label_strings(total / len(model_ids), thresholds)
+    frame = pd.DataFrame({"Image": data.test_ids, "Label": labels})
     csv_bytes = frame.to_csv(index=False, lineterminator="\n").encode()
-    return publish_submission(store, model_id, csv_bytes, data_fingerprint, out)
+    return publish_submission(store, ensemble_id(model_ids), csv_bytes, data_fingerprint, out,
+                              extra={"members": model_ids, "thresholds": [float(t) for t in thresholds],
+                                     "thresholds_from": threshold_info})
 
 
 def publish_submission(
-    store: Store, model_id: str, csv_bytes: bytes, data_fingerprint: str, out: Path | None = None
+    store: Store, model_id: str, csv_bytes: bytes, data_fingerprint: str, out: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%fZ}"
     key = f"submissions/{check_version_id(model_id)}/{stamp}/submission.csv"
     store.put_bytes(key, csv_bytes, content_type="text/csv")
     pointer = {"model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
-               "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1}
+               "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1,
+               **(extra or {})}
     store.put_bytes("submissions/latest.json", json.dumps(pointer, indent=2).encode())
     if out is not None:
         write_bytes_atomic(Path(out), csv_bytes)

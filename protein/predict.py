@@ -25,6 +25,12 @@ from protein.train import predict_probs, select_device
 log = logging.getLogger(__name__)
 
 
+def label_strings(probs: np.ndarray, thresholds: np.ndarray) -> list[str]:
+    """Tuned per-class thresholds; an image never goes without a label (top class)."""
+    predicted = binarize(probs, thresholds, ensure_one=True)
+    return [format_label_set(np.flatnonzero(row)) for row in predicted]
+
+
 @dataclass
 class Predictor:
     model: nn.Module
@@ -38,6 +44,11 @@ class Predictor:
     @property
     def thresholds(self) -> np.ndarray:
         return np.asarray(self.spec["thresholds"], dtype=np.float32)
+
+    @property
+    def tta(self) -> bool:
+        """Versions trained with TTA predict with it (the mean of the 8 dihedral views)."""
+        return bool(self.spec.get("tta", False))
 
     @property
     def preset(self) -> EvalPreset:
@@ -60,7 +71,7 @@ class Predictor:
             state = load_file(str(model_dir / WEIGHTS_FILE))
         except (SafetensorError, OSError) as exc:
             raise RegistryError(f"{model_dir / WEIGHTS_FILE}: unreadable weights ({exc})") from None
-        model = build_model(spec["arch"], len(LABELS))
+        model = build_model(spec["arch"], len(LABELS), image_size=int(spec["image_size"]))
         own = model.state_dict()
         mismatched = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
         if mismatched:
@@ -76,12 +87,10 @@ class Predictor:
         """(N, S, S, 3) uint8 at this model's image size -> (N, C) probabilities."""
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) uint8 images, got {images.shape}")
-        return predict_probs(self.model, images, self.preset, self.device, batch_size)
+        return predict_probs(self.model, images, self.preset, self.device, batch_size, tta=self.tta)
 
     def label_strings(self, probs: np.ndarray) -> list[str]:
-        """Tuned per-class thresholds; an image never goes without a label (top class)."""
-        predicted = binarize(probs, self.thresholds, ensure_one=True)
-        return [format_label_set(np.flatnonzero(row)) for row in predicted]
+        return label_strings(probs, self.thresholds)
 
     def submission(self, image_ids: list[str], images: np.ndarray) -> pd.DataFrame:
         labels = self.label_strings(self.predict_probs(images))

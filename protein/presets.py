@@ -10,6 +10,7 @@ than a chain of full-size float ops (bench/data_path.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,20 +59,55 @@ class EvalPreset:
         return torch.empty((n, 3, h, w), dtype=torch.float32, device=batch.device, memory_format=memory_format)
 
     def _normalize_(self, out: torch.Tensor) -> torch.Tensor:
-        std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std == x * scale + shift, in place.
-        return out.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+        scale, shift = normalization_constants(self.mean, self.std, out.device)
+        return out.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def normalization_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (1, 3, 1, 1) tensors, built once per device: creating them per batch
+    copied host memory to the GPU at every step."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square of an (N, C, H, W) batch, identity first (test-time
+    augmentation: the same 8 transforms training draws from)."""
+    views = []
+    for op in range(8):
+        view = x.flip(3) if op & 4 else x
+        views.append(torch.rot90(view, op & 3, dims=(2, 3)) if op & 3 else view)
+    return views
+
+
+def jitter_brightness_contrast_(out: torch.Tensor, amount: float,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """In place on an (N, C, H, W) float batch in [0, 255]: per image, scale the contrast around
+    the image's mean and then the brightness by factors drawn from [1 - amount, 1 + amount]
+    (stain intensity and exposure vary between fields), clamped back to [0, 255]."""
+    n = out.shape[0]
+    factors = 1.0 + amount * (2.0 * torch.rand((2, n, 1, 1, 1), generator=generator) - 1.0)  # (2, N, 1, 1, 1)
+    contrast, brightness = factors.to(out.device)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return out.sub_(mean).mul_(contrast).add_(mean).mul_(brightness).clamp_(0.0, 255.0)
 
 
 @dataclass(frozen=True)
 class TrainPreset(EvalPreset):
     """Eval preprocessing plus the augmentation microscopy allows: the 8 symmetries of the
-    square (flips and 90-degree rotations), since a cell has no up or down. Runs on whatever
-    device the batch is on."""
+    square (flips and 90-degree rotations), since a cell has no up or down, and optionally a
+    per-image brightness/contrast jitter. Runs on whatever device the batch is on."""
+
+    jitter: float = 0.0
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = self._empty(batch)
         for i, op in enumerate(draw_dihedral_ops(batch.shape[0], generator)):
             out[i].copy_(dihedral(batch[i], op).permute(2, 0, 1))
+        if self.jitter > 0:
+            jitter_brightness_contrast_(out, self.jitter, generator)
         return self._normalize_(out)

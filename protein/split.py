@@ -104,3 +104,26 @@ def iterative_stratified_split(
     train_idx = np.flatnonzero(subset_of == 0).astype(np.int64)
     holdout_idx = np.flatnonzero(subset_of == 1).astype(np.int64)
     return train_idx, holdout_idx
+
+
+def iterative_stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """int64 (N,) fold number 0..folds-1 of every row: K parts of equal size, each holding about
+    1/K of each label. Deterministic for a given seed; fold k's rows are the holdout of model k."""
+    targets = np.asarray(targets)
+    if targets.ndim != 2:
+        raise ValueError(f"expected targets to be 2-D (rows, labels), got shape {targets.shape}")
+    if not 2 <= folds <= targets.shape[0]:
+        raise ValueError(f"expected 2 <= folds <= {targets.shape[0]} rows, got {folds}")
+    if targets.dtype != np.bool_ and not np.all((targets == 0) | (targets == 1)):
+        raise ValueError("expected targets to hold only 0/1 or booleans")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(targets.shape[0])
+    fold_of = np.empty(targets.shape[0], dtype=np.int64)
+    fold_of[order] = _iterative_stratification(targets[order].astype(bool), np.full(folds, 1.0 / folds), rng)
+    # Tiny inputs can leave a fold empty; give it one row from the largest fold.
+    for fold in range(folds):
+        if not np.any(fold_of == fold):
+            largest = int(np.bincount(fold_of, minlength=folds).argmax())
+            donors = np.flatnonzero(fold_of == largest)
+            fold_of[donors[rng.integers(donors.size)]] = fold
+    return fold_of

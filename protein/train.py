@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import pickle
 import threading
 import time
@@ -19,14 +18,17 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from protein import distributed
 from protein.config import TrainConfig, from_dict, to_dict
 from protein.errors import StoreError
 from protein.labels import LABELS
-from protein.metrics import evaluate_predictions, tune_thresholds
+from protein.metrics import evaluate_predictions
 from protein.model import build_model
-from protein.presets import EvalPreset, TrainPreset
+from protein.presets import EvalPreset, TrainPreset, dihedral_views
 from protein.storage import Store
+from protein.thresholds import cross_fit
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +77,26 @@ def iterate_batches(
     batch_size: int,
     generator: torch.Generator | None = None,
     pin_memory: bool = False,
+    drop_last: bool = False,
+    rank: distributed.Rank = distributed.Rank(),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 NHWC images, float targets) batches; shuffled when a generator is given.
     With pin_memory (for a CUDA device) batches land in page-locked memory, so the copy to the
-    GPU can run asynchronously."""
+    GPU can run asynchronously.
+
+    batch_size is the global batch: with several ranks, each rank yields only its shard of
+    every global batch (every ranks' generator draws the same order), so no rank reads a row
+    another rank reads. drop_last drops a ragged final batch (training: a batch of one image
+    breaks BatchNorm, and a new shape recompiles under torch.compile) unless it is the only one."""
     order = indices
     if generator is not None:
         order = indices[torch.randperm(len(indices), generator=generator).numpy()]
-    for start in range(0, len(order), batch_size):
+    end = len(order)
+    if drop_last and len(order) >= batch_size:
+        end = len(order) // batch_size * batch_size
+    for start in range(0, end, batch_size):
         # Sorted reads walk the memory-mapped cache forwards; batch order stays random.
-        batch_idx = np.sort(order[start : start + batch_size])
+        batch_idx = np.sort(distributed.shard(order[start : min(start + batch_size, end)], rank))
         x = torch.from_numpy(np.ascontiguousarray(images[batch_idx]))
         y = torch.from_numpy(targets[batch_idx])
         yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
@@ -125,29 +137,46 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int], None] | None = None,
+    ema: AveragedModel | None = None,
+    accumulate: int = 1,
 ) -> dict[str, float]:
+    """One pass over `batches`, one optimizer step per batch; with `ema`, the moving average is
+    updated after every step. With accumulate K each batch runs as K micro-batches whose
+    gradients add up before the step (the mean over the batch, as one pass would give), so a
+    large batch fits in memory; under DDP only the last micro-batch all-reduces gradients."""
     model.train()
     # Summed on the device and read once per epoch: a per-step float() would make the CPU
     # wait for the GPU at every step.
-    total_loss, seen = torch.zeros((), device=device), 0
+    total_loss = torch.zeros((), device=device)
+    seen = torch.zeros((), device=device, dtype=torch.float64)
     started = time.perf_counter()
     for images, targets in batches:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        x = preset(images, generator)
-        with autocast_context(device):
-            loss = loss_fn(model(x), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = min(accumulate, len(images))
+        chunks = list(zip(images.tensor_split(micro), targets.tensor_split(micro), strict=True))
+        for i, (x_raw, y) in enumerate(chunks):
+            x = preset(x_raw, generator)
+            sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device):
+                loss = loss_fn(model(x), y)
+            # Weighted by the chunk's share, so the summed gradient is the batch mean.
+            (loss * (len(x_raw) / len(images))).backward()
+            total_loss += loss.detach().float() * len(x_raw)
         optimizer.step()
         scheduler.step()
-        total_loss += loss.detach().float() * len(images)
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "no_sync") else model)
         seen += len(images)
         if on_batch:
             on_batch(len(images))
     seconds = time.perf_counter() - started
-    return {"train_loss": float(total_loss) / max(seen, 1), "train_images": seen, "train_seconds": seconds,
-            "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
+    # One read per epoch: the loss over every rank's images.
+    summed = distributed.all_reduce_sum(torch.stack([total_loss.double(), seen]))
+    loss_sum, n = summed.tolist()
+    return {"train_loss": loss_sum / max(n, 1), "train_images": int(n), "train_seconds": seconds,
+            "train_images_per_s": n / seconds if seconds > 0 else 0.0}
 
 
 @torch.no_grad()
@@ -158,20 +187,43 @@ def predict_probs(
     device: torch.device,
     batch_size: int = 64,
     indices: np.ndarray | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Sigmoid probabilities (N, C) for images[indices] (all images when indices is None)."""
+    """Sigmoid probabilities (N, C) for images[indices] (all images when indices is None); with
+    tta, the mean of the probabilities of the 8 dihedral views of each image."""
     model.eval()
     if indices is None:
         indices = np.arange(len(images))
     outputs: list[np.ndarray] = []
     for start in range(0, len(indices), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]])).to(device)
-        with autocast_context(device):
-            logits = model(preset(batch))
-        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        x = preset(batch)
+        views = dihedral_views(x) if tta else [x]
+        probs = torch.zeros((), device=device)
+        for view in views:
+            with autocast_context(device):
+                logits = model(view)
+            probs = probs + torch.sigmoid(logits.float())
+        outputs.append((probs / len(views)).cpu().numpy())
     if not outputs:
         return np.zeros((0, len(LABELS)), dtype=np.float32)
     return np.concatenate(outputs).astype(np.float32)
+
+
+def evaluate_shards(
+    model: nn.Module,
+    images: np.ndarray,
+    preset: EvalPreset,
+    device: torch.device,
+    batch_size: int,
+    indices: np.ndarray,
+    rank: distributed.Rank,
+    tta: bool = False,
+) -> np.ndarray:
+    """predict_probs over `indices`, each rank scoring only its shard; every rank gets all rows
+    back in order, so metrics and thresholds are those of the whole holdout."""
+    local = predict_probs(model, images, preset, device, batch_size, distributed.shard(indices, rank), tta=tta)
+    return distributed.gather_rows(local, len(indices), device)
 
 
 def bce(probs: np.ndarray, targets: np.ndarray) -> float:
@@ -225,10 +277,52 @@ def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
     return state
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay for weight matrices and kernels only: decaying norm scales and biases
+    (every 0- and 1-D parameter) pulls them towards zero for no regularising benefit."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and buffers (BatchNorm statistics included),
+    updated by `ema.update_parameters(model)` after each optimizer step."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: full global batches only (the ragged rest is dropped),
+    or one batch of everything when there is less than one batch."""
+    return max(n_train // batch_size, 1)
+
+
+def check_batch_split(config: TrainConfig, world_size: int) -> int:
+    """The micro-batch one rank runs per forward pass: the global batch split over the ranks
+    and then over the accumulation steps, which must divide it evenly (the learning-rate
+    schedule and the recorded batch are per global batch, whatever the hardware)."""
+    parts = world_size * config.accumulate
+    if config.batch_size % parts:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of nproc x "
+                         f"accumulate = {world_size} x {config.accumulate}")
+    return config.batch_size // parts
+
+
+def sync_from_main(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank: BatchNorm running statistics (and
+    an EMA of them) drift apart because each rank normalises its own shard; evaluation and the
+    checkpoint use rank 0's."""
+    if distributed.active():
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> tuple[
     torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
 ]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     # OneCycleLR divides by the length of each phase; tiny runs (a few steps) would make a
     # phase empty, so the schedule is planned over at least 8 steps.
     total_steps = max(config.epochs * steps_per_epoch, 8)
@@ -252,20 +346,31 @@ def fit(
 
     If that run already has a checkpoint it resumes from the epoch after it. Batch order,
     augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
-    uninterrupted one.
+    uninterrupted one. With config.ema_decay the moving average of the weights is what is
+    evaluated and returned. An empty holdout (a refit on every row) skips evaluation: the
+    caller supplies thresholds and metrics.
     """
-    device = select_device(config.device)
-    log.info("training %s at %d px on %s (%d train / %d holdout images)",
-             config.arch, config.image_size, device, len(train_idx), len(holdout_idx))
+    rank = distributed.current()
+    device = distributed.rank_device(select_device(config.device), rank)
+    micro_batch = check_batch_split(config, rank.world_size)
+    log.info("training %s at %d px on %s (%d train / %d holdout images; rank %d of %d)",
+             config.arch, config.image_size, device, len(train_idx), len(holdout_idx), rank.rank, rank.world_size)
+    if device.type == "cuda":
+        # Training shapes are fixed (the ragged last batch is dropped): autotuning pays off.
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, len(LABELS), config.weights).to(device)
+    model = build_model(config.arch, len(LABELS), config.weights, config.image_size).to(device)
     channels_last = config.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
+    ema = make_ema(model, config.ema_decay) if config.ema_decay > 0 else None
+    steps = steps_per_epoch(len(train_idx), config.batch_size)
+    optimizer, scheduler = build_optimizer(model, config, steps)
+    layout = {"world_size": rank.world_size, "global_batch": config.batch_size, "accumulate": config.accumulate,
+              "micro_batch_per_rank": micro_batch, "steps_per_epoch": steps,
+              "backend": ("nccl" if device.type == "cuda" else "gloo") if rank.distributed else None}
     loss_fn = make_loss(config)
-    train_preset = TrainPreset(channels_last=channels_last)
+    train_preset = TrainPreset(channels_last=channels_last, jitter=config.jitter)
     eval_preset = EvalPreset(channels_last=channels_last)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -281,40 +386,61 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history = [json.loads(h) for h in state["history"]]
         start_epoch = int(state["epoch"])
         log.info("resuming run %s after epoch %d", run_id, start_epoch)
 
-    step_model = torch.compile(model) if config.compile else model
+    step_model: nn.Module = model
+    if rank.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every rank loaded the same checkpoint (or the same seeded init); DDP also broadcasts
+        # rank 0's weights once here, then averages gradients at every step.
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)
+    # The weights that are evaluated and shipped: the average when there is one. Never the
+    # compiled module: eval mode and the ragged last eval batch would recompile it.
+    eval_model = ema.module if ema is not None else model
     holdout_targets = targets[holdout_idx]
     holdout_probs = np.zeros((len(holdout_idx), len(LABELS)), dtype=np.float32)
+    eval_batch = max(2 * config.batch_size // rank.world_size, 1)
     for epoch in range(start_epoch, config.epochs):
         # Everything random in an epoch derives from (seed, epoch): resume needs no RNG state.
-        torch.manual_seed(config.seed * 1_000_003 + epoch)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        batches = iterate_batches(images, targets, train_idx, config.batch_size, generator,
-                                  pin_memory=device.type == "cuda")
+        # The batch order is the same on every rank; augmentation draws differ per rank.
+        torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * rank.rank)
+        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 7_919 * (rank.rank + 1))
+        batches = iterate_batches(images, targets, train_idx, config.batch_size, order,
+                                  pin_memory=device.type == "cuda", drop_last=True, rank=rank)
         if device.type == "cuda":
             batches = prefetch(batches)
         stats = train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, train_preset, device,
-                                generator, on_batch)
-        holdout_probs = predict_probs(step_model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
-        scores = evaluate_predictions(holdout_probs, holdout_targets, 0.5)
-        record = {
-            "epoch": epoch + 1,
-            "epochs": config.epochs,
-            **stats,
-            "holdout_loss": bce(holdout_probs, holdout_targets),
-            "holdout_f1_samples": scores["f1_samples"],
-            "holdout_f1_macro": scores["f1_macro"],
-            "holdout_course_f_score": scores["course_f_score"],
-            "lr": scheduler.get_last_lr()[0],
-        }
+                                generator, on_batch, ema, config.accumulate)
+        sync_from_main(model)
+        if ema is not None:
+            sync_from_main(ema)
+        record: dict[str, Any] = {"epoch": epoch + 1, "epochs": config.epochs, **stats}
+        if len(holdout_idx):
+            # TTA multiplies evaluation by 8: per epoch only the plain view, TTA once at the end.
+            holdout_probs = evaluate_shards(eval_model, images, eval_preset, device, eval_batch, holdout_idx, rank)
+            scores = evaluate_predictions(holdout_probs, holdout_targets, 0.5)
+            record.update({"holdout_loss": bce(holdout_probs, holdout_targets),
+                           "holdout_f1_samples": scores["f1_samples"], "holdout_f1_macro": scores["f1_macro"],
+                           "holdout_course_f_score": scores["course_f_score"]})
+        record["lr"] = scheduler.get_last_lr()[0]
         history.append(record)
+        if not rank.is_main:  # one writer: rank 0 holds the same weights as every other rank
+            if on_epoch:
+                on_epoch(record)
+            continue
         save_checkpoint(store, run_id, {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "config": to_dict(config),
@@ -327,9 +453,17 @@ def fit(
         if on_epoch:
             on_epoch(record)
 
-    if start_epoch >= config.epochs:  # resumed a finished run: holdout probs are not in the checkpoint
-        holdout_probs = predict_probs(model, images, eval_preset, device, config.batch_size * 2, holdout_idx)
-    thresholds = tune_thresholds(holdout_probs, holdout_targets)
-    metrics = evaluate_predictions(holdout_probs, holdout_targets, thresholds)
-    return FitResult(model=model, config=config, history=history, holdout_probs=holdout_probs,
-                     thresholds=thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device))
+    shipped = ema.module if ema is not None else model
+    if not len(holdout_idx):
+        return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
+                         thresholds=np.full(len(LABELS), 0.5, dtype=np.float32), metrics={},
+                         resumed_from_epoch=start_epoch, device=str(device), extra={"layout": layout})
+    if config.tta or start_epoch >= config.epochs:  # TTA, or a resumed finished run (no probs in the checkpoint)
+        holdout_probs = evaluate_shards(shipped, images, eval_preset, device, eval_batch, holdout_idx, rank,
+                                        tta=config.tta)
+    tuned = cross_fit(holdout_probs, holdout_targets, config.threshold_metric, seed=config.seed)
+    # Tuned thresholds flatter the rows they were tuned on: the reported scores are cross-fitted.
+    metrics = tuned.metrics()
+    return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
+                     thresholds=tuned.thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device),
+                     extra={"layout": layout})

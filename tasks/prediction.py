@@ -15,7 +15,7 @@ from tasks.retry import retry_transient
 
 @task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
-def predict_submission(data: str, store: str, model_id: str = "champion") -> dict[str, Any]:
+def predict_submission(data: str, store: str, model_id: str | list[str] = "champion") -> dict[str, Any]:
     result = predict_and_publish(data, store, model_id)
     # The durable URI, never a presigned URL: `protein link URI` makes an openable link on demand.
     uri = object_uri(open_store(store), result["key"])

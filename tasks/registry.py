@@ -6,13 +6,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
-from prefect.states import State
 
-from protein.errors import PromotionConflict
 from protein.links import object_uri
 from protein.registry import Registry
 from protein.storage import open_store
 from tasks import events
+from tasks.retry import retry_transient
 
 
 def prefect_actor() -> str | None:
@@ -21,30 +20,29 @@ def prefect_actor() -> str | None:
     return f"prefect-flow-run:{run_id}" if run_id else None
 
 
-@task(name="current-champion", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="current-champion", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def current_champion(store: str) -> str | None:
     return Registry(open_store(store)).champion().champion
 
 
-@task(name="find-run-model", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="find-run-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def find_run_model(store: str, run_id: str) -> str | None:
     return Registry(open_store(store)).find_by_run(run_id)
 
 
-def retry_unless_conflict(task: object, task_run: object, state: State) -> bool:
-    """A lost compare-and-swap is a decision, not a transient fault: never retry it."""
-    return not isinstance(state.result(raise_on_failure=False), PromotionConflict)
-
-
 @task(name="promote-model", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_conflict)
+      retry_condition_fn=retry_transient)
 def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str,
                   decision: dict[str, Any] | None = None) -> dict[str, Any]:
     """Move the champion pointer (compare-and-swap); ``decision`` is the gate's, reported in the
     protein.model.promoted event once the pointer has moved."""
+    # A lost compare-and-swap (PromotionConflict) is a decision, not a fault: retry_transient never
+    # retries it. Transient store faults are retried safely: the task run id is the same on every retry of
+    # this task, so a retry after the promotion landed (its answer lost) finds this event id in the history
+    # and succeeds instead of conflicting.
     registry = Registry(open_store(store), actor=prefect_actor())
-    # The task run id is the same on every retry of this task: a retry after the promotion landed
-    # (its answer lost) finds this event id in the history and succeeds instead of conflicting.
     state = registry.promote(model_id, expected_champion=expected_champion, reason=reason,
                              event_id=str(task_run.id) if task_run.id else None)
     # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
-from protein.pipeline import train_and_register
+from protein.pipeline import train_and_register, train_on_ranks
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -27,9 +27,11 @@ def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
       cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
-                policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None) -> dict[str, Any]:
+                policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None,
+                nproc: int = 1) -> dict[str, Any]:
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
-    epoch checkpoint in the store instead of starting over."""
+    epoch checkpoint in the store instead of starting over. nproc > 1 trains on that many
+    processes under torchrun (the ranks log to this worker's stderr, not to Prefect)."""
     logger = get_run_logger()
     # A check only: for 'auto' the answer is what training picks anyway, so the config (saved in
     # the checkpoint and compared on resume) stays as the caller built it.
@@ -51,8 +53,12 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                     record["epochs"], record["train_loss"], record["holdout_f1_samples"],
                     record["train_images_per_s"])
 
-    result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
+    if nproc > 1:
+        result = train_on_ranks(nproc, data, store, config, run_id=run_id, share_cache=share_cache,
                                 expected_fingerprint=expected_fingerprint)
+    else:
+        result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
+                                    expected_fingerprint=expected_fingerprint)
     if result["resumed_from_epoch"]:
         logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
     if history:  # empty when a retry resumed a run whose epochs were all done

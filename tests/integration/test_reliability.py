@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -255,6 +255,27 @@ def put_of(suffix: str) -> Callable[[str, str], bool]:
     return lambda method, path: method == "PUT" and urlsplit(path).path.endswith(suffix)
 
 
+def upload_of(suffix: str, after_completed: int = 0) -> Callable[[str, str], bool]:
+    """Matches a PUT (a whole object or one part) of a key ending in `suffix`, once `after_completed`
+    uploads of it have finished: a single PUT, or a multipart upload's completing POST (a resnet18
+    checkpoint with its optimizer state is over the 64 MiB multipart threshold)."""
+    finished = 0
+
+    def match(method: str, path: str) -> bool:
+        nonlocal finished
+        parts = urlsplit(path)
+        if not parts.path.endswith(suffix):
+            return False
+        query = parse_qs(parts.query)
+        if method == "PUT" and finished >= after_completed:
+            return True
+        if (method == "PUT" and "partNumber" not in query) or (method == "POST" and "uploadId" in query):
+            finished += 1
+        return False
+
+    return match
+
+
 @pytest.fixture(scope="module")
 def fault_server() -> Iterator[MotoServer]:
     """A moto_server of our own: these tests stop and restart it, which empties it."""
@@ -304,7 +325,7 @@ def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
 
     config = TrainConfig(image_size=IMAGE, epochs=2, batch_size=8, device="cpu")
     # The checkpoint is written once per epoch: the second one (epoch 2) or the model's weights die.
-    proxy.cut(put_of(cut), skip=1 if cut == "checkpoint.pt" else 0)
+    proxy.cut(upload_of(cut, after_completed=1 if cut == "checkpoint.pt" else 0))
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
         train_and_register(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
@@ -425,7 +446,7 @@ def test_transient_throttling_is_retried_with_bounded_attempts(proxy, tmp_path):
     started = time.monotonic()
     with pytest.raises(StoreError) as info:
         store.put_bytes("b.json", b"{}")
-    assert str(info.value) == f"{uri}/b.json: S3 request failed (SlowDown)"
+    assert str(info.value) == f"{uri}/b.json: S3 request PutObject failed (SlowDown)"
     assert proxy.count(put_of("/b.json")) == 3
     assert time.monotonic() - started < 10  # backoff: jittered, at most 1 s then 2 s
 

@@ -230,7 +230,7 @@ def test_weights_rewritten_in_the_bucket_are_refused_and_nothing_is_predicted(
         with pytest.raises(RegistryError) as info:
             call()
         message = str(info.value)
-        assert message.startswith(f"model version {version}: weights") and "\\n" not in message
+        assert message.startswith(f"model version {version}: weights") and "\n" not in message
         assert ("size" in message) if how == "truncated" else ("sha256" in message or "checksum" in message)
         assert info.value.exit_code == 4
     with pytest.raises(RegistryError):
@@ -270,7 +270,7 @@ def test_reregistering_a_version_id_never_replaces_its_bytes(any_registry, train
     any_registry.download(version, tmp_path / "dl")  # still intact
 
 
-@pytest.mark.parametrize("bad", ["v1\\n", "v1\\n\\n", " v1", "v1/x", "../v1", "v" * 129])
+@pytest.mark.parametrize("bad", ["v1\n", "v1\n\n", " v1", "v1/x", "../v1", "v" * 129])
 def test_version_and_run_ids_are_matched_in_full(bad):
     with pytest.raises(RegistryError, match="invalid model version"):
         check_version_id(bad)

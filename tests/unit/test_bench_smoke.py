@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-LOADERS = ("model-only", "naive", "cache")
+LOADERS = ("model-only", "naive", "fit")
 SMOKE_TIMEOUT_S = 120  # the run takes ~10-15 s on 2 cores; the margin absorbs a busy machine
 
 
@@ -36,5 +36,10 @@ def test_gpu_bench_cpu_quick_writes_positive_throughputs(tmp_path: Path) -> None
         assert row["images_per_s"] > 0, row
         assert row["ratio_to_ceiling"] > 0, row
     assert all(r["ratio_to_ceiling"] == 1.0 for r in rows if r["loader"] == "model-only")
+    assert result["plan"]["repeats"] >= 3  # every figure is a median
+    for row in rows:
+        assert row["inference_images_per_s"] > 0 and row["peak_gpu_memory_mib"] is None, row  # no GPU memory on CPU
+    # One CPU, no GPUs: the DDP variant says why it did not run instead of vanishing.
+    assert result["ddp"] == [] and any(s.startswith("DDP variant: needs at least 2 GPUs") for s in result["skipped"])
     assert result["device_name"]
     assert all(seconds >= 0 for seconds in result["cache_build_s"].values())

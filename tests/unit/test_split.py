@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from protein.labels import encode_many, parse_label_set
-from protein.split import iterative_stratified_split
+from protein.split import iterative_stratified_folds, iterative_stratified_split
 
 REAL_TRAIN_CSV = Path(__file__).resolve().parents[2].parent / "shared/data/real/train.csv"
 
@@ -132,3 +132,24 @@ def test_bad_targets_raise():
         iterative_stratified_split(np.ones(10), 0.5, seed=0)
     with pytest.raises(ValueError, match="0/1"):
         iterative_stratified_split(np.full((4, 2), 0.3), 0.5, seed=0)
+
+
+def test_k_folds_partition_rows_and_stratify_each_label():
+    rng = np.random.default_rng(4)
+    targets = rng.random((500, 10)) < np.array([0.4, 0.05, 0.1, 0.05, 0.4, 0.05, 0.3, 0.1, 0.05, 0.05])
+    fold_of = iterative_stratified_folds(targets, 5, seed=1)
+    assert fold_of.shape == (500,) and set(fold_of.tolist()) == set(range(5))
+    sizes = np.bincount(fold_of)
+    assert sizes.max() - sizes.min() <= 2
+    for fold in range(5):
+        share = targets[fold_of == fold].sum(axis=0) / targets.sum(axis=0)
+        assert np.all(np.abs(share - 0.2) < 0.05), (fold, share)
+    assert np.array_equal(fold_of, iterative_stratified_folds(targets, 5, seed=1))
+    assert not np.array_equal(fold_of, iterative_stratified_folds(targets, 5, seed=2))
+
+
+def test_k_folds_leave_no_fold_empty_on_tiny_input():
+    fold_of = iterative_stratified_folds(np.eye(3, dtype=bool)[[0, 0, 0, 1]], 4, seed=0)
+    assert sorted(fold_of.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="folds"):
+        iterative_stratified_folds(np.eye(3, dtype=bool), 4, seed=0)

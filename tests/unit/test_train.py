@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from protein.train import iterate_batches, prefetch
+from protein.presets import EvalPreset, TrainPreset, dihedral_views
+from protein.train import (
+    iterate_batches,
+    make_ema,
+    parameter_groups,
+    predict_probs,
+    prefetch,
+    train_one_epoch,
+)
 
 
 def test_prefetch_keeps_order_and_reraises_producer_errors():
@@ -28,3 +37,59 @@ def test_iterate_batches_covers_each_index_once_in_seeded_order():
     assert sorted(v for b in first for v in b) == indices.tolist()
     for x, y in iterate_batches(images, targets, indices, 4):
         assert (y.argmax(1).numpy() == x[:, 0, 0, 0].numpy()).all()  # labels travel with their images
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))
+
+
+def test_weight_decay_skips_norms_and_biases():
+    decay, no_decay = parameter_groups(tiny_net(), 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert sorted(tuple(p.shape) for p in decay["params"]) == [(4, 3, 3, 3), (10, 4)]
+    assert len(no_decay["params"]) == 4  # conv bias, BN weight and bias, linear bias
+
+
+def test_ema_is_updated_every_step_and_averages_weights_and_buffers():
+    model = tiny_net()
+    ema = make_ema(model, 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    images = torch.randint(0, 255, (8, 8, 8, 3), dtype=torch.uint8)
+    targets = (torch.rand(8, 10) > 0.5).float()
+    head_before = model[5].weight.detach().clone()
+    snapshots, running_means = [], []
+
+    class Spy(nn.Module):  # in batch k's loss: the weights after step k-1, BN stats after forward k
+        def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+            running_means.append(model[1].running_mean.clone())
+            return nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+    train_one_epoch(model, iter([(images[:4], targets[:4]), (images[4:], targets[4:])]), optimizer, scheduler,
+                    Spy(), TrainPreset(), torch.device("cpu"), ema=ema)
+    after = [p.detach() for p in model.parameters()]
+    # First update copies the weights after step 1; the second averages with decay 0.5.
+    step1 = snapshots[1]
+    for avg, w1, w2 in zip(ema.module.parameters(), step1, after, strict=True):
+        assert torch.allclose(avg, 0.5 * w1 + 0.5 * w2, atol=1e-6)
+    assert not torch.allclose(ema.module[5].weight, head_before)
+    assert not torch.allclose(ema.module[5].weight, model[5].weight)
+    # BatchNorm statistics are averaged too (use_buffers), not left at their initial values.
+    assert torch.allclose(ema.module[1].running_mean, 0.5 * running_means[0] + 0.5 * running_means[1], atol=1e-6)
+    assert int(ema.n_averaged) == 2
+
+
+def test_predict_probs_with_tta_is_the_mean_of_the_eight_views():
+    model = tiny_net().eval()
+    images = np.random.default_rng(0).integers(0, 255, (3, 9, 9, 3), dtype=np.uint8)
+    preset = EvalPreset()
+    plain = predict_probs(model, images, preset, torch.device("cpu"))
+    tta = predict_probs(model, images, preset, torch.device("cpu"), tta=True)
+    with torch.no_grad():
+        x = preset(torch.from_numpy(images))
+        expected = torch.stack([torch.sigmoid(model(v)) for v in dihedral_views(x)]).mean(0).numpy()
+    assert np.allclose(tta, expected, atol=1e-6)
+    assert not np.allclose(tta, plain)  # the net is not symmetric: TTA changes the numbers

@@ -1,165 +1,43 @@
-"""Model registry over an object store.
-
-Layout (all keys relative to the store root):
-    models/<version>/model.safetensors   weights, no pickle; written create-only
-    models/<version>/model.json          everything needed to rebuild and judge the model, including
-                                         the weights' SHA-256 and size; written create-only and last,
-                                         so its presence marks a complete version
-    registry/runs/<run_id>.json          {"model_id": ...}: which version a training run registered
-                                         (create-only, written after model.json), so that question
-                                         costs one request however many versions exist
-    registry/champion.json               {"champion": <version>|null, "history": [...events]}
-
-A version is immutable: its weights are bound to its model.json by hash and size, checked when they
-are downloaded and again when they are loaded, whatever the store's own metadata says. Promotion and
-rollback only rewrite champion.json, by compare-and-swap on its etag, so concurrent promotions form one
-line of history: the loser gets PromotionConflict and nothing changes. Every event carries an id and
-an actor; a retried request whose first attempt landed finds its event id and succeeds.
-"""
+"""`Registry`: register, resolve, download, promote and roll back model versions."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-import getpass
 import json
 import logging
-import re
-import socket
-import subprocess
 import tempfile
-import time
-import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protein.atomic import write_bytes_atomic
 from protein.errors import IntegrityError, NotFound, PreconditionFailed, PromotionConflict, RegistryError
+from protein.registry.records import (
+    CHAMPION_KEY,
+    MODEL_FORMAT,
+    SPEC_FETCH_WORKERS,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ChampionState,
+    check_run_id,
+    check_version_id,
+    code_version,
+    default_actor,
+    new_event_id,
+    promotion_stack,
+    run_index_key,
+    utc_now,
+    version_prefix,
+    weights_mismatch,
+)
+from protein.registry.retention import RetentionMixin
 from protein.storage import Store
 from protein.storage.base import sha256_file
 
-log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "protein-model/1"
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
-CHAMPION_KEY = "registry/champion.json"
-RUN_INDEX_PREFIX = "registry/runs/"
-PROBE_PREFIX = "probes/"
-# fullmatch, never match with '$': '$' also matches before a trailing newline.
-VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-SPEC_FETCH_WORKERS = 16
-DAY_S = 24 * 3600.0
+log = logging.getLogger("protein.registry")
 
 
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def code_version() -> str | None:
-    """The git commit of the code that trained a model, when it runs from a checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def default_actor() -> str:
-    """Who acts when the caller does not say: user@host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = "unknown"
-    return f"{user}@{socket.gethostname() or 'unknown-host'}"
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
-
-
-def check_version_id(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_ID.fullmatch(version) or ".." in version:
-        raise RegistryError(f"invalid model version {version!r} (expected letters, digits, '.', '_' or '-')")
-    return version
-
-
-def check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not VERSION_ID.fullmatch(run_id) or ".." in run_id:
-        raise RegistryError(f"invalid run id {run_id!r} (expected letters, digits, '.', '_' or '-')")
-    return run_id
-
-
-def version_prefix(version: str) -> str:
-    return f"models/{check_version_id(version)}/"
-
-
-def run_index_key(run_id: str) -> str:
-    return f"{RUN_INDEX_PREFIX}{check_run_id(run_id)}.json"
-
-
-def weights_mismatch(version: str, spec: dict[str, Any], size: int, sha256: str | None) -> str | None:
-    """What differs between the weights found and the ones model.json was registered with, or None."""
-    expected_size = spec.get("weights_size")
-    if expected_size is not None and int(expected_size) != size:
-        return f"size {size} bytes, model.json says {expected_size}"
-    expected = spec.get("weights_sha256")
-    if expected is None:
-        return "model.json records no weights_sha256"
-    if sha256 is not None and sha256.lower() != expected.lower():
-        return f"sha256 {sha256[:16]}.., model.json says {expected[:16]}.."
-    return None
-
-
-def check_local_weights(model_dir: Path, spec: dict[str, Any]) -> None:
-    """Refuse a downloaded version folder whose weights are not the ones its model.json names."""
-    weights = Path(model_dir) / WEIGHTS_FILE
-    try:
-        size, digest = weights.stat().st_size, sha256_file(weights)
-    except OSError:
-        raise RegistryError(f"model version {spec.get('id')}: weights missing at {weights}") from None
-    if problem := weights_mismatch(str(spec.get("id")), spec, size, digest):
-        raise RegistryError(f"model version {spec.get('id')}: weights at {weights} refused ({problem})")
-
-
-def promotion_stack(history: Iterable[dict[str, Any]]) -> list[str]:
-    """The champions in serving order: each promote pushes, each rollback pops. Rolling back walks
-    down this stack (promote A, B, C; rollback -> B; rollback -> A), never flips between two."""
-    stack: list[str] = []
-    for event in history:
-        if event.get("action") == "promote":
-            stack.append(event["model_id"])
-        elif event.get("action") == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-@dataclass(frozen=True)
-class ChampionState:
-    champion: str | None
-    history: list[dict[str, Any]]
-    etag: str | None  # None: no champion.json yet
-
-    def has_event(self, event_id: str) -> bool:
-        return any(e.get("event_id") == event_id for e in self.history)
-
-
-@dataclass(frozen=True)
-class GcPlan:
-    """What `Registry.plan_gc` found; nothing is deleted until `Registry.apply_gc`."""
-
-    orphans: dict[str, list[str]] = field(default_factory=dict)  # version -> its incomplete objects
-    runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> its checkpoint objects
-    versions: list[str] = field(default_factory=list)  # complete versions past --keep-last
-    probes: list[str] = field(default_factory=list)
-
-
-class Registry:
+class Registry(RetentionMixin):
     def __init__(self, store: Store, actor: str | None = None) -> None:
         self.store = store
         self.actor = actor or default_actor()
@@ -435,95 +313,3 @@ class Registry:
         if spec.get("run_id"):
             self._index_run(spec["run_id"], version, (spec.get("event") or {}).get("event_id", "import"))
         return version
-
-    # --- retention --------------------------------------------------------------------------
-    def orphans(self, older_than_s: float = 0.0) -> list[str]:
-        """Version folders with no model.json (an interrupted registration) whose newest object is
-        older than ``older_than_s``: a registration in progress is younger and left alone."""
-        return sorted(self._orphan_objects(older_than_s))
-
-    def _orphan_objects(self, older_than_s: float) -> dict[str, list[str]]:
-        by_version: dict[str, list[Any]] = {}
-        for info in self.store.list_info("models/"):
-            by_version.setdefault(info.key.split("/")[1], []).append(info)
-        cutoff = time.time() - older_than_s
-        return {
-            version: [i.key for i in infos]
-            for version, infos in by_version.items()
-            if not any(i.key.endswith("/" + SPEC_FILE) for i in infos) and max(i.modified for i in infos) <= cutoff
-        }
-
-    def delete_orphan(self, version: str, older_than_s: float = 0.0) -> int:
-        """Remove an incomplete version's own objects (not a whole prefix); refuses complete versions."""
-        check_version_id(version)
-        objects = self._orphan_objects(older_than_s).get(version)
-        if objects is None:
-            if self.store.exists(version_prefix(version) + SPEC_FILE):
-                raise RegistryError(f"model version {version} is complete; only incomplete versions are removed")
-            return 0
-        return self.store.delete_keys(objects)
-
-    def protected_versions(self, state: ChampionState | None = None) -> set[str]:
-        """The champion and every version that ever served or was replaced: rollback may need them."""
-        state = state or self.champion()
-        kept = {e.get("model_id") for e in state.history} | {e.get("previous") for e in state.history}
-        return {v for v in kept | {state.champion} if v}
-
-    def plan_gc(self, older_than_s: float = 3600.0, runs: bool = False, run_age_s: float = 7 * DAY_S,
-                keep_last: int | None = None) -> GcPlan:
-        orphans = self._orphan_objects(older_than_s)
-        cutoff = time.time() - older_than_s
-        probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
-        run_objects: dict[str, list[str]] = {}
-        if runs:
-            registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in self.store.list(RUN_INDEX_PREFIX)
-                          if k.endswith(".json")}
-            by_run: dict[str, list[Any]] = {}
-            for info in self.store.list_info("runs/"):
-                by_run.setdefault(info.key.split("/")[1], []).append(info)
-            abandoned_before = time.time() - run_age_s
-            run_objects = {
-                run: [i.key for i in infos] for run, infos in by_run.items()
-                if run in registered or max(i.modified for i in infos) <= abandoned_before
-            }
-        old_versions: list[str] = []
-        if keep_last is not None:
-            if keep_last < 0:
-                raise ValueError(f"--keep-last must be >= 0, got {keep_last}")
-            # Newest by the time model.json was written (from the listing: no extra request).
-            written = {i.key.split("/")[1]: i.modified for i in self.store.list_info("models/")
-                       if i.key.endswith("/" + SPEC_FILE)}
-            by_age = sorted(written, key=lambda v: (written[v], v))
-            newest = set(by_age[len(by_age) - keep_last:]) if keep_last else set()
-            protected = self.protected_versions()
-            old_versions = [v for v in by_age if v not in newest and v not in protected]
-        return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes)
-
-    def apply_gc(self, plan: GcPlan, delete_versions: bool = False) -> None:
-        for objects in plan.orphans.values():
-            self.store.delete_keys(objects)
-        for objects in plan.runs.values():
-            self.store.delete_keys(objects)
-        self.store.delete_keys(plan.probes)
-        if delete_versions:
-            protected = self.protected_versions()  # re-read: a promotion may have landed since planning
-            for version in plan.versions:
-                if version not in protected:
-                    self.delete_version(version)
-
-    def delete_version(self, version: str) -> int:
-        """Remove a complete, never-served version: model.json first, so it is never listed as complete
-        while its weights go away."""
-        if version in self.protected_versions():
-            raise RegistryError(f"model version {version} is the champion or in its promotion history; kept")
-        prefix = version_prefix(version)
-        try:
-            spec = self._read_spec(version)
-        except RegistryError:
-            spec = {}
-        self.store.delete(prefix + SPEC_FILE)
-        count = 1 + self.store.delete_prefix(prefix)
-        run_id = spec.get("run_id")
-        if run_id and self.find_by_run(run_id) == version:
-            self.store.delete(run_index_key(run_id))
-        return count

@@ -1,0 +1,159 @@
+"""Data-parallel training under torchrun: who this process is, the process group's lifetime,
+the few collectives training needs, and the launcher behind `protein train --nproc N`.
+
+One process per device. torchrun (`torch.distributed.run`) starts the processes and sets
+RANK, LOCAL_RANK and WORLD_SIZE; without them this process is the only rank and every helper
+here is a no-op, so single-process code paths call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Set by the launcher: where rank 0 writes the run's JSON result for the parent to read.
+RESULT_FILE_ENV = "PROTEIN_DDP_RESULT"
+# Seconds a collective (or the initial rendezvous) may wait for a peer before failing: a rank
+# that died or hangs fails the run instead of blocking the others forever.
+TIMEOUT_ENV = "PROTEIN_DDP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current() -> Rank:
+    """This process's place in the job, from torchrun's environment (rank 0 of 1 without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Rank()
+    return Rank(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+
+
+def active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def timeout_s() -> int:
+    return int(os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S)))
+
+
+def rank_device(device: torch.device, rank: Rank) -> torch.device:
+    """One process per GPU: a CUDA rank is pinned to the card of its LOCAL_RANK."""
+    if device.type == "cuda" and rank.distributed:
+        return torch.device("cuda", rank.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[Rank]:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU) for the duration of the block;
+    outside torchrun, yield rank 0 of 1 and do nothing."""
+    rank = current()
+    if not rank.distributed or active():
+        yield rank
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank.local_rank)
+    torch.distributed.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s()))
+    log.info("rank %d/%d joined (%s, local rank %d)", rank.rank, rank.world_size, backend, rank.local_rank)
+    try:
+        yield rank
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (the tensor itself on one rank)."""
+    if active():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def shard(indices: np.ndarray, rank: Rank) -> np.ndarray:
+    """This rank's rows of `indices`: every world_size-th one, starting at its rank."""
+    return indices[rank.rank :: rank.world_size]
+
+
+def unshard(parts: Sequence[np.ndarray], total: int) -> np.ndarray:
+    """Inverse of `shard`: interleave the ranks' rows back into the original order."""
+    out = np.empty((total, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        out[r :: len(parts)] = part[: len(range(r, total, len(parts)))]
+    return out
+
+
+def gather_rows(local: np.ndarray, total: int, device: torch.device) -> np.ndarray:
+    """Every rank's `shard` of a (total, ...) float array, reassembled on every rank."""
+    if not active():
+        return local
+    world = torch.distributed.get_world_size()
+    longest = -(-total // world)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=torch.float32, device=device)
+    padded[: len(local)] = torch.from_numpy(local).to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return unshard([p.cpu().numpy() for p in parts], total).astype(local.dtype)
+
+
+# --- the launcher --------------------------------------------------------------------------------
+def torchrun_command(nproc: int, module_argv: Sequence[str]) -> list[str]:
+    """`python -m torch.distributed.run` on this host (standalone rendezvous), no restarts:
+    a failed rank fails the run; a rerun with the same --run-id resumes from the checkpoint."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--max-restarts=0", "--monitor-interval=1", "-m", "protein.cli", *module_argv]
+
+
+def launch(nproc: int, module_argv: Sequence[str]) -> tuple[int, dict[str, Any] | None]:
+    """Run `protein <module_argv>` as nproc ranks and wait: (exit code, rank 0's JSON result or
+    None when the run failed)."""
+    with tempfile.TemporaryDirectory(prefix="protein-ddp-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        env = {**os.environ, RESULT_FILE_ENV: str(result_path), "OMP_NUM_THREADS":
+               os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+        command = torchrun_command(nproc, module_argv)
+        log.info("launching %d ranks: %s", nproc, " ".join(command))
+        code = subprocess.run(command, env=env, check=False).returncode
+        if code != 0 or not result_path.exists():
+            return code or 1, None
+        return 0, json.loads(result_path.read_text())
+
+
+def write_result(result: dict[str, Any]) -> None:
+    """Rank 0 hands the run's result to the launcher (no-op outside a launched run)."""
+    path = os.environ.get(RESULT_FILE_ENV)
+    if path and current().is_main:
+        Path(path).write_text(json.dumps(result, default=str))

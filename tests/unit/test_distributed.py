@@ -1,0 +1,116 @@
+"""Single-process parts of data-parallel training: sharding, the ragged batch, accumulation."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from protein import distributed
+from protein.config import TrainConfig
+from protein.labels import LABELS
+from protein.presets import EvalPreset, normalization_constants
+from protein.storage import open_store
+from protein.train import check_batch_split, fit, iterate_batches, steps_per_epoch, train_one_epoch
+
+
+def numbered(n: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, axis=3)
+    return images, np.eye(n, dtype=np.float32)
+
+
+def sizes(batches) -> list[int]:  # noqa: ANN001
+    return [len(x) for x, _ in batches]
+
+
+def test_training_drops_only_the_ragged_last_batch():
+    images, targets = numbered(60)
+    idx = np.arange(49)
+    gen = torch.Generator().manual_seed(0)
+    assert sizes(iterate_batches(images, targets, idx, 16, gen, drop_last=True)) == [16, 16, 16]
+    assert sizes(iterate_batches(images, targets, idx, 16)) == [16, 16, 16, 1]  # evaluation keeps every row
+    # Less than one batch: the one short batch is kept, not dropped to nothing.
+    assert sizes(iterate_batches(images, targets, idx[:10], 16, drop_last=True)) == [10]
+    assert steps_per_epoch(49, 16) == 3 and steps_per_epoch(10, 16) == 1
+
+
+def test_ranks_read_disjoint_shards_of_the_same_global_batches():
+    images, targets = numbered(60)
+    idx = np.arange(3, 53)
+    single = [sorted(x[:, 0, 0, 0].tolist()) for x, _ in
+              iterate_batches(images, targets, idx, 8, torch.Generator().manual_seed(4), drop_last=True)]
+    per_rank = [[x[:, 0, 0, 0].tolist() for x, _ in
+                 iterate_batches(images, targets, idx, 8, torch.Generator().manual_seed(4), drop_last=True,
+                                 rank=distributed.Rank(r, r, 2))] for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single) == 6
+    for whole, a, b in zip(single, *per_rank, strict=True):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+        assert sorted(a + b) == whole
+
+
+def test_unshard_restores_the_order_of_any_split():
+    rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
+    for world in (1, 2, 3, 4):
+        parts = [distributed.shard(rows, distributed.Rank(r, r, world)) for r in range(world)]
+        longest = max(len(p) for p in parts)
+        padded = [np.concatenate([p, np.full((longest - len(p), 2), -1, np.float32)]) for p in parts]
+        assert np.array_equal(distributed.unshard(padded, len(rows)), rows)
+
+
+def test_global_batch_must_split_evenly_over_ranks_and_accumulation():
+    config = TrainConfig(batch_size=16, accumulate=2)
+    assert check_batch_split(config, 2) == 4
+    with pytest.raises(ValueError, match="multiple of nproc x accumulate = 3 x 2"):
+        check_batch_split(config, 3)
+    with pytest.raises(ValueError, match="accumulate"):
+        TrainConfig(batch_size=16, accumulate=3)
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    def net() -> nn.Module:
+        torch.manual_seed(0)  # no BatchNorm: micro-batches then see exactly the full batch's gradient
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+    images = torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8)
+    targets = (torch.rand(16, 5) > 0.5).float()
+    batches = [(images[:8], targets[:8]), (images[8:], targets[8:])]
+    weights = []
+    for accumulate in (1, 4):
+        model = net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        stats = train_one_epoch(model, iter(batches), optimizer, scheduler, nn.BCEWithLogitsLoss(),
+                                lambda x, _g: EvalPreset()(x), torch.device("cpu"), accumulate=accumulate)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        assert stats["train_images"] == 16
+    assert not torch.allclose(weights[0][0], net()[0].weight)  # it trained
+    for a, b in zip(*weights, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_normalisation_constants_are_built_once_per_device():
+    first = normalization_constants((0.1, 0.2, 0.3), (0.5, 0.5, 0.5), torch.device("cpu"))
+    assert first is normalization_constants((0.1, 0.2, 0.3), (0.5, 0.5, 0.5), torch.device("cpu"))
+    x = torch.randint(0, 255, (2, 4, 4, 3), dtype=torch.uint8)
+    expected = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 0.5
+    assert torch.allclose(EvalPreset(mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))(x), expected, atol=1e-5)
+
+
+def test_fit_survives_a_last_batch_of_one_image(tmp_path):
+    # 49 rows with batch 16 left a final batch of one image: BatchNorm raised
+    # "Expected more than 1 value per channel when training".
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    targets = (rng.random((60, len(LABELS))) > 0.8).astype(np.float32)
+    config = TrainConfig(image_size=32, epochs=1, batch_size=16, device="cpu")
+    result = fit(config, images, targets, np.arange(49), np.arange(49, 60), open_store(str(tmp_path / "store")), "r1")
+    assert result.history[0]["train_images"] == 48
+    assert result.extra["layout"]["steps_per_epoch"] == 3
+
+
+def test_nproc_that_cannot_split_the_batch_is_a_usage_error_before_launching(tmp_path, capsys):
+    from protein.cli import main
+
+    code = main(["train", "--data", str(tmp_path / "absent"), "--store", str(tmp_path / "store"),
+                 "--batch-size", "9", "--nproc", "2", "--device", "cpu"])
+    assert code == 2
+    assert "batch_size 9 (the global batch) must be a multiple of nproc x accumulate = 2 x 1" in capsys.readouterr().err
