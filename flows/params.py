@@ -4,6 +4,7 @@ run form usable without reading code. Each converts to the library's frozen conf
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Literal
@@ -29,6 +30,18 @@ def report_state(state: State, flow_name: str) -> int:
         return code if isinstance(code, int) and code > 0 else 1
     print(json.dumps(state.result(), default=str))
     return 0
+
+
+def route_library_logs() -> None:
+    """Called at the start of a flow: when the job environment lists 'protein' in
+    PREFECT_LOGGING_EXTRA_LOGGERS (the deployments do), Prefect attaches its API handler to that
+    logger but leaves its level NOTSET, i.e. the root's WARNING; INFO (epochs, resume, cache
+    hits) would never reach the UI."""
+    from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
+
+    library = logging.getLogger("protein")
+    if "protein" in (PREFECT_LOGGING_EXTRA_LOGGERS.value() or []) and library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)
 
 
 def default_store() -> str:

@@ -13,7 +13,15 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from flows.cli import run_with_prefect
-from flows.params import DispatchParams, GateParams, TrainParams, ValidationParams, default_store, report_state
+from flows.params import (
+    DispatchParams,
+    GateParams,
+    TrainParams,
+    ValidationParams,
+    default_store,
+    report_state,
+    route_library_logs,
+)
 from protein.data import DatasetSource, fingerprint
 from tasks.dispatch import dispatch_training
 from tasks.evaluation import evaluate_models, gate
@@ -55,6 +63,7 @@ def retrain(
     training when the champion was trained on exactly this data. `trigger_event` is set by the
     deployment trigger to the event that started the run, so a bad event is named in the failure."""
     logger = get_run_logger()
+    route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):
         # Fail before any task: the run's message names the event and the field, not a stack trace.
         return Failed(message=f"event {trigger_event}: field payload.uri is {problem}; nothing was run")

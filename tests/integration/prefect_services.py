@@ -40,7 +40,8 @@ class Service:
     def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path,
                  cwd: Path = REPO) -> None:
         self.name = name
-        self.killed = False  # on purpose, by the test
+        self.killed = False  # stopped or killed on purpose by the test
+        self.cwd = cwd
         self.log_path = log_dir / f"{name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen([str(PREFECT), *args], env=dict(env), cwd=cwd, stdout=log,
@@ -54,14 +55,20 @@ class Service:
             return False
         return True
 
-    def kill(self) -> None:
-        """SIGKILL the whole group at once, as a host losing power would: no cleanup runs."""
+    def kill(self, host_root: Path | None = None) -> None:
+        """SIGKILL the worker's process group at once, as a host losing power would: no cleanup
+        runs. Prefect starts each flow run in a session of its own, so the flow-run processes of
+        that "host" (every process whose working directory lies under host_root) die with it."""
         self.killed = True
+        doomed = processes_under(host_root) if host_root is not None else []
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while self.alive() and time.monotonic() < deadline:
+        while (self.alive() or any(Path(f"/proc/{pid}").exists() for pid in doomed)) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def log(self) -> str:
@@ -69,6 +76,18 @@ class Service:
 
     def log_tail(self, chars: int = 3000) -> str:
         return f"--- {self.name} (last {chars} chars) ---\n{self.log()[-chars:]}"
+
+
+def processes_under(root: Path) -> list[int]:
+    """Ids of this user's processes whose working directory lies under root (Linux /proc)."""
+    root = root.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")).is_relative_to(root):
+                    found.append(int(entry.name))
+    return found
 
 
 def stop_all(services: list[Service]) -> None:
@@ -95,6 +114,10 @@ def running_services() -> Iterator[list[Service]]:
     finally:
         stop_all([s for s in started if s.name != "server"])
         stop_all(started)
+        # Flow runs live in sessions of their own: a worker's stop does not reach an orphan.
+        for pid in [pid for s in started if s.cwd != REPO for pid in processes_under(s.cwd)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     leftover = [s.name for s in started if s.alive()]
     assert not leftover, f"still running after stop: {leftover}"
 
@@ -140,6 +163,8 @@ def host_env(base: Mapping[str, str], root: Path, extra: Mapping[str, str] | Non
         "PROTEIN_CACHE_DIR": str(root / "cache"),
         "TMPDIR": str(root / "tmp"),
         "XDG_CACHE_HOME": str(root / "cache" / "xdg"),
+        # Several "hosts" share this machine's cores: one torch thread each avoids oversubscription.
+        "OMP_NUM_THREADS": "1",
         **(extra or {}),
     })
     env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # a worker talks to the API, never the DB

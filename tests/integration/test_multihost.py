@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tasks.dispatch import idempotency_key
 from tests.conftest import MotoServer, set_s3_env
 from tests.helpers import write_dataset
 from tests.integration.prefect_services import (
@@ -33,8 +34,10 @@ from tests.integration.prefect_services import (
     git_remote_of_worktree,
     host_env,
     prefect_env,
+    processes_under,
     running_services,
     start_server,
+    stop_all,
     wait_final,
     worker_args,
 )
@@ -59,7 +62,12 @@ class Cluster:
     services: list[Service]
 
     def gpu_host(self, name: str) -> tuple[Service, Path]:
-        """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly."""
+        """A fresh GPU-pool worker in a directory of its own; it allows CPU explicitly. It replaces
+        the GPU workers started before it, so the runs that follow can only go to this one."""
+        previous = [s for s in self.services if s.name.startswith("worker-gpu") and not s.killed]
+        for service in previous:
+            service.killed = True  # gone on purpose: wait_final must not report it
+        stop_all(previous)
         root = self.root / name
         env = host_env(self.env, root, {"PROTEIN_ALLOW_CPU": "1",
                                         "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
@@ -80,7 +88,7 @@ def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
     result = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(local),
                              "--store", store], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"datasets push failed: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    uri = result.stdout.strip().splitlines()[-1]
+    uri = json.loads(result.stdout.strip().splitlines()[-1])["uri"]
     assert uri.startswith("s3://"), uri
     return uri
 
@@ -235,8 +243,8 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     from protein.registry import Registry
     from protein.storage import open_store
 
-    epochs = 12
-    worker, _ = cluster.gpu_host("gpu-host-c")
+    epochs = 6
+    worker, worker_dir = cluster.gpu_host("gpu-host-c")
     store_uri = f"s3://{cluster.bucket}/killed"
     store = open_store(store_uri)
     nightly = client.read_deployment_by_name("retrain/nightly")
@@ -249,7 +257,9 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
         assert time.monotonic() < deadline, f"no checkpoint in time\n{all_logs(cluster.services)}"
         assert client.read_flow_run(parent.id).state_type.value not in ("COMPLETED", "FAILED", "CRASHED")
         time.sleep(0.2)
-    worker.kill()
+    running = processes_under(worker_dir)
+    worker.kill(worker_dir)
+    assert not set(processes_under(worker_dir)) & set(running), "the GPU host's processes are gone"
     import torch
 
     [checkpoint] = checkpoints
@@ -269,6 +279,12 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     assert resumed, messages
     resumed_epoch = int(resumed[0].rsplit(" ", 1)[1])
     assert killed_at <= resumed_epoch < epochs, (killed_at, resumed_epoch)
+
+    # A retried parent asks for attempt 1 again: the server hands back the run it already has.
+    again = client.create_flow_run_from_deployment(
+        second.deployment_id, parameters=first.parameters,
+        idempotency_key=idempotency_key(first.parameters["run_id"], 1))
+    assert again.id == first.id
 
     registry = Registry(store)
     [version] = registry.versions()
