@@ -68,8 +68,8 @@ def test_winner_recipe_end_to_end_at_a_tiny_size(tiny_dataset, torch_home, tmp_p
     # What is saved is the moving average, not the last step's weights.
     from safetensors.torch import load_file
 
-    checkpoint = torch.load(io.BytesIO(open_store(store).get_bytes(f"runs/{result['run_id']}/checkpoint.pt")),
-                            weights_only=True)
+    raw = open_store(store).get_bytes(f"runs/{result['run_id']}/checkpoint.pt")
+    checkpoint = torch.load(io.BytesIO(raw), weights_only=True)
     local = registry.download(result["model_id"], tmp_path / "dl")
     saved = load_file(str(local / "model.safetensors"))
     assert all(torch.equal(saved[k], checkpoint["ema"][f"module.{k}"]) for k in saved)
