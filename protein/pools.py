@@ -7,9 +7,11 @@ from multiprocessing.context import BaseContext
 
 
 def pool_context() -> BaseContext:
-    """forkserver (spawn where there is none), never fork: the caller may run torch's or Prefect's
-    threads, and a forked child inherits their locks in whatever state they were (deadlocks) and
-    their signal handlers (Prefect's TerminationSignal raised inside pool workers). Workers start
-    from a clean server process and import only what the pool's function needs."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    """spawn, never fork: the caller may run torch's or Prefect's threads, and a forked child
+    inherits their locks in whatever state they were (deadlocks) and their signal handlers
+    (Prefect's TerminationSignal raised inside pool workers). Not forkserver either: its server
+    process is started once and keeps the environment of that moment, so workers of a later pool
+    would miss credentials or settings set since (S3 reads from a worker failed that way). Spawned
+    workers start clean, with the caller's current environment, and import only what the pool's
+    function needs (about a second each; pools are used only above a few hundred images)."""
+    return multiprocessing.get_context("spawn")

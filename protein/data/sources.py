@@ -88,7 +88,8 @@ class FolderSource(DatasetSource):
 
         def subdirs(folder: str) -> list[str]:
             try:
-                return sorted(e.name for e in os.scandir(base / folder) if e.is_dir())
+                with os.scandir(base / folder) as entries:
+                    return sorted(e.name for e in entries if e.is_dir())
             except OSError:
                 return []
 
@@ -128,26 +129,39 @@ class FolderSource(DatasetSource):
         folder = self.root / dirname
         if not folder.is_dir():
             return []
-        return sorted(entry.name for entry in os.scandir(folder) if not entry.is_dir())
+        with os.scandir(folder) as entries:
+            return sorted(entry.name for entry in entries if not entry.is_dir())
 
     def digests(self) -> dict[str, FileDigest]:
         files = {name: self._path(name) for name in (TRAIN_CSV, SAMPLE_SUBMISSION_CSV) if self.exists(name)}
         stats: dict[str, os.stat_result] = {}
+        # An image that is a symlink out of the dataset is never read; it enters the fingerprint
+        # by where it points, so validation can still report it beside every other bad file
+        # (reading it for training or prediction is refused, as always).
+        outside: dict[str, FileDigest] = {}
         for folder in (TRAIN_DIR, TEST_DIR):
             path = self._path(folder)
             if not path.is_dir():
                 continue
             # One scandir per folder gives every file's stat; only symlinks pay for a resolve().
-            for entry in os.scandir(path):
-                if entry.is_dir():
-                    continue
-                name = f"{folder}/{entry.name}"
-                files[name] = self._path(name) if entry.is_symlink() else Path(entry.path)
-                if not entry.is_symlink():
-                    stats[name] = entry.stat(follow_symlinks=False)
+            # Closed explicitly: a refused symlink raises mid-iteration.
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        continue
+                    name = f"{folder}/{entry.name}"
+                    if not entry.is_symlink():
+                        files[name] = Path(entry.path)
+                        stats[name] = entry.stat(follow_symlinks=False)
+                        continue
+                    try:
+                        files[name] = self._path(name)
+                    except DataError:
+                        target = os.readlink(entry.path).encode(errors="surrogateescape")
+                        outside[name] = FileDigest(size=0, md5=md5_bytes(b"symlink outside the dataset:" + target))
         cache = HashCache(cache_file_for(self.cache_root, "folder", [self.base]))
         try:
-            return cache.digests(files, stats)
+            return {**cache.digests(files, stats), **outside}
         except FileNotFoundError as exc:
             raise DataError(f"{exc.filename}: vanished while fingerprinting the dataset") from None
 

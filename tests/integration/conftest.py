@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from tests.conftest import MotoServer
     from tests.integration.prefect_stack import Stack
 
 
@@ -20,13 +19,16 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def prefect_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: MotoServer) -> Iterator[Stack]:
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A real server + cpu worker + deployments + automations, shared by the events and UI tests
-    (starting one takes most of a minute on a loaded machine)."""
+    (starting one takes most of a minute on a loaded machine). Its S3 server is its own: tests
+    between the events and the UI tests must not be able to empty the stack's bucket."""
+    from tests.conftest import running_moto_server
     from tests.integration.prefect_stack import start_stack, stop_stack
 
-    stack = start_stack(tmp_path_factory.mktemp("stack"), s3_server)
-    try:
-        yield stack
-    finally:
-        stop_stack(stack)
+    with running_moto_server() as s3:
+        stack = start_stack(tmp_path_factory.mktemp("stack"), s3)
+        try:
+            yield stack
+        finally:
+            stop_stack(stack)

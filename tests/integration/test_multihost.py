@@ -217,8 +217,8 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     lines = store.get_bytes(latest["key"]).decode().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == TEST_IDS
 
-    # Unchanged data, a fresh GPU host: validation is a cache hit on the CPU host and the GPU
-    # host pulls the decoded images the first one pushed to the store instead of decoding.
+    # Unchanged data, a fresh GPU host: the GPU host pulls the decoded images the first one pushed
+    # to the store instead of decoding.
     _, gpu_dir_b = cluster.gpu_host("gpu-host-b")
     second = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))
     while (second := client.read_flow_run(second.id)).state_type.value not in ("RUNNING", "COMPLETED", "FAILED",
@@ -231,8 +231,13 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     second = wait_final(client, second.id, RUN_TIMEOUT_S, cluster.services)
     assert second.state.is_completed(), f"{second.state.message}\n{all_logs(cluster.services)}"
 
+    # The promotion moved the drift reference to the champion's training data, and the reference's
+    # hash is part of the validation cache key: the second run validates once more, against it.
     [validation] = [t for t in task_runs(client, second.id) if t.name.startswith("validate-data")]
-    assert validation.state.name == "Cached", f"validation ran again on unchanged data: {validation.state.name}"
+    assert validation.state.name == "Completed", f"validation against the new reference: {validation.state.name}"
+    data_fingerprint = registry.spec(champion)["data_fingerprint"]
+    report = json.loads(store.get_bytes(f"validation/{data_fingerprint}/report.json"))
+    assert report["reference"]["model_id"] == champion, report["reference"]
     [train_b] = train_runs(client, second.id)
     messages = [log.message for log in run_logs(client, train_b.id)]
     assert any(m.startswith("image cache pulled from s3://") for m in messages), messages

@@ -139,7 +139,9 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(r
     progress = tmp_path / "progress"
     spec = json.loads(open_store(str(tmp_path / "reference")).get_bytes(
         f"models/{reference_result['model_id']}/model.json"))
-    steps = -(-spec["holdout"]["n_train"] // batch)
+    # Training drops a ragged last batch (a batch of one image breaks BatchNorm).
+    n_train = spec["holdout"]["n_train"]
+    steps = n_train // batch if n_train >= batch else 1
     command = [sys.executable, "-c", PROGRESS_RUNNER, *args, "--store", store.uri, "--run-id", "killed"]
     env = {**os.environ, **ONE_THREAD, "PROTEIN_TEST_PROGRESS": str(progress)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -407,7 +409,10 @@ def test_retrain_flow_fails_when_s3_is_down(prefect_harness, fault_server, small
     assert state.is_failed()
     assert state.message.startswith(f"Flow run encountered an exception: StoreError: s3://{bucket}/p/")
     assert f"cannot reach the S3 endpoint {fault_server.endpoint}" in state.message
-    assert not isolated_cache.exists()
+    # Nothing decoded or downloaded; only the content-hash cache of the local dataset (written by
+    # fingerprinting it, before any store call) may exist.
+    written = sorted(p.relative_to(isolated_cache).parts[:2] for p in isolated_cache.rglob("*") if p.is_file())
+    assert all(parts == ("datasets", "hashes") for parts in written), written
 
 
 def test_presigned_urls_are_sigv4(s3_bucket):
@@ -901,7 +906,7 @@ def test_hostile_images_fail_validation_naming_each_file(tmp_path):
                  "--image-size", str(IMAGE))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert json.loads(result.stdout)["success"] is False
-    for needle in ("train/5.png row 7 = 'unreadable' (cannot read: points outside the dataset folder",
+    for needle in ("train/5.png row 7 (cannot read: points outside the dataset folder",
                    "train/6.png row 8 = '10000x10000'",
                    "train/7.png row 9 = False (data after the IEND chunk (trailing garbage))"):
         assert needle in result.stderr, result.stderr

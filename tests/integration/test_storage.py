@@ -20,7 +20,7 @@ import pytest
 from protein import storage
 from protein.errors import IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import LocalStore, S3Store, Store, open_store, validate_key
-from tests.conftest import MotoServer, free_port
+from tests.conftest import MotoServer, free_port, running_moto_server, set_s3_env
 
 pytestmark = pytest.mark.integration
 
@@ -362,18 +362,24 @@ def test_unreachable_endpoint_fails_fast(
         store.put_bytes("k", b"x")
 
 
-def test_server_going_away_and_back(s3_server: MotoServer, s3_bucket: str) -> None:
-    store = open_store(s3_bucket)
-    store.put_bytes("k", b"x")
-    s3_server.stop()
-    try:
-        with pytest.raises(StoreError, match="cannot reach"):
-            store.get_bytes("k")
-    finally:
-        s3_server.start()
-    # The server keeps state in memory only, so the bucket is gone; the same store object recovers.
-    with pytest.raises(StoreError, match="does not exist"):
-        store.check()
+def test_server_going_away_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    # A server of its own: stopping the session's server would empty every other test's buckets.
+    with running_moto_server() as server:
+        set_s3_env(monkeypatch, server.endpoint)
+        boto3.session.Session().client("s3").create_bucket(Bucket="going-away")
+        store = open_store("s3://going-away/prefix")
+        store.put_bytes("k", b"x")
+        server.stop()
+        try:
+            with pytest.raises(StoreError, match="cannot reach"):
+                store.get_bytes("k")
+        finally:
+            server.start()
+        # The server keeps state in memory only, so the bucket is gone; the same store object recovers.
+        with pytest.raises(StoreError, match="does not exist"):
+            store.check()
 
 
 def test_no_credentials(s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
