@@ -48,8 +48,10 @@ def save_webhook_block(url: str) -> str:
     `subject` and `text` so Slack/Teams-style incoming webhooks show it as is."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    block = CustomWebhookNotificationBlock(name=BLOCK_NAME, url=url, method="POST",
-                                           json_data={"subject": "{{subject}}", "text": "{{body}}"})
+    # The URL usually carries a token: it goes in the block's secrets (shown obfuscated by the API
+    # and the UI), and the url field only names it.
+    block = CustomWebhookNotificationBlock(name=BLOCK_NAME, url="{{webhook_url}}", secrets={"webhook_url": url},
+                                           method="POST", json_data={"subject": "{{subject}}", "text": "{{body}}"})
     return str(block.save(BLOCK_NAME, overwrite=True))
 
 
