@@ -196,6 +196,10 @@ def _train_and_register(
         "metrics": metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
+        # Lineage: the label profile of the data it was trained on. Promotion makes it the drift
+        # reference (protein.validation.write_reference_profile), so the hash here is the one the
+        # next validation runs are keyed by.
+        "label_profile": training_label_profile(data.train_label_sets),
         # The exact rows, so a later gate scores this model only on rows it never trained on,
         # whatever happens to the data (see docs/gate.md).
         "holdout": {**holdout, "ids": [data.train_ids[i] for i in holdout_idx],
@@ -291,6 +295,13 @@ def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
             f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
             "since it was validated); refusing to train on it"
         )
+
+
+def training_label_profile(label_sets: list[frozenset[int]]) -> dict[str, Any]:
+    from protein.validation.drift import profile_hash, profile_labels
+
+    profile = profile_labels(label_sets)
+    return {**profile, "hash": profile_hash(profile)}
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:

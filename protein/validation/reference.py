@@ -57,13 +57,21 @@ def _uri(store: Any) -> str:
 
 def write_reference_profile(store: Any, model_id: str) -> dict | None:
     """Make the promoted model's training-data profile the reference. Call right after a
-    successful promotion. The profile comes from the validation report of the dataset the model
-    was trained on (model.json's data_fingerprint); None, with a warning, if that dataset was
-    never validated against this store (then the reference stays as it was)."""
+    successful promotion. The profile is the one model.json records (its lineage); for versions
+    registered before that, the validation report of the dataset it was trained on (model.json's
+    data_fingerprint). None, with a warning, when neither exists (the reference stays as it was)."""
     from protein.registry import Registry
 
     spec = Registry(store).spec(model_id)
     data_fingerprint = spec.get("data_fingerprint")
+    if isinstance(spec.get("label_profile"), dict):  # recorded at registration (lineage)
+        try:
+            profile = check_profile(spec["label_profile"], f"model {model_id} label_profile")
+        except ValueError as exc:
+            log.warning("model %s: unusable label_profile (%s); trying its validation report", model_id, exc)
+        else:
+            return save_reference(store, profile, source=f"champion {model_id} training data",
+                                  model_id=model_id, data_fingerprint=data_fingerprint)
     key = report_key(str(data_fingerprint)) if data_fingerprint else None
     if key is None or not store.exists(key):
         log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
