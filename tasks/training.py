@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from protein.config import TrainConfig
 from protein.devices import DevicePolicy, choose_device
 from protein.pipeline import train_and_register, train_on_ranks
+from protein.train import select_device
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -35,7 +36,7 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
     logger = get_run_logger()
     # A check only: for 'auto' the answer is what training picks anyway, so the config (saved in
     # the checkpoint and compared on resume) stays as the caller built it.
-    device = device_for(config, policy)
+    device = str(select_device(device_for(config, policy)))  # 'auto' shown as what it resolves to
     logger.info("training %s at %d px on device %s (run %s)", config.arch, config.image_size, device, run_id)
     if device.startswith("cuda"):
         import torch
