@@ -69,6 +69,8 @@ def test_start_retrain_from_the_ui_and_see_its_artifacts(prefect_stack: Stack, t
             epochs.wait_for()
             assert epochs.input_value() == "1", "the form shows the deployment's default (1 epoch in this stack)"
             epochs.fill(str(CUSTOM_EPOCHS))
+            epochs.press("Tab")  # blur: the form commits a field's value on change, as a user's tab does
+            assert epochs.input_value() == str(CUSTOM_EPOCHS)
             shot("2-run-form")
             page.get_by_role("button", name="Submit", exact=True).click()
 
