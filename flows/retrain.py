@@ -23,9 +23,9 @@ from flows.params import (
     route_library_logs,
 )
 from protein.data import DatasetSource, fingerprint
-from tasks.dispatch import dispatch_training
-from tasks.evaluation import evaluate_models, gate
-from tasks.prediction import predict_submission
+from tasks.dispatch import dispatch as dispatch_step
+from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
+from tasks.prediction import predict_submission, publish_submission_of_run
 from tasks.registry import current_champion, find_run_model, promote_model
 from tasks.summary import champion_data_fingerprint, data_fingerprint, dataset_uri_problem, publish_run_summary
 from tasks.training import train_model
@@ -51,6 +51,7 @@ def retrain(
     gate_config: GateParams = GateParams(),
     validation: ValidationParams = ValidationParams(),
     train_deployment: str | None = None,
+    score_deployment: str | None = None,
     dispatch: DispatchParams = DispatchParams(),
     skip_if_unchanged: bool = False,
     trigger_event: str | None = None,
@@ -58,7 +59,9 @@ def retrain(
     """Retrain on a dataset (folder, competition zip or s3:// URI) and promote the challenger only
     if it beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
     training as a deployment on the GPU work pool, waiting and re-dispatching as `dispatch`
-    says; empty trains in this process. An empty `store` means the worker's PROTEIN_STORE
+    says; empty trains in this process. `score_deployment` (e.g. 'score/gpu') likewise scores
+    challenger and champion for the gate and predicts the test set where the GPU is; their
+    results come back through the store. Empty scores in this process. An empty `store` means the worker's PROTEIN_STORE
     (default work/store). `skip_if_unchanged` (on for the nightly schedule) completes without
     training when the champion was trained on exactly this data. `trigger_event` is set by the
     deployment trigger to the event that started the run, so a bad event is named in the failure."""
@@ -95,9 +98,9 @@ def retrain(
     config = train.to_config()
     if train_deployment:
         try:
-            dispatch_training(train_deployment, {"data": data, "store": store, "train": train.model_dump(),
-                                                 "run_id": run_id, "expected_fingerprint": report["data_fingerprint"]},
-                              run_id, dispatch.to_config())
+            dispatch_step("train", train_deployment,
+                          {"data": data, "store": store, "train": train.model_dump(), "run_id": run_id,
+                           "expected_fingerprint": report["data_fingerprint"]}, run_id, dispatch.to_config())
         except RuntimeError as exc:
             return Failed(message=str(exc))
         challenger = find_run_model(store, run_id)
@@ -109,24 +112,59 @@ def retrain(
     summary["challenger"] = challenger
 
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
-    evaluation = evaluate_models(data, store, challenger, champion)
+    try:
+        evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
+                                     score_deployment, dispatch)
+    except RuntimeError as exc:  # the score deployment failed or never ran: nothing was decided
+        return Failed(message=str(exc))
     decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
                     gate_config.to_config())
     if decision["promote"]:
         champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
                                  decision=decision)["champion"]
-    logger.info("gate: %s (%s)", "promoted" if decision["promote"] else "kept champion",
-                "; ".join(decision["reasons"]))
+    outcome = "promoted" if decision["promote"] else "kept champion" if champion else "refused, no champion yet"
+    logger.info("gate: %s (%s)", outcome, "; ".join(decision["reasons"]))
+    links = {**summary["links"], "gate record": decision["record_uri"], "training plot": decision["plot_uri"]}
+    result = {"champion": champion, "challenger": challenger, "promoted": decision["promote"],
+              "reasons": decision["reasons"], "challenger_score": decision["challenger_score"],
+              "champion_score": decision["champion_score"], "submission": None,
+              "data_fingerprint": report["data_fingerprint"], "run_id": run_id}
+    if champion is None:  # a first challenger the gate refused: no model may write a submission
+        logger.info("no submission: there is no champion to write it")
+        publish_run_summary({**summary, "outcome": outcome, "gate": decision, "links": links})
+        return result
 
-    submission = predict_submission(data, store, champion)
-    publish_run_summary({**summary, "outcome": "promoted" if decision["promote"] else "kept champion",
-                         "champion_after": champion, "gate": decision,
-                         "links": {**summary["links"], "gate record": decision["record_uri"],
-                                   "training plot": decision["plot_uri"], "submission": submission["uri"]}})
-    return {"champion": champion, "challenger": challenger, "promoted": decision["promote"],
-            "reasons": decision["reasons"], "challenger_score": decision["challenger_score"],
-            "champion_score": decision["champion_score"], "submission": submission["uri"],
-            "data_fingerprint": report["data_fingerprint"], "run_id": run_id}
+    try:
+        submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
+                                    dispatch)
+    except RuntimeError as exc:
+        return Failed(message=f"{exc} (the gate's decision stands: champion is {champion})")
+    publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
+                         "links": {**links, "submission": submission}})
+    return {**result, "submission": submission}
+
+
+def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champion: str | None,
+                    data_fingerprint: str, score_deployment: str | None, dispatch: DispatchParams) -> dict[str, Any]:
+    """Challenger and champion scored for the gate: here, or by the score deployment on the gpu
+    pool, whose result comes back through the store. RuntimeError when that deployment failed."""
+    if not score_deployment:
+        return evaluate_models(data, store, challenger, champion)
+    dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
+                                                   "model": challenger, "champion": champion},
+                  run_id, dispatch.to_config())
+    return gate_evaluation_of_run(store, run_id, challenger, champion, data_fingerprint)
+
+
+def submission_uri(data: str, store: str, run_id: str, champion: str, data_fingerprint: str,
+                   score_deployment: str | None, dispatch: DispatchParams) -> str:
+    """The champion's test-set submission, written here or by the score deployment."""
+    if not score_deployment:
+        return predict_submission(data, store, champion)["uri"]
+    dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
+                                                      "run_id": run_id, "model": champion},
+                  run_id, dispatch.to_config())
+    return publish_submission_of_run(store, run_id, champion, data_fingerprint)["uri"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-score", type=float, default=GateParams().min_score)
     parser.add_argument("--min-gain", type=float, default=GateParams().min_gain)
     parser.add_argument("--train-deployment", help="run training as this deployment (e.g. train/gpu)")
+    parser.add_argument("--score-deployment", help="score and predict as this deployment (e.g. score/gpu)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -153,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             gate_config=GateParams(min_score=args.min_score, min_gain=args.min_gain),
             validation=ValidationParams(image_size=args.expected_image_size),
             train_deployment=args.train_deployment,
+            score_deployment=args.score_deployment,
             return_state=True,
         )
         return report_state(state, "retrain")

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -342,12 +343,12 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
 
 
 def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
-                   ids: list[str], cache_dir: Path | None) -> dict[str, Any]:
+                   ids: list[str], cache_dir: Path | None, device: str = "auto") -> dict[str, Any]:
     """Metrics of one version on the given rows, plus its per-image predictions (as class
     bitmasks) for the gate's paired bootstrap."""
     position = {image_id: i for i, image_id in enumerate(data.train_ids)}
     index = np.array([position[i] for i in ids], dtype=np.int64)
-    predictor = load_predictor(registry, model_id, cache_dir)
+    predictor = load_predictor(registry, model_id, cache_dir, device)
     images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
     probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
     targets = data.targets[index].astype(bool)
@@ -397,12 +398,14 @@ def evaluate_for_gate(
     challenger_id: str,
     champion_id: str | None,
     cache_dir: Path | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Score the challenger and the champion on the same rows, none of which either trained on.
 
     Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
     sha256, how it was chosen). With no fair row at all the champion is not scored and the
-    challenger is scored on its own holdout, so the gate can still say what it saw."""
+    challenger is scored on its own holdout, so the gate can still say what it saw.
+    `device`: 'auto' (CUDA when present), 'cpu' or 'cuda[:n]'."""
     store = open_store(store_uri)
     registry = Registry(store)
     challenger_id = registry.resolve(challenger_id)
@@ -413,12 +416,14 @@ def evaluate_for_gate(
     rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
     summary = rows.to_dict()
     if rows.ids:
-        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir)
-        champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir)
-                    if champion_id else None)
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir,
+                                    device)
+        champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir,
+                                   device) if champion_id else None)
     else:
         own = gate_rows(data, data_fingerprint, challenger_spec, None)
-        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir)
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir,
+                                    device)
         challenger["scored_on"] = own.selection
         champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
     challenger["rows"] = summary
@@ -427,24 +432,32 @@ def evaluate_for_gate(
     return {"rows": summary, "challenger": challenger, "champion": champion}
 
 
-def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None) -> Predictor:
+def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
+                   device: str = "auto") -> Predictor:
     local = registry.download(model_id, (cache_dir or default_cache_dir()) / "models")
-    return Predictor.from_checkpoint(local)
+    return Predictor.from_checkpoint(local, device)
 
 
-def predict_and_publish(
+@dataclass(frozen=True)
+class TestSetPrediction:
+    """A submission computed but not yet published."""
+
+    model_id: str  # the version, or ensemble-<hash> for several
+    csv_bytes: bytes
+    data_fingerprint: str
+    extra: dict[str, Any]  # an ensemble's members and thresholds
+
+
+def predict_test_set(
     data_path: str | os.PathLike[str],
     store_uri: str,
     model_id: str | Sequence[str] = "champion",
-    out: Path | None = None,
     cache_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
-    submissions/latest.json to the store (and `out` locally when given). Several versions make
-    an ensemble: the mean of their (test-time-augmented) probabilities, published under
-    submissions/ensemble-<hash>/."""
-    store = open_store(store_uri)
-    registry = Registry(store)
+    device: str = "auto",
+) -> TestSetPrediction:
+    """The test set's submission CSV from one version, or from several as an ensemble: the mean
+    of their (test-time-augmented) probabilities."""
+    registry = Registry(open_store(store_uri))
     requested = [model_id] if isinstance(model_id, str) else list(model_id)
     if not requested:
         raise ValueError("predict needs at least one model version")
@@ -454,26 +467,41 @@ def predict_and_publish(
     data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     if len(model_ids) == 1:
-        predictor = load_predictor(registry, model_ids[0], cache_dir)
+        predictor = load_predictor(registry, model_ids[0], cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
         frame = predictor.submission(data.test_ids, images)
-        csv_bytes = frame.to_csv(index=False, lineterminator="\n").encode()
-        return publish_submission(store, model_ids[0], csv_bytes, data_fingerprint, out)
+        return TestSetPrediction(model_ids[0], frame.to_csv(index=False, lineterminator="\n").encode(),
+                                 data_fingerprint, {})
 
     thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
     total: np.ndarray | None = None
     for member in model_ids:  # one member in memory at a time
-        predictor = load_predictor(registry, member, cache_dir)
+        predictor = load_predictor(registry, member, cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
         probs = predictor.predict_probs(images)
         total = probs if total is None else total + probs
     assert total is not None
     labels = label_strings(total / len(model_ids), thresholds)
     frame = pd.DataFrame({"Image": data.test_ids, "Label": labels})
-    csv_bytes = frame.to_csv(index=False, lineterminator="\n").encode()
-    return publish_submission(store, ensemble_id(model_ids), csv_bytes, data_fingerprint, out,
-                              extra={"members": model_ids, "thresholds": [float(t) for t in thresholds],
-                                     "thresholds_from": threshold_info})
+    return TestSetPrediction(ensemble_id(model_ids), frame.to_csv(index=False, lineterminator="\n").encode(),
+                             data_fingerprint, {"members": model_ids, "thresholds": [float(t) for t in thresholds],
+                                                "thresholds_from": threshold_info})
+
+
+def predict_and_publish(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    model_id: str | Sequence[str] = "champion",
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
+    submissions/latest.json to the store (and `out` locally when given). Several versions make
+    an ensemble, published under submissions/ensemble-<hash>/."""
+    prediction = predict_test_set(data_path, store_uri, model_id, cache_dir, device)
+    return publish_submission(open_store(store_uri), prediction.model_id, prediction.csv_bytes,
+                              prediction.data_fingerprint, out, prediction.extra)
 
 
 def publish_submission(

@@ -1,11 +1,13 @@
-"""Run training as a deployment on the gpu pool and wait for it without hanging.
+"""Run a step (training, scoring) as a deployment on the gpu pool and wait for it without hanging.
 
-A training run whose worker dies (host lost, SIGKILL, OOM-killer) stays `Running` on the
+A run whose worker dies (host lost, SIGKILL, OOM-killer) stays `Running` on the
 server forever: nothing marks it Crashed. So the parent watches the worker that took the run;
 when that worker stops heartbeating, or the attempt outlives its timeout, the run is marked
-Crashed/Cancelling and dispatched again with the same run id, which resumes from the last
-epoch checkpoint in the store. Every attempt carries an idempotency key derived from the run
-id, so a retried parent finds the attempts it already started instead of starting new ones.
+Crashed/Cancelling and dispatched again with the same run id: training resumes from the last
+epoch checkpoint in the store, scoring simply runs again (it writes its result to the store
+under the run id; nothing of a lost attempt is kept). Every attempt carries an idempotency key
+derived from the step and the run id, so a retried parent finds the attempts it already
+started instead of starting new ones.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ MISSED_HEARTBEATS = 3
 
 @dataclass(frozen=True)
 class DispatchConfig:
-    """How long and how often the parent waits for training on another host."""
+    """How long and how often the parent waits for a step on another host."""
 
     timeout_s: float = 6 * 3600  # per attempt, from dispatch to a final state
     attempts: int = 3
@@ -69,8 +71,8 @@ def decide(state: StateType | None, started: bool, worker_alive: bool | None, el
     return Step.WAIT
 
 
-def idempotency_key(run_id: str, attempt: int) -> str:
-    return f"train-{run_id}-attempt-{attempt}"
+def idempotency_key(run_id: str, attempt: int, step: str = "train") -> str:
+    return f"{step}-{run_id}-attempt-{attempt}"
 
 
 def worker_alive(client: SyncPrefectClient, run: FlowRun, now: dt.datetime) -> bool | None:
@@ -86,26 +88,26 @@ def worker_alive(client: SyncPrefectClient, run: FlowRun, now: dt.datetime) -> b
     return silence <= MISSED_HEARTBEATS * (worker.heartbeat_interval_seconds or 30)
 
 
-@task(name="dispatch-training", cache_policy=NO_CACHE)
-def dispatch_training(deployment: str, parameters: dict[str, Any], run_id: str,
-                      config: DispatchConfig = DispatchConfig()) -> dict[str, Any]:
+@task(name="dispatch", task_run_name="dispatch-{step}", cache_policy=NO_CACHE)
+def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str,
+             config: DispatchConfig = DispatchConfig()) -> dict[str, Any]:
     """Run `deployment` with `parameters` until one attempt completes; the flow run ids of all
-    attempts come back with the outcome. Raises RuntimeError when no attempt completed."""
+    attempts come back with the outcome. `step` ('train', 'score-gate', 'score-predict') names
+    the attempts' flow runs and keys. Raises RuntimeError when no attempt completed."""
     logger = get_run_logger()
     runs: list[str] = []
     for attempt in range(1, config.attempts + 1):
-        child = run_deployment(deployment, parameters=parameters, timeout=0, flow_run_name=f"train-{run_id}",
-                               idempotency_key=idempotency_key(run_id, attempt))
+        child = run_deployment(deployment, parameters=parameters, timeout=0, flow_run_name=f"{step}-{run_id}",
+                               idempotency_key=idempotency_key(run_id, attempt, step))
         runs.append(str(child.id))
-        logger.info("training attempt %d/%d: flow run %s on %s", attempt, config.attempts, child.name, deployment)
-        step, state = wait_for(child.id, config)
-        if step is Step.DONE:
+        logger.info("%s attempt %d/%d: flow run %s on %s", step, attempt, config.attempts, child.name, deployment)
+        outcome, state = wait_for(child.id, config)
+        if outcome is Step.DONE:
             return {"flow_run_ids": runs, "attempts": attempt}
-        if step in (Step.FAILED, Step.NEVER_STARTED):
-            raise RuntimeError(f"training {child.name} ({deployment}) {step.value}: {state}")
-        logger.warning("training attempt %d %s (%s); dispatching again to resume run %s from its last checkpoint",
-                       attempt, step.value, state, run_id)
-    raise RuntimeError(f"training run {run_id} did not complete in {config.attempts} attempts on {deployment}")
+        if outcome in (Step.FAILED, Step.NEVER_STARTED):
+            raise RuntimeError(f"{step} {child.name} ({deployment}) {outcome.value}: {state}")
+        logger.warning("%s attempt %d %s (%s); dispatching run %s again", step, attempt, outcome.value, state, run_id)
+    raise RuntimeError(f"{step} of run {run_id} did not complete in {config.attempts} attempts on {deployment}")
 
 
 def wait_for(flow_run_id: Any, config: DispatchConfig) -> tuple[Step, str]:

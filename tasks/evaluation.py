@@ -2,16 +2,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from protein.config import GateConfig
+from protein.devices import DevicePolicy
 from protein.gate import decide
 from protein.pipeline import evaluate_for_gate, evaluate_version, publish_training_plot, record_gate_decision
 from protein.report import gate_markdown, per_class_rows
+from protein.run_results import read_gate_evaluation, score_for_gate
 from tasks import events
 from tasks.retry import retry_transient
+from tasks.training import device_for
 
 
 @task(name="evaluate-model", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
@@ -27,6 +30,26 @@ def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float
 def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None) -> dict[str, Any]:
     """Challenger and champion scored on the same rows, none of which either trained on."""
     return evaluate_for_gate(data, store, challenger_id, champion_id)
+
+
+@task(name="evaluate-for-gate-into-store", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
+def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id: str, champion_id: str | None,
+                               policy: DevicePolicy) -> dict[str, Any]:
+    """evaluate-for-gate on the host that runs the score deployment (the GPU's), its result kept
+    under the run in the store for the retrain run to read."""
+    device = device_for("auto", policy)
+    get_run_logger().info("scoring %s and %s for the gate on %s (run %s)", challenger_id,
+                          champion_id or "no champion", device, run_id)
+    return score_for_gate(data, store, run_id, challenger_id, champion_id, device)
+
+
+@task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def gate_evaluation_of_run(store: str, run_id: str, challenger_id: str, champion_id: str | None,
+                           data_fingerprint: str) -> dict[str, Any]:
+    """What the score deployment found, refused unless it scored these models on this data."""
+    return read_gate_evaluation(store, run_id, challenger_id, champion_id, data_fingerprint)
 
 
 @task(name="gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)

@@ -2,24 +2,51 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
+from protein.devices import DevicePolicy
 from protein.links import object_uri
 from protein.pipeline import predict_and_publish
+from protein.run_results import predict_for_run, publish_run_submission
 from protein.storage import open_store
 from tasks import events
 from tasks.retry import retry_transient
+from tasks.training import device_for
 
 
 @task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
 def predict_submission(data: str, store: str, model_id: str | list[str] = "champion") -> dict[str, Any]:
     result = predict_and_publish(data, store, model_id)
+    announce_submission(store, result)
+    return result
+
+
+@task(name="predict-test-set-into-store", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
+def predict_submission_for_run(data: str, store: str, run_id: str, model_id: str,
+                               policy: DevicePolicy) -> dict[str, Any]:
+    """The test set predicted on the host that runs the score deployment (the GPU's) and kept
+    under the run; the retrain run publishes it."""
+    device = device_for("auto", policy)
+    get_run_logger().info("predicting the test set with %s on %s (run %s)", model_id, device, run_id)
+    return predict_for_run(data, store, run_id, model_id, device)
+
+
+@task(name="publish-submission", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def publish_submission_of_run(store: str, run_id: str, model_id: str, data_fingerprint: str) -> dict[str, Any]:
+    """The submission the score deployment computed for this run, checked and published here."""
+    result = publish_run_submission(store, run_id, model_id, data_fingerprint)
+    announce_submission(store, result)
+    return result
+
+
+def announce_submission(store: str, result: dict[str, Any]) -> None:
     # The durable URI, never a presigned URL: `protein link URI` makes an openable link on demand.
     uri = object_uri(open_store(store), result["key"])
     create_link_artifact(uri, link_text=f"submission.csv ({result['rows']} rows, model {result['model_id']})",
                          key="submission", description=f"test-set submission; open with `protein link {uri}`")
     events.submission_written(uri, result["model_id"], result["rows"])
-    return result

@@ -15,11 +15,11 @@ from tasks import events
 from tasks.retry import retry_transient
 
 
-def device_for(config: TrainConfig, policy: DevicePolicy) -> str:
+def device_for(requested: str, policy: DevicePolicy) -> str:
     """Checked before any data is read: a gpu-pool run on a host without CUDA fails in seconds."""
     import torch
 
-    return choose_device(config.device, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), policy)
+    return choose_device(requested, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), policy)
 
 
 # The timeout bounds training alone: GPU slots are queued on the server (the gpu work pool's
@@ -36,7 +36,7 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
     logger = get_run_logger()
     # A check only: for 'auto' the answer is what training picks anyway, so the config (saved in
     # the checkpoint and compared on resume) stays as the caller built it.
-    device = str(select_device(device_for(config, policy)))  # 'auto' shown as what it resolves to
+    device = str(select_device(device_for(config.device, policy)))  # 'auto' shown as what it resolves to
     logger.info("training %s at %d px on device %s (run %s)", config.arch, config.image_size, device, run_id)
     if device.startswith("cuda"):
         import torch

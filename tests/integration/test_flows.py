@@ -93,6 +93,24 @@ def test_challenger_that_does_not_beat_the_champion_is_not_promoted(promoted_sto
     assert "KEEP CHAMPION" in read_artifact("gate-decision").data
 
 
+def test_a_first_challenger_the_gate_refuses_leaves_no_champion_and_no_submission(prefect_harness, dataset,
+                                                                                 tmp_path):
+    from flows.retrain import retrain
+
+    store = tmp_path / "store"
+    unreachable = GateParams(min_score=1.0, min_rows=1)  # no 1-epoch model scores a perfect F1
+    state = retrain(data=dataset, store=str(store), train=TRAIN, gate_config=unreachable, validation=VALIDATION,
+                    return_state=True)
+    assert state.is_completed(), state.message  # the gate said no: a normal outcome, not a crash
+    result = state.result()
+    assert result["promoted"] is False and result["champion"] is None and result["submission"] is None
+    assert any("below the minimum" in reason for reason in result["reasons"]), result["reasons"]
+    registry = Registry(open_store(str(store)))
+    assert registry.champion().champion is None
+    assert result["challenger"] in registry.versions()
+    assert not (store / "submissions").exists()
+
+
 def test_predict_flow_writes_a_submission(promoted_store, dataset):
     from flows.predict import predict
 

@@ -1,0 +1,30 @@
+"""score: the retrain's GPU-bound scoring steps, deployed on the gpu pool and called by retrain.
+
+step 'gate' scores the challenger and the champion on the gate's rows; step 'predict' writes the
+test-set submission of a model version. Both keep their result in the store under runs/<run_id>/,
+where the retrain run on the CPU host reads it (a flow run's return value stays on this host)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+
+from flows.params import default_store, route_library_logs
+from protein.devices import DevicePolicy
+from tasks.evaluation import evaluate_models_into_store
+from tasks.prediction import predict_submission_for_run
+
+
+@flow(name="score", flow_run_name="score-{step}-{run_id}")
+def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, champion: str | None = None,
+          store: str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
+    """`model` is the challenger for step 'gate' (scored against `champion`, if any) and the version
+    whose submission step 'predict' writes. On the gpu pool (PROTEIN_REQUIRE_CUDA=1) a worker
+    without CUDA fails the run unless `allow_cpu` or the worker's PROTEIN_ALLOW_CPU=1."""
+    route_library_logs()
+    policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
+    store = store or default_store()
+    if step == "gate":
+        return evaluate_models_into_store(data, store, run_id, model, champion, policy)
+    return predict_submission_for_run(data, store, run_id, model, policy)
