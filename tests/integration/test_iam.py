@@ -329,6 +329,19 @@ def test_each_role_does_its_part_and_nothing_else(
     assert_refused(predicted, "s3:PutObject", f"submissions/{version}/")
     assert iam_store.snapshot() == before
 
+    # Trainer, as the score deployment on the GPU host: the gate's evaluation and the test set, kept under the
+    # training run's runs/<run>/; it computes the submission but cannot publish it.
+    from protein.run_results import predict_for_run, publish_run_submission, read_gate_evaluation, score_for_gate
+
+    trained_run = json.loads(trained.stdout.strip().splitlines()[-1])
+    run_id, data_fingerprint = trained_run["run_id"], trained_run["data_fingerprint"]
+    score_for_gate(str(dataset), uri, run_id, version, None, device="cpu", cache_dir=cache)
+    predict_for_run(str(dataset), uri, run_id, version, device="cpu", cache_dir=cache)
+    scored = iam_store.snapshot()
+    assert scored.keys() - before.keys() == {f"runs/{run_id}/gate-evaluation.json", f"runs/{run_id}/submission.csv",
+                                             f"runs/{run_id}/submission.json"}
+    before = scored
+
     # Publisher may not promote (it cannot even read the champion pointer).
     assert_refused(cli("publisher", "models", "promote", version, "--store", uri),
                    "s3:GetObject", "registry/champion.json")
@@ -348,6 +361,11 @@ def test_each_role_does_its_part_and_nothing_else(
     assert registry.promote(version, expected_champion=None, reason="gate passed").champion == version
     submission = predict_and_publish(str(dataset), uri, "champion", cache_dir=cache)
     assert submission["model_id"] == version
+    # ... and what the retrain run does with the score deployment's results: read the gate's evaluation,
+    # publish the submission the GPU host computed.
+    assert read_gate_evaluation(uri, run_id, version, None, data_fingerprint)["challenger"]["model_id"] == version
+    published = publish_run_submission(uri, run_id, version, data_fingerprint)
+    assert published["key"].startswith(f"submissions/{version}/") and published["key"] != submission["key"]
     keys = iam_store.snapshot()
     for prefix in ("validation/", "gates/", "reports/", "submissions/", "registry/champion.json"):
         assert any(k.startswith(prefix) for k in keys), prefix

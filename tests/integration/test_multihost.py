@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tasks.dispatch import idempotency_key
+from tasks.dispatch import WORKER_NAME_LABEL, idempotency_key
 from tests.conftest import MotoServer, set_s3_env
 from tests.helpers import write_dataset
 from tests.integration.prefect_services import (
@@ -144,13 +144,13 @@ def retrain_parameters(cluster: Cluster, store: str, epochs: int) -> dict[str, A
     }
 
 
-def train_runs(client: Any, parent_id: Any) -> list[Any]:
-    """train/gpu runs dispatched by one retrain run, oldest first."""
+def train_runs(client: Any, parent_id: Any, deployment: str = "train/gpu") -> list[Any]:
+    """Runs of `deployment` dispatched by one retrain run, oldest first."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
-    train_gpu = client.read_deployment_by_name("train/gpu")
-    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[train_gpu.id])),
+    deployed = client.read_deployment_by_name(deployment)
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed.id])),
                                  sort=FlowRunSort.EXPECTED_START_TIME_ASC)
     parent_tasks = {t.id for t in task_runs(client, parent_id)}
     return [r for r in runs if r.parent_task_run_id in parent_tasks]
@@ -186,9 +186,12 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
     assert nightly.concurrency_options is not None and nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
     assert client.read_work_pool("gpu").concurrency_limit == 1
-    train_gpu = client.read_deployment_by_name("train/gpu")
-    assert train_gpu.job_variables["env"]["PROTEIN_REQUIRE_CUDA"] == "1"
-    assert train_gpu.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "protein"
+    for name in ("train/gpu", "score/gpu"):
+        on_gpu = client.read_deployment_by_name(name)
+        assert on_gpu.work_pool_name == "gpu", name
+        assert on_gpu.job_variables["env"]["PROTEIN_REQUIRE_CUDA"] == "1", name
+        assert on_gpu.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "protein", name
+    assert nightly.parameters["score_deployment"] == "score/gpu"
 
     _, gpu_dir = cluster.gpu_host("gpu-host-a")
     store_uri = f"s3://{cluster.bucket}/first"
@@ -208,14 +211,30 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     decoded = list((gpu_dir / "cache").rglob("*.npy"))
     assert decoded, f"no decode cache in the gpu host's own cache dir {gpu_dir / 'cache'}"
 
+    # Scoring ran where the GPU is: the gate's evaluation, then the test set, both on the gpu host;
+    # the CPU host never loaded a model or decoded an image.
+    scored = train_runs(client, first.id, "score/gpu")
+    assert [r.parameters["step"] for r in scored] == ["gate", "predict"], [r.name for r in scored]
+    for run in scored:
+        assert run.state.is_completed() and run.work_pool_name == "gpu", (run.name, run.state.name)
+        assert run.labels.get(WORKER_NAME_LABEL) == "gpu-host-a", run.labels
+        assert run.parameters["run_id"] == train.parameters["run_id"]
+    assert list((gpu_dir / "cache" / "models").iterdir()), "the gpu host downloaded the models it scored"
+    cpu_cache = cluster.root / "cpu-host" / "cache"
+    assert not (cpu_cache / "models").exists(), list(cpu_cache.rglob("*"))[:20]
+    assert not list(cpu_cache.rglob("*.npy")), "the CPU host decoded images"
+
     store = open_store(store_uri)
     registry = Registry(store)
     champion = registry.champion().champion
     assert champion is not None and registry.find_by_run(train.parameters["run_id"]) == champion
+    assert scored[0].parameters["model"] == champion and scored[1].parameters["model"] == champion
     latest = json.loads(store.get_bytes("submissions/latest.json"))
     assert latest["model_id"] == champion
     lines = store.get_bytes(latest["key"]).decode().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == TEST_IDS
+    # What the gpu host computed under the run is exactly what the CPU host published.
+    assert store.get_bytes(latest["key"]) == store.get_bytes(f"runs/{train.parameters['run_id']}/submission.csv")
 
     # Unchanged data, a fresh GPU host: the GPU host pulls the decoded images the first one pushed
     # to the store instead of decoding.

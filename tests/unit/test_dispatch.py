@@ -32,6 +32,9 @@ def test_decide(state: StateType, started: bool, alive: bool | None, elapsed: fl
 def test_attempts_have_stable_distinct_idempotency_keys() -> None:
     assert idempotency_key("ab12cd34-0f0f0f0f", 1) == idempotency_key("ab12cd34-0f0f0f0f", 1)
     assert idempotency_key("ab12cd34-0f0f0f0f", 1) != idempotency_key("ab12cd34-0f0f0f0f", 2)
+    # Training and both scoring steps of one run are different runs, never deduplicated into one.
+    keys = {idempotency_key("ab12cd34-0f0f0f0f", 1, step) for step in ("train", "score-gate", "score-predict")}
+    assert len(keys) == 3
 
 
 def test_gpu_pool_without_cuda_fails_loudly_unless_cpu_is_allowed() -> None:
