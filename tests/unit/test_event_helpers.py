@@ -90,6 +90,23 @@ def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> Non
     assert shorter[ZOMBIE_AUTOMATION].trigger.within.total_seconds() == 45
 
 
+def test_the_failed_run_alert_covers_every_deployed_flow() -> None:
+    import importlib
+
+    import yaml
+
+    deployed = yaml.safe_load((AUTOMATIONS_FILE.parent / "prefect.yaml").read_text())["deployments"]
+    flow_names = set()
+    for deployment in deployed:
+        path, function = deployment["entrypoint"].split(":")
+        flow_names.add(getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function).name)
+    failed = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: str(uuid.uuid4())})}[
+        "protein-run-failed"].trigger
+    alerted = set(failed.match_related["prefect.resource.name"])  # type: ignore[index, call-overload]
+    # A standalone validate run answers whoever started it; bad data in the nightly fails the retrain.
+    assert flow_names - {"validate"} <= alerted, f"a failure of {flow_names - alerted} would go unnoticed"
+
+
 def test_automations_file_with_an_unknown_block_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "a.yaml"
     path.write_text(AUTOMATIONS_FILE.read_text().replace("block: protein-alerts", "block: nope", 1))
