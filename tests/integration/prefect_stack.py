@@ -35,9 +35,11 @@ RUN_TIMEOUT_S = 420.0
 # live runs are not crashed, below the file's 120 s so the zombie test waits less.
 TEST_ZOMBIE_AFTER_S = 50
 TEST_IDS = ["900", "901", "902"]
-# Deployment defaults for tests: tiny images, one epoch, training inside the retrain run.
+# Deployment defaults for tests: tiny images, one epoch, training and scoring inside the retrain
+# run (this stack has no gpu-pool worker).
 TINY_NIGHTLY = {
     "train_deployment": None,
+    "score_deployment": None,
     "train": {"epochs": 1, "image_size": 32, "batch_size": 8},
     "validation": {"image_size": 40, "check_pixels": True},
     "gate_config": {"min_score": 0.0},
