@@ -92,6 +92,35 @@ def load_split_images(
                                                               shared=shared)
 
 
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What every training entry point starts from: a checked store, the data, its fingerprint and the run id."""
+
+    store: Store
+    data: CompetitionData
+    data_fingerprint: str
+    run_id: str
+
+
+def open_training_inputs(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    run_id: str | None,
+    cache_dir: Path | None,
+    expected_fingerprint: str | None,
+) -> TrainingInputs:
+    """Open and check the store, load the data and refuse it if it changed since validation
+    (`FingerprintMismatch`); a run id not given is derived from the data's fingerprint."""
+    store = open_store(store_uri)
+    store.check()
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
+    run_id = run_id or new_run_id(data_fingerprint)
+    check_version_id(run_id)
+    return TrainingInputs(store, data, data_fingerprint, run_id)
+
+
 def train_and_register(
     data_path: str | os.PathLike[str],
     store_uri: str,
@@ -133,13 +162,8 @@ def _train_and_register(
     actor: str | None,
 ) -> dict[str, Any]:
     rank = distributed.current()
-    store = open_store(store_uri)
-    store.check()
-    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
-    data_fingerprint = fingerprint(data.source)
-    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
-    run_id = run_id or new_run_id(data_fingerprint)
-    check_version_id(run_id)
+    inputs = open_training_inputs(data_path, store_uri, run_id, cache_dir, expected_fingerprint)
+    store, data, data_fingerprint, run_id = inputs.store, inputs.data, inputs.data_fingerprint, inputs.run_id
     registry = Registry(store, actor=actor)
     finished = registry.find_by_run(run_id)
     if finished is not None:
@@ -253,20 +277,15 @@ def train_on_ranks(
     device = select_device(config.device)
     if device.type == "cuda" and nproc > torch_cuda_devices():
         raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
-    store = open_store(store_uri)
-    store.check()
-    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
-    data_fingerprint = fingerprint(data.source)
-    check_fingerprint(data.source.description, data_fingerprint, expected_fingerprint)
-    run_id = run_id or new_run_id(data_fingerprint)
-    check_version_id(run_id)
-    load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir, on_decode,
-                      shared=store if share_cache else None)
+    inputs = open_training_inputs(data_path, store_uri, run_id, cache_dir, expected_fingerprint)
+    run_id = inputs.run_id
+    load_split_images(inputs.data, "train", config.image_size, inputs.data_fingerprint, cache_dir, on_decode,
+                      shared=inputs.store if share_cache else None)
     with tempfile.TemporaryDirectory(prefix="protein-job-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"data": str(data_path), "store": store_uri, "config": to_dict(config),
                                    "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
-                                   "expected_fingerprint": data_fingerprint}))
+                                   "expected_fingerprint": inputs.data_fingerprint}))
         code, result = distributed.launch(nproc, ["train-job", str(job)])
     if result is None:
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "

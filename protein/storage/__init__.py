@@ -10,7 +10,8 @@ locally.
 
 - `base`: the `Store` protocol, key rules and shared helpers
 - `local`: `LocalStore`, a folder with SHA-256 sidecars
-- `s3`: `S3Store`, with streamed downloads, create-only multipart uploads and the capability check
+- `s3`: `S3Store`, with streamed downloads and create-only multipart uploads
+- `s3_conditional_writes`: the probe `S3Store.check` runs to prove the endpoint honours conditional writes
 - `s3_errors`: the one mapping from botocore/boto3 failures to one-line `StoreError`s
 """
 

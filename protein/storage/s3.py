@@ -12,7 +12,6 @@ import concurrent.futures
 import datetime as dt
 import hashlib
 import os
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +37,14 @@ from protein.storage.base import (
     verify,
 )
 
+# Re-exported: these lived here before the probe had a module of its own, and callers import them from here.
+from protein.storage.s3_conditional_writes import (  # noqa: F401
+    ALLOW_LAST_WRITER_WINS_ENV,
+    PROBE_PREFIX,
+    last_writer_wins_allowed,
+    require_conditional_writes,
+)
+
 # Small connect timeout and few attempts: an unreachable endpoint must fail in seconds, not minutes.
 S3_MAX_ATTEMPTS = 3
 S3_CONNECT_TIMEOUT_S = 2.0
@@ -48,16 +55,8 @@ MULTIPART_THRESHOLD = 64 * MiB
 MULTIPART_CHUNKSIZE = 16 * MiB
 MULTIPART_WORKERS = 8
 MAX_PARTS = 10_000  # S3's limit per upload
-# Promotions and create-only registrations rely on conditional writes. An endpoint without them can
-# still be used when the user says so (then concurrent promotions are last-writer-wins).
-ALLOW_LAST_WRITER_WINS_ENV = "PROTEIN_ALLOW_LAST_WRITER_WINS"
-PROBE_PREFIX = "probes"
 
 _BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
-
-
-def last_writer_wins_allowed() -> bool:
-    return os.environ.get(ALLOW_LAST_WRITER_WINS_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class S3Store:
@@ -483,47 +482,4 @@ class S3Store:
         """Reachable bucket, and conditional writes honoured (unless the user opted out)."""
         self._bucket_seen = False
         self._require_bucket()
-        if last_writer_wins_allowed():
-            logger.warning("%s: conditional writes not checked (%s is set): concurrent promotions are "
-                           "last-writer-wins", self.uri, ALLOW_LAST_WRITER_WINS_ENV)
-            return
-        self._check_conditional_writes()
-
-    def _check_conditional_writes(self) -> None:
-        # A fresh key per check: two hosts checking at once never see each other's probe.
-        probe = f"{PROBE_PREFIX}/conditional-write-{secrets.token_hex(8)}"
-        missing = None
-        try:
-            self.put_bytes(probe, b"probe", if_none_match=True)
-        except StoreError as exc:
-            if " access denied: " not in str(exc):
-                raise
-            # A read-only caller (a predict role) never writes conditionally: nothing to verify.
-            logger.info("conditional writes not checked: this caller may not write %s (%s)", PROBE_PREFIX, exc)
-            return
-        try:
-            try:
-                self.put_bytes(probe, b"probe again", if_none_match=True)
-                missing = "If-None-Match (create-only writes)"
-            except PreconditionFailed:
-                pass
-            if missing is None:
-                try:
-                    self.put_bytes(probe, b"probe swap", if_match='"00000000000000000000000000000000"')
-                    missing = "If-Match (compare-and-swap)"
-                except PreconditionFailed:
-                    pass
-        finally:
-            try:
-                self.delete(probe)
-            except StoreError as exc:
-                # The capability is proven either way; a leftover 5-byte probe is harmless and
-                # `protein models gc` removes old ones.
-                logger.warning("could not remove the conditional-write probe: %s", exc)
-        if missing is not None:
-            raise StoreError(
-                f"{self.uri}: the S3 endpoint{self._endpoint()} ignores {missing} on PutObject; "
-                "promotions and registrations need it to never overwrite each other "
-                f"(use an endpoint that honours conditional writes, or set {ALLOW_LAST_WRITER_WINS_ENV}=1 "
-                "to accept last-writer-wins promotions)"
-            )
+        require_conditional_writes(self, self._endpoint())

@@ -128,12 +128,14 @@ def services() -> Iterator[list[Service]]:
         yield started
 
 
-def prefect_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of a Prefect process: its own home and sqlite DB, the API on a free loopback
-    port, no telemetry, no prompts; the test's AWS_* and other variables are inherited."""
+def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | None = None,
+                drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """Environment of a Prefect process: its own home and sqlite DB, the API on loopback at port
+    (a free one by default), no telemetry, no prompts. The test's variables are inherited except
+    PREFECT_* and those starting with a prefix in drop."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    port = port or free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", *drop))}
     return {
         **inherited,
         "PREFECT_HOME": str(home),

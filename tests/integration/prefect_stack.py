@@ -26,6 +26,7 @@ from tests.integration.prefect_services import (
     deploy_from_fresh_clone,
     git_remote_of_worktree,
     host_env,
+    prefect_env,
     stop_all,
     wait_healthy,
 )
@@ -198,30 +199,19 @@ def start_stack(tmp: Path, s3: MotoServer) -> Stack:
     store = f"s3://{bucket}/prod"
     labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
     dataset = write_dataset(tmp / "ds", labels, TEST_IDS, size=40)
-    home = tmp / "prefect-home"
-    home.mkdir()
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-    env = {
-        **inherited, **aws,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_API_URL": api_url,
+    # Only the moto server's credentials: an inherited AWS_PROFILE would name a profile that
+    # AWS_CONFIG_FILE=/dev/null does not have.
+    env = prefect_env(tmp / "prefect-home", port=port, drop=("AWS_",), extra={
+        **aws,
         # The UI in the browser calls the API at this address (not the default port 4200).
         "PREFECT_UI_API_URL": api_url,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "DO_NOT_TRACK": "1",
-        "GX_ANALYTICS_ENABLED": "false",
         "PROTEIN_STORE": store,
         "PROTEIN_DATA": str(dataset),
         "PROTEIN_CACHE_DIR": str(tmp / "cache"),
         "PYTHONPATH": str(REPO),
-    }
+    })
     stack = Stack(env=env, api_url=api_url, ui_url=f"http://127.0.0.1:{port}", store=store, dataset=dataset,
                   receiver=Receiver())
     try:

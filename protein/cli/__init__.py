@@ -1,0 +1,48 @@
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets, cache, link.
+
+Every verb prints its result as JSON on stdout (the last line, for train) and reports
+failures as one line on stderr with a specific exit code: 1 data failed validation,
+2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict, 7 a training rank died
+(`train --nproc`; rerun with the same --run-id to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+# The verbs' modules are re-exported so `from protein.cli import <name>` keeps working.
+from protein.cli.data_commands import cmd_cache, cmd_datasets, cmd_synth, cmd_validate, pipeline_event
+from protein.cli.model_commands import cmd_evaluate, cmd_models, cmd_predict, models_gc
+from protein.cli.output import cmd_link, emit, progress_bar
+from protein.cli.parser import DATA_HELP, build_parser
+from protein.cli.train_commands import cmd_archs, cmd_train, cmd_train_job, parse_fold, train_config_from_args
+
+__all__ = [
+    "DATA_HELP", "build_parser", "cmd_archs", "cmd_cache", "cmd_datasets", "cmd_evaluate", "cmd_link", "cmd_models",
+    "cmd_predict", "cmd_synth", "cmd_train", "cmd_train_job", "cmd_validate", "emit", "main", "models_gc",
+    "parse_fold", "pipeline_event", "progress_bar", "train_config_from_args",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from protein.errors import ProteinError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "great_expectations", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ProteinError as exc:
+        print(f"protein {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # config checks: bad option values are usage errors
+        print(f"protein {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protein {args.command}: interrupted", file=sys.stderr)
+        return 130

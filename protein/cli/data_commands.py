@@ -1,0 +1,92 @@
+"""Verbs about datasets: synth, validate, datasets push/list, cache gc."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from protein.cli.output import emit, progress_bar
+
+
+def pipeline_event(helper: str, **fields: Any) -> bool:
+    """Emit a Prefect event (e.g. ``pipeline_event("dataset_pushed", uri=..., ...)``) through
+    ``tasks.events``, imported here at call time by name: the ``protein`` library never imports
+    Prefect, and a verb that emits still runs offline (the helper does nothing without an API)."""
+    events = importlib.import_module("tasks.events")
+    return bool(getattr(events, helper)(**fields))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from protein.config import SynthConfig
+    from protein.synth import generate_dataset
+
+    config = SynthConfig(train=args.train, test=args.test, size=args.size, seed=args.seed,
+                         label_noise=args.label_noise, workers=args.workers)
+    with progress_bar(args.train + args.test, "synth") as update:
+        summary = generate_dataset(config, Path(args.out), Path(args.truth) if args.truth else None, update)
+    emit({"out": str(summary.out), "truth": str(summary.truth), "train": summary.train, "test": summary.test,
+          "seconds": round(summary.seconds, 2)})
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from protein.validation import ValidationConfig, run_validation
+
+    config = ValidationConfig(image_size=args.image_size, check_pixels=not args.headers_only,
+                              drift_alpha=args.drift_alpha, drift_min_relative_change=args.drift_min_relative_change,
+                              drift_action=args.drift_action, max_image_bytes=args.max_image_bytes)
+    report_dir = Path(args.report) if args.report else None
+    report = run_validation(args.data, config, store_uri=args.store, report_dir=report_dir, accept=args.accept)
+    emit({"success": report.success, "data_fingerprint": report.data_fingerprint, "failures": len(report.failures),
+          "warnings": len(report.warnings), "report_uri": report.report_uri, "docs_uri": report.docs_uri,
+          "docs_path": report.docs_path, "reference": report.reference, "seconds": round(report.seconds, 2)})
+    for line in report.summary_lines():
+        print(line, file=sys.stderr)
+    return 0 if report.success else 1
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from protein.data.push import list_datasets, push_dataset
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    if args.datasets_cmd == "push":
+        store.check()
+        with progress_bar(None, "push") as pushed:
+            result = push_dataset(args.data, store, args.cache_dir, pushed)
+        emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
+              "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+        # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
+        # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
+        pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
+                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded})
+    elif args.datasets_cmd == "list":
+        rows, incomplete = list_datasets(store)
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['uri']}  {row['created']}  train={row['train_images']} test={row['test_images']}  "
+                      f"{(row['bytes'] or 0) / 1e6:.1f} MB")
+            if not rows:
+                print(f"no datasets in {store.uri}", file=sys.stderr)
+        for prefix in incomplete:
+            print(f"incomplete push (no manifest, not usable): {store.uri.rstrip('/')}/{prefix}", file=sys.stderr)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from protein.cache import ImageCache
+
+    result: dict[str, Any] = {"local": ImageCache(args.cache_dir).gc(args.older_than_days, args.dry_run),
+                              "cache_dir": str(args.cache_dir), "deleted": not args.dry_run}
+    if args.store:
+        from protein.storage import open_store
+
+        store = open_store(args.store)
+        result.update(shared=ImageCache.gc_store(store, args.older_than_days, args.dry_run), store=store.uri)
+    emit(result)
+    return 0

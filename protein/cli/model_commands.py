@@ -1,0 +1,96 @@
+"""Verbs about registered model versions: evaluate, predict, models list/show/promote/rollback/history/gc."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from protein.cli.output import emit
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from protein.pipeline import evaluate_version
+
+    emit(evaluate_version(args.data, args.store, args.model, args.holdout, args.seed, args.cache_dir))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from protein.pipeline import predict_and_publish
+
+    models = args.model[0] if len(args.model) == 1 else args.model
+    emit(predict_and_publish(args.data, args.store, models, Path(args.out) if args.out else None, args.cache_dir))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from protein.registry import Registry
+    from protein.storage import open_store
+
+    store = open_store(args.store)
+    registry = Registry(store)
+    if args.models_cmd == "list":
+        rows = registry.listing()
+        if args.json:
+            emit(rows)
+        else:
+            for row in rows:
+                mark = "*" if row["champion"] else " "
+                score = row["metrics"].get("f1_samples")
+                score_text = f"{score:.4f}" if isinstance(score, float) else "-"
+                print(f"{mark} {row['id']}  {row['created']}  {row['arch']}@{row['image_size']}px  "
+                      f"f1_samples={score_text}")
+            if not rows:
+                print(f"no model versions in {store.uri}", file=sys.stderr)
+    elif args.models_cmd == "show":
+        emit(registry.spec(args.model))
+    elif args.models_cmd == "promote":
+        from protein.validation import write_reference_profile
+
+        state = registry.promote(args.model, reason=args.reason or "manual promotion")
+        # The champion's training data is what later data is compared with.
+        reference = write_reference_profile(store, state.champion) if state.champion else None
+        emit({"champion": state.champion, "history": len(state.history), "reference_profile": reference})
+    elif args.models_cmd == "rollback":
+        state = registry.rollback(reason=args.reason or "manual rollback")
+        emit({"champion": state.champion, "history": len(state.history)})
+    elif args.models_cmd == "history":
+        events = registry.history(registrations=args.registrations)
+        if args.json:
+            emit(events)
+        else:
+            for e in events:
+                line = (f"{e.get('at')}  {e.get('action'):<8}  {e.get('model_id')}  "
+                        f"(previous: {e.get('previous') or '-'})  by {e.get('actor') or '?'}  "
+                        f"event {e.get('event_id') or '-'}  {e.get('reason') or ''}")
+                print(line.rstrip())
+            if not events:
+                print(f"no registry events in {store.uri}", file=sys.stderr)
+    elif args.models_cmd == "reindex":
+        emit({"indexed": registry.reindex_runs()})
+    elif args.models_cmd == "gc":
+        return models_gc(args, registry)
+    return 0
+
+
+def models_gc(args: argparse.Namespace, registry: Any) -> int:
+    plan = registry.plan_gc(older_than_s=args.older_than_hours * 3600, runs=args.runs,
+                            run_age_s=args.run_age_days * 86400, keep_last=args.keep_last)
+    # Complete versions are only deleted when asked twice: --keep-last names them, --yes deletes them.
+    delete_versions = args.yes and not args.dry_run
+    if not args.dry_run:
+        registry.apply_gc(plan, delete_versions=delete_versions)
+    stale = registry.store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
+    result: dict[str, Any] = {"orphans": sorted(plan.orphans), "stale_uploads": stale, "deleted": not args.dry_run}
+    if args.runs:
+        result["runs"] = sorted(plan.runs)
+    if args.keep_last is not None:
+        result["versions"] = plan.versions
+        result["versions_deleted"] = delete_versions
+        if plan.versions and not delete_versions:
+            print(f"{len(plan.versions)} complete versions would be deleted; add --yes to delete them",
+                  file=sys.stderr)
+    emit(result)
+    return 0

@@ -1,0 +1,90 @@
+"""Verbs that train: train (on one process or --nproc ranks), train-job (one rank), archs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from protein.cli.output import emit, progress_bar
+from protein.config import TrainConfig, recipe_config
+
+log = logging.getLogger("protein")
+
+
+def parse_fold(text: str | None) -> tuple[int | None, int | None]:
+    """'i/K' -> (i, K), 1 <= i <= K."""
+    if text is None:
+        return None, None
+    try:
+        fold, folds = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--fold expects i/K (e.g. 1/5 for the first of 5 folds), got {text!r}") from None
+    return fold, folds
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The recipe's config with every option given on the command line on top."""
+    fold, folds = parse_fold(args.fold)
+    return recipe_config(args.recipe, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                         batch_size=args.batch_size, accumulate=args.accumulate, seed=args.seed, lr=args.lr,
+                         weight_decay=args.weight_decay,
+                         loss=args.loss, holdout_fraction=args.holdout, weights=args.weights, device=args.device,
+                         compile=args.compile or None, jitter=args.jitter, ema_decay=args.ema_decay, tta=args.tta,
+                         fold=fold, folds=folds, refit=bool(args.thresholds_from) or None,
+                         thresholds_from=tuple(args.thresholds_from) if args.thresholds_from else None,
+                         threshold_metric=args.threshold_metric)
+
+
+def cmd_archs(args: argparse.Namespace) -> int:
+    from protein.model import architectures
+
+    emit(list(architectures()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from protein import distributed
+    from protein.pipeline import train_and_register, train_on_ranks
+
+    config = train_config_from_args(args)
+    rank = distributed.current()
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not rank.distributed:
+        # This process only prepares (decode cache, run id) and launches the ranks.
+        with progress_bar(None, "decode") as decoded:
+            emit(train_on_ranks(args.nproc, args.data, args.store, config, args.run_id, args.cache_dir, decoded,
+                                args.share_cache, args.expect_fingerprint))
+        return 0
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        holdout = record.get("holdout_f1_samples")  # absent for a refit on every row
+        log.info("epoch %d/%d: train_loss %.4f holdout_f1_samples %s (%.1f img/s)", record["epoch"],
+                 record["epochs"], record["train_loss"], "-" if holdout is None else f"{holdout:.4f}",
+                 record["train_images_per_s"])
+
+    with progress_bar(None, "decode") as decoded, progress_bar(None, "train") as trained:
+        result = train_and_register(args.data, args.store, config, run_id=args.run_id, cache_dir=args.cache_dir,
+                                    on_epoch=on_epoch, on_batch=trained, on_decode=decoded,
+                                    share_cache=args.share_cache, expected_fingerprint=args.expect_fingerprint)
+    if rank.is_main:  # started by torchrun directly: one result line, from rank 0
+        emit(result)
+    return 0
+
+
+def cmd_train_job(args: argparse.Namespace) -> int:
+    """One rank of a run launched by `train --nproc`: the job file holds the resolved config."""
+    from protein import distributed
+    from protein.config import from_dict
+    from protein.pipeline import train_and_register
+
+    job = json.loads(Path(args.job).read_text())
+    config = from_dict(TrainConfig, job["config"])
+    result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
+                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
+                                expected_fingerprint=job.get("expected_fingerprint"))
+    distributed.write_result(result)
+    return 0
