@@ -162,6 +162,9 @@ def _train_and_register(
     actor: str | None,
 ) -> dict[str, Any]:
     rank = distributed.current()
+    if rank.distributed and run_id is None:
+        # A derived id carries the time: ranks would disagree on it, and on the checkpoint to resume.
+        raise ValueError("a run on several ranks needs --run-id (the launcher of `protein train --nproc` sets it)")
     inputs = open_training_inputs(data_path, store_uri, run_id, cache_dir, expected_fingerprint)
     store, data, data_fingerprint, run_id = inputs.store, inputs.data, inputs.data_fingerprint, inputs.run_id
     registry = Registry(store, actor=actor)
@@ -177,8 +180,6 @@ def _train_and_register(
     oof: tuple[CrossFit, dict[str, Any]] | None = None
     if config.refit:  # fail before training if the fold models cannot supply thresholds
         oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed)
-    if rank.distributed and run_id is None:
-        raise ValueError("a run on several ranks needs --run-id (the launcher of `protein train --nproc` sets it)")
     # One decoder per host: its first rank decodes (or finds the cache `--nproc` built before
     # launching); the others wait and memory-map the finished file.
     if rank.local_rank == 0:

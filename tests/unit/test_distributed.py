@@ -114,3 +114,16 @@ def test_nproc_that_cannot_split_the_batch_is_a_usage_error_before_launching(tmp
                  "--batch-size", "9", "--nproc", "2", "--device", "cpu"])
     assert code == 2
     assert "batch_size 9 (the global batch) must be a multiple of nproc x accumulate = 2 x 1" in capsys.readouterr().err
+
+
+def test_a_rank_without_a_run_id_is_refused_before_touching_the_store(tmp_path, monkeypatch):
+    from protein.pipeline import train_and_register
+
+    # As torchrun would set it for rank 1 of 2, but launched without the run id the launcher passes.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed, "process_group", lambda device: __import__("contextlib").nullcontext())
+    store = tmp_path / "store"
+    with pytest.raises(ValueError, match="needs --run-id"):
+        train_and_register(tmp_path / "no-data", str(store), TrainConfig(device="cpu"))
+    assert not store.exists()
