@@ -1,0 +1,171 @@
+"""Score model versions on rows neither trained on, for the gate, and keep the gate's records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protein.bootstrap import to_bitmasks
+from protein.data import CompetitionData, fingerprint, load_competition
+from protein.gate import GateRows, select_rows
+from protein.links import object_uri
+from protein.metrics import binarize, evaluate_predictions
+from protein.pipeline.inputs import holdout_split, load_split_images
+from protein.pipeline.prediction import load_predictor
+from protein.registry import Registry, check_version_id
+from protein.storage import open_store
+
+
+def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint: str
+                   ) -> tuple[list[str], list[str]] | None:
+    """(training ids, holdout ids) of a model version: as its model.json lists them, or rebuilt
+    from its split parameters when it was trained on exactly this data; None when unknowable."""
+    holdout = spec.get("holdout", {})
+    if "ids" in holdout and "ids" in spec.get("training_rows", {}):
+        return list(spec["training_rows"]["ids"]), list(holdout["ids"])
+    if spec.get("data_fingerprint") == data_fingerprint and "fraction" in holdout and "seed" in holdout:
+        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"])
+        return [data.train_ids[i] for i in train_idx], [data.train_ids[i] for i in holdout_idx]
+    return None
+
+
+def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dict[str, Any],
+              champion_spec: dict[str, Any] | None) -> GateRows:
+    """The rows of this dataset neither the challenger nor the champion trained on."""
+    challenger = recorded_split(challenger_spec, data, data_fingerprint)
+    if challenger is None:  # a model from elsewhere: its own split parameters on this data
+        holdout = challenger_spec.get("holdout", {})
+        _, holdout_idx = holdout_split(data, holdout.get("fraction") or 0.2, holdout.get("seed", 0),
+                                       holdout.get("fold"), holdout.get("folds") or 5)
+        challenger_holdout = [data.train_ids[i] for i in holdout_idx]
+    else:
+        challenger_holdout = challenger[1]
+    present = set(data.train_ids)
+    challenger_holdout = [i for i in challenger_holdout if i in present]
+    if champion_spec is None:
+        return select_rows(challenger_holdout)
+    champion = recorded_split(champion_spec, data, data_fingerprint)
+    return select_rows(challenger_holdout, champion[0] if champion else None, champion[1] if champion else None,
+                       has_champion=True)
+
+
+def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
+                   ids: list[str], cache_dir: Path | None, device: str = "auto") -> dict[str, Any]:
+    """Metrics of one version on the given rows, plus its per-image predictions (as class
+    bitmasks) for the gate's paired bootstrap."""
+    position = {image_id: i for i, image_id in enumerate(data.train_ids)}
+    index = np.array([position[i] for i in ids], dtype=np.int64)
+    predictor = load_predictor(registry, model_id, cache_dir, device)
+    images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
+    probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
+    targets = data.targets[index].astype(bool)
+    metrics = evaluate_predictions(probs, targets, predictor.thresholds)
+    thresholds = np.asarray(metrics["thresholds"])
+    per_image = {"pred": to_bitmasks(binarize(probs, thresholds, ensure_one=True)),
+                 "raw": to_bitmasks(probs > thresholds), "targets": to_bitmasks(targets)}
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+
+
+def evaluate_version(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    model_id: str,
+    holdout_fraction: float | None = None,
+    seed: int | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Score a model version on a dataset's holdout: by default the rows it held out when it
+    trained (as model.json lists them), else the split given by fraction and seed."""
+
+    store = open_store(store_uri)
+    registry = Registry(store)
+    model_id = registry.resolve(model_id)
+    spec = registry.spec(model_id)
+    holdout = spec.get("holdout") or {}
+    # Decided before `seed` is rebound below: only an explicit fraction or seed replaces the
+    # recorded rows (rebinding first made every call take the explicit path).
+    recorded = holdout_fraction is None and seed is None
+    fraction = holdout_fraction if holdout_fraction is not None else (holdout.get("fraction") or 0.2)
+    seed = seed if seed is not None else holdout.get("seed", 0)
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    if recorded:
+        rows = gate_rows(data, data_fingerprint, spec, None)
+    else:
+        _, holdout_idx = holdout_split(data, fraction, seed)
+        rows = select_rows(data.train_ids[i] for i in holdout_idx)
+    result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
+    return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
+            "rows": rows.to_dict()}
+
+
+def evaluate_for_gate(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    challenger_id: str,
+    champion_id: str | None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Score the challenger and the champion on the same rows, none of which either trained on.
+
+    Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
+    sha256, how it was chosen). With no fair row at all the champion is not scored and the
+    challenger is scored on its own holdout, so the gate can still say what it saw.
+    `device`: 'auto' (CUDA when present), 'cpu' or 'cuda[:n]'."""
+    store = open_store(store_uri)
+    registry = Registry(store)
+    challenger_id = registry.resolve(challenger_id)
+    challenger_spec = registry.spec(challenger_id)
+    champion_spec = registry.spec(champion_id) if champion_id else None
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
+    summary = rows.to_dict()
+    if rows.ids:
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir,
+                                    device)
+        champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir,
+                                   device) if champion_id else None)
+    else:
+        own = gate_rows(data, data_fingerprint, challenger_spec, None)
+        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir,
+                                    device)
+        challenger["scored_on"] = own.selection
+        champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
+    challenger["rows"] = summary
+    if champion is not None:
+        champion["rows"] = summary
+    return {"rows": summary, "challenger": challenger, "champion": champion}
+
+
+def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | None, decision: dict[str, Any],
+                         challenger_eval: dict[str, Any], champion_eval: dict[str, Any] | None) -> str:
+    """Keep every gate decision in the store, beside the models it judged."""
+    store = open_store(store_uri)
+    key = f"gates/{check_version_id(challenger_id)}.json"
+    doc = {"challenger": challenger_id, "champion": champion_id, "decision": decision,
+           "challenger_eval": challenger_eval, "champion_eval": champion_eval,
+           "decided": dt.datetime.now(dt.UTC).isoformat()}
+    store.put_bytes(key, json.dumps(doc, indent=2).encode())
+    return f"{store.uri.rstrip('/')}/{key}"
+
+
+def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],
+                          champion_eval: dict[str, Any] | None) -> str:
+    """Render the training curves and per-class F1 to reports/<model>/training.png; return its
+    durable URI (s3:// or file://; `protein link` makes an openable URL of it)."""
+    from protein.report import training_plot_png
+
+    store = open_store(store_uri)
+    spec = Registry(store).spec(model_id)
+    png = training_plot_png(spec.get("history", []), challenger_eval["per_class"]["f1"],
+                            champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
+    key = f"reports/{check_version_id(model_id)}/training.png"
+    store.put_bytes(key, png, content_type="image/png")
+    return object_uri(store, key)

@@ -1,0 +1,80 @@
+"""What every step starts from: default locations, the run id, the holdout split and the
+decoded-image cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protein.cache import CacheKey, ImageCache
+from protein.config import TrainConfig
+from protein.data import CompetitionData
+from protein.errors import FingerprintMismatch
+from protein.split import iterative_stratified_folds, iterative_stratified_split
+from protein.storage import Store
+
+DEFAULT_WORK_DIR = Path("work")
+
+
+def default_store_uri() -> str:
+    return os.environ.get("PROTEIN_STORE", str(DEFAULT_WORK_DIR / "store"))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PROTEIN_CACHE_DIR", str(DEFAULT_WORK_DIR / "cache")))
+
+
+def new_run_id(data_fingerprint: str) -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{data_fingerprint[:8]}"
+
+
+def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int, fold: int | None = None,
+                  folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The holdout is a pure function of (labels, fraction, seed) or, with a fold, of (labels,
+    folds, seed, fold): a challenger and the champion evaluated with the same parameters see
+    exactly the same images. fold is 1-based: fold k of K holds out the k-th part."""
+    if fold is None:
+        return iterative_stratified_split(data.targets, holdout_fraction, seed)
+    fold_of = iterative_stratified_folds(data.targets, folds, seed)
+    return np.flatnonzero(fold_of != fold - 1).astype(np.int64), np.flatnonzero(fold_of == fold - 1).astype(np.int64)
+
+
+def training_split(data: CompetitionData, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, holdout_idx) of a training run: a refit trains on every row."""
+    if config.refit:
+        return np.arange(len(data.train_ids), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return holdout_split(data, config.holdout_fraction, config.seed, config.fold, config.folds)
+
+
+def load_split_images(
+    data: CompetitionData,
+    split: str,
+    image_size: int,
+    data_fingerprint: str,
+    cache_dir: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    shared: Store | None = None,
+) -> np.ndarray:
+    """Decoded images of a split; the caller passes the fingerprint it already computed, which
+    keys the cache, instead of stat-ing every image again."""
+    key = CacheKey(data_fingerprint, split, image_size)
+    return ImageCache(cache_dir or default_cache_dir()).build(data, split, image_size, workers, progress, key=key,
+                                                              shared=shared)
+
+
+def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
+    if expected is not None and expected.strip() and actual != expected.strip():
+        raise FingerprintMismatch(
+            f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
+            "since it was validated); refusing to train on it"
+        )
+
+
+def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in ("f1_samples", "f1_micro", "f1_macro", "course_f_score") if k in metrics}

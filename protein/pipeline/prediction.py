@@ -1,0 +1,111 @@
+"""The test set's submission from one version or an ensemble, and its publication."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from protein.atomic import write_bytes_atomic
+from protein.data import fingerprint, load_competition
+from protein.ensemble import ensemble_id, ensemble_thresholds
+from protein.pipeline.inputs import default_cache_dir, load_split_images
+from protein.predict import Predictor, label_strings
+from protein.registry import Registry, check_version_id
+from protein.storage import Store, open_store
+
+
+def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
+                   device: str = "auto") -> Predictor:
+    local = registry.download(model_id, (cache_dir or default_cache_dir()) / "models")
+    return Predictor.from_checkpoint(local, device)
+
+
+@dataclass(frozen=True)
+class TestSetPrediction:
+    """A submission computed but not yet published."""
+
+    model_id: str  # the version, or ensemble-<hash> for several
+    csv_bytes: bytes
+    data_fingerprint: str
+    extra: dict[str, Any]  # an ensemble's members and thresholds
+
+
+def predict_test_set(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    model_id: str | Sequence[str] = "champion",
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> TestSetPrediction:
+    """The test set's submission CSV from one version, or from several as an ensemble: the mean
+    of their (test-time-augmented) probabilities."""
+    registry = Registry(open_store(store_uri))
+    requested = [model_id] if isinstance(model_id, str) else list(model_id)
+    if not requested:
+        raise ValueError("predict needs at least one model version")
+    model_ids = [registry.resolve(m) for m in requested]
+    if len(set(model_ids)) != len(model_ids):
+        raise ValueError(f"a model version is named twice in {requested}")
+    data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
+    data_fingerprint = fingerprint(data.source)
+    if len(model_ids) == 1:
+        predictor = load_predictor(registry, model_ids[0], cache_dir, device)
+        images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
+        frame = predictor.submission(data.test_ids, images)
+        return TestSetPrediction(model_ids[0], frame.to_csv(index=False, lineterminator="\n").encode(),
+                                 data_fingerprint, {})
+
+    thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
+    total: np.ndarray | None = None
+    for member in model_ids:  # one member in memory at a time
+        predictor = load_predictor(registry, member, cache_dir, device)
+        images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
+        probs = predictor.predict_probs(images)
+        total = probs if total is None else total + probs
+    assert total is not None
+    labels = label_strings(total / len(model_ids), thresholds)
+    frame = pd.DataFrame({"Image": data.test_ids, "Label": labels})
+    return TestSetPrediction(ensemble_id(model_ids), frame.to_csv(index=False, lineterminator="\n").encode(),
+                             data_fingerprint, {"members": model_ids, "thresholds": [float(t) for t in thresholds],
+                                                "thresholds_from": threshold_info})
+
+
+def predict_and_publish(
+    data_path: str | os.PathLike[str],
+    store_uri: str,
+    model_id: str | Sequence[str] = "champion",
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
+    submissions/latest.json to the store (and `out` locally when given). Several versions make
+    an ensemble, published under submissions/ensemble-<hash>/."""
+    prediction = predict_test_set(data_path, store_uri, model_id, cache_dir, device)
+    return publish_submission(open_store(store_uri), prediction.model_id, prediction.csv_bytes,
+                              prediction.data_fingerprint, out, prediction.extra)
+
+
+def publish_submission(
+    store: Store, model_id: str, csv_bytes: bytes, data_fingerprint: str, out: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%fZ}"
+    key = f"submissions/{check_version_id(model_id)}/{stamp}/submission.csv"
+    store.put_bytes(key, csv_bytes, content_type="text/csv")
+    pointer = {"model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
+               "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1,
+               **(extra or {})}
+    store.put_bytes("submissions/latest.json", json.dumps(pointer, indent=2).encode())
+    if out is not None:
+        write_bytes_atomic(Path(out), csv_bytes)
+        pointer["local_path"] = str(Path(out).resolve())
+    return pointer
