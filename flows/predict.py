@@ -16,7 +16,15 @@ from tasks.prediction import predict_submission
 @flow(name="predict", flow_run_name="predict-{model}")
 def predict(data: str, store: str | None = None, model: str | list[str] = "champion") -> dict[str, Any]:
     """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store.
-    Several versions make an ensemble (the mean of their test-time-augmented probabilities)."""
+
+    Args:
+        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+            s3://bucket/key.zip
+        store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
+            PROTEIN_STORE (default work/store)
+        model: champion, a version id, or several ids for an ensemble (the mean of their
+            test-time-augmented probabilities)
+    """
     return predict_submission(data, store or default_store(), model)
 
 

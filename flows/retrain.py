@@ -56,15 +56,28 @@ def retrain(
     skip_if_unchanged: bool = False,
     trigger_event: str | None = None,
 ) -> dict[str, Any] | State:
-    """Retrain on a dataset (folder, competition zip or s3:// URI) and promote the challenger only
-    if it beats the champion on the same holdout. `train_deployment` (e.g. 'train/gpu') runs
-    training as a deployment on the GPU work pool, waiting and re-dispatching as `dispatch`
-    says; empty trains in this process. `score_deployment` (e.g. 'score/gpu') likewise scores
-    challenger and champion for the gate and predicts the test set where the GPU is; their
-    results come back through the store. Empty scores in this process. An empty `store` means the worker's PROTEIN_STORE
-    (default work/store). `skip_if_unchanged` (on for the nightly schedule) completes without
-    training when the champion was trained on exactly this data. `trigger_event` is set by the
-    deployment trigger to the event that started the run, so a bad event is named in the failure."""
+    """Retrain on a dataset and promote the challenger only if it beats the champion on rows
+    neither trained on; then write the champion's test-set submission.
+
+    Args:
+        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+            s3://bucket/key.zip
+        store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
+            PROTEIN_STORE (default work/store)
+        train: how to train the challenger
+        gate_config: when the challenger replaces the champion
+        validation: what the data must look like before anything is trained on it
+        train_deployment: run training as this deployment on the GPU work pool (e.g. train/gpu),
+            waiting and dispatching again as `dispatch` says; empty trains inside this run
+        score_deployment: score challenger and champion for the gate, and predict the test set,
+            as this deployment on the GPU work pool (e.g. score/gpu); the results come back
+            through the store. Empty scores inside this run
+        dispatch: how long and how often to wait for the train and score deployments
+        skip_if_unchanged: complete without training when the champion was trained on exactly
+            this data (on for the nightly schedule, off for manual runs)
+        trigger_event: set by the deployment trigger to the event that started the run, so a bad
+            event is named in the failure; leave empty
+    """
     logger = get_run_logger()
     route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):

@@ -19,9 +19,20 @@ from tasks.prediction import predict_submission_for_run
 @flow(name="score", flow_run_name="score-{step}-{run_id}")
 def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, champion: str | None = None,
           store: str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
-    """`model` is the challenger for step 'gate' (scored against `champion`, if any) and the version
-    whose submission step 'predict' writes. On the gpu pool (PROTEIN_REQUIRE_CUDA=1) a worker
-    without CUDA fails the run unless `allow_cpu` or the worker's PROTEIN_ALLOW_CPU=1."""
+    """Score for the retrain run `run_id` and keep the result under runs/<run_id>/ in the store.
+
+    Args:
+        step: gate (challenger and champion on the gate's rows) or predict (test-set submission)
+        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+            s3://bucket/key.zip
+        run_id: the retrain's training run id; the result is kept under runs/<run_id>/
+        model: the challenger (step gate) or the version whose submission is computed (predict)
+        champion: the champion the challenger is scored against (step gate); empty when none
+        store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
+            PROTEIN_STORE (default work/store)
+        allow_cpu: score on CPU when the worker has no CUDA GPU (the gpu pool refuses otherwise;
+            a worker may also allow it with PROTEIN_ALLOW_CPU=1)
+    """
     route_library_logs()
     policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
     store = store or default_store()

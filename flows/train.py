@@ -17,10 +17,18 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
           allow_cpu: bool = False, expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Train and register a challenger under run_id (a rerun with the same run_id resumes).
 
-    `data` is a folder, zip or s3:// URI as the worker sees it; `expected_fingerprint` (retrain passes
-    the validated one) makes the run fail instead of training on data that changed since. On the
-    gpu pool (PROTEIN_REQUIRE_CUDA=1 in the deployment) a worker without CUDA fails the run unless
-    `allow_cpu` or the worker's PROTEIN_ALLOW_CPU=1 says CPU is fine."""
+    Args:
+        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+            s3://bucket/key.zip
+        run_id: the training run's id; its checkpoint in the store is resumed when present
+        store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
+            PROTEIN_STORE (default work/store)
+        train: how to train the challenger
+        allow_cpu: train on CPU when the worker has no CUDA GPU (the gpu pool refuses otherwise;
+            a worker may also allow it with PROTEIN_ALLOW_CPU=1)
+        expected_fingerprint: the data fingerprint validation saw (retrain passes it); other data
+            fails the run instead of being trained on
+    """
     route_library_logs()
     # Which checkout ran: on a worker host this is the pull step's clone of the pinned commit.
     get_run_logger().info("train flow code: %s", Path(__file__).resolve())

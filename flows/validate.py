@@ -16,7 +16,15 @@ from tasks.validation import validate_data
 
 @flow(name="validate")
 def validate(data: str, store: str | None = None, validation: ValidationParams = ValidationParams()) -> dict[str, Any]:
-    """Validate a dataset; the run fails when the data does (see the validation-summary artifact)."""
+    """Validate a dataset; the run fails when the data does (see the validation-summary artifact).
+
+    Args:
+        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+            s3://bucket/key.zip
+        store: model store, where the report and the drift reference live: a local folder or
+            s3://bucket/prefix; empty takes the worker's PROTEIN_STORE (default work/store)
+        validation: what the data must look like
+    """
     report = validate_data(data, validation.to_config(), store)
     if not report["success"]:
         return Failed(message=f"data failed validation: {'; '.join(report['failures'][:3])}")
