@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import format_table, machine_info, median, publish, time_repeats
-from protein.data import DatasetSource, fingerprint
+from protein.data import fingerprint, open_dataset
 
 NAME = "fingerprint"
 REAL_IMAGES = 19_236 + 8_243
@@ -72,13 +72,13 @@ def run(n_files: int, repeats: int) -> dict[str, Any]:
         counter = iter(range(10**6))
 
         def content_cold() -> str:
-            return fingerprint(DatasetSource.open(root, cache_dir=caches / f"cold-{next(counter)}"))
+            return fingerprint(open_dataset(root, cache_dir=caches / f"cold-{next(counter)}"))
 
         def content_warm() -> str:
-            return fingerprint(DatasetSource.open(root, cache_dir=caches / "warm"))
+            return fingerprint(open_dataset(root, cache_dir=caches / "warm"))
 
         def zip_first() -> str:
-            return fingerprint(DatasetSource.open(zip_path, cache_dir=caches / f"zip-{next(counter)}"))
+            return fingerprint(open_dataset(zip_path, cache_dir=caches / f"zip-{next(counter)}"))
 
         content_warm()  # fills the warm cache
         assert content_cold() == content_warm() == zip_first()

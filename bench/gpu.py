@@ -4,7 +4,7 @@ For each architecture and image size, with and without torch.compile, three ways
 same training step (bf16 autocast, channels_last, AdamW):
   model-only  synthetic tensors already on the GPU: the ceiling the data path can at best reach
   naive       the course notebooks' DataLoader: PIL decode + torchvision transforms per batch
-  fit         what protein.train.fit runs: iterate_batches from the decode-once cache (pinned
+  fit         what protein.modeling.train.fit runs: iterate_batches from the decode-once cache (pinned
               memory and the prefetch thread on CUDA, ragged batch dropped) into train_one_epoch
 and each feeding's ratio to the ceiling; `fit`'s ratio is the headline figure (target >= 80 %).
 Each figure is the median of --repeats timed runs (default 3); warm-up excluded, cuda
@@ -42,9 +42,9 @@ from protein.cache import ImageCache, default_workers
 from protein.config import TrainConfig
 from protein.data import load_competition
 from protein.labels import NUM_CLASSES
-from protein.model import build_model
-from protein.presets import EvalPreset, TrainPreset
-from protein.train import (
+from protein.modeling.model import build_model
+from protein.modeling.presets import EvalPreset, TrainPreset
+from protein.modeling.train import (
     autocast_context,
     build_optimizer,
     iterate_batches,
@@ -111,7 +111,7 @@ class Trainer:
     def __init__(self, arch: str, device: torch.device, compiled: bool) -> None:
         torch.manual_seed(0)
         self.device = device
-        self.channels_last = device.type == "cuda"  # as protein.train.fit decides
+        self.channels_last = device.type == "cuda"  # as protein.modeling.train.fit decides
         model = build_model(arch, NUM_CLASSES).to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -208,7 +208,7 @@ def measure_group(arch: str, size: int, compiled: bool, plan: Plan, device: torc
            workers=plan.workers)
     del naive_batches
 
-    # Fit: protein.train.fit's own batch source and loop (one warm-up epoch, then the repeats).
+    # Fit: protein.modeling.train.fit's own batch source and loop (one warm-up epoch, then the repeats).
     trainer.fit_epoch(images, targets, plan.warmup, batch, seed=0)
     record("fit", median([trainer.fit_epoch(images, targets, plan.steps, batch, seed=1 + r)
                           for r in range(plan.repeats)]))
@@ -245,7 +245,7 @@ def ddp_worker(rank: int, world: int, port: int, arch: str, size: int, plan: Pla
     plan.batch_size, so the global batch grows with the ranks). Rank 0 writes the timings."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from protein.distributed import Rank
+    from protein.modeling.distributed import Rank
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cuda = device_type == "cuda"

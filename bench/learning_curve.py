@@ -61,13 +61,13 @@ def run(sizes: list[int], recipes: list[str], n_test: int, image_size: int, epoc
 
     from protein.config import TrainConfig
     from protein.data import fingerprint, load_competition
-    from protein.metrics import evaluate_predictions, prior_baseline
+    from protein.evaluation.metrics import evaluate_predictions, prior_baseline
+    from protein.evaluation.scoring import read_label_csv
+    from protein.modeling.presets import EvalPreset
+    from protein.modeling.train import fit, predict_probs, select_device
     from protein.pipeline import load_split_images
-    from protein.presets import EvalPreset
-    from protein.scoring import read_label_csv
     from protein.split import iterative_stratified_split
     from protein.storage import open_store
-    from protein.train import fit, predict_probs, select_device
 
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:

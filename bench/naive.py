@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from protein.data import TRAIN_DIR, CompetitionData
-from protein.presets import IMAGE_MEAN, IMAGE_STD
+from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
 
 
 class NaivePngDataset(Dataset):

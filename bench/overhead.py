@@ -26,7 +26,7 @@ TRAIN = {"epochs": 1, "image_size": 32, "batch_size": 16}
 def plain_retrain(data: str, store: str, cache: Path) -> dict[str, Any]:
     """The retrain flow's steps as plain library calls, in the same order."""
     from protein.config import GateConfig, TrainConfig
-    from protein.gate import decide
+    from protein.evaluation.gate import decide
     from protein.pipeline import (
         evaluate_for_gate,
         predict_and_publish,

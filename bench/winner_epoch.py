@@ -24,9 +24,9 @@ import torch
 from bench.common import format_table, machine_info, median, publish
 from protein.config import recipe_config
 from protein.labels import NUM_CLASSES
-from protein.model import build_model
-from protein.presets import EvalPreset, TrainPreset
-from protein.train import build_optimizer, make_ema, make_loss, predict_probs, select_device, train_one_epoch
+from protein.modeling.model import build_model
+from protein.modeling.presets import EvalPreset, TrainPreset
+from protein.modeling.train import build_optimizer, make_ema, make_loss, predict_probs, select_device, train_one_epoch
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from flows.cli import run_with_prefect
 from flows.params import GateParams, TrainParams, ValidationParams
 from flows.retrain import retrain
 from protein.config import SynthConfig
+from protein.evaluation.scoring import score_submission
 from protein.registry import Registry
-from protein.scoring import score_submission
 from protein.storage import open_store
 
 DEMO_SYNTH = SynthConfig(train=400, test=100, size=512, seed=7, label_noise=0.03, workers=os.cpu_count() or 1)

@@ -22,7 +22,7 @@ from flows.params import (
     report_state,
     route_library_logs,
 )
-from protein.data import DatasetSource, fingerprint
+from protein.data import fingerprint, open_dataset
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
@@ -34,7 +34,7 @@ from tasks.validation import validate_data
 
 def data_label(data: str) -> str:
     try:
-        return fingerprint(DatasetSource.open(data))[:8]
+        return fingerprint(open_dataset(data))[:8]
     except Exception:  # an unreadable dataset still gets a run; validation then says why
         return "unreadable"
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.params import default_store, route_library_logs
-from protein.devices import DevicePolicy
+from protein.modeling.devices import DevicePolicy
 from tasks.evaluation import evaluate_models_into_store
 from tasks.prediction import predict_submission_for_run
 

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import TrainParams, default_store, route_library_logs
-from protein.devices import DevicePolicy
+from protein.modeling.devices import DevicePolicy
 from tasks.training import train_model
 
 

@@ -7,10 +7,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from protein.config import GateConfig
-from protein.devices import DevicePolicy
-from protein.gate import decide
+from protein.evaluation.gate import decide
+from protein.evaluation.report import gate_markdown, per_class_rows
+from protein.modeling.devices import DevicePolicy
 from protein.pipeline import evaluate_for_gate, evaluate_version, publish_training_plot, record_gate_decision
-from protein.report import gate_markdown, per_class_rows
 from protein.run_results import read_gate_evaluation, score_for_gate
 from tasks import events
 from tasks.retry import retry_transient

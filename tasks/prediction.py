@@ -6,8 +6,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
-from protein.devices import DevicePolicy
 from protein.links import object_uri
+from protein.modeling.devices import DevicePolicy
 from protein.pipeline import predict_and_publish
 from protein.run_results import predict_for_run, publish_run_submission
 from protein.storage import open_store

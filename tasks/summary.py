@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from protein.data import DatasetSource, fingerprint
+from protein.data import fingerprint, open_dataset
 from protein.registry import Registry
 from protein.storage import open_store
 
@@ -37,7 +37,7 @@ def champion_data_fingerprint(store: str, champion: str) -> str | None:
 
 @task(name="data-fingerprint", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
 def data_fingerprint(data: str) -> str:
-    return fingerprint(DatasetSource.open(data))
+    return fingerprint(open_dataset(data))
 
 
 def run_summary_markdown(summary: dict[str, Any]) -> str:

@@ -8,9 +8,9 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 
 from protein.config import TrainConfig
-from protein.devices import DevicePolicy, choose_device
+from protein.modeling.devices import DevicePolicy, choose_device
+from protein.modeling.train import select_device
 from protein.pipeline import train_and_register, train_on_ranks
-from protein.train import select_device
 from tasks import events
 from tasks.retry import retry_transient
 

@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
-from protein.data import DatasetSource, fingerprint
+from protein.data import fingerprint, open_dataset
 from protein.errors import ProteinError
 from protein.storage import open_store
 from protein.validation import ValidationConfig, load_reference, run_validation
@@ -21,7 +21,7 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     config: ValidationConfig = parameters["config"]
     store = parameters.get("store")
     try:
-        data_fingerprint = fingerprint(DatasetSource.open(parameters["data"]))
+        data_fingerprint = fingerprint(open_dataset(parameters["data"]))
         reference = load_reference(open_store(store) if store else None)
     except ProteinError:
         return None  # unreadable data or store is not cached; the task itself reports why

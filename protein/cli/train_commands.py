@@ -39,14 +39,14 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
-    from protein.model import architectures
+    from protein.modeling.model import architectures
 
     emit(list(architectures()))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from protein import distributed
+    from protein.modeling import distributed
     from protein.pipeline import train_and_register, train_on_ranks
 
     config = train_config_from_args(args)
@@ -77,8 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_job(args: argparse.Namespace) -> int:
     """One rank of a run launched by `train --nproc`: the job file holds the resolved config."""
-    from protein import distributed
     from protein.config import from_dict
+    from protein.modeling import distributed
     from protein.pipeline import train_and_register
 
     job = json.loads(Path(args.job).read_text())

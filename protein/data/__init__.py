@@ -1,7 +1,8 @@
 """The competition dataset, read-only, from a folder, a zip, an s3:// prefix or an s3:// zip.
 
 - layout: where train.csv, train/, test/ and the submission template sit (Kaggle's form included)
-- sources: local folder and zip sources; s3: S3 prefixes and zips through a local download cache
+- sources: local folder and zip sources; s3: S3 prefixes and zips through a local download cache;
+  opening: `open_dataset`, the one way from a URI or path to its source
 - tables: strict CSV parsing and `load_competition`
 - png: strict PNG decoding and the one resize
 - digests, fingerprint: content digests and the host-independent data fingerprint
@@ -23,6 +24,7 @@ from protein.data.layout import (
     check_image_id,
     resolve_layout,
 )
+from protein.data.opening import open_dataset
 from protein.data.png import MAX_IMAGE_PIXELS, PNG_SIGNATURE, decode_png, load_image, png_end
 from protein.data.sources import DatasetSource, FolderSource, ZipSource
 from protein.data.tables import (
@@ -36,6 +38,7 @@ from protein.data.tables import (
 )
 
 __all__ = [
+    "open_dataset",
     "KAGGLE_FOLDER",
     "KAGGLE_SUBMISSION_CSV",
     "LABEL_COLUMNS",

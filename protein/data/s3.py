@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from protein.data.digests import FileDigest, data_cache_dir, md5_file
+from protein.data.fingerprint import fingerprint_of
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
@@ -251,8 +252,6 @@ class S3Source(DatasetSource):
         return files
 
     def _from_manifest(self, listed: dict[str, ListedObject]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
-        from protein.data.fingerprint import fingerprint_of
-
         info = listed[MANIFEST]
         where = f"{self.uri}{MANIFEST}"
         if info.size > MAX_MANIFEST_BYTES:

@@ -58,25 +58,6 @@ class DatasetSource:
         data = self.read_bytes(relpath)
         return f"{len(data)}:{md5_bytes(data)}"
 
-    @staticmethod
-    def open(path: str | os.PathLike[str], cache_dir: Path | None = None) -> DatasetSource:
-        """A folder, a zip, s3://bucket/prefix/ or s3://bucket/key.zip. cache_dir is the cache root
-        (default $PROTEIN_CACHE_DIR or work/cache): S3 downloads and hash caches go to its datasets/."""
-        text = os.fspath(path)
-        if isinstance(text, str) and text.startswith("s3://"):
-            from protein.data.s3 import open_s3_source
-
-            return open_s3_source(text, cache_dir)
-        if isinstance(text, str) and "://" in text:
-            raise DataError(f"{text}: unsupported dataset URI (use a local folder, a .zip, or s3://bucket/prefix/)")
-        p = Path(text)
-        if not p.exists():
-            raise DataError(f"{p}: dataset not found (expected a folder or the competition .zip)")
-        if p.is_dir():
-            return FolderSource(p, cache_dir=cache_dir)
-        if zipfile.is_zipfile(p):
-            return ZipSource(p, cache_dir=cache_dir)
-        raise DataError(f"{p}: not a folder or a zip file")
 
 
 class FolderSource(DatasetSource):

@@ -21,6 +21,7 @@ from protein.data.layout import (
     TRAIN_DIR,
     check_image_id,
 )
+from protein.data.opening import open_dataset
 from protein.data.sources import DatasetSource
 from protein.errors import DataError
 from protein.labels import encode_many, format_label_set, parse_label_set
@@ -118,7 +119,7 @@ def load_competition(
     path: str | os.PathLike[str], require_test: bool = True, cache_dir: Path | None = None
 ) -> CompetitionData:
     """Open and strictly parse a dataset (folder, zip, s3:// prefix or zip); images are checked when read."""
-    source = DatasetSource.open(path, cache_dir=cache_dir)
+    source = open_dataset(path, cache_dir=cache_dir)
     if not source.exists(TRAIN_CSV):
         raise DataError(f"{source.locate(TRAIN_CSV)}: file not found (every dataset needs {TRAIN_CSV})")
     frame = read_csv_table(source, TRAIN_CSV)

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from protein.bootstrap import to_bitmasks
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.gate import GateRows, select_rows
+from protein.evaluation.bootstrap import to_bitmasks
+from protein.evaluation.gate import GateRows, select_rows
+from protein.evaluation.metrics import binarize, evaluate_predictions
 from protein.links import object_uri
-from protein.metrics import binarize, evaluate_predictions
 from protein.pipeline.inputs import holdout_split, load_split_images
 from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry, check_version_id
@@ -160,7 +160,7 @@ def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[s
                           champion_eval: dict[str, Any] | None) -> str:
     """Render the training curves and per-class F1 to reports/<model>/training.png; return its
     durable URI (s3:// or file://; `protein link` makes an openable URL of it)."""
-    from protein.report import training_plot_png
+    from protein.evaluation.report import training_plot_png
 
     store = open_store(store_uri)
     spec = Registry(store).spec(model_id)

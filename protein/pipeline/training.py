@@ -11,20 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protein import distributed
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.ensemble import out_of_fold_thresholds, save_holdout_probs
 from protein.errors import TrainingFailed
-from protein.gate import ids_digest
+from protein.evaluation.gate import ids_digest
+from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
-from protein.model import IMAGENET, imagenet_weights
+from protein.modeling import distributed
+from protein.modeling.ensemble import out_of_fold_thresholds, save_holdout_probs
+from protein.modeling.model import IMAGENET, imagenet_weights
+from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
+from protein.modeling.train import EpochCallback, check_batch_split, fit, select_device
 from protein.pipeline.inputs import check_fingerprint, load_split_images, new_run_id, summarize, training_split
-from protein.presets import IMAGE_MEAN, IMAGE_STD
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
-from protein.thresholds import CrossFit
-from protein.train import EpochCallback, check_batch_split, fit, select_device
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from protein.atomic import write_text_atomic
-from protein.data import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, DatasetSource, fingerprint
+from protein.data import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, fingerprint, open_dataset
 from protein.labels import parse_label_set
 from protein.validation import suites
 from protein.validation.checkpoint import run_checkpoint
@@ -60,7 +60,7 @@ def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference:
               project_dir: Path | None) -> ValidationReport:
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    source = DatasetSource.open(path)
+    source = open_dataset(path)
     tick = time.perf_counter()
     data_fingerprint = fingerprint(source)
     timings["fingerprint"] = time.perf_counter() - tick
@@ -162,7 +162,7 @@ def run_validation(
     from protein.links import object_uri
     from protein.storage import open_store
 
-    DatasetSource.open(path)  # not a dataset at all: DataError before anything is written
+    open_dataset(path)  # not a dataset at all: DataError before anything is written
     store = open_store(store_uri) if store_uri else None
     reference = load_reference(store)
     out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="protein-validation-"))

@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from protein.cli import main as protein_main
-from protein.data import DatasetSource, data_cache_dir, fingerprint, load_competition
+from protein.data import data_cache_dir, fingerprint, load_competition, open_dataset
 from protein.data.push import list_datasets, push_dataset
 from protein.data.s3 import fetch_object
 from protein.errors import DataError, IntegrityError, StoreError
@@ -55,7 +55,7 @@ def test_kaggle_layout_under_a_prefix_reads_once_and_matches_the_local_fingerpri
     data = load_competition(uri)
     assert data.train_ids == list(LABELS) and data.test_ids == TEST_IDS
     assert data.source.locate("train/2.png") == f"s3://{bucket}/competition/Human protein atlas/train/2.png"
-    assert fingerprint(data.source) == fingerprint(DatasetSource.open(kaggle))
+    assert fingerprint(data.source) == fingerprint(open_dataset(kaggle))
     # The fingerprint came from the listing's ETags: only the two CSVs (read to parse them) were downloaded.
     assert len([p for p in cached_files(cache) if p.name.startswith("s3-")]) == 2
 
@@ -64,11 +64,11 @@ def test_kaggle_layout_under_a_prefix_reads_once_and_matches_the_local_fingerpri
     assert len(test_copies) == 2 + len(TEST_IDS)  # both CSVs, and the first test image brought test/, not train/
 
     # Cached copies are reused: with the objects gone, a fresh source (listing taken before) still reads.
-    again = DatasetSource.open(uri)
+    again = open_dataset(uri)
     boto3.client("s3").delete_object(Bucket=bucket, Key="competition/Human protein atlas/test/11.png")
     assert again.read_bytes("test/11.png") == (kaggle / "Human protein atlas/test/11.png").read_bytes()
-    assert DatasetSource.open(f"s3://{bucket}/competition").description == f"s3://{bucket}/competition"
-    assert fingerprint(DatasetSource.open(uri)) != fingerprint(data.source)  # an image less: another fingerprint
+    assert open_dataset(f"s3://{bucket}/competition").description == f"s3://{bucket}/competition"
+    assert fingerprint(open_dataset(uri)) != fingerprint(data.source)  # an image less: another fingerprint
 
 
 def test_decode_worker_processes_read_an_s3_dataset(kaggle, bucket, cache, monkeypatch):
@@ -77,12 +77,12 @@ def test_decode_worker_processes_read_an_s3_dataset(kaggle, bucket, cache, monke
     import protein.cache
 
     upload_folder(bucket, kaggle, "w/")
-    source = DatasetSource.open(f"s3://{bucket}/w/")
+    source = open_dataset(f"s3://{bucket}/w/")
     rels = [f"train/{i}.png" for i in LABELS]
     monkeypatch.setattr(protein.cache, "CHUNK", 1)  # one image per task: every worker process reads from S3
     out = np.zeros((len(rels), 32, 32, 3), np.uint8)
     protein.cache.decode_all(source, rels, 32, out, workers=2)
-    local = DatasetSource.open(kaggle)
+    local = open_dataset(kaggle)
     expected = [protein.cache.load_image(local.read_bytes(r), r, 32) for r in rels]
     assert np.array_equal(out, np.stack(expected))
     assert len([p for p in cached_files(cache) if p.name.startswith("s3-")]) == len(LABELS)  # train/ only, once each
@@ -115,12 +115,12 @@ def test_zip_in_s3_resumes_a_partial_download_and_redoes_a_bad_one(kaggle, bucke
     data = load_competition(f"s3://{bucket}/kaggle/jovian-pytorch-z2g.zip")
     assert data.test_ids == TEST_IDS
     assert data.source.locate("train/1.png").startswith(f"s3://{bucket}/kaggle/jovian-pytorch-z2g.zip!")
-    assert fingerprint(data.source) == fingerprint(DatasetSource.open(kaggle))
+    assert fingerprint(data.source) == fingerprint(open_dataset(kaggle))
 
 
 def test_objects_changing_during_the_download_are_refused_and_nothing_is_cached(kaggle, bucket, tmp_path, cache):
     upload_folder(bucket, kaggle, "ds/")
-    source = DatasetSource.open(f"s3://{bucket}/ds/")  # the listing fixes the versions to read
+    source = open_dataset(f"s3://{bucket}/ds/")  # the listing fixes the versions to read
     write_png(tmp_path / "other.png", seed=77)
     changed_key = "ds/Human protein atlas/train/3.png"
     boto3.client("s3").upload_file(str(tmp_path / "other.png"), bucket, changed_key)
@@ -166,7 +166,7 @@ def test_missing_bucket_is_a_store_error_exit_3(s3_env, capsys):
 def test_push_list_and_read_back(kaggle, s3_bucket, bucket, tmp_path, capsys):
     assert protein_main(["datasets", "push", "--data", str(kaggle), "--store", s3_bucket]) == 0
     pushed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    local_fp = fingerprint(DatasetSource.open(kaggle))
+    local_fp = fingerprint(open_dataset(kaggle))
     assert pushed["fingerprint"] == local_fp and pushed["uri"] == f"{s3_bucket}/datasets/{local_fp}/"
     assert pushed["files"] == 2 + len(LABELS) + len(TEST_IDS) and not pushed["already_pushed"]
 
@@ -182,7 +182,7 @@ def test_push_list_and_read_back(kaggle, s3_bucket, bucket, tmp_path, capsys):
     for name in back.source.fingerprint_files():
         (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
         (downloaded / name).write_bytes(back.source.read_bytes(name))
-    assert fingerprint(DatasetSource.open(downloaded)) == local_fp
+    assert fingerprint(open_dataset(downloaded)) == local_fp
 
     assert protein_main(["datasets", "push", "--data", str(zip_folder(kaggle, tmp_path / "k.zip")),
                          "--store", s3_bucket]) == 0
@@ -202,14 +202,14 @@ def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket
     # Another image where a pushed one was: the listing's size or the manifest's SHA-256 catches it.
     write_png(tmp_path / "evil.png", seed=66)
     boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, prefix + "train/4.png")
-    source = DatasetSource.open(result.uri)
+    source = open_dataset(result.uri)
     with pytest.raises((IntegrityError, StoreError), match="train/4.png"):
         source.read_bytes("train/4.png")
 
     # Without its manifest (a push that died before the end) the dataset is invisible and refused.
     boto3.client("s3").delete_object(Bucket=bucket, Key=prefix + "manifest.json")
     with pytest.raises(DataError, match=r"incomplete dataset push \(no manifest.json\)"):
-        DatasetSource.open(result.uri)
+        open_dataset(result.uri)
     rows, incomplete = list_datasets(store)
     assert rows == [] and incomplete == [f"datasets/{result.fingerprint}/"]
     # Pushing again refuses to overwrite the tampered object (immutability), naming it.
@@ -221,7 +221,7 @@ def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):
     flat = write_dataset(tmp_path / "flat", LABELS, TEST_IDS)
     store = open_store(str(tmp_path / "store"))
     result = push_dataset(str(zip_folder(flat, tmp_path / "f.zip")), store)
-    assert fingerprint(DatasetSource.open(result.uri)) == result.fingerprint == fingerprint(DatasetSource.open(flat))
+    assert fingerprint(open_dataset(result.uri)) == result.fingerprint == fingerprint(open_dataset(flat))
 
     write_png(flat / "train" / "copy of 1.png")  # a name no object key can carry
     with pytest.raises(DataError, match=r"train/copy of 1.png: this file name cannot be an object key"):

@@ -281,7 +281,7 @@ def test_each_role_does_its_part_and_nothing_else(
     iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
 ) -> None:
     from protein.config import GateConfig
-    from protein.gate import decide
+    from protein.evaluation.gate import decide
     from protein.pipeline import (
         evaluate_version,
         predict_and_publish,

@@ -8,7 +8,7 @@ import boto3
 import pytest
 
 from protein.cli import main as protein_main
-from protein.data import DatasetSource, fingerprint
+from protein.data import fingerprint, open_dataset
 from tests.helpers import write_kaggle_dataset, zip_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -50,7 +50,7 @@ def test_kaggle_download_validates_trains_and_predicts(kaggle, tmp_path, form, r
         data = f"s3://{bucket}/z2g/"
     store, cache = str(tmp_path / "store"), str(tmp_path / "cache")
     monkeypatch.setenv("PROTEIN_CACHE_DIR", cache)
-    expected_fp = fingerprint(DatasetSource.open(kaggle, cache_dir=tmp_path / "cache-local"))
+    expected_fp = fingerprint(open_dataset(kaggle, cache_dir=tmp_path / "cache-local"))
 
     code, report, err = protein("validate", "--data", data, "--store", store, "--image-size", "32",
                                 "--drift-action", "warn")
@@ -76,7 +76,7 @@ def test_training_refuses_data_that_is_not_the_validated_data(kaggle, tmp_path, 
     from protein.errors import FingerprintMismatch
     from protein.pipeline import train_and_register
 
-    validated = fingerprint(DatasetSource.open(kaggle, cache_dir=tmp_path / "cache"))
+    validated = fingerprint(open_dataset(kaggle, cache_dir=tmp_path / "cache"))
     (kaggle / "Human protein atlas" / "train" / "100.png").write_bytes(
         (kaggle / "Human protein atlas" / "train" / "101.png").read_bytes())  # changed after validation
     store = tmp_path / "store"

@@ -34,10 +34,10 @@ import pytest
 from flows.params import GateParams, TrainParams, ValidationParams
 from protein.config import TrainConfig
 from protein.errors import IntegrityError, NotFound, PreconditionFailed, StoreError
+from protein.modeling.train import load_checkpoint, metrics_key
 from protein.pipeline import train_and_register
 from protein.registry import CHAMPION_KEY, Registry
 from protein.storage import open_store
-from protein.train import load_checkpoint, metrics_key
 from tests.conftest import MotoServer, running_moto_server, set_s3_env
 from tests.helpers import write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
@@ -95,7 +95,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # SIGKILL the process in the middle of an epoch however fast or slow this machine is today.
 PROGRESS_RUNNER = """
 import os, sys
-import protein.train as train
+import protein.modeling.train as train
 from protein.cli import main
 
 progress = open(os.environ["PROTEIN_TEST_PROGRESS"], "a", buffering=1)
@@ -353,7 +353,7 @@ def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
 def champion_weights(tmp_path: Path) -> Path:
     from safetensors.torch import save_file
 
-    from protein.model import build_model
+    from protein.modeling.model import build_model
 
     path = tmp_path / "champion.safetensors"
     save_file({k: v.contiguous() for k, v in build_model("resnet18").state_dict().items()}, str(path))

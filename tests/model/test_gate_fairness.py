@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from protein.config import GateConfig, TrainConfig
-from protein.gate import decide, ids_digest
+from protein.evaluation.gate import decide, ids_digest
+from protein.evaluation.report import gate_markdown
 from protein.pipeline import evaluate_for_gate, train_and_register
 from protein.registry import Registry
-from protein.report import gate_markdown
 from protein.storage import open_store
 from tests.helpers import write_dataset
 

@@ -16,8 +16,8 @@ import torchvision
 from protein.cli import main
 from protein.config import TrainConfig, recipe_config
 from protein.data import fingerprint, load_competition
-from protein.metrics import binarize
-from protein.model import imagenet_weights
+from protein.evaluation.metrics import binarize
+from protein.modeling.model import imagenet_weights
 from protein.pipeline import (
     evaluate_version,
     load_predictor,
@@ -116,7 +116,7 @@ def test_fold_models_hold_out_disjoint_parts_covering_every_row(folds, tiny_data
     specs = [registry.spec(m) for m in folds["ids"]]
     assert [s["holdout"]["fold"] for s in specs] == [1, 2]
     assert sum(s["holdout"]["n_holdout"] for s in specs) == 40
-    from protein.ensemble import load_holdout_probs
+    from protein.modeling.ensemble import load_holdout_probs
 
     held = [set(load_holdout_probs(registry.store, s["holdout"]["probs_key"])[0]) for s in specs]
     assert not held[0] & held[1] and held[0] | held[1] == set(load_competition(tiny_dataset).train_ids)

@@ -9,8 +9,8 @@ import pytest
 
 from protein.data import fingerprint, load_competition
 from protein.errors import PromotionConflict, RegistryError
+from protein.modeling.predict import Predictor
 from protein.pipeline import evaluate_version, load_split_images, predict_and_publish
-from protein.predict import Predictor
 from protein.registry import CHAMPION_KEY, Registry, check_version_id, default_actor, run_index_key
 from protein.storage import S3Store, open_store
 

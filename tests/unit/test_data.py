@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protein.data import DatasetSource, decode_png, fingerprint, load_competition, load_image
+from protein.data import decode_png, fingerprint, load_competition, load_image, open_dataset
 from protein.errors import DataError
 from tests.helpers import REAL, write_dataset, write_png
 
@@ -89,7 +89,7 @@ def test_missing_train_csv(tmp_path):
 
 def test_missing_dataset(tmp_path):
     with pytest.raises(DataError, match="dataset not found"):
-        DatasetSource.open(tmp_path / "nope")
+        open_dataset(tmp_path / "nope")
 
 
 def test_zip_slip_names_are_refused(tmp_path):
@@ -143,7 +143,7 @@ def test_decompression_bomb_is_refused_before_decoding():
 
 
 def test_fingerprint_changes_with_any_image(tiny):
-    before = fingerprint(DatasetSource.open(tiny))
-    assert fingerprint(DatasetSource.open(tiny)) == before
+    before = fingerprint(open_dataset(tiny))
+    assert fingerprint(open_dataset(tiny)) == before
     write_png(tiny / "test" / "10.png", seed=99)
-    assert fingerprint(DatasetSource.open(tiny)) != before
+    assert fingerprint(open_dataset(tiny)) != before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prefect.client.schemas.objects import StateType
 
-from protein.devices import DevicePolicy, DeviceUnavailable, choose_device
+from protein.modeling.devices import DevicePolicy, DeviceUnavailable, choose_device
 from tasks.dispatch import Step, decide, idempotency_key
 
 GPU_POOL = DevicePolicy(require_cuda=True)

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from protein import distributed
 from protein.config import TrainConfig
 from protein.labels import LABELS
-from protein.presets import EvalPreset, normalization_constants
+from protein.modeling import distributed
+from protein.modeling.presets import EvalPreset, normalization_constants
+from protein.modeling.train import check_batch_split, fit, iterate_batches, steps_per_epoch, train_one_epoch
 from protein.storage import open_store
-from protein.train import check_batch_split, fit, iterate_batches, steps_per_epoch, train_one_epoch
 
 
 def numbered(n: int) -> tuple[np.ndarray, np.ndarray]:

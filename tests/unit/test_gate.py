@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein.bootstrap import (
+from protein.config import GateConfig
+from protein.evaluation.bootstrap import (
     METRICS,
     PerImage,
     bootstrap,
@@ -15,10 +16,9 @@ from protein.bootstrap import (
     resampled_scores,
     to_bitmasks,
 )
-from protein.config import GateConfig
-from protein.gate import decide, ids_digest, select_rows
-from protein.metrics import binarize, evaluate_predictions
-from protein.report import gate_markdown
+from protein.evaluation.gate import decide, ids_digest, select_rows
+from protein.evaluation.metrics import binarize, evaluate_predictions
+from protein.evaluation.report import gate_markdown
 
 CONFIG = GateConfig(min_score=0.5, min_gain=0.01, max_class_drop=0.1, min_rows=50)
 

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from protein.data import DatasetSource, fingerprint, load_competition, resolve_layout
+from protein.data import fingerprint, load_competition, open_dataset, resolve_layout
 from protein.errors import DataError
 from tests.helpers import write_dataset, write_kaggle_dataset, write_png, zip_folder
 
@@ -31,7 +31,7 @@ def kaggle(tmp_path):
 
 
 def fp(path):
-    return fingerprint(DatasetSource.open(path))
+    return fingerprint(open_dataset(path))
 
 
 def layout_of(files):
@@ -143,4 +143,4 @@ def test_symlink_outside_the_dataset_is_never_read(flat, tmp_path):
     write_png(outside, seed=99)
     assert fp(flat) == before
     with pytest.raises(DataError, match="points outside the dataset folder"):
-        DatasetSource.open(flat).read_bytes("train/1.png")
+        open_dataset(flat).read_bytes("train/1.png")

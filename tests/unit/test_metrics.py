@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from protein.metrics import (
+from protein.evaluation.metrics import (
     binarize,
     course_f_score,
     evaluate_predictions,

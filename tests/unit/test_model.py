@@ -10,7 +10,7 @@ from torchvision.models.regnet import BlockParams
 
 from protein.config import TrainConfig
 from protein.errors import DataError
-from protein.model import architectures, build_model, check_arch, imagenet_weights, replace_head
+from protein.modeling.model import architectures, build_model, check_arch, imagenet_weights, replace_head
 
 
 @pytest.fixture

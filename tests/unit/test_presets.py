@@ -1,6 +1,6 @@
 import torch
 
-from protein.presets import (
+from protein.modeling.presets import (
     IMAGE_MEAN,
     IMAGE_STD,
     EvalPreset,

@@ -1,7 +1,7 @@
 import pytest
 
 from protein.errors import DataError
-from protein.scoring import score_submission
+from protein.evaluation.scoring import score_submission
 
 
 def write(path, rows):

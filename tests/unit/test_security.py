@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from protein.errors import DataError, StoreError
-from protein.model import read_state_dict
+from protein.modeling.model import read_state_dict
+from protein.modeling.train import checkpoint_key, load_checkpoint
 from protein.storage import open_store
-from protein.train import checkpoint_key, load_checkpoint
 from tests.helpers import write_dataset
 
 

@@ -247,7 +247,7 @@ CONFUSABLE = (1, 2, 5, 7, 9)
 
 @pytest.mark.slow
 def test_a_small_reference_model_beats_the_prior_clearly_but_is_far_from_perfect_per_class() -> None:
-    from protein.metrics import evaluate_predictions, prior_baseline, tune_thresholds
+    from protein.evaluation.metrics import evaluate_predictions, prior_baseline, tune_thresholds
 
     n_train, n_test = 300, 150
     sets = sample_label_sets(n_train + n_test, np.random.default_rng(0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein.metrics import evaluate_predictions, tune_thresholds
-from protein.thresholds import (
+from protein.evaluation.metrics import evaluate_predictions, tune_thresholds
+from protein.evaluation.thresholds import (
     cross_fit,
     evaluate_with_row_thresholds,
     fine_grid,

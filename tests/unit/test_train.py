@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from protein.presets import EvalPreset, TrainPreset, dihedral_views
-from protein.train import (
+from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
+from protein.modeling.train import (
     iterate_batches,
     make_ema,
     parameter_groups,

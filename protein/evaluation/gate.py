@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from protein.bootstrap import PerImage, bootstrap
 from protein.config import GateConfig
+from protein.evaluation.bootstrap import PerImage, bootstrap
 from protein.labels import LABELS
 
 

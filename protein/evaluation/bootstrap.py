@@ -17,7 +17,7 @@ import numpy as np
 
 from protein.labels import NUM_CLASSES
 
-# The course notebooks add this to every denominator (see protein.metrics.course_f_score).
+# The course notebooks add this to every denominator (see protein.evaluation.metrics.course_f_score).
 _COURSE_EPS = 1e-12
 METRICS = ("f1_samples", "f1_micro", "f1_macro", "course_f_score")
 
@@ -90,7 +90,7 @@ def _metric_from_sums(metric: str, sums: np.ndarray, total: np.ndarray) -> np.nd
 
 
 def metric_value(metric: str, per_image: PerImage) -> float:
-    """The metric on all images (weight 1 each): equals protein.metrics.evaluate_predictions."""
+    """The metric on all images (weight 1 each): equals protein.evaluation.metrics.evaluate_predictions."""
     components = per_image.components(metric)
     return float(_metric_from_sums(metric, components.sum(0, keepdims=True), np.array([len(components)]))[0])
 

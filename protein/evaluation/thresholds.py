@@ -1,7 +1,7 @@
 """Per-class thresholds tuned for the metric that is used, and scored on rows they were not
 tuned on. Pure functions over numpy arrays.
 
-`tune_thresholds` in protein.metrics picks each class's threshold for that class's own F1,
+`tune_thresholds` in protein.evaluation.metrics picks each class's threshold for that class's own F1,
 ignoring the rule that an image is never left without a label. Here the thresholds maximise the
 gate's metric (samples-F1 by default) of the labels a submission would contain, that rule
 applied, by coordinate ascent on a 0.01 grid: one class at a time, the others fixed, until a
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from protein.metrics import course_f_score, f1_scores, per_class_scores, tune_thresholds
+from protein.evaluation.metrics import course_f_score, f1_scores, per_class_scores, tune_thresholds
 
 METRICS = ("f1_samples", "f1_micro", "f1_macro", "course_f_score")
 # Improvements smaller than this are float noise, not a better threshold.
@@ -43,7 +43,7 @@ def _check(probs: np.ndarray, targets: np.ndarray, metric: str) -> tuple[np.ndar
 
 def predict_labels(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """bool (N, C): probs above their thresholds ((C,) or per row (N, C)); an image with none
-    gets its most probable class (the never-empty rule of protein.metrics.binarize)."""
+    gets its most probable class (the never-empty rule of protein.evaluation.metrics.binarize)."""
     pred = probs > thresholds
     empty = ~pred.any(axis=1)
     pred[np.flatnonzero(empty), probs[empty].argmax(axis=1)] = True
@@ -101,7 +101,7 @@ def tune_for_metric(
 
 
 def evaluate_with_row_thresholds(probs: np.ndarray, targets: np.ndarray, row_thresholds: np.ndarray) -> dict[str, Any]:
-    """protein.metrics.evaluate_predictions' scores when each row has its own (C,) thresholds
+    """protein.evaluation.metrics.evaluate_predictions' scores when each row has its own (C,) thresholds
     (cross-fitted: a row's thresholds were tuned on other rows)."""
     probs, targets = _check(probs, targets, "f1_samples")
     if row_thresholds.shape != probs.shape:

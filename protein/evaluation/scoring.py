@@ -9,8 +9,8 @@ import numpy as np
 
 from protein.data import parse_csv_bytes, parse_labels_table
 from protein.errors import DataError
+from protein.evaluation.metrics import evaluate_predictions, prior_baseline
 from protein.labels import encode_many
-from protein.metrics import evaluate_predictions, prior_baseline
 
 
 def read_label_csv(path: Path) -> tuple[list[str], np.ndarray]:

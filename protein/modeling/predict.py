@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from protein.errors import RegistryError
+from protein.evaluation.metrics import binarize
 from protein.labels import LABELS, format_label_set
-from protein.metrics import binarize
-from protein.model import build_model
-from protein.presets import EvalPreset
+from protein.modeling.model import build_model
+from protein.modeling.presets import EvalPreset
+from protein.modeling.train import predict_probs, select_device
 from protein.registry import SPEC_FILE, WEIGHTS_FILE, check_local_weights
-from protein.train import predict_probs, select_device
 
 log = logging.getLogger(__name__)
 

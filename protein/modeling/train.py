@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from protein import distributed
 from protein.config import TrainConfig, from_dict, to_dict
 from protein.errors import StoreError
+from protein.evaluation.metrics import evaluate_predictions
+from protein.evaluation.thresholds import cross_fit
 from protein.labels import LABELS
-from protein.metrics import evaluate_predictions
-from protein.model import build_model
-from protein.presets import EvalPreset, TrainPreset, dihedral_views
+from protein.modeling import distributed
+from protein.modeling.model import build_model
+from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
 from protein.storage import Store
-from protein.thresholds import cross_fit
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import numpy as np
 
 from protein.data import CompetitionData
 from protein.errors import DataError, RegistryError
+from protein.evaluation.thresholds import METRICS, CrossFit, cross_fit
 from protein.registry import Registry, check_version_id
 from protein.storage import Store
-from protein.thresholds import METRICS, CrossFit, cross_fit
 
 
 def holdout_probs_key(run_id: str) -> str:

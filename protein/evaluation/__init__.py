@@ -1,0 +1,1 @@
+"""Evaluation: metrics, threshold tuning, bootstrap intervals, the gate, scoring, reports."""

@@ -1,0 +1,1 @@
+"""The model and its training: architectures, the training loop, DDP, presets, devices, inference."""
