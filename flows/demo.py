@@ -26,6 +26,7 @@ from flows.params import GateParams, TrainParams, ValidationParams
 from flows.retrain import retrain
 from protein.config import SynthConfig
 from protein.evaluation.scoring import score_submission
+from protein.locations import CACHE_DIR_ENV
 from protein.registry import Registry
 from protein.storage import open_store
 
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = args.work.resolve()
     args.log = work / "demo.log"
+    # The demo keeps everything it makes under WORK, so `make clean` removes all of it.
+    os.environ.setdefault(CACHE_DIR_ENV, str(work / "cache"))
     configure_logging(args.log)
     started = time.monotonic()
     if args.data:

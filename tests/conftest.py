@@ -23,6 +23,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 if "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="protein-prefect-home-")
+# Nor to the user's own cache folder (protein.locations.default_cache_dir).
+if "PROTEIN_CACHE_DIR" not in os.environ:
+    os.environ["PROTEIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="protein-cache-")
 
 SERVER_START_TIMEOUT_S = 10.0
 

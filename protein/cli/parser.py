@@ -19,7 +19,8 @@ DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human
 
 def build_parser() -> argparse.ArgumentParser:
     from protein import cli  # imported here: the package imports this module first
-    from protein.pipeline import default_cache_dir, default_store_uri
+    from protein.locations import default_cache_dir
+    from protein.pipeline import default_store_uri
 
     # The package docstring (verbs and exit codes) is the top-level help.
     parser = argparse.ArgumentParser(prog="protein", description=cli.__doc__,
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cache_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                       help="decoded-image cache folder (env PROTEIN_CACHE_DIR)")
+                       help="cache folder (env PROTEIN_CACHE_DIR; default: the per-user cache folder)")
 
     p = add("synth", cmd_synth, "write a synthetic dataset in the competition layout")
     p.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")

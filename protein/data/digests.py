@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protein.atomic import write_bytes_atomic
+from protein.locations import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("work") / "cache"
 HASH_CACHE_VERSION = 1
 # hashlib releases the GIL on large buffers, so a few threads overlap hashing with disk reads.
 HASH_THREADS = 4
@@ -36,8 +36,8 @@ HASH_THREADS = 4
 
 def data_cache_dir(cache_dir: Path | None = None) -> Path:
     """<cache>/datasets: downloads, hash caches and locks of the data layer. The cache root is the
-    one the image cache uses (--cache-dir, $PROTEIN_CACHE_DIR, default work/cache)."""
-    root = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("PROTEIN_CACHE_DIR", DEFAULT_CACHE_DIR))
+    one the image cache uses (--cache-dir, else `protein.locations.default_cache_dir`)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "datasets"
 
 

@@ -17,7 +17,7 @@ from protein.errors import DataError
 
 def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) -> DatasetSource:
     """A folder, a zip, s3://bucket/prefix/ or s3://bucket/key.zip. cache_dir is the cache root
-    (default $PROTEIN_CACHE_DIR or work/cache): S3 downloads and hash caches go to its datasets/."""
+    (default `protein.locations.default_cache_dir`): S3 downloads and hash caches go to its datasets/."""
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith("s3://"):
         return open_s3_source(text, cache_dir)

@@ -19,7 +19,6 @@ from protein.pipeline.evaluation import (
 from protein.pipeline.inputs import (
     DEFAULT_WORK_DIR,
     check_fingerprint,
-    default_cache_dir,
     default_store_uri,
     holdout_split,
     load_split_images,
@@ -44,7 +43,7 @@ from protein.pipeline.training import (
 )
 
 __all__ = [
-    "DEFAULT_WORK_DIR", "TestSetPrediction", "TrainingInputs", "check_fingerprint", "default_cache_dir",
+    "DEFAULT_WORK_DIR", "TestSetPrediction", "TrainingInputs", "check_fingerprint",
     "default_store_uri", "describe_weights", "evaluate_for_gate", "evaluate_version", "gate_rows", "holdout_split",
     "load_predictor", "load_split_images", "new_run_id", "open_training_inputs", "predict_and_publish",
     "predict_test_set", "publish_submission", "publish_training_plot", "record_gate_decision", "recorded_split",

@@ -15,6 +15,7 @@ from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig
 from protein.data import CompetitionData
 from protein.errors import FingerprintMismatch
+from protein.locations import default_cache_dir
 from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store
 
@@ -23,10 +24,6 @@ DEFAULT_WORK_DIR = Path("work")
 
 def default_store_uri() -> str:
     return os.environ.get("PROTEIN_STORE", str(DEFAULT_WORK_DIR / "store"))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PROTEIN_CACHE_DIR", str(DEFAULT_WORK_DIR / "cache")))
 
 
 def new_run_id(data_fingerprint: str) -> str:

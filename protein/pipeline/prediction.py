@@ -15,9 +15,10 @@ import pandas as pd
 
 from protein.atomic import write_bytes_atomic
 from protein.data import fingerprint, load_competition
+from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
 from protein.modeling.predict import Predictor, label_strings
-from protein.pipeline.inputs import default_cache_dir, load_split_images
+from protein.pipeline.inputs import load_split_images
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
 
