@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protein.cache_budget import enforce_cache_budget, touch
 from protein.data.digests import FileDigest, data_cache_dir, md5_file
 from protein.data.fingerprint import fingerprint_of
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
@@ -198,6 +199,7 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
                 verified = True
             if verified:
                 os.replace(part, final)
+                enforce_cache_budget(folder.parent.parent, keep=[f"datasets/{folder.name}/{final.name}"])
                 return final
             log.warning("%s: the partial download does not match the object; downloading it again", uri)
             part.unlink(missing_ok=True)
@@ -323,15 +325,21 @@ class S3Source(DatasetSource):
     def read_bytes(self, relpath: str) -> bytes:
         remote = self._remote(relpath)
         path = self.local_path(remote)
-        if not path.is_file():
-            # The first image of a folder brings the whole folder, in parallel: one GET per image,
-            # one at a time, would make decoding wait on the network.
-            folder, _, _ = relpath.rpartition("/")
-            self.fetch([f"{folder}/{n}" for n in self.list_dir(folder)] if folder else [relpath])
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path}") from None
+        # Twice at most: the cache's size bound (protein.cache_budget) may remove a copy that was not
+        # used for an hour between the check and the read; then it is fetched again.
+        for _ in range(2):
+            if not path.is_file():
+                # The first image of a folder brings the whole folder, in parallel: one GET per image,
+                # one at a time, would make decoding wait on the network.
+                folder, _, _ = relpath.rpartition("/")
+                self.fetch([f"{folder}/{n}" for n in self.list_dir(folder)] if folder else [relpath])
+            try:
+                blob = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            touch(path)
+            return blob
+        raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path} twice")
 
     def fetch(self, relpaths: list[str]) -> int:
         """Download every file of `relpaths` not yet cached (in parallel); returns how many."""
@@ -354,6 +362,7 @@ class S3Source(DatasetSource):
                         for future in futures:
                             future.cancel()
                         raise
+        enforce_cache_budget(self.cache_root.parent)
         return len(todo)
 
     def digests(self) -> dict[str, FileDigest]:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from protein.atomic import write_bytes_atomic
+from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import fingerprint, load_competition
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
@@ -25,7 +26,10 @@ from protein.storage import Store, open_store
 
 def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
                    device: str = "auto") -> Predictor:
-    local = registry.download(model_id, (cache_dir or default_cache_dir()) / "models")
+    root = cache_dir or default_cache_dir()
+    local = registry.download(model_id, root / "models")
+    touch(local)
+    enforce_cache_budget(root, keep=[f"models/{local.name}"])
     return Predictor.from_checkpoint(local, device)
 
 

@@ -157,11 +157,11 @@ class Registry(RetentionMixin):
         self.require_intact(check_version_id(version))
         return version
 
-    def download(self, version: str, cache_root: Path | None = None) -> Path:
-        """Fetch a version's files into a local folder; the weights must match model.json."""
+    def download(self, version: str, cache_root: Path) -> Path:
+        """Fetch a version's files into cache_root/<version>/; the weights must match model.json.
+        The caller owns cache_root (a cache with a size bound, or a temporary folder it removes)."""
         version = self.resolve(version)
-        root = Path(cache_root) if cache_root else Path(tempfile.mkdtemp(prefix="protein-model-"))
-        target = root / version
+        target = Path(cache_root) / version
         spec_bytes = self.store.get_bytes(version_prefix(version) + SPEC_FILE)
         spec = json.loads(spec_bytes)
         weights = target / WEIGHTS_FILE

@@ -1,8 +1,10 @@
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -40,10 +42,11 @@ def test_versions_are_immutable(registry, trained, tmp_path):
 
 def add_version(registry: Registry, source: str, version: str, **extra) -> str:
     """Register ``source``'s weights again under another id (same bytes, new record)."""
-    local = registry.download(source)
-    spec = json.loads((local / "model.json").read_text())
-    fields = {k: spec[k] for k in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics")}
-    return registry.register(local / "model.safetensors", {**fields, **extra}, version=version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = registry.download(source, Path(tmp))
+        spec = json.loads((local / "model.json").read_text())
+        fields = {k: spec[k] for k in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics")}
+        return registry.register(local / "model.safetensors", {**fields, **extra}, version=version)
 
 
 def test_promote_rollback_and_history(registry, trained):
