@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,14 +74,35 @@ def closed_port() -> Iterator[int]:
 
 
 class ProteinProcess:
-    """The real `protein` entry point in a fresh interpreter, as users run it."""
-
-    argv = (sys.executable, "-m", "protein.cli")
+    """The project in a fresh interpreter: the real `protein` entry point as users run it, or a
+    script that imports the project (torch and Prefect imports alone take seconds)."""
 
     def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.argv, *args], capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+        return self.module("protein.cli", *args, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+    def module(self, module: str, *args: str, env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """`python -m module args` with exactly `env` (callers that want the test's variables pass them)."""
+        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=timeout)
+
+    def popen(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        """The entry point started in a session of its own: `kill_group` ends it and every process it
+        started (torchrun's ranks), whatever the test's outcome."""
+        return subprocess.Popen([sys.executable, "-m", "protein.cli", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    @staticmethod
+    def kill_group(process: subprocess.Popen[str]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+    def python(self, code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

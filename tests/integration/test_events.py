@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import REPO
 from tests.integration.prefect_stack import Stack
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 PRESIGN_MARKERS = ("X-Amz-Signature", "X-Amz-Credential", "Signature=", "AWSAccessKeyId")
 

@@ -276,7 +276,6 @@ def test_enforcement_is_on(iam_store: IamStore, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_each_role_does_its_part_and_nothing_else(
     iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
 ) -> None:

@@ -42,7 +42,7 @@ from tests.integration.prefect_services import (
     worker_args,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 TEST_IDS = ["900", "901", "902"]
 IMAGE = 32

@@ -60,11 +60,6 @@ def labels(n: int, seed: int = 0) -> dict[str, str]:
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def protein(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "protein.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=timeout)
-
-
 def last_json(stdout: str) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -121,8 +116,8 @@ def resume_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("resume") / "ds", labels(120, seed=1), ["900"], size=IMAGE)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(resume_dataset, tmp_path):
+def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(resume_dataset, tmp_path,
+                                                                              protein_process):
     from safetensors.torch import load_file
 
     epochs, batch = 3, 4
@@ -130,7 +125,8 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(r
     args = ["train", "--data", str(resume_dataset), "--cache-dir", str(cache), "--epochs", str(epochs),
             "--image-size", str(IMAGE), "--batch-size", str(batch), "--device", "cpu", "--seed", "7"]
 
-    reference = protein(*args, "--store", str(tmp_path / "reference"), "--run-id", "reference")
+    reference = protein_process.run(*args, "--store", str(tmp_path / "reference"), "--run-id", "reference",
+                                    env=ONE_THREAD)
     assert reference.returncode == 0, reference.stderr
     reference_result = last_json(reference.stdout)
     assert reference_result["resumed_from_epoch"] == 0
@@ -209,7 +205,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.mark.slow
 def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
     prefect_harness, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch
 ):
@@ -312,10 +307,9 @@ def proxy(fault_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator
         proxy.stop()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("cut,resumes_from", [("checkpoint.pt", 1), ("model.safetensors", 2)])
 def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
-    proxy, small_dataset, tmp_path, one_thread, cut, resumes_from
+    proxy, small_dataset, tmp_path, one_thread, cut, resumes_from, trainer
 ):
     bucket = new_bucket()
     uri = f"s3://{bucket}/p"
@@ -330,7 +324,7 @@ def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
     proxy.cut(upload_of(cut, after_completed=1 if cut == "checkpoint.pt" else 0))
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
-        train_and_register(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
+        trainer(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
     failed_after = time.monotonic() - started
     assert proxy.down
 
@@ -343,7 +337,7 @@ def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
     assert store.get_bytes(CHAMPION_KEY) == pointer
     assert load_checkpoint(store, "run-1")["epoch"] == (1 if cut == "checkpoint.pt" else 2)  # whole, verified
 
-    result = train_and_register(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
+    result = trainer(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
     assert result["resumed_from_epoch"] == resumes_from
     assert registry.versions() == sorted([champion, result["model_id"]])
     assert store.get_bytes(CHAMPION_KEY) == pointer  # training never moves the pointer
@@ -360,9 +354,8 @@ def champion_weights(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
-    fault_server, small_dataset, tmp_path, monkeypatch, one_thread
+    fault_server, small_dataset, tmp_path, monkeypatch, one_thread, protein_process
 ):
     set_s3_env(monkeypatch, fault_server.endpoint)
     bucket = new_bucket()
@@ -372,7 +365,7 @@ def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
     fault_server.stop()
     try:
         started = time.monotonic()
-        down = protein(*args)
+        down = protein_process.run(*args, env=ONE_THREAD)
         elapsed = time.monotonic() - started
     finally:
         fault_server.start()
@@ -390,7 +383,6 @@ def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
     print(f"\nS3 down: CLI exit 3 after {elapsed:.1f}s (including interpreter and torch start-up)")
 
 
-@pytest.mark.slow
 def test_retrain_flow_fails_when_s3_is_down(prefect_harness, fault_server, small_dataset, isolated_cache,
                                             monkeypatch):
     import flows.retrain as retrain_module
@@ -427,7 +419,6 @@ def test_presigned_urls_are_sigv4(s3_bucket):
         assert response.read() == b"hello"
 
 
-@pytest.mark.slow
 def test_transient_throttling_is_retried_with_bounded_attempts(proxy, tmp_path):
     uri = f"s3://{new_bucket()}/p"
     store = open_store(uri)
@@ -576,7 +567,6 @@ def promote_attempts(flow_run_id: Any) -> int:
     return promote.run_count
 
 
-@pytest.mark.slow
 def test_two_retrains_racing_on_one_store_leave_one_line_of_history(
     prefect_harness, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch
 ):
@@ -651,7 +641,6 @@ def whole(payload: bytes) -> bool:
     return len(body) == 400_000 + 50_000 * (i % 9) and body == bytes([i % 251]) * len(body)
 
 
-@pytest.mark.slow
 def test_sigkilled_writer_leaves_every_object_whole_or_absent(tmp_path):
     store = open_store(str(tmp_path / "store"))
     out = tmp_path / "out" / "submission.csv"
@@ -731,8 +720,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_crash_during_registration_leaves_an_orphan_that_gc_lists_and_removes(small_dataset, tmp_path):
+def test_crash_during_registration_leaves_an_orphan_that_gc_lists_and_removes(small_dataset, tmp_path,
+                                                                              protein_process):
     store = open_store(str(tmp_path / "store"))
     registry = Registry(store)
     champion = registry.register(champion_weights(tmp_path), {"arch": "resnet18", "image_size": IMAGE},
@@ -742,8 +731,7 @@ def test_crash_during_registration_leaves_an_orphan_that_gc_lists_and_removes(sm
 
     args = ["train", "--data", str(small_dataset), "--store", store.uri, "--cache-dir", str(tmp_path / "cache"),
             "--epochs", "1", "--image-size", str(IMAGE), "--batch-size", "8", "--run-id", "run-1"]
-    crashed = subprocess.run([sys.executable, "-c", CRASH_BEFORE_MODEL_JSON, *args], capture_output=True, text=True,
-                             env={**os.environ, **ONE_THREAD}, timeout=300)
+    crashed = protein_process.python(CRASH_BEFORE_MODEL_JSON, *args, env=ONE_THREAD)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     orphans = registry.orphans()
     assert len(orphans) == 1 and store.exists(f"models/{orphans[0]}/model.safetensors")
@@ -896,7 +884,6 @@ def test_hostile_dataset_is_refused_with_one_line_and_exit_2(case, tmp_path, mon
     assert not list(tmp_path.glob("cache/*.npy"))
 
 
-@pytest.mark.slow
 def test_hostile_images_fail_validation_naming_each_file(tmp_path):
     dataset = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(8)}, ["900"], size=IMAGE)
     symlink_outside(dataset)  # train/5.png
@@ -937,7 +924,8 @@ def test_zip_with_escaping_member_names_is_refused(member, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served_store(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path) -> dict[str, Any]:
+def served_store(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path,
+                 trainer: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """A store with a promoted champion, for the prediction side."""
     root = tmp_path_factory.mktemp("served")
     import torch
@@ -945,7 +933,7 @@ def served_store(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path) 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = train_and_register(small_dataset, str(root / "store"), TrainConfig(
+        result = trainer(small_dataset, str(root / "store"), TrainConfig(
             image_size=IMAGE, epochs=1, batch_size=8), run_id="served", cache_dir=root / "cache")
     finally:
         torch.set_num_threads(threads)
@@ -991,7 +979,6 @@ def test_hostile_test_set_is_refused_by_predict(case, served_store, small_datase
     assert store.list("submissions/") == before and not (tmp_path / "submission.csv").exists()
 
 
-@pytest.mark.slow
 def test_million_row_train_csv_is_bounded_in_memory_and_time(tmp_path):
     dataset = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(8)}, ["900"], size=IMAGE)
     with open(dataset / "train.csv", "w") as f:
@@ -1145,10 +1132,9 @@ def prefect_auth_string(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield FAKE_AUTH
 
 
-@pytest.mark.slow
 def test_credentials_appear_in_no_log_artifact_report_message_or_file(
     prefect_harness, s3_server, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch, log_records,
-    prefect_auth_string,
+    prefect_auth_string, protein_process,
 ):
     import tempfile
 
@@ -1177,7 +1163,7 @@ def test_credentials_appear_in_no_log_artifact_report_message_or_file(
     missing = retrain_module.retrain(data=str(small_dataset), store="s3://no-such-bucket-secrets/p", train=train,
                                      gate_config=LENIENT, validation=VALIDATION, return_state=True)
     assert missing.is_failed() and "does not exist" in missing.message
-    cli_error = protein("models", "list", "--store", "s3://no-such-bucket-secrets/p")
+    cli_error = protein_process.run("models", "list", "--store", "s3://no-such-bucket-secrets/p", env=ONE_THREAD)
     assert cli_error.returncode == 3
 
     found: dict[str, list[str]] = {"secret": [], "token": [], "key_id": [], "presigned": []}

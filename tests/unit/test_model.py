@@ -36,7 +36,6 @@ def test_the_registry_lists_every_torchvision_classification_model():
     assert not any(n.startswith(("fasterrcnn", "deeplab", "r3d", "quantized")) for n in names)
 
 
-@pytest.mark.slow  # ~17 s of CPU: 80 architectures built and run on the meta device
 def test_every_architecture_builds_with_a_ten_logit_head(meta_safe_regnet):
     # On the meta device: shapes only, no memory and no arithmetic, so all 80 models take seconds.
     failures = []

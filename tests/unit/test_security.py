@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -98,12 +96,7 @@ def test_garbage_checkpoint_is_a_store_error(tmp_path):
             load_checkpoint(store, f"run-{i}")
 
 
-def protein_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "protein.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_cli_refuses_malicious_weights_and_checkpoint(tmp_path):
+def test_cli_refuses_malicious_weights_and_checkpoint(tmp_path, protein_cli):
     """As users meet it: one error line, a specific exit code, no traceback, nothing executed or registered."""
     data = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(12)}, ["900"], size=32)
     store, cache = tmp_path / "store", tmp_path / "cache"
