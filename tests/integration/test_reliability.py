@@ -507,6 +507,25 @@ def test_interrupted_multipart_upload_leaves_no_object_and_gc_removes_its_parts(
         store.put_file("models/big/model.safetensors", big, if_none_match=True)
 
 
+def test_stale_upload_cleanup_removes_only_uploads_older_than_the_age(proxy):
+    """`models gc` aborts multipart uploads left by writers that died an hour ago, never one a live
+    writer is sending now. (Through the proxy: moto itself dates every upload 2010.)"""
+    import boto3
+
+    bucket = new_bucket()
+    store = open_store(f"s3://{bucket}/p")
+    client = boto3.session.Session().client("s3")
+    old = client.create_multipart_upload(Bucket=bucket, Key="p/runs/dead/checkpoint.pt")["UploadId"]
+    fresh = client.create_multipart_upload(Bucket=bucket, Key="p/runs/live/checkpoint.pt")["UploadId"]
+    proxy.backdate(old, 2 * 3600)
+
+    assert store.clean_stale_uploads(older_than_s=3600, dry_run=True) == 1
+    assert store.clean_stale_uploads(older_than_s=3600) == 1
+    left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [(u["Key"], u["UploadId"]) for u in left] == [("p/runs/live/checkpoint.pt", fresh)]
+    assert store.clean_stale_uploads(older_than_s=3600) == 0
+
+
 def test_a_download_broken_off_midway_is_one_store_error_and_leaves_no_file(proxy, tmp_path):
     bucket = new_bucket()
     store = open_store(f"s3://{bucket}/p")
