@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 import zipfile
 import zlib
@@ -440,7 +441,7 @@ def test_transient_throttling_is_retried_with_bounded_attempts(proxy, tmp_path):
     # Throttled for good: the call gives up after S3_MAX_ATTEMPTS (3) with one clear line.
     proxy.fail(put_of("/b.json"), times=100)
     started = time.monotonic()
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StoreError, match=r"S3 request PutObject failed \(SlowDown\)") as info:
         store.put_bytes("b.json", b"{}")
     assert str(info.value) == f"{uri}/b.json: S3 request PutObject failed (SlowDown)"
     assert proxy.count(put_of("/b.json")) == 3
@@ -532,7 +533,7 @@ def test_a_download_broken_off_midway_is_one_store_error_and_leaves_no_file(prox
     store.put_bytes("models/v/model.safetensors", os.urandom(300_000))
     proxy.truncate_response(lambda method, path: method == "GET" and path.split("?")[0].endswith("model.safetensors"))
     out = tmp_path / "dl" / "model.safetensors"
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StoreError, match="broke off the transfer") as info:
         store.get_file("models/v/model.safetensors", out)
     assert str(info.value) == (f"s3://{bucket}/p/models/v/model.safetensors: the S3 endpoint {proxy.endpoint} "
                                "broke off the transfer")
@@ -547,7 +548,7 @@ def test_check_refuses_an_endpoint_that_ignores_conditional_writes(proxy, monkey
     store = open_store(f"s3://{bucket}/p")
     store.check()  # moto honours both
     proxy.drop_headers = {ignored}
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StoreError, match=f"ignores {ignored} ") as info:
         store.check()
     message = str(info.value)
     assert message.startswith(f"s3://{bucket}/p: the S3 endpoint {proxy.endpoint} ignores {ignored} ")
@@ -789,17 +790,20 @@ def test_crash_between_checksum_and_object_rename_is_refused_not_misread(tmp_pat
 
     store = open_store(str(tmp_path / "store"))
     store.put_bytes("registry/champion.json", b"old")
-    real_replace = os.replace
 
     def crash_on_object_rename(src: Any, dst: Any) -> None:
         if str(dst) == str(store.root / "registry/champion.json"):
             raise KeyboardInterrupt("simulated crash")
-        real_replace(src, dst)
+        os.replace(src, dst)
 
-    monkeypatch.setattr(local_store.os, "replace", crash_on_object_rename)
-    with pytest.raises(KeyboardInterrupt):
-        store.put_bytes("registry/champion.json", b"new")
-    monkeypatch.setattr(local_store.os, "replace", real_replace)
+    # Only the store module sees the crashing rename (its global `os` becomes a stand-in that
+    # delegates everything else): os.replace itself, which every other thread uses, is untouched.
+    crashing_os = types.SimpleNamespace(**vars(os))
+    crashing_os.replace = crash_on_object_rename
+    with monkeypatch.context() as patch:
+        patch.setattr(local_store, "os", crashing_os)
+        with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+            store.put_bytes("registry/champion.json", b"new")
     assert (store.root / "registry/champion.json").read_bytes() == b"old"
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         store.get_bytes("registry/champion.json")
