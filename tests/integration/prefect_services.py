@@ -153,13 +153,19 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
     }
 
 
+HOST_SITE = Path(__file__).resolve().parent / "host_site"
+
+
 def host_env(base: Mapping[str, str], root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A worker "host" on this machine: an empty directory of its own holding its HOME,
-    PREFECT_HOME, caches and temp files, and no PYTHONPATH, so code comes from the pull step."""
+    PREFECT_HOME, caches and temp files, and neither the checkout on its path nor the editable
+    install of it, so the project's code comes only from the pull step's clone."""
     for sub in ("home", "prefect", "cache", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in base.items() if k not in ("PYTHONPATH", "PWD", "OLDPWD", "VIRTUAL_ENV")}
     env.update({
+        # Only host_site/sitecustomize.py, which switches the venv's editable install of the checkout off.
+        "PYTHONPATH": str(HOST_SITE),
         "HOME": str(root / "home"),
         "PREFECT_HOME": str(root / "prefect"),
         "PROTEIN_CACHE_DIR": str(root / "cache"),

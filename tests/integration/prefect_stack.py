@@ -32,9 +32,10 @@ from tests.integration.prefect_services import (
 )
 
 RUN_TIMEOUT_S = 420.0
-# The zombie window the tests apply: above the 30 s heartbeat (the minimum Prefect allows) so
-# live runs are not crashed, below the file's 120 s so the zombie test waits less.
-TEST_ZOMBIE_AFTER_S = 50
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stack's runs: the minimum Prefect allows
+# The zombie window the tests apply: three heartbeats, so a live run on a loaded machine may miss two
+# (a late beat, a stalled event loop) and not be crashed; below the file's 120 s so the zombie test waits less.
+TEST_ZOMBIE_AFTER_S = 3 * HEARTBEAT_S
 TEST_IDS = ["900", "901", "902"]
 # Deployment defaults for tests: tiny images, one epoch, training and scoring inside the retrain
 # run (this stack has no gpu-pool worker).

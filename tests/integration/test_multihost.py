@@ -42,7 +42,7 @@ from tests.integration.prefect_services import (
     worker_args,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 TEST_IDS = ["900", "901", "902"]
 IMAGE = 32
@@ -240,8 +240,10 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     # to the store instead of decoding.
     _, gpu_dir_b = cluster.gpu_host("gpu-host-b")
     second = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))
+    started_by = time.monotonic() + RUN_TIMEOUT_S
     while (second := client.read_flow_run(second.id)).state_type.value not in ("RUNNING", "COMPLETED", "FAILED",
                                                                                "CRASHED", "CANCELLED"):
+        assert time.monotonic() < started_by, f"the second nightly never started\n{all_logs(cluster.services)}"
         time.sleep(0.5)
     # A nightly started while one runs is cancelled, not queued behind it.
     third = client.create_flow_run_from_deployment(nightly.id, parameters=retrain_parameters(cluster, store_uri, 1))

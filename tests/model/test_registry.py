@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -131,7 +132,7 @@ def test_s3_round_trip_predicts_the_same_submission(trained, s3_bucket, tmp_path
 
 
 def test_unknown_version_lists_what_exists(registry, trained):
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(RegistryError, match="unknown model version 'no-such-version'") as info:
         registry.spec("no-such-version")
     assert "no-such-version" in str(info.value) and trained["model_id"] in str(info.value)
     with pytest.raises(RegistryError, match="invalid model version"):
@@ -230,13 +231,13 @@ def test_weights_rewritten_in_the_bucket_are_refused_and_nothing_is_predicted(
 
     for call in (lambda: registry.download(version, tmp_path / "dl"), lambda: registry.promote(version),
                  lambda: registry.resolve("champion")):
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(RegistryError, match=f"^model version {re.escape(version)}: weights") as info:
             call()
         message = str(info.value)
         assert message.startswith(f"model version {version}: weights") and "\n" not in message
         assert ("size" in message) if how == "truncated" else ("sha256" in message or "checksum" in message)
         assert info.value.exit_code == 4
-    with pytest.raises(RegistryError):
+    with pytest.raises(RegistryError, match=f"^model version {re.escape(version)}: weights"):
         predict_and_publish(trained["data"], registry.store.uri, "champion", tmp_path / "sub.csv", trained["cache"])
     assert not (tmp_path / "sub.csv").exists() and registry.store.list("submissions/") == []
 

@@ -59,7 +59,7 @@ def test_run_summary_lists_data_champions_gate_and_links() -> None:
 def test_object_uri_is_durable(tmp_path: Path) -> None:
     assert object_uri(open_store("s3://bucket/prod"), "models/m1/model.json") == "s3://bucket/prod/models/m1/model.json"
     assert object_uri(open_store(str(tmp_path)), "a/b.csv") == (tmp_path / "a" / "b.csv").as_uri()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^invalid object key '\.\./escape'"):
         object_uri(open_store("s3://bucket"), "../escape")
 
 
