@@ -448,9 +448,11 @@ def test_gc_runs_deletes_checkpoints_of_registered_and_abandoned_runs(registry, 
     add_version(registry, trained["model_id"], "done", run_id="run-done")
     for run in ("run-done", "run-busy", "run-abandoned"):
         registry.store.put_bytes(f"runs/{run}/checkpoint.pt", b"ckpt")
-    old = time.time() - 10 * 86400
+    old, done = time.time() - 10 * 86400, time.time() - 2 * 86400  # past the one-day age guard
     for path in (registry.store.root / "runs" / "run-abandoned").iterdir():
         os.utime(path, (old, old))
+    for path in (registry.store.root / "runs" / "run-done").iterdir():
+        os.utime(path, (done, done))
     assert main(["models", "gc", "--runs", "--store", registry.store.uri]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == ["run-abandoned", "run-done"]
     assert registry.store.list("runs/") == ["runs/run-busy/checkpoint.pt"]
