@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protein.errors import RecordError
-from protein.storage.base import MiB, Store
+from protein.storage.base import MiB, Store, env_number
 
 # A model.json with its holdout and training row ids is a few hundred KB for the full competition
 # (31k rows); champion.json grows by ~0.6 KB per promotion. 16 MiB leaves room for both by far and
-# bounds what a forged or runaway record can make a reader hold.
+# bounds what a forged or runaway record can make a reader hold. PROTEIN_MAX_RECORD_BYTES overrides it.
 MAX_RECORD_BYTES = 16 * MiB
+MAX_RECORD_BYTES_ENV = "PROTEIN_MAX_RECORD_BYTES"
 
 FieldType = type | tuple[type, ...]
 
@@ -34,7 +35,15 @@ class RecordSchema:
     required: Mapping[str, FieldType]
     optional: Mapping[str, FieldType] = field(default_factory=dict)
     items: Mapping[str, RecordSchema] = field(default_factory=dict)
-    max_bytes: int = MAX_RECORD_BYTES
+    max_bytes: int | None = None  # None: `record_cap()`, read when the record is
+
+    def cap(self) -> int:
+        return self.max_bytes if self.max_bytes is not None else record_cap()
+
+
+def record_cap() -> int:
+    """The size cap of a record whose schema names none (read at each call, so operators can set it)."""
+    return int(env_number(MAX_RECORD_BYTES_ENV, MAX_RECORD_BYTES))
 
 
 _JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
@@ -78,9 +87,9 @@ def check_record(doc: Any, schema: RecordSchema, where: str) -> dict[str, Any]:
 
 def parse_record(data: bytes, schema: RecordSchema, where: str) -> dict[str, Any]:
     """Bytes already read (under the cap) -> the checked record."""
-    if len(data) > schema.max_bytes:
-        raise RecordError(f"{where}: {len(data):,} bytes is larger than the {schema.max_bytes:,}-byte cap "
-                          "for this record; not read")
+    if len(data) > (cap := schema.cap()):
+        raise RecordError(f"{where}: {len(data):,} bytes is larger than the {cap:,}-byte cap for this record; "
+                          "not read")
     try:
         doc = json.loads(data)
     except UnicodeDecodeError:
@@ -101,11 +110,11 @@ def record_location(store: Store, key: str) -> str:
 
 def load_record(store: Store, key: str, schema: RecordSchema) -> dict[str, Any]:
     """Read ``key`` under the schema's size cap and check it; `NotFound` if it is missing."""
-    data = store.get_bytes(key, max_bytes=schema.max_bytes)
+    data = store.get_bytes(key, max_bytes=schema.cap())
     return parse_record(data, schema, record_location(store, key))
 
 
 def load_record_bytes(store: Store, key: str, schema: RecordSchema) -> tuple[dict[str, Any], bytes]:
     """Like `load_record`, also returning the exact bytes (to hash them, or to copy them unchanged)."""
-    data = store.get_bytes(key, max_bytes=schema.max_bytes)
+    data = store.get_bytes(key, max_bytes=schema.cap())
     return parse_record(data, schema, record_location(store, key)), data
