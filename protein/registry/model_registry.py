@@ -130,7 +130,8 @@ class Registry(ChampionMixin, RetentionMixin):
     def _refuse_tombstoned(self, version: str) -> None:
         if self.store.exists(tombstone_key(version)):
             raise RegistryError(f"model version {version} was deleted from {self.store.uri} "
-                                f"({tombstone_key(version)}); a deleted version id is never registered again")
+                                f"({tombstone_key(version)}); a deleted version id is never registered or promoted "
+                                "again")
 
     def _index_run(self, run_id: str, version: str, event_id: str) -> None:
         doc = {"run_id": run_id, "model_id": version, "event_id": event_id}

@@ -167,7 +167,7 @@ def test_a_deleted_version_id_is_never_registered_again(any_registry, trained, t
     spec = json.loads((local / "model.json").read_text())
     fields = {k: spec[k] for k in ("arch", "image_size", "class_names", "thresholds", "metrics")}
     with pytest.raises(RegistryError, match="model version doomed was deleted from .*; a deleted version id is "
-                                            "never registered again"):
+                                            "never registered or promoted again"):
         registry.register(local / "model.safetensors", fields, version="doomed")
     # A rerun of the run that registered it reuses its claimed id: refused all the same.
     with pytest.raises(RegistryError, match="model version doomed was deleted"):
