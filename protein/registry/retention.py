@@ -193,8 +193,12 @@ class RetentionMixin:
 
     def apply_gc(self, plan: GcPlan, delete_versions: bool = False) -> None:
         for version in plan.orphans:
-            # Re-checked one by one: a registration that completed since the plan keeps everything.
-            self.delete_orphan(version, plan.older_than_s)
+            # Re-listed one by one: a registration that completed (or wrote again) since the plan keeps all.
+            objects = self._orphan_objects(plan.older_than_s, version).get(version)
+            if objects is None:
+                log.info("model version %s was completed or written since gc planned; kept", version)
+                continue
+            self.store.delete_keys(objects)
         if plan.runs:
             protected = self.protected_keys()  # re-read: a version registered since the plan may name one
             for run, objects in plan.runs.items():

@@ -15,14 +15,6 @@ from protein.registry import CHAMPION_KEY, Registry, check_version_id, default_a
 from protein.storage import S3Store, open_store
 
 
-@pytest.fixture
-def registry(trained, tmp_path):
-    """A fresh store holding a copy of the trained version, so tests never share a champion."""
-    target = Registry(open_store(str(tmp_path / "store")))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
-
-
 def test_model_version_is_self_describing(trained):
     spec = Registry(open_store(trained["store"])).spec(trained["model_id"])
     for field in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics", "data_fingerprint",
@@ -202,14 +194,6 @@ def replace_weights(store, key: str, data: bytes, with_checksum: bool) -> None:
     else:
         (store.root / key).write_bytes(data)
         (store.root / ".protein+meta" / "sha256" / key).unlink()
-
-
-@pytest.fixture(params=["local", "s3"])
-def any_registry(request, trained, tmp_path):
-    uri = str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket")
-    target = Registry(open_store(uri))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
 
 
 @pytest.mark.integration

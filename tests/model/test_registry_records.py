@@ -16,14 +16,6 @@ from protein.storage.records import MAX_RECORD_BYTES_ENV
 from tests.model.test_registry import add_version
 
 
-@pytest.fixture(params=["local", "s3"])
-def any_registry(request, trained, tmp_path):
-    uri = str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket")
-    target = Registry(open_store(uri))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
-
-
 def rewrite(store, key: str, data: bytes) -> None:
     """Replace an object with bytes whose checksum metadata matches them (a consistent rewrite)."""
     store.delete(key)
