@@ -55,6 +55,13 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or changed since its etag was read."""
 
 
+class RecordError(ProteinError):
+    """A record the pipeline keeps in the store (model.json, champion.json, a run index, a manifest)
+    is larger than its size cap, not JSON, or not the shape its schema says: read, never trusted."""
+
+    exit_code = 8
+
+
 class TrainingFailed(ProteinError):
     """A training process (one rank of a distributed run) died; the run can be resumed."""
 

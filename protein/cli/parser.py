@@ -12,6 +12,7 @@ from protein.cli.model_commands import cmd_evaluate, cmd_models, cmd_predict
 from protein.cli.output import cmd_link
 from protein.cli.train_commands import cmd_archs, cmd_train, cmd_train_job
 from protein.config import RECIPES, TrainConfig
+from protein.registry.retention import RUN_MIN_AGE_S
 
 DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
              "s3://bucket/prefix/ or s3://bucket/key.zip")
@@ -184,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(a registration in progress is younger)")
             mp.add_argument("--runs", action="store_true",
                             help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
-                                 "unfinished runs older than --run-age-days")
+                                 "unfinished runs older than --run-age-days; never what a version's model.json "
+                                 "names (its holdout probabilities)")
             mp.add_argument("--run-age-days", type=float, default=7.0,
                             help="an unregistered run untouched this long counts as abandoned")
+            mp.add_argument("--run-min-age-hours", type=float, default=RUN_MIN_AGE_S / 3600,
+                            help="never delete a run written to more recently than this, registered or not "
+                                 "(a live retrain writes a checkpoint every epoch)")
             mp.add_argument("--keep-last", type=int, metavar="N",
                             help="list complete versions beyond the newest N (never the champion or any version in "
                                  "its promotion history) for deletion")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import ListedObject, S3Store
+from protein.storage.records import RecordSchema, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ PUSHED_PREFIX = re.compile(r"(?:^|/)datasets/([0-9a-f]{16})/$")
 MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 DOWNLOAD_THREADS = 16
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# What every reader of a manifest checks (protein.storage.records): the shape, then its own rules.
+DATASET_MANIFEST = RecordSchema(
+    "dataset manifest", required={"format": str, "fingerprint": str, "files": dict},
+    optional={"created": str, "train_images": int, "test_images": int, "train_rows": int, "test_rows": int,
+              "bytes": int}, max_bytes=MAX_MANIFEST_BYTES)
 
 
 @dataclass(frozen=True)
@@ -259,8 +264,8 @@ class S3Source(DatasetSource):
         if info.size > MAX_MANIFEST_BYTES:
             raise DataError(f"{where}: {info.size:,} bytes, larger than any dataset manifest")
         path = fetch_object(self._s3(), info, self.cache_root / "manifests", ".json")
+        manifest = parse_record(path.read_bytes(), DATASET_MANIFEST, where)
         try:
-            manifest = json.loads(path.read_bytes())
             entries = manifest["files"]
             digests = {name: FileDigest(int(e["size"]), str(e["md5"])) for name, e in entries.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

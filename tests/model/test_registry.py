@@ -18,14 +18,6 @@ from protein.registry import CHAMPION_KEY, Registry, check_version_id, default_a
 from protein.storage import S3Store, open_store
 
 
-@pytest.fixture
-def registry(trained, tmp_path):
-    """A fresh store holding a copy of the trained version, so tests never share a champion."""
-    target = Registry(open_store(str(tmp_path / "store")))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
-
-
 def test_model_version_is_self_describing(trained):
     spec = Registry(open_store(trained["store"])).spec(trained["model_id"])
     for field in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics", "data_fingerprint",
@@ -206,14 +198,6 @@ def replace_weights(store, key: str, data: bytes, with_checksum: bool) -> None:
     else:
         (store.root / key).write_bytes(data)
         (store.root / ".protein+meta" / "sha256" / key).unlink()
-
-
-@pytest.fixture(params=["local", "s3"])
-def any_registry(request, trained, tmp_path):
-    uri = str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket")
-    target = Registry(open_store(uri))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
 
 
 @pytest.mark.integration
@@ -452,9 +436,11 @@ def test_gc_runs_deletes_checkpoints_of_registered_and_abandoned_runs(registry, 
     add_version(registry, trained["model_id"], "done", run_id="run-done")
     for run in ("run-done", "run-busy", "run-abandoned"):
         registry.store.put_bytes(f"runs/{run}/checkpoint.pt", b"ckpt")
-    old = time.time() - 10 * 86400
+    old, done = time.time() - 10 * 86400, time.time() - 2 * 86400  # past the one-day age guard
     for path in (registry.store.root / "runs" / "run-abandoned").iterdir():
         os.utime(path, (old, old))
+    for path in (registry.store.root / "runs" / "run-done").iterdir():
+        os.utime(path, (done, done))
     assert main(["models", "gc", "--runs", "--store", registry.store.uri]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == ["run-abandoned", "run-done"]
     assert registry.store.list("runs/") == ["runs/run-busy/checkpoint.pt"]
