@@ -23,6 +23,7 @@ from flows.params import (
     route_library_logs,
 )
 from protein.data import fingerprint, open_dataset
+from protein.errors import EvidenceRefused
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
@@ -128,7 +129,7 @@ def retrain(
     try:
         evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
                                      score_deployment, dispatch)
-    except RuntimeError as exc:  # the score deployment failed or never ran: nothing was decided
+    except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
         return Failed(message=str(exc))
     decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
                     gate_config.to_config())
@@ -150,7 +151,7 @@ def retrain(
     try:
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
-    except RuntimeError as exc:
+    except (RuntimeError, EvidenceRefused) as exc:
         return Failed(message=f"{exc} (the gate's decision stands: champion is {champion})")
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
@@ -166,7 +167,7 @@ def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champio
     dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
                                                    "model": challenger, "champion": champion},
                   run_id, dispatch.to_config())
-    return gate_evaluation_of_run(store, run_id, challenger, champion, data_fingerprint)
+    return gate_evaluation_of_run(data, store, run_id, challenger, champion, data_fingerprint)
 
 
 def submission_uri(data: str, store: str, run_id: str, champion: str, data_fingerprint: str,
@@ -177,7 +178,7 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
     dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
                                                       "run_id": run_id, "model": champion},
                   run_id, dispatch.to_config())
-    return publish_submission_of_run(store, run_id, champion, data_fingerprint)["uri"]
+    return publish_submission_of_run(data, store, run_id, champion, data_fingerprint)["uri"]
 
 
 def main(argv: list[str] | None = None) -> int:
