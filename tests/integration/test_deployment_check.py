@@ -10,6 +10,8 @@ the API, as anyone holding the one Prefect credential can, and the retrain refus
 from __future__ import annotations
 
 import contextlib
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,17 +112,59 @@ def test_a_deployment_as_defined_is_dispatched_to(deployments: dict[str, Any], d
 
 
 def test_a_deployment_git_does_not_define_is_refused(deployments: dict[str, Any], dataset: str, tmp_path: Path) -> None:
-    from prefect.client.schemas.actions import DeploymentUpdate
-
     client = deployments["client"]
     flow_id = client.create_flow_from_name("train")
     extra = client.create_deployment(flow_id, "elsewhere", entrypoint="flows/train.py:train", work_pool_name="gpu",
                                      pull_steps=pull())
     try:
         deployments["train"] = "train/elsewhere"
-        client.update_deployment(extra, DeploymentUpdate(description="made through the API"))
         state = run_retrain(deployments, dataset, tmp_path / "store")
     finally:
         client.delete_deployment(extra)
     assert state.is_failed() and state.message == ("deployment train/elsewhere is not defined in "
                                                    "deployments/prefect.yaml; nothing was dispatched to it"), state
+
+
+def retrain_logs(client: Any, flow_run_id: Any) -> list[str]:
+    """The run's logs as the server keeps them, once its last line (the final state) arrived: logs
+    reach the API in batches."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 60
+    while True:
+        logs = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+        if any("Finished in state" in m for m in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("by_automation", [True, False])
+def test_a_run_an_automation_started_takes_the_gate_from_git(deployments: dict[str, Any], tmp_path: Path,
+                                                            by_automation: bool) -> None:
+    """The server marks runs an automation (a deployment trigger) creates; such a run given a lenient gate
+    through the API uses deployments/prefect.yaml's gate instead. A run a person starts keeps its own."""
+    import base64
+
+    from prefect.flow_engine import run_flow
+
+    from flows.retrain import retrain
+
+    client = deployments["client"]
+    headers = {"Prefect-Automation-ID": str(uuid.uuid4()),
+               "Prefect-Automation-Name": base64.b64encode(b"protein-retrain-on-push").decode()}
+    response = client._client.post(f"/deployments/{deployments['ids']['retrain']}/create_flow_run",
+                                   json={"parameters": {}}, headers=headers if by_automation else {})
+    response.raise_for_status()
+    flow_run = client.read_flow_run(response.json()["id"])
+    assert (flow_run.created_by is not None) is by_automation
+    # Data that does not exist: the run fails at validation, after the gate's settings were chosen.
+    state = run_flow(retrain, flow_run=flow_run, return_type="state",
+                     parameters={"data": str(tmp_path / "missing"), "store": str(tmp_path / "store"),
+                                 "gate_config": GateParams(min_score=0.0)})
+    assert state.is_failed()
+    chose = [m for m in retrain_logs(client, flow_run.id) if "it uses deployments/prefect.yaml's" in m]
+    if by_automation:
+        assert len(chose) == 1 and "'min_score': 0.0" in chose[0], chose
+        assert f"'min_score': {GateParams().min_score}" in chose[0], chose
+    else:
+        assert chose == []
