@@ -23,6 +23,8 @@ from flows.params import (
     route_library_logs,
 )
 from protein.data import fingerprint, open_dataset
+from protein.errors import EvidenceRefused
+from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
@@ -84,6 +86,12 @@ def retrain(
         # Fail before any task: the run's message names the event and the field, not a stack trace.
         return Failed(message=f"event {trigger_event}: field payload.uri is {problem}; nothing was run")
     store = store or default_store()  # read on the worker at run time, not at import
+    if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
+        origin, values = defined
+        if GateParams(**values) != gate_config:
+            logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
+                           origin, gate_config.model_dump(), GateParams(**values).model_dump())
+        gate_config = GateParams(**values)
     summary: dict[str, Any] = {"data": data, "links": {}}
     champion = current_champion(store)
     summary["champion_before"] = summary["champion_after"] = champion
@@ -111,6 +119,7 @@ def retrain(
     config = train.to_config()
     if train_deployment:
         try:
+            check_deployment(train_deployment)
             dispatch_step("train", train_deployment,
                           {"data": data, "store": store, "train": train.model_dump(), "run_id": run_id,
                            "expected_fingerprint": report["data_fingerprint"]}, run_id, dispatch.to_config())
@@ -128,7 +137,7 @@ def retrain(
     try:
         evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
                                      score_deployment, dispatch)
-    except RuntimeError as exc:  # the score deployment failed or never ran: nothing was decided
+    except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
         return Failed(message=str(exc))
     decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
                     gate_config.to_config())
@@ -150,7 +159,7 @@ def retrain(
     try:
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
-    except RuntimeError as exc:
+    except (RuntimeError, EvidenceRefused) as exc:
         return Failed(message=f"{exc} (the gate's decision stands: champion is {champion})")
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
@@ -163,10 +172,11 @@ def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champio
     pool, whose result comes back through the store. RuntimeError when that deployment failed."""
     if not score_deployment:
         return evaluate_models(data, store, challenger, champion)
+    check_deployment(score_deployment)  # DeploymentChanged is a RuntimeError: the run fails naming it
     dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
                                                    "model": challenger, "champion": champion},
                   run_id, dispatch.to_config())
-    return gate_evaluation_of_run(store, run_id, challenger, champion, data_fingerprint)
+    return gate_evaluation_of_run(data, store, run_id, challenger, champion, data_fingerprint)
 
 
 def submission_uri(data: str, store: str, run_id: str, champion: str, data_fingerprint: str,
@@ -174,10 +184,11 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
     """The champion's test-set submission, written here or by the score deployment."""
     if not score_deployment:
         return predict_submission(data, store, champion)["uri"]
+    check_deployment(score_deployment)
     dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
                                                       "run_id": run_id, "model": champion},
                   run_id, dispatch.to_config())
-    return publish_submission_of_run(store, run_id, champion, data_fingerprint)["uri"]
+    return publish_submission_of_run(data, store, run_id, champion, data_fingerprint)["uri"]
 
 
 def main(argv: list[str] | None = None) -> int:

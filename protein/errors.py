@@ -66,3 +66,8 @@ class TrainingFailed(ProteinError):
     """A training process (one rank of a distributed run) died; the run can be resumed."""
 
     exit_code = 7
+
+
+class EvidenceRefused(IntegrityError):
+    """What a scoring host reported does not agree with what this host derives or computes
+    itself (docs/security.md): the result is refused, never retried."""

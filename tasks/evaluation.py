@@ -46,10 +46,15 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
 
 @task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def gate_evaluation_of_run(store: str, run_id: str, challenger_id: str, champion_id: str | None,
+def gate_evaluation_of_run(data: str, store: str, run_id: str, challenger_id: str, champion_id: str | None,
                            data_fingerprint: str) -> dict[str, Any]:
-    """What the score deployment found, refused unless it scored these models on this data."""
-    return read_gate_evaluation(store, run_id, challenger_id, champion_id, data_fingerprint)
+    """What the score deployment found, refused unless it scored these models on this data and
+    this host derives the same verdict from its probabilities and agrees on a random sample."""
+    evaluation = read_gate_evaluation(data, store, run_id, challenger_id, champion_id, data_fingerprint)
+    for name, checked in evaluation["spot_check"].items():
+        get_run_logger().info("spot-check of the %s: %d rows scored on this host agree (max difference %.2g, "
+                              "seed %d)", name, checked["rows"], checked["max_abs_diff"], checked["seed"])
+    return evaluation
 
 
 @task(name="gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)

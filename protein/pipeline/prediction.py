@@ -41,6 +41,14 @@ class TestSetPrediction:
     csv_bytes: bytes
     data_fingerprint: str
     extra: dict[str, Any]  # an ensemble's members and thresholds
+    probs: np.ndarray | None = None  # (test rows, C) of one version: the evidence a CPU host checks
+
+
+def submission_csv(image_ids: list[str], probs: np.ndarray, thresholds: np.ndarray) -> bytes:
+    """The submission's bytes from probabilities: the one way, so a CPU host that derives the CSV
+    from a GPU host's probabilities gets the same bytes."""
+    frame = pd.DataFrame({"Image": image_ids, "Label": label_strings(probs, thresholds)})
+    return frame.to_csv(index=False, lineterminator="\n").encode()
 
 
 def predict_test_set(
@@ -64,9 +72,9 @@ def predict_test_set(
     if len(model_ids) == 1:
         predictor = load_predictor(registry, model_ids[0], cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
-        frame = predictor.submission(data.test_ids, images)
-        return TestSetPrediction(model_ids[0], frame.to_csv(index=False, lineterminator="\n").encode(),
-                                 data_fingerprint, {})
+        probs = predictor.predict_probs(images)
+        return TestSetPrediction(model_ids[0], submission_csv(data.test_ids, probs, predictor.thresholds),
+                                 data_fingerprint, {}, probs)
 
     thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
     total: np.ndarray | None = None
@@ -76,9 +84,7 @@ def predict_test_set(
         probs = predictor.predict_probs(images)
         total = probs if total is None else total + probs
     assert total is not None
-    labels = label_strings(total / len(model_ids), thresholds)
-    frame = pd.DataFrame({"Image": data.test_ids, "Label": labels})
-    return TestSetPrediction(ensemble_id(model_ids), frame.to_csv(index=False, lineterminator="\n").encode(),
+    return TestSetPrediction(ensemble_id(model_ids), submission_csv(data.test_ids, total / len(model_ids), thresholds),
                              data_fingerprint, {"members": model_ids, "thresholds": [float(t) for t in thresholds],
                                                 "thresholds_from": threshold_info})
 
