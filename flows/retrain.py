@@ -224,7 +224,8 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
-    parser.add_argument("--data", required=True, help="dataset folder, competition zip, s3://bucket/prefix/ or .zip")
+    parser.add_argument("--data", required=True, help="channel:NAME (the newest push, resolved at start), dataset "
+                        "folder, competition zip, s3://bucket/prefix/ or .zip")
     parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
     parser.add_argument("--arch", default=TrainParams().arch)
     parser.add_argument("--epochs", type=int, default=TrainParams().epochs)
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=GateParams().min_gain)
     parser.add_argument("--train-deployment", help="run training as this deployment (e.g. train/gpu)")
     parser.add_argument("--score-deployment", help="score and predict as this deployment (e.g. score/gpu)")
+    parser.add_argument("--allow-older-data", action="store_true",
+                        help="promote even if the data is older in push order than the champion's (recorded)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -248,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             validation=ValidationParams(image_size=args.expected_image_size),
             train_deployment=args.train_deployment,
             score_deployment=args.score_deployment,
+            allow_older_data=args.allow_older_data,
             return_state=True,
         )
         return report_state(state, "retrain")
