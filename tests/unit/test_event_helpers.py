@@ -88,6 +88,13 @@ def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> Non
     assert {str(action.block_document_id) for a in notify for action in a.actions} == {block_id}
     failed = automations["protein-run-failed"].trigger
     assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    # Cancelled alerts only for retrains a push started (their creator is the trigger's automation):
+    # train/score runs cancelled on a dispatch timeout are dispatched again, not alerted.
+    cancelled = automations["protein-push-retrain-cancelled"].trigger
+    assert cancelled.expect == {"prefect.flow-run.Cancelled"}
+    assert [dict(spec.root) for spec in cancelled.match_related] == [  # type: ignore[union-attr]
+        {"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+        {"prefect.resource.role": "creator", "prefect.resource.id": "prefect.automation.*"}]
     zombie = automations[ZOMBIE_AUTOMATION]
     assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 120
     assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"
