@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.automations import AUTOMATIONS_FILE
+from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, apply
 from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,17 +113,33 @@ def prefect(*args: str, env: Mapping[str, str], check: bool = True) -> subproces
     return subprocess.run([str(exe), *args], cwd=REPO, env=dict(env), check=check, capture_output=True, text=True)
 
 
-def missing_pools(env: Mapping[str, str]) -> list[str]:
-    return [pool for pool in POOLS if prefect("work-pool", "inspect", pool, env=env, check=False).returncode != 0]
+def missing_pools() -> list[str]:
+    """Pools the server does not have (read through the API: one `prefect` process each costs seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                missing.append(pool)
+    return missing
 
 
 def ensure_pools(env: Mapping[str, str], gpu_slots: int) -> None:
     """Process pools for both hosts; the gpu pool queues train runs on the server, one slot per GPU."""
-    for pool in missing_pools(env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    for pool in missing_pools():
+        # The CLI, not the API: it fills in the process worker's base job template.
         prefect("work-pool", "create", pool, "--type", "process", env=env)
-    prefect("work-pool", "update", "gpu", "--concurrency-limit", str(gpu_slots), env=env)
-    if still := missing_pools(env):
+    if still := missing_pools():
         raise SettingError(f"work pool(s) {', '.join(still)} do not exist on the server after creating them")
+    with get_client(sync_client=True) as client:
+        client.update_work_pool("gpu", WorkPoolUpdate(concurrency_limit=gpu_slots))
 
 
 def planned_deployments() -> list[dict[str, Any]]:
@@ -156,7 +172,7 @@ def plan(settings: DeploySettings, env: Mapping[str, str]) -> list[str]:
             extra.append(f"concurrency {limit['limit']} ({limit['collision_strategy']})")
         lines.append(f"  {d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}: {d['entrypoint']} {params} "
                      f"[{'; '.join(extra)}]")
-    missing = missing_pools(env)
+    missing = missing_pools()
     lines.append(f"  work pools: {', '.join(POOLS)}" + (f" ({', '.join(missing)} to be created)" if missing else "")
                  + f"; gpu concurrency {settings.gpu_slots}")
     lines.append(f"  automations from {AUTOMATIONS_FILE.name}, notifications to the webhook in "
@@ -164,14 +180,12 @@ def plan(settings: DeploySettings, env: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def apply_automations(settings: DeploySettings, env: Mapping[str, str]) -> str:
-    args = [sys.executable, "-m", "deployments.automations", "apply", "--webhook-url", settings.webhook_url]
-    if settings.zombie_after_s:
-        args += ["--zombie-after-s", str(settings.zombie_after_s)]
-    done = subprocess.run(args, cwd=REPO, env=dict(env), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, ["automations", "apply"], done.stdout, done.stderr)
-    return done.stdout.strip()
+def apply_automations(settings: DeploySettings) -> str:
+    try:
+        names = apply(AUTOMATIONS_FILE, settings.webhook_url, settings.zombie_after_s)
+    except Exception as exc:  # the server refused: one line, as `python -m deployments.automations` says it
+        raise subprocess.CalledProcessError(1, ["automations", "apply"], "", f"{type(exc).__name__}: {exc}") from None
+    return f"applied {len(names)} automations ({', '.join(names)}) and webhook block {BLOCK_NAME}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         ensure_pools(env, settings.gpu_slots)
         prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), env=env)
-        applied = apply_automations(settings, env)
+        applied = apply_automations(settings)
         check_registered(PREFECT_FILE)
     except SettingError as exc:
         print(f"deploy: {exc}", file=sys.stderr)
@@ -204,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         output = (exc.stderr or exc.stdout or "").strip().splitlines()
         step = "automations apply" if exc.cmd[0] == "automations" else f"prefect {' '.join(exc.cmd[1:3])}"
         print(f"deploy: `{step}` failed: {output[-1] if output else exc.returncode}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the Prefect API (pools, deployments) unreachable or refusing: one line
+        print(f"deploy: the Prefect API failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     print(f"deployed {settings.repository}@{settings.commit[:12]} (store {settings.store}, "
           f"{settings.gpu_slots} gpu slot(s)); {applied}")
