@@ -100,3 +100,25 @@ def test_a_cancelled_push_triggered_retrain_is_alerted(prefect_stack: Stack, tmp
                                       describe=stack.logs)
     assert message["subject"] == f"protein: retrain run {run.name} Cancelled"
     assert "started by a dataset push, ended Cancelled" in message["text"]
+
+
+def test_verify_refuses_a_deployment_that_holds_a_literal_placeholder(prefect_stack: Stack) -> None:
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    stack = prefect_stack
+    verify = [sys.executable, "-m", "deployments.deploy", "--verify"]
+    ok = subprocess.run(verify, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert ok.returncode == 0 and ok.stdout.startswith("verified 6 deployments"), f"{ok.stdout}{ok.stderr}"
+    with stack.client() as client:
+        # What a plain `prefect deploy` registers with PROTEIN_STORE unset.
+        validate = client.read_deployment_by_name("validate/cpu")
+        client.update_deployment(validate.id, DeploymentUpdate(
+            parameters={**validate.parameters, "store": "{{ $PROTEIN_STORE }}"}))
+        try:
+            refused = subprocess.run(verify, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        finally:
+            client.update_deployment(validate.id, DeploymentUpdate(parameters=validate.parameters))
+    assert refused.returncode == 2, f"{refused.stdout}{refused.stderr}"
+    assert refused.stderr == ("deploy: deployment validate/cpu holds a literal placeholder (parameters.store: "
+                              "{{ $PROTEIN_STORE }}): its variable was unset when it was deployed; deploy with "
+                              "`python -m deployments.deploy`\n")
