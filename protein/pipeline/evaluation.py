@@ -13,7 +13,7 @@ import numpy as np
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.metrics import binarize, evaluate_predictions
+from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images
 from protein.pipeline.prediction import load_predictor
@@ -55,20 +55,29 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
 
 
 def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
-                   ids: list[str], cache_dir: Path | None, device: str = "auto") -> dict[str, Any]:
+                   ids: list[str], cache_dir: Path | None, device: str = "auto",
+                   metric: str = "f1_samples") -> dict[str, Any]:
     """Metrics of one version on the given rows, plus its per-image predictions (as class
-    bitmasks) for the gate's paired bootstrap."""
+    bitmasks) for the gate's paired bootstrap.
+
+    Scored with thresholds tuned out of sample (`cross_fitted_rows`: each half of the rows with
+    thresholds tuned for `metric` on the other half), never with the shipped ones: those were
+    tuned on the model's own holdout, so on rows from it a model would be scored in sample, and
+    after a data change these rows are in the challenger's holdout but not the champion's (a
+    bias as large as the gate's min_gain). Both models get the same halves of the same rows."""
     position = {image_id: i for i, image_id in enumerate(data.train_ids)}
     index = np.array([position[i] for i in ids], dtype=np.int64)
     predictor = load_predictor(registry, model_id, cache_dir, device)
     images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
     probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
     targets = data.targets[index].astype(bool)
-    metrics = evaluate_predictions(probs, targets, predictor.thresholds)
-    thresholds = np.asarray(metrics["thresholds"])
-    per_image = {"pred": to_bitmasks(binarize(probs, thresholds, ensure_one=True)),
-                 "raw": to_bitmasks(probs > thresholds), "targets": to_bitmasks(targets)}
-    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+    metrics, row_thresholds = cross_fitted_rows(probs, targets, metric)
+    per_image = {"pred": to_bitmasks(predict_labels(probs, row_thresholds)),
+                 "raw": to_bitmasks(probs > row_thresholds), "targets": to_bitmasks(targets)}
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics,
+            "thresholds": [float(t) for t in predictor.thresholds],
+            "scored_with": f"thresholds tuned for {metric} on the other half of these rows (cross-fitted), "
+                           "not the shipped ones", "per_image": per_image}
 
 
 def evaluate_version(
@@ -111,8 +120,10 @@ def evaluate_for_gate(
     champion_id: str | None,
     cache_dir: Path | None = None,
     device: str = "auto",
+    metric: str = "f1_samples",
 ) -> dict[str, Any]:
-    """Score the challenger and the champion on the same rows, none of which either trained on.
+    """Score the challenger and the champion on the same rows, none of which either trained on,
+    each with thresholds tuned for the gate's `metric` on other rows than the ones it is scored on.
 
     Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
     sha256, how it was chosen). With no fair row at all the champion is not scored and the
@@ -129,13 +140,13 @@ def evaluate_for_gate(
     summary = rows.to_dict()
     if rows.ids:
         challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir,
-                                    device)
+                                    device, metric)
         champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir,
-                                   device) if champion_id else None)
+                                   device, metric) if champion_id else None)
     else:
         own = gate_rows(data, data_fingerprint, challenger_spec, None)
         challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir,
-                                    device)
+                                    device, metric)
         challenger["scored_on"] = own.selection
         champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
     challenger["rows"] = summary
