@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test lint bench clean venv browser lock
+.PHONY: run test lint bench bench-gpu clean venv browser lock
 
 venv: $(STAMP)
 
@@ -55,6 +55,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu
 
 clean:
 	rm -rf $(WORK)

@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--epochs", type=int)
     opt("--image-size", "training resolution in pixels", type=int)
     opt("--batch-size", type=int)
-    opt("--lr", "peak learning rate of the one-cycle schedule", type=float)
+    opt("--lr", "peak learning rate of the one-cycle schedule at --lr-reference-batch", type=float)
+    opt("--lr-scaling", "how the peak lr follows the global batch: lr x (batch / reference) or its sqrt",
+        choices=("none", "sqrt", "linear"))
+    opt("--lr-reference-batch", "the global batch --lr is tuned for", type=int)
     opt("--weight-decay", "AdamW weight decay (never applied to norms and biases)", type=float)
     opt("--loss", choices=("bce", "focal"))
     p.add_argument("--holdout", type=float, default=None,
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--weights", "'imagenet' (torchvision's file from $TORCH_HOME/hub/checkpoints, never downloaded) or a "
                      "local safetensors/state-dict file; none: from scratch")
     opt("--jitter", "per-image brightness/contrast factors in [1-j, 1+j]", type=float)
-    opt("--ema-decay", "decay of the weights' moving average that is evaluated and saved; 0: off", type=float)
+    opt("--ema-half-life-epochs", "the weights' moving average that is evaluated and saved: a step's weight halves "
+        "after this many epochs, whatever the batch or GPU count; 0: off", type=float)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average the 8 dihedral views in evaluation and prediction (default off; winner on)")
     p.add_argument("--fold", help="i/K: hold out fold i of K (1-based) of the stratified K-fold split")
@@ -126,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
     p.add_argument("--expect-fingerprint", metavar="FP",
                    help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="synchronise BatchNorm statistics over the ranks (SyncBatchNorm; CUDA, --nproc > 1)")
+    opt("--min-batch-per-rank", "fewest images per process and forward pass without --sync-bn", type=int)
     opt("--accumulate", "gradient accumulation: each --batch-size batch runs as this many micro-batches", type=int)
     p.add_argument("--nproc", type=int, default=None,
                    help="train on this many processes of this host (one per GPU; CPU: gloo) under torchrun; "

@@ -14,7 +14,7 @@ import numpy as np
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.metrics import binarize, evaluate_predictions
+from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images
 from protein.pipeline.prediction import load_predictor
@@ -56,16 +56,24 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
 
 
 def evaluation_of_probs(model_id: str, data_fingerprint: str, probs: np.ndarray, targets: np.ndarray,
-                        thresholds: np.ndarray) -> dict[str, Any]:
+                        thresholds: np.ndarray, metric: str = "f1_samples") -> dict[str, Any]:
     """Metrics of one version from its probabilities on some rows, plus its per-image predictions
     (as class bitmasks) for the gate's paired bootstrap. Pure: the CPU host recomputes a GPU
-    host's evaluation from the probabilities it reported (protein/evidence.py)."""
+    host's evaluation from the probabilities it reported (protein/evidence.py).
+
+    Scored with thresholds tuned out of sample (`cross_fitted_rows`: each half of the rows with
+    thresholds tuned for `metric` on the other half), never with the shipped ones: those were
+    tuned on the model's own holdout, so on rows from it a model would be scored in sample, and
+    after a data change these rows are in the challenger's holdout but not the champion's (a
+    bias as large as the gate's min_gain). Both models get the same halves of the same rows."""
     targets = targets.astype(bool)
-    metrics = evaluate_predictions(probs, targets, thresholds)
-    tuned = np.asarray(metrics["thresholds"])
-    per_image = {"pred": to_bitmasks(binarize(probs, tuned, ensure_one=True)),
-                 "raw": to_bitmasks(probs > tuned), "targets": to_bitmasks(targets)}
-    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+    metrics, row_thresholds = cross_fitted_rows(probs, targets, metric)
+    per_image = {"pred": to_bitmasks(predict_labels(probs, row_thresholds)),
+                 "raw": to_bitmasks(probs > row_thresholds), "targets": to_bitmasks(targets)}
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics,
+            "thresholds": [float(t) for t in thresholds],
+            "scored_with": f"thresholds tuned for {metric} on the other half of these rows (cross-fitted), "
+                           "not the shipped ones", "per_image": per_image}
 
 
 def row_index(data: CompetitionData, ids: list[str]) -> np.ndarray:
@@ -75,7 +83,8 @@ def row_index(data: CompetitionData, ids: list[str]) -> np.ndarray:
 
 def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
                    ids: list[str], cache_dir: Path | None, device: str = "auto",
-                   probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None, name: str = "") -> dict[str, Any]:
+                   probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None, name: str = "",
+                   metric: str = "f1_samples") -> dict[str, Any]:
     """Metrics of one version on the given rows; (ids, probabilities) go to probs_out[name] when given."""
     index = row_index(data, ids)
     predictor = load_predictor(registry, model_id, cache_dir, device)
@@ -83,7 +92,7 @@ def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: 
     probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
     if probs_out is not None:
         probs_out[name] = (ids, probs)
-    return evaluation_of_probs(model_id, data_fingerprint, probs, data.targets[index], predictor.thresholds)
+    return evaluation_of_probs(model_id, data_fingerprint, probs, data.targets[index], predictor.thresholds, metric)
 
 
 def evaluate_version(
@@ -162,8 +171,10 @@ def evaluate_for_gate(
     cache_dir: Path | None = None,
     device: str = "auto",
     probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None,
+    metric: str = "f1_samples",
 ) -> dict[str, Any]:
-    """Score the challenger and the champion on the same rows, none of which either trained on.
+    """Score the challenger and the champion on the same rows, none of which either trained on,
+    each with thresholds tuned for the gate's `metric` on other rows than the ones it is scored on.
 
     Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
     sha256, how it was chosen). With no fair row at all the champion is not scored and the
@@ -179,9 +190,11 @@ def evaluate_for_gate(
     data_fingerprint = fingerprint(data.source)
     plan = plan_gate(data, data_fingerprint, challenger_spec, champion_spec)
     challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, plan.challenger_ids, cache_dir,
-                                device, probs_out, "challenger")
-    champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, plan.champion_ids, cache_dir, device,
-                               probs_out, "champion") if champion_id and plan.champion_ids is not None else None)
+                                device, probs_out, "challenger", metric)
+    champion = None
+    if champion_id and plan.champion_ids is not None:
+        champion = _evaluate_rows(registry, data, data_fingerprint, champion_id, plan.champion_ids, cache_dir, device,
+                                  probs_out, "champion", metric)
     return assemble_gate_evaluation(plan, challenger, champion, champion_id)
 
 
