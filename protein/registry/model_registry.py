@@ -40,6 +40,10 @@ from protein.storage.records import load_record, load_record_bytes, parse_record
 log = logging.getLogger("protein.registry")
 
 
+# Fields the registry writes itself (code_version is kept from the spec: an import keeps its lineage).
+REGISTRY_FIELDS = frozenset({"format", "id", "created", "weights_sha256", "weights_size", "event"})
+
+
 class Registry(ChampionMixin, RetentionMixin):
     def __init__(self, store: Store, actor: str | None = None) -> None:
         self.store = store
@@ -84,8 +88,10 @@ class Registry(ChampionMixin, RetentionMixin):
             "created": event["at"],
             "weights_sha256": digest,
             "weights_size": size,
+            # The registry's own fields win: a spec copied from another version (an import, a
+            # re-registration) must not carry that version's id, checksum or event into this record.
             "code_version": code_version(),
-            **spec,
+            **{k: v for k, v in spec.items() if k not in REGISTRY_FIELDS},
             "event": event,
         }
         try:
