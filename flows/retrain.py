@@ -88,10 +88,10 @@ def retrain(
     store = store or default_store()  # read on the worker at run time, not at import
     if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
         origin, values = defined
-        if GateParams(**values) != gate_config:
+        given, gate_config = gate_config, GateParams(**values)
+        if gate_config != given:  # logged from the value now in force, so the line shows what the gate uses
             logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
-                           origin, gate_config.model_dump(), GateParams(**values).model_dump())
-        gate_config = GateParams(**values)
+                           origin, given.model_dump(), gate_config.model_dump())
     summary: dict[str, Any] = {"data": data, "links": {}}
     champion = current_champion(store)
     summary["champion_before"] = summary["champion_after"] = champion
