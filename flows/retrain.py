@@ -100,10 +100,10 @@ def retrain(
     store = store or default_store()  # read on the worker at run time, not at import
     if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
         origin, values = defined
-        if GateParams(**values) != gate_config:
+        given, gate_config = gate_config, GateParams(**values)
+        if gate_config != given:  # logged from the value now in force, so the line shows what the gate uses
             logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
-                           origin, gate_config.model_dump(), GateParams(**values).model_dump())
-        gate_config = GateParams(**values)
+                           origin, given.model_dump(), gate_config.model_dump())
     # Once, here: every step below works on this immutable dataset, whatever is pushed meanwhile.
     resolved = resolve_dataset(data, store, trigger_event_id(trigger_event))
     if resolved.get("problem"):

@@ -10,8 +10,9 @@ rendered policy; each step below then runs with one role's keys, passed the way 
 What moto's enforcement cannot express (moto 5.2, moto/iam/access_control.py): it ignores every policy
 Condition on S3 requests (no request context such as s3:prefix, s3:if-none-match or s3:if-match is
 passed to the evaluator), so the ListBucket prefix conditions and the "create only" / "swap only" write
-conditions are not tested here; `test_policy_documents_*` check them statically and docs/security.md
-says so. Actions and resources (bucket and key ARNs, wildcards) are enforced, which is what every
+conditions are not enforced here; `test_policy_documents_*` check them statically, and
+tests/unit/test_iam_policies.py evaluates them (and the bucket policy) with tests/iam_evaluator.py and lints
+every policy with parliament. Actions and resources (bucket and key ARNs, wildcards) are enforced, which is what every
 refusal below relies on.
 """
 
