@@ -78,14 +78,16 @@ class Registry(ChampionMixin, RetentionMixin):
         self._refuse_tombstoned(version)
         prefix = version_prefix(version)
         event = self._event("register", version, None, "", event_id, actor)
+        # What binds the record to its id and bytes comes last: a caller's spec (e.g. one copied from
+        # another version's model.json) never overrides it.
         full_spec = {
+            "code_version": code_version(),
+            **spec,
             "format": MODEL_FORMAT,
             "id": version,
             "created": event["at"],
             "weights_sha256": digest,
             "weights_size": size,
-            "code_version": code_version(),
-            **spec,
             "event": event,
         }
         try:
