@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import socket
@@ -140,11 +141,13 @@ def populate(store: Any, n: int) -> list[str]:
 
     def one(i: int) -> str:
         version, run = f"20250101-{i:06d}-resnet18-{uuid.uuid4().hex[:8]}", f"run-{i:06d}"
+        weights = os.urandom(64)
         spec = {"format": "protein-model/1", "id": version, "created": f"2025-01-01T00:00:{i % 60:02d}Z",
+                "weights_sha256": hashlib.sha256(weights).hexdigest(), "weights_size": len(weights),
                 "arch": "resnet18", "image_size": 256, "run_id": run, "class_names": list(LABELS),
                 "thresholds": [0.5] * len(LABELS), "metrics": {"f1_samples": 0.5, "per_class": [0.5] * len(LABELS)},
                 "history": [{"epoch": e, "train_loss": 0.1, "holdout_f1_samples": 0.5} for e in range(10)]}
-        store.put_bytes(f"models/{version}/{WEIGHTS_FILE}", os.urandom(64), if_none_match=True)
+        store.put_bytes(f"models/{version}/{WEIGHTS_FILE}", weights, if_none_match=True)
         store.put_bytes(f"models/{version}/{SPEC_FILE}", json.dumps(spec, indent=2).encode(), if_none_match=True)
         store.put_bytes(f"{RUN_INDEX_PREFIX}{run}.json", json.dumps({"run_id": run, "model_id": version}).encode(),
                         if_none_match=True)

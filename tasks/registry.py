@@ -10,7 +10,7 @@ from prefect.runtime import flow_run, task_run
 from protein.links import object_uri
 from protein.registry import Registry
 from protein.storage import open_store
-from protein.validation import write_reference_profile
+from protein.validation.reference import move_champion
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -44,10 +44,11 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
     # this task, so a retry after the promotion landed (its answer lost) finds this event id in the history
     # and succeeds instead of conflicting.
     registry = Registry(open_store(store), actor=prefect_actor())
-    state = registry.promote(model_id, expected_champion=expected_champion, reason=reason,
-                             event_id=str(task_run.id) if task_run.id else None)
-    # The champion's training data becomes the drift reference for the next validation.
-    reference = write_reference_profile(registry.store, model_id)
+    # The champion's training data becomes the drift reference for the next validation: pointer and
+    # reference move as one step (the reference first; put back if the promotion does not land).
+    state, reference = move_champion(registry.store, model_id, lambda: registry.promote(
+        model_id, expected_champion=expected_champion, reason=reason,
+        event_id=str(task_run.id) if task_run.id else None))
     # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after
     # it expired, and it names the access key id.
     uri = object_uri(registry.store, f"models/{model_id}/model.json")

@@ -50,15 +50,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "show":
         emit(registry.spec(args.model))
     elif args.models_cmd == "promote":
-        from protein.validation import write_reference_profile
+        from protein.validation.reference import move_champion
 
-        state = registry.promote(args.model, reason=args.reason or "manual promotion")
-        # The champion's training data is what later data is compared with.
-        reference = write_reference_profile(store, state.champion) if state.champion else None
+        # The champion's training data is what later data is compared with: pointer and reference move
+        # together, or neither does.
+        target = registry.resolve(args.model)
+        state, reference = move_champion(store, target, lambda: registry.promote(
+            target, reason=args.reason or "manual promotion"))
         emit({"champion": state.champion, "history": len(state.history), "reference_profile": reference})
     elif args.models_cmd == "rollback":
-        state = registry.rollback(reason=args.reason or "manual rollback")
-        emit({"champion": state.champion, "history": len(state.history)})
+        from protein.validation.reference import move_champion
+
+        current = registry.champion()
+        target = registry.rollback_target(current)
+        state, reference = move_champion(store, target, lambda: registry.rollback(
+            reason=args.reason or "manual rollback", expected_champion=current.champion))
+        emit({"champion": state.champion, "history": len(state.history), "reference_profile": reference})
     elif args.models_cmd == "history":
         events = registry.history(registrations=args.registrations)
         if args.json:

@@ -168,11 +168,16 @@ class ChampionMixin:
             raise RegistryError(f"champion {state.champion} has no previous champion to roll back to")
         return stack[-2]
 
-    def rollback(self, reason: str = "", event_id: str | None = None, actor: str | None = None) -> ChampionState:
-        """Make the champion before the current one the champion again (one step down the stack)."""
+    def rollback(self, reason: str = "", event_id: str | None = None, actor: str | None = None,
+                 expected_champion: str | None | type = ...) -> ChampionState:
+        """Make the champion before the current one the champion again (one step down the stack); with
+        ``expected_champion``, only if the champion is still that one."""
         state = self.champion()
         if event_id is not None and state.has_event(event_id):
             return state
+        if expected_champion is not ... and state.champion != expected_champion:
+            raise PromotionConflict(f"champion is {state.champion or 'none'}, expected {expected_champion or 'none'}; "
+                                    "nothing was rolled back")
         target = self.rollback_target(state)
         spec, spec_bytes = self.verified(target, state)
         event = self._event("rollback", target, state.champion, reason, event_id, actor,

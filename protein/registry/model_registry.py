@@ -40,10 +40,6 @@ from protein.storage.records import load_record, load_record_bytes, parse_record
 log = logging.getLogger("protein.registry")
 
 
-# Fields the registry writes itself (code_version is kept from the spec: an import keeps its lineage).
-REGISTRY_FIELDS = frozenset({"format", "id", "created", "weights_sha256", "weights_size", "event"})
-
-
 class Registry(ChampionMixin, RetentionMixin):
     def __init__(self, store: Store, actor: str | None = None) -> None:
         self.store = store
@@ -82,16 +78,16 @@ class Registry(ChampionMixin, RetentionMixin):
         self._refuse_tombstoned(version)
         prefix = version_prefix(version)
         event = self._event("register", version, None, "", event_id, actor)
+        # What binds the record to its id and bytes comes last: a caller's spec (e.g. one copied from
+        # another version's model.json) never overrides it.
         full_spec = {
+            "code_version": code_version(),
+            **spec,
             "format": MODEL_FORMAT,
             "id": version,
             "created": event["at"],
             "weights_sha256": digest,
             "weights_size": size,
-            # The registry's own fields win: a spec copied from another version (an import, a
-            # re-registration) must not carry that version's id, checksum or event into this record.
-            "code_version": code_version(),
-            **{k: v for k, v in spec.items() if k not in REGISTRY_FIELDS},
             "event": event,
         }
         try:
@@ -207,15 +203,15 @@ class Registry(ChampionMixin, RetentionMixin):
             raise RegistryError(f"model version {version}: weights object in {self.store.uri} refused ({problem})")
         return spec, data
 
-    def download(self, version: str, cache_root: Path) -> Path:
-        """Fetch a version's files into cache_root/<version>/; the weights must match model.json, and
-        model.json the hash its promotion pinned (for a version that ever served). The caller owns
-        cache_root (a cache with a size bound, or a temporary folder it removes)."""
+    def download(self, version: str, cache_root: Path | None = None) -> Path:
+        """Fetch a version's files into a local folder; the weights must match model.json, and
+        model.json the hash its promotion pinned (for a version that ever served)."""
         state = self.champion()
         version = resolve_champion_name(version, state, self.store.uri)
         # The very bytes that were checked against the pin are the ones written to the folder.
         spec, spec_bytes = self.verified(version, state)
-        target = Path(cache_root) / version
+        root = Path(cache_root) if cache_root else Path(tempfile.mkdtemp(prefix="protein-model-"))
+        target = root / version
         weights = target / WEIGHTS_FILE
         try:
             digest = self.store.get_file(version_prefix(version) + WEIGHTS_FILE, weights)

@@ -176,6 +176,13 @@ def verify(uri: str, expected: str | None, actual: str) -> None:
         raise IntegrityError(f"{uri}: checksum mismatch (expected {expected[:16]}.., got {actual[:16]}..)")
 
 
+def check_if_match(value: str | None) -> None:
+    """A swap condition is the etag the caller read, never a wildcard or an empty value that would let
+    the write through whatever the object holds now."""
+    if value is not None and (not value.strip() or value.strip().strip('"') in ("", "*")):
+        raise ValueError(f"if_match must be the etag read from the object, got {value!r}")
+
+
 def too_large(uri: str, size: int, max_bytes: int) -> RecordError:
     return RecordError(f"{uri}: {size:,} bytes is larger than the {max_bytes:,}-byte cap for this record; not read")
 

@@ -20,6 +20,7 @@ from typing import IO
 from protein.errors import NotFound, PreconditionFailed, StoreError
 from protein.storage.base import (
     ObjectInfo,
+    check_if_match,
     copy_hashing,
     is_valid_key,
     logger,
@@ -147,6 +148,7 @@ class LocalStore:
         validate_key(key)
         if if_match is not None and if_none_match:
             raise ValueError("pass if_match or if_none_match, not both")
+        check_if_match(if_match)
         # content_type has no local equivalent; accepted so callers need not care which backend they use.
         with self._os_errors(key):
             tmp, digest = self._write_temp(data)

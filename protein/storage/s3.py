@@ -27,6 +27,7 @@ from protein.storage.base import (
     ListedObject,
     MiB,
     ObjectInfo,
+    check_if_match,
     env_number,
     is_valid_key,
     logger,
@@ -197,6 +198,7 @@ class S3Store:
         object_key = self._object_key(key)
         if if_match is not None and if_none_match:
             raise ValueError("pass if_match or if_none_match, not both")
+        check_if_match(if_match)
         metadata = {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Body": data, "Metadata": metadata}
         if content_type:

@@ -11,14 +11,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from protein.errors import RecordError, StoreError
+from protein.storage.records import RecordSchema, load_record
 from protein.validation.drift import REFERENCE_PROFILE, check_profile, profile_hash
 
 log = logging.getLogger(__name__)
 
 STORE_PREFIX = "validation"
 REFERENCE_PROFILE_KEY = f"{STORE_PREFIX}/reference_profile.json"
+REFERENCE_RECORD = RecordSchema("reference label profile", required={"n": int, "class_share": (dict, list),
+                                                                      "labels_per_image_share": (dict, list)})
+VALIDATION_REPORT = RecordSchema("validation report", required={"profile": dict})
 
 
 def report_key(data_fingerprint: str) -> str:
@@ -29,23 +35,33 @@ def load_reference(store: Any | None) -> dict:
     """The store's reference profile (with its hash and URI), else the built-in real one."""
     if store is not None and store.exists(REFERENCE_PROFILE_KEY):
         try:
-            profile = check_profile(json.loads(store.get_bytes(REFERENCE_PROFILE_KEY)), REFERENCE_PROFILE_KEY)
+            profile = check_profile(load_record(store, REFERENCE_PROFILE_KEY, REFERENCE_RECORD), REFERENCE_PROFILE_KEY)
             return {**profile, "hash": profile_hash(profile), "uri": _uri(store)}
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        except (ValueError, RecordError) as exc:
             log.warning("ignoring the stored reference profile, using the built-in one: %s", exc)
     return {**REFERENCE_PROFILE, "hash": profile_hash(REFERENCE_PROFILE), "uri": None}
 
 
-def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
-    """Write a profile as the reference; returns {uri, hash}."""
+def reference_record(profile: dict, **provenance: Any) -> dict:
+    """The stored form of a reference profile, with its provenance and hash."""
     check_profile(profile, "reference profile")
     record = {"n": profile["n"], "class_share": profile["class_share"],
               "labels_per_image_share": profile["labels_per_image_share"], **provenance,
               "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     record["hash"] = profile_hash(record)
+    return record
+
+
+def put_reference(store: Any, record: dict) -> dict:
+    """Write a prepared reference record; returns {uri, hash}."""
     store.put_bytes(REFERENCE_PROFILE_KEY, json.dumps(record, indent=2).encode(), content_type="application/json")
     log.info("reference label profile is now %s (hash %s)", record.get("source"), record["hash"])
     return {"uri": _uri(store), "hash": record["hash"]}
+
+
+def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
+    """Write a profile as the reference; returns {uri, hash}."""
+    return put_reference(store, reference_record(profile, **provenance))
 
 
 def _uri(store: Any) -> str:
@@ -57,9 +73,17 @@ def _uri(store: Any) -> str:
 
 def write_reference_profile(store: Any, model_id: str) -> dict | None:
     """Make the promoted model's training-data profile the reference. Call right after a
-    successful promotion. The profile is the one model.json records (its lineage); for versions
-    registered before that, the validation report of the dataset it was trained on (model.json's
-    data_fingerprint). None, with a warning, when neither exists (the reference stays as it was)."""
+    successful promotion (`move_champion` does both as one step). None, with a warning, when the
+    model has no profile (the reference stays as it was)."""
+    record = champion_reference(store, model_id)
+    return put_reference(store, record) if record is not None else None
+
+
+def champion_reference(store: Any, model_id: str) -> dict | None:
+    """The reference record a champion ``model_id`` brings, read but not written: the profile its
+    model.json records (its lineage), or for versions registered before that, the validation report
+    of the dataset it was trained on (model.json's data_fingerprint). None, with a warning, when
+    neither exists."""
     from protein.registry import Registry
 
     spec = Registry(store).spec(model_id)
@@ -70,19 +94,49 @@ def write_reference_profile(store: Any, model_id: str) -> dict | None:
         except ValueError as exc:
             log.warning("model %s: unusable label_profile (%s); trying its validation report", model_id, exc)
         else:
-            return save_reference(store, profile, source=f"champion {model_id} training data",
-                                  model_id=model_id, data_fingerprint=data_fingerprint)
+            return reference_record(profile, source=f"champion {model_id} training data",
+                                    model_id=model_id, data_fingerprint=data_fingerprint)
     key = report_key(str(data_fingerprint)) if data_fingerprint else None
     if key is None or not store.exists(key):
         log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
                     model_id, data_fingerprint)
         return None
     try:
-        report = json.loads(store.get_bytes(key))
+        report = load_record(store, key, VALIDATION_REPORT)
         profile = check_profile(report["profile"], key)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecordError) as exc:
         # The promotion already happened; a bad report must not make it look failed (and retried).
         log.warning("model %s: unusable validation report %s (%s); reference profile unchanged", model_id, key, exc)
         return None
-    return save_reference(store, profile, source=f"champion {model_id} training data",
-                          model_id=model_id, data_fingerprint=data_fingerprint, dataset=report.get("dataset"))
+    return reference_record(profile, source=f"champion {model_id} training data",
+                            model_id=model_id, data_fingerprint=data_fingerprint, dataset=report.get("dataset"))
+
+
+def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any, dict | None]:
+    """Move the champion to ``target`` (``move`` is the registry's promote or rollback) and the drift
+    reference to ``target``'s profile as one step, with no success-looking half state.
+
+    The reference is written first: if that fails, ``move`` never runs and the pointer has not moved.
+    If ``move`` then fails (a lost compare-and-swap, a refused version), the previous reference is
+    put back by compare-and-swap on the etag just written; if even that fails, the error says exactly
+    which reference is left. Returns (what ``move`` returned, {uri, hash} or None)."""
+    record = champion_reference(store, target)
+    if record is None:
+        return move(), None
+    before = store.get_bytes(REFERENCE_PROFILE_KEY) if store.exists(REFERENCE_PROFILE_KEY) else None
+    written = put_reference(store, record)  # a StoreError here: nothing changed
+    ours = store.etag(REFERENCE_PROFILE_KEY)
+    try:
+        moved = move()
+    except BaseException as exc:
+        try:
+            if before is None:
+                store.delete(REFERENCE_PROFILE_KEY)
+            else:
+                store.put_bytes(REFERENCE_PROFILE_KEY, before, if_match=ours, content_type="application/json")
+        except StoreError as restore_error:
+            raise StoreError(f"the champion did not move ({exc}), and the drift reference could not be put back "
+                             f"({restore_error}): {_uri(store)} now describes {target}'s training data; run "
+                             "`protein validate --accept` on the champion's data to reset it") from exc
+        raise
+    return moved, written

@@ -122,3 +122,17 @@ def test_members_within_the_cap_are_read_and_fingerprinted_by_streaming(tmp_path
     with pytest.raises(DataError, match=r"ok\.zip!train/1\.png: declares 3,145,728 bytes inflated, more than "
                                         r"the 3,145,727-byte cap"):
         tight.read_bytes("train/1.png")
+
+
+def test_a_broken_dataset_manifest_is_one_line_and_list_goes_on(tmp_path, caplog):
+    from protein.data.push import list_datasets
+    from protein.storage import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    good = {"format": "protein-dataset/1", "fingerprint": "a" * 16, "files": {}, "created": "2026-01-01"}
+    store.put_bytes(f"datasets/{'a' * 16}/manifest.json", json.dumps(good).encode())
+    store.put_bytes(f"datasets/{'b' * 16}/manifest.json", b"[]")
+    rows, incomplete = list_datasets(store)
+    assert [row["fingerprint"] for row in rows] == ["a" * 16] and incomplete == ["datasets/" + "b" * 16 + "/"]
+    assert f"datasets/{'b' * 16}/manifest.json: not a dataset manifest: expected a JSON object, found a list" \
+        in caplog.text

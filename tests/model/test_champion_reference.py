@@ -1,0 +1,89 @@
+"""The operator's promote and rollback move the pointer and the drift reference as one step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protein.cli import main
+from protein.registry import Registry
+from protein.validation.reference import REFERENCE_PROFILE_KEY
+from tests.model.test_registry import add_version
+
+
+def reference_model(registry: Registry) -> str | None:
+    if not registry.store.exists(REFERENCE_PROFILE_KEY):
+        return None
+    return json.loads(registry.store.get_bytes(REFERENCE_PROFILE_KEY))["model_id"]
+
+
+def test_promote_that_cannot_write_the_reference_leaves_the_pointer(registry, trained, capsys):
+    v = trained["model_id"]
+    registry.promote(v, expected_champion=None)
+    second = add_version(registry, v, "second", label_profile=registry.spec(v)["label_profile"])
+    # A folder where the reference object goes: every write of it fails (as a refused PutObject would).
+    registry.store.put_bytes(f"{REFERENCE_PROFILE_KEY}/blocker", b"x")
+    code = main(["models", "promote", second, "--store", registry.store.uri])
+    err = [line for line in capsys.readouterr().err.splitlines() if " error: " in line or "Traceback" in line]
+    assert code == 3 and len(err) == 1 and "validation/reference_profile.json" in err[0], err
+    assert registry.champion().champion == v and len(registry.champion().history) == 1
+
+
+def test_promote_and_rollback_move_the_reference_with_the_pointer(registry, trained, capsys):
+    v = trained["model_id"]
+    second = add_version(registry, v, "second", label_profile=registry.spec(v)["label_profile"])
+    uri = registry.store.uri
+    assert main(["models", "promote", v, "--store", uri]) == 0
+    assert reference_model(registry) == v
+    assert main(["models", "promote", second, "--store", uri]) == 0
+    assert reference_model(registry) == second
+    assert main(["models", "rollback", "--store", uri]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["champion"] == v and out["reference_profile"]["hash"]
+    assert reference_model(registry) == v
+
+
+def test_a_refused_promotion_puts_the_reference_back(registry, trained, capsys, monkeypatch):
+    v = trained["model_id"]
+    assert main(["models", "promote", v, "--store", registry.store.uri]) == 0
+    before = registry.store.get_bytes(REFERENCE_PROFILE_KEY)
+    broken = add_version(registry, v, "broken", label_profile=registry.spec(v)["label_profile"])
+    spec_key = f"models/{broken}/model.json"
+    # Resolvable when the reference is prepared, refused by the promotion itself (gone by then).
+    real_promote = Registry.promote
+
+    def promote_after_weights_vanish(self, version, *args, **kwargs):
+        self.store.delete(f"models/{broken}/model.safetensors")
+        return real_promote(self, version, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "promote", promote_after_weights_vanish)
+    code = main(["models", "promote", broken, "--store", registry.store.uri])
+    assert code == 4 and "weights object missing" in capsys.readouterr().err
+    assert registry.store.exists(spec_key) and registry.champion().champion == v
+    assert registry.store.get_bytes(REFERENCE_PROFILE_KEY) == before
+
+
+@pytest.mark.integration
+def test_the_swap_sends_the_etag_it_read(trained, s3_bucket, monkeypatch):
+    from protein.storage import open_store
+
+    registry = Registry(open_store(s3_bucket))
+    registry.import_version(Registry(open_store(trained["store"])), trained["model_id"])
+    registry.promote(trained["model_id"], expected_champion=None)
+    second = add_version(registry, trained["model_id"], "second")
+    client = registry.store._client()
+    real_put = client.put_object
+    sent: list[str | None] = []
+
+    def put_object(**kwargs):
+        if kwargs["Key"].endswith("registry/champion.json"):
+            sent.append(kwargs.get("IfMatch"))
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(client, "put_object", put_object)
+    read = registry.store.etag("registry/champion.json")
+    registry.promote(second)
+    assert sent == [read] and read and read.startswith('"')
+    with pytest.raises(ValueError, match="if_match must be the etag read from the object, got '\\*'"):
+        registry.store.put_bytes("registry/champion.json", b"{}", if_match="*")
