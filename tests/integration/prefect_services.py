@@ -245,6 +245,11 @@ def git_remote_of_worktree(root: Path, rewrite: Mapping[str, str] | None = None)
     return bare.as_uri(), sha
 
 
+# The wrapper runs `prefect deploy` (which imports every flow), checks the repository, store and
+# dataset channel, and applies the automations: minutes on a loaded 2-core machine. A hang guard.
+DEPLOY_TIMEOUT_S = 600
+
+
 def deploy_from_fresh_clone(env: Mapping[str, str], remote: str, root: Path, venv_python: str = sys.executable
                             ) -> subprocess.CompletedProcess[str]:
     """Run the deploy wrapper the way an operator does, from a clone of the remote, then delete
@@ -253,7 +258,7 @@ def deploy_from_fresh_clone(env: Mapping[str, str], remote: str, root: Path, ven
     git("clone", "-q", remote, str(clone), cwd=root)
     try:
         return subprocess.run([venv_python, "-m", "deployments.deploy"], cwd=clone, capture_output=True, text=True,
-                              timeout=CLI_TIMEOUT_S, env={**{k: v for k, v in env.items() if k != "PYTHONPATH"},
+                              timeout=DEPLOY_TIMEOUT_S, env={**{k: v for k, v in env.items() if k != "PYTHONPATH"},
                                                           "PROTEIN_REPOSITORY": remote})
     finally:
         shutil.rmtree(clone)

@@ -1,0 +1,43 @@
+"""`python -m deployments.deploy --check` against a real (temporary) Prefect API, a real git
+repository and a real local store: every check runs, the plan is printed, nothing is created."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deployments import deploy
+from protein.cli import main as protein_main
+from tests.helpers import REPO, write_dataset
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_check_prints_the_plan_and_changes_nothing(prefect_harness: None, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.client.orchestration import get_client
+
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "ds", {str(i): "0" for i in range(4)}, ["9"], size=8)
+    assert protein_main(["datasets", "push", "--data", str(data), "--store", str(store)]) == 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    for name, value in {"PROTEIN_REPOSITORY": str(REPO), "PROTEIN_COMMIT": head, "PROTEIN_STORE": str(store),
+                        "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert deploy.main(["--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"ok: repository {REPO} has commit {head[:12]}"
+    assert f"ok: retrain/nightly: data channel:latest is push #1 ({store}/datasets/" in "\n".join(out)
+    assert f"would deploy {REPO}@{head} with store {store}" in out
+    nightly = next(line for line in out if line.startswith("  retrain/nightly:"))
+    assert "'data': 'channel:latest'" in nightly and "concurrency 1 (ENQUEUE)" in nightly
+    assert "triggered by protein.dataset.pushed" in nightly and "schedule 0 2 * * * Europe/Berlin" in nightly
+    assert "  work pools: cpu, gpu (cpu, gpu to be created); gpu concurrency 1" in out
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pools() == [], "--check created nothing"
+        assert client.read_deployments() == []
