@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test lint bench clean venv browser
+.PHONY: run check test lint bench clean venv browser
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@mkdir -p $(WORK)/prefect
 	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
+
+# The fast tier, before every commit: no Prefect server, worker, training beyond a few steps or
+# fresh interpreter (tests/conftest.py marks those slow from the fixtures they use).
+check: $(STAMP) browser
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 test: $(STAMP) browser
 	$(PY) -m ruff check .
