@@ -1,35 +1,36 @@
-"""Training images/s on a CUDA GPU: how close each data path gets to the model's own ceiling.
+"""Training and inference images/s on a CUDA GPU, timed through `fit`'s own code path.
 
-For each architecture and image size, with and without torch.compile, three ways to feed the
-same training step (bf16 autocast, channels_last, AdamW):
-  model-only  synthetic tensors already on the GPU: the ceiling the data path can at best reach
-  naive       the course notebooks' DataLoader: PIL decode + torchvision transforms per batch
-  fit         what protein.modeling.train.fit runs: iterate_batches from the decode-once cache (pinned
-              memory and the prefetch thread on CUDA, ragged batch dropped) into train_one_epoch
-and each feeding's ratio to the ceiling; `fit`'s ratio is the headline figure (target >= 80 %).
-Each figure is the median of --repeats timed runs (default 3); warm-up excluded, cuda
-synchronize around timing. Per group also: peak GPU memory, and inference images/s
-(predict_probs, the evaluation and prediction path). A DDP variant (--ddp N, default: every GPU
-when there are at least 2) runs `fit`'s path as N processes with DistributedDataParallel and
-reports the summed images/s and its scaling over one process; it is skipped on fewer than 2 GPUs.
-`--device cpu --quick` runs the same code at toy sizes as a smoke check (gloo for --ddp).
+For each recipe (winner: efficientnet_b1 at 512 px, global batch 32, brightness/contrast jitter,
+EMA, 8-view TTA; default: resnet18 at 128 px, batch 32), the run is set up by the functions
+`protein.modeling.train.fit` calls, not a copy of them (MLPerf's rule: a benchmark times the code
+path of the result it speaks for): `build_training` (cudnn.benchmark, bf16 autocast,
+channels_last, the EMA on the device, the scaled learning rate), then
+  model-only  `train_step` on one batch already on the GPU: the step's own ceiling, no data path
+  fit         `epoch_batches` (the decode-once cache, pinned memory, the prefetch thread) into
+              `Training.train_epoch` (train_one_epoch -> train_step), exactly as fit runs an epoch
+and fit's ratio to the ceiling. Each figure is timed over 3 windows (cuda synchronize around
+each; warm-up excluded) and reported as the median with the spread (min-max) of the 3. Also:
+inference images/s through `predict_probs` with the recipe's TTA (8 views for the winner), and
+peak GPU memory. It prints the card, driver, CUDA and torch it ran on, and writes JSON.
 
-    python -m bench.gpu [--device cuda|cpu] [--quick] [--ddp N] [--out bench/results/gpu.json]
+    python -m bench.gpu [--device cuda|cpu] [--quick] [--recipes winner default] [--out FILE]
+    make bench-gpu
+
+`--device cpu --quick` runs the same functions at toy sizes (a smoke check on any machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,67 +38,35 @@ import numpy as np
 import torch
 
 from bench.common import bench_dataset, data_dir, format_table, machine_info, median, publish
-from bench.naive import naive_dataset, naive_loader
 from protein.cache import ImageCache, default_workers
-from protein.config import TrainConfig
+from protein.config import TrainConfig, recipe_config
 from protein.data import load_competition
 from protein.labels import NUM_CLASSES
-from protein.modeling.model import build_model
-from protein.modeling.presets import EvalPreset, TrainPreset
-from protein.modeling.train import (
-    autocast_context,
-    build_optimizer,
-    iterate_batches,
-    make_loss,
-    predict_probs,
-    prefetch,
-    select_device,
-    train_one_epoch,
-)
+from protein.modeling import train as fit_path  # called through the module: the test spies on it
+from protein.modeling.scaling import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
 NAME = "gpu"
-LOADERS = ("model-only", "naive", "fit")
-Batch = tuple[torch.Tensor, torch.Tensor]
+WINDOWS = 3
 
 
 @dataclass(frozen=True)
 class Plan:
-    archs: tuple[str, ...]
-    sizes: tuple[int, ...]
-    compile_modes: tuple[bool, ...]
-    batch_size: int
-    warmup: int
-    steps: int
-    n_images: int
-    workers: int
-    repeats: int
-    # Compiled groups are skipped once this much time has passed, so the run stays bounded.
-    budget_s: float
+    recipes: tuple[str, ...]
+    # Per recipe: (image size, global batch). Full: the recipes' own values.
+    sizes: dict[str, tuple[int, int]]
+    n_images: int  # rows in the decoded cache; one fit window is one epoch over them
+    ceiling_steps: int  # steps per model-only window
+    infer_images: int
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    cpus = os.cpu_count() or 1
-    if args.quick:
-        plan = Plan(archs=("resnet34", "efficientnet_b0"), sizes=(64,), compile_modes=(False,), batch_size=4,
-                    warmup=2, steps=2, n_images=16, workers=2, repeats=3, budget_s=60)
-    else:
-        plan = Plan(archs=("resnet34", "efficientnet_b0"), sizes=(256, 512), compile_modes=(False, True),
-                    batch_size=64, warmup=3, steps=20, n_images=512, workers=max(1, min(8, cpus)),
-                    repeats=3, budget_s=args.budget_s)
-    return Plan(
-        archs=tuple(args.archs or plan.archs),
-        sizes=tuple(args.sizes or plan.sizes),
-        compile_modes=(False,) if args.no_compile else ((False, True) if args.compile else plan.compile_modes),
-        batch_size=args.batch_size or plan.batch_size,
-        warmup=plan.warmup,
-        steps=args.steps or plan.steps,
-        n_images=plan.n_images,
-        workers=args.workers or plan.workers,
-        repeats=max(args.repeats or plan.repeats, 1),
-        budget_s=plan.budget_s,
-    )
+def make_plan(quick: bool, recipes: tuple[str, ...]) -> Plan:
+    if quick:
+        return Plan(recipes, {r: (32, 8) for r in recipes}, n_images=16, ceiling_steps=2, infer_images=4)
+    sizes = {r: (recipe_config(r).image_size, recipe_config(r).batch_size) for r in recipes}
+    # 1,024 rows: 32 steps per fit window at batch 32, ~0.8 GB of decoded 512 px images.
+    return Plan(recipes, sizes, n_images=1024, ceiling_steps=32, infer_images=512)
 
 
 def sync(device: torch.device) -> None:
@@ -105,303 +74,145 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Trainer:
-    """One model, optimizer and loss; `step` is the training step every feeding shares."""
-
-    def __init__(self, arch: str, device: torch.device, compiled: bool) -> None:
-        torch.manual_seed(0)
-        self.device = device
-        self.channels_last = device.type == "cuda"  # as protein.modeling.train.fit decides
-        model = build_model(arch, NUM_CLASSES).to(device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        config = TrainConfig(arch=arch)
-        # A long planned schedule: OneCycleLR refuses to step past its total.
-        self.optimizer, self.scheduler = build_optimizer(model, config, steps_per_epoch=100_000)
-        self.loss_fn = make_loss(config)
-        # Static shapes: each size gets its own Trainer, so nothing needs a dynamic graph.
-        self.model = torch.compile(model, dynamic=False) if compiled else model
-        self.model.train()
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.device):
-            loss = self.loss_fn(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.detach()
-
-    def run(self, batches: Iterator[Batch], prepare: Callable[[Batch], Batch], warmup: int, steps: int,
-            repeats: int = 1) -> float:
-        """Median seconds of `repeats` runs of `steps` steps after `warmup` untimed ones, GPU work included."""
-        losses = [self.step(*prepare(next(batches))) for _ in range(warmup)]
-        sync(self.device)
-        timings = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            # No .item() inside the loop: a host sync per step would hide the CPU/GPU overlap.
-            losses += [self.step(*prepare(next(batches))) for _ in range(steps)]
-            sync(self.device)
-            timings.append(time.perf_counter() - started)
-        if losses and not torch.isfinite(torch.stack(losses).float()).all():
-            raise RuntimeError("loss is not finite")
-        return median(timings) if timings else 0.0
-
-    def fit_epoch(self, images: np.ndarray, targets: np.ndarray, steps: int, batch: int, seed: int) -> float:
-        """Seconds for one `fit` epoch of `steps` batches: its batch source and train_one_epoch."""
-        order = np.random.default_rng(seed).integers(0, len(images), steps * batch)
-        cuda = self.device.type == "cuda"
-        batches = iterate_batches(images, targets, order, batch, torch.Generator().manual_seed(seed),
-                                  pin_memory=cuda, drop_last=True)
-        if cuda:
-            batches = prefetch(batches)
-        preset = TrainPreset(channels_last=self.channels_last)
-        sync(self.device)
-        started = time.perf_counter()
-        stats = train_one_epoch(self.model, batches, self.optimizer, self.scheduler, self.loss_fn, preset,
-                                self.device, torch.Generator().manual_seed(seed))
-        sync(self.device)
-        if not np.isfinite(stats["train_loss"]):
-            raise RuntimeError("loss is not finite")
-        return time.perf_counter() - started
+def timed(device: torch.device, work: Callable[[], Any]) -> float:
+    sync(device)
+    started = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - started
 
 
-def measure_group(arch: str, size: int, compiled: bool, plan: Plan, device: torch.device,
-                  naive_ds: Any, images: np.ndarray, targets: np.ndarray) -> list[dict[str, Any]]:
-    trainer = Trainer(arch, device, compiled)
+def spread(images: int, seconds: list[float]) -> dict[str, Any]:
+    rates = sorted(images / s for s in seconds)
+    return {"images_per_s": median(rates), "images_per_s_min": rates[0], "images_per_s_max": rates[-1],
+            "spread": (rates[-1] - rates[0]) / median(rates), "window_seconds": seconds, "window_images": images}
+
+
+def bench_config(recipe: str, size: int, batch: int, device: torch.device) -> TrainConfig:
+    # Random initialisation: the ImageNet file changes the numbers, not the speed.
+    return recipe_config(recipe, image_size=size, batch_size=batch, weights="", device=device.type,
+                         min_batch_per_rank=1, epochs=100)  # a schedule longer than the bench: it never runs out
+
+
+def measure_recipe(recipe: str, plan: Plan, device: torch.device, images: np.ndarray,
+                   targets: np.ndarray) -> list[dict[str, Any]]:
+    size, batch = plan.sizes[recipe]
+    config = bench_config(recipe, size, batch, device)
+    train_idx = np.arange(len(images))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batch = plan.batch_size
-    memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
-    rows: list[dict[str, Any]] = []
+    training = fit_path.build_training(config, device, len(train_idx))
+    base = {"recipe": recipe, "arch": config.arch, "image_size": size, "batch_size": batch, "compile": config.compile,
+            "jitter": config.jitter, "ema": training.ema is not None, "tta": config.tta}
 
-    def record(loader: str, seconds: float, **extra: Any) -> None:
-        rows.append({"arch": arch, "image_size": size, "compile": compiled, "loader": loader, "batch_size": batch,
-                     "steps": plan.steps, "seconds": seconds, "images_per_s": plan.steps * batch / seconds, **extra})
+    # Ceiling: the same step on a batch already on the device; its first steps pay for cuDNN autotuning.
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)).to(device)
+    y = torch.from_numpy((rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)).to(device)
+    host = torch.Generator().manual_seed(0)
+    on_device = torch.Generator(device=device).manual_seed(0)
 
-    # Ceiling first: its warm-up also pays for compilation and cuDNN autotuning, once.
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=memory_format)
-    y = (torch.rand(batch, NUM_CLASSES, generator=gen) < 0.2).float().to(device)
+    def steps(n: int) -> None:
+        training.step_model.train()
+        for _ in range(n):
+            fit_path.train_step(training.step_model, x, y, training.optimizer, training.scheduler, training.loss_fn,
+                                training.train_preset, device, host, training.ema, config.accumulate, on_device)
 
-    def synthetic() -> Iterator[Batch]:
-        while True:
-            yield x, y
+    warmup_s = timed(device, lambda: steps(3))
+    ceiling = spread(plan.ceiling_steps * batch, [timed(device, lambda: steps(plan.ceiling_steps))
+                                                 for _ in range(WINDOWS)])
 
-    compile_started = time.perf_counter()
-    trainer.run(synthetic(), lambda b: b, plan.warmup, 0)
-    warmup_s = time.perf_counter() - compile_started
-    record("model-only", trainer.run(synthetic(), lambda b: b, 0, plan.steps, plan.repeats), warmup_s=warmup_s)
+    # Fit: one epoch per window, as fit runs it (epoch 0 is the warm-up).
+    def epoch(index: int) -> None:
+        batches, generators = fit_path.epoch_batches(config, images, targets, train_idx, index, device)
+        stats = training.train_epoch(config, batches, device, generators)
+        if not np.isfinite(stats["train_loss"]):
+            raise RuntimeError(f"{recipe}: training loss is not finite")
 
-    # Naive: one long stream, so workers start once; warm-up lets their first burst drain.
-    naive_warmup = plan.warmup + plan.workers
-    naive_batches = iter(naive_loader(naive_ds, batch, plan.workers,
-                                      num_samples=(naive_warmup + plan.repeats * plan.steps) * batch,
-                                      pin_memory=device.type == "cuda"))
+    timed(device, lambda: epoch(0))
+    n_fit = steps_per_epoch(len(train_idx), batch) * batch
+    fitted = spread(n_fit, [timed(device, lambda i=i: epoch(i)) for i in range(1, WINDOWS + 1)])
 
-    def to_device(b: Batch) -> Batch:
-        return (b[0].to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                b[1].to(device, non_blocking=True))
+    # Inference as evaluation and prediction run it: the shipped weights, the recipe's TTA.
+    model = training.ema.module if training.ema is not None else training.model
+    index = np.arange(min(plan.infer_images, len(images)))
 
-    record("naive", trainer.run(naive_batches, to_device, naive_warmup, plan.steps, plan.repeats),
-           workers=plan.workers)
-    del naive_batches
+    def infer() -> None:
+        fit_path.predict_probs(model, images, training.eval_preset, device, 2 * batch, index, tta=config.tta)
 
-    # Fit: protein.modeling.train.fit's own batch source and loop (one warm-up epoch, then the repeats).
-    trainer.fit_epoch(images, targets, plan.warmup, batch, seed=0)
-    record("fit", median([trainer.fit_epoch(images, targets, plan.steps, batch, seed=1 + r)
-                          for r in range(plan.repeats)]))
-
-    ceiling = rows[0]["images_per_s"]
-    for row in rows:
-        row["ratio_to_ceiling"] = row["images_per_s"] / ceiling
-    # Inference as evaluate and predict run it (eager model, eval preset, 2x the batch).
-    eval_model = trainer.model._orig_mod if compiled else trainer.model  # type: ignore[union-attr]
-    eval_preset = EvalPreset(channels_last=trainer.channels_last)
-    predict_probs(eval_model, images, eval_preset, device, 2 * batch, np.arange(min(len(images), 2 * batch)))
-    n_infer = min(len(images), max(plan.steps, 1) * 2 * batch)
-    timings = []
-    for _ in range(plan.repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        predict_probs(eval_model, images, eval_preset, device, 2 * batch, np.arange(n_infer))
-        sync(device)
-        timings.append(time.perf_counter() - t0)
+    infer()
+    inference = spread(len(index), [timed(device, infer) for _ in range(WINDOWS)])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    rows = [{**base, "loader": "model-only", **ceiling, "warmup_s": warmup_s},
+            {**base, "loader": "fit", **fitted}]
     for row in rows:
-        row["inference_images_per_s"] = n_infer / median(timings)
+        row["ratio_to_ceiling"] = row["images_per_s"] / ceiling["images_per_s"]
+        row["inference_images_per_s"] = inference["images_per_s"]
+        row["inference_spread"] = inference["spread"]
         row["peak_gpu_memory_mib"] = peak
-    del trainer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        row["layout"] = training.layout
     return rows
 
 
-def ddp_worker(rank: int, world: int, port: int, arch: str, size: int, plan: Plan, device_type: str,
-               cache_path: str, targets: np.ndarray, out: str) -> None:
-    """One rank of the DDP variant: `fit`'s path with DistributedDataParallel (per-rank batch =
-    plan.batch_size, so the global batch grows with the ranks). Rank 0 writes the timings."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from protein.modeling.distributed import Rank
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    cuda = device_type == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=rank, world_size=world)
+def card(device: torch.device) -> dict[str, Any]:
+    """The card, driver, CUDA and torch a result was measured on."""
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if device.type != "cuda":
+        info["name"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return info
+    props = torch.cuda.get_device_properties(device)
+    info.update({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                 "capability": f"{props.major}.{props.minor}", "count": torch.cuda.device_count()})
     try:
-        images = np.load(cache_path, mmap_mode="r")
-        torch.manual_seed(0)
-        model = build_model(arch, NUM_CLASSES).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
-        ddp = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
-        config = TrainConfig(arch=arch)
-        optimizer, scheduler = build_optimizer(model, config, steps_per_epoch=100_000)
-        loss_fn = make_loss(config)
-        preset = TrainPreset(channels_last=cuda)
-        me = Rank(rank, rank, world)
-        global_batch = plan.batch_size * world
-
-        def epoch(steps: int, seed: int) -> float:
-            order = np.random.default_rng(seed).integers(0, len(images), steps * global_batch)
-            batches = iterate_batches(images, targets, order, global_batch, torch.Generator().manual_seed(seed),
-                                      pin_memory=cuda, drop_last=True, rank=me)
-            if cuda:
-                batches = prefetch(batches)
-            torch.distributed.barrier()
-            sync(device)
-            started = time.perf_counter()
-            train_one_epoch(ddp, batches, optimizer, scheduler, loss_fn, preset, device,
-                            torch.Generator().manual_seed(seed + rank))
-            sync(device)
-            return time.perf_counter() - started
-
-        epoch(plan.warmup, 0)
-        timings = [epoch(plan.steps, 1 + r) for r in range(plan.repeats)]
-        if rank == 0:
-            Path(out).write_text(json.dumps({"seconds": median(timings), "global_batch": global_batch}))
-    finally:
-        torch.distributed.destroy_process_group()
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True)
+        info["driver"] = smi.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        info["driver"] = "unknown (nvidia-smi unavailable)"
+    return info
 
 
-def measure_ddp(world: int, arch: str, size: int, plan: Plan, device: torch.device, cache_path: Path,
-                targets: np.ndarray, single: dict[str, Any] | None) -> dict[str, Any]:
-    """The DDP variant's row: summed images/s over `world` processes and the scaling over the
-    one-process `fit` row of the same group."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ddp.json"
-        mp.spawn(ddp_worker, args=(world, port, arch, size, plan, device.type, str(cache_path), targets, str(out)),
-                 nprocs=world, join=True)
-        timing = json.loads(out.read_text())
-    images_per_s = plan.steps * timing["global_batch"] / timing["seconds"]
-    return {"arch": arch, "image_size": size, "compile": False, "loader": f"fit ddp x{world}",
-            "processes": world, "batch_size_per_process": plan.batch_size, "steps": plan.steps,
-            "seconds": timing["seconds"], "images_per_s": images_per_s,
-            "scaling_over_one_process": images_per_s / single["images_per_s"] if single else None}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def run(plan: Plan, device: torch.device, ddp: int = 0) -> dict[str, Any]:
+def run(plan: Plan, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
-    source_size = max(plan.sizes)
-    dataset_dir = bench_dataset(plan.n_images, source_size)
-    data = load_competition(dataset_dir)
-    targets = data.targets
-
+    data = load_competition(bench_dataset(plan.n_images, max(s for s, _ in plan.sizes.values())))
     results: list[dict[str, Any]] = []
-    ddp_results: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    if ddp < 2:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        skipped.append(f"DDP variant: needs at least 2 GPUs (this machine has {gpus}); --ddp N forces it")
     errors: list[str] = []
     cache_build_s: dict[str, float] = {}
     data_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir()) as tmp:
-        # Built before CUDA starts: the cache decodes in forked worker processes.
-        caches = {}
-        for size in plan.sizes:
+        for recipe in plan.recipes:
+            size = plan.sizes[recipe][0]
             t0 = time.perf_counter()
-            caches[size] = ImageCache(Path(tmp)).build(data, "train", size, workers=default_workers())
-            cache_build_s[str(size)] = time.perf_counter() - t0
-        for compiled in plan.compile_modes:  # every eager group first: they are cheap and always fit
-            for arch in plan.archs:
-                for size in plan.sizes:
-                    label = f"{arch} {size}px {'compiled' if compiled else 'eager'}"
-                    elapsed = time.perf_counter() - started
-                    if compiled and elapsed > plan.budget_s:
-                        skipped.append(f"{label}: time budget ({elapsed:.0f}s > {plan.budget_s:.0f}s)")
-                        log.warning("skipping %s", skipped[-1])
-                        continue
-                    log.info("measuring %s", label)
-                    try:
-                        results += measure_group(arch, size, compiled, plan, device,
-                                                 naive_dataset(data, dataset_dir, size), caches[size], targets)
-                    except Exception as exc:  # one failing config must not lose the others' numbers
-                        log.exception("%s failed", label)
-                        errors.append(f"{label}: {type(exc).__name__}: {exc}")
-                    if compiled or ddp < 2:
-                        continue
-                    single = next((r for r in results if (r["arch"], r["image_size"], r["compile"], r["loader"])
-                                   == (arch, size, False, "fit")), None)
-                    try:
-                        ddp_results.append(measure_ddp(ddp, arch, size, plan, device, Path(caches[size].filename),
-                                                       targets, single))
-                    except Exception as exc:
-                        log.exception("%s DDP x%d failed", label, ddp)
-                        errors.append(f"{label} DDP x{ddp}: {type(exc).__name__}: {exc}")
-        del caches
-    return {
-        "benchmark": NAME,
-        "device": str(device),
-        "device_name": device_name(device),
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "channels_last": device.type == "cuda",
-        "plan": plan.__dict__,
-        "cache_build_s": cache_build_s,
-        "results": results,
-        "ddp": ddp_results,
-        "skipped": skipped,
-        "errors": errors,
-        "wall_s": time.perf_counter() - started,
-        "dataset": str(dataset_dir),
-        "machine": machine_info(),
-    }
+            images = ImageCache(Path(tmp)).build(data, "train", size, workers=default_workers())
+            cache_build_s[f"{recipe} {size}px"] = time.perf_counter() - t0
+            log.info("measuring %s", recipe)
+            try:
+                results += measure_recipe(recipe, plan, device, images, data.targets)
+            except Exception as exc:  # one failing recipe must not lose the other's numbers
+                log.exception("%s failed", recipe)
+                errors.append(f"{recipe}: {type(exc).__name__}: {exc}")
+            del images
+            if device.type == "cuda":  # the next recipe starts from an empty allocator
+                torch.cuda.empty_cache()
+    return {"benchmark": NAME, "device": str(device), "card": card(device), "device_name": card(device)["name"],
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "windows": WINDOWS,
+            "plan": asdict(plan), "cache_build_s": cache_build_s, "results": results, "errors": errors,
+            "wall_s": time.perf_counter() - started, "machine": machine_info()}
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [{"arch": r["arch"], "px": r["image_size"], "compile": "yes" if r["compile"] else "no",
-             "loader": r["loader"], "img/s": r["images_per_s"], "of ceiling": f"{r['ratio_to_ceiling']:.0%}",
-             "infer img/s": r["inference_images_per_s"],
+    rows = [{"recipe": r["recipe"], "arch": r["arch"], "px": r["image_size"], "batch": r["batch_size"],
+             "path": r["loader"], "img/s": r["images_per_s"],
+             "3 windows": f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
+             "of ceiling": f"{r['ratio_to_ceiling']:.0%}", "infer img/s (TTA)": r["inference_images_per_s"],
              "peak MiB": "-" if r["peak_gpu_memory_mib"] is None else f"{r['peak_gpu_memory_mib']:.0f}"}
             for r in result["results"]]
-    rows += [{"arch": r["arch"], "px": r["image_size"], "compile": "no", "loader": r["loader"],
-              "img/s": r["images_per_s"], "of ceiling": "-", "infer img/s": "-", "peak MiB": "-"}
-             for r in result["ddp"]]
-    lines = [f"{result['device_name']} ({result['device']}, {result['precision']}), "
-             f"batch {result['plan']['batch_size']}, {result['plan']['steps']} timed steps, "
-             f"naive DataLoader workers {result['plan']['workers']}",
-             format_table(rows, ["arch", "px", "compile", "loader", "img/s", "of ceiling", "infer img/s", "peak MiB"]),
-             "cache build (one-off): " + ", ".join(f"{s}px {t:.1f}s" for s, t in result["cache_build_s"].items())]
-    lines += [f"skipped {s}" for s in result["skipped"]] + [f"ERROR {e}" for e in result["errors"]]
+    c = result["card"]
+    lines = [f"{c['name']}, driver {c.get('driver', '-')}, CUDA {c['cuda']}, torch {c['torch']} "
+             f"({result['precision']})",
+             format_table(rows, list(rows[0]) if rows else ["recipe"]),
+             "cache build (one-off): " + ", ".join(f"{s} {t:.1f}s" for s, t in result["cache_build_s"].items())]
+    lines += [f"ERROR {e}" for e in result["errors"]]
     lines.append(f"wall {result['wall_s']:.0f}s")
     return "\n".join(lines)
 
@@ -409,28 +220,14 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--quick", action="store_true", help="64 px, batch 4, 2 steps, no compile: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="32 px, batch 8, 16 images: a smoke run")
+    parser.add_argument("--recipes", nargs="+", choices=("winner", "default"), default=["winner", "default"])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--archs", nargs="+", default=None)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=None, help="naive DataLoader workers")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure; the median is kept (3)")
-    parser.add_argument("--ddp", type=int, default=None,
-                        help="processes for the DDP variant (default: every GPU when there are >= 2; else skipped)")
-    parser.add_argument("--budget-s", type=float, default=150.0,
-                        help="start no compiled group after this many seconds (default 150)")
-    compile_group = parser.add_mutually_exclusive_group()
-    compile_group.add_argument("--compile", action="store_true", help="also measure torch.compile in --quick")
-    compile_group.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA GPU on this machine; `--device cpu --quick` runs the smoke check")
-    device = select_device(args.device)
-    plan = make_plan(args)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    result = run(plan, device, args.ddp if args.ddp is not None else (gpus if gpus >= 2 else 0))
+    device = fit_path.select_device(args.device)
+    result = run(make_plan(args.quick, tuple(args.recipes)), device)
     result["quick"] = args.quick
     publish(NAME, result, table(result), args.out, args.quick)
     return result

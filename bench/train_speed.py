@@ -23,8 +23,9 @@ from bench.common import format_table, machine_info, median, publish
 from protein.config import TrainConfig
 from protein.labels import NUM_CLASSES
 from protein.modeling.model import build_model
+from protein.modeling.optimization import build_optimizer, make_loss
 from protein.modeling.presets import EvalPreset, TrainPreset
-from protein.modeling.train import build_optimizer, make_loss, predict_probs, select_device, train_one_epoch
+from protein.modeling.train import predict_probs, select_device, train_one_epoch
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,12 @@ import torch
 from bench.common import format_table, machine_info, median, publish
 from protein.config import recipe_config
 from protein.labels import NUM_CLASSES
+from protein.modeling.ema import make_ema
 from protein.modeling.model import build_model
+from protein.modeling.optimization import build_optimizer, make_loss
 from protein.modeling.presets import EvalPreset, TrainPreset
-from protein.modeling.train import build_optimizer, make_ema, make_loss, predict_probs, select_device, train_one_epoch
+from protein.modeling.scaling import ema_decay_per_step
+from protein.modeling.train import predict_probs, select_device, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def measure(arch: str, size: int, batch_size: int, steps: int, device: torch.dev
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(model, config.ema_decay)
+    ema = make_ema(model, ema_decay_per_step(config.ema_half_life_epochs, steps + 1))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch=steps + 1)
     loss_fn = make_loss(config)
     preset = TrainPreset(channels_last=channels_last, jitter=config.jitter)

@@ -12,9 +12,19 @@ from protein.cli.model_commands import cmd_evaluate, cmd_models, cmd_predict
 from protein.cli.output import cmd_link
 from protein.cli.train_commands import cmd_archs, cmd_train, cmd_train_job
 from protein.config import RECIPES, TrainConfig
+from protein.data.channels import DEFAULT_CHANNEL, check_channel_name
+from protein.errors import DataError
+from protein.registry.retention import RUN_MIN_AGE_S
 
 DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
              "s3://bucket/prefix/ or s3://bucket/key.zip")
+
+
+def channel_name(text: str) -> str:
+    try:
+        return check_channel_name(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--epochs", type=int)
     opt("--image-size", "training resolution in pixels", type=int)
     opt("--batch-size", type=int)
-    opt("--lr", "peak learning rate of the one-cycle schedule", type=float)
+    opt("--lr", "peak learning rate of the one-cycle schedule at --lr-reference-batch", type=float)
+    opt("--lr-scaling", "how the peak lr follows the global batch: lr x (batch / reference) or its sqrt",
+        choices=("none", "sqrt", "linear"))
+    opt("--lr-reference-batch", "the global batch --lr is tuned for", type=int)
     opt("--weight-decay", "AdamW weight decay (never applied to norms and biases)", type=float)
     opt("--loss", choices=("bce", "focal"))
     p.add_argument("--holdout", type=float, default=None,
@@ -101,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--weights", "'imagenet' (torchvision's file from $TORCH_HOME/hub/checkpoints, never downloaded) or a "
                      "local safetensors/state-dict file; none: from scratch")
     opt("--jitter", "per-image brightness/contrast factors in [1-j, 1+j]", type=float)
-    opt("--ema-decay", "decay of the weights' moving average that is evaluated and saved; 0: off", type=float)
+    opt("--ema-half-life-epochs", "the weights' moving average that is evaluated and saved: a step's weight halves "
+        "after this many epochs, whatever the batch or GPU count; 0: off", type=float)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average the 8 dihedral views in evaluation and prediction (default off; winner on)")
     p.add_argument("--fold", help="i/K: hold out fold i of K (1-based) of the stratified K-fold split")
@@ -116,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pull the decoded-image cache from the store if another worker built it, else push it")
     p.add_argument("--expect-fingerprint", metavar="FP",
                    help="refuse to train (exit 2) unless the data has this fingerprint (e.g. the validated one)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="synchronise BatchNorm statistics over the ranks (SyncBatchNorm; CUDA, --nproc > 1)")
+    opt("--min-batch-per-rank", "fewest images per process and forward pass without --sync-bn", type=int)
     opt("--accumulate", "gradient accumulation: each --batch-size batch runs as this many micro-batches", type=int)
     p.add_argument("--nproc", type=int, default=None,
                    help="train on this many processes of this host (one per GPU; CPU: gloo) under torchrun; "
@@ -184,9 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(a registration in progress is younger)")
             mp.add_argument("--runs", action="store_true",
                             help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
-                                 "unfinished runs older than --run-age-days")
+                                 "unfinished runs older than --run-age-days; never what a version's model.json "
+                                 "names (its holdout probabilities)")
             mp.add_argument("--run-age-days", type=float, default=7.0,
                             help="an unregistered run untouched this long counts as abandoned")
+            mp.add_argument("--run-min-age-hours", type=float, default=RUN_MIN_AGE_S / 3600,
+                            help="never delete a run written to more recently than this, registered or not "
+                                 "(a live retrain writes a checkpoint every epoch)")
             mp.add_argument("--keep-last", type=int, metavar="N",
                             help="list complete versions beyond the newest N (never the champion or any version in "
                                  "its promotion history) for deletion")
@@ -201,9 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(dp)
     cache_arg(dp)
+    dp.add_argument("--channel", default=DEFAULT_CHANNEL, type=channel_name,
+                    help="dataset channel to move to this dataset once it is complete (nightly retrains follow "
+                         "channel:latest)")
     dp = datasets.add_parser("list", help="list the complete datasets in the store",
                              description="list the complete datasets in the store (newest first)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     store_arg(dp)
     dp.add_argument("--json", action="store_true", help="print a JSON array")
+    dp.add_argument("--channel", type=channel_name, metavar="NAME",
+                    help="list this channel's pushes instead, newest first (sequence, dataset, when, who, event id)")
     return parser

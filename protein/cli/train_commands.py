@@ -30,9 +30,12 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     fold, folds = parse_fold(args.fold)
     return recipe_config(args.recipe, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
                          batch_size=args.batch_size, accumulate=args.accumulate, seed=args.seed, lr=args.lr,
+                         lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch,
+                         sync_bn=args.sync_bn, min_batch_per_rank=args.min_batch_per_rank,
                          weight_decay=args.weight_decay,
                          loss=args.loss, holdout_fraction=args.holdout, weights=args.weights, device=args.device,
-                         compile=args.compile or None, jitter=args.jitter, ema_decay=args.ema_decay, tta=args.tta,
+                         compile=args.compile or None, jitter=args.jitter,
+                         ema_half_life_epochs=args.ema_half_life_epochs, tta=args.tta,
                          fold=fold, folds=folds, refit=bool(args.thresholds_from) or None,
                          thresholds_from=tuple(args.thresholds_from) if args.thresholds_from else None,
                          threshold_metric=args.threshold_metric)

@@ -125,6 +125,7 @@ class CrossFit:
     in_sample: float  # the metric with `thresholds` on the rows they were tuned on (optimistic)
     at_half: float  # the metric at 0.5 for every class, for comparison
     metric: str
+    row_thresholds: np.ndarray  # (N, C): the thresholds each row's held_out score was taken with
 
     def metrics(self) -> dict[str, Any]:
         """The held-out scores as the report of a model (evaluate_predictions' keys), the shipped
@@ -151,11 +152,22 @@ def cross_fit(probs: np.ndarray, targets: np.ndarray, metric: str = "f1_samples"
     if probs.shape[0] < 4:  # too few rows to halve: report the in-sample score, marked as such
         held_out = evaluate_with_row_thresholds(probs, targets, np.tile(thresholds, (probs.shape[0], 1)))
         held_out["cross_fitted"] = False
-        return CrossFit(thresholds, held_out, in_sample, at_half, metric)
+        return CrossFit(thresholds, held_out, in_sample, at_half, metric, np.tile(thresholds, (probs.shape[0], 1)))
     first, second = halves if halves is not None else iterative_stratified_split(targets, 0.5, seed)
     rows = np.empty_like(probs)
     for fit_rows, score_rows in ((first, second), (second, first)):
         rows[score_rows] = tune_for_metric(probs[fit_rows], targets[fit_rows], metric, grid)
     held_out = evaluate_with_row_thresholds(probs, targets, rows)
     held_out["cross_fitted"] = True
-    return CrossFit(thresholds, held_out, in_sample, at_half, metric)
+    return CrossFit(thresholds, held_out, in_sample, at_half, metric, rows)
+
+
+def cross_fitted_rows(probs: np.ndarray, targets: np.ndarray, metric: str = "f1_samples",
+                      seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+    """Scores of `probs` on these rows with thresholds tuned on other rows only (`cross_fit`'s
+    halves: seeded iterative stratification of the targets alone, so every model scored on the
+    same rows gets the same halves), and the (N, C) thresholds each row was judged with. The gate
+    scores both models this way: a model's shipped thresholds may have been tuned on some of
+    these rows (a challenger's whole holdout), which flatters it."""
+    tuned = cross_fit(probs, targets, metric, seed=seed)
+    return tuned.held_out, tuned.row_thresholds

@@ -96,11 +96,33 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def require_on(device: torch.device, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse, with the tensor's name, any tensor that is not on `device`, the device the process
+    group communicates on (the rank's GPU under NCCL, which rejects host tensors; the CPU under
+    gloo). Checked on one process too, so a CPU test catches what would crash only on NCCL."""
+    for name, tensor in tensors.items():
+        if tensor.device != device:
+            raise ValueError(f"{what}: tensor {name!r} lives on {tensor.device} but the ranks communicate on "
+                             f"{device}; create it on the model's device")
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum over ranks, in place (the tensor itself on one rank)."""
+    require_on(device, {"sum": tensor}, "all_reduce_sum")
     if active():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+def sync_from_main(module: torch.nn.Module, device: torch.device) -> None:
+    """Copy rank 0's parameters and buffers to every rank: BatchNorm running statistics (and
+    an EMA of them) drift apart because each rank normalises its own shard; evaluation and the
+    checkpoint use rank 0's."""
+    state = module.state_dict()
+    require_on(device, state, f"broadcast of {type(module).__name__}")
+    if active():
+        for tensor in state.values():
+            torch.distributed.broadcast(tensor, src=0)
 
 
 def shard(indices: np.ndarray, rank: Rank) -> np.ndarray:

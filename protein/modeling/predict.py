@@ -53,7 +53,12 @@ class Predictor:
     @property
     def preset(self) -> EvalPreset:
         norm = self.spec["normalization"]
-        return EvalPreset(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+        return EvalPreset(mean=tuple(norm["mean"]), std=tuple(norm["std"]), channels_last=self.channels_last)
+
+    @property
+    def channels_last(self) -> bool:
+        """As training runs on a GPU: NHWC activations, which cuDNN's convolutions prefer."""
+        return self.device.type == "cuda"
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path, device: str = "auto") -> Predictor:
@@ -81,7 +86,10 @@ class Predictor:
             )
         model.load_state_dict(state)
         target = select_device(device)
-        return cls(model=model.to(target).eval(), spec=spec, device=target)
+        model = model.to(target).eval()
+        if target.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model=model, spec=spec, device=target)
 
     def predict_probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N, S, S, 3) uint8 at this model's image size -> (N, C) probabilities."""

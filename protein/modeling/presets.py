@@ -88,10 +88,13 @@ def jitter_brightness_contrast_(out: torch.Tensor, amount: float,
                                 generator: torch.Generator | None = None) -> torch.Tensor:
     """In place on an (N, C, H, W) float batch in [0, 255]: per image, scale the contrast around
     the image's mean and then the brightness by factors drawn from [1 - amount, 1 + amount]
-    (stain intensity and exposure vary between fields), clamped back to [0, 255]."""
+    (stain intensity and exposure vary between fields), clamped back to [0, 255]. The factors are
+    drawn on the batch's device (with `generator` when it is on that device, else the device's
+    default generator): drawing them on the host copied them to the GPU at every step."""
     n = out.shape[0]
-    factors = 1.0 + amount * (2.0 * torch.rand((2, n, 1, 1, 1), generator=generator) - 1.0)  # (2, N, 1, 1, 1)
-    contrast, brightness = factors.to(out.device)
+    on_device = generator is not None and generator.device == out.device
+    uniform = torch.rand((2, n, 1, 1, 1), generator=generator if on_device else None, device=out.device)
+    contrast, brightness = 1.0 + amount * (2.0 * uniform - 1.0)  # (2, N, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return out.sub_(mean).mul_(contrast).add_(mean).mul_(brightness).clamp_(0.0, 255.0)
 
@@ -100,14 +103,20 @@ def jitter_brightness_contrast_(out: torch.Tensor, amount: float,
 class TrainPreset(EvalPreset):
     """Eval preprocessing plus the augmentation microscopy allows: the 8 symmetries of the
     square (flips and 90-degree rotations), since a cell has no up or down, and optionally a
-    per-image brightness/contrast jitter. Runs on whatever device the batch is on."""
+    per-image brightness/contrast jitter. Runs on whatever device the batch is on.
+
+    `generator` (a CPU generator) draws which symmetry each image gets: that choice picks the
+    copy to run, so it is made on the host. `device_generator` (on the batch's device) draws the
+    jitter factors; without it they come from `generator` on a CPU batch, else from the device's
+    default generator."""
 
     jitter: float = 0.0
 
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None,
+                 device_generator: torch.Generator | None = None) -> torch.Tensor:
         out = self._empty(batch)
         for i, op in enumerate(draw_dihedral_ops(batch.shape[0], generator)):
             out[i].copy_(dihedral(batch[i], op).permute(2, 0, 1))
         if self.jitter > 0:
-            jitter_brightness_contrast_(out, self.jitter, generator)
+            jitter_brightness_contrast_(out, self.jitter, device_generator or generator)
         return self._normalize_(out)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from protein.config import TrainConfig, from_dict, to_dict
 from protein.errors import StoreError
@@ -25,8 +24,11 @@ from protein.evaluation.metrics import evaluate_predictions
 from protein.evaluation.thresholds import cross_fit
 from protein.labels import LABELS
 from protein.modeling import distributed
+from protein.modeling.ema import ExponentialMovingAverage, make_ema
 from protein.modeling.model import build_model
+from protein.modeling.optimization import build_optimizer, make_loss
 from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
+from protein.modeling.scaling import check_batch_split, ema_decay_per_step, steps_per_epoch
 from protein.storage import Store
 
 log = logging.getLogger(__name__)
@@ -50,23 +52,6 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-class FocalLoss(nn.Module):
-    """Binary focal loss (Lin et al. 2017) on logits, mean over all labels."""
-
-    def __init__(self, gamma: float = 2.0) -> None:
-        super().__init__()
-        self.gamma = gamma
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        p_t = torch.exp(-bce)
-        return ((1 - p_t) ** self.gamma * bce).mean()
-
-
-def make_loss(config: TrainConfig) -> nn.Module:
-    return FocalLoss(config.focal_gamma) if config.loss == "focal" else nn.BCEWithLogitsLoss()
 
 
 def iterate_batches(
@@ -126,6 +111,52 @@ def prefetch(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
         raise failure[0]
 
 
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    preset: TrainPreset,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    ema: ExponentialMovingAverage | None = None,
+    accumulate: int = 1,
+    device_generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One optimizer step on one batch (uint8 NHWC images, float targets; on the host or already
+    on `device`); returns the batch's summed loss as a device tensor, never read here: nothing in
+    the step waits for the GPU. With accumulate K the batch runs as K micro-batches whose
+    gradients add up before the step (the mean over the batch, as one pass would give); under DDP
+    only the last micro-batch all-reduces gradients. With `ema`, the average is updated after it."""
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    micro = min(accumulate, len(images))
+    chunks = list(zip(images.tensor_split(micro), targets.tensor_split(micro), strict=True))
+    total = torch.zeros((), device=device)
+    for i, (x_raw, y) in enumerate(chunks):
+        x = preset(x_raw, generator, device_generator)
+        sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device):
+            loss = loss_fn(model(x), y)
+        # Weighted by the chunk's share, so the summed gradient is the batch mean.
+        (loss * (len(x_raw) / len(images))).backward()
+        total += loss.detach().float() * len(x_raw)
+    optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update_parameters(unwrap(model))
+    return total
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose weights count: inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "no_sync") else model
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -136,13 +167,11 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int], None] | None = None,
-    ema: AveragedModel | None = None,
+    ema: ExponentialMovingAverage | None = None,
     accumulate: int = 1,
+    device_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches`, one optimizer step per batch; with `ema`, the moving average is
-    updated after every step. With accumulate K each batch runs as K micro-batches whose
-    gradients add up before the step (the mean over the batch, as one pass would give), so a
-    large batch fits in memory; under DDP only the last micro-batch all-reduces gradients."""
+    """One pass over `batches`, one `train_step` per batch."""
     model.train()
     # Summed on the device and read once per epoch: a per-step float() would make the CPU
     # wait for the GPU at every step.
@@ -150,29 +179,14 @@ def train_one_epoch(
     seen = torch.zeros((), device=device, dtype=torch.float64)
     started = time.perf_counter()
     for images, targets in batches:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        micro = min(accumulate, len(images))
-        chunks = list(zip(images.tensor_split(micro), targets.tensor_split(micro), strict=True))
-        for i, (x_raw, y) in enumerate(chunks):
-            x = preset(x_raw, generator)
-            sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device):
-                loss = loss_fn(model(x), y)
-            # Weighted by the chunk's share, so the summed gradient is the batch mean.
-            (loss * (len(x_raw) / len(images))).backward()
-            total_loss += loss.detach().float() * len(x_raw)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model.module if hasattr(model, "no_sync") else model)
+        total_loss += train_step(model, images, targets, optimizer, scheduler, loss_fn, preset, device, generator,
+                                 ema, accumulate, device_generator)
         seen += len(images)
         if on_batch:
             on_batch(len(images))
     seconds = time.perf_counter() - started
     # One read per epoch: the loss over every rank's images.
-    summed = distributed.all_reduce_sum(torch.stack([total_loss.double(), seen]))
+    summed = distributed.all_reduce_sum(torch.stack([total_loss.double(), seen]), device)
     loss_sum, n = summed.tolist()
     return {"train_loss": loss_sum / max(n, 1), "train_images": int(n), "train_seconds": seconds,
             "train_images_per_s": n / seconds if seconds > 0 else 0.0}
@@ -193,20 +207,25 @@ def predict_probs(
     model.eval()
     if indices is None:
         indices = np.arange(len(images))
-    outputs: list[np.ndarray] = []
-    for start in range(0, len(indices), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]])).to(device)
-        x = preset(batch)
+    cuda = device.type == "cuda"
+    batches = (torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]]))
+               for start in range(0, len(indices), batch_size))
+    if cuda:  # page-locked batches read ahead in a thread, copied while the GPU works on the last one
+        batches = prefetch(batch.pin_memory() for batch in batches)
+    outputs: list[torch.Tensor] = []
+    for batch in batches:
+        x = preset(batch.to(device, non_blocking=True))
         views = dihedral_views(x) if tta else [x]
         probs = torch.zeros((), device=device)
         for view in views:
             with autocast_context(device):
                 logits = model(view)
             probs = probs + torch.sigmoid(logits.float())
-        outputs.append((probs / len(views)).cpu().numpy())
+        # Kept on the device until the end: a .cpu() per batch would wait for the GPU each time.
+        outputs.append(probs / len(views))
     if not outputs:
         return np.zeros((0, len(LABELS)), dtype=np.float32)
-    return np.concatenate(outputs).astype(np.float32)
+    return torch.cat(outputs).cpu().numpy().astype(np.float32)
 
 
 def evaluate_shards(
@@ -276,58 +295,91 @@ def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
     return state
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay for weight matrices and kernels only: decaying norm scales and biases
-    (every 0- and 1-D parameter) pulls them towards zero for no regularising benefit."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class Training:
+    """Everything a training step needs, built once per run by `build_training` (fit and
+    bench/gpu.py both start here, so the bench times what users run)."""
+
+    model: nn.Module  # the plain module: checkpointed, and what rank 0 broadcasts
+    step_model: nn.Module  # what the step calls: the model, or its DDP / compiled wrapper
+    ema: ExponentialMovingAverage | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    train_preset: TrainPreset
+    eval_preset: EvalPreset
+    layout: dict[str, Any]  # how the batch, learning rate and average scale: recorded in model.json
+
+    def train_epoch(self, config: TrainConfig, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, generators: tuple[torch.Generator, torch.Generator],
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+        return train_one_epoch(self.step_model, batches, self.optimizer, self.scheduler, self.loss_fn,
+                               self.train_preset, device, generators[0], on_batch, self.ema, config.accumulate,
+                               generators[1])
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of the weights and buffers (BatchNorm statistics included),
-    updated by `ema.update_parameters(model)` after each optimizer step."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def build_training(config: TrainConfig, device: torch.device, n_train: int,
+                   rank: distributed.Rank = distributed.Rank()) -> Training:
+    """Model, average, optimizer, schedule and presets for `config` on `device`: every tensor on
+    the device (what crosses ranks must live where NCCL communicates)."""
+    micro_batch = check_batch_split(config, rank.world_size)
+    if config.sync_bn and rank.distributed and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); drop it on CPU")
+    if device.type == "cuda":
+        # Training shapes are fixed (the ragged last batch is dropped): autotuning pays off.
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, len(LABELS), config.weights, config.image_size)
+    if config.sync_bn and rank.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    channels_last = config.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps = steps_per_epoch(n_train, config.batch_size)
+    decay = ema_decay_per_step(config.ema_half_life_epochs, steps)
+    ema = make_ema(model, decay) if decay > 0 else None
+    optimizer, scheduler = build_optimizer(model, config, steps)
+    step_model: nn.Module = model
+    if rank.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every rank holds the same checkpoint (or the same seeded init); DDP also broadcasts
+        # rank 0's weights once, then averages gradients at every step.
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)
+    layout = {"world_size": rank.world_size, "global_batch": config.batch_size, "accumulate": config.accumulate,
+              "micro_batch_per_rank": micro_batch, "steps_per_epoch": steps,
+              "backend": ("nccl" if device.type == "cuda" else "gloo") if rank.distributed else None,
+              "peak_lr": optimizer.param_groups[0]["initial_lr"],
+              "lr_rule": {"lr": config.lr, "reference_batch": config.lr_reference_batch, "scaling": config.lr_scaling},
+              "ema": {"half_life_epochs": config.ema_half_life_epochs, "decay_per_step": decay,
+                      "warmup": "min(decay, (1 + k) / (10 + k)) at update k"} if ema is not None else None,
+              "sync_bn": bool(config.sync_bn and rank.distributed), "min_batch_per_rank": config.min_batch_per_rank,
+              "channels_last": channels_last, "cudnn_benchmark": device.type == "cuda",
+              "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    return Training(model, step_model, ema, optimizer, scheduler, make_loss(config),
+                    TrainPreset(channels_last=channels_last, jitter=config.jitter),
+                    EvalPreset(channels_last=channels_last), layout)
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch: full global batches only (the ragged rest is dropped),
-    or one batch of everything when there is less than one batch."""
-    return max(n_train // batch_size, 1)
-
-
-def check_batch_split(config: TrainConfig, world_size: int) -> int:
-    """The micro-batch one rank runs per forward pass: the global batch split over the ranks
-    and then over the accumulation steps, which must divide it evenly (the learning-rate
-    schedule and the recorded batch are per global batch, whatever the hardware)."""
-    parts = world_size * config.accumulate
-    if config.batch_size % parts:
-        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of nproc x "
-                         f"accumulate = {world_size} x {config.accumulate}")
-    return config.batch_size // parts
-
-
-def sync_from_main(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank: BatchNorm running statistics (and
-    an EMA of them) drift apart because each rank normalises its own shard; evaluation and the
-    checkpoint use rank 0's."""
-    if distributed.active():
-        for tensor in module.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> tuple[
-    torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
-]:
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
-    # OneCycleLR divides by the length of each phase; tiny runs (a few steps) would make a
-    # phase empty, so the schedule is planned over at least 8 steps.
-    total_steps = max(config.epochs * steps_per_epoch, 8)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                    pct_start=0.25)
-    return optimizer, scheduler
+def epoch_batches(config: TrainConfig, images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray,
+                  epoch: int, device: torch.device, rank: distributed.Rank = distributed.Rank()
+                  ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Generator, torch.Generator]]:
+    """One epoch's batches and its (host, device) augmentation generators. Everything random in
+    an epoch derives from (seed, epoch), so a resumed run needs no RNG state: the batch order is
+    the same on every rank; augmentation draws differ per rank."""
+    torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * rank.rank)
+    order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    augment_seed = config.seed * 1_000_003 + epoch + 7_919 * (rank.rank + 1)
+    generators = (torch.Generator().manual_seed(augment_seed),
+                  torch.Generator(device=device).manual_seed(augment_seed + 1))
+    batches = iterate_batches(images, targets, train_idx, config.batch_size, order,
+                              pin_memory=device.type == "cuda", drop_last=True, rank=rank)
+    if device.type == "cuda":
+        batches = prefetch(batches)
+    return batches, generators
 
 
 def fit(
@@ -345,32 +397,16 @@ def fit(
 
     If that run already has a checkpoint it resumes from the epoch after it. Batch order,
     augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
-    uninterrupted one. With config.ema_decay the moving average of the weights is what is
-    evaluated and returned. An empty holdout (a refit on every row) skips evaluation: the
-    caller supplies thresholds and metrics.
+    uninterrupted one. With config.ema_half_life_epochs the moving average of the weights is
+    what is evaluated and returned. An empty holdout (a refit on every row) skips evaluation:
+    the caller supplies thresholds and metrics.
     """
     rank = distributed.current()
     device = distributed.rank_device(select_device(config.device), rank)
-    micro_batch = check_batch_split(config, rank.world_size)
     log.info("training %s at %d px on %s (%d train / %d holdout images; rank %d of %d)",
              config.arch, config.image_size, device, len(train_idx), len(holdout_idx), rank.rank, rank.world_size)
-    if device.type == "cuda":
-        # Training shapes are fixed (the ragged last batch is dropped): autotuning pays off.
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, len(LABELS), config.weights, config.image_size).to(device)
-    channels_last = config.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(model, config.ema_decay) if config.ema_decay > 0 else None
-    steps = steps_per_epoch(len(train_idx), config.batch_size)
-    optimizer, scheduler = build_optimizer(model, config, steps)
-    layout = {"world_size": rank.world_size, "global_batch": config.batch_size, "accumulate": config.accumulate,
-              "micro_batch_per_rank": micro_batch, "steps_per_epoch": steps,
-              "backend": ("nccl" if device.type == "cuda" else "gloo") if rank.distributed else None}
-    loss_fn = make_loss(config)
-    train_preset = TrainPreset(channels_last=channels_last, jitter=config.jitter)
-    eval_preset = EvalPreset(channels_last=channels_last)
+    run = build_training(config, device, len(train_idx), rank)
+    model, ema, optimizer, scheduler = run.model, run.ema, run.optimizer, run.scheduler
     history: list[dict[str, Any]] = []
     start_epoch = 0
 
@@ -391,36 +427,19 @@ def fit(
         start_epoch = int(state["epoch"])
         log.info("resuming run %s after epoch %d", run_id, start_epoch)
 
-    step_model: nn.Module = model
-    if rank.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Every rank loaded the same checkpoint (or the same seeded init); DDP also broadcasts
-        # rank 0's weights once here, then averages gradients at every step.
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        step_model = torch.compile(step_model)
     # The weights that are evaluated and shipped: the average when there is one. Never the
     # compiled module: eval mode and the ragged last eval batch would recompile it.
     eval_model = ema.module if ema is not None else model
+    eval_preset = run.eval_preset
     holdout_targets = targets[holdout_idx]
     holdout_probs = np.zeros((len(holdout_idx), len(LABELS)), dtype=np.float32)
     eval_batch = max(2 * config.batch_size // rank.world_size, 1)
     for epoch in range(start_epoch, config.epochs):
-        # Everything random in an epoch derives from (seed, epoch): resume needs no RNG state.
-        # The batch order is the same on every rank; augmentation draws differ per rank.
-        torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * rank.rank)
-        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 7_919 * (rank.rank + 1))
-        batches = iterate_batches(images, targets, train_idx, config.batch_size, order,
-                                  pin_memory=device.type == "cuda", drop_last=True, rank=rank)
-        if device.type == "cuda":
-            batches = prefetch(batches)
-        stats = train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, train_preset, device,
-                                generator, on_batch, ema, config.accumulate)
-        sync_from_main(model)
+        batches, generators = epoch_batches(config, images, targets, train_idx, epoch, device, rank)
+        stats = run.train_epoch(config, batches, device, generators, on_batch)
+        distributed.sync_from_main(model, device)
         if ema is not None:
-            sync_from_main(ema)
+            distributed.sync_from_main(ema, device)
         record: dict[str, Any] = {"epoch": epoch + 1, "epochs": config.epochs, **stats}
         if len(holdout_idx):
             # TTA multiplies evaluation by 8: per epoch only the plain view, TTA once at the end.
@@ -456,7 +475,7 @@ def fit(
     if not len(holdout_idx):
         return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
                          thresholds=np.full(len(LABELS), 0.5, dtype=np.float32), metrics={},
-                         resumed_from_epoch=start_epoch, device=str(device), extra={"layout": layout})
+                         resumed_from_epoch=start_epoch, device=str(device), extra={"layout": run.layout})
     if config.tta or start_epoch >= config.epochs:  # TTA, or a resumed finished run (no probs in the checkpoint)
         holdout_probs = evaluate_shards(shipped, images, eval_preset, device, eval_batch, holdout_idx, rank,
                                         tta=config.tta)
@@ -465,4 +484,4 @@ def fit(
     metrics = tuned.metrics()
     return FitResult(model=shipped, config=config, history=history, holdout_probs=holdout_probs,
                      thresholds=tuned.thresholds, metrics=metrics, resumed_from_epoch=start_epoch, device=str(device),
-                     extra={"layout": layout})
+                     extra={"layout": run.layout})

@@ -21,7 +21,8 @@ from protein.modeling import distributed
 from protein.modeling.ensemble import out_of_fold_thresholds, save_holdout_probs
 from protein.modeling.model import IMAGENET, imagenet_weights
 from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
-from protein.modeling.train import EpochCallback, check_batch_split, fit, select_device
+from protein.modeling.scaling import check_batch_split
+from protein.modeling.train import EpochCallback, fit, select_device
 from protein.pipeline.inputs import check_fingerprint, load_split_images, new_run_id, summarize, training_split
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
@@ -154,11 +155,13 @@ def _train_and_register(
         "tta": config.tta,
         "recipe": config.recipe,
         "weights_init": describe_weights(config),
-        "ema": {"decay": config.ema_decay} if config.ema_decay > 0 else None,
+        "ema": (result.extra.get("layout") or {}).get("ema"),
         "refit": refit,
         "metrics": metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
+        # The dataset as the run resolved it (a channel resolves to an immutable datasets/<fp>/ URI).
+        "data_uri": data.source.description,
         # Lineage: the label profile of the data it was trained on. Promotion makes it the drift
         # reference (protein.validation.write_reference_profile), so the hash here is the one the
         # next validation runs are keyed by.
@@ -173,7 +176,8 @@ def _train_and_register(
         "parent_champion": registry.champion().champion,
         "run_id": run_id,
         "device": result.device,
-        # How the global batch was split (ranks, accumulation): the schedule is per global batch.
+        # How the global batch was split (ranks, accumulation) and what scaled with it: the peak
+        # learning rate, the EMA's per-step decay, SyncBatchNorm, the per-rank floor.
         "training": result.extra.get("layout"),
     }
     from safetensors.torch import save_file

@@ -221,10 +221,10 @@ def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def git_remote_of_worktree(root: Path) -> tuple[str, str]:
+def git_remote_of_worktree(root: Path, rewrite: Mapping[str, str] | None = None) -> tuple[str, str]:
     """A bare repository holding one commit of this checkout as it is now (committed or not,
-    untracked files included unless git ignores them): the "remote" workers clone. Returns its
-    file:// URL and the commit sha."""
+    untracked files included unless git ignores them): the "remote" workers clone. `rewrite`
+    replaces files of that commit (relative path -> text). Returns its file:// URL and the sha."""
     files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).split("\0")
     snapshot = root / "snapshot"
     for rel in filter(None, files):
@@ -233,6 +233,8 @@ def git_remote_of_worktree(root: Path) -> tuple[str, str]:
             target = snapshot / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    for rel, text in (rewrite or {}).items():
+        (snapshot / rel).write_text(text)
     git("init", "-q", "-b", "main", cwd=snapshot)
     git("add", "-A", cwd=snapshot)
     git("commit", "-q", "-m", "snapshot under test", cwd=snapshot)

@@ -60,11 +60,12 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
                              "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert pushed.returncode == 0, f"datasets push failed: {pushed.stdout}{pushed.stderr}"
-    uri = json.loads(pushed.stdout)["uri"]
+    uri, event_id = json.loads(pushed.stdout)["uri"], json.loads(pushed.stdout)["event_id"]
     assert uri.startswith(f"{stack.store}/datasets/")
 
-    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == uri
-                         and str(r.parameters.get("trigger_event", "")).startswith("protein.dataset.pushed "),
+    # The trigger names the channel; the run resolves it to this push's immutable URI.
+    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:latest"
+                         and r.parameters.get("trigger_event") == f"protein.dataset.pushed {event_id}",
                          "started by protein.dataset.pushed")
     assert run.parameters["skip_if_unchanged"] is False, "a pushed dataset is always trained on"
     run = stack.wait_final(run.id)
@@ -123,16 +124,16 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     assert "# Retrain: skipped, data unchanged" in skipped["retrain-summary"].data
 
 
-def test_event_without_uri_fails_the_run_at_once_and_alerts(prefect_stack: Stack) -> None:
+def test_event_without_channel_fails_the_run_at_once_and_alerts(prefect_stack: Stack) -> None:
     stack = prefect_stack
-    push_event(stack, {"fingerprint": "bad0", "counts": {"train": 3}})  # no "uri"
-    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == ""
+    push_event(stack, {"fingerprint": "bad0", "counts": {"train": 3}})  # no "channel"
+    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:"
                          and str(r.parameters.get("trigger_event", "")).startswith("protein.dataset.pushed "),
                          "started by the malformed event")
     run = stack.wait_final(run.id)
     assert run.state.is_failed(), run.state
     event_ref = run.parameters["trigger_event"]
-    assert run.state.message == f"event {event_ref}: field payload.uri is missing or empty; nothing was run"
+    assert run.state.message == f"event {event_ref}: field payload.channel is missing or empty; nothing was run"
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with stack.client() as client:
@@ -142,7 +143,7 @@ def test_event_without_uri_fails_the_run_at_once_and_alerts(prefect_stack: Stack
     message = stack.receiver.wait_for(lambda m: str(run.id) in m.get("text", ""), f"about failed run {run.id}",
                                       describe=stack.logs)
     assert message["subject"] == f"protein: retrain run {run.name} Failed"
-    assert "field payload.uri is missing" in message["text"]
+    assert "field payload.channel is missing" in message["text"]
 
 
 ZOMBIE_FLOW = """

@@ -57,7 +57,10 @@ def test_winner_recipe_end_to_end_at_a_tiny_size(tiny_dataset, torch_home, tmp_p
     assert spec["recipe"] == "winner" and spec["arch"] == "efficientnet_b1" and spec["tta"] is True
     assert spec["weights_init"] == {"source": "imagenet", "enum": "EfficientNet_B1_Weights.IMAGENET1K_V2",
                                     "file": "efficientnet_b1-c27df63c.pth", "url": weights.url}
-    assert spec["ema"] == {"decay": 0.999} and spec["train_config"]["jitter"] == 0.2
+    # 32 training rows at batch 16: 2 steps an epoch, so a 1.5-epoch half-life is 0.5 ** (1 / 3) per step.
+    assert spec["ema"]["half_life_epochs"] == 1.5 and spec["ema"]["decay_per_step"] == pytest.approx(0.5 ** (1 / 3))
+    assert spec["train_config"]["jitter"] == 0.2 and spec["training"]["lr_rule"]["scaling"] == "sqrt"
+    assert spec["training"]["peak_lr"] == pytest.approx(1e-3 * (16 / 32) ** 0.5)
     tuning = spec["metrics"]["thresholds_tuning"]
     assert tuning["metric"] == "f1_samples" and tuning["cross_fitted"] is True
     assert spec["metrics"]["thresholds"] == spec["thresholds"] and len(spec["thresholds"]) == 10

@@ -9,7 +9,8 @@ from protein.config import TrainConfig
 from protein.labels import LABELS
 from protein.modeling import distributed
 from protein.modeling.presets import EvalPreset, normalization_constants
-from protein.modeling.train import check_batch_split, fit, iterate_batches, steps_per_epoch, train_one_epoch
+from protein.modeling.scaling import check_batch_split, steps_per_epoch
+from protein.modeling.train import fit, iterate_batches, train_one_epoch
 from protein.storage import open_store
 
 
@@ -79,7 +80,7 @@ def test_gradient_accumulation_matches_one_large_batch():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         stats = train_one_epoch(model, iter(batches), optimizer, scheduler, nn.BCEWithLogitsLoss(),
-                                lambda x, _g: EvalPreset()(x), torch.device("cpu"), accumulate=accumulate)
+                                lambda x, *_: EvalPreset()(x), torch.device("cpu"), accumulate=accumulate)
         weights.append([p.detach().clone() for p in model.parameters()])
         assert stats["train_images"] == 16
     assert not torch.allclose(weights[0][0], net()[0].weight)  # it trained

@@ -16,7 +16,7 @@ def cli_config(*argv: str) -> TrainConfig:
 def test_winner_recipe_is_the_competition_recipe():
     config = recipe_config("winner")
     assert (config.arch, config.image_size, config.weights, config.epochs) == ("efficientnet_b1", 512, "imagenet", 26)
-    assert config.ema_decay > 0 and config.jitter > 0 and config.tta and config.recipe == "winner"
+    assert config.ema_half_life_epochs > 0 and config.jitter > 0 and config.tta and config.recipe == "winner"
 
 
 def test_cli_options_override_the_recipe_and_defaults_stay_the_recipes():

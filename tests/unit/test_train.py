@@ -3,15 +3,11 @@ import pytest
 import torch
 from torch import nn
 
+from protein.modeling.ema import make_ema
+from protein.modeling.optimization import parameter_groups
 from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
-from protein.modeling.train import (
-    iterate_batches,
-    make_ema,
-    parameter_groups,
-    predict_probs,
-    prefetch,
-    train_one_epoch,
-)
+from protein.modeling.scaling import ema_decay_at
+from protein.modeling.train import iterate_batches, predict_probs, prefetch, train_one_epoch
 
 
 def test_prefetch_keeps_order_and_reraises_producer_errors():
@@ -71,14 +67,16 @@ def test_ema_is_updated_every_step_and_averages_weights_and_buffers():
     train_one_epoch(model, iter([(images[:4], targets[:4]), (images[4:], targets[4:])]), optimizer, scheduler,
                     Spy(), TrainPreset(), torch.device("cpu"), ema=ema)
     after = [p.detach() for p in model.parameters()]
-    # First update copies the weights after step 1; the second averages with decay 0.5.
-    step1 = snapshots[1]
+    # First update copies the weights after step 1; the second averages with the warm-up decay
+    # min(0.5, 1/10): the average starts from trained weights, not the random initialisation.
+    step1, d = snapshots[1], ema_decay_at(1, 0.5)
+    assert d == pytest.approx(0.1)
     for avg, w1, w2 in zip(ema.module.parameters(), step1, after, strict=True):
-        assert torch.allclose(avg, 0.5 * w1 + 0.5 * w2, atol=1e-6)
+        assert torch.allclose(avg, d * w1 + (1 - d) * w2, atol=1e-6)
     assert not torch.allclose(ema.module[5].weight, head_before)
     assert not torch.allclose(ema.module[5].weight, model[5].weight)
     # BatchNorm statistics are averaged too (use_buffers), not left at their initial values.
-    assert torch.allclose(ema.module[1].running_mean, 0.5 * running_means[0] + 0.5 * running_means[1], atol=1e-6)
+    assert torch.allclose(ema.module[1].running_mean, d * running_means[0] + (1 - d) * running_means[1], atol=1e-6)
     assert int(ema.n_averaged) == 2
 
 
