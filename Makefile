@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test lint bench bench-gpu clean venv browser lock
+.PHONY: run check test lint bench bench-gpu clean venv browser lock
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ $(STAMP): pyproject.toml $(LOCK)
 run: $(STAMP)
 	@mkdir -p $(WORK)/prefect
 	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
+
+# The fast tier, before every commit: no Prefect server, worker, training beyond a few steps or
+# fresh interpreter (tests/conftest.py marks those slow from the fixtures they use).
+check: $(STAMP) browser
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 test: $(STAMP) browser
 	$(PY) -m ruff check .

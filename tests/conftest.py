@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,12 +66,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def closed_port() -> Iterator[int]:
+def holding_a_closed_port() -> Iterator[int]:
     """A port on 127.0.0.1 where nothing listens for as long as the block runs: the socket is bound
     (no other process can take the port) but never listens, so a connection is refused."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens for the whole test (see holding_a_closed_port)."""
+    with holding_a_closed_port() as port:
+        yield port
 
 
 class ProteinProcess:
@@ -148,8 +156,9 @@ class MotoServer:
     """A `moto_server` subprocess: a real S3 endpoint over HTTP, state kept in its memory."""
 
     def __init__(self, port: int | None = None, env: dict[str, str] | None = None) -> None:
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # 0: the server binds a port the OS picks and start() reads it back from its log, so no other
+        # process can take the port between choosing and binding it. A restart keeps it.
+        self.port = port or 0
         self._env = env or {}
         self._process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)  # noqa: SIM115
@@ -157,6 +166,7 @@ class MotoServer:
     def start(self) -> None:
         moto_server = Path(sys.executable).parent / "moto_server"
         # Output goes to a file, not a pipe nobody reads, which would fill and block the server.
+        log_start = Path(self._log.name).stat().st_size
         self._process = subprocess.Popen(
             [str(moto_server), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log,
@@ -167,6 +177,13 @@ class MotoServer:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"moto_server exited with {self._process.returncode}: {self.log_tail()}")
+            if not self.port:
+                bound = re.search(r"Running on http://127\.0\.0\.1:(\d+)",
+                                  Path(self._log.name).read_text(errors="replace")[log_start:])
+                if bound is None:
+                    time.sleep(0.05)
+                    continue
+                self.port = int(bound.group(1))
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=0.5).close()
                 return
@@ -176,6 +193,11 @@ class MotoServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"moto_server did not answer within {SERVER_START_TIMEOUT_S}s: {self.log_tail()}")
+
+    @property
+    def endpoint(self) -> str:
+        assert self.port, "start() the server first: it has no port before"
+        return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self._process is None:

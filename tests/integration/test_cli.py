@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import closed_port
+from tests.conftest import holding_a_closed_port
 from tests.helpers import write_dataset
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ def test_s3_missing_bucket_and_unreachable_endpoint(s3_env, dataset, tmp_path, p
     assert "s3://no-such-bucket/x" in missing.stderr and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr and "SECRETfake" not in missing.stderr + missing.stdout + caplog.text
 
-    with closed_port() as port:
+    with holding_a_closed_port() as port:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         unreachable = protein_cli("train", "--data", str(dataset), "--store", "s3://bucket/x")
     assert unreachable.returncode == 3 and "cannot reach" in unreachable.stderr

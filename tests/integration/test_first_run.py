@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import EXIT_PREFECT_UNAVAILABLE, SERVER_LOG_NAME
-from tests.conftest import ProteinProcess, closed_port
+from tests.conftest import ProteinProcess, holding_a_closed_port
 from tests.helpers import REPO, write_dataset
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, ti
 
 def test_unreachable_api_is_one_line_with_its_own_exit_code(tmp_path: Path, tiny_dataset: Path,
         protein_process: ProteinProcess) -> None:
-    with closed_port() as port:  # held by a socket that never listens: nothing can answer there
+    with holding_a_closed_port() as port:  # held by a socket that never listens: nothing can answer there
         url = f"http://127.0.0.1:{port}/api"
         result = protein_process.module("flows.validate", "--data", str(tiny_dataset), "--image-size", "32",
                                         env=fresh_env(tmp_path / "home", PREFECT_API_URL=url), cwd=tmp_path)

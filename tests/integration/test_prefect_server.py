@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port
 from tests.helpers import REPO
 from tests.integration.prefect_services import prefect_env
 
@@ -20,9 +19,10 @@ SETTINGS = {"PROTEIN_REPOSITORY": "https://example.invalid/protein-pipeline.git"
 
 
 @pytest.mark.parametrize("unset", ["PROTEIN_REPOSITORY", "PROTEIN_STORE", "PROTEIN_ALERT_WEBHOOK_URL"])
-def test_deploy_with_an_unset_setting_fails_naming_it_before_any_prefect_call(unset: str, tmp_path) -> None:
+def test_deploy_with_an_unset_setting_fails_naming_it_before_any_prefect_call(unset: str, tmp_path,
+                                                                             closed_port: int) -> None:
     # Nothing listens on this API: had the wrapper called prefect, it would fail another way (exit 1).
-    env = prefect_env(tmp_path / "home", {**SETTINGS, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
+    env = prefect_env(tmp_path / "home", {**SETTINGS, "PREFECT_API_URL": f"http://127.0.0.1:{closed_port}/api"})
     del env[unset]
     result = subprocess.run([sys.executable, "-m", "deployments.deploy"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)

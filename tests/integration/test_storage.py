@@ -21,7 +21,7 @@ import pytest
 from protein import storage
 from protein.errors import IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import LocalStore, S3Store, Store, open_store, validate_key
-from tests.conftest import MotoServer, free_port, running_moto_server, set_s3_env
+from tests.conftest import MotoServer, running_moto_server, set_s3_env
 
 pytestmark = pytest.mark.integration
 
@@ -355,9 +355,9 @@ def test_missing_bucket(s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, cap
 
 
 def test_unreachable_endpoint_fails_fast(
-    s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, closed_port: int
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")  # nothing listens there
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     caplog.set_level(logging.DEBUG, logger="protein")
     store = open_store("s3://some-bucket/p")

@@ -26,6 +26,22 @@ UI_TIMEOUT_MS = 120_000
 CUSTOM_EPOCHS = 2
 
 
+# Where a page's own content is drawn (right of the sidebar, above its dotted background): one
+# flat colour when only the sidebar was rendered, text and panels when the page was.
+CONTENT_BOX = (300, 0, 1400, 500)
+MIN_CONTENT_STD = 8.0  # grey levels; a blank area measures ~0, a rendered page's text and panels tens
+RENDER_WAIT_S = 30.0
+
+
+def content_std(path: Path) -> float:
+    """Spread of grey levels over CONTENT_BOX of a screenshot."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return float(np.asarray(image.convert("L").crop(CONTENT_BOX), dtype=np.float64).std())
+
+
 def form_input(page: Any, label: str) -> Any:
     """The input of the run form's property whose label starts with ``label`` (the innermost
     one: nested models such as `train` contain their fields' labels too)."""
@@ -50,8 +66,18 @@ def test_start_retrain_from_the_ui_and_see_its_artifacts(prefect_stack: Stack, t
             page.set_default_timeout(UI_TIMEOUT_MS)
 
             def shot(name: str) -> None:
+                # The text a step waited for can be in the page before the page is painted (a route
+                # transition): retake until the content area shows something, within a deadline.
                 path = tmp_path / f"{name}.png"
-                page.screenshot(path=str(path), full_page=True)
+                deadline = time.monotonic() + RENDER_WAIT_S
+                while True:
+                    page.screenshot(path=str(path), full_page=True)
+                    if content_std(path) > MIN_CONTENT_STD:
+                        break
+                    assert time.monotonic() < deadline, (
+                        f"{name}: the screenshot's content area is blank (grey-level spread "
+                        f"{content_std(path):.1f} <= {MIN_CONTENT_STD}) after {RENDER_WAIT_S:.0f}s")
+                    page.wait_for_timeout(500)
                 shots.append(path)
 
             # The deployment page, as reached from Deployments.
@@ -122,7 +148,7 @@ def test_start_retrain_from_the_ui_and_see_its_artifacts(prefect_stack: Stack, t
             browser.close()
     for path in shots:
         print(f"screenshot: {path}")
-    assert all(p.stat().st_size > 10_000 for p in shots), "screenshots are real renderings"
+    assert {p.name: round(content_std(p), 1) for p in shots if content_std(p) <= MIN_CONTENT_STD} == {}
 
     # The form's value reached the run, and training ran that many epochs.
     history = json.loads(stack.artifacts(run.id)["training-history"].data)
