@@ -31,7 +31,11 @@ class Evidence:
     worker: str | None = None  # the worker that took the run (its label)
     worker_heartbeat: dt.datetime | None = None  # that worker's last_heartbeat_time
     worker_started: dt.datetime | None = None  # received: that worker's latest prefect.worker.started
-    handed_over: dt.datetime | None = None  # received: the run's prefect.flow-run.Pending
+    # received: the worker's prefect.worker.submitted-flow-run for this run. A worker process sends
+    # its events in order on one connection, so its own started event always arrives before it;
+    # a started event that arrives after it comes from a later process. (The run's Pending state
+    # comes through another channel, the REST API, and may beat the worker's started event.)
+    handed_over: dt.datetime | None = None
 
 
 class Silence:
@@ -80,7 +84,7 @@ def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: floa
 
 def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, Any]) -> tuple[FlowRun, Evidence]:
     """The run and the evidence of its process. handed_over: a cache the caller keeps per run
-    (the Pending event does not change once received)."""
+    (the worker's submission of it does not change once received)."""
     run = client.read_flow_run(flow_run_id)
     window = (run.created - SKEW_MARGIN, run.created + HORIZON)  # created: stamped by the server
     worker = (run.labels or {}).get(WORKER_NAME_LABEL)
@@ -91,25 +95,28 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
     found = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker), None)
     if found is None:
         return run, Evidence(worker=worker)
+    from prefect.utilities.slugify import slugify
+
+    resource = f"prefect.worker.{(run.labels or {}).get(WORKER_TYPE_LABEL, 'process')}.{slugify(worker)}"
     if "at" not in handed_over:
-        at = latest_received(client, f"prefect.flow-run.{run.id}", "prefect.flow-run.Pending", window)
+        at = latest_received(client, f"prefect.flow-run.{run.id}", "prefect.worker.submitted-flow-run", window,
+                             related=True)
         if at is not None:
             handed_over["at"] = at
     started = None
     if "at" in handed_over:
-        from prefect.utilities.slugify import slugify
-
-        kind = (run.labels or {}).get(WORKER_TYPE_LABEL, "process")
-        started = latest_received(client, f"prefect.worker.{kind}.{slugify(worker)}", "prefect.worker.started",
+        started = latest_received(client, resource, "prefect.worker.started",
                                   (handed_over["at"] - SKEW_MARGIN, handed_over["at"] + HORIZON))
     return run, Evidence(worker=worker, worker_heartbeat=found.last_heartbeat_time, worker_started=started,
                          handed_over=handed_over.get("at"))
 
 
 def latest_received(client: SyncPrefectClient, resource_id: str, event: str,
-                    occurred: tuple[dt.datetime, dt.datetime]) -> dt.datetime | None:
-    """When the server received the newest `event` of `resource_id` (None: none yet)."""
+                    occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> dt.datetime | None:
+    """When the server received the newest `event` of `resource_id` (None: none yet); related:
+    `resource_id` may be a related resource of the event rather than its subject."""
     from prefect.events.filters import (
+        EventAnyResourceFilter,
         EventFilter,
         EventNameFilter,
         EventOccurredFilter,
@@ -119,6 +126,7 @@ def latest_received(client: SyncPrefectClient, resource_id: str, event: str,
 
     page = client.read_events(EventFilter(
         occurred=EventOccurredFilter(since=occurred[0], until=occurred[1]),
-        event=EventNameFilter(name=[event]), resource=EventResourceFilter(id=[resource_id]),
-        order=EventOrder.DESC), limit=5)
+        event=EventNameFilter(name=[event]), order=EventOrder.DESC,
+        **({"any_resource": EventAnyResourceFilter(id=[resource_id])} if related
+           else {"resource": EventResourceFilter(id=[resource_id])})), limit=5)
     return max((e.received for e in page.events), default=None)
