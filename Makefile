@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every dependency pinned with hashes, generated from pyproject.toml by `make lock` (pip-tools).
+LOCK := requirements.lock
 INSTALL_LOG := $(VENV)-install.log
 WORK := work
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -10,17 +12,18 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test lint bench clean venv browser
+.PHONY: run test lint bench clean venv browser lock
 
 venv: $(STAMP)
 
-# Reinstall only when the project's dependency list changes. pip's pages of output go to a
-# log that is shown (its tail) only when the install fails.
-$(STAMP): pyproject.toml
+# Reinstall only when the project's dependencies change. The lock's exact versions and hashes are
+# installed first (the same libraries on every host, hash-checked), then the project itself without
+# resolving anything. pip's pages of output go to a log shown (its tail) only when the install fails.
+$(STAMP): pyproject.toml $(LOCK)
 	@echo "installing the project into $(VENV) (first time: 2-3 minutes; log: $(INSTALL_LOG))"
 	@( test -x $(PY) || $(PYTHON) -m venv $(VENV) ) > $(INSTALL_LOG) 2>&1 \
-	  && $(PY) -m pip install --upgrade pip >> $(INSTALL_LOG) 2>&1 \
-	  && $(PY) -m pip install -e '.[dev]' >> $(INSTALL_LOG) 2>&1 \
+	  && $(PY) -m pip install --require-hashes -r $(LOCK) >> $(INSTALL_LOG) 2>&1 \
+	  && $(PY) -m pip install --no-deps -e . >> $(INSTALL_LOG) 2>&1 \
 	  || { echo "install failed; the last lines of $(INSTALL_LOG):" >&2; tail -n 40 $(INSTALL_LOG) >&2; exit 1; }
 	@touch $(STAMP)
 	@echo "installed"
@@ -39,6 +42,13 @@ browser:
 	@test -x /usr/bin/chromium || { \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+# Refresh the lock after changing pyproject.toml's dependencies (about 4 minutes; needs the registry).
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q pip-tools
+	$(PY) -m piptools compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,18 +1,26 @@
-"""Register the deployments after checking their settings: `python -m deployments.deploy`.
+"""Register the deployments after checking what they need: `python -m deployments.deploy [--check]`.
 
-`prefect deploy` leaves an unset `{{ $VAR }}` as the literal placeholder, so a missing store or
-data URI would only surface when the nightly run starts at 02:00. This checks every setting
-first, names the one that is missing, pins the code to a commit workers can clone, makes sure
-both work pools exist (the gpu pool with one concurrency slot per GPU), then runs
-`prefect deploy --all` with deployments/prefect.yaml.
+`prefect deploy` leaves an unset `{{ $VAR }}` as the literal placeholder, and a wrong repository,
+an unpushed commit, an empty dataset channel or a store without conditional writes would only
+surface when the nightly run starts at 02:00. This checks each first, naming the one that fails:
+the settings; the repository answers `git ls-remote` and has the commit; the store answers and
+honours conditional writes; every deployment's `data` (a dataset channel) resolves to a dataset
+that opens. Then it creates the work pools (the gpu pool with one concurrency slot per GPU), runs
+`prefect deploy --all` with deployments/prefect.yaml, applies deployments/automations.yaml (the
+alerts and the zombie-run detection) with the webhook block, and checks what the server now holds
+(no literal placeholder).
+
+  --check   run the checks and print what would be deployed; change nothing
+  --verify  only check the deployments the server holds (after a plain `prefect deploy`)
 
 Settings (environment variables of the deploying shell):
-  PROTEIN_REPOSITORY  git URL the workers clone the code from (required)
-  PROTEIN_COMMIT      commit or tag to run; default: HEAD of this checkout, which must be clean
-  PROTEIN_STORE       s3://bucket/prefix of the store every host shares (required)
-  PROTEIN_DATA        dataset URI for the nightly run, s3://... (required)
-  PROTEIN_GPU_SLOTS   GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
-Exit codes: 0 deployed, 2 a setting is missing or invalid, 1 `prefect` itself failed.
+  PROTEIN_REPOSITORY         git URL the workers clone the code from (required)
+  PROTEIN_COMMIT             commit to run; default: HEAD of this checkout, which must be clean
+  PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
+  PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
+  PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
+  PROTEIN_ZOMBIE_AFTER_S     seconds without heartbeat before a run is crashed (default: the file's)
+Exit codes: 0 deployed (or checked), 2 a setting or check failed, 1 `prefect` itself failed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, apply
+from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -33,12 +45,9 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 REQUIRED = {
     "PROTEIN_REPOSITORY": "the git URL workers clone the code from, e.g. https://github.com/you/protein-pipeline.git",
     "PROTEIN_STORE": "the store every host shares, e.g. s3://bucket/prefix",
-    "PROTEIN_DATA": "the dataset the nightly run trains on, e.g. s3://bucket/prefix/datasets/<fingerprint>/",
+    "PROTEIN_ALERT_WEBHOOK_URL": "where alerts (failed, crashed, cancelled runs; promotions) are POSTed, "
+                                 "e.g. https://hooks.slack.com/services/...",
 }
-
-
-class SettingError(Exception):
-    """A deploy-time setting is missing or unusable; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +55,13 @@ class DeploySettings:
     repository: str
     commit: str
     store: str
-    data: str
+    webhook_url: str
     gpu_slots: int
+    zombie_after_s: int | None = None
 
     def env(self) -> dict[str, str]:
         """What prefect.yaml's {{ $VAR }} placeholders read."""
-        return {"PROTEIN_REPOSITORY": self.repository, "PROTEIN_COMMIT": self.commit, "PROTEIN_STORE": self.store,
-                "PROTEIN_DATA": self.data}
+        return {"PROTEIN_REPOSITORY": self.repository, "PROTEIN_COMMIT": self.commit, "PROTEIN_STORE": self.store}
 
 
 def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
@@ -64,7 +73,7 @@ def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
         if not value or "{{" in value:
             raise SettingError(f"{name} is not set: {meaning}")
         values[name] = value
-    for name in ("PROTEIN_STORE", "PROTEIN_DATA"):
+    for name in ("PROTEIN_STORE",):
         value = values[name]
         if "://" not in value and not Path(value).is_absolute():
             raise SettingError(f"{name}={value!r} is a relative path, which means another folder on every host; "
@@ -79,8 +88,11 @@ def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
     slots = env.get("PROTEIN_GPU_SLOTS", "1").strip()
     if not slots.isdigit() or int(slots) < 1:
         raise SettingError(f"PROTEIN_GPU_SLOTS={slots!r} must be a whole number >= 1 (GPUs across gpu-pool workers)")
-    return DeploySettings(values["PROTEIN_REPOSITORY"], commit, values["PROTEIN_STORE"], values["PROTEIN_DATA"],
-                          int(slots))
+    zombie = env.get("PROTEIN_ZOMBIE_AFTER_S", "").strip()
+    if zombie and (not zombie.isdigit() or int(zombie) < 1):
+        raise SettingError(f"PROTEIN_ZOMBIE_AFTER_S={zombie!r} must be a whole number of seconds >= 1")
+    return DeploySettings(values["PROTEIN_REPOSITORY"], commit, values["PROTEIN_STORE"],
+                          values["PROTEIN_ALERT_WEBHOOK_URL"], int(slots), int(zombie) if zombie else None)
 
 
 def clean_head(repo: Path) -> str | None:
@@ -101,34 +113,117 @@ def prefect(*args: str, env: Mapping[str, str], check: bool = True) -> subproces
     return subprocess.run([str(exe), *args], cwd=REPO, env=dict(env), check=check, capture_output=True, text=True)
 
 
+def missing_pools() -> list[str]:
+    """Pools the server does not have (read through the API: one `prefect` process each costs seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                missing.append(pool)
+    return missing
+
+
 def ensure_pools(env: Mapping[str, str], gpu_slots: int) -> None:
     """Process pools for both hosts; the gpu pool queues train runs on the server, one slot per GPU."""
-    for pool in POOLS:
-        if prefect("work-pool", "inspect", pool, env=env, check=False).returncode != 0:
-            prefect("work-pool", "create", pool, "--type", "process", env=env)
-    prefect("work-pool", "update", "gpu", "--concurrency-limit", str(gpu_slots), env=env)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    for pool in missing_pools():
+        # The CLI, not the API: it fills in the process worker's base job template.
+        prefect("work-pool", "create", pool, "--type", "process", env=env)
+    if still := missing_pools():
+        raise SettingError(f"work pool(s) {', '.join(still)} do not exist on the server after creating them")
+    with get_client(sync_client=True) as client:
+        client.update_work_pool("gpu", WorkPoolUpdate(concurrency_limit=gpu_slots))
+
+
+def planned_deployments() -> list[dict[str, Any]]:
+    import yaml
+
+    return list(yaml.safe_load(PREFECT_FILE.read_text())["deployments"])
+
+
+def preflight(settings: DeploySettings) -> list[str]:
+    """Every check that needs no Prefect server; SettingError on the first that fails."""
+    found = [check_repository(settings.repository, settings.commit, REPO), check_store(settings.store)]
+    for name, data in sorted({(f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}", d["parameters"]["data"])
+                              for d in planned_deployments() if "data" in d.get("parameters", {})}):
+        found.append(check_data(data, settings.store, name))
+    return found
+
+
+def plan(settings: DeploySettings, env: Mapping[str, str]) -> list[str]:
+    """What a deploy would register, for --check."""
+    lines = [f"would deploy {settings.repository}@{settings.commit} with store {settings.store}"]
+    for d in planned_deployments():
+        params = {k: v for k, v in d.get("parameters", {}).items() if k != "store"}
+        extra = [f"pool {d['work_pool']['name']}"]
+        if d.get("schedules"):
+            extra.append("schedule " + ", ".join(f"{s['cron']} {s['timezone']}" for s in d["schedules"]))
+        if d.get("triggers"):
+            extra.append("triggered by " + ", ".join(e for t in d["triggers"] for e in t["expect"]))
+        if d.get("concurrency_limit"):
+            limit = d["concurrency_limit"]
+            extra.append(f"concurrency {limit['limit']} ({limit['collision_strategy']})")
+        lines.append(f"  {d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}: {d['entrypoint']} {params} "
+                     f"[{'; '.join(extra)}]")
+    missing = missing_pools()
+    lines.append(f"  work pools: {', '.join(POOLS)}" + (f" ({', '.join(missing)} to be created)" if missing else "")
+                 + f"; gpu concurrency {settings.gpu_slots}")
+    lines.append(f"  automations from {AUTOMATIONS_FILE.name}, notifications to the webhook in "
+                 "PROTEIN_ALERT_WEBHOOK_URL")
+    return lines
+
+
+def apply_automations(settings: DeploySettings) -> str:
+    try:
+        names = apply(AUTOMATIONS_FILE, settings.webhook_url, settings.zombie_after_s)
+    except Exception as exc:  # the server refused: one line, as `python -m deployments.automations` says it
+        raise subprocess.CalledProcessError(1, ["automations", "apply"], "", f"{type(exc).__name__}: {exc}") from None
+    return f"applied {len(names)} automations ({', '.join(names)}) and webhook block {BLOCK_NAME}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="run the checks, print the plan, change nothing")
+    mode.add_argument("--verify", action="store_true",
+                      help="only check that the server's deployments exist and hold no literal {{ $VAR }}")
+    args = parser.parse_args(argv)
     try:
+        if args.verify:
+            names = check_registered(PREFECT_FILE)
+            print(f"verified {len(names)} deployments: no literal placeholder ({', '.join(names)})")
+            return 0
         settings = check_settings(os.environ, clean_head(REPO))
+        env = {**os.environ, **settings.env(), "PREFECT_CLI_PROMPT": "false"}
+        found = preflight(settings)
+        if args.check:
+            print("\n".join([*(f"ok: {line}" for line in found), *plan(settings, env)]))
+            return 0
+        ensure_pools(env, settings.gpu_slots)
+        prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), env=env)
+        applied = apply_automations(settings)
+        check_registered(PREFECT_FILE)
     except SettingError as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 2
-    env = {**os.environ, **settings.env(), "PREFECT_CLI_PROMPT": "false"}
-    try:
-        ensure_pools(env, settings.gpu_slots)
-        prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), env=env)
     except subprocess.CalledProcessError as exc:
         output = (exc.stderr or exc.stdout or "").strip().splitlines()
-        print(f"deploy: `prefect {' '.join(exc.cmd[1:3])}` failed: {output[-1] if output else exc.returncode}",
-              file=sys.stderr)
+        step = "automations apply" if exc.cmd[0] == "automations" else f"prefect {' '.join(exc.cmd[1:3])}"
+        print(f"deploy: `{step}` failed: {output[-1] if output else exc.returncode}", file=sys.stderr)
         return 1
-    print(f"deployed {settings.repository}@{settings.commit[:12]} (store {settings.store}, data {settings.data}, "
-          f"{settings.gpu_slots} gpu slot(s))")
+    except Exception as exc:  # the Prefect API (pools, deployments) unreachable or refusing: one line
+        print(f"deploy: the Prefect API failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(f"deployed {settings.repository}@{settings.commit[:12]} (store {settings.store}, "
+          f"{settings.gpu_slots} gpu slot(s)); {applied}")
     return 0
 
 

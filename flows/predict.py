@@ -7,25 +7,32 @@ import sys
 from typing import Any
 
 from prefect import flow
+from prefect.states import Failed, State
 
 from flows.cli import run_with_prefect
 from flows.params import default_store, report_state
+from tasks.channels import resolve_dataset
 from tasks.prediction import predict_submission
 
 
 @flow(name="predict", flow_run_name="predict-{model}")
-def predict(data: str, store: str | None = None, model: str | list[str] = "champion") -> dict[str, Any]:
+def predict(data: str, store: str | None = None, model: str | list[str] = "champion") -> dict[str, Any] | State:
     """Write submissions/<model>/<utc>/submission.csv and submissions/latest.json to the store.
 
     Args:
-        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+        data: a dataset channel (channel:latest, resolved once at run start to its newest push) or
+            a dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
             s3://bucket/key.zip
         store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
             PROTEIN_STORE (default work/store)
         model: champion, a version id, or several ids for an ensemble (the mean of their
             test-time-augmented probabilities)
     """
-    return predict_submission(data, store or default_store(), model)
+    store = store or default_store()
+    resolved = resolve_dataset(data, store)
+    if resolved.get("problem"):
+        return Failed(message=f"data {data}: {resolved['problem']}")
+    return predict_submission(resolved["uri"], store, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,11 @@ from flows.params import (
     route_library_logs,
 )
 from protein.data import fingerprint, open_dataset
+from protein.data.channels import parse_channel_ref
+from protein.errors import EvidenceRefused
+from protein.evaluation.data_order import DataOrder
+from tasks.channels import data_push_order, resolve_dataset
+from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
@@ -34,6 +39,8 @@ from tasks.validation import validate_data
 
 def data_label(data: str) -> str:
     try:
+        if (ref := parse_channel_ref(data)) is not None:
+            return ref.name  # resolved once, in the run, not again for its name
         return fingerprint(open_dataset(data))[:8]
     except Exception:  # an unreadable dataset still gets a run; validation then says why
         return "unreadable"
@@ -55,12 +62,15 @@ def retrain(
     dispatch: DispatchParams = DispatchParams(),
     skip_if_unchanged: bool = False,
     trigger_event: str | None = None,
+    allow_older_data: bool = False,
 ) -> dict[str, Any] | State:
     """Retrain on a dataset and promote the challenger only if it beats the champion on rows
     neither trained on; then write the champion's test-set submission.
 
     Args:
-        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+        data: a dataset channel, resolved once when the run starts to its newest push
+            (channel:latest in the run's store, or s3://bucket/prefix/datasets@latest), or a
+            dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
             s3://bucket/key.zip
         store: model store: a local folder or s3://bucket/prefix; empty takes the worker's
             PROTEIN_STORE (default work/store)
@@ -76,19 +86,43 @@ def retrain(
         skip_if_unchanged: complete without training when the champion was trained on exactly
             this data (on for the nightly schedule, off for manual runs)
         trigger_event: set by the deployment trigger to the event that started the run, so a bad
-            event is named in the failure; leave empty
+            event is named in the failure and a push superseded by a newer one is not trained
+            twice; leave empty
+        allow_older_data: promote even when the challenger's data is older (in the channel's push
+            order) than the champion's; the promotion records that this run allowed it
     """
     logger = get_run_logger()
     route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):
         # Fail before any task: the run's message names the event and the field, not a stack trace.
-        return Failed(message=f"event {trigger_event}: field payload.uri is {problem}; nothing was run")
+        field = "payload.channel" if data.strip().startswith("channel:") else "payload.uri"
+        return Failed(message=f"event {trigger_event}: field {field} is {problem}; nothing was run")
     store = store or default_store()  # read on the worker at run time, not at import
-    summary: dict[str, Any] = {"data": data, "links": {}}
+    if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
+        origin, values = defined
+        if GateParams(**values) != gate_config:
+            logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
+                           origin, gate_config.model_dump(), GateParams(**values).model_dump())
+        gate_config = GateParams(**values)
+    # Once, here: every step below works on this immutable dataset, whatever is pushed meanwhile.
+    resolved = resolve_dataset(data, store, trigger_event_id(trigger_event))
+    if resolved.get("problem"):
+        return Failed(message=f"data {data}: {resolved['problem']}")
+    named, data = data, resolved["uri"]
+    summary: dict[str, Any] = {"data": data, "links": {}, "resolved_from": resolved if resolved["channel"] else None}
+    if (pushed := resolved["trigger_sequence"]) is not None and pushed < resolved["sequence"]:
+        # Coalesced: the newer push's own event started (or queued) a run that trains the newest
+        # data; training it here too would train the same data twice.
+        message = (f"nothing trained: push #{pushed} on channel {resolved['channel']!r} was superseded by push "
+                   f"#{resolved['sequence']} ({resolved['fingerprint'][:12]}), which its own run trains")
+        logger.info(message)
+        publish_run_summary({**summary, "outcome": "skipped, superseded by a newer push",
+                             "data_fingerprint": resolved["fingerprint"], "message": message})
+        return Completed(message=message, data={"skipped": True, "superseded_by": resolved["sequence"]})
     champion = current_champion(store)
     summary["champion_before"] = summary["champion_after"] = champion
     if skip_if_unchanged and champion:
-        current = data_fingerprint(data)
+        current = resolved["fingerprint"] or data_fingerprint(data)
         if current == champion_data_fingerprint(store, champion):
             message = (f"nothing trained: the data (fingerprint {current[:12]}) is what champion {champion} was "
                        "trained on, and skip_if_unchanged is on")
@@ -100,6 +134,9 @@ def retrain(
 
     report = validate_data(data, validation.to_config(), store)
     summary["data_fingerprint"] = report["data_fingerprint"]
+    if resolved["fingerprint"] and report["data_fingerprint"] != resolved["fingerprint"]:
+        return Failed(message=f"{data} has fingerprint {report['data_fingerprint']}, but channel "
+                              f"{resolved['channel']!r} recorded {resolved['fingerprint']} for it; nothing was trained")
     summary["links"]["validation report"] = report["report_uri"]
     if not report["success"]:
         message = (f"data failed validation ({len(report['failures'])} findings): "
@@ -111,6 +148,7 @@ def retrain(
     config = train.to_config()
     if train_deployment:
         try:
+            check_deployment(train_deployment)
             dispatch_step("train", train_deployment,
                           {"data": data, "store": store, "train": train.model_dump(), "run_id": run_id,
                            "expected_fingerprint": report["data_fingerprint"]}, run_id, dispatch.to_config())
@@ -128,10 +166,14 @@ def retrain(
     try:
         evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
                                      score_deployment, dispatch)
-    except RuntimeError as exc:  # the score deployment failed or never ran: nothing was decided
+    except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
         return Failed(message=str(exc))
+    order = data_push_order(named, store, report["data_fingerprint"],
+                            champion_data_fingerprint(store, champion) if champion else None)
     decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
-                    gate_config.to_config())
+                    gate_config.to_config(), DataOrder(**order, allow_older=allow_older_data,
+                                                       allowed_by=flow_actor() if allow_older_data else None),
+                    {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
     if decision["promote"]:
         champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
                                  decision=decision)["champion"]
@@ -150,11 +192,20 @@ def retrain(
     try:
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
-    except RuntimeError as exc:
+    except (RuntimeError, EvidenceRefused) as exc:
         return Failed(message=f"{exc} (the gate's decision stands: champion is {champion})")
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
     return {**result, "submission": submission}
+
+
+def trigger_event_id(trigger_event: str | None) -> str | None:
+    """The event id in the trigger's "<event name> <event id>" (None for a run nobody triggered)."""
+    return trigger_event.split()[-1] if trigger_event and trigger_event.strip() else None
+
+
+def flow_actor() -> str:
+    return f"prefect-flow-run:{flow_run.id}"
 
 
 def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champion: str | None,
@@ -163,10 +214,11 @@ def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champio
     pool, whose result comes back through the store. RuntimeError when that deployment failed."""
     if not score_deployment:
         return evaluate_models(data, store, challenger, champion)
+    check_deployment(score_deployment)  # DeploymentChanged is a RuntimeError: the run fails naming it
     dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
                                                    "model": challenger, "champion": champion},
                   run_id, dispatch.to_config())
-    return gate_evaluation_of_run(store, run_id, challenger, champion, data_fingerprint)
+    return gate_evaluation_of_run(data, store, run_id, challenger, champion, data_fingerprint)
 
 
 def submission_uri(data: str, store: str, run_id: str, champion: str, data_fingerprint: str,
@@ -174,15 +226,17 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
     """The champion's test-set submission, written here or by the score deployment."""
     if not score_deployment:
         return predict_submission(data, store, champion)["uri"]
+    check_deployment(score_deployment)
     dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
                                                       "run_id": run_id, "model": champion},
                   run_id, dispatch.to_config())
-    return publish_submission_of_run(store, run_id, champion, data_fingerprint)["uri"]
+    return publish_submission_of_run(data, store, run_id, champion, data_fingerprint)["uri"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
-    parser.add_argument("--data", required=True, help="dataset folder, competition zip, s3://bucket/prefix/ or .zip")
+    parser.add_argument("--data", required=True, help="channel:NAME (the newest push, resolved at start), dataset "
+                        "folder, competition zip, s3://bucket/prefix/ or .zip")
     parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
     parser.add_argument("--arch", default=TrainParams().arch)
     parser.add_argument("--epochs", type=int, default=TrainParams().epochs)
@@ -195,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=GateParams().min_gain)
     parser.add_argument("--train-deployment", help="run training as this deployment (e.g. train/gpu)")
     parser.add_argument("--score-deployment", help="score and predict as this deployment (e.g. score/gpu)")
+    parser.add_argument("--allow-older-data", action="store_true",
+                        help="promote even if the data is older in push order than the champion's (recorded)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -206,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             validation=ValidationParams(image_size=args.expected_image_size),
             train_deployment=args.train_deployment,
             score_deployment=args.score_deployment,
+            allow_older_data=args.allow_older_data,
             return_state=True,
         )
         return report_state(state, "retrain")

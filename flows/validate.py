@@ -10,7 +10,8 @@ from prefect import flow
 from prefect.states import Failed
 
 from flows.cli import run_with_prefect
-from flows.params import ValidationParams, report_state
+from flows.params import ValidationParams, default_store, report_state
+from tasks.channels import resolve_dataset
 from tasks.validation import validate_data
 
 
@@ -19,13 +20,17 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
     """Validate a dataset; the run fails when the data does (see the validation-summary artifact).
 
     Args:
-        data: dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
+        data: a dataset channel (channel:latest, resolved once at run start to its newest push) or
+            a dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
             s3://bucket/key.zip
         store: model store, where the report and the drift reference live: a local folder or
             s3://bucket/prefix; empty takes the worker's PROTEIN_STORE (default work/store)
         validation: what the data must look like
     """
-    report = validate_data(data, validation.to_config(), store)
+    resolved = resolve_dataset(data, store or default_store())
+    if resolved.get("problem"):
+        return Failed(message=f"data {data}: {resolved['problem']}")
+    report = validate_data(resolved["uri"], validation.to_config(), store)
     if not report["success"]:
         return Failed(message=f"data failed validation: {'; '.join(report['failures'][:3])}")
     return report

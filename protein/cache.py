@@ -8,9 +8,12 @@ Later epochs, runs and prediction slice it. A changed dataset has a different fi
 stale cache is never read.
 
 Two processes that need the same entry do not both decode it: the builder holds an exclusive
-lock on <key>.lock and the second one finds the finished entry when it gets the lock. An entry
-that cannot be read (truncated by a full disk, corrupted) is rebuilt, not raised. `gc` removes
-entries unused for N days.
+lock on <key>.lock and the second one finds the finished entry when it gets the lock; lock files
+are never removed, so two processes can never hold locks on two different files of one name. An
+entry that cannot be read (truncated by a full disk, corrupted, even with its length unchanged:
+its SHA-256 is recorded beside its ids and checked on every load, about a second per GB) is
+rebuilt, not raised. The cache stays within its size bound (protein.cache_budget, least recently
+used first) after every build; `gc` also removes entries unused for N days.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import numpy as np
 import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
+from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.pools import pool_context
 from protein.storage import Store
@@ -41,6 +46,15 @@ CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough
 # Bump when load_image's output changes for the same bytes (resize filter, colour handling).
 PREPROCESS_VERSION = 1
 SUFFIXES = (".npy", ".json", ".lock")
+HASH_CHUNK = 8 * 2**20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,10 @@ class ImageCache:
             meta = json.loads(meta_path.read_text())
             if meta.get("ids") != image_ids:
                 return None
+            if meta.get("sha256") != file_sha256(array_path):
+                log.warning("image cache %s does not match its recorded SHA-256 (corrupted or from an older "
+                            "version); rebuilding it", key.name)
+                return None
             array = np.load(array_path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as exc:  # truncated or corrupt: numpy and json say ValueError
             log.warning("image cache %s is unreadable, rebuilding it: %s", key.name, exc)
@@ -127,8 +145,7 @@ class ImageCache:
             log.warning("image cache %s has shape %s, expected %s; rebuilding it", key.name, array.shape,
                         (len(image_ids), key.image_size, key.image_size, 3))
             return None
-        with contextlib.suppress(OSError):
-            os.utime(meta_path)  # last use, for gc
+        touch(meta_path)  # last use, for gc and the size bound
         return array
 
     def lock(self, key: CacheKey) -> contextlib.AbstractContextManager[None]:
@@ -137,7 +154,8 @@ class ImageCache:
         return self.lock_by_name(key.name)
 
     def gc(self, older_than_days: float, dry_run: bool = False) -> list[str]:
-        """Remove entries not used for older_than_days (and their lock files); returns their names."""
+        """Remove entries not used for older_than_days; returns their names. Lock files stay: a process
+        waiting on one must find the entry's state through that same file."""
         if not self.root.is_dir():
             return []
         cutoff = time.time() - older_than_days * 86400
@@ -156,7 +174,6 @@ class ImageCache:
                 with self.lock_by_name(name):
                     for suffix in (".npy", ".json"):
                         (self.root / f"{name}{suffix}").unlink(missing_ok=True)
-                (self.root / f"{name}.lock").unlink(missing_ok=True)
         # An .npy without its ids file is a build that died: remove it once it is old too.
         for array_path in self.root.glob("*.npy"):
             if not array_path.with_suffix(".json").exists() and array_path.stat().st_mtime < cutoff:
@@ -219,6 +236,7 @@ class ImageCache:
             cached = self.load(key, image_ids)
             if cached is not None:
                 log.info("image cache pulled from %s: %s", shared.uri, key.name)
+                enforce_cache_budget(self.root, keep=[f"images/{key.name}"])
                 return cached
         folder = TRAIN_DIR if split == "train" else TEST_DIR
         rels = [f"{folder}/{i}.png" for i in image_ids]
@@ -232,8 +250,10 @@ class ImageCache:
             out.flush()
             del out
         write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__,
+                                                 "sha256": file_sha256(array_path),
                                                  "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}))
         log.info("image cache built: %s (%d images)", key.name, len(image_ids))
+        enforce_cache_budget(self.root, keep=[f"images/{key.name}"])
         if shared is not None:
             self.push(shared, key)
         return np.load(array_path, mmap_mode="r")

@@ -55,7 +55,19 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or changed since its etag was read."""
 
 
+class RecordError(ProteinError):
+    """A record the pipeline keeps in the store (model.json, champion.json, a run index, a manifest)
+    is larger than its size cap, not JSON, or not the shape its schema says: read, never trusted."""
+
+    exit_code = 8
+
+
 class TrainingFailed(ProteinError):
     """A training process (one rank of a distributed run) died; the run can be resumed."""
 
     exit_code = 7
+
+
+class EvidenceRefused(IntegrityError):
+    """What a scoring host reported does not agree with what this host derives or computes
+    itself (docs/security.md): the result is refused, never retried."""

@@ -7,6 +7,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from protein.config import GateConfig
+from protein.evaluation.data_order import DataOrder, judge_data_order
 from protein.evaluation.gate import decide
 from protein.evaluation.report import gate_markdown, per_class_rows
 from protein.modeling.devices import DevicePolicy
@@ -46,16 +47,27 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
 
 @task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def gate_evaluation_of_run(store: str, run_id: str, challenger_id: str, champion_id: str | None,
+def gate_evaluation_of_run(data: str, store: str, run_id: str, challenger_id: str, champion_id: str | None,
                            data_fingerprint: str) -> dict[str, Any]:
-    """What the score deployment found, refused unless it scored these models on this data."""
-    return read_gate_evaluation(store, run_id, challenger_id, champion_id, data_fingerprint)
+    """What the score deployment found, refused unless it scored these models on this data and
+    this host derives the same verdict from its probabilities and agrees on a random sample."""
+    evaluation = read_gate_evaluation(data, store, run_id, challenger_id, champion_id, data_fingerprint)
+    for name, checked in evaluation["spot_check"].items():
+        get_run_logger().info("spot-check of the %s: %d rows scored on this host agree (max difference %.2g, "
+                              "seed %d)", name, checked["rows"], checked["max_abs_diff"], checked["seed"])
+    return evaluation
 
 
 @task(name="gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eval: dict[str, Any],
-         champion_eval: dict[str, Any] | None, config: GateConfig) -> dict[str, Any]:
+         champion_eval: dict[str, Any] | None, config: GateConfig, data_order: DataOrder | None = None,
+         dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The gate's decision, then the data-order rule (older data is not promoted without a
+    person's flag), recorded in the store with the dataset the run resolved (``dataset``)."""
     decision = decide(challenger_eval, champion_eval, config).to_dict()
+    if data_order is not None:
+        decision = judge_data_order(decision, data_order)
+    decision["dataset"] = dataset
     decision["record_uri"] = record_gate_decision(store, challenger_id, champion_id, decision, challenger_eval,
                                                   champion_eval)
     create_markdown_artifact(gate_markdown(decision, challenger_id, champion_id), key="gate-decision",
@@ -71,5 +83,5 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
     decision["plot_uri"] = plot_uri
     if not decision["promote"]:  # a promotion is reported by promote-model, once the pointer moved
         events.gate_decided(challenger_id, champion_id, store, False, decision["challenger_score"],
-                            decision.get("champion_score"), decision["reasons"])
+                            decision.get("champion_score"), decision["reasons"], dataset)
     return decision

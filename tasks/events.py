@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,9 +65,10 @@ def _emit(event: str, resource: dict[str, str], payload: Mapping[str, Any],
     return sent is not None
 
 
-def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any]) -> bool:
+def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any], event_id: str | None = None) -> bool:
     """Send one event and wait until the server took it: a CLI process exits right after, and
-    the events worker's queue would die with it."""
+    the events worker's queue would die with it. ``event_id`` (a UUID) when the caller recorded
+    the id elsewhere first (the dataset channel does)."""
     if not api_configured():
         return False
     from prefect.events import Event
@@ -74,7 +76,8 @@ def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any]) 
 
     async def send() -> None:
         async with get_events_client(reconnection_attempts=2) as client:
-            await client.emit(Event(event=event, resource=resource, payload=dict(payload)))
+            ids = {"id": uuid.UUID(event_id)} if event_id else {}
+            await client.emit(Event(event=event, resource=resource, payload=dict(payload), **ids))
 
     try:
         asyncio.run(asyncio.wait_for(send(), CLI_EMIT_TIMEOUT_S))
@@ -84,12 +87,17 @@ def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any]) 
     return True
 
 
-def dataset_pushed(uri: str, fingerprint: str, counts: Mapping[str, int]) -> bool:
-    """After `protein datasets push`: the event the retrain deployment trigger starts on. Called
-    from the CLI, so it is sent synchronously."""
+def dataset_pushed(uri: str, fingerprint: str, counts: Mapping[str, int], channel: str, sequence: int,
+                   event_id: str) -> bool:
+    """After `protein datasets push` moved ``channel`` to push ``sequence``: the event the retrain
+    deployment trigger starts on (it retrains on the channel, resolved when the run starts).
+    ``event_id`` is the one the channel entry records. Called from the CLI, so it is sent
+    synchronously."""
     resource = _resource("dataset", fingerprint, uri, **{"protein.dataset.uri": uri,
-                                                         "protein.dataset.fingerprint": fingerprint})
-    return _emit_now(DATASET_PUSHED, resource, {"uri": uri, "fingerprint": fingerprint, "counts": dict(counts)})
+                                                         "protein.dataset.fingerprint": fingerprint,
+                                                         "protein.dataset.channel": channel})
+    return _emit_now(DATASET_PUSHED, resource, {"uri": uri, "fingerprint": fingerprint, "counts": dict(counts),
+                                                "channel": channel, "sequence": sequence}, event_id)
 
 
 def validation_finished(dataset: str, fingerprint: str, success: bool, findings: Sequence[str],
@@ -109,13 +117,15 @@ def model_registered(model_id: str, store: str, data_fingerprint: str, metrics: 
 
 
 def gate_decided(challenger: str, champion_before: str | None, store: str, promoted: bool,
-                 challenger_score: float | None, champion_score: float | None, reasons: Sequence[str]) -> bool:
+                 challenger_score: float | None, champion_score: float | None, reasons: Sequence[str],
+                 dataset: Mapping[str, Any] | None = None) -> bool:
     """protein.model.promoted after the champion pointer moved, protein.model.rejected when the
-    gate kept the champion: version, champion, scores, reasons."""
+    gate kept the champion: version, champion, scores, reasons, and the dataset the run resolved
+    (immutable URI, fingerprint, channel push)."""
     payload = {"version": challenger, "champion_before": champion_before,
                "champion": challenger if promoted else champion_before, "store": store,
                "challenger_score": challenger_score, "champion_score": champion_score,
-               "reasons": list(reasons)[:MAX_LIST_ITEMS]}
+               "reasons": list(reasons)[:MAX_LIST_ITEMS], "dataset": dict(dataset) if dataset else None}
     related = [_related("model", champion_before, champion_before)] if champion_before else []
     return _emit(MODEL_PROMOTED if promoted else MODEL_REJECTED,
                  _resource("model", challenger, challenger, **{"protein.store": store}), payload, related)

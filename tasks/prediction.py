@@ -37,9 +37,11 @@ def predict_submission_for_run(data: str, store: str, run_id: str, model_id: str
 
 @task(name="publish-submission", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def publish_submission_of_run(store: str, run_id: str, model_id: str, data_fingerprint: str) -> dict[str, Any]:
-    """The submission the score deployment computed for this run, checked and published here."""
-    result = publish_run_submission(store, run_id, model_id, data_fingerprint)
+def publish_submission_of_run(data: str, store: str, run_id: str, model_id: str,
+                              data_fingerprint: str) -> dict[str, Any]:
+    """The submission the score deployment computed for this run, derived again from its
+    probabilities and spot-checked here, then published."""
+    result = publish_run_submission(data, store, run_id, model_id, data_fingerprint)
     announce_submission(store, result)
     return result
 

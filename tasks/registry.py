@@ -56,6 +56,6 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
                              description=f"the model version now serving; open with `protein link {uri}`")
     decision = decision or {}
     events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
-                        decision.get("champion_score"), decision.get("reasons", [reason]))
+                        decision.get("champion_score"), decision.get("reasons", [reason]), decision.get("dataset"))
     return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history),
             "reference_profile": reference}

@@ -10,17 +10,27 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from protein.data import fingerprint, open_dataset
+from protein.data.channels import CHANNEL_SCHEME, parse_channel_ref
+from protein.errors import DataError
 from protein.registry import Registry
 from protein.storage import open_store
 
 
 def dataset_uri_problem(data: object) -> str | None:
-    """Why ``data`` cannot be a dataset URI (None when it can): s3://bucket/key, file:///path or
-    an absolute path. Event payloads are rendered into parameters by Jinja, so a missing field
+    """Why ``data`` cannot be a dataset URI (None when it can): channel:<name>, s3://bucket/key,
+    file:///path or an absolute path. Event payloads are rendered into parameters by Jinja, so a missing field
     arrives as an empty string and a wrong one as any text."""
     if not isinstance(data, str) or not data.strip():
         return "missing or empty"
     text = data.strip()
+    if text.startswith(CHANNEL_SCHEME):
+        if not text.removeprefix(CHANNEL_SCHEME):
+            return "missing or empty"
+        try:
+            parse_channel_ref(text)
+        except DataError as exc:
+            return str(exc)
+        return None
     if text.startswith("s3://"):
         bucket, _, key = text.removeprefix("s3://").partition("/")
         return None if bucket and key.strip("/") else f"{text!r} is not s3://bucket/key"
@@ -40,11 +50,19 @@ def data_fingerprint(data: str) -> str:
     return fingerprint(open_dataset(data))
 
 
+def channel_lines(resolved: dict[str, Any] | None) -> list[str]:
+    if not resolved:
+        return []
+    return [f"- resolved from: channel `{resolved['channel']}` push #{resolved['sequence']} "
+            f"(event `{resolved['event_id']}`) at run start"]
+
+
 def run_summary_markdown(summary: dict[str, Any]) -> str:
     """The retrain run summary; ``summary`` holds plain values (URIs, ids, scores, reasons)."""
     lines = [f"# Retrain: {summary['outcome']}", "",
              f"- data: `{summary['data']}`",
              f"- data fingerprint: `{summary.get('data_fingerprint') or 'unknown'}`",
+             *channel_lines(summary.get("resolved_from")),
              f"- champion before: `{summary.get('champion_before') or 'none'}`",
              f"- champion after: `{summary.get('champion_after') or 'none'}`"]
     if summary.get("challenger"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,9 +13,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +34,114 @@ if "PROTEIN_CACHE_DIR" not in os.environ:
 SERVER_START_TIMEOUT_S = 10.0
 
 
+# The fast tier (`make check`, `pytest -m "not slow"`) is what is left when every test that requests one
+# of these fixtures, directly or through another fixture, is marked slow by pytest_collection_modifyitems.
+# A test that starts a server, a cluster, a training of whole epochs or the real entry point in a fresh
+# interpreter gets there through one of these, so the marker cannot drift from what the test does.
+SLOW_FIXTURES: dict[str, str] = {
+    "prefect_harness": "starts a Prefect server for the session",
+    "prefect_stack": "starts a Prefect server, a worker, deployments and automations",
+    "services": "starts Prefect server and worker processes",
+    "cluster": "starts a multi-host Prefect cluster deployed from a git clone",
+    "protein_process": "runs the real entry point in a fresh interpreter (imports torch and Prefect: seconds a call)",
+    "trainer": "trains models for whole epochs",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
+        if used:
+            item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago. Another process can take it
+    before it is used: servers that can pick their own port should (port 0, read back), and a port
+    that must stay closed is held with `closed_port()`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens for as long as the block runs: the socket is bound
+    (no other process can take the port) but never listens, so a connection is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+class ProteinProcess:
+    """The project in a fresh interpreter: the real `protein` entry point as users run it, or a
+    script that imports the project (torch and Prefect imports alone take seconds)."""
+
+    def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return self.module("protein.cli", *args, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+    def module(self, module: str, *args: str, env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """`python -m module args` with exactly `env` (callers that want the test's variables pass them)."""
+        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=timeout)
+
+    def popen(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        """The entry point started in a session of its own: `kill_group` ends it and every process it
+        started (torchrun's ranks), whatever the test's outcome."""
+        return subprocess.Popen([sys.executable, "-m", "protein.cli", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    @staticmethod
+    def kill_group(process: subprocess.Popen[str]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+    def python(self, code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def protein_process() -> ProteinProcess:
+    return ProteinProcess()
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def protein_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """`protein.cli.main(argv)` in this process (torch and Prefect imported once, not per call), with
+    stdout, stderr and the exit code as the real entry point would give them (argparse exits by SystemExit)."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()  # what earlier calls or fixtures printed is not this call's output
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    from protein.cli import main
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def trainer() -> Callable[..., dict[str, Any]]:
+    """`train_and_register`, the way tests train for whole epochs (requesting it marks a test slow)."""
+    from protein.pipeline import train_and_register
+
+    return train_and_register
 
 
 class MotoServer:

@@ -3,7 +3,8 @@
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
 2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict, 7 a training rank died
-(`train --nproc`; rerun with the same --run-id to resume).
+(`train --nproc`; rerun with the same --run-id to resume), 8 a stored record (model.json,
+champion.json, a run index entry, a manifest) is over its size cap, not JSON, or not its schema.
 """
 
 from __future__ import annotations

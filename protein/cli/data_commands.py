@@ -57,12 +57,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         store.check()
         with progress_bar(None, "push") as pushed:
             result = push_dataset(args.data, store, args.cache_dir, pushed)
+        # The channel moves only once the dataset is complete; the event carries the same id as the
+        # channel entry, so a run started by it can tell whether a newer push superseded it.
+        entry = move_channel(store, args.channel, result.uri, result.fingerprint)
         emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
-              "uploaded": result.uploaded, "already_pushed": result.already_pushed})
+              "uploaded": result.uploaded, "already_pushed": result.already_pushed, "channel": args.channel,
+              "sequence": entry.sequence, "event_id": entry.event_id})
         # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
         # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
         pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
-                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded})
+                       counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded},
+                       channel=args.channel, sequence=entry.sequence, event_id=entry.event_id)
+    elif args.datasets_cmd == "list" and args.channel:
+        list_channel(store, args.channel, args.json)
     elif args.datasets_cmd == "list":
         rows, incomplete = list_datasets(store)
         if args.json:
@@ -76,6 +83,31 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         for prefix in incomplete:
             print(f"incomplete push (no manifest, not usable): {store.uri.rstrip('/')}/{prefix}", file=sys.stderr)
     return 0
+
+
+def move_channel(store: Any, channel: str, uri: str, fingerprint: str) -> Any:
+    import uuid
+
+    from protein.data.channels import advance_channel
+    from protein.registry import default_actor, utc_now
+
+    return advance_channel(store, channel, uri, fingerprint, str(uuid.uuid4()), default_actor(), utc_now())
+
+
+def list_channel(store: Any, channel: str, as_json: bool) -> None:
+    """A channel's pushes, newest first: which dataset each moved the channel to, when, by whom."""
+    from protein.data.channels import read_channel
+
+    history = list(reversed(read_channel(store, channel).history))
+    if as_json:
+        emit([entry.to_dict() for entry in history])
+        return
+    for entry in history:
+        head = "  (head)" if entry is history[0] else ""
+        print(f"{channel} #{entry.sequence}  {entry.pushed_at}  {entry.uri}  by {entry.actor}  event {entry.event_id}"
+              f"{head}")
+    if not history:
+        print(f"no push on channel {channel!r} in {store.uri}", file=sys.stderr)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

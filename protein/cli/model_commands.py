@@ -37,6 +37,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             emit(rows)
         else:
             for row in rows:
+                if "broken" in row:
+                    print(f"! {row['id']}  BROKEN: {row['broken']}")
+                    continue
                 mark = "*" if row["champion"] else " "
                 score = row["metrics"].get("f1_samples")
                 score_text = f"{score:.4f}" if isinstance(score, float) else "-"
@@ -77,7 +80,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def models_gc(args: argparse.Namespace, registry: Any) -> int:
     plan = registry.plan_gc(older_than_s=args.older_than_hours * 3600, runs=args.runs,
-                            run_age_s=args.run_age_days * 86400, keep_last=args.keep_last)
+                            run_age_s=args.run_age_days * 86400, keep_last=args.keep_last,
+                            run_min_age_s=args.run_min_age_hours * 3600)
     # Complete versions are only deleted when asked twice: --keep-last names them, --yes deletes them.
     delete_versions = args.yes and not args.dry_run
     if not args.dry_run:
@@ -86,6 +90,7 @@ def models_gc(args: argparse.Namespace, registry: Any) -> int:
     result: dict[str, Any] = {"orphans": sorted(plan.orphans), "stale_uploads": stale, "deleted": not args.dry_run}
     if args.runs:
         result["runs"] = sorted(plan.runs)
+        result["runs_kept"] = plan.kept
     if args.keep_last is not None:
         result["versions"] = plan.versions
         result["versions_deleted"] = delete_versions

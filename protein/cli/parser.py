@@ -12,9 +12,19 @@ from protein.cli.model_commands import cmd_evaluate, cmd_models, cmd_predict
 from protein.cli.output import cmd_link
 from protein.cli.train_commands import cmd_archs, cmd_train, cmd_train_job
 from protein.config import RECIPES, TrainConfig
+from protein.data.channels import DEFAULT_CHANNEL, check_channel_name
+from protein.errors import DataError
+from protein.registry.retention import RUN_MIN_AGE_S
 
 DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
              "s3://bucket/prefix/ or s3://bucket/key.zip")
+
+
+def channel_name(text: str) -> str:
+    try:
+        return check_channel_name(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(a registration in progress is younger)")
             mp.add_argument("--runs", action="store_true",
                             help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
-                                 "unfinished runs older than --run-age-days")
+                                 "unfinished runs older than --run-age-days; never what a version's model.json "
+                                 "names (its holdout probabilities)")
             mp.add_argument("--run-age-days", type=float, default=7.0,
                             help="an unregistered run untouched this long counts as abandoned")
+            mp.add_argument("--run-min-age-hours", type=float, default=RUN_MIN_AGE_S / 3600,
+                            help="never delete a run written to more recently than this, registered or not "
+                                 "(a live retrain writes a checkpoint every epoch)")
             mp.add_argument("--keep-last", type=int, metavar="N",
                             help="list complete versions beyond the newest N (never the champion or any version in "
                                  "its promotion history) for deletion")
@@ -201,9 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(dp)
     cache_arg(dp)
+    dp.add_argument("--channel", default=DEFAULT_CHANNEL, type=channel_name,
+                    help="dataset channel to move to this dataset once it is complete (nightly retrains follow "
+                         "channel:latest)")
     dp = datasets.add_parser("list", help="list the complete datasets in the store",
                              description="list the complete datasets in the store (newest first)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     store_arg(dp)
     dp.add_argument("--json", action="store_true", help="print a JSON array")
+    dp.add_argument("--channel", type=channel_name, metavar="NAME",
+                    help="list this channel's pushes instead, newest first (sequence, dataset, when, who, event id)")
     return parser

@@ -26,11 +26,12 @@ from typing import Any
 from protein.data.digests import FileDigest, md5_bytes
 from protein.data.fingerprint import fingerprint_of
 from protein.data.layout import TEST_DIR, TRAIN_DIR
-from protein.data.s3 import MANIFEST, MANIFEST_FORMAT
+from protein.data.s3 import DATASET_MANIFEST, MANIFEST, MANIFEST_FORMAT
 from protein.data.sources import DatasetSource
 from protein.data.tables import load_competition
-from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
+from protein.errors import DataError, NotFound, PreconditionFailed, RecordError, StoreError
 from protein.storage import Store, validate_key
+from protein.storage.records import load_record
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,9 @@ def list_datasets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
         if not match:
             continue
         try:
-            manifest = json.loads(store.get_bytes(key))
-        except ValueError:
-            log.warning("%s/%s: unreadable manifest, skipped", store.uri, key)
+            manifest = load_record(store, key, DATASET_MANIFEST)
+        except RecordError as exc:
+            log.warning("%s; skipped", exc)
             continue
         complete.append({
             "fingerprint": match.group(1),

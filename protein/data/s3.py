@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -30,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protein.cache_budget import enforce_cache_budget, touch
 from protein.data.digests import FileDigest, data_cache_dir, md5_file
 from protein.data.fingerprint import fingerprint_of
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import ListedObject, S3Store
+from protein.storage.records import RecordSchema, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ PUSHED_PREFIX = re.compile(r"(?:^|/)datasets/([0-9a-f]{16})/$")
 MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 DOWNLOAD_THREADS = 16
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# What every reader of a manifest checks (protein.storage.records): the shape, then its own rules.
+DATASET_MANIFEST = RecordSchema(
+    "dataset manifest", required={"format": str, "fingerprint": str, "files": dict},
+    optional={"created": str, "train_images": int, "test_images": int, "train_rows": int, "test_rows": int,
+              "bytes": int}, max_bytes=MAX_MANIFEST_BYTES)
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,7 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
                 verified = True
             if verified:
                 os.replace(part, final)
+                enforce_cache_budget(folder.parent.parent, keep=[f"datasets/{folder.name}/{final.name}"])
                 return final
             log.warning("%s: the partial download does not match the object; downloading it again", uri)
             part.unlink(missing_ok=True)
@@ -257,8 +264,8 @@ class S3Source(DatasetSource):
         if info.size > MAX_MANIFEST_BYTES:
             raise DataError(f"{where}: {info.size:,} bytes, larger than any dataset manifest")
         path = fetch_object(self._s3(), info, self.cache_root / "manifests", ".json")
+        manifest = parse_record(path.read_bytes(), DATASET_MANIFEST, where)
         try:
-            manifest = json.loads(path.read_bytes())
             entries = manifest["files"]
             digests = {name: FileDigest(int(e["size"]), str(e["md5"])) for name, e in entries.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -323,15 +330,21 @@ class S3Source(DatasetSource):
     def read_bytes(self, relpath: str) -> bytes:
         remote = self._remote(relpath)
         path = self.local_path(remote)
-        if not path.is_file():
-            # The first image of a folder brings the whole folder, in parallel: one GET per image,
-            # one at a time, would make decoding wait on the network.
-            folder, _, _ = relpath.rpartition("/")
-            self.fetch([f"{folder}/{n}" for n in self.list_dir(folder)] if folder else [relpath])
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path}") from None
+        # Twice at most: the cache's size bound (protein.cache_budget) may remove a copy that was not
+        # used for an hour between the check and the read; then it is fetched again.
+        for _ in range(2):
+            if not path.is_file():
+                # The first image of a folder brings the whole folder, in parallel: one GET per image,
+                # one at a time, would make decoding wait on the network.
+                folder, _, _ = relpath.rpartition("/")
+                self.fetch([f"{folder}/{n}" for n in self.list_dir(folder)] if folder else [relpath])
+            try:
+                blob = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            touch(path)
+            return blob
+        raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path} twice")
 
     def fetch(self, relpaths: list[str]) -> int:
         """Download every file of `relpaths` not yet cached (in parallel); returns how many."""
@@ -354,6 +367,7 @@ class S3Source(DatasetSource):
                         for future in futures:
                             future.cancel()
                         raise
+        enforce_cache_budget(self.cache_root.parent)
         return len(todo)
 
     def digests(self) -> dict[str, FileDigest]:

@@ -3,11 +3,14 @@ S3 prefix or zip. Every source answers in logical names (see protein.data.layout
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from protein.data.digests import FileDigest, HashCache, cache_file_for, data_cache_dir, md5_bytes
@@ -15,6 +18,13 @@ from protein.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAI
 from protein.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# No zip member is inflated past this: the largest file a dataset may hold (train.csv's cap,
+# protein.data.tables.MAX_CSV_BYTES; validation caps images lower). Checked against the central
+# directory before a member is opened, and again on the bytes actually inflated, so a lying directory
+# or a zip bomb costs at most this much memory, never the inflated size.
+MAX_ZIP_MEMBER_BYTES = 64 * 1024 * 1024
+ZIP_READ_CHUNK = 1 << 20
 
 
 class DatasetSource:
@@ -156,8 +166,10 @@ class ZipSource(DatasetSource):
     """Reads members in place; nothing is extracted, so zip-slip names cannot write anywhere,
     but they are refused anyway as a sign of a hostile archive."""
 
-    def __init__(self, path: Path, cache_dir: Path | None = None, description: str | None = None) -> None:
+    def __init__(self, path: Path, cache_dir: Path | None = None, description: str | None = None,
+                 max_member_bytes: int = MAX_ZIP_MEMBER_BYTES) -> None:
         self.path = Path(path).resolve()
+        self.max_member_bytes = max_member_bytes
         self.description = description or str(self.path)
         self.cache_root = data_cache_dir(cache_dir)
         self._zip: zipfile.ZipFile | None = None
@@ -202,14 +214,40 @@ class ZipSource(DatasetSource):
             self._pid = os.getpid()
         return self._zip
 
-    def read_bytes(self, relpath: str) -> bytes:
+    def _member(self, relpath: str) -> zipfile.ZipInfo:
         info = self._infos.get(relpath)
         if info is None:
             raise DataError(f"{self.locate(relpath)}: file not found in the zip")
+        if info.file_size > self.max_member_bytes:
+            raise DataError(f"{self.locate(relpath)}: declares {info.file_size:,} bytes inflated, more than the "
+                            f"{self.max_member_bytes:,}-byte cap for a zip member; not inflated")
+        return info
+
+    def _chunks(self, relpath: str) -> Iterator[bytes]:
+        """The member's inflated bytes in chunks, refused once they pass the cap whatever the directory said."""
+        info = self._member(relpath)
+        total = 0
         try:
-            return self._zipfile().read(info)
-        except (zipfile.BadZipFile, OSError) as exc:
+            with self._zipfile().open(info) as member:
+                while chunk := member.read(ZIP_READ_CHUNK):
+                    total += len(chunk)
+                    if total > self.max_member_bytes:
+                        raise DataError(f"{self.locate(relpath)}: inflates past the {self.max_member_bytes:,}-byte "
+                                        f"cap for a zip member (its directory says {info.file_size:,}); refused")
+                    yield chunk
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{self.locate(relpath)}: cannot read zip member ({exc})") from None
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return b"".join(self._chunks(relpath))
+
+    def _digest(self, relpath: str) -> FileDigest:
+        digest = hashlib.md5(usedforsecurity=False)
+        size = 0
+        for chunk in self._chunks(relpath):
+            digest.update(chunk)
+            size += len(chunk)
+        return FileDigest(size, digest.hexdigest())
 
     def exists(self, relpath: str) -> bool:
         return relpath in self._infos
@@ -237,7 +275,8 @@ class ZipSource(DatasetSource):
                 return {name: FileDigest(*cached[name]) for name in names}
         except (OSError, ValueError, TypeError):
             pass
-        out = super().digests()
+        # Streamed member by member under the cap: never a whole member in memory to hash it.
+        out = {name: self._digest(name) for name in names}
         from protein.atomic import write_bytes_atomic
 
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +55,35 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
                        has_champion=True)
 
 
-def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
-                   ids: list[str], cache_dir: Path | None, device: str = "auto") -> dict[str, Any]:
-    """Metrics of one version on the given rows, plus its per-image predictions (as class
-    bitmasks) for the gate's paired bootstrap."""
+def evaluation_of_probs(model_id: str, data_fingerprint: str, probs: np.ndarray, targets: np.ndarray,
+                        thresholds: np.ndarray) -> dict[str, Any]:
+    """Metrics of one version from its probabilities on some rows, plus its per-image predictions
+    (as class bitmasks) for the gate's paired bootstrap. Pure: the CPU host recomputes a GPU
+    host's evaluation from the probabilities it reported (protein/evidence.py)."""
+    targets = targets.astype(bool)
+    metrics = evaluate_predictions(probs, targets, thresholds)
+    tuned = np.asarray(metrics["thresholds"])
+    per_image = {"pred": to_bitmasks(binarize(probs, tuned, ensure_one=True)),
+                 "raw": to_bitmasks(probs > tuned), "targets": to_bitmasks(targets)}
+    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+
+
+def row_index(data: CompetitionData, ids: list[str]) -> np.ndarray:
     position = {image_id: i for i, image_id in enumerate(data.train_ids)}
-    index = np.array([position[i] for i in ids], dtype=np.int64)
+    return np.array([position[i] for i in ids], dtype=np.int64)
+
+
+def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
+                   ids: list[str], cache_dir: Path | None, device: str = "auto",
+                   probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None, name: str = "") -> dict[str, Any]:
+    """Metrics of one version on the given rows; (ids, probabilities) go to probs_out[name] when given."""
+    index = row_index(data, ids)
     predictor = load_predictor(registry, model_id, cache_dir, device)
     images = load_split_images(data, "train", predictor.image_size, data_fingerprint, cache_dir)
     probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
-    targets = data.targets[index].astype(bool)
-    metrics = evaluate_predictions(probs, targets, predictor.thresholds)
-    thresholds = np.asarray(metrics["thresholds"])
-    per_image = {"pred": to_bitmasks(binarize(probs, thresholds, ensure_one=True)),
-                 "raw": to_bitmasks(probs > thresholds), "targets": to_bitmasks(targets)}
-    return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics, "per_image": per_image}
+    if probs_out is not None:
+        probs_out[name] = (ids, probs)
+    return evaluation_of_probs(model_id, data_fingerprint, probs, data.targets[index], predictor.thresholds)
 
 
 def evaluate_version(
@@ -104,6 +119,41 @@ def evaluate_version(
             "rows": rows.to_dict()}
 
 
+@dataclass(frozen=True)
+class GatePlan:
+    """Which rows each model is scored on for the gate (a pure function of the data and both
+    model.json files, so the CPU host rebuilds it to check a GPU host's scores)."""
+
+    rows: GateRows  # the fair rows: neither model trained on them
+    challenger_ids: list[str]
+    champion_ids: list[str] | None  # None: no champion, or no fair row to score it on
+    challenger_scored_on: str | None  # set when the challenger falls back to its own holdout
+
+
+def plan_gate(data: CompetitionData, data_fingerprint: str, challenger_spec: dict[str, Any],
+              champion_spec: dict[str, Any] | None) -> GatePlan:
+    rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
+    if rows.ids:
+        return GatePlan(rows, list(rows.ids), list(rows.ids) if champion_spec is not None else None, None)
+    # With no fair row at all the champion is not scored and the challenger is scored on its
+    # own holdout, so the gate can still say what it saw.
+    own = gate_rows(data, data_fingerprint, challenger_spec, None)
+    return GatePlan(rows, list(own.ids), None, own.selection)
+
+
+def assemble_gate_evaluation(plan: GatePlan, challenger: dict[str, Any], champion: dict[str, Any] | None,
+                             champion_id: str | None) -> dict[str, Any]:
+    """{"rows", "challenger", "champion"} as the gate reads it, from each model's evaluation."""
+    summary = plan.rows.to_dict()
+    if plan.challenger_scored_on is not None:
+        challenger["scored_on"] = plan.challenger_scored_on
+        champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
+    challenger["rows"] = summary
+    if champion is not None:
+        champion["rows"] = summary
+    return {"rows": summary, "challenger": challenger, "champion": champion}
+
+
 def evaluate_for_gate(
     data_path: str | os.PathLike[str],
     store_uri: str,
@@ -111,13 +161,15 @@ def evaluate_for_gate(
     champion_id: str | None,
     cache_dir: Path | None = None,
     device: str = "auto",
+    probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Score the challenger and the champion on the same rows, none of which either trained on.
 
     Returns {"rows", "challenger", "champion"}; both evaluations carry the row set (ids, count,
     sha256, how it was chosen). With no fair row at all the champion is not scored and the
     challenger is scored on its own holdout, so the gate can still say what it saw.
-    `device`: 'auto' (CUDA when present), 'cpu' or 'cuda[:n]'."""
+    `device`: 'auto' (CUDA when present), 'cpu' or 'cuda[:n]'. `probs_out` receives each scored
+    model's row ids and probabilities ("challenger", "champion")."""
     store = open_store(store_uri)
     registry = Registry(store)
     challenger_id = registry.resolve(challenger_id)
@@ -125,23 +177,12 @@ def evaluate_for_gate(
     champion_spec = registry.spec(champion_id) if champion_id else None
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    rows = gate_rows(data, data_fingerprint, challenger_spec, champion_spec)
-    summary = rows.to_dict()
-    if rows.ids:
-        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(rows.ids), cache_dir,
-                                    device)
-        champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, list(rows.ids), cache_dir,
-                                   device) if champion_id else None)
-    else:
-        own = gate_rows(data, data_fingerprint, challenger_spec, None)
-        challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, list(own.ids), cache_dir,
-                                    device)
-        challenger["scored_on"] = own.selection
-        champion = {"model_id": champion_id, "scored_on": "not scored: no row it did not train on"}
-    challenger["rows"] = summary
-    if champion is not None:
-        champion["rows"] = summary
-    return {"rows": summary, "challenger": challenger, "champion": champion}
+    plan = plan_gate(data, data_fingerprint, challenger_spec, champion_spec)
+    challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, plan.challenger_ids, cache_dir,
+                                device, probs_out, "challenger")
+    champion = (_evaluate_rows(registry, data, data_fingerprint, champion_id, plan.champion_ids, cache_dir, device,
+                               probs_out, "champion") if champion_id and plan.champion_ids is not None else None)
+    return assemble_gate_evaluation(plan, challenger, champion, champion_id)
 
 
 def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | None, decision: dict[str, Any],

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from protein.atomic import write_bytes_atomic
+from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import fingerprint, load_competition
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
@@ -25,7 +26,10 @@ from protein.storage import Store, open_store
 
 def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
                    device: str = "auto") -> Predictor:
-    local = registry.download(model_id, (cache_dir or default_cache_dir()) / "models")
+    root = cache_dir or default_cache_dir()
+    local = registry.download(model_id, root / "models")
+    touch(local)
+    enforce_cache_budget(root, keep=[f"models/{local.name}"])
     return Predictor.from_checkpoint(local, device)
 
 
@@ -37,6 +41,14 @@ class TestSetPrediction:
     csv_bytes: bytes
     data_fingerprint: str
     extra: dict[str, Any]  # an ensemble's members and thresholds
+    probs: np.ndarray | None = None  # (test rows, C) of one version: the evidence a CPU host checks
+
+
+def submission_csv(image_ids: list[str], probs: np.ndarray, thresholds: np.ndarray) -> bytes:
+    """The submission's bytes from probabilities: the one way, so a CPU host that derives the CSV
+    from a GPU host's probabilities gets the same bytes."""
+    frame = pd.DataFrame({"Image": image_ids, "Label": label_strings(probs, thresholds)})
+    return frame.to_csv(index=False, lineterminator="\n").encode()
 
 
 def predict_test_set(
@@ -60,9 +72,9 @@ def predict_test_set(
     if len(model_ids) == 1:
         predictor = load_predictor(registry, model_ids[0], cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
-        frame = predictor.submission(data.test_ids, images)
-        return TestSetPrediction(model_ids[0], frame.to_csv(index=False, lineterminator="\n").encode(),
-                                 data_fingerprint, {})
+        probs = predictor.predict_probs(images)
+        return TestSetPrediction(model_ids[0], submission_csv(data.test_ids, probs, predictor.thresholds),
+                                 data_fingerprint, {}, probs)
 
     thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
     total: np.ndarray | None = None
@@ -72,9 +84,7 @@ def predict_test_set(
         probs = predictor.predict_probs(images)
         total = probs if total is None else total + probs
     assert total is not None
-    labels = label_strings(total / len(model_ids), thresholds)
-    frame = pd.DataFrame({"Image": data.test_ids, "Label": labels})
-    return TestSetPrediction(ensemble_id(model_ids), frame.to_csv(index=False, lineterminator="\n").encode(),
+    return TestSetPrediction(ensemble_id(model_ids), submission_csv(data.test_ids, total / len(model_ids), thresholds),
                              data_fingerprint, {"members": model_ids, "thresholds": [float(t) for t in thresholds],
                                                 "thresholds_from": threshold_info})
 

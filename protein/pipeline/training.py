@@ -159,6 +159,8 @@ def _train_and_register(
         "metrics": metrics,
         "history": result.history,
         "data_fingerprint": data_fingerprint,
+        # The dataset as the run resolved it (a channel resolves to an immutable datasets/<fp>/ URI).
+        "data_uri": data.source.description,
         # Lineage: the label profile of the data it was trained on. Promotion makes it the drift
         # reference (protein.validation.write_reference_profile), so the hash here is the one the
         # next validation runs are keyed by.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import hashlib
 import re
 import socket
 import subprocess
@@ -15,12 +16,17 @@ from typing import Any
 
 from protein.errors import RegistryError
 from protein.storage.base import sha256_file
+from protein.storage.records import RecordSchema
 
 MODEL_FORMAT = "protein-model/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 CHAMPION_KEY = "registry/champion.json"
 RUN_INDEX_PREFIX = "registry/runs/"
+# Both live under registry/runs/ because that is where the trainer (claims) and the operator (tombstones)
+# already may create objects only if absent (deployments/iam/): no role gains a write it did not have.
+CLAIM_PREFIX = f"{RUN_INDEX_PREFIX}claims/"
+TOMBSTONE_PREFIX = f"{RUN_INDEX_PREFIX}tombstones/"
 PROBE_PREFIX = "probes/"
 # fullmatch, never match with '$': '$' also matches before a trailing newline.
 VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -77,6 +83,40 @@ def run_index_key(run_id: str) -> str:
     return f"{RUN_INDEX_PREFIX}{check_run_id(run_id)}.json"
 
 
+def claim_key(run_id: str) -> str:
+    return f"{CLAIM_PREFIX}{check_run_id(run_id)}.json"
+
+
+def tombstone_key(version: str) -> str:
+    return f"{TOMBSTONE_PREFIX}{check_version_id(version)}.json"
+
+
+_TEXT_OR_NULL = (str, type(None))
+MODEL_RECORD = RecordSchema(
+    "model record",
+    required={"id": str, "arch": str, "image_size": int, "weights_sha256": str, "weights_size": int},
+    optional={"format": str, "created": str, "run_id": _TEXT_OR_NULL, "metrics": dict, "event": dict,
+              "class_names": list, "thresholds": list, "holdout": (dict, type(None)),
+              "data_fingerprint": _TEXT_OR_NULL, "label_profile": (dict, type(None)), "train_config": dict},
+)
+CHAMPION_EVENT = RecordSchema(
+    "champion history event",
+    # model_id is null only for a rollback (or an undone promotion) back to no champion at all.
+    required={"action": str, "model_id": _TEXT_OR_NULL},
+    optional={"event_id": str, "previous": _TEXT_OR_NULL, "at": str, "actor": _TEXT_OR_NULL,
+              "reason": _TEXT_OR_NULL, "weights_sha256": str, "spec_sha256": str},
+)
+CHAMPION_RECORD = RecordSchema(
+    "champion pointer", required={"champion": _TEXT_OR_NULL, "history": list}, items={"history": CHAMPION_EVENT},
+)
+RUN_INDEX_RECORD = RecordSchema("run index entry", required={"model_id": str}, optional={"run_id": str,
+                                                                                         "event_id": str})
+CLAIM_RECORD = RecordSchema("run registration claim", required={"run_id": str, "model_id": str},
+                            optional={"at": str, "actor": str})
+TOMBSTONE_RECORD = RecordSchema("version tombstone", required={"model_id": str},
+                                optional={"deleted_at": str, "actor": str, "run_id": _TEXT_OR_NULL})
+
+
 def weights_mismatch(version: str, spec: dict[str, Any], size: int, sha256: str | None) -> str | None:
     """What differs between the weights found and the ones model.json was registered with, or None."""
     expected_size = spec.get("weights_size")
@@ -113,6 +153,22 @@ def promotion_stack(history: Iterable[dict[str, Any]]) -> list[str]:
     return stack
 
 
+def pinned_hashes(history: Iterable[dict[str, Any]], version: str) -> tuple[str, str] | None:
+    """(weights SHA-256, model.json SHA-256) the newest event that made ``version`` the champion
+    recorded, or None if none did (a version never served, or promoted before events were pinned)."""
+    for event in reversed(list(history)):
+        if event.get("model_id") == version and event.get("action") in ("promote", "rollback"):
+            if event.get("weights_sha256") and event.get("spec_sha256"):
+                return str(event["weights_sha256"]), str(event["spec_sha256"])
+            return None
+    return None
+
+
+def spec_digest(spec_bytes: bytes) -> str:
+    """What promotion events pin a model.json by: the SHA-256 of its exact bytes."""
+    return hashlib.sha256(spec_bytes).hexdigest()
+
+
 @dataclass(frozen=True)
 class ChampionState:
     champion: str | None
@@ -121,3 +177,12 @@ class ChampionState:
 
     def has_event(self, event_id: str) -> bool:
         return any(e.get("event_id") == event_id for e in self.history)
+
+
+def resolve_champion_name(version: str, state: ChampionState, store_uri: str) -> str:
+    """'champion' -> the champion's id (RegistryError if there is none); any other id, checked."""
+    if version == "champion":
+        if state.champion is None:
+            raise RegistryError(f"{store_uri} has no champion yet (promote a version first)")
+        return state.champion
+    return check_version_id(version)

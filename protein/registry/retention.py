@@ -1,14 +1,31 @@
-"""Retention: what `protein models gc` may delete, and the rules that keep it from racing a
-registration or removing anything a rollback could need."""
+"""Retention: what `protein models gc` may delete, and the rules that keep it from deleting anything live.
+
+- Incomplete versions (no model.json) are collected only when every object is older than the
+  threshold, and each is re-listed right before its delete: a registration that completed since
+  the plan is left alone (and `Registry.register` re-uploads weights a collection raced away).
+- `runs/<id>/` objects are collected only when the run was untouched for ``run_min_age_s`` (default
+  `RUN_MIN_AGE_S`), has no registration in progress (a claim without its model.json), and never
+  an object a complete version's model.json names (its ``holdout.probs_key``: ensembles and
+  `--thresholds-from` read it). Each run is re-listed before its delete and skipped if it moved.
+- A complete version is deleted only if it never served, and never behind a promotion's back: a
+  tombstone is written first (create-only), the champion history is read again, then model.json and
+  the weights go. A promotion checks for the tombstone before its swap and again after it, and undoes
+  its own swap if the tombstone appeared: either the delete or the promotion wins, never both.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from protein.errors import RegistryError
+from protein.errors import NotFound, PreconditionFailed, ProteinError, RegistryError
 from protein.registry.records import (
+    CLAIM_PREFIX,
     DAY_S,
     PROBE_PREFIX,
     RUN_INDEX_PREFIX,
@@ -16,9 +33,16 @@ from protein.registry.records import (
     ChampionState,
     check_version_id,
     run_index_key,
+    tombstone_key,
     version_prefix,
 )
-from protein.storage import Store
+from protein.storage import ObjectInfo, Store
+
+log = logging.getLogger("protein.registry")
+
+# No run touched within a day is collected, registered or not: a retrain resuming a run, or one whose
+# registration is about to start, writes its checkpoint at least once per epoch.
+RUN_MIN_AGE_S = 1 * DAY_S
 
 
 @dataclass(frozen=True)
@@ -26,37 +50,57 @@ class GcPlan:
     """What `Registry.plan_gc` found; nothing is deleted until `Registry.apply_gc`."""
 
     orphans: dict[str, list[str]] = field(default_factory=dict)  # version -> its incomplete objects
-    runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> its checkpoint objects
+    runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> its collectable objects
     versions: list[str] = field(default_factory=list)  # complete versions past --keep-last
     probes: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # run id or key -> why it is kept
+    older_than_s: float = 0.0
+    run_min_age_s: float = RUN_MIN_AGE_S
 
 
 class RetentionMixin:
-    """Garbage collection for `Registry` (which supplies ``store``, ``champion``, ``find_by_run`` and
-    ``_read_spec``)."""
+    """Garbage collection for `Registry` (which supplies ``store``, ``actor``, ``champion``,
+    ``find_by_run``, ``specs`` and ``_read_spec``)."""
 
     store: Store
+    actor: str
+
+    def champion(self) -> ChampionState:  # supplied by Registry
+        raise NotImplementedError
+
+    def specs(self, versions: list[str]) -> dict[str, dict[str, Any] | ProteinError]:  # supplied by Registry
+        raise NotImplementedError
+
+    def versions(self) -> list[str]:  # supplied by Registry
+        raise NotImplementedError
+
+    def find_by_run(self, run_id: str) -> str | None:  # supplied by Registry
+        raise NotImplementedError
+
+    def _read_spec(self, version: str) -> dict[str, Any]:  # supplied by Registry
+        raise NotImplementedError
 
     def orphans(self, older_than_s: float = 0.0) -> list[str]:
         """Version folders with no model.json (an interrupted registration) whose newest object is
         older than ``older_than_s``: a registration in progress is younger and left alone."""
         return sorted(self._orphan_objects(older_than_s))
 
-    def _orphan_objects(self, older_than_s: float) -> dict[str, list[str]]:
-        by_version: dict[str, list[Any]] = {}
-        for info in self.store.list_info("models/"):
+    def _orphan_objects(self, older_than_s: float, version: str | None = None) -> dict[str, list[str]]:
+        by_version: dict[str, list[ObjectInfo]] = {}
+        for info in self.store.list_info(version_prefix(version) if version else "models/"):
             by_version.setdefault(info.key.split("/")[1], []).append(info)
         cutoff = time.time() - older_than_s
         return {
-            version: [i.key for i in infos]
-            for version, infos in by_version.items()
+            name: [i.key for i in infos]
+            for name, infos in by_version.items()
             if not any(i.key.endswith("/" + SPEC_FILE) for i in infos) and max(i.modified for i in infos) <= cutoff
         }
 
     def delete_orphan(self, version: str, older_than_s: float = 0.0) -> int:
-        """Remove an incomplete version's own objects (not a whole prefix); refuses complete versions."""
+        """Remove an incomplete version's own objects (not a whole prefix), as listed now; refuses
+        complete versions."""
         check_version_id(version)
-        objects = self._orphan_objects(older_than_s).get(version)
+        objects = self._orphan_objects(older_than_s, version).get(version)
         if objects is None:
             if self.store.exists(version_prefix(version) + SPEC_FILE):
                 raise RegistryError(f"model version {version} is complete; only incomplete versions are removed")
@@ -69,23 +113,61 @@ class RetentionMixin:
         kept = {e.get("model_id") for e in state.history} | {e.get("previous") for e in state.history}
         return {v for v in kept | {state.champion} if v}
 
+    def protected_keys(self) -> set[str]:
+        """Every object a complete version's model.json names outside its own folder (today: the
+        holdout probabilities under runs/<id>/). RecordError if a model.json cannot be read: what it
+        names is then unknown, and nothing under runs/ may go."""
+        keys: set[str] = set()
+        for version, spec in self.specs(self.versions()).items():
+            if isinstance(spec, Exception):
+                raise RegistryError(f"gc --runs refused: model version {version} cannot be read, so what it "
+                                    f"names is unknown ({spec}); delete or repair it first")
+            probs_key = (spec.get("holdout") or {}).get("probs_key")
+            if isinstance(probs_key, str):
+                keys.add(probs_key)
+        return keys
+
+    def _collectable_run(self, run: str, infos: list[ObjectInfo], registered: set[str], claimed: set[str],
+                         protected: set[str], run_age_s: float, run_min_age_s: float,
+                         kept: dict[str, str]) -> list[str]:
+        now = time.time()
+        newest = max(i.modified for i in infos)
+        if newest > now - run_min_age_s:
+            kept[run] = f"touched {int(now - newest)} s ago (younger than {int(run_min_age_s)} s)"
+            return []
+        if run in claimed and run not in registered:
+            kept[run] = "its registration is in progress (claimed, not yet indexed)"
+            return []
+        if run not in registered and newest > now - run_age_s:
+            kept[run] = "not registered and not yet abandoned"
+            return []
+        named = [i.key for i in infos if i.key in protected]
+        if named:
+            kept[run] = f"keeps {', '.join(named)}: named by a model version"
+        return [i.key for i in infos if i.key not in protected]
+
     def plan_gc(self, older_than_s: float = 3600.0, runs: bool = False, run_age_s: float = 7 * DAY_S,
-                keep_last: int | None = None) -> GcPlan:
+                keep_last: int | None = None, run_min_age_s: float = RUN_MIN_AGE_S) -> GcPlan:
         orphans = self._orphan_objects(older_than_s)
         cutoff = time.time() - older_than_s
         probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
         run_objects: dict[str, list[str]] = {}
+        kept: dict[str, str] = {}
         if runs:
-            registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in self.store.list(RUN_INDEX_PREFIX)
-                          if k.endswith(".json")}
-            by_run: dict[str, list[Any]] = {}
+            index = self.store.list(RUN_INDEX_PREFIX)
+            # Top-level entries only: claims and tombstones sit in folders below.
+            registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in index
+                          if k.endswith(".json") and "/" not in k[len(RUN_INDEX_PREFIX):]}
+            claimed = {k[len(CLAIM_PREFIX):-len(".json")] for k in index if k.startswith(CLAIM_PREFIX)}
+            protected = self.protected_keys()
+            by_run: dict[str, list[ObjectInfo]] = {}
             for info in self.store.list_info("runs/"):
                 by_run.setdefault(info.key.split("/")[1], []).append(info)
-            abandoned_before = time.time() - run_age_s
-            run_objects = {
-                run: [i.key for i in infos] for run, infos in by_run.items()
-                if run in registered or max(i.modified for i in infos) <= abandoned_before
-            }
+            for run, infos in by_run.items():
+                objects = self._collectable_run(run, infos, registered, claimed, protected, run_age_s,
+                                                run_min_age_s, kept)
+                if objects:
+                    run_objects[run] = objects
         old_versions: list[str] = []
         if keep_last is not None:
             if keep_last < 0:
@@ -95,35 +177,70 @@ class RetentionMixin:
                        if i.key.endswith("/" + SPEC_FILE)}
             by_age = sorted(written, key=lambda v: (written[v], v))
             newest = set(by_age[len(by_age) - keep_last:]) if keep_last else set()
-            protected = self.protected_versions()
-            old_versions = [v for v in by_age if v not in newest and v not in protected]
-        return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes)
+            protected_versions = self.protected_versions()
+            old_versions = [v for v in by_age if v not in newest and v not in protected_versions]
+        return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes, kept=kept,
+                      older_than_s=older_than_s, run_min_age_s=run_min_age_s)
+
+    def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float) -> int:
+        # Re-listed now: a run that a retrain resumed since the plan (a new checkpoint) is skipped whole.
+        infos = self.store.list_info(f"runs/{run}/")
+        if infos and max(i.modified for i in infos) > time.time() - min_age_s:
+            log.info("run %s was written since gc planned; kept", run)
+            return 0
+        current = {i.key for i in infos}
+        return self.store.delete_keys([k for k in planned if k in current])
 
     def apply_gc(self, plan: GcPlan, delete_versions: bool = False) -> None:
-        for objects in plan.orphans.values():
+        for version in plan.orphans:
+            # Re-listed one by one: a registration that completed (or wrote again) since the plan keeps all.
+            objects = self._orphan_objects(plan.older_than_s, version).get(version)
+            if objects is None:
+                log.info("model version %s was completed or written since gc planned; kept", version)
+                continue
             self.store.delete_keys(objects)
-        for objects in plan.runs.values():
-            self.store.delete_keys(objects)
+        if plan.runs:
+            protected = self.protected_keys()  # re-read: a version registered since the plan may name one
+            for run, objects in plan.runs.items():
+                self._delete_run_objects(run, [k for k in objects if k not in protected], plan.run_min_age_s)
         self.store.delete_keys(plan.probes)
         if delete_versions:
-            protected = self.protected_versions()  # re-read: a promotion may have landed since planning
+            protected_versions = self.protected_versions()  # re-read: a promotion may have landed since
             for version in plan.versions:
-                if version not in protected:
+                if version not in protected_versions:
                     self.delete_version(version)
 
     def delete_version(self, version: str) -> int:
-        """Remove a complete, never-served version: model.json first, so it is never listed as complete
-        while its weights go away."""
+        """Remove a complete, never-served version, for good: its id is tombstoned first (never
+        registered or promoted again), the champion is read again, then model.json goes (so it is never
+        listed as complete while its weights go), then the rest."""
+        check_version_id(version)
         if version in self.protected_versions():
             raise RegistryError(f"model version {version} is the champion or in its promotion history; kept")
         prefix = version_prefix(version)
         try:
             spec = self._read_spec(version)
-        except RegistryError:
-            spec = {}
+        except ProteinError:
+            spec = {}  # a broken record is deleted all the same
+        tombstone = {"model_id": version, "deleted_at": dt.datetime.now(dt.UTC).isoformat(), "actor": self.actor,
+                     "run_id": spec.get("run_id")}
+        with contextlib.suppress(PreconditionFailed):  # an earlier, interrupted delete: finish it
+            self.store.put_bytes(tombstone_key(version), json.dumps(tombstone).encode(), if_none_match=True)
+        if version in self.protected_versions():
+            # A promotion landed between the first check and the tombstone: it wins, the delete is refused.
+            # The promotion may also have seen the tombstone and undone itself; either way nothing is lost.
+            try:
+                self.store.delete(tombstone_key(version))
+            except ProteinError as exc:
+                log.warning("could not lift the tombstone of %s: %s", version, exc)
+            raise RegistryError(f"model version {version} was promoted while it was being deleted; kept")
         self.store.delete(prefix + SPEC_FILE)
         count = 1 + self.store.delete_prefix(prefix)
         run_id = spec.get("run_id")
-        if run_id and self.find_by_run(run_id) == version:
-            self.store.delete(run_index_key(run_id))
+        if isinstance(run_id, str):
+            try:
+                if self.find_by_run(run_id) == version:
+                    self.store.delete(run_index_key(run_id))
+            except (NotFound, ProteinError) as exc:
+                log.warning("run index of %s left as is: %s", run_id, exc)
         return count

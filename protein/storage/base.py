@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from protein.errors import IntegrityError
+from protein.errors import IntegrityError, RecordError
 
 # The package's logger, not this module's: users filter on "protein.storage".
 logger = logging.getLogger("protein.storage")
@@ -61,8 +61,10 @@ class Store(Protocol):
         """Write an object and return its new etag; `PreconditionFailed` if a condition does not hold."""
         ...
 
-    def get_bytes(self, key: str) -> bytes:
-        """Read a whole object, checking its SHA-256; `NotFound` if it is missing."""
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read a whole object, checking its SHA-256; `NotFound` if it is missing. With ``max_bytes``
+        an object larger than that is refused (`RecordError`) from its size, before its body is read,
+        and the read stops one byte past the cap whatever the size said."""
         ...
 
     def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
@@ -172,6 +174,19 @@ def verify(uri: str, expected: str | None, actual: str) -> None:
         logger.warning("%s: no sha256 recorded (written by another tool?); read without verification", uri)
     elif expected.lower() != actual:
         raise IntegrityError(f"{uri}: checksum mismatch (expected {expected[:16]}.., got {actual[:16]}..)")
+
+
+def too_large(uri: str, size: int, max_bytes: int) -> RecordError:
+    return RecordError(f"{uri}: {size:,} bytes is larger than the {max_bytes:,}-byte cap for this record; not read")
+
+
+def read_capped(f: IO[bytes], uri: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` from ``f``: a body longer than its announced size is cut off at the cap + 1
+    and refused, so a lying length never makes the reader hold more than the cap."""
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(uri, len(data), max_bytes)
+    return data
 
 
 def new_temp(folder: Path, prefix: str) -> tuple[Path, int]:

@@ -24,8 +24,10 @@ from protein.storage.base import (
     is_valid_key,
     logger,
     new_temp,
+    read_capped,
     sha256_file,
     temp_beside,
+    too_large,
     validate_key,
     validate_prefix,
     verify,
@@ -163,7 +165,7 @@ class LocalStore:
         logger.debug("wrote %s (%d bytes)", self._uri(key), len(data))
         return digest
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         with self._os_errors(key):
             with self._locked(exclusive=False):
@@ -175,7 +177,12 @@ class LocalStore:
                     raise NotFound(f"{self._uri(key)}: not found") from None
                 expected = self._read_sidecar(key)
             with f:
-                data = f.read()
+                if max_bytes is None:
+                    data = f.read()
+                else:
+                    if (size := os.fstat(f.fileno()).st_size) > max_bytes:
+                        raise too_large(self._uri(key), size, max_bytes)
+                    data = read_capped(f, self._uri(key), max_bytes)
         verify(self._uri(key), expected, hashlib.sha256(data).hexdigest())
         return data
 

@@ -30,8 +30,10 @@ from protein.storage.base import (
     env_number,
     is_valid_key,
     logger,
+    read_capped,
     sha256_file,
     temp_beside,
+    too_large,
     validate_key,
     validate_prefix,
     verify,
@@ -316,12 +318,19 @@ class S3Store:
         return str(response["ETag"])
 
     # --- reads ----------------------------------------------------------------------------------
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         object_key = self._object_key(key)
         client = self._client()
         with self._translating(key, "GetObject"):
             response = client.get_object(Bucket=self.bucket, Key=object_key)
-            data = response["Body"].read()
+            body = response["Body"]
+            if max_bytes is None:
+                data = body.read()
+            else:
+                with body:
+                    if (size := int(response.get("ContentLength") or 0)) > max_bytes:
+                        raise too_large(self._uri(key), size, max_bytes)
+                    data = read_capped(body, self._uri(key), max_bytes)
         expected = response.get("Metadata", {}).get(SHA256_METADATA)
         verify(self._uri(key), expected, hashlib.sha256(data).hexdigest())
         return data

@@ -96,7 +96,6 @@ def write_sample(root: Path, rows: list[tuple[str, frozenset[int]]]) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_protein_validate_gives_the_same_verdicts(real, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows, matrix = real
     rng = np.random.default_rng(7)

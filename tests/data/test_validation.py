@@ -132,10 +132,10 @@ def test_unlisted_files_are_reported_as_warnings(base: Path, tmp_path: Path) -> 
 
 
 def test_not_a_dataset_raises_data_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"nope: dataset not found \(expected a folder or the competition .zip\)"):
         validate_dataset(tmp_path / "nope", CONFIG)
     (tmp_path / "file.txt").write_text("hello")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="file.txt: not a folder or a zip file"):
         validate_dataset(tmp_path / "file.txt", CONFIG)
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
-
-from tests.conftest import free_port
 
 
 class FaultProxy:
@@ -23,8 +24,10 @@ class FaultProxy:
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urlsplit(upstream)
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # the first start() lets the OS pick a free one; restarts keep it
+        # moto lists every multipart upload as initiated in 2010 (a constant): the proxy notes when each
+        # upload was really created, on this machine's clock, and answers with that instead.
+        self.initiated: dict[str, float] = {}
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._errors: list[list[Any]] = []  # [match, remaining, status, code]
@@ -81,6 +84,34 @@ class FaultProxy:
                     rule[1] -= 1
                     return "truncate", None
             return "forward", None
+
+    @property
+    def endpoint(self) -> str:
+        assert self.port, "start() the proxy first: it has no port before"
+        return f"http://127.0.0.1:{self.port}"
+
+    def backdate(self, upload_id: str, seconds: float) -> None:
+        """Make the multipart upload `upload_id` look `seconds` older than it is."""
+        self.initiated[upload_id] -= seconds
+
+    def _note_and_restate_initiated(self, method: str, path: str, answer: bytes) -> bytes:
+        query = path.partition("?")[2]
+        if method == "POST" and re.search(r"(^|&)uploads(=|&|$)", query):
+            found = re.search(rb"<UploadId>([^<]+)</UploadId>", answer)
+            if found:
+                self.initiated[found.group(1).decode()] = time.time()
+        elif method == "GET" and re.search(r"(^|&)uploads(=|&|$)", query):
+            def restate(upload: re.Match[bytes]) -> bytes:
+                upload_id = re.search(rb"<UploadId>([^<]+)</UploadId>", upload.group(0))
+                when = self.initiated.get(upload_id.group(1).decode()) if upload_id else None
+                if when is None:
+                    return upload.group(0)
+                stamp = dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+                return re.sub(rb"<Initiated>[^<]*</Initiated>", f"<Initiated>{stamp}</Initiated>".encode(),
+                              upload.group(0))
+
+            answer = re.sub(rb"<Upload>.*?</Upload>", restate, answer, flags=re.DOTALL)
+        return answer
 
     # --- server ---
     def start(self) -> None:
@@ -145,13 +176,15 @@ class FaultProxy:
                         self.wfile.write(answer[: len(answer) // 2])
                         self.close_connection = True
                         return
+                    answer = proxy._note_and_restate_initiated(self.command, self.path, answer)
                     self._reply(response.status, response.getheaders(), answer)
                 finally:
                     conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)  # bound (and listening) here
+        self.port = int(server.server_address[1])
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._server = server

@@ -153,13 +153,19 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
     }
 
 
+HOST_SITE = Path(__file__).resolve().parent / "host_site"
+
+
 def host_env(base: Mapping[str, str], root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A worker "host" on this machine: an empty directory of its own holding its HOME,
-    PREFECT_HOME, caches and temp files, and no PYTHONPATH, so code comes from the pull step."""
+    PREFECT_HOME, caches and temp files, and neither the checkout on its path nor the editable
+    install of it, so the project's code comes only from the pull step's clone."""
     for sub in ("home", "prefect", "cache", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in base.items() if k not in ("PYTHONPATH", "PWD", "OLDPWD", "VIRTUAL_ENV")}
     env.update({
+        # Only host_site/sitecustomize.py, which switches the venv's editable install of the checkout off.
+        "PYTHONPATH": str(HOST_SITE),
         "HOME": str(root / "home"),
         "PREFECT_HOME": str(root / "prefect"),
         "PROTEIN_CACHE_DIR": str(root / "cache"),
@@ -215,10 +221,10 @@ def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def git_remote_of_worktree(root: Path) -> tuple[str, str]:
+def git_remote_of_worktree(root: Path, rewrite: Mapping[str, str] | None = None) -> tuple[str, str]:
     """A bare repository holding one commit of this checkout as it is now (committed or not,
-    untracked files included unless git ignores them): the "remote" workers clone. Returns its
-    file:// URL and the commit sha."""
+    untracked files included unless git ignores them): the "remote" workers clone. `rewrite`
+    replaces files of that commit (relative path -> text). Returns its file:// URL and the sha."""
     files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).split("\0")
     snapshot = root / "snapshot"
     for rel in filter(None, files):
@@ -227,6 +233,8 @@ def git_remote_of_worktree(root: Path) -> tuple[str, str]:
             target = snapshot / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    for rel, text in (rewrite or {}).items():
+        (snapshot / rel).write_text(text)
     git("init", "-q", "-b", "main", cwd=snapshot)
     git("add", "-A", cwd=snapshot)
     git("commit", "-q", "-m", "snapshot under test", cwd=snapshot)

@@ -4,10 +4,13 @@ bad URIs, and `protein datasets push/list`."""
 
 import json
 import logging
+import os
+import time
 
 import boto3
 import pytest
 
+from protein.cache_budget import cache_entries
 from protein.cli import main as protein_main
 from protein.data import data_cache_dir, fingerprint, load_competition, open_dataset
 from protein.data.push import list_datasets, push_dataset
@@ -227,3 +230,33 @@ def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):
     with pytest.raises(DataError, match=r"train/copy of 1.png: this file name cannot be an object key"):
         push_dataset(str(flat), store)
     assert [row["fingerprint"] for row in list_datasets(store)[0]] == [result.fingerprint]
+
+
+def test_the_download_cache_stays_within_its_bound_and_refetches_what_it_evicted(tmp_path, bucket, cache,
+                                                                                   monkeypatch):
+    first = write_dataset(tmp_path / "first", LABELS, TEST_IDS)
+    upload_folder(bucket, first, "first/")
+    old = load_competition(f"s3://{bucket}/first/")
+    old.source.fetch([f"train/{n}" for n in old.source.list_dir("train")])
+    month_ago = time.time() - 30 * 86400
+    for entry in cache_entries(cache.parent):
+        for path in entry.paths:
+            os.utime(path, (month_ago, month_ago))
+    stale = {e.name for e in cache_entries(cache.parent)}
+    assert len(stale) >= len(LABELS)
+    old.source.read_bytes("train/2.png")  # a read is a use: this copy is no longer month-old
+    used = stale - {e.name for e in cache_entries(cache.parent) if e.last_used < month_ago + 60}
+    assert len(used) == 1
+    stale -= used
+
+    second = write_dataset(tmp_path / "second", {f"n{k}": v for k, v in LABELS.items()}, TEST_IDS, size=40)
+    upload_folder(bucket, second, "second/")
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", str(1 / 2**30))  # one byte: keep only what is in use
+    new = load_competition(f"s3://{bucket}/second/")
+    new.source.read_bytes("train/n1.png")  # fetches train/ of the second dataset, then enforces the bound
+    left = {e.name for e in cache_entries(cache.parent)}
+    assert not (stale & left), "the month-old copies of the first dataset were removed"
+    assert any(name.startswith("datasets/objects/") for name in left), "the files just fetched stay"
+    assert used <= left, "the copy read a moment ago stays"
+    # A copy the bound removed is fetched again on the next read, with the same bytes.
+    assert old.source.read_bytes("train/1.png") == (first / "train" / "1.png").read_bytes()

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from protein.pipeline import train_and_register
 from protein.registry import Registry
 from protein.storage import open_store
 from protein.synth import generate_dataset
-
-pytestmark = pytest.mark.slow
+from tests.conftest import ProteinProcess
 
 # |2-rank - 1-rank| on the final holdout BCE (~8 images). Not equal: BatchNorm normalises each
 # rank's half-batch separately and augmentation draws differ per rank; measured 0.026
@@ -37,17 +35,24 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def train_cli(data: Path, tmp: Path, run_id: str, epochs: int, *extra: str) -> subprocess.Popen[str]:
+def train_cli(launcher: ProteinProcess, data: Path, tmp: Path, run_id: str, epochs: int,
+              *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1",
            "PROTEIN_DDP_TIMEOUT_S": "120"}
-    argv = [sys.executable, "-m", "protein.cli", "train", "--data", str(data), "--store", str(tmp / "store"),
+    argv = ["train", "--data", str(data), "--store", str(tmp / "store"),
             "--cache-dir", str(tmp / "cache"), "--image-size", "32", "--epochs", str(epochs), "--batch-size", "8",
             "--seed", "3", "--device", "cpu", "--nproc", "2", "--run-id", run_id, *extra]
-    return subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return launcher.popen(*argv, env=env)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int | None, str, str]:
+    """(exit code, stdout, stderr); the code is None when the launcher was still running after
+    timeout seconds: then it and its ranks (its whole session) are killed, so none outlives the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ProteinProcess.kill_group(proc)
+        return None, "", ""
     return proc.returncode, out, err
 
 
@@ -55,8 +60,9 @@ def final_holdout_loss(store: str, model_id: str) -> float:
     return Registry(open_store(store)).spec(model_id)["history"][-1]["holdout_loss"]
 
 
-def test_two_ranks_register_one_version_close_to_one_rank_and_decode_once(dataset: Path, tmp_path: Path):
-    code, out, err = finish(train_cli(dataset, tmp_path, "ddp-2", 2))
+def test_two_ranks_register_one_version_close_to_one_rank_and_decode_once(dataset: Path, tmp_path: Path,
+                                                                          protein_process: ProteinProcess):
+    code, out, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-2", 2))
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     store = str(tmp_path / "store")
@@ -105,26 +111,30 @@ def rank_pids(launcher: int, rank: int) -> list[int]:
     return found
 
 
-def test_a_killed_rank_fails_the_run_in_bounded_time_and_a_rerun_resumes(dataset: Path, tmp_path: Path):
-    proc = train_cli(dataset, tmp_path, "ddp-kill", 4)
+def test_a_killed_rank_fails_the_run_in_bounded_time_and_a_rerun_resumes(dataset: Path, tmp_path: Path,
+                                                                         protein_process: ProteinProcess):
+    proc = train_cli(protein_process, dataset, tmp_path, "ddp-kill", 4)
     checkpoint = tmp_path / "store" / "runs" / "ddp-kill" / "checkpoint.pt"
-    deadline = time.monotonic() + BOUND_S
-    while not checkpoint.exists():  # epoch 1 is saved: there is something to resume from
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    victims = rank_pids(proc.pid, 1)
-    assert len(victims) == 1, victims
-    os.kill(victims[0], signal.SIGKILL)
-    killed_at = time.monotonic()
-    code, out, err = finish(proc, timeout=BOUND_S)
-    assert time.monotonic() - killed_at < BOUND_S
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not checkpoint.exists():  # epoch 1 is saved: there is something to resume from
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        victims = rank_pids(proc.pid, 1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        code, out, err = finish(proc, timeout=BOUND_S)
+    finally:
+        if proc.poll() is None:
+            ProteinProcess.kill_group(proc)
+    assert code is not None, f"the run was still going {BOUND_S}s after a rank was killed (it and its ranks killed)"
     assert code == 7, err[-3000:]
     assert err.strip().splitlines()[-1].startswith(
         "protein train: error: training run ddp-kill on 2 ranks failed"), err[-2000:]
     store = str(tmp_path / "store")
     assert Registry(open_store(store)).versions() == []  # nothing registered by the failed run
 
-    code, out, err = finish(train_cli(dataset, tmp_path, "ddp-kill", 4))
+    code, out, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-kill", 4))
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert 1 <= result["resumed_from_epoch"] < 4

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import REPO
-from tests.integration.prefect_stack import Stack
+from tests.integration.prefect_stack import HEARTBEAT_S, TEST_ZOMBIE_AFTER_S, Stack
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 PRESIGN_MARKERS = ("X-Amz-Signature", "X-Amz-Credential", "Signature=", "AWSAccessKeyId")
 
@@ -36,18 +36,36 @@ def push_event(stack: Stack, payload: dict[str, Any]) -> None:
     assert result.returncode == 0, f"event not sent: {result.stdout}{result.stderr}"
 
 
-def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webhook(prefect_stack: Stack) -> None:
+def champion_now(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The stack store's champion as the stack's own processes see it (their S3 endpoint and keys)."""
+    from protein.registry import Registry
+    from protein.storage import open_store
+
+    with monkeypatch.context() as patch:
+        for name, value in stack.env.items():
+            if name.startswith("AWS_"):
+                patch.setenv(name, value)
+        return Registry(open_store(stack.store)).champion().champion
+
+
+def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webhook(
+    prefect_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = prefect_stack
+    # The stack is shared with the UI test, which may have promoted a model already (in whatever
+    # order the two run): the summary must name the champion there was when this run started.
+    before = champion_now(stack, monkeypatch)
     # The user's command: upload the dataset to the store; it emits protein.dataset.pushed.
     pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(stack.dataset),
                              "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert pushed.returncode == 0, f"datasets push failed: {pushed.stdout}{pushed.stderr}"
-    uri = json.loads(pushed.stdout)["uri"]
+    uri, event_id = json.loads(pushed.stdout)["uri"], json.loads(pushed.stdout)["event_id"]
     assert uri.startswith(f"{stack.store}/datasets/")
 
-    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == uri
-                         and str(r.parameters.get("trigger_event", "")).startswith("protein.dataset.pushed "),
+    # The trigger names the channel; the run resolves it to this push's immutable URI.
+    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:latest"
+                         and r.parameters.get("trigger_event") == f"protein.dataset.pushed {event_id}",
                          "started by protein.dataset.pushed")
     assert run.parameters["skip_if_unchanged"] is False, "a pushed dataset is always trained on"
     run = stack.wait_final(run.id)
@@ -63,7 +81,7 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     assert {"train_loss", "holdout_f1_samples", "images_per_s"} <= set(history[0])
     assert "# Gate: PROMOTE" in artifacts["gate-decision"].data, artifacts["gate-decision"].data
     summary = artifacts["retrain-summary"].data
-    assert f"- data: `{uri}`" in summary and "champion before: `none`" in summary
+    assert f"- data: `{uri}`" in summary and f"champion before: `{before or 'none'}`" in summary
     assert f"{stack.store}/submissions/" in summary, summary
     for key, artifact in artifacts.items():  # durable URIs only; nothing that expires or grants access
         text = json.dumps(artifact.data) + str(artifact.description)
@@ -106,16 +124,16 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     assert "# Retrain: skipped, data unchanged" in skipped["retrain-summary"].data
 
 
-def test_event_without_uri_fails_the_run_at_once_and_alerts(prefect_stack: Stack) -> None:
+def test_event_without_channel_fails_the_run_at_once_and_alerts(prefect_stack: Stack) -> None:
     stack = prefect_stack
-    push_event(stack, {"fingerprint": "bad0", "counts": {"train": 3}})  # no "uri"
-    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == ""
+    push_event(stack, {"fingerprint": "bad0", "counts": {"train": 3}})  # no "channel"
+    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:"
                          and str(r.parameters.get("trigger_event", "")).startswith("protein.dataset.pushed "),
                          "started by the malformed event")
     run = stack.wait_final(run.id)
     assert run.state.is_failed(), run.state
     event_ref = run.parameters["trigger_event"]
-    assert run.state.message == f"event {event_ref}: field payload.uri is missing or empty; nothing was run"
+    assert run.state.message == f"event {event_ref}: field payload.channel is missing or empty; nothing was run"
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with stack.client() as client:
@@ -125,7 +143,7 @@ def test_event_without_uri_fails_the_run_at_once_and_alerts(prefect_stack: Stack
     message = stack.receiver.wait_for(lambda m: str(run.id) in m.get("text", ""), f"about failed run {run.id}",
                                       describe=stack.logs)
     assert message["subject"] == f"protein: retrain run {run.name} Failed"
-    assert "field payload.uri is missing" in message["text"]
+    assert "field payload.channel is missing" in message["text"]
 
 
 ZOMBIE_FLOW = """
@@ -144,7 +162,7 @@ def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, tmp
     stack = prefect_stack
     script = tmp_path / "zombie.py"
     script.write_text(ZOMBIE_FLOW)
-    env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -162,7 +180,8 @@ def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, tmp
     flow_run_id = beat[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
     with stack.client() as client:
         assert client.read_flow_run(flow_run_id).state.is_running()
-    run = stack.wait_final(flow_run_id, timeout_s=180)
+    # Crashed once the window passes without a beat; the margin is the automation's own evaluation.
+    run = stack.wait_final(flow_run_id, timeout_s=TEST_ZOMBIE_AFTER_S + 120)
     assert run.state.type.value == "CRASHED", run.state
     assert "heartbeats stopped" in (run.state.message or "")
     message = stack.receiver.wait_for(lambda m: flow_run_id in m.get("text", ""), "about the crashed run",

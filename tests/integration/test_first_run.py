@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flows.cli import EXIT_PREFECT_UNAVAILABLE, SERVER_LOG_NAME
-from tests.conftest import free_port
+from tests.conftest import ProteinProcess, closed_port
 from tests.helpers import REPO, write_dataset
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = pytest.mark.integration
 
 
 def fresh_env(home: Path, **extra: str) -> dict[str, str]:
@@ -30,11 +28,6 @@ def fresh_env(home: Path, **extra: str) -> dict[str, str]:
                 "GX_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO)})
     env.update(extra)
     return env
-
-
-def run_module(module: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=600)
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
@@ -57,12 +50,13 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", labels, ["t1", "t2", "t3"], size=32)
 
 
-def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, tiny_dataset: Path) -> None:
+def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, tiny_dataset: Path,
+        protein_process: ProteinProcess) -> None:
     home = tmp_path / "new-prefect-home"  # does not exist yet: nothing migrated, nothing cached
     store = tmp_path / "store"
-    result = run_module("flows.retrain", ["--data", str(tiny_dataset), "--store", str(store), "--epochs", "1",
-                                          "--image-size", "32", "--expected-image-size", "32", "--min-score", "0"],
-                        fresh_env(home), cwd=tmp_path)
+    result = protein_process.module("flows.retrain", "--data", str(tiny_dataset), "--store", str(store), "--epochs",
+                                    "1", "--image-size", "32", "--expected-image-size", "32", "--min-score", "0",
+                                    env=fresh_env(home), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
@@ -73,10 +67,12 @@ def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, ti
     assert (home / SERVER_LOG_NAME).exists()
 
 
-def test_unreachable_api_is_one_line_with_its_own_exit_code(tmp_path: Path, tiny_dataset: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
-    result = run_module("flows.validate", ["--data", str(tiny_dataset), "--image-size", "32"],
-                        fresh_env(tmp_path / "home", PREFECT_API_URL=url), cwd=tmp_path)
+def test_unreachable_api_is_one_line_with_its_own_exit_code(tmp_path: Path, tiny_dataset: Path,
+        protein_process: ProteinProcess) -> None:
+    with closed_port() as port:  # held by a socket that never listens: nothing can answer there
+        url = f"http://127.0.0.1:{port}/api"
+        result = protein_process.module("flows.validate", "--data", str(tiny_dataset), "--image-size", "32",
+                                        env=fresh_env(tmp_path / "home", PREFECT_API_URL=url), cwd=tmp_path)
     assert result.returncode == EXIT_PREFECT_UNAVAILABLE, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -84,11 +80,13 @@ def test_unreachable_api_is_one_line_with_its_own_exit_code(tmp_path: Path, tiny
     assert url in lines[0] and "PREFECT_API_URL" in lines[0] and "prefect server start" in lines[0]
 
 
-def test_a_server_that_does_not_come_up_in_time_is_one_line_and_is_stopped(tmp_path: Path, tiny_dataset: Path) -> None:
+def test_a_server_that_does_not_come_up_in_time_is_one_line_and_is_stopped(tmp_path: Path, tiny_dataset: Path,
+        protein_process: ProteinProcess) -> None:
     home = tmp_path / "home"
     # No server is healthy within half a second, so the bounded wait must give up cleanly.
     env = fresh_env(home, PROTEIN_PREFECT_STARTUP_TIMEOUT_S="0.5")
-    result = run_module("flows.validate", ["--data", str(tiny_dataset), "--image-size", "32"], env, cwd=tmp_path)
+    result = protein_process.module("flows.validate", "--data", str(tiny_dataset), "--image-size", "32", env=env,
+                                    cwd=tmp_path)
     assert result.returncode == EXIT_PREFECT_UNAVAILABLE, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

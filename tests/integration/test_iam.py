@@ -125,7 +125,7 @@ def test_renderer_parameters() -> None:
     assert at_root["Statement"][1]["Resource"][0] == "arn:aws:s3:::ml-models/datasets/*"
     assert "${" in json.dumps(template("trainer")) and "${" not in json.dumps(at_root)
     for bucket, prefix in (("ml-models", "a/*"), ("ml-models", "../x"), ("Bad_Bucket", "p"), ("ml-models", "a b")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^(invalid S3 bucket name|invalid object key)"):
             render_policy("trainer", bucket, prefix)
     with pytest.raises(ValueError, match="unknown role"):
         render_policy("admin", "ml-models", "p")
@@ -276,7 +276,6 @@ def test_enforcement_is_on(iam_store: IamStore, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_each_role_does_its_part_and_nothing_else(
     iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
 ) -> None:
@@ -338,8 +337,8 @@ def test_each_role_does_its_part_and_nothing_else(
     score_for_gate(str(dataset), uri, run_id, version, None, device="cpu", cache_dir=cache)
     predict_for_run(str(dataset), uri, run_id, version, device="cpu", cache_dir=cache)
     scored = iam_store.snapshot()
-    assert scored.keys() - before.keys() == {f"runs/{run_id}/gate-evaluation.json", f"runs/{run_id}/submission.csv",
-                                             f"runs/{run_id}/submission.json"}
+    assert scored.keys() - before.keys() == {f"runs/{run_id}/{name}" for name in (
+        "gate-evaluation.json", "gate-probs.npz", "submission.csv", "submission.json", "test-probs.npz")}
     before = scored
 
     # Publisher may not promote (it cannot even read the champion pointer).
@@ -363,8 +362,9 @@ def test_each_role_does_its_part_and_nothing_else(
     assert submission["model_id"] == version
     # ... and what the retrain run does with the score deployment's results: read the gate's evaluation,
     # publish the submission the GPU host computed.
-    assert read_gate_evaluation(uri, run_id, version, None, data_fingerprint)["challenger"]["model_id"] == version
-    published = publish_run_submission(uri, run_id, version, data_fingerprint)
+    read = read_gate_evaluation(str(dataset), uri, run_id, version, None, data_fingerprint, cache_dir=cache)
+    assert read["challenger"]["model_id"] == version
+    published = publish_run_submission(str(dataset), uri, run_id, version, data_fingerprint, cache_dir=cache)
     assert published["key"].startswith(f"submissions/{version}/") and published["key"] != submission["key"]
     keys = iam_store.snapshot()
     for prefix in ("validation/", "gates/", "reports/", "submissions/", "registry/champion.json"):
@@ -402,3 +402,54 @@ def test_each_role_does_its_part_and_nothing_else(
     # The operator never rewrites submissions.
     assert_refused(cli("operator", "predict", "--data", str(dataset), *common),
                    "s3:PutObject", f"submissions/{version}/")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_results_forged_with_the_trainer_keys_are_refused(iam_store: IamStore, dataset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU host's keys can write runs/<run>/: a verdict and a submission forged there, the record's SHA-256
+    included, are refused by the orchestrator (one line), the champion stays and nothing is published."""
+    import hashlib
+
+    from protein.errors import EvidenceRefused
+    from protein.registry import Registry
+    from protein.run_results import predict_for_run, publish_run_submission, read_gate_evaluation, score_for_gate
+    from protein.storage import open_store
+
+    uri, cache = iam_store.uri, tmp_path / "cache"
+    trained = protein(iam_store, "trainer", "train", "--data", str(dataset), "--store", uri, "--cache-dir",
+                      str(cache), "--epochs", "1", "--image-size", str(IMAGE), "--batch-size", "8", "--device", "cpu",
+                      cache=cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = json.loads(trained.stdout.strip().splitlines()[-1])
+    version, run_id, data_fingerprint = run["model_id"], run["run_id"], run["data_fingerprint"]
+
+    # The trainer scores as the score deployment does, then rewrites the results with its own keys.
+    use_role(monkeypatch, iam_store, "trainer")
+    score_for_gate(str(dataset), uri, run_id, version, None, device="cpu", cache_dir=cache)
+    predict_for_run(str(dataset), uri, run_id, version, device="cpu", cache_dir=cache)
+    trainer_store = open_store(uri)
+    record = json.loads(trainer_store.get_bytes(f"runs/{run_id}/gate-evaluation.json"))
+    record["evaluation"]["challenger"]["f1_samples"] = 1.0
+    trainer_store.put_bytes(f"runs/{run_id}/gate-evaluation.json", json.dumps(record).encode())
+    csv = trainer_store.get_bytes(f"runs/{run_id}/submission.csv")
+    forged = csv.replace(b"\n900,", b"\n900,0 1 2 3 ", 1)
+    assert forged != csv
+    trainer_store.put_bytes(f"runs/{run_id}/submission.csv", forged)
+    pointer = json.loads(trainer_store.get_bytes(f"runs/{run_id}/submission.json"))
+    pointer["sha256"] = hashlib.sha256(forged).hexdigest()
+    trainer_store.put_bytes(f"runs/{run_id}/submission.json", json.dumps(pointer).encode())
+
+    # The orchestrator, as the retrain run: the gate never sees the verdict, the CSV is never published.
+    use_role(monkeypatch, iam_store, "orchestrator")
+    champion_before = Registry(open_store(uri)).champion()
+    before = iam_store.snapshot()
+    with pytest.raises(EvidenceRefused, match="f1_samples is not what the CPU host derives") as verdict:
+        read_gate_evaluation(str(dataset), uri, run_id, version, None, data_fingerprint, cache_dir=cache)
+    with pytest.raises(EvidenceRefused, match="submission.csv: line 2 is not what the CPU host derives") as csv_refused:
+        publish_run_submission(str(dataset), uri, run_id, version, data_fingerprint, cache_dir=cache)
+    for refused in (verdict.value, csv_refused.value):
+        assert "\n" not in str(refused) and f"runs/{run_id}/" in str(refused)
+    assert iam_store.snapshot() == before, "nothing published, nothing promoted"
+    assert Registry(open_store(uri)).champion() == champion_before

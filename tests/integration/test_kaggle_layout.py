@@ -11,7 +11,7 @@ from protein.cli import main as protein_main
 from protein.data import fingerprint, open_dataset
 from tests.helpers import write_kaggle_dataset, zip_folder
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 LABELS = {str(100 + i): ["0", "4", "6 4", "2 5", "9"][i % 5] for i in range(20)}
 TEST_IDS = ["907", "903", "905"]

@@ -19,13 +19,13 @@ from tests.integration.prefect_services import (
     Service,
     prefect_cli,
     prefect_env,
-    running_services,
     start_server,
+    stop_all,
     wait_final,
     worker_args,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT_S = 240.0
 FLOW = '''
@@ -71,7 +71,9 @@ def http_status(url: str, method: str = "GET", auth: str | None = None, body: di
         return exc.code
 
 
-def test_unauthenticated_clients_are_refused_and_a_configured_worker_runs_a_deployment(tmp_path: Path) -> None:
+def test_unauthenticated_clients_are_refused_and_a_configured_worker_runs_a_deployment(
+    tmp_path: Path, services: list[Service]
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
@@ -91,42 +93,44 @@ def test_unauthenticated_clients_are_refused_and_a_configured_worker_runs_a_depl
     (project / "hello.py").write_text(FLOW)
     (project / "prefect.yaml").write_text(prefect_yaml(project))
 
-    with running_services() as services:
-        start_server(server_env, tmp_path, services)  # its health probe is the one open endpoint
+    start_server(server_env, tmp_path, services)  # its health probe is the one open endpoint
 
-        # Refused without the auth string, or with a wrong one: reading, and starting runs.
-        assert http_status(f"{api}/flows/filter", "POST", body={"limit": 1}) == 401
-        assert http_status(f"{api}/flows/filter", "POST", auth="admin:wrong", body={"limit": 1}) == 401
-        assert http_status(f"{api}/flows/filter", "POST", auth=auth, body={"limit": 1}) == 200
-        refused = subprocess.run([str(PREFECT), "work-pool", "ls"], env=anonymous_env, capture_output=True,
-                                 text=True, timeout=180)
-        assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    # Refused without the auth string, or with a wrong one: reading, and starting runs.
+    assert http_status(f"{api}/flows/filter", "POST", body={"limit": 1}) == 401
+    assert http_status(f"{api}/flows/filter", "POST", auth="admin:wrong", body={"limit": 1}) == 401
+    assert http_status(f"{api}/flows/filter", "POST", auth=auth, body={"limit": 1}) == 200
+    refused = subprocess.run([str(PREFECT), "work-pool", "ls"], env=anonymous_env, capture_output=True,
+                             text=True, timeout=180)
+    assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
 
-        # The CLI and a worker with the auth string work as usual.
-        prefect_cli(client_env, "work-pool", "create", "cpu", "--type", "process")
-        prefect_cli(client_env, "--no-prompt", "deploy", "--all", "--prefect-file", str(project / "prefect.yaml"),
-                    cwd=project)
-        worker_home = tmp_path / "worker-home"
-        services.append(Service("worker-cpu", worker_args("cpu", "auth-worker"),
-                                {**client_env, "PREFECT_HOME": str(worker_home)}, tmp_path, cwd=project))
+    # The CLI and a worker with the auth string work as usual.
+    prefect_cli(client_env, "work-pool", "create", "cpu", "--type", "process")
+    prefect_cli(client_env, "--no-prompt", "deploy", "--all", "--prefect-file", str(project / "prefect.yaml"),
+                cwd=project)
+    worker_home = tmp_path / "worker-home"
+    services.append(Service("worker-cpu", worker_args("cpu", "auth-worker"),
+                            {**client_env, "PREFECT_HOME": str(worker_home)}, tmp_path, cwd=project))
 
-        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: None}), \
-                get_client(sync_client=True) as anonymous, pytest.raises(PrefectHTTPStatusError, match="401"):
-            anonymous.read_deployment_by_name("auth-hello/hello")
-        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}), \
-                get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("auth-hello/hello")
-            # Anyone who reaches the port without the string cannot start a run.
-            assert http_status(f"{api}/deployments/{deployment.id}/create_flow_run", "POST", body={}) == 401
-            run = client.create_flow_run_from_deployment(deployment.id, parameters={"name": "security"})
-            run = wait_final(client, run.id, RUN_TIMEOUT_S, services)
-            assert run.state is not None and run.state.is_completed(), f"{run.state}\n{services[-1].log_tail()}"
-            assert run.work_pool_name == "cpu"
-            assert len(client.read_flow_runs()) == 1, "the refused request started nothing"
-        worker_log = services[-1].log()
-        assert "hello security from an authenticated worker" in worker_log, worker_log[-3000:]
+    with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: None}), \
+            get_client(sync_client=True) as anonymous, pytest.raises(PrefectHTTPStatusError, match="401"):
+        anonymous.read_deployment_by_name("auth-hello/hello")
+    with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}), \
+            get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("auth-hello/hello")
+        # Anyone who reaches the port without the string cannot start a run.
+        assert http_status(f"{api}/deployments/{deployment.id}/create_flow_run", "POST", body={}) == 401
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"name": "security"})
+        run = wait_final(client, run.id, RUN_TIMEOUT_S, services)
+        assert run.state is not None and run.state.is_completed(), f"{run.state}\n{services[-1].log_tail()}"
+        assert run.work_pool_name == "cpu"
+        assert len(client.read_flow_runs()) == 1, "the refused request started nothing"
+    worker_log = services[-1].log()
+    assert "hello security from an authenticated worker" in worker_log, worker_log[-3000:]
 
-    # The secret is in no file anyone wrote: server database (and its WAL), homes, logs, the project.
+    # The secret is in no file anyone wrote: server database (and its WAL), homes, logs, the project;
+    # read once every process stopped and flushed what it writes.
+    stop_all([s for s in services if s.name != "server"])
+    stop_all(services)
     scanned = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name.startswith("prefect.db") for p in scanned)
     leaked = [str(p) for p in scanned if password.encode() in p.read_bytes()]

@@ -16,10 +16,10 @@ from tests.integration.prefect_services import prefect_env
 pytestmark = [pytest.mark.integration]
 
 SETTINGS = {"PROTEIN_REPOSITORY": "https://example.invalid/protein-pipeline.git", "PROTEIN_STORE": "s3://bucket/store",
-            "PROTEIN_DATA": "s3://bucket/store/datasets/abc/", "PROTEIN_COMMIT": "0" * 40}
+            "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook", "PROTEIN_COMMIT": "0" * 40}
 
 
-@pytest.mark.parametrize("unset", ["PROTEIN_REPOSITORY", "PROTEIN_STORE", "PROTEIN_DATA"])
+@pytest.mark.parametrize("unset", ["PROTEIN_REPOSITORY", "PROTEIN_STORE", "PROTEIN_ALERT_WEBHOOK_URL"])
 def test_deploy_with_an_unset_setting_fails_naming_it_before_any_prefect_call(unset: str, tmp_path) -> None:
     # Nothing listens on this API: had the wrapper called prefect, it would fail another way (exit 1).
     env = prefect_env(tmp_path / "home", {**SETTINGS, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})

@@ -10,6 +10,8 @@ import pytest
 
 from protein.config import TrainConfig
 from protein.pipeline import train_and_register
+from protein.registry import Registry
+from protein.storage import open_store
 from tests.helpers import write_dataset
 
 TINY_CONFIG = TrainConfig(image_size=32, epochs=1, batch_size=16, seed=0)
@@ -28,3 +30,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dic
     store, cache = str(root / "store"), root / "cache"
     result = train_and_register(tiny_dataset, store, TINY_CONFIG, cache_dir=cache)
     return {**result, "store": store, "cache": cache, "data": tiny_dataset}
+
+
+@pytest.fixture
+def registry(trained: dict, tmp_path: Path) -> Registry:
+    """A fresh local store holding a copy of the trained version, so tests never share a champion."""
+    target = Registry(open_store(str(tmp_path / "store")))
+    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
+    return target
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_registry(request: pytest.FixtureRequest, trained: dict, tmp_path: Path) -> Registry:
+    """The same on the local store and on the moto S3 server."""
+    uri = str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket")
+    target = Registry(open_store(uri))
+    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
+    return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from protein.config import GateConfig, TrainConfig
 from protein.evaluation.gate import decide, ids_digest
 from protein.evaluation.report import gate_markdown
-from protein.pipeline import evaluate_for_gate, train_and_register
+from protein.pipeline import evaluate_for_gate
 from protein.registry import Registry
 from protein.storage import open_store
 from tests.helpers import write_dataset
@@ -20,7 +21,7 @@ LENIENT = GateConfig(min_score=0.0, min_gain=-1.0, max_class_drop=1.0, min_rows=
 
 
 @pytest.fixture(scope="module")
-def changed_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def changed_data(tmp_path_factory: pytest.TempPathFactory, trainer: Callable[..., dict]) -> dict:
     """A champion trained on 60 rows, then 60 more rows arrive and a challenger trains on all 120."""
     root = tmp_path_factory.mktemp("gate-fairness")
     rng = random.Random(1)
@@ -30,14 +31,13 @@ def changed_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store, cache = str(root / "store"), root / "cache"
     # batch 10: a last batch of one image would trip BatchNorm in training (49 rows, batch 16)
     config = TrainConfig(image_size=32, epochs=1, batch_size=10, seed=0)
-    champion = train_and_register(old, store, config, cache_dir=cache)["model_id"]
+    champion = trainer(old, store, config, cache_dir=cache)["model_id"]
     Registry(open_store(store)).promote(champion, expected_champion=None)
-    challenger = train_and_register(new, store, TrainConfig(image_size=32, epochs=1, batch_size=16, seed=1),
+    challenger = trainer(new, store, TrainConfig(image_size=32, epochs=1, batch_size=16, seed=1),
                                     cache_dir=cache)["model_id"]
     return {"old": old, "new": new, "store": store, "cache": cache, "champion": champion, "challenger": challenger}
 
 
-@pytest.mark.slow
 def test_model_json_records_the_exact_rows_and_the_data(changed_data):
     registry = Registry(open_store(changed_data["store"]))
     spec = registry.spec(changed_data["champion"])
@@ -49,7 +49,6 @@ def test_model_json_records_the_exact_rows_and_the_data(changed_data):
     assert spec["data_fingerprint"] != registry.spec(changed_data["challenger"])["data_fingerprint"]
 
 
-@pytest.mark.slow
 def test_after_a_data_change_both_models_are_scored_only_on_rows_neither_trained_on(changed_data):
     registry = Registry(open_store(changed_data["store"]))
     champion_spec = registry.spec(changed_data["champion"])
@@ -83,7 +82,6 @@ def test_after_a_data_change_both_models_are_scored_only_on_rows_neither_trained
     assert "95% interval [" in gate_markdown(decision, changed_data["challenger"], changed_data["champion"])
 
 
-@pytest.mark.slow
 def test_a_champion_whose_rows_are_unknown_is_not_compared(changed_data, tmp_path: Path):
     """A champion from before rows were recorded, trained on other data: no row is known to be
     unseen by it, so the gate refuses the comparison instead of scoring it on its training rows."""

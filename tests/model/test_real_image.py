@@ -1,8 +1,14 @@
 import shutil
 
+import numpy as np
 import pandas as pd
 
+from protein.data import fingerprint, load_competition
+from protein.evaluation.metrics import binarize
+from protein.labels import format_label_set
 from protein.pipeline import predict_and_publish
+from protein.pipeline.inputs import load_split_images
+from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry
 from protein.storage import open_store
 from tests.helpers import REAL
@@ -25,5 +31,11 @@ def test_real_test_image_flows_through_predict(trained, tmp_path):
     predict_and_publish(dataset, str(store), "champion", out, tmp_path / "cache")
     submission = pd.read_csv(out, dtype=str)
     assert submission["Image"].tolist() == ["10034"]
-    labels = submission["Label"].iloc[0].split(" ")
-    assert labels and all(label.isdigit() and 0 <= int(label) <= 9 for label in labels)
+    # The labels are the champion's: its probabilities for this image, cut at its thresholds (at least
+    # one label per image), as label ids in order.
+    data = load_competition(dataset)
+    predictor = load_predictor(registry, trained["model_id"], tmp_path / "cache")
+    images = load_split_images(data, "test", predictor.image_size, fingerprint(data.source), tmp_path / "cache")
+    assert images.shape[0] == 1 and images.std() > 0  # the real image's pixels, not a blank
+    predicted = binarize(predictor.predict_probs(images), predictor.thresholds, ensure_one=True)[0]
+    assert submission["Label"].iloc[0] == format_label_set(np.flatnonzero(predicted))

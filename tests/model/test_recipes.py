@@ -23,12 +23,9 @@ from protein.pipeline import (
     load_predictor,
     load_split_images,
     predict_and_publish,
-    train_and_register,
 )
 from protein.registry import Registry
 from protein.storage import open_store
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -101,13 +98,13 @@ FOLD = TrainConfig(image_size=32, epochs=1, batch_size=16, seed=0, folds=2)
 
 
 @pytest.fixture(scope="module")
-def folds(tiny_dataset, tmp_path_factory):
+def folds(tiny_dataset, tmp_path_factory, trainer):
     root = tmp_path_factory.mktemp("folds")
     store, cache = str(root / "store"), root / "cache"
     ids = []
     for fold in (1, 2):
         config = recipe_config(**{**FOLD.__dict__, "fold": fold, "tta": True, "recipe": "default"})
-        ids.append(train_and_register(tiny_dataset, store, config, cache_dir=cache)["model_id"])
+        ids.append(trainer(tiny_dataset, store, config, cache_dir=cache)["model_id"])
     return {"store": store, "cache": cache, "ids": ids, "root": root}
 
 
@@ -151,10 +148,10 @@ def test_ensemble_predicts_the_mean_tta_probabilities_with_out_of_fold_threshold
     assert submission["Image"].tolist() == data.test_ids
 
 
-def test_refit_on_every_row_records_out_of_fold_thresholds(folds, tiny_dataset, tmp_path):
+def test_refit_on_every_row_records_out_of_fold_thresholds(folds, tiny_dataset, tmp_path, trainer):
     config = recipe_config(**{**FOLD.__dict__, "refit": True, "thresholds_from": tuple(folds["ids"]),
                               "recipe": "default"})
-    result = train_and_register(tiny_dataset, folds["store"], config, cache_dir=folds["cache"])
+    result = trainer(tiny_dataset, folds["store"], config, cache_dir=folds["cache"])
     spec = Registry(open_store(folds["store"])).spec(result["model_id"])
     assert spec["holdout"]["n_train"] == 40 and spec["holdout"]["n_holdout"] == 0
     assert spec["refit"]["trained_on"] == "all rows" and spec["refit"]["models"] == folds["ids"]

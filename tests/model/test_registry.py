@@ -1,8 +1,11 @@
 import hashlib
 import json
 import os
+import re
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,14 +16,6 @@ from protein.modeling.predict import Predictor
 from protein.pipeline import evaluate_version, load_split_images, predict_and_publish
 from protein.registry import CHAMPION_KEY, Registry, check_version_id, default_actor, run_index_key
 from protein.storage import S3Store, open_store
-
-
-@pytest.fixture
-def registry(trained, tmp_path):
-    """A fresh store holding a copy of the trained version, so tests never share a champion."""
-    target = Registry(open_store(str(tmp_path / "store")))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
 
 
 def test_model_version_is_self_describing(trained):
@@ -40,10 +35,11 @@ def test_versions_are_immutable(registry, trained, tmp_path):
 
 def add_version(registry: Registry, source: str, version: str, **extra) -> str:
     """Register ``source``'s weights again under another id (same bytes, new record)."""
-    local = registry.download(source)
-    spec = json.loads((local / "model.json").read_text())
-    fields = {k: spec[k] for k in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics")}
-    return registry.register(local / "model.safetensors", {**fields, **extra}, version=version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = registry.download(source, Path(tmp))
+        spec = json.loads((local / "model.json").read_text())
+        fields = {k: spec[k] for k in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics")}
+        return registry.register(local / "model.safetensors", {**fields, **extra}, version=version)
 
 
 def test_promote_rollback_and_history(registry, trained):
@@ -128,7 +124,7 @@ def test_s3_round_trip_predicts_the_same_submission(trained, s3_bucket, tmp_path
 
 
 def test_unknown_version_lists_what_exists(registry, trained):
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(RegistryError, match="unknown model version 'no-such-version'") as info:
         registry.spec("no-such-version")
     assert "no-such-version" in str(info.value) and trained["model_id"] in str(info.value)
     with pytest.raises(RegistryError, match="invalid model version"):
@@ -204,14 +200,6 @@ def replace_weights(store, key: str, data: bytes, with_checksum: bool) -> None:
         (store.root / ".protein+meta" / "sha256" / key).unlink()
 
 
-@pytest.fixture(params=["local", "s3"])
-def any_registry(request, trained, tmp_path):
-    uri = str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket")
-    target = Registry(open_store(uri))
-    target.import_version(Registry(open_store(trained["store"])), trained["model_id"])
-    return target
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("with_checksum", [True, False], ids=["with-checksum", "without-checksum"])
 @pytest.mark.parametrize("how", ["replaced", "truncated"])
@@ -227,13 +215,13 @@ def test_weights_rewritten_in_the_bucket_are_refused_and_nothing_is_predicted(
 
     for call in (lambda: registry.download(version, tmp_path / "dl"), lambda: registry.promote(version),
                  lambda: registry.resolve("champion")):
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(RegistryError, match=f"^model version {re.escape(version)}: weights") as info:
             call()
         message = str(info.value)
         assert message.startswith(f"model version {version}: weights") and "\n" not in message
         assert ("size" in message) if how == "truncated" else ("sha256" in message or "checksum" in message)
         assert info.value.exit_code == 4
-    with pytest.raises(RegistryError):
+    with pytest.raises(RegistryError, match=f"^model version {re.escape(version)}: weights"):
         predict_and_publish(trained["data"], registry.store.uri, "champion", tmp_path / "sub.csv", trained["cache"])
     assert not (tmp_path / "sub.csv").exists() and registry.store.list("submissions/") == []
 
@@ -448,9 +436,11 @@ def test_gc_runs_deletes_checkpoints_of_registered_and_abandoned_runs(registry, 
     add_version(registry, trained["model_id"], "done", run_id="run-done")
     for run in ("run-done", "run-busy", "run-abandoned"):
         registry.store.put_bytes(f"runs/{run}/checkpoint.pt", b"ckpt")
-    old = time.time() - 10 * 86400
+    old, done = time.time() - 10 * 86400, time.time() - 2 * 86400  # past the one-day age guard
     for path in (registry.store.root / "runs" / "run-abandoned").iterdir():
         os.utime(path, (old, old))
+    for path in (registry.store.root / "runs" / "run-done").iterdir():
+        os.utime(path, (done, done))
     assert main(["models", "gc", "--runs", "--store", registry.store.uri]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == ["run-abandoned", "run-done"]
     assert registry.store.list("runs/") == ["runs/run-busy/checkpoint.pt"]

@@ -1,5 +1,6 @@
 """Scoring results that cross hosts through the store: what the score deployment writes under
-runs/<run_id>/ is read back only when it answers the retrain's own question."""
+runs/<run_id>/ is read back only when it answers the retrain's own question, and used only as the
+CPU host derives it again from the per-row probabilities and spot-checks them (protein/evidence.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from protein.errors import NotFound, StoreError
+from protein.data import load_competition
+from protein.errors import EvidenceRefused, NotFound, StoreError
+from protein.evidence import GATE_PROBS, TEST_PROBS, decode_probs, encode_probs
+from protein.labels import LABELS
 from protein.pipeline import evaluate_for_gate, predict_and_publish
+from protein.pipeline.evaluation import evaluation_of_probs, row_index
+from protein.pipeline.prediction import submission_csv
+from protein.registry import Registry
 from protein.run_results import (
     predict_for_run,
     publish_run_submission,
@@ -36,8 +44,9 @@ def test_gate_evaluation_comes_back_as_the_scoring_host_found_it(trained: dict, 
     summary = score_for_gate(trained["data"], store_uri, RUN, model, None, device="cpu", cache_dir=trained["cache"])
     assert summary["uri"].endswith(f"/runs/{RUN}/gate-evaluation.json")
     direct = evaluate_for_gate(trained["data"], store_uri, model, None, trained["cache"])
-    read = read_gate_evaluation(store_uri, RUN, model, None, fingerprint)
+    read = read_gate_evaluation(trained["data"], store_uri, RUN, model, None, fingerprint, cache_dir=trained["cache"])
     assert read["rows"] == direct["rows"] and read["champion"] is None
+    assert read["spot_check"]["challenger"]["rows"] == min(64, direct["rows"]["n"])
     assert read["challenger"]["f1_samples"] == direct["challenger"]["f1_samples"] == summary["challenger_f1_samples"]
     assert read["challenger"]["per_image"] == direct["challenger"]["per_image"]
 
@@ -56,10 +65,10 @@ def test_a_gate_evaluation_that_answers_another_question_is_refused(trained: dic
                 "data_fingerprint": trained["data_fingerprint"], **asked}
     if field is None:
         with pytest.raises(NotFound, match="gate-evaluation.json"):
-            read_gate_evaluation(store_uri, **question)
+            read_gate_evaluation(trained["data"], store_uri, **question, cache_dir=trained["cache"])
         return
     with pytest.raises(StoreError, match=f"{field} is .* expected"):
-        read_gate_evaluation(store_uri, **question)
+        read_gate_evaluation(trained["data"], store_uri, **question, cache_dir=trained["cache"])
 
 
 def test_a_gate_evaluation_that_is_not_a_record_is_refused(trained: dict, store_uri: str) -> None:
@@ -69,7 +78,8 @@ def test_a_gate_evaluation_that_is_not_a_record_is_refused(trained: dict, store_
                                                    "data_fingerprint": trained["data_fingerprint"]}).encode()):
         store.put_bytes(result_key(RUN, "gate-evaluation.json"), body)
         with pytest.raises(StoreError, match="gate-evaluation.json"):
-            read_gate_evaluation(store_uri, RUN, trained["model_id"], None, trained["data_fingerprint"])
+            read_gate_evaluation(trained["data"], store_uri, RUN, trained["model_id"], None,
+                                 trained["data_fingerprint"], cache_dir=trained["cache"])
 
 
 def test_the_scoring_host_computes_the_submission_and_only_the_orchestrator_publishes_it(trained: dict,
@@ -80,7 +90,8 @@ def test_the_scoring_host_computes_the_submission_and_only_the_orchestrator_publ
     assert computed["model_id"] == model and computed["rows"] == 12
     assert store.list("submissions/") == [], "the scoring host publishes nothing"
 
-    published = publish_run_submission(store_uri, RUN, model, trained["data_fingerprint"])
+    published = publish_run_submission(trained["data"], store_uri, RUN, model, trained["data_fingerprint"],
+                                       cache_dir=trained["cache"])
     latest = json.loads(store.get_bytes("submissions/latest.json"))
     assert latest["key"] == published["key"] and published["key"].startswith(f"submissions/{model}/")
     assert store.get_bytes(published["key"]) == store.get_bytes(f"runs/{RUN}/submission.csv")
@@ -95,7 +106,8 @@ def test_a_replaced_submission_csv_is_not_published(trained: dict, store_uri: st
     original = store.get_bytes(f"runs/{RUN}/submission.csv")
     store.put_bytes(f"runs/{RUN}/submission.csv", original.replace(b"\n500,", b"\n500,0 1 2 3 ", 1))
     with pytest.raises(StoreError, match="SHA-256 is not the one"):
-        publish_run_submission(store_uri, RUN, trained["model_id"], trained["data_fingerprint"])
+        publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
+                               cache_dir=trained["cache"])
     assert store.list("submissions/") == []
 
 
@@ -103,7 +115,96 @@ def test_a_submission_for_another_model_or_data_is_not_published(trained: dict, 
     store = open_store(store_uri)
     predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
     with pytest.raises(StoreError, match="requested_model is"):
-        publish_run_submission(store_uri, RUN, "another-version", trained["data_fingerprint"])
+        publish_run_submission(trained["data"], store_uri, RUN, "another-version", trained["data_fingerprint"])
     with pytest.raises(StoreError, match="data_fingerprint is"):
-        publish_run_submission(store_uri, RUN, trained["model_id"], "f" * 64)
+        publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], "f" * 64)
     assert store.list("submissions/") == []
+
+
+# --- forged results: written with the scoring host's rights, refused by what the CPU host derives -----------
+
+
+def gate_question(trained: dict) -> dict:
+    return {"data_path": trained["data"], "run_id": RUN, "challenger_id": trained["model_id"], "champion_id": None,
+            "data_fingerprint": trained["data_fingerprint"], "cache_dir": trained["cache"]}
+
+
+def test_a_forged_verdict_is_refused(trained: dict, store_uri: str) -> None:
+    store = open_store(store_uri)
+    score_for_gate(trained["data"], store_uri, RUN, trained["model_id"], None, device="cpu",
+                   cache_dir=trained["cache"])
+    record = json.loads(store.get_bytes(result_key(RUN, "gate-evaluation.json")))
+    record["evaluation"]["challenger"]["f1_samples"] = 0.99  # the verdict a forger wants the gate to see
+    store.put_bytes(result_key(RUN, "gate-evaluation.json"), json.dumps(record).encode())
+    with pytest.raises(EvidenceRefused, match=r"evaluation\.challenger\.f1_samples is not what the CPU host derives"):
+        read_gate_evaluation(store_uri=store_uri, **gate_question(trained))
+
+
+def forge_gate(trained: dict, store_uri: str) -> None:
+    """Rewrite the gate's probabilities (every row perfect) and a record that agrees with them."""
+    store = open_store(store_uri)
+    record = json.loads(store.get_bytes(result_key(RUN, "gate-evaluation.json")))
+    ids = record["evaluation"]["rows"]["ids"]
+    decode_probs(store.get_bytes(result_key(RUN, GATE_PROBS)), "x", {"challenger": ids})  # the layout is as written
+    data = load_competition(trained["data"], require_test=False)
+    targets = data.targets[row_index(data, ids)]
+    probs = targets.astype("float32")
+    store.put_bytes(result_key(RUN, GATE_PROBS), encode_probs({"challenger": (ids, probs)}))
+    thresholds = record["evaluation"]["challenger"]["thresholds"]
+    forged = evaluation_of_probs(trained["model_id"], trained["data_fingerprint"], probs, targets, thresholds)
+    record["evaluation"]["challenger"] = json.loads(json.dumps({**forged, "rows": record["evaluation"]["rows"]}))
+    store.put_bytes(result_key(RUN, "gate-evaluation.json"), json.dumps(record).encode())
+
+
+def test_forged_probabilities_that_agree_with_the_verdict_fail_the_spot_check(trained: dict, store_uri: str) -> None:
+    score_for_gate(trained["data"], store_uri, RUN, trained["model_id"], None, device="cpu",
+                   cache_dir=trained["cache"])
+    forge_gate(trained, store_uri)
+    with pytest.raises(EvidenceRefused, match=r"challenger's probabilities for image \w+ differ from what the CPU host "
+                                              r"computes with the registered weights by 0\.\d+ \(tolerance 0\.05\)"):
+        read_gate_evaluation(store_uri=store_uri, **gate_question(trained))
+
+
+def test_each_read_draws_its_own_spot_check_seed(trained: dict, store_uri: str) -> None:
+    score_for_gate(trained["data"], store_uri, RUN, trained["model_id"], None, device="cpu",
+                   cache_dir=trained["cache"])
+    seeds = {read_gate_evaluation(store_uri=store_uri, **gate_question(trained))["spot_check"]["challenger"]["seed"]
+             for _ in range(2)}
+    assert len(seeds) == 2, "the seed must be drawn on the CPU host at each check, not fixed"
+
+
+def test_a_forged_submission_with_a_matching_record_is_not_published(trained: dict, store_uri: str) -> None:
+    store = open_store(store_uri)
+    predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
+    # The forger holds the trainer's keys, so it rewrites the record's SHA-256 too (the old check passes).
+    forged = store.get_bytes(f"runs/{RUN}/submission.csv").replace(b"\n500,", b"\n500,0 1 2 3 ", 1)
+    store.put_bytes(f"runs/{RUN}/submission.csv", forged)
+    record = json.loads(store.get_bytes(f"runs/{RUN}/submission.json"))
+    store.put_bytes(f"runs/{RUN}/submission.json", json.dumps({**record, "sha256": sha256(forged)}).encode())
+    with pytest.raises(EvidenceRefused, match=r"submission\.csv: line \d+ is not what the CPU host derives"):
+        publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
+                               cache_dir=trained["cache"])
+    assert store.list("submissions/") == []
+
+
+def test_forged_test_probabilities_that_agree_with_the_csv_fail_the_spot_check(trained: dict, store_uri: str) -> None:
+    store = open_store(store_uri)
+    predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
+    test_ids = load_competition(trained["data"]).test_ids
+    probs = np.full((len(test_ids), len(LABELS)), 0.99, dtype="float32")  # every label on every image
+    store.put_bytes(result_key(RUN, TEST_PROBS), encode_probs({"model": (test_ids, probs)}))
+    spec = Registry(store).spec(trained["model_id"])
+    forged = submission_csv(test_ids, probs, np.asarray(spec["thresholds"], dtype="float32"))
+    store.put_bytes(f"runs/{RUN}/submission.csv", forged)
+    record = json.loads(store.get_bytes(f"runs/{RUN}/submission.json"))
+    store.put_bytes(f"runs/{RUN}/submission.json", json.dumps({**record, "sha256": sha256(forged)}).encode())
+    with pytest.raises(EvidenceRefused, match=r"test set's probabilities for image \w+ differ"):
+        publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
+                               cache_dir=trained["cache"])
+    assert store.list("submissions/") == []
+
+
+def sha256(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()

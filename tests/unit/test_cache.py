@@ -74,38 +74,66 @@ def test_key_names_the_preprocessing_and_pillow_versions():
     assert CacheKey("abc", "train", 32, preprocess=PREPROCESS_VERSION + 1).name != key.name
 
 
-def _count_decodes(root, cache_dir, out):
-    """Runs in a separate process: build the cache, append one line to `out` per decode pass."""
+HANDSHAKE_S = 120  # generous on a loaded machine; each wait ends as soon as the other side signals
+
+
+def _wait_for(path, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + HANDSHAKE_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {path} did not appear within {HANDSHAKE_S}s")
+        time.sleep(0.02)
+
+
+def _build_in_turn(role, root, cache_dir, signals, out):
+    """Runs in a separate process. 'first' decodes and, while it holds the entry's lock, waits until
+    'second' has asked for that lock; 'second' starts building only once 'first' holds it. Each
+    decode pass appends one line to `out`."""
     import protein.cache as cache_module
     from protein.data import load_competition as load
 
-    real = cache_module.decode_all
+    real_decode, real_lock = cache_module.decode_all, cache_module.ImageCache.lock_by_name
 
     def counting(*args, **kwargs):
         with open(out, "a") as f:
-            f.write("decode\n")
-        import time
+            f.write(f"decode by {role}\n")
+        if role == "first":
+            (signals / "first-holds-the-lock").touch()
+            _wait_for(signals / "second-asks-for-the-lock", "the second process never asked for the lock")
+        return real_decode(*args, **kwargs)
 
-        time.sleep(1.0)  # hold the lock long enough for the other process to wait on it
-        return real(*args, **kwargs)
+    def announcing_lock(self, name):
+        if role == "second":
+            (signals / "second-asks-for-the-lock").touch()
+        return real_lock(self, name)
 
     cache_module.decode_all = counting
+    cache_module.ImageCache.lock_by_name = announcing_lock
+    if role == "second":
+        _wait_for(signals / "first-holds-the-lock", "the first process never started decoding")
     cache_module.ImageCache(cache_dir).build(load(root), "train", 16, workers=1)
 
 
 def test_two_processes_building_one_entry_decode_once(tmp_path):
+    """The second process asks for the entry while the first is decoding it under the lock (a
+    file handshake shows they overlapped); it waits, then finds the finished entry."""
     import multiprocessing
 
     root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
-    out = tmp_path / "decodes.txt"
+    out, signals = tmp_path / "decodes.txt", tmp_path / "signals"
+    signals.mkdir()
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_count_decodes, args=(root, tmp_path / "cache", out)) for _ in range(2)]
+    procs = [context.Process(target=_build_in_turn, args=(role, root, tmp_path / "cache", signals, out))
+             for role in ("first", "second")]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
-    assert out.read_text().splitlines() == ["decode"]
+    assert (signals / "second-asks-for-the-lock").exists()
+    assert out.read_text().splitlines() == ["decode by first"]
 
 
 def test_truncated_or_corrupt_entries_are_rebuilt_not_raised(tmp_path):

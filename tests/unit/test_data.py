@@ -1,4 +1,5 @@
 import io
+import re
 import zipfile
 
 import numpy as np
@@ -123,7 +124,7 @@ def png_bytes(mode: str, size: int = 8) -> bytes:
     (png_bytes("RGB", 64)[:-40], "truncated or corrupt"),
 ])
 def test_bad_images_are_named(data, needle):
-    with pytest.raises(DataError) as info:
+    with pytest.raises(DataError, match=re.escape(needle)) as info:
         decode_png(data, "train/7.png")
     assert "train/7.png" in str(info.value) and needle in str(info.value)
 

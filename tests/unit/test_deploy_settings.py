@@ -5,7 +5,7 @@ import pytest
 from deployments.deploy import SettingError, check_settings
 
 GOOD = {"PROTEIN_REPOSITORY": "https://github.com/you/protein-pipeline.git", "PROTEIN_STORE": "s3://b/p",
-        "PROTEIN_DATA": "s3://b/p/datasets/abc/"}
+        "PROTEIN_ALERT_WEBHOOK_URL": "https://hooks.example/T0"}
 HEAD = "a" * 40
 
 
@@ -17,9 +17,10 @@ def test_complete_settings_pin_the_clean_head_and_one_gpu_slot() -> None:
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"PROTEIN_STORE": ""}, "PROTEIN_STORE is not set"),
-    ({"PROTEIN_DATA": "{{ $PROTEIN_DATA }}"}, "PROTEIN_DATA is not set"),
+    ({"PROTEIN_ALERT_WEBHOOK_URL": "{{ $PROTEIN_ALERT_WEBHOOK_URL }}"}, "PROTEIN_ALERT_WEBHOOK_URL is not set"),
     ({"PROTEIN_REPOSITORY": "  "}, "PROTEIN_REPOSITORY is not set"),
-    ({"PROTEIN_DATA": "work/data"}, "PROTEIN_DATA='work/data' is a relative path"),
+    ({"PROTEIN_STORE": "work/store"}, "PROTEIN_STORE='work/store' is a relative path"),
+    ({"PROTEIN_ZOMBIE_AFTER_S": "soon"}, "PROTEIN_ZOMBIE_AFTER_S='soon' must be a whole number"),
     ({"PROTEIN_COMMIT": "v1.2"}, "PROTEIN_COMMIT='v1.2' is not a full 40-hex commit sha"),
     ({"PROTEIN_GPU_SLOTS": "0"}, "PROTEIN_GPU_SLOTS='0' must be a whole number >= 1"),
 ])

@@ -21,7 +21,7 @@ def test_events_do_nothing_without_a_prefect_api() -> None:
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert not events.api_configured()
-        assert events.dataset_pushed("s3://b/data.zip", "abc", {"train": 1}) is False
+        assert events.dataset_pushed("s3://b/data.zip", "abc", {"train": 1}, "latest", 1, str(uuid.uuid4())) is False
         assert events.submission_written("s3://b/s.csv", "m1", 3) is False
 
 
@@ -36,6 +36,10 @@ def test_events_do_nothing_without_a_prefect_api() -> None:
     ("s3://bucket/datasets/x.zip", None),
     ("file:///data/x.zip", None),
     ("/data/protein", None),
+    ("channel:latest", None),
+    ("channel:", "missing or empty"),
+    ("channel:No Such", "invalid dataset channel name 'No Such' (expected lowercase letters, digits, '.', '_' or '-', "
+                        "at most 64, starting with a letter or digit)"),
 ])
 def test_dataset_uri_problem(data: object, problem: str | None) -> None:
     assert dataset_uri_problem(data) == problem
@@ -59,7 +63,7 @@ def test_run_summary_lists_data_champions_gate_and_links() -> None:
 def test_object_uri_is_durable(tmp_path: Path) -> None:
     assert object_uri(open_store("s3://bucket/prod"), "models/m1/model.json") == "s3://bucket/prod/models/m1/model.json"
     assert object_uri(open_store(str(tmp_path)), "a/b.csv") == (tmp_path / "a" / "b.csv").as_uri()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^invalid object key '\.\./escape'"):
         object_uri(open_store("s3://bucket"), "../escape")
 
 
@@ -78,11 +82,19 @@ def test_shareable_url_presigns_s3_for_at_most_seven_days(s3_env: object, tmp_pa
 def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> None:
     block_id = str(uuid.uuid4())
     automations = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: block_id})}
-    assert set(automations) == {"protein-run-failed", ZOMBIE_AUTOMATION, "protein-model-promoted"}
+    assert set(automations) == {"protein-run-failed", "protein-push-retrain-cancelled", ZOMBIE_AUTOMATION,
+                                "protein-model-promoted"}
     notify = [a for a in automations.values() for action in a.actions if action.type == "send-notification"]
     assert {str(action.block_document_id) for a in notify for action in a.actions} == {block_id}
     failed = automations["protein-run-failed"].trigger
     assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    # Cancelled alerts only for retrains a push started (their creator is the trigger's automation):
+    # train/score runs cancelled on a dispatch timeout are dispatched again, not alerted.
+    cancelled = automations["protein-push-retrain-cancelled"].trigger
+    assert cancelled.expect == {"prefect.flow-run.Cancelled"}
+    assert [dict(spec.root) for spec in cancelled.match_related] == [  # type: ignore[union-attr]
+        {"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+        {"prefect.resource.role": "creator", "prefect.resource.id": "prefect.automation.*"}]
     zombie = automations[ZOMBIE_AUTOMATION]
     assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 120
     assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"

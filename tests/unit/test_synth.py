@@ -245,7 +245,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 1500, lr: float = 0.
 CONFUSABLE = (1, 2, 5, 7, 9)
 
 
-@pytest.mark.slow
 def test_a_small_reference_model_beats_the_prior_clearly_but_is_far_from_perfect_per_class() -> None:
     from protein.evaluation.metrics import evaluate_predictions, prior_baseline, tune_thresholds
 

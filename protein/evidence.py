@@ -1,0 +1,121 @@
+"""Evidence a GPU host's scoring leaves for the CPU host to check, and the checks.
+
+The trainer role (the GPU host) may write runs/<run>/, so a verdict or a CSV lying there proves
+nothing by where it lies: whoever holds the trainer's keys could have written it. The scoring step
+therefore also writes the per-row probabilities it computed (runs/<run>/gate-probs.npz,
+runs/<run>/test-probs.npz), and the CPU host
+
+1. derives the gate's evaluation and the submission from those probabilities itself, with the
+   targets of the dataset it validated and the thresholds of the model versions it resolves from
+   the registry, and refuses a record or a CSV that differs from what it derived;
+2. scores a random sample of K rows itself, on CPU, with the weights it downloads from the
+   registry (checked against their SHA-256 in model.json), and refuses probabilities that differ
+   from its own by more than a tolerance. The seed is drawn here, after the evidence is read, so
+   the GPU host cannot know which rows will be checked.
+
+A forger who changes a fraction f of the rows (the least that moves a metric by f) passes the
+spot-check with probability (1 - f)^K; docs/security.md gives the numbers and the cost.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from protein.cache import decode_all
+from protein.data import CompetitionData
+from protein.errors import EvidenceRefused
+from protein.labels import LABELS
+from protein.modeling.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+GATE_PROBS = "gate-probs.npz"
+TEST_PROBS = "test-probs.npz"
+# bf16 autocast on the GPU against fp32 here: sigmoid outputs agree to about 1e-2 (bf16 keeps
+# 8 bits of mantissa). Not yet measured on a GPU; docs/security.md says how to calibrate it.
+DEFAULT_ATOL = 0.05
+DEFAULT_ROWS = 64
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    """How many rows the CPU host scores itself, and how far its probabilities may differ."""
+
+    rows: int = DEFAULT_ROWS
+    atol: float = DEFAULT_ATOL
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or not 0 < self.atol < 1:
+            raise ValueError(f"a spot-check needs rows >= 1 and 0 < atol < 1; got {self}")
+
+
+def encode_probs(scored: dict[str, tuple[list[str], np.ndarray]]) -> bytes:
+    """One .npz of named (N, C) float32 probabilities, each with its row ids ("<name>_ids")."""
+    contents: dict[str, np.ndarray] = {}
+    for name, (ids, probs) in scored.items():
+        contents[name] = np.asarray(probs, dtype=np.float32)
+        contents[f"{name}_ids"] = np.asarray(ids, dtype=np.str_)
+    buffer = io.BytesIO()
+    np.savez(buffer, **contents)
+    return buffer.getvalue()
+
+
+def decode_probs(raw: bytes, where: str, expected: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The probabilities of each name in `expected`, refused unless they are finite, in [0, 1],
+    one row per expected id, in that order. Never unpickles (allow_pickle=False)."""
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            stored = {name: archive[name] for name in archive.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable archive is one refusal
+        raise EvidenceRefused(f"{where}: not a readable .npz of probabilities ({type(exc).__name__})") from None
+    probs: dict[str, np.ndarray] = {}
+    for name, ids in expected.items():
+        array, stored_ids = stored.get(name), stored.get(f"{name}_ids")
+        if array is None or stored_ids is None:
+            raise EvidenceRefused(f"{where}: no probabilities for the {name}")
+        if stored_ids.tolist() != list(ids):
+            raise EvidenceRefused(f"{where}: the {name}'s rows are not the {len(ids)} rows the CPU host expects "
+                                  f"(found {len(stored_ids)})")
+        if array.shape != (len(ids), len(LABELS)) or array.dtype.kind != "f":
+            raise EvidenceRefused(f"{where}: the {name}'s probabilities have shape {array.shape} {array.dtype}, "
+                                  f"expected ({len(ids)}, {len(LABELS)}) floats")
+        if not np.all(np.isfinite(array)) or array.min(initial=0.0) < 0 or array.max(initial=0.0) > 1:
+            raise EvidenceRefused(f"{where}: the {name}'s probabilities are not all in [0, 1]")
+        probs[name] = array.astype(np.float32)
+    return probs
+
+
+def draw_seed() -> int:
+    """Drawn on the CPU host after the evidence is read: the GPU host cannot predict it."""
+    return secrets.randbits(63)
+
+
+def spot_check(predictor: Predictor, data: CompetitionData, split: str, ids: list[str], claimed: np.ndarray,
+               check: SpotCheck, seed: int, where: str, name: str) -> dict[str, Any]:
+    """Score `check.rows` rows of `ids` (drawn with `seed`) with `predictor` and compare with the
+    claimed probabilities; EvidenceRefused names the first row that differs too much."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(ids), size=min(check.rows, len(ids)), replace=False))
+    path_of = data.train_path if split == "train" else data.test_path
+    rels = [path_of(ids[i]) for i in picked]
+    images = np.empty((len(rels), predictor.image_size, predictor.image_size, 3), dtype=np.uint8)
+    # Decoded from the dataset itself, never from cache/ in the store: the trainer role writes that.
+    decode_all(data.source, rels, predictor.image_size, images, workers=1)
+    own = predictor.predict_probs(images)
+    diff = np.abs(own - claimed[picked])
+    worst = int(np.argmax(diff.max(axis=1)))
+    max_diff = float(diff.max())
+    if max_diff > check.atol:
+        image_id = ids[picked[worst]]
+        raise EvidenceRefused(f"{where}: the {name}'s probabilities for image {image_id} differ from what the CPU "
+                              f"host computes with the registered weights by {max_diff:.4f} (tolerance "
+                              f"{check.atol}); the scoring host's results are refused")
+    log.info("spot-check of %s: %d rows scored here agree within %.2g (max %.2g, seed %d)", name, len(picked),
+             check.atol, max_diff, seed)
+    return {"rows": len(picked), "seed": seed, "max_abs_diff": max_diff, "atol": check.atol}

@@ -1,0 +1,43 @@
+"""Dataset channels at run time: resolve a flow's ``data`` once, and read the push order the gate
+judges by (protein.data.channels, protein.evaluation.data_order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from protein.data.channels import channel_of, read_channel, resolve_data
+from protein.errors import DataError
+from tasks.retry import retry_transient
+
+
+@task(name="resolve-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None) -> dict[str, Any]:
+    """``data`` resolved to an immutable dataset (ResolvedData as a dict), plus
+    ``trigger_sequence``: the channel push whose event started this run, when it is on the channel.
+    A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line."""
+    try:
+        resolved = resolve_data(data, store)
+    except DataError as exc:
+        return {"problem": str(exc)}
+    result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
+    if trigger_event_id and resolved.channel:
+        store_, name = channel_of(data, store)
+        pushed = read_channel(store_, name).entry_for_event(trigger_event_id)
+        result["trigger_sequence"] = pushed.sequence if pushed else None
+    return result
+
+
+@task(name="data-push-order", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def data_push_order(data: str, store: str, challenger_fingerprint: str,
+                    champion_fingerprint: str | None) -> dict[str, Any]:
+    """Where challenger's and champion's data stand in push order on the run's channel (the one
+    ``data`` names, else the store's default channel); a sequence is None when never pushed there."""
+    store_, name = channel_of(data, store)
+    channel = read_channel(store_, name)
+    return {"channel": name, "challenger_sequence": channel.push_order(challenger_fingerprint),
+            "champion_sequence": channel.push_order(champion_fingerprint) if champion_fingerprint else None}

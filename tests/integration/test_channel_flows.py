@@ -1,0 +1,129 @@
+"""Dataset channels through the retrain flow under a real (temporary) Prefect API: a push moves
+the channel, a run resolves it once, skips what the champion has, coalesces superseded pushes,
+and never promotes older data without a person's flag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.params import GateParams, TrainParams, ValidationParams
+from protein.cli import main as protein_main
+from protein.data.channels import read_channel
+from protein.registry import Registry
+from protein.storage import LocalStore, open_store
+from tests.helpers import write_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRAIN = TrainParams(epochs=1, image_size=32, batch_size=8)
+VALIDATION = ValidationParams(image_size=40)
+# Any challenger that clears 0 passes, so only the data-order rule can refuse it.
+LENIENT = GateParams(min_score=0.0, min_gain=-1.0, max_class_drop=1.0, min_rows=1)
+PATTERN = ["0", "4", "6 4", "2 5"]
+
+
+def push(data: Path, store: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert protein_main(["datasets", "push", "--data", str(data), "--store", store]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def latest_artifact(key: str) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1]
+
+
+@pytest.fixture(scope="module")
+def pushes(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """Two datasets with disjoint image ids (so a gate between them has rows neither trained on)."""
+    root = tmp_path_factory.mktemp("channels")
+    older = write_dataset(root / "older", {str(i): PATTERN[i % 4] for i in range(24)}, ["900", "901"], size=40)
+    newer = write_dataset(root / "newer", {str(100 + i): PATTERN[i % 4] for i in range(24)}, ["900", "901"], size=40)
+    return str(root / "store"), older, newer
+
+
+def test_the_channel_is_resolved_once_trained_skipped_when_unchanged_and_never_goes_backwards(
+    pushes: tuple[str, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.retrain import retrain
+
+    store, older, newer = pushes
+    first, second = push(older, store, capsys), push(newer, store, capsys)
+    assert (first["sequence"], second["sequence"], second["channel"]) == (1, 2, "latest")
+    history = read_channel(LocalStore(Path(store)), "latest").history
+    assert [(e.sequence, e.fingerprint, e.event_id) for e in history] == [
+        (1, first["fingerprint"], first["event_id"]), (2, second["fingerprint"], second["event_id"])]
+    assert protein_main(["datasets", "list", "--store", store, "--channel", "latest", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["sequence"] for row in listed] == [2, 1], "newest first"
+
+    state = retrain(data="channel:latest", store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                    return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["promoted"] and result["data_fingerprint"] == second["fingerprint"]
+    registry = Registry(open_store(store))
+    spec = registry.spec(result["champion"])
+    assert (spec["data_uri"], spec["data_fingerprint"]) == (second["uri"].rstrip("/"), second["fingerprint"])
+    gate = json.loads(registry.store.get_bytes(f"gates/{result['challenger']}.json"))["decision"]
+    assert gate["dataset"]["uri"] == second["uri"] and gate["dataset"]["sequence"] == 2
+    assert gate["dataset"]["event_id"] == second["event_id"]
+    summary = latest_artifact("retrain-summary").data
+    assert f"- data: `{second['uri']}`" in summary
+    assert f"- resolved from: channel `latest` push #2 (event `{second['event_id']}`)" in summary
+
+    # The nightly's parameters on the channel: the champion has this data, nothing is trained.
+    skipped = retrain(data="channel:latest", store=store, skip_if_unchanged=True, return_state=True)
+    assert skipped.is_completed() and skipped.message.startswith("nothing trained: the data"), skipped.message
+
+    # A manual run on the older push: its gate passes, but the champion's data never goes back.
+    back = retrain(data=first["uri"], store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                   return_state=True)
+    assert back.is_completed(), back.message
+    refused = back.result()
+    assert refused["promoted"] is False and registry.champion().champion == result["champion"]
+    assert any("older than the champion's push #2" in r and "never goes backwards" in r
+               for r in refused["reasons"]), refused["reasons"]
+    record = json.loads(registry.store.get_bytes(f"gates/{refused['challenger']}.json"))["decision"]
+    assert record["promote"] is False and record["data_order"]["backwards"] is True
+
+    # A person says so: promoted, and the champion's history records who allowed it.
+    allowed = retrain(data=first["uri"], store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                      allow_older_data=True, return_state=True)
+    assert allowed.is_completed(), allowed.message
+    assert allowed.result()["promoted"] is True
+    last = registry.champion().history[-1]
+    assert last["model_id"] == allowed.result()["challenger"]
+    assert "allowed by prefect-flow-run:" in last["reason"] and "(allow_older_data)" in last["reason"]
+
+
+def test_a_push_superseded_before_its_run_starts_is_not_trained_twice(
+    pushes: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.retrain import retrain
+
+    _, older, newer = pushes
+    store = str(tmp_path / "store")
+    first, second = push(older, store, capsys), push(newer, store, capsys)
+    state = retrain(data="channel:latest", store=store, trigger_event=f"protein.dataset.pushed {first['event_id']}",
+                    return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == (f"nothing trained: push #1 on channel 'latest' was superseded by push #2 "
+                             f"({second['fingerprint'][:12]}), which its own run trains")
+    assert not Registry(open_store(store)).versions()
+
+
+def test_a_channel_with_no_push_fails_the_run_in_one_line(prefect_harness: None, tmp_path: Path) -> None:
+    from flows.retrain import retrain
+
+    state = retrain(data="channel:latest", store=str(tmp_path / "store"), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("data channel:latest: channel:latest: no dataset was pushed on channel 'latest'")

@@ -1,0 +1,247 @@
+"""Collection never deletes what is live: named objects, young runs, registrations in flight, and versions
+being promoted. Races run on the local store and on the moto S3 server, both orders forced and free."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from protein.cli import main
+from protein.errors import PromotionConflict, RegistryError
+from protein.registry import CHAMPION_KEY, Registry
+from protein.registry.records import tombstone_key
+from protein.storage import LocalStore
+from tests.model.test_registry import add_version
+
+
+class PausingStore:
+    """A real store that stops before one call on one key until released, so that one interleaving of two
+    threads happens every time (timing alone would hit it only by chance)."""
+
+    def __init__(self, inner: Any, method: str, key: str) -> None:
+        self._inner, self._method, self._key = inner, method, key
+        self.uri = inner.uri
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+
+        def paused(key: str, *args: Any, **kwargs: Any) -> Any:
+            if key == self._key and not self.reached.is_set():
+                self.reached.set()
+                assert self.release.wait(120), "never released"
+            return attr(key, *args, **kwargs)
+
+        return paused
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test, which asserts on it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def age(store: LocalStore, prefix: str, seconds: float) -> None:
+    then = time.time() - seconds
+    for key in store.list(prefix):
+        os.utime(store.root / key, (then, then))
+
+
+# --- what gc --runs keeps -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_gc_runs_keeps_what_a_live_version_names(any_registry, trained, capsys):
+    registry = any_registry
+    probs = "runs/r-live/holdout_probs.npz"
+    add_version(registry, trained["model_id"], "live", run_id="r-live",
+                holdout={"fraction": 0.2, "seed": 0, "fold": 1, "folds": 5, "probs_key": probs})
+    registry.store.put_bytes("runs/r-live/checkpoint.pt", b"ckpt")
+    registry.store.put_bytes(probs, b"probabilities")
+    assert main(["models", "gc", "--runs", "--run-min-age-hours", "0", "--store", registry.store.uri]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == ["r-live"] and "runs/r-live/holdout_probs.npz" in result["runs_kept"]["r-live"]
+    assert registry.store.list("runs/") == [probs]
+
+
+def test_gc_runs_has_an_age_guard_and_skips_registrations_in_flight(registry, trained, capsys):
+    store = registry.store
+    add_version(registry, trained["model_id"], "fresh", run_id="r-fresh")
+    store.put_bytes("runs/r-fresh/checkpoint.pt", b"ckpt")  # registered an hour ago: within the guard
+    age(store, "runs/r-fresh/", 3600)
+    store.put_bytes("runs/r-claimed/checkpoint.pt", b"ckpt")  # claimed, model.json not yet written
+    store.put_bytes("registry/runs/claims/r-claimed.json", json.dumps({"run_id": "r-claimed",
+                                                                        "model_id": "pending"}).encode())
+    age(store, "runs/r-claimed/", 10 * 86400)
+    assert main(["models", "gc", "--runs", "--store", store.uri]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == []
+    assert result["runs_kept"]["r-fresh"].startswith("touched 3")
+    assert result["runs_kept"]["r-claimed"] == "its registration is in progress (claimed, not yet indexed)"
+    assert store.list("runs/") == ["runs/r-claimed/checkpoint.pt", "runs/r-fresh/checkpoint.pt"]
+
+
+def test_gc_runs_rechecks_a_run_before_deleting_it(registry, trained):
+    store = registry.store
+    add_version(registry, trained["model_id"], "done", run_id="r-done")
+    store.put_bytes("runs/r-done/checkpoint.pt", b"ckpt")
+    age(store, "runs/r-done/", 2 * 86400)
+    plan = registry.plan_gc(runs=True)
+    assert plan.runs == {"r-done": ["runs/r-done/checkpoint.pt"]}
+    store.put_bytes("runs/r-done/checkpoint.pt", b"resumed")  # a retrain resumed the run since the plan
+    registry.apply_gc(plan)
+    assert store.get_bytes("runs/r-done/checkpoint.pt") == b"resumed"
+
+
+# --- orphans vs registration ----------------------------------------------------------------------------
+
+
+def test_orphan_collection_rechecks_before_deleting(registry, trained, tmp_path):
+    local = registry.download(trained["model_id"], tmp_path / "dl")
+    registry.store.put_file("models/slow/model.safetensors", local / "model.safetensors", if_none_match=True)
+    plan = registry.plan_gc(older_than_s=0)
+    assert list(plan.orphans) == ["slow"]
+    spec = json.loads((local / "model.json").read_text())
+    registry.store.put_bytes("models/slow/model.json", json.dumps({**spec, "id": "slow"}).encode())
+    registry.apply_gc(plan)
+    assert registry.resolve("slow") == "slow"
+
+
+@pytest.mark.integration
+def test_a_registration_whose_weights_gc_collected_midway_is_whole(any_registry, trained, tmp_path):
+    registry = any_registry
+    local = registry.download(trained["model_id"], tmp_path / "dl")
+    spec = json.loads((local / "model.json").read_text())
+    fields = {k: spec[k] for k in ("arch", "image_size", "class_names", "thresholds", "metrics")}
+    pausing = PausingStore(registry.store, "put_bytes", "models/racing/model.json")
+    thread, outcome = in_thread(lambda: Registry(pausing).register(local / "model.safetensors", fields,
+                                                                  version="racing"))
+    assert pausing.reached.wait(60)
+    registry.apply_gc(registry.plan_gc(older_than_s=0))  # the weights look like an orphan right now
+    assert registry.store.list("models/racing/") == []
+    pausing.release.set()
+    thread.join(60)
+    assert outcome == {"value": "racing"}
+    assert registry.resolve("racing") == "racing"
+
+
+# --- delete vs promote ----------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_promotion_racing_a_delete_is_undone(any_registry, trained):
+    registry, v = any_registry, trained["model_id"]
+    registry.promote(v, expected_champion=None)
+    add_version(registry, v, "victim")
+    # The promotion passed its checks and is about to swap; the delete runs to the end in between.
+    pausing = PausingStore(registry.store, "put_bytes", CHAMPION_KEY)
+    thread, outcome = in_thread(lambda: Registry(pausing).promote("victim", expected_champion=v))
+    assert pausing.reached.wait(60)
+    registry.delete_version("victim")
+    pausing.release.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), PromotionConflict), outcome
+    assert "model version victim was being deleted" in str(outcome["error"])
+    state = registry.champion()
+    assert state.champion == v and registry.resolve("champion") == v
+    assert [e["action"] for e in state.history] == ["promote", "promote", "rollback"]
+    assert "victim" not in registry.versions()
+
+
+@pytest.mark.integration
+def test_a_delete_racing_a_promotion_is_refused(any_registry, trained):
+    registry, v = any_registry, trained["model_id"]
+    registry.promote(v, expected_champion=None)
+    add_version(registry, v, "victim")
+    # The delete checked the history and is about to tombstone; the promotion lands in between.
+    pausing = PausingStore(registry.store, "put_bytes", tombstone_key("victim"))
+    thread, outcome = in_thread(lambda: Registry(pausing).delete_version("victim"))
+    assert pausing.reached.wait(60)
+    registry.promote("victim", expected_champion=v)
+    pausing.release.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), RegistryError), outcome
+    assert str(outcome["error"]) == "model version victim was promoted while it was being deleted; kept"
+    assert registry.resolve("champion") == "victim"
+    assert not registry.store.exists(tombstone_key("victim"))
+
+
+@pytest.mark.integration
+def test_free_running_promote_and_delete_never_both_win(any_registry, trained):
+    registry, v = any_registry, trained["model_id"]
+    registry.promote(v, expected_champion=None)
+    for round_ in range(4):
+        victim = add_version(registry, v, f"victim-{round_}")
+        champion = registry.champion().champion
+        barrier = threading.Barrier(2)
+
+        def promote(victim: str = victim, champion: str | None = champion,
+                    barrier: threading.Barrier = barrier) -> Any:
+            barrier.wait(30)
+            return Registry(registry.store).promote(victim, expected_champion=champion)
+
+        def delete(victim: str = victim, barrier: threading.Barrier = barrier) -> Any:
+            barrier.wait(30)
+            return Registry(registry.store).delete_version(victim)
+
+        (p, promoted), (d, deleted) = in_thread(promote), in_thread(delete)
+        p.join(120)
+        d.join(120)
+        for outcome in (promoted, deleted):
+            error = outcome.get("error")
+            assert error is None or isinstance(error, RegistryError), repr(error)  # PromotionConflict included
+        assert not ("value" in promoted and "value" in deleted), (round_, promoted, deleted)
+        now = registry.resolve("champion")  # never a deleted version
+        assert (now == victim) == ("value" in promoted)
+        assert (victim in registry.versions()) != ("value" in deleted)
+
+
+@pytest.mark.integration
+def test_free_running_gc_never_breaks_a_registration(any_registry, trained, tmp_path):
+    # gc runs in a loop beside registrations, with a 3 s threshold for incomplete versions; the orphans
+    # seeded before are past it and must go, every registration must come out whole. (A registration
+    # that stalls longer than the threshold between its weights and its model.json is the residual
+    # window docs/reliability.md names; production's threshold is an hour.)
+    registry = any_registry
+    local = registry.download(trained["model_id"], tmp_path / "dl")
+    spec = json.loads((local / "model.json").read_text())
+    fields = {k: spec[k] for k in ("arch", "image_size", "class_names", "thresholds", "metrics")}
+    for i in range(3):
+        registry.store.put_bytes(f"models/crashed-{i}/model.safetensors", b"half")
+    time.sleep(3.5)
+    stop = threading.Event()
+
+    def collect() -> int:
+        rounds = 0
+        while not stop.is_set():
+            registry.apply_gc(registry.plan_gc(older_than_s=3.0))
+            rounds += 1
+        return rounds
+
+    gc_thread, gc_outcome = in_thread(collect)
+    try:
+        registered = [Registry(registry.store).register(local / "model.safetensors", {**fields, "run_id": f"r{i}"},
+                                                        version=f"raced-{i}") for i in range(4)]
+    finally:
+        stop.set()
+        gc_thread.join(120)
+    assert "error" not in gc_outcome and gc_outcome["value"] >= 1, gc_outcome
+    for version in registered:
+        assert registry.resolve(version) == version
+    assert registry.orphans() == []

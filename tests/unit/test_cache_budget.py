@@ -1,0 +1,126 @@
+"""The cache folder's size bound (protein.cache_budget) and the decoded-image cache's integrity."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protein.cache import CacheKey, ImageCache
+from protein.cache_budget import CacheEntry, cache_entries, choose_evictions, enforce_cache_budget, max_cache_bytes
+from protein.data import fingerprint, load_competition
+from tests.helpers import write_dataset
+
+DAY = 86400.0
+
+
+def entry(name: str, size: int, last_used: float) -> CacheEntry:
+    return CacheEntry(name, (), size, last_used)
+
+
+def test_least_recently_used_entries_go_first_until_the_rest_fits() -> None:
+    now = 100 * DAY
+    entries = [entry("new", 40, now - 2 * DAY), entry("oldest", 30, now - 9 * DAY), entry("old", 30, now - 5 * DAY)]
+    assert [e.name for e in choose_evictions(entries, 70, now)] == ["oldest"]
+    assert [e.name for e in choose_evictions(entries, 40, now)] == ["oldest", "old"]
+    assert choose_evictions(entries, 100, now) == []
+
+
+def test_kept_and_recently_used_entries_are_never_chosen() -> None:
+    now = 100 * DAY
+    entries = [entry("kept", 50, now - 9 * DAY), entry("in-use", 50, now - 60), entry("old", 50, now - 5 * DAY)]
+    chosen = choose_evictions(entries, 0, now, keep=frozenset({"kept"}))
+    assert [e.name for e in chosen] == ["old"]
+
+
+def age(path: Path, days: float) -> None:
+    stamp = time.time() - days * DAY
+    os.utime(path, (stamp, stamp))
+
+
+def make_cache(root: Path) -> None:
+    """Two decoded splits, two model versions and two dataset files, each 1 KiB-ish, of known ages."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, days in (("split-a", 1), ("split-b", 8)):
+        (root / f"{name}.npy").write_bytes(b"x" * 1000)
+        (root / f"{name}.json").write_text("{}")
+        (root / f"{name}.lock").touch()
+        age(root / f"{name}.json", days)
+        age(root / f"{name}.npy", days)
+    for version, days in (("m1", 6), ("m2", 2)):
+        folder = root / "models" / version
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 1000)
+        age(folder, days)
+    for name, days in (("ab/sha256-ab", 7), ("cd/sha256-cd", 0)):
+        path = root / "datasets" / "objects" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"p" * 1000)
+        age(path, days)
+    (root / "datasets" / "objects" / "cd" / ".sha256-ef.1234.tmp").write_bytes(b"t" * 5000)  # in flight
+
+
+def test_the_budget_removes_whole_entries_oldest_first(tmp_path: Path) -> None:
+    make_cache(tmp_path)
+    names = {e.name for e in cache_entries(tmp_path)}
+    assert names == {"images/split-a", "images/split-b", "models/m1", "models/m2",
+                     "datasets/objects/ab/sha256-ab", "datasets/objects/cd/sha256-cd"}
+    removed = enforce_cache_budget(tmp_path, max_bytes=3100)
+    assert removed == ["images/split-b", "datasets/objects/ab/sha256-ab", "models/m1"]
+    assert not (tmp_path / "split-b.npy").exists() and not (tmp_path / "split-b.json").exists()
+    assert (tmp_path / "split-b.lock").exists(), "lock files stay, so two processes lock the same file"
+    assert not (tmp_path / "models" / "m1").exists() and (tmp_path / "models" / "m2").is_dir()
+    assert (tmp_path / "datasets" / "objects" / "cd" / ".sha256-ef.1234.tmp").exists()
+    assert sum(e.size for e in cache_entries(tmp_path)) <= 3100
+
+
+def test_what_was_used_within_the_hour_stays_even_over_the_bound(tmp_path: Path) -> None:
+    make_cache(tmp_path)
+    enforce_cache_budget(tmp_path, max_bytes=0)
+    assert {e.name for e in cache_entries(tmp_path)} == {"datasets/objects/cd/sha256-cd"}
+
+
+def test_the_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", "1.5")
+    assert max_cache_bytes() == int(1.5 * 2**30)
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError, match="PROTEIN_CACHE_MAX_GB='lots': expected a positive number of GiB"):
+        max_cache_bytes()
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", "0")
+    with pytest.raises(ValueError, match="expected a positive number"):
+        max_cache_bytes()
+
+
+def test_building_a_split_keeps_the_cache_within_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(8)}, ["t"], size=16)
+    cache_root = tmp_path / "cache"
+    make_cache(cache_root)
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", str(2500 / 2**30))
+    ImageCache(cache_root).build(load_competition(root), "train", 16)
+    left = {e.name for e in cache_entries(cache_root)}
+    assert "images/split-b" not in left and "images/split-a" not in left  # old entries made room
+    assert any(name.startswith("images/") for name in left), "the split just built is kept"
+
+
+def test_a_same_length_corruption_is_rebuilt_not_served(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+    cache = ImageCache(tmp_path / "cache")
+    good = np.array(cache.build(data, "train", 16))
+    key = CacheKey(fingerprint(data.source), "train", 16)
+    array_path, _ = cache.paths(key)
+    raw = bytearray(array_path.read_bytes())
+    raw[-1] ^= 0xFF  # the last pixel's blue value: same length, same header
+    array_path.write_bytes(bytes(raw))
+    assert cache.load(key, data.train_ids) is None
+    np.testing.assert_array_equal(np.array(cache.build(data, "train", 16)), good)
+
+
+def test_gc_leaves_lock_files(tmp_path: Path) -> None:
+    make_cache(tmp_path)
+    removed = ImageCache(tmp_path).gc(older_than_days=3)
+    assert removed == ["split-b"]
+    assert (tmp_path / "split-b.lock").exists() and not (tmp_path / "split-b.npy").exists()

@@ -1,0 +1,100 @@
+"""Dataset channels (protein.data.channels) over a real local store: push order, retried pushes,
+concurrent pushes, and how a flow's `data` names a channel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protein.data.channels import (
+    ChannelRef,
+    advance_channel,
+    channel_key,
+    parse_channel_ref,
+    read_channel,
+    resolve_data,
+)
+from protein.errors import DataError
+from protein.storage import LocalStore
+
+
+def push(store: LocalStore, fp: str, event: str) -> int:
+    return advance_channel(store, "latest", f"{store.uri}/datasets/{fp}/", fp, event, "tester@host",
+                           "2026-12-04T00:00:00Z").sequence
+
+
+def test_pushes_append_in_order_and_the_head_is_the_newest(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    assert [push(store, "a" * 16, "e1"), push(store, "b" * 16, "e2")] == [1, 2]
+    channel = read_channel(store, "latest")
+    assert channel.head is not None and channel.head.fingerprint == "b" * 16
+    assert [e.event_id for e in channel.history] == ["e1", "e2"]
+
+
+def test_a_retried_push_with_the_same_event_id_appends_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    push(store, "a" * 16, "e1")
+    assert push(store, "a" * 16, "e1") == 1
+    assert len(read_channel(store, "latest").history) == 1
+
+
+class RacingStore(LocalStore):
+    """A real local store where another push lands between this push's read and its write, once."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.raced = False
+
+    def put_bytes(self, key: str, data: bytes, **kwargs):  # type: ignore[no-untyped-def]
+        if key == channel_key("latest") and not self.raced:
+            self.raced = True
+            advance_channel(LocalStore(self.root), "latest", "other", "c" * 16, "rival", "rival@host", "t")
+        return super().put_bytes(key, data, **kwargs)
+
+
+def test_a_push_that_loses_the_compare_and_swap_lands_after_the_winner(tmp_path: Path) -> None:
+    store = RacingStore(tmp_path)
+    push(LocalStore(tmp_path), "a" * 16, "e1")
+    assert push(store, "b" * 16, "e2") == 3
+    assert [e.event_id for e in read_channel(store, "latest").history] == ["e1", "rival", "e2"]
+
+
+def test_push_order_of_data_pushed_again_is_its_newest_push(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    for fp, event in (("a" * 16, "e1"), ("b" * 16, "e2"), ("a" * 16, "e3")):
+        push(store, fp, event)
+    channel = read_channel(store, "latest")
+    assert (channel.push_order("a" * 16), channel.push_order("b" * 16), channel.push_order("f" * 16)) == (3, 2, None)
+
+
+@pytest.mark.parametrize(("data", "ref"), [
+    ("channel:latest", ChannelRef(None, "latest")),
+    ("s3://bucket/prefix/datasets@latest", ChannelRef("s3://bucket/prefix", "latest")),
+    ("s3://bucket/prefix/datasets/0123456789abcdef/", None),
+    ("/data/hpa", None),
+])
+def test_a_channel_is_named_in_two_forms(data: str, ref: ChannelRef | None) -> None:
+    assert parse_channel_ref(data) == ref
+
+
+@pytest.mark.parametrize("data", ["channel:", "channel:Latest", "s3://b/p/datasets@../x"])
+def test_a_bad_channel_name_is_refused_naming_it(data: str) -> None:
+    with pytest.raises(DataError, match="invalid dataset channel name"):
+        parse_channel_ref(data)
+
+
+def test_resolving_takes_the_head_once_and_a_dataset_uri_unchanged(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    push(store, "a" * 16, "e1")
+    push(store, "b" * 16, "e2")
+    resolved = resolve_data("channel:latest", str(tmp_path / "store"))
+    assert (resolved.fingerprint, resolved.sequence, resolved.event_id) == ("b" * 16, 2, "e2")
+    assert resolved.uri.endswith(f"/datasets/{'b' * 16}/")
+    assert resolve_data(" /data/hpa ", str(tmp_path)).to_dict() == {
+        "uri": "/data/hpa", "fingerprint": None, "channel": None, "sequence": None, "event_id": None}
+
+
+def test_an_empty_channel_fails_naming_the_channel_and_the_store(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"channel:nightly: no dataset was pushed on channel 'nightly' in .*push"):
+        resolve_data("channel:nightly", str(tmp_path))

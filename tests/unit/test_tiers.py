@@ -1,0 +1,59 @@
+"""The two tiers: `make check` runs `pytest -m "not slow"`, and the slow marker comes from the fixtures
+a test uses (tests/conftest.py SLOW_FIXTURES), so these tests collect the suite the way each tier does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SLOW_FIXTURES
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+class Collected:
+    """A pytest plugin that keeps what a collection selected and what it deselected."""
+
+    def __init__(self) -> None:
+        self.items: list[pytest.Item] = []
+        self.deselected: list[pytest.Item] = []
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected.extend(items)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = list(session.items)
+
+
+def collect(*args: str) -> Collected:
+    plugin = Collected()
+    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args],
+                       plugins=[plugin])
+    assert code == pytest.ExitCode.OK, f"collection failed with {code!r}"
+    return plugin
+
+
+def slow_fixtures_of(item: pytest.Item) -> set[str]:
+    return set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys()
+
+
+def test_the_fast_tier_uses_no_server_cluster_training_or_subprocess_fixture() -> None:
+    collected = collect("-m", "not slow", str(TESTS))
+    offenders = {item.nodeid: sorted(slow_fixtures_of(item)) for item in collected.items if slow_fixtures_of(item)}
+    assert offenders == {}
+    # The fast tier is most of the suite and the slow one is not empty: the selection did something.
+    assert len(collected.items) > 300 and len(collected.deselected) > 20, (len(collected.items),
+                                                                           len(collected.deselected))
+
+
+def test_the_hook_marks_a_test_that_uses_a_server_fixture_and_says_why() -> None:
+    collected = collect(str(TESTS / "integration" / "test_events.py"), str(TESTS / "unit" / "test_gate.py"))
+    events = [item for item in collected.items if "test_events.py" in item.nodeid]
+    gate = [item for item in collected.items if "test_gate.py" in item.nodeid]
+    assert events and gate
+    for item in events:  # every one uses prefect_stack (a server, a worker, deployments)
+        marker = item.get_closest_marker("slow")
+        assert marker is not None, item.nodeid
+        assert "prefect_stack" in marker.kwargs["reason"], marker.kwargs
+    assert [item.nodeid for item in gate if item.get_closest_marker("slow")] == []
