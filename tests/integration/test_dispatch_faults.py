@@ -22,7 +22,7 @@ from tests.integration import test_multihost as multihost
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import Service, all_logs, host_env, processes_under, wait_final, worker_args
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 # One cluster for this module (the fixtures of test_multihost, instantiated here).
 cluster = multihost.cluster
