@@ -99,9 +99,16 @@ class DispatchParams(BaseModel):
     attempts: int = Field(3, ge=1, le=10, title="Attempts",
                           description="crashed or timed-out training is dispatched again, resuming from its checkpoint")
     poll_seconds: float = Field(5, gt=0, title="Poll interval (s)")
+    lost_after_seconds: float = Field(
+        120, ge=45, title="Lost after (s)",
+        description="a run whose heartbeats (every 30 s), or whose worker's before the first, stay silent this long "
+                    "is marked Crashed and dispatched again")
+    api_outage_minutes: float = Field(10, ge=0, title="API outage waited out (min)",
+                                      description="how long an unreachable Prefect API is waited out")
 
     def to_config(self) -> DispatchConfig:
-        return DispatchConfig(timeout_s=self.timeout_minutes * 60, attempts=self.attempts, poll_s=self.poll_seconds)
+        return DispatchConfig(timeout_s=self.timeout_minutes * 60, attempts=self.attempts, poll_s=self.poll_seconds,
+                              lost_after_s=self.lost_after_seconds, api_outage_s=self.api_outage_minutes * 60)
 
 
 class GateParams(BaseModel):

@@ -3,11 +3,28 @@ and which device a run may use."""
 
 from __future__ import annotations
 
+import dataclasses as dc
+import datetime as dt
+import logging
+
+import httpx
 import pytest
 from prefect.client.schemas.objects import StateType
 
 from protein.modeling.devices import DevicePolicy, DeviceUnavailable, choose_device
-from tasks.dispatch import Step, decide, idempotency_key
+from tasks.dispatch import (
+    DispatchConfig,
+    Resume,
+    Step,
+    api_unreachable,
+    attempt_prefix,
+    backoff_s,
+    decide,
+    idempotency_key,
+    plan,
+    through_outage,
+)
+from tasks.liveness import Evidence, Silence, process_alive
 
 GPU_POOL = DevicePolicy(require_cuda=True)
 
@@ -29,12 +46,105 @@ def test_decide(state: StateType, started: bool, alive: bool | None, elapsed: fl
     assert decide(state, started, alive, elapsed, timeout_s=100) is step
 
 
-def test_attempts_have_stable_distinct_idempotency_keys() -> None:
-    assert idempotency_key("ab12cd34-0f0f0f0f", 1) == idempotency_key("ab12cd34-0f0f0f0f", 1)
-    assert idempotency_key("ab12cd34-0f0f0f0f", 1) != idempotency_key("ab12cd34-0f0f0f0f", 2)
+PARAMETERS = {"data": "s3://b/p/datasets/ab12/", "run_id": "ab12cd34-0f0f0f0f", "train": {"epochs": 3}}
+
+
+def test_attempts_are_keyed_by_what_their_result_depends_on_and_by_number() -> None:
+    prefix = attempt_prefix("train", "ab12cd34-0f0f0f0f", "train/gpu", PARAMETERS)
+    assert prefix == attempt_prefix("train", "ab12cd34-0f0f0f0f", "train/gpu", dict(reversed(PARAMETERS.items())))
+    assert idempotency_key(prefix, 1) != idempotency_key(prefix, 2)
     # Training and both scoring steps of one run are different runs, never deduplicated into one.
-    keys = {idempotency_key("ab12cd34-0f0f0f0f", 1, step) for step in ("train", "score-gate", "score-predict")}
-    assert len(keys) == 3
+    assert len({attempt_prefix(step, "ab12cd34-0f0f0f0f", "train/gpu", PARAMETERS)
+                for step in ("train", "score-gate", "score-predict")}) == 3
+    # Scoring against another champion (after a promotion) is another result: not the old record.
+    assert prefix != attempt_prefix("train", "ab12cd34-0f0f0f0f", "train/gpu", {**PARAMETERS, "champion": "v2"})
+    assert prefix != attempt_prefix("train", "ab12cd34-0f0f0f0f", "train/gpu-big", PARAMETERS)
+
+
+S = StateType
+
+
+@pytest.mark.parametrize(("attempts", "abandoned", "expected"), [
+    ({}, (), (Resume.DISPATCH, 1)),  # the first dispatch
+    ({1: S.COMPLETED}, (), (Resume.REUSE, 1)),  # a retried parent whose child completed
+    ({1: S.CRASHED, 2: S.COMPLETED}, (), (Resume.REUSE, 2)),
+    ({1: S.FAILED}, (), (Resume.DISPATCH, 2)),  # retried after a real failure: try again, resuming
+    ({1: S.CANCELLED}, (), (Resume.DISPATCH, 2)),  # cancelled on timeout
+    ({1: S.CRASHED, 2: S.CRASHED, 3: S.CRASHED}, (), (Resume.DISPATCH, 4)),  # all attempts had crashed
+    ({1: S.CANCELLING}, (), (Resume.DISPATCH, 2)),  # on its way to Cancelled
+    ({1: S.CRASHED, 2: S.RUNNING}, (), (Resume.ATTACH, 2)),  # the parent died, its child did not
+    ({1: S.PENDING}, (), (Resume.ATTACH, 1)),
+    ({1: S.SCHEDULED}, (), (Resume.ATTACH, 1)),  # queued for a GPU slot
+    ({1: S.RUNNING}, (1,), (Resume.DISPATCH, 2)),  # given up on here, whatever the server still says
+])
+def test_plan(attempts: dict[int, StateType], abandoned: tuple[int, ...], expected: tuple[Resume, int]) -> None:
+    assert plan(attempts, abandoned) == expected
+
+
+T0 = dt.datetime(2026, 12, 4, 2, 0, tzinfo=dt.UTC)
+HEARTBEATING = Evidence(run_heartbeat=T0, worker="gpu-a-0")
+TOOK_IT = Evidence(worker="gpu-a-0", worker_heartbeat=T0 + dt.timedelta(seconds=50),
+                   worker_started=T0 - dt.timedelta(hours=3), handed_over=T0)
+
+
+@pytest.mark.parametrize(("evidence", "run_silent", "worker_silent", "alive", "why"), [
+    (HEARTBEATING, 60, 0, True, ""),
+    (HEARTBEATING, 121, 0, False, "flow run stopped heartbeating (none for 121s; worker gpu-a-0)"),
+    # A run that heartbeats answers for itself, even when its worker is gone or was restarted.
+    (dc.replace(HEARTBEATING, worker_started=T0 + dt.timedelta(seconds=1), handed_over=T0), 10, 500, True, ""),
+    (Evidence(), 0, 0, None, ""),  # no worker took it yet
+    (TOOK_IT, 0, 60, True, ""),
+    (TOOK_IT, 0, 121, False, "worker gpu-a-0 stopped heartbeating (none for 121s)"),
+    # Restarted under the same name after it took the run: heartbeating, but a new process.
+    (dc.replace(TOOK_IT, worker_started=T0 + dt.timedelta(seconds=5)), 0, 0, False,
+     "worker gpu-a-0 restarted after it took the run (started 02:00:05, took the run 02:00:00 server time)"),
+])
+def test_process_alive(evidence: Evidence, run_silent: float, worker_silent: float, alive: bool | None,
+                       why: str) -> None:
+    verdict, reason = process_alive(evidence, run_silent, worker_silent, lost_after_s=120)
+    assert verdict is alive
+    assert reason.startswith(why)
+
+
+def test_silence_counts_from_the_last_change_of_a_server_stamped_value() -> None:
+    silence = Silence()
+    assert silence.of("run", T0, now=1000.0) == 0.0
+    assert silence.of("run", T0, now=1030.0) == 30.0
+    assert silence.of("run", T0 + dt.timedelta(seconds=30), now=1031.0) == 0.0  # a new heartbeat
+    assert silence.of("run", T0 + dt.timedelta(seconds=30), now=1100.0) == 69.0
+    silence.forget()  # after an API outage: what happened meanwhile is unknown
+    assert silence.of("run", T0 + dt.timedelta(seconds=30), now=2000.0) == 0.0
+
+
+def test_api_outage_is_waited_out_and_other_errors_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = httpx.Request("POST", "http://127.0.0.1:1/api/flow_runs/filter")
+    assert api_unreachable(httpx.ConnectError("refused", request=request))
+    assert api_unreachable(httpx.RemoteProtocolError("disconnected", request=request))
+    assert api_unreachable(httpx.HTTPStatusError("bad gateway", request=request,
+                                                 response=httpx.Response(502, request=request)))
+    assert not api_unreachable(httpx.HTTPStatusError("conflict", request=request,
+                                                     response=httpx.Response(409, request=request)))
+    assert not api_unreachable(ValueError("not found"))
+    assert [backoff_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+    slept: list[float] = []
+    monkeypatch.setattr("tasks.dispatch.time.sleep", slept.append)
+    failures = iter([httpx.ConnectError("refused", request=request)] * 3)
+
+    def call() -> str:
+        if (error := next(failures, None)) is not None:
+            raise error
+        return "answered"
+
+    config = DispatchConfig(api_outage_s=600)
+    assert through_outage(call, config, logging.getLogger("test"), "reading") == ("answered", True)
+    assert slept == [1, 2, 4]
+    with pytest.raises(RuntimeError, match=r"stayed unreachable for over 0s while reading: ConnectError"):
+        through_outage(lambda: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)),
+                       DispatchConfig(api_outage_s=0), logging.getLogger("test"), "reading")
+    with pytest.raises(ValueError, match="a real answer"):
+        through_outage(lambda: (_ for _ in ()).throw(ValueError("a real answer")), config,
+                       logging.getLogger("test"), "reading")
 
 
 def test_gpu_pool_without_cuda_fails_loudly_unless_cpu_is_allowed() -> None:
