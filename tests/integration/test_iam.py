@@ -398,7 +398,7 @@ def test_each_role_does_its_part_and_nothing_else(
     after = iam_store.snapshot()
     assert "models/20000101-000000-orphan/model.safetensors" not in after
     # Checkpoints of the registered run are gone; what its live version's model.json names stays.
-    named = {Registry(open_store(uri)).spec(v).get("holdout", {}).get("probs_key") for v in (version, second)}
+    named = {(Registry(open_store(uri)).spec(v).get("holdout") or {}).get("probs_key") for v in (version, second)}
     assert {k for k in after if k.startswith("runs/")} <= named, "checkpoints of the registered run are gone"
     use_role(monkeypatch, iam_store, "orchestrator")
     assert Registry(open_store(uri)).champion().champion == version
