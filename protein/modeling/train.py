@@ -28,7 +28,7 @@ from protein.modeling.ema import ExponentialMovingAverage, make_ema
 from protein.modeling.model import build_model
 from protein.modeling.optimization import build_optimizer, make_loss
 from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
-from protein.modeling.scaling import check_batch_split, ema_decay_per_step, steps_per_epoch
+from protein.modeling.scaling import check_batch_split, ema_decay_per_step, scaled_lr, steps_per_epoch
 from protein.storage import Store
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def build_training(config: TrainConfig, device: torch.device, n_train: int,
     layout = {"world_size": rank.world_size, "global_batch": config.batch_size, "accumulate": config.accumulate,
               "micro_batch_per_rank": micro_batch, "steps_per_epoch": steps,
               "backend": ("nccl" if device.type == "cuda" else "gloo") if rank.distributed else None,
-              "peak_lr": optimizer.param_groups[0]["initial_lr"],
+              "peak_lr": scaled_lr(config.lr, config.batch_size, config.lr_reference_batch, config.lr_scaling),
               "lr_rule": {"lr": config.lr, "reference_batch": config.lr_reference_batch, "scaling": config.lr_scaling},
               "ema": {"half_life_epochs": config.ema_half_life_epochs, "decay_per_step": decay,
                       "warmup": "min(decay, (1 + k) / (10 + k)) at update k"} if ema is not None else None,
