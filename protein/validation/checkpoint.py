@@ -100,7 +100,6 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
     docs, the Checkpoint updates its Data Docs (gx/uncommitted/data_docs/local_site)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.metadata_types import FailureSeverity
@@ -133,11 +132,11 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES,
                      "unexpected_index_column_names": [*INDEX_COLUMNS, ROW_KEY], "return_unexpected_index_query": False}
     checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=CHECKPOINT, validation_definitions=definitions,
-        actions=[UpdateDataDocsAction(name="update_data_docs")] if docs else [],
-        result_format=result_format))
+        name=CHECKPOINT, validation_definitions=definitions, actions=[], result_format=result_format))
     run_id = RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.UTC))
     result = checkpoint.run(run_id=run_id)
+    if docs:
+        _build_docs(context, result)
 
     failures: list[dict] = []
     warnings: list[dict] = []
@@ -164,6 +163,21 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
                                                 key=lambda v: ["info", "warning", "critical"].index(v), default=None),
                     "assets": sorted(suites), "expectations": sum(len(s.expectations) for s in suites.values())},
     )
+
+
+def _build_docs(context: Any, result: Any) -> None:
+    """Add this run to the Data Docs site, each page naming its Data Source and asset. GX's page
+    header reads the asset from the result's batch spec, which fluent pandas assets leave without
+    it ("Data asset: None"); each suite is named after its asset, so the result says which."""
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+    identifiers: list[Any] = []
+    for key, validation in result.run_results.items():
+        spec = dict(validation.meta.get("batch_spec") or {})
+        validation.meta["batch_spec"] = {**spec, "datasource": DATA_SOURCE, "data_asset_name": validation.suite_name}
+        context.validation_results_store.set(key, validation)
+        identifiers += [key, ExpectationSuiteIdentifier(name=validation.suite_name)]
+    context.build_data_docs(resource_identifiers=identifiers, build_index=True)
 
 
 def _exception_message(info: dict) -> str | None:

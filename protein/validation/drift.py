@@ -75,6 +75,11 @@ def profile_hash(profile: dict) -> str:
     """Content hash of a profile's numbers: what a validation cache key and a report record."""
     numbers = {"n": profile.get("n"), "class_share": profile["class_share"],
                "labels_per_image_share": profile["labels_per_image_share"]}
+    # What the new-rows window and image-statistics drift compare with, when the profile has it
+    # (absent keys leave the hashes of older profiles as they were).
+    for key in PIXEL_PROFILE_KEYS:
+        if profile.get(key) is not None:
+            numbers[key] = profile[key]
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,6 +98,13 @@ def check_profile(profile: Any, where: str) -> dict:
     n = profile.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{where}: n (the number of images profiled) must be a positive integer")
+    hashes = profile.get("row_hashes")
+    if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)):
+        raise ValueError(f"{where}: row_hashes must be a list of hex strings")
+    stats = profile.get("image_statistics")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(v, dict) and {"n", "mean", "std"} <= set(v) for v in stats.values())):
+        raise ValueError(f"{where}: image_statistics must map each statistic to its n, mean and std")
     return profile
 
 
@@ -213,6 +225,8 @@ def row_hash(image_id: str, label_set: frozenset[int], content_sha256: str) -> s
 
 
 ROW_HASH_CHARS = 16
+# Parts of a profile only a full decode gives: rows by content, and per-image intensity statistics.
+PIXEL_PROFILE_KEYS = ("row_hashes", "image_statistics")
 # Per-image intensity statistics: the decode pass computes them from each band's histogram.
 CHANNELS = ("red", "green", "blue")
 IMAGE_STATISTICS = tuple(f"{c}_{s}" for c in CHANNELS for s in ("mean", "std", "saturated"))

@@ -61,8 +61,9 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                                                                            for k in params}}})]
 
     def table(header: list[str], rows: list[list[Any]], title: str) -> Any:
-        return RenderedTableContent(content_block_type="table", header=title, header_row=header, table=rows,
-                                    styling={"body": {"classes": ["table-bordered", "table-sm", "mt-3"]}})
+        # A list: GX appends it to the expectation's cell.
+        return [RenderedTableContent(content_block_type="table", header=title, header_row=header, table=rows,
+                                     styling={"body": {"classes": ["table-bordered", "table-sm", "mt-3"]}})]
 
     class LabelCellCounts(ColumnAggregateMetricProvider):
         """Images per class and per labels-per-image bucket, from canonical label strings."""
@@ -105,13 +106,14 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
         """Every class share and labels-per-image share of these rows lies within the reference's
         sample-size-aware bounds (two-proportion z-test, Holm over the 14 shares, effect floor)."""
 
+        # No defaults: GX leaves fields at their default out of the configuration renderers read.
         reference_shares: list[float]
         reference_n: int
-        reference_source: str = "reference profile"
-        alpha: float = 0.05
-        min_relative_change: float = 0.25
-        min_absolute_change: float = 0.05
-        window: str = "all rows"
+        reference_source: str
+        alpha: float
+        min_relative_change: float
+        min_absolute_change: float
+        window: str
 
         metric_dependencies = (LABEL_COUNTS_METRIC,)
         success_keys = ("reference_shares", "reference_n", "alpha", "min_relative_change", "min_absolute_change")
@@ -167,9 +169,9 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
         reference_mean: float
         reference_std: float
         reference_n: int
-        tests: int = 9
-        alpha: float = 0.05
-        min_relative_change: float = 0.10
+        tests: int
+        alpha: float
+        min_relative_change: float
 
         metric_dependencies = (MOMENTS_METRIC,)
         success_keys = ("reference_mean", "reference_std", "reference_n", "tests", "alpha", "min_relative_change")

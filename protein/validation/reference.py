@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from protein.validation.drift import REFERENCE_PROFILE, check_profile, profile_hash
+from protein.validation.drift import PIXEL_PROFILE_KEYS, REFERENCE_PROFILE, check_profile, profile_hash
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
     """Write a profile as the reference; returns {uri, hash}."""
     check_profile(profile, "reference profile")
     record = {"n": profile["n"], "class_share": profile["class_share"],
-              "labels_per_image_share": profile["labels_per_image_share"], **provenance,
+              "labels_per_image_share": profile["labels_per_image_share"],
+              **{k: profile[k] for k in PIXEL_PROFILE_KEYS if profile.get(k) is not None}, **provenance,
               "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     record["hash"] = profile_hash(record)
     store.put_bytes(REFERENCE_PROFILE_KEY, json.dumps(record, indent=2).encode(), content_type="application/json")
@@ -70,8 +71,9 @@ def write_reference_profile(store: Any, model_id: str) -> dict | None:
         except ValueError as exc:
             log.warning("model %s: unusable label_profile (%s); trying its validation report", model_id, exc)
         else:
-            return save_reference(store, profile, source=f"champion {model_id} training data",
-                                  model_id=model_id, data_fingerprint=data_fingerprint)
+            return save_reference(store, {**_pixel_profile(store, data_fingerprint), **profile},
+                                  source=f"champion {model_id} training data", model_id=model_id,
+                                  data_fingerprint=data_fingerprint)
     key = report_key(str(data_fingerprint)) if data_fingerprint else None
     if key is None or not store.exists(key):
         log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
@@ -86,3 +88,17 @@ def write_reference_profile(store: Any, model_id: str) -> dict | None:
         return None
     return save_reference(store, profile, source=f"champion {model_id} training data",
                           model_id=model_id, data_fingerprint=data_fingerprint, dataset=report.get("dataset"))
+
+
+def _pixel_profile(store: Any, data_fingerprint: Any) -> dict:
+    """Row hashes and image statistics from the validation report of the data (model.json's
+    label profile has only label shares); empty when there is no usable report."""
+    key = report_key(str(data_fingerprint)) if data_fingerprint else None
+    if key is None or not store.exists(key):
+        return {}
+    try:
+        profile = json.loads(store.get_bytes(key))["profile"]
+        check_profile(profile, key)
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {k: profile[k] for k in PIXEL_PROFILE_KEYS if profile.get(k) is not None}
