@@ -4,8 +4,8 @@ Each table (labels rows, file listings, images, image statistics, integrity, dri
 asset of one pandas Data Source (`protein`): written once as JSON in the GX project and read back
 by GX through the asset's whole-table Batch Definition, so every validation result and Data Docs
 page names its asset. Each asset has its own Expectation Suite and Validation Definition (same
-name as the asset); one Checkpoint runs them all with one run id and, with a project folder, its
-`UpdateDataDocsAction` adds the run to a Data Docs site that keeps earlier runs.
+name as the asset); one Checkpoint runs them all with one run id and, with docs, the run is added
+to a Data Docs site that keeps earlier runs.
 
 The verdict is the Checkpoint's result. Checks that only warn are Expectations with GX's own
 `severity="warning"`; a run passes when no failed Expectation in the Checkpoint's result has

@@ -2,8 +2,9 @@
 
 `run_validation` writes report.json and a Data Docs site locally and, with a store, uploads the
 report under validation/<fingerprint>/ and the site under validation/docs/ (one site for every
-run: the Checkpoint's UpdateDataDocsAction adds this run to the results of earlier runs, which
-live in the store under validation/results/).
+run: this run's results are added to those of earlier runs, which live in the store under
+validation/results/). The store's report.json is written after the docs and before the reference
+moves; the report folder is filled last, so a store failure leaves nothing half-written.
 """
 
 from __future__ import annotations
