@@ -252,5 +252,6 @@ def _custom_finding(finding: dict, details: dict) -> dict:
     elif "pairs" in details:  # content overlap
         examples = [{k: v for k, v in {"file": p["test"], "row": p.get("row"), "value": p["train"]}.items()
                      if v is not None} for p in details["pairs"]]
-        finding.update(unexpected_count=len(examples), element_count=None, examples=examples)
+        finding.update(unexpected_count=int(details.get("count", len(examples))), element_count=None,
+                       examples=examples)
     return finding

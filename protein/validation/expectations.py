@@ -138,7 +138,7 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                                    runtime_configuration: dict | None = None, **kwargs: Any) -> list[Any]:
             kw = (configuration or result.expectation_config).kwargs
             return text("Label drift ($window): each class share and labels-per-image share must match the "
-                        "$source (n=$reference_n): flagged when a Holm-corrected two-proportion z-test gives "
+                        "$source: flagged when a Holm-corrected two-proportion z-test gives "
                         "p <= $alpha and the share moved by at least $relative of its reference value or "
                         "$absolute points, whichever is smaller",
                         {"window": kw.get("window"), "source": kw.get("reference_source"),
@@ -217,8 +217,9 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
             pairs = metrics[OVERLAP_METRIC]
             summary = (f"{len(pairs):,} test images have a train image's pixels" if pairs
                        else "no test image has a train image's pixels")
-            return {"success": not pairs, "result": {"observed_value": summary, "unexpected_count": len(pairs),
-                                                     "details": {"pairs": pairs[:MAX_EXAMPLES]}}}
+            # No unexpected_count: GX's default unexpected statement would then want per-row percentages.
+            return {"success": not pairs, "result": {"observed_value": summary, "details": {
+                "count": len(pairs), "pairs": pairs[:MAX_EXAMPLES]}}}
 
         @classmethod
         @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
