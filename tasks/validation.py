@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import hashlib
+import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -14,10 +18,31 @@ from protein.validation import ValidationConfig, load_reference, run_validation
 from tasks import events
 from tasks.retry import retry_transient
 
+# A cached verdict is reused for at most this long, even if nothing in its key changed.
+VALIDATION_CACHE_EXPIRY = dt.timedelta(days=7)
+
+
+@functools.cache
+def validation_code_version() -> str:
+    """What the verdict depends on besides data, settings and reference: the project version, the
+    validation package's source (suites, custom Expectations, drift rules, image checks), and the
+    Great Expectations and Pillow versions (Pillow decodes every image)."""
+    import protein.validation
+
+    package = Path(protein.validation.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    versions = "|".join(f"{name}={importlib.metadata.version(name)}"
+                        for name in ("protein-pipeline", "great_expectations", "pillow"))
+    return hashlib.sha256(versions.encode() + digest.digest()).hexdigest()[:16]
+
 
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Keyed by the data fingerprint, the settings and the reference profile's hash: unchanged data
-    is not validated twice, but a new champion (a new reference) re-measures drift."""
+    """Keyed by the data fingerprint, the settings, the reference profile's hash and the code and
+    library versions: unchanged data is not validated twice, but a new champion (a new reference),
+    a changed rule or a new GX or Pillow re-validates it. Entries expire after
+    VALIDATION_CACHE_EXPIRY in any case."""
     config: ValidationConfig = parameters["config"]
     store = parameters.get("store")
     try:
@@ -28,16 +53,18 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
 
     # repr, not hash(): str hashes are salted per process and a cache key must survive restarts.
     settings = hashlib.sha256(f"{config!r}|{store}".encode()).hexdigest()[:16]
-    return f"validate-{data_fingerprint}-{settings}-ref{reference['hash']}"
+    return f"validate-{data_fingerprint}-{settings}-ref{reference['hash']}-code{validation_code_version()}"
 
 
 @task(name="validate-data", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient,
       timeout_seconds=3600,
-      cache_key_fn=validation_cache_key, persist_result=True, result_serializer="json")
+      cache_key_fn=validation_cache_key, cache_expiration=VALIDATION_CACHE_EXPIRY, persist_result=True,
+      result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
     report = run_validation(data, config, store_uri=store)
     verdict = "passed" if report.success else "FAILED"
     lines = [f"# Data validation {verdict}", "", f"- dataset: `{report.dataset}`",
+             *[f"- not checked: {check}" for check in report.skipped],
              f"- fingerprint: `{report.data_fingerprint}`", f"- took {report.seconds:.1f} s"]
     if report.docs_uri:
         lines.append(f"- [Data Docs]({report.docs_uri})")
@@ -51,5 +78,6 @@ def validate_data(data: str, config: ValidationConfig, store: str | None = None)
                              description=f"validation of {report.data_fingerprint}")
     events.validation_finished(data, report.data_fingerprint, report.success, summary, report.report_uri)
     return {"success": report.success, "data_fingerprint": report.data_fingerprint,
-            "failures": summary, "report_uri": report.report_uri, "docs_uri": report.docs_uri,
+            "failures": summary, "warnings": report.warning_lines(), "skipped_checks": report.skipped,
+            "report_uri": report.report_uri, "docs_uri": report.docs_uri,
             "reference_hash": report.reference.get("hash"), "reference_uri": report.reference.get("uri")}

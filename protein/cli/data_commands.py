@@ -37,14 +37,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = ValidationConfig(image_size=args.image_size, check_pixels=not args.headers_only,
                               drift_alpha=args.drift_alpha, drift_min_relative_change=args.drift_min_relative_change,
+                              drift_min_absolute_change=args.drift_min_absolute_change,
                               drift_action=args.drift_action, max_image_bytes=args.max_image_bytes)
     report_dir = Path(args.report) if args.report else None
     report = run_validation(args.data, config, store_uri=args.store, report_dir=report_dir, accept=args.accept)
+    # Warnings are named, not just counted: which check, which files (duplicates, blank images...).
     emit({"success": report.success, "data_fingerprint": report.data_fingerprint, "failures": len(report.failures),
-          "warnings": len(report.warnings), "report_uri": report.report_uri, "docs_uri": report.docs_uri,
+          "warnings": len(report.warnings),
+          "warning_checks": [f"{w['suite']}: {w['message']} ({w.get('unexpected_count', 0):,})"
+                             for w in report.warnings],
+          "skipped_checks": report.skipped, "report_uri": report.report_uri, "docs_uri": report.docs_uri,
           "docs_path": report.docs_path, "reference": report.reference, "seconds": round(report.seconds, 2)})
-    for line in report.summary_lines():
+    for line in report.summary_lines() + report.warning_lines():
         print(line, file=sys.stderr)
+    for check in report.skipped:
+        print(f"not checked: {check}", file=sys.stderr)
     return 0 if report.success else 1
 
 

@@ -65,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
-    p.add_argument("--report", help="folder for report.json and Data Docs HTML")
+    p.add_argument("--report", help="folder for report.json and Data Docs HTML (an existing file there: exit 2)")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
-    p.add_argument("--headers-only", action="store_true", help="skip the full-decode check (faster)")
+    p.add_argument("--headers-only", action="store_true",
+                   help="read only each image's header and trailer (faster); skips the pixel decode, content "
+                        "leakage, duplicate and blank-image checks, new-rows drift and image-statistics drift, "
+                        "and the report lists them as not checked")
     from protein.validation.config import DEFAULT_MAX_IMAGE_BYTES, ValidationConfig
 
     vdefaults = ValidationConfig()
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="significance level of the label-drift test (false-alarm rate on undrifted data)")
     p.add_argument("--drift-min-relative-change", type=float, default=vdefaults.drift_min_relative_change,
                    help="smallest relative change of a label share that counts as drift (0.25 = a quarter)")
+    p.add_argument("--drift-min-absolute-change", type=float, default=vdefaults.drift_min_absolute_change,
+                   help="smallest change of a common label share (in share points, 0.05 = 5 points) that "
+                        "counts as drift; rare shares use the relative floor, whichever is smaller")
     p.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                    help="images larger than this are refused without being read")

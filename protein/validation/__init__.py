@@ -4,7 +4,8 @@
 - `suites`: the checks as pandas tables (labels, files, images, integrity, distribution).
 - `images`: one read per image: PNG header and trailer, the training decoder's verdict, content hash.
 - `drift`: label profiles and the sample-size-aware drift test (pure numpy).
-- `checkpoint`: the GX Checkpoint that runs every suite, custom expectations, Data Docs.
+- `expectations`: custom GX Expectations with their own metrics, `_validate` and renderers.
+- `checkpoint`: the Data Source, an asset and Validation Definition per table, the Checkpoint, Data Docs.
 - `reference`: the reference profile in the store (the champion's training data).
 - `report`: ValidationReport and its one-line findings.
 - `runner`: validate_dataset / run_validation.

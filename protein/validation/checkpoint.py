@@ -1,21 +1,23 @@
-"""Great Expectations as the engine: every suite in one Checkpoint, one run id, one verdict.
+"""Great Expectations as the engine: one Data Source, an asset per table, one Checkpoint, one verdict.
 
-All tables go into one pandas frame with a `table` column; each expectation reads its own
-table's rows through an explicit `row_condition`. One validation definition per suite (labels,
-files, images, integrity, distribution, and a `.warnings` suite per suite for checks that only
-warn), one Checkpoint over them, run once with one run id; with a project folder, the Checkpoint's
-`UpdateDataDocsAction` adds this run to a Data Docs site that keeps earlier runs (their results
-are synced from the store). The verdict is GX's: the run passes when every critical suite does.
+Each table (labels rows, file listings, images, image statistics, integrity, drift...) is its own
+asset of one pandas Data Source (`protein`): written once as JSON in the GX project and read back
+by GX through the asset's whole-table Batch Definition, so every validation result and Data Docs
+page names its asset. Each asset has its own Expectation Suite and Validation Definition (same
+name as the asset); one Checkpoint runs them all with one run id and, with docs, the run is added
+to a Data Docs site that keeps earlier runs.
 
-Checks beyond built-in expectations are subclasses with their own `description`, so Data Docs
-say what they mean: PNG integrity (the training decoder's verdict), content leakage, label drift.
+The verdict is the Checkpoint's result. Checks that only warn are Expectations with GX's own
+`severity="warning"`; a run passes when no failed Expectation in the Checkpoint's result has
+critical severity (GX's `get_max_severity_failure`). The Checkpoint's plain `success` is False
+when anything failed, warnings included; the report records both.
+
 GX is imported inside functions only: importing it costs seconds.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,11 +27,16 @@ from typing import Any
 import pandas as pd
 
 from protein.validation.config import MAX_EXAMPLES, SUITES
+from protein.validation.drift import IMAGE_STATISTICS
+from protein.validation.expectations import custom_expectations
 from protein.validation.suites import INDEX_COLUMNS, Condition, Table
 
-# Columns compared with numbers in row conditions: numeric so pandas can compare them with nulls.
+# Our own key per table row, so findings can show columns GX does not return.
 ROW_KEY = "table_row"
-NUMERIC_COLUMNS = ("row", "bytes", "bit_depth", "width", "height", "rows", "fields")
+# Read back as numbers (nulls as NaN) so row conditions can compare them; the rest as written.
+NUMERIC_COLUMNS = ("row", "bytes", "bit_depth", "width", "height", "rows", "fields", ROW_KEY, *IMAGE_STATISTICS)
+DATA_SOURCE = "protein"
+CHECKPOINT = "protein-validation"
 
 
 @dataclass
@@ -37,39 +44,9 @@ class CheckpointOutcome:
     success: bool
     failures: list[dict]
     warnings: list[dict]
-    suites: dict[str, dict]  # suite name -> the suite's JSON, as GX ran it
+    suites: dict[str, dict]  # suite (= asset) name -> the suite's JSON, as GX ran it
     run_name: str
     statistics: dict[str, Any]
-
-
-@functools.cache
-def custom_expectations() -> dict[str, type]:
-    """Custom Expectation classes (created once per process: GX registers each class by name)."""
-    import great_expectations.expectations as gxe
-
-    class ExpectPngToDecode(gxe.ExpectColumnValuesToBeInSet):
-        """Every image decodes with protein.data.decode_png, the decoder training uses."""
-
-        description: str = ("PNG integrity: every chunk matches its CRC, the file ends at its IEND chunk, and "
-                            "protein.data.decode_png (the decoder training and prediction use) decodes every pixel")
-
-    class ExpectImageContentNotInOtherSplit(gxe.ExpectColumnValuesToBeNull):
-        """No test image has the pixel content of a train image."""
-
-        description: str = ("Leakage: the SHA-256 of a test image's decoded pixels must not equal that of any train "
-                            "image; the value shown is the train file with the same content")
-
-    class ExpectLabelSharesNotToDrift(gxe.ExpectColumnValuesToBeInSet):
-        """No class share or labels-per-image share drifted from the reference profile."""
-
-        description: str = ("Label drift: for each class share and labels-per-image share, a two-proportion z-test "
-                            "(pooled, continuity-corrected) against the reference profile, Holm-corrected over all "
-                            "14 shares; a share drifts when significant and moved by at least the configured "
-                            "relative change")
-
-    return {"expect_png_to_decode": ExpectPngToDecode,
-            "expect_image_content_not_in_other_split": ExpectImageContentNotInOtherSplit,
-            "expect_label_shares_not_to_drift": ExpectLabelSharesNotToDrift}
 
 
 def _expectation_class(name: str) -> type:
@@ -81,107 +58,126 @@ def _expectation_class(name: str) -> type:
     return getattr(gxe, "".join(part.capitalize() for part in name.split("_")))
 
 
-def _row_condition(table: str, condition: tuple[Condition, ...]) -> Any:
-    """GX Condition objects: this table's rows, and those the check names."""
+def _row_condition(condition: tuple[Condition, ...]) -> Any:
+    """GX Condition objects for the rows of its table a check reads (None: every row)."""
     from great_expectations.expectations.row_conditions import AndCondition, Column
 
-    parts = [Column("table") == table]
+    parts = []
     for column, op, value in condition:
         col = Column(column)
         parts.append(col.is_not_null() if op == "notnull" else col == value if op == "==" else
                      col <= value if op == "<=" else col >= value)
+    if not parts:
+        return None
     return parts[0] if len(parts) == 1 else AndCondition(conditions=parts)
 
 
-def combined_frame(tables: list[Table]) -> pd.DataFrame:
-    frames = []
-    for table in tables:
-        frame = table.frame.copy()
-        for column in INDEX_COLUMNS:
-            if column not in frame.columns:
-                frame[column] = None
-        frame["table"] = table.name
-        frame[ROW_KEY] = range(len(frame))
-        frames.append(frame)
-    wide = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"table": []})
-    wide = wide.astype(object)
+def asset_frame(table: Table) -> pd.DataFrame:
+    frame = table.frame.copy()
+    for column in INDEX_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    frame[ROW_KEY] = range(len(frame))
+    frame = frame.astype(object)
     for column in NUMERIC_COLUMNS:
-        if column in wide.columns:
-            wide[column] = pd.to_numeric(wide[column], errors="coerce")
-    return wide
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
 
 
-def suite_name(table: Table, severity: str) -> str:
-    return table.suite if severity == "critical" else f"{table.suite}.warnings"
+def _write_asset(table: Table, folder: Path) -> tuple[Path, dict[str, str]]:
+    """The table as JSON (orient=split keeps the columns of an empty table) and the dtypes to read
+    it back with: numbers as float (NaN for null), everything else exactly as written."""
+    frame = asset_frame(table)
+    path = folder / f"{table.name}.json"
+    frame.to_json(path, orient="split", index=False)
+    dtypes = {c: "float64" if c in NUMERIC_COLUMNS else "object" for c in frame.columns}
+    return path, dtypes
 
 
-def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path | None) -> CheckpointOutcome:
-    """Run every table's checks in one Checkpoint; with project_dir, a file context there whose
-    Data Docs the Checkpoint updates (gx/uncommitted/data_docs/local_site)."""
+def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: bool) -> CheckpointOutcome:
+    """Run every table's checks in one Checkpoint in a file-backed GX project at project_dir; with
+    docs, the Checkpoint updates its Data Docs (gx/uncommitted/data_docs/local_site)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
-    if project_dir is not None:
-        context = gx.get_context(mode="file", project_root_dir=str(project_dir))
-    else:
-        context = gx.get_context(mode="ephemeral")
+    context = gx.get_context(mode="file", project_root_dir=str(project_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    wide = combined_frame(tables)
-    batch = context.data_sources.add_pandas("protein").add_dataframe_asset("dataset") \
-        .add_batch_definition_whole_dataframe("whole")
-    by_table = {t.name: t for t in tables}
+    tables_dir = project_dir / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    source = context.data_sources.add_pandas(DATA_SOURCE)
+    by_asset = {t.name: t for t in tables}
     suites: dict[str, Any] = {}
-    order = [s for suite in SUITES for s in (suite, f"{suite}.warnings")]
-    for table in tables:
-        for i, check in enumerate(table.checks):
-            name = suite_name(table, check.severity)
-            if name not in suites:
-                suites[name] = gx.ExpectationSuite(name=name)
-            cls = _expectation_class(check.expectation)
-            suites[name].add_expectation(cls(**check.kwargs, severity=check.severity, notes=check.message,
-                                             row_condition=_row_condition(table.name, check.condition),
-                                             meta={"table": table.name, "check": i}))
     definitions = []
-    for name in sorted(suites, key=order.index):
-        suite = context.suites.add(suites[name])
+    suite_order = {name: i for i, name in enumerate(SUITES)}
+    for table in sorted(tables, key=lambda t: suite_order[t.suite]):
+        if not table.checks:
+            continue
+        path, dtypes = _write_asset(table, tables_dir)
+        batch = source.add_json_asset(table.name, path_or_buf=path, orient="split", dtype=dtypes) \
+            .add_batch_definition_whole_dataframe("whole table")
+        suite = gx.ExpectationSuite(name=table.name)
+        for i, check in enumerate(table.checks):
+            cls = _expectation_class(check.expectation)
+            extra = {} if check.expectation == "expect_no_content_overlap_between_splits" else {
+                "row_condition": _row_condition(check.condition)}
+            suite.add_expectation(cls(**check.kwargs, **extra, severity=check.severity, notes=check.message,
+                                      meta={"table": table.name, "check": i}))
+        suites[table.name] = context.suites.add(suite)
         definitions.append(context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite)))
-    actions = [UpdateDataDocsAction(name="update_data_docs")] if project_dir is not None else []
+            gx.ValidationDefinition(name=table.name, data=batch, suite=suites[table.name])))
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES,
                      "unexpected_index_column_names": [*INDEX_COLUMNS, ROW_KEY], "return_unexpected_index_query": False}
-    checkpoint = context.checkpoints.add(gx.Checkpoint(name="protein-validation", validation_definitions=definitions,
-                                                       actions=actions, result_format=result_format))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=CHECKPOINT, validation_definitions=definitions, actions=[], result_format=result_format))
     run_id = RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.UTC))
-    result = checkpoint.run(batch_parameters={"dataframe": wide}, run_id=run_id)
+    result = checkpoint.run(run_id=run_id)
+    if docs:
+        _build_docs(context, result)
 
     failures: list[dict] = []
     warnings: list[dict] = []
-    critical_ok = True
+    severities = []
     for validation in result.run_results.values():
-        suite = validation.suite_name
-        if not suite.endswith(".warnings") and not validation.success:
-            critical_ok = False
+        severities.append(validation.get_max_severity_failure())
         for outcome in validation.results:
             if outcome.success:
                 continue
             meta = outcome.expectation_config.meta
-            table = by_table[meta["table"]]
+            table = by_asset[meta["table"]]
             check = table.checks[int(meta["check"])]
             finding = _finding(table, check, outcome.result or {}, outcome.exception_info or {})
             (failures if check.severity == "critical" else warnings).append(finding)
-    suite_order = {name: i for i, name in enumerate(SUITES)}
     failures.sort(key=lambda f: suite_order[f["suite"]])
     warnings.sort(key=lambda f: suite_order[f["suite"]])
+    verdict = FailureSeverity.CRITICAL not in severities
     return CheckpointOutcome(
-        success=critical_ok, failures=failures, warnings=warnings,
+        success=verdict, failures=failures, warnings=warnings,
         suites={name: suite.to_json_dict() for name, suite in suites.items()}, run_name=run_name,
-        statistics={"checkpoint": "protein-validation", "run_time": run_id.run_time.isoformat(),
-                    "checkpoint_success": bool(result.success), "expectations": sum(
-                        len(s.expectations) for s in suites.values())},
+        statistics={"checkpoint": CHECKPOINT, "run_time": run_id.run_time.isoformat(),
+                    "checkpoint_success": bool(result.success),
+                    "max_severity_failure": max((s.value for s in severities if s is not None),
+                                                key=lambda v: ["info", "warning", "critical"].index(v), default=None),
+                    "assets": sorted(suites), "expectations": sum(len(s.expectations) for s in suites.values())},
     )
+
+
+def _build_docs(context: Any, result: Any) -> None:
+    """Add this run to the Data Docs site, each page naming its Data Source and asset. GX's page
+    header reads the asset from the result's batch spec, which fluent pandas assets leave without
+    it ("Data asset: None"); each suite is named after its asset, so the result says which."""
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+    identifiers: list[Any] = []
+    for key, validation in result.run_results.items():
+        spec = dict(validation.meta.get("batch_spec") or {})
+        validation.meta["batch_spec"] = {**spec, "datasource": DATA_SOURCE, "data_asset_name": validation.suite_name}
+        context.validation_results_store.set(key, validation)
+        identifiers += [key, ExpectationSuiteIdentifier(name=validation.suite_name)]
+    context.build_data_docs(resource_identifiers=identifiers, build_index=True)
 
 
 def _exception_message(info: dict) -> str | None:
@@ -217,6 +213,9 @@ def _finding(table: Table, check: Any, result: dict, exception: dict) -> dict:
     if error is not None:
         finding.update(unexpected_count=1, message=f"{check.message} (could not be evaluated: {error})")
         return finding
+    details = result.get("details")
+    if isinstance(details, dict):
+        return _custom_finding(finding, details)
     frame = table.frame
     examples = []
     for item in result.get("partial_unexpected_index_list") or []:
@@ -234,4 +233,25 @@ def _finding(table: Table, check: Any, result: dict, exception: dict) -> dict:
         examples.append({k: v for k, v in example.items() if v is not None})
     finding.update(unexpected_count=int(result.get("unexpected_count") or len(examples)),
                    element_count=int(result.get("element_count") or len(frame)), examples=examples)
+    return finding
+
+
+def _custom_finding(finding: dict, details: dict) -> dict:
+    """What a custom Expectation's `_validate` returned, as report examples."""
+    if "drifted" in details and "cells" in details:  # label shares
+        examples = [{k: c[k] for k in ("check", "class", "name", "reference", "observed", "relative_change",
+                                       "p_adjusted") if c.get(k) is not None} for c in details["drifted"]]
+        finding.update(unexpected_count=len(examples), element_count=len(details["cells"]), examples=examples,
+                       window=details.get("window"), rows=details.get("n"))
+    elif "statistic" in details:  # one image statistic
+        example = {"statistic": details["statistic"], "reference": details["reference_mean"],
+                   "observed": details["mean"], "lower": details["lower"], "upper": details["upper"],
+                   "p_adjusted": details["p_adjusted"]}
+        finding.update(unexpected_count=1, element_count=1, examples=[{k: plain(v) for k, v in example.items()}],
+                       rows=details.get("n"))
+    elif "pairs" in details:  # content overlap
+        examples = [{k: v for k, v in {"file": p["test"], "row": p.get("row"), "value": p["train"]}.items()
+                     if v is not None} for p in details["pairs"]]
+        finding.update(unexpected_count=int(details.get("count", len(examples))), element_count=None,
+                       examples=examples)
     return finding

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 SUITES = ("labels", "files", "images", "integrity", "distribution")
+# What --headers-only (check_pixels=False) does not check: each needs the decoded pixels.
+PIXEL_CHECKS = ("pixel decode (expect_png_to_decode reads header and IEND trailer only)",
+                "content leakage between train and test (expect_no_content_overlap_between_splits)",
+                "duplicate train images", "blank images",
+                "label drift of the rows added since the reference (rows are identified by pixel content)",
+                "image statistics drift (expect_image_statistic_within_reference_bounds)")
 MAX_EXAMPLES = 20
 SUMMARY_EXAMPLES = 5
 # A competition PNG is 0.1-1 MB; anything this large is not one, and reading it whole into
@@ -16,8 +22,11 @@ DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 @dataclass(frozen=True)
 class ValidationConfig:
     """Drift is a two-proportion test per class share and labels-per-image bucket (Holm-corrected
-    at `drift_alpha`), flagged only when the change is also at least `drift_min_relative_change`
-    of the reference share: significant and large enough to matter."""
+    at `drift_alpha`), flagged only when the change is also large enough to matter: at least
+    `drift_min_relative_change` of the reference share or `drift_min_absolute_change` share
+    points, whichever is smaller (relative for rare classes, absolute for common ones). Image
+    statistics drift when significant (Bonferroni at `drift_alpha`) and moved by at least
+    `image_drift_min_relative_change` of the reference mean."""
 
     image_size: int = 512
     min_rows: int = 1
@@ -25,6 +34,8 @@ class ValidationConfig:
     check_pixels: bool = True
     drift_alpha: float = 0.05
     drift_min_relative_change: float = 0.25
+    drift_min_absolute_change: float = 0.05
+    image_drift_min_relative_change: float = 0.10
     drift_action: Literal["fail", "warn"] = "fail"
     min_rows_for_drift: int = 200
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -38,6 +49,11 @@ class ValidationConfig:
             raise ValueError(f"drift_alpha is a significance level between 0 and 1, got {self.drift_alpha}")
         if self.drift_min_relative_change < 0:
             raise ValueError(f"drift_min_relative_change must be >= 0, got {self.drift_min_relative_change}")
+        if not 0 < self.drift_min_absolute_change <= 1:
+            raise ValueError(f"drift_min_absolute_change is a share in (0, 1], got {self.drift_min_absolute_change}")
+        if self.image_drift_min_relative_change < 0:
+            raise ValueError(f"image_drift_min_relative_change must be >= 0, got "
+                             f"{self.image_drift_min_relative_change}")
         if self.drift_action not in ("fail", "warn"):
             raise ValueError(f"drift_action must be 'fail' or 'warn', got {self.drift_action!r}")
         if self.max_image_bytes < 1:

@@ -4,10 +4,18 @@ A dataset's label profile is 14 shares: the share of images carrying each of the
 the share with 1, 2, 3 or 4+ labels. Each share is compared with the reference's by a two-
 proportion z-test that uses both sample sizes (pooled variance, continuity correction), and the
 14 p-values are Holm-corrected so that the chance of any false alarm on an undrifted sample stays
-at or below `alpha`. A significant cell is flagged only if it also moved by at least
-`min_relative_change` of its reference share: a rare class halving (5.4 % -> 2.7 %) is a 50 %
-relative change and is caught, where a fixed +-5 point tolerance never would; a 0.3-point wobble
-that a million rows make "significant" is not.
+at or below `alpha`. A significant cell is flagged only if it also moved by a large enough effect:
+`min_relative_change` of its reference share for rare cells, `min_absolute_change` (in share
+points) for common ones - whichever is smaller, so the relative floor governs below a share of
+min_absolute_change / min_relative_change (20 % with the defaults) and the absolute rule above it.
+A rare class halving (5.4 % -> 2.7 %) is a 50 % relative change and is caught, where a fixed +-5
+point tolerance never would; Nucleoplasm 47 % -> 38 % is 9 points and is caught, where a 25 %
+relative floor (11.8 points) never would; a 0.3-point wobble that a million rows make
+"significant" is not.
+
+Image statistics (per-channel mean, std and saturated fraction of each image, from the decode
+pass) are compared the same way: the mean of a statistic over the images against the reference's,
+a z-test with both sample sizes, Bonferroni over the statistics, and a relative floor.
 
 Everything takes arrays with leading batch dimensions, so the contract tests can score thousands
 of random subsamples in one call.
@@ -67,6 +75,11 @@ def profile_hash(profile: dict) -> str:
     """Content hash of a profile's numbers: what a validation cache key and a report record."""
     numbers = {"n": profile.get("n"), "class_share": profile["class_share"],
                "labels_per_image_share": profile["labels_per_image_share"]}
+    # What the new-rows window and image-statistics drift compare with, when the profile has it
+    # (absent keys leave the hashes of older profiles as they were).
+    for key in PIXEL_PROFILE_KEYS:
+        if profile.get(key) is not None:
+            numbers[key] = profile[key]
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,6 +98,13 @@ def check_profile(profile: Any, where: str) -> dict:
     n = profile.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{where}: n (the number of images profiled) must be a positive integer")
+    hashes = profile.get("row_hashes")
+    if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)):
+        raise ValueError(f"{where}: row_hashes must be a list of hex strings")
+    stats = profile.get("image_statistics")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(v, dict) and {"n", "mean", "std"} <= set(v) for v in stats.values())):
+        raise ValueError(f"{where}: image_statistics must map each statistic to its n, mean and std")
     return profile
 
 
@@ -133,7 +153,7 @@ def _two_sided_p(z: np.ndarray) -> np.ndarray:
 
 def drift_test(
     ref_shares: np.ndarray, ref_n: int, counts: np.ndarray, n: np.ndarray | int,
-    alpha: float, min_relative_change: float,
+    alpha: float, min_relative_change: float, min_absolute_change: float = 0.05,
 ) -> DriftResult:
     """Compare sample counts (..., 14) of n images with reference shares (14,) of ref_n images."""
     counts = np.asarray(counts, dtype=float)
@@ -159,17 +179,19 @@ def drift_test(
     adjusted_sorted = np.minimum(np.maximum.accumulate(sorted_p, axis=-1), 1.0)
     adjusted = np.empty_like(adjusted_sorted)
     np.put_along_axis(adjusted, order, adjusted_sorted, axis=-1)
-    flagged = (adjusted <= alpha) & (relative >= min_relative_change)
+    # The effect a cell must show: relative for rare cells, absolute for common ones (the smaller).
+    floor = np.minimum(min_relative_change * p_r, min_absolute_change)
+    flagged = (adjusted <= alpha) & (gap >= floor - 1e-12)
     return DriftResult(z=z, p_adjusted=adjusted, relative_change=relative, flagged=flagged)
 
 
-def compare_profiles(profile: dict, reference: dict, alpha: float, min_relative_change: float) -> list[dict]:
-    """One record per cell, for the distribution table and Data Docs."""
-    shares = profile_shares(profile)
-    counts = np.round(shares * profile["n"])
-    result = drift_test(profile_shares(reference), int(reference["n"]), counts, profile["n"], alpha,
-                        min_relative_change)
-    ref = profile_shares(reference)
+def compare_counts(counts: np.ndarray, n: int, ref_shares: np.ndarray, ref_n: int, alpha: float,
+                   min_relative_change: float, min_absolute_change: float) -> list[dict]:
+    """One record per cell: reference and current share, adjusted p, drifted (what Data Docs show)."""
+    counts = np.asarray(counts, dtype=float)
+    shares = counts / n if n else np.zeros_like(counts)
+    ref = np.asarray(ref_shares, dtype=float)
+    result = drift_test(ref, ref_n, counts, n, alpha, min_relative_change, min_absolute_change)
     records = []
     for i, cell in enumerate(CELLS):
         records.append({
@@ -183,6 +205,54 @@ def compare_profiles(profile: dict, reference: dict, alpha: float, min_relative_
             "drifted": bool(result.flagged[i]),
         })
     return records
+
+
+def label_counts(labels: list[str]) -> np.ndarray:
+    """(14,) cell counts of canonical label strings ("4 6")."""
+    sets = [frozenset(int(c) for c in label.split()) for label in labels]
+    return indicator_matrix(sets).sum(axis=0) if sets else np.zeros(len(CELLS), dtype=np.int64)
+
+
+def canonical_label(label_set: frozenset[int]) -> str:
+    return " ".join(str(c) for c in sorted(label_set))
+
+
+def row_hash(image_id: str, label_set: frozenset[int], content_sha256: str) -> str:
+    """A labelled image's identity for "rows added since the reference": its id, its labels and its
+    decoded pixels. A relabelled or re-imaged row counts as new."""
+    text = f"{image_id}|{canonical_label(label_set)}|{content_sha256}"
+    return hashlib.sha256(text.encode()).hexdigest()[:ROW_HASH_CHARS]
+
+
+ROW_HASH_CHARS = 16
+# Parts of a profile only a full decode gives: rows by content, and per-image intensity statistics.
+PIXEL_PROFILE_KEYS = ("row_hashes", "image_statistics")
+# Per-image intensity statistics: the decode pass computes them from each band's histogram.
+CHANNELS = ("red", "green", "blue")
+IMAGE_STATISTICS = tuple(f"{c}_{s}" for c in CHANNELS for s in ("mean", "std", "saturated"))
+
+
+def moments(values: np.ndarray) -> dict[str, float]:
+    values = np.asarray(values, dtype=float)
+    return {"n": int(values.size), "mean": float(values.mean()) if values.size else 0.0,
+            "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+
+
+def image_statistic_test(mean: float, std: float, n: int, ref_mean: float, ref_std: float, ref_n: int,
+                         tests: int, alpha: float, min_relative_change: float) -> dict[str, Any]:
+    """Is the mean of one per-image statistic outside the reference's bounds? A two-sample z-test
+    (Bonferroni over `tests` statistics) and a relative floor; the bound is what it takes to flag."""
+    se = math.sqrt(ref_std**2 / max(ref_n, 1) + std**2 / max(n, 1))
+    gap = abs(mean - ref_mean)
+    z = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
+    p = min(1.0, math.erfc(z / math.sqrt(2.0)) * tests)
+    relative = gap / abs(ref_mean) if ref_mean else (math.inf if gap > 0 else 0.0)
+    z_needed = _normal.inv_cdf(1 - alpha / (2 * tests))
+    half_width = max(z_needed * se, min_relative_change * abs(ref_mean))
+    return {"mean": mean, "reference_mean": ref_mean, "n": n, "reference_n": ref_n,
+            "lower": ref_mean - half_width, "upper": ref_mean + half_width,
+            "relative_change": None if math.isinf(relative) else round(relative, 4),
+            "p_adjusted": float(f"{p:.3g}"), "drifted": bool(p <= alpha and relative >= min_relative_change)}
 
 
 def critical_z(alpha: float, cells: int = len(CELLS)) -> float:

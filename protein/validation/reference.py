@@ -16,7 +16,7 @@ from typing import Any
 
 from protein.errors import RecordError, StoreError
 from protein.storage.records import RecordSchema, load_record
-from protein.validation.drift import REFERENCE_PROFILE, check_profile, profile_hash
+from protein.validation.drift import PIXEL_PROFILE_KEYS, REFERENCE_PROFILE, check_profile, profile_hash
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def reference_record(profile: dict, **provenance: Any) -> dict:
     """The stored form of a reference profile, with its provenance and hash."""
     check_profile(profile, "reference profile")
     record = {"n": profile["n"], "class_share": profile["class_share"],
-              "labels_per_image_share": profile["labels_per_image_share"], **provenance,
+              "labels_per_image_share": profile["labels_per_image_share"],
+              **{k: profile[k] for k in PIXEL_PROFILE_KEYS if profile.get(k) is not None}, **provenance,
               "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     record["hash"] = profile_hash(record)
     return record
@@ -94,8 +95,9 @@ def champion_reference(store: Any, model_id: str) -> dict | None:
         except ValueError as exc:
             log.warning("model %s: unusable label_profile (%s); trying its validation report", model_id, exc)
         else:
-            return reference_record(profile, source=f"champion {model_id} training data",
-                                    model_id=model_id, data_fingerprint=data_fingerprint)
+            return reference_record({**_pixel_profile(store, data_fingerprint), **profile},
+                                    source=f"champion {model_id} training data", model_id=model_id,
+                                    data_fingerprint=data_fingerprint)
     key = report_key(str(data_fingerprint)) if data_fingerprint else None
     if key is None or not store.exists(key):
         log.warning("model %s: no validation report for its training data (%s); reference profile unchanged",
@@ -140,3 +142,17 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
                              "`protein validate --accept` on the champion's data to reset it") from exc
         raise
     return moved, written
+
+
+def _pixel_profile(store: Any, data_fingerprint: Any) -> dict:
+    """Row hashes and image statistics from the validation report of the data (model.json's
+    label profile has only label shares); empty when there is no usable report."""
+    key = report_key(str(data_fingerprint)) if data_fingerprint else None
+    if key is None or not store.exists(key):
+        return {}
+    try:
+        profile = load_record(store, key, VALIDATION_REPORT)["profile"]
+        check_profile(profile, key)
+    except (ValueError, KeyError, TypeError, RecordError):
+        return {}
+    return {k: profile[k] for k in PIXEL_PROFILE_KEYS if profile.get(k) is not None}

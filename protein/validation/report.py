@@ -22,6 +22,7 @@ class ValidationReport:
     report_uri: str | None = None
     reference: dict = field(default_factory=dict)  # source, n, hash and URI of the reference profile
     suites: dict = field(default_factory=dict)  # each suite's JSON: the exact rules this data met
+    skipped: list = field(default_factory=list)  # checks not run, and why (--headers-only, reference lacks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,10 +38,18 @@ class ValidationReport:
 def describe(finding: dict) -> str:
     where = f"{finding['expectation']}({finding['column']})" if finding.get("column") else finding["expectation"]
     total = finding.get("element_count")
-    if total is None:
-        return f"{finding['suite']}: {where}: {finding['message']}"
     count = finding.get("unexpected_count", 0)
-    line = f"{finding['suite']}: {where}: {count:,} of {total:,} rows unexpected - {finding['message']}"
+    if "window" in finding:
+        line = (f"{finding['suite']}: {where}: {count} of {total} shares drifted in {finding['window']} "
+                f"(n={finding.get('rows')}) - {finding['message']}")
+    elif finding.get("examples") and "statistic" in finding["examples"][0]:
+        line = f"{finding['suite']}: {where}: outside the reference's bounds - {finding['message']}"
+    elif total is None and finding.get("examples"):
+        line = f"{finding['suite']}: {where}: {count:,} unexpected - {finding['message']}"
+    elif total is None:
+        return f"{finding['suite']}: {where}: {finding['message']}"
+    else:
+        line = f"{finding['suite']}: {where}: {count:,} of {total:,} rows unexpected - {finding['message']}"
     examples = finding.get("examples") or []
     if examples:
         shown = "; ".join(_example_text(e) for e in examples[:SUMMARY_EXAMPLES])
@@ -50,6 +59,9 @@ def describe(finding: dict) -> str:
 
 
 def _example_text(example: dict) -> str:
+    if "statistic" in example:
+        return (f"{example['statistic']}: reference {example['reference']:.4f}, now {example['observed']:.4f} "
+                f"(bounds {example['lower']:.4f} to {example['upper']:.4f}, adjusted p={example['p_adjusted']})")
     if "observed" in example and "reference" in example:
         what = " ".join(str(example[k]) for k in ("check", "name") if k in example)
         shift = (example["observed"] - example["reference"]) * 100

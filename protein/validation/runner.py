@@ -2,8 +2,9 @@
 
 `run_validation` writes report.json and a Data Docs site locally and, with a store, uploads the
 report under validation/<fingerprint>/ and the site under validation/docs/ (one site for every
-run: the Checkpoint's UpdateDataDocsAction adds this run to the results of earlier runs, which
-live in the store under validation/results/).
+run: this run's results are added to those of earlier runs, which live in the store under
+validation/results/). The store's report.json is written after the docs and before the reference
+moves; the report folder is filled last, so a store failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -17,17 +18,25 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from protein.atomic import write_text_atomic
 from protein.data import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, fingerprint, open_dataset
+from protein.errors import DataError
 from protein.labels import parse_label_set
 from protein.validation import suites
 from protein.validation.checkpoint import run_checkpoint
-from protein.validation.config import ValidationConfig
-from protein.validation.drift import check_profile, profile_hash, profile_labels
+from protein.validation.config import PIXEL_CHECKS, ValidationConfig
+from protein.validation.drift import (
+    IMAGE_STATISTICS,
+    canonical_label,
+    check_profile,
+    moments,
+    profile_hash,
+    profile_labels,
+    row_hash,
+)
 from protein.validation.images import ImageReader, inspect_images, integrity_records
 from protein.validation.reference import STORE_PREFIX, load_reference, report_key, save_reference
 from protein.validation.report import ValidationReport
@@ -53,11 +62,15 @@ def validate_dataset(
     if reference_profile is not None:
         reference_profile = {**check_profile(reference_profile, "reference_profile"),
                              "hash": profile_hash(reference_profile)}
-    return _validate(path, config, reference_profile or load_reference(None), project_dir=None)
+    project = Path(tempfile.mkdtemp(prefix="protein-gx-"))
+    try:
+        return _validate(path, config, reference_profile or load_reference(None), project, docs=False)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
 
 
 def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference: dict,
-              project_dir: Path | None) -> ValidationReport:
+              project_dir: Path, docs: bool) -> ValidationReport:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     source = open_dataset(path)
@@ -103,13 +116,33 @@ def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference:
         tables.append(suites.integrity_table(integrity_records(records), config))
     timings["images"] = time.perf_counter() - tick
 
-    label_sets = _valid_label_sets(train_csv.column("Label") if train_csv is not None else [])
+    labelled = _labelled_rows(train_csv)
+    label_sets = [s for _, _, s in labelled]
     profile = profile_labels(label_sets)
-    if label_sets:
-        tables.append(suites.distribution_table(profile, reference, config))
+    skipped = list(PIXEL_CHECKS) if not config.check_pixels else []
+    row_hashes: list[str] = []
+    if config.check_pixels:
+        row_hashes, image_statistics = _pixel_profile(labelled, records)
+        profile.update(row_hashes=sorted(set(row_hashes)), image_statistics=image_statistics)
+    if labelled:
+        known = reference.get("row_hashes")
+        new_rows = config.check_pixels and isinstance(known, list)
+        if config.check_pixels and not new_rows:
+            skipped.append("label drift of the rows added since the reference (the reference lists no rows: "
+                           "it is the built-in profile or was set before rows were recorded)")
+        known_set = set(known) if new_rows else set()
+        drift_rows = [{"row": row, "Image": image_id, "Label": canonical_label(label_set),
+                       "new": bool(row_hashes) and row_hashes[i] not in known_set}
+                      for i, (row, image_id, label_set) in enumerate(labelled)]
+        tables.append(suites.drift_table(drift_rows, reference, config, new_rows))
+    if config.check_pixels and records:
+        if not isinstance(reference.get("image_statistics"), dict):
+            skipped.append("image statistics drift (the reference has no image statistics: it is the built-in "
+                           "profile or was set before they were recorded)")
+        tables.append(suites.image_statistics_table(records, reference, config))
 
     tick = time.perf_counter()
-    outcome = run_checkpoint(tables, data_fingerprint, project_dir)
+    outcome = run_checkpoint(tables, data_fingerprint, project_dir, docs)
     timings["great_expectations"] = time.perf_counter() - tick
 
     statistics: dict[str, Any] = {
@@ -124,6 +157,7 @@ def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference:
         "pixel_check": "full decode" if config.check_pixels else "header and IEND trailer only",
         "content_hashes": sum(1 for r in records if r["content_sha256"]),
         "image_workers": workers,
+        "skipped_checks": skipped,
         **outcome.statistics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -132,21 +166,37 @@ def _validate(path: str | os.PathLike[str], config: ValidationConfig, reference:
         failures=outcome.failures, warnings=outcome.warnings, profile=profile, statistics=statistics,
         seconds=round(time.perf_counter() - started, 3),
         reference={k: reference.get(k) for k in ("source", "n", "hash", "uri", "model_id", "data_fingerprint")},
-        suites=outcome.suites,
+        suites=outcome.suites, skipped=skipped,
     )
     for line in report.summary_lines():
         log.info("validation failure: %s", line)
     return report
 
 
-def _valid_label_sets(labels: Iterable[Any]) -> list[frozenset[int]]:
+def _labelled_rows(train_csv: suites.Csv | None) -> list[tuple[int, str, frozenset[int]]]:
+    """(CSV line, Image id, label set) of every row with a usable label."""
+    if train_csv is None:
+        return []
     out = []
-    for label in labels:
+    ids = train_csv.column("Image") or [None] * len(train_csv.rows)
+    for row, image_id, label in zip(train_csv.rows, ids, train_csv.column("Label"), strict=False):
         try:
-            out.append(parse_label_set(label))
+            out.append((row, str(image_id), parse_label_set(label)))
         except ValueError:
             continue  # already a failed expectation; the profile counts only usable rows
     return out
+
+
+def _pixel_profile(labelled: list[tuple[int, str, frozenset[int]]],
+                   records: list[dict]) -> tuple[list[str], dict | None]:
+    """What only the decoded pixels give the profile: a hash per labelled row (id, labels, pixels;
+    "rows added since the reference" are those whose hash the reference lacks) and the moments of
+    each per-image intensity statistic over the decoded train images."""
+    content = {r["Image"]: r["content_sha256"] for r in records if r["split"] == "train" and r["content_sha256"]}
+    hashes = [row_hash(image_id, label_set, content.get(image_id, "")) for _, image_id, label_set in labelled]
+    decoded = [r for r in records if r["split"] == "train" and r.get(IMAGE_STATISTICS[0]) is not None]
+    stats = {name: moments([r[name] for r in decoded]) for name in IMAGE_STATISTICS} if decoded else None
+    return hashes, stats
 
 
 def run_validation(
@@ -163,6 +213,8 @@ def run_validation(
     from protein.storage import open_store
 
     open_dataset(path)  # not a dataset at all: DataError before anything is written
+    if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise DataError(f"--report {report_dir}: exists and is not a folder (report.json and docs/ go in a folder)")
     store = open_store(store_uri) if store_uri else None
     reference = load_reference(store)
     out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="protein-validation-"))
@@ -174,33 +226,44 @@ def run_validation(
             # the index only if the site already holds its page).
             _download(store, RESULTS_PREFIX, project / _GX_RESULTS)
             _download(store, f"{DOCS_PREFIX}/validations", project / _GX_DOCS / "validations")
-        report = _validate(path, config, reference, project_dir=project)
-        docs = out / "docs"
-        _replace_dir(project / _GX_DOCS, docs)
+        report = _validate(path, config, reference, project, docs=True)
+        staged_docs = project / _GX_DOCS
         if store is not None:
+            # The store first, report.json last in it: a store failure (StoreError, exit 3) leaves no
+            # report in the store and nothing new in the report folder; report.json is the commit.
             _upload_dir(store, project / _GX_RESULTS, RESULTS_PREFIX)
+            _upload_dir(store, staged_docs, DOCS_PREFIX)
+            # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
+            report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
+            report.report_uri = object_uri(store, report_key(report.data_fingerprint))
+            _put_report(store, report)
+            if accept:
+                if not report.success:
+                    log.warning("not accepting %s as the reference: it failed validation", report.data_fingerprint)
+                else:
+                    # Only now that its report is stored may the dataset become the reference.
+                    report.reference = {**report.reference, "accepted": save_reference(
+                        store, report.profile, source=f"accepted dataset {report.data_fingerprint}",
+                        data_fingerprint=report.data_fingerprint, dataset=report.dataset)}
+                    _put_report(store, report)
+        docs = out / "docs"
+        _replace_dir(staged_docs, docs)
     finally:
         shutil.rmtree(project, ignore_errors=True)
     report.docs_path = str(docs / "index.html")
-    if store is not None:
-        _upload_dir(store, docs, DOCS_PREFIX)
-        # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
-        report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
-        report.report_uri = object_uri(store, report_key(report.data_fingerprint))
-        if accept:
-            if not report.success:
-                log.warning("not accepting %s as the reference: it failed validation", report.data_fingerprint)
-            else:
-                report.reference = {**report.reference, "accepted": save_reference(
-                    store, report.profile, source=f"accepted dataset {report.data_fingerprint}",
-                    data_fingerprint=report.data_fingerprint, dataset=report.dataset)}
-    text = json.dumps(report.to_dict(), indent=2, default=str)
-    write_text_atomic(out / "report.json", text)
-    if store is not None:
-        store.put_bytes(report_key(report.data_fingerprint), text.encode(), content_type="application/json")
+    write_text_atomic(out / "report.json", _report_text(report))
     log.info("validation %s for %s (%s): report %s", "passed" if report.success else "FAILED",
              report.dataset, report.data_fingerprint, report.report_uri or out / "report.json")
     return report
+
+
+def _report_text(report: ValidationReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+def _put_report(store: Any, report: ValidationReport) -> None:
+    store.put_bytes(report_key(report.data_fingerprint), _report_text(report).encode(),
+                    content_type="application/json")
 
 
 def _download(store: Any, prefix: str, folder: Path) -> None:

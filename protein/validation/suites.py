@@ -19,7 +19,7 @@ import pandas as pd
 from protein.data import MAX_CSV_BYTES, SAFE_ID, TEST_DIR, TRAIN_DIR, DatasetSource
 from protein.errors import DataError
 from protein.validation.config import ValidationConfig
-from protein.validation.drift import compare_profiles
+from protein.validation.drift import CELLS, IMAGE_STATISTICS, profile_shares
 
 EXPECTED_COLUMNS = ["Image", "Label"]
 # Stripped cell, as `parse_label_set` reads it: single digits separated by single spaces. Whether
@@ -279,36 +279,80 @@ def images_table(records: list[dict], config: ValidationConfig) -> Table:
 
 
 def integrity_table(records: list[dict], config: ValidationConfig) -> Table:
-    """Leakage, duplicates and blank images, from the content hashes of the image pass."""
+    """Leakage, duplicates and blank images, from the content hashes of the image pass. Without
+    decoded pixels there are no content hashes: only the id check runs (and the report says so)."""
     frame = pd.DataFrame(records, dtype=object)
     checks = [
         Check("expect_column_values_to_be_null", {"column": "same_id_in_train"},
               "a test id must not also be a train id (leakage)", condition=(("split", "==", "test"),)),
-        Check("expect_image_content_not_in_other_split", {"column": "same_content_in_train"},
-              "a test image must not have the same content as a train image (leakage)",
-              condition=(("split", "==", "test"),)),
-        Check("expect_column_values_to_be_null", {"column": "duplicate_of"},
-              "train images should not repeat another train image's content", "warning",
-              condition=(("split", "==", "train"),)),
-        Check("expect_column_values_to_be_in_set", {"column": "constant", "value_set": [False]},
-              "images should not be blank (every pixel the same value)", "warning",
-              condition=(("constant", "notnull", None),)),
     ]
+    if config.check_pixels:
+        checks += [
+            Check("expect_no_content_overlap_between_splits", {},
+                  "a test image must not have the same content as a train image (leakage)"),
+            Check("expect_column_values_to_be_null", {"column": "duplicate_of"},
+                  "train images should not repeat another train image's content", "warning",
+                  condition=(("split", "==", "train"),)),
+            Check("expect_column_values_to_be_in_set", {"column": "constant", "value_set": [False]},
+                  "images should not be blank (every pixel the same value)", "warning",
+                  condition=(("constant", "notnull", None),)),
+        ]
     return Table("integrity", "integrity", frame, checks, ("split", "error"))
 
 
-def distribution_table(profile: dict, reference: dict, config: ValidationConfig) -> Table:
-    records = compare_profiles(profile, reference, config.drift_alpha, config.drift_min_relative_change)
-    frame = pd.DataFrame(records, dtype=object)
+def drift_severity(n: int, config: ValidationConfig) -> Literal["critical", "warning"]:
     # Tiny development sets drift by chance; they are reported but can never fail.
-    severity = "critical" if config.drift_action == "fail" and profile["n"] >= config.min_rows_for_drift else "warning"
+    return "critical" if config.drift_action == "fail" and n >= config.min_rows_for_drift else "warning"
+
+
+def drift_table(rows: list[dict], reference: dict, config: ValidationConfig, new_rows: bool) -> Table:
+    """One row per usable labelled image (canonical labels, and whether it is new since the
+    reference); label drift of all rows and, when the reference knows its rows, of the new ones."""
+    frame = pd.DataFrame(rows, columns=["row", "Image", "file", "Label", "new"], dtype=object)
     where = f"reference profile ({reference.get('source', 'given')}, n={reference.get('n', '?')})"
-    message = (f"class shares and labels-per-image shares must match the {where}: flagged when a Holm-corrected "
-               f"two-proportion test gives p <= {config.drift_alpha} and the share moved by at least "
-               f"{config.drift_min_relative_change:.0%} of its reference value")
-    return Table("distribution", "distribution", frame, [
-        Check("expect_label_shares_not_to_drift", {"column": "drifted", "value_set": [False]}, message, severity),
-    ], ("check", "class", "name", "reference", "observed", "relative_change", "p_adjusted"))
+    common = {"column": "Label", "reference_shares": [float(v) for v in profile_shares(reference)],
+              "reference_n": int(reference["n"]), "reference_source": where, "alpha": config.drift_alpha,
+              "min_relative_change": config.drift_min_relative_change,
+              "min_absolute_change": config.drift_min_absolute_change}
+    rule = (f"class shares and labels-per-image shares of {{}} must match the {where}: flagged when a Holm-corrected "
+            f"two-proportion test over the {len(CELLS)} shares gives p <= {config.drift_alpha} and the share moved "
+            f"by at least {config.drift_min_relative_change:.0%} of its reference value or "
+            f"{config.drift_min_absolute_change * 100:.0f} points, whichever is smaller")
+    checks = [Check("expect_label_shares_within_reference_bounds", {**common, "window": "all rows"},
+                    rule.format("all rows"), drift_severity(len(frame), config))]
+    if new_rows:
+        added = int(frame["new"].sum()) if len(frame) else 0
+        if added:
+            checks.append(Check("expect_label_shares_within_reference_bounds",
+                                {**common, "window": "rows added since the reference"},
+                                rule.format("the rows added since the reference"), drift_severity(added, config),
+                                condition=(("new", "==", True),)))
+    return Table("distribution", "drift", frame, checks)
+
+
+def image_statistics_table(records: list[dict], reference: dict, config: ValidationConfig) -> Table:
+    """Per decoded train image, its intensity statistics; each statistic's mean must lie within the
+    reference's bounds (when the reference has image statistics: a dataset accepted or promoted)."""
+    columns = ["row", "Image", "file", "split", *IMAGE_STATISTICS]
+    frame = pd.DataFrame([{c: r.get(c) for c in columns} for r in records if r.get("decodes") and r.get(
+        IMAGE_STATISTICS[0]) is not None], columns=columns, dtype=object)
+    checks = []
+    stats = reference.get("image_statistics") or {}
+    severity = drift_severity(int((frame["split"] == "train").sum()) if len(frame) else 0, config)
+    for name in IMAGE_STATISTICS:
+        ref = stats.get(name)
+        if not isinstance(ref, dict):
+            continue
+        checks.append(Check(
+            "expect_image_statistic_within_reference_bounds",
+            {"column": name, "reference_mean": float(ref["mean"]), "reference_std": float(ref["std"]),
+             "reference_n": int(ref["n"]), "tests": len(IMAGE_STATISTICS), "alpha": config.drift_alpha,
+             "min_relative_change": config.image_drift_min_relative_change},
+            f"the mean {name} of train images must stay within the reference's bounds "
+            f"({float(ref['mean']):.4f} over {int(ref['n']):,} images, at least "
+            f"{config.image_drift_min_relative_change:.0%} change and significant to flag)",
+            severity, condition=(("split", "==", "train"),)))
+    return Table("distribution", "image_statistics", frame, checks)
 
 
 def readable_table(files: list[tuple[str, str | None]]) -> Table:

@@ -51,7 +51,7 @@ def flag_rate(matrix: np.ndarray, samples: np.ndarray) -> tuple[float, np.ndarra
     shares, ref_n = reference()
     counts = matrix[samples].sum(axis=1)  # (seeds, 14)
     result = drift_test(shares, ref_n, counts, samples.shape[1], DEFAULTS.drift_alpha,
-                        DEFAULTS.drift_min_relative_change)
+                        DEFAULTS.drift_min_relative_change, DEFAULTS.drift_min_absolute_change)
     return float(result.any_flagged.mean()), result.flagged
 
 
@@ -75,12 +75,39 @@ def test_real_shifts_at_2000_rows_are_always_caught(real, case: str, class_id: i
     assert flagged[:, class_id].all(), f"{case}: flagged, but not always on class {class_id}"
 
 
+def test_nucleoplasm_47_to_38_percent_at_10000_rows_is_caught(real) -> None:
+    # 9 points: below the 25 % relative floor (11.8 points) that alone would hide it, above the
+    # 5-point absolute rule that common classes get.
+    _, matrix = real
+    samples = shifted_samples(np.random.default_rng(38), matrix, NUCLEOPLASM, 0.38, 10_000, 50)
+    rate, flagged = flag_rate(matrix, samples)
+    assert rate == 1.0 and flagged[:, NUCLEOPLASM].all(), f"detected in {rate:.1%} of samples"
+
+
+def test_old_data_plus_new_rows_without_a_class_is_caught_in_the_new_rows(real) -> None:
+    """The whole real set plus 2,000 new rows in which Centrosome vanished: diluted by the old
+    rows the whole set stays within bounds; the new rows, compared on their own, never do."""
+    _, matrix = real
+    shares, ref_n = reference()
+    rng = np.random.default_rng(2000)
+    lacks = np.flatnonzero(matrix[:, CENTROSOME] == 0)
+    new = random_samples(rng, lacks, 2000, DETECT_SEEDS)  # (seeds, 2000)
+    new_counts = matrix[new].sum(axis=1)
+    whole = drift_test(shares, ref_n, matrix.sum(axis=0) + new_counts, len(matrix) + 2000, DEFAULTS.drift_alpha,
+                       DEFAULTS.drift_min_relative_change, DEFAULTS.drift_min_absolute_change)
+    added = drift_test(shares, ref_n, new_counts, 2000, DEFAULTS.drift_alpha, DEFAULTS.drift_min_relative_change,
+                       DEFAULTS.drift_min_absolute_change)
+    assert not whole.flagged[:, CENTROSOME].any()  # why the new rows need their own test
+    assert added.flagged[:, CENTROSOME].all()
+
+
 def test_a_tiny_wobble_on_a_huge_sample_is_not_drift() -> None:
     # Significant at a million rows, but a 5 % relative change is below the floor that matters.
     shares, ref_n = reference()
     counts = np.round(shares * 1_000_000)
     counts[NUCLEOPLASM] *= 1.05
-    result = drift_test(shares, ref_n, counts, 1_000_000, 0.05, DEFAULTS.drift_min_relative_change)
+    result = drift_test(shares, ref_n, counts, 1_000_000, 0.05, DEFAULTS.drift_min_relative_change,
+                        DEFAULTS.drift_min_absolute_change)
     assert result.p_adjusted[NUCLEOPLASM] < 0.05 and not result.any_flagged
 
 

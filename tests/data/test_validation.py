@@ -207,7 +207,7 @@ def test_drift_fails_naming_the_class(base: Path, tmp_path: Path, drift_sets) ->
 
     drifted = write_linked(tmp_path / "drifted", drifted_rows, template)
     report = validate_dataset(drifted, CONFIG, reference)
-    assert failure_names(report) == [("distribution", "expect_label_shares_not_to_drift", "drifted")]
+    assert failure_names(report) == [("distribution", "expect_label_shares_within_reference_bounds", "Label")]
     moved = {e["class"]: e for e in report.failures[0]["examples"] if "class" in e}
     assert DRIFT_CLASS in moved
     share = reference["class_share"][DRIFT_CLASS]
@@ -217,7 +217,7 @@ def test_drift_fails_naming_the_class(base: Path, tmp_path: Path, drift_sets) ->
 
     warned = validate_dataset(drifted, ValidationConfig(image_size=SIZE, drift_action="warn"), reference)
     assert warned.success
-    assert ("distribution", "drifted") in [(w["suite"], w["column"]) for w in warned.warnings]
+    assert ("distribution", "Label") in [(w["suite"], w["column"]) for w in warned.warnings]
 
 
 # ---- reports, Data Docs and the store ----------------------------------------------------------
@@ -234,7 +234,8 @@ def test_run_validation_keeps_one_docs_site_with_history_and_never_moves_the_ref
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["data_fingerprint"] == report.data_fingerprint and saved["success"] is True
     # The exact rules that admitted the data are kept with it.
-    assert set(saved["suites"]) >= {"labels", "files", "images", "integrity", "distribution.warnings"}
+    # One suite per asset, each run by its own Validation Definition in the one Checkpoint.
+    assert set(saved["suites"]) >= {"labels.rows", "files.train", "images", "integrity", "drift"}
     assert any(e["type"] == "expect_png_to_decode" for e in saved["suites"]["images"]["expectations"])
     assert saved["reference"]["source"].startswith("real train.csv") and len(saved["reference"]["hash"]) == 16
     assert Path(report.docs_path).is_file() and report.docs_path.endswith("docs/index.html")

@@ -1,0 +1,107 @@
+"""Honest fast modes and error paths of `protein validate`: one line, a documented exit code,
+nothing half-written, the reference moved only after the report is stored."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from protein.cli import main
+from protein.data import fingerprint, open_dataset
+from protein.validation.config import PIXEL_CHECKS
+from tests.data.corpus import SIZE, write_base
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_base(tmp_path_factory.mktemp("corpus") / "base")
+
+
+def validate(*args: str) -> int:
+    return main(["validate", "--image-size", str(SIZE), "--max-image-bytes", "200000", *args])
+
+
+def test_headers_only_says_what_it_did_not_check(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = validate("--data", str(base), "--headers-only", "--report", str(tmp_path / "r"),
+                    "--store", str(tmp_path / "store"))
+    out, err = capsys.readouterr()
+    assert code == 0
+    emitted = json.loads(out.strip().splitlines()[-1])
+    assert emitted["skipped_checks"] == list(PIXEL_CHECKS)
+    assert all(f"not checked: {check}" in err for check in PIXEL_CHECKS)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["skipped"] == list(PIXEL_CHECKS)
+    # The skipped checks are not in the suites either: nothing passes vacuously.
+    types = {e["type"] for e in report["suites"]["integrity"]["expectations"]}
+    assert types == {"expect_column_values_to_be_null"}
+
+
+def test_the_nightly_decodes_every_image() -> None:
+    from flows.params import ValidationParams
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert ValidationParams().check_pixels is True
+    assert "check_pixels" not in json.dumps(nightly.get("parameters", {})) + json.dumps(nightly.get("schedules"))
+
+
+def test_report_at_an_existing_file_is_a_usage_error(base: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "report.txt"
+    target.write_text("mine")
+    code = validate("--data", str(base), "--report", str(target), "--store", str(tmp_path / "store"))
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip() == (f"protein validate: error: --report {target}: exists and is not a folder "
+                           "(report.json and docs/ go in a folder)")
+    assert target.read_text() == "mine" and not (tmp_path / "store").exists()
+
+
+def test_a_store_failure_leaves_nothing_half_written_and_the_reference_unmoved(
+        base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    store = tmp_path / "store"
+    # The report's folder in the store is a file: uploading report.json fails (after the docs).
+    blocked = store / "validation" / fingerprint(open_dataset(base))
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way")
+    code = validate("--data", str(base), "--store", str(store), "--report", str(tmp_path / "r"), "--accept")
+    _, err = capsys.readouterr()
+    assert code == 3, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("protein validate: error:")
+    assert list((tmp_path / "r").iterdir()) == []  # no docs/, no report.json, no staging folder
+    assert not (store / "validation" / "reference_profile.json").exists()
+
+    blocked.unlink()
+    assert validate("--data", str(base), "--store", str(store), "--report", str(tmp_path / "r"), "--accept") == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["docs", "report.json"]
+    reference = json.loads((store / "validation" / "reference_profile.json").read_text())
+    stored = json.loads((blocked / "report.json").read_text())
+    assert stored["reference"]["accepted"]["hash"] == reference["hash"]
+    # The reference knows its rows and image statistics: the next run compares new rows and images.
+    assert len(reference["row_hashes"]) == 6 and set(reference["image_statistics"]) >= {"green_mean"}
+
+
+def test_data_docs_explain_a_drift_failure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.data.test_custom_expectations import CENTROSOME, real_rows_without, write_rows
+    from tests.helpers import write_png
+
+    template = tmp_path / "t.png"
+    write_png(template, SIZE)
+    dataset = write_rows(tmp_path / "ds", real_rows_without(CENTROSOME, 400), template)
+    assert validate("--data", str(dataset), "--report", str(tmp_path / "r"), "--store", str(tmp_path / "store")) == 1
+    _, err = capsys.readouterr()
+    assert "class 8 Centrosome: 5.4% -> 0.0%" in err
+    pages = [p for p in (tmp_path / "r" / "docs" / "validations").rglob("*.html")]
+    drift = [p.read_text() for p in pages if p.parts[-4] == "drift"]
+    assert len(drift) == 1, [p.relative_to(tmp_path) for p in pages]
+    html = drift[0]
+    # The asset, the expectation's rule, and for the class that moved: reference, current, p.
+    for text in ("Data asset: drift", "Label drift ( all rows )", "Shares that drifted", "Centrosome", "5.4 %",
+                 "0.0 %", "adjusted p (Holm)"):
+        assert text in " ".join(re.sub(r"<[^>]+>", " ", html).split()), text
