@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test lint bench clean venv browser
+.PHONY: run test lint bench clean venv browser stack
 
 venv: $(STAMP)
 
@@ -30,7 +30,7 @@ run: $(STAMP)
 	@mkdir -p $(WORK)/prefect
 	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
 
-test: $(STAMP) browser
+test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -39,6 +39,15 @@ browser:
 	@test -x /usr/bin/chromium || { \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+# The integration tests stand up the production layout (deployments/ha_stack.py) from Debian's
+# PostgreSQL, Redis and nginx; it runs PostgreSQL as the unprivileged `nobody` when run as root.
+stack:
+	@missing=; for p in postgresql:/usr/lib/postgresql redis-server:/usr/bin/redis-server nginx:/usr/sbin/nginx; do \
+		test -e $${p#*:} || missing="$$missing $${p%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
