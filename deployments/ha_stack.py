@@ -265,7 +265,9 @@ def start_redis(root: Path) -> Daemon:
 
 
 def nginx_config(root: Path, port: int, upstreams: list[int]) -> str:
-    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in upstreams)
+    # Before the APIs exist, an upstream that is never chosen (nginx needs one).
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in upstreams) \
+        or "        server 127.0.0.1:9 down;"
     temp = "\n".join(f"    {kind}_temp_path {root / 'nginx-temp' / kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
@@ -306,18 +308,35 @@ http {{
 """
 
 
-def start_nginx(root: Path, upstreams: list[int]) -> Daemon:
+def start_nginx(root: Path) -> Daemon:
+    """nginx on a free port with no upstream yet (the API processes start after it, so that
+    their UI can be told the balanced address); route_to() names them."""
     if not Path(NGINX).exists():
         raise StartError(f"{NGINX} not found: install nginx (`make stack` installs Debian's nginx)")
     (root / "nginx-temp").mkdir(exist_ok=True)
 
     def launch(port: int) -> Daemon:
-        conf = root / "nginx.conf"
-        conf.write_text(nginx_config(root, port, upstreams))
-        return Daemon("nginx", [NGINX, "-p", str(root), "-e", str(root / "nginx-error.log"), "-c", str(conf)],
-                      root, port=port)
+        (root / "nginx.conf").write_text(nginx_config(root, port, []))
+        return Daemon("nginx", [NGINX, "-p", str(root), "-e", str(root / "nginx-error.log"), "-c",
+                                str(root / "nginx.conf")], root, port=port)
 
-    return start_listening("nginx", launch, lambda port: http_ok(f"http://127.0.0.1:{port}/api/health"))
+    def listening(port: int) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+        return False
+
+    return start_listening("nginx", launch, listening)
+
+
+def route_to(nginx: Daemon, root: Path, upstreams: list[int]) -> None:
+    """Point nginx at the API ports (a reload: SIGHUP to its master) and wait until it answers."""
+    (root / "nginx.conf").write_text(nginx_config(root, nginx.port, upstreams))
+    nginx.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not http_ok(f"http://127.0.0.1:{nginx.port}/api/health"):
+        if time.monotonic() > deadline or not nginx.alive():
+            raise StartError(f"nginx does not reach the APIs {upstreams}\n{nginx.log_tail()}")
+        time.sleep(0.2)
 
 
 @dataclass
@@ -357,8 +376,9 @@ class HAPrefect:
         used = set()
         for line in log.read_text().splitlines() if log.exists() else []:
             for addr in line.split(" ", 1)[0].split(","):
-                with contextlib.suppress(ValueError):
-                    used.add(int(addr.strip().rsplit(":", 1)[1]))
+                host, _, port = addr.strip().rpartition(":")
+                if host and port.isdigit():
+                    used.add(int(port))
         return used
 
 
@@ -390,6 +410,11 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
     })
     started: list[Daemon] = [redis]
     try:
+        nginx = start_nginx(root)
+        started.append(nginx)
+        balanced = f"http://127.0.0.1:{nginx.port}"
+        # The UI each API serves calls the API through nginx too.
+        env.update({"PREFECT_UI_API_URL": f"{balanced}/api", "PREFECT_UI_URL": balanced})
         # The services process first: it consumes the events the APIs publish to Redis.
         services = Daemon("prefect-services", [str(PREFECT), "server", "services", "start"], root, env=env)
         started.append(services)
@@ -397,8 +422,7 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         for index in range(1, api_count + 1):
             apis.append(start_api(root, env, index, ui))
             started.append(apis[-1])
-        nginx = start_nginx(root, [api.port for api in apis])
-        started.append(nginx)
+        route_to(nginx, root, [api.port for api in apis])
         if not services.alive():
             raise StartError(f"prefect server services exited while starting\n{services.log_tail()}")
     except BaseException:
