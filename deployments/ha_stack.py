@@ -349,6 +349,8 @@ class HAPrefect:
     apis: list[Daemon]
     services: Daemon
     nginx: Daemon
+    ui: bool = False
+    killed: list[Daemon] = field(default_factory=list)  # API processes a failover test killed
 
     @property
     def api_url(self) -> str:
@@ -368,7 +370,21 @@ class HAPrefect:
         return {**env, "PREFECT_API_URL": self.api_url, "PREFECT_UI_URL": self.ui_url}
 
     def logs(self) -> str:
-        return "\n".join(d.log_tail() for d in self.daemons())
+        return "\n".join(d.log_tail() for d in [*self.daemons(), *self.killed])
+
+    def kill_api(self, index: int) -> Daemon:
+        """SIGKILL one API process (a host lost at once); nginx keeps it listed and finds it down."""
+        api = self.apis.pop(index)
+        api.stop(signal.SIGKILL)
+        self.killed.append(api)
+        return api
+
+    def replace_killed_apis(self) -> None:
+        """Start a new API process for each killed one and route nginx to the live ones."""
+        for _ in range(len(self.killed)):
+            self.apis.append(start_api(self.root, self.server_env, len(self.apis) + len(self.killed) + 1, self.ui))
+        self.killed.clear()
+        route_to(self.nginx, self.root, [api.port for api in self.apis])
 
     def upstream_ports_used(self) -> set[int]:
         """The API ports nginx sent requests to, from its access log."""
@@ -429,7 +445,7 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         for daemon in reversed(started):
             daemon.stop()
         raise
-    return HAPrefect(root, env, redis, apis, services, nginx)
+    return HAPrefect(root, env, redis, apis, services, nginx, ui)
 
 
 def stop_ha_prefect(stack: HAPrefect) -> None:
