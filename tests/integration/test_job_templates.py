@@ -119,3 +119,15 @@ def test_pools_cli_prints_the_template_or_one_line_and_exit_2(tmp_path: Path) ->
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
         f"error: {IMAGE_SETTING}='protein-worker' is not pinned: give a tag or @sha256: digest"]
+
+
+def test_worker_image_starts_a_worker_and_the_templates_replace_that_entrypoint() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text().splitlines()
+    [entrypoint] = [line for line in dockerfile if line.startswith("ENTRYPOINT ")]
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT ")) == ["prefect", "worker", "start"]
+    assert any(line.strip().startswith("cpu)") for line in dockerfile), "a CPU variant"
+    assert any(line.strip().startswith("cuda)") for line in dockerfile), "a CUDA variant"
+    kubernetes = base_job_template("kubernetes", IMAGE)["job_configuration"]["job_manifest"]
+    assert kubernetes["spec"]["template"]["spec"]["containers"][0]["command"] == ["/usr/bin/env"]
+    docker = base_job_template("docker", IMAGE)["variables"]["properties"]["container_create_kwargs"]
+    assert docker["default"]["entrypoint"] == ["/usr/bin/env"]
