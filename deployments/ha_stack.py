@@ -264,11 +264,11 @@ def start_redis(root: Path) -> Daemon:
     return start_listening("redis", launch, ready)
 
 
-def nginx_config(root: Path, port: int, upstreams: list[int]) -> str:
+def nginx_config(root: Path, port: int, upstreams: list[int], temp_root: Path) -> str:
     # Before the APIs exist, an upstream that is never chosen (nginx needs one).
     servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in upstreams) \
         or "        server 127.0.0.1:9 down;"
-    temp = "\n".join(f"    {kind}_temp_path {root / 'nginx-temp' / kind};"
+    temp = "\n".join(f"    {kind}_temp_path {temp_root / kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
     return f"""{user}
@@ -289,6 +289,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size 64m;
+        client_body_buffer_size 1m;
         location / {{
             proxy_pass http://prefect_api;
             proxy_http_version 1.1;
@@ -308,15 +309,23 @@ http {{
 """
 
 
-def start_nginx(root: Path) -> Daemon:
+def nginx_temp_root() -> Path:
+    """Where nginx's workers buffer large bodies: they run as `nobody` when nginx is started as
+    root, so a folder of theirs in /tmp (a test's own tmp folder is closed to other users)."""
+    temp_root = Path(tempfile.mkdtemp(prefix="protein-nginx-"))
+    if os.geteuid() == 0:
+        shutil.chown(temp_root, "nobody", "nogroup")
+    return temp_root
+
+
+def start_nginx(root: Path, temp_root: Path) -> Daemon:
     """nginx on a free port with no upstream yet (the API processes start after it, so that
     their UI can be told the balanced address); route_to() names them."""
     if not Path(NGINX).exists():
         raise StartError(f"{NGINX} not found: install nginx (`make stack` installs Debian's nginx)")
-    (root / "nginx-temp").mkdir(exist_ok=True)
 
     def launch(port: int) -> Daemon:
-        (root / "nginx.conf").write_text(nginx_config(root, port, []))
+        (root / "nginx.conf").write_text(nginx_config(root, port, [], temp_root))
         return Daemon("nginx", [NGINX, "-p", str(root), "-e", str(root / "nginx-error.log"), "-c",
                                 str(root / "nginx.conf")], root, port=port)
 
@@ -328,9 +337,9 @@ def start_nginx(root: Path) -> Daemon:
     return start_listening("nginx", launch, listening)
 
 
-def route_to(nginx: Daemon, root: Path, upstreams: list[int]) -> None:
+def route_to(nginx: Daemon, root: Path, upstreams: list[int], temp_root: Path) -> None:
     """Point nginx at the API ports (a reload: SIGHUP to its master) and wait until it answers."""
-    (root / "nginx.conf").write_text(nginx_config(root, nginx.port, upstreams))
+    (root / "nginx.conf").write_text(nginx_config(root, nginx.port, upstreams, temp_root))
     nginx.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 30
     while not http_ok(f"http://127.0.0.1:{nginx.port}/api/health"):
@@ -349,6 +358,7 @@ class HAPrefect:
     apis: list[Daemon]
     services: Daemon
     nginx: Daemon
+    nginx_temp: Path
     ui: bool = False
     killed: list[Daemon] = field(default_factory=list)  # API processes a failover test killed
 
@@ -384,7 +394,7 @@ class HAPrefect:
         for _ in range(len(self.killed)):
             self.apis.append(start_api(self.root, self.server_env, len(self.apis) + len(self.killed) + 1, self.ui))
         self.killed.clear()
-        route_to(self.nginx, self.root, [api.port for api in self.apis])
+        route_to(self.nginx, self.root, [api.port for api in self.apis], self.nginx_temp)
 
     def upstream_ports_used(self) -> set[int]:
         """The API ports nginx sent requests to, from its access log."""
@@ -425,8 +435,9 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         **redis_settings("127.0.0.1", redis.port),
     })
     started: list[Daemon] = [redis]
+    nginx_temp = nginx_temp_root()
     try:
-        nginx = start_nginx(root)
+        nginx = start_nginx(root, nginx_temp)
         started.append(nginx)
         balanced = f"http://127.0.0.1:{nginx.port}"
         # The UI each API serves calls the API through nginx too.
@@ -438,20 +449,22 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         for index in range(1, api_count + 1):
             apis.append(start_api(root, env, index, ui))
             started.append(apis[-1])
-        route_to(nginx, root, [api.port for api in apis])
+        route_to(nginx, root, [api.port for api in apis], nginx_temp)
         if not services.alive():
             raise StartError(f"prefect server services exited while starting\n{services.log_tail()}")
     except BaseException:
         for daemon in reversed(started):
             daemon.stop()
+        shutil.rmtree(nginx_temp, ignore_errors=True)
         raise
-    return HAPrefect(root, env, redis, apis, services, nginx, ui)
+    return HAPrefect(root, env, redis, apis, services, nginx, nginx_temp, ui)
 
 
 def stop_ha_prefect(stack: HAPrefect) -> None:
     """nginx first (no new requests), then the APIs and services, then Redis."""
     for daemon in stack.daemons():
         daemon.stop()
+    shutil.rmtree(stack.nginx_temp, ignore_errors=True)
     leftover = [d.name for d in stack.daemons() if d.alive()]
     if leftover:
         raise StartError(f"still running after stop: {leftover}")
