@@ -377,7 +377,12 @@ class HAPrefect:
         """``base`` for a client of this stack (worker, CLI, deploy): the API is nginx, and no
         database setting (a client never talks to the database)."""
         env = {k: v for k, v in base.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
-        return {**env, "PREFECT_API_URL": self.api_url, "PREFECT_UI_URL": self.ui_url}
+        # While PostgreSQL refuses connections (a restart, a failover) the APIs answer 500, not
+        # 503: Prefect 3.9 maps only DBAPI errors to 503, and a refused connect is an OSError.
+        # Clients retry 500 too (5 times, 2..32 s apart), or a flow run crashes on its next
+        # state change (tests/integration/test_ha_failover.py).
+        return {**env, "PREFECT_API_URL": self.api_url, "PREFECT_UI_URL": self.ui_url,
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
 
     def logs(self) -> str:
         return "\n".join(d.log_tail() for d in [*self.daemons(), *self.killed])
