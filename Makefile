@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run check test lint bench bench-gpu clean venv browser lock
+.PHONY: run check test lint bench bench-gpu clean venv browser stack lock
 
 venv: $(STAMP)
 
@@ -39,7 +39,7 @@ check: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
-test: $(STAMP) browser
+test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -55,6 +55,15 @@ lock:
 	$(PY) -m pip install -q pip-tools
 	$(PY) -m piptools compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+
+# The integration tests stand up the production layout (deployments/ha_stack.py) from Debian's
+# PostgreSQL, Redis and nginx; it runs PostgreSQL as the unprivileged `nobody` when run as root.
+stack:
+	@missing=; for p in postgresql:/usr/lib/postgresql redis-server:/usr/bin/redis-server nginx:/usr/sbin/nginx; do \
+		test -e $${p#*:} || missing="$$missing $${p%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

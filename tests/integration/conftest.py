@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from deployments.ha_stack import HAPrefect, Postgres
     from tests.integration.prefect_stack import Stack
 
 
@@ -19,7 +20,32 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def ha_postgres() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session; each HA Prefect server gets a database of its own
+    on it (a copy of one migrated template, so the migrations run once)."""
+    from deployments.ha_stack import running_postgres
+
+    with running_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def ha_prefect(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAPrefect]:
+    """A highly available Prefect server (two APIs behind nginx, the services process, Redis) for
+    one test module: modules deploy the same pools and deployments, so each has its own."""
+    from deployments.ha_stack import start_ha_prefect, stop_ha_prefect
+    from tests.integration.prefect_services import prefect_env
+
+    root = tmp_path_factory.mktemp("ha")
+    stack = start_ha_prefect(root, ha_postgres, prefect_env(root / "server-home"))
+    try:
+        yield stack
+    finally:
+        stop_ha_prefect(stack)
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A real server + cpu worker + deployments + automations, shared by the events and UI tests
     (starting one takes most of a minute on a loaded machine). Its S3 server is its own: tests
     between the events and the UI tests must not be able to empty the stack's bucket."""
@@ -27,7 +53,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from tests.integration.prefect_stack import start_stack, stop_stack
 
     with running_moto_server() as s3:
-        stack = start_stack(tmp_path_factory.mktemp("stack"), s3)
+        stack = start_stack(tmp_path_factory.mktemp("stack"), s3, ha_postgres)
         try:
             yield stack
         finally:

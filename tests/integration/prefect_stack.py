@@ -1,5 +1,6 @@
-"""One real Prefect deployment stack shared by the events and browser tests: `prefect server
-start` (API, UI, event services), a process worker on the cpu pool, `prefect deploy` from
+"""One real Prefect deployment stack shared by the events and browser tests: the highly available
+server of deployments/ha_stack.py (two APIs with the UI behind nginx, the services process,
+PostgreSQL, Redis), a process worker on the cpu pool talking to nginx, `prefect deploy` from
 deployments/prefect.yaml and the automations applied by the deploy wrapper, with the webhook
 pointed at a receiver on 127.0.0.1, and an S3 store on the test moto server whose dataset channel
 holds one push before the deploy (the wrapper refuses an empty channel)."""
@@ -20,7 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MotoServer, free_port
+from deployments.ha_stack import HAPrefect, Postgres, start_ha_prefect, stop_ha_prefect
+from tests.conftest import MotoServer
 from tests.helpers import REPO, write_dataset
 from tests.integration.prefect_services import (
     Service,
@@ -29,7 +31,6 @@ from tests.integration.prefect_services import (
     host_env,
     prefect_env,
     stop_all,
-    wait_healthy,
 )
 
 RUN_TIMEOUT_S = 420.0
@@ -105,6 +106,7 @@ class Stack:
     store: str
     dataset: Path
     receiver: Receiver
+    ha: HAPrefect
     services: list[Service] = field(default_factory=list)
 
     @contextlib.contextmanager
@@ -116,7 +118,7 @@ class Stack:
             yield client
 
     def logs(self) -> str:
-        return "\n".join(s.log_tail() for s in self.services)
+        return "\n".join([*(s.log_tail() for s in self.services), self.ha.logs()])
 
     def python(self, code: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run Python in a fresh process with the stack's environment (as a CLI user would)."""
@@ -132,6 +134,8 @@ class Stack:
                     return run
                 for service in self.services:
                     assert service.alive(), f"{service.name} exited\n{self.logs()}"
+                for daemon in self.ha.daemons():
+                    assert daemon.alive(), f"{daemon.name} exited\n{self.logs()}"
                 if time.monotonic() > deadline:
                     raise AssertionError(f"run {run.name} not final after {timeout_s:.0f}s: {run.state}\n{self.logs()}")
                 time.sleep(1)
@@ -197,7 +201,7 @@ class Stack:
             return response.json()["events"]
 
 
-def start_stack(tmp: Path, s3: MotoServer) -> Stack:
+def start_stack(tmp: Path, s3: MotoServer, pg: Postgres) -> Stack:
     import boto3
 
     aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -209,26 +213,20 @@ def start_stack(tmp: Path, s3: MotoServer) -> Stack:
     store = f"s3://{bucket}/prod"
     labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
     dataset = write_dataset(tmp / "ds", labels, TEST_IDS, size=40)
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
     # Only the moto server's credentials: an inherited AWS_PROFILE would name a profile that
     # AWS_CONFIG_FILE=/dev/null does not have.
-    env = prefect_env(tmp / "prefect-home", port=port, drop=("AWS_",), extra={
+    base = prefect_env(tmp / "prefect-home", drop=("AWS_",), extra={
         **aws,
-        # The UI in the browser calls the API at this address (not the default port 4200).
-        "PREFECT_UI_API_URL": api_url,
         "PROTEIN_STORE": store,
         "PROTEIN_CACHE_DIR": str(tmp / "cache"),
         "PYTHONPATH": str(REPO),
     })
-    stack = Stack(env=env, api_url=api_url, ui_url=f"http://127.0.0.1:{port}", store=store, dataset=dataset,
-                  receiver=Receiver())
+    # The UI stays on (the browser test); the scheduler is off: the nightly cron must not add runs.
+    ha = start_ha_prefect(tmp / "ha", pg, base, ui=True)
+    env = ha.client_env(base)
+    stack = Stack(env=env, api_url=ha.api_url, ui_url=ha.ui_url, store=store, dataset=dataset,
+                  receiver=Receiver(), ha=ha)
     try:
-        # No scheduler: the nightly cron must not add runs of its own. The UI stays on.
-        server = Service("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                    "--no-scheduler", "--analytics-off"], env, tmp)
-        stack.services.append(server)
-        wait_healthy(api_url, server)
         # Operators push a dataset first: the nightly follows channel:latest, and deploy checks it.
         pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(dataset),
                                  "--store", store], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -260,8 +258,8 @@ def start_stack(tmp: Path, s3: MotoServer) -> Stack:
 
 
 def stop_stack(stack: Stack) -> None:
-    stop_all([s for s in stack.services if s.name != "server"])
     stop_all(stack.services)
+    stop_ha_prefect(stack.ha)
     stack.receiver.close()
     leftover = [s.name for s in stack.services if s.alive()]
     assert not leftover, f"still running after stop: {leftover}"

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from deployments.ha_stack import HAPrefect
 from tasks.liveness import WORKER_NAME_LABEL
 from tests.conftest import MotoServer, set_s3_env
 from tests.helpers import write_dataset
@@ -36,7 +37,6 @@ from tests.integration.prefect_services import (
     prefect_env,
     processes_under,
     running_services,
-    start_server,
     stop_all,
     wait_final,
     worker_args,
@@ -94,7 +94,8 @@ def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(s3_server: MotoServer, ha_prefect: HAPrefect, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Cluster]:
     import boto3
 
     root = tmp_path_factory.mktemp("multihost")
@@ -103,7 +104,8 @@ def cluster(s3_server: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> 
     s3 = boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
                                         aws_secret_access_key="testing", region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
-    env = prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"})
+    # The server is the highly available one (conftest's ha_prefect): every host talks to its nginx.
+    env = ha_prefect.client_env(prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"}))
 
     labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
     local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
@@ -112,7 +114,6 @@ def cluster(s3_server: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> 
 
     remote, commit = git_remote_of_worktree(root)
     with running_services() as services:
-        start_server(env, root, services)
         # Nothing listens on port 9 on loopback: alerts are lost, as with a webhook that is down.
         deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
                                             "PROTEIN_GPU_SLOTS": "1"}, remote, root)

@@ -1,0 +1,66 @@
+"""The pieces of deployments/ha_stack.py that the end-to-end tests take for granted: ports held
+by retrying, PostgreSQL as an unprivileged user on loopback only, nginx's balancing settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from deployments import ha_stack
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_a_port_taken_between_pick_and_bind_is_retried_on_another(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy])  # the first pick is the port another process holds by now
+        real_free_port = ha_stack.free_port
+        monkeypatch.setattr(ha_stack, "free_port", lambda: next(picks, None) or real_free_port())
+        redis = ha_stack.start_redis(tmp_path)
+        try:
+            assert redis.alive() and redis.port != busy
+            assert "Address already in use" in redis.log(), redis.log_tail()
+        finally:
+            redis.stop()
+    assert not redis.alive()
+
+
+def test_postgres_runs_unprivileged_with_a_password_on_loopback_only() -> None:
+    with ha_stack.running_postgres() as pg:
+        assert pg.daemon is not None
+        server_pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                       and _parent(int(p)) == pg.daemon.process.pid]
+        owners = {os.stat(f"/proc/{pid}").st_uid for pid in server_pids} or {os.stat(
+            f"/proc/{pg.daemon.process.pid}").st_uid}
+        if os.geteuid() == 0:
+            assert 0 not in owners, "PostgreSQL runs as root"
+        assert pg.psql("SHOW listen_addresses").strip() == "127.0.0.1"
+        assert pg.psql("SELECT 1").strip() == "1"
+        pg.password = "wrong"
+        with pytest.raises(ha_stack.StartError, match="password authentication failed"):
+            pg.psql("SELECT 1")
+    assert not pg.root.exists(), "the cluster's folder is removed"
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_nginx_balances_with_passive_checks_and_passes_websockets(tmp_path: Path) -> None:
+    config = ha_stack.nginx_config(tmp_path, 8080, [4201, 4202], tmp_path / "temp")
+    assert "listen 127.0.0.1:8080;" in config
+    assert "server 127.0.0.1:4201 max_fails=1 fail_timeout=10s;" in config
+    assert "server 127.0.0.1:4202 max_fails=1 fail_timeout=10s;" in config
+    assert "proxy_next_upstream error timeout http_502 http_503;" in config
+    assert "proxy_set_header Upgrade $http_upgrade;" in config
+    assert "proxy_set_header Connection $connection_upgrade;" in config
