@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.pools import pool_context
 from protein.storage import Store
+from protein.storage.base import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough
 # Bump when load_image's output changes for the same bytes (resize filter, colour handling).
 PREPROCESS_VERSION = 1
 SUFFIXES = (".npy", ".json", ".lock")
-HASH_CHUNK = 8 * 2**20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,7 +124,7 @@ class ImageCache:
             meta = json.loads(meta_path.read_text())
             if meta.get("ids") != image_ids:
                 return None
-            if meta.get("sha256") != file_sha256(array_path):
+            if meta.get("sha256") != sha256_file(array_path):
                 log.warning("image cache %s does not match its recorded SHA-256 (corrupted or from an older "
                             "version); rebuilding it", key.name)
                 return None
@@ -250,7 +241,7 @@ class ImageCache:
             out.flush()
             del out
         write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__,
-                                                 "sha256": file_sha256(array_path),
+                                                 "sha256": sha256_file(array_path),
                                                  "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}))
         log.info("image cache built: %s (%d images)", key.name, len(image_ids))
         enforce_cache_budget(self.root, keep=[f"images/{key.name}"])
