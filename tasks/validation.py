@@ -4,6 +4,7 @@ import datetime as dt
 import functools
 import hashlib
 import importlib.metadata
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
       cache_key_fn=validation_cache_key, cache_expiration=VALIDATION_CACHE_EXPIRY, persist_result=True,
       result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
-    report = run_validation(data, config, store_uri=store)
+    # The report and Data Docs reach the store (linked from the artifact); the host keeps no copy,
+    # so a month of nightly runs leaves no folder behind, whatever the outcome.
+    with tempfile.TemporaryDirectory(prefix="protein-validation-") as report_dir:
+        report = run_validation(data, config, store_uri=store, report_dir=Path(report_dir))
     verdict = "passed" if report.success else "FAILED"
     lines = [f"# Data validation {verdict}", "", f"- dataset: `{report.dataset}`",
              *[f"- not checked: {check}" for check in report.skipped],

@@ -127,6 +127,19 @@ def test_validate_flow_passes_good_data(prefect_harness, dataset):
     assert validate(data=dataset, validation=VALIDATION)["success"] is True
 
 
+def test_a_validation_in_a_flow_leaves_no_folder_on_the_host(prefect_harness, dataset, tmp_path, monkeypatch):
+    import tempfile
+
+    from flows.validate import validate
+
+    host_tmp = tmp_path / "host-tmp"
+    host_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    assert validate(data=dataset, store=str(tmp_path / "store"), validation=VALIDATION)["success"] is True
+    assert (tmp_path / "store" / "validation").is_dir()  # the report and Data Docs went to the store
+    assert [p.name for p in host_tmp.iterdir() if p.name.startswith(("protein-", ".gx-"))] == []
+
+
 def test_validation_worker_pool_leaves_no_traceback_in_the_logs(prefect_harness, tmp_path):
     """Validation decodes in a process pool once a dataset has enough images. A pool forked from a
     process running Prefect inherits its SIGTERM handler, which fired when the pool shut its
