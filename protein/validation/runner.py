@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -37,6 +35,7 @@ from protein.validation.drift import (
     profile_labels,
     row_hash,
 )
+from protein.validation.history import ALL_RESULTS, RUN_PAGES, mirror_root, sync_down, upload_new
 from protein.validation.images import ImageReader, inspect_images, integrity_records
 from protein.validation.reference import STORE_PREFIX, load_reference, report_key, save_reference
 from protein.validation.report import ValidationReport
@@ -48,8 +47,6 @@ RESULTS_PREFIX = f"{STORE_PREFIX}/results"
 _GX_DOCS = Path("gx/uncommitted/data_docs/local_site")
 _GX_RESULTS = Path("gx/uncommitted/validations")
 # Under these, a file that exists in the store is an earlier run's and is not uploaded again.
-_IMMUTABLE = ("validations/", "images/", "integrity/", "labels/", "files/", "distribution/")
-_STORE_KEY_PART = re.compile(r"[A-Za-z0-9._=+:-]+")
 
 
 def validate_dataset(
@@ -223,16 +220,18 @@ def run_validation(
     try:
         if store is not None:
             # Earlier runs: their results (what the index lists) and their pages (GX lists a run in
-            # the index only if the site already holds its page).
-            _download(store, RESULTS_PREFIX, project / _GX_RESULTS)
-            _download(store, f"{DOCS_PREFIX}/validations", project / _GX_DOCS / "validations")
+            # the index only if the site already holds its page), through this host's mirror.
+            mirror = mirror_root(store)
+            results_keys, _ = sync_down(store, RESULTS_PREFIX, mirror / "results", project / _GX_RESULTS)
+            pages_keys, _ = sync_down(store, f"{DOCS_PREFIX}/validations", mirror / "docs" / "validations",
+                                      project / _GX_DOCS / "validations")
         report = _validate(path, config, reference, project, docs=True)
         staged_docs = project / _GX_DOCS
         if store is not None:
             # The store first, report.json last in it: a store failure (StoreError, exit 3) leaves no
             # report in the store and nothing new in the report folder; report.json is the commit.
-            _upload_dir(store, project / _GX_RESULTS, RESULTS_PREFIX)
-            _upload_dir(store, staged_docs, DOCS_PREFIX)
+            upload_new(store, project / _GX_RESULTS, RESULTS_PREFIX, results_keys, ALL_RESULTS, mirror / "results")
+            upload_new(store, staged_docs, DOCS_PREFIX, pages_keys, RUN_PAGES, mirror / "docs")
             # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
             report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
             report.report_uri = object_uri(store, report_key(report.data_fingerprint))
@@ -266,15 +265,6 @@ def _put_report(store: Any, report: ValidationReport) -> None:
                     content_type="application/json")
 
 
-def _download(store: Any, prefix: str, folder: Path) -> None:
-    for key in store.list(f"{prefix}/"):
-        rel = key[len(prefix) + 1 :]
-        if rel and all(_STORE_KEY_PART.fullmatch(part) for part in rel.split("/")):
-            target = folder / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(store.get_bytes(key))
-
-
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap a finished folder into place: readers see the old docs or the new, never a mix."""
     old = None
@@ -286,13 +276,3 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _upload_dir(store: Any, folder: Path, prefix: str) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if not all(_STORE_KEY_PART.fullmatch(part) for part in rel.split("/")):
-            log.warning("not uploading %s: its name is not a valid store key", rel)
-            continue
-        if rel.startswith(_IMMUTABLE) and store.exists(f"{prefix}/{rel}"):
-            continue  # earlier runs' results and pages do not change
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        store.put_bytes(f"{prefix}/{rel}", path.read_bytes(), content_type=content_type)

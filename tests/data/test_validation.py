@@ -361,3 +361,45 @@ def test_duplicates_in_train_warn_naming_the_group_and_blank_images_are_flagged(
     assert "train/105.png row 6 = 'train/101.png'" in " ".join(report.warning_lines())
     blank = found[("integrity", "constant")]
     assert [e["file"] for e in blank["examples"]] == ["train/106.png"]
+
+
+def test_the_data_docs_history_travels_once_per_host(base: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run fetches only the history this host lacks; another host fetches it all once, and the
+    index on both lists every run."""
+    from protein.storage.local import LocalStore
+
+    fetched: list[str] = []
+    real_get = LocalStore.get_bytes
+
+    def counting_get(self, key, *args, **kwargs):
+        if key.startswith(("validation/results/", "validation/docs/validations/")):
+            fetched.append(key)
+        return real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get_bytes", counting_get)
+    store_uri = str(tmp_path / "store")
+    broken = make_faulty(base, tmp_path / "broken", next(f for f in FAULTS if f.name == "grayscale"))
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "host-a"))
+    first = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "r1")
+    second = run_validation(broken, CONFIG, store_uri=store_uri, report_dir=tmp_path / "r2")
+    assert fetched == [], "host A wrote every file of the history itself: nothing to fetch"
+
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "host-b"))
+    third = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "r3")
+    history = {k for k in open_store_keys(store_uri)
+               if k.startswith(("validation/results/", "validation/docs/validations/"))}
+    assert fetched and len(fetched) == len(set(fetched)), "host B fetched the history, each file once"
+    assert set(fetched) <= history
+    fetched.clear()
+    fourth = run_validation(broken, CONFIG, store_uri=store_uri, report_dir=tmp_path / "r4")
+    assert fetched == [], "host B's second run fetched nothing again"
+    index = (tmp_path / "r4" / "docs" / "index.html").read_text()
+    for run in (first, second, third, fourth):
+        assert run.data_fingerprint in index
+
+
+def open_store_keys(store_uri: str) -> list[str]:
+    from protein.storage import open_store
+
+    return open_store(store_uri).list("validation/")
