@@ -143,11 +143,11 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_and_a_rerun_resumes(dataset
     assert len(Registry(open_store(store)).spec(result["model_id"])["history"]) == 4
 
 
-def test_two_ranks_train_the_winner_recipe(dataset: Path, tmp_path: Path):
+def test_two_ranks_train_the_winner_recipe(protein_process: ProteinProcess, dataset: Path, tmp_path: Path):
     # The recipe's own step on two ranks (EMA broadcast with its counter, jitter, TTA, the per-rank
     # floor of 8): 32 px, batch 16, 1 epoch, randomly initialised (no ImageNet file needed).
-    code, out, err = finish(train_cli(dataset, tmp_path, "ddp-winner", 1, "--recipe", "winner", "--weights", "",
-                                      "--batch-size", "16"))
+    code, out, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-winner", 1, "--recipe", "winner",
+                                      "--weights", "", "--batch-size", "16"))
     assert code == 0, err[-3000:]
     spec = Registry(open_store(str(tmp_path / "store"))).spec(json.loads(out.strip().splitlines()[-1])["model_id"])
     assert spec["recipe"] == "winner" and spec["tta"] is True
@@ -155,6 +155,7 @@ def test_two_ranks_train_the_winner_recipe(dataset: Path, tmp_path: Path):
     assert spec["ema"]["half_life_epochs"] == 1.5 and spec["training"]["backend"] == "gloo"
 
     # Below the floor: refused before any rank starts, in one line.
-    code, _, err = finish(train_cli(dataset, tmp_path, "ddp-floor", 1, "--recipe", "winner", "--weights", ""))
+    code, _, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-floor", 1, "--recipe", "winner",
+                                    "--weights", ""))
     assert code == 2 and "leaves 4 images per rank, below this recipe's floor of 8" in err, err[-2000:]
     assert "Traceback" not in err

@@ -321,10 +321,11 @@ def test_each_role_does_its_part_and_nothing_else(
 
     # ... but may not promote, delete or publish a submission; each refusal changes nothing.
     before = iam_store.snapshot()
-    # A promotion moves the drift reference first (one step with the pointer): the trainer is refused there,
-    # before the pointer is touched.
+    # A promotion moves the drift reference first (one step with the pointer): building it reads the
+    # validation report of the version's data, and the trainer is refused there, before the pointer is touched.
+    fingerprint = json.loads(open_store(uri).get_bytes(f"models/{version}/model.json"))["data_fingerprint"]
     assert_refused(cli("trainer", "models", "promote", version, "--store", uri),
-                   "s3:GetObject", "validation/reference_profile.json")
+                   "s3:GetObject", f"validation/{fingerprint}/report.json")
     assert_refused(cli("trainer", "models", "gc", "--older-than-hours", "0", "--store", uri),
                    "s3:DeleteObject", "models/20000101-000000-orphan/model.safetensors")
     predicted = cli("trainer", "predict", "--data", str(dataset), *common, "--model", version)
