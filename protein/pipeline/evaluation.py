@@ -14,7 +14,6 @@ import numpy as np
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.metrics import binarize, evaluate_predictions
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images
@@ -57,34 +56,25 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
 
 
 def evaluation_of_probs(model_id: str, data_fingerprint: str, probs: np.ndarray, targets: np.ndarray,
-                        thresholds: np.ndarray, metric: str = "f1_samples",
-                        cross_fitted: bool = True) -> dict[str, Any]:
+                        thresholds: np.ndarray, metric: str = "f1_samples") -> dict[str, Any]:
     """Metrics of one version from its probabilities on some rows, plus its per-image predictions
     (as class bitmasks) for the gate's paired bootstrap. Pure: the CPU host recomputes a GPU
     host's evaluation from the probabilities it reported (protein/evidence.py).
 
-    For the gate (`cross_fitted`), scored with thresholds tuned out of sample
-    (`cross_fitted_rows`: each half of the rows with thresholds tuned for `metric` on the other
-    half), never with the shipped ones: those were tuned on the model's own holdout, so on rows
-    from it a model would be scored in sample, and after a data change these rows are in the
+    Scored with thresholds tuned out of sample (`cross_fitted_rows`: each half of the rows with
+    thresholds tuned for `metric` on the other half), as training scores its holdout for
+    model.json, never with the shipped ones: those were tuned on the model's own holdout, so on
+    rows from it a model would be scored in sample, and after a data change these rows are in the
     challenger's holdout but not the champion's (a bias as large as the gate's min_gain). Both
-    models get the same halves of the same rows. Otherwise (`protein evaluate`: how does this
-    version, as shipped, do on these rows) with the version's own thresholds."""
+    models get the same halves of the same rows."""
     targets = targets.astype(bool)
-    if cross_fitted:
-        metrics, row_thresholds = cross_fitted_rows(probs, targets, metric)
-        predicted = predict_labels(probs, row_thresholds)
-        scored_with = (f"thresholds tuned for {metric} on the other half of these rows (cross-fitted), "
-                       "not the shipped ones")
-    else:
-        metrics = evaluate_predictions(probs, targets, np.asarray(thresholds))
-        row_thresholds = np.asarray(metrics["thresholds"])
-        predicted = binarize(probs, row_thresholds, ensure_one=True)
-        scored_with = "the version's shipped thresholds"
-    per_image = {"pred": to_bitmasks(predicted), "raw": to_bitmasks(probs > row_thresholds),
-                 "targets": to_bitmasks(targets)}
+    metrics, row_thresholds = cross_fitted_rows(probs, targets, metric)
+    per_image = {"pred": to_bitmasks(predict_labels(probs, row_thresholds)),
+                 "raw": to_bitmasks(probs > row_thresholds), "targets": to_bitmasks(targets)}
     return {"model_id": model_id, "data_fingerprint": data_fingerprint, **metrics,
-            "thresholds": [float(t) for t in thresholds], "scored_with": scored_with, "per_image": per_image}
+            "thresholds": [float(t) for t in thresholds],
+            "scored_with": f"thresholds tuned for {metric} on the other half of these rows (cross-fitted), "
+                           "not the shipped ones", "per_image": per_image}
 
 
 def row_index(data: CompetitionData, ids: list[str]) -> np.ndarray:
@@ -95,7 +85,7 @@ def row_index(data: CompetitionData, ids: list[str]) -> np.ndarray:
 def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: str, model_id: str,
                    ids: list[str], cache_dir: Path | None, device: str = "auto",
                    probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None, name: str = "",
-                   metric: str = "f1_samples", cross_fitted: bool = True) -> dict[str, Any]:
+                   metric: str = "f1_samples") -> dict[str, Any]:
     """Metrics of one version on the given rows; (ids, probabilities) go to probs_out[name] when given."""
     index = row_index(data, ids)
     predictor = load_predictor(registry, model_id, cache_dir, device)
@@ -103,8 +93,7 @@ def _evaluate_rows(registry: Registry, data: CompetitionData, data_fingerprint: 
     probs = predictor.predict_probs(np.ascontiguousarray(images[index]))
     if probs_out is not None:
         probs_out[name] = (ids, probs)
-    return evaluation_of_probs(model_id, data_fingerprint, probs, data.targets[index], predictor.thresholds, metric,
-                               cross_fitted)
+    return evaluation_of_probs(model_id, data_fingerprint, probs, data.targets[index], predictor.thresholds, metric)
 
 
 def evaluate_version(
@@ -135,7 +124,7 @@ def evaluate_version(
     else:
         _, holdout_idx = holdout_split(data, fraction, seed)
         rows = select_rows(data.train_ids[i] for i in holdout_idx)
-    result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir, cross_fitted=False)
+    result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
     return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
             "rows": rows.to_dict()}
 

@@ -7,6 +7,7 @@ import pytest
 
 if TYPE_CHECKING:
     from deployments.ha_stack import HAPrefect, Postgres
+    from tests.integration.prefect_services import Service
     from tests.integration.prefect_stack import Stack
 
 
@@ -17,6 +18,15 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Server and worker processes a test starts; all stopped (and checked stopped) at its end."""
+    from tests.integration.prefect_services import running_services
+
+    with running_services() as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -122,12 +122,6 @@ def running_services() -> Iterator[list[Service]]:
     assert not leftover, f"still running after stop: {leftover}"
 
 
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    with running_services() as started:
-        yield started
-
-
 def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | None = None,
                 drop: tuple[str, ...] = ()) -> dict[str, str]:
     """Environment of a Prefect process: its own home and sqlite DB, the API on loopback at port

@@ -71,7 +71,10 @@ def test_two_ranks_register_one_version_close_to_one_rank_and_decode_once(datase
     spec = registry.spec(result["model_id"])
     n_train, n_holdout = spec["holdout"]["n_train"], spec["holdout"]["n_holdout"]
     assert spec["training"] == {"world_size": 2, "global_batch": 8, "accumulate": 1, "micro_batch_per_rank": 4,
-                                "steps_per_epoch": n_train // 8, "backend": "gloo"}
+                                "steps_per_epoch": n_train // 8, "backend": "gloo", "min_batch_per_rank": 2,
+                                "peak_lr": 0.002, "lr_rule": {"lr": 0.002, "reference_batch": 32, "scaling": "none"},
+                                "ema": None, "sync_bn": False, "channels_last": False, "cudnn_benchmark": False,
+                                "precision": "fp32"}
     # Each rank scored half the holdout; the metrics are those of all of it, gathered.
     assert n_train + n_holdout == 40 and spec["metrics"]["n_images"] == n_holdout
     assert [h["train_images"] for h in spec["history"]] == [n_train // 8 * 8] * 2  # summed over both ranks

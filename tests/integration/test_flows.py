@@ -33,15 +33,18 @@ def promoted_store(prefect_harness, dataset, tmp_path_factory):
     state = retrain(data=dataset, store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
                     return_state=True)
     assert state.is_completed(), state.message
-    return store, state.result()
+    return store, {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
 
-def read_artifact(key):
+def read_artifact(key, flow_run_id):
+    """The artifact `key` of that flow run (its tasks' artifacts carry the run's id), never another
+    test's run of the same session."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return sorted(found, key=lambda a: a.created)[-1] if found else None
 
 
@@ -55,7 +58,7 @@ def test_failing_validation_fails_the_run_and_trains_nothing(prefect_harness, tm
     assert state.is_failed()
     assert "failed validation" in state.message
     assert not (store / "models").exists() and not (store / "runs").exists()
-    summary = read_artifact("validation-summary")
+    summary = read_artifact("validation-summary", state.state_details.flow_run_id)
     assert summary is not None and "FAILED" in summary.data
 
 
@@ -71,8 +74,8 @@ def test_passing_run_promotes_and_publishes(promoted_store):
     assert registry.store.exists(f"reports/{result['challenger']}/training.png")
     for key in ("training-progress", "gate-decision", "per-class-comparison", "training-plot", "submission",
                 "champion-model", "validation-summary"):
-        assert read_artifact(key) is not None, key
-    assert "PROMOTE" in read_artifact("gate-decision").data
+        assert read_artifact(key, result["flow_run_id"]) is not None, key
+    assert "PROMOTE" in read_artifact("gate-decision", result["flow_run_id"]).data
 
 
 def test_challenger_that_does_not_beat_the_champion_is_not_promoted(promoted_store, dataset):
@@ -90,7 +93,7 @@ def test_challenger_that_does_not_beat_the_champion_is_not_promoted(promoted_sto
     assert registry.champion().champion == first["champion"]
     assert len(registry.champion().history) == 1
     assert result["challenger"] in registry.versions()  # kept for inspection, just not serving
-    assert "KEEP CHAMPION" in read_artifact("gate-decision").data
+    assert "KEEP CHAMPION" in read_artifact("gate-decision", state.state_details.flow_run_id).data
 
 
 def test_a_first_challenger_the_gate_refuses_leaves_no_champion_and_no_submission(prefect_harness, dataset,

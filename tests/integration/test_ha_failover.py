@@ -128,8 +128,11 @@ def test_api_process_killed_mid_training_the_run_completes_through_the_other(
                              "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert pushed.returncode == 0, f"datasets push failed: {pushed.stdout}{pushed.stderr}"
-    uri = json.loads(pushed.stdout)["uri"]
-    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == uri, "started by the push")
+    event_id = json.loads(pushed.stdout)["event_id"]
+    # The trigger names the channel; this push's own event started the run.
+    run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:latest"
+                         and r.parameters.get("trigger_event") == f"protein.dataset.pushed {event_id}",
+                         "started by the push")
     train = wait_training(stack, run.id)
 
     both = {api.port for api in stack.ha.apis}

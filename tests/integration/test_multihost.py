@@ -12,6 +12,7 @@ deleted after `protein datasets push`, so the only way to the data is its s3:// 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -215,7 +216,8 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     assert decoded, f"no decode cache in the gpu host's own cache dir {gpu_dir / 'cache'}"
 
     # Scoring ran where the GPU is: the gate's evaluation, then the test set, both on the gpu host;
-    # the CPU host never loaded a model or decoded an image.
+    # the CPU host decoded no split: it only spot-checks a few rows (protein/evidence.py), decoding
+    # those images itself and scoring them with the registered weights, which it therefore holds.
     scored = train_runs(client, first.id, "score/gpu")
     assert [r.parameters["step"] for r in scored] == ["gate", "predict"], [r.name for r in scored]
     for run in scored:
@@ -224,8 +226,7 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
         assert run.parameters["run_id"] == train.parameters["run_id"]
     assert list((gpu_dir / "cache" / "models").iterdir()), "the gpu host downloaded the models it scored"
     cpu_cache = cluster.root / "cpu-host" / "cache"
-    assert not (cpu_cache / "models").exists(), list(cpu_cache.rglob("*"))[:20]
-    assert not list(cpu_cache.rglob("*.npy")), "the CPU host decoded images"
+    assert not list(cpu_cache.rglob("*.npy")), "the CPU host decoded a whole split"
 
     store = open_store(store_uri)
     registry = Registry(store)
@@ -307,7 +308,10 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     assert parent.state.is_completed(), f"{parent.state.message}\n{all_logs(cluster.services)}"
 
     first, second = train_runs(client, parent.id)
-    assert first.state.type.value == "CRASHED" and "stopped heartbeating" in (first.state.message or "")
+    # Marked Crashed by whichever detector saw the silence first: the dispatch's liveness check or
+    # the zombie automation the deploy wrapper applies. Either way it names the stopped heartbeats.
+    assert first.state.type.value == "CRASHED", first.state
+    assert re.search(r"stopped heartbeating|heartbeats stopped", first.state.message or ""), first.state.message
     assert second.state.is_completed()
     assert first.parameters["run_id"] == second.parameters["run_id"]
     messages = [log.message for log in run_logs(client, second.id)]
