@@ -96,12 +96,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def resolved(device: torch.device) -> torch.device:
+    """The device with its index: `cuda` means the current CUDA device, and tensors made there
+    report `cuda:0` (found on the first real GPU run: every step was refused as cuda:0 != cuda)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def require_on(device: torch.device, tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse, with the tensor's name, any tensor that is not on `device`, the device the process
     group communicates on (the rank's GPU under NCCL, which rejects host tensors; the CPU under
     gloo). Checked on one process too, so a CPU test catches what would crash only on NCCL."""
+    expected = resolved(device)
     for name, tensor in tensors.items():
-        if tensor.device != device:
+        if resolved(tensor.device) != expected:
             raise ValueError(f"{what}: tensor {name!r} lives on {tensor.device} but the ranks communicate on "
                              f"{device}; create it on the model's device")
 

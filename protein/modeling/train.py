@@ -39,12 +39,14 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """The device to train on, with its index (`cuda:0`, not `cuda`): tensors report their device
+    with the index, and comparisons against an unindexed one fail."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-    return device
+    return distributed.resolved(device)
 
 
 def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:

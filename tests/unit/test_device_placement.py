@@ -112,3 +112,14 @@ def test_the_training_step_has_no_host_sync_on_a_gpu(recipe: str):
                        device, host, run.ema, config.accumulate, on_device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_unindexed_cuda_device_names_the_current_gpu():
+    # The first real GPU run refused every step: tensors report `cuda:0`, the trainer passed `cuda`.
+    from protein.modeling.train import select_device
+
+    assert select_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+    distributed.require_on(torch.device("cuda"), {"sum": torch.zeros(2, device="cuda")}, "all_reduce_sum")
+    with pytest.raises(ValueError, match="tensor 'sum' lives on cpu but the ranks communicate on cuda"):
+        distributed.require_on(torch.device("cuda"), {"sum": torch.zeros(2)}, "all_reduce_sum")
