@@ -36,6 +36,8 @@ ROW_KEY = "table_row"
 # Read back as numbers (nulls as NaN) so row conditions can compare them; the rest as written.
 NUMERIC_COLUMNS = ("row", "bytes", "bit_depth", "width", "height", "rows", "fields", ROW_KEY, *IMAGE_STATISTICS)
 DATA_SOURCE = "protein"
+# Expectations over a whole table (BatchExpectation): they take no row_condition.
+TABLE_EXPECTATIONS = ("expect_no_content_overlap_between_splits", "expect_no_near_duplicate_images")
 CHECKPOINT = "protein-validation"
 
 
@@ -105,6 +107,10 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
     from great_expectations.expectations.metadata_types import FailureSeverity
 
     context = gx.get_context(mode="file", project_root_dir=str(project_dir))
+    # We use no config variables (credentials come from boto3's chain, never from GX), but a file
+    # context re-reads and YAML-parses this template on every store lookup: ~230 times a run, a
+    # few seconds under load (docs/validation.md, "Cost"). Without the file GX finds no variables.
+    (Path(context.root_directory) / context.variables.config_variables_file_path).unlink(missing_ok=True)
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     tables_dir = project_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +128,8 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
         suite = gx.ExpectationSuite(name=table.name)
         for i, check in enumerate(table.checks):
             cls = _expectation_class(check.expectation)
-            extra = {} if check.expectation == "expect_no_content_overlap_between_splits" else {
-                "row_condition": _row_condition(check.condition)}
+            extra = ({} if check.expectation in TABLE_EXPECTATIONS
+                     else {"row_condition": _row_condition(check.condition)})
             suite.add_expectation(cls(**check.kwargs, **extra, severity=check.severity, notes=check.message,
                                       meta={"table": table.name, "check": i}))
         suites[table.name] = context.suites.add(suite)
@@ -249,6 +255,10 @@ def _custom_finding(finding: dict, details: dict) -> dict:
                    "p_adjusted": details["p_adjusted"]}
         finding.update(unexpected_count=1, element_count=1, examples=[{k: plain(v) for k, v in example.items()}],
                        rows=details.get("n"))
+    elif "near_pairs" in details:  # near-duplicates: file, its near copy, the distance in bits
+        examples = [{"file": p["file"], "value": p["near"], "distance": p["distance"]} for p in details["near_pairs"]]
+        finding.update(unexpected_count=int(details["count"]), element_count=None, examples=examples,
+                       between=details["between"], max_distance=details["max_distance"])
     elif "pairs" in details:  # content overlap
         examples = [{k: v for k, v in {"file": p["test"], "row": p.get("row"), "value": p["train"]}.items()
                      if v is not None} for p in details["pairs"]]

@@ -11,12 +11,19 @@ PIXEL_CHECKS = ("pixel decode (expect_png_to_decode reads header and IEND traile
                 "content leakage between train and test (expect_no_content_overlap_between_splits)",
                 "duplicate train images", "blank images",
                 "label drift of the rows added since the reference (rows are identified by pixel content)",
-                "image statistics drift (expect_image_statistic_within_reference_bounds)")
+                "image statistics drift (expect_image_statistic_within_reference_bounds)",
+                "near-duplicate images (expect_no_near_duplicate_images)")
 MAX_EXAMPLES = 20
 SUMMARY_EXAMPLES = 5
 # A competition PNG is 0.1-1 MB; anything this large is not one, and reading it whole into
 # memory (a zip bomb member, a mislabelled video) could take the worker down.
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+# Hamming distance (of 64 bits) within which two difference hashes make a near-duplicate pair.
+# Re-encoded (JPEG quality 90), brightness-scaled (+15 %) or resized (512 -> 384 -> 512 px) copies
+# of synthetic images moved 0-6 bits; unrelated images differed in 16 or more (docs/validation.md).
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 6
+# The search probes C(16, d // 4) values per 16-bit band: up to 11 bits that is at most 137.
+MAX_NEAR_DUPLICATE_DISTANCE = 11
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,8 @@ class ValidationConfig:
     `drift_min_relative_change` of the reference share or `drift_min_absolute_change` share
     points, whichever is smaller (relative for rare classes, absolute for common ones). Image
     statistics drift when significant (Bonferroni at `drift_alpha`) and moved by at least
-    `image_drift_min_relative_change` of the reference mean."""
+    `image_drift_min_relative_change` of the reference mean. Two images are near duplicates when
+    their difference hashes are at most `near_duplicate_max_distance` bits apart (a warning)."""
 
     image_size: int = 512
     min_rows: int = 1
@@ -39,6 +47,7 @@ class ValidationConfig:
     drift_action: Literal["fail", "warn"] = "fail"
     min_rows_for_drift: int = 200
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    near_duplicate_max_distance: int = DEFAULT_NEAR_DUPLICATE_DISTANCE
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -58,3 +67,6 @@ class ValidationConfig:
             raise ValueError(f"drift_action must be 'fail' or 'warn', got {self.drift_action!r}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be positive, got {self.max_image_bytes}")
+        if not 0 <= self.near_duplicate_max_distance <= MAX_NEAR_DUPLICATE_DISTANCE:
+            raise ValueError(f"near_duplicate_max_distance is 0 to {MAX_NEAR_DUPLICATE_DISTANCE} bits, got "
+                             f"{self.near_duplicate_max_distance}")

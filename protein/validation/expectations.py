@@ -11,6 +11,8 @@ its reference and current value, the adjusted p-value and the files involved (di
 - `expect_image_statistic_within_reference_bounds` (column aggregate over one per-image statistic):
   the statistic's mean against the reference's bounds.
 - `expect_no_content_overlap_between_splits` (table): no test image has a train image's pixels.
+- `expect_no_near_duplicate_images` (table): no test image is a near copy of a train image, and no
+  train image of another (64-bit difference hashes within `max_distance` bits; a warning).
 - `expect_png_to_decode`: the decoder's per-image verdict (a map check over a column the image
   pass fills: the decoder, not GX, is what training uses, so its verdict is the one that counts).
 
@@ -29,6 +31,7 @@ from protein.validation.config import MAX_EXAMPLES
 LABEL_COUNTS_METRIC = "column.protein_label_cell_counts"
 MOMENTS_METRIC = "column.protein_moments"
 OVERLAP_METRIC = "table.protein_cross_split_content"
+NEAR_DUPLICATES_METRIC = "table.protein_near_duplicates"
 
 
 def _percent(value: float | None) -> str:
@@ -54,6 +57,7 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
     from great_expectations.render.renderer.renderer import renderer
 
     from protein.validation.drift import CELLS, compare_counts, image_statistic_test, label_counts, moments
+    from protein.validation.neardup import near_duplicates
 
     def text(template: str, params: dict[str, Any]) -> list[Any]:
         return [RenderedStringTemplateContent(content_block_type="string_template", string_template={
@@ -64,6 +68,15 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
         # A list: GX appends it to the expectation's cell.
         return [RenderedTableContent(content_block_type="table", header=title, header_row=header, table=rows,
                                      styling={"body": {"classes": ["table-bordered", "table-sm", "mt-3"]}})]
+
+    class ObservedValueShown:
+        """Data Docs' "observed value" cell shows the summary each `_validate` writes (GX's default
+        would print the raw details dict). A mixin: GX registers every renderer a class has, inherited too."""
+
+        @classmethod
+        @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
+        def _observed_value_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> str:
+            return str((result.result or {}).get("observed_value", "--")) if result else "--"
 
     class LabelCellCounts(ColumnAggregateMetricProvider):
         """Images per class and per labels-per-image bucket, from canonical label strings."""
@@ -102,7 +115,22 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                     for digest, file, row in zip(test["content_sha256"], test["file"], test["row"], strict=True)
                     if digest in train]
 
-    class ExpectLabelSharesWithinReferenceBounds(ColumnAggregateExpectation):
+    class NearDuplicatePairs(TableMetricProvider):
+        """Pairs of decoded, non-blank images whose difference hashes are at most max_distance bits
+        apart but whose pixels differ (same pixels: the exact-content checks' business), per scope:
+        a test image near a train image, and two train images. Count and the closest examples."""
+
+        metric_name = NEAR_DUPLICATES_METRIC
+        value_keys = ("max_distance",)
+
+        @metric_value(engine=PandasExecutionEngine)
+        def _pandas(cls, execution_engine: Any, metric_domain_kwargs: dict, metric_value_kwargs: dict,
+                    metrics: dict, runtime_configuration: dict) -> dict[str, dict]:
+            df, _, _ = execution_engine.get_compute_domain(domain_kwargs=metric_domain_kwargs,
+                                                           domain_type=MetricDomainTypes.TABLE)
+            return near_duplicates(df, int(metric_value_kwargs["max_distance"]))
+
+    class ExpectLabelSharesWithinReferenceBounds(ObservedValueShown, ColumnAggregateExpectation):
         """Every class share and labels-per-image share of these rows lies within the reference's
         sample-size-aware bounds (two-proportion z-test, Holm over the 14 shares, effect floor)."""
 
@@ -147,11 +175,6 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                          "absolute": f"{100 * kw.get('min_absolute_change', 0):.0f}"})
 
         @classmethod
-        @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
-        def _observed_value_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> str:
-            return str((result.result or {}).get("observed_value", "--")) if result else "--"
-
-        @classmethod
         @renderer(renderer_type=LegacyDiagnosticRendererType.UNEXPECTED_TABLE)
         def _unexpected_table_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> Any:
             details = ((result.result or {}).get("details") or {}) if result else {}
@@ -163,7 +186,7 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
             return table(["cell", "class", "reference share", "current share", "change (points)",
                           "adjusted p (Holm)"], rows, f"Shares that drifted ({details.get('window')})")
 
-    class ExpectImageStatisticWithinReferenceBounds(ColumnAggregateExpectation):
+    class ExpectImageStatisticWithinReferenceBounds(ObservedValueShown, ColumnAggregateExpectation):
         """The mean over images of one per-image statistic lies within the reference's bounds."""
 
         reference_mean: float
@@ -200,12 +223,7 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                          "reference_n": kw.get("reference_n"), "alpha": kw.get("alpha"), "tests": kw.get("tests"),
                          "relative": f"{100 * kw.get('min_relative_change', 0):.0f} %"})
 
-        @classmethod
-        @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
-        def _observed_value_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> str:
-            return str((result.result or {}).get("observed_value", "--")) if result else "--"
-
-    class ExpectNoContentOverlapBetweenSplits(BatchExpectation):
+    class ExpectNoContentOverlapBetweenSplits(ObservedValueShown, BatchExpectation):
         """No test image has the decoded pixel content of a train image (leakage)."""
 
         metric_dependencies = (OVERLAP_METRIC,)
@@ -228,11 +246,6 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
             return text("Leakage: no test image may have the decoded pixels (SHA-256) of a train image", {})
 
         @classmethod
-        @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
-        def _observed_value_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> str:
-            return str((result.result or {}).get("observed_value", "--")) if result else "--"
-
-        @classmethod
         @renderer(renderer_type=LegacyDiagnosticRendererType.UNEXPECTED_TABLE)
         def _unexpected_table_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> Any:
             pairs = (((result.result or {}).get("details") or {}).get("pairs") or []) if result else []
@@ -240,6 +253,49 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
                 return None
             return table(["test file", "train file with the same pixels"], [[p["test"], p["train"]] for p in pairs],
                          "Files involved")
+
+    class ExpectNoNearDuplicateImages(ObservedValueShown, BatchExpectation):
+        """No two images (a test and a train image, or two train images) are near copies: difference
+        hashes at most max_distance bits apart. A warning: a near copy may be a legitimate second
+        field of the same sample, but a person should look."""
+
+        max_distance: int
+        between: str  # "train and test" or "within train"
+
+        metric_dependencies = (NEAR_DUPLICATES_METRIC,)
+        success_keys = ("max_distance", "between")
+        domain_keys = ("batch_id",)
+
+        def _validate(self, metrics: dict, runtime_configuration: dict | None = None,
+                      execution_engine: Any = None) -> dict[str, Any]:
+            found = metrics[NEAR_DUPLICATES_METRIC][self.between]
+            count = found["count"]
+            summary = (f"{count:,} near-duplicate pairs {self.between} (dHash within {self.max_distance} bits)"
+                       if count else f"no near-duplicate pairs {self.between} (dHash within {self.max_distance} bits)")
+            return {"success": not count, "result": {"observed_value": summary, "details": {
+                "between": self.between, "max_distance": self.max_distance, "count": count,
+                "near_pairs": found["pairs"]}}}
+
+        @classmethod
+        @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+        def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
+                                   runtime_configuration: dict | None = None, **kwargs: Any) -> list[Any]:
+            kw = (configuration or result.expectation_config).kwargs
+            return text("Near-duplicates ($between): no two images may have 64-bit difference hashes (dHash) at "
+                        "most $max_distance bits apart unless their pixels are identical (those are exact "
+                        "duplicates, checked separately)", {"between": kw.get("between"),
+                                                            "max_distance": kw.get("max_distance")})
+
+        @classmethod
+        @renderer(renderer_type=LegacyDiagnosticRendererType.UNEXPECTED_TABLE)
+        def _unexpected_table_renderer(cls, configuration: Any = None, result: Any = None, **kwargs: Any) -> Any:
+            details = ((result.result or {}).get("details") or {}) if result else {}
+            pairs = details.get("near_pairs") or []
+            if not pairs:
+                return None
+            return table(["file", "near copy of", "Hamming distance (of 64 bits)"],
+                         [[p["file"], p["near"], p["distance"]] for p in pairs],
+                         f"Closest pairs ({details.get('between')}), of {details.get('count'):,}")
 
     class ExpectPngToDecode(gxe.ExpectColumnValuesToBeInSet):
         """Every image decodes with protein.data.decode_png, the decoder training uses."""
@@ -250,4 +306,5 @@ def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX
     return {"expect_png_to_decode": ExpectPngToDecode,
             "expect_label_shares_within_reference_bounds": ExpectLabelSharesWithinReferenceBounds,
             "expect_image_statistic_within_reference_bounds": ExpectImageStatisticWithinReferenceBounds,
-            "expect_no_content_overlap_between_splits": ExpectNoContentOverlapBetweenSplits}
+            "expect_no_content_overlap_between_splits": ExpectNoContentOverlapBetweenSplits,
+            "expect_no_near_duplicate_images": ExpectNoNearDuplicateImages}

@@ -3,7 +3,8 @@
 Each listed image yields one record: what its PNG header (IHDR) and trailer (IEND) say and, when
 pixels are checked, the verdict of `protein.data.decode_png` itself (the decoder training and
 prediction use, so validation and training can never disagree), a SHA-256 of the decoded pixels
-(leakage and duplicates) and whether every pixel is the same (blank images). A file larger than
+(leakage and duplicates), a 64-bit difference hash (near-duplicates), the per-band intensity
+statistics and whether every pixel is the same (blank images). A file larger than
 the cap is refused from its size in the folder or the zip directory, before it is read.
 """
 
@@ -22,6 +23,7 @@ from protein.data import PNG_SIGNATURE, DatasetSource, FolderSource, ZipSource, 
 from protein.errors import DataError
 from protein.pools import pool_context
 from protein.validation.drift import CHANNELS, IMAGE_STATISTICS
+from protein.validation.neardup import difference_hash
 
 # Signature (8) + IHDR length and type (8) + IHDR body (13) + CRC (4).
 PNG_HEADER_BYTES = 33
@@ -31,7 +33,7 @@ PNG_COLOR_TYPES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 OTHER_FORMATS = ((b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
                  (b"MM\x00*", "TIFF"), (b"RIFF", "WEBP"))
 IMAGE_COLUMNS = ("row", "split", "Image", "file", "bytes", "format", "mode", "bit_depth", "width", "height",
-                 "size", "interlaced", "decodes", "constant", "content_sha256", "error", *IMAGE_STATISTICS)
+                 "size", "interlaced", "decodes", "constant", "content_sha256", "dhash", "error", *IMAGE_STATISTICS)
 # Below this many images the per-image cost is so small that starting processes costs more
 # (spawned workers import numpy and PIL afresh).
 POOL_MIN_IMAGES_DECODE = 256
@@ -139,6 +141,7 @@ class ImageReader:
         # Pixels, not file bytes: the same image saved twice with other compression is the same content.
         record["content_sha256"] = hashlib.sha256(f"{image.mode}{image.size}".encode() + pixels).hexdigest()
         record.update(band_statistics(image.histogram(), image.size[0] * image.size[1]))
+        record["dhash"] = difference_hash(image)  # near-duplicates, from the same decoded image
         return record
 
 
@@ -233,6 +236,7 @@ def integrity_records(records: list[dict]) -> list[dict]:
         test = r["split"] == "test"
         out.append({
             "row": r["row"], "Image": r["Image"], "file": r["file"], "split": r["split"], "content_sha256": digest,
+            "dhash": r["dhash"],
             "same_id_in_train": train_by_id.get(r["Image"]) if test else None,
             "same_content_in_train": twin if test else None,
             "duplicate_of": twin if not test and twin != r["file"] else None,

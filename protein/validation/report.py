@@ -77,6 +77,8 @@ def _example_text(example: dict) -> str:
     text = " ".join(parts)
     if "Label" in example:
         text += f" Label {example['Label']!r}"
+    if "distance" in example:  # a near-duplicate pair
+        return f"{text} ~ {example['value']} ({example['distance']} bits apart)"
     if "value" in example:
         text += f" = {example['value']!r}"
     if "error" in example:

@@ -279,7 +279,7 @@ def images_table(records: list[dict], config: ValidationConfig) -> Table:
 
 
 def integrity_table(records: list[dict], config: ValidationConfig) -> Table:
-    """Leakage, duplicates and blank images, from the content hashes of the image pass. Without
+    """Leakage, duplicates, near-duplicates and blank images, from the hashes of the image pass. Without
     decoded pixels there are no content hashes: only the id check runs (and the report says so)."""
     frame = pd.DataFrame(records, dtype=object)
     checks = [
@@ -297,6 +297,13 @@ def integrity_table(records: list[dict], config: ValidationConfig) -> Table:
                   "images should not be blank (every pixel the same value)", "warning",
                   condition=(("constant", "notnull", None),)),
         ]
+        distance = config.near_duplicate_max_distance
+        # Warnings: a near copy may be a second field of the same sample; exact copies fail above.
+        checks += [Check("expect_no_near_duplicate_images", {"max_distance": distance, "between": between},
+                         f"{rule} should not be near copies (difference hashes within {distance} of 64 bits, "
+                         "pixels not identical)", "warning")
+                   for between, rule in (("train and test", "a test image and a train image"),
+                                         ("within train", "two train images"))]
     return Table("integrity", "integrity", frame, checks, ("split", "error"))
 
 

@@ -1,0 +1,110 @@
+"""Validation cost of this checkout against a baseline checkout, on the same datasets, side by side.
+
+The issue's budget (#24): validating the full-size set costs no more than before its changes plus
+15 %. The baseline is a git worktree of an older commit (`git worktree add --detach DIR REV`); each
+repeat runs, alternately, one process per checkout (PYTHONPATH set to it, same interpreter and
+packages) that validates every dataset once to warm up (the Great Expectations import, the page
+cache) and then times `validate_dataset` on each. Alternating spreads the load of a shared machine
+over both sides alike; the ratio of medians is the figure, never the seconds alone.
+
+    python -m bench.validation_versus_baseline --baseline /tmp/baseline \
+        --dataset labels-only=/path/a --dataset synthetic=/path/b [--repeats 3] [--headers-only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import format_table, median, results_path, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs inside each checkout: argv = image size, then name=path[=headers] for each dataset.
+_TIMER = """
+import json, logging, sys, time
+logging.disable(logging.WARNING)
+from protein.validation import ValidationConfig, validate_dataset
+size = int(sys.argv[1])
+out = {}
+for spec in sys.argv[2:]:
+    name, path, mode = spec.split("=")
+    config = ValidationConfig(image_size=size, check_pixels=mode == "pixels")
+    validate_dataset(path, config)  # warm-up
+    started = time.perf_counter()
+    report = validate_dataset(path, config)
+    out[name] = {"seconds": time.perf_counter() - started, "images": report.statistics.get("images_checked"),
+                 "timings_s": report.statistics.get("timings_s"), "success": report.success,
+                 "warnings": len(report.warnings), "failures": len(report.failures)}
+print(json.dumps(out))
+"""
+
+
+def run_side(code: Path, size: int, specs: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(code), "GX_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-c", _TIMER, str(size), *specs], cwd=code, env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def git_head(code: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.validation_versus_baseline",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the commit to compare with")
+    parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH",
+                        help="a dataset folder to validate (full decode); repeatable")
+    parser.add_argument("--headers-only", action="append", default=[], metavar="NAME",
+                        help="validate this dataset with check_pixels=False")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--note", default="", help="what the datasets are, for the results file")
+    args = parser.parse_args(argv)
+    specs = [f"{spec}={'headers' if spec.split('=')[0] in args.headers_only else 'pixels'}" for spec in args.dataset]
+    sides = {"baseline": args.baseline.resolve(), "current": REPO}
+    samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
+    load = [os.getloadavg()[0]]
+    started = time.perf_counter()
+    for _ in range(args.repeats):
+        for side, code in sides.items():
+            for name, result in run_side(code, args.image_size, specs).items():
+                samples[side].setdefault(name, []).append(result)
+            load.append(os.getloadavg()[0])
+    rows = []
+    for name in samples["current"]:
+        base = [s["seconds"] for s in samples["baseline"][name]]
+        current = [s["seconds"] for s in samples["current"][name]]
+        last = samples["current"][name][-1]
+        rows.append({"dataset": name, "mode": "headers only" if name in args.headers_only else "full decode",
+                     "images": last["images"], "baseline_s": median(base), "current_s": median(current),
+                     "ratio": median(current) / median(base), "baseline_samples": base, "current_samples": current,
+                     "current_timings_s": last["timings_s"], "current_warnings": last["warnings"],
+                     "baseline_timings_s": samples["baseline"][name][-1]["timings_s"]})
+    print(format_table(rows, ["dataset", "mode", "images", "baseline_s", "current_s", "ratio"]))
+    payload = {
+        "benchmark": "validation_versus_baseline",
+        "description": __doc__.split("\n\n")[0],
+        "baseline_commit": git_head(args.baseline), "current_commit": git_head(REPO),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_count": os.cpu_count()},
+        "load_average_1m": {"min": min(load), "max": max(load), "samples": load},
+        "repeats": args.repeats, "wall_s": time.perf_counter() - started, "note": args.note, "rows": rows,
+    }
+    path = write_json(results_path("validation_versus_baseline", False), payload)
+    print(f"wrote {path}; load average (1 min) {min(load):.1f} to {max(load):.1f}")
+    return {row["dataset"]: row["ratio"] for row in rows}
+
+
+if __name__ == "__main__":
+    main()
