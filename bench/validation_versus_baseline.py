@@ -5,7 +5,9 @@ The issue's budget (#24): validating the full-size set costs no more than before
 repeat runs, alternately, one process per checkout (PYTHONPATH set to it, same interpreter and
 packages) that validates every dataset once to warm up (the Great Expectations import, the page
 cache) and then times `validate_dataset` on each. Alternating spreads the load of a shared machine
-over both sides alike; the ratio of medians is the figure, never the seconds alone.
+over both sides alike; the ratio of medians is the figure, never the seconds alone. CPU seconds
+(the process and its pool workers) are reported beside wall seconds: on a machine shared with
+other work they move less with the load than wall time does.
 
     python -m bench.validation_versus_baseline --baseline /tmp/baseline \
         --dataset labels-only=/path/a --dataset synthetic=/path/b [--repeats 3] [--headers-only NAME]
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs inside each checkout: argv = image size, then name=path[=headers] for each dataset.
 _TIMER = """
-import json, logging, sys, time
+import json, logging, resource, sys, time
 logging.disable(logging.WARNING)
 from protein.validation import ValidationConfig, validate_dataset
 size = int(sys.argv[1])
@@ -38,9 +40,15 @@ for spec in sys.argv[2:]:
     name, path, mode = spec.split("=")
     config = ValidationConfig(image_size=size, check_pixels=mode == "pixels")
     validate_dataset(path, config)  # warm-up
+    cpu = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     started = time.perf_counter()
     report = validate_dataset(path, config)
-    out[name] = {"seconds": time.perf_counter() - started, "images": report.statistics.get("images_checked"),
+    seconds = time.perf_counter() - started
+    # CPU seconds of this process and of the pool workers it waited for: less swayed than wall time
+    # by what else the shared machine runs.
+    cpu_s = sum(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime for before, after in zip(
+        cpu, (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))))
+    out[name] = {"seconds": seconds, "cpu_s": cpu_s, "images": report.statistics.get("images_checked"),
                  "timings_s": report.statistics.get("timings_s"), "success": report.success,
                  "warnings": len(report.warnings), "failures": len(report.failures)}
 print(json.dumps(out))
@@ -86,12 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = [s["seconds"] for s in samples["baseline"][name]]
         current = [s["seconds"] for s in samples["current"][name]]
         last = samples["current"][name][-1]
+        base_cpu = [s["cpu_s"] for s in samples["baseline"][name]]
+        current_cpu = [s["cpu_s"] for s in samples["current"][name]]
         rows.append({"dataset": name, "mode": "headers only" if name in args.headers_only else "full decode",
                      "images": last["images"], "baseline_s": median(base), "current_s": median(current),
                      "ratio": median(current) / median(base), "baseline_samples": base, "current_samples": current,
+                     "baseline_cpu_s": median(base_cpu), "current_cpu_s": median(current_cpu),
+                     "cpu_ratio": median(current_cpu) / median(base_cpu), "baseline_cpu_samples": base_cpu,
+                     "current_cpu_samples": current_cpu,
                      "current_timings_s": last["timings_s"], "current_warnings": last["warnings"],
                      "baseline_timings_s": samples["baseline"][name][-1]["timings_s"]})
-    print(format_table(rows, ["dataset", "mode", "images", "baseline_s", "current_s", "ratio"]))
+    print(format_table(rows, ["dataset", "mode", "images", "baseline_s", "current_s", "ratio", "baseline_cpu_s",
+                              "current_cpu_s", "cpu_ratio"]))
     payload = {
         "benchmark": "validation_versus_baseline",
         "description": __doc__.split("\n\n")[0],

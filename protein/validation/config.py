@@ -20,7 +20,7 @@ SUMMARY_EXAMPLES = 5
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 # Hamming distance (of 64 bits) within which two difference hashes make a near-duplicate pair.
 # Re-encoded (JPEG quality 90), brightness-scaled (+15 %) or resized (512 -> 384 -> 512 px) copies
-# of synthetic images moved 0-6 bits; unrelated images differed in 16 or more (docs/validation.md).
+# of synthetic images moved 0-5 bits; unrelated images differed in 13 or more (docs/validation.md).
 DEFAULT_NEAR_DUPLICATE_DISTANCE = 6
 # The search probes C(16, d // 4) values per 16-bit band: up to 11 bits that is at most 137.
 MAX_NEAR_DUPLICATE_DISTANCE = 11
