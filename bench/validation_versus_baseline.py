@@ -4,10 +4,11 @@ The issue's budget (#24): validating the full-size set costs no more than before
 15 %. The baseline is a git worktree of an older commit (`git worktree add --detach DIR REV`); each
 repeat runs, alternately, one process per checkout (PYTHONPATH set to it, same interpreter and
 packages) that validates every dataset once to warm up (the Great Expectations import, the page
-cache) and then times `validate_dataset` on each. Alternating spreads the load of a shared machine
-over both sides alike; the ratio of medians is the figure, never the seconds alone. CPU seconds
-(the process and its pool workers) are reported beside wall seconds: on a machine shared with
-other work they move less with the load than wall time does.
+cache) and then times `validate_dataset` (or, with --docs, `run_validation`: the CLI's and the
+task's path) on each. Alternating spreads the load of a shared machine over both sides alike; the
+ratio of medians is the figure, never the seconds alone. CPU seconds (the process and its pool
+workers) are reported beside wall seconds: on a machine shared with other work they move less with
+the load than wall time does.
 
     python -m bench.validation_versus_baseline --baseline /tmp/baseline \
         --dataset labels-only=/path/a --dataset synthetic=/path/b [--repeats 3] [--headers-only NAME]
@@ -31,18 +32,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs inside each checkout: argv = image size, then name=path[=headers] for each dataset.
 _TIMER = """
-import json, logging, resource, sys, time
+import json, logging, resource, shutil, sys, tempfile, time
+from pathlib import Path
 logging.disable(logging.WARNING)
-from protein.validation import ValidationConfig, validate_dataset
+from protein.validation import ValidationConfig, run_validation, validate_dataset
+
+def validate(path, config, mode):
+    if mode != "docs":
+        return validate_dataset(path, config)
+    out = Path(tempfile.mkdtemp(prefix="protein-bench-report-"))
+    try:  # what the CLI and the validate-data task run: report.json and Data Docs, no store
+        return run_validation(path, config, report_dir=out)
+    finally:
+        shutil.rmtree(out)
+
 size = int(sys.argv[1])
 out = {}
 for spec in sys.argv[2:]:
     name, path, mode = spec.split("=")
-    config = ValidationConfig(image_size=size, check_pixels=mode == "pixels")
-    validate_dataset(path, config)  # warm-up
+    config = ValidationConfig(image_size=size, check_pixels=mode != "headers")
+    validate(path, config, mode)  # warm-up
     cpu = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     started = time.perf_counter()
-    report = validate_dataset(path, config)
+    report = validate(path, config, mode)
     seconds = time.perf_counter() - started
     # CPU seconds of this process and of the pool workers it waited for: less swayed than wall time
     # by what else the shared machine runs.
@@ -75,11 +87,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a dataset folder to validate (full decode); repeatable")
     parser.add_argument("--headers-only", action="append", default=[], metavar="NAME",
                         help="validate this dataset with check_pixels=False")
+    parser.add_argument("--docs", action="append", default=[], metavar="NAME",
+                        help="validate this dataset with run_validation (report.json and Data Docs, as the CLI "
+                             "and the validate-data task do, no store) instead of validate_dataset")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--note", default="", help="what the datasets are, for the results file")
     args = parser.parse_args(argv)
-    specs = [f"{spec}={'headers' if spec.split('=')[0] in args.headers_only else 'pixels'}" for spec in args.dataset]
+    def mode(name: str) -> str:
+        return "headers" if name in args.headers_only else "docs" if name in args.docs else "pixels"
+
+    specs = [f"{spec}={mode(spec.split('=')[0])}" for spec in args.dataset]
+    modes = {"headers": "validate_dataset, headers only", "pixels": "validate_dataset, full decode",
+             "docs": "run_validation (+ Data Docs), full decode"}
     sides = {"baseline": args.baseline.resolve(), "current": REPO}
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
     load = [os.getloadavg()[0]]
@@ -96,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         last = samples["current"][name][-1]
         base_cpu = [s["cpu_s"] for s in samples["baseline"][name]]
         current_cpu = [s["cpu_s"] for s in samples["current"][name]]
-        rows.append({"dataset": name, "mode": "headers only" if name in args.headers_only else "full decode",
+        rows.append({"dataset": name, "mode": modes[mode(name)],
                      "images": last["images"], "baseline_s": median(base), "current_s": median(current),
                      "ratio": median(current) / median(base), "baseline_samples": base, "current_samples": current,
                      "baseline_cpu_s": median(base_cpu), "current_cpu_s": median(current_cpu),

@@ -98,19 +98,25 @@ def _write_asset(table: Table, folder: Path) -> tuple[Path, dict[str, str]]:
 
 
 def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: bool) -> CheckpointOutcome:
-    """Run every table's checks in one Checkpoint in a file-backed GX project at project_dir; with
-    docs, the Checkpoint updates its Data Docs (gx/uncommitted/data_docs/local_site)."""
+    """Run every table's checks in one Checkpoint (the tables are written under project_dir); with
+    docs, in a file-backed GX project at project_dir whose Data Docs the run updates
+    (gx/uncommitted/data_docs/local_site), else in an in-memory one."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.metadata_types import FailureSeverity
 
-    context = gx.get_context(mode="file", project_root_dir=str(project_dir))
-    # We use no config variables (credentials come from boto3's chain, never from GX), but a file
-    # context re-reads and YAML-parses this template on every store lookup: ~230 times a run, a
-    # few seconds under load (docs/validation.md, "Cost"). Without the file GX finds no variables.
-    (Path(context.root_directory) / context.variables.config_variables_file_path).unlink(missing_ok=True)
+    if docs:
+        context = gx.get_context(mode="file", project_root_dir=str(project_dir))
+        # We use no config variables (credentials come from boto3's chain, never from GX), but a file
+        # context re-reads and YAML-parses this template on every store lookup: ~230 times a run, a
+        # few seconds under load (docs/validation.md, "Cost"). Without the file GX finds no variables.
+        (Path(context.root_directory) / context.variables.config_variables_file_path).unlink(missing_ok=True)
+    else:
+        # No Data Docs: nothing of the project outlives the run, so its stores stay in memory
+        # (suites, definitions and the Checkpoint are not written to and re-read from files).
+        context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     tables_dir = project_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
