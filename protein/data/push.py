@@ -76,28 +76,27 @@ def stored_objects(store: Store) -> dict[str, int]:
     return {info.key: info.size for info in store.list_info(f"{OBJECTS_PREFIX}/")}
 
 
-def _hash_files(source: DatasetSource, names: list[str], digests: dict[str, FileDigest],
-                progress: Callable[[int], None] | None) -> dict[str, ManifestEntry]:
-    """SHA-256 of every file, read once; a file whose bytes no longer match the fingerprint's MD5 changed
-    since it was fingerprinted, and the push stops before writing anything."""
-
-    def one(name: str) -> ManifestEntry:
-        blob = source.read_bytes(name)
-        if FileDigest(len(blob), md5_bytes(blob)) != digests[name]:
-            raise DataError(f"{source.locate(name)}: changed while being pushed; push again when it is stable")
-        if progress:
-            progress(1)
-        return ManifestEntry(len(blob), digests[name].md5, hashlib.sha256(blob).hexdigest())
-
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        return dict(zip(names, pool.map(one, names), strict=True))
+def _entries(source: DatasetSource, names: list[str], digests: dict[str, FileDigest]) -> dict[str, ManifestEntry]:
+    """Each file's size and MD5 (the fingerprint's) and SHA-256 (its object's name). A folder's SHA-256s
+    come from the hash cache, so a re-push reads only new or changed files; every uploaded byte is
+    checked against its SHA-256 again on the way out (`_put_object`)."""
+    sha256s = source.sha256s(names)
+    # Both digests must describe the same bytes: a file rewritten between the MD5 and the SHA-256 pass
+    # shows in its identity (the hash caches' key), so the fingerprint taken again differs.
+    again = source.digests()
+    changed = sorted(name for name in names if again.get(name) != digests[name])
+    if changed:
+        raise DataError(f"{source.locate(changed[0])}: changed while being pushed ({len(changed)} file(s)); "
+                        "push again when it is stable")
+    return {name: ManifestEntry(digests[name].size, digests[name].md5, sha256s[name]) for name in names}
 
 
 def _put_object(store: Store, source: DatasetSource, name: str, entry: ManifestEntry) -> int:
     """Create the content object for `name`; returns the bytes uploaded (0 if a concurrent push made it)."""
     key = object_key(entry.sha256)
     blob = source.read_bytes(name)
-    if hashlib.sha256(blob).hexdigest() != entry.sha256:
+    if (len(blob) != entry.size or hashlib.sha256(blob).hexdigest() != entry.sha256
+            or md5_bytes(blob) != entry.md5):
         raise DataError(f"{source.locate(name)}: changed while being pushed; push again when it is stable")
     try:
         store.put_bytes(key, blob, if_none_match=True)
@@ -152,14 +151,20 @@ def push_dataset(
         if not is_dataset_file_name(name):
             raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, digits, "
                             "'.', '_', '=' or '-'); rename or remove it before pushing")
-    entries = _hash_files(source, names, digests, progress)
+    entries = _entries(source, names, digests)
     present = stored_objects(store)
     todo: dict[str, str] = {}  # sha256 -> one name holding those bytes (a dataset may repeat content)
     for name in names:
         if present.get(object_key(entries[name].sha256)) != entries[name].size:
             todo.setdefault(entries[name].sha256, name)
+    def upload(name: str) -> int:
+        size = _put_object(store, source, name, entries[name])
+        if progress:
+            progress(1)
+        return size
+
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        sizes = list(pool.map(lambda n: _put_object(store, source, n, entries[n]), todo.values()))
+        sizes = list(pool.map(upload, todo.values()))
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     doc = manifest_doc(fp, entries, created, len(parsed.train_ids), len(parsed.test_ids))
     # Last, and create-only: the moment it exists the dataset is complete; two concurrent pushes of the

@@ -87,6 +87,11 @@ class PushedFolderSource(DatasetSource):
         # The manifest's digests were checked against its fingerprint when it was read: no file is read.
         return self.manifest.digests()
 
+    def sha256s(self, names: list[str]) -> dict[str, str]:
+        for name in names:
+            self._entry(name)
+        return {name: self.manifest.files[name].sha256 for name in names}
+
     def file_signature(self, relpath: str) -> str:
         self._entry(relpath)
         entry = self.manifest.files[relpath]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from protein.cache_budget import enforce_cache_budget, touch
-from protein.data.digests import FileDigest, data_cache_dir, md5_file
+from protein.data.digests import FileDigest, data_cache_dir, hash_file, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.manifest import DATASET_MANIFEST, MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
 from protein.data.sources import DatasetSource, ZipSource
@@ -374,6 +374,11 @@ class S3Source(DatasetSource):
                         raise
         enforce_cache_budget(self.cache_root.parent)
         return len(todo)
+
+    def sha256s(self, names: list[str]) -> dict[str, str]:
+        # A pushed dataset's manifest already says; other objects are fetched (once) and hashed.
+        self.fetch([n for n in names if self._remote(n).sha256 is None])
+        return {n: self._remote(n).sha256 or hash_file(self.local_path(self._remote(n)), "sha256")[1] for n in names}
 
     def digests(self) -> dict[str, FileDigest]:
         # ETags (single-part) and manifests give each file's MD5 without a download; only objects

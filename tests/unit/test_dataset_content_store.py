@@ -67,6 +67,25 @@ def test_a_second_push_uploads_only_the_changed_files_and_reads_back(tmp_path, s
     assert load_competition(first.uri).train_ids == list(LABELS)  # the first dataset is still whole
 
 
+def test_a_re_push_hashes_only_new_or_changed_files(tmp_path, store, monkeypatch):
+    import protein.data.digests
+
+    data = write_dataset(tmp_path / "d", LABELS, TEST_IDS)
+    push_dataset(str(data), store)
+    hashed: list[tuple[str, str]] = []
+    real = protein.data.digests.hash_file
+
+    def counting(path, algorithm="md5"):
+        hashed.append((path.name, algorithm))
+        return real(path, algorithm)
+
+    monkeypatch.setattr(protein.data.digests, "hash_file", counting)
+    push_dataset(str(grown(data, 2)), store)
+    # train.csv and the two new images, once for the fingerprint and once for their object names.
+    assert sorted(hashed) == sorted((name, algorithm) for name in ("train.csv", "n0.png", "n1.png")
+                                    for algorithm in ("md5", "sha256"))
+
+
 def test_an_old_full_copy_dataset_still_opens(tmp_path, store):
     data = write_dataset(tmp_path / "d", LABELS, TEST_IDS)
     fp = push_full_copy(str(data), store)
