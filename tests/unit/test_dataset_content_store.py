@@ -56,9 +56,19 @@ def test_a_second_push_uploads_only_the_changed_files_and_reads_back(tmp_path, s
     assert first.uploaded == first.files == 2 + len(LABELS) + len(TEST_IDS)
     assert store.list(f"datasets/{first.fingerprint}/") == [manifest_key(first.fingerprint)]
 
+    writes: list[str] = []
+    real_put = store.put_bytes
+
+    def counting_put(key, data, **kwargs):
+        writes.append(key)
+        return real_put(key, data, **kwargs)
+
+    store.put_bytes = counting_put
     second = push_dataset(str(grown(data, 3)), store)
-    # Three new images and the new train.csv; everything else is already stored by content.
+    # Three new images and the new train.csv; everything else is already stored by content and not even
+    # attempted (the listing said so); the manifest last.
     assert second.uploaded == 4 and second.files == first.files + 3
+    assert len(writes) == 5 and writes[-1] == manifest_key(second.fingerprint)
     assert len(objects(store)) == first.files + 4
 
     source = open_dataset(second.uri)
@@ -145,7 +155,8 @@ def test_a_missing_or_corrupt_object_is_one_line_naming_dataset_file_and_key(tmp
     pushed = push_dataset(str(data), store)
     manifest = json.loads(store.get_bytes(manifest_key(pushed.fingerprint)))
     key = object_key(manifest["files"]["train/2.png"]["sha256"])
-    (store.root / key).write_bytes(b"not the image")
+    size = (store.root / key).stat().st_size
+    (store.root / key).write_bytes(bytes(size))  # same size, other bytes: only the SHA-256 tells
     with pytest.raises(IntegrityError, match=rf"datasets/{pushed.fingerprint} file train/2.png: content object "
                                              rf".*{key} does not match its SHA-256"):
         open_dataset(pushed.uri).read_bytes("train/2.png")
@@ -173,3 +184,14 @@ def test_decode_cache_builds_from_a_pushed_dataset(tmp_path, store):
     built = ImageCache(tmp_path / "decoded").build(load_competition(pushed.uri), "train", 16)
     local = ImageCache(tmp_path / "decoded-local").build(load_competition(str(data)), "train", 16)
     assert np.array_equal(np.asarray(built), np.asarray(local))
+
+
+def test_a_push_that_cannot_store_an_object_writes_no_manifest(tmp_path, store):
+    import hashlib
+
+    data = write_dataset(tmp_path / "d", LABELS, TEST_IDS)
+    squatted = object_key(hashlib.sha256((data / "train" / "3.png").read_bytes()).hexdigest())
+    store.put_bytes(squatted, b"other bytes under that name")
+    with pytest.raises(StoreError, match=rf"{squatted}: content object for train/3.png holds other bytes"):
+        push_dataset(str(data), store)
+    assert [key for key in store.list("datasets/") if key.endswith("manifest.json")] == []
