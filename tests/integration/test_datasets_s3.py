@@ -209,13 +209,16 @@ def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket
     key = object_key(manifest["files"]["train/4.png"]["sha256"])
     object_uri = f"s3://{bucket}/prefix/{key}"
 
-    # Other bytes under the object's name: the SHA-256 check on download names dataset, file and key.
-    write_png(tmp_path / "evil.png", size=40, seed=66)
-    boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, f"prefix/{key}")
+    # Other bytes of the same size under the object's name: the SHA-256 check on download names dataset,
+    # file and key.
+    size = manifest["files"]["train/4.png"]["size"]
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"prefix/{key}", Body=bytes(size))
     with pytest.raises(IntegrityError, match=rf"{result.uri.rstrip('/')} file train/4.png: content object "
                                              rf"{object_uri} does not match its SHA-256"):
         open_dataset(result.uri).read_bytes("train/4.png")
     # A re-push lists the object under the right name with the wrong size, and refuses to trust it.
+    write_png(tmp_path / "evil.png", size=40, seed=66)
+    boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, f"prefix/{key}")
     with pytest.raises(StoreError, match=rf"{key}: content object for train/4.png holds other bytes"):
         push_dataset(str(kaggle), store)
 
