@@ -1,4 +1,4 @@
-"""Verbs about datasets: synth, validate, datasets push/list, cache gc."""
+"""Verbs about datasets: synth, validate, datasets push/list/gc, cache gc."""
 
 from __future__ import annotations
 
@@ -68,13 +68,20 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         # channel entry, so a run started by it can tell whether a newer push superseded it.
         entry = move_channel(store, args.channel, result.uri, result.fingerprint)
         emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
-              "uploaded": result.uploaded, "already_pushed": result.already_pushed, "channel": args.channel,
+              "uploaded": result.uploaded, "uploaded_bytes": result.uploaded_bytes,
+              "already_pushed": result.already_pushed, "channel": args.channel,
               "sequence": entry.sequence, "event_id": entry.event_id})
         # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
         # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
         pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
                        counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded},
                        channel=args.channel, sequence=entry.sequence, event_id=entry.event_id)
+    elif args.datasets_cmd == "gc":
+        from protein.data.dataset_gc import apply_objects_gc, plan_objects_gc
+
+        plan = plan_objects_gc(store, args.older_than_hours * 3600)
+        deleted = 0 if args.dry_run else apply_objects_gc(store, plan)
+        emit({**plan.to_dict(), "deleted": deleted, "dry_run": args.dry_run, "store": store.uri})
     elif args.datasets_cmd == "list" and args.channel:
         list_channel(store, args.channel, args.json)
     elif args.datasets_cmd == "list":

@@ -238,4 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true", help="print a JSON array")
     dp.add_argument("--channel", type=channel_name, metavar="NAME",
                     help="list this channel's pushes instead, newest first (sequence, dataset, when, who, event id)")
+    dp = datasets.add_parser("gc", help="delete content objects no dataset manifest names",
+                             description="delete content objects (datasets/objects/) that no dataset manifest "
+                             "names and that are older than the guard; every complete dataset is kept",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    store_arg(dp)
+    dp.add_argument("--older-than-hours", type=float, default=24.0,
+                    help="keep orphans younger than this: a push in flight uploads its objects before its manifest")
+    dp.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     return parser

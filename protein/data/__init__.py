@@ -6,7 +6,9 @@
 - tables: strict CSV parsing and `load_competition`
 - png: strict PNG decoding and the one resize
 - digests, fingerprint: content digests and the host-independent data fingerprint
-- push: `protein datasets push/list`, immutable datasets in the object store
+- manifest: dataset manifests (full copy, content-addressed) and content-object keys
+- push: `protein datasets push/list`, immutable content-addressed datasets in the object store;
+  pushed_folder: such a dataset in a local-folder store; dataset_gc: `protein datasets gc`
 """
 
 from protein.data.digests import FileDigest, data_cache_dir

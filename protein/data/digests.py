@@ -51,14 +51,19 @@ def md5_bytes(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def md5_file(path: Path) -> FileDigest:
-    digest = hashlib.md5(usedforsecurity=False)
+def hash_file(path: Path, algorithm: str = "md5") -> tuple[int, str]:
+    """(size, hex digest) of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
-    return FileDigest(size, digest.hexdigest())
+    return size, digest.hexdigest()
+
+
+def md5_file(path: Path) -> FileDigest:
+    return FileDigest(*hash_file(path, "md5"))
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -66,10 +71,12 @@ def _identity(st: os.stat_result) -> list[int]:
 
 
 class HashCache:
-    """One JSON file of {name: [size, mtime_ns, ctime_ns, inode, md5]}, rewritten atomically."""
+    """One JSON file of {name: [size, mtime_ns, ctime_ns, inode, hex digest]}, rewritten atomically.
+    MD5 for fingerprints; SHA-256 (a cache file of its own) for the content objects a push names."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, algorithm: str = "md5") -> None:
         self.path = path
+        self.algorithm = algorithm
 
     def _load(self) -> dict[str, list]:
         try:
@@ -78,32 +85,42 @@ class HashCache:
             return {}
         if not isinstance(doc, dict) or doc.get("version") != HASH_CACHE_VERSION:
             return {}
+        if doc.get("algorithm", "md5") != self.algorithm:
+            return {}
         entries = doc.get("entries")
         return entries if isinstance(entries, dict) else {}
 
     def digests(
         self, files: dict[str, Path], stats: dict[str, os.stat_result] | None = None
     ) -> dict[str, FileDigest]:
-        """MD5 of every file (name -> path), hashing only those whose identity changed. `stats` may
-        hold stat results the caller already has (from os.scandir), saving a syscall per file."""
+        """Size and MD5 of every file (name -> path); see `hexdigests`."""
+        if self.algorithm != "md5":
+            raise ValueError(f"{self.path}: a {self.algorithm} cache holds no MD5 digests")
+        return {name: FileDigest(*pair) for name, pair in self.hexdigests(files, stats).items()}
+
+    def hexdigests(
+        self, files: dict[str, Path], stats: dict[str, os.stat_result] | None = None
+    ) -> dict[str, tuple[int, str]]:
+        """(size, hex digest) of every file (name -> path), hashing only those whose identity changed.
+        `stats` may hold stat results the caller already has (from os.scandir), saving a syscall per file."""
         cached = self._load()
-        out: dict[str, FileDigest] = {}
+        out: dict[str, tuple[int, str]] = {}
         misses: list[tuple[str, Path, list[int]]] = []
         stats = stats or {}
         for name, path in files.items():
             identity = _identity(stats[name] if name in stats else os.stat(path))
             entry = cached.get(name)
             if isinstance(entry, list) and len(entry) == 5 and entry[:4] == identity:
-                out[name] = FileDigest(identity[0], str(entry[4]))
+                out[name] = (identity[0], str(entry[4]))
             else:
                 misses.append((name, path, identity))
         if misses:
             with ThreadPoolExecutor(HASH_THREADS) as pool:
-                hashed = list(pool.map(lambda m: md5_file(m[1]), misses))
+                hashed = list(pool.map(lambda m: hash_file(m[1], self.algorithm), misses))
             for (name, path, identity), digest in zip(misses, hashed, strict=True):
                 # A file rewritten while we hashed it is not remembered: its identity changed under us.
-                if _identity(os.stat(path)) == identity and digest.size == identity[0]:
-                    cached[name] = [*identity, digest.md5]
+                if _identity(os.stat(path)) == identity and digest[0] == identity[0]:
+                    cached[name] = [*identity, digest[1]]
                 out[name] = digest
             self._save({name: cached[name] for name in files if name in cached})
             log.info("hashed %d of %d files (%d from the hash cache %s)", len(misses), len(files),
@@ -112,7 +129,8 @@ class HashCache:
 
     def _save(self, entries: dict[str, list]) -> None:
         try:
-            write_bytes_atomic(self.path, json.dumps({"version": HASH_CACHE_VERSION, "entries": entries}).encode())
+            doc = {"version": HASH_CACHE_VERSION, "algorithm": self.algorithm, "entries": entries}
+            write_bytes_atomic(self.path, json.dumps(doc).encode())
         except OSError as exc:  # a read-only cache only costs speed
             log.warning("could not write the hash cache %s: %s", self.path, exc)
 

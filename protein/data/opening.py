@@ -10,14 +10,16 @@ import os
 import zipfile
 from pathlib import Path
 
+from protein.data.pushed_folder import PushedFolderSource, read_local_manifest
 from protein.data.s3 import open_s3_source
 from protein.data.sources import DatasetSource, FolderSource, ZipSource
 from protein.errors import DataError
 
 
 def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) -> DatasetSource:
-    """A folder, a zip, s3://bucket/prefix/ or s3://bucket/key.zip. cache_dir is the cache root
-    (default `protein.locations.default_cache_dir`): S3 downloads and hash caches go to its datasets/."""
+    """A folder, a zip, s3://bucket/prefix/ or s3://bucket/key.zip (a pushed dataset's URI included).
+    cache_dir is the cache root (default `protein.locations.default_cache_dir`): S3 downloads and hash
+    caches go to its datasets/."""
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith("s3://"):
         return open_s3_source(text, cache_dir)
@@ -27,6 +29,11 @@ def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) ->
     if not p.exists():
         raise DataError(f"{p}: dataset not found (expected a folder or the competition .zip)")
     if p.is_dir():
+        # A content-addressed push in a local store holds only its manifest; a full copy (the format
+        # pushes wrote before) is a plain folder beside its manifest and is read as one.
+        manifest = read_local_manifest(p)
+        if manifest is not None and manifest.content_addressed:
+            return PushedFolderSource(p.resolve(), manifest, cache_dir=cache_dir)
         return FolderSource(p, cache_dir=cache_dir)
     if zipfile.is_zipfile(p):
         return ZipSource(p, cache_dir=cache_dir)

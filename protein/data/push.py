@@ -1,13 +1,20 @@
 """Datasets in the object store: `protein datasets push` and `protein datasets list`.
 
-A pushed dataset lives at ``datasets/<fingerprint>/`` in the canonical flat layout (train.csv,
-sample_submission.csv, train/, test/) whatever layout it came from, so its fingerprint is the source's.
-It is immutable and complete-or-invisible:
+A pushed dataset is ``datasets/<fingerprint>/manifest.json`` (format 2, protein.data.manifest): each
+logical file (canonical flat layout: train.csv, sample_submission.csv, train/, test/, whatever layout it
+came from, so its fingerprint is the source's) names a content object
+``datasets/objects/<sha256[:2]>/<sha256>`` holding its bytes. A push uploads only the objects the store
+lacks, so a dataset that differs from the last push by k images costs k uploads and the manifest.
 
-- every object is written create-only (a re-push after an interruption keeps what is there when the
-  bytes are the same, and refuses when they differ);
-- ``manifest.json`` is written last, listing every file with size, MD5 and SHA-256; readers trust a
-  dataset only once its manifest exists (protein.data.s3), and `list` shows only those.
+Complete-or-invisible: objects are written create-only first, the manifest last and create-only; a
+reader trusts a dataset only once its manifest exists, and by then every object it names was uploaded
+or found in the listing. An interrupted push leaves only objects no manifest names, which
+`protein datasets gc` collects once they are older than its guard.
+
+Which objects exist is learned from one listing of ``datasets/objects/`` (1,000 keys per request),
+not a HEAD per file: the real set (27,479 files) costs 28 list requests instead of 27,479 HEADs, and
+even after a year of daily 500-image pushes (~210,000 objects) 210 list requests are fewer than the
+files of one push. The listing also gives each object's size, so a truncated object is re-checked.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,19 +31,29 @@ from typing import Any
 
 from protein.data.digests import FileDigest, md5_bytes
 from protein.data.fingerprint import fingerprint_of
-from protein.data.layout import TEST_DIR, TRAIN_DIR
-from protein.data.s3 import DATASET_MANIFEST, MANIFEST, MANIFEST_FORMAT
+from protein.data.manifest import (
+    DATASET_MANIFEST,
+    DATASETS_PREFIX,
+    FINGERPRINT,
+    MANIFEST,
+    MANIFEST_KEY,
+    OBJECTS_PREFIX,
+    ManifestEntry,
+    is_dataset_file_name,
+    manifest_doc,
+    manifest_key,
+    object_key,
+    parse_manifest,
+)
 from protein.data.sources import DatasetSource
 from protein.data.tables import load_competition
-from protein.errors import DataError, NotFound, PreconditionFailed, RecordError, StoreError
-from protein.storage import Store, validate_key
+from protein.errors import DataError, PreconditionFailed, RecordError, StoreError
+from protein.storage import Store
 from protein.storage.records import load_record
 
 log = logging.getLogger(__name__)
 
-DATASETS_PREFIX = "datasets"
 UPLOAD_THREADS = 8
-_MANIFEST_KEY = re.compile(rf"^{DATASETS_PREFIX}/([0-9a-f]{{16}})/{re.escape(MANIFEST)}$")
 
 
 @dataclass(frozen=True)
@@ -46,86 +62,121 @@ class PushResult:
     fingerprint: str
     files: int
     bytes: int
-    uploaded: int
+    uploaded: int  # content objects written by this push
     already_pushed: bool
+    uploaded_bytes: int = 0
 
 
 def dataset_uri(store: Store, fingerprint: str) -> str:
     return f"{store.uri.rstrip('/')}/{DATASETS_PREFIX}/{fingerprint}/"
 
 
-def _put_once(store: Store, key: str, data: bytes) -> bool:
-    """Create `key` with `data`; True if written, False if the same bytes were already there."""
+def stored_objects(store: Store) -> dict[str, int]:
+    """Every content object in the store and its size, from one listing."""
+    return {info.key: info.size for info in store.list_info(f"{OBJECTS_PREFIX}/")}
+
+
+def _entries(source: DatasetSource, names: list[str], digests: dict[str, FileDigest]) -> dict[str, ManifestEntry]:
+    """Each file's size and MD5 (the fingerprint's) and SHA-256 (its object's name). A folder's SHA-256s
+    come from the hash cache, so a re-push reads only new or changed files; every uploaded byte is
+    checked against its SHA-256 again on the way out (`_put_object`)."""
+    sha256s = source.sha256s(names)
+    # Both digests must describe the same bytes: a file rewritten between the MD5 and the SHA-256 pass
+    # shows in its identity (the hash caches' key), so the fingerprint taken again differs.
+    again = source.digests()
+    changed = sorted(name for name in names if again.get(name) != digests[name])
+    if changed:
+        raise DataError(f"{source.locate(changed[0])}: changed while being pushed ({len(changed)} file(s)); "
+                        "push again when it is stable")
+    return {name: ManifestEntry(digests[name].size, digests[name].md5, sha256s[name]) for name in names}
+
+
+def _put_object(store: Store, source: DatasetSource, name: str, entry: ManifestEntry) -> int:
+    """Create the content object for `name`; returns the bytes uploaded (0 if a concurrent push made it)."""
+    key = object_key(entry.sha256)
+    blob = source.read_bytes(name)
+    if (len(blob) != entry.size or hashlib.sha256(blob).hexdigest() != entry.sha256
+            or md5_bytes(blob) != entry.md5):
+        raise DataError(f"{source.locate(name)}: changed while being pushed; push again when it is stable")
     try:
-        store.put_bytes(key, data, if_none_match=True)
-        return True
+        store.put_bytes(key, blob, if_none_match=True)
+        return len(blob)
     except PreconditionFailed:
-        try:
-            existing = store.get_bytes(key)
-        except NotFound:  # deleted between the two calls: write it now
-            store.put_bytes(key, data, if_none_match=True)
-            return True
-        if hashlib.sha256(existing).digest() != hashlib.sha256(data).digest():
-            raise StoreError(f"{store.uri.rstrip('/')}/{key}: already holds other bytes; a pushed dataset is "
-                             "immutable (delete the incomplete push, then push again)") from None
-        return False
+        pass
+    # Someone else created it since the listing: it must hold these bytes, since its name is their hash.
+    recorded = store.recorded_sha256(key)
+    if recorded is not None and recorded[0] == entry.size and recorded[1] in (None, entry.sha256):
+        return 0
+    raise StoreError(f"{store.uri.rstrip('/')}/{key}: content object for {name} holds other bytes than its "
+                     "SHA-256 name says (corrupt); delete it, then push again")
+
+
+def _repair(store: Store, source: DatasetSource, key: str, uri: str) -> tuple[int, int]:
+    """A dataset already pushed: upload any object its manifest names that the store lacks (deleted by
+    hand, or by a gc racing the push that first relied on it). Costs the manifest and one listing."""
+    manifest = parse_manifest(load_record(store, key, DATASET_MANIFEST), f"{uri}{MANIFEST}", key.split("/")[1])
+    if not manifest.content_addressed:
+        log.info("%s is already in the store (a full copy)", uri)
+        return 0, 0
+    present = stored_objects(store)
+    todo: dict[str, str] = {}
+    for name, entry in manifest.files.items():
+        if present.get(object_key(entry.sha256)) != entry.size:
+            todo.setdefault(entry.sha256, name)
+    sizes = [_put_object(store, source, name, manifest.files[name]) for name in todo.values()]
+    if todo:
+        log.warning("%s was in the store with %d content objects missing; uploaded them again", uri, len(todo))
+    else:
+        log.info("%s is already in the store", uri)
+    return sum(1 for size in sizes if size), sum(sizes)
 
 
 def push_dataset(
     data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None
 ) -> PushResult:
-    """Upload a dataset (folder, zip or s3:// URI) to datasets/<fingerprint>/ in `store`."""
+    """Upload a dataset (folder, zip or s3:// URI) to `store` as content objects plus a format-2 manifest
+    at datasets/<fingerprint>/manifest.json; only objects the store lacks travel."""
     parsed = load_competition(data, require_test=False, cache_dir=cache_dir)  # refuse a non-dataset first
     source: DatasetSource = parsed.source
     digests = source.digests()
     fp = fingerprint_of(digests)
-    base = f"{DATASETS_PREFIX}/{fp}"
+    key = manifest_key(fp)
     uri = dataset_uri(store, fp)
     total = sum(d.size for d in digests.values())
-    if store.exists(f"{base}/{MANIFEST}"):
-        log.info("%s is already in the store", uri)
-        return PushResult(uri, fp, len(digests), total, 0, True)
+    if store.exists(key):
+        uploaded, uploaded_bytes = _repair(store, source, key, uri)
+        return PushResult(uri, fp, len(digests), total, uploaded, True, uploaded_bytes)
     names = sorted(digests)
-    for name in names:  # keys are built from file names: check them all before writing anything
-        try:
-            validate_key(f"{base}/{name}")
-        except ValueError:
+    for name in names:  # the manifest carries names: check them all before reading or writing anything
+        if not is_dataset_file_name(name):
             raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, digits, "
-                            "'.', '_', '=' or '-'); rename or remove it before pushing") from None
-    entries: dict[str, dict[str, Any]] = {}
-
-    def upload(name: str) -> bool:
-        blob = source.read_bytes(name)
-        if FileDigest(len(blob), md5_bytes(blob)) != digests[name]:
-            raise DataError(f"{source.locate(name)}: changed while being pushed; push again when it is stable")
-        entries[name] = {"size": len(blob), "md5": digests[name].md5, "sha256": hashlib.sha256(blob).hexdigest()}
-        written = _put_once(store, f"{base}/{name}", blob)
+                            "'.', '_', '=' or '-'); rename or remove it before pushing")
+    entries = _entries(source, names, digests)
+    present = stored_objects(store)
+    todo: dict[str, str] = {}  # sha256 -> one name holding those bytes (a dataset may repeat content)
+    for name in names:
+        if present.get(object_key(entries[name].sha256)) != entries[name].size:
+            todo.setdefault(entries[name].sha256, name)
+    def upload(name: str) -> int:
+        size = _put_object(store, source, name, entries[name])
         if progress:
             progress(1)
-        return written
+        return size
 
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        uploaded = sum(pool.map(upload, names))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "fingerprint": fp,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "train_images": sum(1 for n in names if n.startswith(f"{TRAIN_DIR}/")),
-        "test_images": sum(1 for n in names if n.startswith(f"{TEST_DIR}/")),
-        "train_rows": len(parsed.train_ids),
-        "test_rows": len(parsed.test_ids),
-        "bytes": total,
-        "files": {name: entries[name] for name in names},
-    }
+        sizes = list(pool.map(upload, todo.values()))
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    doc = manifest_doc(fp, entries, created, len(parsed.train_ids), len(parsed.test_ids))
     # Last, and create-only: the moment it exists the dataset is complete; two concurrent pushes of the
-    # same data both succeed (same fingerprint, same files).
+    # same data both succeed (same fingerprint, same objects).
     try:
-        store.put_bytes(f"{base}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode(),
-                        if_none_match=True)
+        store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode(), if_none_match=True)
     except PreconditionFailed:
         log.info("%s was completed by a concurrent push of the same data", uri)
-    log.info("pushed %s: %d files, %d uploaded", uri, len(names), uploaded)
-    return PushResult(uri, fp, len(names), total, uploaded, False)
+    uploaded = sum(1 for size in sizes if size)
+    log.info("pushed %s: %d files, %d objects uploaded (%d bytes), %d already stored", uri, len(names), uploaded,
+             sum(sizes), len(names) - len(todo))
+    return PushResult(uri, fp, len(names), total, uploaded, False, sum(sizes))
 
 
 def list_datasets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
@@ -135,14 +186,16 @@ def list_datasets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
     prefixes: set[str] = set()
     for key in keys:
         parts = key.split("/")
-        if len(parts) >= 3:
+        # Only dataset folders: channels/ and objects/ sit beside them.
+        if len(parts) >= 3 and FINGERPRINT.fullmatch(parts[1]):
             prefixes.add(parts[1])
-        match = _MANIFEST_KEY.match(key)
+        match = MANIFEST_KEY.match(key)
         if not match:
             continue
         try:
-            manifest = load_record(store, key, DATASET_MANIFEST)
-        except RecordError as exc:
+            manifest = parse_manifest(load_record(store, key, DATASET_MANIFEST), f"{store.uri.rstrip('/')}/{key}",
+                                      match.group(1)).doc
+        except (RecordError, DataError) as exc:
             log.warning("%s; skipped", exc)
             continue
         complete.append({
@@ -152,6 +205,7 @@ def list_datasets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
             "train_images": manifest.get("train_images"),
             "test_images": manifest.get("test_images"),
             "bytes": manifest.get("bytes"),
+            "format": manifest.get("format"),
         })
     done = {row["fingerprint"] for row in complete}
     incomplete = sorted(f"{DATASETS_PREFIX}/{p}/" for p in prefixes - done)

@@ -30,29 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from protein.cache_budget import enforce_cache_budget, touch
-from protein.data.digests import FileDigest, data_cache_dir, md5_file
-from protein.data.fingerprint import fingerprint_of
+from protein.data.digests import FileDigest, data_cache_dir, hash_file, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
+from protein.data.manifest import DATASET_MANIFEST, MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
 from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import ListedObject, S3Store
-from protein.storage.records import RecordSchema, parse_record
+from protein.storage.records import parse_record
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "protein-dataset/1"
 # A prefix named like a pushed dataset must carry its manifest: without it the push did not finish.
 PUSHED_PREFIX = re.compile(r"(?:^|/)datasets/([0-9a-f]{16})/$")
 # Single-part uploads (every image; most CSVs) have the content's MD5 as ETag.
 MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 DOWNLOAD_THREADS = 16
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-# What every reader of a manifest checks (protein.storage.records): the shape, then its own rules.
-DATASET_MANIFEST = RecordSchema(
-    "dataset manifest", required={"format": str, "fingerprint": str, "files": dict},
-    optional={"created": str, "train_images": int, "test_images": int, "train_rows": int, "test_rows": int,
-              "bytes": int}, max_bytes=MAX_MANIFEST_BYTES)
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,9 @@ class RemoteFile:
     etag: str | None  # the version the listing showed; downloads require it (If-Match)
     md5: str | None  # from a single-part ETag or the manifest
     sha256: str | None = None  # from a pushed manifest
+    # For a content object (format-2 dataset): "<dataset URI> file <name>", so a missing or corrupt
+    # object is reported against the dataset and file a person knows, with the key beside them.
+    owner: str | None = None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -146,10 +141,18 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
             except PreconditionFailed:
                 raise _changed(store.bucket, remote.key, f"changed (no longer ETag {remote.etag})") from None
             except NotFound:
+                if remote.owner is not None:
+                    raise StoreError(f"{remote.owner}: content object {_object_uri(store.bucket, remote.key)} is "
+                                     "missing from the store; nothing was cached (push the dataset again from "
+                                     "its source)") from None
                 raise _changed(store.bucket, remote.key, "was deleted") from None
             f.flush()
             os.fsync(f.fileno())
         where = _object_uri(store.bucket, remote.key)
+        if remote.owner is not None and (writer.size != remote.size or writer.sha256.hexdigest() != remote.sha256):
+            raise IntegrityError(f"{remote.owner}: content object {where} does not match its SHA-256 "
+                                 f"({writer.size:,} bytes read, {remote.size:,} expected); nothing was cached "
+                                 "(push the dataset again from its source)")
         if writer.size != remote.size:
             raise _changed(store.bucket, remote.key,
                            f"changed size ({remote.size:,} bytes listed, {writer.size:,} read)")
@@ -264,28 +267,28 @@ class S3Source(DatasetSource):
         if info.size > MAX_MANIFEST_BYTES:
             raise DataError(f"{where}: {info.size:,} bytes, larger than any dataset manifest")
         path = fetch_object(self._s3(), info, self.cache_root / "manifests", ".json")
-        manifest = parse_record(path.read_bytes(), DATASET_MANIFEST, where)
-        try:
-            entries = manifest["files"]
-            digests = {name: FileDigest(int(e["size"]), str(e["md5"])) for name, e in entries.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{where}: not a dataset manifest ({type(exc).__name__}: {exc})") from None
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"{where}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        actual = fingerprint_of(digests)
         named = PUSHED_PREFIX.search(self.prefix)
-        if manifest.get("fingerprint") != actual or (named and named.group(1) != actual):
-            raise DataError(f"{where}: its files have fingerprint {actual}, but it claims "
-                            f"{manifest.get('fingerprint')!r}{f' under datasets/{named.group(1)}/' if named else ''}")
+        manifest = parse_manifest(parse_record(path.read_bytes(), DATASET_MANIFEST, where), where,
+                                  named.group(1) if named else None)
         files: dict[str, RemoteFile] = {}
-        for name, entry in entries.items():
+        if manifest.content_addressed:
+            # The objects sit beside the datasets/ folder this one is in; nothing is listed for them (a
+            # missing one is reported when it is read, naming this dataset, the file and the key).
+            if named is None:
+                raise DataError(f"{where}: a content-addressed manifest must sit at datasets/<fingerprint>/")
+            root = self.prefix[: len(self.prefix) - len(f"datasets/{manifest.fingerprint}/")]
+            for name, key in manifest.object_keys().items():
+                entry = manifest.files[name]
+                files[name] = RemoteFile(root + key, entry.size, None, entry.md5, entry.sha256,
+                                         owner=f"{self.description} file {name}")
+            return files, manifest.doc
+        for name, entry in manifest.files.items():
             listed_object = listed.get(name)
-            if listed_object is None or listed_object.size != int(entry["size"]):
+            if listed_object is None or listed_object.size != entry.size:
                 raise StoreError(f"{self.uri}{name}: listed in {MANIFEST} but missing from the store "
                                  "or of another size")
-            files[name] = RemoteFile(listed_object.key, int(entry["size"]), listed_object.etag, str(entry["md5"]),
-                                     str(entry["sha256"]))
-        return files, manifest
+            files[name] = RemoteFile(listed_object.key, entry.size, listed_object.etag, entry.md5, entry.sha256)
+        return files, manifest.doc
 
     # --- DatasetSource ---
     def __getstate__(self) -> dict:
@@ -301,7 +304,9 @@ class S3Source(DatasetSource):
 
     def locate(self, relpath: str) -> str:
         remote = self.files.get(relpath)
-        return _object_uri(self.bucket, remote.key) if remote else f"{self.uri}{relpath}"
+        if remote is None or remote.owner is not None:  # a content object's key means nothing to a person
+            return f"{self.uri}{relpath}"
+        return _object_uri(self.bucket, remote.key)
 
     def exists(self, relpath: str) -> bool:
         return relpath in self.files
@@ -369,6 +374,11 @@ class S3Source(DatasetSource):
                         raise
         enforce_cache_budget(self.cache_root.parent)
         return len(todo)
+
+    def sha256s(self, names: list[str]) -> dict[str, str]:
+        # A pushed dataset's manifest already says; other objects are fetched (once) and hashed.
+        self.fetch([n for n in names if self._remote(n).sha256 is None])
+        return {n: self._remote(n).sha256 or hash_file(self.local_path(self._remote(n)), "sha256")[1] for n in names}
 
     def digests(self) -> dict[str, FileDigest]:
         # ETags (single-part) and manifests give each file's MD5 without a download; only objects

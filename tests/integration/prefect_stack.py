@@ -125,6 +125,20 @@ class Stack:
         return subprocess.run([sys.executable, "-c", code], env=self.env, cwd=REPO, capture_output=True,
                               text=True, timeout=timeout_s)
 
+    def without_champion(self) -> None:
+        """Delete the store's champion pointer, as a test's own set-up: the stack is shared, another
+        test may have promoted already (in whatever order they run), and a test that asserts a first
+        promotion must start from a store without a champion."""
+        import boto3
+
+        from protein.registry.records import CHAMPION_KEY
+
+        bucket, _, prefix = self.store.removeprefix("s3://").partition("/")
+        boto3.session.Session(aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1") \
+            .client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"]).delete_object(
+                Bucket=bucket, Key=f"{prefix}/{CHAMPION_KEY}")
+
     def wait_final(self, flow_run_id: Any, timeout_s: float = RUN_TIMEOUT_S) -> Any:
         deadline = time.monotonic() + timeout_s
         with self.client() as client:

@@ -10,9 +10,12 @@ import time
 import boto3
 import pytest
 
+from bench.dataset_push import push_full_copy
 from protein.cache_budget import cache_entries
 from protein.cli import main as protein_main
 from protein.data import data_cache_dir, fingerprint, load_competition, open_dataset
+from protein.data.dataset_gc import apply_objects_gc, plan_objects_gc
+from protein.data.manifest import object_key
 from protein.data.push import list_datasets, push_dataset
 from protein.data.s3 import fetch_object
 from protein.errors import DataError, IntegrityError, StoreError
@@ -173,11 +176,13 @@ def test_push_list_and_read_back(kaggle, s3_bucket, bucket, tmp_path, capsys):
     assert pushed["fingerprint"] == local_fp and pushed["uri"] == f"{s3_bucket}/datasets/{local_fp}/"
     assert pushed["files"] == 2 + len(LABELS) + len(TEST_IDS) and not pushed["already_pushed"]
 
-    # Canonical flat layout; create-only; the manifest lists every file with size, MD5 and SHA-256.
-    keys = open_store(s3_bucket).list(f"datasets/{local_fp}/")
-    assert f"datasets/{local_fp}/sample_submission.csv" in keys and f"datasets/{local_fp}/manifest.json" in keys
-    manifest = json.loads(open_store(s3_bucket).get_bytes(f"datasets/{local_fp}/manifest.json"))
+    # Only the manifest under datasets/<fp>/: it maps each canonical name to a content object by SHA-256.
+    store = open_store(s3_bucket)
+    assert store.list(f"datasets/{local_fp}/") == [f"datasets/{local_fp}/manifest.json"]
+    manifest = json.loads(store.get_bytes(f"datasets/{local_fp}/manifest.json"))
+    assert manifest["format"] == "protein-dataset/2" and "sample_submission.csv" in manifest["files"]
     assert set(manifest["files"]["train/1.png"]) == {"size", "md5", "sha256"}
+    assert object_key(manifest["files"]["train/1.png"]["sha256"]) in store.list("datasets/objects/")
 
     back = load_competition(pushed["uri"])
     assert fingerprint(back.source) == local_fp and back.test_ids == TEST_IDS
@@ -197,27 +202,94 @@ def test_push_list_and_read_back(kaggle, s3_bucket, bucket, tmp_path, capsys):
     assert [(r["fingerprint"], r["train_images"], r["test_images"]) for r in rows] == [(local_fp, 4, 3)]
 
 
-def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket, tmp_path):
+def test_an_incomplete_or_tampered_push_is_not_trusted(kaggle, s3_bucket, bucket, tmp_path, capsys):
     store = open_store(s3_bucket)
     result = push_dataset(str(kaggle), store)
-    prefix = f"{s3_bucket.removeprefix('s3://' + bucket + '/')}/datasets/{result.fingerprint}/"
+    manifest = json.loads(store.get_bytes(f"datasets/{result.fingerprint}/manifest.json"))
+    key = object_key(manifest["files"]["train/4.png"]["sha256"])
+    object_uri = f"s3://{bucket}/prefix/{key}"
 
-    # Another image where a pushed one was: the listing's size or the manifest's SHA-256 catches it.
-    write_png(tmp_path / "evil.png", seed=66)
-    boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, prefix + "train/4.png")
-    source = open_dataset(result.uri)
-    with pytest.raises((IntegrityError, StoreError), match="train/4.png"):
-        source.read_bytes("train/4.png")
+    # Other bytes of the same size under the object's name: the SHA-256 check on download names dataset,
+    # file and key.
+    size = manifest["files"]["train/4.png"]["size"]
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"prefix/{key}", Body=bytes(size))
+    with pytest.raises(IntegrityError, match=rf"{result.uri.rstrip('/')} file train/4.png: content object "
+                                             rf"{object_uri} does not match its SHA-256"):
+        open_dataset(result.uri).read_bytes("train/4.png")
+    # A re-push lists the object under the right name with the wrong size, and refuses to trust it.
+    write_png(tmp_path / "evil.png", size=40, seed=66)
+    boto3.client("s3").upload_file(str(tmp_path / "evil.png"), bucket, f"prefix/{key}")
+    with pytest.raises(StoreError, match=rf"{key}: content object for train/4.png holds other bytes"):
+        push_dataset(str(kaggle), store)
+
+    # A missing object: one line, exit 3, nothing cached; pushing the same data again repairs it.
+    store.delete(key)
+    assert protein_main(["validate", "--data", result.uri]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"protein validate: error: {result.uri.rstrip('/')} file train/4.png: content object "
+                   f"{object_uri} is missing from the store; nothing was cached (push the dataset again from "
+                   "its source)"]
+    assert push_dataset(str(kaggle), store).uploaded == 1
+    original = (kaggle / "Human protein atlas/train/4.png").read_bytes()
+    assert open_dataset(result.uri).read_bytes("train/4.png") == original
 
     # Without its manifest (a push that died before the end) the dataset is invisible and refused.
-    boto3.client("s3").delete_object(Bucket=bucket, Key=prefix + "manifest.json")
+    store.delete(f"datasets/{result.fingerprint}/manifest.json")
+    store.put_bytes(f"datasets/{result.fingerprint}/train.csv", b"a dead full-copy push")
     with pytest.raises(DataError, match=r"incomplete dataset push \(no manifest.json\)"):
         open_dataset(result.uri)
     rows, incomplete = list_datasets(store)
     assert rows == [] and incomplete == [f"datasets/{result.fingerprint}/"]
-    # Pushing again refuses to overwrite the tampered object (immutability), naming it.
-    with pytest.raises(StoreError, match=r"train/4.png: already holds other bytes"):
-        push_dataset(str(kaggle), store)
+
+
+def test_a_grown_dataset_uploads_only_what_changed_and_old_full_copies_still_open(kaggle, s3_bucket, tmp_path,
+                                                                                   cache):
+    import numpy as np
+
+    from protein.cache import ImageCache
+
+    store = open_store(s3_bucket)
+    first = push_dataset(str(kaggle), store)
+    root = kaggle / "Human protein atlas"
+    with open(root / "train.csv", "a") as f:
+        f.write("5,2\n6,3\n")
+    write_png(root / "train" / "5.png", seed=77)
+    write_png(root / "train" / "6.png", seed=78)
+    second = push_dataset(str(kaggle), store)
+    assert second.uploaded == 3 and second.files == first.files + 2  # two images and train.csv
+    back = load_competition(second.uri)
+    assert fingerprint(back.source) == second.fingerprint == fingerprint(open_dataset(kaggle))
+    assert back.source.locate("train/5.png") == f"{second.uri}train/5.png"
+    decoded = ImageCache(tmp_path / "decoded").build(back, "train", 16)
+    local = ImageCache(tmp_path / "decoded-local").build(load_competition(str(kaggle)), "train", 16)
+    assert np.array_equal(np.asarray(decoded), np.asarray(local))
+
+    # A dataset pushed before content addressing (format 1, a full copy) opens as it did.
+    old_store = open_store(s3_bucket + "-v1")
+    fp = push_full_copy(str(kaggle), old_store)
+    assert f"datasets/{fp}/train/5.png" in old_store.list(f"datasets/{fp}/")
+    old = load_competition(f"{s3_bucket}-v1/datasets/{fp}/")
+    assert fingerprint(old.source) == fp and old.source.read_bytes("train/6.png") == (root / "train/6.png").read_bytes()
+    assert push_dataset(str(kaggle), old_store).already_pushed
+
+
+def test_gc_on_s3_keeps_named_objects_and_deletes_old_orphans(kaggle, s3_bucket, capsys):
+    store = open_store(s3_bucket)
+    pushed = push_dataset(str(kaggle), store)
+    named = set(store.list("datasets/objects/"))
+    orphan = object_key("c" * 64)
+    store.put_bytes(orphan, b"left by a push that died")
+    # Every object is younger than a day: the guard keeps the orphan (it may belong to a push in flight).
+    assert protein_main(["datasets", "gc", "--store", s3_bucket]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["deleted"], out["kept_young_orphans"], out["named_objects"]) == (0, 1, len(named))
+    # Seen from two days on, every object is old: only the orphan goes.
+    plan = plan_objects_gc(store, min_age_s=86400, now=time.time() + 2 * 86400)
+    assert plan.orphans == [orphan]
+    assert apply_objects_gc(store, plan) == 1
+    assert set(store.list("datasets/objects/")) == named
+    source = open_dataset(pushed.uri)
+    assert all(source.read_bytes(n) for n in source.fingerprint_files())
 
 
 def test_a_dataset_in_a_local_store_is_a_plain_folder(tmp_path):

@@ -53,8 +53,9 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
 ) -> None:
     stack = prefect_stack
     # The stack is shared with the UI test, which may have promoted a model already (in whatever
-    # order the two run): the summary must name the champion there was when this run started.
-    before = champion_now(stack, monkeypatch)
+    # order the two run): this test asserts a first promotion, so it starts without a champion.
+    stack.without_champion()
+    assert champion_now(stack, monkeypatch) is None
     # The user's command: upload the dataset to the store; it emits protein.dataset.pushed.
     pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(stack.dataset),
                              "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
@@ -81,7 +82,7 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     assert {"train_loss", "holdout_f1_samples", "images_per_s"} <= set(history[0])
     assert "# Gate: PROMOTE" in artifacts["gate-decision"].data, artifacts["gate-decision"].data
     summary = artifacts["retrain-summary"].data
-    assert f"- data: `{uri}`" in summary and f"champion before: `{before or 'none'}`" in summary
+    assert f"- data: `{uri}`" in summary and "champion before: `none`" in summary
     assert f"{stack.store}/submissions/" in summary, summary
     for key, artifact in artifacts.items():  # durable URIs only; nothing that expires or grants access
         text = json.dumps(artifact.data) + str(artifact.description)

@@ -76,13 +76,14 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
 
 def test_policy_documents_give_each_role_only_its_part() -> None:
     root = "arn:aws:s3:::ml-models/protein/"
-    # Only the operator deletes data, and never the champion pointer, submissions, datasets or records; the
-    # trainer may remove only its own conditional-write probe (a scratch object under probes/).
+    # Only the operator deletes data, and never the champion pointer, submissions, dataset manifests or records
+    # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
+    # conditional-write probe (a scratch object under probes/).
     for role in ("orchestrator", "publisher"):
         assert grants(role, "s3:DeleteObject") == [], role
     assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
     assert sorted(grants("operator", "s3:DeleteObject")) == [
-        root + p for p in ("cache/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
+        root + p for p in ("cache/*", "datasets/objects/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}

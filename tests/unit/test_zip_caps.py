@@ -125,14 +125,18 @@ def test_members_within_the_cap_are_read_and_fingerprinted_by_streaming(tmp_path
 
 
 def test_a_broken_dataset_manifest_is_one_line_and_list_goes_on(tmp_path, caplog):
+    from protein.data.digests import FileDigest
+    from protein.data.fingerprint import fingerprint_of
     from protein.data.push import list_datasets
     from protein.storage import open_store
 
     store = open_store(str(tmp_path / "store"))
-    good = {"format": "protein-dataset/1", "fingerprint": "a" * 16, "files": {}, "created": "2026-01-01"}
-    store.put_bytes(f"datasets/{'a' * 16}/manifest.json", json.dumps(good).encode())
+    entry = {"size": 3, "md5": "0" * 32, "sha256": "1" * 64}
+    fp = fingerprint_of({"train.csv": FileDigest(3, "0" * 32)})
+    good = {"format": "protein-dataset/1", "fingerprint": fp, "files": {"train.csv": entry}, "created": "2026-01-01"}
+    store.put_bytes(f"datasets/{fp}/manifest.json", json.dumps(good).encode())
     store.put_bytes(f"datasets/{'b' * 16}/manifest.json", b"[]")
     rows, incomplete = list_datasets(store)
-    assert [row["fingerprint"] for row in rows] == ["a" * 16] and incomplete == ["datasets/" + "b" * 16 + "/"]
+    assert [row["fingerprint"] for row in rows] == [fp] and incomplete == ["datasets/" + "b" * 16 + "/"]
     assert f"datasets/{'b' * 16}/manifest.json: not a dataset manifest: expected a JSON object, found a list" \
         in caplog.text
