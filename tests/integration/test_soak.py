@@ -279,8 +279,7 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
 
 
 def disk_bytes(paths: list[Path]) -> int:
-    return sum(f.stat().st_size for root in paths if root.exists() for f in root.rglob("*")
-               if f.is_file() and not f.is_symlink())
+    return sum(f.lstat().st_size for root in paths if root.exists() for f in root.rglob("*") if f.is_file())
 
 
 def all_flow_runs(soak: Soak) -> list[Any]:
@@ -296,24 +295,26 @@ def alerts_about(soak: Soak, run_id: Any) -> int:
 
 
 def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: list[Any]) -> tuple[list[str], int]:
-    """Every invariant of the month, read from the store and the API alone; (violations, versions)."""
+    """Every invariant of the month, read from the store and the API alone; (violations, versions).
+    A check that raises is a violation naming it: the other checks still run."""
+    from protein.cache_budget import max_cache_bytes
     from protein.data.channels import read_channel
+    from protein.errors import NotFound
     from protein.registry import Registry
     from protein.storage import open_store
-    from protein.storage.base import NotFound
 
     store = open_store(soak.stack.store)
     registry = Registry(store)
-    violations: list[str] = []
     specs = registry.specs(registry.versions())
-    violations += [f"version {v} unreadable: {s}" for v, s in specs.items() if isinstance(s, Exception)]
     good = {v: s for v, s in specs.items() if not isinstance(s, Exception)}
     trained = {s["data_fingerprint"] for s in good.values()}
     runs = all_flow_runs(soak)
     retrains = {str(r.id): r for r in runs if r.parameters.get("data") == "channel:latest"}
+    history = read_channel(store, "latest").history
+    state = registry.champion()
 
-    def failed_validation_alerted(event_id: str) -> bool:
-        return any(r.parameters.get("trigger_event", "").endswith(event_id) and r.state.is_failed()
+    def refused_with_one_alert(event_id: str) -> bool:
+        return any((r.parameters.get("trigger_event") or "").endswith(event_id) and r.state.is_failed()
                    and (r.state.message or "").startswith("data failed validation") and alerts_about(soak, r.id) == 1
                    for r in retrains.values())
 
@@ -323,57 +324,68 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: 
         except NotFound:
             return False
 
-    history = read_channel(store, "latest").history
-    for entry in history:
-        newer_trained = any(e.sequence > entry.sequence and e.fingerprint in trained for e in history)
-        if not (entry.fingerprint in trained or newer_trained or failed_validation_alerted(entry.event_id)):
-            violations.append(f"push #{entry.sequence} ({entry.fingerprint[:12]}) lost: not trained, superseded "
-                              "by a trained push, or refused with an alert")
-    [invalid] = [p for p in plan.pushes if p.kind == "invalid"]
-    if not failed_validation_alerted(pushes[invalid.index]["event_id"]):
-        violations.append(f"the invalid push #{pushes[invalid.index]['sequence']} was not refused with one alert")
+    def pushes_accounted() -> Iterator[str]:
+        yield from (f"version {v} unreadable: {s}" for v, s in specs.items() if isinstance(s, Exception))
+        for entry in history:
+            newer_trained = any(e.sequence > entry.sequence and e.fingerprint in trained for e in history)
+            if not (entry.fingerprint in trained or newer_trained or refused_with_one_alert(entry.event_id)):
+                yield (f"push #{entry.sequence} ({entry.fingerprint[:12]}) lost: not trained, not superseded by a "
+                       "trained push, not refused with an alert")
+        for push_ in (p for p in plan.pushes if p.kind == "invalid"):
+            if not refused_with_one_alert(pushes[push_.index]["event_id"]):
+                yield f"the invalid push #{pushes[push_.index]['sequence']} was not refused with one alert"
 
-    state = registry.champion()
-    newest_valid = next((e for e in reversed(history) if valid(e.fingerprint)), None)
-    champion_data = good.get(state.champion or "", {}).get("data_fingerprint")
-    if newest_valid is None or champion_data != newest_valid.fingerprint:
-        violations.append(f"champion {state.champion} trained on {champion_data}, not on the newest valid push "
-                          f"{newest_valid}")
+    def champion_on_newest_valid_push() -> Iterator[str]:
+        newest_valid = next((e for e in reversed(history) if valid(e.fingerprint)), None)
+        champion_data = good.get(state.champion or "", {}).get("data_fingerprint")
+        if newest_valid is None or champion_data != newest_valid.fingerprint:
+            yield f"champion {state.champion} trained on {champion_data}, not on the newest valid push {newest_valid}"
 
-    promotions = [(str(e["at"]), e["model_id"]) for e in state.history]
-    for nightly in (retrains[str(n.id)] for n in nightlies):
-        for version, spec in good.items():
-            if not str(spec.get("run_id", "")).endswith(f"-{str(nightly.id)[:8]}"):
-                continue
-            began = nightly.start_time.isoformat()
-            before = [model for at, model in promotions if at < began]
-            if before and before[-1] and good.get(before[-1], {}).get("data_fingerprint") == spec["data_fingerprint"]:
-                violations.append(f"nightly {nightly.name} trained {version} on the data of champion {before[-1]}")
+    def no_nightly_retrained_the_champions_data() -> Iterator[str]:
+        promotions = [(dt.datetime.fromisoformat(str(e["at"])), e["model_id"]) for e in state.history]
+        for nightly in (retrains[str(n.id)] for n in nightlies):
+            for version, spec in good.items():
+                if str(spec.get("run_id", "")).endswith(f"-{str(nightly.id)[:8]}"):
+                    before = [model for at, model in promotions if at < nightly.start_time]
+                    if before and good.get(before[-1], {}).get("data_fingerprint") == spec["data_fingerprint"]:
+                        yield f"nightly {nightly.name} trained {version} on the data of champion {before[-1]}"
 
-    run_ids = [s.get("run_id") for s in good.values()]
-    violations += [f"training run {r} registered {run_ids.count(r)} versions" for r in set(run_ids)
-                   if run_ids.count(r) != 1]
-    violations += [f"left unfinished: {u}" for u in left_unfinished(soak.stack)]
-    violations += [f"run {r.name} not final: {r.state_type.value}" for r in runs if not r.state.is_final()]
+    def one_version_per_training_run() -> Iterator[str]:
+        run_ids = [s.get("run_id") for s in good.values()]
+        yield from (f"training run {r} registered {run_ids.count(r)} versions" for r in set(run_ids)
+                    if run_ids.count(r) != 1)
 
-    failures = [r for r in runs if r.state.type.value in ("FAILED", "CRASHED")
-                or (r.state.type.value == "CANCELLED" and str(r.id) in retrains and r.created_by is not None
-                    and r.created_by.type == "AUTOMATION")]
-    deadline = time.monotonic() + ALERT_WAIT_S
-    while any(alerts_about(soak, r.id) == 0 for r in failures) and time.monotonic() < deadline:
-        time.sleep(2)
-    time.sleep(5)  # a duplicate would come right behind the first
-    violations += [f"{r.name} ended {r.state.name} ({r.state.message}): {alerts_about(soak, r.id)} alerts"
-                   for r in failures if alerts_about(soak, r.id) != 1]
+    def nothing_left_running() -> Iterator[str]:
+        yield from (f"left unfinished: {u}" for u in left_unfinished(soak.stack))
+        yield from (f"run {r.name} not final: {r.state_type.value}" for r in runs if not r.state.is_final())
 
-    from protein.cache_budget import max_cache_bytes
+    def each_failure_alerted_once() -> Iterator[str]:
+        failures = [r for r in runs if r.state.type.value in ("FAILED", "CRASHED")
+                    or (r.state.type.value == "CANCELLED" and str(r.id) in retrains and r.created_by is not None
+                        and r.created_by.type == "AUTOMATION")]
+        deadline = time.monotonic() + ALERT_WAIT_S
+        while any(alerts_about(soak, r.id) == 0 for r in failures) and time.monotonic() < deadline:
+            time.sleep(2)
+        time.sleep(5)  # a duplicate would come right behind the first
+        yield from (f"{r.name} ended {r.state.name} ({r.state.message}): {alerts_about(soak, r.id)} alerts"
+                    for r in failures if alerts_about(soak, r.id) != 1)
 
-    for root in soak.host_roots():
-        left = [p.name for p in (root / "tmp").iterdir()] if (root / "tmp").exists() else []
-        if left:
-            violations.append(f"{root.name}'s temp folder holds {left}")
-        if (used := disk_bytes([root / "cache"])) > max_cache_bytes():
-            violations.append(f"{root.name}'s cache holds {used} bytes, over its bound {max_cache_bytes()}")
+    def hosts_clean_and_caches_bounded() -> Iterator[str]:
+        for root in soak.host_roots():
+            left = sorted(p.name for p in (root / "tmp").iterdir()) if (root / "tmp").exists() else []
+            if left:
+                yield f"{root.name}'s temp folder holds {left}"
+            if (used := disk_bytes([root / "cache"])) > max_cache_bytes():
+                yield f"{root.name}'s cache holds {used} bytes, over its bound {max_cache_bytes()}"
+
+    violations: list[str] = []
+    for check in (pushes_accounted, champion_on_newest_valid_push, no_nightly_retrained_the_champions_data,
+                  one_version_per_training_run, nothing_left_running, each_failure_alerted_once,
+                  hosts_clean_and_caches_bounded):
+        try:
+            violations += list(check())
+        except Exception as exc:  # a broken check is reported, never mistaken for a clean month
+            violations.append(f"check {check.__name__} raised {exc!r}")
     return violations, len(good)
 
 
@@ -395,6 +407,7 @@ def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, mon
     except BaseException:
         print(f"soak failed: SOAK_SEED={plan.seed} PROTEIN_SOAK_NIGHTS={plan.nights}; faults so far: {soak.faults}")
         raise
+    print("\n".join(violations))
     disk_end = disk_bytes([p / sub for p in soak.host_roots() for sub in ("cache", "tmp")])
     print(f"soak tally: seed {plan.seed}, {len(nightlies)} nightly + {len(push_runs)} push runs, {len(pushes)} pushes, "
           f"{len(soak.faults)} faults, {versions} versions, {len(violations)} violations, host disk "
