@@ -60,6 +60,10 @@ TEST_IDS = ["900", "901", "902"]
 SOAK_GATE = {"min_score": 0.0, "min_gain": -1.0, "max_class_drop": 1.0, "min_rows": 1}
 KINDS = ["new"] * 6 + ["same", "invalid"]
 FAULTS = ["sigkill", "sigkill", "restart", "api-restart"]
+# In a host's temp folder: torch's own compile cache (not the project's), and the workspace Prefect
+# makes for each flow run (with the pull step's clone beside it), removed when the run ends.
+TORCH_TEMP = "torchinductor_"
+RUN_WORKSPACE = "prefect-workspace-attempt-"
 FINAL_WAIT_S = 900.0
 ALERT_WAIT_S = 90.0
 
@@ -126,6 +130,8 @@ class Soak:
     services: list[Service]  # the `services` fixture's list: GPU workers, stopped at the end
     gpu: list[GpuHost] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)  # applied, with where
+    killed: set[Path] = field(default_factory=set)  # roots of the hosts whose processes the soak SIGKILLed
+    debris: list[Path] = field(default_factory=list)  # left in the temp folders of killed hosts
 
     def start_gpu_host(self, name: str, root: Path) -> GpuHost:
         env = host_env(self.stack.env, root, {"PROTEIN_ALLOW_CPU": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"})
@@ -232,6 +238,7 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
         return
     [host] = [h for h in soak.gpu if h.name == train.labels.get(WORKER_NAME_LABEL) and h.service.alive()]
     host.service.kill(host.root)  # the worker and the flow-run processes of that host, at once
+    soak.killed.add(host.root)
     soak.gpu.remove(host)
     if fault == "restart":  # systemd brings the unit back: a new process, the same name and host
         soak.start_gpu_host(host.name, host.root)
@@ -279,7 +286,8 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
 
 
 def disk_bytes(paths: list[Path]) -> int:
-    return sum(f.lstat().st_size for root in paths if root.exists() for f in root.rglob("*") if f.is_file())
+    return sum(f.lstat().st_size for root in paths if root.exists() for f in [root, *root.rglob("*")]
+               if f.is_file() and not f.is_symlink())
 
 
 def all_flow_runs(soak: Soak) -> list[Any]:
@@ -371,12 +379,20 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: 
                     for r in failures if alerts_about(soak, r.id) != 1)
 
     def hosts_clean_and_caches_bounded() -> Iterator[str]:
+        workspaces = 0
         for root in soak.host_roots():
-            left = sorted(p.name for p in (root / "tmp").iterdir()) if (root / "tmp").exists() else []
-            if left:
-                yield f"{root.name}'s temp folder holds {left}"
+            left = [p for p in (root / "tmp").iterdir() if not p.name.startswith(TORCH_TEMP)] \
+                if (root / "tmp").exists() else []
+            if root in soak.killed:  # what the killed flow runs left: counted, bounded below
+                soak.debris += left
+                workspaces += sum(1 for p in left if p.name.startswith(RUN_WORKSPACE))
+            elif left:
+                yield f"{root.name}'s temp folder holds {sorted(p.name for p in left)}"
             if (used := disk_bytes([root / "cache"])) > max_cache_bytes():
                 yield f"{root.name}'s cache holds {used} bytes, over its bound {max_cache_bytes()}"
+        kills = sum(1 for f in soak.faults if f.startswith(("sigkill", "restart")))
+        if workspaces > kills:  # one flow run dies with each kill: more workspaces left is a leak
+            yield f"{workspaces} run workspaces left on killed hosts after {kills} kills: {soak.debris}"
 
     violations: list[str] = []
     for check in (pushes_accounted, champion_on_newest_valid_push, no_nightly_retrained_the_champions_data,
@@ -411,7 +427,8 @@ def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, mon
     disk_end = disk_bytes([p / sub for p in soak.host_roots() for sub in ("cache", "tmp")])
     print(f"soak tally: seed {plan.seed}, {len(nightlies)} nightly + {len(push_runs)} push runs, {len(pushes)} pushes, "
           f"{len(soak.faults)} faults, {versions} versions, {len(violations)} violations, host disk "
-          f"{disk_start / 1e6:.1f} MB at start, {disk_end / 1e6:.1f} MB at end, {time.monotonic() - started:.0f} s")
+          f"{disk_start / 1e6:.1f} MB at start, {disk_end / 1e6:.1f} MB at end (of which left by killed runs "
+          f"{disk_bytes(soak.debris) / 1e6:.1f} MB), {time.monotonic() - started:.0f} s")
     print("faults: " + "; ".join(soak.faults))
     assert len(soak.faults) == len(FAULTS) + 1, soak.faults
     assert not violations, f"SOAK_SEED={plan.seed}: " + "\n".join(violations)
