@@ -194,7 +194,9 @@ def run_of(soak: Soak, pushed: dict[str, Any]) -> Any:
 
 def schedule_nightly(soak: Soak, night: int) -> Any:
     """A nightly run as the scheduler creates one: Scheduled for its time, the schedule's parameters,
-    its idempotency key and tag. The calendar is compressed: night n is due now."""
+    its idempotency key and tag. The calendar is compressed: night n is due now. Only the server's
+    `auto_scheduled` flag differs (the scheduler alone sets it), so these runs take the gate of the
+    API's parameters, which the fixture sets to the definition's, SOAK_GATE."""
     from prefect.states import Scheduled
 
     with soak.stack.client() as client:
