@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run check test lint bench bench-gpu clean venv browser stack lock
+.PHONY: run check test soak lint bench bench-gpu clean venv browser stack lock
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ check: $(STAMP) browser
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The soak test over a 90-night calendar instead of make test's 30 (docs/reliability.md); SOAK_SEED=N
+# replays a calendar.
+soak: $(STAMP) stack
+	PROTEIN_SOAK_NIGHTS=90 $(PY) -m pytest -q -s -p no:randomly tests/integration/test_soak.py
 
 # The UI test drives Debian's chromium through Playwright (never `playwright install`).
 browser:

@@ -20,16 +20,16 @@ def write_png(path: Path, size: int = 32, seed: int = 0, mode: str = "RGB") -> N
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
 
 
-def write_dataset(root: Path, labels: dict[str, str], test_ids: list[str], size: int = 32) -> Path:
-    """A competition-layout folder with random images."""
+def write_dataset(root: Path, labels: dict[str, str], test_ids: list[str], size: int = 32, seed: int = 0) -> Path:
+    """A competition-layout folder with random images; datasets of different ``seed`` share no image."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["Image,Label"] + [f"{k},{v}" for k, v in labels.items()]
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     (root / "sample_submission.csv").write_text("\n".join(["Image,Label"] + [f"{t},0" for t in test_ids]) + "\n")
     for i, image_id in enumerate(labels):
-        write_png(root / "train" / f"{image_id}.png", size, seed=i)
+        write_png(root / "train" / f"{image_id}.png", size, seed=seed * 100_000 + i)
     for i, image_id in enumerate(test_ids):
-        write_png(root / "test" / f"{image_id}.png", size, seed=1000 + i)
+        write_png(root / "test" / f"{image_id}.png", size, seed=seed * 100_000 + 1000 + i)
     return root
 
 

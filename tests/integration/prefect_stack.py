@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 from deployments.ha_stack import HAPrefect, Postgres, start_ha_prefect, stop_ha_prefect
 from tests.conftest import MotoServer
 from tests.helpers import REPO, write_dataset
+from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import (
     Service,
     deploy_from_fresh_clone,
@@ -50,12 +51,11 @@ TINY_NIGHTLY = {
 }
 
 
-def lenient_definition() -> str:
+def lenient_definition(gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"]) -> str:
     text = (REPO / "deployments" / "prefect.yaml").read_text()
     anchor = "      skip_if_unchanged: false\n    concurrency_limit: *one_at_a_time\n"
     assert anchor in text, "deployments/prefect.yaml changed: update lenient_definition()"
-    gate = json.dumps(TINY_NIGHTLY["gate_config"])
-    return text.replace(anchor, f"      gate_config: {gate}\n{anchor}", 1)
+    return text.replace(anchor, f"      gate_config: {json.dumps(dict(gate))}\n{anchor}", 1)
 
 
 class Receiver:
@@ -215,7 +215,10 @@ class Stack:
             return response.json()["events"]
 
 
-def start_stack(tmp: Path, s3: MotoServer, pg: Postgres) -> Stack:
+def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
+                gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"]) -> Stack:
+    """``s3``: the S3 endpoint every process uses (a FaultProxy in front of the server, to take it
+    down); ``gate``: the gate of the definition in git, which scheduled and triggered runs take."""
     import boto3
 
     aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -249,7 +252,7 @@ def start_stack(tmp: Path, s3: MotoServer, pg: Postgres) -> Stack:
         # Runs the deployment trigger starts take the gate of the definition in git, not of the API
         # (docs/security.md), so the commit the worker clones carries the tests' lenient gate.
         # The wrapper also applies the automations, with the webhook on the receiver.
-        remote, _ = git_remote_of_worktree(tmp, {"deployments/prefect.yaml": lenient_definition()})
+        remote, _ = git_remote_of_worktree(tmp, {"deployments/prefect.yaml": lenient_definition(gate)})
         deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": stack.receiver.url,
                                             "PROTEIN_ZOMBIE_AFTER_S": str(TEST_ZOMBIE_AFTER_S)}, remote, tmp)
         assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
