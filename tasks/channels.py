@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.data.channels import channel_of, read_channel, resolve_data
 from protein.errors import DataError
+from protein.validation.reference import refused_by_validation
 from tasks.retry import retry_transient
 
 
@@ -20,7 +21,7 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None) 
     ``trigger_sequence``: the channel push whose event started this run, when it is on the channel.
     A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line."""
     try:
-        resolved = resolve_data(data, store)
+        resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
     except DataError as exc:
         return {"problem": str(exc)}
     result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
@@ -172,23 +173,39 @@ class ResolvedData:
     channel: str | None = None
     sequence: int | None = None
     event_id: str | None = None
+    passed_over: list[int] = field(default_factory=list)  # newer pushes skipped: refused by validation
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def resolve_data(data: str, store_uri: str) -> ResolvedData:
-    """``data`` as a run uses it: a channel's head (DataError when the channel has no push), or
-    the dataset named directly, unchanged."""
+def resolve_data(data: str, store_uri: str, refused: Callable[[Store, str], bool] | None = None,
+                 own_event_id: str | None = None) -> ResolvedData:
+    """``data`` as a run uses it: a channel's newest push that validation has not refused
+    (``refused(store, fingerprint)``; DataError when the channel has no push, or none but refused
+    ones), or the dataset named directly, unchanged. The push whose event started the run
+    (``own_event_id``) is never passed over: that run validates it itself.
+
+    Without passing over refused pushes, one invalid push made every nightly after it validate the
+    same bad data again, fail and alert, until someone pushed again (found by the soak test)."""
     ref = parse_channel_ref(data)
     if ref is None:
         return ResolvedData(data.strip(), None)
     store = open_store(ref.store or store_uri)
-    head = read_channel(store, ref.name).head
-    if head is None:
+    history = read_channel(store, ref.name).history
+    if not history:
         raise DataError(f"{ref.describe()}: no dataset was pushed on channel {ref.name!r} in {store.uri} "
                         f"(run `protein datasets push --data DATA --store {store.uri}` first)")
-    return ResolvedData(head.uri, head.fingerprint, ref.name, head.sequence, head.event_id)
+    passed_over: list[int] = []
+    for entry in reversed(history):
+        if entry.event_id == own_event_id or refused is None or not refused(store, entry.fingerprint):
+            if passed_over:
+                log.warning("channel %s: pushes %s were refused by validation; using push %d (%s)", ref.name,
+                            ", ".join(f"#{n}" for n in passed_over), entry.sequence, entry.fingerprint[:12])
+            return ResolvedData(entry.uri, entry.fingerprint, ref.name, entry.sequence, entry.event_id, passed_over)
+        passed_over.append(entry.sequence)
+    raise DataError(f"{ref.describe()}: every push on channel {ref.name!r} in {store.uri} was refused by validation "
+                    f"(newest: push #{history[-1].sequence}, {history[-1].fingerprint[:12]}); push a valid dataset")
 
 
 def channel_of(data: str, store_uri: str) -> tuple[Store, str]:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from protein.errors import RecordError, StoreError
+from protein.errors import NotFound, RecordError, StoreError
 from protein.storage.records import RecordSchema, load_record
 from protein.validation.drift import PIXEL_PROFILE_KEYS, REFERENCE_PROFILE, check_profile, profile_hash
 
@@ -29,6 +29,20 @@ VALIDATION_REPORT = RecordSchema("validation report", required={"profile": dict}
 
 def report_key(data_fingerprint: str) -> str:
     return f"{STORE_PREFIX}/{data_fingerprint}/report.json"
+
+
+def refused_by_validation(store: Any, data_fingerprint: str) -> bool:
+    """Whether the store holds a validation report for this data whose verdict is a failure. No
+    report (never validated here) is not a refusal; neither is an unreadable one (logged): passing
+    over data must rest on a verdict that was actually stored."""
+    try:
+        report = load_record(store, report_key(data_fingerprint), VALIDATION_REPORT)
+    except NotFound:
+        return False
+    except RecordError as exc:
+        log.warning("ignoring an unreadable validation report: %s", exc)
+        return False
+    return report.get("success") is False
 
 
 def load_reference(store: Any | None) -> dict:

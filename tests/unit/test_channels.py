@@ -3,6 +3,7 @@ concurrent pushes, and how a flow's `data` names a channel."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from protein.data.channels import (
 )
 from protein.errors import DataError
 from protein.storage import LocalStore
+from protein.validation.reference import refused_by_validation, report_key
 
 
 def push(store: LocalStore, fp: str, event: str) -> int:
@@ -92,9 +94,44 @@ def test_resolving_takes_the_head_once_and_a_dataset_uri_unchanged(tmp_path: Pat
     assert (resolved.fingerprint, resolved.sequence, resolved.event_id) == ("b" * 16, 2, "e2")
     assert resolved.uri.endswith(f"/datasets/{'b' * 16}/")
     assert resolve_data(" /data/hpa ", str(tmp_path)).to_dict() == {
-        "uri": "/data/hpa", "fingerprint": None, "channel": None, "sequence": None, "event_id": None}
+        "uri": "/data/hpa", "fingerprint": None, "channel": None, "sequence": None, "event_id": None,
+        "passed_over": []}
 
 
 def test_an_empty_channel_fails_naming_the_channel_and_the_store(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"channel:nightly: no dataset was pushed on channel 'nightly' in .*push"):
         resolve_data("channel:nightly", str(tmp_path))
+
+
+def stored_verdict(store: LocalStore, fp: str, success: bool) -> None:
+    """The validation report a run on this data stored (the part resolution reads)."""
+    store.put_bytes(report_key(fp), json.dumps({"success": success, "profile": {}}).encode())
+
+
+def test_a_push_refused_by_validation_is_passed_over_except_by_its_own_run(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    for n, fp in enumerate(("a" * 16, "b" * 16, "c" * 16), start=1):
+        push(store, fp, f"e{n}")
+    stored_verdict(store, "a" * 16, True)
+    stored_verdict(store, "c" * 16, False)  # the newest push failed validation
+    nightly = resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation)
+    # b was never validated: not refused; the nightly takes it instead of validating c again.
+    assert (nightly.fingerprint, nightly.sequence, nightly.passed_over) == ("b" * 16, 2, [3])
+    own = resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation, own_event_id="e3")
+    assert (own.fingerprint, own.passed_over) == ("c" * 16, [])
+    stored_verdict(store, "b" * 16, False)
+    assert resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation).sequence == 1
+    stored_verdict(store, "a" * 16, False)
+    with pytest.raises(DataError, match=r"every push on channel 'latest' .* refused by validation \(newest: push #3"):
+        resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation)
+
+
+def test_only_a_stored_failing_verdict_refuses_data(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    assert refused_by_validation(store, "d" * 16) is False  # never validated here
+    store.put_bytes(report_key("d" * 16), b"not json")
+    assert refused_by_validation(store, "d" * 16) is False  # unreadable: no verdict to rest on
+    stored_verdict(store, "d" * 16, True)
+    assert refused_by_validation(store, "d" * 16) is False
+    stored_verdict(store, "d" * 16, False)
+    assert refused_by_validation(store, "d" * 16) is True
