@@ -8,6 +8,7 @@ holds one push before the deploy (the wrapper refuses an empty channel)."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import subprocess
@@ -204,11 +205,16 @@ class Stack:
                 return found
             time.sleep(1)
 
-    def events(self, prefix: str, related_id: str | None = None) -> list[dict[str, Any]]:
-        """Events whose name starts with ``prefix`` (optionally related to a resource id)."""
+    def events(self, prefix: str, related_id: str | None = None,
+               since: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """Events whose name starts with ``prefix`` (optionally related to a resource id, or occurred
+        since a moment: the server holds the whole session's events, oldest first, 50 a page)."""
         body: dict[str, Any] = {"filter": {"event": {"prefix": [prefix]}, "order": "ASC"}, "limit": 50}
         if related_id:
             body["filter"]["any_resource"] = {"id": [related_id]}
+        if since is not None:
+            body["filter"]["occurred"] = {"since": since.isoformat(),
+                                          "until": (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).isoformat()}
         with self.client() as client:
             response = client._client.post("/events/filter", json=body)
             response.raise_for_status()

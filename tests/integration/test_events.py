@@ -3,6 +3,7 @@ real Prefect server, worker and webhook receiver (tests/integration/prefect_stac
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -151,7 +153,7 @@ ZOMBIE_FLOW = """
 import time
 from prefect import flow
 
-@flow(name="train")  # stands in for a training run whose process dies
+@flow(name="train", flow_run_name="PROBE_RUN_NAME")  # stands in for a training run whose process dies
 def train() -> None:
     time.sleep(600)
 
@@ -162,7 +164,11 @@ train()
 def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, tmp_path: Any) -> None:
     stack = prefect_stack
     script = tmp_path / "zombie.py"
-    script.write_text(ZOMBIE_FLOW)
+    # Named for this test alone: the session stack's own training runs are flow "train" too, and its
+    # event log holds every heartbeat of the session.
+    probe_name = f"zombie-probe-{uuid.uuid4().hex[:8]}"
+    script.write_text(ZOMBIE_FLOW.replace("PROBE_RUN_NAME", probe_name))
+    started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,8 +177,8 @@ def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, tmp
         beat: list[dict[str, Any]] = []
         while not beat and time.monotonic() < deadline:
             assert process.poll() is None, "the probe flow exited early"
-            beat = [e for e in stack.events("prefect.flow-run.heartbeat")
-                    if e["resource"].get("prefect.resource.name") and _flow_name(stack, e) == "train"]
+            beat = [e for e in stack.events("prefect.flow-run.heartbeat", since=started)
+                    if e["resource"].get("prefect.resource.name") == probe_name and _flow_name(stack, e) == "train"]
             time.sleep(1)
         assert beat, "no heartbeat from the probe flow within 120 s"
     finally:
