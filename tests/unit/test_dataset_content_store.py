@@ -66,9 +66,10 @@ def test_a_second_push_uploads_only_the_changed_files_and_reads_back(tmp_path, s
     store.put_bytes = counting_put
     second = push_dataset(str(grown(data, 3)), store)
     # Three new images and the new train.csv; everything else is already stored by content and not even
-    # attempted (the listing said so); the manifest last.
+    # attempted (the listing said so); the manifest last. First the push marker that keeps gc away.
     assert second.uploaded == 4 and second.files == first.files + 3
-    assert len(writes) == 5 and writes[-1] == manifest_key(second.fingerprint)
+    assert writes[0].startswith("datasets/pushes/") and not store.list("datasets/pushes/")
+    assert len(writes) == 6 and writes[-1] == manifest_key(second.fingerprint)
     assert len(objects(store)) == first.files + 4
 
     source = open_dataset(second.uri)
