@@ -99,9 +99,8 @@ def test_gc_while_a_push_relies_on_old_orphans_deletes_nothing_and_the_dataset_s
     push, pushed = in_thread(lambda: push_dataset(str(data), store, times=FAST))
     assert listed.wait(WAIT_S)
     # A dry run sees the push and writes nothing; the real gc (guard 0: every orphan counts as old) refuses.
-    assert protein_main(["datasets", "gc", "--store", s3_bucket, "--older-than-hours", "0", "--dry-run"]) == 0
+    dry_code = protein_main(["datasets", "gc", "--store", s3_bucket, "--older-than-hours", "0", "--dry-run"])
     dry = json.loads(capsys.readouterr().out)
-    assert (dry["push_markers"], dry["orphans"], dry["deleted"]) == (1, objects, 0)
     gc_code = protein_main(["datasets", "gc", "--store", s3_bucket, "--older-than-hours", "0"])
     gc_err = capsys.readouterr().err
     resume.set()
@@ -109,6 +108,7 @@ def test_gc_while_a_push_relies_on_old_orphans_deletes_nothing_and_the_dataset_s
     assert "error" not in pushed, pushed
     assert pushed["value"].uploaded == 0 and pushed["value"].fingerprint == fp
     assert missing_objects(store, fp) == []  # every object the new manifest names exists
+    assert dry_code == 0 and (dry["push_markers"], dry["orphans"], dry["deleted"]) == (1, objects, 0)
     assert gc_code == 9
     [line] = error_lines(gc_err)
     assert line.startswith(f"protein datasets: error: deleted no content object: 1 push(es) in progress: "
@@ -135,7 +135,15 @@ def test_a_push_during_a_gc_waits_for_it_then_uploads_what_gc_deleted(
         return real_plan(target, min_age_s)
 
     monkeypatch.setattr(dataset_gc, "plan_objects_gc", pause_then_plan)
-    gc, collected = in_thread(lambda: collect_orphans(store, 0, times=FAST))
+    gc_done = threading.Event()
+
+    def gc_then_signal() -> dict[str, object]:
+        try:
+            return collect_orphans(store, 0, times=FAST)
+        finally:
+            gc_done.set()
+
+    gc, collected = in_thread(gc_then_signal)
     assert planning.wait(WAIT_S)
 
     push_saw_lock, push_listed = threading.Event(), threading.Event()
@@ -148,8 +156,12 @@ def test_a_push_during_a_gc_waits_for_it_then_uploads_what_gc_deleted(
         return found
 
     def listing_watched(target: Store) -> dict[str, int]:
+        # Listed, then held until the gc has ended: harmless when the push waited out the lock (gc is
+        # over), and the old race when it did not (gc deletes what this listing found).
         push_listed.set()
-        return real_listing(target)
+        present = real_listing(target)
+        gc_done.wait(WAIT_S)
+        return present
 
     monkeypatch.setattr(coordination, "_info", info_watched)
     monkeypatch.setattr(push_module, "stored_objects", listing_watched)

@@ -79,11 +79,13 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     # Only the operator deletes data, and never the champion pointer, submissions, dataset manifests or records
     # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
     # conditional-write probe (a scratch object under probes/).
-    for role in ("orchestrator", "publisher"):
-        assert grants(role, "s3:DeleteObject") == [], role
+    # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
+    assert grants("orchestrator", "s3:DeleteObject") == []
+    assert grants("publisher", "s3:DeleteObject") == [root + "datasets/pushes/*"]
     assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
     assert sorted(grants("operator", "s3:DeleteObject")) == [
-        root + p for p in ("cache/*", "datasets/objects/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
+        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "models/*",
+                           "probes/*", "registry/runs/*", "runs/*")]
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
@@ -110,12 +112,16 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
     assert conditions("orchestrator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}},
                                                                     {"Null": {"s3:if-none-match": "false"}}]
     assert conditions("operator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}}]
+    # The datasets gc lock: taken create-only, taken over from a dead gc only by compare-and-swap.
+    assert conditions("operator", "/datasets/gc.lock") == [{"Null": {"s3:if-none-match": "false"}},
+                                                           {"Null": {"s3:if-match": "false"}}]
     # Listing is confined to the store's prefixes (and gives honest 404s there, see docs/security.md).
     listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
     assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
     bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
     assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsDatasetsAndRunIndexAreCreateOnly",
-                                                      "ChampionPointerOnlyByCompareAndSwap"}
+                                                      "ChampionPointerOnlyByCompareAndSwap",
+                                                      "DatasetsGcLockOnlyCreatedOrSwapped"}
     assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
                                                       {"Bool": {"s3:ObjectCreationOperation": "false"}}]
 
