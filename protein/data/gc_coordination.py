@@ -43,7 +43,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -104,11 +103,9 @@ def _where(store: Store, key: str) -> str:
 class PushMarker:
     """``with PushMarker(store, times):`` around everything a push lists, uploads and writes."""
 
-    def __init__(self, store: Store, times: CoordinationTimes = DEFAULT_TIMES,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, store: Store, times: CoordinationTimes = DEFAULT_TIMES) -> None:
         self.store = store
         self.times = times
-        self._sleep = sleep
         self.key = ""
         self._written_at = 0.0  # monotonic, taken before the marker's PUT (so its age is never underestimated)
 
@@ -148,14 +145,17 @@ class PushMarker:
     def renew(self) -> None:
         """A new marker (and a new look at the gc lock) for a push that ran close to the stale bound."""
         old = self.key
-        self._write()
-        self._remove(old)
+        try:
+            self._write()
+        finally:  # refused or not, the old marker goes: the push no longer relies on what it protected
+            self._remove(old)
         log.info("push ran for %g h: renewed its marker (%s)", self.times.marker_stale_s / 3600, self.key)
 
     def _wait_out_gc(self) -> None:
         mine = _info(self.store, self.key)
         listed_at = time.monotonic()  # the marker's LastModified is at or before the store's clock now
         waited_from = listed_at
+        announced = False
         while (lock := _info(self.store, GC_LOCK_KEY)) is not None:
             # The lock's age on the store's clock: our marker's LastModified minus the lock's, plus the
             # time since we listed the marker (never more than the true age).
@@ -170,10 +170,11 @@ class PushMarker:
             if waited >= self.times.push_wait_s:
                 raise StoreBusy(f"a datasets gc holds {where} ({describe_holder(self.store, GC_LOCK_KEY)}); "
                                 f"waited {waited:.0f} s; push again when it ends")
-            if waited == 0:
+            if not announced:
                 log.info("a datasets gc holds %s (%s); waiting up to %.0f s for it to end", where,
                          describe_holder(self.store, GC_LOCK_KEY), self.times.push_wait_s)
-            self._sleep(self.times.poll_s)
+                announced = True
+            time.sleep(self.times.poll_s)
 
 
 @dataclass(frozen=True)

@@ -263,3 +263,39 @@ def test_a_second_gc_is_refused_while_the_first_runs(
     assert " pid " in line and "; run gc again when it ends (a lock older than 1 h counts as abandoned)" in line
     assert "error" not in collected and collected["value"]["deleted"] == objects
     assert not store.exists(GC_LOCK_KEY)
+
+
+def test_a_push_slower_than_the_marker_bound_renews_it_and_lists_again(
+        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push paused after its listing until its marker is stale: gc removes the marker and deletes the old
+    orphans the push found; the push notices its marker aged out, writes a new one, lists again and
+    uploads what is gone, so its dataset is complete."""
+    store = open_store(s3_bucket)
+    short = replace(FAST, marker_stale_s=2.0, margin_s=0.5)
+    fp, objects = orphaned(store, data)
+    listed, gc_done = threading.Event(), threading.Event()
+    listings: list[int] = []
+    real_listing = push_module.stored_objects
+
+    def listing_then_wait_for_gc(target: Store) -> dict[str, int]:
+        present = real_listing(target)
+        listings.append(len(present))
+        if len(listings) == 1:
+            listed.set()
+            gc_done.wait(WAIT_S)
+        return present
+
+    monkeypatch.setattr(push_module, "stored_objects", listing_then_wait_for_gc)
+    push, pushed = in_thread(lambda: push_dataset(str(data), store, times=short))
+    assert listed.wait(WAIT_S)
+    time.sleep(2.5)  # the push's marker is now stale on the store's clock
+    try:
+        outcome = collect_orphans(store, 0, times=short)
+    finally:
+        gc_done.set()
+    push.join(WAIT_S)
+    assert "error" not in pushed, pushed
+    assert missing_objects(store, fp) == []
+    assert (outcome["stale_push_markers_removed"], outcome["deleted"]) == (1, objects)
+    assert listings == [objects, 0] and pushed["value"].uploaded == objects
+    assert store.list(PUSHES_PREFIX) == []
