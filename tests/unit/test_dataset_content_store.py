@@ -149,6 +149,7 @@ def test_gc_stops_on_a_manifest_it_cannot_read(tmp_path, store, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gc deletes nothing while a dataset manifest cannot be read" in err[0]
     assert objects(store) == {object_key("a" * 64)}
+    assert not store.exists("datasets/gc.lock")  # released on the way out, so the next gc may run
 
 
 def test_a_missing_or_corrupt_object_is_one_line_naming_dataset_file_and_key(tmp_path, store, capsys):
