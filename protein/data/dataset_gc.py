@@ -81,11 +81,15 @@ def named_objects(store: Store) -> tuple[int, set[str]]:
     return count, named
 
 
+def check_age_guard(min_age_s: float) -> None:
+    if not min_age_s >= 0:  # NaN too: every comparison with it is false, so every orphan would look old
+        raise DataError(f"the gc age guard must be >= 0 hours, got {min_age_s / 3600:g}")
+
+
 def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | None = None) -> ObjectsGcPlan:
     """What gc would delete. Objects are listed after the manifests, so an object a push uploads after the
     manifest listing is younger than the guard."""
-    if not min_age_s >= 0:  # NaN too: every comparison with it is false, so every orphan would look old
-        raise DataError(f"the gc age guard must be >= 0 hours, got {min_age_s / 3600:g}")
+    check_age_guard(min_age_s)
     datasets, named = named_objects(store)
     cutoff = (time.time() if now is None else now) - min_age_s
     orphans: list[str] = []
@@ -123,6 +127,7 @@ def collect_orphans(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, *, dry_r
     """What `protein datasets gc` prints. Under the gc lock: removes stale push markers, then deletes
     orphans unless a push is live (`StoreBusy`, exit 9, nothing deleted). A dry run takes no lock and
     writes nothing; it counts the push markers it sees."""
+    check_age_guard(min_age_s)  # before the lock: a bad argument takes nothing
     if dry_run:
         plan = plan_objects_gc(store, min_age_s)
         return {**plan.to_dict(), "deleted": 0, "push_markers": len(store.list(PUSHES_PREFIX)),

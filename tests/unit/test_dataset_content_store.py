@@ -197,3 +197,12 @@ def test_a_push_that_cannot_store_an_object_writes_no_manifest(tmp_path, store):
     with pytest.raises(StoreError, match=rf"{squatted}: content object for train/3.png holds other bytes"):
         push_dataset(str(data), store)
     assert [key for key in store.list("datasets/") if key.endswith("manifest.json")] == []
+
+
+@pytest.mark.parametrize("hours", ["-1", "nan"])
+def test_a_bad_age_guard_is_one_line_and_takes_no_lock(tmp_path, store, capsys, hours):
+    store.put_bytes(object_key("a" * 64), b"orphan")
+    assert protein_main(["datasets", "gc", "--store", store.uri, "--older-than-hours", hours]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"protein datasets: error: the gc age guard must be >= 0 hours, got {float(hours):g}"]
+    assert objects(store) == {object_key("a" * 64)} and store.list("datasets/") == [object_key("a" * 64)]
