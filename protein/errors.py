@@ -55,6 +55,13 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or changed since its etag was read."""
 
 
+class StoreBusy(ProteinError):
+    """Another process holds what this one needs for now (a datasets gc running while a push waits, or a
+    second gc): nothing was changed; run it again when the other ends."""
+
+    exit_code = 9
+
+
 class RecordError(ProteinError):
     """A record the pipeline keeps in the store (model.json, champion.json, a run index, a manifest)
     is larger than its size cap, not JSON, or not the shape its schema says: read, never trusted."""

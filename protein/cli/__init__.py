@@ -4,7 +4,9 @@ Every verb prints its result as JSON on stdout (the last line, for train) and re
 failures as one line on stderr with a specific exit code: 1 data failed validation,
 2 bad input or usage, 3 object store, 4 registry, 5 promotion conflict, 7 a training rank died
 (`train --nproc`; rerun with the same --run-id to resume), 8 a stored record (model.json,
-champion.json, a run index entry, a manifest) is over its size cap, not JSON, or not its schema.
+champion.json, a run index entry, a manifest) is over its size cap, not JSON, or not its schema,
+9 busy: a `datasets gc` holds the store's datasets (a second gc, or a push that waited its bound) or a
+push is in progress (gc deleted nothing); nothing was changed, run it again later.
 """
 
 from __future__ import annotations

@@ -61,9 +61,17 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     if args.datasets_cmd == "push":
+        import dataclasses
+
+        from protein.data.gc_coordination import DEFAULT_TIMES
+
+        if not 0 <= args.wait_for_gc_minutes < float("inf"):  # NaN too: it would never stop waiting
+            raise ValueError(f"--wait-for-gc-minutes must be a number of minutes >= 0, "
+                             f"got {args.wait_for_gc_minutes:g}")
+        times = dataclasses.replace(DEFAULT_TIMES, push_wait_s=args.wait_for_gc_minutes * 60)
         store.check()
         with progress_bar(None, "push") as pushed:
-            result = push_dataset(args.data, store, args.cache_dir, pushed)
+            result = push_dataset(args.data, store, args.cache_dir, pushed, times)
         # The channel moves only once the dataset is complete; the event carries the same id as the
         # channel entry, so a run started by it can tell whether a newer push superseded it.
         entry = move_channel(store, args.channel, result.uri, result.fingerprint)
@@ -77,11 +85,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                        counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded},
                        channel=args.channel, sequence=entry.sequence, event_id=entry.event_id)
     elif args.datasets_cmd == "gc":
-        from protein.data.dataset_gc import apply_objects_gc, plan_objects_gc
+        from protein.data.dataset_gc import collect_orphans
 
-        plan = plan_objects_gc(store, args.older_than_hours * 3600)
-        deleted = 0 if args.dry_run else apply_objects_gc(store, plan)
-        emit({**plan.to_dict(), "deleted": deleted, "dry_run": args.dry_run, "store": store.uri})
+        result_gc = collect_orphans(store, args.older_than_hours * 3600, dry_run=args.dry_run)
+        emit({**result_gc, "dry_run": args.dry_run, "store": store.uri})
     elif args.datasets_cmd == "list" and args.channel:
         list_channel(store, args.channel, args.json)
     elif args.datasets_cmd == "list":

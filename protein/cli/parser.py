@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--channel", default=DEFAULT_CHANNEL, type=channel_name,
                     help="dataset channel to move to this dataset once it is complete (nightly retrains follow "
                          "channel:latest)")
+    dp.add_argument("--wait-for-gc-minutes", type=float, default=15.0, metavar="M",
+                    help="while a `datasets gc` holds datasets/gc.lock, wait up to M minutes for it to end, then "
+                         "refuse (exit 9); the push writes datasets/pushes/<id>.json first, so gc never deletes "
+                         "what it relies on")
     dp = datasets.add_parser("list", help="list the complete datasets in the store",
                              description="list the complete datasets in the store (newest first)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -240,10 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list this channel's pushes instead, newest first (sequence, dataset, when, who, event id)")
     dp = datasets.add_parser("gc", help="delete content objects no dataset manifest names",
                              description="delete content objects (datasets/objects/) that no dataset manifest "
-                             "names and that are older than the guard; every complete dataset is kept",
+                             "names and that are older than the guard; every complete dataset is kept. It holds "
+                             "datasets/gc.lock while it runs (a second gc is refused, exit 9; a lock older than 1 h "
+                             "is abandoned and taken over), deletes nothing while a push is in progress (its "
+                             "marker under datasets/pushes/ younger than 24 h; exit 9), and removes older, stale "
+                             "markers left by pushes that died",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     store_arg(dp)
     dp.add_argument("--older-than-hours", type=float, default=24.0,
                     help="keep orphans younger than this: a push in flight uploads its objects before its manifest")
-    dp.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    dp.add_argument("--dry-run", action="store_true",
+                    help="only count what would be deleted (takes no lock, writes nothing)")
     return parser

@@ -6,13 +6,18 @@ its manifest, or by a dataset someone removed (by deleting its manifest). It is 
 older than the age guard, because a push in flight uploads its objects before its manifest: for that
 push every object is an orphan until its last write.
 
-A manifest that cannot be read stops gc before anything is deleted: what it names is unknown. The
-manifests are listed again just before deleting, and anything a manifest written meanwhile names is
-kept. The window that remains is a push that found an old orphan already stored (and so did not upload
-it) and writes its manifest between that second listing and the delete. Reading that dataset then
-fails in one line naming the file and the object, and pushing the same data again re-uploads what is
-missing (`push_dataset` repairs a complete dataset's objects). Run gc when no push is running to
-close the window entirely.
+A push also relies on objects it found already stored (it does not upload them again), old orphans
+included, so gc and push exclude each other (protein.data.gc_coordination): gc takes
+``datasets/gc.lock`` and then deletes nothing while any push marker under ``datasets/pushes/`` is
+live; a push writes its marker and then waits out a held lock. Each writes its own record before
+reading the other's, so at least one of them sees the other. `collect_orphans` is that protocol around
+`plan_objects_gc` and `apply_objects_gc`.
+
+Defence in depth, kept: the age guard, and the manifests listed again just before deleting (anything a
+manifest written meanwhile names is kept). A manifest that cannot be read stops gc before anything is
+deleted: what it names is unknown. Should an object a dataset names go missing anyway (deleted by
+hand), reading that dataset fails in one line naming the file and the object, and pushing the same
+data again re-uploads what is missing (`push_dataset` repairs a complete dataset's objects).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from protein.data.gc_coordination import DEFAULT_TIMES, PUSHES_PREFIX, CoordinationTimes, GcLock, holders
 from protein.data.manifest import (
     DATASET_MANIFEST,
     DATASETS_PREFIX,
@@ -29,13 +35,15 @@ from protein.data.manifest import (
     digest_of_object_key,
     parse_manifest,
 )
-from protein.errors import DataError, NotFound, RecordError
+from protein.errors import DataError, NotFound, RecordError, StoreBusy
 from protein.storage import Store
 from protein.storage.records import load_record
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_AGE_S = 24 * 3600
+# Deletes between two checks that this gc still holds its lock (one HEAD each).
+DELETE_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,15 @@ def named_objects(store: Store) -> tuple[int, set[str]]:
     return count, named
 
 
+def check_age_guard(min_age_s: float) -> None:
+    if not min_age_s >= 0:  # NaN too: every comparison with it is false, so every orphan would look old
+        raise DataError(f"the gc age guard must be >= 0 hours, got {min_age_s / 3600:g}")
+
+
 def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | None = None) -> ObjectsGcPlan:
     """What gc would delete. Objects are listed after the manifests, so an object a push uploads after the
     manifest listing is younger than the guard."""
-    if min_age_s < 0:
-        raise DataError(f"the gc age guard must be >= 0 hours, got {min_age_s / 3600:g}")
+    check_age_guard(min_age_s)
     datasets, named = named_objects(store)
     cutoff = (time.time() if now is None else now) - min_age_s
     orphans: list[str] = []
@@ -95,13 +107,43 @@ def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: flo
     return ObjectsGcPlan(datasets, len(named), orphans, young, orphan_bytes)
 
 
-def apply_objects_gc(store: Store, plan: ObjectsGcPlan) -> int:
-    """Delete the plan's orphans, except any a manifest written since the plan names; returns how many."""
+def apply_objects_gc(store: Store, plan: ObjectsGcPlan, lock: GcLock | None = None) -> int:
+    """Delete the plan's orphans, except any a manifest written since the plan names; returns how many.
+    With ``lock``, checks before each batch that this gc still holds it (`StoreBusy` if not)."""
     _, named_now = named_objects(store)
     doomed = [key for key in plan.orphans if digest_of_object_key(key) not in named_now]
     if len(doomed) < len(plan.orphans):
         log.info("%d orphans are named by a manifest written since the plan; kept", len(plan.orphans) - len(doomed))
-    if doomed:
-        store.delete_keys(doomed)
+    for start in range(0, len(doomed), DELETE_BATCH):
+        if lock is not None:
+            lock.check_held()
+        store.delete_keys(doomed[start:start + DELETE_BATCH])
     log.info("deleted %d orphaned content objects from %s", len(doomed), store.uri)
     return len(doomed)
+
+
+def collect_orphans(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, *, dry_run: bool = False,
+                    times: CoordinationTimes = DEFAULT_TIMES) -> dict[str, object]:
+    """What `protein datasets gc` prints. Under the gc lock: removes stale push markers, then deletes
+    orphans unless a push is live (`StoreBusy`, exit 9, nothing deleted). A dry run takes no lock and
+    writes nothing; it counts the push markers it sees."""
+    check_age_guard(min_age_s)  # before the lock: a bad argument takes nothing
+    if dry_run:
+        plan = plan_objects_gc(store, min_age_s)
+        return {**plan.to_dict(), "deleted": 0, "push_markers": len(store.list(PUSHES_PREFIX)),
+                "stale_push_markers_removed": 0}
+    lock = GcLock.acquire(store, times)
+    try:
+        markers = lock.push_markers()
+        if markers.stale:
+            log.warning("removing %d stale push marker(s), left by pushes that died: %s", len(markers.stale),
+                        holders(store, markers.stale))
+            store.delete_keys(markers.stale)
+        if markers.live:
+            raise StoreBusy(f"deleted no content object: {len(markers.live)} push(es) in progress: "
+                            f"{holders(store, markers.live)}; run gc again when they end")
+        plan = plan_objects_gc(store, min_age_s)
+        deleted = apply_objects_gc(store, plan, lock)
+    finally:
+        lock.release()
+    return {**plan.to_dict(), "deleted": deleted, "push_markers": 0, "stale_push_markers_removed": len(markers.stale)}

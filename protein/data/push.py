@@ -11,6 +11,11 @@ reader trusts a dataset only once its manifest exists, and by then every object 
 or found in the listing. An interrupted push leaves only objects no manifest names, which
 `protein datasets gc` collects once they are older than its guard.
 
+An object found in the listing is not uploaded again, so it must still exist when the manifest lands:
+the push writes a marker (``datasets/pushes/<random>.json``) before it lists, waits out a running gc
+(``datasets/gc.lock``), and removes the marker when done, failed or not; gc deletes nothing while a
+live marker exists (protein.data.gc_coordination says why one of the two always sees the other).
+
 Which objects exist is learned from one listing of ``datasets/objects/`` (1,000 keys per request),
 not a HEAD per file: the real set (27,479 files) costs 28 list requests instead of 27,479 HEADs, and
 even after a year of daily 500-image pushes (~210,000 objects) 210 list requests are fewer than the
@@ -31,6 +36,7 @@ from typing import Any
 
 from protein.data.digests import FileDigest, md5_bytes
 from protein.data.fingerprint import fingerprint_of
+from protein.data.gc_coordination import DEFAULT_TIMES, CoordinationTimes, PushMarker
 from protein.data.manifest import (
     DATASET_MANIFEST,
     DATASETS_PREFIX,
@@ -132,10 +138,13 @@ def _repair(store: Store, source: DatasetSource, key: str, uri: str) -> tuple[in
 
 
 def push_dataset(
-    data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None
+    data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+    times: CoordinationTimes = DEFAULT_TIMES,
 ) -> PushResult:
     """Upload a dataset (folder, zip or s3:// URI) to `store` as content objects plus a format-2 manifest
-    at datasets/<fingerprint>/manifest.json; only objects the store lacks travel."""
+    at datasets/<fingerprint>/manifest.json; only objects the store lacks travel. Everything that
+    touches the store runs under a push marker, after any running `datasets gc` has ended
+    (protein.data.gc_coordination; `StoreBusy` if it does not end within ``times.push_wait_s``)."""
     parsed = load_competition(data, require_test=False, cache_dir=cache_dir)  # refuse a non-dataset first
     source: DatasetSource = parsed.source
     digests = source.digests()
@@ -143,36 +152,45 @@ def push_dataset(
     key = manifest_key(fp)
     uri = dataset_uri(store, fp)
     total = sum(d.size for d in digests.values())
-    if store.exists(key):
-        uploaded, uploaded_bytes = _repair(store, source, key, uri)
-        return PushResult(uri, fp, len(digests), total, uploaded, True, uploaded_bytes)
     names = sorted(digests)
-    for name in names:  # the manifest carries names: check them all before reading or writing anything
-        if not is_dataset_file_name(name):
-            raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, digits, "
-                            "'.', '_', '=' or '-'); rename or remove it before pushing")
-    entries = _entries(source, names, digests)
-    present = stored_objects(store)
-    todo: dict[str, str] = {}  # sha256 -> one name holding those bytes (a dataset may repeat content)
-    for name in names:
-        if present.get(object_key(entries[name].sha256)) != entries[name].size:
-            todo.setdefault(entries[name].sha256, name)
-    def upload(name: str) -> int:
-        size = _put_object(store, source, name, entries[name])
-        if progress:
-            progress(1)
-        return size
+    with PushMarker(store, times) as marker:
+        if store.exists(key):
+            uploaded, uploaded_bytes = _repair(store, source, key, uri)
+            return PushResult(uri, fp, len(digests), total, uploaded, True, uploaded_bytes)
+        for name in names:  # the manifest carries names: check them all before reading or writing anything
+            if not is_dataset_file_name(name):
+                raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, "
+                                "digits, '.', '_', '=' or '-'); rename or remove it before pushing")
+        entries = _entries(source, names, digests)
 
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        sizes = list(pool.map(upload, todo.values()))
-    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    doc = manifest_doc(fp, entries, created, len(parsed.train_ids), len(parsed.test_ids))
-    # Last, and create-only: the moment it exists the dataset is complete; two concurrent pushes of the
-    # same data both succeed (same fingerprint, same objects).
-    try:
-        store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode(), if_none_match=True)
-    except PreconditionFailed:
-        log.info("%s was completed by a concurrent push of the same data", uri)
+        def upload(name: str) -> int:
+            size = _put_object(store, source, name, entries[name])
+            if progress:
+                progress(1)
+            return size
+
+        sizes: list[int] = []
+        while True:
+            # Listed under the marker, after any gc ended: what this listing shows stays until the manifest.
+            present = stored_objects(store)
+            todo: dict[str, str] = {}  # sha256 -> one name holding those bytes (a dataset may repeat content)
+            for name in names:
+                if present.get(object_key(entries[name].sha256)) != entries[name].size:
+                    todo.setdefault(entries[name].sha256, name)
+            with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+                sizes += pool.map(upload, todo.values())
+            if marker.fresh():
+                break
+            # So slow that gc would now call the marker stale: a new marker, then list again.
+            marker.renew()
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        doc = manifest_doc(fp, entries, created, len(parsed.train_ids), len(parsed.test_ids))
+        # Last, and create-only: the moment it exists the dataset is complete; two concurrent pushes of the
+        # same data both succeed (same fingerprint, same objects).
+        try:
+            store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode(), if_none_match=True)
+        except PreconditionFailed:
+            log.info("%s was completed by a concurrent push of the same data", uri)
     uploaded = sum(1 for size in sizes if size)
     log.info("pushed %s: %d files, %d objects uploaded (%d bytes), %d already stored", uri, len(names), uploaded,
              sum(sizes), len(names) - len(todo))

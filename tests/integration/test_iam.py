@@ -79,11 +79,13 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     # Only the operator deletes data, and never the champion pointer, submissions, dataset manifests or records
     # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
     # conditional-write probe (a scratch object under probes/).
-    for role in ("orchestrator", "publisher"):
-        assert grants(role, "s3:DeleteObject") == [], role
+    # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
+    assert grants("orchestrator", "s3:DeleteObject") == []
+    assert grants("publisher", "s3:DeleteObject") == [root + "datasets/pushes/*"]
     assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
     assert sorted(grants("operator", "s3:DeleteObject")) == [
-        root + p for p in ("cache/*", "datasets/objects/*", "models/*", "probes/*", "registry/runs/*", "runs/*")]
+        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "models/*",
+                           "probes/*", "registry/runs/*", "runs/*")]
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
@@ -110,12 +112,16 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
     assert conditions("orchestrator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}},
                                                                     {"Null": {"s3:if-none-match": "false"}}]
     assert conditions("operator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}}]
+    # The datasets gc lock: taken create-only, taken over from a dead gc only by compare-and-swap.
+    assert conditions("operator", "/datasets/gc.lock") == [{"Null": {"s3:if-none-match": "false"}},
+                                                           {"Null": {"s3:if-match": "false"}}]
     # Listing is confined to the store's prefixes (and gives honest 404s there, see docs/security.md).
     listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
     assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
     bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
     assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsDatasetsAndRunIndexAreCreateOnly",
-                                                      "ChampionPointerOnlyByCompareAndSwap"}
+                                                      "ChampionPointerOnlyByCompareAndSwap",
+                                                      "DatasetsGcLockOnlyCreatedOrSwapped"}
     assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
                                                       {"Bool": {"s3:ObjectCreationOperation": "false"}}]
 
@@ -467,3 +473,49 @@ def test_results_forged_with_the_trainer_keys_are_refused(iam_store: IamStore, d
         assert "\n" not in str(refused) and f"runs/{run_id}/" in str(refused)
     assert iam_store.snapshot() == before, "nothing published, nothing promoted"
     assert Registry(open_store(uri)).champion() == champion_before
+
+
+@pytest.mark.integration
+def test_push_and_datasets_gc_keep_out_of_each_others_way_under_their_roles(
+    iam_store: IamStore, dataset: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
+    """The publisher writes and removes its push marker; the operator takes and removes the gc lock, is
+    refused (exit 9) while a push marker is live, and removes a stale one; the publisher may not delete
+    the lock or content objects."""
+    import time
+    from dataclasses import replace
+
+    from protein.data.dataset_gc import collect_orphans
+    from protein.data.gc_coordination import DEFAULT_TIMES, GC_LOCK_KEY, PUSHES_PREFIX
+    from protein.data.manifest import manifest_key, object_key
+    from protein.errors import StoreError
+    from protein.storage import open_store
+
+    uri = iam_store.uri
+    pushed = cli("publisher", "datasets", "push", "--data", str(dataset), "--store", uri, "--channel", "iam-gc")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    fingerprint = json.loads(pushed.stdout.strip().splitlines()[-1])["fingerprint"]
+    assert not [k for k in iam_store.snapshot() if k.startswith(PUSHES_PREFIX)]  # its marker came and went
+
+    use_role(monkeypatch, iam_store, "publisher")
+    publisher = open_store(uri)
+    for key in (GC_LOCK_KEY, object_key("e" * 64)):
+        with pytest.raises(StoreError, match=rf"{PREFIX}/{key}: access denied: s3:DeleteObject was refused"):
+            publisher.delete(key)
+    # A push killed after its marker (which it would have removed), and an object no manifest names.
+    killed = f"{PUSHES_PREFIX}killed.json"
+    publisher.put_bytes(killed, b'{"host": "h", "pid": 1, "started": "2026-01-01T00:00:00+00:00"}', if_none_match=True)
+    publisher.put_bytes(object_key("e" * 64), b"left by a push that died", if_none_match=True)
+
+    busy = cli("operator", "datasets", "gc", "--store", uri, "--older-than-hours", "0")
+    assert busy.returncode == 9 and "Traceback" not in busy.stderr
+    assert [line for line in busy.stderr.splitlines() if " error: " in line] == [
+        f"protein datasets: error: deleted no content object: 1 push(es) in progress: {uri}/{killed} (host h pid 1 "
+        "since 2026-01-01T00:00:00+00:00); run gc again when they end"]
+    time.sleep(2.5)  # the marker goes stale after 2 s here (24 h in production)
+    use_role(monkeypatch, iam_store, "operator")
+    outcome = collect_orphans(open_store(uri), 0, times=replace(DEFAULT_TIMES, marker_stale_s=2))
+    assert (outcome["stale_push_markers_removed"], outcome["deleted"]) == (1, 1)
+    keys = iam_store.snapshot()
+    assert manifest_key(fingerprint) in keys and object_key("e" * 64) not in keys
+    assert GC_LOCK_KEY not in keys and not [k for k in keys if k.startswith(PUSHES_PREFIX)]

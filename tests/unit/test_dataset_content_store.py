@@ -66,9 +66,10 @@ def test_a_second_push_uploads_only_the_changed_files_and_reads_back(tmp_path, s
     store.put_bytes = counting_put
     second = push_dataset(str(grown(data, 3)), store)
     # Three new images and the new train.csv; everything else is already stored by content and not even
-    # attempted (the listing said so); the manifest last.
+    # attempted (the listing said so); the manifest last. First the push marker that keeps gc away.
     assert second.uploaded == 4 and second.files == first.files + 3
-    assert len(writes) == 5 and writes[-1] == manifest_key(second.fingerprint)
+    assert writes[0].startswith("datasets/pushes/") and not store.list("datasets/pushes/")
+    assert len(writes) == 6 and writes[-1] == manifest_key(second.fingerprint)
     assert len(objects(store)) == first.files + 4
 
     source = open_dataset(second.uri)
@@ -148,6 +149,7 @@ def test_gc_stops_on_a_manifest_it_cannot_read(tmp_path, store, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gc deletes nothing while a dataset manifest cannot be read" in err[0]
     assert objects(store) == {object_key("a" * 64)}
+    assert not store.exists("datasets/gc.lock")  # released on the way out, so the next gc may run
 
 
 def test_a_missing_or_corrupt_object_is_one_line_naming_dataset_file_and_key(tmp_path, store, capsys):
@@ -195,3 +197,12 @@ def test_a_push_that_cannot_store_an_object_writes_no_manifest(tmp_path, store):
     with pytest.raises(StoreError, match=rf"{squatted}: content object for train/3.png holds other bytes"):
         push_dataset(str(data), store)
     assert [key for key in store.list("datasets/") if key.endswith("manifest.json")] == []
+
+
+@pytest.mark.parametrize("hours", ["-1", "nan"])
+def test_a_bad_age_guard_is_one_line_and_takes_no_lock(tmp_path, store, capsys, hours):
+    store.put_bytes(object_key("a" * 64), b"orphan")
+    assert protein_main(["datasets", "gc", "--store", store.uri, "--older-than-hours", hours]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"protein datasets: error: the gc age guard must be >= 0 hours, got {float(hours):g}"]
+    assert objects(store) == {object_key("a" * 64)} and store.list("datasets/") == [object_key("a" * 64)]

@@ -87,6 +87,34 @@ def test_the_champion_pointer_moves_only_by_compare_and_swap() -> None:
     assert not put("trainer", "registry/champion.json", if_match=True)
 
 
+def test_only_the_operator_takes_the_datasets_gc_lock_and_only_conditionally() -> None:
+    lock = "datasets/gc.lock"
+    assert put("operator", lock, if_none_match=True)  # take it
+    assert put("operator", lock, if_match=True)  # take over an abandoned one
+    assert not put("operator", lock)
+    assert not put("operator", "datasets/d1/manifest.json", if_match=True)  # no dataset rewritten by swap
+    assert not put(ADMIN, lock) and put(ADMIN, lock, if_match=True)  # the bucket policy binds everyone
+    assert not put("publisher", lock, if_match=True)
+    assert not put("publisher", "datasets/pushes/p1.json") and put("publisher", "datasets/pushes/p1.json",
+                                                                  if_none_match=True)
+    # Everything below datasets/<folder>/ stays create-only for every principal, the lock's exemption aside.
+    for key in ("datasets/objects/ab/abcd", "datasets/pushes/p1.json", "datasets/d1/manifest.json"):
+        assert not put(ADMIN, key, if_match=True) and put(ADMIN, key, if_none_match=True), key
+
+
+def deletes(role: str, key: str) -> bool:
+    bucket = render_policy(BUCKET_POLICY, BUCKET, PREFIX)
+    return allowed(render_policy(role, BUCKET, PREFIX), bucket, "s3:DeleteObject", obj(key), TLS)
+
+
+def test_push_markers_are_deleted_by_their_push_or_by_gc_and_nothing_else_by_the_publisher() -> None:
+    assert deletes("publisher", "datasets/pushes/p1.json") and deletes("operator", "datasets/pushes/p1.json")
+    assert deletes("operator", "datasets/gc.lock") and not deletes("publisher", "datasets/gc.lock")
+    for key in ("datasets/objects/ab/abcd", "datasets/d1/manifest.json", "datasets/channels/latest.json"):
+        assert not deletes("publisher", key), key
+    assert not deletes("operator", "datasets/d1/manifest.json")
+
+
 def test_the_bucket_policy_binds_every_principal() -> None:
     # An administrator's keys (Allow *) still cannot rewrite a version, blindly set the pointer, or use plain HTTP.
     assert put(ADMIN, "models/v1/model.json", if_none_match=True)
