@@ -93,9 +93,10 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
         [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
         + [root + "registry/champion.json"] * 2)
-    # The publisher touches datasets/ only, and creates objects there only if absent.
+    # The publisher touches datasets/ only, creates objects there only if absent, and moves channel pointers.
     assert grants("publisher", "s3:GetObject") == [root + "datasets/*"]
-    assert grants("publisher", "s3:PutObject") == [root + "datasets/*"] * 2
+    assert sorted(grants("publisher", "s3:PutObject")) == sorted([root + "datasets/*"] * 2
+                                                                 + [root + "datasets/channels/*"])
 
 
 def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None:
@@ -124,6 +125,9 @@ def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None
                                                       "DatasetsGcLockOnlyCreatedOrSwapped"}
     assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
                                                       {"Bool": {"s3:ObjectCreationOperation": "false"}}]
+    # A channel pointer: created by a channel's first push (above), then moved only by compare-and-swap.
+    assert conditions("publisher", "/datasets/channels/*") == [{"Null": {"s3:if-match": "false"}}]
+    assert "DatasetChannelsOnlyCreatedOrSwapped" in {s["Sid"] for s in bucket["Statement"]}
 
 
 def test_renderer_parameters() -> None:

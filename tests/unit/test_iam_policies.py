@@ -17,6 +17,9 @@ from tests.iam_evaluator import allowed
 
 BUCKET, PREFIX = "ml-models", "protein"
 TLS = {"aws:SecureTransport": "true"}
+# A dataset's folder is its fingerprint, 16 hex characters (protein/data/manifest.py FINGERPRINT); the
+# bucket policy's create-only rule matches exactly that shape, so channels/ beside it can move.
+FOLDER = "c0ffee0123456789"
 ADMIN = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
@@ -64,7 +67,7 @@ def put(role: str | dict[str, Any], key: str, *, if_none_match: bool = False, if
 
 def test_versions_datasets_and_the_run_index_are_create_only() -> None:
     for role, key in (("trainer", "models/v1/model.json"), ("trainer", "registry/runs/r1.json"),
-                      ("publisher", "datasets/d1/train.csv"), ("operator", "registry/runs/r1.json")):
+                      ("publisher", f"datasets/{FOLDER}/train.csv"), ("operator", "registry/runs/r1.json")):
         assert put(role, key, if_none_match=True), (role, key)
         assert not put(role, key), f"{role} overwrites {key} without If-None-Match"
         # Each layer on its own: the role's policy too, not only the bucket policy behind it.
@@ -92,13 +95,13 @@ def test_only_the_operator_takes_the_datasets_gc_lock_and_only_conditionally() -
     assert put("operator", lock, if_none_match=True)  # take it
     assert put("operator", lock, if_match=True)  # take over an abandoned one
     assert not put("operator", lock)
-    assert not put("operator", "datasets/d1/manifest.json", if_match=True)  # no dataset rewritten by swap
+    assert not put("operator", f"datasets/{FOLDER}/manifest.json", if_match=True)  # no dataset rewritten by swap
     assert not put(ADMIN, lock) and put(ADMIN, lock, if_match=True)  # the bucket policy binds everyone
     assert not put("publisher", lock, if_match=True)
     assert not put("publisher", "datasets/pushes/p1.json") and put("publisher", "datasets/pushes/p1.json",
                                                                   if_none_match=True)
     # Everything below datasets/<folder>/ stays create-only for every principal, the lock's exemption aside.
-    for key in ("datasets/objects/ab/abcd", "datasets/pushes/p1.json", "datasets/d1/manifest.json"):
+    for key in ("datasets/objects/ab/abcd", "datasets/pushes/p1.json", f"datasets/{FOLDER}/manifest.json"):
         assert not put(ADMIN, key, if_match=True) and put(ADMIN, key, if_none_match=True), key
 
 
@@ -110,16 +113,16 @@ def deletes(role: str, key: str) -> bool:
 def test_push_markers_are_deleted_by_their_push_or_by_gc_and_nothing_else_by_the_publisher() -> None:
     assert deletes("publisher", "datasets/pushes/p1.json") and deletes("operator", "datasets/pushes/p1.json")
     assert deletes("operator", "datasets/gc.lock") and not deletes("publisher", "datasets/gc.lock")
-    for key in ("datasets/objects/ab/abcd", "datasets/d1/manifest.json", "datasets/channels/latest.json"):
+    for key in ("datasets/objects/ab/abcd", f"datasets/{FOLDER}/manifest.json", "datasets/channels/latest.json"):
         assert not deletes("publisher", key), key
-    assert not deletes("operator", "datasets/d1/manifest.json")
+    assert not deletes("operator", f"datasets/{FOLDER}/manifest.json")
 
 
 def test_the_bucket_policy_binds_every_principal() -> None:
     # An administrator's keys (Allow *) still cannot rewrite a version, blindly set the pointer, or use plain HTTP.
     assert put(ADMIN, "models/v1/model.json", if_none_match=True)
     assert not put(ADMIN, "models/v1/model.json")
-    assert not put(ADMIN, "datasets/d1/train.csv")
+    assert not put(ADMIN, f"datasets/{FOLDER}/train.csv")
     assert not put(ADMIN, "registry/champion.json")
     assert put(ADMIN, "registry/champion.json", if_match=True)
     assert not put(ADMIN, "runs/r1/checkpoint.pt", tls=False)
@@ -136,3 +139,18 @@ def test_listing_is_confined_to_the_store() -> None:
     assert lists(f"{PREFIX}/runs/r1/checkpoint.pt") and lists(f"{PREFIX}/")
     assert not lists("other-team/") and not lists("")
     assert not allowed(trainer, bucket_policy, "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", TLS)  # no prefix at all
+
+
+def test_a_channel_moves_by_compare_and_swap_and_its_history_is_never_overwritten_blindly() -> None:
+    channel = "datasets/channels/latest.json"
+    assert put("publisher", channel, if_none_match=True)  # a channel's first push
+    assert put("publisher", channel, if_match=True)  # every later push appends by compare-and-swap
+    assert not put("publisher", channel)
+    assert not put("publisher", channel, bucket_policy=False), "the publisher's own policy allows a blind write"
+    assert not put(ADMIN, channel) and put(ADMIN, channel, if_match=True)  # the bucket policy binds everyone
+    for role in ("trainer", "orchestrator", "operator"):
+        assert not put(role, channel, if_match=True), role
+    # The channel's exemption from create-only is its own: a dataset folder that looks like one is not.
+    for key in (f"datasets/{FOLDER}/manifest.json", f"datasets/{FOLDER}/channels/latest.json",
+                "datasets/objects/ab/abcd", "datasets/pushes/p1.json"):
+        assert not put("publisher", key, if_match=True) and not put(ADMIN, key, if_match=True), key
