@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +45,8 @@ SLOW_FIXTURES: dict[str, str] = {
     "prefect_stack": "starts a Prefect server, a worker, deployments and automations",
     "services": "starts Prefect server and worker processes",
     "cluster": "starts a multi-host Prefect cluster deployed from a git clone",
-    "protein_process": "runs the real entry point in a fresh interpreter (imports torch and Prefect: seconds a call)",
+    "protein_process": "runs the real entry point, or a module or script of the project, in a fresh interpreter "
+                       "(imports torch and Prefect: seconds a call)",
     "trainer": "trains models for whole epochs",
 }
 
@@ -83,7 +85,10 @@ def closed_port() -> Iterator[int]:
 
 class ProteinProcess:
     """The project in a fresh interpreter: the real `protein` entry point as users run it, or a
-    script that imports the project (torch and Prefect imports alone take seconds)."""
+    module or script that imports the project (torch and Prefect imports alone take seconds). The
+    fast tier starts none: every such process goes through the `protein_process` fixture, which
+    marks its test slow, and the fast tier's guard (`no_fresh_interpreter_in_the_fast_tier`) refuses
+    one started any other way."""
 
     def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -109,13 +114,61 @@ class ProteinProcess:
 
     def python(self, code: str, *args: str, env: dict[str, str] | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, timeout=timeout)
+        return self.script(code, *args, env={**os.environ, **(env or {})}, timeout=timeout)
+
+    def script(self, code: str, *args: str, env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """`python -c code args` with exactly `env`."""
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=timeout)
+
+    def start_script(self, code: str, *args: str) -> subprocess.Popen[bytes]:
+        """`python -c code args` started and left running (with the test's environment and output), for a
+        test that kills it."""
+        return subprocess.Popen([sys.executable, "-c", code, *args])
 
 
 @pytest.fixture(scope="session")
 def protein_process() -> ProteinProcess:
     return ProteinProcess()
+
+
+class FreshInterpreterInTheFastTier(RuntimeError):
+    """A fast-tier test started this interpreter again, which the fast tier's definition rules out."""
+
+
+def starts_this_interpreter(args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether `subprocess.Popen(args, **kwargs)` runs `sys.executable` (by its path, a link to it, or
+    a name PATH resolves to it). A shell command line is not parsed: tests here pass argument lists."""
+    if kwargs.get("shell"):
+        return False
+    program = kwargs.get("executable")
+    if program is None:
+        program = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), None)
+    if program is None:
+        return False
+    program = os.fsdecode(program)
+    found = program if os.sep in program else shutil.which(program)
+    return found is not None and os.path.realpath(found) == os.path.realpath(sys.executable)
+
+
+@pytest.fixture(autouse=True)
+def no_fresh_interpreter_in_the_fast_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a test the hook left unmarked (the fast tier), starting `sys.executable` raises: such a test
+    belongs in the slow tier, through `protein_process`, and would otherwise slip into `make check`
+    unseen. Other programs (moto_server, git) start as usual."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    unguarded = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        if starts_this_interpreter(args, kwargs):
+            raise FreshInterpreterInTheFastTier(
+                f"{request.node.nodeid} starts {sys.executable} (args {args!r}): a fresh interpreter per "
+                "case is the slow tier's; start it through the protein_process fixture")
+        unguarded(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 import pytest
 
 from deployments.iam import BUCKET_POLICY, ROLES, parse_store, render_policy, template
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, ProteinProcess
 from tests.helpers import REPO, write_dataset
 
 IMAGE = 32
@@ -141,8 +139,11 @@ def test_renderer_parameters() -> None:
             render_policy("trainer", bucket, prefix)
     with pytest.raises(ValueError, match="unknown role"):
         render_policy("admin", "ml-models", "p")
-    result = subprocess.run([sys.executable, "-m", "deployments.iam", "render", "--role", "publisher", "--store",
-                             "s3://ml-models/protein"], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_renderer_command_prints_the_policy(protein_process: ProteinProcess) -> None:
+    result = protein_process.module("deployments.iam", "render", "--role", "publisher", "--store",
+                                    "s3://ml-models/protein", env=dict(os.environ), cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == render_policy("publisher", "ml-models", "protein")
 
@@ -230,12 +231,11 @@ class Ran:
     stderr: str
 
 
-def protein(store: IamStore, role: str, *args: str, cache: Path) -> Ran:
+def protein(process: ProteinProcess, store: IamStore, role: str, *args: str, cache: Path) -> Ran:
     """`protein ARGS` in a subprocess, with one role's keys (the real entry point, imports included)."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env = {**inherited, **ONE_THREAD, **store.env(role), "PROTEIN_CACHE_DIR": str(cache)}
-    result = subprocess.run([sys.executable, "-m", "protein.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = process.module("protein.cli", *args, env=env, timeout=600)
     return Ran(result.returncode, result.stdout, result.stderr)
 
 
@@ -289,7 +289,8 @@ def test_enforcement_is_on(iam_store: IamStore, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.integration
 def test_each_role_does_its_part_and_nothing_else(
-    iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+    iam_store: IamStore, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any,
+    protein_process: ProteinProcess,
 ) -> None:
     from protein.config import GateConfig
     from protein.evaluation.gate import decide
@@ -317,7 +318,7 @@ def test_each_role_does_its_part_and_nothing_else(
 
     # Trainer: trains and registers (checkpoints under runs/, decoded-image cache under cache/).
     common = ["--store", uri, "--cache-dir", str(cache)]
-    trained = protein(iam_store, "trainer", "train", "--data", str(dataset), *common, "--epochs", "1",
+    trained = protein(protein_process, iam_store, "trainer", "train", "--data", str(dataset), *common, "--epochs", "1",
                       "--image-size", str(IMAGE), "--batch-size", "8", "--device", "cpu", "--share-cache",
                       cache=cache)
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -429,9 +430,9 @@ def test_each_role_does_its_part_and_nothing_else(
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_results_forged_with_the_trainer_keys_are_refused(iam_store: IamStore, dataset: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          protein_process: ProteinProcess) -> None:
     """A GPU host's keys can write runs/<run>/: a verdict and a submission forged there, the record's SHA-256
     included, are refused by the orchestrator (one line), the champion stays and nothing is published."""
     import hashlib
@@ -442,9 +443,9 @@ def test_results_forged_with_the_trainer_keys_are_refused(iam_store: IamStore, d
     from protein.storage import open_store
 
     uri, cache = iam_store.uri, tmp_path / "cache"
-    trained = protein(iam_store, "trainer", "train", "--data", str(dataset), "--store", uri, "--cache-dir",
-                      str(cache), "--epochs", "1", "--image-size", str(IMAGE), "--batch-size", "8", "--device", "cpu",
-                      cache=cache)
+    trained = protein(protein_process, iam_store, "trainer", "train", "--data", str(dataset), "--store", uri,
+                      "--cache-dir", str(cache), "--epochs", "1", "--image-size", str(IMAGE), "--batch-size", "8",
+                      "--device", "cpu", cache=cache)
     assert trained.returncode == 0, trained.stderr[-3000:]
     run = json.loads(trained.stdout.strip().splitlines()[-1])
     version, run_id, data_fingerprint = run["model_id"], run["run_id"], run["data_fingerprint"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from deployments.pools import IMAGE_SETTING, ImageSettingError, base_job_template, worker_image
+from tests.conftest import ProteinProcess
 from tests.helpers import REPO
 
 pytestmark = [pytest.mark.integration]
@@ -107,10 +107,10 @@ def test_the_worker_image_must_be_pinned(image: str, complaint: str) -> None:
         worker_image({IMAGE_SETTING: image})
 
 
-def test_pools_cli_prints_the_template_or_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_pools_cli_prints_the_template_or_one_line_and_exit_2(tmp_path: Path, protein_process: ProteinProcess) -> None:
     def cli(image: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "deployments.pools", "kubernetes"], cwd=REPO, text=True,
-                              capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin", IMAGE_SETTING: image})
+        return protein_process.module("deployments.pools", "kubernetes", cwd=REPO, timeout=60,
+                                      env={"PATH": "/usr/bin:/bin", IMAGE_SETTING: image})
 
     printed = cli(IMAGE)
     assert printed.returncode == 0, printed.stderr

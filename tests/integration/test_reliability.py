@@ -38,7 +38,7 @@ from protein.modeling.train import load_checkpoint, metrics_key
 from protein.pipeline import train_and_register
 from protein.registry import CHAMPION_KEY, Registry
 from protein.storage import open_store
-from tests.conftest import MotoServer, running_moto_server, set_s3_env
+from tests.conftest import MotoServer, ProteinProcess, running_moto_server, set_s3_env
 from tests.helpers import write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
 
@@ -660,7 +660,7 @@ def whole(payload: bytes) -> bool:
     return len(body) == 400_000 + 50_000 * (i % 9) and body == bytes([i % 251]) * len(body)
 
 
-def test_sigkilled_writer_leaves_every_object_whole_or_absent(tmp_path):
+def test_sigkilled_writer_leaves_every_object_whole_or_absent(tmp_path, protein_process: ProteinProcess):
     store = open_store(str(tmp_path / "store"))
     out = tmp_path / "out" / "submission.csv"
     keys = ["registry/champion.json", "models/v/model.safetensors"]
@@ -696,7 +696,7 @@ def test_sigkilled_writer_leaves_every_object_whole_or_absent(tmp_path):
     thread.start()
     try:
         for _ in range(6):
-            writer = subprocess.Popen([sys.executable, "-c", WRITER, store.uri, str(out)])
+            writer = protein_process.start_script(WRITER, store.uri, str(out))
             deadline = time.monotonic() + 30
             while not out.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -1001,16 +1001,16 @@ def test_hostile_test_set_is_refused_by_predict(case, served_store, small_datase
     assert store.list("submissions/") == before and not (tmp_path / "submission.csv").exists()
 
 
-def test_million_row_train_csv_is_bounded_in_memory_and_time(tmp_path):
+def test_million_row_train_csv_is_bounded_in_memory_and_time(tmp_path, protein_process: ProteinProcess):
     dataset = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(8)}, ["900"], size=IMAGE)
     with open(dataset / "train.csv", "w") as f:
         f.write("Image,Label\n")
         f.writelines(f"{i},{i % 10}\n" for i in range(1_000_000))
     command = [sys.executable, "-m", "protein.cli", "train", "--data", str(dataset), "--store",
                str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--image-size", str(IMAGE)]
-    _, _, idle = run_measured([sys.executable, "-c", "import protein.pipeline, protein.cli"])
+    _, _, idle = run_measured(protein_process, [sys.executable, "-c", "import protein.pipeline, protein.cli"])
     started = time.monotonic()
-    code, stderr, peak = run_measured(command)
+    code, stderr, peak = run_measured(protein_process, command)
     elapsed = time.monotonic() - started
     # 8 of the million images exist: the first missing one ends the run, with one line.
     assert code == 2, stderr[-2000:]
@@ -1032,11 +1032,10 @@ print(json.dumps({"code": os.waitstatus_to_exitcode(status), "peak_kib": usage.r
 """
 
 
-def run_measured(command: list[str], timeout: float = 180) -> tuple[int, str, float]:
+def run_measured(process: ProteinProcess, command: list[str], timeout: float = 180) -> tuple[int, str, float]:
     """Exit code, stderr and peak RSS in MiB of one process."""
     try:
-        result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True,
-                                env={**os.environ, **ONE_THREAD}, timeout=timeout)
+        result = process.python(MEASURE, *command, env=ONE_THREAD, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{command} still running after {timeout}s (a hang)")
     report = json.loads(result.stdout.strip().splitlines()[-1])

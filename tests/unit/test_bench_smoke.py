@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.conftest import ProteinProcess
 from tests.helpers import REPO
 
 PATHS = ("model-only", "fit")
 SMOKE_TIMEOUT_S = 300  # two recipes (efficientnet_b1 with 8-view TTA): ~40-70 s on 2 busy cores
 
 
-def test_gpu_bench_cpu_quick_writes_positive_throughputs(tmp_path: Path) -> None:
+def test_gpu_bench_cpu_quick_writes_positive_throughputs(tmp_path: Path, protein_process: ProteinProcess) -> None:
     out = tmp_path / "gpu.json"
     # One intra-op thread: on a busy 2-core machine two OpenMP threads that wait on each other
     # made this run 4-5x slower (39 s vs 7 s measured); the smoke run checks code, not speed.
     env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "bench-data"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S,
-    )
+    proc = protein_process.module("bench.gpu", "--device", "cpu", "--quick", "--out", str(out), env=env, cwd=REPO,
+                                  timeout=SMOKE_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     for key in ("device", "card", "precision", "plan", "cache_build_s", "results", "errors", "machine"):

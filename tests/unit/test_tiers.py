@@ -3,11 +3,14 @@ a test uses (tests/conftest.py SLOW_FIXTURES), so these tests collect the suite 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW_FIXTURES
+from tests.conftest import SLOW_FIXTURES, FreshInterpreterInTheFastTier
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -57,3 +60,14 @@ def test_the_hook_marks_a_test_that_uses_a_server_fixture_and_says_why() -> None
         assert marker is not None, item.nodeid
         assert "prefect_stack" in marker.kwargs["reason"], marker.kwargs
     assert [item.nodeid for item in gate if item.get_closest_marker("slow")] == []
+
+
+def test_a_fast_tier_test_that_starts_this_interpreter_fails_and_other_programs_run() -> None:
+    """This test is in the fast tier itself, so the guard is on here."""
+    for argv in ([sys.executable, "-c", "pass"], [Path(sys.executable), "-c", "pass"],
+                 [str(Path(sys.executable).resolve()), "-c", "pass"]):
+        with pytest.raises(FreshInterpreterInTheFastTier, match=r"starts .*python.*through the protein_process"):
+            subprocess.run(argv, capture_output=True, timeout=60)
+    with pytest.raises(FreshInterpreterInTheFastTier, match="a fresh interpreter per case is the slow tier's"):
+        subprocess.Popen(["anything"], executable=sys.executable)
+    assert subprocess.run([shutil.which("true") or "/bin/true"], timeout=60).returncode == 0

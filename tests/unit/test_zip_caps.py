@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from protein.data import ZipSource, fingerprint
 from protein.errors import DataError
+from tests.conftest import ProteinProcess
 from tests.helpers import REPO
 
 BOMB_BYTES = 256 * 1024 * 1024  # inflated size of the bomb member; the zip itself is ~250 KB
@@ -74,9 +73,9 @@ print(json.dumps({"outcome": outcome, "grew_kib": after - before}))
 """
 
 
-def fingerprint_in_a_subprocess(zip_path: Path, cache: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(zip_path), str(cache)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+def fingerprint_in_a_subprocess(process: ProteinProcess, zip_path: Path, cache: Path) -> dict:
+    done = process.script(MEASURE, str(zip_path), str(cache), timeout=300, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -88,8 +87,8 @@ def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_zip_bomb_is_refused_from_its_directory_without_inflating(bomb, tmp_path):
-    result = fingerprint_in_a_subprocess(bomb, tmp_path / "cache")
+def test_a_zip_bomb_is_refused_from_its_directory_without_inflating(bomb, tmp_path, protein_process):
+    result = fingerprint_in_a_subprocess(protein_process, bomb, tmp_path / "cache")
     assert result["outcome"].endswith(
         "bomb.zip!train/1.png: declares 268,435,456 bytes inflated, more than the 67,108,864-byte cap for a zip "
         "member; not inflated")
@@ -97,12 +96,12 @@ def test_a_zip_bomb_is_refused_from_its_directory_without_inflating(bomb, tmp_pa
     assert result["grew_kib"] < 16 * 1024, result
 
 
-def test_a_directory_that_understates_the_member_is_refused_within_the_cap(bomb, tmp_path):
+def test_a_directory_that_understates_the_member_is_refused_within_the_cap(bomb, tmp_path, protein_process):
     liar = tmp_path / "liar.zip"
     liar.write_bytes(bomb.read_bytes())
     lie_in_the_directory(liar, "train/1.png", 1000)
     assert ZipSource(liar, cache_dir=tmp_path / "c").size("train/1.png") == 1000
-    result = fingerprint_in_a_subprocess(liar, tmp_path / "cache")
+    result = fingerprint_in_a_subprocess(protein_process, liar, tmp_path / "cache")
     # The inflater stops at what the directory declared; the CRC then gives the lie away.
     assert "liar.zip!train/1.png: cannot read zip member" in result["outcome"], result
     assert result["grew_kib"] < 16 * 1024, result
