@@ -19,6 +19,9 @@ from tests.helpers import REAL, write_png
 
 CONFIG = ValidationConfig(image_size=SIZE, max_image_bytes=200_000)
 CENTROSOME = 8
+# Synthetic images per set for the image-statistics test: at least ValidationConfig.min_rows_for_drift (200),
+# and ample for a 15% shift (the z-test's standard error is ~1% of the mean at this size).
+N_IMAGES = 240
 
 
 def always_passes(self: Any, metrics: dict, runtime_configuration: dict | None = None,
@@ -87,8 +90,8 @@ def test_content_overlap_expectation_decides_leakage(tmp_path: Path, monkeypatch
 
 @pytest.fixture(scope="module")
 def image_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The profile (with image statistics) of 500 synthetic images, as --accept would store it."""
-    root = write_images(tmp_path_factory.mktemp("ref") / "ds", 500, seed=1)
+    """The profile (with image statistics) of N_IMAGES synthetic images, as --accept would store it."""
+    root = write_images(tmp_path_factory.mktemp("ref") / "ds", N_IMAGES, seed=1)
     profile = validate_dataset(root, CONFIG).profile
     assert set(profile["image_statistics"]) >= {"red_mean", "green_mean", "blue_saturated"}
     return {**profile, "source": "synthetic reference"}
@@ -97,10 +100,10 @@ def image_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_a_15_percent_green_shift_is_caught_and_new_images_alone_are_not(
         image_reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = ValidationConfig(image_size=SIZE)
-    same = validate_dataset(write_images(tmp_path / "same", 500, seed=2), config, image_reference)
+    same = validate_dataset(write_images(tmp_path / "same", N_IMAGES, seed=2), config, image_reference)
     assert not [f for f in same.failures if f["expectation"] == "expect_image_statistic_within_reference_bounds"]
 
-    shifted = write_images(tmp_path / "shifted", 500, seed=2, green_gain=1.15)
+    shifted = write_images(tmp_path / "shifted", N_IMAGES, seed=2, green_gain=1.15)
     report = validate_dataset(shifted, config, image_reference)
     moved = {f["column"]: f for f in report.failures
              if f["expectation"] == "expect_image_statistic_within_reference_bounds"}
