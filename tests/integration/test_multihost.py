@@ -285,8 +285,11 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     store_uri = f"s3://{cluster.bucket}/killed"
     store = open_store(store_uri)
     nightly = client.read_deployment_by_name("retrain/nightly")
-    parent = client.create_flow_run_from_deployment(nightly.id,
-                                                    parameters=retrain_parameters(cluster, store_uri, epochs))
+    parameters = retrain_parameters(cluster, store_uri, epochs)
+    # Two missed heartbeats (30 s apart, Prefect's least often) instead of the default four: the
+    # silence after the kill is most of this test's time.
+    parameters["dispatch"]["lost_after_seconds"] = 60
+    parent = client.create_flow_run_from_deployment(nightly.id, parameters=parameters)
 
     # Kill the GPU host as soon as training has checkpointed its first epoch.
     deadline = time.monotonic() + RUN_TIMEOUT_S
