@@ -45,6 +45,8 @@ SLOW_FIXTURES: dict[str, str] = {
     "prefect_stack": "starts a Prefect server, a worker, deployments and automations",
     "services": "starts Prefect server and worker processes",
     "cluster": "starts a multi-host Prefect cluster deployed from a git clone",
+    "ha_postgres": "starts a PostgreSQL cluster for highly available Prefect servers",
+    "failover": "starts a highly available Prefect stack on its own PostgreSQL, with a GPU-host worker",
     "protein_process": "runs the real entry point, or a module or script of the project, in a fresh interpreter "
                        "(imports torch and Prefect: seconds a call)",
     "trainer": "trains models for whole epochs",

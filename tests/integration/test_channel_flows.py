@@ -17,7 +17,7 @@ from protein.registry import Registry
 from protein.storage import LocalStore, open_store
 from tests.helpers import write_dataset
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 TRAIN = TrainParams(epochs=1, image_size=32, batch_size=8)
 VALIDATION = ValidationParams(image_size=40)

@@ -22,7 +22,7 @@ from deployments.definition import GIT_CLONE
 from flows.params import DispatchParams, GateParams, TrainParams, ValidationParams
 from tests.helpers import write_dataset
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 REPOSITORY = "https://git.example.internal/protein-pipeline.git"
 COMMIT = "1" * 40

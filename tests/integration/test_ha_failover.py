@@ -22,7 +22,7 @@ from tests.helpers import REPO
 from tests.integration.prefect_services import Service, host_env, worker_args
 from tests.integration.prefect_stack import RUN_TIMEOUT_S, Stack, start_stack, stop_stack
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 EPOCHS = 8  # long enough that the kill lands while the GPU host trains
 DB_DOWN_S = 5.0

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import REPO, write_dataset
 from tests.integration.prefect_stack import Stack
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 PATTERN = ["0", "4", "6 4", "2 5"]
 

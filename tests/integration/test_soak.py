@@ -46,7 +46,7 @@ from tests.integration.test_push_queue import resolved
 NIGHTS = int(os.environ.get("PROTEIN_SOAK_NIGHTS", "0"))
 # Opt-in: 30 nights take 20-25 minutes on this 2-core machine (most of a night is a worker's clone
 # and imports), more than make test can carry; `make soak` runs it (docs/reliability.md).
-pytestmark = [pytest.mark.integration, pytest.mark.slow,
+pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(NIGHTS < 1, reason="the soak runs with `make soak` (PROTEIN_SOAK_NIGHTS=N nights)"),
               pytest.mark.timeout(900 + 90 * max(NIGHTS, 1))]
 SEED = int(os.environ.get("SOAK_SEED", "21"))
