@@ -27,11 +27,20 @@ import pytest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Nor to the user's own cache folder (protein.locations.default_cache_dir). Both live in one folder
+# of this session's, removed when pytest ends (pytest_unconfigure): the cache holds decoded images
+# of every dataset the session trained on, hundreds of megabytes a run.
+SESSION_SCRATCH = Path(tempfile.mkdtemp(prefix="protein-tests-"))
 if "PREFECT_HOME" not in os.environ:
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="protein-prefect-home-")
-# Nor to the user's own cache folder (protein.locations.default_cache_dir).
+    os.environ["PREFECT_HOME"] = str(SESSION_SCRATCH / "prefect-home")
 if "PROTEIN_CACHE_DIR" not in os.environ:
-    os.environ["PROTEIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="protein-cache-")
+    os.environ["PROTEIN_CACHE_DIR"] = str(SESSION_SCRATCH / "cache")
+for _folder in ("PREFECT_HOME", "PROTEIN_CACHE_DIR"):
+    Path(os.environ[_folder]).mkdir(parents=True, exist_ok=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_SCRATCH, ignore_errors=True)
 
 SERVER_START_TIMEOUT_S = 10.0
 
@@ -58,6 +67,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
         if used:
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """The test body trains or infers on one intra-op torch thread (tests.helpers.one_torch_thread)."""
+    from tests.helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield
 
 
 def free_port() -> int:

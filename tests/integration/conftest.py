@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.helpers import module_scratch
+
 if TYPE_CHECKING:
     from deployments.ha_stack import HAPrefect, Postgres
     from tests.integration.prefect_services import Service
@@ -46,12 +48,12 @@ def ha_prefect(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
     from deployments.ha_stack import start_ha_prefect, stop_ha_prefect
     from tests.integration.prefect_services import prefect_env
 
-    root = tmp_path_factory.mktemp("ha")
-    stack = start_ha_prefect(root, ha_postgres, prefect_env(root / "server-home"))
-    try:
-        yield stack
-    finally:
-        stop_ha_prefect(stack)
+    with module_scratch(tmp_path_factory, "ha") as root:
+        stack = start_ha_prefect(root, ha_postgres, prefect_env(root / "server-home"))
+        try:
+            yield stack
+        finally:
+            stop_ha_prefect(stack)
 
 
 @pytest.fixture(scope="session")

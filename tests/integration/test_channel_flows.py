@@ -5,6 +5,7 @@ and never promotes older data without a person's flag."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from protein.cli import main as protein_main
 from protein.data.channels import read_channel
 from protein.registry import Registry
 from protein.storage import LocalStore, open_store
-from tests.helpers import write_dataset
+from tests.helpers import module_scratch, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +43,13 @@ def latest_artifact(key: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def pushes(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+def pushes(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
     """Two datasets with disjoint image ids (so a gate between them has rows neither trained on)."""
-    root = tmp_path_factory.mktemp("channels")
-    older = write_dataset(root / "older", {str(i): PATTERN[i % 4] for i in range(24)}, ["900", "901"], size=40)
-    newer = write_dataset(root / "newer", {str(100 + i): PATTERN[i % 4] for i in range(24)}, ["900", "901"], size=40)
-    return str(root / "store"), older, newer
+    with module_scratch(tmp_path_factory, "channels") as root:
+        tests = ["900", "901"]
+        older = write_dataset(root / "older", {str(i): PATTERN[i % 4] for i in range(24)}, tests, size=40)
+        newer = write_dataset(root / "newer", {str(100 + i): PATTERN[i % 4] for i in range(24)}, tests, size=40)
+        yield str(root / "store"), older, newer
 
 
 def test_the_channel_is_resolved_once_trained_skipped_when_unchanged_and_never_goes_backwards(

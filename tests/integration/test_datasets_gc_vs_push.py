@@ -46,6 +46,22 @@ def data(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "d", LABELS, TEST_IDS)
 
 
+@pytest.fixture
+def paused_gc_plan(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """gc, once it holds its lock, stops before it plans: `planning` is set when it gets there, and
+    it goes on when the test sets `resume` (or after WAIT_S)."""
+    planning, resume = threading.Event(), threading.Event()
+    real_plan = dataset_gc.plan_objects_gc
+
+    def pause_then_plan(target: Store, min_age_s: float) -> dataset_gc.ObjectsGcPlan:
+        planning.set()
+        resume.wait(WAIT_S)
+        return real_plan(target, min_age_s)
+
+    monkeypatch.setattr(dataset_gc, "plan_objects_gc", pause_then_plan)
+    return planning, resume
+
+
 def missing_objects(store: Store, fingerprint: str) -> list[str]:
     """The content objects the dataset's manifest names that the store lacks (complete: none)."""
     manifest = json.loads(store.get_bytes(manifest_key(fingerprint)))
@@ -121,20 +137,13 @@ def test_gc_while_a_push_relies_on_old_orphans_deletes_nothing_and_the_dataset_s
 
 
 def test_a_push_during_a_gc_waits_for_it_then_uploads_what_gc_deleted(
-        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        paused_gc_plan: tuple[threading.Event, threading.Event]) -> None:
     """The other order: gc holds its lock (paused before it plans); a push starts, writes its marker,
     sees the lock and waits; gc deletes the old orphans and ends; the push lists afresh and re-uploads."""
     store = open_store(s3_bucket)
     fp, objects = orphaned(store, data)
-    planning, resume_gc = threading.Event(), threading.Event()
-    real_plan = dataset_gc.plan_objects_gc
-
-    def pause_then_plan(target: Store, min_age_s: float) -> dataset_gc.ObjectsGcPlan:
-        planning.set()
-        resume_gc.wait(WAIT_S)
-        return real_plan(target, min_age_s)
-
-    monkeypatch.setattr(dataset_gc, "plan_objects_gc", pause_then_plan)
+    planning, resume_gc = paused_gc_plan
     gc_done = threading.Event()
 
     def gc_then_signal() -> dict[str, object]:
@@ -242,18 +251,11 @@ def test_a_gc_near_its_lock_bound_stops_deleting(s3_bucket: str) -> None:
 
 
 def test_a_second_gc_is_refused_while_the_first_runs(
-        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        data: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str],
+        paused_gc_plan: tuple[threading.Event, threading.Event]) -> None:
     store = open_store(s3_bucket)
     _, objects = orphaned(store, data)
-    planning, resume = threading.Event(), threading.Event()
-    real_plan = dataset_gc.plan_objects_gc
-
-    def pause_then_plan(target: Store, min_age_s: float) -> dataset_gc.ObjectsGcPlan:
-        planning.set()
-        resume.wait(WAIT_S)
-        return real_plan(target, min_age_s)
-
-    monkeypatch.setattr(dataset_gc, "plan_objects_gc", pause_then_plan)
+    planning, resume = paused_gc_plan
     first, collected = in_thread(lambda: collect_orphans(store, 0, times=FAST))
     assert planning.wait(WAIT_S)
     second = protein_main(["datasets", "gc", "--store", s3_bucket, "--older-than-hours", "0"])

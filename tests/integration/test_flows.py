@@ -9,7 +9,7 @@ import pytest
 from flows.params import GateParams, TrainParams, ValidationParams
 from protein.registry import Registry
 from protein.storage import open_store
-from tests.helpers import write_dataset
+from tests.helpers import module_scratch, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,12 @@ def promoted_store(prefect_harness, dataset, tmp_path_factory):
     """A store whose champion came from one passing retrain run."""
     from flows.retrain import retrain
 
-    store = str(tmp_path_factory.mktemp("store") / "store")
-    state = retrain(data=dataset, store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
-                    return_state=True)
-    assert state.is_completed(), state.message
-    return store, {**state.result(), "flow_run_id": state.state_details.flow_run_id}
+    with module_scratch(tmp_path_factory, "store") as root:
+        store = str(root / "store")
+        state = retrain(data=dataset, store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                        return_state=True)
+        assert state.is_completed(), state.message
+        yield store, {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
 
 def read_artifact(key, flow_run_id):

@@ -28,7 +28,7 @@ import pytest
 from deployments.ha_stack import HAPrefect
 from tasks.liveness import WORKER_NAME_LABEL
 from tests.conftest import MotoServer, set_s3_env
-from tests.helpers import write_dataset
+from tests.helpers import module_scratch, write_dataset
 from tests.integration.prefect_services import (
     Service,
     all_logs,
@@ -99,32 +99,32 @@ def cluster(s3_server: MotoServer, ha_prefect: HAPrefect, tmp_path_factory: pyte
             ) -> Iterator[Cluster]:
     import boto3
 
-    root = tmp_path_factory.mktemp("multihost")
-    bucket = f"hosts-{uuid.uuid4().hex[:12]}"
-    aws = aws_env(s3_server.endpoint)
-    s3 = boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
-                                        aws_secret_access_key="testing", region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
-    # The server is the highly available one (conftest's ha_prefect): every host talks to its nginx.
-    env = ha_prefect.client_env(prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"}))
+    with module_scratch(tmp_path_factory, "multihost") as root:
+        bucket = f"hosts-{uuid.uuid4().hex[:12]}"
+        aws = aws_env(s3_server.endpoint)
+        s3 = boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
+                                            aws_secret_access_key="testing", region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        # The server is the highly available one (conftest's ha_prefect): every host talks to its nginx.
+        env = ha_prefect.client_env(prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"}))
 
-    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
-    local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
-    data_uri = push_dataset(local, env["PROTEIN_STORE"], env)  # the channel deploy checks
-    shutil.rmtree(local)
+        labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
+        local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
+        data_uri = push_dataset(local, env["PROTEIN_STORE"], env)  # the channel deploy checks
+        shutil.rmtree(local)
 
-    remote, commit = git_remote_of_worktree(root)
-    with running_services() as services:
-        # Nothing listens on port 9 on loopback: alerts are lost, as with a webhook that is down.
-        deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
-                                            "PROTEIN_GPU_SLOTS": "1"}, remote, root)
-        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
-        assert not (root / "deploy-checkout").exists()
-        # The CPU host runs several flows at once (a retrain and a second, queued one).
-        cpu = root / "cpu-host"
-        services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
-                                               "--no-create-pool-if-not-found"], host_env(env, cpu), root, cwd=cpu))
-        yield Cluster(root, env, env["PREFECT_API_URL"], bucket, data_uri, commit, services)
+        remote, commit = git_remote_of_worktree(root)
+        with running_services() as services:
+            # Nothing listens on port 9 on loopback: alerts are lost, as with a webhook that is down.
+            deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+                                                "PROTEIN_GPU_SLOTS": "1"}, remote, root)
+            assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+            assert not (root / "deploy-checkout").exists()
+            # The CPU host runs several flows at once (a retrain and a second, queued one).
+            cpu = root / "cpu-host"
+            services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                                   "--no-create-pool-if-not-found"], host_env(env, cpu), root, cwd=cpu))
+            yield Cluster(root, env, env["PREFECT_API_URL"], bucket, data_uri, commit, services)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from protein.pipeline import train_and_register
 from protein.registry import CHAMPION_KEY, Registry
 from protein.storage import open_store
 from tests.conftest import MotoServer, ProteinProcess, running_moto_server, set_s3_env
-from tests.helpers import write_dataset, write_png
+from tests.helpers import module_scratch, one_torch_thread, write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -192,21 +192,8 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(r
           f"max weight difference {worst:.3g}")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """In-process training on one intra-op thread (see ONE_THREAD), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
-    prefect_harness, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch
+    prefect_harness, small_dataset, tmp_path, isolated_cache, single_torch_thread, monkeypatch
 ):
     import flows.retrain as retrain_module
     import tasks.training as training
@@ -309,7 +296,7 @@ def proxy(fault_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 @pytest.mark.parametrize("cut,resumes_from", [("checkpoint.pt", 1), ("model.safetensors", 2)])
 def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
-    proxy, small_dataset, tmp_path, one_thread, cut, resumes_from, trainer
+    proxy, small_dataset, tmp_path, single_torch_thread, cut, resumes_from, trainer
 ):
     bucket = new_bucket()
     uri = f"s3://{bucket}/p"
@@ -355,7 +342,7 @@ def champion_weights(tmp_path: Path) -> Path:
 
 
 def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
-    fault_server, small_dataset, tmp_path, monkeypatch, one_thread, protein_process
+    fault_server, small_dataset, tmp_path, monkeypatch, single_torch_thread, protein_process
 ):
     set_s3_env(monkeypatch, fault_server.endpoint)
     bucket = new_bucket()
@@ -587,7 +574,7 @@ def promote_attempts(flow_run_id: Any) -> int:
 
 
 def test_two_retrains_racing_on_one_store_leave_one_line_of_history(
-    prefect_harness, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch
+    prefect_harness, small_dataset, tmp_path, isolated_cache, single_torch_thread, monkeypatch
 ):
     import flows.retrain as retrain_module
 
@@ -947,20 +934,14 @@ def test_zip_with_escaping_member_names_is_refused(member, tmp_path):
 
 @pytest.fixture(scope="module")
 def served_store(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path,
-                 trainer: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+                 trainer: Callable[..., dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """A store with a promoted champion, for the prediction side."""
-    root = tmp_path_factory.mktemp("served")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = trainer(small_dataset, str(root / "store"), TrainConfig(
-            image_size=IMAGE, epochs=1, batch_size=8), run_id="served", cache_dir=root / "cache")
-    finally:
-        torch.set_num_threads(threads)
-    Registry(open_store(str(root / "store"))).promote(result["model_id"], expected_champion=None)
-    return {"store": str(root / "store"), "model_id": result["model_id"], "cache": root / "cache"}
+    with module_scratch(tmp_path_factory, "served") as root:
+        with one_torch_thread():
+            result = trainer(small_dataset, str(root / "store"), TrainConfig(
+                image_size=IMAGE, epochs=1, batch_size=8), run_id="served", cache_dir=root / "cache")
+        Registry(open_store(str(root / "store"))).promote(result["model_id"], expected_champion=None)
+        yield {"store": str(root / "store"), "model_id": result["model_id"], "cache": root / "cache"}
 
 
 def test_model_json_claiming_another_architecture_is_refused_by_predict(served_store, small_dataset, tmp_path):
@@ -1149,7 +1130,7 @@ def prefect_auth_string(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_credentials_appear_in_no_log_artifact_report_message_or_file(
-    prefect_harness, s3_server, small_dataset, tmp_path, isolated_cache, one_thread, monkeypatch, log_records,
+    prefect_harness, s3_server, small_dataset, tmp_path, isolated_cache, single_torch_thread, monkeypatch, log_records,
     prefect_auth_string, protein_process,
 ):
     import tempfile

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,27 +15,27 @@ from protein.evaluation.report import gate_markdown
 from protein.pipeline import evaluate_for_gate
 from protein.registry import Registry
 from protein.storage import open_store
-from tests.helpers import write_dataset
+from tests.helpers import module_scratch, write_dataset
 
 LENIENT = GateConfig(min_score=0.0, min_gain=-1.0, max_class_drop=1.0, min_rows=1)
 
 
 @pytest.fixture(scope="module")
-def changed_data(tmp_path_factory: pytest.TempPathFactory, trainer: Callable[..., dict]) -> dict:
+def changed_data(tmp_path_factory: pytest.TempPathFactory, trainer: Callable[..., dict]) -> Iterator[dict]:
     """A champion trained on 60 rows, then 60 more rows arrive and a challenger trains on all 120."""
-    root = tmp_path_factory.mktemp("gate-fairness")
-    rng = random.Random(1)
-    labels = {str(i): " ".join(map(str, rng.sample(range(10), rng.randint(1, 2)))) for i in range(120)}
-    old = write_dataset(root / "old", dict(list(labels.items())[:60]), ["900"], size=32)
-    new = write_dataset(root / "new", labels, ["900"], size=32)
-    store, cache = str(root / "store"), root / "cache"
-    # batch 10: a last batch of one image would trip BatchNorm in training (49 rows, batch 16)
-    config = TrainConfig(image_size=32, epochs=1, batch_size=10, seed=0)
-    champion = trainer(old, store, config, cache_dir=cache)["model_id"]
-    Registry(open_store(store)).promote(champion, expected_champion=None)
-    challenger = trainer(new, store, TrainConfig(image_size=32, epochs=1, batch_size=16, seed=1),
-                                    cache_dir=cache)["model_id"]
-    return {"old": old, "new": new, "store": store, "cache": cache, "champion": champion, "challenger": challenger}
+    with module_scratch(tmp_path_factory, "gate-fairness") as root:
+        rng = random.Random(1)
+        labels = {str(i): " ".join(map(str, rng.sample(range(10), rng.randint(1, 2)))) for i in range(120)}
+        old = write_dataset(root / "old", dict(list(labels.items())[:60]), ["900"], size=32)
+        new = write_dataset(root / "new", labels, ["900"], size=32)
+        store, cache = str(root / "store"), root / "cache"
+        # batch 10: a last batch of one image would trip BatchNorm in training (49 rows, batch 16)
+        config = TrainConfig(image_size=32, epochs=1, batch_size=10, seed=0)
+        champion = trainer(old, store, config, cache_dir=cache)["model_id"]
+        Registry(open_store(store)).promote(champion, expected_champion=None)
+        challenger = trainer(new, store, TrainConfig(image_size=32, epochs=1, batch_size=16, seed=1),
+                                        cache_dir=cache)["model_id"]
+        yield {"old": old, "new": new, "store": store, "cache": cache, "champion": champion, "challenger": challenger}
 
 
 def test_model_json_records_the_exact_rows_and_the_data(changed_data):

@@ -26,6 +26,7 @@ from protein.pipeline import (
 )
 from protein.registry import Registry
 from protein.storage import open_store
+from tests.helpers import module_scratch
 
 
 @pytest.fixture
@@ -102,13 +103,13 @@ FOLD = TrainConfig(image_size=32, epochs=1, batch_size=16, seed=0, folds=2)
 
 @pytest.fixture(scope="module")
 def folds(tiny_dataset, tmp_path_factory, trainer):
-    root = tmp_path_factory.mktemp("folds")
-    store, cache = str(root / "store"), root / "cache"
-    ids = []
-    for fold in (1, 2):
-        config = recipe_config(**{**FOLD.__dict__, "fold": fold, "tta": True, "recipe": "default"})
-        ids.append(trainer(tiny_dataset, store, config, cache_dir=cache)["model_id"])
-    return {"store": store, "cache": cache, "ids": ids, "root": root}
+    with module_scratch(tmp_path_factory, "folds") as root:
+        store, cache = str(root / "store"), root / "cache"
+        ids = []
+        for fold in (1, 2):
+            config = recipe_config(**{**FOLD.__dict__, "fold": fold, "tta": True, "recipe": "default"})
+            ids.append(trainer(tiny_dataset, store, config, cache_dir=cache)["model_id"])
+        yield {"store": store, "cache": cache, "ids": ids, "root": root}
 
 
 def test_fold_models_hold_out_disjoint_parts_covering_every_row(folds, tiny_dataset):

@@ -3,7 +3,6 @@ training (spied on in protein.modeling.train), with the recipe's own config, not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +30,8 @@ def spy_on_fit_path(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     return calls
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, restored afterwards. This test took 35 s in a fast-tier run beside another
-    engineer's tests (load 1.8) against 4.6 s on a quiet machine: two OpenMP threads waiting on each other on
-    busy cores, as test_bench_smoke.py measured for the same code. It checks which functions run, not speed."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_the_gpu_bench_runs_fits_own_functions_with_the_recipes_config(monkeypatch: pytest.MonkeyPatch,
-                                                                        tmp_path: Path, one_torch_thread: None):
+                                                                        tmp_path: Path, single_torch_thread: None):
     calls = spy_on_fit_path(monkeypatch)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
