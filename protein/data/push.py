@@ -170,6 +170,7 @@ def push_dataset(
             return size
 
         sizes: list[int] = []
+        sent: set[str] = set()  # the contents this push uploaded, over every listing
         while True:
             # Listed under the marker, after any gc ended: what this listing shows stays until the manifest.
             present = stored_objects(store)
@@ -177,6 +178,7 @@ def push_dataset(
             for name in names:
                 if present.get(object_key(entries[name].sha256)) != entries[name].size:
                     todo.setdefault(entries[name].sha256, name)
+            sent.update(todo)
             with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
                 sizes += pool.map(upload, todo.values())
             if marker.fresh():
@@ -193,7 +195,7 @@ def push_dataset(
             log.info("%s was completed by a concurrent push of the same data", uri)
     uploaded = sum(1 for size in sizes if size)
     log.info("pushed %s: %d files, %d objects uploaded (%d bytes), %d already stored", uri, len(names), uploaded,
-             sum(sizes), len(names) - len(todo))
+             sum(sizes), sum(1 for name in names if entries[name].sha256 not in sent))
     return PushResult(uri, fp, len(names), total, uploaded, False, sum(sizes))
 
 

@@ -304,3 +304,26 @@ def test_a_push_slower_than_the_marker_bound_renews_it_and_lists_again(
     assert (outcome["stale_push_markers_removed"], outcome["deleted"]) == (1, objects)
     assert listings == [objects, 0] and pushed["value"].uploaded == objects
     assert store.list(PUSHES_PREFIX) == []
+
+
+def test_the_push_log_counts_what_it_uploaded_before_a_renewal_as_uploaded(
+        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Into an empty store, a push uploads every object, then finds its marker aged out, renews it and
+    lists again: that listing shows the objects it just sent. Its log line still says it uploaded them
+    all and found none already stored."""
+    store = open_store(s3_bucket)
+    checks: list[bool] = []
+    real_fresh = coordination.PushMarker.fresh
+
+    def stale_once(marker: coordination.PushMarker) -> bool:
+        checks.append(real_fresh(marker))
+        return len(checks) > 1
+
+    monkeypatch.setattr(coordination.PushMarker, "fresh", stale_once)
+    with caplog.at_level("INFO", logger=push_module.log.name):
+        result = push_dataset(str(data), store)
+    assert len(checks) == 2 and result.uploaded == len(store.list(f"{OBJECTS_PREFIX}/")) > 0
+    pushed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pushed ")]
+    expected = (f"{result.files} files, {result.uploaded} objects uploaded ({result.uploaded_bytes} bytes), "
+                "0 already stored")
+    assert len(pushed) == 1 and pushed[0].endswith(expected), pushed
