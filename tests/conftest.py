@@ -69,6 +69,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
 
 
+# The slow tier's peak on the temp disk, measured by .ci/run on a fresh clone (2026-12-04): 4.8 GB
+# above where it started (servers, clusters and their clones, trained models), all of it gone when
+# pytest ends. With less free, tests fail by the hundred on "No space left on device" midway
+# (a CI run did); one line before anything runs says why instead.
+SLOW_TIER_FREE_GB = 7.0
+DISK_REFUSED_EXIT = 4  # pytest's own code for a session that cannot start as asked
+
+
+def disk_refusal(folder: str, free_bytes: int, need_gb: float) -> str | None:
+    """Why a session cannot start on this disk, or None when it can."""
+    if free_bytes >= need_gb * 1024**3:
+        return None
+    return (f"{folder} has {free_bytes / 1024**3:.1f} GB free; the slow tier needs about {need_gb:g} GB there "
+            f"(its peak is 4.8 GB): free some space, point TMPDIR at a larger disk, or run the fast tier "
+            f"(make check); PROTEIN_TEST_MIN_FREE_GB overrides the figure")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly or not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    folder = tempfile.gettempdir()
+    need = float(os.environ.get("PROTEIN_TEST_MIN_FREE_GB", SLOW_TIER_FREE_GB))
+    refusal = disk_refusal(folder, shutil.disk_usage(folder).free, need)
+    if refusal:
+        pytest.exit(refusal, returncode=DISK_REFUSED_EXIT)
+
+
 @pytest.fixture
 def single_torch_thread() -> Iterator[None]:
     """The test body trains or infers on one intra-op torch thread (tests.helpers.one_torch_thread)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW_FIXTURES, FreshInterpreterInTheFastTier
+from tests.conftest import DISK_REFUSED_EXIT, SLOW_FIXTURES, FreshInterpreterInTheFastTier, disk_refusal
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,22 @@ def test_a_fast_tier_test_that_starts_this_interpreter_fails_and_other_programs_
     with pytest.raises(FreshInterpreterInTheFastTier, match="a fresh interpreter per case is the slow tier's"):
         subprocess.Popen(["anything"], executable=sys.executable)
     assert subprocess.run([shutil.which("true") or "/bin/true"], timeout=60).returncode == 0
+
+
+def test_too_little_disk_for_the_slow_tier_is_one_line_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert disk_refusal("/scratch", 8 * 1024**3, 7.0) is None
+    line = disk_refusal("/scratch", 2 * 1024**3, 7.0)
+    assert line is not None and "\n" not in line
+    assert line.startswith("/scratch has 2.0 GB free; the slow tier needs about 7 GB there")
+    # Through the hook: a slow test selected on a "disk" too small stops the session before any setup
+    # (--setup-plan runs no fixture, so without the check this returns OK at once).
+    monkeypatch.setenv("PROTEIN_TEST_MIN_FREE_GB", "1e9")
+    code = pytest.main(["-q", "--setup-plan", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        str(TESTS / "integration" / "test_first_run.py")])
+    out = capsys.readouterr().out
+    assert code == DISK_REFUSED_EXIT and "GB free; the slow tier needs about 1e+09 GB there" in out, out[-2000:]
+    # The fast tier needs no such room.
+    code = pytest.main(["-q", "--setup-plan", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        str(TESTS / "unit" / "test_labels.py")])
+    assert code == pytest.ExitCode.OK
