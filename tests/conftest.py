@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -28,19 +29,18 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Nor to the user's own cache folder (protein.locations.default_cache_dir). Both live in one folder
-# of this session's, removed when pytest ends (pytest_unconfigure): the cache holds decoded images
-# of every dataset the session trained on, hundreds of megabytes a run.
+# of this session's, removed when the pytest process exits: the cache holds decoded images of every
+# dataset the session trained on, hundreds of megabytes a run. At exit, not in pytest_unconfigure:
+# tests that run pytest.main() in process (test_tiers.py) end a nested session that would remove
+# the outer one's Prefect home and cache under its running server.
 SESSION_SCRATCH = Path(tempfile.mkdtemp(prefix="protein-tests-"))
+atexit.register(shutil.rmtree, SESSION_SCRATCH, ignore_errors=True)
 if "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = str(SESSION_SCRATCH / "prefect-home")
 if "PROTEIN_CACHE_DIR" not in os.environ:
     os.environ["PROTEIN_CACHE_DIR"] = str(SESSION_SCRATCH / "cache")
 for _folder in ("PREFECT_HOME", "PROTEIN_CACHE_DIR"):
     Path(os.environ[_folder]).mkdir(parents=True, exist_ok=True)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_SCRATCH, ignore_errors=True)
 
 SERVER_START_TIMEOUT_S = 10.0
 

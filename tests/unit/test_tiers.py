@@ -3,6 +3,7 @@ a test uses (tests/conftest.py SLOW_FIXTURES), so these tests collect the suite 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,5 @@ def test_too_little_disk_for_the_slow_tier_is_one_line_before_anything_runs(
     code = pytest.main(["-q", "--setup-plan", "-p", "no:cacheprovider", "-p", "no:randomly",
                         str(TESTS / "unit" / "test_labels.py")])
     assert code == pytest.ExitCode.OK
+    # Those nested sessions left this session's Prefect home and image cache where they were.
+    assert Path(os.environ["PREFECT_HOME"]).is_dir() and Path(os.environ["PROTEIN_CACHE_DIR"]).is_dir()
