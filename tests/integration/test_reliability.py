@@ -628,7 +628,7 @@ from protein.atomic import write_bytes_atomic
 from protein.storage import open_store
 
 store, out = open_store(sys.argv[1]), Path(sys.argv[2])
-source = Path(tempfile.mkdtemp()) / "weights"
+source = Path(tempfile.mkdtemp(dir=sys.argv[3])) / "weights"  # the test's folder: this process is killed
 i = 0
 while True:
     i += 1
@@ -683,7 +683,7 @@ def test_sigkilled_writer_leaves_every_object_whole_or_absent(tmp_path, protein_
     thread.start()
     try:
         for _ in range(6):
-            writer = protein_process.start_script(WRITER, store.uri, str(out))
+            writer = protein_process.start_script(WRITER, store.uri, str(out), str(tmp_path))
             deadline = time.monotonic() + 30
             while not out.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
