@@ -77,10 +77,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
 
 
-# The slow tier's peak on the temp disk, measured by .ci/run on two fresh clones (2026-12-04): 4.8
-# and 5.3 GB above where it started (servers, clusters and their clones, trained models), all of it gone when
-# pytest ends. With less free, tests fail by the hundred on "No space left on device" midway
-# (a CI run did); one line before anything runs says why instead.
+# The slow tier's peak on the temp disk, measured by .ci/run on three fresh clones (2026-12-04):
+# 4.8-5.5 GB above where it started (servers, clusters and their clones, trained models), nearly all
+# of it gone when pytest ends. With less free, tests fail by the hundred on "No space left on
+# device" midway (a CI run did); one line before anything runs says why instead.
 SLOW_TIER_FREE_GB = 7.0
 DISK_REFUSED_EXIT = 4  # pytest's own code for a session that cannot start as asked
 

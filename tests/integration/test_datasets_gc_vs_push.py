@@ -312,11 +312,10 @@ def test_the_push_log_counts_what_it_uploaded_before_a_renewal_as_uploaded(
     lists again: that listing shows the objects it just sent. Its log line still says it uploaded them
     all and found none already stored."""
     store = open_store(s3_bucket)
-    checks: list[bool] = []
-    real_fresh = coordination.PushMarker.fresh
+    checks: list[coordination.PushMarker] = []
 
     def stale_once(marker: coordination.PushMarker) -> bool:
-        checks.append(real_fresh(marker))
+        checks.append(marker)
         return len(checks) > 1
 
     monkeypatch.setattr(coordination.PushMarker, "fresh", stale_once)
