@@ -49,6 +49,17 @@ if "PROTEIN_CACHE_DIR" not in os.environ:
     os.environ["PROTEIN_CACHE_DIR"] = str(SESSION_SCRATCH / "cache")
 for _folder in ("PREFECT_HOME", "PROTEIN_CACHE_DIR"):
     Path(os.environ[_folder]).mkdir(parents=True, exist_ok=True)
+# What the code under test puts in the temp folder, in this process and in every process it starts
+# (a `protein validate` without --report keeps its report there by design, a SIGKILLed training
+# leaves its weights folder): the session's, so nothing outlives the session. Pytest's own
+# tmp_path root stays the system's, where a failed test's folder is kept for a look.
+# Modes as the system's /tmp: PostgreSQL runs as an unprivileged user (deployments/ha_stack.py) in it.
+SESSION_TEMP = SESSION_SCRATCH / "tmp"
+SESSION_TEMP.mkdir()
+SESSION_SCRATCH.chmod(0o711)
+SESSION_TEMP.chmod(0o1777)
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TEMP)
 
 SERVER_START_TIMEOUT_S = 10.0
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,16 @@ def test_too_little_disk_for_the_slow_tier_is_one_line_before_anything_runs(
     assert code == pytest.ExitCode.OK
     # Those nested sessions left this session's Prefect home and image cache where they were.
     assert Path(os.environ["PREFECT_HOME"]).is_dir() and Path(os.environ["PROTEIN_CACHE_DIR"]).is_dir()
+
+
+def test_temp_files_of_the_code_under_test_stay_in_the_session_scratch(tmp_path: Path) -> None:
+    """What the code under test leaves in the temp folder (a report kept by design, the weights folder
+    of a SIGKILLed training) goes when the session does; a failed test's tmp_path stays for a look."""
+    from tests.conftest import SESSION_SCRATCH
+
+    made_here = Path(tempfile.mkdtemp(prefix="protein-probe-"))
+    made_by_a_child = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip())
+    for folder in (made_here, made_by_a_child):
+        assert folder.is_relative_to(SESSION_SCRATCH), folder
+        shutil.rmtree(folder)
+    assert not tmp_path.is_relative_to(SESSION_SCRATCH), tmp_path
