@@ -39,9 +39,12 @@ check: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
+# Everything, on two xdist workers: most of the slow tier waits on servers, heartbeats and polls, so
+# two modules at a time fill the two cores (28 min serial, docs/testing.md). A module stays on one
+# worker (its clusters are module fixtures); tests/conftest.py hands out the long modules first.
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The soak test: a compressed calendar of nights, pushes and faults on the production shape
 # (docs/reliability.md). Not part of make test (30 nights take 20-25 minutes here);

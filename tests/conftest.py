@@ -86,6 +86,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
         if used:
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
+    if is_xdist_worker(config):
+        items[:] = slow_modules_first(items)
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def slow_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The modules with a slow test ahead of the others, each group in the order it had (pytest-randomly's
+    shuffle runs before this hook). `make test` hands whole modules to its two xdist workers in this
+    order (`--dist loadscope --no-loadscope-reorder`): the long modules, which mostly wait on servers,
+    start first and the short CPU-bound ones fill in at the end, instead of one worker finishing a
+    30-minute-long module alone after the other has run out of work."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    return sorted(items, key=lambda item: item.path not in slow_modules)
 
 
 # The slow tier's peak on the temp disk, measured by .ci/run on three fresh clones (2026-12-04):
@@ -106,9 +122,25 @@ def disk_refusal(folder: str, free_bytes: int, need_gb: float) -> str | None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if is_xdist_worker(session.config):  # the controller checked (pytest_sessionstart)
+        return
     if session.config.option.collectonly or not any(item.get_closest_marker("slow") for item in session.items):
         return
-    folder = tempfile.gettempdir()
+    refuse_a_disk_too_small_for_the_slow_tier()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # An xdist controller collects nothing (its workers do, and one stopping there crashes the run
+    # with an internal error), so it decides from the -m expression, before it starts its workers.
+    config = session.config
+    if (config.getoption("numprocesses", None) and not is_xdist_worker(config) and not config.option.collectonly
+            and "not slow" not in (config.getoption("markexpr") or "")):
+        refuse_a_disk_too_small_for_the_slow_tier()
+
+
+def refuse_a_disk_too_small_for_the_slow_tier() -> None:
+    folder = str(SESSION_SCRATCH.parent)  # the temp folder the user set, around this session's own
     need = float(os.environ.get("PROTEIN_TEST_MIN_FREE_GB", SLOW_TIER_FREE_GB))
     refusal = disk_refusal(folder, shutil.disk_usage(folder).free, need)
     if refusal:

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DISK_REFUSED_EXIT, SLOW_FIXTURES, FreshInterpreterInTheFastTier, disk_refusal
+from tests.conftest import (
+    DISK_REFUSED_EXIT,
+    SLOW_FIXTURES,
+    FreshInterpreterInTheFastTier,
+    disk_refusal,
+    slow_modules_first,
+)
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -107,3 +113,28 @@ def test_temp_files_of_the_code_under_test_stay_in_the_session_scratch(tmp_path:
         assert folder.is_relative_to(SESSION_SCRATCH), folder
         shutil.rmtree(folder)
     assert not tmp_path.is_relative_to(SESSION_SCRATCH), tmp_path
+
+
+def test_an_xdist_session_refuses_a_small_disk_before_it_starts_its_workers(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Workers are fresh interpreters, which the fast tier never starts: the refusal has to come first.
+    monkeypatch.setenv("PROTEIN_TEST_MIN_FREE_GB", "1e9")
+    code = pytest.main(["-q", "-n", "2", "--setup-plan", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        str(TESTS / "integration" / "test_first_run.py")])
+    out = capsys.readouterr().out
+    assert code == DISK_REFUSED_EXIT and "GB free; the slow tier needs about 1e+09 GB there" in out, out[-2000:]
+
+
+def test_xdist_workers_take_the_modules_with_slow_tests_first_in_their_shuffled_order() -> None:
+    class Item:
+        def __init__(self, path: str, slow: bool) -> None:
+            self.path, self.slow = Path(path), slow
+
+        def get_closest_marker(self, name: str) -> object:
+            return name == "slow" and self.slow or None
+
+    order = [("unit/a.py", False), ("int/z.py", False), ("int/z.py", True), ("unit/b.py", False), ("int/c.py", True)]
+    items = [Item(path, slow) for path, slow in order]
+    ordered = slow_modules_first(items)  # type: ignore[arg-type]
+    assert [(str(i.path), i.slow) for i in ordered] == [
+        ("int/z.py", False), ("int/z.py", True), ("int/c.py", True), ("unit/a.py", False), ("unit/b.py", False)]
