@@ -100,9 +100,9 @@ class DispatchParams(BaseModel):
                           description="crashed or timed-out training is dispatched again, resuming from its checkpoint")
     poll_seconds: float = Field(5, gt=0, title="Poll interval (s)")
     lost_after_seconds: float = Field(
-        120, ge=45, title="Lost after (s)",
-        description="a run whose heartbeats (every 30 s), or whose worker's before the first, stay silent this long "
-                    "is marked Crashed and dispatched again")
+        120, ge=20, title="Lost after (s)",
+        description="a run whose pulses (sent four times in this span), or whose worker's heartbeats before the "
+                    "first, stay silent this long is marked Crashed and dispatched again")
     api_outage_minutes: float = Field(10, ge=0, title="API outage waited out (min)",
                                       description="how long an unreachable Prefect API is waited out")
 

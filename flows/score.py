@@ -13,12 +13,13 @@ from prefect import flow
 from flows.params import default_store, route_library_logs
 from protein.modeling.devices import DevicePolicy
 from tasks.evaluation import evaluate_models_into_store
+from tasks.liveness import pulsing
 from tasks.prediction import predict_submission_for_run
 
 
 @flow(name="score", flow_run_name="score-{step}-{run_id}")
 def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, champion: str | None = None,
-          store: str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
+          store: str | None = None, allow_cpu: bool = False, pulse_seconds: float | None = None) -> dict[str, Any]:
     """Score for the retrain run `run_id` and keep the result under runs/<run_id>/ in the store.
 
     Args:
@@ -32,10 +33,13 @@ def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, 
             PROTEIN_STORE (default work/store)
         allow_cpu: score on CPU when the worker has no CUDA GPU (the gpu pool refuses otherwise;
             a worker may also allow it with PROTEIN_ALLOW_CPU=1)
+        pulse_seconds: send a protein.flow-run.pulse event this often while scoring (the dispatch
+            that started this run sets it from its lost-after bound); empty: none
     """
-    route_library_logs()
-    policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
-    store = store or default_store()
-    if step == "gate":
-        return evaluate_models_into_store(data, store, run_id, model, champion, policy)
-    return predict_submission_for_run(data, store, run_id, model, policy)
+    with pulsing(pulse_seconds):
+        route_library_logs()
+        policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
+        store = store or default_store()
+        if step == "gate":
+            return evaluate_models_into_store(data, store, run_id, model, champion, policy)
+        return predict_submission_for_run(data, store, run_id, model, policy)

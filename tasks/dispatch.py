@@ -2,7 +2,7 @@
 
 A run whose process dies (host lost, SIGKILL, OOM-killer, a worker restarted by systemd) stays
 `Running` on the server forever: nothing marks it Crashed. So the parent watches the run's own
-heartbeats (or, before the run heartbeats, the worker that took it); when they stop, or the
+pulses and heartbeats (or, before the first, the worker that took it); when they stop, or the
 attempt outlives its timeout, the run is marked Crashed/Cancelling and dispatched again with the
 same run id: training resumes from the last epoch checkpoint in the store, scoring simply runs
 again (it writes its result to the store under the run id; nothing of a lost attempt is kept).
@@ -43,7 +43,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.states import Cancelling, Crashed
 
-from tasks.liveness import Evidence, Silence, observe, process_alive
+from tasks.liveness import Evidence, Silence, observe, process_alive, pulse_interval_s
 
 T = TypeVar("T")
 # States after which an attempt will never produce a result (Cancelling: on its way to Cancelled).
@@ -60,8 +60,9 @@ class DispatchConfig:
     timeout_s: float = 6 * 3600  # per attempt, from dispatch to a final state
     attempts: int = 3  # new attempts one execution of the parent may start
     poll_s: float = 5.0
-    # Silence (of the run's heartbeats; of its worker before the run heartbeats) after which the
-    # run's process is taken for dead. Prefect flow runs heartbeat every 30 s at the least often.
+    # Silence (of the run's pulses and heartbeats; of its worker before the run's first) after which
+    # the run's process is taken for dead. The run is asked to pulse four times as often
+    # (tasks.liveness); a run heard only through Prefect's 30 s heartbeats gets at least 45 s.
     lost_after_s: float = 120.0
     api_outage_s: float = 600.0  # how long an unreachable Prefect API is waited out
 
@@ -213,8 +214,10 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
             if dispatched == config.attempts:
                 raise RuntimeError(f"{step} of run {run_id} did not complete in {config.attempts} attempts on "
                                    f"{deployment}")
-            # The same key again after a lost answer: the server hands back the run it created.
-            child, _ = through_outage(partial(run_deployment, deployment, parameters=parameters, timeout=0,
+            # The same key again after a lost answer: the server hands back the run it created. The
+            # pulse is not in the key: how closely a run is watched does not change its result.
+            pulsed = {**parameters, "pulse_seconds": pulse_interval_s(config.lost_after_s)}
+            child, _ = through_outage(partial(run_deployment, deployment, parameters=pulsed, timeout=0,
                                               flow_run_name=f"{step}-{run_id}",
                                               idempotency_key=idempotency_key(prefix, number)),
                                       config, logger, f"dispatching {step}")

@@ -5,11 +5,20 @@ worker's heartbeat. Event filters need an `occurred` window, and `occurred` is s
 emitting host, so the window is a wide one around the run's server-stamped creation, never "now"
 on this host (Prefect's default `until` is this host's clock: a CPU host running behind would
 not see the newest heartbeats).
+
+A dispatched run also pulses: while its flow body runs it sends `protein.flow-run.pulse` as often
+as its dispatcher asked (a quarter of the dispatcher's lost-after bound). Prefect's own flow-run
+heartbeat cannot come more often than every 30 s, which put a floor of about a minute under the
+time to call a dead run lost; a run seen pulsing is held to the dispatcher's bound instead.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +27,14 @@ from prefect.client.schemas.objects import FlowRun
 
 WORKER_NAME_LABEL = "prefect.worker.name"
 WORKER_TYPE_LABEL = "prefect.worker.type"
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+PULSE_EVENT = "protein.flow-run.pulse"
+# A run heard only through Prefect's heartbeats (every 30 s at the most often, PREFECT_FLOWS_HEARTBEAT_FREQUENCY)
+# is not called lost before this much silence, whatever the dispatcher's bound: the heartbeat plus the
+# server's event-persisting delay. Likewise a worker is given two of its own heartbeat intervals.
+HEARTBEAT_ONLY_BOUND_S = 45.0
+WORKER_BEATS_OF_SILENCE = 2
+PULSES_PER_BOUND = 4
 # Hosts whose clocks are off from the server's by more than this see their events missed.
 SKEW_MARGIN = dt.timedelta(days=1)
 HORIZON = dt.timedelta(days=366)
@@ -27,9 +44,11 @@ HORIZON = dt.timedelta(days=366)
 class Evidence:
     """What the server says about the process under one flow run."""
 
-    run_heartbeat: dt.datetime | None = None  # received: the run's latest prefect.flow-run.heartbeat
+    run_heartbeat: dt.datetime | None = None  # received: the run's latest heartbeat or pulse
+    run_pulses: bool = False  # the run is seen pulsing (PULSE_EVENT), not only heartbeating
     worker: str | None = None  # the worker that took the run (its label)
     worker_heartbeat: dt.datetime | None = None  # that worker's last_heartbeat_time
+    worker_interval_s: float | None = None  # how often that worker says it heartbeats
     worker_started: dt.datetime | None = None  # received: that worker's latest prefect.worker.started
     # received: the worker's prefect.worker.submitted-flow-run for this run. A worker process sends
     # its events in order on one connection, so its own started event always arrives before it;
@@ -64,9 +83,11 @@ def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: floa
     A run that heartbeats answers for itself, whatever became of its worker (a process that
     outlived its worker still finishes and reports). Before its first heartbeat, the worker that
     took it answers: silent, or started again after it took the run (a restart under the same
-    name is a new process, and a new process never adopts its predecessor's runs)."""
+    name is a new process, and a new process never adopts its predecessor's runs). Silence is
+    held to lost_after_s only where the beats come often enough for it (HEARTBEAT_ONLY_BOUND_S)."""
     if evidence.run_heartbeat is not None:
-        if run_silent_s > lost_after_s:
+        bound = lost_after_s if evidence.run_pulses else max(lost_after_s, HEARTBEAT_ONLY_BOUND_S)
+        if run_silent_s > bound:
             return False, (f"flow run stopped heartbeating (none for {run_silent_s:.0f}s; "
                            f"worker {evidence.worker or 'unknown'})")
         return True, ""
@@ -77,9 +98,47 @@ def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: floa
         return False, (f"worker {evidence.worker} restarted after it took the run (started "
                        f"{evidence.worker_started:%H:%M:%S}, took the run {evidence.handed_over:%H:%M:%S} "
                        "server time): the process that ran it is gone")
-    if worker_silent_s > lost_after_s:
+    worker_bound = max(lost_after_s, WORKER_BEATS_OF_SILENCE * (evidence.worker_interval_s or 30.0))
+    if worker_silent_s > worker_bound:
         return False, f"worker {evidence.worker} stopped heartbeating (none for {worker_silent_s:.0f}s)"
     return True, ""
+
+
+def pulse_interval_s(lost_after_s: float) -> float:
+    """How often a dispatched run pulses for a dispatcher that calls it lost after lost_after_s."""
+    return max(1.0, lost_after_s / PULSES_PER_BOUND)
+
+
+@contextmanager
+def pulsing(interval_s: float | None) -> Iterator[None]:
+    """While the block runs, send PULSE_EVENT about the current flow run every interval_s (None:
+    nothing). From a thread of its own, so a long epoch does not delay it; a pulse that cannot be
+    sent is a gap in the pulses, never an error of the run."""
+    if not interval_s:
+        yield
+        return
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+
+    resource = {"prefect.resource.id": f"prefect.flow-run.{flow_run.id}"}
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                emit_event(event=PULSE_EVENT, resource=resource)
+            except Exception as exc:  # the dispatcher sees the gap; the run goes on
+                logging.getLogger(__name__).warning("pulse not sent: %s: %s", type(exc).__name__, exc)
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name="protein-pulse", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, Any]) -> tuple[FlowRun, Evidence]:
@@ -88,9 +147,10 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
     run = client.read_flow_run(flow_run_id)
     window = (run.created - SKEW_MARGIN, run.created + HORIZON)  # created: stamped by the server
     worker = (run.labels or {}).get(WORKER_NAME_LABEL)
-    beat = latest_received(client, f"prefect.flow-run.{run.id}", "prefect.flow-run.heartbeat", window)
-    if beat is not None or not worker or not run.work_pool_name:
-        return run, Evidence(run_heartbeat=beat, worker=worker)
+    beats = newest_received(client, f"prefect.flow-run.{run.id}", [HEARTBEAT_EVENT, PULSE_EVENT], window)
+    if beats or not worker or not run.work_pool_name:
+        return run, Evidence(run_heartbeat=max(beats.values(), default=None), run_pulses=PULSE_EVENT in beats,
+                             worker=worker)
     # The API filters workers by heartbeat and status, not by name; a pool has few workers.
     found = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker), None)
     if found is None:
@@ -107,7 +167,8 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
     if "at" in handed_over:
         started = latest_received(client, resource, "prefect.worker.started",
                                   (handed_over["at"] - SKEW_MARGIN, handed_over["at"] + HORIZON))
-    return run, Evidence(worker=worker, worker_heartbeat=found.last_heartbeat_time, worker_started=started,
+    return run, Evidence(worker=worker, worker_heartbeat=found.last_heartbeat_time,
+                         worker_interval_s=found.heartbeat_interval_seconds, worker_started=started,
                          handed_over=handed_over.get("at"))
 
 
@@ -115,6 +176,13 @@ def latest_received(client: SyncPrefectClient, resource_id: str, event: str,
                     occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> dt.datetime | None:
     """When the server received the newest `event` of `resource_id` (None: none yet); related:
     `resource_id` may be a related resource of the event rather than its subject."""
+    return newest_received(client, resource_id, [event], occurred, related).get(event)
+
+
+def newest_received(client: SyncPrefectClient, resource_id: str, events: list[str],
+                    occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> dict[str, dt.datetime]:
+    """When the server received the newest of each of `events` about `resource_id`, for those
+    among the last few it received (a name missing: none of it lately)."""
     from prefect.events.filters import (
         EventAnyResourceFilter,
         EventFilter,
@@ -126,7 +194,11 @@ def latest_received(client: SyncPrefectClient, resource_id: str, event: str,
 
     page = client.read_events(EventFilter(
         occurred=EventOccurredFilter(since=occurred[0], until=occurred[1]),
-        event=EventNameFilter(name=[event]), order=EventOrder.DESC,
+        event=EventNameFilter(name=events), order=EventOrder.DESC,
         **({"any_resource": EventAnyResourceFilter(id=[resource_id])} if related
-           else {"resource": EventResourceFilter(id=[resource_id])})), limit=5)
-    return max((e.received for e in page.events), default=None)
+           else {"resource": EventResourceFilter(id=[resource_id])})), limit=10)
+    newest: dict[str, dt.datetime] = {}
+    for event in page.events:
+        if event.event not in newest or event.received > newest[event.event]:
+            newest[event.event] = event.received
+    return newest

@@ -54,8 +54,8 @@ SEED = int(os.environ.get("SOAK_SEED", "21"))
 # seconds in all: protein/storage/s3.py), shorter than the tasks' retries (2 + 10 + 30 s), so a
 # run rides it out through its task retries. The issue's 60 s, shortened to the compressed clock.
 S3_OUTAGE_S = 20.0
-# Flow runs heartbeat every 30 s (Prefect's minimum): two missed beats are a lost process.
-LOST_AFTER_S = 60
+# The lowest bound accepted: dispatched runs pulse every 5 s for it (tasks.liveness).
+LOST_AFTER_S = 20
 PATTERN = ["0", "4", "6 4", "2 5"]  # the stack's labels: new data never drifts from the champion's
 TEST_IDS = ["900", "901", "902"]
 # Git's gate for scheduled and triggered runs: promote every trained challenger, so "the champion

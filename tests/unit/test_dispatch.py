@@ -24,7 +24,7 @@ from tasks.dispatch import (
     plan,
     through_outage,
 )
-from tasks.liveness import Evidence, Silence, process_alive
+from tasks.liveness import PULSE_EVENT, Evidence, Silence, process_alive, pulse_interval_s, pulsing
 
 GPU_POOL = DevicePolicy(require_cuda=True)
 
@@ -104,6 +104,53 @@ def test_process_alive(evidence: Evidence, run_silent: float, worker_silent: flo
     verdict, reason = process_alive(evidence, run_silent, worker_silent, lost_after_s=120)
     assert verdict is alive
     assert reason.startswith(why)
+
+
+PULSING = dc.replace(HEARTBEATING, run_pulses=True)
+
+
+@pytest.mark.parametrize(("evidence", "run_silent", "worker_silent", "alive"), [
+    # A pulsing run is held to the dispatcher's bound, however short.
+    (PULSING, 20, 0, True),
+    (PULSING, 21, 0, False),
+    # Heard only through Prefect's heartbeats (30 s apart at best): never lost before 45 s of silence.
+    (HEARTBEATING, 44, 0, True),
+    (HEARTBEATING, 46, 0, False),
+    # Before the run's first beat, its worker gets two of its own heartbeat intervals (30 s when unknown).
+    (dc.replace(TOOK_IT, worker_interval_s=5), 0, 21, False),
+    (dc.replace(TOOK_IT, worker_interval_s=30), 0, 59, True),
+    (dc.replace(TOOK_IT, worker_interval_s=30), 0, 61, False),
+    (TOOK_IT, 0, 59, True),
+])
+def test_a_short_bound_applies_only_to_what_beats_often_enough_for_it(
+        evidence: Evidence, run_silent: float, worker_silent: float, alive: bool) -> None:
+    verdict, _ = process_alive(evidence, run_silent, worker_silent, lost_after_s=20)
+    assert verdict is alive
+
+
+def test_a_run_pulses_four_times_in_its_dispatchers_bound_from_its_own_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    import prefect.events
+    import prefect.runtime
+
+    sent: list[tuple[str, dict[str, str], str]] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda event, resource: sent.append(
+        (event, resource, threading.current_thread().name)))
+    monkeypatch.setattr(prefect.runtime.flow_run, "id", "run-1")
+    assert pulse_interval_s(20) == 5 and pulse_interval_s(2) == 1.0
+    with pulsing(0.05):
+        time.sleep(0.28)
+    count = len(sent)
+    time.sleep(0.15)
+    assert len(sent) == count, "pulses went on after the block ended"
+    assert 4 <= count <= 7, count  # one at the start, then one every 0.05 s
+    assert all(one == (PULSE_EVENT, {"prefect.resource.id": "prefect.flow-run.run-1"}, "protein-pulse") for one in sent)
+    with pulsing(None):  # a run started by hand: no pulse
+        time.sleep(0.06)
+    assert len(sent) == count
 
 
 def test_silence_counts_from_the_last_change_of_a_server_stamped_value() -> None:
