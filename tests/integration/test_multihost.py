@@ -285,7 +285,7 @@ def assert_lost_on_pulses(message: str | None) -> None:
     that a run heard only through Prefect's heartbeats gets (tasks.liveness.HEARTBEAT_ONLY_BOUND_S)."""
     found = re.match(r"flow run stopped heartbeating \(none for (\d+)s", message or "")
     assert found, message
-    assert LOST_AFTER_S < int(found[1]) < 45, message
+    assert LOST_AFTER_S <= int(found[1]) < 45, message  # the message rounds the silence
 
 
 def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster: Cluster, client: Any) -> None:
