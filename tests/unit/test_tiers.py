@@ -131,10 +131,14 @@ def test_xdist_workers_take_the_modules_with_slow_tests_first_in_their_shuffled_
             self.path, self.slow = Path(path), slow
 
         def get_closest_marker(self, name: str) -> object:
+            if name == "long_running":
+                return str(self.path) == "int/soak.py" or None
             return name == "slow" and self.slow or None
 
-    order = [("unit/a.py", False), ("int/z.py", False), ("int/z.py", True), ("unit/b.py", False), ("int/c.py", True)]
+    order = [("unit/a.py", False), ("int/z.py", False), ("int/z.py", True), ("unit/b.py", False), ("int/c.py", True),
+             ("int/soak.py", True)]
     items = [Item(path, slow) for path, slow in order]
     ordered = slow_modules_first(items)  # type: ignore[arg-type]
     assert [(str(i.path), i.slow) for i in ordered] == [
-        ("int/z.py", False), ("int/z.py", True), ("int/c.py", True), ("unit/a.py", False), ("unit/b.py", False)]
+        ("int/soak.py", True), ("int/z.py", False), ("int/z.py", True), ("int/c.py", True), ("unit/a.py", False),
+        ("unit/b.py", False)]
