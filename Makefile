@@ -47,8 +47,8 @@ test: $(STAMP) browser stack
 	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The soak test: a compressed calendar of nights, pushes and faults on the production shape
-# (docs/reliability.md). Not part of make test (30 nights take 20-25 minutes here);
-# SOAK_NIGHTS=30 for a month, SOAK_SEED=N replays a calendar.
+# (docs/reliability.md). make test runs 30 nights of it on one of its workers; this runs it alone,
+# 90 nights by default; SOAK_NIGHTS=30 for a month, SOAK_SEED=N replays a calendar.
 SOAK_NIGHTS ?= 90
 soak: $(STAMP) stack
 	PROTEIN_SOAK_NIGHTS=$(SOAK_NIGHTS) $(PY) -m pytest -q -s -p no:randomly tests/integration/test_soak.py
