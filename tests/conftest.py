@@ -96,11 +96,10 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 def slow_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
     """The modules marked long_running (the soak), then those with a slow test, then the others, each
-    group in the order it had (pytest-randomly's
-    shuffle runs before this hook). `make test` hands whole modules to its two xdist workers in this
-    order (`--dist loadscope --no-loadscope-reorder`): the long modules, which mostly wait on servers,
-    start first and the short CPU-bound ones fill in at the end, instead of one worker finishing a
-    30-minute-long module alone after the other has run out of work."""
+    group in the order it had (pytest-randomly's shuffle runs before this hook). `make test` hands
+    whole modules to its two xdist workers in this order (`--dist loadscope --no-loadscope-reorder`):
+    the long modules, which mostly wait on servers, start first and the short CPU-bound ones fill in
+    at the end, instead of one worker finishing a long module alone after the other ran out of work."""
     slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
     long_modules = {item.path for item in items if item.get_closest_marker("long_running")}
     return sorted(items, key=lambda item: (item.path not in long_modules, item.path not in slow_modules))
