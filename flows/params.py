@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig, recipe_config
 from protein.validation import ValidationConfig
 from tasks.dispatch import DispatchConfig
+from tasks.liveness import LOWEST_LOST_AFTER_S
 
 
 def report_state(state: State, flow_name: str) -> int:
@@ -100,7 +101,7 @@ class DispatchParams(BaseModel):
                           description="crashed or timed-out training is dispatched again, resuming from its checkpoint")
     poll_seconds: float = Field(5, gt=0, title="Poll interval (s)")
     lost_after_seconds: float = Field(
-        120, ge=20, title="Lost after (s)",
+        120, ge=LOWEST_LOST_AFTER_S, title="Lost after (s)",
         description="a run whose pulses (sent four times in this span), or whose worker's heartbeats before the "
                     "first, stay silent this long is marked Crashed and dispatched again")
     api_outage_minutes: float = Field(10, ge=0, title="API outage waited out (min)",

@@ -33,6 +33,9 @@ PULSE_EVENT = "protein.flow-run.pulse"
 # is not called lost before this much silence, whatever the dispatcher's bound: the heartbeat plus the
 # server's event-persisting delay. Likewise a worker is given two of its own heartbeat intervals.
 HEARTBEAT_ONLY_BOUND_S = 45.0
+# The shortest lost-after bound a dispatcher may use: its runs pulse every 5 s for it, and the server
+# persists events in batches at least every 5 s, so a live run's newest beat is at most ~10 s old.
+LOWEST_LOST_AFTER_S = 20.0
 WORKER_BEATS_OF_SILENCE = 2
 PULSES_PER_BOUND = 4
 # Hosts whose clocks are off from the server's by more than this see their events missed.

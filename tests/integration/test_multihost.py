@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from deployments.ha_stack import HAPrefect
-from tasks.liveness import WORKER_NAME_LABEL
+from tasks.liveness import HEARTBEAT_ONLY_BOUND_S, LOWEST_LOST_AFTER_S, WORKER_NAME_LABEL
 from tests.conftest import MotoServer, set_s3_env
 from tests.helpers import module_scratch, write_dataset
 from tests.integration.prefect_services import (
@@ -276,16 +276,15 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     assert list((gpu_dir_b / "cache").rglob("*.npy")), "the pulled cache lands in the new host's own directory"
 
 
-# The lowest `dispatch.lost_after_seconds` accepted (flows/params.py); runs pulse four times in it.
-LOST_AFTER_S = 20
+LOST_AFTER_S = LOWEST_LOST_AFTER_S  # the lowest `dispatch.lost_after_seconds` accepted; runs pulse four times in it
 
 
 def assert_lost_on_pulses(message: str | None) -> None:
     """The lost run was called lost on the silence of its pulses: over the bound, under the 45 s
-    that a run heard only through Prefect's heartbeats gets (tasks.liveness.HEARTBEAT_ONLY_BOUND_S)."""
+    that a run heard only through Prefect's heartbeats gets."""
     found = re.match(r"flow run stopped heartbeating \(none for (\d+)s", message or "")
     assert found, message
-    assert LOST_AFTER_S <= int(found[1]) < 45, message  # the message rounds the silence
+    assert LOST_AFTER_S <= int(found[1]) < HEARTBEAT_ONLY_BOUND_S, message  # the message rounds the silence
 
 
 def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster: Cluster, client: Any) -> None:

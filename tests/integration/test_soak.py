@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from deployments.ha_stack import Postgres
-from tasks.liveness import WORKER_NAME_LABEL
+from tasks.liveness import LOWEST_LOST_AFTER_S, WORKER_NAME_LABEL
 from tests.helpers import REPO, write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import Service, host_env, worker_args
@@ -52,8 +52,7 @@ SEED = int(os.environ.get("SOAK_SEED", "21"))
 # seconds in all: protein/storage/s3.py), shorter than the tasks' retries (2 + 10 + 30 s), so a
 # run rides it out through its task retries. The issue's 60 s, shortened to the compressed clock.
 S3_OUTAGE_S = 20.0
-# The lowest bound accepted: dispatched runs pulse every 5 s for it (tasks.liveness).
-LOST_AFTER_S = 20
+LOST_AFTER_S = LOWEST_LOST_AFTER_S  # the lowest bound accepted: dispatched runs pulse every 5 s for it
 PATTERN = ["0", "4", "6 4", "2 5"]  # the stack's labels: new data never drifts from the champion's
 TEST_IDS = ["900", "901", "902"]
 # Git's gate for scheduled and triggered runs: promote every trained challenger, so "the champion
