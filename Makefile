@@ -34,10 +34,11 @@ run: $(STAMP)
 	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
 
 # The fast tier, before every commit: no Prefect server, worker, training beyond a few steps or
-# fresh interpreter (tests/conftest.py marks those slow from the fixtures they use).
+# fresh interpreter (tests/conftest.py marks those slow from the fixtures they use). Two xdist
+# workers, each with its share of the cores for torch (tests/conftest.py): 3 min 48 s, 5 min 31 s serial.
 check: $(STAMP) browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 # Everything, on two xdist workers: most of the slow tier waits on servers, heartbeats and polls, so
 # two modules at a time fill the two cores (28 min serial, docs/testing.md). A module stays on one

@@ -18,6 +18,7 @@ from tests.conftest import (
     FreshInterpreterInTheFastTier,
     disk_refusal,
     slow_modules_first,
+    torch_threads_per_worker,
 )
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -142,3 +143,20 @@ def test_xdist_workers_take_the_modules_with_slow_tests_first_in_their_shuffled_
     assert [(str(i.path), i.slow) for i in ordered] == [
         ("int/soak.py", True), ("int/z.py", False), ("int/z.py", True), ("int/c.py", True), ("unit/a.py", False),
         ("unit/b.py", False)]
+
+
+def test_xdist_workers_share_the_cores_among_their_torch_threads() -> None:
+    assert [torch_threads_per_worker(cpus, 2) for cpus in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert torch_threads_per_worker(4, 0) == 4
+
+
+def test_this_xdist_worker_gives_torch_its_share_of_the_cores() -> None:
+    if not (workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")):
+        pytest.skip("runs under xdist, as make check and make test run")
+    import torch
+
+    from tests.conftest import USER_OMP_NUM_THREADS
+
+    share = str(torch_threads_per_worker(os.cpu_count() or 1, int(workers)))
+    assert os.environ["OMP_NUM_THREADS"] == (USER_OMP_NUM_THREADS or share)  # for the processes tests start
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
