@@ -1,3 +1,10 @@
+"""Tasks that score models for the gate, decide it and record the decision.
+
+The library calls that load torch are imported in the task bodies: every retrain run imports
+this module, and a run that trains nothing (a nightly on unchanged data, a superseded push, data
+that fails validation) would otherwise spend 1.5-2.5 s of its start loading torch and torchvision.
+"""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +18,6 @@ from protein.evaluation.data_order import DataOrder, judge_data_order
 from protein.evaluation.gate import decide
 from protein.evaluation.report import gate_markdown, per_class_rows
 from protein.modeling.devices import DevicePolicy
-from protein.pipeline import evaluate_for_gate, evaluate_version, publish_training_plot, record_gate_decision
-from protein.run_results import read_gate_evaluation, score_for_gate
 from tasks import events
 from tasks.retry import retry_transient
 from tasks.training import device_for
@@ -23,6 +28,8 @@ from tasks.training import device_for
 def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float, seed: int) -> dict[str, Any]:
     """Holdout metrics of one version on an explicit split, so challenger and champion are
     scored on exactly the same images."""
+    from protein.pipeline import evaluate_version
+
     return evaluate_version(data, store, model_id, holdout_fraction, seed)
 
 
@@ -30,6 +37,8 @@ def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float
       timeout_seconds=3600, cache_policy=NO_CACHE)
 def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None) -> dict[str, Any]:
     """Challenger and champion scored on the same rows, none of which either trained on."""
+    from protein.pipeline import evaluate_for_gate
+
     return evaluate_for_gate(data, store, challenger_id, champion_id)
 
 
@@ -39,6 +48,8 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
                                policy: DevicePolicy) -> dict[str, Any]:
     """evaluate-for-gate on the host that runs the score deployment (the GPU's), its result kept
     under the run in the store for the retrain run to read."""
+    from protein.run_results import score_for_gate
+
     device = device_for("auto", policy)
     get_run_logger().info("scoring %s and %s for the gate on %s (run %s)", challenger_id,
                           champion_id or "no champion", device, run_id)
@@ -51,6 +62,8 @@ def gate_evaluation_of_run(data: str, store: str, run_id: str, challenger_id: st
                            data_fingerprint: str) -> dict[str, Any]:
     """What the score deployment found, refused unless it scored these models on this data and
     this host derives the same verdict from its probabilities and agrees on a random sample."""
+    from protein.run_results import read_gate_evaluation
+
     evaluation = read_gate_evaluation(data, store, run_id, challenger_id, champion_id, data_fingerprint)
     for name, checked in evaluation["spot_check"].items():
         get_run_logger().info("spot-check of the %s: %d rows scored on this host agree (max difference %.2g, "
@@ -64,6 +77,8 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
          dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """The gate's decision, then the data-order rule (older data is not promoted without a
     person's flag), recorded in the store with the dataset the run resolved (``dataset``)."""
+    from protein.pipeline import publish_training_plot, record_gate_decision
+
     decision = decide(challenger_eval, champion_eval, config).to_dict()
     if data_order is not None:
         decision = judge_data_order(decision, data_order)

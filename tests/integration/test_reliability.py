@@ -196,10 +196,11 @@ def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
     prefect_harness, small_dataset, tmp_path, isolated_cache, single_torch_thread, monkeypatch
 ):
     import flows.retrain as retrain_module
+    import protein.pipeline as pipeline
     import tasks.training as training
 
     attempts: list[dict[str, Any]] = []
-    real = training.train_and_register
+    real = pipeline.train_and_register
 
     def crashes_once_after_epoch_one(*args: Any, on_epoch: Callable | None = None, **kwargs: Any) -> dict[str, Any]:
         attempt = {"number": len(attempts) + 1, "epochs_seen": []}
@@ -215,7 +216,7 @@ def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
         attempt["result"] = real(*args, on_epoch=hook, **kwargs)
         return attempt["result"]
 
-    monkeypatch.setattr(training, "train_and_register", crashes_once_after_epoch_one)
+    monkeypatch.setattr(pipeline, "train_and_register", crashes_once_after_epoch_one)  # what train_model calls
     # Same task, same retries; only the 10 s / 60 s waits between attempts are dropped for the test.
     monkeypatch.setattr(retrain_module, "train_model", training.train_model.with_options(retry_delay_seconds=0))
 
