@@ -29,6 +29,8 @@ from tests.helpers import REPO
 PREFECT = Path(sys.executable).parent / "prefect"
 SERVER_START_TIMEOUT_S = 90.0
 CLI_TIMEOUT_S = 180.0
+# How often a test asks the API about the run it waits on: a run is often done within a second.
+WAIT_POLL_S = 0.25
 # An idle worker ignores the first SIGTERM; the second stops it.
 STOP_STEPS = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
@@ -139,8 +141,11 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
-        # Workers poll every 10 s by default; a retrain waits on two submissions.
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # Workers poll every 10 s by default; a retrain waits on two submissions, the soak on ~40 runs.
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # A run queued behind a deployment's concurrency limit (retrain/nightly: one at a time) asks
+        # again this often; the default 30 s left a queued retrain waiting ~20 s after the slot freed.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
         "DO_NOT_TRACK": "1",
         "GX_ANALYTICS_ENABLED": "false",
         **(extra or {}),
@@ -273,7 +278,7 @@ def wait_final(client: Any, flow_run_id: Any, timeout_s: float, services: list[S
                 f"{service.name} exited during the run\n{all_logs(services)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{run.name} not final after {timeout_s:.0f}s: {run.state}\n{all_logs(services)}")
-        time.sleep(1)
+        time.sleep(WAIT_POLL_S)
 
 
 def all_logs(services: list[Service]) -> str:

@@ -27,6 +27,7 @@ from tests.conftest import MotoServer
 from tests.helpers import REPO, write_dataset
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import (
+    WAIT_POLL_S,
     Service,
     deploy_from_fresh_clone,
     git_remote_of_worktree,
@@ -153,7 +154,7 @@ class Stack:
                     assert daemon.alive(), f"{daemon.name} exited\n{self.logs()}"
                 if time.monotonic() > deadline:
                     raise AssertionError(f"run {run.name} not final after {timeout_s:.0f}s: {run.state}\n{self.logs()}")
-                time.sleep(1)
+                time.sleep(WAIT_POLL_S)
 
     def wait_run(self, deployment: str, match: Callable[[Any], bool], what: str, timeout_s: float = 120.0) -> Any:
         """The first flow run of ``deployment`` that ``match`` accepts (e.g. one a trigger created)."""
@@ -167,7 +168,7 @@ class Stack:
                 found = [r for r in runs if match(r)]
                 if found:
                     return found[0]
-                time.sleep(1)
+                time.sleep(WAIT_POLL_S)
         raise AssertionError(f"no {deployment} run {what} within {timeout_s:.0f}s\n{self.logs()}")
 
     def artifacts(self, flow_run_id: Any) -> dict[str, Any]:

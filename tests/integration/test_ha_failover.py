@@ -53,7 +53,7 @@ def failover(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failover]:
                 client.update_deployment(nightly.id, DeploymentUpdate(parameters={
                     **nightly.parameters, "train_deployment": "train/gpu",
                     "train": {**nightly.parameters["train"], "epochs": EPOCHS},
-                    "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 2}}))
+                    "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 1}}))
             yield Failover(stack, pg, gpu_root.resolve())
         finally:
             stop_stack(stack)

@@ -144,7 +144,7 @@ def retrain_parameters(cluster: Cluster, store: str, epochs: int) -> dict[str, A
         "train": {"epochs": epochs, "image_size": IMAGE, "batch_size": 8, "share_cache": True},
         "validation": {"image_size": IMAGE},
         "gate_config": {"min_score": 0.0},
-        "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 2},
+        "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 1},
     }
 
 

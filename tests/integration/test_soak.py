@@ -160,7 +160,7 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
                 nightly = client.read_deployment_by_name("retrain/nightly")
                 client.update_deployment(nightly.id, DeploymentUpdate(parameters={
                     **nightly.parameters, "train_deployment": "train/gpu", "gate_config": SOAK_GATE,
-                    "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 2,
+                    "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 1,
                                  "lost_after_seconds": LOST_AFTER_S}}))
             soak = Soak(stack, proxy, tmp_path, services)
             for name in ("gpu-a", "gpu-b"):
