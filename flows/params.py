@@ -51,7 +51,7 @@ def default_store() -> str:
 
 Architecture = Literal["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",
                        "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s", "convnext_tiny", "regnet_y_800mf",
-                       "mobilenet_v3_large"]
+                       "mobilenet_v3_large", "mobilenet_v3_small"]
 
 
 class TrainParams(BaseModel):

@@ -16,7 +16,7 @@ COMPETITION_IMAGE_SIZE = 512
 # classification architecture (protein.modeling.model.architectures()).
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",
                  "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s", "convnext_tiny", "regnet_y_800mf",
-                 "mobilenet_v3_large")
+                 "mobilenet_v3_large", "mobilenet_v3_small")
 THRESHOLD_METRICS = ("f1_samples", "f1_micro", "f1_macro", "course_f_score")
 
 T = TypeVar("T")

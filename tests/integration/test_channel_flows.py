@@ -16,11 +16,11 @@ from protein.cli import main as protein_main
 from protein.data.channels import read_channel
 from protein.registry import Registry
 from protein.storage import LocalStore, open_store
-from tests.helpers import module_scratch, write_dataset
+from tests.helpers import TINY_ARCH, module_scratch, write_dataset
 
 pytestmark = pytest.mark.integration
 
-TRAIN = TrainParams(epochs=1, image_size=32, batch_size=8)
+TRAIN = TrainParams(arch=TINY_ARCH, epochs=1, image_size=32, batch_size=8)
 VALIDATION = ValidationParams(image_size=40)
 # Any challenger that clears 0 passes, so only the data-order rule can refuse it.
 LENIENT = GateParams(min_score=0.0, min_gain=-1.0, max_class_drop=1.0, min_rows=1)

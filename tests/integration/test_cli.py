@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from tests.conftest import holding_a_closed_port
-from tests.helpers import write_dataset
+from tests.helpers import TINY_ARCH, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def test_in_process_results_are_the_entry_points(protein_cli, tmp_path):
 def test_train_evaluate_predict_and_models_local(dataset, tmp_path, protein_cli):
     store, cache = str(tmp_path / "store"), str(tmp_path / "cache")
     train = protein_cli("train", "--data", str(dataset), "--store", store, "--cache-dir", cache, "--epochs", "1",
-                        "--image-size", "32", "--batch-size", "8")
+                        "--image-size", "32", "--batch-size", "8", "--arch", TINY_ARCH)
     assert train.returncode == 0, train.stderr
     result = json.loads(train.stdout.strip().splitlines()[-1])
     assert {"model_id", "path", "metrics"} <= set(result)
@@ -171,7 +171,7 @@ def test_s3_missing_bucket_and_unreachable_endpoint(s3_env, dataset, tmp_path, p
 def test_models_list_on_s3_marks_the_champion(s3_bucket, dataset, tmp_path, protein_cli):
     cache = str(tmp_path / "cache")
     train = protein_cli("train", "--data", str(dataset), "--store", s3_bucket, "--cache-dir", cache, "--epochs", "1",
-                        "--image-size", "32", "--batch-size", "8")
+                        "--image-size", "32", "--batch-size", "8", "--arch", TINY_ARCH)
     assert train.returncode == 0, train.stderr
     model_id = json.loads(train.stdout.strip().splitlines()[-1])["model_id"]
     assert protein_cli("models", "promote", model_id, "--store", s3_bucket).returncode == 0

@@ -9,7 +9,7 @@ import pytest
 
 from protein.cli import main as protein_main
 from protein.data import fingerprint, open_dataset
-from tests.helpers import write_kaggle_dataset, zip_folder
+from tests.helpers import TINY_ARCH, write_kaggle_dataset, zip_folder
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def test_kaggle_download_validates_trains_and_predicts(kaggle, tmp_path, form, r
     assert report["success"] and report["data_fingerprint"] == expected_fp
 
     code, model, err = protein("train", "--data", data, "--store", store, "--cache-dir", cache, "--epochs", "1",
-                               "--image-size", "32", "--batch-size", "8",
+                               "--image-size", "32", "--batch-size", "8", "--arch", TINY_ARCH,
                                "--expect-fingerprint", report["data_fingerprint"])
     assert code == 0, err[-2000:]
     assert model["data_fingerprint"] == expected_fp

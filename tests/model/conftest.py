@@ -12,9 +12,9 @@ from protein.config import TrainConfig
 from protein.pipeline import train_and_register
 from protein.registry import Registry
 from protein.storage import open_store
-from tests.helpers import write_dataset
+from tests.helpers import TINY_ARCH, write_dataset
 
-TINY_CONFIG = TrainConfig(image_size=32, epochs=1, batch_size=16, seed=0)
+TINY_CONFIG = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=16, seed=0)
 
 
 @pytest.fixture(scope="session")

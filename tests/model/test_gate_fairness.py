@@ -15,7 +15,7 @@ from protein.evaluation.report import gate_markdown
 from protein.pipeline import evaluate_for_gate
 from protein.registry import Registry
 from protein.storage import open_store
-from tests.helpers import module_scratch, write_dataset
+from tests.helpers import TINY_ARCH, module_scratch, write_dataset
 
 LENIENT = GateConfig(min_score=0.0, min_gain=-1.0, max_class_drop=1.0, min_rows=1)
 
@@ -30,10 +30,10 @@ def changed_data(tmp_path_factory: pytest.TempPathFactory, trainer: Callable[...
         new = write_dataset(root / "new", labels, ["900"], size=32)
         store, cache = str(root / "store"), root / "cache"
         # batch 10: a last batch of one image would trip BatchNorm in training (49 rows, batch 16)
-        config = TrainConfig(image_size=32, epochs=1, batch_size=10, seed=0)
+        config = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=10, seed=0)
         champion = trainer(old, store, config, cache_dir=cache)["model_id"]
         Registry(open_store(store)).promote(champion, expected_champion=None)
-        challenger = trainer(new, store, TrainConfig(image_size=32, epochs=1, batch_size=16, seed=1),
+        challenger = trainer(new, store, TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=16, seed=1),
                                         cache_dir=cache)["model_id"]
         yield {"old": old, "new": new, "store": store, "cache": cache, "champion": champion, "challenger": challenger}
 

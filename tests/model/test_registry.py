@@ -16,6 +16,7 @@ from protein.modeling.predict import Predictor
 from protein.pipeline import evaluate_version, load_split_images, predict_and_publish
 from protein.registry import CHAMPION_KEY, Registry, check_version_id, default_actor, run_index_key
 from protein.storage import S3Store, open_store
+from tests.helpers import TINY_ARCH
 
 
 def test_model_version_is_self_describing(trained):
@@ -23,7 +24,7 @@ def test_model_version_is_self_describing(trained):
     for field in ("arch", "image_size", "normalization", "class_names", "thresholds", "metrics", "data_fingerprint",
                   "train_config", "code_version", "created", "parent_champion", "weights_sha256"):
         assert field in spec, field
-    assert spec["arch"] == "resnet18" and spec["image_size"] == 32 and len(spec["thresholds"]) == 10
+    assert spec["arch"] == TINY_ARCH and spec["image_size"] == 32 and len(spec["thresholds"]) == 10
     assert spec["train_config"]["epochs"] == 1
     assert spec["data_fingerprint"] == trained["data_fingerprint"]
 

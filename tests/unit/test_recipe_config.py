@@ -48,3 +48,12 @@ def test_flow_parameters_take_the_recipe_for_empty_fields():
 def test_config_round_trips_through_json_types():
     config = recipe_config("default", refit=True, thresholds_from=("a", "b"))
     assert from_dict(TrainConfig, {**to_dict(config), "thresholds_from": ["a", "b"]}) == config
+
+
+def test_the_ui_form_offers_exactly_the_configs_architectures() -> None:
+    from typing import get_args
+
+    from flows.params import Architecture
+    from protein.config import ARCHITECTURES
+
+    assert get_args(Architecture) == ARCHITECTURES
