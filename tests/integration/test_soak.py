@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -132,6 +133,7 @@ class Soak:
     faults: list[str] = field(default_factory=list)  # applied, with where
     killed: set[Path] = field(default_factory=set)  # roots of the hosts whose processes the soak SIGKILLed
     debris: list[Path] = field(default_factory=list)  # left in the temp folders of killed hosts
+    quiet_nights_s: list[float] = field(default_factory=list)  # creation to end of each night without push or fault
 
     def start_gpu_host(self, name: str, root: Path) -> GpuHost:
         env = host_env(self.stack.env, root, {"PROTEIN_ALLOW_CPU": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"})
@@ -276,12 +278,15 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
             started.append(run_of(soak, pushed))
             if push_.fault:
                 apply_fault(soak, push_.fault, started[-1])
+        scheduled = time.monotonic()
         nightly = schedule_nightly(soak, night)
         if night == plan.s3_outage_night:
             s3_outage(soak, nightly, rng)
         started.append(nightly)
         for run in started:
             soak.stack.wait_final(run.id, FINAL_WAIT_S)
+        if len(started) == 1 and night != plan.s3_outage_night:
+            soak.quiet_nights_s.append(time.monotonic() - scheduled)
         push_runs += started[:-1]
         nightlies.append(nightly)
     return nightlies, push_runs
@@ -430,7 +435,8 @@ def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, mon
     print(f"soak tally: seed {plan.seed}, {len(nightlies)} nightly + {len(push_runs)} push runs, {len(pushes)} pushes, "
           f"{len(soak.faults)} faults, {versions} versions, {len(violations)} violations, host disk "
           f"{disk_start / 1e6:.1f} MB at start, {disk_end / 1e6:.1f} MB at end (of which left by killed runs "
-          f"{disk_bytes(soak.debris) / 1e6:.1f} MB), {time.monotonic() - started:.0f} s")
+          f"{disk_bytes(soak.debris) / 1e6:.1f} MB), {time.monotonic() - started:.0f} s, a quiet night "
+          f"{statistics.median(soak.quiet_nights_s or [0.0]):.1f} s (median of {len(soak.quiet_nights_s)})")
     print("faults: " + "; ".join(soak.faults))
     assert len(soak.faults) == len(FAULTS) + 1, soak.faults
     assert not violations, f"SOAK_SEED={plan.seed}: " + "\n".join(violations)
