@@ -14,7 +14,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL = SHARED / "data" / "real"
-# The architecture of the tests' throwaway trainings (the registry, the Prefect stacks, the soak): 6 MB
+# The architecture of the tests' throwaway trainings (the registry, the CLI, the channel flows): 6 MB
 # of weights where resnet18, the product's default, has 45 MB, so every version those tests register
 # moves 7 times fewer bytes through S3, checkpoints and caches. The Prefect UI's form offers it, so
 # flow parameters accept it. Tests of an architecture name theirs.

@@ -24,7 +24,7 @@ from typing import Any
 
 from deployments.ha_stack import HAPrefect, Postgres, start_ha_prefect, stop_ha_prefect
 from tests.conftest import MotoServer
-from tests.helpers import REPO, TINY_ARCH, write_dataset
+from tests.helpers import REPO, write_dataset
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import (
     WAIT_POLL_S,
@@ -47,7 +47,10 @@ TEST_IDS = ["900", "901", "902"]
 TINY_NIGHTLY = {
     "train_deployment": None,
     "score_deployment": None,
-    "train": {"arch": TINY_ARCH, "epochs": 1, "image_size": 32, "batch_size": 8},
+    # resnet18, not tests.helpers.TINY_ARCH: test_push_queue needs the first retrain still training while
+    # two more pushes arrive, and the soak's faults land while a retrain trains (tried: with the
+    # smaller model the first run ended before the pushes, and the API kill landed mid-summary).
+    "train": {"epochs": 1, "image_size": 32, "batch_size": 8},
     "validation": {"image_size": 40, "check_pixels": True},
     "gate_config": {"min_score": 0.0},
 }
