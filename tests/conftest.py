@@ -62,7 +62,6 @@ os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
 os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TEMP)
 
 
-
 def torch_threads_per_worker(cpus: int, workers: int) -> int:
     """An equal share of the cores for each xdist worker's torch (and the processes it starts). Two
     workers of two intra-op threads each on two cores spun against each other: the fast tier took
