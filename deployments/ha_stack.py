@@ -60,6 +60,12 @@ def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
         "PREFECT_REDIS_MESSAGING_PORT": str(port),
         "PREFECT_REDIS_MESSAGING_DB": "0",
         "PREFECT_SERVER_DOCKET_URL": f"redis://{host}:{port}/{docket_db}",
+        # Each event an API receives goes to Redis before it reads the next. The default holds up
+        # to 4 received events in the API's memory for up to 10 s: a SIGKILLed API loses them,
+        # and a client that has moved on never resends (task-run states arrive only as events,
+        # so a task run stays Running under a finished flow run). Redis gets one XADD per event
+        # either way: the batch only delayed them, and every trigger they fire.
+        "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",
     }
 
 
