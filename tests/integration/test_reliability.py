@@ -371,15 +371,26 @@ def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
     print(f"\nS3 down: CLI exit 3 after {elapsed:.1f}s (including interpreter and torch start-up)")
 
 
+def without_retry_waits(monkeypatch: pytest.MonkeyPatch, flow_module: types.ModuleType) -> list[str]:
+    """Every task ``flow_module`` calls keeps its retries, minus the waits between them (up to
+    2 + 10 + 30 s a task: a test of a failing store would wait them out). The names patched."""
+    from prefect import Task
+
+    patched = []
+    for name, value in vars(flow_module).items():
+        if isinstance(value, Task) and value.retries:
+            monkeypatch.setattr(flow_module, name, value.with_options(retry_delay_seconds=0))
+            patched.append(name)
+    return patched
+
+
 def test_retrain_flow_fails_when_s3_is_down(prefect_harness, fault_server, small_dataset, isolated_cache,
                                             monkeypatch):
     import flows.retrain as retrain_module
 
     set_s3_env(monkeypatch, fault_server.endpoint)
     bucket = new_bucket()
-    # The validation task's own retries (5 s, 20 s apart) are kept, minus the waits.
-    monkeypatch.setattr(retrain_module, "validate_data",
-                        retrain_module.validate_data.with_options(retry_delay_seconds=0))
+    without_retry_waits(monkeypatch, retrain_module)
     fault_server.stop()
     try:
         state = retrain_module.retrain(data=str(small_dataset), store=f"s3://{bucket}/p", train=TrainParams(
@@ -1148,8 +1159,7 @@ def test_credentials_appear_in_no_log_artifact_report_message_or_file(
     work_tmp = tmp_path / "tmp"
     work_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(work_tmp))  # validation reports, model downloads
-    monkeypatch.setattr(retrain_module, "validate_data",
-                        retrain_module.validate_data.with_options(retry_delay_seconds=0))
+    without_retry_waits(monkeypatch, retrain_module)
     bucket = f"secrets-{uuid.uuid4().hex[:10]}"
     boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
 
