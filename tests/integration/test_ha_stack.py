@@ -68,8 +68,7 @@ def test_nginx_balances_with_passive_checks_and_passes_websockets(tmp_path: Path
     assert "proxy_set_header Connection $connection_upgrade;" in config
 
 
-def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_postgres: ha_stack.Postgres,
-                                                                tmp_path: Path) -> None:
+def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_prefect: ha_stack.HAPrefect) -> None:
     """Task-run states reach the server only as events. An event an API has accepted must be in
     Redis before the API can be lost: a flow run that has moved on, or ended, never sends it
     again. Prefect's default held it in the API's memory for up to 10 s (the soak's run-summary
@@ -81,37 +80,33 @@ def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_postgres: ha_
     from prefect.events import Event
     from prefect.events.clients import PrefectEventsClient
 
-    from tests.integration.prefect_services import prefect_env
+    stack = ha_prefect
+    doomed = stack.apis[0]
+    resource = f"protein.test.{secrets.token_hex(4)}"
 
-    stack = ha_stack.start_ha_prefect(tmp_path / "stack", ha_postgres, prefect_env(tmp_path / "home"))
-    try:
-        doomed = stack.apis[0]
-        resource = f"protein.test.{secrets.token_hex(4)}"
+    async def emit_then_kill_the_api() -> None:
+        # Straight to one API (not nginx) so the test knows which one to kill. The connection
+        # opens here, so the API's periodic flush (10 s after it) cannot be what saves the event.
+        events = PrefectEventsClient(api_url=f"http://127.0.0.1:{doomed.port}/api")
+        await events.__aenter__()
+        await events.emit(Event(event="protein.test.accepted", resource={"prefect.resource.id": resource}))
+        await asyncio.sleep(2.0)  # the API has read it; its process ends with no goodbye
+        stack.kill_api(0)
+        # The client leaves as a finished flow-run process does: closing resends nothing.
+        with contextlib.suppress(Exception):  # closing a socket whose server is gone
+            await events.__aexit__(None, None, None)
 
-        async def emit_then_kill_the_api() -> None:
-            # Straight to one API (not nginx) so the test knows which one to kill. The connection
-            # opens here, so the API's periodic flush (10 s after it) cannot be what saves the event.
-            events = PrefectEventsClient(api_url=f"http://127.0.0.1:{doomed.port}/api")
-            await events.__aenter__()
-            await events.emit(Event(event="protein.test.accepted", resource={"prefect.resource.id": resource}))
-            await asyncio.sleep(2.0)  # the API has read it; its process ends with no goodbye
-            stack.kill_api(0)
-            # The client leaves as a finished flow-run process does: closing resends nothing.
-            with contextlib.suppress(Exception):  # closing a socket whose server is gone
-                await events.__aexit__(None, None, None)
-
-        asyncio.run(emit_then_kill_the_api())
-        assert not doomed.alive()
-        [survivor] = stack.apis
-        body = {"filter": {"event": {"name": ["protein.test.accepted"]},
-                           "any_resource": {"id": [resource]}}, "limit": 5}
-        deadline = time.monotonic() + 30
-        found: list[object] = []
-        while not found and time.monotonic() < deadline:
-            response = httpx.post(f"http://127.0.0.1:{survivor.port}/api/events/filter", json=body, timeout=10)
-            response.raise_for_status()
-            found = response.json()["events"]
-            time.sleep(0.5)
-        assert found, f"the event the killed API had accepted was lost\n{stack.logs()[-3000:]}"
-    finally:
-        ha_stack.stop_ha_prefect(stack)
+    asyncio.run(emit_then_kill_the_api())
+    assert not doomed.alive()
+    [survivor] = stack.apis
+    body = {"filter": {"event": {"name": ["protein.test.accepted"]},
+                       "any_resource": {"id": [resource]}}, "limit": 5}
+    deadline = time.monotonic() + 30
+    while True:
+        response = httpx.post(f"http://127.0.0.1:{survivor.port}/api/events/filter", json=body, timeout=10)
+        response.raise_for_status()
+        if response.json()["events"]:
+            break
+        assert time.monotonic() < deadline, f"the event the killed API had accepted was lost\n{stack.logs()[-3000:]}"
+        time.sleep(0.5)
+    stack.replace_killed_apis()  # the module's stack as the next test expects it: two APIs

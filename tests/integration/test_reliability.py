@@ -192,12 +192,21 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_an_uninterrupted_run(r
           f"max weight difference {worst:.3g}")
 
 
+def without_retry_waits(monkeypatch: pytest.MonkeyPatch, flow_module: types.ModuleType) -> None:
+    """Every task ``flow_module`` calls keeps its retries, minus the waits between them (up to
+    2 + 10 + 30 s a task, 10 + 60 s for training): a test of a failure would wait them out."""
+    from prefect import Task
+
+    for name, value in vars(flow_module).items():
+        if isinstance(value, Task) and value.retries:
+            monkeypatch.setattr(flow_module, name, value.with_options(retry_delay_seconds=0))
+
+
 def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
     prefect_harness, small_dataset, tmp_path, isolated_cache, single_torch_thread, monkeypatch
 ):
     import flows.retrain as retrain_module
     import protein.pipeline as pipeline
-    import tasks.training as training
 
     attempts: list[dict[str, Any]] = []
     real = pipeline.train_and_register
@@ -217,8 +226,7 @@ def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
         return attempt["result"]
 
     monkeypatch.setattr(pipeline, "train_and_register", crashes_once_after_epoch_one)  # what train_model calls
-    # Same task, same retries; only the 10 s / 60 s waits between attempts are dropped for the test.
-    monkeypatch.setattr(retrain_module, "train_model", training.train_model.with_options(retry_delay_seconds=0))
+    without_retry_waits(monkeypatch, retrain_module)  # same task, same retries, no 10 s wait
 
     store = str(tmp_path / "store")
     state = retrain_module.retrain(data=str(small_dataset), store=store, train=TrainParams(
@@ -369,19 +377,6 @@ def test_s3_down_before_a_run_fails_fast_then_a_restarted_server_completes_it(
     assert up.returncode == 0, up.stderr
     assert last_json(up.stdout)["resumed_from_epoch"] == 0
     print(f"\nS3 down: CLI exit 3 after {elapsed:.1f}s (including interpreter and torch start-up)")
-
-
-def without_retry_waits(monkeypatch: pytest.MonkeyPatch, flow_module: types.ModuleType) -> list[str]:
-    """Every task ``flow_module`` calls keeps its retries, minus the waits between them (up to
-    2 + 10 + 30 s a task: a test of a failing store would wait them out). The names patched."""
-    from prefect import Task
-
-    patched = []
-    for name, value in vars(flow_module).items():
-        if isinstance(value, Task) and value.retries:
-            monkeypatch.setattr(flow_module, name, value.with_options(retry_delay_seconds=0))
-            patched.append(name)
-    return patched
 
 
 def test_retrain_flow_fails_when_s3_is_down(prefect_harness, fault_server, small_dataset, isolated_cache,
