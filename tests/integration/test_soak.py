@@ -134,6 +134,7 @@ class Soak:
     killed: set[Path] = field(default_factory=set)  # roots of the hosts whose processes the soak SIGKILLed
     debris: list[Path] = field(default_factory=list)  # left in the temp folders of killed hosts
     quiet_nights_s: list[float] = field(default_factory=list)  # creation to end of each night without push or fault
+    nights_s: list[tuple[float, str]] = field(default_factory=list)  # each night's duration and what it held
 
     def start_gpu_host(self, name: str, root: Path) -> GpuHost:
         env = host_env(self.stack.env, root, {"PROTEIN_ALLOW_CPU": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"})
@@ -269,6 +270,7 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
     push_runs: list[Any] = []
     folder: Path | None = None
     for night in range(plan.nights):
+        night_started = time.monotonic()
         started: list[Any] = []
         for push_ in (p for p in plan.pushes if p.night == night):
             if push_.during:  # while the night's first retrain runs, having taken its push
@@ -287,6 +289,9 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
             soak.stack.wait_final(run.id, FINAL_WAIT_S)
         if len(started) == 1 and night != plan.s3_outage_night:
             soak.quiet_nights_s.append(time.monotonic() - scheduled)
+        held = [f"push #{p.index} {p.kind}{' during' if p.during else ''}{' +' + p.fault if p.fault else ''}"
+                for p in plan.pushes if p.night == night] + (["S3 down"] if night == plan.s3_outage_night else [])
+        soak.nights_s.append((time.monotonic() - night_started, f"night {night}: {', '.join(held) or 'quiet'}"))
         push_runs += started[:-1]
         nightlies.append(nightly)
     return nightlies, push_runs
@@ -438,5 +443,6 @@ def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, mon
           f"{disk_bytes(soak.debris) / 1e6:.1f} MB), {time.monotonic() - started:.0f} s, a quiet night "
           f"{statistics.median(soak.quiet_nights_s or [0.0]):.1f} s (median of {len(soak.quiet_nights_s)})")
     print("faults: " + "; ".join(soak.faults))
+    print("slowest nights: " + "; ".join(f"{what} {s:.0f} s" for s, what in sorted(soak.nights_s, reverse=True)[:10]))
     assert len(soak.faults) == len(FAULTS) + 1, soak.faults
     assert not violations, f"SOAK_SEED={plan.seed}: " + "\n".join(violations)
