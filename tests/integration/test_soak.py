@@ -234,7 +234,11 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
         train = wait_until(soak, f"training of {run.name}", lambda: next(
             (t for t in train_runs(soak.stack, run.id) if t.state_type.value == "RUNNING"), None)
             or (client.read_flow_run(run.id).state.is_final() and "ended"), poll_s=0.2)
-    assert train != "ended", f"inconclusive: {run.name} ended before it trained"
+    if train == "ended":
+        with soak.stack.client() as client:
+            state = client.read_flow_run(run.id).state
+        raise AssertionError(f"inconclusive: {run.name} ended {state.name} ({state.message}) before it trained\n"
+                             f"{soak.stack.logs()}")
     if fault == "api-restart":
         killed = soak.stack.ha.kill_api(0)
         time.sleep(2)
