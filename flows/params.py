@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from typing import Literal
 
@@ -43,10 +42,6 @@ def route_library_logs() -> None:
     library = logging.getLogger("protein")
     if "protein" in (PREFECT_LOGGING_EXTRA_LOGGERS.value() or []) and library.level == logging.NOTSET:
         library.setLevel(logging.INFO)
-
-
-def default_store() -> str:
-    return os.environ.get("PROTEIN_STORE", "work/store")
 
 
 Architecture = Literal["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",

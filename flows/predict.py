@@ -10,7 +10,8 @@ from prefect import flow
 from prefect.states import Failed, State
 
 from flows.cli import run_with_prefect
-from flows.params import default_store, report_state
+from flows.params import report_state
+from protein.locations import default_store_uri
 from tasks.channels import resolve_dataset
 from tasks.prediction import predict_submission
 
@@ -28,7 +29,7 @@ def predict(data: str, store: str | None = None, model: str | list[str] = "champ
         model: champion, a version id, or several ids for an ensemble (the mean of their
             test-time-augmented probabilities)
     """
-    store = store or default_store()
+    store = store or default_store_uri()
     resolved = resolve_dataset(data, store)
     if resolved.get("problem"):
         return Failed(message=f"data {data}: {resolved['problem']}")
@@ -38,7 +39,7 @@ def predict(data: str, store: str | None = None, model: str | list[str] = "champ
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--store", default=default_store())
+    parser.add_argument("--store", default=default_store_uri())
     parser.add_argument("--model", nargs="+", default=["champion"], help="version id(s); several: an ensemble")
     args = parser.parse_args(argv)
     model = args.model[0] if len(args.model) == 1 else args.model

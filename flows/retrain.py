@@ -18,7 +18,6 @@ from flows.params import (
     GateParams,
     TrainParams,
     ValidationParams,
-    default_store,
     report_state,
     route_library_logs,
 )
@@ -26,6 +25,7 @@ from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
 from protein.errors import EvidenceRefused
 from protein.evaluation.data_order import DataOrder
+from protein.locations import default_store_uri
 from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
@@ -97,7 +97,7 @@ def retrain(
         # Fail before any task: the run's message names the event and the field, not a stack trace.
         field = "payload.channel" if data.strip().startswith("channel:") else "payload.uri"
         return Failed(message=f"event {trigger_event}: field {field} is {problem}; nothing was run")
-    store = store or default_store()  # read on the worker at run time, not at import
+    store = store or default_store_uri()  # read on the worker at run time, not at import
     if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
         origin, values = defined
         given, gate_config = gate_config, GateParams(**values)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
     parser.add_argument("--data", required=True, help="channel:NAME (the newest push, resolved at start), dataset "
                         "folder, competition zip, s3://bucket/prefix/ or .zip")
-    parser.add_argument("--store", default=default_store(), help="local folder or s3://bucket/prefix")
+    parser.add_argument("--store", default=default_store_uri(), help="local folder or s3://bucket/prefix")
     parser.add_argument("--arch", default=TrainParams().arch)
     parser.add_argument("--epochs", type=int, default=TrainParams().epochs)
     parser.add_argument("--image-size", type=int, default=TrainParams().image_size)

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.params import default_store, route_library_logs
+from flows.params import route_library_logs
+from protein.locations import default_store_uri
 from protein.modeling.devices import DevicePolicy
 from tasks.evaluation import evaluate_models_into_store
 from tasks.liveness import pulsing
@@ -39,7 +40,7 @@ def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, 
     with pulsing(pulse_seconds):
         route_library_logs()
         policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
-        store = store or default_store()
+        store = store or default_store_uri()
         if step == "gate":
             return evaluate_models_into_store(data, store, run_id, model, champion, policy)
         return predict_submission_for_run(data, store, run_id, model, policy)

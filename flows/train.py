@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import TrainParams, default_store, route_library_logs
+from flows.params import TrainParams, route_library_logs
+from protein.locations import default_store_uri
 from protein.modeling.devices import DevicePolicy
 from tasks.liveness import pulsing
 from tasks.training import train_model
@@ -38,5 +39,5 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
         # Which checkout ran: on a worker host this is the pull step's clone of the pinned commit.
         get_run_logger().info("train flow code: %s", Path(__file__).resolve())
         policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
-        return train_model(data, store or default_store(), train.to_config(), run_id, train.share_cache, policy,
+        return train_model(data, store or default_store_uri(), train.to_config(), run_id, train.share_cache, policy,
                            expected_fingerprint, train.nproc)

@@ -10,7 +10,8 @@ from prefect import flow
 from prefect.states import Failed
 
 from flows.cli import run_with_prefect
-from flows.params import ValidationParams, default_store, report_state
+from flows.params import ValidationParams, report_state
+from protein.locations import default_store_uri
 from tasks.channels import resolve_dataset
 from tasks.validation import validate_data
 
@@ -27,7 +28,7 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
             s3://bucket/prefix; empty takes the worker's PROTEIN_STORE (default work/store)
         validation: what the data must look like
     """
-    resolved = resolve_dataset(data, store or default_store())
+    resolved = resolve_dataset(data, store or default_store_uri())
     if resolved.get("problem"):
         return Failed(message=f"data {data}: {resolved['problem']}")
     report = validate_data(resolved["uri"], validation.to_config(), store)

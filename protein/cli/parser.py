@@ -29,8 +29,7 @@ def channel_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from protein import cli  # imported here: the package imports this module first
-    from protein.locations import default_cache_dir
-    from protein.pipeline import default_store_uri
+    from protein.locations import default_cache_dir, default_store_uri
 
     # The package docstring (verbs and exit codes) is the top-level help.
     parser = argparse.ArgumentParser(prog="protein", description=cli.__doc__,

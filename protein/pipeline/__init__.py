@@ -3,7 +3,7 @@
 The CLI and the Prefect tasks both call these, so a local run and an orchestrated run do
 exactly the same work. Inputs are paths, URIs and configs; outputs are small JSON-able dicts.
 
-inputs: default locations, run ids, the holdout split, decoded images; training: train and
+inputs: run ids, the holdout split, decoded images; training: train and
 register (one process or torchrun ranks); evaluation: scoring for the gate and its records;
 prediction: the test-set submission and its publication.
 """
@@ -17,9 +17,7 @@ from protein.pipeline.evaluation import (
     recorded_split,
 )
 from protein.pipeline.inputs import (
-    DEFAULT_WORK_DIR,
     check_fingerprint,
-    default_store_uri,
     holdout_split,
     load_split_images,
     new_run_id,
@@ -43,8 +41,8 @@ from protein.pipeline.training import (
 )
 
 __all__ = [
-    "DEFAULT_WORK_DIR", "TestSetPrediction", "TrainingInputs", "check_fingerprint",
-    "default_store_uri", "describe_weights", "evaluate_for_gate", "evaluate_version", "gate_rows", "holdout_split",
+    "TestSetPrediction", "TrainingInputs", "check_fingerprint",
+    "describe_weights", "evaluate_for_gate", "evaluate_version", "gate_rows", "holdout_split",
     "load_predictor", "load_split_images", "new_run_id", "open_training_inputs", "predict_and_publish",
     "predict_test_set", "publish_submission", "publish_training_plot", "record_gate_decision", "recorded_split",
     "summarize", "train_and_register", "train_on_ranks", "training_label_profile", "training_split",

@@ -1,10 +1,9 @@
-"""What every step starts from: default locations, the run id, the holdout split and the
+"""What every step starts from: the run id, the holdout split and the
 decoded-image cache."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,6 @@ from protein.errors import FingerprintMismatch
 from protein.locations import default_cache_dir
 from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store
-
-DEFAULT_WORK_DIR = Path("work")
-
-
-def default_store_uri() -> str:
-    return os.environ.get("PROTEIN_STORE", str(DEFAULT_WORK_DIR / "store"))
 
 
 def new_run_id(data_fingerprint: str) -> str:
