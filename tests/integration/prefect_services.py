@@ -165,6 +165,8 @@ def host_env(base: Mapping[str, str], root: Path, extra: Mapping[str, str] | Non
     env.update({
         # Only host_site/sitecustomize.py, which switches the venv's editable install of the checkout off.
         "PYTHONPATH": str(HOST_SITE),
+        # The virtualenv first, as the runbook starts a worker: flow runs start `python -m prefect.engine`.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)]),
         "HOME": str(root / "home"),
         "PREFECT_HOME": str(root / "prefect"),
         "PROTEIN_CACHE_DIR": str(root / "cache"),

@@ -61,10 +61,16 @@ TEST_IDS = ["900", "901", "902"]
 SOAK_GATE = {"min_score": 0.0, "min_gain": -1.0, "max_class_drop": 1.0, "min_rows": 1}
 KINDS = ["new"] * 6 + ["same", "invalid"]
 FAULTS = ["sigkill", "sigkill", "restart", "api-restart"]
-# In a host's temp folder: torch's own compile cache (not the project's), and the workspace Prefect
-# makes for each flow run (with the pull step's clone beside it), removed when the run ends.
+# In a host's temp folder: torch's own compile cache (not the project's), and the working directory
+# Prefect's process worker makes for each flow run (the pull step's clone inside), removed when the
+# run ends: tempfile's tmp<random>prefect.
 TORCH_TEMP = "torchinductor_"
-RUN_WORKSPACE = "prefect-workspace-attempt-"
+
+
+def run_workspace(path: Path) -> bool:
+    return path.name.startswith("tmp") and path.name.endswith("prefect")
+
+
 FINAL_WAIT_S = 900.0
 ALERT_WAIT_S = 90.0
 
@@ -401,7 +407,7 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: 
                 if (root / "tmp").exists() else []
             if root in soak.killed:  # what the killed flow runs left: counted, bounded below
                 soak.debris += left
-                workspaces += sum(1 for p in left if p.name.startswith(RUN_WORKSPACE))
+                workspaces += sum(1 for p in left if run_workspace(p))
             elif left:
                 yield f"{root.name}'s temp folder holds {sorted(p.name for p in left)}"
             if (used := disk_bytes([root / "cache"])) > max_cache_bytes():
