@@ -8,7 +8,8 @@
 # the host needs only the NVIDIA driver and the container toolkit, no CUDA base image.
 # VARIANT=cpu installs torch from PyTorch's CPU index (no CUDA libraries, a much smaller image).
 # Flow-run containers started from this image by the kubernetes/docker pools
-# (deployments/pools/) replace the entrypoint and run `prefect flow-run execute`.
+# (deployments/pools/) replace the entrypoint and run `python -m prefect.engine` (the deployments'
+# command: one process that clones the deployed commit and runs the flow).
 # Pin the result by tag or digest in PROTEIN_WORKER_IMAGE (`python -m deployments.pools`).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}

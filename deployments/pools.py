@@ -11,7 +11,7 @@ a Secret (`envFrom`, the `store_secret` variable), on Docker from the host's ins
 standard chain reads either.
 
 The worker image's entrypoint is `prefect worker start` (Dockerfile); a flow-run container runs
-the worker's command (`prefect flow-run execute`) instead, so the templates replace the entrypoint
+the deployments' command (`python -m prefect.engine`) instead, so the templates replace the entrypoint
 with `/usr/bin/env`, which runs its arguments as the command.
 
 Exit codes: 0 printed, 2 the image setting is missing or not pinned (one line on stderr).

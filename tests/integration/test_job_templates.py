@@ -28,13 +28,13 @@ CREDENTIAL_MARKERS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION
 
 
 def train_gpu_job_variables() -> dict[str, Any]:
-    """The job variables deployments/prefect.yaml gives train/gpu (its env), placeholders filled."""
+    """The job variables deployments/prefect.yaml gives train/gpu (its command and env), placeholders filled."""
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     [train] = [d for d in spec["deployments"] if d["entrypoint"].startswith("flows/train.py")
                and d["work_pool"]["name"] == "gpu"]
     env = {k: v.replace("{{ $PROTEIN_STORE }}", "s3://bucket/prod") for k, v in
            train["work_pool"]["job_variables"]["env"].items()}
-    return {"env": env}
+    return {"command": train["work_pool"]["job_variables"]["command"], "env": env}
 
 
 def flow_run() -> Any:
@@ -76,9 +76,9 @@ def test_kubernetes_job_requests_one_gpu_and_reads_the_store_keys_from_a_secret(
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["PROTEIN_REQUIRE_CUDA"] == "1" and env["PROTEIN_STORE"] == "s3://bucket/prod"
     assert "PREFECT__FLOW_RUN_ID" in env, "the job runs this flow run"
-    # The image's entrypoint starts a worker; the job runs the flow run instead.
+    # The image's entrypoint starts a worker; the job runs the flow run instead, in one process.
     assert container["command"] == ["/usr/bin/env"]
-    assert container["args"][:3] == ["prefect", "flow-run", "execute"]
+    assert container["args"][:3] == ["python", "-m", "prefect.engine"]
     assert_no_credentials(manifest)
 
 
@@ -90,7 +90,7 @@ def test_docker_container_requests_one_gpu_and_carries_no_credentials(
     assert configuration.image == DIGEST_IMAGE
     assert configuration.container_create_kwargs["device_requests"] == [{"count": 1, "capabilities": [["gpu"]]}]
     assert configuration.container_create_kwargs["entrypoint"] == ["/usr/bin/env"]
-    assert configuration.command.startswith("prefect flow-run execute")
+    assert configuration.command.startswith("python -m prefect.engine")
     assert configuration.env["PROTEIN_REQUIRE_CUDA"] == "1"
     assert_no_credentials(configuration.model_dump(mode="json"))
 
