@@ -65,14 +65,12 @@ FAULTS = ["sigkill", "sigkill", "restart", "api-restart"]
 # Prefect's process worker makes for each flow run (the pull step's clone inside), removed when the
 # run ends: tempfile's tmp<random>prefect.
 TORCH_TEMP = "torchinductor_"
+FINAL_WAIT_S = 900.0
+ALERT_WAIT_S = 90.0
 
 
 def run_workspace(path: Path) -> bool:
     return path.name.startswith("tmp") and path.name.endswith("prefect")
-
-
-FINAL_WAIT_S = 900.0
-ALERT_WAIT_S = 90.0
 
 
 @dataclass(frozen=True)
