@@ -35,7 +35,7 @@ run: $(STAMP)
 
 # The fast tier, before every commit: no Prefect server, worker, training beyond a few steps or
 # fresh interpreter (tests/conftest.py marks those slow from the fixtures they use). Two xdist
-# workers, each with its share of the cores for torch (tests/conftest.py): 2 min 26 s, 5 min 36 s serial.
+# workers, each with its share of the cores for torch (tests/conftest.py): 2 min 1 s, 5 min 36 s serial.
 check: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" -n 2
