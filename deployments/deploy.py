@@ -139,14 +139,14 @@ def ensure_pools(gpu_slots: int) -> None:
     # Through the API, with the base job template `prefect work-pool create --type process` would
     # fill in (ProcessWorker's default): a `prefect` process per pool costs 2.5 s of start-up.
     template = ProcessWorker.get_default_base_job_template()
+    missing = missing_pools()
     with get_client(sync_client=True) as client:
-        for pool in missing_pools():
+        for pool in missing:
             # Another deploy may have created it meanwhile: the same pool, as the check below sees.
             with contextlib.suppress(ObjectAlreadyExists):
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-    if still := missing_pools():
-        raise SettingError(f"work pool(s) {', '.join(still)} do not exist on the server after creating them")
-    with get_client(sync_client=True) as client:
+        if still := missing_pools():
+            raise SettingError(f"work pool(s) {', '.join(still)} do not exist on the server after creating them")
         client.update_work_pool("gpu", WorkPoolUpdate(concurrency_limit=gpu_slots))
 
 

@@ -81,6 +81,9 @@ class Push:
     during: bool  # pushed while the previous push's retrain runs (queued behind it)
     fault: str | None  # applied while this push's retrain trains on a GPU host
 
+    def describe(self) -> str:
+        return f"#{self.index} {self.kind}{' during' if self.during else ''}{' +' + self.fault if self.fault else ''}"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -297,8 +300,8 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
             soak.stack.wait_final(run.id, FINAL_WAIT_S)
         if len(started) == 1 and night != plan.s3_outage_night:
             soak.quiet_nights_s.append(time.monotonic() - scheduled)
-        held = [f"push #{p.index} {p.kind}{' during' if p.during else ''}{' +' + p.fault if p.fault else ''}"
-                for p in plan.pushes if p.night == night] + (["S3 down"] if night == plan.s3_outage_night else [])
+        held = [f"push {p.describe()}" for p in plan.pushes if p.night == night] \
+            + (["S3 down"] if night == plan.s3_outage_night else [])
         soak.nights_s.append((time.monotonic() - night_started, f"night {night}: {', '.join(held) or 'quiet'}"))
         push_runs += started[:-1]
         nightlies.append(nightly)
@@ -411,7 +414,9 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: 
             if (used := disk_bytes([root / "cache"])) > max_cache_bytes():
                 yield f"{root.name}'s cache holds {used} bytes, over its bound {max_cache_bytes()}"
         kills = sum(1 for f in soak.faults if f.startswith(("sigkill", "restart")))
-        if workspaces > kills:  # one flow run dies with each kill: more workspaces left is a leak
+        # Each kill ends exactly one flow run (a worker runs one at a time), which leaves its working
+        # directory: more is a leak, fewer means the count no longer sees them.
+        if workspaces != kills:
             yield f"{workspaces} run workspaces left on killed hosts after {kills} kills: {soak.debris}"
 
     violations: list[str] = []
@@ -428,8 +433,7 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan, nightlies: 
 def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = make_plan(SEED, NIGHTS)
     print(f"\nsoak seed {plan.seed} (SOAK_SEED), {plan.nights} nights (PROTEIN_SOAK_NIGHTS); pushes "
-          + ", ".join(f"#{p.index} night {p.night} {p.kind}{' during' if p.during else ''}"
-                      f"{' +' + p.fault if p.fault else ''}" for p in plan.pushes)
+          + ", ".join(f"night {p.night} push {p.describe()}" for p in plan.pushes)
           + f"; S3 down on night {plan.s3_outage_night}")
     for name, value in soak.stack.env.items():  # this process reads the store for the audit
         if name.startswith("AWS_"):

@@ -11,18 +11,21 @@ from tests.conftest import ProteinProcess
 from tests.helpers import REPO
 
 FLOW_MODULES = ("flows.retrain", "flows.validate", "flows.predict", "flows.train", "flows.score", "flows.demo")
-LOADED = "import importlib, json, sys; [importlib.import_module(m) for m in sys.argv[1:]]; " \
-         "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'torchvision'})))"
+PRINT_TORCH = "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'torchvision'})))"
+LOADED = "import importlib, json, sys; [importlib.import_module(m) for m in sys.argv[1:]]; " + PRINT_TORCH
+CLI_LOADED = "import json, sys, protein.cli\ntry:\n    protein.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n" \
+             + PRINT_TORCH
+
+
+def torch_loaded(protein_process: ProteinProcess, code: str, *args: str) -> list[str]:
+    """Which of torch and torchvision a fresh interpreter has imported after ``code`` ran."""
+    result = protein_process.python(code, *args, env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_the_flow_modules_load_without_torch(protein_process: ProteinProcess) -> None:
-    result = protein_process.python(LOADED, *FLOW_MODULES, env={"PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], "a flow module imports torch at its top"
-
-
-CLI_LOADED = "import json, sys, protein.cli\ntry:\n    protein.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n" \
-             "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'torchvision'})))"
+    assert torch_loaded(protein_process, LOADED, *FLOW_MODULES) == [], "a flow module imports torch at its top"
 
 
 def test_the_commands_without_a_model_load_without_torch(protein_process: ProteinProcess, tmp_path: Path) -> None:
@@ -30,6 +33,4 @@ def test_the_commands_without_a_model_load_without_torch(protein_process: Protei
     parser's defaults once imported the whole pipeline, torch included (2.1 s -> 0.4 s a command)."""
     for argv in (["datasets", "list", "--store", str(tmp_path)], ["models", "list", "--store", str(tmp_path)],
                  ["link", "s3://bucket/key"]):
-        result = protein_process.python(CLI_LOADED, *argv, env={"PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(result.stdout.strip().splitlines()[-1]) == [], f"protein {' '.join(argv[:2])} imports torch"
+        assert torch_loaded(protein_process, CLI_LOADED, *argv) == [], f"protein {' '.join(argv[:2])} imports torch"
