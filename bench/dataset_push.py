@@ -94,7 +94,7 @@ def push_full_copy(data: str, store: Any) -> str:
 
 
 class WireCounter:
-    """Counts the HTTP requests one boto3 client sends, and the body bytes of its uploads."""
+    """Counts the HTTP requests a boto3 client sends while registered on it, and the body bytes of its uploads."""
 
     def __init__(self) -> None:
         self.requests = 0
@@ -129,7 +129,10 @@ def counted_store(uri: str) -> tuple[Any, WireCounter]:
 def measure(push: Any, data: Path, uri: str) -> dict[str, Any]:
     store, counter = counted_store(uri)
     started = time.perf_counter()
-    push(str(data), store)
+    try:
+        push(str(data), store)
+    finally:  # the process shares one client among its stores (s3_clients): stop counting on it
+        store._client().meta.events.unregister("before-send.s3", counter)  # type: ignore[attr-defined]
     return {**counter.snapshot(), "seconds": time.perf_counter() - started}
 
 

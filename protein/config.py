@@ -10,10 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from protein.modeling.arch_names import check_arch
+
 DEFAULT_IMAGE_SIZE = 128
 COMPETITION_IMAGE_SIZE = 512
 # The architectures a form offers (the Prefect UI); the CLI and library accept every torchvision
-# classification architecture (protein.modeling.model.architectures()).
+# classification architecture (protein.modeling.arch_names).
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0", "efficientnet_b1",
                  "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s", "convnext_tiny", "regnet_y_800mf",
                  "mobilenet_v3_large", "mobilenet_v3_small")
@@ -87,8 +89,6 @@ class TrainConfig:
     threshold_metric: str = "f1_samples"
 
     def __post_init__(self) -> None:
-        from protein.modeling.model import check_arch  # imports torchvision: only when a config is built
-
         check_arch(self.arch)
         # A config rebuilt from JSON carries a list; keep one type so equal configs compare equal.
         object.__setattr__(self, "thresholds_from", tuple(self.thresholds_from))

@@ -42,7 +42,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
-    from protein.modeling.model import architectures
+    from protein.modeling.arch_names import architectures
 
     emit(list(architectures()))
     return 0

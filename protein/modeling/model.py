@@ -13,7 +13,6 @@ whole backbone (every tensor by name and shape); only the classifier head may di
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -27,6 +26,7 @@ from torch import nn
 
 from protein.errors import DataError
 from protein.labels import NUM_CLASSES
+from protein.modeling.arch_names import check_arch
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +43,6 @@ _QUOTED = 3
 
 
 @functools.cache
-def architectures() -> tuple[str, ...]:
-    """Every torchvision classification architecture name, sorted."""
-    import torchvision  # costs seconds to import; only pay when a name is checked or a model built
-
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
-
-
-def check_arch(arch: str) -> str:
-    """The name itself, or ValueError with the closest registered names."""
-    names = architectures()
-    if arch not in names:
-        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown architecture {arch!r}: {hint}(any of torchvision's {len(names)} classification "
-                         "models, e.g. resnet18, efficientnet_b1, convnext_tiny; `protein archs` lists them)")
-    return arch
-
-
 def _builder_kwargs(arch: str, image_size: int | None) -> dict[str, object]:
     if arch in ("googlenet", "inception_v3"):
         return {"aux_logits": False, "init_weights": True}

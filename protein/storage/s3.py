@@ -39,6 +39,7 @@ from protein.storage.base import (
     validate_prefix,
     verify,
 )
+from protein.storage.s3_clients import shared_client
 
 # Re-exported: these lived here before the probe had a module of its own, and callers import them from here.
 from protein.storage.s3_conditional_writes import (  # noqa: F401
@@ -105,25 +106,22 @@ class S3Store:
     def _client(self) -> Any:
         with self._client_lock:
             if self._client_obj is None:
-                import boto3.session
-                from botocore.config import Config
-
-                config = Config(
-                    retries={
+                settings = {
+                    "retries": {
                         "mode": "standard",
                         # total_max_attempts counts the first try; botocore's "max_attempts" key here
                         # would count retries only (one attempt more than the name says).
                         "total_max_attempts": int(env_number("PROTEIN_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
                     },
-                    connect_timeout=env_number("PROTEIN_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S),
-                    read_timeout=env_number("PROTEIN_S3_READ_TIMEOUT_S", S3_READ_TIMEOUT_S),
+                    "connect_timeout": env_number("PROTEIN_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S),
+                    "read_timeout": env_number("PROTEIN_S3_READ_TIMEOUT_S", S3_READ_TIMEOUT_S),
                     # boto3 presigns S3 URLs with the deprecated SigV2 unless told otherwise; R2 and
                     # newer AWS regions accept only SigV4.
-                    signature_version="s3v4",
-                    max_pool_connections=max(10, MULTIPART_WORKERS * 2),
-                )
+                    "signature_version": "s3v4",
+                    "max_pool_connections": max(10, MULTIPART_WORKERS * 2),
+                }
                 with self._translating():
-                    self._client_obj = boto3.session.Session().client("s3", config=config)
+                    self._client_obj = shared_client(settings)
             return self._client_obj
 
     def _endpoint(self) -> str:

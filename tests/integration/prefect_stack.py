@@ -113,14 +113,32 @@ class Stack:
     receiver: Receiver
     ha: HAPrefect
     services: list[Service] = field(default_factory=list)
+    # One open client per thread, for the stack's life: the tests poll the API many times a second
+    # while they wait, and a new client each time (settings copy, SSL context, version check) took
+    # more CPU than the requests it sent.
+    _clients: dict[int, Any] = field(default_factory=dict)
+    _clients_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        with self._clients_lock:
+            client = self._clients.get(threading.get_ident())
+        if client is None:
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
-            yield client
+            with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+                client = get_client(sync_client=True)
+                client.__enter__()
+            with self._clients_lock:
+                self._clients[threading.get_ident()] = client
+        yield client
+
+    def close_clients(self) -> None:
+        with self._clients_lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.__exit__(None, None, None)
 
     def logs(self) -> str:
         return "\n".join([*(s.log_tail() for s in self.services), self.ha.logs()])
@@ -285,6 +303,7 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
 
 
 def stop_stack(stack: Stack) -> None:
+    stack.close_clients()
     stop_all(stack.services)
     stop_ha_prefect(stack.ha)
     stack.receiver.close()

@@ -34,3 +34,11 @@ def test_the_commands_without_a_model_load_without_torch(protein_process: Protei
     for argv in (["datasets", "list", "--store", str(tmp_path)], ["models", "list", "--store", str(tmp_path)],
                  ["link", "s3://bucket/key"]):
         assert torch_loaded(protein_process, CLI_LOADED, *argv) == [], f"protein {' '.join(argv[:2])} imports torch"
+
+
+def test_a_training_config_is_checked_without_torch(protein_process: ProteinProcess) -> None:
+    """The CPU host's retrain builds the challenger's TrainConfig (checking its architecture) before
+    dispatching training to a GPU host: that once imported torchvision into every retrain run."""
+    code = ("import json, sys; from flows.params import TrainParams; "
+            "TrainParams(arch='convnext_tiny').to_config()\n" + PRINT_TORCH)
+    assert torch_loaded(protein_process, code) == [], "building a TrainConfig imports torch"

@@ -10,7 +10,8 @@ from torchvision.models.regnet import BlockParams
 
 from protein.config import TrainConfig
 from protein.errors import DataError
-from protein.modeling.model import architectures, build_model, check_arch, imagenet_weights, replace_head
+from protein.modeling.arch_names import architectures, check_arch
+from protein.modeling.model import build_model, imagenet_weights, replace_head
 
 
 @pytest.fixture
@@ -27,6 +28,8 @@ def meta_safe_regnet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_registry_lists_every_torchvision_classification_model():
+    """The names are kept without importing torchvision (arch_names.py): they must be the pinned
+    torchvision's registry, exactly."""
     names = architectures()
     assert names == tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
     for family in ("resnet18", "resnext50_32x4d", "wide_resnet50_2", "efficientnet_b0", "efficientnet_b7",
