@@ -261,6 +261,8 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
                 # Nobody else will: the process that would report the end of this run is gone.
                 through_outage(partial(client.set_flow_run_state, flow_run_id, Crashed(message=why), force=True),
                                config, logger, f"marking flow run {flow_run_id} Crashed")
+                through_outage(partial(crash_unfinished_task_runs, client, flow_run_id, why), config, logger,
+                               f"marking the unfinished task runs of flow run {flow_run_id} Crashed")
                 described = why
             elif step in (Step.TIMED_OUT, Step.NEVER_STARTED):
                 # A live worker kills the process of a Cancelling run; a dead one leaves it, harmlessly.
@@ -271,6 +273,28 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
             if step is not Step.WAIT:
                 return step, described
             time.sleep(config.poll_s)
+
+
+def crash_unfinished_task_runs(client: Any, flow_run_id: Any, why: str) -> int:
+    """The task runs a lost flow run's process left Pending or Running (it died mid-task) are marked
+    Crashed with it: their process will never report their end, and Prefect's server cleans up the
+    task runs of Cancelled flow runs only, so the UI would show a dead host's training as running for
+    ever. Returns how many were marked."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+
+    unfinished = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+            any_=[StateType.PENDING, StateType.RUNNING]))))
+    for task_run in unfinished:
+        client.set_task_run_state(task_run.id, Crashed(message=f"its flow run was lost: {why}"), force=True)
+    return len(unfinished)
 
 
 def judge(evidence: Evidence, silence: Silence, config: DispatchConfig) -> tuple[bool | None, str]:

@@ -326,6 +326,12 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     # only through Prefect's 30 s heartbeats is never called lost before 45 s of silence.
     assert first.state.type.value == "CRASHED", first.state
     assert_lost_on_pulses(first.state.message)
+    # Its training task died with it: Crashed too, not Running for ever (Prefect cleans up after
+    # Cancelled flow runs only).
+    first_tasks = {t.name: t.state for t in task_runs(client, first.id)}
+    train_task = next(state for name, state in first_tasks.items() if name.startswith("train-model"))
+    assert train_task.type.value == "CRASHED" and "its flow run was lost" in train_task.message, first_tasks
+    assert not [n for n, st in first_tasks.items() if st.type.value in ("PENDING", "RUNNING")], first_tasks
     assert second.state.is_completed()
     assert first.parameters["run_id"] == second.parameters["run_id"]
     messages = [log.message for log in run_logs(client, second.id)]
