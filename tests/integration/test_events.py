@@ -70,7 +70,8 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     run = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("data") == "channel:latest"
                          and r.parameters.get("trigger_event") == f"protein.dataset.pushed {event_id}",
                          "started by protein.dataset.pushed")
-    assert run.parameters["skip_if_unchanged"] is False, "a pushed dataset is always trained on"
+    # On: a push trains unless the champion was trained on exactly this data (none here yet).
+    assert run.parameters["skip_if_unchanged"] is True, run.parameters
     run = stack.wait_final(run.id)
     assert run.state.is_completed(), f"retrain ended {run.state.name}: {run.state.message}\n{stack.logs()}"
 
@@ -125,6 +126,19 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
     skipped = stack.artifacts(skip.id)
     assert "training-progress" not in skipped, "nothing was trained"
     assert "# Retrain: skipped, data unchanged" in skipped["retrain-summary"].data
+
+    # A re-push of the same data: the trigger's run trains nothing either (the same data twice
+    # would cost a GPU run and could only promote a twin of the champion).
+    again = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(stack.dataset),
+                            "--store", stack.store], env=stack.env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, f"datasets push failed: {again.stdout}{again.stderr}"
+    repushed = stack.wait_run("retrain/nightly", lambda r: r.parameters.get("trigger_event")
+                              == f"protein.dataset.pushed {json.loads(again.stdout)['event_id']}", "for the re-push")
+    repushed = stack.wait_final(repushed.id)
+    assert repushed.state.is_completed(), f"{repushed.state.name}: {repushed.state.message}"
+    assert repushed.state.message.startswith("nothing trained: the data"), repushed.state.message
+    assert champion_now(stack, monkeypatch) == champion
 
 
 def test_event_without_channel_fails_the_run_at_once_and_alerts(prefect_stack: Stack) -> None:
