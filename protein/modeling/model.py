@@ -13,7 +13,6 @@ whole backbone (every tensor by name and shape); only the classifier head may di
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -42,7 +41,6 @@ _DENSENET_KEY = re.compile(
 _QUOTED = 3
 
 
-@functools.cache
 def _builder_kwargs(arch: str, image_size: int | None) -> dict[str, object]:
     if arch in ("googlenet", "inception_v3"):
         return {"aux_logits": False, "init_weights": True}
