@@ -44,7 +44,7 @@ from tests.integration.prefect_stack import Stack, start_stack, stop_stack
 from tests.integration.test_ha_failover import left_unfinished, train_runs
 from tests.integration.test_push_queue import resolved
 
-# A month in `make test` (7.5 minutes alone on this 2-core machine, mostly waiting: it runs on one
+# A month in `make test` (6 minutes alone on this 2-core machine, mostly waiting: it runs on one
 # xdist worker beside the rest of the suite, started first); `make soak` runs 90 nights.
 NIGHTS = int(os.environ.get("PROTEIN_SOAK_NIGHTS", "30"))
 pytestmark = [pytest.mark.integration, pytest.mark.long_running, pytest.mark.timeout(900 + 90 * max(NIGHTS, 1))]
