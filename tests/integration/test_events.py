@@ -137,7 +137,7 @@ def test_dataset_push_triggers_retrain_that_reports_by_events_artifacts_and_webh
                               == f"protein.dataset.pushed {json.loads(again.stdout)['event_id']}", "for the re-push")
     repushed = stack.wait_final(repushed.id)
     assert repushed.state.is_completed(), f"{repushed.state.name}: {repushed.state.message}"
-    assert repushed.state.message.startswith("nothing trained: the data"), repushed.state.message
+    assert (repushed.state.message or "").startswith("nothing trained: the data"), repushed.state.message
     assert champion_now(stack, monkeypatch) == champion
 
 

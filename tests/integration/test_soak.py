@@ -42,6 +42,7 @@ from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import Service, host_env, worker_args
 from tests.integration.prefect_stack import Stack, start_stack, stop_stack
 from tests.integration.test_ha_failover import left_unfinished, train_runs
+from tests.integration.test_multihost import task_runs
 from tests.integration.test_push_queue import resolved
 
 # A month in `make test` (6 minutes alone on this 2-core machine, mostly waiting: it runs on one
@@ -411,15 +412,11 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
     def outage_ridden_out_by_task_retries() -> Iterator[str]:
         """The run S3 went down under completed, and on a task's retry: an outage the S3 client's own
         retries absorbed would prove nothing about the tasks'."""
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-        run = soak.outage_run
+        [run] = [r for r in runs if r.id == soak.outage_run.id]  # read after every run ended
         with soak.stack.client() as client:
-            final = client.read_flow_run(run.id)
-            retried = [t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[run.id]))) if t.run_count > 1]
-        if not final.state.is_completed():
-            yield f"the S3 outage's run {run.name} ended {final.state.name}: {final.state.message}"
+            retried = [t.name for t in task_runs(client, run.id) if t.run_count > 1]
+        if not run.state.is_completed():
+            yield f"the S3 outage's run {run.name} ended {run.state.name}: {run.state.message}"
         if not retried:
             yield f"no task of {run.name} was retried: the S3 outage was absorbed below the tasks' retries"
 
