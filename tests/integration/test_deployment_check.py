@@ -103,12 +103,19 @@ def test_a_deployment_changed_through_the_api_is_refused(deployments: dict[str, 
     assert train_runs(deployments) == [], "nothing may be dispatched to a changed deployment"
 
 
-def test_a_deployment_as_defined_is_dispatched_to(deployments: dict[str, Any], dataset: str, tmp_path: Path) -> None:
+def test_a_deployment_as_defined_is_dispatched_to(deployments: dict[str, Any], dataset: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: unchanged, the check passes and the run is dispatched (no gpu worker here, so it never
-    starts and the retrain fails saying so, not naming the deployment as changed)."""
+    starts and the retrain fails saying so, not naming the deployment as changed). With no score
+    deployment the run scores the challenger itself, so it loads torch while it waits (protein.preload)."""
+    from protein.preload import SCORING_MODULES
+
+    preloaded: list[tuple[str, ...]] = []
+    monkeypatch.setattr("flows.retrain.preload", lambda modules: preloaded.append(tuple(modules)))
     state = run_retrain(deployments, dataset, tmp_path / "store")
     assert state.is_failed() and "never started" in state.message, state.message
     assert len(train_runs(deployments)) == 1
+    assert preloaded == [SCORING_MODULES]
 
 
 def test_a_deployment_git_does_not_define_is_refused(deployments: dict[str, Any], dataset: str, tmp_path: Path) -> None:

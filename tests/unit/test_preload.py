@@ -1,0 +1,55 @@
+"""protein.preload: modules imported in a background thread, failures left to the step that needs them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from protein.preload import SCORING_MODULES, preload
+
+
+def write_module(folder: Path, name: str, body: str) -> None:
+    (folder / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+def test_modules_are_imported_in_a_thread_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_module(tmp_path, "preload_probe_a", """
+        import threading
+        LOADED_IN = threading.current_thread().name
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "preload_probe_a", raising=False)
+
+    thread = preload(["preload_probe_a"])
+    thread.join(timeout=30)
+
+    assert not thread.is_alive() and thread.daemon
+    assert sys.modules["preload_probe_a"].LOADED_IN == "protein-preload"
+
+
+def test_a_module_that_fails_to_import_is_logged_and_the_rest_still_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    write_module(tmp_path, "preload_probe_broken", "raise RuntimeError('no such library here')\n")
+    write_module(tmp_path, "preload_probe_b", "VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("preload_probe_broken", "preload_probe_b"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    caplog.set_level(logging.DEBUG, logger="protein.preload")
+
+    thread = preload(["preload_probe_broken", "preload_probe_b"])
+    thread.join(timeout=30)
+
+    assert sys.modules["preload_probe_b"].VALUE == 2
+    assert "preload_probe_broken" not in sys.modules
+    assert "preloading preload_probe_broken failed: RuntimeError: no such library here" in caplog.text
+
+
+def test_the_scoring_modules_exist() -> None:
+    """A module renamed in the library would otherwise be preloaded in vain, silently."""
+    import importlib.util
+
+    assert [m for m in SCORING_MODULES if importlib.util.find_spec(m) is None] == []
