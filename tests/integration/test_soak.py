@@ -56,10 +56,6 @@ SEED = int(os.environ.get("SOAK_SEED", "21"))
 # issue's 60 s, shortened to the compressed clock (20 s rode it out on the fourth try, 30 s later).
 S3_OUTAGE_S = 10.0
 LOST_AFTER_S = LOWEST_LOST_AFTER_S  # the lowest bound accepted: dispatched runs pulse every 5 s for it
-# The smallest architecture the form offers: a month of trainings each write a checkpoint and a
-# version (10 MB, not resnet18's 45 MB) through the FaultProxy to moto, and the CPU host reads them
-# back to score. The faults still land in training: apply_fault waits for the training run to run.
-SOAK_ARCH = "mobilenet_v3_small"
 PATTERN = ["0", "4", "6 4", "2 5"]  # the stack's labels: new data never drifts from the champion's
 TEST_IDS = ["900", "901", "902"]
 # Git's gate for scheduled and triggered runs: promote every trained challenger, so "the champion
@@ -178,7 +174,6 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
                 nightly = client.read_deployment_by_name("retrain/nightly")
                 client.update_deployment(nightly.id, DeploymentUpdate(parameters={
                     **nightly.parameters, "train_deployment": "train/gpu", "gate_config": SOAK_GATE,
-                    "train": {**nightly.parameters["train"], "arch": SOAK_ARCH},
                     "dispatch": {"timeout_minutes": 10, "attempts": 3, "poll_seconds": 0.5,
                                  "lost_after_seconds": LOST_AFTER_S}}))
             soak = Soak(stack, proxy, tmp_path, services)
