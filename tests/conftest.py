@@ -95,7 +95,50 @@ SLOW_FIXTURES: dict[str, str] = {
 }
 
 
+# The modules whose tests use the session's `prefect_stack`. A session fixture lives once per xdist
+# worker: handed to both, the stack (two APIs, services, nginx, Redis, a deploy, a worker) started
+# twice, ~25 s of CPU each and a share of a core for as long as it ran. `make test` hands these
+# modules to one worker as one unit of work (SharedStackScheduling); collection fails on a module
+# that uses the stack and is not listed, so the list cannot fall behind the tests.
+SHARED_STACK_FIXTURE = "prefect_stack"
+SHARED_STACK_MODULES = frozenset({
+    "tests/integration/test_events.py",
+    "tests/integration/test_push_queue.py",
+    "tests/integration/test_ui_browser.py",
+})
+SHARED_STACK_UNIT = "the modules that share the session's prefect_stack"
+
+
+def work_unit(nodeid: str) -> str:
+    """What `make test` hands an xdist worker whole: the test's module (loadscope's unit), or, for
+    the modules that share the session stack, all of them together."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_STACK_UNIT if module in SHARED_STACK_MODULES else nodeid.rsplit("::", 1)[0]
+
+
+def unlisted_shared_stack_modules(items: list[pytest.Item], root: Path) -> list[str]:
+    return sorted({item.path.relative_to(root).as_posix() for item in items
+                   if SHARED_STACK_FIXTURE in getattr(item, "fixturenames", ())} - SHARED_STACK_MODULES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadscope` (make test) with the shared-stack modules as one unit; other modes as xdist has them."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedStackScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SharedStackScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if unlisted := unlisted_shared_stack_modules(items, config.rootpath):
+        raise pytest.UsageError(f"{', '.join(unlisted)} use the session's {SHARED_STACK_FIXTURE}: add them to "
+                                "SHARED_STACK_MODULES in tests/conftest.py, so that make test starts that stack once")
     for item in items:
         used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
         if used:

@@ -9,16 +9,21 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from tests.conftest import (
     DISK_REFUSED_EXIT,
+    SHARED_STACK_MODULES,
     SLOW_FIXTURES,
     FreshInterpreterInTheFastTier,
     disk_refusal,
+    pytest_xdist_make_scheduler,
     slow_modules_first,
     torch_threads_per_worker,
+    unlisted_shared_stack_modules,
 )
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -162,3 +167,75 @@ def test_torch_gets_the_workers_share_of_the_cores_under_xdist_and_is_left_alone
     assert os.environ.get("OMP_NUM_THREADS") == expected  # what the processes tests start inherit
     if expected is not None:
         assert torch.get_num_threads() == int(expected)
+
+
+class Worker:
+    """What xdist's scheduler sees of a worker: the tests it is sent, by index in its collection."""
+
+    def __init__(self, name: str) -> None:
+        self.gateway = SimpleNamespace(id=name)
+        self.shutting_down = False
+        self.sent: list[int] = []
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.sent += indices
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+def schedule_make_test(collection: list[str]) -> list[list[str]]:
+    """The tests each of make test's two workers is sent, by its scheduler (pytest_xdist_make_scheduler)."""
+    config = SimpleNamespace(getvalue={"dist": "loadscope", "tx": ["2*popen"]}.__getitem__,
+                             option=SimpleNamespace(loadscopereorder=False))
+    scheduler = pytest_xdist_make_scheduler(config, None)  # type: ignore[arg-type]
+    workers = [Worker("gw0"), Worker("gw1")]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+    while any(not w.shutting_down for w in workers):  # each worker asks for more as it runs out
+        for worker in workers:
+            for index in worker.sent:
+                scheduler.mark_test_complete(worker, index)
+            if not worker.shutting_down:
+                scheduler._reschedule(worker)
+    return [[collection[i] for i in w.sent] for w in workers]
+
+
+def test_make_test_starts_the_shared_stack_on_one_worker_and_hands_out_other_modules_whole() -> None:
+    stack = sorted(SHARED_STACK_MODULES)
+    # As the workers collect them: the slow modules (the stack's among them) first. Module by module,
+    # the first two would go to the two workers.
+    collection = [f"{stack[0]}::test_a", f"{stack[0]}::test_b", f"{stack[1]}::test_c", f"{stack[2]}::test_d",
+                  "tests/unit/a.py::test_x", "tests/unit/a.py::test_y", "tests/unit/b.py::Group::test_z",
+                  "tests/unit/b.py::Group::test_v", "tests/unit/c.py::test_w"]
+    sent = schedule_make_test(collection)
+    [with_stack] = [tests for tests in sent if any(t.startswith(stack[0]) for t in tests)]
+    assert {t for t in collection if t.split("::")[0] in SHARED_STACK_MODULES} <= set(with_stack)
+    for module in ("tests/unit/a.py", "tests/unit/b.py::Group"):  # loadscope's units stay whole
+        assert len([tests for tests in sent if any(t.startswith(module) for t in tests)]) == 1, sent
+    assert sorted(t for tests in sent for t in tests) == sorted(collection)
+    assert all(sent), f"one worker got nothing: {sent}"
+
+
+def test_a_module_that_uses_the_shared_stack_must_be_listed() -> None:
+    class Item:
+        def __init__(self, path: str, fixtures: tuple[str, ...]) -> None:
+            self.path, self.fixturenames = TESTS.parent / path, fixtures
+
+    listed = Item(sorted(SHARED_STACK_MODULES)[0], ("prefect_stack", "tmp_path"))
+    stray = Item("tests/integration/test_new.py", ("tmp_path", "prefect_stack"))
+    other = Item("tests/integration/test_other.py", ("prefect_harness",))
+    items: list[Any] = [listed, stray, other]
+    assert unlisted_shared_stack_modules(items, TESTS.parent) == ["tests/integration/test_new.py"]
+    assert unlisted_shared_stack_modules(items[:1] + items[2:], TESTS.parent) == []
+
+
+def test_the_listed_modules_are_the_ones_that_use_the_shared_stack() -> None:
+    """Not a list that merely names files: each listed module exists and uses the stack (a module
+    that stopped using it would still be pinned to the stack's worker for nothing)."""
+    collected = collect(*(str(TESTS.parent / module) for module in sorted(SHARED_STACK_MODULES)))
+    users = {item.path.relative_to(TESTS.parent).as_posix() for item in collected.items
+             if "prefect_stack" in item.fixturenames}
+    assert users == set(SHARED_STACK_MODULES)
