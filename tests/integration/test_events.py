@@ -10,8 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +23,8 @@ import pytest
 from tests.helpers import REPO
 from tests.integration.prefect_stack import HEARTBEAT_S, TEST_ZOMBIE_AFTER_S, Stack
 
-pytestmark = pytest.mark.integration
+# Every test starts the dead run of the zombie test (dead_run), in the background: see DeadRun.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dead_run")]
 
 PRESIGN_MARKERS = ("X-Amz-Signature", "X-Amz-Credential", "Signature=", "AWSAccessKeyId")
 
@@ -175,32 +180,74 @@ train()
 """
 
 
-def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, tmp_path: Any) -> None:
-    stack = prefect_stack
-    script = tmp_path / "zombie.py"
-    # Named for this test alone: the session stack's own training runs are flow "train" too, and its
-    # event log holds every heartbeat of the session.
-    probe_name = f"zombie-probe-{uuid.uuid4().hex[:8]}"
-    script.write_text(ZOMBIE_FLOW.replace("PROBE_RUN_NAME", probe_name))
-    started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
-    env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
-    process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@dataclass
+class DeadRun:
+    """A flow run whose machine died: its process SIGKILLed after the server heard its first
+    heartbeat, so no final state is ever reported. Made in a thread of its own from the module's
+    first test on: the zombie window (TEST_ZOMBIE_AFTER_S, three of Prefect's 30 s heartbeats) then
+    passes while the module's other tests run, and the test that asserts on the run waits only for
+    what is left of it. Whatever the order, the test waits until the run is crashed and alerted."""
+
+    name: str
+    done: threading.Event = field(default_factory=threading.Event)
+    process: subprocess.Popen[bytes] | None = None
+    flow_run_id: str | None = None
+    problem: str | None = None
+
+
+def kill_after_first_heartbeat(stack: Stack, script: Path, dead: DeadRun) -> None:
     try:
+        started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+        env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+        dead.process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         beat: list[dict[str, Any]] = []
         while not beat and time.monotonic() < deadline:
-            assert process.poll() is None, "the probe flow exited early"
+            if dead.process.poll() is not None:
+                dead.problem = f"the probe flow exited early with {dead.process.returncode}"
+                return
             beat = [e for e in stack.events("prefect.flow-run.heartbeat", since=started)
-                    if e["resource"].get("prefect.resource.name") == probe_name and _flow_name(stack, e) == "train"]
+                    if e["resource"].get("prefect.resource.name") == dead.name and _flow_name(stack, e) == "train"]
             time.sleep(1)
-        assert beat, "no heartbeat from the probe flow within 120 s"
+        if not beat:
+            dead.problem = "no heartbeat from the probe flow within 120 s"
+            return
+        os.killpg(dead.process.pid, signal.SIGKILL)  # the machine dies: no final state is ever reported
+        dead.process.wait(timeout=30)
+        dead.flow_run_id = beat[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
+        with stack.client() as client:
+            state = client.read_flow_run(dead.flow_run_id).state
+        if not state.is_running():  # else its crash would prove nothing about the zombie automation
+            dead.problem = f"the probe's run was {state.name} when its process was killed, not Running"
+    except Exception as exc:  # reported by the test that asserts on the run, not lost in this thread
+        dead.problem = f"{type(exc).__name__}: {exc}"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the machine dies: no final state is ever reported
-        process.wait(timeout=30)
-    flow_run_id = beat[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
-    with stack.client() as client:
-        assert client.read_flow_run(flow_run_id).state.is_running()
+        dead.done.set()
+
+
+@pytest.fixture(scope="module")
+def dead_run(prefect_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeadRun]:
+    # Named for this module alone: the session stack's own training runs are flow "train" too, and
+    # its event log holds every heartbeat of the session.
+    dead = DeadRun(name=f"zombie-probe-{uuid.uuid4().hex[:8]}")
+    script = tmp_path_factory.mktemp("zombie") / "zombie.py"
+    script.write_text(ZOMBIE_FLOW.replace("PROBE_RUN_NAME", dead.name))
+    thread = threading.Thread(target=kill_after_first_heartbeat, args=(prefect_stack, script, dead),
+                              name="zombie-probe", daemon=True)
+    thread.start()
+    yield dead
+    thread.join(timeout=180)
+    if dead.process is not None and dead.process.poll() is None:
+        os.killpg(dead.process.pid, signal.SIGKILL)
+        dead.process.wait(timeout=30)
+
+
+def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, dead_run: DeadRun) -> None:
+    stack = prefect_stack
+    assert dead_run.done.wait(timeout=180), "the probe flow was neither heard nor killed within 180 s"
+    assert dead_run.problem is None and dead_run.flow_run_id is not None, dead_run.problem
+    flow_run_id = dead_run.flow_run_id
     # Crashed once the window passes without a beat; the margin is the automation's own evaluation.
     run = stack.wait_final(flow_run_id, timeout_s=TEST_ZOMBIE_AFTER_S + 120)
     assert run.state.type.value == "CRASHED", run.state
