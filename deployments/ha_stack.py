@@ -33,7 +33,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -457,13 +456,13 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         # The services process first: it consumes the events the APIs publish to Redis.
         services = Daemon("prefect-services", [str(PREFECT), "server", "services", "start"], root, env=env)
         started.append(services)
-        # Side by side: each API spends its ~4 s of start importing Prefect and building its app.
-        with ThreadPoolExecutor(max_workers=api_count) as pool:
-            starting = [pool.submit(start_api, root, env, index, ui) for index in range(1, api_count + 1)]
-        apis = [api.result() for api in starting if api.exception() is None]
-        started += apis
-        if failed := next((api.exception() for api in starting if api.exception() is not None), None):
-            raise failed
+        # One after the other: an API registers Prefect's block types in the database as it starts,
+        # and two starting together on a new database both insert them; the second exits on
+        # uq_block_type__slug (tried: side by side, two of three starts failed so).
+        apis = []
+        for index in range(1, api_count + 1):
+            apis.append(start_api(root, env, index, ui))
+            started.append(apis[-1])
         route_to(nginx, root, [api.port for api in apis], nginx_temp)
         if not services.alive():
             raise StartError(f"prefect server services exited while starting\n{services.log_tail()}")
