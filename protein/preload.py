@@ -10,6 +10,7 @@ a run that trains scores.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import threading
@@ -17,6 +18,10 @@ from collections.abc import Sequence
 
 # What the retrain run's own scoring imports: the pipeline (torch) and the model builder (torchvision).
 SCORING_MODULES = ("protein.pipeline", "protein.modeling.model")
+# A process that ends while the thread still imports (a retrain whose dispatch failed at once) waits
+# this long for the import to finish: an interpreter that shuts down under a daemon thread inside
+# an extension module's import can end with a fatal error instead of its own exit status.
+JOIN_AT_EXIT_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -36,4 +41,5 @@ def preload(modules: Sequence[str], name: str = "protein-preload") -> threading.
 
     thread = threading.Thread(target=load, name=name, daemon=True)
     thread.start()
+    atexit.register(thread.join, JOIN_AT_EXIT_S)
     return thread

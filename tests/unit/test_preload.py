@@ -6,6 +6,7 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,20 @@ def test_the_scoring_modules_exist() -> None:
     import importlib.util
 
     assert [m for m in SCORING_MODULES if importlib.util.find_spec(m) is None] == []
+
+
+def test_a_process_that_ends_while_a_module_loads_waits_for_the_load(tmp_path: Path, protein_process: Any) -> None:
+    """The load finishes before the interpreter shuts down (atexit), so the process exits with its
+    own status: the module here writes a file after a second; the process's main thread is done
+    at once."""
+    write_module(tmp_path, "preload_probe_slow", f"""
+        import time
+        from pathlib import Path
+        time.sleep(1.0)
+        Path({str(tmp_path / "loaded")!r}).write_text("done")
+    """)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from protein.preload import preload; "
+            "preload(['preload_probe_slow']); sys.exit(5)")
+    result = protein_process.python(code, str(tmp_path))
+    assert result.returncode == 5, result.stderr
+    assert (tmp_path / "loaded").read_text() == "done"
