@@ -145,6 +145,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
     if is_xdist_worker(config):
         items[:] = slow_modules_first(items)
+    items[:] = last_in_module_last(items)
+
+
+def last_in_module_last(items: list[pytest.Item]) -> list[pytest.Item]:
+    """Each module's tests marked last_in_module after its other tests, every module where it was
+    and the rest in the order they had. Such a test waits for what a module fixture started in the
+    background (test_events.py's dead run), and the wait passes while the others run; in any order
+    the test is right, only slower."""
+    position = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
+    return sorted(items, key=lambda item: (position[item.path], item.get_closest_marker("last_in_module") is not None))
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:

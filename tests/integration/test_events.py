@@ -243,6 +243,7 @@ def dead_run(prefect_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
         dead.process.wait(timeout=30)
 
 
+@pytest.mark.last_in_module  # the dead run's 90 s window passes while the module's other tests run
 def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, dead_run: DeadRun) -> None:
     stack = prefect_stack
     assert dead_run.done.wait(timeout=180), "the probe flow was neither heard nor killed within 180 s"

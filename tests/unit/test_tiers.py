@@ -20,6 +20,7 @@ from tests.conftest import (
     SLOW_FIXTURES,
     FreshInterpreterInTheFastTier,
     disk_refusal,
+    last_in_module_last,
     pytest_xdist_make_scheduler,
     slow_modules_first,
     torch_threads_per_worker,
@@ -239,3 +240,28 @@ def test_the_listed_modules_are_the_ones_that_use_the_shared_stack() -> None:
     users = {item.path.relative_to(TESTS.parent).as_posix() for item in collected.items
              if "prefect_stack" in item.fixturenames}
     assert users == set(SHARED_STACK_MODULES)
+
+
+def test_a_test_marked_last_in_module_runs_after_its_modules_other_tests_and_nothing_else_moves() -> None:
+    class Item:
+        def __init__(self, path: str, name: str, last: bool = False) -> None:
+            self.path, self.name, self.last = Path(path), name, last
+
+        def get_closest_marker(self, name: str) -> object:
+            return (name == "last_in_module" and self.last) or None
+
+    items = [Item("int/events.py", "zombie", last=True), Item("int/events.py", "push"), Item("unit/a.py", "x"),
+             Item("int/events.py", "channel"), Item("unit/b.py", "y")]
+    ordered = last_in_module_last(items)  # type: ignore[arg-type]
+    assert [(str(i.path), i.name) for i in ordered] == [
+        ("int/events.py", "push"), ("int/events.py", "channel"), ("int/events.py", "zombie"), ("unit/a.py", "x"),
+        ("unit/b.py", "y")]
+
+
+def test_the_zombie_test_runs_last_in_its_module_whatever_the_shuffle() -> None:
+    for seed in ("1", "2", "3"):
+        plugin = Collected()
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"--randomly-seed={seed}",
+                            str(TESTS / "integration" / "test_events.py")], plugins=[plugin])
+        assert code == pytest.ExitCode.OK
+        assert plugin.items[-1].name == "test_run_without_heartbeats_is_crashed_and_alerted", seed
