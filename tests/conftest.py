@@ -109,13 +109,6 @@ SHARED_STACK_MODULES = frozenset({
 SHARED_STACK_UNIT = "the modules that share the session's prefect_stack"
 
 
-def work_unit(nodeid: str) -> str:
-    """What `make test` hands an xdist worker whole: the test's module (loadscope's unit), or, for
-    the modules that share the session stack, all of them together."""
-    module = nodeid.split("::", 1)[0]
-    return SHARED_STACK_UNIT if module in SHARED_STACK_MODULES else nodeid.rsplit("::", 1)[0]
-
-
 def unlisted_shared_stack_modules(items: list[pytest.Item], root: Path) -> list[str]:
     return sorted({item.path.relative_to(root).as_posix() for item in items
                    if SHARED_STACK_FIXTURE in getattr(item, "fixturenames", ())} - SHARED_STACK_MODULES)
@@ -130,7 +123,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class SharedStackScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid)
+            """The shared-stack modules together; any other test in loadscope's unit (its module or class)."""
+            if nodeid.split("::", 1)[0] in SHARED_STACK_MODULES:
+                return SHARED_STACK_UNIT
+            return super()._split_scope(nodeid)
 
     return SharedStackScheduling(config, log)
 
@@ -273,7 +269,7 @@ class ProteinProcess:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
     @staticmethod
-    def kill_group(process: subprocess.Popen[str]) -> None:
+    def kill_group(process: subprocess.Popen[Any]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate()

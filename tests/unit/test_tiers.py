@@ -207,10 +207,11 @@ def schedule_make_test(collection: list[str]) -> list[list[str]]:
 def test_make_test_starts_the_shared_stack_on_one_worker_and_hands_out_other_modules_whole() -> None:
     stack = sorted(SHARED_STACK_MODULES)
     # As the workers collect them: the slow modules (the stack's among them) first. Module by module,
-    # the first two would go to the two workers.
+    # the first two would go to the two workers; test by test, a.py's four would be spread over both.
     collection = [f"{stack[0]}::test_a", f"{stack[0]}::test_b", f"{stack[1]}::test_c", f"{stack[2]}::test_d",
-                  "tests/unit/a.py::test_x", "tests/unit/a.py::test_y", "tests/unit/b.py::Group::test_z",
-                  "tests/unit/b.py::Group::test_v", "tests/unit/c.py::test_w"]
+                  "tests/unit/a.py::test_x", "tests/unit/a.py::test_y", "tests/unit/a.py::test_u",
+                  "tests/unit/a.py::test_t", "tests/unit/b.py::Group::test_z", "tests/unit/b.py::Group::test_v",
+                  "tests/unit/c.py::test_w"]
     sent = schedule_make_test(collection)
     [with_stack] = [tests for tests in sent if any(t.startswith(stack[0]) for t in tests)]
     assert {t for t in collection if t.split("::")[0] in SHARED_STACK_MODULES} <= set(with_stack)
