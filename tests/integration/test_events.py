@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,12 +12,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import ProteinProcess
 from tests.helpers import REPO
 from tests.integration.prefect_stack import HEARTBEAT_S, TEST_ZOMBIE_AFTER_S, Stack
 
@@ -189,7 +188,7 @@ class DeadRun:
     what is left of it. Whatever the order, the test waits until the run is crashed and alerted."""
 
     name: str
-    done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None  # making it; ended when the run is dead or a problem is known
     process: subprocess.Popen[bytes] | None = None
     flow_run_id: str | None = None
     problem: str | None = None
@@ -213,8 +212,7 @@ def kill_after_first_heartbeat(stack: Stack, script: Path, dead: DeadRun) -> Non
         if not beat:
             dead.problem = "no heartbeat from the probe flow within 120 s"
             return
-        os.killpg(dead.process.pid, signal.SIGKILL)  # the machine dies: no final state is ever reported
-        dead.process.wait(timeout=30)
+        ProteinProcess.kill_group(dead.process)  # the machine dies: no final state is ever reported
         dead.flow_run_id = beat[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
         with stack.client() as client:
             state = client.read_flow_run(dead.flow_run_id).state
@@ -223,7 +221,8 @@ def kill_after_first_heartbeat(stack: Stack, script: Path, dead: DeadRun) -> Non
     except Exception as exc:  # reported by the test that asserts on the run, not lost in this thread
         dead.problem = f"{type(exc).__name__}: {exc}"
     finally:
-        dead.done.set()
+        if dead.process is not None:  # no probe outlives this thread, whatever went wrong
+            ProteinProcess.kill_group(dead.process)
 
 
 @pytest.fixture(scope="module")
@@ -233,20 +232,21 @@ def dead_run(prefect_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     dead = DeadRun(name=f"zombie-probe-{uuid.uuid4().hex[:8]}")
     script = tmp_path_factory.mktemp("zombie") / "zombie.py"
     script.write_text(ZOMBIE_FLOW.replace("PROBE_RUN_NAME", dead.name))
-    thread = threading.Thread(target=kill_after_first_heartbeat, args=(prefect_stack, script, dead),
-                              name="zombie-probe", daemon=True)
-    thread.start()
+    dead.thread = threading.Thread(target=kill_after_first_heartbeat, args=(prefect_stack, script, dead),
+                                   name="zombie-probe", daemon=True)
+    dead.thread.start()
     yield dead
-    thread.join(timeout=180)
-    if dead.process is not None and dead.process.poll() is None:
-        os.killpg(dead.process.pid, signal.SIGKILL)
-        dead.process.wait(timeout=30)
+    dead.thread.join(timeout=180)
+    if dead.thread.is_alive() and dead.process is not None:  # hung in a request: end its probe here
+        ProteinProcess.kill_group(dead.process)
 
 
 @pytest.mark.last_in_module  # the dead run's 90 s window passes while the module's other tests run
 def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, dead_run: DeadRun) -> None:
     stack = prefect_stack
-    assert dead_run.done.wait(timeout=180), "the probe flow was neither heard nor killed within 180 s"
+    assert dead_run.thread is not None
+    dead_run.thread.join(timeout=180)
+    assert not dead_run.thread.is_alive(), "the probe flow was neither heard nor killed within 180 s"
     assert dead_run.problem is None and dead_run.flow_run_id is not None, dead_run.problem
     flow_run_id = dead_run.flow_run_id
     # Crashed once the window passes without a beat; the margin is the automation's own evaluation.
