@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.early_release import EarlyRelease
+
 # Before any test imports Prefect or Great Expectations: no telemetry, and no writes to ~/.prefect.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -107,6 +109,11 @@ SHARED_STACK_MODULES = frozenset({
     "tests/integration/test_ui_browser.py",
 })
 SHARED_STACK_UNIT = "the modules that share the session's prefect_stack"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The shared stack is stopped once its last module ends, not at the session's (tests/early_release.py).
+    config.pluginmanager.register(EarlyRelease([SHARED_STACK_FIXTURE]), EarlyRelease.NAME)
 
 
 def unlisted_shared_stack_modules(items: list[pytest.Item], root: Path) -> list[str]:

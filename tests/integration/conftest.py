@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import pytest
@@ -57,16 +58,20 @@ def ha_prefect(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A real server + cpu worker + deployments + automations, shared by the events and UI tests
-    (starting one takes most of a minute on a loaded machine). Its S3 server is its own: tests
-    between the events and the UI tests must not be able to empty the stack's bucket."""
-    from tests.conftest import running_moto_server
+def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A real server + cpu worker + deployments + automations, shared by the events, push-queue and
+    UI tests (starting one takes most of a minute on a loaded machine), and stopped once the last of
+    them ends (tests/early_release.py). Its S3 server is its own: tests between the events and the
+    UI tests must not be able to empty the stack's bucket."""
+    from tests.conftest import SHARED_STACK_FIXTURE, running_moto_server
+    from tests.early_release import EarlyRelease
     from tests.integration.prefect_stack import start_stack, stop_stack
 
-    with running_moto_server() as s3:
+    # Stopped after the last test that uses it (closing an ExitStack twice runs its callbacks once).
+    with ExitStack() as resources:
+        s3 = resources.enter_context(running_moto_server())
         stack = start_stack(tmp_path_factory.mktemp("stack"), s3, ha_postgres)
-        try:
-            yield stack
-        finally:
-            stop_stack(stack)
+        resources.callback(stop_stack, stack)
+        EarlyRelease.of(request.config).hold(SHARED_STACK_FIXTURE, resources.close)
+        yield stack

@@ -266,3 +266,94 @@ def test_the_zombie_test_runs_last_in_its_module_whatever_the_shuffle() -> None:
                             str(TESTS / "integration" / "test_events.py")], plugins=[plugin])
         assert code == pytest.ExitCode.OK
         assert plugin.items[-1].name == "test_run_without_heartbeats_is_crashed_and_alerted", seed
+
+
+EARLY_RELEASE_CONFTEST = '''
+from pathlib import Path
+
+import pytest
+
+from tests.early_release import EarlyRelease
+
+LOG = Path(__file__).with_name("events.log")
+
+
+def log(line):
+    with LOG.open("a") as out:
+        out.write(line + "\\n")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(EarlyRelease(["server"]), EarlyRelease.NAME)
+
+
+@pytest.fixture(scope="session")
+def server(request):
+    up = [True]
+
+    def release():
+        if up.pop() if up else False:
+            log("server released")
+
+    log("server up")
+    EarlyRelease.of(request.config).hold("server", release)
+    yield
+    release()
+
+
+@pytest.fixture(scope="module")
+def module_client(server):
+    yield
+    log("module client closed")
+
+
+@pytest.fixture(autouse=True)
+def named(request):
+    log(request.node.name)
+'''
+
+
+def run_session(folder: Path, *plugins: object) -> int | pytest.ExitCode:
+    """test_a.py then test_b.py of `folder`, in a pytest session of their own in this process."""
+    return pytest.main([str(folder / "test_a.py"), str(folder / "test_b.py"), "-q", "-p", "no:randomly", "-p",
+                        "no:cacheprovider", "-p", "no:xdist", "--import-mode=importlib", "--rootdir", str(folder)],
+                       plugins=list(plugins))
+
+
+def test_a_session_fixture_is_released_after_its_last_user_and_that_users_module(tmp_path: Path) -> None:
+    """The shared stack's early stop (tests/early_release.py), in a session of its own: released
+    after the last test that uses it once its module, whose module fixture is built on it, ends;
+    before the next module, not at the session's end."""
+    (tmp_path / "conftest.py").write_text(EARLY_RELEASE_CONFTEST)
+    (tmp_path / "test_a.py").write_text("def test_a1(server): pass\n\n"
+                                        "def test_a2(module_client): pass\n\n"
+                                        "def test_a3(): pass\n")
+    (tmp_path / "test_b.py").write_text("def test_b1(): pass\n\ndef test_b2(): pass\n")
+    assert run_session(tmp_path) == pytest.ExitCode.OK
+    assert (tmp_path / "events.log").read_text().splitlines() == [
+        "server up", "test_a1", "test_a2", "test_a3", "module client closed", "server released", "test_b1", "test_b2"]
+
+
+class RunOnly:
+    """Runs only the named tests of the collection, each with the next of them as `nextitem`, as an
+    xdist worker runs the tests it is handed out of the collection it made."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        items = [item for item in session.items if item.name in self.names]
+        for item, nextitem in zip(items, [*items[1:], None], strict=True):
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        return True
+
+
+def test_a_session_fixture_whose_users_this_process_did_not_all_run_is_released_at_the_end(tmp_path: Path) -> None:
+    """A worker handed only some of the users (xdist's test-by-test modes) cannot know that the
+    others went elsewhere: the fixture is released at the session's end, as pytest would."""
+    (tmp_path / "conftest.py").write_text(EARLY_RELEASE_CONFTEST)
+    (tmp_path / "test_a.py").write_text("def test_a1(server): pass\n\ndef test_a2(server): pass\n")
+    (tmp_path / "test_b.py").write_text("def test_b1(): pass\n")
+    assert run_session(tmp_path, RunOnly("test_a1", "test_b1")) == pytest.ExitCode.OK
+    assert (tmp_path / "events.log").read_text().splitlines() == ["server up", "test_a1", "test_b1", "server released"]
