@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,23 @@ PORT_ATTEMPTS = 5
 PORT_TAKEN = ("Address already in use", "address already in use", "could not bind", "is already in use")
 PG_USER = "prefect"
 TEMPLATE_DB = "prefect_template"
+# What an API process does as it starts (prefect/server/api/server.py, `add_block_types`), done once
+# on the template: API processes starting together on a database without block types both insert
+# them, and all but one exit on uq_block_type__slug (tried: two of three side-by-side starts failed so).
+REGISTER_BLOCK_TYPES = """
+import asyncio
+
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+
+async def register() -> None:
+    async with await provide_database_interface().session() as session:
+        await run_block_auto_registration(session=session)
+
+
+asyncio.run(register())
+"""
 # initdb and postgres refuse to run as root; as root they run as this unprivileged user.
 PG_OS_USER = "nobody"
 NGINX = "/usr/sbin/nginx"
@@ -85,6 +103,8 @@ class Daemon:
         self.argv = argv
         self.port = port
         self.log_path = log_dir / f"{name}.log"
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None  # when start_listening found it answering
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, env=dict(env) if env is not None else None, cwd=log_dir,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,6 +152,7 @@ def start_listening(name: str, launch: Callable[[int], Daemon], ready: Callable[
                 raise StartError(f"{name} not ready on port {chosen} within {timeout_s:.0f}s\n{daemon.log_tail()}")
             time.sleep(0.2)
         if daemon.alive():
+            daemon.ready_at = time.monotonic()
             return daemon
         if not any(words in daemon.log() for words in PORT_TAKEN):
             raise StartError(f"{name} exited with {daemon.process.returncode} while starting\n{daemon.log_tail()}")
@@ -222,16 +243,18 @@ class Postgres:
         return done.stdout
 
     def prefect_database(self, name: str, env: Mapping[str, str]) -> str:
-        """A fresh database holding Prefect's schema: the migrations run once, into a template
-        database, and every stack gets a copy of it (CREATE DATABASE ... TEMPLATE)."""
+        """A fresh database holding Prefect's schema and block types: the migrations and the block
+        registration run once, into a template database, and every stack gets a copy of it
+        (CREATE DATABASE ... TEMPLATE), so its API processes can start side by side."""
         if not self.migrated:
             self.psql(f"CREATE DATABASE {TEMPLATE_DB}")
-            upgrade = subprocess.run([str(PREFECT), "server", "database", "upgrade", "-y"], capture_output=True,
-                                     text=True, timeout=600, cwd=self.root,
-                                     env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": self.url(TEMPLATE_DB)})
-            if upgrade.returncode != 0:
-                raise StartError(f"prefect server database upgrade failed:\n{upgrade.stdout[-2000:]}"
-                                 f"{upgrade.stderr[-2000:]}")
+            template = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": self.url(TEMPLATE_DB)}
+            for what, command in (("prefect server database upgrade", [str(PREFECT), "server", "database", "upgrade",
+                                                                      "-y"]),
+                                  ("the block type registration", [sys.executable, "-c", REGISTER_BLOCK_TYPES])):
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=self.root, env=template)
+                if done.returncode != 0:
+                    raise StartError(f"{what} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
             self.migrated = True
         self.psql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
         return self.url(name)
@@ -440,8 +463,10 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
     env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
     env.update({
         "PREFECT_API_DATABASE_CONNECTION_URL": url,
-        # Migrations ran once, before any server; several servers migrating at start would race.
+        # Migrations and block types went into the template once, before any server; several
+        # servers doing either as they start would race.
         "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
+        "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
         **redis_settings("127.0.0.1", redis.port),
     })
@@ -456,13 +481,14 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         # The services process first: it consumes the events the APIs publish to Redis.
         services = Daemon("prefect-services", [str(PREFECT), "server", "services", "start"], root, env=env)
         started.append(services)
-        # One after the other: an API registers Prefect's block types in the database as it starts,
-        # and two starting together on a new database both insert them; the second exits on
-        # uq_block_type__slug (tried: side by side, two of three starts failed so).
-        apis = []
-        for index in range(1, api_count + 1):
-            apis.append(start_api(root, env, index, ui))
-            started.append(apis[-1])
+        # Side by side: none of them writes to the database as it starts (the settings above).
+        with ThreadPoolExecutor(api_count) as pool:
+            starting = [pool.submit(start_api, root, env, index, ui) for index in range(1, api_count + 1)]
+        apis = [future.result() for future in starting if future.exception() is None]
+        started.extend(apis)
+        for future in starting:
+            if (error := future.exception()) is not None:
+                raise error
         route_to(nginx, root, [api.port for api in apis], nginx_temp)
         if not services.alive():
             raise StartError(f"prefect server services exited while starting\n{services.log_tail()}")
@@ -484,8 +510,26 @@ def stop_ha_prefect(stack: HAPrefect) -> None:
         raise StartError(f"still running after stop: {leftover}")
 
 
-def main() -> int:
-    """`python -m deployments.ha_stack`: stand the stack up here until Ctrl-C (a demo of the layout)."""
+USAGE = ("usage: python -m deployments.ha_stack [register-block-types]\n"
+         "  no argument: stand a stack up here until Ctrl-C (a demo of the layout)\n"
+         "  register-block-types: register Prefect's block types in the database of "
+         "PREFECT_API_DATABASE_CONNECTION_URL, once, after `prefect server database upgrade`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deployments.ha_stack`: stand the stack up here until Ctrl-C (a demo of the layout);
+    `... register-block-types`: the one-off step before API processes that start with
+    PREFECT_API_BLOCKS_REGISTER_ON_START=false (docs/runbook.md, "Production")."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["register-block-types"]:
+        if not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+            print("PREFECT_API_DATABASE_CONNECTION_URL is not set: it names the database to register "
+                  "the block types in", file=sys.stderr)
+            return 2
+        return subprocess.run([sys.executable, "-c", REGISTER_BLOCK_TYPES]).returncode
+    if argv:
+        print(USAGE, file=sys.stderr)
+        return 2
     with running_postgres() as pg:
         home = pg.root / "prefect-home"
         home.mkdir()

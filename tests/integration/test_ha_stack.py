@@ -4,9 +4,12 @@ by retrying, PostgreSQL as an unprivileged user on loopback only, nginx's balanc
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,31 @@ def test_nginx_balances_with_passive_checks_and_passes_websockets(tmp_path: Path
     assert "proxy_set_header Connection $connection_upgrade;" in config
 
 
+def test_the_apis_start_side_by_side_on_a_copy_of_a_template_that_holds_the_block_types(
+        ha_postgres: ha_stack.Postgres, tmp_path: Path) -> None:
+    """Every API process registers Prefect's block types as it starts unless told not to, and two
+    doing it together on a new database collide (uq_block_type__slug): the template has them, so
+    the APIs start with registration off and at once."""
+    from tests.integration.prefect_services import prefect_env
+
+    env = prefect_env(tmp_path / "home")
+    ha_postgres.prefect_database("protein_block_types_check", env)
+    slugs = set(ha_postgres.psql("SELECT slug FROM block_type", database="protein_block_types_check").split())
+    assert {"webhook", "secret", "slack-webhook"} <= slugs, slugs
+    stack = ha_stack.start_ha_prefect(tmp_path / "stack", ha_postgres, env, api_count=3)
+    try:
+        assert all(api.alive() and api.ready_at is not None for api in stack.apis)
+        # Each started before any answered: none waited for another.
+        assert max(api.started_at for api in stack.apis) < min(api.ready_at or 0.0 for api in stack.apis)
+        for api in stack.apis:
+            response = urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{api.port}/api/block_types/filter", data=b"{}", method="POST",
+                headers={"Content-Type": "application/json"}), timeout=10)
+            assert {t["slug"] for t in json.load(response)} == slugs
+    finally:
+        ha_stack.stop_ha_prefect(stack)
+
+
 def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_prefect: ha_stack.HAPrefect) -> None:
     """Task-run states reach the server only as events. An event an API has accepted must be in
     Redis before the API can be lost: a flow run that has moved on, or ended, never sends it
@@ -110,3 +138,30 @@ def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_prefect: ha_s
         assert time.monotonic() < deadline, f"the event the killed API had accepted was lost\n{stack.logs()[-3000:]}"
         time.sleep(0.5)
     stack.replace_killed_apis()  # the module's stack as the next test expects it: two APIs
+
+
+def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_cannot_do(
+        ha_postgres: ha_stack.Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/runbook.md step 3: on a database migrated but without block types, the command registers
+    them; with no database named, or an unknown argument, one line and exit 2."""
+    from tests.integration.prefect_services import prefect_env
+
+    migrated = "protein_migrated_only"
+    ha_postgres.psql(f"CREATE DATABASE {migrated}")
+    env = prefect_env(tmp_path / "home")
+    for name, value in {**env, "PREFECT_API_DATABASE_CONNECTION_URL": ha_postgres.url(migrated)}.items():
+        monkeypatch.setenv(name, value)
+    upgraded = subprocess.run([str(ha_stack.PREFECT), "server", "database", "upgrade", "-y"], capture_output=True,
+                              text=True, timeout=600)
+    assert upgraded.returncode == 0, upgraded.stderr[-2000:]
+    assert ha_postgres.psql("SELECT count(*) FROM block_type", database=migrated).strip() == "0"
+    assert ha_stack.main(["register-block-types"]) == 0
+    assert "webhook" in ha_postgres.psql("SELECT slug FROM block_type", database=migrated).split()
+
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
+    assert ha_stack.main(["register-block-types"]) == 2
+    assert ha_stack.main(["register-blocks"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("PREFECT_API_DATABASE_CONNECTION_URL is not set")
+    assert lines[1].startswith("usage: python -m deployments.ha_stack")
