@@ -244,9 +244,10 @@ class Stack:
 
 
 def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
-                gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"]) -> Stack:
+                gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"], worker_query_s: float = 1.0) -> Stack:
     """``s3``: the S3 endpoint every process uses (a FaultProxy in front of the server, to take it
-    down); ``gate``: the gate of the definition in git, which scheduled and triggered runs take."""
+    down); ``gate``: the gate of the definition in git, which scheduled and triggered runs take;
+    ``worker_query_s``: how often the CPU host's worker asks for runs (prefect_env's 1 s by default)."""
     import boto3
 
     aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -286,7 +287,8 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
         assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
         host = tmp / "cpu-host"
         stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
-                                                     "--no-create-pool-if-not-found"], host_env(env, host), tmp,
+                                                     "--no-create-pool-if-not-found"],
+                                      host_env(env, host, {"PREFECT_WORKER_QUERY_SECONDS": str(worker_query_s)}), tmp,
                                       cwd=host))
         from prefect.client.schemas.actions import DeploymentUpdate
 
