@@ -313,9 +313,14 @@ def named(request):
 '''
 
 
-def run_session(folder: Path, *plugins: object) -> int | pytest.ExitCode:
-    """test_a.py then test_b.py of `folder`, in a pytest session of their own in this process."""
-    return pytest.main([str(folder / "test_a.py"), str(folder / "test_b.py"), "-q", "-p", "no:randomly", "-p",
+def run_session(folder: Path, modules: dict[str, str], *plugins: object) -> int | pytest.ExitCode:
+    """`modules` (file name -> source) written to `folder` beside EARLY_RELEASE_CONFTEST, run in that
+    order in a pytest session of their own in this process. The names must differ from test to test:
+    this process keeps an imported test module by its name."""
+    (folder / "conftest.py").write_text(EARLY_RELEASE_CONFTEST)
+    for name, source in modules.items():
+        (folder / name).write_text(source)
+    return pytest.main([*(str(folder / name) for name in modules), "-q", "-p", "no:randomly", "-p",
                         "no:cacheprovider", "-p", "no:xdist", "--import-mode=importlib", "--rootdir", str(folder)],
                        plugins=list(plugins))
 
@@ -324,12 +329,10 @@ def test_a_session_fixture_is_released_after_its_last_user_and_that_users_module
     """The shared stack's early stop (tests/early_release.py), in a session of its own: released
     after the last test that uses it once its module, whose module fixture is built on it, ends;
     before the next module, not at the session's end."""
-    (tmp_path / "conftest.py").write_text(EARLY_RELEASE_CONFTEST)
-    (tmp_path / "test_a.py").write_text("def test_a1(server): pass\n\n"
-                                        "def test_a2(module_client): pass\n\n"
-                                        "def test_a3(): pass\n")
-    (tmp_path / "test_b.py").write_text("def test_b1(): pass\n\ndef test_b2(): pass\n")
-    assert run_session(tmp_path) == pytest.ExitCode.OK
+    code = run_session(tmp_path, {
+        "test_last_user_a.py": "def test_a1(server): pass\n\ndef test_a2(module_client): pass\n\ndef test_a3(): pass\n",
+        "test_last_user_b.py": "def test_b1(): pass\n\ndef test_b2(): pass\n"})
+    assert code == pytest.ExitCode.OK
     assert (tmp_path / "events.log").read_text().splitlines() == [
         "server up", "test_a1", "test_a2", "test_a3", "module client closed", "server released", "test_b1", "test_b2"]
 
@@ -352,8 +355,8 @@ class RunOnly:
 def test_a_session_fixture_whose_users_this_process_did_not_all_run_is_released_at_the_end(tmp_path: Path) -> None:
     """A worker handed only some of the users (xdist's test-by-test modes) cannot know that the
     others went elsewhere: the fixture is released at the session's end, as pytest would."""
-    (tmp_path / "conftest.py").write_text(EARLY_RELEASE_CONFTEST)
-    (tmp_path / "test_a.py").write_text("def test_a1(server): pass\n\ndef test_a2(server): pass\n")
-    (tmp_path / "test_b.py").write_text("def test_b1(): pass\n")
-    assert run_session(tmp_path, RunOnly("test_a1", "test_b1")) == pytest.ExitCode.OK
+    code = run_session(tmp_path, {"test_partial_a.py": "def test_a1(server): pass\n\ndef test_a2(server): pass\n",
+                                  "test_partial_b.py": "def test_b1(): pass\n"},
+                       RunOnly("test_a1", "test_b1"))
+    assert code == pytest.ExitCode.OK
     assert (tmp_path / "events.log").read_text().splitlines() == ["server up", "test_a1", "test_b1", "server released"]
