@@ -526,7 +526,13 @@ def main(argv: list[str] | None = None) -> int:
             print("PREFECT_API_DATABASE_CONNECTION_URL is not set: it names the database to register "
                   "the block types in", file=sys.stderr)
             return 2
-        return subprocess.run([sys.executable, "-c", REGISTER_BLOCK_TYPES]).returncode
+        done = subprocess.run([sys.executable, "-c", REGISTER_BLOCK_TYPES], capture_output=True, text=True)
+        if done.returncode != 0:  # one line, the error's own: the database URL (its password) stays out
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            print(f"registering Prefect's block types in PREFECT_API_DATABASE_CONNECTION_URL's database failed: "
+                  f"{last}", file=sys.stderr)
+            return 1
+        return 0
     if argv:
         print(USAGE, file=sys.stderr)
         return 2

@@ -144,7 +144,8 @@ def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_
         ha_postgres: ha_stack.Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """docs/runbook.md step 3: on a database migrated but without block types, the command registers
-    them; with no database named, or an unknown argument, one line and exit 2."""
+    them; a database it cannot reach is one line and exit 1 (no traceback, no password); no database
+    named, or an unknown argument, one line and exit 2."""
     from tests.integration.prefect_services import prefect_env
 
     migrated = "protein_migrated_only"
@@ -158,6 +159,17 @@ def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_
     assert ha_postgres.psql("SELECT count(*) FROM block_type", database=migrated).strip() == "0"
     assert ha_stack.main(["register-block-types"]) == 0
     assert "webhook" in ha_postgres.psql("SELECT slug FROM block_type", database=migrated).split()
+
+    capsys.readouterr()
+    with socket.socket() as closed:  # bound and never listening: nothing answers there
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL",
+                           f"postgresql+asyncpg://prefect:hunter2-secret@127.0.0.1:{closed.getsockname()[1]}/prefect")
+        assert ha_stack.main(["register-block-types"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("registering Prefect's block types in PREFECT_API_DATABASE_CONNECTION_URL's database "
+                           "failed: "), line
+    assert "hunter2-secret" not in line and "Traceback" not in line
 
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
     assert ha_stack.main(["register-block-types"]) == 2
