@@ -182,6 +182,19 @@ def as_db_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", PG_OS_USER, "--", *argv] if os.geteuid() == 0 else argv
 
 
+def register_block_types(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """REGISTER_BLOCK_TYPES in a fresh interpreter, on the database of env's
+    PREFECT_API_DATABASE_CONNECTION_URL; its output captured."""
+    return subprocess.run([sys.executable, "-c", REGISTER_BLOCK_TYPES], capture_output=True, text=True, timeout=600,
+                          env=dict(env))
+
+
+def succeeded(what: str, done: subprocess.CompletedProcess[str]) -> None:
+    """A set-up step that failed raises StartError with the tail of what it printed."""
+    if done.returncode != 0:
+        raise StartError(f"{what} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
 @dataclass
 class Postgres:
     """A PostgreSQL cluster in a temporary folder, password-authenticated on 127.0.0.1 only."""
@@ -249,12 +262,10 @@ class Postgres:
         if not self.migrated:
             self.psql(f"CREATE DATABASE {TEMPLATE_DB}")
             template = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": self.url(TEMPLATE_DB)}
-            for what, command in (("prefect server database upgrade", [str(PREFECT), "server", "database", "upgrade",
-                                                                      "-y"]),
-                                  ("the block type registration", [sys.executable, "-c", REGISTER_BLOCK_TYPES])):
-                done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=self.root, env=template)
-                if done.returncode != 0:
-                    raise StartError(f"{what} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            succeeded("prefect server database upgrade", subprocess.run(
+                [str(PREFECT), "server", "database", "upgrade", "-y"], capture_output=True, text=True, timeout=600,
+                cwd=self.root, env=template))
+            succeeded("the block type registration", register_block_types(template))
             self.migrated = True
         self.psql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
         return self.url(name)
@@ -485,10 +496,9 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         with ThreadPoolExecutor(api_count) as pool:
             starting = [pool.submit(start_api, root, env, index, ui) for index in range(1, api_count + 1)]
         apis = [future.result() for future in starting if future.exception() is None]
-        started.extend(apis)
+        started.extend(apis)  # stopped below if another failed to start
         for future in starting:
-            if (error := future.exception()) is not None:
-                raise error
+            future.result()  # raises the failed start's error
         route_to(nginx, root, [api.port for api in apis], nginx_temp)
         if not services.alive():
             raise StartError(f"prefect server services exited while starting\n{services.log_tail()}")
@@ -526,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             print("PREFECT_API_DATABASE_CONNECTION_URL is not set: it names the database to register "
                   "the block types in", file=sys.stderr)
             return 2
-        done = subprocess.run([sys.executable, "-c", REGISTER_BLOCK_TYPES], capture_output=True, text=True)
+        done = register_block_types(os.environ)
         if done.returncode != 0:  # one line, the error's own: the database URL (its password) stays out
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             print(f"registering Prefect's block types in PREFECT_API_DATABASE_CONNECTION_URL's database failed: "

@@ -34,7 +34,6 @@ class EarlyRelease:
         self._waiting: dict[str, set[str]] = {}  # fixture -> node ids of its users not yet torn down
         self._modules: dict[str, set[Path]] = {}  # fixture -> the modules its users are in
         self._held: dict[str, Callable[[], None]] = {}
-        self.released: list[str] = []
 
     @classmethod
     def of(cls, config: pytest.Config) -> EarlyRelease:
@@ -59,9 +58,7 @@ class EarlyRelease:
         for name in self._fixtures:
             self._waiting.get(name, set()).discard(item.nodeid)
         for name in [name for name in self._held if self.unused(name, nextitem)]:
-            release = self._held.pop(name)
-            self.released.append(name)
-            release()
+            self._held.pop(name)()
 
     def unused(self, fixture: str, nextitem: pytest.Item | None) -> bool:
         """No test left to use the fixture, and none of their modules' fixtures still up."""

@@ -31,6 +31,8 @@ SERVER_START_TIMEOUT_S = 90.0
 CLI_TIMEOUT_S = 180.0
 # How often a test asks the API about the run it waits on: a run is often done within a second.
 WAIT_POLL_S = 0.25
+# Workers poll every 10 s by default; a retrain waits on two submissions, the soak on ~50 runs.
+WORKER_QUERY_S = 1.0
 # An idle worker ignores the first SIGTERM; the second stops it.
 STOP_STEPS = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
@@ -141,8 +143,7 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
-        # Workers poll every 10 s by default; a retrain waits on two submissions, the soak on ~40 runs.
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_S),
         # A run queued behind a deployment's concurrency limit (retrain/nightly: one at a time) asks
         # again this often; the default 30 s left a queued retrain waiting ~20 s after the slot freed.
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",

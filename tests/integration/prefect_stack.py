@@ -28,6 +28,7 @@ from tests.helpers import REPO, write_dataset
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import (
     WAIT_POLL_S,
+    WORKER_QUERY_S,
     Service,
     deploy_from_fresh_clone,
     git_remote_of_worktree,
@@ -244,10 +245,11 @@ class Stack:
 
 
 def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
-                gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"], worker_query_s: float = 1.0) -> Stack:
+                gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"],
+                worker_query_s: float = WORKER_QUERY_S) -> Stack:
     """``s3``: the S3 endpoint every process uses (a FaultProxy in front of the server, to take it
     down); ``gate``: the gate of the definition in git, which scheduled and triggered runs take;
-    ``worker_query_s``: how often the CPU host's worker asks for runs (prefect_env's 1 s by default)."""
+    ``worker_query_s``: how often the CPU host's worker asks for runs."""
     import boto3
 
     aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
