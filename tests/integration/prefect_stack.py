@@ -65,19 +65,25 @@ def lenient_definition(gate: Mapping[str, Any] = TINY_NIGHTLY["gate_config"]) ->
 
 
 class Receiver:
-    """A webhook endpoint on 127.0.0.1 that keeps every JSON body POSTed to it."""
+    """A webhook endpoint on 127.0.0.1 that keeps every JSON body POSTed to it, and when it came
+    (``arrived``: this host's monotonic clock, one entry per message, in the same order)."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
-        received = self.messages
+        self.arrived: list[float] = []
+        self.lock = threading.Lock()
+        received, arrived, lock = self.messages, self.arrived, self.lock
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 try:
-                    received.append(json.loads(body))
+                    message = json.loads(body)
                 except ValueError:
-                    received.append({"raw": body.decode(errors="replace")})
+                    message = {"raw": body.decode(errors="replace")}
+                with lock:  # a reader pairs messages[i] with arrived[i]
+                    arrived.append(time.monotonic())
+                    received.append(message)
                 self.send_response(200)
                 self.end_headers()
 
@@ -98,6 +104,12 @@ class Receiver:
                     return message
             time.sleep(0.5)
         raise AssertionError(f"no webhook message {what} within {timeout_s:.0f}s; got {self.messages}\n{describe()}")
+
+    def last_arrival(self, predicate: Callable[[dict[str, Any]], bool]) -> float | None:
+        """When the newest message that matches arrived (monotonic), or None."""
+        with self.lock:
+            pairs = list(zip(self.arrived, self.messages, strict=True))
+        return max((at for at, message in pairs if predicate(message)), default=None)
 
     def close(self) -> None:
         self.server.shutdown()

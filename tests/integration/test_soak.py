@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import random
 import statistics
@@ -69,6 +70,8 @@ FAULTS = ["sigkill", "sigkill", "restart", "api-restart"]
 TORCH_TEMP = "torchinductor_"
 FINAL_WAIT_S = 900.0
 ALERT_WAIT_S = 90.0
+DUPLICATE_ALERT_WINDOW_S = 5.0  # a second alert about one failure comes within this of the first
+WORKSPACE_REMOVAL_WAIT_S = 30.0
 # The workers ask for runs twice a second (the other stacks' once): each of the ~50 runs of a month
 # waits for its worker a quarter of a second on average, instead of half a second.
 WORKER_QUERY_S = 0.5
@@ -144,7 +147,8 @@ class Soak:
     services: list[Service]  # the `services` fixture's list: GPU workers, stopped at the end
     gpu: list[GpuHost] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)  # applied, with where
-    killed: set[Path] = field(default_factory=set)  # roots of the hosts whose processes the soak SIGKILLed
+    # roots of the hosts whose processes the soak SIGKILLed: when (wall clock, as files are stamped)
+    killed: dict[Path, float] = field(default_factory=dict)
     debris: list[Path] = field(default_factory=list)  # left in the temp folders of killed hosts
     quiet_nights_s: list[float] = field(default_factory=list)  # creation to end of each night without push or fault
     nights_s: list[tuple[float, str]] = field(default_factory=list)  # each night's duration and what it held
@@ -262,7 +266,7 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
         return
     [host] = [h for h in soak.gpu if h.name == train.labels.get(WORKER_NAME_LABEL) and h.service.alive()]
     host.service.kill(host.root)  # the worker and the flow-run processes of that host, at once
-    soak.killed.add(host.root)
+    soak.killed[host.root] = time.time()
     soak.gpu.remove(host)
     if fault == "restart":  # systemd brings the unit back: a new process, the same name and host
         soak.start_gpu_host(host.name, host.root)
@@ -315,6 +319,14 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
         push_runs += started[:-1]
         nightlies.append(nightly)
     return nightlies, push_runs
+
+
+def changed_at(path: Path) -> float:
+    """A path's mtime; -inf once it is gone (removed while we looked)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf
 
 
 def disk_bytes(paths: list[Path]) -> int:
@@ -409,7 +421,11 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
         deadline = time.monotonic() + ALERT_WAIT_S
         while any(alerts_about(soak, r.id) == 0 for r in failures) and time.monotonic() < deadline:
             time.sleep(2)
-        time.sleep(5)  # a duplicate would come right behind the first
+        # A duplicate would come right behind the first: wait out that window after the newest
+        # alert (mostly long past: the failures came nights before the audit).
+        newest = soak.stack.receiver.last_arrival(lambda m: any(str(r.id) in m.get("text", "") for r in failures))
+        if newest is not None:
+            time.sleep(max(0.0, DUPLICATE_ALERT_WINDOW_S - (time.monotonic() - newest)))
         yield from (f"{r.name} ended {r.state.name} ({r.state.message}): {alerts_about(soak, r.id)} alerts"
                     for r in failures if alerts_about(soak, r.id) != 1)
 
@@ -425,10 +441,21 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
             yield f"no task of {run.name} was retried: the S3 outage was absorbed below the tasks' retries"
 
     def hosts_clean_and_caches_bounded() -> Iterator[str]:
+        def project_temp(root: Path) -> list[Path]:
+            return [p for p in (root / "tmp").iterdir() if not p.name.startswith(TORCH_TEMP)] \
+                if (root / "tmp").exists() else []
+
         workspaces = 0
         for root in soak.host_roots():
-            left = [p for p in (root / "tmp").iterdir() if not p.name.startswith(TORCH_TEMP)] \
-                if (root / "tmp").exists() else []
+            # A worker removes a run's working directory after the run's process exits: the last
+            # night's may still be going when its run reads Completed. A killed run's stays, last
+            # changed before the kill; on a restarted host, a later run's is removed as anywhere.
+            def removing(paths: list[Path], killed_at: float = soak.killed.get(root, -math.inf)) -> bool:
+                return any(changed_at(p) > killed_at for p in paths)
+
+            deadline = time.monotonic() + WORKSPACE_REMOVAL_WAIT_S
+            while removing(left := project_temp(root)) and time.monotonic() < deadline:
+                time.sleep(0.2)
             if root in soak.killed:  # what the killed flow runs left: counted, bounded below
                 soak.debris += left
                 workspaces += sum(1 for p in left if run_workspace(p))
