@@ -147,6 +147,10 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
         # A run queued behind a deployment's concurrency limit (retrain/nightly: one at a time) asks
         # again this often; the default 30 s left a queued retrain waiting ~20 s after the slot freed.
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        # The events the APIs accept reach the database, where event queries read them, within a
+        # second instead of the default five: a killed run's last pulse is seen that much sooner,
+        # so the dispatcher's lost-after silence starts that much earlier.
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
         "DO_NOT_TRACK": "1",
         "GX_ANALYTICS_ENABLED": "false",
         **(extra or {}),
