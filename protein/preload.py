@@ -16,8 +16,9 @@ import logging
 import threading
 from collections.abc import Sequence
 
-# What the retrain run's own scoring imports: the pipeline (torch) and the model builder (torchvision).
-SCORING_MODULES = ("protein.pipeline", "protein.modeling.model")
+# What the retrain run's own scoring imports: the pipeline (torch), the model builder, and the
+# torchvision models it imports when it first builds one (with torch._dynamo, ~1.5 s here).
+SCORING_MODULES = ("protein.pipeline", "protein.modeling.model", "torchvision.models")
 # A process that ends while the thread still imports (a retrain whose dispatch failed at once) waits
 # this long for the import to finish: an interpreter that shuts down under a daemon thread inside
 # an extension module's import can end with a fatal error instead of its own exit status.

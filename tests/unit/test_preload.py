@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import textwrap
@@ -54,6 +55,20 @@ def test_the_scoring_modules_exist() -> None:
     import importlib.util
 
     assert [m for m in SCORING_MODULES if importlib.util.find_spec(m) is None] == []
+
+
+def test_scoring_after_the_preload_imports_nothing_more_of_torch(protein_process: Any) -> None:
+    """What the retrain's scoring imports, the preload has imported: building the model (its first
+    step) loads no torch or torchvision module of its own. The builder imports torchvision inside
+    the function, so preloading the builder's module alone would leave ~1.5 s on the scoring path."""
+    code = ("import importlib, json, sys; from protein.preload import SCORING_MODULES; "
+            "[importlib.import_module(m) for m in SCORING_MODULES]; before = set(sys.modules); "
+            "from protein.modeling.model import build_model; build_model('resnet18'); "
+            "print(json.dumps(sorted(m for m in set(sys.modules) - before "
+            "if m.split('.')[0] in ('torch', 'torchvision'))))")
+    result = protein_process.python(code)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
 def test_a_process_that_ends_while_a_module_loads_waits_for_the_load(tmp_path: Path, protein_process: Any) -> None:
