@@ -287,6 +287,20 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
     stack = Stack(env=env, api_url=ha.api_url, ui_url=ha.ui_url, store=store, dataset=dataset,
                   receiver=Receiver(), ha=ha)
     try:
+        # The CPU host's worker starts while the dataset is pushed and the deploy runs, so that its
+        # start-up (~2.5 s) is not on the way to the first run: on its pool, created first as the
+        # deploy wrapper creates it (the wrapper then finds it there and creates the gpu pool).
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.workers.process import ProcessWorker
+
+        with stack.client() as client:
+            client.create_work_pool(WorkPoolCreate(name="cpu", type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+        host = tmp / "cpu-host"
+        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                                     "--no-create-pool-if-not-found"],
+                                      host_env(env, host, {"PREFECT_WORKER_QUERY_SECONDS": str(worker_query_s)}), tmp,
+                                      cwd=host))
         # Operators push a dataset first: the nightly follows channel:latest, and deploy checks it.
         pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(dataset),
                                  "--store", store], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -299,11 +313,6 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
         deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": stack.receiver.url,
                                             "PROTEIN_ZOMBIE_AFTER_S": str(TEST_ZOMBIE_AFTER_S)}, remote, tmp)
         assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
-        host = tmp / "cpu-host"
-        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
-                                                     "--no-create-pool-if-not-found"],
-                                      host_env(env, host, {"PREFECT_WORKER_QUERY_SECONDS": str(worker_query_s)}), tmp,
-                                      cwd=host))
         from prefect.client.schemas.actions import DeploymentUpdate
 
         with stack.client() as client:
