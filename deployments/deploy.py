@@ -34,10 +34,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, apply
 from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.actions import WorkPoolCreate
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -129,22 +132,28 @@ def missing_pools() -> list[str]:
     return missing
 
 
+def process_pool(name: str) -> WorkPoolCreate:
+    """The WorkPoolCreate of a process pool, with the base job template `prefect work-pool create
+    --type process` would fill in (ProcessWorker's default)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    return WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+
+
 def ensure_pools(gpu_slots: int) -> None:
     """Process pools for both hosts; the gpu pool queues train runs on the server, one slot per GPU."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
 
-    # Through the API, with the base job template `prefect work-pool create --type process` would
-    # fill in (ProcessWorker's default): a `prefect` process per pool costs 2.5 s of start-up.
-    template = ProcessWorker.get_default_base_job_template()
+    # Through the API: a `prefect work-pool create` process per pool costs 2.5 s of start-up.
     missing = missing_pools()
     with get_client(sync_client=True) as client:
         for pool in missing:
             # Another deploy may have created it meanwhile: the same pool, as the check below sees.
             with contextlib.suppress(ObjectAlreadyExists):
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+                client.create_work_pool(process_pool(pool))
         if still := missing_pools():
             raise SettingError(f"work pool(s) {', '.join(still)} do not exist on the server after creating them")
         client.update_work_pool("gpu", WorkPoolUpdate(concurrency_limit=gpu_slots))

@@ -290,12 +290,10 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
         # The CPU host's worker starts while the dataset is pushed and the deploy runs, so that its
         # start-up (~2.5 s) is not on the way to the first run: on its pool, created first as the
         # deploy wrapper creates it (the wrapper then finds it there and creates the gpu pool).
-        from prefect.client.schemas.actions import WorkPoolCreate
-        from prefect.workers.process import ProcessWorker
+        from deployments.deploy import process_pool
 
         with stack.client() as client:
-            client.create_work_pool(WorkPoolCreate(name="cpu", type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(process_pool("cpu"))
         host = tmp / "cpu-host"
         stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
                                                      "--no-create-pool-if-not-found"],
