@@ -43,7 +43,15 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.states import Cancelling, Crashed
 
-from tasks.liveness import Evidence, Silence, observe, process_alive, pulse_interval_s
+from tasks.liveness import (
+    Evidence,
+    Silence,
+    lost_after_problem,
+    observe,
+    process_alive,
+    pulse_interval_s,
+    server_event_flush_s,
+)
 
 T = TypeVar("T")
 # States after which an attempt will never produce a result (Cancelling: on its way to Cancelled).
@@ -199,6 +207,11 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
     'score-gate', 'score-predict') names the attempts' flow runs and keys. Raises RuntimeError when
     no attempt completed."""
     logger = run_logger()
+    with get_client(sync_client=True) as client:
+        event_flush_s, _ = through_outage(partial(server_event_flush_s, client), config, logger,
+                                          "reading how often the server persists events")
+    if problem := lost_after_problem(config.lost_after_s, event_flush_s):
+        raise RuntimeError(problem)  # before anything is dispatched: a run judged by it would be crashed alive
     prefix = attempt_prefix(step, run_id, deployment, parameters)
     watched: list[str] = []
     abandoned: set[int] = set()

@@ -33,9 +33,16 @@ PULSE_EVENT = "protein.flow-run.pulse"
 # is not called lost before this much silence, whatever the dispatcher's bound: the heartbeat plus the
 # server's event-persisting delay. Likewise a worker is given two of its own heartbeat intervals.
 HEARTBEAT_ONLY_BOUND_S = 45.0
-# The shortest lost-after bound a dispatcher may use: its runs pulse every 5 s for it, and the server
-# persists events in batches at least every 5 s, so a live run's newest beat is at most ~10 s old.
-LOWEST_LOST_AFTER_S = 20.0
+# The shortest lost-after bound a dispatcher may use against any server: its runs pulse every 2.5 s
+# for it, so a live run's newest beat, as an event query sees it, is a pulse interval plus the
+# server's event flush plus a poll old, ~4 s against a server that flushes every second.
+LOWEST_LOST_AFTER_S = 10.0
+# A server persists the events it accepted in batches, at least every flush interval
+# (PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL, Prefect's default 5 s): event queries see a
+# beat only then. The bound is at least this many flushes (20 s at the default: a live run's newest
+# beat is then at most ~10 s old), so a beat held back one flush never looks like a death.
+FLUSHES_PER_BOUND = 4
+DEFAULT_EVENT_FLUSH_S = 5.0
 WORKER_BEATS_OF_SILENCE = 2
 PULSES_PER_BOUND = 4
 # Hosts whose clocks are off from the server's by more than this see their events missed.
@@ -105,6 +112,41 @@ def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: floa
     if worker_silent_s > worker_bound:
         return False, f"worker {evidence.worker} stopped heartbeating (none for {worker_silent_s:.0f}s)"
     return True, ""
+
+
+def lowest_lost_after_s(event_flush_s: float) -> float:
+    """The shortest lost-after bound that is safe against a server persisting events every event_flush_s."""
+    return max(LOWEST_LOST_AFTER_S, FLUSHES_PER_BOUND * event_flush_s)
+
+
+def lost_after_problem(lost_after_s: float, event_flush_s: float) -> str | None:
+    """Why a dispatcher may not call a run lost after lost_after_s against this server (None: it may)."""
+    lowest = lowest_lost_after_s(event_flush_s)
+    if lost_after_s >= lowest:
+        return None
+    return (f"dispatch.lost_after_seconds is {lost_after_s:g}, below {lowest:g}, the shortest safe bound for a "
+            f"Prefect server that persists events every {event_flush_s:g} s (its "
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL): live runs would be taken for dead; "
+            f"use {lowest:g} or more")
+
+
+def server_event_flush_s(client: SyncPrefectClient) -> float:
+    """How often the server persists the events it accepts, as it says itself (GET /admin/settings);
+    Prefect's default where it does not say (Prefect Cloud, an older or a locked-down API). An
+    unreachable API raises, for the caller's outage handling."""
+    import httpx
+
+    try:
+        response = client.request("GET", "/admin/settings")  # type: ignore[arg-type]
+        response.raise_for_status()
+        flush = float(response.json()["server"]["services"]["event_persister"]["flush_interval"])
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code in (502, 503, 504):  # a proxy in front of a restarting API
+            raise
+        return DEFAULT_EVENT_FLUSH_S
+    except (KeyError, TypeError, ValueError):  # an answer without the setting
+        return DEFAULT_EVENT_FLUSH_S
+    return flush if flush > 0 else DEFAULT_EVENT_FLUSH_S
 
 
 def pulse_interval_s(lost_after_s: float) -> float:

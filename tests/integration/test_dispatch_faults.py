@@ -29,7 +29,7 @@ cluster = multihost.cluster
 client = multihost.client
 Cluster = multihost.Cluster
 
-LOST_AFTER_S = multihost.LOST_AFTER_S  # the lowest accepted: the runs pulse every 5 s
+LOST_AFTER_S = multihost.LOST_AFTER_S  # the lowest accepted: the runs pulse every 2.5 s
 SKEW = dt.timedelta(minutes=10)
 
 
@@ -85,6 +85,22 @@ def test_a_cpu_host_clock_ten_minutes_ahead_does_not_crash_a_healthy_run(
     [attempt] = attempts_of(client, run_id)
     assert attempt.state.is_completed(), f"{attempt.state.name}: {attempt.state.message}\n{all_logs(cluster.services)}"
     assert result == {"flow_run_ids": [str(attempt.id)], "attempts": 1}
+
+
+def test_a_bound_shorter_than_the_servers_event_flush_allows_is_refused_before_anything_is_dispatched(
+    cluster: Cluster, client: Any
+) -> None:
+    from tasks.liveness import lowest_lost_after_s, server_event_flush_s
+
+    # The cluster's server persists events every second (tests/integration/prefect_services.py), and
+    # says so: the floor is the pulses' own, not the 20 s a server at Prefect's default 5 s needs.
+    assert server_event_flush_s(client) == 1.0
+    assert lowest_lost_after_s(server_event_flush_s(client)) == LOST_AFTER_S
+    run_id = "bound-too-short-1"
+    with pytest.raises(RuntimeError, match=r"lost_after_seconds is 9, below 10, .* every 1 s"):
+        dispatch.fn("train", "train/gpu", train_parameters(cluster, f"s3://{cluster.bucket}/short", run_id), run_id,
+                    DispatchConfig(timeout_s=600, attempts=1, poll_s=1, lost_after_s=LOST_AFTER_S - 1))
+    assert attempts_of(client, run_id) == []
 
 
 class Collect(logging.Handler):

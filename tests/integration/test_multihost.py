@@ -276,7 +276,9 @@ def test_retrain_trains_on_the_gpu_host_from_a_clone_and_reuses_shared_caches(
     assert list((gpu_dir_b / "cache").rglob("*.npy")), "the pulled cache lands in the new host's own directory"
 
 
-LOST_AFTER_S = LOWEST_LOST_AFTER_S  # the lowest `dispatch.lost_after_seconds` accepted; runs pulse four times in it
+# The lowest `dispatch.lost_after_seconds` accepted (the test servers persist events every second); runs
+# pulse four times in it.
+LOST_AFTER_S = LOWEST_LOST_AFTER_S
 
 
 def assert_lost_on_pulses(message: str | None) -> None:
@@ -297,7 +299,7 @@ def test_gpu_worker_killed_mid_training_is_replaced_and_the_run_resumes(cluster:
     store = open_store(store_uri)
     nightly = client.read_deployment_by_name("retrain/nightly")
     parameters = retrain_parameters(cluster, store_uri, epochs)
-    # The lowest bound accepted instead of the default 120 s: the run pulses every 5 s for it
+    # The lowest bound accepted instead of the default 120 s: the run pulses every 2.5 s for it
     # (tasks.liveness); the silence after the kill was most of this test's time.
     parameters["dispatch"]["lost_after_seconds"] = LOST_AFTER_S
     parent = client.create_flow_run_from_deployment(nightly.id, parameters=parameters)

@@ -24,7 +24,16 @@ from tasks.dispatch import (
     plan,
     through_outage,
 )
-from tasks.liveness import PULSE_EVENT, Evidence, Silence, process_alive, pulse_interval_s, pulsing
+from tasks.liveness import (
+    PULSE_EVENT,
+    Evidence,
+    Silence,
+    lost_after_problem,
+    lowest_lost_after_s,
+    process_alive,
+    pulse_interval_s,
+    pulsing,
+)
 
 GPU_POOL = DevicePolicy(require_cuda=True)
 
@@ -126,6 +135,19 @@ def test_a_short_bound_applies_only_to_what_beats_often_enough_for_it(
         evidence: Evidence, run_silent: float, worker_silent: float, alive: bool) -> None:
     verdict, _ = process_alive(evidence, run_silent, worker_silent, lost_after_s=20)
     assert verdict is alive
+
+
+@pytest.mark.parametrize(("event_flush_s", "lowest"), [
+    (5.0, 20.0),  # Prefect's default flush: the floor a server that does not say gets
+    (10.0, 40.0),  # a server that persists less often needs a longer bound
+    (1.0, 10.0),  # the test stacks' flush: the bound is the pulses' own floor
+    (0.5, 10.0),
+])
+def test_the_lowest_lost_after_bound_follows_the_servers_event_flush(event_flush_s: float, lowest: float) -> None:
+    assert lowest_lost_after_s(event_flush_s) == lowest
+    assert lost_after_problem(lowest, event_flush_s) is None
+    problem = lost_after_problem(lowest - 1, event_flush_s)
+    assert problem is not None and f"below {lowest:g}" in problem and f"every {event_flush_s:g} s" in problem
 
 
 def test_a_run_pulses_four_times_in_its_dispatchers_bound_from_its_own_thread(
