@@ -56,6 +56,10 @@ class Evidence:
 
     run_heartbeat: dt.datetime | None = None  # received: the run's latest heartbeat or pulse
     run_pulses: bool = False  # the run is seen pulsing (PULSE_EVENT), not only heartbeating
+    # The run was dispatched with pulse_seconds: its flow body pulses first thing, a moment after
+    # Prefect's engine sends its first heartbeat (both through the process's one events connection),
+    # so a run heard heartbeating but never pulsing died in that moment, or cannot send events.
+    pulses_asked: bool = False
     worker: str | None = None  # the worker that took the run (its label)
     worker_heartbeat: dt.datetime | None = None  # that worker's last_heartbeat_time
     worker_interval_s: float | None = None  # how often that worker says it heartbeats
@@ -94,9 +98,11 @@ def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: floa
     outlived its worker still finishes and reports). Before its first heartbeat, the worker that
     took it answers: silent, or started again after it took the run (a restart under the same
     name is a new process, and a new process never adopts its predecessor's runs). Silence is
-    held to lost_after_s only where the beats come often enough for it (HEARTBEAT_ONLY_BOUND_S)."""
+    held to lost_after_s only where the beats come often enough for it (HEARTBEAT_ONLY_BOUND_S):
+    a run that pulses or was asked to."""
     if evidence.run_heartbeat is not None:
-        bound = lost_after_s if evidence.run_pulses else max(lost_after_s, HEARTBEAT_ONLY_BOUND_S)
+        often = evidence.run_pulses or evidence.pulses_asked
+        bound = lost_after_s if often else max(lost_after_s, HEARTBEAT_ONLY_BOUND_S)
         if run_silent_s > bound:
             return False, (f"flow run stopped heartbeating (none for {run_silent_s:.0f}s; "
                            f"worker {evidence.worker or 'unknown'})")
@@ -195,7 +201,7 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
     beats = newest_received(client, f"prefect.flow-run.{run.id}", [HEARTBEAT_EVENT, PULSE_EVENT], window)
     if beats or not worker or not run.work_pool_name:
         return run, Evidence(run_heartbeat=max(beats.values(), default=None), run_pulses=PULSE_EVENT in beats,
-                             worker=worker)
+                             pulses_asked=bool((run.parameters or {}).get("pulse_seconds")), worker=worker)
     # The API filters workers by heartbeat and status, not by name; a pool has few workers.
     found = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker), None)
     if found is None:

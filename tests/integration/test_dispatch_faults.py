@@ -103,6 +103,40 @@ def test_a_bound_shorter_than_the_servers_event_flush_allows_is_refused_before_a
     assert attempts_of(client, run_id) == []
 
 
+@pytest.mark.parametrize("pulse_seconds", [2.5, None])
+def test_a_run_heartbeating_without_the_pulses_it_was_asked_for_is_held_to_the_dispatchers_bound(
+    cluster: Cluster, client: Any, pulse_seconds: float | None
+) -> None:
+    """Prefect's engine sends a run's first heartbeat a moment before the flow body sends its first
+    pulse; a host killed in that moment leaves a run heard heartbeating only. Asked to pulse, it is
+    called lost on the dispatcher's bound, not on the 45 s a run that never pulses gets."""
+    import uuid
+
+    from prefect import flow as prefect_flow
+    from prefect.events import Event
+
+    from tasks.liveness import HEARTBEAT_ONLY_BOUND_S, observe, process_alive
+
+    @prefect_flow(name="liveness-probe")
+    def probe(pulse_seconds: float | None = None) -> None: ...
+
+    # Not on a work pool: no worker of the module's hosts takes it.
+    run = client.create_flow_run(probe, parameters={"pulse_seconds": pulse_seconds})
+    heartbeat = Event(event="prefect.flow-run.heartbeat", id=uuid.uuid4(),
+                      resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"})
+    client.request("POST", "/events", json=[heartbeat.model_dump(mode="json")]).raise_for_status()
+    deadline = time.monotonic() + 30
+    while (evidence := observe(client, run.id, {})[1]).run_heartbeat is None:
+        assert time.monotonic() < deadline, "the heartbeat never reached the event store"
+        time.sleep(0.5)
+    assert evidence.pulses_asked is (pulse_seconds is not None) and not evidence.run_pulses
+    alive, why = process_alive(evidence, LOST_AFTER_S + 1, 0, LOST_AFTER_S)
+    if pulse_seconds is None:  # a flow that does not pulse: Prefect's heartbeats are 30 s apart
+        assert alive and process_alive(evidence, HEARTBEAT_ONLY_BOUND_S + 1, 0, LOST_AFTER_S)[0] is False
+    else:
+        assert alive is False and why.startswith(f"flow run stopped heartbeating (none for {LOST_AFTER_S + 1:.0f}s")
+
+
 class Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)

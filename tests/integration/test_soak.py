@@ -507,6 +507,9 @@ def test_a_month_of_nightly_runs_pushes_and_faults_loses_nothing(soak: Soak, mon
           f"{disk_bytes(soak.debris) / 1e6:.1f} MB), {time.monotonic() - started:.0f} s, a quiet night "
           f"{statistics.median(soak.quiet_nights_s or [0.0]):.1f} s (median of {len(soak.quiet_nights_s)})")
     print("faults: " + "; ".join(soak.faults))
+    # How each lost run was caught (the dispatcher's message): which bound it waited out.
+    print("lost runs: " + "; ".join(f"{r.name}: {r.state.message}" for r in all_flow_runs(soak)
+                                   if r.state is not None and r.state.type.value == "CRASHED"))
     print("slowest nights: " + "; ".join(f"{what} {s:.0f} s" for s, what in sorted(soak.nights_s, reverse=True)[:10]))
     assert len(soak.faults) == len(FAULTS) + 1, soak.faults
     assert not violations, f"SOAK_SEED={plan.seed}: " + "\n".join(violations)

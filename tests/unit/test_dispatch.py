@@ -125,6 +125,10 @@ PULSING = dc.replace(HEARTBEATING, run_pulses=True)
     # Heard only through Prefect's heartbeats (30 s apart at best): never lost before 45 s of silence.
     (HEARTBEATING, 44, 0, True),
     (HEARTBEATING, 46, 0, False),
+    # Unless it was asked to pulse: its first pulse follows its first heartbeat at once, so a run
+    # heartbeating without pulsing died in between (killed right as it started).
+    (dc.replace(HEARTBEATING, pulses_asked=True), 20, 0, True),
+    (dc.replace(HEARTBEATING, pulses_asked=True), 21, 0, False),
     # Before the run's first beat, its worker gets two of its own heartbeat intervals (30 s when unknown).
     (dc.replace(TOOK_IT, worker_interval_s=5), 0, 21, False),
     (dc.replace(TOOK_IT, worker_interval_s=30), 0, 59, True),
