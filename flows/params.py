@@ -99,8 +99,8 @@ class DispatchParams(BaseModel):
         120, ge=LOWEST_LOST_AFTER_S, title="Lost after (s)",
         description="a run whose pulses (sent four times in this span), or whose worker's heartbeats before the "
                     "first, stay silent this long is marked Crashed and dispatched again; at least four times "
-                    "the server's event flush interval (20 s at Prefect's default 5 s), checked when training "
-                    "is dispatched")
+                    "the server's event flush interval (20 s at Prefect's default 5 s), checked before the data "
+                    "is validated")
     api_outage_minutes: float = Field(10, ge=0, title="API outage waited out (min)",
                                       description="how long an unreachable Prefect API is waited out")
 

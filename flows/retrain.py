@@ -30,6 +30,7 @@ from protein.preload import SCORING_MODULES, preload
 from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
+from tasks.dispatch import lost_after_refusal
 from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
 from tasks.registry import current_champion, find_run_model, promote_model
@@ -133,6 +134,8 @@ def retrain(
             return Completed(message=message, data={"champion": champion, "skipped": True,
                                                     "data_fingerprint": current, "reason": message})
 
+    if (train_deployment or score_deployment) and (problem := lost_after_refusal(dispatch.to_config())):
+        return Failed(message=f"{problem}; nothing was validated or trained")  # not after minutes of validation
     report = validate_data(data, validation.to_config(), store)
     summary["data_fingerprint"] = report["data_fingerprint"]
     if resolved["fingerprint"] and report["data_fingerprint"] != resolved["fingerprint"]:

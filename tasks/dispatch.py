@@ -207,10 +207,7 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
     'score-gate', 'score-predict') names the attempts' flow runs and keys. Raises RuntimeError when
     no attempt completed."""
     logger = run_logger()
-    with get_client(sync_client=True) as client:
-        event_flush_s, _ = through_outage(partial(server_event_flush_s, client), config, logger,
-                                          "reading how often the server persists events")
-    if problem := lost_after_problem(config.lost_after_s, event_flush_s):
+    if problem := lost_after_refusal(config, logger):
         raise RuntimeError(problem)  # before anything is dispatched: a run judged by it would be crashed alive
     prefix = attempt_prefix(step, run_id, deployment, parameters)
     watched: list[str] = []
@@ -249,6 +246,16 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
             raise RuntimeError(f"{step} {child.name} ({deployment}) {outcome.value}: {state}")
         abandoned.add(number)
         logger.warning("%s attempt %d %s (%s); dispatching run %s again", step, number, outcome.value, state, run_id)
+
+
+def lost_after_refusal(config: DispatchConfig,
+                       logger: logging.Logger | logging.LoggerAdapter | None = None) -> str | None:
+    """Why config's lost-after bound is unsafe against this Prefect server (None: it is safe): the
+    server is asked how often it persists events."""
+    with get_client(sync_client=True) as client:
+        event_flush_s, _ = through_outage(partial(server_event_flush_s, client), config, logger or run_logger(),
+                                          "reading how often the server persists events")
+    return lost_after_problem(config.lost_after_s, event_flush_s)
 
 
 def wait_for(flow_run_id: Any, config: DispatchConfig,

@@ -63,6 +63,22 @@ def test_failing_validation_fails_the_run_and_trains_nothing(prefect_harness, tm
     assert summary is not None and "FAILED" in summary.data
 
 
+def test_a_lost_after_bound_the_server_cannot_support_fails_the_run_before_validation(prefect_harness, tmp_path):
+    from flows.params import DispatchParams
+    from flows.retrain import retrain
+
+    # The harness server persists events every 5 s (Prefect's default): 10 s would crash live runs.
+    broken = write_dataset(tmp_path / "broken", {"1": "0", "2": "11"}, ["9"], size=40)
+    state = retrain(data=str(broken), store=str(tmp_path / "store"), train=TRAIN, validation=VALIDATION,
+                    train_deployment="train/gpu", dispatch=DispatchParams(lost_after_seconds=10), return_state=True)
+    assert state.is_failed()
+    assert state.message == ("dispatch.lost_after_seconds is 10, below 20, the shortest safe bound for a Prefect "
+                             "server that persists events every 5 s (its PREFECT_SERVER_SERVICES_EVENT_PERSISTER_"
+                             "FLUSH_INTERVAL): live runs would be taken for dead; use 20 or more; nothing was "
+                             "validated or trained"), state.message
+    assert read_artifact("validation-summary", state.state_details.flow_run_id) is None
+
+
 def test_passing_run_promotes_and_publishes(promoted_store):
     store, result = promoted_store
     registry = Registry(open_store(store))
