@@ -44,6 +44,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Cancelling, Crashed
 
 from tasks.liveness import (
+    UNREACHABLE_STATUS,
     Evidence,
     Silence,
     lost_after_problem,
@@ -56,8 +57,6 @@ from tasks.liveness import (
 T = TypeVar("T")
 # States after which an attempt will never produce a result (Cancelling: on its way to Cancelled).
 DEAD = frozenset({StateType.FAILED, StateType.CANCELLED, StateType.CRASHED, StateType.CANCELLING})
-# Gateway answers of a proxy in front of a restarting API: the API is unreachable, not refusing.
-UNREACHABLE_STATUS = frozenset({502, 503, 504})
 MAX_BACKOFF_S = 30.0
 
 

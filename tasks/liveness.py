@@ -24,6 +24,7 @@ from typing import Any
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun
+from prefect.settings.models.server.services import ServerServicesEventPersisterSettings
 
 WORKER_NAME_LABEL = "prefect.worker.name"
 WORKER_TYPE_LABEL = "prefect.worker.type"
@@ -42,7 +43,10 @@ LOWEST_LOST_AFTER_S = 10.0
 # beat only then. The bound is at least this many flushes (20 s at the default: a live run's newest
 # beat is then at most ~10 s old), so a beat held back one flush never looks like a death.
 FLUSHES_PER_BOUND = 4
-DEFAULT_EVENT_FLUSH_S = 5.0
+# Gateway answers of a proxy in front of a restarting API: the API is unreachable, not refusing.
+UNREACHABLE_STATUS = frozenset({502, 503, 504})
+# What a server that does not say is taken to use: Prefect's own default (5 s).
+DEFAULT_EVENT_FLUSH_S = float(ServerServicesEventPersisterSettings.model_fields["flush_interval"].default)
 WORKER_BEATS_OF_SILENCE = 2
 PULSES_PER_BOUND = 4
 # Hosts whose clocks are off from the server's by more than this see their events missed.
@@ -147,7 +151,7 @@ def server_event_flush_s(client: SyncPrefectClient) -> float:
         response.raise_for_status()
         flush = float(response.json()["server"]["services"]["event_persister"]["flush_interval"])
     except httpx.HTTPStatusError as exc:
-        if exc.response.status_code in (502, 503, 504):  # a proxy in front of a restarting API
+        if exc.response.status_code in UNREACHABLE_STATUS:  # for the caller's outage handling
             raise
         return DEFAULT_EVENT_FLUSH_S
     except (KeyError, TypeError, ValueError):  # an answer without the setting
