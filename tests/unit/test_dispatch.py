@@ -25,6 +25,7 @@ from tasks.dispatch import (
     through_outage,
 )
 from tasks.liveness import (
+    DEFAULT_EVENT_FLUSH_S,
     PULSE_EVENT,
     Evidence,
     Silence,
@@ -33,7 +34,9 @@ from tasks.liveness import (
     process_alive,
     pulse_interval_s,
     pulsing,
+    server_event_flush_s,
 )
+from tests.conftest import MotoServer
 
 GPU_POOL = DevicePolicy(require_cuda=True)
 
@@ -152,6 +155,16 @@ def test_the_lowest_lost_after_bound_follows_the_servers_event_flush(event_flush
     assert lost_after_problem(lowest, event_flush_s) is None
     problem = lost_after_problem(lowest - 1, event_flush_s)
     assert problem is not None and f"below {lowest:g}" in problem and f"every {event_flush_s:g} s" in problem
+
+
+def test_an_api_that_does_not_say_its_event_flush_is_taken_at_prefects_default(s3_server: MotoServer) -> None:
+    """An HTTP API without Prefect's settings endpoint (here a real moto_server, which answers 404,
+    as Prefect Cloud has no /admin/settings) gets Prefect's default flush, so the 20 s floor."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api=s3_server.endpoint) as client:
+        assert server_event_flush_s(client) == DEFAULT_EVENT_FLUSH_S == 5.0
+    assert lowest_lost_after_s(DEFAULT_EVENT_FLUSH_S) == 20.0
 
 
 def test_a_run_pulses_four_times_in_its_dispatchers_bound_from_its_own_thread(
