@@ -331,7 +331,10 @@ def test_s3_dies_mid_upload_leaves_no_half_object_and_the_rerun_completes(
         [f"p/models/{champion}/model.safetensors", f"p/models/{champion}/model.json"])
     assert registry.versions() == [champion] and registry.orphans() == []
     assert store.get_bytes(CHAMPION_KEY) == pointer
-    assert load_checkpoint(store, "run-1")["epoch"] == (1 if cut == "checkpoint.pt" else 2)  # whole, verified
+    checkpoint = load_checkpoint(store, "run-1")  # whole, verified
+    assert checkpoint["epoch"] == (1 if cut == "checkpoint.pt" else 2)
+    # Epoch 1 of 2 keeps the optimizer's state to continue from; the last epoch's has none to keep.
+    assert ("optimizer" in checkpoint) == (cut == "checkpoint.pt")
 
     result = trainer(small_dataset, uri, config, run_id="run-1", cache_dir=tmp_path / "cache")
     assert result["resumed_from_epoch"] == resumes_from

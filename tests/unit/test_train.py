@@ -91,3 +91,40 @@ def test_predict_probs_with_tta_is_the_mean_of_the_eight_views():
         expected = torch.stack([torch.sigmoid(model(v)) for v in dihedral_views(x)]).mean(0).numpy()
     assert np.allclose(tta, expected, atol=1e-6)
     assert not np.allclose(tta, plain)  # the net is not symmetric: TTA changes the numbers
+
+
+def test_only_a_checkpoint_that_training_continues_from_holds_the_optimizer_state(tmp_path):
+    """Epoch 1 of 2 keeps the optimizer's state (training continues from it); the last epoch's
+    checkpoint drops it (a retry only skips training), a third of resnet18's bytes under AdamW. A
+    retry resumes the finished run without training; a checkpoint to continue from that lacks the
+    state is refused in one line."""
+    from protein.config import TrainConfig
+    from protein.labels import LABELS
+    from protein.modeling.train import checkpoint_key, fit, load_checkpoint, save_checkpoint
+    from protein.storage import open_store
+    from tests.helpers import TINY_ARCH
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (24, 32, 32, 3), dtype=np.uint8)
+    targets = (rng.random((24, len(LABELS))) > 0.7).astype(np.float32)
+    config = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=2, batch_size=8, device="cpu")
+    store = open_store(str(tmp_path / "store"))
+    seen: list[dict] = []
+    first = fit(config, images, targets, np.arange(18), np.arange(18, 24), store, "r1",
+                on_epoch=lambda record: seen.append(load_checkpoint(store, "r1")))
+    assert [c["epoch"] for c in seen] == [1, 2] and first.resumed_from_epoch == 0
+    assert {"optimizer", "scheduler"} <= seen[0].keys()
+    assert not {"optimizer", "scheduler"} & seen[1].keys()
+    assert seen[1]["model"].keys() == first.model.state_dict().keys()
+
+    batches: list[int] = []
+    again = fit(config, images, targets, np.arange(18), np.arange(18, 24), store, "r1", on_batch=batches.append)
+    assert again.resumed_from_epoch == 2 and batches == []
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, again.model.state_dict()[name]), name
+
+    save_checkpoint(store, "r2", {**seen[1], "epoch": 1})  # epoch 1 of 2, without the optimizer's state
+    with pytest.raises(ValueError, match=r"store/runs/r2/checkpoint\.pt: the checkpoint of epoch 1 of 2 holds no "
+                                         r"optimizer state to continue from; use a new --run-id"):
+        fit(config, images, targets, np.arange(18), np.arange(18, 24), store, "r2")
+    assert checkpoint_key("r2") in store.list("runs/")
