@@ -24,7 +24,7 @@ from tests.integration.prefect_stack import RUN_TIMEOUT_S, Stack, start_stack, s
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 8  # long enough that the kill lands while the GPU host trains
+EPOCHS = 6  # long enough that the fault lands while the GPU host trains (each test asserts it did)
 DB_DOWN_S = 5.0
 
 
@@ -93,7 +93,20 @@ def wait_training(stack: Stack, parent_id: Any) -> Any:
         with stack.client() as client:
             parent = client.read_flow_run(parent_id)
         assert not parent.state.is_final(), f"the retrain ended before training was caught: {parent.state}"
-        time.sleep(2)  # a gentle poll: the S3 server is one process, and the GPU host uploads to it
+        time.sleep(1)  # a gentle poll: the S3 server is one process, and the GPU host uploads to it
+
+
+def epochs_trained(stack: Stack, train: Any) -> int:
+    """Epochs the train run has checkpointed and recorded so far (its metrics.jsonl)."""
+    from protein.modeling.train import metrics_key
+    from protein.storage import open_store
+
+    return len(open_store(stack.store).get_bytes(metrics_key(train.parameters["run_id"])).splitlines())
+
+
+def assert_mid_training(stack: Stack, train: Any) -> None:
+    done = epochs_trained(stack, train)
+    assert done < EPOCHS, f"the fault landed after training finished ({done} of {EPOCHS}); the test proves nothing"
 
 
 def left_unfinished(stack: Stack) -> list[str]:
@@ -142,6 +155,7 @@ def test_api_process_killed_mid_training_the_run_completes_through_the_other(
     access_log = stack.ha.root / "nginx-access.log"
     seen_before_kill = len(access_log.read_text().splitlines())
     killed = stack.ha.kill_api(0)
+    assert_mid_training(stack, train)
     [survivor] = stack.ha.apis
     assert not killed.alive()
 
@@ -179,9 +193,10 @@ def test_postgres_restarted_mid_training_the_run_completes_or_is_redispatched(
     with stack.client() as client:
         nightly = client.read_deployment_by_name("retrain/nightly")
         run = client.create_flow_run_from_deployment(nightly.id, parameters={"data": str(stack.dataset)})
-    wait_training(stack, run.id)
+    train = wait_training(stack, run.id)
 
     pg.stop()
+    assert_mid_training(stack, train)
     time.sleep(DB_DOWN_S)
     pg.start()  # on the same port: every process keeps its database URL
 
