@@ -28,6 +28,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,6 +156,29 @@ class Soak:
     quiet_nights_s: list[float] = field(default_factory=list)  # creation to end of each night without push or fault
     nights_s: list[tuple[float, str]] = field(default_factory=list)  # each night's duration and what it held
     outage_run: Any = None  # the run S3 went down under
+    # The killed API's replacement, started in the background as systemd restarts a unit: the
+    # pushes meant to arrive during the retrain go on meanwhile. Joined at the end of the night.
+    api_restart: threading.Thread | None = None
+    api_restart_error: list[BaseException] = field(default_factory=list)
+
+    def restart_killed_api_later(self, after_s: float) -> None:
+        def restart() -> None:
+            try:
+                time.sleep(after_s)
+                self.stack.ha.replace_killed_apis()
+            except BaseException as exc:  # re-raised in the test's thread by api_restarted()
+                self.api_restart_error.append(exc)
+
+        self.api_restart = threading.Thread(target=restart, name="api-restart", daemon=True)
+        self.api_restart.start()
+
+    def api_restarted(self) -> None:
+        if self.api_restart is not None:
+            self.api_restart.join(timeout=120)
+            assert not self.api_restart.is_alive(), "the killed API's replacement did not start in 120 s"
+            self.api_restart = None
+        if self.api_restart_error:
+            raise self.api_restart_error.pop()
 
     def start_gpu_host(self, name: str, root: Path) -> GpuHost:
         env = host_env(self.stack.env, root, {"PROTEIN_ALLOW_CPU": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
@@ -179,6 +203,7 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
         proxy = FaultProxy(s3.endpoint)
         proxy.start()
         stack = start_stack(tmp_path, proxy, ha_postgres, gate=SOAK_GATE, worker_query_s=WORKER_QUERY_S)
+        soak: Soak | None = None
         try:
             with stack.client() as client:
                 nightly = client.read_deployment_by_name("retrain/nightly")
@@ -191,6 +216,8 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
                 soak.start_gpu_host(name, tmp_path / name)
             yield soak
         finally:
+            if soak is not None and soak.api_restart is not None:  # the stack stops after the restart
+                soak.api_restart.join(timeout=120)
             proxy.start() if proxy.down else None  # stop_stack's S3 reads need it up
             stop_stack(stack)
             proxy.stop()
@@ -262,8 +289,7 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
                              f"{soak.stack.logs()}")
     if fault == "api-restart":
         killed = soak.stack.ha.kill_api(0)
-        time.sleep(2)
-        soak.stack.ha.replace_killed_apis()
+        soak.restart_killed_api_later(after_s=2.0)
         soak.faults.append(f"api {killed.name} killed and replaced while {train.name} trained")
         return
     [host] = [h for h in soak.gpu if h.name == train.labels.get(WORKER_NAME_LABEL) and h.service.alive()]
@@ -303,9 +329,15 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
                 wait_resolved_and_running(soak, started[0])
             pushed, folder = push(soak, push_, folder)
             pushes[push_.index] = pushed
+            if push_.during and not push_.fault:
+                # Its run is looked up once the night's pushes are made: the next push arrives
+                # while the first retrain still runs, not after the trigger's round trip.
+                started.append(pushed)
+                continue
             started.append(run_of(soak, pushed))
             if push_.fault:
                 apply_fault(soak, push_.fault, started[-1])
+        started = [run_of(soak, s) if isinstance(s, dict) else s for s in started]
         scheduled = time.monotonic()
         nightly = schedule_nightly(soak, night)
         if night == plan.s3_outage_night:
@@ -313,6 +345,7 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
         started.append(nightly)
         for run in started:
             soak.stack.wait_final(run.id, FINAL_WAIT_S)
+        soak.api_restarted()
         if len(started) == 1 and night != plan.s3_outage_night:
             soak.quiet_nights_s.append(time.monotonic() - scheduled)
         held = [f"push {p.describe()}" for p in plan.pushes if p.night == night] \
