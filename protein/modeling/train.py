@@ -421,13 +421,14 @@ def fit(
                 f"(saved: {to_dict(saved)}, now: {to_dict(config)})"
             )
         start_epoch = int(state["epoch"])
-        if start_epoch < config.epochs and not {"optimizer", "scheduler"} <= state.keys():
-            raise ValueError(f"{store.uri.rstrip('/')}/{checkpoint_key(run_id)}: the checkpoint of epoch {start_epoch} "
-                             f"of {config.epochs} holds no optimizer state to continue from; use a new --run-id")
-        model.load_state_dict(state["model"])
         if start_epoch < config.epochs:  # the last epoch's checkpoint has none: nothing trains after it
+            if not {"optimizer", "scheduler"} <= state.keys():
+                raise ValueError(f"{store.uri.rstrip('/')}/{checkpoint_key(run_id)}: the checkpoint of epoch "
+                                 f"{start_epoch} of {config.epochs} holds no optimizer state to continue from; "
+                                 "use a new --run-id")
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+        model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         history = [json.loads(h) for h in state["history"]]

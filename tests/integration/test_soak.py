@@ -172,11 +172,17 @@ class Soak:
         self.api_restart = threading.Thread(target=restart, name="api-restart", daemon=True)
         self.api_restart.start()
 
-    def api_restarted(self) -> None:
+    def join_api_restart(self) -> bool:
+        """Waits for the replacement, if one is starting; False if it is still starting after 120 s."""
         if self.api_restart is not None:
             self.api_restart.join(timeout=120)
-            assert not self.api_restart.is_alive(), "the killed API's replacement did not start in 120 s"
+            if self.api_restart.is_alive():
+                return False
             self.api_restart = None
+        return True
+
+    def api_restarted(self) -> None:
+        assert self.join_api_restart(), "the killed API's replacement did not start in 120 s"
         if self.api_restart_error:
             raise self.api_restart_error.pop()
 
@@ -216,8 +222,8 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
                 soak.start_gpu_host(name, tmp_path / name)
             yield soak
         finally:
-            if soak is not None and soak.api_restart is not None:  # the stack stops after the restart
-                soak.api_restart.join(timeout=120)
+            if soak is not None:  # the stack stops after the restart
+                soak.join_api_restart()
             proxy.start() if proxy.down else None  # stop_stack's S3 reads need it up
             stop_stack(stack)
             proxy.stop()
