@@ -31,7 +31,9 @@ __all__ = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     from protein.errors import ProteinError
+    from protein.process_gc import freeze_at_exit
 
+    freeze_at_exit()  # a command is a process of its own: no collector walk when it exits
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,

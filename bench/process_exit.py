@@ -1,0 +1,82 @@
+"""What a flow run's or a command's process costs to start and exit, with and without the freeze
+at exit (protein/process_gc.py), side by side.
+
+Each process kind is a fresh interpreter that imports what that process imports and exits:
+
+- `quiet nightly`: Prefect and the retrain flow (a nightly that finds its data unchanged);
+- `GPU-host training`: Prefect, the train flow, the training pipeline and torchvision's models;
+- `CPU-host retrain`: Prefect, the retrain flow, its scoring modules and Great Expectations (a
+  retrain that validates, hands training to a GPU host and scores the challenger itself);
+- `protein command`: the CLI with the training pipeline (`protein train`, `protein predict`).
+
+`ours` is the process as shipped (importing `flows` or calling the CLI registers the freeze);
+`baseline` is the same process with the freeze unregistered at its end, so the interpreter's final
+collections walk everything, as before. The two alternate round by round, so drift of a loaded
+machine hits both alike. CPU seconds (user + system) of each process from `wait4`; medians.
+
+    python -m bench.process_exit [--quick] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+from bench.common import REPO, format_table, machine_info, median, publish
+
+NAME = "process_exit"
+KINDS: dict[str, str] = {
+    "quiet nightly": "import prefect, flows.retrain",
+    "GPU-host training": "import prefect, flows.train, protein.pipeline, torchvision.models",
+    "CPU-host retrain": "import prefect, flows.retrain, protein.pipeline, torchvision.models, great_expectations",
+    "protein command": "import protein.pipeline, torchvision.models\nfrom protein.cli import main\n"
+                       "try:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+}
+BASELINE_END = "\nimport atexit, gc\natexit.unregister(gc.freeze)\n"
+
+
+def process_cpu_s(code: str) -> float:
+    """User + system CPU seconds of one fresh interpreter running ``code`` to its exit."""
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{code!r} exited {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+    process.stderr.close()
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for kind, imports in KINDS.items():
+        ours, baseline = [], []
+        for i in range(rounds):
+            pair = [("ours", imports), ("baseline", imports + BASELINE_END)]
+            for label, code in pair if i % 2 == 0 else pair[::-1]:
+                (ours if label == "ours" else baseline).append(process_cpu_s(code))
+        rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
+                     "saved CPU-s": median(baseline) - median(ours), "ratio": median(ours) / median(baseline),
+                     "baseline samples": baseline, "ours samples": ours})
+        print(f"{kind}: baseline {median(baseline):.2f} s, ours {median(ours):.2f} s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.process_exit", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+    rows = measure(rounds)
+    result = {"benchmark": NAME, "rounds": rounds, "machine": machine_info(), "rows": rows}
+    table = format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"])
+    publish(NAME, result, table, quick=args.quick)
+    return result
+
+
+if __name__ == "__main__":
+    main()
