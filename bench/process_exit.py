@@ -1,20 +1,22 @@
-"""What a flow run's or a command's process costs to start and exit, with and without the freeze
-at exit (protein/process_gc.py), side by side.
+"""What a flow run's or a command's process costs in CPU, with and without protein/process_gc.py's
+freezes (after a step's first import of a heavy library, and at exit), side by side.
 
-Each process kind is a fresh interpreter that imports what that process imports and exits:
+Each process kind is a fresh interpreter that goes through the code path that process takes,
+imports included, with a little of its work, and exits:
 
 - `quiet nightly`: Prefect and the retrain flow (a nightly that finds its data unchanged);
-- `GPU-host training`: Prefect, the train flow, the training pipeline and torchvision's models;
-- `CPU-host retrain`: Prefect, the retrain flow, its scoring modules and Great Expectations (a
-  retrain that validates, hands training to a GPU host and scores the challenger itself);
+- `GPU-host training`: Prefect, the train flow, the training task's import of the pipeline
+  (torch, torchvision), one resnet18 built;
+- `CPU-host retrain`: Prefect, the retrain flow, its preload of the scoring modules, the validation
+  task's import of Great Expectations, challenger and champion built for scoring;
 - `protein command`: the CLI with the training pipeline (`protein train`, `protein predict`).
 
-`ours` is the process as shipped (importing `flows` or calling the CLI registers the freeze);
-`baseline` is the same process with the freeze unregistered at its end, so the interpreter's final
-collections walk everything, as before. The two alternate round by round, so drift of a loaded
-machine hits both alike. CPU seconds (user + system) of each process from `wait4`; medians.
+`ours` is the process as shipped; `baseline` is the same process with `gc.freeze` made a no-op
+before anything is imported, so every collection walks everything, as before. The two alternate
+round by round, so drift of a loaded machine hits both alike. CPU seconds (user + system) of each
+process from `wait4`; medians.
 
-    python -m bench.process_exit [--quick] [--rounds 7]
+    python -m bench.process_exit [--quick] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ from bench.common import REPO, format_table, machine_info, median, publish
 NAME = "process_exit"
 KINDS: dict[str, str] = {
     "quiet nightly": "import prefect, flows.retrain",
-    "GPU-host training": "import prefect, flows.train, protein.pipeline, torchvision.models",
-    "CPU-host retrain": "import prefect, flows.retrain, protein.pipeline, torchvision.models, great_expectations",
+    "GPU-host training": "import prefect, flows.train\nfrom protein.process_gc import import_frozen\n"
+                         "import_frozen(['protein.pipeline'])\nfrom protein.modeling.model import build_model\n"
+                         "build_model('resnet18')",
+    "CPU-host retrain": "import prefect, flows.retrain\nfrom protein.preload import SCORING_MODULES, preload\n"
+                        "preload(SCORING_MODULES).join()\nfrom protein.process_gc import import_frozen\n"
+                        "import_frozen(['great_expectations'])\nfrom protein.modeling.model import build_model\n"
+                        "models = [build_model('resnet18') for _ in range(2)]",
     "protein command": "import protein.pipeline, torchvision.models\nfrom protein.cli import main\n"
                        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass",
 }
-BASELINE_END = "\nimport atexit, gc\natexit.unregister(gc.freeze)\n"
+BASELINE_START = "import gc\ngc.freeze = lambda: None\n"
 
 
 def process_cpu_s(code: str) -> float:
@@ -55,7 +62,7 @@ def measure(rounds: int) -> list[dict[str, Any]]:
     for kind, imports in KINDS.items():
         ours, baseline = [], []
         for i in range(rounds):
-            pair = [("ours", imports), ("baseline", imports + BASELINE_END)]
+            pair = [("ours", imports), ("baseline", BASELINE_START + imports)]
             for label, code in pair if i % 2 == 0 else pair[::-1]:
                 (ours if label == "ours" else baseline).append(process_cpu_s(code))
         rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
@@ -68,7 +75,7 @@ def measure(rounds: int) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.process_exit", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
     rows = measure(rounds)

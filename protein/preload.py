@@ -11,10 +11,11 @@ a run that trains scores.
 from __future__ import annotations
 
 import atexit
-import importlib
 import logging
 import threading
 from collections.abc import Sequence
+
+from protein.process_gc import import_frozen
 
 # What the retrain run's own scoring imports: the pipeline (torch), the model builder, and the
 # torchvision models it imports when it first builds one (with torch._dynamo, ~1.5 s here).
@@ -36,7 +37,7 @@ def preload(modules: Sequence[str], name: str = "protein-preload") -> threading.
     def load() -> None:
         for module in modules:
             try:
-                importlib.import_module(module)
+                import_frozen([module])  # its objects out of the collector's way (protein/process_gc.py)
             except Exception as exc:  # noqa: BLE001 (the using step re-imports and reports it)
                 logger.debug("preloading %s failed: %s: %s", module, type(exc).__name__, exc)
 

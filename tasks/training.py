@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.config import TrainConfig
 from protein.modeling.devices import DevicePolicy, choose_device
+from protein.process_gc import import_frozen
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -38,6 +39,7 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
     """Train and register a challenger. A retry reuses run_id, so it resumes from the last
     epoch checkpoint in the store instead of starting over. nproc > 1 trains on that many
     processes under torchrun (the ranks log to this worker's stderr, not to Prefect)."""
+    import_frozen(["protein.pipeline"])  # torch and torchvision: their objects out of the collector's way
     from protein.modeling.train import select_device
     from protein.pipeline import train_and_register, train_on_ranks
 

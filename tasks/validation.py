@@ -14,6 +14,7 @@ from prefect.context import TaskRunContext
 
 from protein.data import fingerprint, open_dataset
 from protein.errors import ProteinError
+from protein.process_gc import import_frozen
 from protein.storage import open_store
 from protein.validation import ValidationConfig, load_reference, run_validation
 from tasks import events
@@ -62,6 +63,7 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
       cache_key_fn=validation_cache_key, cache_expiration=VALIDATION_CACHE_EXPIRY, persist_result=True,
       result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
+    import_frozen(["great_expectations"])  # its objects out of the collector's way for the rest of the run
     # The report and Data Docs reach the store (linked from the artifact); the host keeps no copy,
     # so a month of nightly runs leaves no folder behind, whatever the outcome.
     with tempfile.TemporaryDirectory(prefix="protein-validation-") as report_dir:

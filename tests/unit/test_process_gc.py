@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,3 +47,26 @@ def test_the_probe_sees_an_interpreter_that_freezes_nothing(protein_process: Pro
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "frozen at exit: 0"
+
+
+def test_a_first_import_freezes_and_an_import_already_done_does_not(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "process_gc_probe.py").write_text("STATE = {'loaded': True}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "process_gc_probe", raising=False)
+    freezes: list[None] = []
+    monkeypatch.setattr(process_gc.gc, "freeze", lambda: freezes.append(None))
+
+    assert process_gc.import_frozen(["json", "process_gc_probe"]) is True
+    assert sys.modules["process_gc_probe"].STATE == {"loaded": True} and len(freezes) == 1
+    assert process_gc.import_frozen(["json", "process_gc_probe"]) is False
+    assert len(freezes) == 1
+
+
+def test_a_flow_runs_process_has_prefect_frozen_once_the_flow_is_imported(protein_process: ProteinProcess) -> None:
+    done = protein_process.python("import gc, prefect\nbefore = gc.get_freeze_count()\nimport flows.retrain\n"
+                                  "print(before, gc.get_freeze_count())")
+
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split()[-2:])
+    assert before == 0 and after > 100_000, done.stdout
