@@ -25,6 +25,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 from bench.common import REPO, format_table, machine_info, median, publish
@@ -47,13 +48,14 @@ BASELINE_START = "import gc\ngc.freeze = lambda: None\n"
 
 def process_cpu_s(code: str) -> float:
     """User + system CPU seconds of one fresh interpreter running ``code`` to its exit."""
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{code!r} exited {process.returncode}: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
+    # stderr to a file, not a pipe: nobody reads a pipe before wait4, and a child's warnings could fill it.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{code!r} exited {process.returncode}: {stderr.read().decode()[-2000:]}")
     return usage.ru_utime + usage.ru_stime
 
 

@@ -50,7 +50,6 @@ def freeze_at_exit() -> None:
             _registered = True
 
 
-
 def import_frozen(modules: Iterable[str]) -> bool:
     """Import ``modules`` and, if that loaded any of them for the first time in this process,
     freeze what is alive now; True if it froze. Called where a step first needs a heavy library
