@@ -97,51 +97,84 @@ SLOW_FIXTURES: dict[str, str] = {
 }
 
 
-# The modules whose tests use the session's `prefect_stack`. A session fixture lives once per xdist
-# worker: handed to both, the stack (two APIs, services, nginx, Redis, a deploy, a worker) started
-# twice, ~25 s of CPU each and a share of a core for as long as it ran. `make test` hands these
-# modules to one worker as one unit of work (SharedStackScheduling); collection fails on a module
-# that uses the stack and is not listed, so the list cannot fall behind the tests.
+# Session fixtures several modules share, each with the modules whose tests use it. A session
+# fixture lives once per xdist worker: handed to both, it started twice (the stack: two APIs,
+# services, nginx, Redis, a deploy, a worker, ~25 s of CPU; the harness: a server migrating a new
+# SQLite database, ~9.5 CPU-s; the multi-host cluster: a highly available server, a deploy, a worker,
+# ~30 CPU-s) and then idled on both until the session's end (the stack ~6 % of a
+# core, the harness 0.9 CPU-s a minute). `make test` hands each list to one worker as one unit of
+# work (SharedFixtureScheduling), and tests/early_release.py stops the fixture after that unit's last
+# test; collection fails on a module that uses one of them and is not listed, so the lists cannot
+# fall behind the tests.
 SHARED_STACK_FIXTURE = "prefect_stack"
-SHARED_STACK_MODULES = frozenset({
-    "tests/integration/test_events.py",
-    "tests/integration/test_push_queue.py",
-    "tests/integration/test_ui_browser.py",
-})
-SHARED_STACK_UNIT = "the modules that share the session's prefect_stack"
+SHARED_FIXTURE_MODULES: dict[str, frozenset[str]] = {
+    SHARED_STACK_FIXTURE: frozenset({
+        "tests/integration/test_events.py",
+        "tests/integration/test_push_queue.py",
+        "tests/integration/test_ui_browser.py",
+    }),
+    "prefect_harness": frozenset({
+        "tests/integration/test_channel_flows.py",
+        "tests/integration/test_deploy_check.py",
+        "tests/integration/test_deployment_check.py",
+        "tests/integration/test_flows.py",
+        "tests/integration/test_job_templates.py",
+        "tests/integration/test_kaggle_layout.py",
+        "tests/integration/test_reliability.py",
+    }),
+    "cluster": frozenset({
+        "tests/integration/test_dispatch_faults.py",
+        "tests/integration/test_multihost.py",
+    }),
+}
+SHARED_STACK_MODULES = SHARED_FIXTURE_MODULES[SHARED_STACK_FIXTURE]
+
+
+def shared_unit(fixture: str) -> str:
+    return f"the modules that share the session's {fixture}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The shared stack is stopped once its last module ends, not at the session's (tests/early_release.py).
-    config.pluginmanager.register(EarlyRelease([SHARED_STACK_FIXTURE]), EarlyRelease.NAME)
+    # Each shared fixture is stopped once its last module ends, not at the session's (tests/early_release.py).
+    config.pluginmanager.register(EarlyRelease(SHARED_FIXTURE_MODULES), EarlyRelease.NAME)
 
 
-def unlisted_shared_stack_modules(items: list[pytest.Item], root: Path) -> list[str]:
-    return sorted({item.path.relative_to(root).as_posix() for item in items
-                   if SHARED_STACK_FIXTURE in getattr(item, "fixturenames", ())} - SHARED_STACK_MODULES)
+def unlisted_shared_fixture_modules(items: list[pytest.Item], root: Path) -> list[str]:
+    """'module uses fixture' for each module that uses a shared fixture without being in its list,
+    or that is in the lists of two (it cannot be in two units of work)."""
+    problems = []
+    for fixture, listed in SHARED_FIXTURE_MODULES.items():
+        users = {item.path.relative_to(root).as_posix() for item in items
+                 if fixture in getattr(item, "fixturenames", ())}
+        problems += [f"{module} uses {fixture}" for module in sorted(users - listed)]
+    units = list(SHARED_FIXTURE_MODULES.values())
+    problems += [f"{module} is listed for two shared fixtures" for i, a in enumerate(units) for b in units[i + 1:]
+                 for module in sorted(a & b)]
+    return problems
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadscope` (make test) with the shared-stack modules as one unit; other modes as xdist has them."""
+    """`--dist loadscope` (make test) with each shared fixture's modules as one unit; other modes as xdist has them."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class SharedStackScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            """The shared-stack modules together; any other test in loadscope's unit (its module or class)."""
-            if nodeid.split("::", 1)[0] in SHARED_STACK_MODULES:
-                return SHARED_STACK_UNIT
-            return super()._split_scope(nodeid)
+    unit_of = {module: shared_unit(fixture)
+               for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
 
-    return SharedStackScheduling(config, log)
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            """A shared fixture's modules together; any other test in loadscope's unit (its module or class)."""
+            return unit_of.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if unlisted := unlisted_shared_stack_modules(items, config.rootpath):
-        raise pytest.UsageError(f"{', '.join(unlisted)} use the session's {SHARED_STACK_FIXTURE}: add them to "
-                                "SHARED_STACK_MODULES in tests/conftest.py, so that make test starts that stack once")
+    if problems := unlisted_shared_fixture_modules(items, config.rootpath):
+        raise pytest.UsageError(f"{'; '.join(problems)}: each module that uses a shared session fixture is listed "
+                                "once in SHARED_FIXTURE_MODULES (tests/conftest.py), so that make test starts it once")
     for item in items:
         used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
         if used:

@@ -10,16 +10,23 @@ from tests.helpers import module_scratch
 
 if TYPE_CHECKING:
     from deployments.ha_stack import HAPrefect, Postgres
+    from tests.conftest import MotoServer
+    from tests.integration.gpu_cluster import Cluster
     from tests.integration.prefect_services import Service
     from tests.integration.prefect_stack import Stack
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect API for the whole session (it takes ~9 s to start)."""
+def prefect_harness(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One temporary Prefect API for the session's modules that use it (it takes ~9 s to start),
+    stopped once the last of them ends (tests/early_release.py)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    from tests.early_release import EarlyRelease
+
+    with ExitStack() as resources:  # closing it twice runs its callbacks once
+        resources.enter_context(prefect_test_harness(server_startup_timeout=60))
+        EarlyRelease.of(request.config).hold("prefect_harness", resources.close)
         yield
 
 
@@ -55,6 +62,23 @@ def ha_prefect(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
             yield stack
         finally:
             stop_ha_prefect(stack)
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_server: MotoServer, ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The multi-host cluster (tests/integration/gpu_cluster.py) of test_multihost.py and
+    test_dispatch_faults.py, started once for both and stopped once the last of their tests ends
+    (tests/early_release.py). Each test starts the GPU hosts it uses (Cluster.gpu_host replaces
+    those before) and writes to a store prefix of its own."""
+    from tests.early_release import EarlyRelease
+    from tests.integration.gpu_cluster import running_cluster
+
+    with ExitStack() as resources:  # closing it twice runs its callbacks once
+        root = resources.enter_context(module_scratch(tmp_path_factory, "multihost"))
+        cluster = resources.enter_context(running_cluster(s3_server.endpoint, ha_postgres, root))
+        EarlyRelease.of(request.config).hold("cluster", resources.close)
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,7 @@ from tests.integration.prefect_services import Service, all_logs, host_env, proc
 
 pytestmark = pytest.mark.integration
 
-# One cluster for this module (the fixtures of test_multihost, instantiated here).
-cluster = multihost.cluster
+# The session's cluster (tests/integration/conftest.py), shared with test_multihost.py, and its client fixture.
 client = multihost.client
 Cluster = multihost.Cluster
 

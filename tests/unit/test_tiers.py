@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     DISK_REFUSED_EXIT,
+    SHARED_FIXTURE_MODULES,
     SHARED_STACK_MODULES,
     SLOW_FIXTURES,
     FreshInterpreterInTheFastTier,
@@ -24,7 +25,7 @@ from tests.conftest import (
     pytest_xdist_make_scheduler,
     slow_modules_first,
     torch_threads_per_worker,
-    unlisted_shared_stack_modules,
+    unlisted_shared_fixture_modules,
 )
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -204,43 +205,60 @@ def schedule_make_test(collection: list[str]) -> list[list[str]]:
     return [[collection[i] for i in w.sent] for w in workers]
 
 
-def test_make_test_starts_the_shared_stack_on_one_worker_and_hands_out_other_modules_whole() -> None:
+def test_make_test_starts_each_shared_fixture_on_one_worker_and_hands_out_other_modules_whole() -> None:
     stack = sorted(SHARED_STACK_MODULES)
-    # As the workers collect them: the slow modules (the stack's among them) first. Module by module,
-    # the first two would go to the two workers; test by test, a.py's four would be spread over both.
-    collection = [f"{stack[0]}::test_a", f"{stack[0]}::test_b", f"{stack[1]}::test_c", f"{stack[2]}::test_d",
+    harness = sorted(SHARED_FIXTURE_MODULES["prefect_harness"])
+    # As the workers collect them: the slow modules (the shared fixtures' among them) first. Module by
+    # module, the first two would go to the two workers; test by test, a.py's four would be spread over both.
+    collection = [f"{stack[0]}::test_a", f"{stack[0]}::test_b", f"{harness[0]}::test_h", f"{stack[1]}::test_c",
+                  f"{harness[1]}::test_i", f"{stack[2]}::test_d", f"{harness[2]}::test_j",
                   "tests/unit/a.py::test_x", "tests/unit/a.py::test_y", "tests/unit/a.py::test_u",
                   "tests/unit/a.py::test_t", "tests/unit/b.py::Group::test_z", "tests/unit/b.py::Group::test_v",
                   "tests/unit/c.py::test_w"]
     sent = schedule_make_test(collection)
-    [with_stack] = [tests for tests in sent if any(t.startswith(stack[0]) for t in tests)]
-    assert {t for t in collection if t.split("::")[0] in SHARED_STACK_MODULES} <= set(with_stack)
+    for modules in (stack, harness):
+        [together] = [tests for tests in sent if any(t.startswith(modules[0]) for t in tests)]
+        assert {t for t in collection if t.split("::")[0] in modules} <= set(together), sent
     for module in ("tests/unit/a.py", "tests/unit/b.py::Group"):  # loadscope's units stay whole
         assert len([tests for tests in sent if any(t.startswith(module) for t in tests)]) == 1, sent
     assert sorted(t for tests in sent for t in tests) == sorted(collection)
     assert all(sent), f"one worker got nothing: {sent}"
 
 
-def test_a_module_that_uses_the_shared_stack_must_be_listed() -> None:
+def test_a_module_that_uses_a_shared_fixture_must_be_listed_and_only_once() -> None:
     class Item:
         def __init__(self, path: str, fixtures: tuple[str, ...]) -> None:
             self.path, self.fixturenames = TESTS.parent / path, fixtures
 
     listed = Item(sorted(SHARED_STACK_MODULES)[0], ("prefect_stack", "tmp_path"))
+    listed_harness = Item(sorted(SHARED_FIXTURE_MODULES["prefect_harness"])[0], ("prefect_harness",))
     stray = Item("tests/integration/test_new.py", ("tmp_path", "prefect_stack"))
     other = Item("tests/integration/test_other.py", ("prefect_harness",))
-    items: list[Any] = [listed, stray, other]
-    assert unlisted_shared_stack_modules(items, TESTS.parent) == ["tests/integration/test_new.py"]
-    assert unlisted_shared_stack_modules(items[:1] + items[2:], TESTS.parent) == []
+    plain = Item("tests/integration/test_plain.py", ("tmp_path",))
+    items: list[Any] = [listed, listed_harness, stray, other, plain]
+    assert unlisted_shared_fixture_modules(items, TESTS.parent) == [
+        "tests/integration/test_new.py uses prefect_stack", "tests/integration/test_other.py uses prefect_harness"]
+    assert unlisted_shared_fixture_modules([listed, listed_harness, plain], TESTS.parent) == []
 
 
-def test_the_listed_modules_are_the_ones_that_use_the_shared_stack() -> None:
-    """Not a list that merely names files: each listed module exists and uses the stack (a module
-    that stopped using it would still be pinned to the stack's worker for nothing)."""
-    collected = collect(*(str(TESTS.parent / module) for module in sorted(SHARED_STACK_MODULES)))
-    users = {item.path.relative_to(TESTS.parent).as_posix() for item in collected.items
-             if "prefect_stack" in item.fixturenames}
-    assert users == set(SHARED_STACK_MODULES)
+def test_a_module_listed_for_two_shared_fixtures_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.conftest
+
+    module = sorted(SHARED_STACK_MODULES)[0]
+    twice = {**SHARED_FIXTURE_MODULES, "prefect_harness": SHARED_FIXTURE_MODULES["prefect_harness"] | {module}}
+    monkeypatch.setattr(tests.conftest, "SHARED_FIXTURE_MODULES", twice)
+    assert unlisted_shared_fixture_modules([], TESTS.parent) == [f"{module} is listed for two shared fixtures"]
+
+
+def test_the_listed_modules_are_the_ones_that_use_each_shared_fixture() -> None:
+    """Not lists that merely name files: each listed module exists and uses its fixture (a module
+    that stopped using it would still be pinned to that fixture's worker for nothing)."""
+    listed = sorted({module for modules in SHARED_FIXTURE_MODULES.values() for module in modules})
+    collected = collect(*(str(TESTS.parent / module) for module in listed))
+    for fixture, modules in SHARED_FIXTURE_MODULES.items():
+        users = {item.path.relative_to(TESTS.parent).as_posix() for item in collected.items
+                 if fixture in item.fixturenames}
+        assert users == set(modules), fixture
 
 
 def test_a_test_marked_last_in_module_runs_after_its_modules_other_tests_and_nothing_else_moves() -> None:
