@@ -378,3 +378,30 @@ def test_a_session_fixture_whose_users_this_process_did_not_all_run_is_released_
                        RunOnly("test_a1", "test_b1"))
     assert code == pytest.ExitCode.OK
     assert (tmp_path / "events.log").read_text().splitlines() == ["server up", "test_a1", "test_b1", "server released"]
+
+
+def test_every_shared_fixture_hands_its_stop_to_the_early_release() -> None:
+    """Each fixture in SHARED_FIXTURE_MODULES is defined in tests/integration/conftest.py and calls
+    `EarlyRelease...hold(<its name>, ...)`: without that, its unit's worker keeps it up, idle, until
+    the session's end."""
+    import ast
+
+    import tests.conftest
+
+    source = (TESTS / "integration" / "conftest.py").read_text()
+    defined = {node.name: node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
+
+    def held(function: ast.FunctionDef) -> set[str]:
+        names = set()
+        for call in (n for n in ast.walk(function) if isinstance(n, ast.Call)):
+            if isinstance(call.func, ast.Attribute) and call.func.attr == "hold" and call.args:
+                first = call.args[0]
+                if isinstance(first, ast.Constant):
+                    names.add(first.value)
+                elif isinstance(first, ast.Name):  # a constant of tests/conftest.py
+                    names.add(getattr(tests.conftest, first.id))
+        return names
+
+    for fixture in SHARED_FIXTURE_MODULES:
+        assert fixture in defined, f"{fixture} is not defined in tests/integration/conftest.py"
+        assert held(defined[fixture]) == {fixture}, f"{fixture} does not hand its stop to EarlyRelease"
