@@ -53,6 +53,8 @@ class Cluster:
             service.killed = True  # gone on purpose: wait_final must not report it
         stop_all(previous)
         root = self.root / name
+        # Two modules share the cluster: a name used twice would hand one test the other's caches.
+        assert not root.exists(), f"a GPU host named {name} already ran in this cluster"
         env = host_env(self.env, root, {"PROTEIN_ALLOW_CPU": "1",
                                         "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
         service = Service(f"worker-{name}", worker_args("gpu", name), env, self.root, cwd=root)
