@@ -20,6 +20,7 @@ from deployments.ha_stack import Postgres
 from tests.helpers import write_dataset
 from tests.integration.prefect_services import (
     Service,
+    aws_env,
     deploy_from_fresh_clone,
     git_remote_of_worktree,
     host_env,
@@ -60,14 +61,6 @@ class Cluster:
         service = Service(f"worker-{name}", worker_args("gpu", name), env, self.root, cwd=root)
         self.services.append(service)
         return service, root.resolve()
-
-
-def aws_env(endpoint: str) -> dict[str, str]:
-    import os
-
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:

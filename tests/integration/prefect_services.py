@@ -158,6 +158,14 @@ def prefect_env(home: Path, extra: Mapping[str, str] | None = None, port: int | 
     }
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """boto3's standard chain of a process the tests start: moto's endpoint and keys, and nothing
+    of the developer's own AWS set-up (no config file, credentials file or instance metadata)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def one_ca_file(folder: Path) -> Path:
     """A file holding one CA certificate (the first of certifi's bundle). Prefect builds a verified
     TLS context from the file PREFECT_API_SSL_CERT_FILE names (certifi's bundle by default) for every

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from tests.integration.prefect_services import (
     WAIT_POLL_S,
     WORKER_QUERY_S,
     Service,
+    aws_env,
     deploy_from_fresh_clone,
     git_remote_of_worktree,
     host_env,
@@ -264,9 +264,7 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
     ``worker_query_s``: how often the CPU host's worker asks for runs."""
     import boto3
 
-    aws = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-           "AWS_EC2_METADATA_DISABLED": "true"}
+    aws = aws_env(s3.endpoint)
     bucket = f"stack-{uuid.uuid4().hex[:12]}"
     boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
                           region_name="us-east-1").client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket=bucket)

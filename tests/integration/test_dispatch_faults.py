@@ -20,13 +20,13 @@ import pytest
 from tasks.dispatch import DispatchConfig, dispatch
 from tests.integration import test_multihost as multihost
 from tests.integration.fault_proxy import FaultProxy
+from tests.integration.gpu_cluster import IMAGE, WORKER_HEARTBEAT_S, Cluster
 from tests.integration.prefect_services import Service, all_logs, host_env, processes_under, wait_final, worker_args
 
 pytestmark = pytest.mark.integration
 
 # The session's cluster (tests/integration/conftest.py), shared with test_multihost.py, and its client fixture.
 client = multihost.client
-Cluster = multihost.Cluster
 
 LOST_AFTER_S = multihost.LOST_AFTER_S  # the lowest accepted: the runs pulse every 2.5 s
 SKEW = dt.timedelta(minutes=10)
@@ -34,7 +34,7 @@ SKEW = dt.timedelta(minutes=10)
 
 def train_parameters(cluster: Cluster, store: str, run_id: str, epochs: int = 1) -> dict[str, Any]:
     return {"data": cluster.data_uri, "store": store, "run_id": run_id,
-            "train": {"epochs": epochs, "image_size": multihost.IMAGE, "batch_size": 8, "share_cache": True}}
+            "train": {"epochs": epochs, "image_size": IMAGE, "batch_size": 8, "share_cache": True}}
 
 
 def attempts_of(client: Any, run_id: str) -> list[Any]:
@@ -231,7 +231,7 @@ def test_a_worker_restarted_under_its_name_is_caught_and_a_retried_parent_resume
     assert killed_at < epochs, "the kill landed after training finished; the test proves nothing then"
     assert not processes_under(worker_dir)
     same_host = host_env(cluster.env, worker_dir, {"PROTEIN_ALLOW_CPU": "1",
-                                                   "PREFECT_WORKER_HEARTBEAT_SECONDS": multihost.WORKER_HEARTBEAT_S})
+                                                   "PREFECT_WORKER_HEARTBEAT_SECONDS": WORKER_HEARTBEAT_S})
     restarted = Service(f"worker-{name}-restarted", worker_args("gpu", name), same_host, cluster.root, cwd=worker_dir)
     cluster.services.append(restarted)
     killed = time.monotonic()

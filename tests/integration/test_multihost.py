@@ -22,12 +22,11 @@ import pytest
 
 from tasks.liveness import HEARTBEAT_ONLY_BOUND_S, LOWEST_LOST_AFTER_S, WORKER_NAME_LABEL
 from tests.conftest import set_s3_env
-from tests.integration.gpu_cluster import IMAGE, TEST_IDS, WORKER_HEARTBEAT_S, Cluster
+from tests.integration.gpu_cluster import IMAGE, TEST_IDS, Cluster
 from tests.integration.prefect_services import all_logs, processes_under, wait_final
 
 pytestmark = pytest.mark.integration
 # The cluster (tests/integration/gpu_cluster.py) is the session's, shared with test_dispatch_faults.py.
-__all__ = ["IMAGE", "TEST_IDS", "WORKER_HEARTBEAT_S", "Cluster"]
 
 RUN_TIMEOUT_S = 420.0
 
