@@ -16,7 +16,7 @@ from protein.data import fingerprint, open_dataset
 from protein.errors import ProteinError
 from protein.process_gc import import_frozen
 from protein.storage import open_store
-from protein.validation import ValidationConfig, load_reference, run_validation
+from protein.validation import ValidationConfig
 from tasks import events
 from tasks.retry import retry_transient
 
@@ -48,6 +48,8 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     config: ValidationConfig = parameters["config"]
     store = parameters.get("store")
     try:
+        from protein.validation import load_reference  # numpy: only a run that validates needs it
+
         data_fingerprint = fingerprint(open_dataset(parameters["data"]))
         reference = load_reference(open_store(store) if store else None)
     except ProteinError:
@@ -63,6 +65,8 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
       cache_key_fn=validation_cache_key, cache_expiration=VALIDATION_CACHE_EXPIRY, persist_result=True,
       result_serializer="json")
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
+    from protein.validation import run_validation  # pandas and GX: only a run that validates needs them
+
     import_frozen(["great_expectations"])  # its objects out of the collector's way for the rest of the run
     # The report and Data Docs reach the store (linked from the artifact); the host keeps no copy,
     # so a month of nightly runs leaves no folder behind, whatever the outcome.
