@@ -13,8 +13,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from protein.data.digests import FileDigest, data_cache_dir
 from protein.data.fingerprint import fingerprint, fingerprint_of
@@ -33,6 +32,7 @@ from protein.data.layout import (
 )
 from protein.data.opening import open_dataset
 from protein.data.sources import DatasetSource, FolderSource, ZipSource
+from protein.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
     from protein.data.png import MAX_IMAGE_PIXELS, PNG_SIGNATURE, decode_png, load_image, png_end
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
 
 # Decoding and table parsing load on first use: they import numpy, Pillow and pandas, which a process
 # that only opens, lists or fingerprints a dataset (a nightly that finds its data unchanged, a push)
-# would otherwise import at start: ~0.3 s of CPU each.
+# would otherwise import at start (docs/testing.md: ~0.2 CPU-s a run).
 _LAZY = {name: "png" for name in ("MAX_IMAGE_PIXELS", "PNG_SIGNATURE", "decode_png", "load_image", "png_end")} | {
     name: "tables" for name in ("MAX_CSV_BYTES", "CompetitionData", "csv_line", "load_competition",
                                 "parse_csv_bytes", "parse_labels_table", "read_csv_table")}
@@ -88,10 +88,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)

@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from protein.lazy_exports import lazy_exports
 from protein.validation.config import ValidationConfig
 from protein.validation.report import ValidationReport
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
 
 # The rest load on first use: they import numpy, pandas and (to run) Great Expectations, which a
 # process that only reads its settings (every retrain run's parameters, a nightly that finds its
-# data unchanged and validates nothing) would otherwise import at start: ~0.3 s of CPU each.
+# data unchanged and validates nothing) would otherwise import at start (docs/testing.md: ~0.2 CPU-s a run).
 _LAZY = {"REFERENCE_PROFILE": "drift", "profile_labels": "drift", "load_reference": "reference",
          "write_reference_profile": "reference", "run_validation": "runner", "validate_dataset": "runner"}
 
@@ -34,10 +34,4 @@ __all__ = ["REFERENCE_PROFILE", "ValidationConfig", "ValidationReport", "load_re
            "run_validation", "validate_dataset", "write_reference_profile"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)
