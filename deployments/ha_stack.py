@@ -478,6 +478,11 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         # servers doing either as they start would race.
         "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
         "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+        # And not hashed either: with memoization on (the default), an API that registers nothing
+        # still imports every installed Prefect collection (prefect-kubernetes, -docker, -redis) to
+        # hash the block registry against its memo store before it skips: ~1 CPU-s a start, and
+        # that much longer before a replacement API answers.
+        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
         **redis_settings("127.0.0.1", redis.port),
     })

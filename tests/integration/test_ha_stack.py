@@ -92,6 +92,10 @@ def test_the_apis_start_side_by_side_on_a_copy_of_a_template_that_holds_the_bloc
                 f"http://127.0.0.1:{api.port}/api/block_types/filter", data=b"{}", method="POST",
                 headers={"Content-Type": "application/json"}), timeout=10)
             assert {t["slug"] for t in json.load(response)} == slugs
+        # Nor did any hash the block registry (importing every installed Prefect collection to do
+        # it) only to skip the registration: that writes the hash to PREFECT_HOME's memo store.
+        memo = Path(env["PREFECT_HOME"]) / "memo_store.toml"
+        assert not memo.exists(), f"an API hashed the block registry at start: {memo.read_text()}"
     finally:
         ha_stack.stop_ha_prefect(stack)
 
