@@ -106,9 +106,8 @@ SLOW_FIXTURES: dict[str, str] = {
 # work (SharedFixtureScheduling), and tests/early_release.py stops the fixture after that unit's last
 # test; collection fails on a module that uses one of them and is not listed, so the lists cannot
 # fall behind the tests.
-SHARED_STACK_FIXTURE = "prefect_stack"
 SHARED_FIXTURE_MODULES: dict[str, frozenset[str]] = {
-    SHARED_STACK_FIXTURE: frozenset({
+    "prefect_stack": frozenset({
         "tests/integration/test_events.py",
         "tests/integration/test_push_queue.py",
         "tests/integration/test_ui_browser.py",
@@ -127,7 +126,6 @@ SHARED_FIXTURE_MODULES: dict[str, frozenset[str]] = {
         "tests/integration/test_multihost.py",
     }),
 }
-SHARED_STACK_MODULES = SHARED_FIXTURE_MODULES[SHARED_STACK_FIXTURE]
 
 
 def shared_unit(fixture: str) -> str:

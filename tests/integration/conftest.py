@@ -88,7 +88,7 @@ def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
     UI tests (starting one takes most of a minute on a loaded machine), and stopped once the last of
     them ends (tests/early_release.py). Its S3 server is its own: tests between the events and the
     UI tests must not be able to empty the stack's bucket."""
-    from tests.conftest import SHARED_STACK_FIXTURE, running_moto_server
+    from tests.conftest import running_moto_server
     from tests.early_release import EarlyRelease
     from tests.integration.prefect_stack import start_stack, stop_stack
 
@@ -97,5 +97,5 @@ def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
         s3 = resources.enter_context(running_moto_server())
         stack = start_stack(tmp_path_factory.mktemp("stack"), s3, ha_postgres)
         resources.callback(stop_stack, stack)
-        EarlyRelease.of(request.config).hold(SHARED_STACK_FIXTURE, resources.close)
+        EarlyRelease.of(request.config).hold("prefect_stack", resources.close)
         yield stack

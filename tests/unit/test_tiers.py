@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import (
     DISK_REFUSED_EXIT,
     SHARED_FIXTURE_MODULES,
-    SHARED_STACK_MODULES,
     SLOW_FIXTURES,
     FreshInterpreterInTheFastTier,
     disk_refusal,
@@ -206,7 +205,7 @@ def schedule_make_test(collection: list[str]) -> list[list[str]]:
 
 
 def test_make_test_starts_each_shared_fixture_on_one_worker_and_hands_out_other_modules_whole() -> None:
-    stack = sorted(SHARED_STACK_MODULES)
+    stack = sorted(SHARED_FIXTURE_MODULES["prefect_stack"])
     harness = sorted(SHARED_FIXTURE_MODULES["prefect_harness"])
     # As the workers collect them: the slow modules (the shared fixtures' among them) first. Module by
     # module, the first two would go to the two workers; test by test, a.py's four would be spread over both.
@@ -230,7 +229,7 @@ def test_a_module_that_uses_a_shared_fixture_must_be_listed_and_only_once() -> N
         def __init__(self, path: str, fixtures: tuple[str, ...]) -> None:
             self.path, self.fixturenames = TESTS.parent / path, fixtures
 
-    listed = Item(sorted(SHARED_STACK_MODULES)[0], ("prefect_stack", "tmp_path"))
+    listed = Item(sorted(SHARED_FIXTURE_MODULES["prefect_stack"])[0], ("prefect_stack", "tmp_path"))
     listed_harness = Item(sorted(SHARED_FIXTURE_MODULES["prefect_harness"])[0], ("prefect_harness",))
     stray = Item("tests/integration/test_new.py", ("tmp_path", "prefect_stack"))
     other = Item("tests/integration/test_other.py", ("prefect_harness",))
@@ -244,7 +243,7 @@ def test_a_module_that_uses_a_shared_fixture_must_be_listed_and_only_once() -> N
 def test_a_module_listed_for_two_shared_fixtures_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import tests.conftest
 
-    module = sorted(SHARED_STACK_MODULES)[0]
+    module = sorted(SHARED_FIXTURE_MODULES["prefect_stack"])[0]
     twice = {**SHARED_FIXTURE_MODULES, "prefect_harness": SHARED_FIXTURE_MODULES["prefect_harness"] | {module}}
     monkeypatch.setattr(tests.conftest, "SHARED_FIXTURE_MODULES", twice)
     assert unlisted_shared_fixture_modules([], TESTS.parent) == [f"{module} is listed for two shared fixtures"]
@@ -386,20 +385,15 @@ def test_every_shared_fixture_hands_its_stop_to_the_early_release() -> None:
     the session's end."""
     import ast
 
-    import tests.conftest
-
     source = (TESTS / "integration" / "conftest.py").read_text()
     defined = {node.name: node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
 
     def held(function: ast.FunctionDef) -> set[str]:
         names = set()
         for call in (n for n in ast.walk(function) if isinstance(n, ast.Call)):
-            if isinstance(call.func, ast.Attribute) and call.func.attr == "hold" and call.args:
-                first = call.args[0]
-                if isinstance(first, ast.Constant):
-                    names.add(first.value)
-                elif isinstance(first, ast.Name):  # a constant of tests/conftest.py
-                    names.add(getattr(tests.conftest, first.id))
+            if isinstance(call.func, ast.Attribute) and call.func.attr == "hold" and call.args \
+                    and isinstance(call.args[0], ast.Constant):
+                names.add(call.args[0].value)
         return names
 
     for fixture in SHARED_FIXTURE_MODULES:
