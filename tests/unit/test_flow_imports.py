@@ -15,7 +15,8 @@ FLOW_MODULES = ("flows.retrain", "flows.validate", "flows.predict", "flows.train
 PRINT_TORCH = "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'torchvision'})))"
 PRINT_TABLES = ("print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} "
                 "& {'pandas', 'great_expectations', 'scipy'})))")
-LOADED = "import importlib, json, sys; [importlib.import_module(m) for m in sys.argv[1:]]; " + PRINT_TORCH
+IMPORT_ARGV = "import importlib, json, sys; [importlib.import_module(m) for m in sys.argv[1:]]; "
+LOADED = IMPORT_ARGV + PRINT_TORCH
 CLI_LOADED = "import json, sys, protein.cli\ntry:\n    protein.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n" \
              + PRINT_TORCH
 
@@ -49,8 +50,9 @@ def test_a_training_config_is_checked_without_torch(protein_process: ProteinProc
 
 def test_the_flow_modules_load_without_pandas_or_great_expectations(protein_process: ProteinProcess) -> None:
     """A retrain run imports its flow module first: every nightly on unchanged data and every push run
-    superseded by a newer one ends without validating, and once spent ~0.25 s of CPU importing pandas
-    through `protein.data` and `protein.validation` (`import flows.retrain` 0.40-0.50 -> 0.21 CPU-s)."""
-    code = LOADED.removesuffix(PRINT_TORCH) + PRINT_TABLES
+    superseded by a newer one ends without validating, and once spent ~0.2 s of CPU importing pandas
+    through `protein.data` and `protein.validation` (`import flows.retrain` after Prefect, from
+    source: 0.51 -> 0.30 CPU-s, docs/testing.md)."""
+    code = IMPORT_ARGV + PRINT_TABLES
     flows = [m for m in FLOW_MODULES if m != "flows.demo"]  # `make run`'s driver reads its tables at once
     assert loaded(protein_process, code, *flows) == [], "a flow module imports pandas or GX at its top"
