@@ -26,6 +26,7 @@ from tests.integration.prefect_services import (
     host_env,
     prefect_env,
     running_services,
+    s3_client,
     stop_all,
     worker_args,
 )
@@ -76,15 +77,11 @@ def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
 def running_cluster(s3_endpoint: str, pg: Postgres, root: Path) -> Iterator[Cluster]:
     """The cluster in root: its own highly available server on pg, a bucket on s3_endpoint, the
     dataset pushed, the deployments deployed from a fresh clone, the CPU host's worker started."""
-    import boto3
-
     from deployments.ha_stack import start_ha_prefect, stop_ha_prefect
 
     bucket = f"hosts-{uuid.uuid4().hex[:12]}"
     aws = aws_env(s3_endpoint)
-    s3 = boto3.session.Session().client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
-                                        aws_secret_access_key="testing", region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     ha = start_ha_prefect(root / "ha", pg, prefect_env(root / "server-home"))
     try:
         # The server is the highly available one: every host talks to its nginx.

@@ -166,6 +166,17 @@ def aws_env(endpoint: str) -> dict[str, str]:
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client with aws_env's keys, for what a test itself creates or removes in the store."""
+    import boto3
+
+    aws = aws_env(endpoint)
+    session = boto3.session.Session(aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"],
+                                    region_name=aws["AWS_DEFAULT_REGION"])
+    return session.client("s3", endpoint_url=endpoint)
+
+
 def one_ca_file(folder: Path) -> Path:
     """A file holding one CA certificate (the first of certifi's bundle). Prefect builds a verified
     TLS context from the file PREFECT_API_SSL_CERT_FILE names (certifi's bundle by default) for every

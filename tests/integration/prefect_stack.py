@@ -34,6 +34,7 @@ from tests.integration.prefect_services import (
     git_remote_of_worktree,
     host_env,
     prefect_env,
+    s3_client,
     stop_all,
 )
 
@@ -165,15 +166,10 @@ class Stack:
         """Delete the store's champion pointer, as a test's own set-up: the stack is shared, another
         test may have promoted already (in whatever order they run), and a test that asserts a first
         promotion must start from a store without a champion."""
-        import boto3
-
         from protein.registry.records import CHAMPION_KEY
 
         bucket, _, prefix = self.store.removeprefix("s3://").partition("/")
-        boto3.session.Session(aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1") \
-            .client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"]).delete_object(
-                Bucket=bucket, Key=f"{prefix}/{CHAMPION_KEY}")
+        s3_client(self.env["AWS_ENDPOINT_URL"]).delete_object(Bucket=bucket, Key=f"{prefix}/{CHAMPION_KEY}")
 
     def wait_final(self, flow_run_id: Any, timeout_s: float = RUN_TIMEOUT_S) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -262,12 +258,9 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
     """``s3``: the S3 endpoint every process uses (a FaultProxy in front of the server, to take it
     down); ``gate``: the gate of the definition in git, which scheduled and triggered runs take;
     ``worker_query_s``: how often the CPU host's worker asks for runs."""
-    import boto3
-
     aws = aws_env(s3.endpoint)
     bucket = f"stack-{uuid.uuid4().hex[:12]}"
-    boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1").client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket=bucket)
+    s3_client(s3.endpoint).create_bucket(Bucket=bucket)
     store = f"s3://{bucket}/prod"
     labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(24)}
     dataset = write_dataset(tmp / "ds", labels, TEST_IDS, size=40)
