@@ -39,6 +39,10 @@ DATA_SOURCE = "protein"
 # Expectations over a whole table (BatchExpectation): they take no row_condition.
 TABLE_EXPECTATIONS = ("expect_no_content_overlap_between_splits", "expect_no_near_duplicate_images")
 CHECKPOINT = "protein-validation"
+# Where a GX file project keeps what a run adds to the Data Docs site (protein/validation/history.py
+# mirrors both to and from the store).
+GX_RESULTS = Path("gx/uncommitted/validations")
+GX_DOCS = Path("gx/uncommitted/data_docs/local_site")
 
 
 @dataclass
@@ -97,26 +101,38 @@ def _write_asset(table: Table, folder: Path) -> tuple[Path, dict[str, str]]:
     return path, dtypes
 
 
+def _project_config(docs_root: Path | None) -> Any:
+    """An in-memory GX project: suites, definitions and the Checkpoint live only as long as the run
+    (a file project wrote great_expectations.yml again for every asset and batch definition added:
+    23 YAML dumps a run, docs/validation.md "Cost"). With ``docs_root``, the two things that outlive
+    it are files where a file project keeps them, under docs_root/gx/uncommitted: the validation
+    results (the site's index lists every result there, earlier runs' included) and the Data Docs
+    site."""
+    from great_expectations.data_context.types.base import DataContextConfig, InMemoryStoreBackendDefaults
+
+    defaults = InMemoryStoreBackendDefaults()
+    if docs_root is not None:
+        def on_disk(relative: Path) -> dict[str, str]:
+            return {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_root / relative)}
+
+        defaults.stores[defaults.validation_results_store_name]["store_backend"] = on_disk(GX_RESULTS)
+        defaults.data_docs_sites = {"local_site": {
+            "class_name": "SiteBuilder", "show_how_to_buttons": True, "store_backend": on_disk(GX_DOCS),
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}}
+    return DataContextConfig(store_backend_defaults=defaults)
+
+
 def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: bool) -> CheckpointOutcome:
     """Run every table's checks in one Checkpoint (the tables are written under project_dir); with
-    docs, in a file-backed GX project at project_dir whose Data Docs the run updates
-    (gx/uncommitted/data_docs/local_site), else in an in-memory one."""
+    docs, the run's results go under project_dir/GX_RESULTS and it updates the Data Docs site at
+    project_dir/GX_DOCS, whose index lists every result there (`_project_config`)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.metadata_types import FailureSeverity
 
-    if docs:
-        context = gx.get_context(mode="file", project_root_dir=str(project_dir))
-        # We use no config variables (credentials come from boto3's chain, never from GX), but a file
-        # context re-reads and YAML-parses this template on every store lookup: ~230 times a run, a
-        # few seconds under load (docs/validation.md, "Cost"). Without the file GX finds no variables.
-        (Path(context.root_directory) / context.variables.config_variables_file_path).unlink(missing_ok=True)
-    else:
-        # No Data Docs: nothing of the project outlives the run, so its stores stay in memory
-        # (suites, definitions and the Checkpoint are not written to and re-read from files).
-        context = gx.get_context(mode="ephemeral")
+    context = gx.get_context(mode="ephemeral", project_config=_project_config(project_dir if docs else None))
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     tables_dir = project_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from protein.data import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, 
 from protein.errors import DataError
 from protein.labels import parse_label_set
 from protein.validation import suites
-from protein.validation.checkpoint import run_checkpoint
+from protein.validation.checkpoint import GX_DOCS, GX_RESULTS, run_checkpoint
 from protein.validation.config import PIXEL_CHECKS, ValidationConfig
 from protein.validation.drift import (
     IMAGE_STATISTICS,
@@ -42,11 +42,9 @@ from protein.validation.report import ValidationReport
 
 log = logging.getLogger(__name__)
 
+# Under these, a file that exists in the store is an earlier run's and is not uploaded again.
 DOCS_PREFIX = f"{STORE_PREFIX}/docs"
 RESULTS_PREFIX = f"{STORE_PREFIX}/results"
-_GX_DOCS = Path("gx/uncommitted/data_docs/local_site")
-_GX_RESULTS = Path("gx/uncommitted/validations")
-# Under these, a file that exists in the store is an earlier run's and is not uploaded again.
 
 
 def validate_dataset(
@@ -222,15 +220,15 @@ def run_validation(
             # Earlier runs: their results (what the index lists) and their pages (GX lists a run in
             # the index only if the site already holds its page), through this host's mirror.
             mirror = mirror_root(store)
-            results_keys, _ = sync_down(store, RESULTS_PREFIX, mirror / "results", project / _GX_RESULTS)
+            results_keys, _ = sync_down(store, RESULTS_PREFIX, mirror / "results", project / GX_RESULTS)
             pages_keys, _ = sync_down(store, f"{DOCS_PREFIX}/validations", mirror / "docs" / "validations",
-                                      project / _GX_DOCS / "validations")
+                                      project / GX_DOCS / "validations")
         report = _validate(path, config, reference, project, docs=True)
-        staged_docs = project / _GX_DOCS
+        staged_docs = project / GX_DOCS
         if store is not None:
             # The store first, report.json last in it: a store failure (StoreError, exit 3) leaves no
             # report in the store and nothing new in the report folder; report.json is the commit.
-            upload_new(store, project / _GX_RESULTS, RESULTS_PREFIX, results_keys, ALL_RESULTS, mirror / "results")
+            upload_new(store, project / GX_RESULTS, RESULTS_PREFIX, results_keys, ALL_RESULTS, mirror / "results")
             upload_new(store, staged_docs, DOCS_PREFIX, pages_keys, RUN_PAGES, mirror / "docs")
             # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
             report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")

@@ -403,3 +403,22 @@ def open_store_keys(store_uri: str) -> list[str]:
     from protein.storage import open_store
 
     return open_store(store_uri).list("validation/")
+
+
+def test_a_docs_run_keeps_only_its_results_and_site_on_disk(tmp_path: Path) -> None:
+    """The GX project of a run with Data Docs lives in memory but for what outlives the run: no
+    great_expectations.yml written again for every asset added (docs/validation.md, "Cost"), no
+    suites, definitions or Checkpoint as files; the results and the site where the history sync
+    (protein/validation/history.py) reads and writes them."""
+    from protein.validation import suites
+    from protein.validation.checkpoint import GX_DOCS, GX_RESULTS, run_checkpoint
+
+    outcome = run_checkpoint([suites.required_table(True)], "run-1", tmp_path, docs=True)
+    assert outcome.success
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written, "nothing written"
+    outside = sorted(p for p in written if not p.startswith((f"{GX_RESULTS.as_posix()}/", f"{GX_DOCS.as_posix()}/",
+                                                             "tables/")))
+    assert outside == [], f"a docs run wrote project files: {outside}"
+    assert f"{GX_DOCS.as_posix()}/index.html" in written
+    assert any(p.startswith(f"{GX_RESULTS.as_posix()}/") and "run-1" in p for p in written)
