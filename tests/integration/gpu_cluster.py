@@ -7,10 +7,7 @@ after their last test (tests/conftest.py SHARED_FIXTURE_MODULES)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from tests.integration.prefect_services import (
     git_remote_of_worktree,
     host_env,
     prefect_env,
+    pushing_while_the_server_starts,
     running_services,
     s3_client,
     stop_all,
@@ -64,15 +62,6 @@ class Cluster:
         return service, root.resolve()
 
 
-def push_dataset(local: Path, store: str, env: dict[str, str]) -> str:
-    result = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(local),
-                             "--store", store], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"datasets push failed: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    uri = json.loads(result.stdout.strip().splitlines()[-1])["uri"]
-    assert uri.startswith("s3://"), uri
-    return uri
-
-
 @contextlib.contextmanager
 def running_cluster(s3_endpoint: str, pg: Postgres, root: Path) -> Iterator[Cluster]:
     """The cluster in root: its own highly available server on pg, a bucket on s3_endpoint, the
@@ -82,15 +71,17 @@ def running_cluster(s3_endpoint: str, pg: Postgres, root: Path) -> Iterator[Clus
     bucket = f"hosts-{uuid.uuid4().hex[:12]}"
     aws = aws_env(s3_endpoint)
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    ha = start_ha_prefect(root / "ha", pg, prefect_env(root / "server-home"))
+    labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
+    local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
+    hosts_env = prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"})
+    with pushing_while_the_server_starts(local, hosts_env["PROTEIN_STORE"], hosts_env) as pushed:
+        ha = start_ha_prefect(root / "ha", pg, prefect_env(root / "server-home"))
+        data_uri = pushed()["uri"]  # the channel deploy checks
+    shutil.rmtree(local)
+    assert data_uri.startswith("s3://"), data_uri
     try:
         # The server is the highly available one: every host talks to its nginx.
-        env = ha.client_env(prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"}))
-
-        labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
-        local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
-        data_uri = push_dataset(local, env["PROTEIN_STORE"], env)  # the channel deploy checks
-        shutil.rmtree(local)
+        env = ha.client_env(hosts_env)
 
         remote, commit = git_remote_of_worktree(root)
         with running_services() as services:

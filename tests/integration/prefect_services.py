@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -261,6 +262,29 @@ def git(*args: str, cwd: Path) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost", "GIT_CONFIG_GLOBAL": os.devnull}
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@contextlib.contextmanager
+def pushing_while_the_server_starts(dataset: Path, store: str, env: Mapping[str, str]) -> Iterator[Callable[[], dict]]:
+    """The operators' first `protein datasets push`, started at once in the background: it needs
+    only the store, so it runs while a server starts (~2 s off a stack's start), and without
+    PREFECT_API_URL: nothing is deployed yet to react to its event. Yields a function that waits
+    for it and returns what it printed (its JSON line); killed if the block ends before that."""
+    pushing = subprocess.Popen([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(dataset),
+                                "--store", store], env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def pushed() -> dict:
+        out, err = pushing.communicate(timeout=CLI_TIMEOUT_S)
+        assert pushing.returncode == 0, f"datasets push failed: {out[-2000:]}\n{err[-2000:]}"
+        return json.loads(out.strip().splitlines()[-1])
+
+    try:
+        yield pushed
+    finally:
+        if pushing.poll() is None:
+            pushing.kill()
+            pushing.communicate()
 
 
 def git_remote_of_worktree(root: Path, rewrite: Mapping[str, str] | None = None) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from tests.integration.prefect_services import (
     git_remote_of_worktree,
     host_env,
     prefect_env,
+    pushing_while_the_server_starts,
     s3_client,
     stop_all,
 )
@@ -272,47 +273,47 @@ def start_stack(tmp: Path, s3: MotoServer | FaultProxy, pg: Postgres,
         "PROTEIN_CACHE_DIR": str(tmp / "cache"),
         "PYTHONPATH": str(REPO),
     })
-    # The UI stays on (the browser test); the scheduler is off: the nightly cron must not add runs.
-    ha = start_ha_prefect(tmp / "ha", pg, base, ui=True)
-    env = ha.client_env(base)
-    stack = Stack(env=env, api_url=ha.api_url, ui_url=ha.ui_url, store=store, dataset=dataset,
-                  receiver=Receiver(), ha=ha)
-    try:
-        # The CPU host's worker starts while the dataset is pushed and the deploy runs, so that its
-        # start-up (~2.5 s) is not on the way to the first run: on its pool, created first as the
-        # deploy wrapper creates it (the wrapper then finds it there and creates the gpu pool).
-        from deployments.deploy import process_pool
+    # Operators push a dataset first: the nightly follows channel:latest, and deploy checks it.
+    with pushing_while_the_server_starts(dataset, store, base) as pushed:
+        # The UI stays on (the browser test); the scheduler is off: the nightly cron must not add runs.
+        ha = start_ha_prefect(tmp / "ha", pg, base, ui=True)
+        env = ha.client_env(base)
+        stack = Stack(env=env, api_url=ha.api_url, ui_url=ha.ui_url, store=store, dataset=dataset,
+                      receiver=Receiver(), ha=ha)
+        try:
+            # The CPU host's worker starts while the dataset is pushed and the deploy runs, so that its
+            # start-up (~2.5 s) is not on the way to the first run: on its pool, created first as the
+            # deploy wrapper creates it (the wrapper then finds it there and creates the gpu pool).
+            from deployments.deploy import process_pool
 
-        with stack.client() as client:
-            client.create_work_pool(process_pool("cpu"))
-        host = tmp / "cpu-host"
-        stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
-                                                     "--no-create-pool-if-not-found"],
-                                      host_env(env, host, {"PREFECT_WORKER_QUERY_SECONDS": str(worker_query_s)}), tmp,
-                                      cwd=host))
-        # Operators push a dataset first: the nightly follows channel:latest, and deploy checks it.
-        pushed = subprocess.run([sys.executable, "-m", "protein.cli", "datasets", "push", "--data", str(dataset),
-                                 "--store", store], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert pushed.returncode == 0, f"datasets push failed: {pushed.stdout}{pushed.stderr}"
-        # Deployed as operators do: the deploy wrapper from a clone; the worker clones that commit.
-        # Runs the deployment trigger starts take the gate of the definition in git, not of the API
-        # (docs/security.md), so the commit the worker clones carries the tests' lenient gate.
-        # The wrapper also applies the automations, with the webhook on the receiver.
-        remote, _ = git_remote_of_worktree(tmp, {"deployments/prefect.yaml": lenient_definition(gate)})
-        deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": stack.receiver.url,
-                                            "PROTEIN_ZOMBIE_AFTER_S": str(TEST_ZOMBIE_AFTER_S)}, remote, tmp)
-        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
-        from prefect.client.schemas.actions import DeploymentUpdate
+            with stack.client() as client:
+                client.create_work_pool(process_pool("cpu"))
+            host = tmp / "cpu-host"
+            stack.services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                                         "--no-create-pool-if-not-found"],
+                                          host_env(env, host, {"PREFECT_WORKER_QUERY_SECONDS": str(worker_query_s)}),
+                                          tmp, cwd=host))
+            pushed()
+            # Deployed as operators do: the deploy wrapper from a clone; the worker clones that commit.
+            # Runs the deployment trigger starts take the gate of the definition in git, not of the API
+            # (docs/security.md), so the commit the worker clones carries the tests' lenient gate.
+            # The wrapper also applies the automations, with the webhook on the receiver.
+            remote, _ = git_remote_of_worktree(tmp, {"deployments/prefect.yaml": lenient_definition(gate)})
+            deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": stack.receiver.url,
+                                                "PROTEIN_ZOMBIE_AFTER_S": str(TEST_ZOMBIE_AFTER_S)}, remote, tmp)
+            assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+            from prefect.client.schemas.actions import DeploymentUpdate
 
-        with stack.client() as client:
-            nightly = client.read_deployment_by_name("retrain/nightly")
-            client.update_deployment(nightly.id, DeploymentUpdate(parameters={**nightly.parameters, **TINY_NIGHTLY}))
-            applied = {a.name for a in client.read_automations()}
-        assert {"protein-run-failed", "protein-push-retrain-cancelled", "protein-crash-zombie-runs"} <= applied, \
-            f"the deploy wrapper did not apply the automations: {sorted(applied)}\n{deployed.stdout}"
-    except BaseException:
-        stop_stack(stack)
-        raise
+            with stack.client() as client:
+                nightly = client.read_deployment_by_name("retrain/nightly")
+                client.update_deployment(nightly.id, DeploymentUpdate(parameters={**nightly.parameters,
+                                                                                  **TINY_NIGHTLY}))
+                applied = {a.name for a in client.read_automations()}
+            assert {"protein-run-failed", "protein-push-retrain-cancelled", "protein-crash-zombie-runs"} <= applied, \
+                f"the deploy wrapper did not apply the automations: {sorted(applied)}\n{deployed.stdout}"
+        except BaseException:
+            stop_stack(stack)
+            raise
     return stack
 
 
