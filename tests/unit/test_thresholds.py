@@ -128,3 +128,42 @@ def test_bad_inputs_raise():
         tune_for_metric(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="finite"):
         tune_for_metric(np.full((2, 2), np.nan), np.zeros((2, 2)))
+
+
+def one_cut_at_a_time(probs: np.ndarray, targets: np.ndarray, metric: str) -> np.ndarray:
+    """The coordinate ascent as first written (and as the module's docstring describes it): `score`
+    once per cut, in grid order, a cut kept only if it beats the best so far."""
+    grid = fine_grid().astype(np.float32).astype(np.float64)
+    thresholds = tune_thresholds(probs, targets, grid).astype(np.float32).astype(np.float64)
+    best = score(probs, targets, thresholds, metric)
+    for _ in range(10):
+        improved = False
+        for c in range(probs.shape[1]):
+            keep = thresholds[c]
+            for cut in grid:
+                thresholds[c] = cut
+                if (value := score(probs, targets, thresholds, metric)) > best + 1e-12:
+                    best, keep, improved = value, cut, True
+            thresholds[c] = keep
+        if not improved:
+            break
+    return thresholds.astype(np.float32)
+
+
+@pytest.mark.parametrize("cells", [None, 50])  # every cut in one pass; a few cuts per pass
+def test_the_cuts_scored_together_choose_what_one_cut_at_a_time_chooses(monkeypatch, cells):
+    """Bit for bit, every metric: probabilities equal to cuts, float32 scores, rows the never-empty
+    rule fills, a single row."""
+    import protein.evaluation.thresholds as thresholds_module
+
+    if cells is not None:
+        monkeypatch.setattr(thresholds_module, "_SWEEP_CELLS", cells)
+    rng = np.random.default_rng(7)
+    for n, c, on_grid in [(1, 3, False), (4, 10, True), (9, 3, False), (30, 4, True), (50, 10, False)]:
+        targets = rng.random((n, c)) < 0.3
+        probs = np.clip(targets * 0.35 + rng.random((n, c)) * 0.6, 0, 1)
+        # On the grid as it is compared (float32): a probability equal to a cut, which is not above it.
+        probs = (np.round(probs, 2) if on_grid else probs).astype(np.float32)
+        for metric in ("f1_samples", "f1_micro", "f1_macro", "course_f_score"):
+            assert np.array_equal(tune_for_metric(probs, targets, metric),
+                                  one_cut_at_a_time(probs.astype(np.float64), targets, metric)), (n, c, metric)
