@@ -76,9 +76,13 @@ def running_cluster(s3_endpoint: str, pg: Postgres, root: Path) -> Iterator[Clus
     hosts_env = prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"})
     with pushing_while_the_server_starts(local, hosts_env["PROTEIN_STORE"], hosts_env) as pushed:
         ha = start_ha_prefect(root / "ha", pg, prefect_env(root / "server-home"))
-        data_uri = pushed()["uri"]  # the channel deploy checks
+        try:
+            data_uri = pushed()["uri"]  # the channel deploy checks
+            assert data_uri.startswith("s3://"), data_uri
+        except BaseException:
+            stop_ha_prefect(ha)
+            raise
     shutil.rmtree(local)
-    assert data_uri.startswith("s3://"), data_uri
     try:
         # The server is the highly available one: every host talks to its nginx.
         env = ha.client_env(hosts_env)
