@@ -9,6 +9,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,3 +156,17 @@ def _write_noise_dataset(out: Path, n_train: int, size: int, seed: int) -> None:
         pixels = (rng.random((size, size, 3)) * 48).astype(np.uint8)
         Image.fromarray(pixels, "RGB").save(tmp / folder / f"{image_id}.png")
     tmp.rename(out)
+
+
+def run_in_checkout(code: Path, timer: str, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
+    """``python -c timer *args`` with ``code`` (a checkout: this one or a baseline's) first on the
+    path; what it printed last, as JSON. The side-by-side benchmarks run each side this way."""
+    done = subprocess.run([sys.executable, "-c", timer, *args], cwd=code, check=True, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(code), **(env or {})})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def git_head(code: Path) -> str:
+    """The short commit a checkout is at, for a results file."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
+                          check=True).stdout.strip()

@@ -14,16 +14,13 @@ partly. Both sides' thresholds are compared: the ratio only counts if they are i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, median, results_path, write_json
+from bench.common import format_table, git_head, median, results_path, run_in_checkout, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,15 +46,7 @@ print(json.dumps(out))
 
 
 def run_side(code: Path, rows: list[int]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _TIMER, *map(str, rows)], cwd=code, env=env, check=True,
-                          capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def git_head(code: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return run_in_checkout(code, _TIMER, [str(n) for n in rows], {"OMP_NUM_THREADS": "1"})
 
 
 def main(argv: list[str] | None = None) -> dict[int, float]:

@@ -17,16 +17,13 @@ the load than wall time does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, median, results_path, write_json
+from bench.common import format_table, git_head, median, results_path, run_in_checkout, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,15 +65,7 @@ print(json.dumps(out))
 
 
 def run_side(code: Path, size: int, specs: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(code), "GX_ANALYTICS_ENABLED": "false"}
-    done = subprocess.run([sys.executable, "-c", _TIMER, str(size), *specs], cwd=code, env=env, check=True,
-                          capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def git_head(code: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return run_in_checkout(code, _TIMER, [str(size), *specs], {"GX_ANALYTICS_ENABLED": "false"})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
