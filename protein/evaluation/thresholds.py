@@ -13,7 +13,7 @@ thresholds fixed, as `score` computes it one cut at a time, the same operations 
 axis, so the values and the thresholds chosen are the same bit for bit
 (tests/unit/test_thresholds.py holds the one-cut-at-a-time search as the reference). One cut at a
 time cost ~5,900 `score` calls per cross-fit, most of it numpy's per-call overhead on a small
-holdout: 0.2 s for 4 rows (docs/testing.md).
+holdout: 0.16 CPU-s for 4 rows, now 0.0065 (docs/benchmarks.md, "Threshold tuning").
 """
 
 from __future__ import annotations
