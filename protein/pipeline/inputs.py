@@ -4,6 +4,7 @@ decoded-image cache."""
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ from protein.storage import Store
 
 
 def new_run_id(data_fingerprint: str) -> str:
-    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{data_fingerprint[:8]}"
+    """A run id of its own for a training started without one. The random part keeps two trainings
+    of the same data started in the same second apart (folds trained in a loop): with the second and
+    the data alone they shared a run id, and the second resumed the first's finished checkpoint and
+    returned its model."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{data_fingerprint[:8]}-{secrets.token_hex(4)}"
 
 
 def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int, fold: int | None = None,

@@ -153,3 +153,21 @@ def test_k_folds_leave_no_fold_empty_on_tiny_input():
     assert sorted(fold_of.tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="folds"):
         iterative_stratified_folds(np.eye(3, dtype=bool), 4, seed=0)
+
+
+def test_trainings_of_the_same_data_started_in_the_same_second_get_run_ids_of_their_own(monkeypatch):
+    """Two folds trained in a loop on a fast machine start within a second: with the second and the
+    data fingerprint alone their run ids were equal, and the second fold resumed the first's finished
+    checkpoint and returned its model."""
+    import datetime as dt
+    import types
+
+    import protein.pipeline.inputs as inputs
+    from protein.registry.records import check_run_id
+
+    second = dt.datetime(2026, 12, 6, 15, 59, 8, tzinfo=dt.UTC)
+    frozen = type("FrozenDatetime", (dt.datetime,), {"now": classmethod(lambda cls, tz=None: second)})
+    monkeypatch.setattr(inputs, "dt", types.SimpleNamespace(datetime=frozen, UTC=dt.UTC))  # this module's clock only
+    first, again = inputs.new_run_id("25a449cb" * 2), inputs.new_run_id("25a449cb" * 2)
+    assert first != again
+    assert first.startswith("20261206-155908-25a449cb-") and check_run_id(first) == first
