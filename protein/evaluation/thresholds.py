@@ -25,6 +25,7 @@ import numpy as np
 
 from protein.evaluation.metrics import (
     _COURSE_EPS,
+    _counts,
     _f1_from_counts,
     course_f_score,
     f1_scores,
@@ -58,11 +59,12 @@ def _check(probs: np.ndarray, targets: np.ndarray, metric: str) -> tuple[np.ndar
 
 
 def predict_labels(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """bool (N, C): probs above their thresholds ((C,) or per row (N, C)); an image with none
-    gets its most probable class (the never-empty rule of protein.evaluation.metrics.binarize)."""
+    """bool (N, C): probs (N, C) above their thresholds ((C,) or per row (N, C)); an image with none
+    gets its most probable class (the never-empty rule of protein.evaluation.metrics.binarize).
+    Thresholds with leading axes give predictions with them: (G, 1, C) -> (G, N, C), one set per cut."""
     pred = probs > thresholds
-    empty = ~pred.any(axis=1)
-    pred[np.flatnonzero(empty), probs[empty].argmax(axis=1)] = True
+    *sets, rows = np.nonzero(~pred.any(axis=-1))
+    pred[(*sets, rows, probs.argmax(axis=1)[rows])] = True
     return pred
 
 
@@ -86,21 +88,15 @@ def _scores_of(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray, m
     leading axis."""
     cut = thresholds[:, None, :]  # (G, 1, C) against probs (N, C)
     if metric == "course_f_score":
-        predicted = probs - cut + 0.5 > 0.5
-        tp = (predicted & targets).sum(2)
-        fp = (predicted & ~targets).sum(2)
-        fn = (~predicted & targets).sum(2)
+        tp, fp, fn = _counts(probs - cut + 0.5 > 0.5, targets, axis=2)
         precision = np.mean(tp / (tp + fp + _COURSE_EPS), axis=1)
         recall = np.mean(tp / (tp + fn + _COURSE_EPS), axis=1)
         beta2 = 1.0  # course_f_score's default beta, squared
         return (1 + beta2) * precision * recall / (beta2 * precision + recall + _COURSE_EPS)
-    pred = probs > cut
-    empty_cut, empty_row = np.nonzero(~pred.any(axis=2))  # the never-empty rule, as predict_labels
-    pred[empty_cut, empty_row, probs[empty_row].argmax(axis=1)] = True
-    hit, miss = pred & targets, pred & ~targets
+    pred = predict_labels(probs, cut)  # (G, N, C)
     if metric == "f1_samples":
-        return _f1_from_counts(hit.sum(2), miss.sum(2), (~pred & targets).sum(2)).mean(axis=1)
-    tp, fp, fn = hit.sum(1), miss.sum(1), (~pred & targets).sum(1)  # per class: (G, C)
+        return _f1_from_counts(*_counts(pred, targets, axis=2)).mean(axis=1)
+    tp, fp, fn = _counts(pred, targets, axis=1)  # per class: (G, C)
     if metric == "f1_macro":
         return _f1_from_counts(tp, fp, fn).mean(axis=1)
     return _f1_from_counts(tp.sum(1), fp.sum(1), fn.sum(1))  # f1_micro

@@ -74,30 +74,26 @@ def running_cluster(s3_endpoint: str, pg: Postgres, root: Path) -> Iterator[Clus
     labels = {str(i): ["0", "4", "6 4", "2 5"][i % 4] for i in range(48)}
     local = write_dataset(root / "dataset", labels, TEST_IDS, size=IMAGE)
     hosts_env = prefect_env(root / "server", {**aws, "PROTEIN_STORE": f"s3://{bucket}/deployed"})
-    with pushing_while_the_server_starts(local, hosts_env["PROTEIN_STORE"], hosts_env) as pushed:
+    with contextlib.ExitStack() as resources:  # closed in reverse: the hosts' workers, the server, the push
+        pushed = resources.enter_context(
+            pushing_while_the_server_starts(local, hosts_env["PROTEIN_STORE"], hosts_env))
         ha = start_ha_prefect(root / "ha", pg, prefect_env(root / "server-home"))
-        try:
-            data_uri = pushed()["uri"]  # the channel deploy checks
-            assert data_uri.startswith("s3://"), data_uri
-        except BaseException:
-            stop_ha_prefect(ha)
-            raise
-    shutil.rmtree(local)
-    try:
+        resources.callback(stop_ha_prefect, ha)
+        data_uri = pushed()["uri"]  # the channel deploy checks
+        assert data_uri.startswith("s3://"), data_uri
+        shutil.rmtree(local)
         # The server is the highly available one: every host talks to its nginx.
         env = ha.client_env(hosts_env)
 
         remote, commit = git_remote_of_worktree(root)
-        with running_services() as services:
-            # Nothing listens on port 9 on loopback: alerts are lost, as with a webhook that is down.
-            deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
-                                                "PROTEIN_GPU_SLOTS": "1"}, remote, root)
-            assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
-            assert not (root / "deploy-checkout").exists()
-            # The CPU host runs several flows at once (a retrain and a second, queued one).
-            cpu = root / "cpu-host"
-            services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
-                                                   "--no-create-pool-if-not-found"], host_env(env, cpu), root, cwd=cpu))
-            yield Cluster(root, env, env["PREFECT_API_URL"], bucket, data_uri, commit, services)
-    finally:
-        stop_ha_prefect(ha)
+        services = resources.enter_context(running_services())
+        # Nothing listens on port 9 on loopback: alerts are lost, as with a webhook that is down.
+        deployed = deploy_from_fresh_clone({**env, "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+                                            "PROTEIN_GPU_SLOTS": "1"}, remote, root)
+        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stdout[-3000:]}\n{deployed.stderr[-3000:]}"
+        assert not (root / "deploy-checkout").exists()
+        # The CPU host runs several flows at once (a retrain and a second, queued one).
+        cpu = root / "cpu-host"
+        services.append(Service("worker-cpu", ["worker", "start", "--pool", "cpu", "--name", "cpu-host",
+                                               "--no-create-pool-if-not-found"], host_env(env, cpu), root, cwd=cpu))
+        yield Cluster(root, env, env["PREFECT_API_URL"], bucket, data_uri, commit, services)

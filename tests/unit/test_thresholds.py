@@ -7,6 +7,7 @@ import pytest
 
 from protein.evaluation.metrics import evaluate_predictions, tune_thresholds
 from protein.evaluation.thresholds import (
+    METRICS,
     cross_fit,
     evaluate_with_row_thresholds,
     fine_grid,
@@ -164,6 +165,6 @@ def test_the_cuts_scored_together_choose_what_one_cut_at_a_time_chooses(monkeypa
         probs = np.clip(targets * 0.35 + rng.random((n, c)) * 0.6, 0, 1)
         # On the grid as it is compared (float32): a probability equal to a cut, which is not above it.
         probs = (np.round(probs, 2) if on_grid else probs).astype(np.float32)
-        for metric in ("f1_samples", "f1_micro", "f1_macro", "course_f_score"):
+        for metric in METRICS:
             assert np.array_equal(tune_for_metric(probs, targets, metric),
                                   one_cut_at_a_time(probs.astype(np.float64), targets, metric)), (n, c, metric)
