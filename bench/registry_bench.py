@@ -105,7 +105,12 @@ def latency_proxy(upstream: str, latency_s: float) -> Iterator[str]:
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    class Server(ThreadingHTTPServer):
+        # socketserver's queue of 5 drops the SYNs of a burst of connections (boto3 opens up to 10),
+        # which then retry after TCP's 1 s timeout: a latency no real endpoint adds.
+        request_queue_size = 128
+
+    server = Server(("127.0.0.1", free_port()), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

@@ -17,14 +17,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from deployments.ha_stack import HAPrefect, Postgres, start_ha_prefect, stop_ha_prefect
 from tests.conftest import MotoServer
 from tests.helpers import REPO, write_dataset
-from tests.integration.fault_proxy import FaultProxy
+from tests.integration.fault_proxy import BurstServer, FaultProxy
 from tests.integration.prefect_services import (
     WAIT_POLL_S,
     WORKER_QUERY_S,
@@ -92,7 +92,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # the OS picks the port; read back below
+        self.server = BurstServer(("127.0.0.1", 0), Handler)  # the OS picks the port; read back below
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

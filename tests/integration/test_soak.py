@@ -41,7 +41,7 @@ from deployments.ha_stack import Postgres
 from tasks.liveness import LOWEST_LOST_AFTER_S, WORKER_NAME_LABEL
 from tests.helpers import REPO, write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
-from tests.integration.prefect_services import Service, host_env, worker_args
+from tests.integration.prefect_services import Service, host_env, stop_all, worker_args
 from tests.integration.prefect_stack import Stack, start_stack, stop_stack
 from tests.integration.test_ha_failover import left_unfinished, train_runs
 from tests.integration.test_multihost import task_runs
@@ -225,6 +225,9 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
             if soak is not None:  # the stack stops after the restart
                 soak.join_api_restart()
             proxy.start() if proxy.down else None  # stop_stack's S3 reads need it up
+            # The GPU hosts' workers before the server they talk to: stopped after it (by the
+            # `services` fixture), each waited out its 3 s grace on a dead API, then was killed.
+            stop_all(services)
             stop_stack(stack)
             proxy.stop()
 
