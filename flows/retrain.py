@@ -26,7 +26,7 @@ from protein.data.channels import parse_channel_ref
 from protein.errors import EvidenceRefused
 from protein.evaluation.data_order import DataOrder
 from protein.locations import default_store_uri
-from protein.preload import SCORING_MODULES, preload
+from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES, preload
 from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
@@ -151,8 +151,9 @@ def retrain(
     run_id = f"{report['data_fingerprint'][:8]}-{str(flow_run.id)[:8]}"
     config = train.to_config()
     if train_deployment:
-        if not score_deployment:  # this run scores the challenger: load torch while the GPU host trains
-            preload(SCORING_MODULES)
+        # While the GPU host trains: torch when this run scores the challenger itself, and what its
+        # gate report draws with, whoever scores.
+        preload((() if score_deployment else SCORING_MODULES) + GATE_REPORT_MODULES)
         try:
             check_deployment(train_deployment)
             dispatch_step("train", train_deployment,

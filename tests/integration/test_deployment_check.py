@@ -107,15 +107,16 @@ def test_a_deployment_as_defined_is_dispatched_to(deployments: dict[str, Any], d
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: unchanged, the check passes and the run is dispatched (no gpu worker here, so it never
     starts and the retrain fails saying so, not naming the deployment as changed). With no score
-    deployment the run scores the challenger itself, so it loads torch while it waits (protein.preload)."""
-    from protein.preload import SCORING_MODULES
+    deployment the run scores the challenger itself, so it loads torch while it waits, and matplotlib for
+    its gate report (protein.preload)."""
+    from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES
 
     preloaded: list[tuple[str, ...]] = []
     monkeypatch.setattr("flows.retrain.preload", lambda modules: preloaded.append(tuple(modules)))
     state = run_retrain(deployments, dataset, tmp_path / "store")
     assert state.is_failed() and "never started" in state.message, state.message
     assert len(train_runs(deployments)) == 1
-    assert preloaded == [SCORING_MODULES]
+    assert preloaded == [SCORING_MODULES + GATE_REPORT_MODULES]
 
 
 def test_a_deployment_git_does_not_define_is_refused(deployments: dict[str, Any], dataset: str, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from protein.preload import SCORING_MODULES, preload
+from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES, preload
 
 
 def write_module(folder: Path, name: str, body: str) -> None:
@@ -54,7 +54,7 @@ def test_the_scoring_modules_exist() -> None:
     """A module renamed in the library would otherwise be preloaded in vain, silently."""
     import importlib.util
 
-    assert [m for m in SCORING_MODULES if importlib.util.find_spec(m) is None] == []
+    assert [m for m in SCORING_MODULES + GATE_REPORT_MODULES if importlib.util.find_spec(m) is None] == []
 
 
 def test_scoring_after_the_preload_imports_nothing_more_of_torch(protein_process: Any) -> None:
@@ -66,6 +66,21 @@ def test_scoring_after_the_preload_imports_nothing_more_of_torch(protein_process
             "from protein.modeling.model import build_model; build_model('resnet18'); "
             "print(json.dumps(sorted(m for m in set(sys.modules) - before "
             "if m.split('.')[0] in ('torch', 'torchvision'))))")
+    result = protein_process.python(code)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_gate_plot_after_the_preload_imports_nothing_more_of_matplotlib(protein_process: Any) -> None:
+    """The gate report's plot, drawn as the retrain draws it after the preload (headless, so on the Agg
+    backend it selects itself), loads no matplotlib module of its own."""
+    code = ("import importlib, json, sys; from protein.preload import GATE_REPORT_MODULES; "
+            "[importlib.import_module(m) for m in GATE_REPORT_MODULES]; before = set(sys.modules); "
+            "from protein.evaluation.report import training_plot_png; "
+            "png = training_plot_png([{'epoch': 1, 'train_loss': 0.5, 'holdout_loss': 0.6, "
+            "'holdout_f1_samples': 0.3}], [0.1] * 10, [0.2] * 10); "
+            "import matplotlib; assert png.startswith(b'\\x89PNG') and matplotlib.get_backend().lower() == 'agg'; "
+            "print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'matplotlib')))")
     result = protein_process.python(code)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
