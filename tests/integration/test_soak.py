@@ -225,9 +225,10 @@ def soak(ha_postgres: Postgres, services: list[Service], tmp_path: Path) -> Iter
             if soak is not None:  # the stack stops after the restart
                 soak.join_api_restart()
             proxy.start() if proxy.down else None  # stop_stack's S3 reads need it up
-            # The GPU hosts' workers before the server they talk to: stopped after it (by the
-            # `services` fixture), each waited out its 3 s grace on a dead API, then was killed.
-            stop_all(services)
+            # Every host's worker at once, before the server they talk to: after a month each
+            # lingers through the 3 s grace of its first SIGTERM (an idle one alone exits in 0.5 s),
+            # and the GPU hosts' were stopped after the server, by the `services` fixture.
+            stop_all([*services, *stack.services])
             stop_stack(stack)
             proxy.stop()
 
