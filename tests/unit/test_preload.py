@@ -57,33 +57,33 @@ def test_the_scoring_modules_exist() -> None:
     assert [m for m in SCORING_MODULES + GATE_REPORT_MODULES if importlib.util.find_spec(m) is None] == []
 
 
+def loaded_after_the_preload(protein_process: Any, preloaded: str, step: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules of ``packages`` that ``step`` (Python code) still imports in a fresh process
+    after it imported the modules of ``protein.preload.<preloaded>``, as the preload thread does."""
+    code = (f"import importlib, json, sys; from protein.preload import {preloaded}; "
+            f"[importlib.import_module(m) for m in {preloaded}]; before = set(sys.modules); {step}; "
+            f"print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in {packages!r})))")
+    result = protein_process.python(code)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_scoring_after_the_preload_imports_nothing_more_of_torch(protein_process: Any) -> None:
     """What the retrain's scoring imports, the preload has imported: building the model (its first
     step) loads no torch or torchvision module of its own. The builder imports torchvision inside
     the function, so preloading the builder's module alone would leave ~1.5 s on the scoring path."""
-    code = ("import importlib, json, sys; from protein.preload import SCORING_MODULES; "
-            "[importlib.import_module(m) for m in SCORING_MODULES]; before = set(sys.modules); "
-            "from protein.modeling.model import build_model; build_model('resnet18'); "
-            "print(json.dumps(sorted(m for m in set(sys.modules) - before "
-            "if m.split('.')[0] in ('torch', 'torchvision'))))")
-    result = protein_process.python(code)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    step = "from protein.modeling.model import build_model; build_model('resnet18')"
+    assert loaded_after_the_preload(protein_process, "SCORING_MODULES", step, ("torch", "torchvision")) == []
 
 
 def test_the_gate_plot_after_the_preload_imports_nothing_more_of_matplotlib(protein_process: Any) -> None:
     """The gate report's plot, drawn as the retrain draws it after the preload (headless, so on the Agg
     backend it selects itself), loads no matplotlib module of its own."""
-    code = ("import importlib, json, sys; from protein.preload import GATE_REPORT_MODULES; "
-            "[importlib.import_module(m) for m in GATE_REPORT_MODULES]; before = set(sys.modules); "
-            "from protein.evaluation.report import training_plot_png; "
+    step = ("from protein.evaluation.report import training_plot_png; "
             "png = training_plot_png([{'epoch': 1, 'train_loss': 0.5, 'holdout_loss': 0.6, "
-            "'holdout_f1_samples': 0.3}], [0.1] * 10, [0.2] * 10); "
-            "import matplotlib; assert png.startswith(b'\\x89PNG') and matplotlib.get_backend().lower() == 'agg'; "
-            "print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'matplotlib')))")
-    result = protein_process.python(code)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+            "'holdout_f1_samples': 0.3}], [0.1] * 10, [0.2] * 10); import matplotlib; "
+            "assert png.startswith(b'\\x89PNG') and matplotlib.get_backend().lower() == 'agg'")
+    assert loaded_after_the_preload(protein_process, "GATE_REPORT_MODULES", step, ("matplotlib",)) == []
 
 
 def test_a_process_that_ends_while_a_module_loads_waits_for_the_load(tmp_path: Path, protein_process: Any) -> None:
