@@ -45,4 +45,4 @@ def test_a_burst_of_connections_is_queued_whole_while_the_proxy_accepts_none() -
         for client in clients:
             with contextlib.suppress(OSError):
                 client.close()
-        server.server_close()
+        proxy.stop()  # its own shutdown, of a loop already stopped, then the socket's close
