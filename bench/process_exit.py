@@ -38,6 +38,8 @@ KINDS: dict[str, str] = {
                          "build_model('resnet18')",
     "CPU-host retrain": "import prefect, flows.retrain\nfrom protein.preload import SCORING_MODULES, preload\n"
                         "preload(SCORING_MODULES).join()\nfrom protein.process_gc import import_frozen\n"
+                        "from protein.validation.gx_loading import defer_what_gx_never_runs\n"
+                        "defer_what_gx_never_runs()\n"
                         "import_frozen(['great_expectations'])\nfrom protein.modeling.model import build_model\n"
                         "models = [build_model('resnet18') for _ in range(2)]",
     "protein command": "import protein.pipeline, torchvision.models\nfrom protein.cli import main\n"
@@ -46,11 +48,12 @@ KINDS: dict[str, str] = {
 BASELINE_START = "import gc\ngc.freeze = lambda: None\n"
 
 
-def process_cpu_s(code: str) -> float:
-    """User + system CPU seconds of one fresh interpreter running ``code`` to its exit."""
+def process_cpu_s(code: str, *args: str) -> float:
+    """User + system CPU seconds of one fresh interpreter running ``code`` (argv: ``args``) to its exit."""
     # stderr to a file, not a pipe: nobody reads a pipe before wait4, and a child's warnings could fill it.
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode != 0:

@@ -9,6 +9,7 @@
 - `reference`: the reference profile in the store (the champion's training data).
 - `report`: ValidationReport and its one-line findings.
 - `runner`: validate_dataset / run_validation.
+- `gx_loading`: Great Expectations imported without the modules it never uses here (deferred).
 """
 
 from __future__ import annotations

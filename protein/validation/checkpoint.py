@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pandas as pd
 from protein.validation.config import MAX_EXAMPLES, SUITES
 from protein.validation.drift import IMAGE_STATISTICS
 from protein.validation.expectations import custom_expectations
+from protein.validation.gx_loading import import_great_expectations
 from protein.validation.suites import INDEX_COLUMNS, Condition, Table
 
 # Our own key per table row, so findings can show columns GX does not return.
@@ -126,8 +126,7 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
     """Run every table's checks in one Checkpoint (the tables are written under project_dir); with
     docs, the run's results go under project_dir/GX_RESULTS and it updates the Data Docs site at
     project_dir/GX_DOCS, whose index lists every result there (`_project_config`)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+    gx = import_great_expectations()
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.metadata_types import FailureSeverity

@@ -23,10 +23,10 @@ and the library must not pay it at import time; GX registers each class and metr
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from protein.validation.config import MAX_EXAMPLES
+from protein.validation.gx_loading import import_great_expectations
 
 LABEL_COUNTS_METRIC = "column.protein_label_cell_counts"
 MOMENTS_METRIC = "column.protein_moments"
@@ -40,7 +40,7 @@ def _percent(value: float | None) -> str:
 
 @functools.cache
 def custom_expectations() -> dict[str, type]:  # noqa: C901 - one closure per GX class, defined once
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import_great_expectations()
     import great_expectations.expectations as gxe
     import numpy as np
     from great_expectations.core.metric_domain_types import MetricDomainTypes

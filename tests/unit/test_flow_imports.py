@@ -56,3 +56,23 @@ def test_the_flow_modules_load_without_pandas_or_great_expectations(protein_proc
     code = IMPORT_ARGV + PRINT_TABLES
     flows = [m for m in FLOW_MODULES if m != "flows.demo"]  # `make run`'s driver reads its tables at once
     assert loaded(protein_process, code, *flows) == [], "a flow module imports pandas or GX at its top"
+
+
+
+def test_a_validation_runs_great_expectations_without_what_it_never_uses(protein_process: ProteinProcess,
+                                                                         tmp_path: Path) -> None:
+    """GX imports `scipy.stats` and `altair` (~1 CPU-s with the exit) for Expectations no suite here
+    runs: a process that validates with Data Docs, then imports torch to score as a retrain does,
+    never runs their code; read, they still work (protein/validation/gx_loading.py)."""
+    code = ("import json, sys\nfrom pathlib import Path\nfrom tests.helpers import write_dataset\n"
+            "from protein.validation import ValidationConfig, run_validation\n"
+            "data = write_dataset(Path(sys.argv[1]), {str(i): '0 4' for i in range(12)}, ['900'])\n"
+            "report = run_validation(data, ValidationConfig(image_size=32), report_dir=Path(sys.argv[2]))\n"
+            "import torch, torchvision.models\n"
+            "ran = sorted(n for n in ('scipy.stats._stats_py', 'altair.vegalite') if n in sys.modules)\n"
+            "from scipy import stats\nimport altair\n"
+            "used = [round(float(stats.entropy([1, 1], [1, 3])), 4), altair.Chart.__name__]\n"
+            "print(json.dumps([report.success, ran, used]))")
+    assert loaded(protein_process, code, str(tmp_path / "data"), str(tmp_path / "report")) \
+        == [True, [], [0.1438, "Chart"]]
+    assert (tmp_path / "report" / "report.json").is_file()

@@ -1,0 +1,72 @@
+"""What a validating process costs in CPU with and without `scipy.stats` deferred
+(protein/validation/gx_loading.py), side by side.
+
+Great Expectations imports `scipy.stats` while it imports itself, for Expectations this project
+never runs. Each process kind is a fresh interpreter that goes through the path such a process
+takes, imports included, and exits:
+
+- `validation`: the library's validation of 24 synthetic images of 40 px, the size of the soak's
+  pushes (no Data Docs): what `protein validate` and a push's refused run do;
+- `validation, then scoring's imports`: the same, then torch and torchvision as a CPU host's
+  retrain loads them to score (torch reads `__file__` of every loaded module while it imports,
+  which would have run a standard `LazyLoader`'s module).
+
+`ours` is the process as shipped; `baseline` imports `scipy.stats` first, as GX's own import did,
+so nothing is deferred. The two alternate round by round, so drift of a loaded machine hits both
+alike. CPU seconds (user + system) of each process from `wait4`; medians.
+
+    python -m bench.gx_import [--quick] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import bench_dataset, format_table, machine_info, median, publish
+from bench.process_exit import process_cpu_s
+
+NAME = "gx_import"
+VALIDATE = ("import sys\nfrom pathlib import Path\nfrom protein.validation import ValidationConfig, validate_dataset\n"
+            "validate_dataset(Path(sys.argv[1]), ValidationConfig(image_size=40))\n")
+KINDS: dict[str, str] = {
+    "validation": VALIDATE,
+    "validation, then scoring's imports": VALIDATE + "from protein.preload import SCORING_MODULES, preload\n"
+                                                     "preload(SCORING_MODULES).join()\n",
+}
+BASELINE_START = "import scipy.stats\n"
+
+
+def measure(rounds: int, data: Path) -> list[dict[str, Any]]:
+    rows = []
+    for kind, code in KINDS.items():
+        ours, baseline = [], []
+        for i in range(rounds):
+            pair = [("ours", code), ("baseline", BASELINE_START + code)]
+            for label, source in pair if i % 2 == 0 else pair[::-1]:
+                (ours if label == "ours" else baseline).append(process_cpu_s(source, str(data)))
+        rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
+                     "saved CPU-s": median(baseline) - median(ours), "ratio": median(ours) / median(baseline),
+                     "baseline samples": baseline, "ours samples": ours})
+        print(f"{kind}: baseline {median(baseline):.2f} s, ours {median(ours):.2f} s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.gx_import", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    with tempfile.TemporaryDirectory(prefix="protein-bench-gx-") as tmp:
+        rows = measure(rounds, bench_dataset(24, 40, root=Path(tmp)))
+    result = {"benchmark": NAME, "rounds": rounds, "machine": machine_info(), "rows": rows}
+    table = format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"])
+    publish(NAME, result, table, quick=args.quick)
+    return result
+
+
+if __name__ == "__main__":
+    main()
