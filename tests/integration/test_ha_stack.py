@@ -69,6 +69,35 @@ def test_nginx_balances_with_passive_checks_and_passes_websockets(tmp_path: Path
     assert "proxy_next_upstream error timeout http_502 http_503;" in config
     assert "proxy_set_header Upgrade $http_upgrade;" in config
     assert "proxy_set_header Connection $connection_upgrade;" in config
+    # Connections to the APIs are reused: HTTP/1.1, no "Connection: close" for plain requests.
+    assert "proxy_http_version 1.1;" in config
+    assert "map $http_upgrade $connection_upgrade { default upgrade; '' ''; }" in config
+    assert f"keepalive {ha_stack.UPSTREAM_KEEPALIVE};" in config
+
+
+def closed_connections_to(ports: set[int]) -> set[tuple[str, str]]:
+    """Connections to the servers on ``ports`` closed in the last minute (TIME_WAIT, on whichever
+    side closed first), by their two addresses."""
+    closed = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if state == "06" and {int(local.split(":")[1], 16), int(remote.split(":")[1], 16)} & ports:
+            closed.add(tuple(sorted((local, remote))))
+    return closed
+
+
+def test_requests_through_nginx_reuse_its_connections_to_the_apis(ha_prefect: ha_stack.HAPrefect) -> None:
+    """A new connection for every request cost an API ~0.6 ms of CPU on a ~5 ms read: nginx keeps
+    its connections to the APIs open (HTTP/1.1, no "Connection: close", `keepalive`)."""
+    import httpx
+
+    ports = {api.port for api in ha_prefect.apis}
+    before = closed_connections_to(ports)
+    with httpx.Client(base_url=ha_prefect.api_url, timeout=10) as client:
+        for _ in range(40):
+            assert client.get("/health").status_code == 200
+    # Without the keepalive: 40, a connection per request.
+    assert len(closed_connections_to(ports) - before) < 5
 
 
 def test_the_apis_start_side_by_side_on_a_copy_of_a_template_that_holds_the_block_types(
