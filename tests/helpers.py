@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,14 @@ def module_scratch(tmp_path_factory: pytest.TempPathFactory, name: str) -> Itera
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run_scratch(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every xdist worker of this pytest run shares (each worker's own temp root is
+    popen-gwN under the run's), or the session's own without xdist: for what one run computes once
+    and its workers reuse (the migrated Prefect template). Gone with the run's temp folder."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
 
 
 @contextmanager

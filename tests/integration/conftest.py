@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import module_scratch
+from tests.helpers import module_scratch, run_scratch
 
 if TYPE_CHECKING:
     from deployments.ha_stack import HAPrefect, Postgres
@@ -40,12 +40,13 @@ def services() -> Iterator[list[Service]]:
 
 
 @pytest.fixture(scope="session")
-def ha_postgres() -> Iterator[Postgres]:
+def ha_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """One PostgreSQL cluster for the session; each HA Prefect server gets a database of its own
-    on it (a copy of one migrated template, so the migrations run once)."""
+    on it (a copy of one migrated template, so the migrations run once; the run's other clusters
+    restore the template from its dump)."""
     from deployments.ha_stack import running_postgres
 
-    with running_postgres() as pg:
+    with running_postgres(template_cache=run_scratch(tmp_path_factory, "prefect-template")) as pg:
         yield pg
 
 

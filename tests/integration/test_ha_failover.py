@@ -18,7 +18,7 @@ import pytest
 
 from deployments.ha_stack import Postgres, running_postgres
 from tests.conftest import set_s3_env
-from tests.helpers import REPO, module_scratch
+from tests.helpers import REPO, module_scratch, run_scratch
 from tests.integration.prefect_services import Service, host_env, worker_args
 from tests.integration.prefect_stack import RUN_TIMEOUT_S, Stack, start_stack, stop_stack
 
@@ -41,7 +41,8 @@ def failover(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failover]:
 
     from tests.conftest import running_moto_server
 
-    with module_scratch(tmp_path_factory, "failover") as tmp, running_moto_server() as s3, running_postgres() as pg:
+    with module_scratch(tmp_path_factory, "failover") as tmp, running_moto_server() as s3, \
+            running_postgres(template_cache=run_scratch(tmp_path_factory, "prefect-template")) as pg:
         stack = start_stack(tmp, s3, pg)
         try:
             gpu_root = tmp / "gpu-host"

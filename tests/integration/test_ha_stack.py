@@ -129,6 +129,37 @@ def test_the_apis_start_side_by_side_on_a_copy_of_a_template_that_holds_the_bloc
         ha_stack.stop_ha_prefect(stack)
 
 
+def test_a_cluster_restores_the_runs_template_instead_of_migrating_again(
+        ha_postgres: ha_stack.Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's first cluster migrates Prefect's template (~7 s, ~6 CPU-s) and dumps it; the
+    others restore the dump: the same schema, migration version, extensions and block types."""
+    from tests.integration.prefect_services import prefect_env
+
+    env = prefect_env(tmp_path / "home")
+    ha_postgres.prefect_database("protein_template_reference", env)
+    assert ha_postgres.template_cache is not None
+    assert list(ha_postgres.template_cache.glob("prefect-template-*.dump"))
+
+    def migrating(self: ha_stack.Postgres, env: object) -> None:
+        raise AssertionError("migrated although the run's template dump exists")
+
+    monkeypatch.setattr(ha_stack.Postgres, "migrate_template", migrating)
+
+    def described(pg: ha_stack.Postgres, database: str) -> list[str]:
+        return [pg.psql(sql, database=database) for sql in (
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY 1, 2",
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+            "SELECT extname FROM pg_extension ORDER BY 1", "SELECT version_num FROM alembic_version",
+            "SELECT slug FROM block_type ORDER BY 1")]
+
+    with ha_stack.running_postgres(template_cache=ha_postgres.template_cache) as pg:
+        pg.prefect_database("protein_template_copy", env)
+        copy = described(pg, "protein_template_copy")
+    assert copy == described(ha_postgres, "protein_template_reference")
+    assert "webhook" in copy[-1].split() and copy[3].strip()
+
+
 def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_prefect: ha_stack.HAPrefect) -> None:
     """Task-run states reach the server only as events. An event an API has accepted must be in
     Redis before the API can be lost: a flow run that has moved on, or ended, never sends it
