@@ -1,4 +1,4 @@
-"""Importing Great Expectations without the statistics library it never runs here.
+"""Importing Great Expectations without the libraries it never uses here.
 
 GX 1.x imports `scipy.stats` (~490 modules, 0.7 of its ~2.7 CPU-s here) and `altair` while it
 imports itself, for three Expectations this project does not use: the KL-divergence Expectation
@@ -57,8 +57,10 @@ def defer_import(name: str) -> bool:
                 running.set()
                 try:
                     loader.exec_module(module)  # runs in module.__dict__; may define its own __getattr__
-                except BaseException:
-                    sys.modules.pop(name, None)  # as a failed import leaves nothing behind
+                except BaseException:  # as a failed import, it leaves nothing behind
+                    sys.modules.pop(name, None)
+                    if parent and getattr(sys.modules.get(parent), child, None) is module:
+                        delattr(sys.modules[parent], child)
                     raise
                 finally:
                     running.clear()
@@ -66,9 +68,9 @@ def defer_import(name: str) -> bool:
                     del module.__dict__["__getattr__"]
         return getattr(module, attribute)
 
+    parent, _, child = name.rpartition(".")
     module.__getattr__ = load  # type: ignore[method-assign]  # PEP 562: only for names not defined
     sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
     if parent:
         setattr(sys.modules[parent], child, module)  # as the import system binds a loaded submodule
     return True

@@ -102,6 +102,7 @@ def test_a_module_that_fails_leaves_nothing_registered(deferred_package) -> None
     with pytest.raises(RuntimeError, match="broken module"):
         sys.modules[package.name].VALUE  # noqa: B018
     assert package.name not in sys.modules
+    assert not hasattr(sys.modules[package.parent], "stats")
 
 
 def test_threads_reading_first_at_once_wait_for_one_run(deferred_package) -> None:
