@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -170,3 +171,45 @@ def git_head(code: Path) -> str:
     """The short commit a checkout is at, for a results file."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+def process_cpu_s(code: str, *args: str) -> float:
+    """User + system CPU seconds of one fresh interpreter running ``code`` (argv: ``args``) to its exit."""
+    # stderr to a file, not a pipe: nobody reads a pipe before wait4, and a child's warnings could fill it.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{code!r} exited {process.returncode}: {stderr.read().decode()[-2000:]}")
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_versus_baseline(kinds: dict[str, str], baseline_start: str, rounds: int,
+                                args: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """For each kind of process (its code), the CPU seconds of ``rounds`` fresh interpreters as
+    shipped (`ours`) and with ``baseline_start`` run first (`baseline`), the two alternating round
+    by round so a loaded machine's drift hits both alike; medians, and every sample."""
+    rows = []
+    for kind, code in kinds.items():
+        ours: list[float] = []
+        baseline: list[float] = []
+        for i in range(rounds):
+            pair = [("ours", code), ("baseline", baseline_start + code)]
+            for label, source in pair if i % 2 == 0 else pair[::-1]:
+                (ours if label == "ours" else baseline).append(process_cpu_s(source, *args))
+        rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
+                     "saved CPU-s": median(baseline) - median(ours), "ratio": median(ours) / median(baseline),
+                     "baseline samples": baseline, "ours samples": ours})
+        print(f"{kind}: baseline {median(baseline):.2f} s, ours {median(ours):.2f} s", flush=True)
+    return rows
+
+
+def publish_process_cpu(name: str, rows: list[dict[str, Any]], rounds: int, quick: bool) -> dict[str, Any]:
+    """process_cpu_versus_baseline's rows as the benchmark's results file and table."""
+    result = {"benchmark": name, "rounds": rounds, "machine": machine_info(), "rows": rows}
+    publish(name, result, format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"]),
+            quick=quick)
+    return result

@@ -25,8 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_dataset, format_table, machine_info, median, publish
-from bench.process_exit import process_cpu_s
+from bench.common import bench_dataset, process_cpu_versus_baseline, publish_process_cpu
 
 NAME = "gx_import"
 VALIDATE = ("import sys\nfrom pathlib import Path\nfrom protein.validation import ValidationConfig, validate_dataset\n"
@@ -39,21 +38,6 @@ KINDS: dict[str, str] = {
 BASELINE_START = "import scipy.stats\n"
 
 
-def measure(rounds: int, data: Path) -> list[dict[str, Any]]:
-    rows = []
-    for kind, code in KINDS.items():
-        ours, baseline = [], []
-        for i in range(rounds):
-            pair = [("ours", code), ("baseline", BASELINE_START + code)]
-            for label, source in pair if i % 2 == 0 else pair[::-1]:
-                (ours if label == "ours" else baseline).append(process_cpu_s(source, str(data)))
-        rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
-                     "saved CPU-s": median(baseline) - median(ours), "ratio": median(ours) / median(baseline),
-                     "baseline samples": baseline, "ours samples": ours})
-        print(f"{kind}: baseline {median(baseline):.2f} s, ours {median(ours):.2f} s", flush=True)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.gx_import", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round")
@@ -61,11 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     with tempfile.TemporaryDirectory(prefix="protein-bench-gx-") as tmp:
-        rows = measure(rounds, bench_dataset(24, 40, root=Path(tmp)))
-    result = {"benchmark": NAME, "rounds": rounds, "machine": machine_info(), "rows": rows}
-    table = format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"])
-    publish(NAME, result, table, quick=args.quick)
-    return result
+        data = bench_dataset(24, 40, root=Path(tmp))
+        rows = process_cpu_versus_baseline(KINDS, BASELINE_START, rounds, args=[str(data)])
+    return publish_process_cpu(NAME, rows, rounds, args.quick)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,9 @@ process from `wait4`; medians.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
-from bench.common import REPO, format_table, machine_info, median, publish
+from bench.common import process_cpu_versus_baseline, publish_process_cpu
 
 NAME = "process_exit"
 KINDS: dict[str, str] = {
@@ -48,46 +44,14 @@ KINDS: dict[str, str] = {
 BASELINE_START = "import gc\ngc.freeze = lambda: None\n"
 
 
-def process_cpu_s(code: str, *args: str) -> float:
-    """User + system CPU seconds of one fresh interpreter running ``code`` (argv: ``args``) to its exit."""
-    # stderr to a file, not a pipe: nobody reads a pipe before wait4, and a child's warnings could fill it.
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            stderr.seek(0)
-            raise RuntimeError(f"{code!r} exited {process.returncode}: {stderr.read().decode()[-2000:]}")
-    return usage.ru_utime + usage.ru_stime
-
-
-def measure(rounds: int) -> list[dict[str, Any]]:
-    rows = []
-    for kind, imports in KINDS.items():
-        ours, baseline = [], []
-        for i in range(rounds):
-            pair = [("ours", imports), ("baseline", BASELINE_START + imports)]
-            for label, code in pair if i % 2 == 0 else pair[::-1]:
-                (ours if label == "ours" else baseline).append(process_cpu_s(code))
-        rows.append({"process": kind, "baseline CPU-s": median(baseline), "ours CPU-s": median(ours),
-                     "saved CPU-s": median(baseline) - median(ours), "ratio": median(ours) / median(baseline),
-                     "baseline samples": baseline, "ours samples": ours})
-        print(f"{kind}: baseline {median(baseline):.2f} s, ours {median(ours):.2f} s", flush=True)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.process_exit", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
-    rows = measure(rounds)
-    result = {"benchmark": NAME, "rounds": rounds, "machine": machine_info(), "rows": rows}
-    table = format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"])
-    publish(NAME, result, table, quick=args.quick)
-    return result
+    return publish_process_cpu(NAME, process_cpu_versus_baseline(KINDS, BASELINE_START, rounds), rounds,
+                               args.quick)
 
 
 if __name__ == "__main__":
