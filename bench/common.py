@@ -3,6 +3,7 @@ tables, and benchmark datasets made once and reused by later runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -213,3 +214,13 @@ def publish_process_cpu(name: str, rows: list[dict[str, Any]], rounds: int, quic
     publish(name, result, format_table(rows, ["process", "baseline CPU-s", "ours CPU-s", "saved CPU-s", "ratio"]),
             quick=quick)
     return result
+
+
+def parse_rounds(argv: list[str] | None, prog: str, description: str, quick_rounds: int) -> tuple[int, bool]:
+    """A process bench's command line: `--rounds N` (default 5) or `--quick` (quick_rounds);
+    the rounds, and whether quick."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help=f"{quick_rounds} round(s)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    return (quick_rounds if args.quick else args.rounds), args.quick

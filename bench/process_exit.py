@@ -21,10 +21,9 @@ process from `wait4`; medians.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from bench.common import process_cpu_versus_baseline, publish_process_cpu
+from bench.common import parse_rounds, process_cpu_versus_baseline, publish_process_cpu
 
 NAME = "process_exit"
 KINDS: dict[str, str] = {
@@ -45,14 +44,8 @@ BASELINE_START = "import gc\ngc.freeze = lambda: None\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m bench.process_exit", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
-    rounds = 3 if args.quick else args.rounds
-    return publish_process_cpu(NAME, process_cpu_versus_baseline(KINDS, BASELINE_START, rounds), rounds,
-                               args.quick)
-
+    rounds, quick = parse_rounds(argv, "python -m bench.process_exit", __doc__.splitlines()[0], quick_rounds=3)
+    return publish_process_cpu(NAME, process_cpu_versus_baseline(KINDS, BASELINE_START, rounds), rounds, quick)
 
 if __name__ == "__main__":
     main()
