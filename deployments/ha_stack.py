@@ -255,9 +255,7 @@ class Postgres:
             self.daemon.stop(signal.SIGINT)  # "fast" shutdown: roll back open transactions, then exit
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        done = subprocess.run([postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                               "-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql], capture_output=True, text=True,
-                              env={**os.environ, "PGPASSWORD": self.password}, timeout=120)
+        done = self.client("psql", "-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql, timeout_s=120)
         if done.returncode != 0:
             raise StartError(f"psql {sql!r}: {done.stderr.strip()}")
         return done.stdout
@@ -300,11 +298,12 @@ class Postgres:
             cwd=self.root, env=template))
         succeeded("the block type registration", register_block_types(template))
 
-    def client(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """One of PostgreSQL's client programs against this cluster, as its user."""
+    def client(self, program: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        """One of PostgreSQL's client programs (psql, pg_dump, pg_restore) against this cluster, as
+        its user; the password from the environment, never on the command line."""
         return subprocess.run([postgres_bin(program), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, *args],
                               capture_output=True, text=True, env={**os.environ, "PGPASSWORD": self.password},
-                              timeout=300)
+                              timeout=timeout_s)
 
 
 def template_key() -> str:
