@@ -68,7 +68,7 @@ def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
 def validate_data(data: str, config: ValidationConfig, store: str | None = None) -> dict[str, Any]:
     from protein.validation import run_validation  # pandas and GX: only a run that validates needs them
 
-    defer_what_gx_never_runs()  # GX's import would load scipy's statistics, which no check here runs
+    defer_what_gx_never_runs()  # GX's import would load scipy.stats and altair, which no check here uses
     import_frozen(["great_expectations"])  # its objects out of the collector's way for the rest of the run
     # The report and Data Docs reach the store (linked from the artifact); the host keeps no copy,
     # so a month of nightly runs leaves no folder behind, whatever the outcome.

@@ -47,14 +47,15 @@ def defer_import(name: str) -> bool:
     loader = spec.loader
     module = importlib.util.module_from_spec(spec)  # __name__, __file__, __spec__, __path__, __loader__
     lock = threading.RLock()
-    running = threading.Event()
+    running = False  # read and written under the lock only
 
     def load(attribute: str) -> Any:
+        nonlocal running
         with lock:  # another thread's first read waits here until the code has run
             if module.__dict__.get("__getattr__") is load:
-                if running.is_set():  # read by the module's own code while it runs: not there yet
+                if running:  # read by the module's own code while it runs: not there yet
                     raise AttributeError(f"partially initialized module {name!r} has no attribute {attribute!r}")
-                running.set()
+                running = True
                 try:
                     loader.exec_module(module)  # runs in module.__dict__; may define its own __getattr__
                 except BaseException:  # as a failed import, it leaves nothing behind
@@ -63,7 +64,7 @@ def defer_import(name: str) -> bool:
                         delattr(sys.modules[parent], child)
                     raise
                 finally:
-                    running.clear()
+                    running = False
                 if module.__dict__.get("__getattr__") is load:
                     del module.__dict__["__getattr__"]
         return getattr(module, attribute)

@@ -9,7 +9,7 @@ import inspect
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ class Deferred:
 
 
 @pytest.fixture
-def deferred_package(tmp_path: Path) -> Iterator[type[Deferred]]:
+def deferred_package(tmp_path: Path) -> Iterator[Callable[..., Deferred]]:
     made: list[Deferred] = []
 
     def make(sleep_s: float = 0.0, extra: str = "") -> Deferred:
@@ -49,7 +49,7 @@ def deferred_package(tmp_path: Path) -> Iterator[type[Deferred]]:
 
     sys.path.insert(0, str(tmp_path))
     try:
-        yield make  # type: ignore[misc]
+        yield make
     finally:
         sys.path.remove(str(tmp_path))
         for package in made:
