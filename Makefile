@@ -67,7 +67,7 @@ lock:
 	$(PY) -m piptools compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
 
-# The integration tests stand up the production layout (deployments/ha_stack.py) from Debian's
+# The integration tests stand up the production layout (deployments/ha_stack/) from Debian's
 # PostgreSQL, Redis and nginx; it runs PostgreSQL as the unprivileged `nobody` when run as root.
 stack:
 	@missing=; for p in postgresql:/usr/lib/postgresql redis-server:/usr/bin/redis-server nginx:/usr/sbin/nginx; do \

@@ -1,5 +1,5 @@
 """The single SQLite `prefect server start` against the highly available stack
-(deployments/ha_stack.py: two APIs behind nginx, the services process, PostgreSQL, Redis), on this
+(deployments/ha_stack/: two APIs behind nginx, the services process, PostgreSQL, Redis), on this
 machine, one after the other in one run, under the same load:
 
 - 20 concurrent flow runs, each its own process (as 20 flow runs on workers are), each running
@@ -32,15 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, format_table, machine_info, publish
-from deployments.ha_stack import (
-    PREFECT,
-    Daemon,
-    http_ok,
-    running_postgres,
-    start_ha_prefect,
-    start_listening,
-    stop_ha_prefect,
-)
+from deployments.ha_stack import PREFECT, Daemon, running_postgres, start_ha_prefect, stop_ha_prefect
+from deployments.ha_stack.daemons import http_ok, start_listening
 
 EVENT_NAME = "protein.bench.pushed"
 PROBE_EVERY_S = 0.2

@@ -69,7 +69,7 @@ def _emit_now(event: str, resource: dict[str, str], payload: Mapping[str, Any], 
     """Send one event and close the connection before returning: a CLI process exits right
     after, and the events worker's queue would die with it. When the close handshake ends the
     API has the event; it is in Redis a moment later (each API publishes what it receives at
-    once: deployments/ha_stack.py). An API lost in that moment loses it, and the nightly, which
+    once: deployments/ha_stack/). An API lost in that moment loses it, and the nightly, which
     follows the channel, trains the push instead. ``event_id`` (a UUID) when the caller recorded
     the id elsewhere first (the dataset channel does)."""
     if not api_configured():

@@ -55,7 +55,7 @@ for _folder in ("PREFECT_HOME", "PROTEIN_CACHE_DIR"):
 # (a `protein validate` without --report keeps its report there by design, a SIGKILLed training
 # leaves its weights folder): the session's, so nothing outlives the session. Pytest's own
 # tmp_path root stays the system's, where a failed test's folder is kept for a look.
-# Modes as the system's /tmp: PostgreSQL runs as an unprivileged user (deployments/ha_stack.py) in it.
+# Modes as the system's /tmp: PostgreSQL runs as an unprivileged user (deployments/ha_stack/postgres.py) in it.
 SESSION_TEMP = SESSION_SCRATCH / "tmp"
 SESSION_TEMP.mkdir()
 SESSION_SCRATCH.chmod(0o711)

@@ -1,5 +1,5 @@
 """One real Prefect deployment stack shared by the events and browser tests: the highly available
-server of deployments/ha_stack.py (two APIs with the UI behind nginx, the services process,
+server of deployments/ha_stack/ (two APIs with the UI behind nginx, the services process,
 PostgreSQL, Redis), a process worker on the cpu pool talking to nginx, `prefect deploy` from
 deployments/prefect.yaml and the automations applied by the deploy wrapper, with the webhook
 pointed at a receiver on 127.0.0.1, and an S3 store on the test moto server whose dataset channel

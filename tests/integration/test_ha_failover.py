@@ -1,4 +1,4 @@
-"""Failover of the highly available server (deployments/ha_stack.py) in the middle of a retrain
+"""Failover of the highly available server (deployments/ha_stack/) in the middle of a retrain
 that trains on the GPU pool: one API process SIGKILLed, then PostgreSQL restarted. Workers, the
 CLI and this test talk to nginx only. The stack, its PostgreSQL and its S3 server belong to this
 module: stopping them must not reach another module's server."""

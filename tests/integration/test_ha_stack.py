@@ -1,4 +1,4 @@
-"""The pieces of deployments/ha_stack.py that the end-to-end tests take for granted: ports held
+"""The pieces of deployments/ha_stack/ that the end-to-end tests take for granted: ports held
 by retrying, PostgreSQL as an unprivileged user on loopback only, nginx's balancing settings."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deployments import ha_stack
+from deployments.ha_stack import cli, daemons
 
 pytestmark = [pytest.mark.integration]
 
@@ -26,8 +27,8 @@ def test_a_port_taken_between_pick_and_bind_is_retried_on_another(monkeypatch: p
         taken.listen()
         busy = taken.getsockname()[1]
         picks = iter([busy])  # the first pick is the port another process holds by now
-        real_free_port = ha_stack.free_port
-        monkeypatch.setattr(ha_stack, "free_port", lambda: next(picks, None) or real_free_port())
+        real_free_port = daemons.free_port
+        monkeypatch.setattr(daemons, "free_port", lambda: next(picks, None) or real_free_port())
         redis = ha_stack.start_redis(tmp_path)
         try:
             assert redis.alive() and redis.port != busy
@@ -221,7 +222,7 @@ def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_
                               text=True, timeout=600)
     assert upgraded.returncode == 0, upgraded.stderr[-2000:]
     assert ha_postgres.psql("SELECT count(*) FROM block_type", database=migrated).strip() == "0"
-    assert ha_stack.main(["register-block-types"]) == 0
+    assert cli.main(["register-block-types"]) == 0
     assert "webhook" in ha_postgres.psql("SELECT slug FROM block_type", database=migrated).split()
 
     capsys.readouterr()
@@ -229,15 +230,15 @@ def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_
         closed.bind(("127.0.0.1", 0))
         monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL",
                            f"postgresql+asyncpg://prefect:hunter2-secret@127.0.0.1:{closed.getsockname()[1]}/prefect")
-        assert ha_stack.main(["register-block-types"]) == 1
+        assert cli.main(["register-block-types"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("registering Prefect's block types in PREFECT_API_DATABASE_CONNECTION_URL's database "
                            "failed: "), line
     assert "hunter2-secret" not in line and "Traceback" not in line
 
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
-    assert ha_stack.main(["register-block-types"]) == 2
-    assert ha_stack.main(["register-blocks"]) == 2
+    assert cli.main(["register-block-types"]) == 2
+    assert cli.main(["register-blocks"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("PREFECT_API_DATABASE_CONNECTION_URL is not set")
     assert lines[1].startswith("usage: python -m deployments.ha_stack")

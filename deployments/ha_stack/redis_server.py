@@ -1,0 +1,50 @@
+"""Redis for the stack: the event broker, causal ordering, lease storage and the services' Docket
+queue of Prefect's self-hosting guide, on loopback, nothing saved to disk."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+from pathlib import Path
+
+from deployments.ha_stack.daemons import Daemon, StartError, start_listening
+
+
+def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
+    """The Redis settings of Prefect's self-hosting guide: the event broker and cache, causal
+    ordering, concurrency lease storage and the background services' Docket queue."""
+    return {
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+        "PREFECT_REDIS_MESSAGING_HOST": host,
+        "PREFECT_REDIS_MESSAGING_PORT": str(port),
+        "PREFECT_REDIS_MESSAGING_DB": "0",
+        "PREFECT_SERVER_DOCKET_URL": f"redis://{host}:{port}/{docket_db}",
+        # Each event an API receives goes to Redis before it reads the next. The default holds up
+        # to 4 received events in the API's memory for up to 10 s: a SIGKILLed API loses them,
+        # and a client that has moved on never resends (task-run states arrive only as events,
+        # so a task run stays Running under a finished flow run). Redis gets one XADD per event
+        # either way: the batch only delayed them, and every trigger they fire.
+        "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",
+    }
+
+
+def start_redis(root: Path) -> Daemon:
+    redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(redis_server).exists():
+        raise StartError("redis-server not found: install Redis (`make stack` installs Debian's redis-server)")
+
+    def launch(port: int) -> Daemon:
+        return Daemon("redis", [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                "--appendonly", "no", "--dir", str(root), "--protected-mode", "yes"], root, port=port)
+
+    def ready(port: int) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+        return False
+
+    return start_listening("redis", launch, ready)
