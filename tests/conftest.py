@@ -119,7 +119,10 @@ SHARED_FIXTURE_MODULES: dict[str, frozenset[str]] = {
         "tests/integration/test_flows.py",
         "tests/integration/test_job_templates.py",
         "tests/integration/test_kaggle_layout.py",
-        "tests/integration/test_reliability.py",
+        "tests/integration/test_racing_retrains.py",
+        "tests/integration/test_resume_after_kill.py",
+        "tests/integration/test_secret_leaks.py",
+        "tests/integration/test_storage_faults.py",
     }),
     "cluster": frozenset({
         "tests/integration/test_dispatch_faults.py",

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -100,3 +101,20 @@ def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
         resources.callback(stop_stack, stack)
         EarlyRelease.of(request.config).hold("prefect_stack", resources.close)
         yield stack
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 labelled 32 px images and 3 test images, one copy per module that uses them."""
+    from tests.helpers import write_dataset
+    from tests.integration.reliability_common import IMAGE, labels
+
+    return write_dataset(tmp_path_factory.mktemp("small") / "ds", labels(24), ["900", "901", "902"], size=IMAGE)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Flows and library calls without an explicit cache dir use this one, not ./work/cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(cache))
+    return cache
