@@ -114,7 +114,7 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Flows and library calls without an explicit cache dir use this one, not ./work/cache."""
+    """Flows and library calls without an explicit cache dir use this one, not the per-user cache folder."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("PROTEIN_CACHE_DIR", str(cache))
     return cache
