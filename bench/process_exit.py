@@ -47,5 +47,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds, quick = parse_rounds(argv, "python -m bench.process_exit", __doc__.splitlines()[0], quick_rounds=3)
     return publish_process_cpu(NAME, process_cpu_versus_baseline(KINDS, BASELINE_START, rounds), rounds, quick)
 
+
 if __name__ == "__main__":
     main()

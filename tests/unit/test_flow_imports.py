@@ -58,7 +58,6 @@ def test_the_flow_modules_load_without_pandas_or_great_expectations(protein_proc
     assert loaded(protein_process, code, *flows) == [], "a flow module imports pandas or GX at its top"
 
 
-
 def test_a_validation_runs_great_expectations_without_what_it_never_uses(protein_process: ProteinProcess,
                                                                          tmp_path: Path) -> None:
     """GX imports `scipy.stats` and `altair` (~1 CPU-s with the exit) for Expectations no suite here

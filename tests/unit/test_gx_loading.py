@@ -137,4 +137,3 @@ def test_nothing_is_deferred_that_is_imported_already_or_not_installed(deferred_
     assert not defer_import(f"{package.parent}_absent.stats")
     assert not defer_import(f"{package.parent}.absent")
     assert f"{package.parent}.absent" not in sys.modules
-
