@@ -182,16 +182,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
     if is_xdist_worker(config):
         items[:] = slow_modules_first(items)
-    items[:] = last_in_module_last(items)
+    items[:] = last_in_unit_last(items, config.rootpath)
 
 
-def last_in_module_last(items: list[pytest.Item]) -> list[pytest.Item]:
-    """Each module's tests marked last_in_module after its other tests, every module where it was
-    and the rest in the order they had. Such a test waits for what a module fixture started in the
-    background (test_events.py's dead run), and the wait passes while the others run; in any order
+def last_in_unit_last(items: list[pytest.Item], root: Path) -> list[pytest.Item]:
+    """Each test marked last_in_unit after every other test of its unit (the modules that share its
+    session fixture, SHARED_FIXTURE_MODULES; its own module when it shares none), everything else in
+    the order it had. Such a test waits for what that fixture started in the background (the stack's
+    dead run, tests/integration/dead_run.py), and the wait passes while the others run; in any order
     the test is right, only slower."""
-    position = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
-    return sorted(items, key=lambda item: (position[item.path], item.get_closest_marker("last_in_module") is not None))
+    unit_of = {module: fixture for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
+
+    def unit(item: pytest.Item) -> str:
+        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
+        return unit_of.get(module, module)
+
+    ordered = [item for item in items if not item.get_closest_marker("last_in_unit")]
+    for item in items:
+        if item.get_closest_marker("last_in_unit"):
+            same_unit = [index for index, other in enumerate(ordered) if unit(other) == unit(item)]
+            ordered.insert(same_unit[-1] + 1 if same_unit else min(items.index(item), len(ordered)), item)
+    return ordered
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:

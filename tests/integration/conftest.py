@@ -12,6 +12,7 @@ from tests.helpers import module_scratch, run_scratch
 if TYPE_CHECKING:
     from deployments.ha_stack import HAPrefect, Postgres
     from tests.conftest import MotoServer
+    from tests.integration.dead_run import DeadRun
     from tests.integration.gpu_cluster import Cluster
     from tests.integration.prefect_services import Service
     from tests.integration.prefect_stack import Stack
@@ -92,6 +93,7 @@ def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
     UI tests must not be able to empty the stack's bucket."""
     from tests.conftest import running_moto_server
     from tests.early_release import EarlyRelease
+    from tests.integration import dead_run
     from tests.integration.prefect_stack import start_stack, stop_stack
 
     # Stopped after the last test that uses it (closing an ExitStack twice runs its callbacks once).
@@ -99,8 +101,19 @@ def prefect_stack(ha_postgres: Postgres, tmp_path_factory: pytest.TempPathFactor
         s3 = resources.enter_context(running_moto_server())
         stack = start_stack(tmp_path_factory.mktemp("stack"), s3, ha_postgres)
         resources.callback(stop_stack, stack)
+        if any(dead_run.FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items):
+            # Made now, its zombie window passes while the stack's other tests run (dead_run.py).
+            stack.dead_run = resources.enter_context(
+                dead_run.dead_run_in_background(stack, tmp_path_factory.mktemp("zombie")))
         EarlyRelease.of(request.config).hold("prefect_stack", resources.close)
         yield stack
+
+
+@pytest.fixture(scope="session")
+def dead_run(prefect_stack: Stack) -> DeadRun:
+    """The stack's run whose machine died, made in the background since the stack came up."""
+    assert prefect_stack.dead_run is not None, "prefect_stack starts it when a selected test uses dead_run"
+    return prefect_stack.dead_run
 
 
 @pytest.fixture(scope="module")

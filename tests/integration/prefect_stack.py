@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.ha_stack import HAPrefect, Postgres, start_ha_prefect, stop_ha_prefect
 from tests.conftest import MotoServer
@@ -38,6 +38,9 @@ from tests.integration.prefect_services import (
     s3_client,
     stop_all,
 )
+
+if TYPE_CHECKING:
+    from tests.integration.dead_run import DeadRun
 
 RUN_TIMEOUT_S = 420.0
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stack's runs: the minimum Prefect allows
@@ -128,6 +131,9 @@ class Stack:
     receiver: Receiver
     ha: HAPrefect
     services: list[Service] = field(default_factory=list)
+    # A run whose machine died, made since the stack came up when a selected test asserts on it
+    # (tests/integration/dead_run.py).
+    dead_run: DeadRun | None = None
     # One open client per thread, for the stack's life: the tests poll the API many times a second
     # while they wait, and a new client each time (settings copy, SSL context, version check) took
     # more CPU than the requests it sent.

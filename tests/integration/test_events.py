@@ -3,27 +3,19 @@ real Prefect server, worker and webhook receiver (tests/integration/prefect_stac
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ProteinProcess
 from tests.helpers import REPO
-from tests.integration.prefect_stack import HEARTBEAT_S, TEST_ZOMBIE_AFTER_S, Stack
+from tests.integration.dead_run import HEARD_WITHIN_S, DeadRun
+from tests.integration.prefect_stack import TEST_ZOMBIE_AFTER_S, Stack
 
-# Every test starts the dead run of the zombie test (dead_run), in the background: see DeadRun.
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dead_run")]
+pytestmark = pytest.mark.integration
 
 PRESIGN_MARKERS = ("X-Amz-Signature", "X-Amz-Credential", "Signature=", "AWSAccessKeyId")
 
@@ -167,86 +159,12 @@ def test_event_without_channel_fails_the_run_at_once_and_alerts(prefect_stack: S
     assert "field payload.channel is missing" in message["text"]
 
 
-ZOMBIE_FLOW = """
-import time
-from prefect import flow
-
-@flow(name="train", flow_run_name="PROBE_RUN_NAME")  # stands in for a training run whose process dies
-def train() -> None:
-    time.sleep(600)
-
-train()
-"""
-
-
-@dataclass
-class DeadRun:
-    """A flow run whose machine died: its process SIGKILLed after the server heard its first
-    heartbeat, so no final state is ever reported. Made in a thread of its own from the module's
-    first test on: the zombie window (TEST_ZOMBIE_AFTER_S, three of Prefect's 30 s heartbeats) then
-    passes while the module's other tests run, and the test that asserts on the run waits only for
-    what is left of it. Whatever the order, the test waits until the run is crashed and alerted."""
-
-    name: str
-    thread: threading.Thread | None = None  # making it; ended when the run is dead or a problem is known
-    process: subprocess.Popen[bytes] | None = None
-    flow_run_id: str | None = None
-    problem: str | None = None
-
-
-def kill_after_first_heartbeat(stack: Stack, script: Path, dead: DeadRun) -> None:
-    try:
-        started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
-        env = {**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
-        dead.process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        beat: list[dict[str, Any]] = []
-        while not beat and time.monotonic() < deadline:
-            if dead.process.poll() is not None:
-                dead.problem = f"the probe flow exited early with {dead.process.returncode}"
-                return
-            beat = [e for e in stack.events("prefect.flow-run.heartbeat", since=started)
-                    if e["resource"].get("prefect.resource.name") == dead.name and _flow_name(stack, e) == "train"]
-            time.sleep(1)
-        if not beat:
-            dead.problem = "no heartbeat from the probe flow within 120 s"
-            return
-        ProteinProcess.kill_group(dead.process)  # the machine dies: no final state is ever reported
-        dead.flow_run_id = beat[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
-        with stack.client() as client:
-            state = client.read_flow_run(dead.flow_run_id).state
-        if not state.is_running():  # else its crash would prove nothing about the zombie automation
-            dead.problem = f"the probe's run was {state.name} when its process was killed, not Running"
-    except Exception as exc:  # reported by the test that asserts on the run, not lost in this thread
-        dead.problem = f"{type(exc).__name__}: {exc}"
-    finally:
-        if dead.process is not None:  # no probe outlives this thread, whatever went wrong
-            ProteinProcess.kill_group(dead.process)
-
-
-@pytest.fixture(scope="module")
-def dead_run(prefect_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeadRun]:
-    # Named for this module alone: the session stack's own training runs are flow "train" too, and
-    # its event log holds every heartbeat of the session.
-    dead = DeadRun(name=f"zombie-probe-{uuid.uuid4().hex[:8]}")
-    script = tmp_path_factory.mktemp("zombie") / "zombie.py"
-    script.write_text(ZOMBIE_FLOW.replace("PROBE_RUN_NAME", dead.name))
-    dead.thread = threading.Thread(target=kill_after_first_heartbeat, args=(prefect_stack, script, dead),
-                                   name="zombie-probe", daemon=True)
-    dead.thread.start()
-    yield dead
-    dead.thread.join(timeout=180)
-    if dead.thread.is_alive() and dead.process is not None:  # hung in a request: end its probe here
-        ProteinProcess.kill_group(dead.process)
-
-
-@pytest.mark.last_in_module  # the dead run's 90 s window passes while the module's other tests run
+@pytest.mark.last_in_unit  # the dead run's 90 s window passes while the stack's other tests run
 def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, dead_run: DeadRun) -> None:
     stack = prefect_stack
     assert dead_run.thread is not None
-    dead_run.thread.join(timeout=180)
-    assert not dead_run.thread.is_alive(), "the probe flow was neither heard nor killed within 180 s"
+    dead_run.thread.join(timeout=HEARD_WITHIN_S + 60)
+    assert not dead_run.thread.is_alive(), f"the probe flow was neither heard nor killed within {HEARD_WITHIN_S:.0f} s"
     assert dead_run.problem is None and dead_run.flow_run_id is not None, dead_run.problem
     flow_run_id = dead_run.flow_run_id
     # Crashed once the window passes without a beat; the margin is the automation's own evaluation.
@@ -257,9 +175,3 @@ def test_run_without_heartbeats_is_crashed_and_alerted(prefect_stack: Stack, dea
                                       describe=stack.logs)
     assert message["subject"].endswith("Crashed"), message
 
-
-def _flow_name(stack: Stack, event: dict[str, Any]) -> str | None:
-    for related in event.get("related", []):
-        if related.get("prefect.resource.role") == "flow":
-            return related.get("prefect.resource.name")
-    return None

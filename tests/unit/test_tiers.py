@@ -20,7 +20,7 @@ from tests.conftest import (
     SLOW_FIXTURES,
     FreshInterpreterInTheFastTier,
     disk_refusal,
-    last_in_module_last,
+    last_in_unit_last,
     pytest_xdist_make_scheduler,
     slow_modules_first,
     torch_threads_per_worker,
@@ -260,28 +260,32 @@ def test_the_listed_modules_are_the_ones_that_use_each_shared_fixture() -> None:
         assert users == set(modules), fixture
 
 
-def test_a_test_marked_last_in_module_runs_after_its_modules_other_tests_and_nothing_else_moves() -> None:
+def test_a_test_marked_last_in_unit_runs_after_its_units_other_tests_and_nothing_else_moves() -> None:
     class Item:
         def __init__(self, path: str, name: str, last: bool = False) -> None:
-            self.path, self.name, self.last = Path(path), name, last
+            self.path, self.name, self.last = TESTS.parent / path, name, last
 
         def get_closest_marker(self, name: str) -> object:
-            return (name == "last_in_module" and self.last) or None
+            return (name == "last_in_unit" and self.last) or None
 
-    items = [Item("int/events.py", "zombie", last=True), Item("int/events.py", "push"), Item("unit/a.py", "x"),
-             Item("int/events.py", "channel"), Item("unit/b.py", "y")]
-    ordered = last_in_module_last(items)  # type: ignore[arg-type]
-    assert [(str(i.path), i.name) for i in ordered] == [
-        ("int/events.py", "push"), ("int/events.py", "channel"), ("int/events.py", "zombie"), ("unit/a.py", "x"),
-        ("unit/b.py", "y")]
+    stack_modules = sorted(SHARED_FIXTURE_MODULES["prefect_stack"])
+    events = next(module for module in stack_modules if module.endswith("test_events.py"))
+    other = next(module for module in stack_modules if module != events)
+    items = [Item(events, "zombie", last=True), Item(events, "push"), Item("tests/unit/a.py", "x"),
+             Item(other, "browser"), Item("tests/unit/b.py", "y", last=True), Item("tests/unit/b.py", "z"),
+             Item("tests/unit/c.py", "w")]
+    ordered = last_in_unit_last(items, TESTS.parent)  # type: ignore[arg-type]
+    assert [i.name for i in ordered] == ["push", "x", "browser", "zombie", "z", "y", "w"]
 
 
-def test_the_zombie_test_runs_last_in_its_module_whatever_the_shuffle() -> None:
+def test_the_zombie_test_runs_after_every_other_test_of_the_stack_whatever_the_shuffle() -> None:
+    modules = [str(TESTS.parent / module) for module in sorted(SHARED_FIXTURE_MODULES["prefect_stack"])]
     for seed in ("1", "2", "3"):
         plugin = Collected()
-        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"--randomly-seed={seed}",
-                            str(TESTS / "integration" / "test_events.py")], plugins=[plugin])
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"--randomly-seed={seed}", *modules],
+                           plugins=[plugin])
         assert code == pytest.ExitCode.OK
+        assert {item.path.name for item in plugin.items} == {Path(m).name for m in modules}, seed
         assert plugin.items[-1].name == "test_run_without_heartbeats_is_crashed_and_alerted", seed
 
 
