@@ -25,6 +25,13 @@ from typing import Any
 import pytest
 
 from tests.early_release import EarlyRelease
+from tests.tiers import (
+    SHARED_FIXTURE_MODULES,
+    is_xdist_worker,
+    mark_slow_and_order,
+    refuse_a_disk_too_small_for_the_slow_tier,
+    shared_fixture_scheduler,
+)
 
 # Before any test imports Prefect or Great Expectations: no telemetry, and no writes to ~/.prefect.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -80,161 +87,19 @@ if (_workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) and USER_OMP_NUM_TH
 SERVER_START_TIMEOUT_S = 10.0
 
 
-# The fast tier (`make check`, `pytest -m "not slow"`) is what is left when every test that requests one
-# of these fixtures, directly or through another fixture, is marked slow by pytest_collection_modifyitems.
-# A test that starts a server, a cluster, a training of whole epochs or the real entry point in a fresh
-# interpreter gets there through one of these, so the marker cannot drift from what the test does.
-SLOW_FIXTURES: dict[str, str] = {
-    "prefect_harness": "starts a Prefect server for the session",
-    "prefect_stack": "starts a Prefect server, a worker, deployments and automations",
-    "services": "starts Prefect server and worker processes",
-    "cluster": "starts a multi-host Prefect cluster deployed from a git clone",
-    "ha_postgres": "starts a PostgreSQL cluster for highly available Prefect servers",
-    "failover": "starts a highly available Prefect stack on its own PostgreSQL, with a GPU-host worker",
-    "protein_process": "runs the real entry point, or a module or script of the project, in a fresh interpreter "
-                       "(imports torch and Prefect: seconds a call)",
-    "trainer": "trains models for whole epochs",
-}
-
-
-# Session fixtures several modules share, each with the modules whose tests use it. A session
-# fixture lives once per xdist worker: handed to both, it started twice (the stack: two APIs,
-# services, nginx, Redis, a deploy, a worker, ~25 s of CPU; the harness: a server migrating a new
-# SQLite database, ~9.5 CPU-s; the multi-host cluster: a highly available server, a deploy, a worker,
-# ~30 CPU-s) and then idled on both until the session's end (the stack ~6 % of a
-# core, the harness 0.9 CPU-s a minute). `make test` hands each list to one worker as one unit of
-# work (SharedFixtureScheduling), and tests/early_release.py stops the fixture after that unit's last
-# test; collection fails on a module that uses one of them and is not listed, so the lists cannot
-# fall behind the tests.
-SHARED_FIXTURE_MODULES: dict[str, frozenset[str]] = {
-    "prefect_stack": frozenset({
-        "tests/integration/test_events.py",
-        "tests/integration/test_push_queue.py",
-        "tests/integration/test_ui_browser.py",
-    }),
-    "prefect_harness": frozenset({
-        "tests/integration/test_channel_flows.py",
-        "tests/integration/test_deploy_check.py",
-        "tests/integration/test_deployment_check.py",
-        "tests/integration/test_flows.py",
-        "tests/integration/test_job_templates.py",
-        "tests/integration/test_kaggle_layout.py",
-        "tests/integration/test_racing_retrains.py",
-        "tests/integration/test_resume_after_kill.py",
-        "tests/integration/test_secret_leaks.py",
-        "tests/integration/test_storage_faults.py",
-    }),
-    "cluster": frozenset({
-        "tests/integration/test_dispatch_faults.py",
-        "tests/integration/test_multihost.py",
-    }),
-}
-
-
-def shared_unit(fixture: str) -> str:
-    return f"the modules that share the session's {fixture}"
-
-
+# The tiers, the shared fixtures' units of work and the order of a session: tests/tiers.py.
 def pytest_configure(config: pytest.Config) -> None:
     # Each shared fixture is stopped once its last module ends, not at the session's (tests/early_release.py).
     config.pluginmanager.register(EarlyRelease(SHARED_FIXTURE_MODULES), EarlyRelease.NAME)
 
 
-def unlisted_shared_fixture_modules(items: list[pytest.Item], root: Path) -> list[str]:
-    """'module uses fixture' for each module that uses a shared fixture without being in its list,
-    or that is in the lists of two (it cannot be in two units of work)."""
-    problems = []
-    for fixture, listed in SHARED_FIXTURE_MODULES.items():
-        users = {item.path.relative_to(root).as_posix() for item in items
-                 if fixture in getattr(item, "fixturenames", ())}
-        problems += [f"{module} uses {fixture}" for module in sorted(users - listed)]
-    units = list(SHARED_FIXTURE_MODULES.values())
-    problems += [f"{module} is listed for two shared fixtures" for i, a in enumerate(units) for b in units[i + 1:]
-                 for module in sorted(a & b)]
-    return problems
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadscope` (make test) with each shared fixture's modules as one unit; other modes as xdist has them."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    unit_of = {module: shared_unit(fixture)
-               for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
-
-    class SharedFixtureScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            """A shared fixture's modules together; any other test in loadscope's unit (its module or class)."""
-            return unit_of.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
-
-    return SharedFixtureScheduling(config, log)
+    return shared_fixture_scheduler(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if problems := unlisted_shared_fixture_modules(items, config.rootpath):
-        raise pytest.UsageError(f"{'; '.join(problems)}: each module that uses a shared session fixture is listed "
-                                "once in SHARED_FIXTURE_MODULES (tests/conftest.py), so that make test starts it once")
-    for item in items:
-        used = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
-        if used:
-            item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
-    if is_xdist_worker(config):
-        items[:] = slow_modules_first(items)
-    items[:] = last_in_unit_last(items, config.rootpath)
-
-
-def last_in_unit_last(items: list[pytest.Item], root: Path) -> list[pytest.Item]:
-    """Each test marked last_in_unit after every other test of its unit (the modules that share its
-    session fixture, SHARED_FIXTURE_MODULES; its own module when it shares none), everything else in
-    the order it had. Such a test waits for what that fixture started in the background (the stack's
-    dead run, tests/integration/dead_run.py), and the wait passes while the others run; in any order
-    the test is right, only slower."""
-    unit_of = {module: fixture for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
-
-    def unit(item: pytest.Item) -> str:
-        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
-        return unit_of.get(module, module)
-
-    ordered = [item for item in items if not item.get_closest_marker("last_in_unit")]
-    for item in items:
-        if item.get_closest_marker("last_in_unit"):
-            same_unit = [index for index, other in enumerate(ordered) if unit(other) == unit(item)]
-            ordered.insert(same_unit[-1] + 1 if same_unit else min(items.index(item), len(ordered)), item)
-    return ordered
-
-
-def is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
-
-
-def slow_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
-    """The modules marked long_running (the soak), then those with a slow test, then the others, each
-    group in the order it had (pytest-randomly's shuffle runs before this hook). `make test` hands
-    whole modules to its two xdist workers in this order (`--dist loadscope --no-loadscope-reorder`):
-    the long modules, which mostly wait on servers, start first and the short CPU-bound ones fill in
-    at the end, instead of one worker finishing a long module alone after the other ran out of work."""
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    long_modules = {item.path for item in items if item.get_closest_marker("long_running")}
-    return sorted(items, key=lambda item: (item.path not in long_modules, item.path not in slow_modules))
-
-
-# The slow tier's peak on the temp disk, measured by .ci/run on three fresh clones (2026-12-04):
-# 4.8-5.5 GB above where it started (servers, clusters and their clones, trained models), nearly all
-# of it gone when pytest ends. With less free, tests fail by the hundred on "No space left on
-# device" midway (a CI run did); one line before anything runs says why instead.
-SLOW_TIER_FREE_GB = 7.0
-DISK_REFUSED_EXIT = 4  # pytest's own code for a session that cannot start as asked
-
-
-def disk_refusal(folder: str, free_bytes: int, need_gb: float) -> str | None:
-    """Why a session cannot start on this disk, or None when it can."""
-    if free_bytes >= need_gb * 1024**3:
-        return None
-    return (f"{folder} has {free_bytes / 1024**3:.1f} GB free; the slow tier needs about {need_gb:g} GB there "
-            f"(its peak is about 5 GB): free some space, point TMPDIR at a larger disk, or run the fast tier "
-            f"(make check); PROTEIN_TEST_MIN_FREE_GB overrides the figure")
+    mark_slow_and_order(config, items)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -242,7 +107,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if session.config.option.collectonly or not any(item.get_closest_marker("slow") for item in session.items):
         return
-    refuse_a_disk_too_small_for_the_slow_tier()
+    refuse_a_disk_too_small_for_the_slow_tier(str(SESSION_SCRATCH.parent))  # the temp folder the user set
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -252,15 +117,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     if (config.getoption("numprocesses", None) and not is_xdist_worker(config) and not config.option.collectonly
             and "not slow" not in (config.getoption("markexpr") or "")):
-        refuse_a_disk_too_small_for_the_slow_tier()
-
-
-def refuse_a_disk_too_small_for_the_slow_tier() -> None:
-    folder = str(SESSION_SCRATCH.parent)  # the temp folder the user set, around this session's own
-    need = float(os.environ.get("PROTEIN_TEST_MIN_FREE_GB", SLOW_TIER_FREE_GB))
-    refusal = disk_refusal(folder, shutil.disk_usage(folder).free, need)
-    if refusal:
-        pytest.exit(refusal, returncode=DISK_REFUSED_EXIT)
+        refuse_a_disk_too_small_for_the_slow_tier(str(SESSION_SCRATCH.parent))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ runs right after the teardown of the last selected test that uses the fixture, p
 test is in no module of those tests (a module fixture built on it may still be up until its module
 ends). Under xdist each worker counts the tests it collected, so a worker that was handed only some
 of them never releases early and the fixture's own teardown at the session's end does it; `make
-test` hands every user of such a fixture to one worker (tests/conftest.py SharedFixtureScheduling).
+test` hands every user of such a fixture to one worker (tests/tiers.py SharedFixtureScheduling).
 `release` must be safe to call again: the fixture's teardown calls it too.
 """
 

@@ -2,7 +2,7 @@
 Prefect server, a CPU host's worker and GPU hosts made on demand, each "host" in an empty directory
 of its own, the code from a git clone of this checkout, the dataset only in S3. One per session
 (tests/integration/conftest.py `cluster`): `make test` runs both modules on one worker and stops it
-after their last test (tests/conftest.py SHARED_FIXTURE_MODULES)."""
+after their last test (tests/tiers.py SHARED_FIXTURE_MODULES)."""
 
 from __future__ import annotations
 

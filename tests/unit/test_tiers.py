@@ -1,5 +1,5 @@
 """The two tiers: `make check` runs `pytest -m "not slow"`, and the slow marker comes from the fixtures
-a test uses (tests/conftest.py SLOW_FIXTURES), so these tests collect the suite the way each tier does."""
+a test uses (tests/tiers.py SLOW_FIXTURES), so these tests collect the suite the way each tier does."""
 
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
+from tests.conftest import FreshInterpreterInTheFastTier, pytest_xdist_make_scheduler, torch_threads_per_worker
+from tests.tiers import (
     DISK_REFUSED_EXIT,
     SHARED_FIXTURE_MODULES,
     SLOW_FIXTURES,
-    FreshInterpreterInTheFastTier,
     disk_refusal,
     last_in_unit_last,
-    pytest_xdist_make_scheduler,
     slow_modules_first,
-    torch_threads_per_worker,
     unlisted_shared_fixture_modules,
 )
 
@@ -241,11 +239,11 @@ def test_a_module_that_uses_a_shared_fixture_must_be_listed_and_only_once() -> N
 
 
 def test_a_module_listed_for_two_shared_fixtures_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tests.conftest
+    import tests.tiers
 
     module = sorted(SHARED_FIXTURE_MODULES["prefect_stack"])[0]
     twice = {**SHARED_FIXTURE_MODULES, "prefect_harness": SHARED_FIXTURE_MODULES["prefect_harness"] | {module}}
-    monkeypatch.setattr(tests.conftest, "SHARED_FIXTURE_MODULES", twice)
+    monkeypatch.setattr(tests.tiers, "SHARED_FIXTURE_MODULES", twice)
     assert unlisted_shared_fixture_modules([], TESTS.parent) == [f"{module} is listed for two shared fixtures"]
 
 
