@@ -10,7 +10,7 @@ rendered policy; each step below then runs with one role's keys, passed the way 
 What moto's enforcement cannot express (moto 5.2, moto/iam/access_control.py): it ignores every policy
 Condition on S3 requests (no request context such as s3:prefix, s3:if-none-match or s3:if-match is
 passed to the evaluator), so the ListBucket prefix conditions and the "create only" / "swap only" write
-conditions are not enforced here; `test_policy_documents_*` check them statically, and
+conditions are not enforced here; tests/unit/test_iam_documents.py checks them statically, and
 tests/unit/test_iam_policies.py evaluates them (and the bucket policy) with tests/iam_evaluator.py and lints
 every policy with parliament. Actions and resources (bucket and key ARNs, wildcards) are enforced, which is what every
 refusal below relies on.
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from deployments.iam import BUCKET_POLICY, ROLES, parse_store, render_policy, template
+from deployments.iam import ROLES, render_policy
 from tests.conftest import MotoServer, ProteinProcess
 from tests.helpers import REPO, write_dataset
 
@@ -38,107 +38,6 @@ PREFIX = "prod"
 BOOTSTRAP_REQUESTS = 3
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-
-
-# --- the policy documents, statically ----------------------------------------------------------------------
-
-
-def statements(role: str) -> list[dict[str, Any]]:
-    return render_policy(role, "ml-models", "protein")["Statement"]
-
-
-def as_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def grants(role: str, action: str) -> list[str]:
-    """Resources on which ``role`` is allowed ``action`` (by any statement, conditions aside)."""
-    return [r for s in statements(role) if s["Effect"] == "Allow" and action in as_list(s["Action"])
-            for r in as_list(s["Resource"])]
-
-
-def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
-    store_arn = "arn:aws:s3:::ml-models/protein/"
-    for role in ROLES:
-        for statement in statements(role):
-            assert statement["Effect"] == "Allow", (role, statement)
-            for action in as_list(statement["Action"]):
-                # No wildcard actions, nothing account-wide, nothing that changes the bucket itself.
-                assert action.startswith("s3:") and "*" not in action, (role, action)
-                assert action not in {"s3:ListAllMyBuckets", "s3:CreateBucket", "s3:DeleteBucket",
-                                      "s3:PutBucketPolicy", "s3:DeleteObjectVersion", "s3:PutBucketVersioning",
-                                      "s3:PutLifecycleConfiguration"}, (role, action)
-            for resource in as_list(statement["Resource"]):
-                assert resource == "arn:aws:s3:::ml-models" or resource.startswith(store_arn), (role, resource)
-
-
-def test_policy_documents_give_each_role_only_its_part() -> None:
-    root = "arn:aws:s3:::ml-models/protein/"
-    # Only the operator deletes data, and never the champion pointer, submissions, dataset manifests or records
-    # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
-    # conditional-write probe (a scratch object under probes/).
-    # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
-    assert grants("orchestrator", "s3:DeleteObject") == []
-    assert grants("publisher", "s3:DeleteObject") == [root + "datasets/pushes/*"]
-    assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
-    assert sorted(grants("operator", "s3:DeleteObject")) == [
-        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "models/*",
-                           "probes/*", "registry/runs/*", "runs/*")]
-    # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
-    trainer_writes = set(grants("trainer", "s3:PutObject"))
-    assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
-    # The orchestrator writes reports, gates, submissions and the pointer; never models or datasets.
-    assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
-        [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
-        + [root + "registry/champion.json"] * 2)
-    # The publisher touches datasets/ only, creates objects there only if absent, and moves channel pointers.
-    assert grants("publisher", "s3:GetObject") == [root + "datasets/*"]
-    assert sorted(grants("publisher", "s3:PutObject")) == sorted([root + "datasets/*"] * 2
-                                                                 + [root + "datasets/channels/*"])
-
-
-def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None:
-    def conditions(role: str, resource_suffix: str) -> list[dict[str, Any]]:
-        return [s.get("Condition") for s in statements(role)
-                if "s3:PutObject" in as_list(s["Action"]) and any(r.endswith(resource_suffix)
-                                                                  for r in as_list(s["Resource"]))]
-
-    # Versions and run index entries are created only if absent (multipart parts exempt, they cannot carry
-    # the header); the pointer changes only by compare-and-swap.
-    assert conditions("trainer", "/models/*") == [{"Null": {"s3:if-none-match": "false"}},
-                                                  {"Bool": {"s3:ObjectCreationOperation": "false"}}]
-    assert conditions("trainer", "/registry/runs/*") == [{"Null": {"s3:if-none-match": "false"}}]
-    assert conditions("orchestrator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}},
-                                                                    {"Null": {"s3:if-none-match": "false"}}]
-    assert conditions("operator", "registry/champion.json") == [{"Null": {"s3:if-match": "false"}}]
-    # The datasets gc lock: taken create-only, taken over from a dead gc only by compare-and-swap.
-    assert conditions("operator", "/datasets/gc.lock") == [{"Null": {"s3:if-none-match": "false"}},
-                                                           {"Null": {"s3:if-match": "false"}}]
-    # Listing is confined to the store's prefixes (and gives honest 404s there, see docs/security.md).
-    listing = [s for s in statements("trainer") if s["Action"] == "s3:ListBucket"]
-    assert listing[0]["Condition"]["StringLike"]["s3:prefix"][0] == "protein/"
-    bucket = render_policy(BUCKET_POLICY, "ml-models", "protein")
-    assert {s["Sid"] for s in bucket["Statement"]} >= {"RefusePlainHttp", "VersionsDatasetsAndRunIndexAreCreateOnly",
-                                                      "ChampionPointerOnlyByCompareAndSwap",
-                                                      "DatasetsGcLockOnlyCreatedOrSwapped"}
-    assert conditions("publisher", "/datasets/*") == [{"Null": {"s3:if-none-match": "false"}},
-                                                      {"Bool": {"s3:ObjectCreationOperation": "false"}}]
-    # A channel pointer: created by a channel's first push (above), then moved only by compare-and-swap.
-    assert conditions("publisher", "/datasets/channels/*") == [{"Null": {"s3:if-match": "false"}}]
-    assert "DatasetChannelsOnlyCreatedOrSwapped" in {s["Sid"] for s in bucket["Statement"]}
-
-
-def test_renderer_parameters() -> None:
-    assert parse_store("s3://ml-models/protein/") == ("ml-models", "protein")
-    at_root = render_policy("trainer", "ml-models", "")
-    assert "Condition" not in at_root["Statement"][0]  # the whole bucket is the store
-    assert at_root["Statement"][1]["Resource"][0] == "arn:aws:s3:::ml-models/datasets/*"
-    assert "${" in json.dumps(template("trainer")) and "${" not in json.dumps(at_root)
-    for bucket, prefix in (("ml-models", "a/*"), ("ml-models", "../x"), ("Bad_Bucket", "p"), ("ml-models", "a b")):
-        with pytest.raises(ValueError, match=r"^(invalid S3 bucket name|invalid object key)"):
-            render_policy("trainer", bucket, prefix)
-    with pytest.raises(ValueError, match="unknown role"):
-        render_policy("admin", "ml-models", "p")
 
 
 def test_renderer_command_prints_the_policy(protein_process: ProteinProcess) -> None:

@@ -43,6 +43,7 @@ from tests.helpers import REPO, write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.prefect_services import Service, host_env, stop_all, worker_args
 from tests.integration.prefect_stack import Stack, start_stack, stop_stack
+from tests.integration.soak_calendar import FAULTS, Plan, Push, make_plan
 from tests.integration.test_ha_failover import left_unfinished, train_runs
 from tests.integration.test_multihost import task_runs
 from tests.integration.test_push_queue import resolved
@@ -65,8 +66,6 @@ TEST_IDS = ["900", "901", "902"]
 # Git's gate for scheduled and triggered runs: promote every trained challenger, so "the champion
 # is trained on the newest valid push" is a property of the loop, not of tiny random models.
 SOAK_GATE = {"min_score": 0.0, "min_gain": -1.0, "max_class_drop": 1.0, "min_rows": 1}
-KINDS = ["new"] * 6 + ["same", "invalid"]
-FAULTS = ["sigkill", "sigkill", "restart", "api-restart"]
 # In a host's temp folder: torch's own compile cache (not the project's), and the working directory
 # Prefect's process worker makes for each flow run (the pull step's clone inside), removed when the
 # run ends: tempfile's tmp<random>prefect.
@@ -82,57 +81,6 @@ WORKER_QUERY_S = 0.5
 
 def run_workspace(path: Path) -> bool:
     return path.name.startswith("tmp") and path.name.endswith("prefect")
-
-
-@dataclass(frozen=True)
-class Push:
-    index: int  # 1..8, in push order
-    night: int
-    kind: str  # new data, the same data as the push before, or data that fails validation
-    during: bool  # pushed while the previous push's retrain runs (queued behind it)
-    fault: str | None  # applied while this push's retrain trains on a GPU host
-
-    def describe(self) -> str:
-        return f"#{self.index} {self.kind}{' during' if self.during else ''}{' +' + self.fault if self.fault else ''}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    seed: int
-    nights: int
-    pushes: tuple[Push, ...]
-    s3_outage_night: int
-
-
-def make_plan(seed: int, nights: int) -> Plan:
-    """A calendar drawn from the seed, redrawn until it has what the soak needs: the first and last
-    pushes new data, the repeat right after the data it repeats, the invalid push followed by a new
-    one, and four pushes whose retrain trains whatever is pushed next (for the four faults)."""
-    rng = random.Random(seed)
-    while True:
-        kinds = KINDS[:]
-        rng.shuffle(kinds)
-        if kinds[0] != "new" or kinds[-1] != "new" or kinds[kinds.index("same") - 1] != "new" \
-                or kinds[kinds.index("invalid") + 1] != "new":
-            continue
-        # A push after the invalid one is never "during": that run fails at validation in seconds.
-        during = [i > 0 and kinds[i - 1] != "invalid" and rng.random() < 0.45 for i in range(len(kinds))]
-        # "During" pushes arrive once the night's first retrain has taken its push: two of them in a
-        # row queue together, and the first is superseded by the second (coalesced). A superseded
-        # push trains nothing, so no fault goes there.
-        # Nor on a repeat of the data before it: its run trains nothing (the champion has that data).
-        eligible = [i for i in range(len(kinds)) if kinds[i] not in ("invalid", "same")
-                    and not (during[i] and i + 1 < len(kinds) and during[i + 1])]
-        if len(eligible) < len(FAULTS) or sum(during) < 2:
-            continue
-        faulted = dict(zip(rng.sample(eligible, len(FAULTS)), FAULTS, strict=True))
-        starts = sorted(rng.sample(range(1, nights - 1), len(kinds) - sum(during)))
-        night_of, chain = [], iter(starts)
-        for i in range(len(kinds)):
-            night_of.append(night_of[-1] if during[i] else next(chain))
-        quiet = sorted(set(range(1, nights)) - set(night_of))
-        pushes = tuple(Push(i + 1, night_of[i], kinds[i], during[i], faulted.get(i)) for i in range(len(kinds)))
-        return Plan(seed, nights, pushes, rng.choice(quiet))
 
 
 @dataclass
