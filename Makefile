@@ -34,7 +34,7 @@ run: $(STAMP)
 	@PREFECT_HOME=$(CURDIR)/$(WORK)/prefect $(PY) -m flows.demo --work $(WORK)
 
 # The fast tier, before every commit: no Prefect server, worker, training beyond a few steps or
-# fresh interpreter (tests/conftest.py marks those slow from the fixtures they use). Two xdist
+# fresh interpreter (tests/tiers.py marks those slow from the fixtures they use). Two xdist
 # workers, each with its share of the cores for torch (tests/conftest.py): 2 min 1 s, 5 min 36 s serial.
 check: $(STAMP) browser
 	$(PY) -m ruff check .
@@ -42,7 +42,7 @@ check: $(STAMP) browser
 
 # Everything, on two xdist workers: most of the slow tier waits on servers, heartbeats and polls, so
 # two modules at a time fill the two cores (28 min serial, docs/testing.md). A module stays on one
-# worker (its clusters are module fixtures); tests/conftest.py hands out the long modules first.
+# worker (its clusters are module fixtures); tests/tiers.py hands out the long modules first.
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
