@@ -108,23 +108,51 @@ def near_duplicates(frame: pd.DataFrame, max_distance: int, examples: int = MAX_
     """Per scope, how many pairs of images in `frame` (columns split, file, dhash, content_sha256,
     constant) are near copies, and the closest `examples` of them. Left out: images without a hash
     (not decoded), blank ones (no gradient, so every blank image has the same hash; the blank check
-    names them) and pairs with the same pixels (exact duplicates, checked on their own)."""
+    names them) and pairs with the same pixels (exact duplicates, checked on their own).
+
+    Images with the same pixels are searched once, as one content: a pair of contents a few bits
+    apart stands for every pair of their copies (counted as such), and its example is one pair of
+    them. Searched copy by copy, n copies of one image made n^2/2 candidate pairs in every band."""
     usable = frame[frame["dhash"].notna() & (frame["constant"] != True)  # noqa: E712 - object column
                    & frame["split"].isin(["train", "test"])]
     files = usable["file"].to_numpy(dtype=object)
     is_test = (usable["split"] == "test").to_numpy()
-    content = usable["content_sha256"].to_numpy(dtype=object)
+    content = usable["content_sha256"].to_numpy(dtype=object, copy=True)
+    missing = pd.isna(content)  # no content hash: never taken for another image's copy
+    content[missing] = [f"row {k}" for k in np.flatnonzero(missing)]
+    codes = pd.factorize(pd.Series(content))[0]
+    contents = int(codes.max()) + 1 if len(codes) else 0
+
+    def first_rows(mask: np.ndarray) -> np.ndarray:
+        """Each content's first row among those in mask (-1: none there)."""
+        first = np.full(contents, -1, dtype=np.int64)
+        rows = np.flatnonzero(mask)
+        ids, at = np.unique(codes[rows], return_index=True)
+        first[ids] = rows[at]
+        return first
+
+    first_test, first_train = first_rows(is_test), first_rows(~is_test)
+    tests = np.bincount(codes, weights=is_test, minlength=contents).astype(np.int64)
+    trains = np.bincount(codes, minlength=contents) - tests
+    hashes = hashes_from_hex(usable["dhash"].to_numpy(dtype=object)[first_rows(np.ones(len(codes), bool))].tolist())
+
     found = {scope: {"count": 0, "closest": np.empty((0, 3), dtype=np.int64)} for scope in SCOPES}
-    for i, j, distance in near_pairs(hashes_from_hex(usable["dhash"].tolist()), max_distance):
-        keep = content[i] != content[j]
-        i, j, distance = i[keep], j[keep], distance[keep]
-        for scope, in_scope in ((SCOPES[0], is_test[i] != is_test[j]), (SCOPES[1], ~is_test[i] & ~is_test[j])):
+    for a, b, distance in near_pairs(hashes, max_distance):
+        # A test copy of one content beside a train copy of the other: a test copy of a first when it has one.
+        a_test = tests[a] > 0
+        cross_pairs = tests[a] * trains[b] + trains[a] * tests[b]
+        cross = (np.where(a_test & (trains[b] > 0), first_test[a], first_train[a]),
+                 np.where(a_test & (trains[b] > 0), first_train[b], first_test[b]))
+        within_pairs = trains[a] * trains[b]
+        within = (first_train[a], first_train[b])
+        for scope, pairs, (i, j) in ((SCOPES[0], cross_pairs, cross), (SCOPES[1], within_pairs, within)):
+            in_scope = pairs > 0
             if not in_scope.any():
                 continue
-            found[scope]["count"] += int(in_scope.sum())
+            found[scope]["count"] += int(pairs[in_scope].sum())
             # Keep only the closest few so far: a folder of near copies must not hold every pair.
-            rows = np.column_stack([distance[in_scope], i[in_scope], j[in_scope]])
-            both = np.concatenate([found[scope]["closest"], rows])
+            low, high = np.minimum(i, j)[in_scope], np.maximum(i, j)[in_scope]
+            both = np.concatenate([found[scope]["closest"], np.column_stack([distance[in_scope], low, high])])
             found[scope]["closest"] = both[np.lexsort((both[:, 2], both[:, 1], both[:, 0]))][:examples]
     out = {}
     for scope, result in found.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -17,7 +18,7 @@ from protein.synth.render import render_image
 from protein.validation import ValidationConfig, validate_dataset
 from protein.validation.config import DEFAULT_NEAR_DUPLICATE_DISTANCE
 from protein.validation.expectations import custom_expectations
-from protein.validation.neardup import difference_hash, hashes_from_hex, near_pairs
+from protein.validation.neardup import SCOPES, difference_hash, hashes_from_hex, near_duplicates, near_pairs
 
 SIZE = 128
 CONFIG = ValidationConfig(image_size=SIZE)
@@ -89,6 +90,57 @@ def test_banded_search_finds_what_a_full_comparison_finds(max_distance: int) -> 
                 if everything[i, j] <= max_distance}
     assert len(found) == len(set(found))  # each pair once, though several bands find it
     assert set(found) == expected
+
+
+def copies_frame(seed: int) -> pd.DataFrame:
+    """Rows of a validation's image table: 30 images (some a few bits from another), each in 1-4
+    copies with the same pixels spread over train and test, a few not decoded or blank."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**62, 30, dtype=np.int64)
+    for a, b in rng.integers(0, 30, (12, 2)):
+        hashes[b] = hashes[a] ^ int(sum(1 << int(f) for f in rng.choice(62, rng.integers(0, 9), replace=False)))
+    rows = []
+    for image, value in enumerate(hashes):
+        for copy in range(int(rng.integers(1, 5))):
+            rows.append({"split": str(rng.choice(["train", "test", "test", "train", "sample"])),
+                         "file": f"{image}-{copy}.png", "dhash": f"{int(value):016x}",
+                         "content_sha256": f"pixels of {image}", "constant": bool(rng.random() < 0.05)})
+    rows[3]["dhash"] = None  # not decoded
+    rows[5]["content_sha256"] = None  # no content hash: unlike any other row
+    return pd.DataFrame(rows).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+def pairs_image_by_image(frame: pd.DataFrame, max_distance: int) -> dict[str, list[tuple[int, str, str]]]:
+    """Every pair of usable rows with other pixels within max_distance, per scope: (distance, file, file)."""
+    usable = frame[frame["dhash"].notna() & ~frame["constant"].astype(bool) & frame["split"].isin(["train", "test"])]
+    rows = list(usable.itertuples())
+    found: dict[str, list[tuple[int, str, str]]] = {scope: [] for scope in SCOPES}
+    for k, one in enumerate(rows):
+        for other in rows[k + 1:]:
+            distance = (int(one.dhash, 16) ^ int(other.dhash, 16)).bit_count()
+            same_pixels = one.content_sha256 is not None and one.content_sha256 == other.content_sha256
+            if distance > max_distance or same_pixels or "test" == one.split == other.split:
+                continue
+            scope = SCOPES[0] if one.split != other.split else SCOPES[1]
+            found[scope].append((distance, *sorted((one.file, other.file))))
+    return found
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_copies_are_searched_once_and_counted_pair_by_pair(seed: int) -> None:
+    frame = copies_frame(seed)
+    expected = pairs_image_by_image(frame, DEFAULT_NEAR_DUPLICATE_DISTANCE)
+    found = near_duplicates(frame, DEFAULT_NEAR_DUPLICATE_DISTANCE, examples=4)
+    split = dict(zip(frame["file"], frame["split"], strict=True))
+    for scope in SCOPES:
+        assert found[scope]["count"] == len(expected[scope]), (seed, scope)
+        examples = [(p["distance"], *sorted((p["file"], p["near"]))) for p in found[scope]["pairs"]]
+        assert set(examples) <= set(expected[scope]), (seed, scope)  # real pairs of this scope, as found
+        # The closest, one pair per two contents: as close as the closest pairs there are.
+        closest = sorted({(d, a.split("-")[0], b.split("-")[0]) for d, a, b in expected[scope]})
+        assert sorted(d for d, _, _ in examples) == [d for d, _, _ in closest[:4]], (seed, scope)
+        if scope == SCOPES[0]:  # the test image named first: it is the one that leaks
+            assert all(split[p["file"]] == "test" for p in found[scope]["pairs"]), (seed, found[scope])
 
 
 def test_near_copies_are_close_and_unrelated_images_are_not() -> None:
