@@ -350,9 +350,10 @@ class MotoServer:
 
 
 @contextmanager
-def running_moto_server() -> Iterator[MotoServer]:
-    """A started MotoServer, closed (stopped, log removed) on the way out."""
-    server = MotoServer()
+def running_moto_server(env: dict[str, str] | None = None) -> Iterator[MotoServer]:
+    """A started MotoServer (``env``: moto's settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT), closed
+    (stopped, log removed) on the way out."""
+    server = MotoServer(env=env)
     server.start()
     try:
         yield server

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -90,14 +90,10 @@ def test_no_credentials(s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.fixture(scope="module")
-def s3_server_enforcing_auth() -> Any:
+def s3_server_enforcing_auth() -> Iterator[MotoServer]:
     # moto accepts any credentials unless told to check them against its own IAM from the first request.
-    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    server.start()
-    try:
+    with running_moto_server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as server:
         yield server
-    finally:
-        server.close()
 
 
 def test_wrong_credentials(
@@ -136,15 +132,11 @@ def test_wrong_credentials(
 
 
 @pytest.fixture(scope="module")
-def s3_server_with_iam() -> Any:
+def s3_server_with_iam() -> Iterator[MotoServer]:
     # The first 4 requests (bucket, user, policy, access key) are let through unauthenticated; every
     # later one is checked against moto's IAM.
-    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    server.start()
-    try:
+    with running_moto_server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"}) as server:
         yield server
-    finally:
-        server.close()
 
 
 def test_access_denied_names_the_refused_action_and_the_key(
