@@ -72,13 +72,22 @@ def shared_unit(fixture: str) -> str:
     return f"the modules that share the session's {fixture}"
 
 
+def shared_units() -> dict[str, str]:
+    """Each module that uses a shared session fixture -> the unit of work of that fixture's modules."""
+    return {module: shared_unit(fixture) for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
+
+
+def module_of(item: pytest.Item, root: Path) -> str:
+    """The test's module as SHARED_FIXTURE_MODULES names it (relative to the root, / separated)."""
+    return item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
+
+
 def unlisted_shared_fixture_modules(items: list[pytest.Item], root: Path) -> list[str]:
     """'module uses fixture' for each module that uses a shared fixture without being in its list,
     or that is in the lists of two (it cannot be in two units of work)."""
     problems = []
     for fixture, listed in SHARED_FIXTURE_MODULES.items():
-        users = {item.path.relative_to(root).as_posix() for item in items
-                 if fixture in getattr(item, "fixturenames", ())}
+        users = {module_of(item, root) for item in items if fixture in getattr(item, "fixturenames", ())}
         problems += [f"{module} uses {fixture}" for module in sorted(users - listed)]
     units = list(SHARED_FIXTURE_MODULES.values())
     problems += [f"{module} is listed for two shared fixtures" for i, a in enumerate(units) for b in units[i + 1:]
@@ -92,8 +101,7 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    unit_of = {module: shared_unit(fixture)
-               for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
+    unit_of = shared_units()
 
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -123,10 +131,10 @@ def last_in_unit_last(items: list[pytest.Item], root: Path) -> list[pytest.Item]
     the order it had. Such a test waits for what that fixture started in the background (the stack's
     dead run, tests/integration/dead_run.py), and the wait passes while the others run; in any order
     the test is right, only slower."""
-    unit_of = {module: fixture for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
+    unit_of = shared_units()
 
     def unit(item: pytest.Item) -> str:
-        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
+        module = module_of(item, root)
         return unit_of.get(module, module)
 
     ordered = [item for item in items if not item.get_closest_marker("last_in_unit")]

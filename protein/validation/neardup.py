@@ -138,11 +138,11 @@ def near_duplicates(frame: pd.DataFrame, max_distance: int, examples: int = MAX_
 
     found = {scope: {"count": 0, "closest": np.empty((0, 3), dtype=np.int64)} for scope in SCOPES}
     for a, b, distance in near_pairs(hashes, max_distance):
-        # A test copy of one content beside a train copy of the other: a test copy of a first when it has one.
-        a_test = tests[a] > 0
+        # The example across splits: a test copy of a beside a train copy of b where both exist, else
+        # a train copy of a beside a test copy of b.
+        test_in_a = (tests[a] > 0) & (trains[b] > 0)
         cross_pairs = tests[a] * trains[b] + trains[a] * tests[b]
-        cross = (np.where(a_test & (trains[b] > 0), first_test[a], first_train[a]),
-                 np.where(a_test & (trains[b] > 0), first_train[b], first_test[b]))
+        cross = (np.where(test_in_a, first_test[a], first_train[a]), np.where(test_in_a, first_train[b], first_test[b]))
         within_pairs = trains[a] * trains[b]
         within = (first_train[a], first_train[b])
         for scope, pairs, (i, j) in ((SCOPES[0], cross_pairs, cross), (SCOPES[1], within_pairs, within)):
