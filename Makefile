@@ -43,9 +43,13 @@ check: $(STAMP) browser
 # Everything, on two xdist workers: most of the slow tier waits on servers, heartbeats and polls, so
 # two modules at a time fill the two cores (28 min serial, docs/testing.md). A module stays on one
 # worker (its clusters are module fixtures); tests/tiers.py hands out the long modules first.
+# FILL_IDLE=1 adds a third worker that runs only fast-tier tests, each when a core is idle, until the
+# slow tier is done (tests/idle_worker.py): for machines with cores to spare; on this 2-core one it
+# measured even (docs/testing.md).
+TEST_WORKERS = $(if $(FILL_IDLE),-n 3 --fill-idle,-n 2)
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The soak test: a compressed calendar of nights, pushes and faults on the production shape
 # (docs/reliability.md). make test runs 30 nights of it on one of its workers; this runs it alone,

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests import idle_worker
 from tests.early_release import EarlyRelease
 from tests.tiers import (
     SHARED_FIXTURE_MODULES,
@@ -88,9 +89,19 @@ SERVER_START_TIMEOUT_S = 10.0
 
 
 # The tiers, the shared fixtures' units of work and the order of a session: tests/tiers.py.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(idle_worker.OPTION, action="store_true", dest="fill_idle",
+                     help="with -n N (N >= 2) and --dist loadscope: the last worker runs only fast-tier tests, "
+                          "each started when a core is idle while slow tests remain (tests/idle_worker.py)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Each shared fixture is stopped once its last module ends, not at the session's (tests/early_release.py).
     config.pluginmanager.register(EarlyRelease(SHARED_FIXTURE_MODULES), EarlyRelease.NAME)
+    if config.getoption("fill_idle"):  # the idle-time worker (tests/idle_worker.py)
+        if not is_xdist_worker(config) and idle_worker.enabled(config, config.getoption("numprocesses") or 0):
+            idle_worker.announce(config, SESSION_SCRATCH / "slow-tier-done")
+        config.pluginmanager.register(idle_worker.Plugin(config), idle_worker.Plugin.NAME)
 
 
 @pytest.hookimpl(optionalhook=True)

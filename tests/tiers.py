@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import idle_worker
 
 # The fast tier (`make check`, `pytest -m "not slow"`) is what is left when every test that requests one
 # of these fixtures, directly or through another fixture, is marked slow by pytest_collection_modifyitems.
@@ -100,6 +103,7 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
+    from xdist.workermanage import parse_tx_spec_config
 
     unit_of = shared_units()
 
@@ -108,7 +112,75 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
             """A shared fixture's modules together; any other test in loadscope's unit (its module or class)."""
             return unit_of.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
 
-    return SharedFixtureScheduling(config, log)
+    workers = len(parse_tx_spec_config(config))
+    if not idle_worker.enabled(config, workers):
+        return SharedFixtureScheduling(config, log)
+
+    filler_id = idle_worker.idle_worker_id(workers)
+    done_flag = Path(os.environ[idle_worker.DONE_FLAG_ENV].partition(" ")[2])  # idle_worker.announce
+
+    class IdleTimeScheduling(SharedFixtureScheduling):
+        """The last worker (tests/idle_worker.py) collected only the fast tier: it is handed the first
+        queued unit of work all of whose tests it collected, and is shut down when none is left; the
+        others take the queue in order. Once no slow test is left, the flag file tells the idle-time
+        worker to stop waiting for spare cores."""
+
+        fast: set[str] | None = None
+
+        def add_node_collection(self, node: Any, collection: Sequence[str]) -> None:
+            super().add_node_collection(node, collection)
+            if node.gateway.id == filler_id and node in self.registered_collections:
+                self.fast = set(collection)
+            # The others' collection is the session's (LoadScopeScheduling takes the first one's).
+            self.registered_collections = dict(sorted(self.registered_collections.items(),
+                                                      key=lambda entry: entry[0].gateway.id == filler_id))
+
+        def _check_nodes_have_same_collection(self) -> bool:
+            others = {node: c for node, c in self.registered_collections.items() if node.gateway.id != filler_id}
+            filler = [c for node, c in self.registered_collections.items() if node.gateway.id == filler_id]
+            full = set(next(iter(others.values()), []))
+            if filler and not set(filler[0]) <= full:
+                self.log(f"{filler_id} collected tests the others did not: {sorted(set(filler[0]) - full)[:5]}")
+                return False
+            saved, self.registered_collections = self.registered_collections, others
+            try:
+                return bool(super()._check_nodes_have_same_collection())
+            finally:
+                self.registered_collections = saved
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if node.gateway.id == filler_id:
+                fast = self.fast or set()
+                scope = next((s for s, unit in self.workqueue.items() if idle_worker.fast_unit(unit, fast)), None)
+                if scope is None:
+                    node.shutdown()
+                    return
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node: Any) -> None:
+            if (node.gateway.id == filler_id and self.workqueue and not node.shutting_down
+                    and not any(idle_worker.fast_unit(unit, self.fast or set()) for unit in self.workqueue.values())):
+                node.shutdown()  # it finishes what it was handed
+                return
+            super()._reschedule(node)
+
+        def schedule(self) -> None:
+            super().schedule()
+            # xdist counts the session's tests from the last worker to finish collecting: the
+            # progress would pass 100 % when that was the idle-time worker.
+            session = getattr(self.config.pluginmanager.get_plugin("dsession"), "_session", None)
+            if session is not None and self.collection:
+                session.testscollected = len(self.collection)
+
+        def mark_test_complete(self, node: Any, item_index: int, duration: float = 0) -> None:
+            super().mark_test_complete(node, item_index, duration)
+            if self.fast is not None and not done_flag.exists() and not idle_worker.slow_tests_left(
+                    self.workqueue.values(), [u for units in self.assigned_work.values() for u in units.values()],
+                    self.fast):
+                done_flag.touch()
+
+    return IdleTimeScheduling(config, log)
 
 
 def mark_slow_and_order(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -186,6 +186,7 @@ class Worker:
 def schedule_make_test(collection: list[str]) -> list[list[str]]:
     """The tests each of make test's two workers is sent, by its scheduler (pytest_xdist_make_scheduler)."""
     config = SimpleNamespace(getvalue={"dist": "loadscope", "tx": ["2*popen"]}.__getitem__,
+                             getoption=lambda name, default=None: default,  # no --fill-idle: tests/idle_worker.py
                              option=SimpleNamespace(loadscopereorder=False))
     scheduler = pytest_xdist_make_scheduler(config, None)  # type: ignore[arg-type]
     workers = [Worker("gw0"), Worker("gw1")]
