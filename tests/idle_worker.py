@@ -67,6 +67,12 @@ def announce(config: pytest.Config, flag: Path) -> None:
     os.environ[DONE_FLAG_ENV] = f"{run_id} {flag}"
 
 
+def announced_flag(config: pytest.Config) -> Path | None:
+    """The controller's own announcement's flag path (None when the variable is another session's)."""
+    run_id, _, flag = os.environ.get(DONE_FLAG_ENV, "").partition(" ")
+    return Path(flag) if flag and run_id == config.getoption("testrunuid", None) else None
+
+
 def idle_time_flag(config: pytest.Config) -> Path | None:
     """The flag file to watch when this process is the idle-time worker of its controller; else None."""
     workerinput = getattr(config, "workerinput", None)

@@ -113,11 +113,11 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
             return unit_of.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
 
     workers = len(parse_tx_spec_config(config))
-    if not idle_worker.enabled(config, workers):
+    done_flag = idle_worker.announced_flag(config)  # tests/conftest.py announced it when it applies
+    if not idle_worker.enabled(config, workers) or done_flag is None:
         return SharedFixtureScheduling(config, log)
 
     filler_id = idle_worker.idle_worker_id(workers)
-    done_flag = Path(os.environ[idle_worker.DONE_FLAG_ENV].partition(" ")[2])  # idle_worker.announce
 
     class IdleTimeScheduling(SharedFixtureScheduling):
         """The last worker (tests/idle_worker.py) collected only the fast tier: it is handed the first

@@ -43,9 +43,11 @@ class Node:
         self.shutting_down = True
 
 
-def scheduler(flag: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 3, fill_idle: bool = True) -> Any:
-    monkeypatch.setenv(idle_worker.DONE_FLAG_ENV, f"run-1 {flag}")
-    options = {"dist": "loadscope", "fill_idle": fill_idle, "numprocesses": workers, "tx": [f"{workers}*popen"]}
+def scheduler(flag: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 3, fill_idle: bool = True,
+              announced_by: str = "run-1") -> Any:
+    monkeypatch.setenv(idle_worker.DONE_FLAG_ENV, f"{announced_by} {flag}")
+    options = {"dist": "loadscope", "fill_idle": fill_idle, "numprocesses": workers, "tx": [f"{workers}*popen"],
+               "testrunuid": "run-1"}
     config = SimpleNamespace(getvalue=options.__getitem__,
                              getoption=lambda name, default=None: options.get(name, default),
                              option=SimpleNamespace(loadscopereorder=False),
@@ -102,6 +104,9 @@ def test_without_the_option_the_session_is_scheduled_as_before(tmp_path: Path, m
     assert type(scheduler(tmp_path / "done", monkeypatch, workers=2, fill_idle=False)).__name__ \
         == "SharedFixtureScheduling"
     assert type(scheduler(tmp_path / "done", monkeypatch, workers=3)).__name__ == "IdleTimeScheduling"
+    # An announcement this controller did not make (a session it runs inside of) is not its own.
+    assert type(scheduler(tmp_path / "done", monkeypatch, workers=3, announced_by="run-0")).__name__ \
+        == "SharedFixtureScheduling"
 
 
 def test_a_worker_that_collected_a_test_the_others_did_not_fails_the_session(
