@@ -67,23 +67,26 @@ def announce(config: pytest.Config, flag: Path) -> None:
     os.environ[DONE_FLAG_ENV] = f"{run_id} {flag}"
 
 
-def announced_flag(config: pytest.Config) -> Path | None:
-    """The controller's own announcement's flag path (None when the variable is another session's)."""
+def announcement() -> tuple[str, Path] | None:
+    """(run id, flag path) of the announcement in this process's environment, if any."""
     run_id, _, flag = os.environ.get(DONE_FLAG_ENV, "").partition(" ")
-    return Path(flag) if flag and run_id == config.getoption("testrunuid", None) else None
+    return (run_id, Path(flag)) if flag else None
+
+
+def announced_flag(config: pytest.Config) -> Path | None:
+    """The flag path of this controller's own announcement (None when the variable is another
+    session's, or none was made: the option does not apply)."""
+    found = announcement()
+    return found[1] if found and found[0] == config.getoption("testrunuid", None) else None
 
 
 def idle_time_flag(config: pytest.Config) -> Path | None:
     """The flag file to watch when this process is the idle-time worker of its controller; else None."""
     workerinput = getattr(config, "workerinput", None)
-    run_id, _, flag = os.environ.get(DONE_FLAG_ENV, "").partition(" ")
-    if not workerinput or not flag or run_id != workerinput.get("testrunuid"):
+    found = announcement()
+    if not workerinput or not found or found[0] != workerinput.get("testrunuid"):
         return None
-    return Path(flag) if workerinput["workerid"] == idle_worker_id(int(workerinput["workercount"])) else None
-
-
-def fills_idle(config: pytest.Config) -> bool:
-    return idle_time_flag(config) is not None
+    return found[1] if workerinput["workerid"] == idle_worker_id(int(workerinput["workercount"])) else None
 
 
 def fast_unit(unit: Iterable[str], fast: set[str]) -> bool:
@@ -140,8 +143,6 @@ class Tally:
                 f"{self.started_after_done} after")
 
 
-TALLY = Tally()
-
 
 def wait_for_a_spare_core(done_flag: Path, max_wait_s: float = MAX_WAIT_S) -> float:
     """Returns once a core is spare, the slow tier is done (the flag exists) or max_wait_s passed;
@@ -165,7 +166,8 @@ class Plugin:
 
     def __init__(self, config: pytest.Config) -> None:
         self.flag = idle_time_flag(config)
-        self.lines: list[str] = []
+        self.tally = Tally()  # the idle-time worker's
+        self.lines: list[str] = []  # the controller's, one per idle-time worker
 
     @pytest.hookimpl(trylast=True)  # after the tiers marked the slow tests (tests/conftest.py)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -176,11 +178,11 @@ class Plugin:
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self.flag is not None:
             waited = wait_for_a_spare_core(self.flag)
-            TALLY.add(waited, self.flag.exists() and waited <= WINDOW_S * 1.5)
+            self.tally.add(waited, self.flag.exists() and waited <= WINDOW_S * 1.5)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.flag is not None:
-            session.config.workeroutput["idle_worker"] = asdict(TALLY)  # type: ignore[attr-defined]
+            session.config.workeroutput["idle_worker"] = asdict(self.tally)  # type: ignore[attr-defined]
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:

@@ -112,12 +112,12 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
             """A shared fixture's modules together; any other test in loadscope's unit (its module or class)."""
             return unit_of.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
 
-    workers = len(parse_tx_spec_config(config))
-    done_flag = idle_worker.announced_flag(config)  # tests/conftest.py announced it when it applies
-    if not idle_worker.enabled(config, workers) or done_flag is None:
+    # tests/conftest.py announced an idle-time worker when the option applies (idle_worker.enabled).
+    done_flag = idle_worker.announced_flag(config)
+    if done_flag is None:
         return SharedFixtureScheduling(config, log)
 
-    filler_id = idle_worker.idle_worker_id(workers)
+    filler_id = idle_worker.idle_worker_id(len(parse_tx_spec_config(config)))
 
     class IdleTimeScheduling(SharedFixtureScheduling):
         """The last worker (tests/idle_worker.py) collected only the fast tier: it is handed the first
@@ -140,7 +140,11 @@ def shared_fixture_scheduler(config: pytest.Config, log: Any) -> Any:
             filler = [c for node, c in self.registered_collections.items() if node.gateway.id == filler_id]
             full = set(next(iter(others.values()), []))
             if filler and not set(filler[0]) <= full:
-                self.log(f"{filler_id} collected tests the others did not: {sorted(set(filler[0]) - full)[:5]}")
+                # As xdist reports collections that differ: a collection error, so the run fails.
+                message = f"{filler_id} collected tests the others did not: {sorted(set(filler[0]) - full)[:5]}"
+                self.log(message)
+                self.config.hook.pytest_collectreport(report=pytest.CollectReport(
+                    nodeid=filler_id, outcome="failed", longrepr=message, result=[]))
                 return False
             saved, self.registered_collections = self.registered_collections, others
             try:

@@ -4,7 +4,6 @@ is told the slow tier is done, and how it decides a core is spare."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from tests import idle_worker
 from tests.tiers import shared_fixture_scheduler
+from tests.unit.test_tiers import Worker  # xdist's worker as the scheduler sees it
 
 SLOW = ["tests/integration/test_a.py::test_slow_1", "tests/integration/test_a.py::test_slow_2",
         "tests/integration/test_b.py::test_slow"]
@@ -24,29 +24,14 @@ MIXED = ["tests/model/test_g.py::test_fast", "tests/model/test_g.py::test_slow"]
 SESSION = SLOW + MIXED + FAST  # slow modules first, as tests/tiers.py orders them
 
 
-@dataclass(eq=False)
-class Node:
-    """What the scheduler uses of xdist's WorkerController."""
-
-    id: str
-    sent: list[int] = field(default_factory=list)
-    shutting_down: bool = False
-
-    @property
-    def gateway(self) -> Any:
-        return SimpleNamespace(id=self.id)
-
-    def send_runtest_some(self, indexes: list[int]) -> None:
-        self.sent += indexes
-
-    def shutdown(self) -> None:
-        self.shutting_down = True
-
-
-def scheduler(flag: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 3, fill_idle: bool = True,
-              announced_by: str = "run-1") -> Any:
-    monkeypatch.setenv(idle_worker.DONE_FLAG_ENV, f"{announced_by} {flag}")
-    options = {"dist": "loadscope", "fill_idle": fill_idle, "numprocesses": workers, "tx": [f"{workers}*popen"],
+def scheduler(flag: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 3, announced_by: str | None = "run-1") -> Any:
+    """The controller's scheduler after tests/conftest.py announced an idle-time worker (as run
+    ``announced_by``; None: it announced none) in a session whose run id is run-1."""
+    if announced_by is None:
+        monkeypatch.delenv(idle_worker.DONE_FLAG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(idle_worker.DONE_FLAG_ENV, f"{announced_by} {flag}")
+    options = {"dist": "loadscope", "fill_idle": True, "numprocesses": workers, "tx": [f"{workers}*popen"],
                "testrunuid": "run-1"}
     config = SimpleNamespace(getvalue=options.__getitem__,
                              getoption=lambda name, default=None: options.get(name, default),
@@ -60,24 +45,24 @@ def run_session(flag: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, 
     run to completion one at a time, the workers taking turns; returns the tests each ran and, for
     each completion, (the test, whether the flag existed right after it)."""
     sched = scheduler(flag, monkeypatch)
-    nodes = [Node("gw2"), Node("gw0"), Node("gw1")]
+    nodes = [Worker("gw2"), Worker("gw0"), Worker("gw1")]
     collections = {"gw2": [n for n in SESSION if n in FAST or n.endswith("test_fast")], "gw0": SESSION, "gw1": SESSION}
     for node in nodes:
         sched.add_node(node)
     for node in nodes:
-        sched.add_node_collection(node, collections[node.id])
+        sched.add_node_collection(node, collections[node.gateway.id])
     sched.schedule()
-    ran: dict[str, list[str]] = {node.id: [] for node in nodes}
+    ran: dict[str, list[str]] = {node.gateway.id: [] for node in nodes}
     completions: list[tuple[str, bool]] = []
-    done = {node.id: 0 for node in nodes}
-    while any(done[node.id] < len(node.sent) for node in nodes):
+    done = {node.gateway.id: 0 for node in nodes}
+    while any(done[node.gateway.id] < len(node.sent) for node in nodes):
         for node in nodes:
-            if done[node.id] < len(node.sent):
-                index = node.sent[done[node.id]]
-                done[node.id] += 1
-                ran[node.id].append(collections[node.id][index])
+            if done[node.gateway.id] < len(node.sent):
+                index = node.sent[done[node.gateway.id]]
+                done[node.gateway.id] += 1
+                ran[node.gateway.id].append(collections[node.gateway.id][index])
                 sched.mark_test_complete(node, index)
-                completions.append((collections[node.id][index], flag.exists()))
+                completions.append((collections[node.gateway.id][index], flag.exists()))
     assert all(node.shutting_down for node in nodes), "every worker is told to stop once the work is out"
     return ran, completions
 
@@ -100,8 +85,9 @@ def test_the_flag_is_written_once_the_last_slow_test_completed_and_not_before(
     assert all(exists for _, exists in completions[last_slow:])
 
 
-def test_without_the_option_the_session_is_scheduled_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert type(scheduler(tmp_path / "done", monkeypatch, workers=2, fill_idle=False)).__name__ \
+def test_without_an_announcement_of_its_own_the_session_is_scheduled_as_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert type(scheduler(tmp_path / "done", monkeypatch, workers=2, announced_by=None)).__name__ \
         == "SharedFixtureScheduling"
     assert type(scheduler(tmp_path / "done", monkeypatch, workers=3)).__name__ == "IdleTimeScheduling"
     # An announcement this controller did not make (a session it runs inside of) is not its own.
@@ -114,7 +100,7 @@ def test_a_worker_that_collected_a_test_the_others_did_not_fails_the_session(
     sched = scheduler(tmp_path / "done", monkeypatch)
     reports: list[Any] = []
     sched.config.hook = SimpleNamespace(pytest_collectreport=lambda report: reports.append(report))
-    nodes = [Node("gw0"), Node("gw1"), Node("gw2")]
+    nodes = [Worker("gw0"), Worker("gw1"), Worker("gw2")]
     for node in nodes:
         sched.add_node(node)
     sched.add_node_collection(nodes[0], SESSION)
@@ -122,6 +108,7 @@ def test_a_worker_that_collected_a_test_the_others_did_not_fails_the_session(
     sched.add_node_collection(nodes[2], [*FAST, "tests/unit/test_z.py::test_only_here"])
     sched.schedule()
     assert not any(node.sent for node in nodes), "nothing runs when the collections disagree"
+    assert reports and reports[0].outcome == "failed", "the disagreement is reported as a collection error"
 
 
 def test_unit_and_slow_test_bookkeeping() -> None:
@@ -165,7 +152,8 @@ def test_a_worker_knows_its_role_from_its_own_controllers_announcement(
                              getoption=lambda name, default=None: options.get(name, default),
                              getvalue=options.__getitem__)
     assert idle_worker.idle_time_flag(config) == (tmp_path / "done" if fills else None)  # type: ignore[arg-type]
-    assert idle_worker.fills_idle(SimpleNamespace(getoption=config.getoption)) is False, "the controller is no worker"
+    controller = SimpleNamespace(getoption=config.getoption)
+    assert idle_worker.idle_time_flag(controller) is None, "the controller is no worker"  # type: ignore[arg-type]
 
 
 def test_the_controller_tags_its_announcement_with_the_run_id_it_hands_its_workers(
