@@ -31,10 +31,16 @@ from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.dispatch import lost_after_refusal
-from tasks.evaluation import evaluate_models, gate, gate_evaluation_of_run
+from tasks.evaluation import check_challenger_split, evaluate_models, gate, gate_evaluation_of_run
 from tasks.prediction import predict_submission, publish_submission_of_run
 from tasks.registry import current_champion, find_run_model, promote_model
-from tasks.summary import champion_data_fingerprint, data_fingerprint, dataset_uri_problem, publish_run_summary
+from tasks.summary import (
+    champion_data_fingerprint,
+    data_fingerprint,
+    dataset_uri_problem,
+    gate_judged_data,
+    publish_run_summary,
+)
 from tasks.training import train_model
 from tasks.validation import validate_data
 
@@ -107,7 +113,7 @@ def retrain(
             logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
                            origin, given.model_dump(), gate_config.model_dump())
     # Once, here: every step below works on this immutable dataset, whatever is pushed meanwhile.
-    resolved = resolve_dataset(data, store, trigger_event_id(trigger_event))
+    resolved = resolve_dataset(data, store, trigger_event_id(trigger_event), str(flow_run.id) if flow_run.id else None)
     if resolved.get("problem"):
         return Failed(message=f"data {data}: {resolved['problem']}")
     named, data = data, resolved["uri"]
@@ -123,16 +129,13 @@ def retrain(
         return Completed(message=message, data={"skipped": True, "superseded_by": resolved["sequence"]})
     champion = current_champion(store)
     summary["champion_before"] = summary["champion_after"] = champion
-    if skip_if_unchanged and champion:
-        current = resolved["fingerprint"] or data_fingerprint(data)
-        if current == champion_data_fingerprint(store, champion):
-            message = (f"nothing trained: the data (fingerprint {current[:12]}) is what champion {champion} was "
-                       "trained on, and skip_if_unchanged is on")
-            logger.info(message)
-            publish_run_summary({**summary, "outcome": "skipped, data unchanged", "data_fingerprint": current,
-                                 "message": message})
-            return Completed(message=message, data={"champion": champion, "skipped": True,
-                                                    "data_fingerprint": current, "reason": message})
+    if skip_if_unchanged and (why := already_judged(data, store, resolved, champion, train)):
+        current, message = why
+        logger.info(message)
+        publish_run_summary({**summary, "outcome": "skipped, data unchanged", "data_fingerprint": current,
+                             "message": message})
+        return Completed(message=message, data={"champion": champion, "skipped": True,
+                                                "data_fingerprint": current, "reason": message})
 
     if (train_deployment or score_deployment) and (problem := lost_after_refusal(dispatch.to_config())):
         return Failed(message=f"{problem}; nothing was validated or trained")  # not after minutes of validation
@@ -164,6 +167,10 @@ def retrain(
         challenger = find_run_model(store, run_id)
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
+        try:  # the GPU host wrote its model.json: the gate's rows are this run's split, not the host's
+            check_challenger_split(data, store, challenger, config)
+        except EvidenceRefused as exc:
+            return Failed(message=str(exc))
     else:
         challenger = train_model(data, store, config, run_id, train.share_cache,
                                  expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
@@ -213,6 +220,23 @@ def trigger_event_id(trigger_event: str | None) -> str | None:
 
 def flow_actor() -> str:
     return f"prefect-flow-run:{flow_run.id}"
+
+
+def already_judged(data: str, store: str, resolved: dict[str, Any], champion: str | None,
+                   train: TrainParams) -> tuple[str, str] | None:
+    """(fingerprint, why nothing is trained) when the champion was trained on this data, or the gate
+    already judged a challenger trained on it with this training config; else None. Without the
+    second, a challenger the gate refused had its data retrained every night."""
+    current = resolved["fingerprint"] or data_fingerprint(data)
+    if champion and current == champion_data_fingerprint(store, champion):
+        return current, (f"nothing trained: the data (fingerprint {current[:12]}) is what champion {champion} was "
+                         "trained on, and skip_if_unchanged is on")
+    if judged := gate_judged_data(store, current, train.to_config()):
+        verdict = "promoted" if judged["promoted"] else "refused"
+        return current, (f"nothing trained: challenger {judged['challenger']} was trained on this data (fingerprint "
+                         f"{current[:12]}) with this training config and the gate {verdict} it "
+                         f"({judged['decided'][:16]}); skip_if_unchanged is on, a manual run retrains")
+    return None
 
 
 def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champion: str | None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from protein.data.channels import channel_of, read_channel, resolve_data
+from protein.data.run_resolution import resolve_once
 from protein.errors import DataError
 from protein.validation.reference import refused_by_validation
 from tasks.retry import retry_transient
@@ -16,19 +17,32 @@ from tasks.retry import retry_transient
 
 @task(name="resolve-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None) -> dict[str, Any]:
+def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
+                    run_key: str | None = None) -> dict[str, Any]:
     """``data`` resolved to an immutable dataset (ResolvedData as a dict), plus
     ``trigger_sequence``: the channel push whose event started this run, when it is on the channel.
-    A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line."""
-    try:
-        resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
-    except DataError as exc:
-        return {"problem": str(exc)}
-    result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
-    if trigger_event_id and resolved.channel:
-        store_, name = channel_of(data, store)
-        pushed = read_channel(store_, name).entry_for_event(trigger_event_id)
-        result["trigger_sequence"] = pushed.sequence if pushed else None
+    A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line.
+    With ``run_key`` (the flow run's id) a retry of the run takes its first attempt's resolution
+    (protein.data.run_resolution), so it resumes that training instead of starting another."""
+
+    def resolve() -> dict[str, Any]:
+        try:
+            resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
+        except DataError as exc:
+            return {"problem": str(exc)}
+        result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
+        if trigger_event_id and resolved.channel:
+            store_, name = channel_of(data, store)
+            pushed = read_channel(store_, name).entry_for_event(trigger_event_id)
+            result["trigger_sequence"] = pushed.sequence if pushed else None
+        return result
+
+    if run_key is None:
+        return resolve()
+    result, kept = resolve_once(data, store, run_key, resolve)
+    if kept:
+        get_run_logger().info("data %s: push #%s (%s), as this run's first attempt resolved it", data,
+                              result.get("sequence"), str(result.get("fingerprint"))[:12])
     return result
 
 

@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from protein.config import GateConfig
+from protein.config import GateConfig, TrainConfig
 from protein.evaluation.data_order import DataOrder, judge_data_order
 from protein.evaluation.gate import decide
 from protein.evaluation.report import gate_markdown, per_class_rows
@@ -54,6 +54,15 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
     get_run_logger().info("scoring %s and %s for the gate on %s (run %s)", challenger_id,
                           champion_id or "no champion", device, run_id)
     return score_for_gate(data, store, run_id, challenger_id, champion_id, device)
+
+
+@task(name="check-challenger-split", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def check_challenger_split(data: str, store: str, challenger_id: str, config: TrainConfig) -> None:
+    """EvidenceRefused unless the challenger trained elsewhere declares the split this run asked for."""
+    from protein.pipeline.evaluation import verify_challenger_split
+
+    verify_challenger_split(data, store, challenger_id, config)
 
 
 @task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,

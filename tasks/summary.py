@@ -9,9 +9,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from protein.config import TrainConfig
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import CHANNEL_SCHEME, parse_channel_ref
 from protein.errors import DataError
+from protein.pipeline.gated_data import gated_before
 from protein.registry import Registry
 from protein.storage import open_store
 
@@ -43,6 +45,12 @@ def dataset_uri_problem(data: object) -> str | None:
 def champion_data_fingerprint(store: str, champion: str) -> str | None:
     """The fingerprint of the data the champion was trained on (its model.json)."""
     return Registry(open_store(store)).spec(champion).get("data_fingerprint")
+
+
+@task(name="gate-judged-data", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def gate_judged_data(store: str, data_fingerprint: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The gate's last judgement of a challenger trained on this data with this config, or None."""
+    return gated_before(store, data_fingerprint, config)
 
 
 @task(name="data-fingerprint", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)

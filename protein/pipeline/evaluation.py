@@ -11,12 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from protein.config import TrainConfig
 from protein.data import CompetitionData, fingerprint, load_competition
+from protein.errors import EvidenceRefused
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
-from protein.pipeline.inputs import holdout_split, load_split_images
+from protein.pipeline.gated_data import record_gated_data
+from protein.pipeline.inputs import holdout_split, load_split_images, training_split
 from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry, check_version_id
 from protein.storage import open_store
@@ -30,9 +33,39 @@ def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint
     if "ids" in holdout and "ids" in spec.get("training_rows", {}):
         return list(spec["training_rows"]["ids"]), list(holdout["ids"])
     if spec.get("data_fingerprint") == data_fingerprint and "fraction" in holdout and "seed" in holdout:
-        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"])
+        if holdout["fraction"] is None:  # a refit trained on every row of this data
+            return (list(data.train_ids), []) if spec.get("refit") else None
+        # A fold model's split is its fold of the stratified folds, not a fraction's split.
+        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"], holdout.get("fold"),
+                                               holdout.get("folds") or 5)
         return [data.train_ids[i] for i in train_idx], [data.train_ids[i] for i in holdout_idx]
     return None
+
+
+def check_declared_split(spec: dict[str, Any], data: CompetitionData, config: TrainConfig, where: str) -> None:
+    """Refuse a challenger whose model.json declares other rows than the split ``config`` makes of
+    ``data``. The gate scores a challenger on the holdout it declares; a model.json is written by
+    whoever trained it (the GPU host), so a declared holdout is taken only when it is the one this
+    run asked for: a trainer cannot grade itself on rows it trained on by naming them its holdout."""
+    train_idx, holdout_idx = training_split(data, config)
+    expected = {"training_rows": [data.train_ids[i] for i in train_idx],
+                "holdout": [data.train_ids[i] for i in holdout_idx]}
+    for part, ids in expected.items():
+        declared = (spec.get(part) or {}).get("ids")
+        if declared != ids:
+            count = f"{len(declared)} ids" if isinstance(declared, list) else "no id list"
+            raise EvidenceRefused(
+                f"{where}: its model.json declares {part} ({count}) other than the split this run asked for "
+                f"({len(ids)} ids: holdout_fraction={config.holdout_fraction}, seed={config.seed}, "
+                f"fold={config.fold}, refit={config.refit}); the gate does not score a model on rows it chose")
+
+
+def verify_challenger_split(data_path: str | os.PathLike[str], store_uri: str, challenger_id: str,
+                            config: TrainConfig, cache_dir: Path | None = None) -> None:
+    """check_declared_split for a registered challenger on the dataset at data_path."""
+    registry = Registry(open_store(store_uri))
+    data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
+    check_declared_split(registry.spec(challenger_id), data, config, f"challenger {challenger_id}")
 
 
 def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dict[str, Any],
@@ -208,6 +241,8 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
            "challenger_eval": challenger_eval, "champion_eval": champion_eval,
            "decided": dt.datetime.now(dt.UTC).isoformat()}
     store.put_bytes(key, json.dumps(doc, indent=2).encode())
+    # After the record it points at: a scheduled run skips this data and config from now on.
+    record_gated_data(store, challenger_id, Registry(store).spec(challenger_id), decision)
     return f"{store.uri.rstrip('/')}/{key}"
 
 

@@ -97,6 +97,16 @@ def test_the_channel_is_resolved_once_trained_skipped_when_unchanged_and_never_g
     record = json.loads(registry.store.get_bytes(f"gates/{refused['challenger']}.json"))["decision"]
     assert record["promote"] is False and record["data_order"]["backwards"] is True
 
+    # A scheduled run on the data the gate just refused does not train it again (it once did,
+    # every night): the gate's judgement of this data and this training config stands.
+    versions = registry.versions()
+    again = retrain(data=first["uri"], store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
+                    skip_if_unchanged=True, return_state=True)
+    assert again.is_completed() and again.message.startswith(
+        f"nothing trained: challenger {refused['challenger']} was trained on this data "
+        f"(fingerprint {first['fingerprint'][:12]}) with this training config and the gate refused it"), again.message
+    assert registry.versions() == versions
+
     # A person says so: promoted, and the champion's history records who allowed it.
     allowed = retrain(data=first["uri"], store=store, train=TRAIN, gate_config=LENIENT, validation=VALIDATION,
                       allow_older_data=True, return_state=True)
@@ -129,3 +139,35 @@ def test_a_channel_with_no_push_fails_the_run_in_one_line(prefect_harness: None,
     state = retrain(data="channel:latest", store=str(tmp_path / "store"), return_state=True)
     assert state.is_failed()
     assert state.message.startswith("data channel:latest: channel:latest: no dataset was pushed on channel 'latest'")
+
+
+def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
+    pushes: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run's retry (Retry in the UI, Prefect's retries) starts the flow again: it takes the push
+    its first attempt resolved, under the same training run id, instead of training the newer push."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_engine import run_flow
+    from prefect.states import State
+
+    from flows.retrain import retrain
+
+    _, older, newer = pushes
+    store = str(tmp_path / "store")
+    first = push(older, store, capsys)
+    parameters = {"data": "channel:latest", "store": store, "train": TRAIN.model_dump(),
+                  "gate_config": LENIENT.model_dump(), "validation": VALIDATION.model_dump()}
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(retrain, parameters=parameters)
+        state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
+        assert state.is_completed(), state.message
+        attempt_1 = state.result()
+        push(newer, store, capsys)  # a push lands before the operator retries the run
+        client.set_flow_run_state(run.id, State(type=StateType.SCHEDULED, name="AwaitingRetry"), force=True)
+        state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
+        assert state.is_completed(), state.message
+        attempt_2 = state.result()
+    assert attempt_1["data_fingerprint"] == attempt_2["data_fingerprint"] == first["fingerprint"]
+    assert attempt_2["run_id"] == attempt_1["run_id"] and attempt_2["challenger"] == attempt_1["challenger"]
+    assert len(Registry(open_store(store)).versions()) == 1  # the newer push is its own run's to train

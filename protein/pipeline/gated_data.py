@@ -1,0 +1,61 @@
+"""Which data a gate has already judged, with which training config.
+
+A scheduled or push-triggered run skips data the champion was trained on; without this record it
+retrained, every night, data whose challenger the gate had refused (the champion keeps its older
+data, so the fingerprints differ): GPU hours each night for the same answer, and a marginal dataset
+that loses the gate would in time win it by chance, one more draw a night. The gate writes one
+small record per (data fingerprint, training config) under gates/by-data/ (the orchestrator's
+prefix: a training host cannot write it); a run with skip_if_unchanged reads that one key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from typing import Any
+
+from protein.config import TrainConfig, to_dict
+from protein.data.fingerprint import FINGERPRINT_CHARS
+from protein.errors import NotFound
+from protein.storage import Store, open_store
+
+# Where a run trained, not what it produces: a config that differs only here is the same training.
+MACHINE_FIELDS = frozenset({"device"})
+_FINGERPRINT = re.compile(f"[0-9a-f]{{{FINGERPRINT_CHARS}}}")
+
+
+def config_digest(train_config: dict[str, Any]) -> str:
+    """16 hex of SHA-256 over the training config, machine fields left out, keys sorted."""
+    produced = {k: v for k, v in train_config.items() if k not in MACHINE_FIELDS}
+    return hashlib.sha256(json.dumps(produced, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def gated_key(data_fingerprint: str, digest: str) -> str:
+    if not _FINGERPRINT.fullmatch(data_fingerprint):
+        raise ValueError(f"a data fingerprint is {FINGERPRINT_CHARS} lowercase hex digits, got {data_fingerprint!r}")
+    return f"gates/by-data/{data_fingerprint}/{digest}.json"
+
+
+def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], decision: dict[str, Any]) -> str | None:
+    """Note that the gate judged a challenger trained on spec's data with spec's config (the newest
+    judgement wins); None for a version whose model.json does not say what it trained on."""
+    fingerprint, train_config = spec.get("data_fingerprint"), spec.get("train_config")
+    if not isinstance(fingerprint, str) or not isinstance(train_config, dict):
+        return None
+    key = gated_key(fingerprint, config_digest(train_config))
+    doc = {"challenger": challenger_id, "promoted": bool(decision.get("promote")),
+           "reasons": list(decision.get("reasons") or []), "decided": dt.datetime.now(dt.UTC).isoformat()}
+    store.put_bytes(key, json.dumps(doc, indent=2).encode())
+    return key
+
+
+def gated_before(store_uri: str, data_fingerprint: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The gate's last judgement of a challenger trained on this data with this config, or None."""
+    store = open_store(store_uri)
+    try:
+        doc = json.loads(store.get_bytes(gated_key(data_fingerprint, config_digest(to_dict(config)))))
+    except NotFound:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("challenger"), str) else None

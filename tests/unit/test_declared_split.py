@@ -1,0 +1,80 @@
+"""The gate scores a challenger on rows this run chose, not rows its trainer declared
+(protein.pipeline.evaluation.check_declared_split), and rebuilds an older version's split the way
+it was made (recorded_split: folds and refits)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from protein.config import TrainConfig
+from protein.errors import EvidenceRefused
+from protein.pipeline.evaluation import check_declared_split, recorded_split
+from protein.pipeline.inputs import holdout_split, training_split
+
+
+@pytest.fixture
+def data() -> Any:
+    rng = np.random.default_rng(7)
+    targets = (rng.random((60, 10)) < 0.3).astype(np.float32)
+    targets[targets.sum(axis=1) == 0, 4] = 1.0  # every image has a label, as in train.csv
+    return SimpleNamespace(train_ids=[f"img{i:03d}" for i in range(60)], targets=targets)
+
+
+def spec_of(data: Any, config: TrainConfig) -> dict[str, Any]:
+    """model.json's split, as an honest trainer writes it (protein.pipeline.training)."""
+    train_idx, holdout_idx = training_split(data, config)
+    return {"training_rows": {"ids": [data.train_ids[i] for i in train_idx]},
+            "holdout": {"ids": [data.train_ids[i] for i in holdout_idx]}}
+
+
+@pytest.mark.parametrize("config", [TrainConfig(), TrainConfig(seed=3, holdout_fraction=0.3),
+                                    TrainConfig(fold=2, folds=4),
+                                    TrainConfig(refit=True, thresholds_from=("m-1", "m-2"))],
+                         ids=["default", "fraction-seed", "fold", "refit"])
+def test_the_split_the_run_asked_for_is_accepted(data: Any, config: TrainConfig):
+    check_declared_split(spec_of(data, config), data, config, "challenger m-1")
+
+
+def test_a_holdout_the_trainer_trained_on_is_refused(data: Any):
+    config = TrainConfig()
+    spec = spec_of(data, config)
+    spec["holdout"]["ids"] = list(spec["training_rows"]["ids"])  # graded on rows it learned
+    with pytest.raises(EvidenceRefused, match=r"challenger m-1: its model.json declares holdout \(48 ids\) other "
+                                              r"than the split this run asked for \(12 ids"):
+        check_declared_split(spec, data, config, "challenger m-1")
+
+
+def test_training_rows_other_than_asked_are_refused(data: Any):
+    config = TrainConfig()
+    spec = spec_of(data, config)
+    spec["training_rows"]["ids"] = data.train_ids  # the holdout declared right, trained on every row
+    with pytest.raises(EvidenceRefused, match="declares training_rows"):
+        check_declared_split(spec, data, config, "challenger m-1")
+
+
+def test_a_split_of_other_parameters_is_refused(data: Any):
+    with pytest.raises(EvidenceRefused, match="seed=0"):
+        check_declared_split(spec_of(data, TrainConfig(seed=1)), data, TrainConfig(), "challenger m-1")
+
+
+def test_a_model_json_without_id_lists_is_refused(data: Any):
+    with pytest.raises(EvidenceRefused, match="no id list"):
+        check_declared_split({"holdout": {"fraction": 0.2, "seed": 0}}, data, TrainConfig(), "challenger m-1")
+
+
+def test_an_older_fold_version_is_rebuilt_from_its_fold(data: Any):
+    spec = {"data_fingerprint": "f" * 64, "holdout": {"fraction": 0.2, "seed": 1, "fold": 3, "folds": 4}}
+    train_idx, holdout_idx = holdout_split(data, 0.2, 1, 3, 4)
+    assert recorded_split(spec, data, "f" * 64) == ([data.train_ids[i] for i in train_idx],
+                                                    [data.train_ids[i] for i in holdout_idx])
+    assert holdout_split(data, 0.2, 1)[1].tolist() != holdout_idx.tolist()  # the fraction split differs
+
+
+def test_an_older_refit_version_trained_on_every_row(data: Any):
+    spec = {"data_fingerprint": "f" * 64, "refit": True, "holdout": {"fraction": None, "seed": 0}}
+    assert recorded_split(spec, data, "f" * 64) == (data.train_ids, [])
+    assert recorded_split({**spec, "refit": False}, data, "f" * 64) is None  # unknowable, not guessed

@@ -1,0 +1,56 @@
+"""The gate's record of the data and training config it judged (protein.pipeline.gated_data)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from protein.config import TrainConfig, to_dict
+from protein.data.fingerprint import FINGERPRINT_CHARS
+from protein.pipeline.gated_data import config_digest, gated_before, gated_key, record_gated_data
+from protein.storage import LocalStore
+
+FINGERPRINT = "ab" * (FINGERPRINT_CHARS // 2)
+
+
+def spec(config: TrainConfig, fingerprint: str = FINGERPRINT) -> dict[str, object]:
+    return {"data_fingerprint": fingerprint, "train_config": to_dict(config)}
+
+
+def test_a_judged_challenger_is_found_by_its_data_and_config(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    config = TrainConfig(epochs=2)
+    assert gated_before(str(tmp_path), FINGERPRINT, config) is None
+    key = record_gated_data(store, "m-1", spec(config), {"promote": False, "reasons": ["score 0.3 < 0.5"]})
+    assert key == f"gates/by-data/{FINGERPRINT}/{config_digest(to_dict(config))}.json"
+    judged = gated_before(str(tmp_path), FINGERPRINT, config)
+    assert judged is not None
+    assert (judged["challenger"], judged["promoted"], judged["reasons"]) == ("m-1", False, ["score 0.3 < 0.5"])
+    # The newest judgement wins.
+    record_gated_data(store, "m-2", spec(config), {"promote": True, "reasons": []})
+    assert gated_before(str(tmp_path), FINGERPRINT, config)["challenger"] == "m-2"  # type: ignore[index]
+
+
+def test_other_data_or_another_training_config_is_not_judged(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    record_gated_data(store, "m-1", spec(TrainConfig()), {"promote": False})
+    assert gated_before(str(tmp_path), "cd" * (FINGERPRINT_CHARS // 2), TrainConfig()) is None
+    assert gated_before(str(tmp_path), FINGERPRINT, TrainConfig(epochs=9)) is None
+    # Where it trained is not what it trained: a device of its own is the same training.
+    assert gated_before(str(tmp_path), FINGERPRINT, dataclasses.replace(TrainConfig(), device="cpu")) is not None
+
+
+def test_a_version_that_does_not_say_what_it_trained_on_is_not_recorded(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    assert record_gated_data(store, "m-1", {"data_fingerprint": FINGERPRINT}, {"promote": False}) is None
+    assert record_gated_data(store, "m-1", {"train_config": {}}, {"promote": False}) is None
+    assert store.list("gates/") == []
+
+
+@pytest.mark.parametrize("bad", ["", FINGERPRINT.upper(), FINGERPRINT[:-1], "../" + FINGERPRINT[3:], FINGERPRINT + "/x",
+                                 "ab" * 32])
+def test_a_fingerprint_is_checked_before_it_names_a_key(bad: str):
+    with pytest.raises(ValueError, match=f"{FINGERPRINT_CHARS} lowercase hex digits"):
+        gated_key(bad, "0" * 16)
