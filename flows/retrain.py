@@ -179,7 +179,7 @@ def retrain(
     # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
     try:
         evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
-                                     score_deployment, dispatch)
+                                     score_deployment, dispatch, gate_config.metric)
     except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
         return Failed(message=str(exc))
     order = data_push_order(named, store, report["data_fingerprint"],
@@ -240,16 +240,18 @@ def already_judged(data: str, store: str, resolved: dict[str, Any], champion: st
 
 
 def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champion: str | None,
-                    data_fingerprint: str, score_deployment: str | None, dispatch: DispatchParams) -> dict[str, Any]:
-    """Challenger and champion scored for the gate: here, or by the score deployment on the gpu
-    pool, whose result comes back through the store. RuntimeError when that deployment failed."""
+                    data_fingerprint: str, score_deployment: str | None, dispatch: DispatchParams,
+                    metric: str = "f1_samples") -> dict[str, Any]:
+    """Challenger and champion scored for the gate (thresholds tuned for its metric): here, or by
+    the score deployment on the gpu pool, whose result comes back through the store.
+    RuntimeError when that deployment failed."""
     if not score_deployment:
-        return evaluate_models(data, store, challenger, champion)
+        return evaluate_models(data, store, challenger, champion, metric)
     check_deployment(score_deployment)  # DeploymentChanged is a RuntimeError: the run fails naming it
     dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
-                                                   "model": challenger, "champion": champion},
+                                                   "model": challenger, "champion": champion, "metric": metric},
                   run_id, dispatch.to_config())
-    return gate_evaluation_of_run(data, store, run_id, challenger, champion, data_fingerprint)
+    return gate_evaluation_of_run(data, store, run_id, challenger, champion, data_fingerprint, metric)
 
 
 def submission_uri(data: str, store: str, run_id: str, champion: str, data_fingerprint: str,

@@ -20,7 +20,8 @@ from tasks.prediction import predict_submission_for_run
 
 @flow(name="score", flow_run_name="score-{step}-{run_id}")
 def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, champion: str | None = None,
-          store: str | None = None, allow_cpu: bool = False, pulse_seconds: float | None = None) -> dict[str, Any]:
+          store: str | None = None, allow_cpu: bool = False, pulse_seconds: float | None = None,
+          metric: str = "f1_samples") -> dict[str, Any]:
     """Score for the retrain run `run_id` and keep the result under runs/<run_id>/ in the store.
 
     Args:
@@ -36,11 +37,12 @@ def score(step: Literal["gate", "predict"], data: str, run_id: str, model: str, 
             a worker may also allow it with PROTEIN_ALLOW_CPU=1)
         pulse_seconds: send a protein.flow-run.pulse event this often while scoring (the dispatch
             that started this run sets it from its lost-after bound); empty: none
+        metric: the gate's metric (step gate), which each model's thresholds are tuned for
     """
     with pulsing(pulse_seconds):
         route_library_logs()
         policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
         store = store or default_store_uri()
         if step == "gate":
-            return evaluate_models_into_store(data, store, run_id, model, champion, policy)
+            return evaluate_models_into_store(data, store, run_id, model, champion, policy, metric)
         return predict_submission_for_run(data, store, run_id, model, policy)

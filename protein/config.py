@@ -173,6 +173,8 @@ class GateConfig:
     bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.metric not in THRESHOLD_METRICS:  # each model's thresholds are tuned for it
+            raise ValueError(f"metric must be one of {', '.join(THRESHOLD_METRICS)}, got {self.metric!r}")
         if self.min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {self.min_rows}")
         if self.resamples < 100:

@@ -52,14 +52,16 @@ def score_for_gate(
     champion_id: str | None,
     device: str = "auto",
     cache_dir: Path | None = None,
+    metric: str = "f1_samples",
 ) -> dict[str, Any]:
-    """Evaluate challenger and champion for the gate and keep the result under the run; returns
-    where it is and the scores, small enough for a flow run's result."""
+    """Evaluate challenger and champion for the gate (thresholds tuned for its ``metric``) and keep
+    the result under the run; returns where it is and the scores, small enough for a flow run's result."""
     scored: dict[str, tuple[list[str], Any]] = {}
-    evaluation = evaluate_for_gate(data_path, store_uri, challenger_id, champion_id, cache_dir, device, scored)
+    evaluation = evaluate_for_gate(data_path, store_uri, challenger_id, champion_id, cache_dir, device, scored,
+                                   metric=metric)
     store = open_store(store_uri)
     store.put_bytes(result_key(run_id, GATE_PROBS), encode_probs(scored))  # before the record that points to it
-    record = {"run_id": run_id, "challenger": challenger_id, "champion": champion_id,
+    record = {"run_id": run_id, "challenger": challenger_id, "champion": champion_id, "metric": metric,
               "data_fingerprint": evaluation["challenger"]["data_fingerprint"], "evaluation": evaluation}
     key = result_key(run_id, GATE_EVALUATION)
     store.put_bytes(key, json.dumps(record).encode())
@@ -96,14 +98,15 @@ def predict_for_run(
 
 def read_gate_evaluation(data_path: str | os.PathLike[str], store_uri: str, run_id: str, challenger_id: str,
                          champion_id: str | None, data_fingerprint: str, check: SpotCheck = SpotCheck(),
-                         cache_dir: Path | None = None) -> dict[str, Any]:
+                         cache_dir: Path | None = None, metric: str = "f1_samples") -> dict[str, Any]:
     """The gate evaluation of this run as the CPU host derives it from the scoring host's
     probabilities, after checking them: {"rows", "challenger", "champion", "spot_check"}.
     EvidenceRefused when the record or the probabilities are not what this host computes."""
     store = open_store(store_uri)
     record = _read_record(store, run_id, GATE_EVALUATION)
     _expect(store, run_id, GATE_EVALUATION, record, {"run_id": run_id, "challenger": challenger_id,
-                                                     "champion": champion_id, "data_fingerprint": data_fingerprint})
+                                                     "champion": champion_id, "data_fingerprint": data_fingerprint,
+                                                     "metric": metric})
     if not isinstance(record.get("evaluation"), dict) or not isinstance(record["evaluation"].get("challenger"), dict):
         raise StoreError(f"{_uri(store, run_id, GATE_EVALUATION)}: no challenger evaluation in the record")
     registry = Registry(store)
@@ -123,7 +126,7 @@ def read_gate_evaluation(data_path: str | os.PathLike[str], store_uri: str, run_
         predictor = load_predictor(registry, model_id, cache_dir, "cpu")
         index = row_index(data, rows[name])
         evaluations[name] = evaluation_of_probs(model_id, data_fingerprint, probs[name], data.targets[index],
-                                                predictor.thresholds)
+                                                predictor.thresholds, metric)
         if name == "challenger":  # the derived verdict must be the reported one before anything is scored
             derived = assemble_gate_evaluation(plan, evaluations["challenger"], None, None)["challenger"]
             _same(store, run_id, "evaluation.challenger", json.loads(json.dumps(derived)),

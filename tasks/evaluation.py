@@ -35,17 +35,19 @@ def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float
 
 @task(name="evaluate-for-gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
-def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None) -> dict[str, Any]:
-    """Challenger and champion scored on the same rows, none of which either trained on."""
+def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None,
+                    metric: str = "f1_samples") -> dict[str, Any]:
+    """Challenger and champion scored on the same rows, none of which either trained on, with
+    thresholds tuned for the gate's metric."""
     from protein.pipeline import evaluate_for_gate
 
-    return evaluate_for_gate(data, store, challenger_id, champion_id)
+    return evaluate_for_gate(data, store, challenger_id, champion_id, metric=metric)
 
 
 @task(name="evaluate-for-gate-into-store", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
 def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id: str, champion_id: str | None,
-                               policy: DevicePolicy) -> dict[str, Any]:
+                               policy: DevicePolicy, metric: str = "f1_samples") -> dict[str, Any]:
     """evaluate-for-gate on the host that runs the score deployment (the GPU's), its result kept
     under the run in the store for the retrain run to read."""
     from protein.run_results import score_for_gate
@@ -53,7 +55,7 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
     device = device_for("auto", policy)
     get_run_logger().info("scoring %s and %s for the gate on %s (run %s)", challenger_id,
                           champion_id or "no champion", device, run_id)
-    return score_for_gate(data, store, run_id, challenger_id, champion_id, device)
+    return score_for_gate(data, store, run_id, challenger_id, champion_id, device, metric=metric)
 
 
 @task(name="check-challenger-split", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
@@ -68,12 +70,13 @@ def check_challenger_split(data: str, store: str, challenger_id: str, config: Tr
 @task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 def gate_evaluation_of_run(data: str, store: str, run_id: str, challenger_id: str, champion_id: str | None,
-                           data_fingerprint: str) -> dict[str, Any]:
+                           data_fingerprint: str, metric: str = "f1_samples") -> dict[str, Any]:
     """What the score deployment found, refused unless it scored these models on this data and
     this host derives the same verdict from its probabilities and agrees on a random sample."""
     from protein.run_results import read_gate_evaluation
 
-    evaluation = read_gate_evaluation(data, store, run_id, challenger_id, champion_id, data_fingerprint)
+    evaluation = read_gate_evaluation(data, store, run_id, challenger_id, champion_id, data_fingerprint,
+                                      metric=metric)
     for name, checked in evaluation["spot_check"].items():
         get_run_logger().info("spot-check of the %s: %d rows scored on this host agree (max difference %.2g, "
                               "seed %d)", name, checked["rows"], checked["max_abs_diff"], checked["seed"])

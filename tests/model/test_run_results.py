@@ -51,6 +51,20 @@ def test_gate_evaluation_comes_back_as_the_scoring_host_found_it(trained: dict, 
     assert read["challenger"]["per_image"] == direct["challenger"]["per_image"]
 
 
+def test_the_gates_metric_tunes_the_thresholds_on_both_hosts(trained: dict, store_uri: str) -> None:
+    model, fingerprint = trained["model_id"], trained["data_fingerprint"]
+    score_for_gate(trained["data"], store_uri, RUN, model, None, device="cpu", cache_dir=trained["cache"],
+                   metric="f1_macro")
+    read = read_gate_evaluation(trained["data"], store_uri, RUN, model, None, fingerprint, cache_dir=trained["cache"],
+                                metric="f1_macro")
+    assert read["challenger"]["scored_with"].startswith("thresholds tuned for f1_macro"), read["challenger"]
+    direct = evaluate_for_gate(trained["data"], store_uri, model, None, trained["cache"], metric="f1_macro")
+    assert read["challenger"]["f1_macro"] == direct["challenger"]["f1_macro"]
+    # A record scored for another metric answers another question.
+    with pytest.raises(StoreError, match="metric is 'f1_macro', expected 'f1_samples'"):
+        read_gate_evaluation(trained["data"], store_uri, RUN, model, None, fingerprint, cache_dir=trained["cache"])
+
+
 @pytest.mark.parametrize(("asked", "field"), [
     ({"run_id": "abcdef12-00000002"}, None),  # another run's record does not exist under this run
     ({"challenger_id": "someone-else"}, "challenger"),

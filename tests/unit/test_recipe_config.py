@@ -57,3 +57,12 @@ def test_the_ui_form_offers_exactly_the_configs_architectures() -> None:
     from protein.config import ARCHITECTURES
 
     assert get_args(Architecture) == ARCHITECTURES
+
+
+def test_the_gate_metric_is_one_thresholds_can_be_tuned_for():
+    from protein.config import THRESHOLD_METRICS, GateConfig
+
+    for metric in THRESHOLD_METRICS:
+        assert GateConfig(metric=metric).metric == metric
+    with pytest.raises(ValueError, match="metric must be one of f1_samples, .* got 'accuracy'"):
+        GateConfig(metric="accuracy")
