@@ -13,7 +13,8 @@ are never removed, so two processes can never hold locks on two different files 
 entry that cannot be read (truncated by a full disk, corrupted, even with its length unchanged:
 its SHA-256 is recorded beside its ids and checked on every load, about a second per GB) is
 rebuilt, not raised. The cache stays within its size bound (protein.cache_budget, least recently
-used first) after every build; `gc` also removes entries unused for N days.
+used first) after every build; `gc` also removes entries unused for N days, and the temp files of
+builds that were killed (cache_budget.remove_stale_temps).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import numpy as np
 import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
-from protein.cache_budget import enforce_cache_budget, touch
+from protein.cache_budget import enforce_cache_budget, remove_stale_temps, touch
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
+from protein.errors import IntegrityError, NotFound
 from protein.pools import pool_context
 from protein.storage import Store
 from protein.storage.base import sha256_file
@@ -145,11 +147,14 @@ class ImageCache:
         return self.lock_by_name(key.name)
 
     def gc(self, older_than_days: float, dry_run: bool = False) -> list[str]:
-        """Remove entries not used for older_than_days; returns their names. Lock files stay: a process
-        waiting on one must find the entry's state through that same file."""
+        """Remove entries not used for older_than_days, and temp files of writers that died (under the
+        root and datasets/; never one written within the hour or whose writer holds its lock); returns
+        their names. Lock files stay: a process waiting on one must find the entry's state through
+        that same file."""
         if not self.root.is_dir():
             return []
-        cutoff = time.time() - older_than_days * 86400
+        now = time.time()
+        cutoff = now - older_than_days * 86400
         removed = []
         for meta_path in sorted(self.root.glob("*.json")):
             name = meta_path.stem
@@ -171,7 +176,7 @@ class ImageCache:
                 removed.append(array_path.stem)
                 if not dry_run:
                     array_path.unlink(missing_ok=True)
-        return removed
+        return removed + remove_stale_temps(self.root, older_than_days * 86400, now, dry_run)
 
     @contextlib.contextmanager
     def lock_by_name(self, name: str) -> Iterator[None]:
@@ -282,10 +287,20 @@ class ImageCache:
         return removed
 
     def pull(self, store: Store, key: CacheKey) -> bool:
+        """Download the shared entry; False if the store has none, so the caller decodes it here."""
         array_key, meta_key = self.store_keys(key)
-        if not store.exists(meta_key):
-            return False
         array_path, meta_path = self.paths(key)
-        store.get_file(array_key, array_path)
-        store.get_file(meta_key, meta_path)
+        try:
+            if not store.exists(meta_key):
+                return False
+            store.get_file(array_key, array_path)
+            store.get_file(meta_key, meta_path)
+        except (NotFound, IntegrityError) as exc:
+            # `gc_store` may delete the entry between the check and the downloads, or the store refuses a
+            # corrupt copy: a miss either way. Half a pair must not stay to be mistaken for an entry.
+            log.warning("image cache %s could not be pulled from %s (%s); decoding it here", key.name, store.uri,
+                        exc)
+            array_path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            return False
         return True

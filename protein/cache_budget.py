@@ -11,21 +11,33 @@ What counts as an entry, under the cache root:
   its `<name>.lock` stays, so two processes always lock the same file;
 - a downloaded model version: `models/<version>/` (last use: the folder's mtime, touched on use);
 - a dataset file or zip fetched from S3: `datasets/objects/**`, `datasets/zips/*` (last use: mtime,
-  touched on read).
+  touched on read and on every cache hit).
 
 Never removed, whatever the bound: an entry used within the last `RECENT_USE_S` (a run on this
 host may be reading it right now; a file unlinked under an open descriptor stays readable on
-POSIX, but a process that has yet to open it would miss it), and the entry the caller just wrote.
-When only such entries are left and the cache is still over the bound, a warning says so.
+POSIX, but a process that has yet to open it would miss it), the entries the caller names (the one
+it just wrote, the files it is about to read), and a zip some process reads in place (an open
+`ZipSource` holds its `use_lock` shared: its decode workers reopen the zip by path, whenever its
+last use was). When only such entries are left and the cache is still over the bound, a warning
+says so.
+
+Not entries, so never evicted for the bound: lock files (`*.lock`; a lock deleted while held lets a
+second process lock a new file of the same name), and temp or partial files (`.<name>.<random>.tmp`
+of an atomic write or a download, `<name>.part` of a resumable one). A process killed mid-write
+(OOM, preemption) leaves those behind, a decoded split's temp file as large as the split: the bound
+and `protein cache gc` remove one once it is `STALE_TEMP_S` without a write and its writer's lock
+(where it has one) is free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +47,11 @@ log = logging.getLogger(__name__)
 MAX_GB_ENV = "PROTEIN_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 50.0
 RECENT_USE_S = 3600.0
+# A temp or partial file unmodified this long has no live writer: a decode dirties its memory-mapped
+# temp file (so its mtime moves) chunk after chunk, and a download writes every chunk it receives and
+# fails after the S3 read timeout (60 s by default, PROTEIN_S3_READ_TIMEOUT_S) without one.
+STALE_TEMP_S = RECENT_USE_S
+IMAGE_SUFFIXES = (".npy", ".json")  # the files of a decoded split, written through temp files
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class CacheEntry:
     paths: tuple[Path, ...]
     size: int
     last_used: float
+    lock: Path | None = None  # held shared while a process reads the entry in place: then never removed
 
 
 def max_cache_bytes() -> int:
@@ -114,6 +132,12 @@ def _model_entries(root: Path) -> Iterator[CacheEntry]:
             yield CacheEntry(f"models/{folder.name}", (folder,), _tree_size(folder), st.st_mtime)
 
 
+def _is_temp(filename: str) -> bool:
+    """A file being written (or left by a writer that died): an atomic write's or download's temp file, a
+    resumable download's .part."""
+    return (filename.startswith(".") and filename.endswith(".tmp")) or filename.endswith(".part")
+
+
 def _dataset_entries(root: Path) -> Iterator[CacheEntry]:
     for sub in ("objects", "zips"):
         folder = root / "datasets" / sub
@@ -121,12 +145,14 @@ def _dataset_entries(root: Path) -> Iterator[CacheEntry]:
             continue
         for dirpath, _, filenames in os.walk(folder):
             for filename in filenames:
-                if filename.startswith("."):  # a download in progress (temp file) or a partial .part
+                # Lock files are not entries: zip locks lived in zips/ before they moved to locks/.
+                if filename.startswith(".") or _is_temp(filename) or filename.endswith(".lock"):
                     continue
                 path = Path(dirpath) / filename
                 st = _stat(path)
                 if st is not None:
-                    yield CacheEntry(f"datasets/{path.relative_to(folder.parent)}", (path,), st.st_size, st.st_mtime)
+                    yield CacheEntry(f"datasets/{path.relative_to(folder.parent)}", (path,), st.st_size, st.st_mtime,
+                                     use_lock(path) if sub == "zips" else None)
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:
@@ -137,34 +163,159 @@ def cache_entries(root: Path) -> list[CacheEntry]:
     return [*_image_entries(root), *_model_entries(root), *_dataset_entries(root)]
 
 
+def download_lock(path: Path) -> Path:
+    """The lock under which one process downloads a file of datasets/<folder>/ (its .part included).
+    In datasets/locks/, never beside the file, where it would look like part of the cache."""
+    return path.parent.parent / "locks" / f"{path.parent.name}-{path.name}.lock"
+
+
+def use_lock(path: Path) -> Path:
+    """The lock readers of a file of datasets/<folder>/ hold shared (`EntryHold`) and the bound takes
+    exclusive to remove it. Not the download lock: a process that holds a zip open and downloads it
+    again (its copy deleted by hand) must not wait on itself."""
+    return path.parent.parent / "locks" / f"{path.parent.name}-{path.name}.in-use.lock"
+
+
+class EntryHold:
+    """A shared lock on `use_lock(path)` until `release` or until this object is collected: meanwhile
+    no process's bound removes the entry. For a zip read in place, whose decode workers reopen it by path
+    at any time, however long ago the run opened it."""
+
+    def __init__(self, path: Path) -> None:
+        lock = use_lock(Path(path))
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        # Closing the descriptor is what releases a flock: on release(), on collection, at exit.
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        self._close()
+
+
+@contextlib.contextmanager
+def _exclusive_now(lock: Path | None) -> Iterator[bool]:
+    """An exclusive flock on `lock` without waiting, held for the block: True if nobody else holds it
+    (True for no lock at all). Readers and writers that come after wait until the block ends."""
+    if lock is None:
+        yield True
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # cannot even create the lock: treat the entry as in use rather than guess
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _writer_lock(root: Path, path: Path) -> Path | None:
+    """The lock a live writer of this temp or partial file holds, where there is one."""
+    target = path.name[: -len(".part")] if path.name.endswith(".part") else path.name[1:].rsplit(".", 2)[0]
+    if path.parent == root:  # a decoded split's .npy or .json, written under <key>.lock (protein.cache)
+        stem, suffix = os.path.splitext(target)
+        return root / f"{stem}.lock" if suffix in IMAGE_SUFFIXES else None
+    if path.parent.parent == root / "datasets" and path.parent.name in ("zips", "manifests"):
+        return download_lock(path.parent / target)  # protein.data.s3.fetch_object holds it while it writes
+    return None  # an object (its folder's download lock names no file) or a hash cache: the age alone says
+
+
+def _temp_files(root: Path) -> Iterator[Path]:
+    yield from root.glob(".*.tmp")
+    datasets = root / "datasets"
+    for dirpath, dirnames, filenames in os.walk(datasets):
+        if Path(dirpath) == datasets and "locks" in dirnames:
+            dirnames.remove("locks")
+        for filename in filenames:
+            if _is_temp(filename):
+                yield Path(dirpath) / filename
+
+
+def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, now: float | None = None,
+                       dry_run: bool = False) -> list[str]:
+    """Remove temp and partial files under the cache root and datasets/ that were not written for
+    `older_than_s` (at least `STALE_TEMP_S`) and whose writer's lock is free; returns their paths
+    relative to the root. What a process killed mid-write left: nothing else ever removes it."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    cutoff = now - max(older_than_s, STALE_TEMP_S)
+    removed = []
+    for path in sorted(_temp_files(root)):
+        st = _stat(path)
+        if st is None or st.st_mtime >= cutoff:
+            continue
+        with _exclusive_now(_writer_lock(root, path)) as free:
+            # Re-read under the writer's lock: a resumed download may have written since the listing.
+            st = _stat(path)
+            if not free or st is None or st.st_mtime >= cutoff:
+                continue
+            removed.append(path.relative_to(root).as_posix())
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    if removed and not dry_run:
+        log.info("cache %s: removed %d temp files left by writers that died: %s", root, len(removed),
+                 ", ".join(removed))
+    return removed
+
+
 def touch(path: Path) -> None:
     """Record a use (mtime), so the entry is the last the budget removes."""
     with contextlib.suppress(OSError):
         os.utime(path)
 
 
-def _remove(entry: CacheEntry) -> None:
-    for path in entry.paths:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+def _in_use(entry: CacheEntry) -> bool:
+    with _exclusive_now(entry.lock) as free:
+        return not free
+
+
+def _remove(entry: CacheEntry) -> bool:
+    """Remove the entry's files unless a process took its lock or used it since it was listed."""
+    with _exclusive_now(entry.lock) as free:
+        if not free:
+            return False
+        if entry.lock is not None:
+            st = _stat(entry.paths[0])
+            if st is not None and st.st_mtime > entry.last_used:  # touched by a reader about to hold it
+                return False
+        for path in entry.paths:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return True
 
 
 def enforce_cache_budget(root: Path, keep: Iterable[str] = (), max_bytes: int | None = None,
                          now: float | None = None) -> list[str]:
-    """Remove least recently used entries until the cache fits its bound; returns their names."""
+    """Remove stale temp files, then least recently used entries until the cache fits its bound;
+    returns the names of the entries removed, then the paths of the temp files."""
     limit = max_cache_bytes() if max_bytes is None else max_bytes
-    entries = cache_entries(Path(root))
     now = time.time() if now is None else now
-    chosen = choose_evictions(entries, limit, now, frozenset(keep))
-    for entry in chosen:
-        _remove(entry)
+    temps = remove_stale_temps(Path(root), now=now)
+    entries = cache_entries(Path(root))
+    busy = {e.name for e in entries if e.lock is not None and _in_use(e)}
+    chosen = [e for e in choose_evictions(entries, limit, now, frozenset(keep) | busy) if _remove(e)]
     left = sum(e.size for e in entries) - sum(e.size for e in chosen)
     if chosen:
         log.info("cache %s: removed %d least recently used entries (%.1f MiB); %.1f MiB left, bound %.1f MiB",
                  root, len(chosen), sum(e.size for e in chosen) / 2**20, left / 2**20, limit / 2**20)
     if left > limit:
         log.warning("cache %s holds %.1f MiB, over its bound of %.1f MiB (%s): the rest was used within the "
-                    "last %.0f minutes", root, left / 2**20, limit / 2**20, MAX_GB_ENV, RECENT_USE_S / 60)
-    return [e.name for e in chosen]
+                    "last %.0f minutes or is open", root, left / 2**20, limit / 2**20, MAX_GB_ENV,
+                    RECENT_USE_S / 60)
+    return [*(e.name for e in chosen), *temps]

@@ -11,7 +11,8 @@ server, reported in one line, and nothing of it is cached.
 
 Images are fetched per folder (train/ or test/) on first use, in parallel, so `predict` downloads
 only test/. A zip is downloaded whole (resuming a partial download with a ranged GET) and then read
-in place.
+in place; its ZipSource holds it (protein.cache_budget.EntryHold), so no process's size bound
+removes it while the run's decode workers may still reopen it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protein.cache_budget import enforce_cache_budget, touch
+from protein.cache_budget import EntryHold, download_lock, enforce_cache_budget, touch
 from protein.data.digests import FileDigest, data_cache_dir, hash_file, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.manifest import DATASET_MANIFEST, MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
@@ -85,13 +86,25 @@ def open_s3_source(uri: str, cache_dir: Path | None = None) -> DatasetSource:
         if exact:
             if not key.lower().endswith(".zip"):
                 raise DataError(f"{uri}: an object, not a dataset (expected a prefix ending in '/' or a .zip)")
-            local = fetch_object(store, exact[0], cache_root / "zips", ".zip")
-            return ZipSource(local, cache_dir=cache_dir, description=uri)
+            return _open_cached_zip(store, exact[0], cache_root / "zips", cache_dir, uri)
         key += "/"
     objects = store.list_objects(key)
     if not objects:
         raise DataError(f"{uri}: no objects under this prefix ({EXPECTED_LAYOUT}; or name a .zip)")
     return S3Source(f"s3://{bucket}/{key}", bucket, key, objects, cache_root)
+
+
+def _open_cached_zip(store: S3Store, info: ListedObject, folder: Path, cache_dir: Path | None,
+                     uri: str) -> ZipSource:
+    # Twice at most: another process's bound may remove a copy unused for an hour between the hit (which
+    # marks it used) and the hold; then it is downloaded again.
+    for _ in range(2):
+        local = fetch_object(store, info, folder, ".zip")
+        hold = EntryHold(local)
+        if local.is_file():
+            return ZipSource(local, cache_dir=cache_dir, description=uri, hold=hold)
+        hold.release()
+    raise DataError(f"{uri}: the downloaded copy vanished from {folder} twice")
 
 
 def _object_uri(bucket: str, key: str) -> str:
@@ -171,13 +184,18 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
     identity = hashlib.sha256(f"s3\0{store.bucket}\0{info.key}\0{info.etag}\0{info.size}".encode()).hexdigest()[:32]
     final = folder / f"{identity}{suffix}"
     if final.is_file() and final.stat().st_size == info.size:
+        touch(final)  # a hit is a use: else the size bound removes the zip a run reads every night
         return final
     part = folder / f"{identity}{suffix}.part"
     uri = _object_uri(store.bucket, info.key)
     match = MD5_ETAG.match(info.etag)
-    with _file_lock(folder / f"{identity}.lock"):
+    # In locks/, where the size bound never looks: a lock it deleted while held would let a second
+    # process lock a new file of that name and write the same .part.
+    with _file_lock(download_lock(final)):
         if final.is_file() and final.stat().st_size == info.size:
+            touch(final)
             return final
+        folder.mkdir(parents=True, exist_ok=True)
         for attempt in range(2):
             have = part.stat().st_size if part.is_file() else 0
             if have > info.size:
@@ -352,8 +370,14 @@ class S3Source(DatasetSource):
         raise DataError(f"{self.locate(relpath)}: the downloaded copy vanished from {path} twice")
 
     def fetch(self, relpaths: list[str]) -> int:
-        """Download every file of `relpaths` not yet cached (in parallel); returns how many."""
-        todo = [r for r in relpaths if not self.local_path(self._remote(r)).is_file()]
+        """Download every file of `relpaths` not yet cached (in parallel); returns how many. Every one of
+        them is then cached and marked used, so the caller can read or hash them right away."""
+        paths = [self.local_path(self._remote(r)) for r in relpaths]
+        # Marked used before any bound runs, this one's or another process's: a copy cached on an earlier
+        # day is otherwise the first to go, between this call and the caller's read (sha256s, digests).
+        for path in paths:
+            touch(path)
+        todo = [r for r, path in zip(relpaths, paths, strict=True) if not path.is_file()]
         if not todo:
             return 0
         group = hashlib.sha256(f"{self.uri}\0{todo[0].rpartition('/')[0]}".encode()).hexdigest()[:24]
@@ -372,7 +396,8 @@ class S3Source(DatasetSource):
                         for future in futures:
                             future.cancel()
                         raise
-        enforce_cache_budget(self.cache_root.parent)
+        enforce_cache_budget(self.cache_root.parent,
+                             keep=[f"datasets/{path.relative_to(self.cache_root)}" for path in paths])
         return len(todo)
 
     def sha256s(self, names: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from protein.cache_budget import EntryHold
 from protein.data.digests import FileDigest, HashCache, cache_file_for, data_cache_dir, md5_bytes
 from protein.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, Layout, resolve_layout
 from protein.errors import DataError
@@ -180,8 +181,11 @@ class ZipSource(DatasetSource):
     but they are refused anyway as a sign of a hostile archive."""
 
     def __init__(self, path: Path, cache_dir: Path | None = None, description: str | None = None,
-                 max_member_bytes: int = MAX_ZIP_MEMBER_BYTES) -> None:
+                 max_member_bytes: int = MAX_ZIP_MEMBER_BYTES, hold: EntryHold | None = None) -> None:
+        """`hold`: for a zip of the download cache (protein.data.s3), held for this source's life so the
+        cache's size bound never removes the zip under its decode workers."""
         self.path = Path(path).resolve()
+        self._hold = hold
         self.max_member_bytes = max_member_bytes
         self.description = description or str(self.path)
         self.cache_root = data_cache_dir(cache_dir)
@@ -214,11 +218,16 @@ class ZipSource(DatasetSource):
         }
         if self.layout.template is not None:
             self._infos[SAMPLE_SUBMISSION_CSV] = files[self.layout.template]
-        self._identity = list(_file_identity(self.path))
+        identity = _file_identity(self.path)
+        # A cached zip's mtime (and so ctime) records its last use, not its content, which its name already
+        # identifies (it is only ever written by a rename): in the hash cache's key, a use would cost a
+        # re-hash of every member.
+        self._identity = list(identity) if hold is None else [identity[0], identity[3]]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_zip"] = None  # each worker process opens its own handle
+        state["_hold"] = None  # the lock stays with the process that opened the source, for its whole run
         return state
 
     def _zipfile(self) -> zipfile.ZipFile:

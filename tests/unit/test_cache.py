@@ -180,3 +180,96 @@ def test_cache_gc_removes_old_local_and_shared_entries(tmp_path, capsys):
     assert result["local"] == [old.name] and result["shared"] == [old.name]
     assert not any(p.exists() for p in cache.paths(old)) and all(p.exists() for p in cache.paths(new))
     assert not store.exists(f"cache/{old.name}.npy") and store.exists(f"cache/{new.name}.npy")
+
+
+class _RacingStore:
+    """A LocalStore on which `cache gc --store --older-than-days 0` lands between pull()'s downloads
+    of the array and of its ids file (the store has no lock that would keep them apart)."""
+
+    def __init__(self, root):
+        from protein.storage import LocalStore
+
+        self.inner = LocalStore(root)
+        self.uri = self.inner.uri
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get_file(self, key, path):
+        out = self.inner.get_file(key, path)
+        if key.endswith(".npy"):
+            assert ImageCache.gc_store(self.inner, -1), "the race did not happen: nothing was collected"
+        return out
+
+
+def test_an_entry_collected_from_the_store_mid_pull_is_decoded_here(tmp_path):
+    from protein.storage import LocalStore
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4", "3": "6"}, ["9"], size=16)
+    data = load_competition(root)
+    built = np.array(ImageCache(tmp_path / "cpu").build(data, "train", 16, shared=LocalStore(tmp_path / "store")))
+    gpu = ImageCache(tmp_path / "gpu")
+    pulled = gpu.build(data, "train", 16, shared=_RacingStore(tmp_path / "store"))
+    np.testing.assert_array_equal(np.asarray(pulled), built)
+    assert gpu.load(CacheKey(fingerprint(data.source), "train", 16), data.train_ids) is not None
+
+
+def test_a_shared_entry_the_store_refuses_is_decoded_here(tmp_path, monkeypatch):
+    from protein.errors import IntegrityError
+    from protein.storage import LocalStore
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+    store = LocalStore(tmp_path / "store")
+    built = np.array(ImageCache(tmp_path / "cpu").build(data, "train", 16, shared=store))
+
+    def corrupt(key, path):
+        raise IntegrityError(f"{key}: does not match its recorded SHA-256")
+
+    monkeypatch.setattr(store, "get_file", corrupt)
+    np.testing.assert_array_equal(np.asarray(ImageCache(tmp_path / "gpu").build(data, "train", 16, shared=store)),
+                                  built)
+
+
+KILLED_BUILD = """
+import pathlib, sys, time
+import protein.cache
+from protein.data import load_competition
+
+def hang(source, rels, image_size, out, *args, **kwargs):
+    out[0] = 1  # the temp file exists and holds pixels: then the host kills the run (OOM, preemption)
+    pathlib.Path(sys.argv[3]).touch()
+    time.sleep(600)
+
+protein.cache.decode_all = hang
+protein.cache.ImageCache(sys.argv[2]).build(load_competition(sys.argv[1]), "train", 16, workers=1)
+"""
+
+
+def test_cache_gc_removes_the_temp_file_of_a_killed_build(tmp_path, capsys, protein_process):
+    import json
+    import os
+    import signal
+    import time
+
+    from protein.cli import main
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    cache_dir, started = tmp_path / "cache", tmp_path / "decoding"
+    child = protein_process.start_script(KILLED_BUILD, str(root), str(cache_dir), str(started))
+    try:
+        _wait_for(started, "the build never started decoding")
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    [temp] = cache_dir.glob(".*.npy.*.tmp")
+    assert temp.stat().st_size > 0
+
+    args = ["cache", "gc", "--cache-dir", str(cache_dir), "--older-than-days", "0"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["local"] == [] and temp.exists(), "a temp file written just now stays"
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(temp, (two_days_ago, two_days_ago))
+    assert main([*args[:-1], "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["local"] == [temp.name]
+    assert not temp.exists()

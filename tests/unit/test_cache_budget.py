@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -10,9 +12,20 @@ import numpy as np
 import pytest
 
 from protein.cache import CacheKey, ImageCache
-from protein.cache_budget import CacheEntry, cache_entries, choose_evictions, enforce_cache_budget, max_cache_bytes
+from protein.cache_budget import (
+    STALE_TEMP_S,
+    CacheEntry,
+    EntryHold,
+    cache_entries,
+    choose_evictions,
+    download_lock,
+    enforce_cache_budget,
+    max_cache_bytes,
+)
 from protein.data import fingerprint, load_competition
-from tests.helpers import write_dataset
+from protein.data.s3 import _file_lock
+from protein.data.sources import ZipSource
+from tests.helpers import write_dataset, zip_folder
 
 DAY = 86400.0
 
@@ -124,3 +137,70 @@ def test_gc_leaves_lock_files(tmp_path: Path) -> None:
     removed = ImageCache(tmp_path).gc(older_than_days=3)
     assert removed == ["split-b"]
     assert (tmp_path / "split-b.lock").exists() and not (tmp_path / "split-b.npy").exists()
+
+
+def write_aged(path: Path, size: int, seconds: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"t" * size)
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_temp_files_of_killed_writers_go_once_stale_never_a_live_ones(tmp_path: Path) -> None:
+    key = "f00d-train-16px-p1-pil11.0.0"
+    stale = 2 * STALE_TEMP_S
+    killed = [write_aged(tmp_path / f".{key}.npy.ab_1xyz9.tmp", 5000, stale),  # a decode (atomic_path)
+              write_aged(tmp_path / "datasets" / "objects" / "ab" / ".sha256-ab.0123456789ab.tmp", 500, stale),
+              write_aged(tmp_path / "datasets" / "zips" / "0123.zip.part", 500, stale)]
+    in_flight = write_aged(tmp_path / "datasets" / "objects" / "cd" / ".sha256-cd.ba9876543210.tmp", 500, 60)
+    stalled = write_aged(tmp_path / ".beef-train-16px-p1-pil11.0.0.npy.cd_2xyz8.tmp", 5000, stale)
+    with ImageCache(tmp_path).lock_by_name("beef-train-16px-p1-pil11.0.0"):  # its builder is alive, if slow
+        removed = enforce_cache_budget(tmp_path, max_bytes=10**9)  # within the bound: temps go anyway
+    assert sorted(removed) == sorted(p.relative_to(tmp_path).as_posix() for p in killed)
+    assert not any(p.exists() for p in killed)
+    assert in_flight.exists() and stalled.exists()
+
+
+def test_cache_gc_removes_temp_files_as_old_as_it_is_told_but_never_a_fresh_one(tmp_path: Path) -> None:
+    week_old = write_aged(tmp_path / ".f00d-test-16px-p1-pil11.0.0.json.ab_1xyz9.tmp", 50, 7 * DAY)
+    day_old = write_aged(tmp_path / "datasets" / "objects" / "ab" / ".sha256-ab.0123456789ab.tmp", 50, DAY)
+    fresh = write_aged(tmp_path / "datasets" / "zips" / "0123.zip.part", 50, 60)
+    cache = ImageCache(tmp_path)
+    assert cache.gc(older_than_days=3, dry_run=True) == [week_old.name] and week_old.exists()
+    assert cache.gc(older_than_days=3) == [week_old.name] and not week_old.exists()
+    assert cache.gc(older_than_days=0) == ["datasets/objects/ab/.sha256-ab.0123456789ab.tmp"]
+    assert not day_old.exists() and fresh.exists()
+
+
+def test_lock_files_and_partial_downloads_are_not_entries(tmp_path: Path) -> None:
+    zips = tmp_path / "datasets" / "zips"
+    legacy_lock = write_aged(zips / "abc.lock", 0, 2 * DAY)  # where zip locks lived before datasets/locks/
+    part = write_aged(zips / "def.zip.part", 5000, 600)  # older than the read timeout, younger than STALE_TEMP_S
+    write_aged(zips / "other.zip", 1000, 2 * DAY)
+    with _file_lock(legacy_lock):  # a process of the old code downloading abc.zip under it
+        assert enforce_cache_budget(tmp_path, max_bytes=0) == ["datasets/zips/other.zip"]
+        assert legacy_lock.exists() and part.exists()
+    assert cache_entries(tmp_path) == []
+
+
+def test_an_old_partial_download_stays_while_its_download_runs(tmp_path: Path) -> None:
+    part = write_aged(tmp_path / "datasets" / "zips" / "def.zip.part", 5000, 2 * STALE_TEMP_S)  # a slow resume
+    with _file_lock(download_lock(part.with_suffix(""))):
+        assert enforce_cache_budget(tmp_path, max_bytes=0) == [] and part.exists()
+    assert enforce_cache_budget(tmp_path, max_bytes=0) == ["datasets/zips/def.zip.part"]
+
+
+def test_a_zip_read_in_place_is_never_evicted_however_old_its_last_use(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    cache = tmp_path / "cache"
+    (cache / "datasets" / "zips").mkdir(parents=True)
+    zip_path = zip_folder(data, cache / "datasets" / "zips" / "0123.zip")
+    source = ZipSource(zip_path, cache_dir=cache, hold=EntryHold(zip_path))
+    age(zip_path, 2)  # a run opened it yesterday and decodes still
+    assert enforce_cache_budget(cache, max_bytes=0) == [] and zip_path.exists()
+    worker = pickle.loads(pickle.dumps(source))  # a decode worker reopens the zip by path
+    assert worker.read_bytes("train/1.png") == (data / "train" / "1.png").read_bytes()
+    del source, worker
+    gc.collect()
+    assert enforce_cache_budget(cache, max_bytes=0) == ["datasets/zips/0123.zip"]
