@@ -29,6 +29,15 @@ __all__ = [
 ]
 
 
+def os_error_line(exc: OSError) -> str:
+    """``path: reason`` for an OSError (both paths for a rename), or its text when it names none."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{paths}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from protein.errors import ProteinError
     from protein.process_gc import freeze_at_exit
@@ -47,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except ValueError as exc:  # config checks: bad option values are usage errors
         print(f"protein {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A local path the verb could not read or write (a folder where a file goes, no permission, a
+        # full disk) that no check before it caught: still one line naming the path, not a traceback.
+        print(f"protein {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"protein {args.command}: interrupted", file=sys.stderr)

@@ -17,11 +17,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_out_file(text: str) -> Path:
+    """``--out`` as a file path that can be created, checked before minutes of prediction (the folders
+    it needs are created; a folder in its place, or a file where a folder must go, is refused)."""
+    out = Path(text)
+    if out.is_dir():
+        raise ValueError(f"--out {text}: is a folder; expected the path of the submission CSV to write")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {text}: {parent} is not a folder; expected the path of a CSV file in one")
+            break
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from protein.pipeline import predict_and_publish
 
+    out = check_out_file(args.out) if args.out else None
     models = args.model[0] if len(args.model) == 1 else args.model
-    emit(predict_and_publish(args.data, args.store, models, Path(args.out) if args.out else None, args.cache_dir))
+    emit(predict_and_publish(args.data, args.store, models, out, args.cache_dir))
     return 0
 
 

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit on every row; thresholds tuned on these fold models' out-of-fold probabilities")
     opt("--threshold-metric", "metric the per-class thresholds maximise (the gate's)",
         choices=("f1_samples", "f1_micro", "f1_macro", "course_f_score"))
-    opt("--device", "auto, cpu, cuda, cuda:N")
+    opt("--device", "auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--run-id", help="resume this run from its last checkpoint in the store, or start it")
     p.add_argument("--share-cache", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,34 @@ def parse_fold(text: str | None) -> tuple[int | None, int | None]:
     return fold, folds
 
 
+# What --device may name: torch accepts more (xpu, meta, ...), but training here only knows these.
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(text: str | None) -> str | None:
+    """``--device`` checked before any work: torch would refuse a bad name only when training starts."""
+    if text is not None and not DEVICE_NAME.fullmatch(text):
+        raise ValueError(f"--device expects auto, cpu, mps, cuda or cuda:N (N a GPU index), got {text!r}")
+    return text
+
+
+def check_run_id_option(run_id: str | None) -> None:
+    """``--run-id`` checked as the usage error it is (exit 2), not as a registry error (exit 4) met later."""
+    from protein.errors import RegistryError
+    from protein.registry.records import check_run_id
+
+    if run_id is not None:
+        try:
+            check_run_id(run_id)
+        except RegistryError:
+            raise ValueError(f"--run-id {run_id!r}: expected 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit, without '..'") from None
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe's config with every option given on the command line on top."""
     fold, folds = parse_fold(args.fold)
+    check_device(args.device)
     return recipe_config(args.recipe, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
                          batch_size=args.batch_size, accumulate=args.accumulate, seed=args.seed, lr=args.lr,
                          lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch,
@@ -53,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from protein.pipeline import train_and_register, train_on_ranks
 
     config = train_config_from_args(args)
+    check_run_id_option(args.run_id)
     rank = distributed.current()
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")

@@ -111,12 +111,15 @@ def publish_submission(
 ) -> dict[str, Any]:
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%fZ}"
     key = f"submissions/{check_version_id(model_id)}/{stamp}/submission.csv"
+    # The local copy first: a path that cannot be written must fail before latest.json points others
+    # at a submission whose command then reported an error.
+    if out is not None:
+        write_bytes_atomic(Path(out), csv_bytes)
     store.put_bytes(key, csv_bytes, content_type="text/csv")
     pointer = {"model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
                "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1,
                **(extra or {})}
     store.put_bytes("submissions/latest.json", json.dumps(pointer, indent=2).encode())
     if out is not None:
-        write_bytes_atomic(Path(out), csv_bytes)
         pointer["local_path"] = str(Path(out).resolve())
     return pointer

@@ -40,7 +40,7 @@ class ChampionMixin:
     store: Store
     actor: str
 
-    def require_intact(self, version: str) -> tuple[dict[str, Any], bytes]:  # supplied by Registry
+    def require_intact(self, version: str, check_bytes: bool = False) -> tuple[dict[str, Any], bytes]:  # by Registry
         raise NotImplementedError
 
     def _refuse_tombstoned(self, version: str) -> None:  # supplied by Registry
@@ -64,10 +64,12 @@ class ChampionMixin:
             return ChampionState(None, [], None)
         return ChampionState(doc["champion"], doc["history"], etag)
 
-    def verified(self, version: str, state: ChampionState | None = None) -> tuple[dict[str, Any], bytes]:
+    def verified(self, version: str, state: ChampionState | None = None,
+                 check_bytes: bool = False) -> tuple[dict[str, Any], bytes]:
         """(model.json, its exact bytes) of an intact version whose content is the one its newest promotion
-        pinned, if it was ever promoted; RegistryError otherwise."""
-        spec, spec_bytes = self.require_intact(version)
+        pinned, if it was ever promoted; RegistryError otherwise. ``check_bytes`` hashes the weights
+        themselves (a full read): promote and rollback, which make a version serve, ask for it."""
+        spec, spec_bytes = self.require_intact(version, check_bytes)
         spec_sha256 = spec_digest(spec_bytes)
         state = state if state is not None else self.champion()
         pins = pinned_hashes(state.history, version)
@@ -129,7 +131,7 @@ class ChampionMixin:
             log.info("promotion %s already landed (retried request)", event_id)
             return state
         version = resolve_champion_name(version, state, self.store.uri)
-        spec, spec_bytes = self.verified(version, state)
+        spec, spec_bytes = self.verified(version, state, check_bytes=True)
         if expected_champion is not ... and state.champion != expected_champion:
             raise PromotionConflict(
                 f"champion is {state.champion or 'none'}, expected {expected_champion or 'none'}; "
@@ -179,7 +181,7 @@ class ChampionMixin:
             raise PromotionConflict(f"champion is {state.champion or 'none'}, expected {expected_champion or 'none'}; "
                                     "nothing was rolled back")
         target = self.rollback_target(state)
-        spec, spec_bytes = self.verified(target, state)
+        spec, spec_bytes = self.verified(target, state, check_bytes=True)
         event = self._event("rollback", target, state.champion, reason, event_id, actor,
                             weights_sha256=str(spec["weights_sha256"]), spec_sha256=spec_digest(spec_bytes))
         new = self._swap(state, target, event)

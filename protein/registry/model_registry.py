@@ -33,7 +33,7 @@ from protein.registry.records import (
     weights_mismatch,
 )
 from protein.registry.retention import RetentionMixin
-from protein.storage import Store
+from protein.storage import LocalStore, Store
 from protein.storage.base import sha256_file
 from protein.storage.records import load_record, load_record_bytes, parse_record, record_location
 
@@ -187,9 +187,9 @@ class Registry(ChampionMixin, RetentionMixin):
         listing = ", ".join(existing[-10:]) if existing else "none"
         return RegistryError(f"unknown model version {version!r} in {self.store.uri} (versions: {listing})")
 
-    def require_intact(self, version: str) -> tuple[dict[str, Any], bytes]:
+    def require_intact(self, version: str, check_bytes: bool = False) -> tuple[dict[str, Any], bytes]:
         """(model.json, its exact bytes), after checking the weights object exists with the
-        size and recorded hash it names."""
+        size and recorded hash it names; with ``check_bytes``, the bytes themselves are hashed too."""
         spec, data = self._read_spec_bytes(check_version_id(version))
         found = self.store.recorded_sha256(version_prefix(version) + WEIGHTS_FILE)
         if found is None:
@@ -201,7 +201,34 @@ class Registry(ChampionMixin, RetentionMixin):
             None if recorded else "no sha256 recorded on the object: rewritten outside protein?")
         if problem:
             raise RegistryError(f"model version {version}: weights object in {self.store.uri} refused ({problem})")
+        if check_bytes:
+            # The recorded hash is metadata anyone who can write the object can rewrite with it; a
+            # version about to serve is held to the hash of the bytes it will serve.
+            key = version_prefix(version) + WEIGHTS_FILE
+            where = record_location(self.store, key)
+            try:
+                digest = self._stored_sha256(key)
+            except NotFound:
+                raise RegistryError(f"model version {version}: weights {where} missing; it cannot serve") from None
+            except IntegrityError as exc:  # the bytes differ from the hash recorded beside them
+                detail = str(exc).removeprefix(f"{where}: ")
+                raise RegistryError(f"model version {version}: weights {where} refused: the bytes do not match "
+                                    f"their recorded sha256 ({detail})") from None
+            if problem := weights_mismatch(version, spec, size, digest):
+                raise RegistryError(f"model version {version}: weights {where} refused: the bytes do not match "
+                                    f"model.json ({problem})")
         return spec, data
+
+    def _stored_sha256(self, key: str) -> str:
+        """SHA-256 of an object's bytes as stored now, read in full (not the hash recorded beside them)."""
+        if isinstance(self.store, LocalStore):  # the file itself, no copy
+            try:
+                return sha256_file(self.store.root / key)
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"{self.store.uri}/{key}: not found") from None
+        # Elsewhere one streamed GET into a scratch file, hashed as it lands (never held in memory).
+        with tempfile.TemporaryDirectory(prefix="protein-verify-") as tmp:
+            return self.store.get_file(key, Path(tmp) / WEIGHTS_FILE)
 
     def download(self, version: str, cache_root: Path | None = None) -> Path:
         """Fetch a version's files into a local folder; the weights must match model.json, and

@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,12 @@ class GcPlan:
     kept: dict[str, str] = field(default_factory=dict)  # run id or key -> why it is kept
     older_than_s: float = 0.0
     run_min_age_s: float = RUN_MIN_AGE_S
+
+
+def check_age(option: str, seconds: float, unit_s: float) -> None:
+    """ValueError naming ``option`` (in its own unit) unless ``seconds`` is a finite age >= 0."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{option} must be a finite number >= 0, got {seconds / unit_s:g}")
 
 
 class RetentionMixin:
@@ -148,6 +155,11 @@ class RetentionMixin:
 
     def plan_gc(self, older_than_s: float = 3600.0, runs: bool = False, run_age_s: float = 7 * DAY_S,
                 keep_last: int | None = None, run_min_age_s: float = RUN_MIN_AGE_S) -> GcPlan:
+        # An age guard below zero (or NaN, which every comparison fails) puts the cutoff in the
+        # future: a version being registered or a run writing checkpoints right now would be collected.
+        check_age("--older-than-hours", older_than_s, 3600)
+        check_age("--run-age-days", run_age_s, DAY_S)
+        check_age("--run-min-age-hours", run_min_age_s, 3600)
         orphans = self._orphan_objects(older_than_s)
         cutoff = time.time() - older_than_s
         probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]

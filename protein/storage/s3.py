@@ -39,7 +39,7 @@ from protein.storage.base import (
     validate_prefix,
     verify,
 )
-from protein.storage.s3_clients import shared_client
+from protein.storage.s3_clients import client_setup_error, shared_client
 
 # Re-exported: these lived here before the probe had a module of its own, and callers import them from here.
 from protein.storage.s3_conditional_writes import (  # noqa: F401
@@ -121,7 +121,10 @@ class S3Store:
                     "max_pool_connections": max(10, MULTIPART_WORKERS * 2),
                 }
                 with self._translating():
-                    self._client_obj = shared_client(settings)
+                    try:
+                        self._client_obj = shared_client(settings)
+                    except ValueError as exc:  # botocore refuses a bad endpoint URL with a bare ValueError
+                        raise StoreError(f"{self.uri}: {client_setup_error(exc)}") from None
             return self._client_obj
 
     def _endpoint(self) -> str:

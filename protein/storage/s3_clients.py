@@ -15,6 +15,7 @@ client's pooled connections must never cross a fork (DataLoader workers).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
@@ -41,6 +42,37 @@ def shared_client(settings: dict[str, Any]) -> Any:
                 _clients.pop(next(iter(_clients)))
             client = _clients[key] = boto3.session.Session().client("s3", config=Config(**settings))
         return client
+
+
+# botocore's own wording when it refuses an endpoint URL while building a client.
+_INVALID_ENDPOINT = "Invalid endpoint: "
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#]*@")
+
+
+def redacted_endpoint(url: str) -> str:
+    """``scheme://host:port`` of an endpoint URL: no user:password@, path or query, which may hold secrets.
+
+    Parsed by hand, not with urlsplit: the URL is one botocore refused, so its port may not parse."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        return "(not a URL)"
+    # The last '@' ends any userinfo, even a password that itself holds '@' or '/'.
+    hostport = rest.rpartition("@")[2]
+    for end in "/?#":
+        hostport = hostport.split(end, 1)[0]
+    return f"{scheme}://{hostport}"
+
+
+def client_setup_error(exc: ValueError) -> str:
+    """What to tell a person when botocore refuses the configuration with a bare ValueError.
+
+    botocore puts the endpoint URL in its message verbatim, credentials included when someone wrote
+    them into AWS_ENDPOINT_URL; this names only scheme://host:port."""
+    message = str(exc)
+    if message.startswith(_INVALID_ENDPOINT):
+        endpoint = redacted_endpoint(message[len(_INVALID_ENDPOINT):])
+        return f"invalid S3 endpoint URL {endpoint} (check AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or ~/.aws/config)"
+    return "invalid S3 client configuration: " + _URL_USERINFO.sub(r"\g<1>", message)
 
 
 def forget_clients() -> None:

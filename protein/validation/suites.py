@@ -178,7 +178,9 @@ def labels_tables(table: Csv, config: ValidationConfig) -> list[Table]:
 
 def listed_ids(table: Csv | None) -> list[tuple[int, str]]:
     """(CSV line, id) for the first occurrence of each safe id; the rest is the labels suite's business."""
-    if table is None:
+    if table is None or "Image" not in table.frame.columns:
+        # No Image column (a file without its header row reads its first data row as the header): no
+        # id is listed, and the header expectation is what reports the file.
         return []
     seen: set[str] = set()
     out: list[tuple[int, str]] = []

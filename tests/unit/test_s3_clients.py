@@ -55,3 +55,44 @@ def test_a_forked_process_makes_its_own_client(monkeypatch: pytest.MonkeyPatch) 
     pid = os.getpid()
     monkeypatch.setattr(os, "getpid", lambda: pid + 1)
     assert open_store("s3://bucket-a")._client() is not first
+
+
+# --- an endpoint URL botocore refuses: never echo its credentials ----------------------------------------
+
+SECRET_ENDPOINT = "http://AKIAEXAMPLE:s3cr3tKEY@bad_host name:9000"
+
+
+def test_a_refused_endpoint_is_a_store_error_without_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from protein.errors import StoreError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", SECRET_ENDPOINT)
+    with pytest.raises(StoreError) as info:
+        open_store("s3://bucket/x")._client()
+    message = str(info.value)
+    assert "AKIAEXAMPLE" not in message and "s3cr3tKEY" not in message
+    assert message.startswith("s3://bucket/x: invalid S3 endpoint URL http://bad_host name:9000")
+    assert info.value.__suppress_context__  # botocore's message, with the URL, is not chained either
+
+
+def test_the_cli_names_only_scheme_host_and_port_of_a_refused_endpoint(
+    monkeypatch: pytest.MonkeyPatch, protein_cli
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", SECRET_ENDPOINT)
+    result = protein_cli("models", "list", "--store", "s3://bucket/x")
+    assert result.returncode == 3  # the object store's exit code
+    assert "AKIAEXAMPLE" not in result.stderr + result.stdout and "s3cr3tKEY" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "protein models: error: s3://bucket/x: invalid S3 endpoint URL http://bad_host name:9000 "
+        "(check AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or ~/.aws/config)"]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://u:p@host:9000/path?X-Amz-Signature=s", "http://host:9000"),
+    ("https://user:p@ss/word@minio.local", "https://minio.local"),  # '@' and '/' inside the password
+    ("http://host name:99999", "http://host name:99999"),  # a port urlsplit would refuse
+    ("AKIA:secret@host", "(not a URL)"),
+])
+def test_redacted_endpoint_keeps_no_userinfo_path_or_query(url: str, shown: str) -> None:
+    from protein.storage.s3_clients import redacted_endpoint
+
+    assert redacted_endpoint(url) == shown
