@@ -16,9 +16,9 @@ from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import EvidenceRefused
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
+from protein.evaluation.gated_data import record_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
-from protein.pipeline.gated_data import record_gated_data
 from protein.pipeline.inputs import holdout_split, load_split_images, training_split
 from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry, check_version_id

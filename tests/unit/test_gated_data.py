@@ -1,4 +1,4 @@
-"""The gate's record of the data and training config it judged (protein.pipeline.gated_data)."""
+"""The gate's record of the data and training config it judged (protein.evaluation.gated_data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from protein.config import TrainConfig, to_dict
 from protein.data.fingerprint import FINGERPRINT_CHARS
-from protein.pipeline.gated_data import config_digest, gated_before, gated_key, record_gated_data
+from protein.evaluation.gated_data import config_digest, gated_before, gated_key, record_gated_data
 from protein.storage import LocalStore
 
 FINGERPRINT = "ab" * (FINGERPRINT_CHARS // 2)
