@@ -188,7 +188,8 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
         return final
     part = folder / f"{identity}{suffix}.part"
     uri = _object_uri(store.bucket, info.key)
-    match = MD5_ETAG.match(info.etag)
+    # An encrypted object's ETag is no MD5: the bytes are then held to their version (If-Match) and size.
+    match = MD5_ETAG.match(info.etag) if store.etag_is_md5(info.key) else None
     # In locks/, where the size bound never looks: a lock it deleted while held would let a second
     # process lock a new file of that name and write the same .part.
     with _file_lock(download_lock(final)):
@@ -263,10 +264,14 @@ class S3Source(DatasetSource):
         layout = resolve_layout(lambda rel: rel in listed, lambda d: sorted(children.get(d, ())), self.description,
                                 strict=True)
         files: dict[str, RemoteFile] = {}
+        # An encrypted bucket's (SSE-KMS) ETags are not MD5s: taken as such, the fingerprint would
+        # be another than the same files' anywhere else, and a push would find every file "changed
+        # while being pushed". One HEAD of train.csv tells; then the MD5s come from the bytes.
+        etags_are_md5 = self._s3().etag_is_md5(listed[layout.root + TRAIN_CSV].key)
 
         def add(logical: str, physical: str) -> None:
             o = listed[physical]
-            match = MD5_ETAG.match(o.etag)
+            match = MD5_ETAG.match(o.etag) if etags_are_md5 else None
             files[logical] = RemoteFile(o.key, o.size, o.etag, match.group(1) if match else None)
 
         add(TRAIN_CSV, layout.root + TRAIN_CSV)

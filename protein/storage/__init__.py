@@ -13,6 +13,7 @@ locally.
 - `s3`: `S3Store`, with streamed downloads and create-only multipart uploads
 - `s3_conditional_writes`: the probe `S3Store.check` runs to prove the endpoint honours conditional writes
 - `s3_errors`: the one mapping from botocore/boto3 failures to one-line `StoreError`s
+- `s3_raw_objects`: reading objects other tools wrote (dataset prefixes) by their raw bucket keys
 """
 
 from __future__ import annotations

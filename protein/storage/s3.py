@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from protein.errors import NotFound, PreconditionFailed, StoreError
@@ -24,7 +24,6 @@ from protein.storage import s3_errors
 from protein.storage.base import (
     COPY_CHUNK_SIZE,
     SHA256_METADATA,
-    ListedObject,
     MiB,
     ObjectInfo,
     check_if_match,
@@ -48,6 +47,7 @@ from protein.storage.s3_conditional_writes import (  # noqa: F401
     last_writer_wins_allowed,
     require_conditional_writes,
 )
+from protein.storage.s3_raw_objects import RawObjectReads
 
 # Small connect timeout and few attempts: an unreachable endpoint must fail in seconds, not minutes.
 S3_MAX_ATTEMPTS = 3
@@ -63,7 +63,7 @@ MAX_PARTS = 10_000  # S3's limit per upload
 _BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
-class S3Store:
+class S3Store(RawObjectReads):
     """A prefix in an S3-compatible bucket. The client is created on first use, not at open time."""
 
     def __init__(self, bucket: str, prefix: str = "") -> None:
@@ -409,36 +409,6 @@ class S3Store:
         found = [ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp())
                  for key, obj in self._listing(prefix)]
         return sorted(found, key=lambda info: info.key)
-
-    # --- reading objects other tools wrote (datasets): raw bucket keys, never used to write ---
-    # Keys such as "jovian/Human protein atlas/train.csv" fall outside `validate_key`'s alphabet; these
-    # methods take the full key in the bucket as listed, ignore the store's prefix, and only read.
-
-    def list_objects(self, prefix: str) -> list[ListedObject]:
-        """Every object whose full key starts with ``prefix``, with its size and ETag, sorted by key."""
-        client = self._client()
-        found: list[ListedObject] = []
-        with self._translating(prefix or None, operation="ListObjectsV2"):
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                found += [ListedObject(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
-        return sorted(found, key=lambda o: o.key)
-
-    def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:
-        """Stream the object's bytes from offset ``start`` into ``dest``; returns the ETag served.
-
-        With ``if_match`` the server refuses (`PreconditionFailed`) once the object is no longer that
-        version, so a download never mixes the bytes of two versions."""
-        client = self._client()
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if if_match is not None:
-            args["IfMatch"] = if_match
-        if start:
-            args["Range"] = f"bytes={start}-"
-        with self._translating(key, operation="GetObject"):
-            response = client.get_object(**args)
-            for chunk in response["Body"].iter_chunks(COPY_CHUNK_SIZE):
-                dest.write(chunk)
-        return str(response.get("ETag", ""))
 
     # --- deletes --------------------------------------------------------------------------------
     def delete(self, key: str) -> None:

@@ -77,6 +77,23 @@ def test_kaggle_layout_under_a_prefix_reads_once_and_matches_the_local_fingerpri
     assert fingerprint(open_dataset(uri)) != fingerprint(data.source)  # an image less: another fingerprint
 
 
+def test_an_encrypted_prefix_takes_its_md5s_from_the_bytes_not_the_etags(kaggle, bucket, cache):
+    """Under SSE-KMS an ETag is not the MD5 of the bytes (moto's still are; AWS's are not): the
+    fingerprint then comes from the bytes, and equals the same files' anywhere else."""
+    client = boto3.client("s3")
+    for path in sorted(kaggle.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, "kms/" + path.relative_to(kaggle).as_posix(),
+                               ExtraArgs={"ServerSideEncryption": "aws:kms"})
+    source = open_dataset(f"s3://{bucket}/kms/")
+    assert source.files and all(remote.md5 is None for remote in source.files.values())
+    assert fingerprint(source) == fingerprint(open_dataset(kaggle))
+    assert not S3Store(bucket).etag_is_md5("kms/Human protein atlas/train.csv")
+    upload_folder(bucket, kaggle, "plain/")
+    assert S3Store(bucket).etag_is_md5("plain/Human protein atlas/train.csv")
+    assert all(remote.md5 is not None for remote in open_dataset(f"s3://{bucket}/plain/").files.values())
+
+
 def test_decode_worker_processes_read_an_s3_dataset(kaggle, bucket, cache, monkeypatch):
     import numpy as np
 
