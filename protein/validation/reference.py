@@ -67,11 +67,17 @@ def reference_record(profile: dict, **provenance: Any) -> dict:
     return record
 
 
-def put_reference(store: Any, record: dict) -> dict:
-    """Write a prepared reference record; returns {uri, hash}."""
+def put_reference(store: Any, record: dict, announce: bool = True) -> dict:
+    """Write a prepared reference record; returns {uri, hash}. ``announce``: log the change now
+    (move_champion logs it only once the champion moved with it)."""
     store.put_bytes(REFERENCE_PROFILE_KEY, json.dumps(record, indent=2).encode(), content_type="application/json")
-    log.info("reference label profile is now %s (hash %s)", record.get("source"), record["hash"])
+    if announce:
+        _announce(record)
     return {"uri": _uri(store), "hash": record["hash"]}
+
+
+def _announce(record: dict) -> None:
+    log.info("reference label profile is now %s (hash %s)", record.get("source"), record["hash"])
 
 
 def save_reference(store: Any, profile: dict, **provenance: Any) -> dict:
@@ -140,7 +146,7 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
     if record is None:
         return move(), None
     before = store.get_bytes(REFERENCE_PROFILE_KEY) if store.exists(REFERENCE_PROFILE_KEY) else None
-    written = put_reference(store, record)  # a StoreError here: nothing changed
+    written = put_reference(store, record, announce=False)  # a StoreError here: nothing changed
     ours = store.etag(REFERENCE_PROFILE_KEY)
     try:
         moved = move()
@@ -155,6 +161,7 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
                              f"({restore_error}): {_uri(store)} now describes {target}'s training data; run "
                              "`protein validate --accept` on the champion's data to reset it") from exc
         raise
+    _announce(record)  # not before: a refused move puts the old reference back, and the log said otherwise
     return moved, written
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -44,9 +45,12 @@ def test_promote_and_rollback_move_the_reference_with_the_pointer(registry, trai
     assert reference_model(registry) == v
 
 
-def test_a_refused_promotion_puts_the_reference_back(registry, trained, capsys, monkeypatch):
+def test_a_refused_promotion_puts_the_reference_back(registry, trained, capsys, monkeypatch, caplog):
     v = trained["model_id"]
+    caplog.set_level(logging.INFO, logger="protein.validation.reference")
     assert main(["models", "promote", v, "--store", registry.store.uri]) == 0
+    assert [r.getMessage() for r in caplog.records if "reference label profile is now" in r.getMessage()]
+    caplog.clear()
     before = registry.store.get_bytes(REFERENCE_PROFILE_KEY)
     broken = add_version(registry, v, "broken", label_profile=registry.spec(v)["label_profile"])
     spec_key = f"models/{broken}/model.json"
@@ -62,6 +66,8 @@ def test_a_refused_promotion_puts_the_reference_back(registry, trained, capsys, 
     assert code == 4 and "weights object missing" in capsys.readouterr().err
     assert registry.store.exists(spec_key) and registry.champion().champion == v
     assert registry.store.get_bytes(REFERENCE_PROFILE_KEY) == before
+    # The log never said the reference moved: it was put back.
+    assert not [r for r in caplog.records if "reference label profile is now" in r.getMessage()]
 
 
 @pytest.mark.integration
