@@ -25,6 +25,7 @@ from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
 from protein.errors import EvidenceRefused
 from protein.evaluation.data_order import DataOrder
+from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
 from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES, preload
 from tasks.channels import data_push_order, resolve_dataset
@@ -231,7 +232,7 @@ def already_judged(data: str, store: str, resolved: dict[str, Any], champion: st
     if champion and current == champion_data_fingerprint(store, champion):
         return current, (f"nothing trained: the data (fingerprint {current[:12]}) is what champion {champion} was "
                          "trained on, and skip_if_unchanged is on")
-    if judged := gate_judged_data(store, current, train.to_config()):
+    if (judged := gate_judged_data(store, current, train.to_config())) and covers(judged, resolved):
         verdict = "promoted" if judged["promoted"] else "refused"
         return current, (f"nothing trained: challenger {judged['challenger']} was trained on this data (fingerprint "
                          f"{current[:12]}) with this training config and the gate {verdict} it "

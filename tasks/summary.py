@@ -13,7 +13,7 @@ from protein.config import TrainConfig
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import CHANNEL_SCHEME, parse_channel_ref
 from protein.errors import DataError
-from protein.pipeline.gated_data import gated_before
+from protein.evaluation.gated_data import gated_before
 from protein.registry import Registry
 from protein.storage import open_store
 

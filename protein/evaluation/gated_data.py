@@ -45,8 +45,11 @@ def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], de
     if not isinstance(fingerprint, str) or not isinstance(train_config, dict):
         return None
     key = gated_key(fingerprint, config_digest(train_config))
+    dataset = decision.get("dataset") or {}
     doc = {"challenger": challenger_id, "promoted": bool(decision.get("promote")),
-           "reasons": list(decision.get("reasons") or []), "decided": dt.datetime.now(dt.UTC).isoformat()}
+           "reasons": list(decision.get("reasons") or []), "decided": dt.datetime.now(dt.UTC).isoformat(),
+           # The push the judged run resolved: a later push of the same data is new input (covers()).
+           "channel": dataset.get("channel"), "sequence": dataset.get("sequence")}
     store.put_bytes(key, json.dumps(doc, indent=2).encode())
     return key
 
@@ -59,3 +62,14 @@ def gated_before(store_uri: str, data_fingerprint: str, config: TrainConfig) -> 
     except NotFound:
         return None
     return doc if isinstance(doc, dict) and isinstance(doc.get("challenger"), str) else None
+
+
+def covers(judged: dict[str, Any], resolved: dict[str, Any]) -> bool:
+    """Whether a judgement stands for the push a run resolved: not when the same data was pushed
+    again on that channel after the judged push (someone brought it back as the newest: train it,
+    and let the gate judge it in today's push order). A rollback pushes nothing, so a nightly never
+    re-promotes the data an operator rolled back from."""
+    newer = (resolved.get("channel") is not None and resolved.get("channel") == judged.get("channel")
+             and isinstance(resolved.get("sequence"), int) and isinstance(judged.get("sequence"), int)
+             and resolved["sequence"] > judged["sequence"])
+    return not newer

@@ -9,7 +9,7 @@ import pytest
 
 from protein.config import TrainConfig, to_dict
 from protein.data.fingerprint import FINGERPRINT_CHARS
-from protein.evaluation.gated_data import config_digest, gated_before, gated_key, record_gated_data
+from protein.evaluation.gated_data import config_digest, covers, gated_before, gated_key, record_gated_data
 from protein.storage import LocalStore
 
 FINGERPRINT = "ab" * (FINGERPRINT_CHARS // 2)
@@ -54,3 +54,16 @@ def test_a_version_that_does_not_say_what_it_trained_on_is_not_recorded(tmp_path
 def test_a_fingerprint_is_checked_before_it_names_a_key(bad: str):
     with pytest.raises(ValueError, match=f"{FINGERPRINT_CHARS} lowercase hex digits"):
         gated_key(bad, "0" * 16)
+
+
+def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    record_gated_data(store, "m-1", spec(TrainConfig()), {"promote": True,
+                                                        "dataset": {"channel": "latest", "sequence": 3}})
+    judged = gated_before(str(tmp_path), FINGERPRINT, TrainConfig())
+    assert judged is not None and (judged["channel"], judged["sequence"]) == ("latest", 3)
+    assert covers(judged, {"channel": "latest", "sequence": 3})  # the judged push itself (its queued run)
+    assert not covers(judged, {"channel": "latest", "sequence": 5})  # pushed again since: train it
+    assert covers(judged, {"channel": "other", "sequence": 9})  # another channel's order says nothing here
+    assert covers(judged, {"channel": None, "sequence": None})  # a dataset named directly
+    assert covers({"challenger": "m-0"}, {"channel": "latest", "sequence": 5})  # a record from before channels
