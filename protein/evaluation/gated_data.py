@@ -45,11 +45,13 @@ def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], de
     if not isinstance(fingerprint, str) or not isinstance(train_config, dict):
         return None
     key = gated_key(fingerprint, config_digest(train_config))
-    dataset = decision.get("dataset") or {}
+    # Where this data stood in push order when it was judged (the gate's data-order rule read it:
+    # its newest push on the run's channel, None when never pushed there): a later push of the same
+    # data is new input (covers()).
+    order = decision.get("data_order") or {}
     doc = {"challenger": challenger_id, "promoted": bool(decision.get("promote")),
            "reasons": list(decision.get("reasons") or []), "decided": dt.datetime.now(dt.UTC).isoformat(),
-           # The push the judged run resolved: a later push of the same data is new input (covers()).
-           "channel": dataset.get("channel"), "sequence": dataset.get("sequence")}
+           "channel": order.get("channel"), "sequence": order.get("challenger_sequence")}
     store.put_bytes(key, json.dumps(doc, indent=2).encode())
     return key
 
@@ -65,11 +67,12 @@ def gated_before(store_uri: str, data_fingerprint: str, config: TrainConfig) -> 
 
 
 def covers(judged: dict[str, Any], resolved: dict[str, Any]) -> bool:
-    """Whether a judgement stands for the push a run resolved: not when the same data was pushed
-    again on that channel after the judged push (someone brought it back as the newest: train it,
-    and let the gate judge it in today's push order). A rollback pushes nothing, so a nightly never
-    re-promotes the data an operator rolled back from."""
-    newer = (resolved.get("channel") is not None and resolved.get("channel") == judged.get("channel")
-             and isinstance(resolved.get("sequence"), int) and isinstance(judged.get("sequence"), int)
-             and resolved["sequence"] > judged["sequence"])
-    return not newer
+    """Whether a judgement stands for the push a run resolved: not when the same data was pushed on
+    that channel after it was judged (its first push after a manual run judged it, or someone
+    brought it back as the newest): train it, and let the gate judge it in today's push order. A
+    rollback pushes nothing, so a nightly never re-promotes the data an operator rolled back from."""
+    channel, sequence = resolved.get("channel"), resolved.get("sequence")
+    if channel is None or channel != judged.get("channel") or not isinstance(sequence, int):
+        return True  # a dataset named directly, another channel's order, or a record without one
+    judged_sequence = judged.get("sequence")
+    return isinstance(judged_sequence, int) and sequence <= judged_sequence

@@ -58,8 +58,8 @@ def test_a_fingerprint_is_checked_before_it_names_a_key(bad: str):
 
 def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
     store = LocalStore(tmp_path)
-    record_gated_data(store, "m-1", spec(TrainConfig()), {"promote": True,
-                                                        "dataset": {"channel": "latest", "sequence": 3}})
+    judged_order = {"channel": "latest", "challenger_sequence": 3, "champion_sequence": None}
+    record_gated_data(store, "m-1", spec(TrainConfig()), {"promote": True, "data_order": judged_order})
     judged = gated_before(str(tmp_path), FINGERPRINT, TrainConfig())
     assert judged is not None and (judged["channel"], judged["sequence"]) == ("latest", 3)
     assert covers(judged, {"channel": "latest", "sequence": 3})  # the judged push itself (its queued run)
@@ -67,3 +67,10 @@ def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
     assert covers(judged, {"channel": "other", "sequence": 9})  # another channel's order says nothing here
     assert covers(judged, {"channel": None, "sequence": None})  # a dataset named directly
     assert covers({"challenger": "m-0"}, {"channel": "latest", "sequence": 5})  # a record from before channels
+    # Judged by a manual run before this data was ever pushed there: its first push is new input.
+    record_gated_data(store, "m-2", spec(TrainConfig()), {"promote": False, "data_order": {
+        "channel": "latest", "challenger_sequence": None, "champion_sequence": 2}})
+    never_pushed = gated_before(str(tmp_path), FINGERPRINT, TrainConfig())
+    assert never_pushed is not None and never_pushed["sequence"] is None
+    assert not covers(never_pushed, {"channel": "latest", "sequence": 4})
+    assert covers(never_pushed, {"channel": None, "sequence": None})  # the same dataset named directly again
