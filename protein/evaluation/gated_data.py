@@ -13,17 +13,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 from typing import Any
 
 from protein.config import TrainConfig, to_dict
 from protein.data.fingerprint import FINGERPRINT_CHARS
+from protein.data.manifest import FINGERPRINT
 from protein.errors import NotFound
 from protein.storage import Store, open_store
 
 # Where a run trained, not what it produces: a config that differs only here is the same training.
 MACHINE_FIELDS = frozenset({"device"})
-_FINGERPRINT = re.compile(f"[0-9a-f]{{{FINGERPRINT_CHARS}}}")
 
 
 def config_digest(train_config: dict[str, Any]) -> str:
@@ -33,7 +32,7 @@ def config_digest(train_config: dict[str, Any]) -> str:
 
 
 def gated_key(data_fingerprint: str, digest: str) -> str:
-    if not _FINGERPRINT.fullmatch(data_fingerprint):
+    if not FINGERPRINT.fullmatch(data_fingerprint):
         raise ValueError(f"a data fingerprint is {FINGERPRINT_CHARS} lowercase hex digits, got {data_fingerprint!r}")
     return f"gates/by-data/{data_fingerprint}/{digest}.json"
 

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from protein.errors import NotFound, PreconditionFailed, StoreError
 from protein.storage import s3_errors
@@ -38,7 +37,7 @@ from protein.storage.base import (
     validate_prefix,
     verify,
 )
-from protein.storage.s3_clients import client_setup_error, shared_client
+from protein.storage.s3_clients import client_setup_error, redacted_endpoint, shared_client
 
 # Re-exported: these lived here before the probe had a module of its own, and callers import them from here.
 from protein.storage.s3_conditional_writes import (  # noqa: F401
@@ -131,11 +130,8 @@ class S3Store(RawObjectReads):
         endpoint = getattr(getattr(self._client_obj, "meta", None), "endpoint_url", None)
         if not endpoint:
             return ""
-        parts = urlsplit(endpoint)
         # Never echo user:password@ should someone have put credentials into the endpoint URL.
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f" {parts.scheme}://{host}{port}"
+        return f" {redacted_endpoint(endpoint)}"
 
     def _error(self, exc: BaseException, key: str | None = None, operation: str | None = None) -> StoreError:
         return s3_errors.translate(exc, self._uri(key), self._endpoint(), self.uri, self.bucket, operation)
