@@ -75,6 +75,13 @@ class TrainingFailed(ProteinError):
     exit_code = 7
 
 
+class CheckpointSuperseded(ProteinError):
+    """Another attempt of the same training run wrote its checkpoint after this attempt read or
+    wrote it (protein/modeling/checkpoints.py): this attempt stops, the other carries the run."""
+
+    exit_code = 10
+
+
 class EvidenceRefused(IntegrityError):
     """What a scoring host reported does not agree with what this host derives or computes
     itself (docs/security.md): the result is refused, never retried."""

@@ -4,7 +4,6 @@ wires them together with per-epoch checkpoints so a killed run resumes where it 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import threading
@@ -19,11 +18,17 @@ import torch
 from torch import nn
 
 from protein.config import TrainConfig, from_dict, to_dict
-from protein.errors import StoreError
 from protein.evaluation.metrics import evaluate_predictions
 from protein.evaluation.thresholds import cross_fit
 from protein.labels import LABELS
 from protein.modeling import distributed
+from protein.modeling.checkpoints import (
+    CHECKPOINT_FORMAT,
+    checkpoint_key,
+    metrics_key,
+    read_checkpoint,
+    save_checkpoint,
+)
 from protein.modeling.ema import ExponentialMovingAverage, make_ema
 from protein.modeling.model import build_model
 from protein.modeling.optimization import build_optimizer, make_loss
@@ -33,7 +38,6 @@ from protein.storage import Store
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "protein-train-checkpoint/1"
 T = TypeVar("T")
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -264,39 +268,6 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def checkpoint_key(run_id: str) -> str:
-    return f"runs/{run_id}/checkpoint.pt"
-
-
-def metrics_key(run_id: str) -> str:
-    return f"runs/{run_id}/metrics.jsonl"
-
-
-def save_checkpoint(store: Store, run_id: str, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    # One object, written whole: a crash mid-upload leaves the previous epoch's checkpoint.
-    store.put_bytes(checkpoint_key(run_id), buffer.getvalue())
-
-
-def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
-    key = checkpoint_key(run_id)
-    if not store.exists(key):
-        return None
-    # weights_only: a checkpoint is data; never run code found in a store.
-    try:
-        state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
-    except Exception as exc:  # untrusted bytes: whatever the safe unpickler trips on (IndexError too)
-        # The unpickler's message is a page of advice that suggests weights_only=False: not for users.
-        raise StoreError(
-            f"{store.uri}/{key}: not a loadable training checkpoint ({type(exc).__name__}); nothing in it "
-            "was executed; delete it or start a new --run-id"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{store.uri}/{key}: not a protein training checkpoint")
-    return state
-
-
 @dataclass
 class Training:
     """Everything a training step needs, built once per run by `build_training` (fit and
@@ -412,7 +383,9 @@ def fit(
     history: list[dict[str, Any]] = []
     start_epoch = 0
 
-    state = load_checkpoint(store, run_id)
+    # The etag the next checkpoint is written against: another attempt of this run that writes in
+    # between (a host given up on but alive) makes this one stop (protein/modeling/checkpoints.py).
+    state, checkpoint_etag = read_checkpoint(store, run_id)
     if state is not None:
         saved = from_dict(TrainConfig, state["config"])
         if saved != config:
@@ -467,7 +440,7 @@ def fit(
         # checkpoint a one-epoch resnet18 run uploads drops from 128 MiB to 43 MiB.
         resumable = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()} \
             if epoch + 1 < config.epochs else {}
-        save_checkpoint(store, run_id, {
+        checkpoint_etag = save_checkpoint(store, run_id, {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
             "model": model.state_dict(),
@@ -476,7 +449,7 @@ def fit(
             "config": to_dict(config),
             "class_names": list(LABELS),
             "history": [json.dumps(h) for h in history],
-        })
+        }, expected_etag=checkpoint_etag, fresh=checkpoint_etag is None)
         store.put_bytes(metrics_key(run_id), "".join(json.dumps(h) + "\n" for h in history).encode())
         log.info("epoch %d/%d %s", epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))

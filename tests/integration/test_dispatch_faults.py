@@ -204,7 +204,7 @@ def test_a_worker_restarted_under_its_name_is_caught_and_a_retried_parent_resume
     from prefect.client.schemas.objects import StateType
     from prefect.states import State
 
-    from protein.modeling.train import load_checkpoint
+    from protein.modeling.checkpoints import load_checkpoint
     from protein.registry import Registry
     from protein.storage import open_store
 

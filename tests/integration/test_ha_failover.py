@@ -99,7 +99,7 @@ def wait_training(stack: Stack, parent_id: Any) -> Any:
 
 def epochs_trained(stack: Stack, train: Any) -> int:
     """Epochs the train run has checkpointed and recorded so far (its metrics.jsonl)."""
-    from protein.modeling.train import metrics_key
+    from protein.modeling.checkpoints import metrics_key
     from protein.storage import open_store
 
     return len(open_store(stack.store).get_bytes(metrics_key(train.parameters["run_id"])).splitlines())

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from flows.params import TrainParams
-from protein.modeling.train import load_checkpoint, metrics_key
+from protein.modeling.checkpoints import load_checkpoint, metrics_key
 from protein.registry import Registry
 from protein.storage import open_store
 from tests.helpers import write_dataset

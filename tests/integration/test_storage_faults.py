@@ -15,7 +15,7 @@ import pytest
 from flows.params import TrainParams
 from protein.config import TrainConfig
 from protein.errors import PreconditionFailed, StoreError
-from protein.modeling.train import load_checkpoint
+from protein.modeling.checkpoints import load_checkpoint
 from protein.registry import CHAMPION_KEY, Registry
 from protein.storage import open_store
 from tests.conftest import MotoServer, running_moto_server, set_s3_env

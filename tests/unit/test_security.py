@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from protein.errors import DataError, StoreError
+from protein.modeling.checkpoints import checkpoint_key, load_checkpoint
 from protein.modeling.model import read_state_dict
-from protein.modeling.train import checkpoint_key, load_checkpoint
 from protein.storage import open_store
 from tests.helpers import write_dataset
 

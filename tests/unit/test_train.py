@@ -100,7 +100,8 @@ def test_only_a_checkpoint_that_training_continues_from_holds_the_optimizer_stat
     state is refused in one line."""
     from protein.config import TrainConfig
     from protein.labels import LABELS
-    from protein.modeling.train import checkpoint_key, fit, load_checkpoint, save_checkpoint
+    from protein.modeling.checkpoints import checkpoint_key, load_checkpoint, save_checkpoint
+    from protein.modeling.train import fit
     from protein.storage import open_store
     from tests.helpers import TINY_ARCH
 
