@@ -22,15 +22,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from protein.errors import NotFound, PreconditionFailed, ProteinError, RegistryError
 from protein.registry.records import (
     CLAIM_PREFIX,
+    CLAIM_RECORD,
     DAY_S,
     PROBE_PREFIX,
     RUN_INDEX_PREFIX,
     SPEC_FILE,
+    TOMBSTONE_PREFIX,
     ChampionState,
     check_version_id,
     run_index_key,
@@ -38,8 +40,12 @@ from protein.registry.records import (
     version_prefix,
 )
 from protein.storage import ObjectInfo, Store
+from protein.storage.records import load_record
 
 log = logging.getLogger("protein.registry")
+
+# What gc --runs knows of a run claimed for registration but not in the run index.
+ClaimState = Literal["in progress", "deleted", "unreadable"]
 
 # No run touched within a day is collected, registered or not: a retrain resuming a run, or one whose
 # registration is about to start, writes its checkpoint at least once per epoch.
@@ -134,7 +140,28 @@ class RetentionMixin:
                 keys.add(probs_key)
         return keys
 
-    def _collectable_run(self, run: str, infos: list[ObjectInfo], registered: set[str], claimed: set[str],
+    def _claims_of_unindexed_runs(self, index: list[str], registered: set[str]) -> dict[str, ClaimState]:
+        """Each run claimed for registration but not indexed: "deleted" when its claimed version was
+        deleted (tombstoned: `delete_version` removes the run's index entry, and the claim stays so
+        that a retry of the run never registers the deleted id again), "in progress" otherwise, or
+        "unreadable"."""
+        tombstoned = {k[len(TOMBSTONE_PREFIX):-len(".json")] for k in index if k.startswith(TOMBSTONE_PREFIX)}
+        claims: dict[str, ClaimState] = {}
+        for key in index:
+            run = key[len(CLAIM_PREFIX):-len(".json")]
+            if not key.startswith(CLAIM_PREFIX) or not key.endswith(".json") or run in registered:
+                continue
+            try:
+                deleted = load_record(self.store, key, CLAIM_RECORD)["model_id"] in tombstoned
+            except ProteinError as exc:
+                log.warning("registration claim %s cannot be read: %s", key, exc)
+                claims[run] = "unreadable"
+                continue
+            claims[run] = "deleted" if deleted else "in progress"
+        return claims
+
+    def _collectable_run(self, run: str, infos: list[ObjectInfo], registered: set[str],
+                         claims: dict[str, ClaimState],
                          protected: set[str], run_age_s: float, run_min_age_s: float,
                          kept: dict[str, str]) -> list[str]:
         now = time.time()
@@ -142,9 +169,15 @@ class RetentionMixin:
         if newest > now - run_min_age_s:
             kept[run] = f"touched {int(now - newest)} s ago (younger than {int(run_min_age_s)} s)"
             return []
-        if run in claimed and run not in registered:
+        claim = claims.get(run)
+        if claim == "unreadable":  # what it claimed is unknown: nothing of the run goes
+            kept[run] = "its registration claim cannot be read"
+            return []
+        if claim == "in progress":
             kept[run] = "its registration is in progress (claimed, not yet indexed)"
             return []
+        # A claim for a version deleted since (its index entry went with it): nothing will ever
+        # register for the run again, so it is collected like any run that never registered.
         if run not in registered and newest > now - run_age_s:
             kept[run] = "not registered and not yet abandoned"
             return []
@@ -170,13 +203,13 @@ class RetentionMixin:
             # Top-level entries only: claims and tombstones sit in folders below.
             registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in index
                           if k.endswith(".json") and "/" not in k[len(RUN_INDEX_PREFIX):]}
-            claimed = {k[len(CLAIM_PREFIX):-len(".json")] for k in index if k.startswith(CLAIM_PREFIX)}
+            claims = self._claims_of_unindexed_runs(index, registered)
             protected = self.protected_keys()
             by_run: dict[str, list[ObjectInfo]] = {}
             for info in self.store.list_info("runs/"):
                 by_run.setdefault(info.key.split("/")[1], []).append(info)
             for run, infos in by_run.items():
-                objects = self._collectable_run(run, infos, registered, claimed, protected, run_age_s,
+                objects = self._collectable_run(run, infos, registered, claims, protected, run_age_s,
                                                 run_min_age_s, kept)
                 if objects:
                     run_objects[run] = objects

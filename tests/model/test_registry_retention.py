@@ -97,6 +97,25 @@ def test_gc_runs_has_an_age_guard_and_skips_registrations_in_flight(registry, tr
     assert store.list("runs/") == ["runs/r-claimed/checkpoint.pt", "runs/r-fresh/checkpoint.pt"]
 
 
+def test_gc_runs_collects_the_run_of_a_deleted_version(registry, trained, capsys):
+    """A deleted version's run keeps its registration claim (a retry must never register the
+    deleted id again) but loses its index entry: it is collected, not kept for ever as "in progress"."""
+    store = registry.store
+    add_version(registry, trained["model_id"], "gone", run_id="r-gone")
+    store.put_bytes("runs/r-gone/checkpoint.pt", b"ckpt")
+    registry.delete_version("gone")
+    store.put_bytes("runs/r-pending/checkpoint.pt", b"ckpt")  # claimed for a version not yet written
+    store.put_bytes("registry/runs/claims/r-pending.json", json.dumps({"run_id": "r-pending",
+                                                                        "model_id": "pending"}).encode())
+    age(store, "runs/", 10 * 86400)
+    assert main(["models", "gc", "--runs", "--store", store.uri]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == ["r-gone"]
+    assert result["runs_kept"] == {"r-pending": "its registration is in progress (claimed, not yet indexed)"}
+    assert store.list("runs/") == ["runs/r-pending/checkpoint.pt"]
+    assert store.exists("registry/runs/claims/r-gone.json")  # still refuses a retry's registration
+
+
 def test_gc_runs_rechecks_a_run_before_deleting_it(registry, trained):
     store = registry.store
     add_version(registry, trained["model_id"], "done", run_id="r-done")
