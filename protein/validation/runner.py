@@ -212,7 +212,8 @@ def run_validation(
         raise DataError(f"--report {report_dir}: exists and is not a folder (report.json and docs/ go in a folder)")
     store = open_store(store_uri) if store_uri else None
     reference = load_reference(store)
-    out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="protein-validation-"))
+    # Absolute: Great Expectations refuses a project folder given relative to the working folder.
+    out = Path(report_dir).resolve() if report_dir is not None else Path(tempfile.mkdtemp(prefix="protein-validation-"))
     out.mkdir(parents=True, exist_ok=True)
     project = Path(tempfile.mkdtemp(prefix=".gx-", dir=out))
     try:

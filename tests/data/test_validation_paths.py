@@ -42,6 +42,15 @@ def test_headers_only_says_what_it_did_not_check(base: Path, tmp_path: Path, cap
     assert types == {"expect_column_values_to_be_null"}
 
 
+def test_a_report_folder_named_relative_to_the_working_folder(base: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--report reports/today`, as a user types it: the report lands there (Great Expectations
+    refuses a relative project folder; it once made every such run exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    assert validate("--data", str(base), "--headers-only", "--report", "reports/today") == 0
+    assert sorted(p.name for p in (tmp_path / "reports" / "today").iterdir()) == ["docs", "report.json"]
+
+
 def test_the_nightly_decodes_every_image() -> None:
     from flows.params import ValidationParams
 
