@@ -10,10 +10,15 @@ from pathlib import Path
 
 from deployments.ha_stack.daemons import Daemon, StartError, start_listening
 
+# How long the event stream keeps what a silent services process has not read yet.
+EVENTS_KEPT_FOR_IDLE_SERVICES_S = 24 * 3600
+
 
 def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
-    """The Redis settings of Prefect's self-hosting guide: the event broker and cache, causal
-    ordering, concurrency lease storage and the background services' Docket queue."""
+    """The Redis settings of Prefect's self-hosting guide (the event broker and cache, causal
+    ordering, concurrency lease storage, the background services' Docket queue), and those a
+    month of operation needs beyond it: events kept for a services process that is down, and
+    the workers' clean-up messages shared by every server process."""
     return {
         "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
         "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
@@ -29,6 +34,18 @@ def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
         # so a task run stays Running under a finished flow run). Redis gets one XADD per event
         # either way: the batch only delayed them, and every trigger they fire.
         "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",
+        # Each API trims the event stream every minute to what every consumer group has read, but
+        # leaves out a group whose consumers have all been idle over this threshold (default 5 min):
+        # a services process down longer than that (a crash, an upgrade) came back to a stream cut
+        # past what it had read, and the events received meanwhile (task-run states, push triggers,
+        # failure alerts) were gone. A day of events is a few MB here; a services process down
+        # longer than a day is an incident of its own.
+        "PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD": str(EVENTS_KEPT_FOR_IDLE_SERVICES_S),
+        # The "stop this run's process" messages the services process queues for workers (a run
+        # stuck in Cancelling) live by default in that process's memory, where no worker reads them:
+        # workers fetch them from an API process.
+        "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
+        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_URL": f"redis://{host}:{port}/0",
     }
 
 

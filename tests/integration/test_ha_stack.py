@@ -205,6 +205,71 @@ def test_an_event_an_api_accepted_survives_the_api_being_killed(ha_prefect: ha_s
     stack.replace_killed_apis()  # the module's stack as the next test expects it: two APIs
 
 
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_events_wait_in_redis_for_a_services_process_that_is_down(ha_prefect: ha_stack.HAPrefect,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each API trims the event stream to what every consumer group has read, leaving out a group
+    whose consumers have all been idle past a threshold (Prefect's default 5 minutes): a services
+    process down longer came back to a stream cut past its position, and the events of the outage
+    (task-run states, push triggers, alerts) were gone. The stack's processes run with a day's
+    threshold; under it an idle group still holds the stream, under a threshold it has outlived it
+    does not (the control: the same trim, the same stream, a 1 s threshold)."""
+    import asyncio
+    import secrets
+
+    from prefect_redis.messaging import RedisMessagingConsumerSettings, _trim_stream_to_lowest_delivered_id
+    from redis import Redis
+
+    stack = ha_prefect
+    settings = ha_stack.redis_settings("127.0.0.1", stack.redis.port)
+    for daemon in (*stack.apis, stack.services):
+        env = process_env(daemon.process.pid)
+        for name in ("PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD",
+                     "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE", "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_URL"):
+            assert env.get(name) == settings[name], (daemon.name, name)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    assert RedisMessagingConsumerSettings().trim_idle_threshold.total_seconds() == 24 * 3600
+
+    redis = Redis(host="127.0.0.1", port=stack.redis.port)
+    stream = f"protein-test-{secrets.token_hex(4)}"
+    ids = [redis.xadd(stream, {"n": str(n)}).decode() for n in range(5)]
+    redis.xgroup_create(stream, "persister", id="0")
+    redis.xreadgroup("persister", "services-1", {stream: ">"}, count=1)  # read the first, then went down
+    time.sleep(2.5)
+
+    def trim() -> int:
+        asyncio.run(_trim_stream_to_lowest_delivered_id(stream, latest_delivered_id=ids[-1]))
+        return int(redis.xlen(stream))
+
+    try:
+        assert trim() == 5, "the stream was cut past what the silent services process had read"
+        monkeypatch.setenv("PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD", "1")
+        assert trim() == 1  # the control: a group idle past the threshold no longer holds the stream
+    finally:
+        redis.delete(stream)
+
+
+def test_the_workers_clean_up_messages_live_in_redis_for_every_server_process(
+        ha_prefect: ha_stack.HAPrefect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect keeps the "stop this run's process" messages its services process queues in that
+    process's memory by default, where the APIs that workers ask never see them."""
+    import importlib
+
+    from prefect.settings import Settings
+    from prefect_redis import cleanup_queue
+
+    for name, value in ha_stack.redis_settings("127.0.0.1", ha_prefect.redis.port).items():
+        monkeypatch.setenv(name, value)
+    storage = importlib.import_module(Settings().server.worker_channel.cleanup_queue_storage)
+    assert storage.WorkerCleanupQueue is cleanup_queue.WorkerCleanupQueue  # not the in-memory default
+    assert cleanup_queue.RedisWorkerCleanupQueueSettings().url == f"redis://127.0.0.1:{ha_prefect.redis.port}/0"
+
+
 def test_register_block_types_is_the_operators_one_off_step_and_refuses_what_it_cannot_do(
         ha_postgres: ha_stack.Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
