@@ -34,8 +34,8 @@ from bench.naive import naive_dataset, naive_loader
 from protein.cache import ImageCache, default_workers
 from protein.config import COMPETITION_IMAGE_SIZE
 from protein.data import decode_png, load_competition
+from protein.modeling.batches import iterate_batches
 from protein.modeling.presets import TrainPreset
-from protein.modeling.train import iterate_batches
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from queue import Queue
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +20,7 @@ from protein.evaluation.metrics import evaluate_predictions
 from protein.evaluation.thresholds import cross_fit
 from protein.labels import LABELS
 from protein.modeling import distributed
+from protein.modeling.batches import iterate_batches, prefetch
 from protein.modeling.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_key,
@@ -38,9 +37,7 @@ from protein.storage import Store
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 EpochCallback = Callable[[dict[str, Any]], None]
-
 
 def select_device(name: str = "auto") -> torch.device:
     """The device to train on, with its index (`cuda:0`, not `cuda`): tensors report their device
@@ -58,63 +55,6 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def iterate_batches(
-    images: np.ndarray,
-    targets: np.ndarray,
-    indices: np.ndarray,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    pin_memory: bool = False,
-    drop_last: bool = False,
-    rank: distributed.Rank = distributed.Rank(),
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 NHWC images, float targets) batches; shuffled when a generator is given.
-    With pin_memory (for a CUDA device) batches land in page-locked memory, so the copy to the
-    GPU can run asynchronously.
-
-    batch_size is the global batch: with several ranks, each rank yields only its shard of
-    every global batch (every ranks' generator draws the same order), so no rank reads a row
-    another rank reads. drop_last drops a ragged final batch (training: a batch of one image
-    breaks BatchNorm, and a new shape recompiles under torch.compile) unless it is the only one."""
-    order = indices
-    if generator is not None:
-        order = indices[torch.randperm(len(indices), generator=generator).numpy()]
-    end = len(order)
-    if drop_last and len(order) >= batch_size:
-        end = len(order) // batch_size * batch_size
-    for start in range(0, end, batch_size):
-        # Sorted reads walk the memory-mapped cache forwards; batch order stays random.
-        batch_idx = np.sort(distributed.shard(order[start : min(start + batch_size, end)], rank))
-        x = torch.from_numpy(np.ascontiguousarray(images[batch_idx]))
-        y = torch.from_numpy(targets[batch_idx])
-        yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
-
-
-def prefetch(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Produce the next batches in a background thread (slicing the memory map and pinning
-    release the GIL) while the GPU works on the current one."""
-    queue: Queue[T | object] = Queue(maxsize=depth)
-    done = object()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            for item in batches:
-                queue.put(item)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            failure.append(exc)
-        finally:
-            queue.put(done)
-
-    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
-    thread.start()
-    while (item := queue.get()) is not done:
-        yield item  # type: ignore[misc]
-    thread.join()
-    if failure:
-        raise failure[0]
 
 
 def train_step(
@@ -219,16 +159,19 @@ def predict_probs(
     if cuda:  # page-locked batches read ahead in a thread, copied while the GPU works on the last one
         batches = prefetch(batch.pin_memory() for batch in batches)
     outputs: list[torch.Tensor] = []
-    for batch in batches:
-        x = preset(batch.to(device, non_blocking=True))
-        views = dihedral_views(x) if tta else [x]
-        probs = torch.zeros((), device=device)
-        for view in views:
-            with autocast_context(device):
-                logits = model(view)
-            probs = probs + torch.sigmoid(logits.float())
-        # Kept on the device until the end: a .cpu() per batch would wait for the GPU each time.
-        outputs.append(probs / len(views))
+    # Closed here, not when collected: a raised error's traceback keeps this frame, and with it the
+    # prefetch thread and its pinned batches, alive as long as the error is kept (Prefect keeps it).
+    with contextlib.closing(batches):
+        for batch in batches:
+            x = preset(batch.to(device, non_blocking=True))
+            views = dihedral_views(x) if tta else [x]
+            probs = torch.zeros((), device=device)
+            for view in views:
+                with autocast_context(device):
+                    logits = model(view)
+                probs = probs + torch.sigmoid(logits.float())
+            # Kept on the device until the end: a .cpu() per batch would wait for the GPU each time.
+            outputs.append(probs / len(views))
     if not outputs:
         return np.zeros((0, len(LABELS)), dtype=np.float32)
     return torch.cat(outputs).cpu().numpy().astype(np.float32)
@@ -339,10 +282,12 @@ def build_training(config: TrainConfig, device: torch.device, n_train: int,
 
 def epoch_batches(config: TrainConfig, images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray,
                   epoch: int, device: torch.device, rank: distributed.Rank = distributed.Rank()
-                  ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Generator, torch.Generator]]:
+                  ) -> tuple[Generator[tuple[torch.Tensor, torch.Tensor], None, None],
+                             tuple[torch.Generator, torch.Generator]]:
     """One epoch's batches and its (host, device) augmentation generators. Everything random in
     an epoch derives from (seed, epoch), so a resumed run needs no RNG state: the batch order is
-    the same on every rank; augmentation draws differ per rank."""
+    the same on every rank; augmentation draws differ per rank. On CUDA the batches are read ahead
+    by a thread: close them when the epoch stops early."""
     torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * rank.rank)
     order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     augment_seed = config.seed * 1_000_003 + epoch + 7_919 * (rank.rank + 1)
@@ -416,7 +361,10 @@ def fit(
     eval_batch = max(2 * config.batch_size // rank.world_size, 1)
     for epoch in range(start_epoch, config.epochs):
         batches, generators = epoch_batches(config, images, targets, train_idx, epoch, device, rank)
-        stats = run.train_epoch(config, batches, device, generators, on_batch)
+        # Closed here, not when collected: a failed step's (CUDA OOM, NCCL error) traceback keeps
+        # this frame alive while the error is kept, and Prefect retries in this process.
+        with contextlib.closing(batches):
+            stats = run.train_epoch(config, batches, device, generators, on_batch)
         distributed.sync_from_main(model, device)
         if ema is not None:
             distributed.sync_from_main(ema, device)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from prefect.states import Failed
 
 from protein.errors import (
@@ -13,7 +14,7 @@ from protein.errors import (
     StoreError,
     ValidationFailed,
 )
-from tasks.retry import retry_transient
+from tasks.retry import is_transient, retry_transient
 
 
 @pytest.mark.parametrize("error", [DataError("bad row"), ValidationFailed("drift"), RegistryError("unknown"),
@@ -27,3 +28,20 @@ def test_decisions_and_bad_input_are_not_retried(error: Exception) -> None:
                                    RuntimeError("unexpected")])
 def test_faults_on_the_way_are_retried(error: Exception) -> None:
     assert retry_transient(None, None, Failed(data=error)) is True
+
+
+@pytest.mark.parametrize("error_class", [torch.OutOfMemoryError, torch.cuda.OutOfMemoryError],
+                         ids=["torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"])
+def test_gpu_out_of_memory_is_not_retried_and_says_what_to_change(error_class: type[Exception]) -> None:
+    """A retry runs the same config (a resume refuses another one): it runs out of memory again."""
+    error = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_transient(error) is False
+    assert retry_transient(None, None, Failed(data=error)) is False
+    advice = "\n".join(error.__notes__)
+    assert "--batch-size" in advice and "--accumulate K" in advice
+    retry_transient(None, None, Failed(data=error))
+    assert len(error.__notes__) == 1  # asked twice about one error: one note
+
+
+def test_other_runtime_errors_stay_transient() -> None:
+    assert is_transient(RuntimeError("CUDA error: unspecified launch failure")) is True

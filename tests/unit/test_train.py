@@ -1,13 +1,32 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from protein.modeling.batches import PREFETCH_THREAD_NAME, iterate_batches, prefetch
 from protein.modeling.ema import make_ema
 from protein.modeling.optimization import parameter_groups
 from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
 from protein.modeling.scaling import ema_decay_at
-from protein.modeling.train import iterate_batches, predict_probs, prefetch, train_one_epoch
+from protein.modeling.train import predict_probs, train_one_epoch
+
+
+def prefetch_threads_started_since(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD_NAME and t not in before]
+
+
+def still_running_after_join(threads: list[threading.Thread], timeout_s: float = 5.0) -> list[threading.Thread]:
+    for thread in threads:
+        thread.join(timeout_s)
+    return [thread for thread in threads if thread.is_alive()]
+
+
+def many_batches() -> tuple[np.ndarray, np.ndarray]:
+    """16 batches of 4: far more than the queue holds, so the producer is blocked in put when the
+    consumer stops."""
+    return np.zeros((64, 8, 8, 3), np.uint8), np.zeros((64, 10), np.float32)
 
 
 def test_prefetch_keeps_order_and_reraises_producer_errors():
@@ -17,8 +36,80 @@ def test_prefetch_keeps_order_and_reraises_producer_errors():
         yield 1
         raise ValueError("corrupt batch")
 
+    before = set(threading.enumerate())
+    received = []
     with pytest.raises(ValueError, match="corrupt batch"):
-        list(prefetch(broken()))
+        for item in prefetch(broken()):
+            received.append(item)
+    assert received == [1]  # what came before the error is delivered, then the error
+    assert prefetch_threads_started_since(before) == []
+
+
+def test_prefetch_thread_ends_when_the_consumer_closes_it_early():
+    """A consumer that stops (a CUDA OOM in the step, a cancel) once left the producer blocked for
+    ever in put, holding the memory map and pinned batches; each in-process retry leaked another."""
+    before = set(threading.enumerate())
+    images, targets = many_batches()
+    batches = prefetch(iterate_batches(images, targets, np.arange(64), 4))
+    next(batches)
+    producers = prefetch_threads_started_since(before)
+    assert len(producers) == 1
+    batches.close()
+    assert still_running_after_join(producers) == []
+
+
+def test_prefetch_thread_ends_when_the_consumer_raises_mid_iteration():
+    before = set(threading.enumerate())
+    images, targets = many_batches()
+    producers: list[threading.Thread] = []
+
+    def train_until_out_of_memory() -> None:
+        for step, _ in enumerate(prefetch(iterate_batches(images, targets, np.arange(64), 4))):
+            if step == 0:
+                producers.extend(prefetch_threads_started_since(before))
+            if step == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        train_until_out_of_memory()
+    assert len(producers) == 1
+    assert still_running_after_join(producers) == []
+
+
+def test_fit_ends_the_prefetch_thread_when_a_step_fails(tmp_path, monkeypatch):
+    """fit closes the epoch's batches: the error's traceback (kept here, as Prefect keeps it for
+    its retry decision) holds fit's frame, and with it the batches, alive."""
+    from protein.config import TrainConfig
+    from protein.labels import LABELS
+    from protein.modeling import train
+    from protein.storage import open_store
+    from tests.helpers import TINY_ARCH
+
+    cpu_batches = train.epoch_batches
+
+    def batches_as_on_cuda(*args, **kwargs):  # prefetch is used on CUDA only
+        batches, generators = cpu_batches(*args, **kwargs)
+        return prefetch(batches), generators
+
+    producers: list[threading.Thread] = []
+    before = set(threading.enumerate())
+
+    def out_of_memory_in_the_first_step(self, config, batches, device, generators, on_batch=None):
+        next(batches)
+        producers.extend(prefetch_threads_started_since(before))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train, "epoch_batches", batches_as_on_cuda)
+    monkeypatch.setattr(train.Training, "train_epoch", out_of_memory_in_the_first_step)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (48, 32, 32, 3), dtype=np.uint8)
+    targets = (rng.random((48, len(LABELS))) > 0.7).astype(np.float32)
+    config = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=4, device="cpu")
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        train.fit(config, images, targets, np.arange(40), np.arange(40, 48), open_store(str(tmp_path)), "oom")
+    assert len(producers) == 1
+    assert still_running_after_join(producers) == []
+    assert "simulated" in str(raised.value)  # the error, and fit's frame with it, is still held here
 
 
 def test_iterate_batches_covers_each_index_once_in_seeded_order():
