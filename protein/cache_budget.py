@@ -4,14 +4,24 @@ A CPU host that runs the nightly for a month downloads a dataset per push, a mod
 decodes a split per image size; without a bound it fills its disk. After every write into the
 cache (a decoded split, a downloaded model, a fetched dataset folder or zip) the writer calls
 `enforce_cache_budget`, which removes whole entries, oldest last use first, until the cache is
-within `$PROTEIN_CACHE_MAX_GB` (default `DEFAULT_MAX_GB`).
+within `$PROTEIN_CACHE_MAX_GB` (default `DEFAULT_MAX_GB`). Hash caches and the Data Docs mirror are
+written without that call: the next one counts them.
 
-What counts as an entry, under the cache root:
+What counts as an entry, under the cache root (every folder the cache holds is one of these kinds,
+or is named below as never evicted):
 - a decoded split: `<name>.npy` + `<name>.json` (last use: the .json's mtime, touched on every hit);
   its `<name>.lock` stays, so two processes always lock the same file;
 - a downloaded model version: `models/<version>/` (last use: the folder's mtime, touched on use);
 - a dataset file or zip fetched from S3: `datasets/objects/**`, `datasets/zips/*` (last use: mtime,
-  touched on read and on every cache hit).
+  touched on read and on every cache hit);
+- a pushed dataset's fetched manifest: `datasets/manifests/*` (one per dataset a host opens, megabytes
+  for a large one; last use: mtime, touched on every hit);
+- a hash cache: `datasets/hashes/*` (one per dataset folder, zip or algorithm; last use: mtime, which
+  moves only when the cache is rewritten: losing one costs a re-hash, never a wrong digest);
+- a file of the Data Docs mirror, `validation-history/<store>/**` (protein.validation.history; last
+  use: mtime, its download or the run that wrote it). One entry per file, so an evicted file is
+  downloaded again by the next validation that needs it; a folder the eviction emptied goes once it
+  has stayed empty for `RECENT_USE_S`.
 
 Never removed, whatever the bound: an entry used within the last `RECENT_USE_S` (a run on this
 host may be reading it right now; a file unlinked under an open descriptor stays readable on
@@ -21,12 +31,19 @@ it just wrote, the files it is about to read), and a zip some process reads in p
 last use was). When only such entries are left and the cache is still over the bound, a warning
 says so.
 
-Not entries, so never evicted for the bound: lock files (`*.lock`; a lock deleted while held lets a
-second process lock a new file of the same name), and temp or partial files (`.<name>.<random>.tmp`
-of an atomic write or a download, `<name>.part` of a resumable one). A process killed mid-write
-(OOM, preemption) leaves those behind, a decoded split's temp file as large as the split: the bound
-and `protein cache gc` remove one once it is `STALE_TEMP_S` without a write and its writer's lock
-(where it has one) is free.
+Not entries, so never evicted for the bound: lock files (`*.lock`, `datasets/locks/`; a lock deleted
+while held lets a second process lock a new file of the same name), and temp or partial files
+(`.<name>.<random>.tmp` of an atomic write or a download, `<name>.part` of a resumable one). A process
+killed mid-write (OOM, preemption) leaves those behind, a decoded split's temp file as large as the
+split: the bound and `protein cache gc` remove one once it is `STALE_TEMP_S` without a write and its
+writer's lock (where it has one) is free.
+
+The mirror has no lock: a validation copies its files out without marking them used, so an old
+mirror file may go while a validation reads the mirror, and a folder that stood empty for an hour may
+go just as a validation writes into it. Its readers must take a mirror file that vanished for one not
+mirrored yet (download it) and skip a mirror write that failed, as protein.validation.history's
+`sync_down` and `upload_new` do for its own pruning: then the bound costs a download, never a
+validation.
 """
 
 from __future__ import annotations
@@ -52,6 +69,9 @@ RECENT_USE_S = 3600.0
 # fails after the S3 read timeout (60 s by default, PROTEIN_S3_READ_TIMEOUT_S) without one.
 STALE_TEMP_S = RECENT_USE_S
 IMAGE_SUFFIXES = (".npy", ".json")  # the files of a decoded split, written through temp files
+# The folders of datasets/ whose files are entries, one per file; datasets/locks/ is not one of them.
+DATASET_ENTRY_FOLDERS = ("objects", "zips", "manifests", "hashes")
+MIRROR_FOLDER = "validation-history"  # protein.validation.history.mirror_root: <cache>/validation-history/<store>/
 
 
 @dataclass(frozen=True)
@@ -139,7 +159,7 @@ def _is_temp(filename: str) -> bool:
 
 
 def _dataset_entries(root: Path) -> Iterator[CacheEntry]:
-    for sub in ("objects", "zips"):
+    for sub in DATASET_ENTRY_FOLDERS:
         folder = root / "datasets" / sub
         if not folder.is_dir():
             continue
@@ -155,12 +175,43 @@ def _dataset_entries(root: Path) -> Iterator[CacheEntry]:
                                      use_lock(path) if sub == "zips" else None)
 
 
+def _mirror_entries(root: Path) -> Iterator[CacheEntry]:
+    mirror = root / MIRROR_FOLDER
+    for dirpath, _, filenames in os.walk(mirror):
+        for filename in filenames:
+            if _is_temp(filename):
+                continue
+            path = Path(dirpath) / filename
+            st = _stat(path)
+            if st is not None:
+                yield CacheEntry(f"{MIRROR_FOLDER}/{path.relative_to(mirror).as_posix()}", (path,), st.st_size,
+                                 st.st_mtime)
+
+
 def cache_entries(root: Path) -> list[CacheEntry]:
     """Every removable entry under the cache root (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [*_image_entries(root), *_model_entries(root), *_dataset_entries(root)]
+    return [*_image_entries(root), *_model_entries(root), *_dataset_entries(root), *_mirror_entries(root)]
+
+
+def _remove_empty_mirror_folders(root: Path, now: float) -> None:
+    """Remove the mirror's folders that are empty and unchanged for `RECENT_USE_S`: what per-file
+    eviction leaves of a run's folders. Unchanged ones only, since removing a file touches its folder:
+    a folder emptied now goes on a later call, and a validation is raced only if it makes (exist_ok)
+    a folder that has stood empty for an hour just as it goes, before writing its file into it."""
+    mirror = root / MIRROR_FOLDER
+    # Bottom up, with the listing taken before the children went: a parent whose last child goes now
+    # has just changed, so it waits for a later call too.
+    for dirpath, _, filenames in os.walk(mirror, topdown=False):
+        folder = Path(dirpath)
+        if folder == mirror or filenames:
+            continue
+        st = _stat(folder)
+        if st is not None and now - st.st_mtime >= RECENT_USE_S:
+            with contextlib.suppress(OSError):  # not empty: it holds a folder, or a validation wrote into it
+                folder.rmdir()
 
 
 def download_lock(path: Path) -> Path:
@@ -241,13 +292,19 @@ def _temp_files(root: Path) -> Iterator[Path]:
         for filename in filenames:
             if _is_temp(filename):
                 yield Path(dirpath) / filename
+    # A validation killed while downloading into the mirror (an atomic write, no lock: the age alone says).
+    for dirpath, _, filenames in os.walk(root / MIRROR_FOLDER):
+        for filename in filenames:
+            if _is_temp(filename):
+                yield Path(dirpath) / filename
 
 
 def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, now: float | None = None,
                        dry_run: bool = False) -> list[str]:
-    """Remove temp and partial files under the cache root and datasets/ that were not written for
-    `older_than_s` (at least `STALE_TEMP_S`) and whose writer's lock is free; returns their paths
-    relative to the root. What a process killed mid-write left: nothing else ever removes it."""
+    """Remove temp and partial files under the cache root, datasets/ and the validation mirror that
+    were not written for `older_than_s` (at least `STALE_TEMP_S`) and whose writer's lock is free;
+    returns their paths relative to the root. What a process killed mid-write left: nothing else ever
+    removes it."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -310,6 +367,7 @@ def enforce_cache_budget(root: Path, keep: Iterable[str] = (), max_bytes: int | 
     entries = cache_entries(Path(root))
     busy = {e.name for e in entries if e.lock is not None and _in_use(e)}
     chosen = [e for e in choose_evictions(entries, limit, now, frozenset(keep) | busy) if _remove(e)]
+    _remove_empty_mirror_folders(Path(root), now)
     left = sum(e.size for e in entries) - sum(e.size for e in chosen)
     if chosen:
         log.info("cache %s: removed %d least recently used entries (%.1f MiB); %.1f MiB left, bound %.1f MiB",

@@ -289,9 +289,19 @@ class S3Source(DatasetSource):
         where = f"{self.uri}{MANIFEST}"
         if info.size > MAX_MANIFEST_BYTES:
             raise DataError(f"{where}: {info.size:,} bytes, larger than any dataset manifest")
-        path = fetch_object(self._s3(), info, self.cache_root / "manifests", ".json")
+        folder = self.cache_root / "manifests"
+        # Twice at most: the cache's size bound (protein.cache_budget) may remove a copy unused for an hour
+        # between the hit (which marks it used) and this read; then it is downloaded again.
+        for _ in range(2):
+            try:
+                raw = fetch_object(self._s3(), info, folder, ".json").read_bytes()
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise DataError(f"{where}: the downloaded copy vanished from {folder} twice")
         named = PUSHED_PREFIX.search(self.prefix)
-        manifest = parse_manifest(parse_record(path.read_bytes(), DATASET_MANIFEST, where), where,
+        manifest = parse_manifest(parse_record(raw, DATASET_MANIFEST, where), where,
                                   named.group(1) if named else None)
         files: dict[str, RemoteFile] = {}
         if manifest.content_addressed:

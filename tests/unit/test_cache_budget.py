@@ -13,6 +13,7 @@ import pytest
 
 from protein.cache import CacheKey, ImageCache
 from protein.cache_budget import (
+    RECENT_USE_S,
     STALE_TEMP_S,
     CacheEntry,
     EntryHold,
@@ -22,9 +23,15 @@ from protein.cache_budget import (
     enforce_cache_budget,
     max_cache_bytes,
 )
-from protein.data import fingerprint, load_competition
+from protein.data import data_cache_dir, fingerprint, load_competition, s3
+from protein.data.digests import cache_file_for
+from protein.data.manifest import MANIFEST, manifest_key
+from protein.data.push import push_dataset
 from protein.data.s3 import _file_lock
 from protein.data.sources import ZipSource
+from protein.errors import DataError
+from protein.storage import ListedObject, LocalStore
+from protein.validation.history import mirror_root
 from tests.helpers import write_dataset, zip_folder
 
 DAY = 86400.0
@@ -204,3 +211,122 @@ def test_a_zip_read_in_place_is_never_evicted_however_old_its_last_use(tmp_path:
     del source, worker
     gc.collect()
     assert enforce_cache_budget(cache, max_bytes=0) == ["datasets/zips/0123.zip"]
+
+
+MONTH = 30 * DAY
+
+
+def history_mirror(root: Path) -> Path:
+    """The Data Docs mirror in the cache at `root` of a store that is only named: its URI picks the folder."""
+    return mirror_root(LocalStore(root.parent / "store"), root)
+
+
+def make_month_old_history(root: Path) -> list[Path]:
+    """What the bound once missed, a month old, each at the path its writer uses: a pushed dataset's
+    fetched manifest (protein.data.s3), hash caches (protein.data.digests) and the Data Docs mirror's
+    results and per-run pages (protein.validation.history), with the folders they sit in."""
+    datasets = data_cache_dir(root)
+    mirror = history_mirror(root)
+    paths = [write_aged(datasets / "manifests" / "0123abcd.json", 1000, MONTH),
+             write_aged(cache_file_for(datasets, "folder", [root / "ds"]), 1000, MONTH),
+             write_aged(cache_file_for(datasets, "folder-sha256", [root / "ds"]), 1000, MONTH),
+             write_aged(cache_file_for(datasets, "zip", [root / "ds.zip", 1, 2]), 1000, MONTH),
+             write_aged(mirror / "results" / "suite" / "run-a" / "20250101T000000Z" / "batch.json", 1000, MONTH),
+             write_aged(mirror / "docs" / "validations" / "suite" / "run-a" / "20250101T000000Z" / "batch.html", 1000,
+                        MONTH)]
+    for path in paths:
+        for folder in path.parents:
+            if folder == root:
+                break
+            age(folder, MONTH / DAY)
+    return paths
+
+
+def names_of(root: Path, paths: list[Path]) -> set[str]:
+    """The entry names the bound gives these files (a dataset file's under datasets/, the others' under root)."""
+    return {(f"datasets/{p.relative_to(data_cache_dir(root)).as_posix()}" if p.is_relative_to(data_cache_dir(root))
+             else p.relative_to(root).as_posix()) for p in paths}
+
+
+def test_manifests_hash_caches_and_the_validation_mirror_count_and_go_least_recently_used_first(
+        tmp_path: Path) -> None:
+    make_cache(tmp_path)
+    month_old = make_month_old_history(tmp_path)
+    datasets = data_cache_dir(tmp_path)
+    mirror = history_mirror(tmp_path)
+    opened = write_aged(datasets / "manifests" / "4567cdef.json", 1000, 600)  # a hit ten minutes ago touched it
+    just_fetched = write_aged(datasets / "manifests" / "89abcdef.json", 1000, MONTH)  # fetch_object names it: keep
+    rehashed = write_aged(cache_file_for(datasets, "folder", [tmp_path / "other"]), 1000, 600)
+    written = write_aged(mirror / "results" / "suite" / "run-b" / "20250301T000000Z" / "batch.json", 1000, 600)
+    held = write_aged(datasets / "zips" / "0123.zip", 1000, MONTH)
+    hold = EntryHold(held)  # a run reads this zip in place
+    assert names_of(tmp_path, [*month_old, opened, just_fetched, rehashed, written, held]) <= {
+        e.name for e in cache_entries(tmp_path)}
+
+    removed = enforce_cache_budget(tmp_path, max_bytes=1, keep=[f"datasets/manifests/{just_fetched.name}"])
+    assert names_of(tmp_path, month_old) <= set(removed)
+    assert not any(p.exists() for p in month_old), "a month-old manifest, hash cache or mirror file goes"
+    assert opened.exists() and rehashed.exists() and written.exists(), "what was used within the hour stays"
+    assert just_fetched.exists(), "the manifest its fetch just wrote (and is about to read) stays"
+    assert held.exists(), "a zip held open stays"
+    assert {e.name for e in cache_entries(tmp_path)} == {
+        "datasets/objects/cd/sha256-cd", *names_of(tmp_path, [opened, just_fetched, rehashed, written, held])}
+    hold.release()
+
+
+def test_every_file_the_cache_holds_counts_toward_its_bound_or_is_a_lock_or_a_temp(tmp_path: Path) -> None:
+    make_cache(tmp_path)
+    make_month_old_history(tmp_path)
+    write_aged(data_cache_dir(tmp_path) / "zips" / "0123.zip", 1000, DAY)
+    EntryHold(data_cache_dir(tmp_path) / "zips" / "0123.zip").release()  # leaves its lock in datasets/locks/
+    counted = {f for e in cache_entries(tmp_path) for p in e.paths
+               for f in ([q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p])}
+    assert sum(e.size for e in cache_entries(tmp_path)) == sum(f.stat().st_size for f in counted)
+    uncounted = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                 if p.is_file() and p not in counted and p.suffix != ".lock" and not p.name.endswith(".tmp")}
+    assert uncounted == set(), "files no bound would ever count or remove"
+
+
+def test_the_mirror_loses_old_files_first_then_the_folders_they_left_empty(tmp_path: Path) -> None:
+    mirror = history_mirror(tmp_path / "cache")
+    old_run = mirror / "results" / "suite" / "run-a" / "20250101T000000Z"
+    new_run = mirror / "results" / "suite" / "run-b" / "20250301T000000Z"
+    write_aged(old_run / "batch.json", 1000, MONTH)
+    written = write_aged(new_run / "batch.json", 1000, 600)
+    killed = write_aged(old_run.parent / ".batch.json.k1ll3d.tmp", 500, 2 * STALE_TEMP_S)  # a sync_down that died
+    assert enforce_cache_budget(tmp_path / "cache", max_bytes=0) == [
+        f"validation-history/{mirror.name}/results/suite/run-a/20250101T000000Z/batch.json",
+        killed.relative_to(tmp_path / "cache").as_posix()]
+    assert old_run.is_dir(), "a folder emptied just now may be the one a validation is writing into: it waits"
+    age(old_run, 2 * RECENT_USE_S / DAY)
+    enforce_cache_budget(tmp_path / "cache", max_bytes=0)
+    assert not old_run.exists() and old_run.parent.is_dir(), "empty for an hour: gone, its parent changed just now"
+    assert written.exists() and mirror.is_dir()
+
+
+def test_a_manifest_the_bound_removed_between_its_hit_and_its_read_is_fetched_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    pushed = push_dataset(str(write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)), store)
+    key = manifest_key(pushed.fingerprint)
+    raw = store.get_bytes(key)
+    fetches: list[Path] = []
+
+    def evicted_after_the_first_hit(_store: object, _info: ListedObject, folder: Path, suffix: str = "") -> Path:
+        path = folder / f"0123abcd{suffix}"
+        if fetches:  # the second fetch misses and downloads it again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(raw)
+        fetches.append(path)
+        return path
+
+    monkeypatch.setattr(s3, "_s3_store", lambda bucket, uri: object())
+    monkeypatch.setattr(s3, "fetch_object", evicted_after_the_first_hit)
+    prefix = key.removesuffix(MANIFEST)
+    listed = [ListedObject(key, len(raw), '"etag"')]
+    source = s3.S3Source(f"s3://bucket/{prefix}", "bucket", prefix, listed, data_cache_dir(tmp_path / "cache"))
+    assert len(fetches) == 2 and source.manifest is not None and source.exists("train.csv")
+
+    monkeypatch.setattr(s3, "fetch_object", lambda *args, **kwargs: tmp_path / "never-there.json")
+    with pytest.raises(DataError, match="manifest.json: the downloaded copy vanished from .* twice"):
+        s3.S3Source(f"s3://bucket/{prefix}", "bucket", prefix, listed, data_cache_dir(tmp_path / "cache"))
