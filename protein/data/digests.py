@@ -15,6 +15,7 @@ or without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -114,6 +115,10 @@ class HashCache:
                 out[name] = (identity[0], str(entry[4]))
             else:
                 misses.append((name, path, identity))
+        if not misses:
+            # A hit is a use: the cache's size bound evicts least recently used first, by mtime.
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
         if misses:
             with ThreadPoolExecutor(HASH_THREADS) as pool:
                 hashed = list(pool.map(lambda m: hash_file(m[1], self.algorithm), misses))

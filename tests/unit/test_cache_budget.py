@@ -330,3 +330,18 @@ def test_a_manifest_the_bound_removed_between_its_hit_and_its_read_is_fetched_ag
     monkeypatch.setattr(s3, "fetch_object", lambda *args, **kwargs: tmp_path / "never-there.json")
     with pytest.raises(DataError, match="manifest.json: the downloaded copy vanished from .* twice"):
         s3.S3Source(f"s3://bucket/{prefix}", "bucket", prefix, listed, data_cache_dir(tmp_path / "cache"))
+
+
+def test_a_hash_cache_read_without_a_miss_counts_as_a_use(tmp_path: Path) -> None:
+    """The bound evicts the least recently used first, by mtime: a hash cache read every night but
+    never rewritten (no file changed) would go as if unused, and cost a full re-hash."""
+    from protein.data.digests import HashCache
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 100)
+    cache = HashCache(tmp_path / "cache" / "datasets" / "hashes" / "folder-1.json")
+    first = cache.hexdigests({"data.bin": data})
+    month_ago = time.time() - 30 * 86400
+    os.utime(cache.path, (month_ago, month_ago))
+    assert cache.hexdigests({"data.bin": data}) == first  # all hits
+    assert cache.path.stat().st_mtime > time.time() - 60
