@@ -2,9 +2,10 @@
 
 `run_validation` writes report.json and a Data Docs site locally and, with a store, uploads the
 report under validation/<fingerprint>/ and the site under validation/docs/ (one site for every
-run: this run's results are added to those of earlier runs, which live in the store under
-validation/results/). The store's report.json is written after the docs and before the reference
-moves; the report folder is filled last, so a store failure leaves nothing half-written.
+run: this run's results are added to those of the newest earlier runs, which live in the store
+under validation/results/; older runs are pruned, $PROTEIN_DOCS_KEEP_RUNS). The store's
+report.json is written after the docs and before the reference moves; the report folder is filled
+last, so a store failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ from protein.validation.drift import (
     profile_labels,
     row_hash,
 )
-from protein.validation.history import ALL_RESULTS, RUN_PAGES, mirror_root, sync_down, upload_new
+from protein.validation.history import (
+    ALL_RESULTS,
+    RUN_PAGES,
+    keep_runs_setting,
+    mirror_root,
+    prune_history,
+    sync_down,
+    upload_new,
+)
 from protein.validation.images import ImageReader, inspect_images, integrity_records
 from protein.validation.reference import STORE_PREFIX, load_reference, report_key, save_reference
 from protein.validation.report import ValidationReport
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 # Under these, a file that exists in the store is an earlier run's and is not uploaded again.
 DOCS_PREFIX = f"{STORE_PREFIX}/docs"
 RESULTS_PREFIX = f"{STORE_PREFIX}/results"
+PAGES_PREFIX = f"{DOCS_PREFIX}/validations"  # the docs' per-run pages
 
 
 def validate_dataset(
@@ -208,6 +218,7 @@ def run_validation(
     from protein.storage import open_store
 
     open_dataset(path)  # not a dataset at all: DataError before anything is written
+    keep_runs = keep_runs_setting()  # a bad setting, too
     if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
         raise DataError(f"--report {report_dir}: exists and is not a folder (report.json and docs/ go in a folder)")
     store = open_store(store_uri) if store_uri else None
@@ -219,10 +230,16 @@ def run_validation(
     try:
         if store is not None:
             # Earlier runs: their results (what the index lists) and their pages (GX lists a run in
-            # the index only if the site already holds its page), through this host's mirror.
+            # the index only if the site already holds its page), through this host's mirror. Only
+            # the newest keep_runs - 1 (this run makes keep_runs): the rest are pruned first, so
+            # listing, copying and the index stay bounded however many nights have run.
             mirror = mirror_root(store)
-            results_keys, _ = sync_down(store, RESULTS_PREFIX, mirror / "results", project / GX_RESULTS)
-            pages_keys, _ = sync_down(store, f"{DOCS_PREFIX}/validations", mirror / "docs" / "validations",
+            mirrors = {RESULTS_PREFIX: mirror / "results", PAGES_PREFIX: mirror / "docs" / "validations"}
+            kept = prune_history(store, {prefix: set(store.list(f"{prefix}/")) for prefix in mirrors}, mirrors,
+                                 keep=keep_runs - 1)
+            results_keys, _ = sync_down(store, RESULTS_PREFIX, kept[RESULTS_PREFIX], mirrors[RESULTS_PREFIX],
+                                        project / GX_RESULTS)
+            pages_keys, _ = sync_down(store, PAGES_PREFIX, kept[PAGES_PREFIX], mirrors[PAGES_PREFIX],
                                       project / GX_DOCS / "validations")
         report = _validate(path, config, reference, project, docs=True)
         staged_docs = project / GX_DOCS

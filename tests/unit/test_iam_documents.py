@@ -43,11 +43,14 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
 
 def test_policy_documents_give_each_role_only_its_part() -> None:
     root = "arn:aws:s3:::ml-models/protein/"
-    # Only the operator deletes data, and never the champion pointer, submissions, dataset manifests or records
+    # Only the operator deletes data (the orchestrator only its own Data Docs pages), and never the champion pointer, submissions, dataset manifests or records
     # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
     # conditional-write probe (a scratch object under probes/).
     # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
-    assert grants("orchestrator", "s3:DeleteObject") == []
+    # The orchestrator prunes its own Data Docs history beyond the newest runs (protein.validation.history):
+    # objects it may overwrite anyway.
+    assert sorted(grants("orchestrator", "s3:DeleteObject")) == [
+        root + "validation/docs/validations/*", root + "validation/results/*"]
     assert grants("publisher", "s3:DeleteObject") == [root + "datasets/pushes/*"]
     assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
     assert sorted(grants("operator", "s3:DeleteObject")) == [
