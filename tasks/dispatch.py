@@ -12,7 +12,10 @@ it recorded a worker's heartbeat or start), and "silent for how long" is measure
 monotonic clock since such a value last changed: this host's wall clock is never compared with
 the server's, so clock skew cannot crash a healthy run. A worker restarted under the same name
 is a new process: a `prefect.worker.started` the server received after it handed the run over
-means the process that took the run is gone.
+means the process that took the run is gone. A run's silence counts only while the server is
+seen persisting events (the dispatcher's own probe events, tasks.liveness.Watch): with the
+server's event persister down, every run would look silent and a healthy training would be
+crashed and trained twice.
 
 Attempts are keyed by the step, the run id, a digest of the deployment and parameters (what the
 result depends on) and the attempt number (where retrying is the point). A dispatch, first or
@@ -45,11 +48,9 @@ from prefect.states import Cancelling, Crashed
 
 from tasks.liveness import (
     UNREACHABLE_STATUS,
-    Evidence,
-    Silence,
+    Watch,
     lost_after_problem,
     observe,
-    process_alive,
     pulse_interval_s,
     server_event_flush_s,
 )
@@ -262,17 +263,17 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
     logger = logger or run_logger()
     start = time.monotonic()
     started = False
-    silence = Silence()
+    watch = Watch(f"flow run {flow_run_id}", config.lost_after_s, config.poll_s, logger)
     handed_over: dict[str, Any] = {}  # when the server saw the run handed to a worker, once known
     with get_client(sync_client=True) as client:
         while True:
             (run, evidence), outage = through_outage(lambda: observe(client, flow_run_id, handed_over), config,
                                                      logger, f"watching flow run {flow_run_id}")
             if outage:
-                silence.forget()  # nothing was seen during the outage: silence counts from now
+                watch.forget()  # nothing was seen during the outage: silence counts from now
             state = run.state.type if run.state else None
             started = started or state == StateType.RUNNING
-            alive, why = judge(evidence, silence, config) if state in (
+            alive, why = watch.judge(evidence, time.monotonic()) if state in (
                 StateType.PENDING, StateType.RUNNING) else (None, "")
             step = decide(state, started, alive, time.monotonic() - start, config.timeout_s)
             described = f"{run.state.name if run.state else 'no state'}: {run.state.message if run.state else ''}"
@@ -314,9 +315,3 @@ def crash_unfinished_task_runs(client: Any, flow_run_id: Any, why: str) -> int:
     for task_run in unfinished:
         client.set_task_run_state(task_run.id, Crashed(message=f"its flow run was lost: {why}"), force=True)
     return len(unfinished)
-
-
-def judge(evidence: Evidence, silence: Silence, config: DispatchConfig) -> tuple[bool | None, str]:
-    now = time.monotonic()
-    return process_alive(evidence, silence.of("run", evidence.run_heartbeat, now),
-                         silence.of("worker", evidence.worker_heartbeat, now), config.lost_after_s)

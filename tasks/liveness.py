@@ -10,6 +10,13 @@ A dispatched run also pulses: while its flow body runs it sends `protein.flow-ru
 as its dispatcher asked (a quarter of the dispatcher's lost-after bound). Prefect's own flow-run
 heartbeat cannot come more often than every 30 s, which put a floor of about a minute under the
 time to call a dead run lost; a run seen pulsing is held to the dispatcher's bound instead.
+
+Silence is evidence only while the server persists events. An event becomes readable once the
+server's event persister has written it, and in Prefect's HA layout that persister runs in the
+separate `prefect server services start` process (the APIs only accept events and queue them in
+Redis): while it is down, every run looks silent. So the dispatcher sends an event of its own
+(`protein.dispatch.probe`) at every poll and reads it back; a run's silence counts only up to the
+last time a newer probe became readable (Watch).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ WORKER_NAME_LABEL = "prefect.worker.name"
 WORKER_TYPE_LABEL = "prefect.worker.type"
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 PULSE_EVENT = "protein.flow-run.pulse"
+# Sent by the dispatcher about each run it watches, through the same API and event pipeline as the
+# run's beats; its resource is the dispatch, not the run, so the run's own event feed stays readable.
+PROBE_EVENT = "protein.dispatch.probe"
 # A run heard only through Prefect's heartbeats (every 30 s at the most often, PREFECT_FLOWS_HEARTBEAT_FREQUENCY)
 # is not called lost before this much silence, whatever the dispatcher's bound: the heartbeat plus the
 # server's event-persisting delay. Likewise a worker is given two of its own heartbeat intervals.
@@ -73,6 +83,7 @@ class Evidence:
     # a started event that arrives after it comes from a later process. (The run's Pending state
     # comes through another channel, the REST API, and may beat the worker's started event.)
     handed_over: dt.datetime | None = None
+    probe_persisted: dt.datetime | None = None  # received: the newest persisted probe about this run (PROBE_EVENT)
 
 
 class Silence:
@@ -92,6 +103,56 @@ class Silence:
     def forget(self) -> None:
         """After a time in which nothing could be seen (an API outage): count afresh."""
         self._seen.clear()
+
+
+class Watch:
+    """What one dispatcher has seen of one run's process, poll after poll, on this host's monotonic
+    clock: how long each server-stamped value stayed the same, and whether the server went on
+    persisting events meanwhile (the dispatcher's own probes, Evidence.probe_persisted)."""
+
+    def __init__(self, watched: str, lost_after_s: float, poll_s: float,
+                 logger: logging.Logger | logging.LoggerAdapter) -> None:
+        self.watched = watched
+        self.lost_after_s = lost_after_s
+        # A healthy server makes a newer probe readable every poll, or every event flush where it
+        # flushes less often (at most a quarter of the bound, lowest_lost_after_s): none for a whole
+        # bound and a poll is a stalled persister, not a slow one.
+        self.stalled_after_s = lost_after_s + poll_s
+        self._silence = Silence()
+        self._logger = logger
+        self._stalled_since: float | None = None  # monotonic: the last time a newer probe was seen
+        self._probe_when_stalled: dt.datetime | None = None
+
+    def forget(self) -> None:
+        """After a time in which nothing could be seen (an API outage): count afresh."""
+        self._silence.forget()
+
+    def judge(self, evidence: Evidence, now: float) -> tuple[bool | None, str]:
+        """Whether the run's process is alive, and why not (process_alive); now: this host's
+        monotonic clock. The run's silence counts only up to the last time a newer probe became
+        readable: a run that went quiet while nothing was persisted proves nothing."""
+        unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
+        if self._stalled_since is not None and evidence.probe_persisted != self._probe_when_stalled:
+            # What the run sent during the stall may never be persisted (Redis trims a stream past
+            # a consumer idle too long, or loses it in a restart): its silence counts from now, as
+            # after an API outage.
+            self._logger.warning("events are persisted again after %.0fs: the silence of %s counts afresh",
+                                 now - self._stalled_since, self.watched)
+            self._stalled_since = None
+            self._silence.forget()
+            unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
+        elif self._stalled_since is None and unpersisted_s > self.stalled_after_s:
+            self._stalled_since = now - unpersisted_s
+            self._probe_when_stalled = evidence.probe_persisted
+            self._logger.warning(
+                "the Prefect server has persisted none of this dispatcher's events for %.0fs: events are not "
+                "being persisted (is the server's services process, `prefect server services start`, down?). "
+                "%s is not called lost while its silence proves nothing; waiting for events to be persisted "
+                "again, within the attempt's timeout", unpersisted_s, self.watched)
+        run_silent_s = max(0.0, self._silence.of("run", evidence.run_heartbeat, now) - unpersisted_s)
+        # A worker's heartbeat is written by the API itself, not through events: its silence stands.
+        return process_alive(evidence, run_silent_s, self._silence.of("worker", evidence.worker_heartbeat, now),
+                             self.lost_after_s)
 
 
 def process_alive(evidence: Evidence, run_silent_s: float, worker_silent_s: float,
@@ -196,20 +257,41 @@ def pulsing(interval_s: float | None) -> Iterator[None]:
         thread.join(timeout=10)
 
 
+def probe_resource(flow_run_id: Any) -> str:
+    return f"protein.dispatch.{flow_run_id}"
+
+
+def send_probe(client: SyncPrefectClient, flow_run_id: Any) -> None:
+    """Send PROBE_EVENT about the dispatch of flow_run_id through the API (POST /events): it takes
+    the path any client's event takes to the event store. An unreachable API raises, for the
+    caller's outage handling; so does a refusal (an API that refuses events cannot be watched)."""
+    from prefect.events import Event
+
+    probe = Event(event=PROBE_EVENT, resource={"prefect.resource.id": probe_resource(flow_run_id)})
+    client.request("POST", "/events", json=[probe.model_dump(mode="json")]).raise_for_status()
+
+
 def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, Any]) -> tuple[FlowRun, Evidence]:
-    """The run and the evidence of its process. handed_over: a cache the caller keeps per run
-    (the worker's submission of it does not change once received)."""
+    """The run and the evidence of its process; sends a probe (send_probe) to be read back at a
+    later poll. handed_over: a cache the caller keeps per run (the worker's submission of it does
+    not change once received)."""
     run = client.read_flow_run(flow_run_id)
+    send_probe(client, run.id)
     window = (run.created - SKEW_MARGIN, run.created + HORIZON)  # created: stamped by the server
+    # The probe before the beats: the persister writes events roughly in the order the APIs queued
+    # them, so the beats sent before a readable probe are readable too (the run is not taken for
+    # silent at the poll where a stalled persister catches up).
+    probe = latest_received(client, probe_resource(run.id), PROBE_EVENT, window)
     worker = (run.labels or {}).get(WORKER_NAME_LABEL)
     beats = newest_received(client, f"prefect.flow-run.{run.id}", [HEARTBEAT_EVENT, PULSE_EVENT], window)
     if beats or not worker or not run.work_pool_name:
         return run, Evidence(run_heartbeat=max(beats.values(), default=None), run_pulses=PULSE_EVENT in beats,
-                             pulses_asked=bool((run.parameters or {}).get("pulse_seconds")), worker=worker)
+                             pulses_asked=bool((run.parameters or {}).get("pulse_seconds")), worker=worker,
+                             probe_persisted=probe)
     # The API filters workers by heartbeat and status, not by name; a pool has few workers.
     found = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker), None)
     if found is None:
-        return run, Evidence(worker=worker)
+        return run, Evidence(worker=worker, probe_persisted=probe)
     from prefect.utilities.slugify import slugify
 
     resource = f"prefect.worker.{(run.labels or {}).get(WORKER_TYPE_LABEL, 'process')}.{slugify(worker)}"
@@ -224,7 +306,7 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
                                   (handed_over["at"] - SKEW_MARGIN, handed_over["at"] + HORIZON))
     return run, Evidence(worker=worker, worker_heartbeat=found.last_heartbeat_time,
                          worker_interval_s=found.heartbeat_interval_seconds, worker_started=started,
-                         handed_over=handed_over.get("at"))
+                         handed_over=handed_over.get("at"), probe_persisted=probe)
 
 
 def latest_received(client: SyncPrefectClient, resource_id: str, event: str,

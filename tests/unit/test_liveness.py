@@ -1,0 +1,174 @@
+"""A run's silence against a server whose event persister stops: in Prefect's HA layout the APIs
+only accept events, and `prefect server services start` persists them; while it is down every run
+looks silent. Played on a fake server and a fake clock: the run pulses, the persister flushes, the
+dispatcher polls, all in whole seconds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from prefect.client.schemas.objects import StateType
+from prefect.states import Running, State
+
+import tasks.dispatch
+from tasks.dispatch import DispatchConfig, Step, decide, wait_for
+from tasks.liveness import PULSE_EVENT, Watch, observe, pulse_interval_s
+
+T0 = dt.datetime(2026, 12, 4, 2, 0, tzinfo=dt.UTC)
+RUN_ID = uuid.UUID(int=7)
+LOST_AFTER_S = 120
+POLL_S = 5
+FLUSH_S = 5  # Prefect's default event flush
+PULSE_S = int(pulse_interval_s(LOST_AFTER_S))  # 30: as the dispatcher asks its runs
+TIMEOUT_S = 6 * 3600
+
+
+@dataclass(frozen=True)
+class Stall:
+    """The event persister is down from start_s until end_s (None: for good)."""
+
+    start_s: int
+    end_s: int | None = None
+    # What the APIs accepted meanwhile is lost (Redis trims a stream no live consumer reads),
+    # rather than persisted when the persister comes back.
+    drops: bool = False
+
+    def covers(self, t: int) -> bool:
+        return self.start_s <= t and (self.end_s is None or t < self.end_s)
+
+
+@dataclass
+class FakeServer:
+    """The Prefect API as the dispatcher uses it: events it accepts (POST /events, the run's
+    pulses) get `received` and become readable only when the persister flushes them."""
+
+    run_dies_at: int | None = None
+    stall: Stall | None = None
+    now_s: int = -1
+    accepted: list[SimpleNamespace] = field(default_factory=list)
+    persisted: list[SimpleNamespace] = field(default_factory=list)
+    states_set: list[State] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run = SimpleNamespace(id=RUN_ID, created=T0, labels={}, work_pool_name=None,
+                                   parameters={"pulse_seconds": PULSE_S}, state=Running())
+        self.advance(0)
+
+    def advance(self, to_s: float) -> None:
+        for t in range(self.now_s + 1, int(to_s) + 1):
+            self.now_s = t
+            if (self.run_dies_at is None or t < self.run_dies_at) and t % PULSE_S == 0:
+                self.accept(PULSE_EVENT, f"prefect.flow-run.{RUN_ID}")
+            if self.stall and self.stall.drops and t == self.stall.end_s:
+                self.accepted.clear()
+            if not (self.stall and self.stall.covers(t)) and t % FLUSH_S == 0:
+                self.persisted += self.accepted
+                self.accepted = []
+
+    def accept(self, event: str, resource_id: str) -> None:
+        self.accepted.append(SimpleNamespace(event=event, resource_id=resource_id,
+                                             received=T0 + dt.timedelta(seconds=self.now_s)))
+
+    def request(self, method: str, path: str, json: list[dict[str, Any]]) -> httpx.Response:
+        assert (method, path) == ("POST", "/events")
+        for event in json:
+            self.accept(event["event"], event["resource"]["prefect.resource.id"])
+        return httpx.Response(204, request=httpx.Request(method, f"http://prefect.test/api{path}"))
+
+    def read_flow_run(self, flow_run_id: Any) -> SimpleNamespace:
+        return self.run
+
+    def read_events(self, filter: Any, limit: int) -> SimpleNamespace:
+        ids = (filter.resource or filter.any_resource).id
+        found = [e for e in self.persisted if e.event in filter.event.name and e.resource_id in ids]
+        return SimpleNamespace(events=sorted(found, key=lambda e: e.received, reverse=True)[:limit])
+
+    def set_flow_run_state(self, flow_run_id: Any, state: State, force: bool = False) -> None:
+        self.states_set.append(state)
+        self.run.state = state
+
+    def read_task_runs(self, **filters: Any) -> list[Any]:
+        return []
+
+
+def poll(server: FakeServer, until_s: int, logger: logging.Logger) -> dict[int, Step]:
+    """What the dispatcher decides at each poll, from 10 s on (the run has pulsed by then)."""
+    watch = Watch(f"flow run {RUN_ID}", LOST_AFTER_S, POLL_S, logger)
+    steps: dict[int, Step] = {}
+    for t in range(10, until_s + 1, POLL_S):
+        server.advance(t)
+        _, evidence = observe(server, RUN_ID, {})  # type: ignore[arg-type]
+        alive, _ = watch.judge(evidence, now=float(t))
+        steps[t] = decide(StateType.RUNNING, True, alive, t, TIMEOUT_S)
+    return steps
+
+
+def first_lost(steps: dict[int, Step]) -> int | None:
+    return next((t for t, step in steps.items() if step is Step.LOST), None)
+
+
+@pytest.mark.parametrize("run_dies_at", [None, 150])
+def test_no_run_is_called_lost_while_the_server_persists_no_events(
+        run_dies_at: int | None, caplog: pytest.LogCaptureFixture) -> None:
+    """The services process is down from 100 s on: neither the run's pulses nor the dispatcher's
+    own probes are persisted. Its silence proves nothing, alive (two GPUs would train the run) or
+    dead (found once events flow again, or by the timeout)."""
+    server = FakeServer(run_dies_at=run_dies_at, stall=Stall(start_s=100))
+    with caplog.at_level(logging.WARNING):
+        steps = poll(server, 900, logging.getLogger("test"))
+    assert set(steps.values()) == {Step.WAIT}, f"lost at {first_lost(steps)} s"
+    [stalled] = [r.getMessage() for r in caplog.records]  # said once, not at every poll
+    assert "events are not being persisted" in stalled and "prefect server services start" in stalled
+
+
+def test_a_run_whose_beats_stop_is_lost_while_the_dispatchers_own_events_are_persisted() -> None:
+    server = FakeServer(run_dies_at=100)  # last pulse at 90 s
+    lost_at = first_lost(poll(server, 900, logging.getLogger("test")))
+    assert lost_at is not None and 90 + LOST_AFTER_S < lost_at <= 90 + LOST_AFTER_S + 2 * POLL_S
+
+
+@pytest.mark.parametrize(("run_dies_at", "drops"), [
+    (100, False),  # dead before the stall: lost a whole bound after events flow again, not at once
+    (100, True),
+    (None, True),  # alive, its pulses of the stall lost: its next pulse comes within the fresh bound
+    (None, False),
+])
+def test_after_a_stall_the_runs_silence_counts_afresh(
+        run_dies_at: int | None, drops: bool, caplog: pytest.LogCaptureFixture) -> None:
+    server = FakeServer(run_dies_at=run_dies_at, stall=Stall(start_s=100, end_s=400, drops=drops))
+    with caplog.at_level(logging.WARNING):
+        lost_at = first_lost(poll(server, 900, logging.getLogger("test")))
+    # The last probe read before the stall is read at 95 s; the first after it at 400 s (the
+    # backlog, flushed at 400 s) or at 405 s (the probe sent at 400 s, the backlog dropped).
+    seen_again = 405 if drops else 400
+    if run_dies_at is None:
+        assert lost_at is None
+    else:
+        assert lost_at is not None and seen_again + LOST_AFTER_S < lost_at <= seen_again + LOST_AFTER_S + 2 * POLL_S
+    stalled, resumed = (r.getMessage() for r in caplog.records)
+    assert "events are not being persisted" in stalled
+    assert resumed == (f"events are persisted again after {seen_again - 95}s: the silence of flow run {RUN_ID} "
+                       "counts afresh")
+
+
+def test_the_dispatch_waits_on_a_stalled_event_pipeline_until_the_attempts_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait_for itself, on the fake server and clock: a healthy run is never crashed for the
+    persister's silence; the attempt's timeout bounds the wait, as for any attempt."""
+    server = FakeServer(stall=Stall(start_s=100))
+    monkeypatch.setattr(tasks.dispatch, "get_client", lambda sync_client: nullcontext(server))
+    monkeypatch.setattr(tasks.dispatch, "time", SimpleNamespace(
+        monotonic=lambda: float(server.now_s), sleep=lambda s: server.advance(server.now_s + s)))
+    step, described = wait_for(RUN_ID, DispatchConfig(timeout_s=600, poll_s=POLL_S, lost_after_s=LOST_AFTER_S),
+                               logging.getLogger("test"))
+    assert step is Step.TIMED_OUT, described
+    assert [state.type for state in server.states_set] == [StateType.CANCELLING]
+    assert 600 < server.now_s <= 600 + POLL_S
