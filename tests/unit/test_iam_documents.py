@@ -43,7 +43,8 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
 
 def test_policy_documents_give_each_role_only_its_part() -> None:
     root = "arn:aws:s3:::ml-models/protein/"
-    # Only the operator deletes data (the orchestrator only its own Data Docs pages), and never the champion pointer, submissions, dataset manifests or records
+    # Only the operator deletes data (the orchestrator only its own Data Docs pages), and never the champion
+    # pointer, submissions, dataset manifests or records
     # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
     # conditional-write probe (a scratch object under probes/).
     # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
