@@ -14,10 +14,12 @@ reading the other's, so at least one of them sees the other. `collect_orphans` i
 `plan_objects_gc` and `apply_objects_gc`.
 
 Defence in depth, kept: the age guard, and the manifests listed again just before deleting (anything a
-manifest written meanwhile names is kept). A manifest that cannot be read stops gc before anything is
-deleted: what it names is unknown. Should an object a dataset names go missing anyway (deleted by
-hand), reading that dataset fails in one line naming the file and the object, and pushing the same
-data again re-uploads what is missing (`push_dataset` repairs a complete dataset's objects).
+manifest written meanwhile names is kept; only those are parsed, since a manifest is never rewritten:
+a store of a year of daily pushes pays each manifest's parse once a gc, not twice). A manifest that
+cannot be read stops gc before anything is deleted: what it names is unknown. Should an object a
+dataset names go missing anyway (deleted by hand), reading that dataset fails in one line naming the
+file and the object, and pushing the same data again re-uploads what is missing (`push_dataset`
+repairs a complete dataset's objects).
 """
 
 from __future__ import annotations
@@ -53,19 +55,23 @@ class ObjectsGcPlan:
     orphans: list[str] = field(default_factory=list)  # keys to delete
     young: list[str] = field(default_factory=list)  # orphans the age guard keeps
     orphan_bytes: int = 0
+    # The manifests read for the plan. A manifest is written once (create-only, its key its content's
+    # fingerprint), so the re-read before deleting parses only those written since.
+    manifests: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict[str, object]:
         return {"datasets": self.datasets, "named_objects": self.named, "orphans": len(self.orphans),
                 "orphan_bytes": self.orphan_bytes, "kept_young_orphans": len(self.young)}
 
 
-def named_objects(store: Store) -> tuple[int, set[str]]:
-    """(how many manifests, the SHA-256 of every object a format-2 manifest names)."""
+def named_objects(store: Store, known: frozenset[str] = frozenset()) -> tuple[set[str], set[str]]:
+    """(the manifests read, the SHA-256 of every object a format-2 manifest among them names); the
+    manifests in ``known`` are left out (read before: what they name cannot have changed)."""
     named: set[str] = set()
-    count = 0
+    read: set[str] = set()
     for key in store.list(f"{DATASETS_PREFIX}/"):
         match = MANIFEST_KEY.match(key)
-        if match is None:
+        if match is None or key in known:
             continue
         where = f"{store.uri.rstrip('/')}/{key}"
         try:
@@ -75,10 +81,10 @@ def named_objects(store: Store) -> tuple[int, set[str]]:
         except (RecordError, DataError) as exc:
             raise RecordError(f"{exc}; gc deletes nothing while a dataset manifest cannot be read "
                               "(fix or delete that manifest first)") from None
-        count += 1
+        read.add(key)
         if manifest.content_addressed:
             named.update(entry.sha256 for entry in manifest.files.values())
-    return count, named
+    return read, named
 
 
 def check_age_guard(min_age_s: float) -> None:
@@ -90,7 +96,7 @@ def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: flo
     """What gc would delete. Objects are listed after the manifests, so an object a push uploads after the
     manifest listing is younger than the guard."""
     check_age_guard(min_age_s)
-    datasets, named = named_objects(store)
+    manifests, named = named_objects(store)
     cutoff = (time.time() if now is None else now) - min_age_s
     orphans: list[str] = []
     young: list[str] = []
@@ -104,13 +110,14 @@ def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: flo
         else:
             orphans.append(info.key)
             orphan_bytes += info.size
-    return ObjectsGcPlan(datasets, len(named), orphans, young, orphan_bytes)
+    return ObjectsGcPlan(len(manifests), len(named), orphans, young, orphan_bytes, frozenset(manifests))
 
 
 def apply_objects_gc(store: Store, plan: ObjectsGcPlan, lock: GcLock | None = None) -> int:
     """Delete the plan's orphans, except any a manifest written since the plan names; returns how many.
     With ``lock``, checks before each batch that this gc still holds it (`StoreBusy` if not)."""
-    _, named_now = named_objects(store)
+    # Only manifests written since the plan can name a planned orphan (it named none of the others).
+    _, named_now = named_objects(store, known=plan.manifests)
     doomed = [key for key in plan.orphans if digest_of_object_key(key) not in named_now]
     if len(doomed) < len(plan.orphans):
         log.info("%d orphans are named by a manifest written since the plan; kept", len(plan.orphans) - len(doomed))
