@@ -22,6 +22,7 @@ peak GPU memory. It prints the card, driver, CUDA and torch it ran on, and write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -125,7 +126,8 @@ def measure_recipe(recipe: str, plan: Plan, device: torch.device, images: np.nda
     # Fit: one epoch per window, as fit runs it (epoch 0 is the warm-up).
     def epoch(index: int) -> None:
         batches, generators = fit_path.epoch_batches(config, images, targets, train_idx, index, device)
-        stats = training.train_epoch(config, batches, device, generators)
+        with contextlib.closing(batches):  # as fit does: an error ends the prefetch thread too
+            stats = training.train_epoch(config, batches, device, generators)
         if not np.isfinite(stats["train_loss"]):
             raise RuntimeError(f"{recipe}: training loss is not finite")
 

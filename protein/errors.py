@@ -75,6 +75,14 @@ class TrainingFailed(ProteinError):
     exit_code = 7
 
 
+class RankZeroError(ProteinError):
+    """The error rank 0 of a `train --nproc` run stopped on, with that error's own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class CheckpointSuperseded(ProteinError):
     """Another attempt of the same training run wrote its checkpoint after this attempt read or
     wrote it (protein/modeling/checkpoints.py): this attempt stops, the other carries the run."""

@@ -26,6 +26,10 @@ OUT_OF_MEMORY_ADVICE = (
     "(train.accumulate): each forward pass then holds batch/K images (docs/distributed.md).")
 
 
+# The tasks that train (tasks/training.py): where --batch-size and --accumulate change the memory used.
+TRAINING_TASKS = frozenset({"train-model"})
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA's, as torch.cuda.OutOfMemoryError), found by name so that
     modules importing this one do not load torch (tasks/training.py imports it in the task body)."""
@@ -46,6 +50,8 @@ def retry_transient(task: Any, task_run: Any, state: State) -> bool:
     memory error gets a note saying what to change, shown with its traceback."""
     error = state.result(raise_on_failure=False)
     error = error if isinstance(error, BaseException) else None
-    if error is not None and is_out_of_memory(error) and OUT_OF_MEMORY_ADVICE not in getattr(error, "__notes__", []):
+    # The advice is about training's options: an evaluation scores at a fixed batch size.
+    if (error is not None and is_out_of_memory(error) and getattr(task, "name", None) in TRAINING_TASKS
+            and OUT_OF_MEMORY_ADVICE not in getattr(error, "__notes__", [])):
         error.add_note(OUT_OF_MEMORY_ADVICE)
     return is_transient(error)

@@ -108,13 +108,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_job(args: argparse.Namespace) -> int:
     """One rank of a run launched by `train --nproc`: the job file holds the resolved config."""
     from protein.config import from_dict
+    from protein.errors import ProteinError
     from protein.modeling import distributed
     from protein.pipeline import train_and_register
 
     job = json.loads(Path(args.job).read_text())
     config = from_dict(TrainConfig, job["config"])
-    result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
-                                cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
-                                expected_fingerprint=job.get("expected_fingerprint"))
+    try:
+        result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
+                                    cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
+                                    expected_fingerprint=job.get("expected_fingerprint"))
+    except ProteinError as exc:
+        # Rank 0's own error, for the launcher to raise with its exit code (a superseded checkpoint
+        # is 10, not "a rank died, rerun": a rerun would be superseded again).
+        distributed.write_result({"error": str(exc), "exit_code": exc.exit_code})
+        raise
     distributed.write_result(result)
     return 0

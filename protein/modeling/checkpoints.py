@@ -51,18 +51,34 @@ def save_checkpoint(store: Store, run_id: str, state: dict[str, Any], *, expecte
             return store.put_bytes(key, data, if_match=expected_etag)
         return store.put_bytes(key, data, if_none_match=fresh)
     except PreconditionFailed:
+        # Our own write, if the stored bytes are ours: the store took it, its answer was lost, and
+        # the client's retry of the same conditional write lost to it. The etag is read on both sides
+        # of the checksum: one that another attempt wrote in between is never taken for ours.
+        before = store.etag(key)
         recorded = store.recorded_sha256(key)
-        if recorded is not None and recorded[1] == hashlib.sha256(data).hexdigest():
-            # Our own write: the store took it, its answer was lost, and the client's retry of the
-            # same conditional write lost to it.
-            etag = store.etag(key)
-            if etag is not None:
-                return etag
-        raise CheckpointSuperseded(
-            f"{store.uri.rstrip('/')}/{key}: another attempt of run {run_id} wrote the checkpoint after this "
-            f"attempt {'started' if expected_etag is None else 'last wrote it'}; this attempt stops so the run keeps "
-            "one line of training (the other attempt carries on; a later retry resumes from its checkpoint)"
-        ) from None
+        if (before is not None and recorded is not None and recorded[1] == hashlib.sha256(data).hexdigest()
+                and store.etag(key) == before):
+            return before
+        where = f"{store.uri.rstrip('/')}/{key}"
+        if before is None:
+            raise CheckpointSuperseded(f"{where}: deleted after this attempt last wrote it; this attempt stops "
+                                       f"(run {run_id} has no checkpoint to continue from)") from None
+        raise superseded(where, run_id, "started" if expected_etag is None else "last wrote it") from None
+
+
+def superseded(where: str, run_id: str, since: str) -> CheckpointSuperseded:
+    return CheckpointSuperseded(
+        f"{where}: another attempt of run {run_id} wrote the checkpoint after this attempt {since}; this attempt "
+        "stops so the run keeps one line of training (the other attempt carries on; a later retry resumes from "
+        "its checkpoint)")
+
+
+def check_still_ours(store: Store, run_id: str, etag: str) -> None:
+    """`CheckpointSuperseded` unless the run's checkpoint is still the one this attempt wrote (etag):
+    for what an attempt writes beside its checkpoint (metrics.jsonl), so that an attempt that lost
+    the checkpoint never rewrites the winner's history."""
+    if store.etag(checkpoint_key(run_id)) != etag:
+        raise superseded(f"{store.uri.rstrip('/')}/{checkpoint_key(run_id)}", run_id, "last wrote it")
 
 
 def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:

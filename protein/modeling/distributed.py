@@ -169,8 +169,9 @@ def torchrun_command(nproc: int, module_argv: Sequence[str]) -> list[str]:
 
 
 def launch(nproc: int, module_argv: Sequence[str]) -> tuple[int, dict[str, Any] | None]:
-    """Run `protein <module_argv>` as nproc ranks and wait: (exit code, rank 0's JSON result or
-    None when the run failed)."""
+    """Run `protein <module_argv>` as nproc ranks and wait: (exit code, rank 0's JSON result, or
+    rank 0's own error as {"error", "exit_code"} when that is why the run failed, or None when a
+    rank died without one)."""
     with tempfile.TemporaryDirectory(prefix="protein-ddp-") as tmp:
         result_path = Path(tmp) / "result.json"
         env = {**os.environ, RESULT_FILE_ENV: str(result_path), "OMP_NUM_THREADS":
@@ -178,9 +179,12 @@ def launch(nproc: int, module_argv: Sequence[str]) -> tuple[int, dict[str, Any] 
         command = torchrun_command(nproc, module_argv)
         log.info("launching %d ranks: %s", nproc, " ".join(command))
         code = subprocess.run(command, env=env, check=False).returncode
-        if code != 0 or not result_path.exists():
+        if not result_path.exists():
             return code or 1, None
-        return 0, json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if code != 0 and "error" not in result:
+            return code, None
+        return code, result
 
 
 def write_result(result: dict[str, Any]) -> None:

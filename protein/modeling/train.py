@@ -23,6 +23,7 @@ from protein.modeling import distributed
 from protein.modeling.batches import iterate_batches, prefetch
 from protein.modeling.checkpoints import (
     CHECKPOINT_FORMAT,
+    check_still_ours,
     checkpoint_key,
     metrics_key,
     read_checkpoint,
@@ -38,6 +39,7 @@ from protein.storage import Store
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, Any]], None]
+
 
 def select_device(name: str = "auto") -> torch.device:
     """The device to train on, with its index (`cuda:0`, not `cuda`): tensors report their device
@@ -398,6 +400,7 @@ def fit(
             "class_names": list(LABELS),
             "history": [json.dumps(h) for h in history],
         }, expected_etag=checkpoint_etag, fresh=checkpoint_etag is None)
+        check_still_ours(store, run_id, checkpoint_etag)
         store.put_bytes(metrics_key(run_id), "".join(json.dumps(h) + "\n" for h in history).encode())
         log.info("epoch %d/%d %s", epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))

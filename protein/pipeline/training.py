@@ -13,7 +13,7 @@ from typing import Any
 
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import TrainingFailed
+from protein.errors import RankZeroError, TrainingFailed
 from protein.evaluation.gate import ids_digest
 from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
@@ -229,6 +229,8 @@ def train_on_ranks(
                                    "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
                                    "expected_fingerprint": inputs.data_fingerprint}))
         code, result = distributed.launch(nproc, ["train-job", str(job)])
+    if result is not None and "error" in result:
+        raise RankZeroError(str(result["error"]), int(result.get("exit_code", TrainingFailed.exit_code)))
     if result is None:
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
                              f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")

@@ -13,7 +13,13 @@ import pytest
 from protein.config import TrainConfig
 from protein.errors import CheckpointSuperseded, PreconditionFailed
 from protein.labels import LABELS
-from protein.modeling.checkpoints import checkpoint_key, load_checkpoint, read_checkpoint, save_checkpoint
+from protein.modeling.checkpoints import (
+    checkpoint_key,
+    load_checkpoint,
+    metrics_key,
+    read_checkpoint,
+    save_checkpoint,
+)
 from protein.modeling.train import fit
 from protein.storage import Store, open_store
 from tests.helpers import TINY_ARCH
@@ -107,3 +113,64 @@ def test_a_write_whose_answer_was_lost_is_not_mistaken_for_another_attempts(stor
     with pytest.raises(CheckpointSuperseded):
         save_checkpoint(store, "r", {**state, "epoch": 3}, expected_etag=etag)
     assert store.get_bytes(checkpoint_key("r")) == b"another attempt's checkpoint"
+
+
+class WrittenBetween:
+    """Like AnswerLost, and another attempt writes right after this one's checksum is read: its
+    etag must not be taken for this attempt's own."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.armed = False
+
+    def put_bytes(self, key: str, data: bytes, **conditions: Any) -> str:
+        self.store.put_bytes(key, data, **conditions)
+        self.armed = True
+        raise PreconditionFailed(f"{key}: changed since its etag was read")
+
+    def recorded_sha256(self, key: str) -> Any:
+        recorded = self.store.recorded_sha256(key)
+        if self.armed:
+            self.armed = False
+            self.store.put_bytes(key, b"the other attempt's next epoch")
+        return recorded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_another_write_between_the_checks_is_not_taken_for_this_attempts_own(store: Store) -> None:
+    state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
+    first = save_checkpoint(store, "r", state, fresh=True)
+    with pytest.raises(CheckpointSuperseded):
+        save_checkpoint(WrittenBetween(store), "r", {**state, "epoch": 2}, expected_etag=first)  # type: ignore[arg-type]
+    assert store.get_bytes(checkpoint_key("r")) == b"the other attempt's next epoch"
+
+
+def test_a_checkpoint_deleted_under_an_attempt_stops_it_and_says_so(store: Store) -> None:
+    state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
+    first = save_checkpoint(store, "r", state, fresh=True)
+    store.delete(checkpoint_key("r"))
+    with pytest.raises(CheckpointSuperseded, match=r"runs/r/checkpoint\.pt: deleted after this attempt last wrote it"):
+        save_checkpoint(store, "r", {**state, "epoch": 2}, expected_etag=first)
+
+
+def test_an_attempt_that_lost_the_checkpoint_never_rewrites_the_metrics(store: Store) -> None:
+    """The metrics history is written after the checkpoint: an attempt whose checkpoint another
+    attempt has replaced meanwhile stops before it, leaving the winner's history."""
+    calls: list[int] = []
+    real = store.put_bytes
+
+    def racing_put(key: str, data: bytes, **conditions: Any) -> str:
+        etag = real(key, data, **conditions)
+        if key == checkpoint_key("r"):
+            calls.append(1)
+            if len(calls) == 2:  # epoch 2 written; the other attempt replaces it before the metrics go
+                real(key, b"the other attempt's checkpoint")
+                real(metrics_key("r"), b"the other attempt's history")
+        return etag
+
+    store.put_bytes = racing_put  # type: ignore[method-assign]
+    with pytest.raises(CheckpointSuperseded):
+        train(store, "r", 3)
+    assert store.get_bytes(metrics_key("r")) == b"the other attempt's history"

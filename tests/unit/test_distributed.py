@@ -128,3 +128,38 @@ def test_a_rank_without_a_run_id_is_refused_before_touching_the_store(tmp_path, 
     with pytest.raises(ValueError, match="needs --run-id"):
         train_and_register(tmp_path / "no-data", str(store), TrainConfig(device="cpu"))
     assert not store.exists()
+
+
+def test_rank_zeros_own_error_reaches_the_launcher_with_its_exit_code(tmp_path, monkeypatch, capsys):
+    """A rank 0 that stops on one of the pipeline's errors (a superseded checkpoint: exit 10) hands
+    it to the launcher, which exits with it: not exit 7's "a rank died, rerun", which a rerun while
+    the other attempt lives would only repeat."""
+    import json
+
+    import protein.pipeline as pipeline
+    from protein.cli import main
+    from protein.errors import CheckpointSuperseded
+
+    def superseded(*args, **kwargs):
+        raise CheckpointSuperseded("runs/r/checkpoint.pt: another attempt of run r wrote the checkpoint")
+
+    result_file = tmp_path / "result.json"
+    monkeypatch.setenv(distributed.RESULT_FILE_ENV, str(result_file))
+    monkeypatch.setattr(pipeline, "train_and_register", superseded)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"data": "d", "store": "s", "config": {"device": "cpu"}, "run_id": "r",
+                               "cache_dir": None}))
+    assert main(["train-job", str(job)]) == 10  # rank 0 (no RANK set) writes its error, then exits with it
+    assert json.loads(result_file.read_text())["exit_code"] == 10
+
+    # The launcher's side: torchrun failed, rank 0 said why.
+    from protein.pipeline import training
+
+    monkeypatch.setattr(training.distributed, "launch", lambda nproc, argv: (1, json.loads(result_file.read_text())))
+    monkeypatch.setattr(training, "open_training_inputs",
+                        lambda *args: type("Inputs", (), {"run_id": "r", "data": None, "data_fingerprint": "f"})())
+    monkeypatch.setattr(training, "load_split_images", lambda *args, **kwargs: None)
+    code = main(["train", "--data", str(tmp_path), "--store", str(tmp_path / "store"), "--nproc", "2",
+                 "--batch-size", "8", "--device", "cpu", "--run-id", "r"])
+    assert code == 10
+    assert "another attempt of run r wrote the checkpoint" in capsys.readouterr().err

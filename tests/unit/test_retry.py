@@ -34,13 +34,20 @@ def test_faults_on_the_way_are_retried(error: Exception) -> None:
                          ids=["torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"])
 def test_gpu_out_of_memory_is_not_retried_and_says_what_to_change(error_class: type[Exception]) -> None:
     """A retry runs the same config (a resume refuses another one): it runs out of memory again."""
+    from tasks.evaluation import evaluate_model
+    from tasks.training import train_model
+
     error = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert is_transient(error) is False
-    assert retry_transient(None, None, Failed(data=error)) is False
+    assert retry_transient(train_model, None, Failed(data=error)) is False
     advice = "\n".join(error.__notes__)
     assert "--batch-size" in advice and "--accumulate K" in advice
-    retry_transient(None, None, Failed(data=error))
+    retry_transient(train_model, None, Failed(data=error))
     assert len(error.__notes__) == 1  # asked twice about one error: one note
+
+    scoring = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert retry_transient(evaluate_model, None, Failed(data=scoring)) is False
+    assert not getattr(scoring, "__notes__", None)  # scoring's batch is fixed: no training advice
 
 
 def test_other_runtime_errors_stay_transient() -> None:
