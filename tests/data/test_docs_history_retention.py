@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -161,29 +161,50 @@ def test_a_validation_keeps_only_the_newest_runs_in_the_store_its_index_and_the_
     assert not [f for f in (mirror / "results").rglob("*") if f.is_dir() and not any(f.iterdir())]
 
 
+def a_store_with_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: Template, count: int,
+                      host: str) -> tuple[str, LocalStore, list[RunId]]:
+    """A local store holding `count` earlier runs, and this host's cache folder (its mirror) set."""
+    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / host))
+    store_uri = str(tmp_path / "store")
+    store = open_store(store_uri)
+    earlier = fake_runs(count)
+    seed_store(store, template, earlier)
+    return store_uri, store, earlier  # type: ignore[return-value]
+
+
+def after_the_last_history_listing(monkeypatch: pytest.MonkeyPatch, action: Callable[[LocalStore], None]) -> None:
+    """Run `action` (what another host does) once, right after the validation's last listing of
+    the history (its pages), before it prunes or fetches anything."""
+    real_list = LocalStore.list
+    acted: list[bool] = []
+
+    def listing(self: LocalStore, prefix: str = "") -> list[str]:
+        keys = real_list(self, prefix)
+        if prefix == f"{PAGES_PREFIX}/" and not acted:
+            acted.append(True)
+            action(self)
+        return keys
+
+    monkeypatch.setattr(LocalStore, "list", listing)
+
+
+def delete_run(store: LocalStore, run: RunId) -> None:
+    store.delete_keys([k for k in store.list("validation/") if f"/{run.run_time}/" in k])
+
+
 def test_pruning_spares_what_a_concurrent_run_writes_after_the_listing(
         base: Path, tmp_path: Path, template: Template, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hosts validate at once: the other host's run lands between this run's listing and its
     deletes, and the other host has already deleted an old run this one is about to delete."""
     keep = 2
-    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "host"))
-    store_uri = str(tmp_path / "store")
-    store = open_store(store_uri)
-    earlier = fake_runs(5)
-    seed_store(store, template, earlier)
+    store_uri, store, earlier = a_store_with_runs(tmp_path, monkeypatch, template, 5, host="host")
     concurrent = RunId(dt.datetime.now(dt.UTC).strftime(KEY_TIME), "other-host")
-    real_list = LocalStore.list
-    acted: list[bool] = []
 
-    def list_then_other_host_acts(self: LocalStore, prefix: str = "") -> list[str]:
-        keys = real_list(self, prefix)
-        if prefix == f"{PAGES_PREFIX}/" and not acted:  # this run's last listing before it prunes
-            acted.append(True)
-            seed_store(self, template, [concurrent])
-            self.delete_keys([k for k in real_list(self, "validation/") if f"/{earlier[0].run_time}/" in k])
-        return keys
+    def other_host_validates_and_prunes(store: LocalStore) -> None:  # before this run prunes
+        seed_store(store, template, [concurrent])
+        delete_run(store, earlier[0])
 
-    monkeypatch.setattr(LocalStore, "list", list_then_other_host_acts)
+    after_the_last_history_listing(monkeypatch, other_host_validates_and_prunes)
     monkeypatch.setenv(KEEP_RUNS_ENV, str(keep))
     report = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report")
 
@@ -198,23 +219,8 @@ def test_a_history_file_another_host_pruned_after_the_listing_is_skipped(
         base: Path, tmp_path: Path, template: Template, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host with an empty mirror lists the history, then another host prunes a run before this one
     fetches it: the run is left out of this run's site, and the validation goes on."""
-    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "new-host"))
-    store_uri = str(tmp_path / "store")
-    store = open_store(store_uri)
-    earlier = fake_runs(3)
-    seed_store(store, template, earlier)
-    real_list = LocalStore.list
-
-    acted: list[bool] = []
-
-    def list_then_other_host_prunes(self: LocalStore, prefix: str = "") -> list[str]:
-        keys = real_list(self, prefix)
-        if prefix == f"{PAGES_PREFIX}/" and not acted:  # this run's last listing before it fetches
-            acted.append(True)
-            self.delete_keys([k for k in real_list(self, "validation/") if f"/{earlier[0].run_time}/" in k])
-        return keys
-
-    monkeypatch.setattr(LocalStore, "list", list_then_other_host_prunes)
+    store_uri, store, earlier = a_store_with_runs(tmp_path, monkeypatch, template, 3, host="new-host")
+    after_the_last_history_listing(monkeypatch, lambda store: delete_run(store, earlier[0]))  # before it fetches
     report = run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report")
 
     assert report.success, report.summary_lines()
@@ -229,11 +235,7 @@ def test_a_role_refused_deletes_still_validates_over_the_newest_runs_only(
     """A role that may not delete there (an older orchestrator policy than deployments/iam/'s): the
     store keeps the old runs, but the run is not failed for it and its site still shows only the newest."""
     keep = 3
-    monkeypatch.setenv("PROTEIN_CACHE_DIR", str(tmp_path / "host"))
-    store_uri = str(tmp_path / "store")
-    store = open_store(store_uri)
-    earlier = fake_runs(5)
-    seed_store(store, template, earlier)
+    store_uri, store, earlier = a_store_with_runs(tmp_path, monkeypatch, template, 5, host="host")
 
     def refused(self: LocalStore, keys: list[str]) -> int:
         raise StoreError(f"{keys[0]}: access denied: s3:DeleteObject was refused")
