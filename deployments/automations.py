@@ -4,7 +4,8 @@
         python -m deployments.automations apply
 
 Idempotent: the block is saved with overwrite, each automation replaces the one of the same
-name. Exit 2 on a missing setting or a malformed file, 1 when the server refuses."""
+name, and a `protein-` automation the file no longer has is deleted. Exit 2 on a missing setting
+or a malformed file, 1 when the server refuses."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ AUTOMATIONS_FILE = Path(__file__).with_name("automations.yaml")
 WEBHOOK_URL_ENV = "PROTEIN_ALERT_WEBHOOK_URL"
 BLOCK_NAME = "protein-alerts"
 ZOMBIE_AUTOMATION = "protein-crash-zombie-runs"
+# The project's automations, every one named so: apply removes one of them the file no longer has.
+OWN_PREFIX = "protein-"
 
 
 def load_automations(path: Path, block_ids: dict[str, str], zombie_after_s: int | None = None) -> list[Any]:
@@ -31,6 +34,9 @@ def load_automations(path: Path, block_ids: dict[str, str], zombie_after_s: int 
         raise ValueError(f"{path}: expected a non-empty list under 'automations'")
     automations = []
     for doc in docs:
+        if not str(doc.get("name", "")).startswith(OWN_PREFIX):  # apply prunes the project's by this prefix
+            raise ValueError(f"{path}: automation {doc.get('name')!r}: the project's automation names start "
+                             f"with {OWN_PREFIX!r}")
         for action in doc.get("actions", []):
             if action.get("type") == "send-notification":
                 name = action.pop("block", None)
@@ -56,16 +62,23 @@ def save_webhook_block(url: str) -> str:
 
 
 def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None) -> list[str]:
-    """Save the webhook block, then create or replace every automation by name."""
+    """Save the webhook block, create or replace every automation by name, and delete the project's
+    automations (OWN_PREFIX) the file no longer has."""
     from prefect.client.orchestration import get_client
 
     block_id = save_webhook_block(webhook_url)
     automations = load_automations(path, {BLOCK_NAME: block_id}, zombie_after_s)
+    names = {a.name for a in automations}
     with get_client(sync_client=True) as client:
         for automation in automations:
             for existing in client.read_automations_by_name(automation.name):
                 client.delete_automation(existing.id)
             client.create_automation(automation)
+        # One the file no longer has (renamed or removed) would go on firing for ever: a renamed
+        # failure alert would alert every failure twice. Only the project's own, by their prefix.
+        for existing in client.read_automations():
+            if existing.name.startswith(OWN_PREFIX) and existing.name not in names:
+                client.delete_automation(existing.id)
     return [a.name for a in automations]
 
 

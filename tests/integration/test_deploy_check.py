@@ -49,3 +49,46 @@ def test_check_prints_the_plan_and_changes_nothing(prefect_harness: None, tmp_pa
     to_create = f" ({', '.join(missing)} to be created)" if missing else ""
     assert f"  work pools: cpu, gpu{to_create}; gpu concurrency 1" in out, out
     assert server_state() == (pools_before, deployments_before), "--check created nothing"
+
+
+def test_applying_the_automations_removes_the_projects_that_the_file_no_longer_has(
+        prefect_harness: None, tmp_path: Path) -> None:
+    """A renamed or removed automation left on the server would go on firing for ever (a renamed
+    failure alert: every failure alerted twice). apply deletes the project's (protein-) ones the
+    file no longer has, and nothing else on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+
+    from deployments import automations
+
+    def automation_file(names: list[str]) -> Path:
+        path = tmp_path / f"{'-'.join(names)}.yaml"
+        text = "automations:\n" + "".join(
+            f"""  - name: {name}
+    trigger: {{type: event, posture: Reactive, match: {{prefect.resource.id: "protein.test.{name}"}},
+              expect: [protein.test.never], threshold: 1, within: 0}}
+    actions: [{{type: send-notification, block: {automations.BLOCK_NAME}, subject: s, body: b}}]
+""" for name in names)
+        path.write_text(text)
+        return path
+
+    def project_automations() -> set[str]:
+        with get_client(sync_client=True) as client:
+            return {a.name for a in client.read_automations() if a.name.startswith("protein-test-")}
+
+    with get_client(sync_client=True) as client:
+        teams_own = client.create_automation(AutomationCore(
+            name="team-own-alert", trigger=EventTrigger(expect={"team.never"}, threshold=1, within=0),
+            actions=[{"type": "do-nothing"}]))
+    try:
+        automations.apply(automation_file(["protein-test-a", "protein-test-b"]), "http://127.0.0.1:9/hook")
+        assert project_automations() == {"protein-test-a", "protein-test-b"}
+        automations.apply(automation_file(["protein-test-a", "protein-test-c"]), "http://127.0.0.1:9/hook")
+        assert project_automations() == {"protein-test-a", "protein-test-c"}  # b renamed to c: b is gone
+        with get_client(sync_client=True) as client:
+            assert client.read_automation(teams_own) is not None  # not the project's: untouched
+    finally:
+        with get_client(sync_client=True) as client:
+            for automation in client.read_automations():
+                if automation.name.startswith("protein-test-") or automation.id == teams_own:
+                    client.delete_automation(automation.id)

@@ -83,7 +83,7 @@ def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> Non
     block_id = str(uuid.uuid4())
     automations = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: block_id})}
     assert set(automations) == {"protein-run-failed", "protein-push-retrain-cancelled", ZOMBIE_AUTOMATION,
-                                "protein-model-promoted"}
+                                "protein-nightly-missing", "protein-model-promoted"}
     notify = [a for a in automations.values() for action in a.actions if action.type == "send-notification"]
     assert {str(action.block_document_id) for a in notify for action in a.actions} == {block_id}
     failed = automations["protein-run-failed"].trigger
@@ -117,6 +117,46 @@ def test_the_failed_run_alert_covers_every_deployed_flow() -> None:
     alerted = set(failed.match_related["prefect.resource.name"])  # type: ignore[index, call-overload]
     # A standalone validate run answers whoever started it; bad data in the nightly fails the retrain.
     assert flow_names - {"validate"} <= alerted, f"a failure of {flow_names - alerted} would go unnoticed"
+
+
+def test_a_nightly_that_never_completes_is_alerted_within_two_days() -> None:
+    """Every other alert reacts to something that happened: a nightly stuck Late behind a dead worker,
+    or queued behind a hung retrain, sends nothing. The proactive alert expects a Completed run of the
+    deployed nightly at least once a window, and a run of another deployment does not count."""
+    import datetime as dt
+
+    import yaml
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    automations = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: str(uuid.uuid4())})}
+    missing = automations["protein-nightly-missing"]
+    assert missing.trigger.posture == "Proactive" and missing.trigger.threshold == 1
+    assert missing.trigger.expect == {"prefect.flow-run.Completed"}
+    assert missing.trigger.within <= dt.timedelta(hours=26)  # a day and the longest run's margin
+    assert [action.type for action in missing.actions] == ["send-notification"]
+    definition = yaml.safe_load((AUTOMATIONS_FILE.parent / "prefect.yaml").read_text())
+    assert "nightly" in {d["name"] for d in definition["deployments"]}
+
+    trigger = EventTrigger.model_validate(missing.trigger.model_dump())
+
+    def completed(deployment: str) -> ReceivedEvent:
+        return ReceivedEvent(occurred=dt.datetime.now(dt.UTC), event="prefect.flow-run.Completed", id=uuid.uuid4(),
+                             resource={"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"},
+                             related=[{"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}",
+                                       "prefect.resource.role": "deployment", "prefect.resource.name": deployment}])
+
+    assert trigger.covers(completed("nightly"))
+    assert not trigger.covers(completed("push"))
+
+
+def test_an_automation_not_named_as_the_projects_is_refused(tmp_path: Path) -> None:
+    """apply removes the project's automations the file no longer has, found by their name prefix:
+    one named otherwise would outlive its removal from the file."""
+    path = tmp_path / "automations.yaml"
+    path.write_text(AUTOMATIONS_FILE.read_text().replace("name: protein-model-promoted", "name: model-promoted"))
+    with pytest.raises(ValueError, match="'model-promoted': the project's automation names start with 'protein-'"):
+        load_automations(path, {BLOCK_NAME: str(uuid.uuid4())})
 
 
 def test_automations_file_with_an_unknown_block_is_refused(tmp_path: Path) -> None:
