@@ -35,10 +35,9 @@ def metrics_key(run_id: str) -> str:
     return f"runs/{run_id}/metrics.jsonl"
 
 
-def save_checkpoint(store: Store, run_id: str, state: dict[str, Any], *, expected_etag: str | None = None,
-                    fresh: bool = False) -> str:
-    """Write the run's checkpoint whole and return its etag. With ``expected_etag`` the write
-    happens only if the stored checkpoint is still that one; with ``fresh`` only if there is none.
+def save_checkpoint(store: Store, run_id: str, state: dict[str, Any], *, expected_etag: str | None = None) -> str:
+    """Write the run's checkpoint whole and return its etag: only if the stored checkpoint is still
+    ``expected_etag``, or, with None (an attempt that started from nothing), only if there is none.
     Either condition lost to another writer raises `CheckpointSuperseded`; the stored checkpoint
     is left as that writer made it."""
     buffer = io.BytesIO()
@@ -49,7 +48,7 @@ def save_checkpoint(store: Store, run_id: str, state: dict[str, Any], *, expecte
     try:
         if expected_etag is not None:
             return store.put_bytes(key, data, if_match=expected_etag)
-        return store.put_bytes(key, data, if_none_match=fresh)
+        return store.put_bytes(key, data, if_none_match=True)
     except PreconditionFailed:
         # Our own write, if the stored bytes are ours: the store took it, its answer was lost, and
         # the client's retry of the same conditional write lost to it. The etag is read on both sides

@@ -399,7 +399,7 @@ def fit(
             "config": to_dict(config),
             "class_names": list(LABELS),
             "history": [json.dumps(h) for h in history],
-        }, expected_etag=checkpoint_etag, fresh=checkpoint_etag is None)
+        }, expected_etag=checkpoint_etag)
         check_still_ours(store, run_id, checkpoint_etag)
         store.put_bytes(metrics_key(run_id), "".join(json.dumps(h) + "\n" for h in history).encode())
         log.info("epoch %d/%d %s", epoch + 1, config.epochs,

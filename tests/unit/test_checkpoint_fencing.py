@@ -103,7 +103,7 @@ class AnswerLost:
 
 def test_a_write_whose_answer_was_lost_is_not_mistaken_for_another_attempts(store: Store) -> None:
     state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
-    first = save_checkpoint(store, "r", state, fresh=True)
+    first = save_checkpoint(store, "r", state)
     etag = save_checkpoint(AnswerLost(store), "r", {**state, "epoch": 2}, expected_etag=first)  # type: ignore[arg-type]
     assert etag == store.etag(checkpoint_key("r")) != first
     assert load_checkpoint(store, "r")["epoch"] == 2  # type: ignore[index]
@@ -141,7 +141,7 @@ class WrittenBetween:
 
 def test_another_write_between_the_checks_is_not_taken_for_this_attempts_own(store: Store) -> None:
     state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
-    first = save_checkpoint(store, "r", state, fresh=True)
+    first = save_checkpoint(store, "r", state)
     with pytest.raises(CheckpointSuperseded):
         save_checkpoint(WrittenBetween(store), "r", {**state, "epoch": 2}, expected_etag=first)  # type: ignore[arg-type]
     assert store.get_bytes(checkpoint_key("r")) == b"the other attempt's next epoch"
@@ -149,7 +149,7 @@ def test_another_write_between_the_checks_is_not_taken_for_this_attempts_own(sto
 
 def test_a_checkpoint_deleted_under_an_attempt_stops_it_and_says_so(store: Store) -> None:
     state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
-    first = save_checkpoint(store, "r", state, fresh=True)
+    first = save_checkpoint(store, "r", state)
     store.delete(checkpoint_key("r"))
     with pytest.raises(CheckpointSuperseded, match=r"runs/r/checkpoint\.pt: deleted after this attempt last wrote it"):
         save_checkpoint(store, "r", {**state, "epoch": 2}, expected_etag=first)
