@@ -286,17 +286,15 @@ def _writer_lock(root: Path, path: Path) -> Path | None:
 def _temp_files(root: Path) -> Iterator[Path]:
     yield from root.glob(".*.tmp")
     datasets = root / "datasets"
-    for dirpath, dirnames, filenames in os.walk(datasets):
-        if Path(dirpath) == datasets and "locks" in dirnames:
-            dirnames.remove("locks")
-        for filename in filenames:
-            if _is_temp(filename):
-                yield Path(dirpath) / filename
-    # A validation killed while downloading into the mirror (an atomic write, no lock: the age alone says).
-    for dirpath, _, filenames in os.walk(root / MIRROR_FOLDER):
-        for filename in filenames:
-            if _is_temp(filename):
-                yield Path(dirpath) / filename
+    # And the mirror: a validation killed while downloading into it (an atomic write, no lock: the age
+    # alone says).
+    for folder in (datasets, root / MIRROR_FOLDER):
+        for dirpath, dirnames, filenames in os.walk(folder):
+            if Path(dirpath) == datasets and "locks" in dirnames:
+                dirnames.remove("locks")
+            for filename in filenames:
+                if _is_temp(filename):
+                    yield Path(dirpath) / filename
 
 
 def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, now: float | None = None,
