@@ -26,10 +26,6 @@ OUT_OF_MEMORY_ADVICE = (
     "(train.accumulate): each forward pass then holds batch/K images (docs/distributed.md).")
 
 
-# The tasks that train (tasks/training.py): where --batch-size and --accumulate change the memory used.
-TRAINING_TASKS = frozenset({"train-model"})
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA's, as torch.cuda.OutOfMemoryError), found by name so that
     modules importing this one do not load torch (tasks/training.py imports it in the task body)."""
@@ -45,13 +41,21 @@ def is_transient(error: BaseException | None) -> bool:
     return not isinstance(error, ProteinError)
 
 
-def retry_transient(task: Any, task_run: Any, state: State) -> bool:
-    """A Prefect `retry_condition_fn`: retry only errors that may pass on a second try. An out of
-    memory error gets a note saying what to change, shown with its traceback."""
+def failure_of(state: State) -> BaseException | None:
     error = state.result(raise_on_failure=False)
-    error = error if isinstance(error, BaseException) else None
-    # The advice is about training's options: an evaluation scores at a fixed batch size.
-    if (error is not None and is_out_of_memory(error) and getattr(task, "name", None) in TRAINING_TASKS
-            and OUT_OF_MEMORY_ADVICE not in getattr(error, "__notes__", [])):
+    return error if isinstance(error, BaseException) else None
+
+
+def retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """A Prefect `retry_condition_fn`: retry only errors that may pass on a second try."""
+    return is_transient(failure_of(state))
+
+
+def retry_training(task: Any, task_run: Any, state: State) -> bool:
+    """`retry_transient` for the task that trains, where an out of memory error also gets a note
+    saying what to change, shown with its traceback (an evaluation scores at a fixed batch size:
+    the advice is about training's options)."""
+    error = failure_of(state)
+    if error is not None and is_out_of_memory(error) and OUT_OF_MEMORY_ADVICE not in getattr(error, "__notes__", []):
         error.add_note(OUT_OF_MEMORY_ADVICE)
     return is_transient(error)

@@ -14,7 +14,7 @@ from protein.errors import (
     StoreError,
     ValidationFailed,
 )
-from tasks.retry import is_transient, retry_transient
+from tasks.retry import is_transient, retry_training, retry_transient
 
 
 @pytest.mark.parametrize("error", [DataError("bad row"), ValidationFailed("drift"), RegistryError("unknown"),
@@ -39,10 +39,11 @@ def test_gpu_out_of_memory_is_not_retried_and_says_what_to_change(error_class: t
 
     error = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert is_transient(error) is False
-    assert retry_transient(train_model, None, Failed(data=error)) is False
+    assert train_model.retry_condition_fn is retry_training  # the task that trains asks this one
+    assert retry_training(train_model, None, Failed(data=error)) is False
     advice = "\n".join(error.__notes__)
     assert "--batch-size" in advice and "--accumulate K" in advice
-    retry_transient(train_model, None, Failed(data=error))
+    retry_training(train_model, None, Failed(data=error))
     assert len(error.__notes__) == 1  # asked twice about one error: one note
 
     scoring = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
