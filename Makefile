@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run check test soak lint bench bench-gpu clean venv browser stack lock
+.PHONY: run check test durations soak lint bench bench-gpu clean venv browser stack lock
 
 venv: $(STAMP)
 
@@ -50,6 +50,12 @@ TEST_WORKERS = $(if $(FILL_IDLE),-n 3 --fill-idle,-n 2)
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
+# Re-measures tests/durations.json, the seconds per module make test hands out its units of work by
+# (longest first, tests/tiers.py): make test's own run, recorded when it passes. After adding or
+# reshaping a long module; an unmeasured module is handed out first meanwhile.
+durations: $(STAMP) browser stack
+	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --record-durations tests/durations.json
 
 # The soak test: a compressed calendar of nights, pushes and faults on the production shape
 # (docs/reliability.md). make test runs 30 nights of it on one of its workers; this runs it alone,

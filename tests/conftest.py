@@ -27,7 +27,9 @@ import pytest
 from tests import idle_worker
 from tests.early_release import EarlyRelease
 from tests.tiers import (
+    DURATIONS_OPTION,
     SHARED_FIXTURE_MODULES,
+    DurationRecorder,
     is_xdist_worker,
     mark_slow_and_order,
     refuse_a_disk_too_small_for_the_slow_tier,
@@ -93,11 +95,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(idle_worker.OPTION, action="store_true", dest="fill_idle",
                      help="with -n N (N >= 2) and --dist loadscope: the last worker runs only fast-tier tests, "
                           "each started when a core is idle while slow tests remain (tests/idle_worker.py)")
+    parser.addoption(DURATIONS_OPTION, dest="record_durations", metavar="PATH", default=None,
+                     help="write each module's seconds to PATH when the session passes (make durations: "
+                          "the table make test orders its units of work by, tests/durations.json)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Each shared fixture is stopped once its last module ends, not at the session's (tests/early_release.py).
     config.pluginmanager.register(EarlyRelease(SHARED_FIXTURE_MODULES), EarlyRelease.NAME)
+    if config.getoption("record_durations") and not is_xdist_worker(config):
+        config.pluginmanager.register(DurationRecorder(Path(config.getoption("record_durations"))),
+                                      DurationRecorder.NAME)
     if config.getoption("fill_idle"):  # the idle-time worker (tests/idle_worker.py)
         if not is_xdist_worker(config) and idle_worker.enabled(config, config.getoption("numprocesses") or 0):
             idle_worker.announce(config, SESSION_SCRATCH / "slow-tier-done")

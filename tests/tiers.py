@@ -10,6 +10,8 @@ from its hooks.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -197,7 +199,7 @@ def mark_slow_and_order(config: pytest.Config, items: list[pytest.Item]) -> None
         if used:
             item.add_marker(pytest.mark.slow(reason=", ".join(f"{name}: {SLOW_FIXTURES[name]}" for name in used)))
     if is_xdist_worker(config):
-        items[:] = slow_modules_first(items)
+        items[:] = slow_modules_first(items, load_durations(), config.rootpath)
     items[:] = last_in_unit_last(items, config.rootpath)
 
 
@@ -225,15 +227,70 @@ def is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def slow_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
-    """The modules marked long_running (the soak), then those with a slow test, then the others, each
-    group in the order it had (pytest-randomly's shuffle runs before this hook). `make test` hands
-    whole modules to its two xdist workers in this order (`--dist loadscope --no-loadscope-reorder`):
-    the long modules, which mostly wait on servers, start first and the short CPU-bound ones fill in
-    at the end, instead of one worker finishing a long module alone after the other ran out of work."""
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    long_modules = {item.path for item in items if item.get_closest_marker("long_running")}
-    return sorted(items, key=lambda item: (item.path not in long_modules, item.path not in slow_modules))
+# What each module took in `make test` (its tests' setup, call and teardown, as the controller saw
+# them), refreshed by `make durations` after a module is added or reshaped. make test hands the
+# longest units of work out first (slow_modules_first), so that the two workers end together.
+DURATIONS_FILE = Path(__file__).with_name("durations.json")
+DURATIONS_OPTION = "--record-durations"
+
+
+def load_durations(path: Path = DURATIONS_FILE) -> dict[str, float]:
+    """Seconds per module from the table; empty when it is missing or unreadable (then the order is
+    the shuffle's, as before the table existed: slower to finish, never wrong)."""
+    try:
+        table = json.loads(path.read_text())
+        return {str(module): float(seconds) for module, seconds in table["seconds"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def slow_modules_first(items: list[pytest.Item], seconds: dict[str, float], root: Path) -> list[pytest.Item]:
+    """The modules marked long_running (the soak), then the units of work with a slow test, then the
+    others; within each group the longest unit first (a shared fixture's modules are one unit, its
+    time their sum), a unit the table does not know first of all (a new module's time is unknown:
+    starting it early cannot leave it running alone at the end), ties in the order they had
+    (pytest-randomly's shuffle runs before this hook, and still orders the tests inside a unit).
+    `make test` hands units to its two xdist workers in this order (`--dist loadscope
+    --no-loadscope-reorder`): the long ones, which mostly wait on servers, start first and the
+    short CPU-bound ones fill in at the end. Longest first instead of the shuffle's order: a
+    shuffle that queued a three-minute unit last had one worker run it alone while the other
+    idled (a measured 14 min 43 s session against 13 min 10 s)."""
+    unit_of = shared_units()
+
+    def unit(item: pytest.Item) -> str:
+        return unit_of.get(module_of(item, root), module_of(item, root))
+
+    modules_of: dict[str, set[str]] = {}
+    for item in items:
+        modules_of.setdefault(unit(item), set()).add(module_of(item, root))
+    cost = {name: sum(seconds.get(module, math.inf) for module in modules) for name, modules in modules_of.items()}
+    slow_units = {unit(item) for item in items if item.get_closest_marker("slow")}
+    long_units = {unit(item) for item in items if item.get_closest_marker("long_running")}
+    return sorted(items, key=lambda item: (unit(item) not in long_units, unit(item) not in slow_units,
+                                           -cost[unit(item)]))
+
+
+class DurationRecorder:
+    """`--record-durations PATH` (make durations): on the controller, each module's seconds (its
+    tests' setup, call and teardown) summed from the reports, written to PATH when the session
+    passed, so a failed or interrupted run never leaves a table with modules missing."""
+
+    NAME = "protein-duration-recorder"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        module = report.nodeid.split("::", 1)[0]
+        self.seconds[module] = self.seconds.get(module, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if exitstatus != pytest.ExitCode.OK or not self.seconds:
+            return
+        table = {"measured_by": "make durations (make test's workers, this machine)",
+                 "seconds": {module: round(s, 1) for module, s in sorted(self.seconds.items())}}
+        self.path.write_text(json.dumps(table, indent=1) + "\n")
 
 
 # The slow tier's peak on the temp disk, measured by .ci/run on three fresh clones (2026-12-04):
