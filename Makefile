@@ -51,9 +51,9 @@ test: $(STAMP) browser stack
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# Re-measures tests/durations.json, the seconds per module by which make test hands out the fast
-# tier's modules, longest first (tests/tiers.py): make test's own run, recorded when it passes.
-# After adding or reshaping modules; an unmeasured module is handed out first meanwhile.
+# Re-measures tests/durations.json, the seconds per module by which make test hands out its units
+# of work, longest first (tests/tiers.py): make test's own run, recorded when it passes. After
+# adding or reshaping modules; an unmeasured module is handed out first in its group meanwhile.
 durations: $(STAMP) browser stack
 	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --record-durations tests/durations.json
 

@@ -229,7 +229,7 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 # What each module took in `make test` (its tests' setup, call and teardown, as the controller saw
 # them), refreshed by `make durations` after a module is added or reshaped. make test hands the
-# fast tier's modules out longest first by it (slow_modules_first), so that the two workers end together.
+# longest units of work out first by it (slow_modules_first), so that the two workers end together.
 DURATIONS_FILE = Path(__file__).with_name("durations.json")
 DURATIONS_OPTION = "--record-durations"
 
@@ -245,29 +245,29 @@ def load_durations(path: Path = DURATIONS_FILE) -> dict[str, float]:
 
 
 def slow_modules_first(items: list[pytest.Item], seconds: dict[str, float], root: Path) -> list[pytest.Item]:
-    """The modules marked long_running (the soak), then the units of work with a slow test in the
-    order they had (pytest-randomly's shuffle runs before this hook), then the others longest first
-    by the table (a module it does not know first of them: its time is unknown, and starting it early
-    cannot leave it running alone at the end). `make test` hands units to its two xdist workers in
-    this order (`--dist loadscope --no-loadscope-reorder`): the long ones, which mostly wait on
-    servers, start first and the short CPU-bound ones fill in at the end, the longest of those first
-    so that the two workers end together (a 36 s module drawn last ran alone while the other worker
-    idled). The slow units stay in the shuffle's order: ranked longest first too, the soak and the
-    multi-host cluster (each a server stack, several workers and trainings: more than a core each)
-    ran side by side and the session took 16 min 35 s against 13 min 10-18 s (docs/testing.md)."""
+    """The modules marked long_running (the soak), then the units of work with a slow test, then the
+    others; within each group the longest unit first by the table (a shared fixture's modules are
+    one unit, its time their sum), a unit the table does not know first of its group (its time is
+    unknown: starting it early cannot leave it running alone at the end), ties in the order they
+    had (pytest-randomly's shuffle runs before this hook, and still orders the tests inside a
+    unit). `make test` hands units to its two xdist workers in this order (`--dist loadscope
+    --no-loadscope-reorder`): the long ones, which mostly wait on servers, start first and the
+    short CPU-bound ones fill in at the end, the longest of those first, so the two workers end
+    together. In the shuffle's order instead, a session that drew the three-minute cluster unit
+    last ran it alone at the end (14 min 43 s against 13 min 10-18 s; docs/testing.md)."""
     unit_of = shared_units()
 
     def unit(item: pytest.Item) -> str:
         return unit_of.get(module_of(item, root), module_of(item, root))
 
+    modules_of: dict[str, set[str]] = {}
+    for item in items:
+        modules_of.setdefault(unit(item), set()).add(module_of(item, root))
+    cost = {name: sum(seconds.get(module, math.inf) for module in modules) for name, modules in modules_of.items()}
     slow_units = {unit(item) for item in items if item.get_closest_marker("slow")}
     long_units = {unit(item) for item in items if item.get_closest_marker("long_running")}
-
-    def key(item: pytest.Item) -> tuple[bool, bool, float]:
-        slow = unit(item) in slow_units
-        return unit(item) not in long_units, not slow, 0.0 if slow else -seconds.get(module_of(item, root), math.inf)
-
-    return sorted(items, key=key)
+    return sorted(items, key=lambda item: (unit(item) not in long_units, unit(item) not in slow_units,
+                                           -cost[unit(item)]))
 
 
 class DurationRecorder:

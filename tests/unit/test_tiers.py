@@ -143,30 +143,32 @@ class OrderedItem:
         return {"slow": self.slow, "long_running": self.long_running}.get(name) or None
 
 
-def test_xdist_workers_take_the_long_units_then_the_slow_ones_as_shuffled_then_the_fast_longest_first() -> None:
+def test_xdist_workers_take_the_long_units_first_then_the_slow_ones_then_the_fast_each_longest_first() -> None:
     harness = sorted(SHARED_FIXTURE_MODULES["prefect_harness"])
     order = [OrderedItem("tests/unit/a.py"), OrderedItem("tests/int/z.py"), OrderedItem("tests/int/z.py", slow=True),
              OrderedItem("tests/unit/b.py"), OrderedItem(harness[0], slow=True),
              OrderedItem("tests/int/c.py", slow=True), OrderedItem(harness[1], slow=True),
              OrderedItem("tests/int/soak.py", slow=True, long_running=True),
              OrderedItem("tests/unit/new.py"), OrderedItem("tests/unit/e.py"), OrderedItem("tests/int/d.py", slow=True),
-             OrderedItem("tests/unit/f.py")]
+             OrderedItem("tests/unit/f.py"), OrderedItem("tests/int/new.py", slow=True)]
+    # The harness's modules are one unit: 30 + 25 s outweighs c.py's 50 s alone.
     seconds = {"tests/unit/a.py": 1.0, "tests/int/z.py": 40.0, "tests/unit/b.py": 9.0, harness[0]: 30.0,
-               "tests/int/c.py": 50.0, harness[1]: 25.0, "tests/int/soak.py": 300.0, "tests/int/d.py": 90.0,
+               "tests/int/c.py": 50.0, harness[1]: 25.0, "tests/int/soak.py": 300.0, "tests/int/d.py": 40.0,
                "tests/unit/e.py": 3.0, "tests/unit/f.py": 9.0}
     ordered = slow_modules_first(order, seconds, TESTS.parent)  # type: ignore[arg-type]
     assert [(i.path.relative_to(TESTS.parent).as_posix(), i.slow) for i in ordered] == [
         ("tests/int/soak.py", True),
-        # Whatever the table says of them: two long slow units side by side thrash the cores.
-        ("tests/int/z.py", False), ("tests/int/z.py", True), (harness[0], True), ("tests/int/c.py", True),
-        (harness[1], True), ("tests/int/d.py", True),
-        ("tests/unit/new.py", False),  # not in the table: first of the fast tier
-        ("tests/unit/b.py", False), ("tests/unit/f.py", False),  # a tie: the shuffle's order
-        ("tests/unit/e.py", False), ("tests/unit/a.py", False)]
+        ("tests/int/new.py", True),  # not in the table: first of its group
+        (harness[0], True), (harness[1], True), ("tests/int/c.py", True),
+        ("tests/int/z.py", False), ("tests/int/z.py", True), ("tests/int/d.py", True),  # a tie: the shuffle's order
+        ("tests/unit/new.py", False),
+        ("tests/unit/b.py", False), ("tests/unit/f.py", False), ("tests/unit/e.py", False), ("tests/unit/a.py", False)]
     # Without the table: every group in the shuffle's order, as before it existed.
-    assert [i.path.name for i in slow_modules_first(order, {}, TESTS.parent)] == [  # type: ignore[arg-type]
-        "soak.py", "z.py", "z.py", harness[0].split("/")[-1], "c.py", harness[1].split("/")[-1], "d.py",
-        "a.py", "b.py", "new.py", "e.py", "f.py"]
+    assert [i.path.relative_to(TESTS.parent).as_posix() for i in slow_modules_first(  # type: ignore[arg-type]
+        order, {}, TESTS.parent)] == [
+        "tests/int/soak.py", "tests/int/z.py", "tests/int/z.py", harness[0], "tests/int/c.py", harness[1],
+        "tests/int/d.py", "tests/int/new.py", "tests/unit/a.py", "tests/unit/b.py", "tests/unit/new.py",
+        "tests/unit/e.py", "tests/unit/f.py"]
 
 
 def test_the_durations_table_is_read_and_a_damaged_one_orders_as_the_shuffle(tmp_path: Path) -> None:
