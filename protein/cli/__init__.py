@@ -1,4 +1,4 @@
-"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets, cache, link.
+"""`protein` command line: synth, validate, train, evaluate, predict, models, datasets, cache, archs, link.
 
 Every verb prints its result as JSON on stdout (the last line, for train) and reports
 failures as one line on stderr with a specific exit code: 1 data failed validation,
@@ -6,7 +6,9 @@ failures as one line on stderr with a specific exit code: 1 data failed validati
 (`train --nproc`; rerun with the same --run-id to resume), 8 a stored record (model.json,
 champion.json, a run index entry, a manifest) is over its size cap, not JSON, or not its schema,
 9 busy: a `datasets gc` holds the store's datasets (a second gc, or a push that waited its bound) or a
-push is in progress (gc deleted nothing); nothing was changed, run it again later.
+push is in progress (gc deleted nothing); nothing was changed, run it again later. 10 a training
+run was taken over: another attempt of the same run id wrote its checkpoint since this one read it
+(this attempt stopped; the other goes on).
 """
 
 from __future__ import annotations
