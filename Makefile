@@ -47,15 +47,16 @@ check: $(STAMP) browser
 # slow tier is done (tests/idle_worker.py): for machines with cores to spare; on this 2-core one it
 # measured even (docs/testing.md).
 TEST_WORKERS = $(if $(FILL_IDLE),-n 3 --fill-idle,-n 2)
+TEST_PYTEST = $(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP) browser stack
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(TEST_PYTEST)
 
 # Re-measures tests/durations.json, the seconds per module by which make test hands out its units
 # of work, longest first (tests/tiers.py): make test's own run, recorded when it passes. After
 # adding or reshaping modules; an unmeasured module is handed out first in its group meanwhile.
 durations: $(STAMP) browser stack
-	$(PY) -m pytest -q $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --record-durations tests/durations.json
+	$(TEST_PYTEST) --record-durations tests/durations.json
 
 # The soak test: a compressed calendar of nights, pushes and faults on the production shape
 # (docs/reliability.md). make test runs 30 nights of it on one of its workers; this runs it alone,

@@ -87,6 +87,13 @@ def module_of(item: pytest.Item, root: Path) -> str:
     return item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
 
 
+def work_unit(item: pytest.Item, root: Path, unit_of: dict[str, str]) -> str:
+    """The unit of work make test hands out whole that the test belongs to: its shared fixture's
+    modules (unit_of, shared_units()) or, when it shares none, its own module."""
+    module = module_of(item, root)
+    return unit_of.get(module, module)
+
+
 def unlisted_shared_fixture_modules(items: list[pytest.Item], root: Path) -> list[str]:
     """'module uses fixture' for each module that uses a shared fixture without being in its list,
     or that is in the lists of two (it cannot be in two units of work)."""
@@ -212,8 +219,7 @@ def last_in_unit_last(items: list[pytest.Item], root: Path) -> list[pytest.Item]
     unit_of = shared_units()
 
     def unit(item: pytest.Item) -> str:
-        module = module_of(item, root)
-        return unit_of.get(module, module)
+        return work_unit(item, root, unit_of)
 
     ordered = [item for item in items if not item.get_closest_marker("last_in_unit")]
     for item in items:
@@ -258,7 +264,7 @@ def slow_modules_first(items: list[pytest.Item], seconds: dict[str, float], root
     unit_of = shared_units()
 
     def unit(item: pytest.Item) -> str:
-        return unit_of.get(module_of(item, root), module_of(item, root))
+        return work_unit(item, root, unit_of)
 
     modules_of: dict[str, set[str]] = {}
     for item in items:
