@@ -131,7 +131,6 @@ class Watch:
         """Whether the run's process is alive, and why not (process_alive); now: this host's
         monotonic clock. The run's silence counts only up to the last time a newer probe became
         readable: a run that went quiet while nothing was persisted proves nothing."""
-        unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
         if self._stalled_since is not None and evidence.probe_persisted != self._probe_when_stalled:
             # What the run sent during the stall may never be persisted (Redis trims a stream past
             # a consumer idle too long, or loses it in a restart): its silence counts from now, as
@@ -140,8 +139,8 @@ class Watch:
                                  now - self._stalled_since, self.watched)
             self._stalled_since = None
             self._silence.forget()
-            unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
-        elif self._stalled_since is None and unpersisted_s > self.stalled_after_s:
+        unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
+        if self._stalled_since is None and unpersisted_s > self.stalled_after_s:
             self._stalled_since = now - unpersisted_s
             self._probe_when_stalled = evidence.probe_persisted
             self._logger.warning(
