@@ -15,7 +15,6 @@ or without it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protein.atomic import write_bytes_atomic
+from protein.cache_budget import touch
 from protein.locations import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,8 @@ class HashCache:
             else:
                 misses.append((name, path, identity))
         if not misses:
-            # A hit is a use: the cache's size bound evicts least recently used first, by mtime.
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-        if misses:
+            touch(self.path)  # a hit is a use: the cache's size bound evicts least recently used first, by mtime
+        else:
             with ThreadPoolExecutor(HASH_THREADS) as pool:
                 hashed = list(pool.map(lambda m: hash_file(m[1], self.algorithm), misses))
             for (name, path, identity), digest in zip(misses, hashed, strict=True):
