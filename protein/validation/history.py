@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from protein.atomic import write_bytes_atomic
+from protein.cache_budget import MIRROR_FOLDER
 from protein.errors import NotFound, StoreError
 from protein.locations import default_cache_dir
 from protein.storage.base import env_number
@@ -49,7 +50,7 @@ def valid_rel(rel: str) -> bool:
 def mirror_root(store: Any, cache_dir: Path | None = None) -> Path:
     """This host's mirror of `store`'s validation history (one per store)."""
     name = hashlib.sha256(store.uri.encode()).hexdigest()[:24]
-    return (cache_dir or default_cache_dir()) / "validation-history" / name
+    return (cache_dir or default_cache_dir()) / MIRROR_FOLDER / name
 
 
 # ---- the bound: the newest runs only -------------------------------------------------------------
