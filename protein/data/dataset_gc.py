@@ -50,14 +50,18 @@ DELETE_BATCH = 100
 
 @dataclass(frozen=True)
 class ObjectsGcPlan:
-    datasets: int  # complete datasets whose manifests were read
+    # The manifests read for the plan (one per complete dataset). A manifest is written once (create-only,
+    # its key its content's fingerprint), so the re-read before deleting parses only those written since.
+    manifests: frozenset[str]
     named: int  # distinct content objects those manifests name
     orphans: list[str] = field(default_factory=list)  # keys to delete
     young: list[str] = field(default_factory=list)  # orphans the age guard keeps
     orphan_bytes: int = 0
-    # The manifests read for the plan. A manifest is written once (create-only, its key its content's
-    # fingerprint), so the re-read before deleting parses only those written since.
-    manifests: frozenset[str] = frozenset()
+
+    @property
+    def datasets(self) -> int:
+        """How many complete datasets' manifests were read."""
+        return len(self.manifests)
 
     def to_dict(self) -> dict[str, object]:
         return {"datasets": self.datasets, "named_objects": self.named, "orphans": len(self.orphans),
@@ -110,7 +114,7 @@ def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: flo
         else:
             orphans.append(info.key)
             orphan_bytes += info.size
-    return ObjectsGcPlan(len(manifests), len(named), orphans, young, orphan_bytes, frozenset(manifests))
+    return ObjectsGcPlan(frozenset(manifests), len(named), orphans, young, orphan_bytes)
 
 
 def apply_objects_gc(store: Store, plan: ObjectsGcPlan, lock: GcLock | None = None) -> int:
