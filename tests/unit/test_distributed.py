@@ -163,3 +163,25 @@ def test_rank_zeros_own_error_reaches_the_launcher_with_its_exit_code(tmp_path, 
                  "--batch-size", "8", "--device", "cpu", "--run-id", "r"])
     assert code == 10
     assert "another attempt of run r wrote the checkpoint" in capsys.readouterr().err
+
+
+def test_launch_hands_back_rank_zeros_error_but_no_result_from_a_failed_run(monkeypatch):
+    """torchrun failed: rank 0's own error comes back with it; a result rank 0 wrote before
+    another rank died does not (the run failed)."""
+    import json
+    import subprocess
+
+    def torchrun_that_writes(written, code):  # noqa: ANN001, ANN202
+        def run(command, env, check):  # noqa: ANN001, ANN202
+            with open(env[distributed.RESULT_FILE_ENV], "w") as out:
+                json.dump(written, out)
+            return subprocess.CompletedProcess(command, code)
+        return run
+
+    error = {"error": "runs/r/checkpoint.pt: superseded", "exit_code": 10}
+    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes(error, 1))
+    assert distributed.launch(2, ["train-job", "job.json"]) == (1, error)
+    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes({"model_id": "m"}, 1))
+    assert distributed.launch(2, ["train-job", "job.json"]) == (1, None)
+    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes({"model_id": "m"}, 0))
+    assert distributed.launch(2, ["train-job", "job.json"]) == (0, {"model_id": "m"})
