@@ -83,6 +83,21 @@ class RankZeroError(ProteinError):
         self.exit_code = exit_code
 
 
+class OutOfMemory(ProteinError):
+    """Training ran out of memory (torch's `OutOfMemoryError`). A retry runs the same config (a
+    resume refuses another one) and runs out again, so it is a decision for a person: the message
+    says what to change."""
+
+    exit_code = 11
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA's, as torch.cuda.OutOfMemoryError), found by name so that
+    this module and those importing it do not load torch."""
+    return any(cls.__name__ == "OutOfMemoryError" and cls.__module__.partition(".")[0] == "torch"
+               for cls in type(error).__mro__)
+
+
 class CheckpointSuperseded(ProteinError):
     """Another attempt of the same training run wrote its checkpoint after this attempt read or
     wrote it (protein/modeling/checkpoints.py): this attempt stops, the other carries the run."""

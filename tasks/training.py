@@ -18,7 +18,7 @@ from protein.config import TrainConfig
 from protein.modeling.devices import DevicePolicy, choose_device
 from protein.process_gc import import_frozen
 from tasks import events
-from tasks.retry import retry_training
+from tasks.retry import retry_transient
 
 
 def device_for(requested: str, policy: DevicePolicy) -> str:
@@ -32,7 +32,7 @@ def device_for(requested: str, policy: DevicePolicy) -> str:
 # concurrency limit, one slot per card), so a run only starts when a card is free and never
 # spends its timeout waiting for one.
 @task(name="train-model", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=6 * 3600,
-      cache_policy=NO_CACHE, retry_condition_fn=retry_training)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_cache: bool = False,
                 policy: DevicePolicy = DevicePolicy(), expected_fingerprint: str | None = None,
                 nproc: int = 1) -> dict[str, Any]:

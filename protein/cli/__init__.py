@@ -8,7 +8,8 @@ champion.json, a run index entry, a manifest) is over its size cap, not JSON, or
 9 busy: a `datasets gc` holds the store's datasets (a second gc, or a push that waited its bound) or a
 push is in progress (gc deleted nothing); nothing was changed, run it again later. 10 a training
 run was taken over: another attempt of the same run id wrote its checkpoint since this one read it
-(this attempt stopped; the other goes on).
+(this attempt stopped; the other goes on). 11 training ran out of memory: start a new run with a
+smaller --batch-size or with --accumulate K.
 """
 
 from __future__ import annotations

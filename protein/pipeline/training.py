@@ -13,7 +13,7 @@ from typing import Any
 
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import RankZeroError, TrainingFailed
+from protein.errors import OutOfMemory, RankZeroError, TrainingFailed, is_out_of_memory
 from protein.evaluation.gate import ids_digest
 from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
@@ -127,7 +127,12 @@ def _train_and_register(
     if rank.local_rank != 0:
         images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir)
     train_idx, holdout_idx = training_split(data, config)
-    result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
+    try:
+        result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise OutOfMemory(out_of_memory_message(exc, config, run_id, rank.world_size)) from exc
+        raise
     if not rank.is_main:
         return {"model_id": None, "rank": rank.rank, "run_id": run_id}
 
@@ -235,6 +240,18 @@ def train_on_ranks(
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
                              f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")
     return result
+
+
+def out_of_memory_message(error: BaseException, config: TrainConfig, run_id: str, ranks: int) -> str:
+    """One line: what ran out, at which split of the batch, and what to change. A retry cannot
+    change the config (a resume refuses another one), so the run is not retried."""
+    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    per_pass = config.batch_size // (config.accumulate * ranks)
+    return (f"training run {run_id} ran out of memory at batch size {config.batch_size} "
+            f"(--accumulate {config.accumulate}, {ranks} rank(s): {per_pass} images a forward pass): {what}. "
+            "Not retried: the same config runs out of memory again. Start a new run with a smaller "
+            "--batch-size (the flow's train.batch_size), or keep the batch and split it with --accumulate K "
+            "(train.accumulate): each forward pass then holds batch/K images (docs/distributed.md)")
 
 
 def torch_cuda_devices() -> int:

@@ -8,13 +8,14 @@ from protein.errors import (
     DataError,
     IntegrityError,
     NotFound,
+    OutOfMemory,
     PreconditionFailed,
     PromotionConflict,
     RegistryError,
     StoreError,
     ValidationFailed,
 )
-from tasks.retry import is_transient, retry_training, retry_transient
+from tasks.retry import is_transient, retry_transient
 
 
 @pytest.mark.parametrize("error", [DataError("bad row"), ValidationFailed("drift"), RegistryError("unknown"),
@@ -32,23 +33,18 @@ def test_faults_on_the_way_are_retried(error: Exception) -> None:
 
 @pytest.mark.parametrize("error_class", [torch.OutOfMemoryError, torch.cuda.OutOfMemoryError],
                          ids=["torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"])
-def test_gpu_out_of_memory_is_not_retried_and_says_what_to_change(error_class: type[Exception]) -> None:
-    """A retry runs the same config (a resume refuses another one): it runs out of memory again."""
+def test_gpu_out_of_memory_is_not_retried(error_class: type[Exception]) -> None:
+    """A retry runs the same config (a resume refuses another one): it runs out of memory again.
+    Training raises it as OutOfMemory, whose message says what to change (tests/unit/
+    test_out_of_memory.py); scoring's torch error is refused by name."""
     from tasks.evaluation import evaluate_model
     from tasks.training import train_model
 
     error = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert is_transient(error) is False
-    assert train_model.retry_condition_fn is retry_training  # the task that trains asks this one
-    assert retry_training(train_model, None, Failed(data=error)) is False
-    advice = "\n".join(error.__notes__)
-    assert "--batch-size" in advice and "--accumulate K" in advice
-    retry_training(train_model, None, Failed(data=error))
-    assert len(error.__notes__) == 1  # asked twice about one error: one note
-
-    scoring = error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert retry_transient(evaluate_model, None, Failed(data=scoring)) is False
-    assert not getattr(scoring, "__notes__", None)  # scoring's batch is fixed: no training advice
+    assert retry_transient(evaluate_model, None, Failed(data=error)) is False
+    assert train_model.retry_condition_fn is retry_transient
+    assert retry_transient(train_model, None, Failed(data=OutOfMemory("run r ran out of memory"))) is False
 
 
 def test_other_runtime_errors_stay_transient() -> None:
