@@ -47,6 +47,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Cancelling, Crashed
 
 from tasks.liveness import (
+    JUDGED_STATES,
     UNREACHABLE_STATUS,
     Watch,
     lost_after_problem,
@@ -273,8 +274,7 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
                 watch.forget()  # nothing was seen during the outage: silence counts from now
             state = run.state.type if run.state else None
             started = started or state == StateType.RUNNING
-            alive, why = watch.judge(evidence, time.monotonic()) if state in (
-                StateType.PENDING, StateType.RUNNING) else (None, "")
+            alive, why = watch.judge(evidence, time.monotonic()) if state in JUDGED_STATES else (None, "")
             step = decide(state, started, alive, time.monotonic() - start, config.timeout_s)
             described = f"{run.state.name if run.state else 'no state'}: {run.state.message if run.state else ''}"
             if step is Step.LOST and state != StateType.CRASHED:

@@ -15,8 +15,8 @@ Silence is evidence only while the server persists events. An event becomes read
 server's event persister has written it, and in Prefect's HA layout that persister runs in the
 separate `prefect server services start` process (the APIs only accept events and queue them in
 Redis): while it is down, every run looks silent. So the dispatcher sends an event of its own
-(`protein.dispatch.probe`) at every poll and reads it back; a run's silence counts only up to the
-last time a newer probe became readable (Watch).
+(`protein.dispatch.probe`) at every poll while the run is Pending or Running (JUDGED_STATES) and
+reads it back; a run's silence counts only up to the last time a newer probe became readable (Watch).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings.models.server.services import ServerServicesEventPersisterSettings
 
 WORKER_NAME_LABEL = "prefect.worker.name"
@@ -58,6 +58,11 @@ UNREACHABLE_STATUS = frozenset({502, 503, 504})
 # What a server that does not say is taken to use: Prefect's own default (5 s).
 DEFAULT_EVENT_FLUSH_S = float(ServerServicesEventPersisterSettings.model_fields["flush_interval"].default)
 WORKER_BEATS_OF_SILENCE = 2
+# The states in which a run's process is judged alive or lost (dispatch.wait_for). Before a worker
+# takes the run (Scheduled, Late: queued behind the GPU slots, for hours at times) there is no process
+# to judge, so nothing is probed or read but the run itself: at a 5 s poll, probing a queued run
+# would store 720 events an hour that nobody reads.
+JUDGED_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
 PULSES_PER_BOUND = 4
 # Hosts whose clocks are off from the server's by more than this see their events missed.
 SKEW_MARGIN = dt.timedelta(days=1)
@@ -273,8 +278,10 @@ def send_probe(client: SyncPrefectClient, flow_run_id: Any) -> None:
 def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, Any]) -> tuple[FlowRun, Evidence]:
     """The run and the evidence of its process; sends a probe (send_probe) to be read back at a
     later poll. handed_over: a cache the caller keeps per run (the worker's submission of it does
-    not change once received)."""
+    not change once received). A run in no JUDGED_STATES gets no probe and empty evidence."""
     run = client.read_flow_run(flow_run_id)
+    if (run.state.type if run.state else None) not in JUDGED_STATES:
+        return run, Evidence()
     send_probe(client, run.id)
     window = (run.created - SKEW_MARGIN, run.created + HORIZON)  # created: stamped by the server
     # The probe before the beats: the persister writes events roughly in the order the APIs queued

@@ -19,6 +19,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Running, State
 
 import tasks.dispatch
+import tasks.liveness
 from tasks.dispatch import DispatchConfig, Step, decide, wait_for
 from tasks.liveness import PULSE_EVENT, Watch, observe, pulse_interval_s
 
@@ -172,3 +173,24 @@ def test_the_dispatch_waits_on_a_stalled_event_pipeline_until_the_attempts_timeo
     assert step is Step.TIMED_OUT, described
     assert [state.type for state in server.states_set] == [StateType.CANCELLING]
     assert 600 < server.now_s <= 600 + POLL_S
+
+
+def test_a_run_no_worker_has_taken_is_neither_probed_nor_read_for_evidence() -> None:
+    """Queued behind the GPU slots (Scheduled, Late) there is no process to judge: a poll reads the
+    run and sends nothing (at a 5 s poll, probes would store 720 events an hour of queueing)."""
+    from prefect.states import Late, Pending, Scheduled
+
+    server = FakeServer(run_dies_at=0)
+    reads: list[Any] = []
+    read_events = server.read_events
+    server.read_events = lambda filter, limit: reads.append(filter) or read_events(filter, limit)  # type: ignore[method-assign]
+    for state in (Scheduled(), Late()):
+        server.run.state = state
+        server.advance(server.now_s + FLUSH_S)
+        run, evidence = observe(server, RUN_ID, {})  # type: ignore[arg-type]
+        assert run is server.run and evidence == tasks.liveness.Evidence()
+    assert server.accepted == server.persisted == [] and reads == []
+
+    server.run.state = Pending()  # a worker took it: its process is judged from now on
+    observe(server, RUN_ID, {})  # type: ignore[arg-type]
+    assert [e.event for e in server.accepted] == [tasks.liveness.PROBE_EVENT] and reads
