@@ -21,6 +21,8 @@ BLOCK_NAME = "protein-alerts"
 ZOMBIE_AUTOMATION = "protein-crash-zombie-runs"
 # The project's automations, every one named so: apply removes one of them the file no longer has.
 OWN_PREFIX = "protein-"
+# Automations read a request when apply looks for the stale ones (the server's own default limit).
+AUTOMATIONS_PAGE = 200
 
 
 def load_automations(path: Path, block_ids: dict[str, str], zombie_after_s: int | None = None) -> list[Any]:
@@ -61,9 +63,22 @@ def save_webhook_block(url: str) -> str:
     return str(block.save(BLOCK_NAME, overwrite=True))
 
 
-def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None) -> list[str]:
+def server_automations(client: Any, page: int) -> list[Any]:
+    """Every automation on the server, page after page (the server answers at most its default
+    limit, 200, a request), in name order so that the pages neither overlap nor skip."""
+    from prefect.client.schemas.sorting import AutomationSort
+
+    found: list[Any] = []
+    while True:
+        batch = client.read_automations(sort=AutomationSort.NAME_ASC, limit=page, offset=len(found))
+        found += batch
+        if len(batch) < page:
+            return found
+
+
+def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None, page: int = AUTOMATIONS_PAGE) -> list[str]:
     """Save the webhook block, create or replace every automation by name, and delete the project's
-    automations (OWN_PREFIX) the file no longer has."""
+    automations (OWN_PREFIX) the file no longer has, on every page of the server's automations."""
     from prefect.client.orchestration import get_client
 
     block_id = save_webhook_block(webhook_url)
@@ -76,7 +91,7 @@ def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None) -> li
             client.create_automation(automation)
         # One the file no longer has (renamed or removed) would go on firing for ever: a renamed
         # failure alert would alert every failure twice. Only the project's own, by their prefix.
-        for existing in client.read_automations():
+        for existing in server_automations(client, page):  # all read before the first delete shifts the pages
             if existing.name.startswith(OWN_PREFIX) and existing.name not in names:
                 client.delete_automation(existing.id)
     return [a.name for a in automations]

@@ -85,6 +85,12 @@ def test_applying_the_automations_removes_the_projects_that_the_file_no_longer_h
         assert project_automations() == {"protein-test-a", "protein-test-b"}
         automations.apply(automation_file(["protein-test-a", "protein-test-c"]), "http://127.0.0.1:9/hook")
         assert project_automations() == {"protein-test-a", "protein-test-c"}  # b renamed to c: b is gone
+        # Stale ones past the server's first page of answers are found too (pages of 2 here, of
+        # the server's 200 in production): all but the first two of five would survive one page.
+        five = [f"protein-test-{c}" for c in "defgh"]
+        automations.apply(automation_file(["protein-test-a", *five]), "http://127.0.0.1:9/hook")
+        automations.apply(automation_file(["protein-test-a"]), "http://127.0.0.1:9/hook", page=2)
+        assert project_automations() == {"protein-test-a"}
         with get_client(sync_client=True) as client:
             assert client.read_automation(teams_own) is not None  # not the project's: untouched
     finally:
