@@ -23,6 +23,7 @@ import torch
 
 from protein.errors import CheckpointSuperseded, PreconditionFailed, StoreError
 from protein.storage import Store
+from protein.storage.records import record_location
 
 CHECKPOINT_FORMAT = "protein-train-checkpoint/1"
 
@@ -58,7 +59,7 @@ def save_checkpoint(store: Store, run_id: str, state: dict[str, Any], *, expecte
         if (before is not None and recorded is not None and recorded[1] == hashlib.sha256(data).hexdigest()
                 and store.etag(key) == before):
             return before
-        where = f"{store.uri.rstrip('/')}/{key}"
+        where = record_location(store, key)
         if before is None:
             raise CheckpointSuperseded(f"{where}: deleted after this attempt last wrote it; this attempt stops "
                                        f"(run {run_id} has no checkpoint to continue from)") from None
@@ -77,7 +78,7 @@ def check_still_ours(store: Store, run_id: str, etag: str) -> None:
     for what an attempt writes beside its checkpoint (metrics.jsonl), so that an attempt that lost
     the checkpoint never rewrites the winner's history."""
     if store.etag(checkpoint_key(run_id)) != etag:
-        raise superseded(f"{store.uri.rstrip('/')}/{checkpoint_key(run_id)}", run_id, "last wrote it")
+        raise superseded(record_location(store, checkpoint_key(run_id)), run_id, "last wrote it")
 
 
 def load_checkpoint(store: Store, run_id: str) -> dict[str, Any] | None:
@@ -99,9 +100,9 @@ def read_checkpoint(store: Store, run_id: str) -> tuple[dict[str, Any] | None, s
     except Exception as exc:  # untrusted bytes: whatever the safe unpickler trips on (IndexError too)
         # The unpickler's message is a page of advice that suggests weights_only=False: not for users.
         raise StoreError(
-            f"{store.uri}/{key}: not a loadable training checkpoint ({type(exc).__name__}); nothing in it "
+            f"{record_location(store, key)}: not a loadable training checkpoint ({type(exc).__name__}); nothing in it "
             "was executed; delete it or start a new --run-id"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{store.uri}/{key}: not a protein training checkpoint")
+        raise ValueError(f"{record_location(store, key)}: not a protein training checkpoint")
     return state, etag

@@ -35,6 +35,7 @@ from protein.modeling.optimization import build_optimizer, make_loss
 from protein.modeling.presets import EvalPreset, TrainPreset, dihedral_views
 from protein.modeling.scaling import check_batch_split, ema_decay_per_step, scaled_lr, steps_per_epoch
 from protein.storage import Store
+from protein.storage.records import record_location
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def fit(
         start_epoch = int(state["epoch"])
         if start_epoch < config.epochs:  # the last epoch's checkpoint has none: nothing trains after it
             if not {"optimizer", "scheduler"} <= state.keys():
-                raise ValueError(f"{store.uri.rstrip('/')}/{checkpoint_key(run_id)}: the checkpoint of epoch "
+                raise ValueError(f"{record_location(store, checkpoint_key(run_id))}: the checkpoint of epoch "
                                  f"{start_epoch} of {config.epochs} holds no optimizer state to continue from; "
                                  "use a new --run-id")
             optimizer.load_state_dict(state["optimizer"])
