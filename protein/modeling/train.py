@@ -141,6 +141,17 @@ def train_one_epoch(
             "train_images_per_s": n / seconds if seconds > 0 else 0.0}
 
 
+def prediction_batches(images: np.ndarray, indices: np.ndarray, batch_size: int,
+                       device: torch.device) -> Generator[torch.Tensor, None, None]:
+    """images[indices] in batches of batch_size, in order. On CUDA, page-locked and read ahead by a
+    thread, copied while the GPU works on the last one: close them when the caller stops early."""
+    batches = (torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]]))
+               for start in range(0, len(indices), batch_size))
+    if device.type == "cuda":
+        return prefetch(batch.pin_memory() for batch in batches)
+    return batches
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module,
@@ -156,11 +167,7 @@ def predict_probs(
     model.eval()
     if indices is None:
         indices = np.arange(len(images))
-    cuda = device.type == "cuda"
-    batches = (torch.from_numpy(np.ascontiguousarray(images[indices[start : start + batch_size]]))
-               for start in range(0, len(indices), batch_size))
-    if cuda:  # page-locked batches read ahead in a thread, copied while the GPU works on the last one
-        batches = prefetch(batch.pin_memory() for batch in batches)
+    batches = prediction_batches(images, indices, batch_size, device)
     outputs: list[torch.Tensor] = []
     # Closed here, not when collected: a raised error's traceback keeps this frame, and with it the
     # prefetch thread and its pinned batches, alive as long as the error is kept (Prefect keeps it).

@@ -52,3 +52,44 @@ def test_the_gpu_bench_runs_fits_own_functions_with_the_recipes_config(monkeypat
     for field in ("arch", "recipe", "jitter", "ema_half_life_epochs", "loss", "channels_last", "lr_scaling"):
         assert getattr(bench_config, field) == getattr(fit_config, field), field
     assert result["errors"] == [] and {r["loader"] for r in result["results"]} == {"model-only", "fit"}
+
+
+def test_the_gpu_bench_ends_the_prefetch_thread_when_a_step_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                   single_torch_thread: None) -> None:
+    """As fit does, the bench closes each epoch's batches: an out of memory error in a recipe (the
+    bench records it and goes on to the next) leaves no prefetch thread holding pinned batches."""
+    import threading
+
+    import torch
+
+    from bench import gpu
+    from protein.modeling.batches import PREFETCH_THREAD_NAME, prefetch
+
+    cpu_batches = train.epoch_batches
+
+    def batches_as_on_cuda(*args: Any, **kwargs: Any) -> Any:  # prefetch is used on CUDA only
+        batches, generators = cpu_batches(*args, **kwargs)
+        return prefetch(batches), generators
+
+    before = set(threading.enumerate())
+    producers: list[threading.Thread] = []
+
+    def out_of_memory_in_the_first_step(self: Any, config: Any, batches: Any, device: Any, generators: Any,
+                                        on_batch: Any = None) -> Any:
+        next(batches)
+        producers.extend(t for t in threading.enumerate() if t.name == PREFETCH_THREAD_NAME and t not in before)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train, "epoch_batches", batches_as_on_cuda)
+    monkeypatch.setattr(train.Training, "train_epoch", out_of_memory_in_the_first_step)
+    plan = gpu.Plan(("default",), {"default": (32, 4)}, n_images=64, ceiling_steps=1, infer_images=4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)  # 16 batches: more than the queue holds
+    targets = (rng.random((64, NUM_CLASSES)) < 0.3).astype(np.float32)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        gpu.measure_recipe("default", plan, torch.device("cpu"), images, targets)
+    assert len(producers) == 1
+    for thread in producers:
+        thread.join(5.0)
+    assert [t for t in producers if t.is_alive()] == []
+    assert "simulated" in str(raised.value)  # the error, and the bench's frames with it, still held here

@@ -112,6 +112,33 @@ def test_fit_ends_the_prefetch_thread_when_a_step_fails(tmp_path, monkeypatch):
     assert "simulated" in str(raised.value)  # the error, and fit's frame with it, is still held here
 
 
+def test_predict_probs_ends_the_prefetch_thread_when_the_model_fails(monkeypatch):
+    """predict_probs closes its batches: the error's traceback holds its frame alive, and with it
+    a prefetch thread blocked on a full queue with pinned batches, for as long as the error is kept."""
+    from protein.modeling import train
+
+    cpu_batches = train.prediction_batches
+
+    def batches_as_on_cuda(images, indices, batch_size, device):  # prefetch is used on CUDA only
+        return prefetch(cpu_batches(images, indices, batch_size, device))
+
+    before = set(threading.enumerate())
+    producers: list[threading.Thread] = []
+
+    class OutOfMemoryModel(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            producers.extend(prefetch_threads_started_since(before))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train, "prediction_batches", batches_as_on_cuda)
+    images, _ = many_batches()
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        predict_probs(OutOfMemoryModel(), images, EvalPreset(), torch.device("cpu"), batch_size=4)
+    assert len(producers) == 1
+    assert still_running_after_join(producers) == []
+    assert "simulated" in str(raised.value)  # the error, and predict_probs's frame with it, is still held here
+
+
 def test_iterate_batches_covers_each_index_once_in_seeded_order():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
     targets = np.eye(10, dtype=np.float32)
