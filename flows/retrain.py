@@ -27,6 +27,7 @@ from protein.errors import EvidenceRefused
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
+from protein.registry.records import flow_training_run_id
 from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES, preload
 from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
@@ -152,7 +153,7 @@ def retrain(
         publish_run_summary({**summary, "outcome": "data failed validation", "message": message})
         return Failed(message=message)
 
-    run_id = f"{report['data_fingerprint'][:8]}-{str(flow_run.id)[:8]}"
+    run_id = flow_training_run_id(report["data_fingerprint"], flow_run.id)
     config = train.to_config()
     if train_deployment:
         # While the GPU host trains: torch when this run scores the challenger itself, and what its

@@ -75,6 +75,15 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def flow_training_run_id(data_fingerprint: str, flow_run_id: str | uuid.UUID) -> str:
+    """The training run id of a retrain flow run: the same on every attempt of that flow run (a retry
+    resumes its checkpoint), different for every other flow run. Its tail is the random end of the
+    flow run's id: Prefect's ids are UUIDv7, whose first 8 hex digits are a millisecond clock that
+    moves every 65 s, so with them runs started within a minute of each other on the same data
+    shared a run id, and the later one returned the earlier one's model."""
+    return check_run_id(f"{data_fingerprint[:8]}-{uuid.UUID(str(flow_run_id)).hex[-12:]}")
+
+
 def version_prefix(version: str) -> str:
     return f"models/{check_version_id(version)}/"
 

@@ -187,3 +187,20 @@ def test_registration_is_idempotent_by_run_id(any_registry, trained, tmp_path):
                              json.dumps({"run_id": "halfway", "model_id": "half"}).encode(), if_none_match=True)
     assert registry.register(local / "model.safetensors", {**fields, "run_id": "halfway"}, version="new") == "half"
     assert "new" not in registry.versions() and registry.resolve("half") == "half"
+
+
+def test_retrain_run_ids_differ_for_flow_runs_started_in_the_same_minute():
+    """Prefect's flow-run ids are UUIDv7: their first 8 hex digits are a clock that moves every 65 s.
+    Two retrains of the same data started within that minute (a push-triggered and a manual run, two
+    configs launched back to back) must not share a training run id, or the later one returns the
+    earlier one's model; every attempt of one flow run keeps its own (a retry resumes)."""
+    from prefect._internal.uuid7 import uuid7
+
+    from protein.registry.records import flow_training_run_id
+
+    flow_run_ids = [uuid7() for _ in range(50)]
+    assert len({str(i)[:8] for i in flow_run_ids}) == 1  # what the run id was built from before
+    fingerprint = "ab" * 32
+    assert len({flow_training_run_id(fingerprint, i) for i in flow_run_ids}) == 50
+    first = flow_training_run_id(fingerprint, flow_run_ids[0])
+    assert flow_training_run_id(fingerprint, str(flow_run_ids[0])) == first and first.startswith("abababab-")
