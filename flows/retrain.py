@@ -27,8 +27,8 @@ from protein.errors import EvidenceRefused
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
-from protein.registry.records import flow_training_run_id
 from protein.preload import GATE_REPORT_MODULES, SCORING_MODULES, preload
+from protein.registry.records import flow_training_run_id
 from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from deployments.ha_stack import Postgres
+from protein.registry.records import flow_training_run_id
 from tasks.liveness import LOWEST_LOST_AFTER_S, WORKER_NAME_LABEL
 from tests.helpers import REPO, write_dataset, write_png
 from tests.integration.fault_proxy import FaultProxy
@@ -393,7 +394,7 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
         for run in retrains.values():
             kind = "push run" if run.parameters.get("trigger_event") else "nightly"
             for version, spec in good.items():
-                if str(spec.get("run_id", "")).endswith(f"-{str(run.id)[:8]}"):
+                if spec.get("run_id") == flow_training_run_id(str(spec.get("data_fingerprint")), run.id):
                     before = [model for at, model in promotions if at < run.start_time]
                     if before and good.get(before[-1], {}).get("data_fingerprint") == spec["data_fingerprint"]:
                         yield f"{kind} {run.name} trained {version} on the data of champion {before[-1]}"
