@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from protein.errors import NotFound, RecordError, StoreError
+from protein.errors import NotFound, PreconditionFailed, RecordError, StoreError
 from protein.storage.records import RecordSchema, load_record
 from protein.validation.drift import PIXEL_PROFILE_KEYS, REFERENCE_PROFILE, check_profile, profile_hash
 
@@ -139,9 +139,12 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
     reference to ``target``'s profile as one step, with no success-looking half state.
 
     The reference is written first: if that fails, ``move`` never runs and the pointer has not moved.
-    If ``move`` then fails (a lost compare-and-swap, a refused version), the previous reference is
-    put back by compare-and-swap on the etag just written; if even that fails, the error says exactly
-    which reference is left. Returns (what ``move`` returned, {uri, hash} or None)."""
+    If ``move`` then fails (a lost compare-and-swap, a refused version, a fault after the swap landed),
+    the reference is made to describe whoever is champion now, by compare-and-swap on the etag just
+    written: the previous reference, unless another promotion moved the champion meanwhile (putting
+    back what this one read before would then describe a model that no longer serves), or ``target``'s
+    if the swap landed after all. If that write loses, a later move wrote the reference; if it
+    fails, the error says which reference is left. Returns (what ``move`` returned, {uri, hash} or None)."""
     record = champion_reference(store, target)
     if record is None:
         return move(), None
@@ -152,17 +155,46 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
         moved = move()
     except BaseException as exc:
         try:
-            if before is None:
-                store.delete(REFERENCE_PROFILE_KEY)
-            else:
-                store.put_bytes(REFERENCE_PROFILE_KEY, before, if_match=ours, content_type="application/json")
+            _restore_after_failed_move(store, target, before, ours)
         except StoreError as restore_error:
-            raise StoreError(f"the champion did not move ({exc}), and the drift reference could not be put back "
-                             f"({restore_error}): {_uri(store)} now describes {target}'s training data; run "
-                             "`protein validate --accept` on the champion's data to reset it") from exc
+            raise StoreError(f"the champion did not move to {target} ({exc}), and the drift reference could not "
+                             f"be made to describe the champion again ({restore_error}): {_uri(store)} may "
+                             f"describe {target}'s training data; run `protein validate --accept` on the "
+                             "champion's data to reset it") from exc
         raise
     _announce(record)  # not before: a refused move puts the old reference back, and the log said otherwise
     return moved, written
+
+
+def _restore_after_failed_move(store: Any, target: str, before: bytes | None, ours: str | None) -> None:
+    """After a failed move to ``target``: the reference describes the champion as it is now, written
+    only over this move's own reference (etag ``ours``); a later move's reference is left alone."""
+    from protein.registry import Registry
+
+    now = Registry(store).champion().champion
+    if now == target:  # the swap landed, then something after it failed: the reference written is right
+        return
+    restored: bytes | None = before
+    if now is not None and (before is None or _described_model(before) != now):
+        # Another promotion moved the champion since this move read the reference.
+        record = champion_reference(store, now)
+        restored = json.dumps(record, indent=2).encode() if record is not None else before
+    try:
+        if restored is None:
+            if store.etag(REFERENCE_PROFILE_KEY) == ours:
+                store.delete(REFERENCE_PROFILE_KEY)
+        else:
+            store.put_bytes(REFERENCE_PROFILE_KEY, restored, if_match=ours, content_type="application/json")
+    except PreconditionFailed:
+        log.info("the drift reference was rewritten by another move since this one wrote it; left as it is")
+
+
+def _described_model(reference: bytes) -> str | None:
+    try:
+        doc = json.loads(reference)
+    except ValueError:
+        return None
+    return doc.get("model_id") if isinstance(doc, dict) else None
 
 
 def _pixel_profile(store: Any, data_fingerprint: Any) -> dict:

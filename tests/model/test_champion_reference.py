@@ -93,3 +93,41 @@ def test_the_swap_sends_the_etag_it_read(trained, s3_bucket, monkeypatch):
     assert sent == [read] and read and read.startswith('"')
     with pytest.raises(ValueError, match="if_match must be the etag read from the object, got '\\*'"):
         registry.store.put_bytes("registry/champion.json", b"{}", if_match="*")
+
+
+def test_a_move_that_fails_leaves_the_reference_of_whoever_is_champion_then(registry, trained, monkeypatch):
+    """Two promotions read the reference, then each writes its own; the other's swap lands and this
+    one's loses. Putting back what this one read before would describe a champion that no longer
+    serves. And a move whose swap landed before a fault keeps the reference it wrote."""
+    from protein.errors import PromotionConflict, StoreError
+    from protein.validation import reference as reference_module
+    from protein.validation.reference import champion_reference, move_champion
+
+    v = trained["model_id"]
+    profile = registry.spec(v)["label_profile"]
+    assert main(["models", "promote", v, "--store", registry.store.uri]) == 0
+    other, mine = (add_version(registry, v, name, label_profile=profile) for name in ("other", "mine"))
+    real_put = reference_module.put_reference
+
+    def the_other_writes_first(store, record, announce=True):  # noqa: ANN001, ANN202
+        monkeypatch.setattr(reference_module, "put_reference", real_put)
+        real_put(store, champion_reference(store, other), announce=False)  # the other move's write
+        return real_put(store, record, announce)
+
+    def the_other_swaps_and_mine_loses() -> None:
+        registry.promote(other, expected_champion=v)
+        raise PromotionConflict(f"champion is {other}, expected {v}; nothing was changed")
+
+    monkeypatch.setattr(reference_module, "put_reference", the_other_writes_first)
+    with pytest.raises(PromotionConflict):
+        move_champion(registry.store, mine, the_other_swaps_and_mine_loses)
+    assert registry.champion().champion == other
+    assert reference_model(registry) == other
+
+    def swap_lands_then_a_fault() -> None:
+        registry.promote(mine, expected_champion=other)
+        raise StoreError("the answer to the swap was lost, three times")
+
+    with pytest.raises(StoreError):
+        move_champion(registry.store, mine, swap_lands_then_a_fault)
+    assert registry.champion().champion == mine and reference_model(registry) == mine
