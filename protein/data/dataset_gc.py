@@ -119,16 +119,24 @@ def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: flo
 
 def apply_objects_gc(store: Store, plan: ObjectsGcPlan, lock: GcLock | None = None) -> int:
     """Delete the plan's orphans, except any a manifest written since the plan names; returns how many.
-    With ``lock``, checks before each batch that this gc still holds it (`StoreBusy` if not)."""
+    With ``lock``, checks before each batch that this gc still holds it and before each delete that it
+    is within its bound (`StoreBusy` if not)."""
     # Only manifests written since the plan can name a planned orphan (it named none of the others).
     _, named_now = named_objects(store, known=plan.manifests)
     doomed = [key for key in plan.orphans if digest_of_object_key(key) not in named_now]
     if len(doomed) < len(plan.orphans):
         log.info("%d orphans are named by a manifest written since the plan; kept", len(plan.orphans) - len(doomed))
     for start in range(0, len(doomed), DELETE_BATCH):
-        if lock is not None:
-            lock.check_held()
-        store.delete_keys(doomed[start:start + DELETE_BATCH])
+        if lock is None:
+            store.delete_keys(doomed[start:start + DELETE_BATCH])
+            continue
+        lock.check_held()
+        for key in doomed[start:start + DELETE_BATCH]:
+            # Before each delete: one slow batch (a hundred requests, each with the S3 client's
+            # timeouts and retries) could otherwise run past the age at which a push takes the lock
+            # for abandoned and relies on the objects it lists.
+            lock.check_within_bound()
+            store.delete_keys([key])
     log.info("deleted %d orphaned content objects from %s", len(doomed), store.uri)
     return len(doomed)
 

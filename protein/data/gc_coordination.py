@@ -24,14 +24,17 @@ Records left by killed processes expire, judged on the store's clock (two LastMo
 a host clock against the server's):
 
 - A marker is stale once it is `marker_stale_s` (24 h) older than the gc lock being held; gc reports
-  and deletes stale markers. A push whose own marker gets close to that age (`margin_s`) writes a new
-  one, checks the lock again and re-lists before its manifest, so a slow push is never unguarded.
+  and deletes stale markers. A push whose own marker gets close to that age (`margin_s`), or is gone
+  (a gc judged it stale while this host's clock did not see the time pass), writes a new one, checks
+  the lock again and re-lists before its manifest, so a slow push is never unguarded.
 - A lock is abandoned once it is `lock_abandoned_s` (1 h) old. A gc stops deleting (`StoreBusy`) when
-  it has held the lock that long less `margin_s` by its own monotonic clock, and checks before each
-  batch of deletes that the lock is still its own (etag), so a push that treats an old lock as
-  abandoned never races a live gc. A second gc takes an abandoned lock over by a compare-and-swap on
-  its etag (`If-Match`): of two gcs doing so at once, one wins; it judges the lock's age by its own
-  clock against the LastModified time, so hosts' clocks must agree to well within the hour (NTP).
+  it has held the lock that long less `margin_s` by its own clock (`held_clock`), checked before each
+  delete, and checks before each batch of deletes that the lock is still its own (etag), so a push
+  that treats an old lock as abandoned never races a live gc: one delete request (bounded by the S3
+  client's timeouts and retries, minutes) fits in the margin. A second gc takes an abandoned lock
+  over by a compare-and-swap on its etag (`If-Match`): of two gcs doing so at once, one wins; it
+  judges the lock's age by its own clock against the LastModified time, so hosts' clocks must agree
+  to well within the hour (NTP).
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ from protein.storage import ObjectInfo, Store
 from protein.storage.records import RecordSchema, load_record
 
 log = logging.getLogger(__name__)
+
+# The suspend-counting clock where the platform has one.
+BOOT_CLOCK: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def held_clock() -> float:
+    """Seconds on a clock that goes on while the host is suspended (Linux CLOCK_BOOTTIME; the monotonic
+    clock elsewhere): a gc or push on a laptop closed for the weekend, or a VM suspended, must see on
+    waking that its lock or marker has aged, as the store's clock says. time.monotonic stands still
+    during a suspend on Linux."""
+    return time.clock_gettime(BOOT_CLOCK) if BOOT_CLOCK is not None else time.monotonic()
 
 PUSHES_PREFIX = f"{DATASETS_PREFIX}/pushes/"
 GC_LOCK_KEY = f"{DATASETS_PREFIX}/gc.lock"
@@ -107,7 +121,7 @@ class PushMarker:
         self.store = store
         self.times = times
         self.key = ""
-        self._written_at = 0.0  # monotonic, taken before the marker's PUT (so its age is never underestimated)
+        self._written_at = 0.0  # held_clock, taken before the marker's PUT (so its age is never underestimated)
 
     def __enter__(self) -> PushMarker:
         self._write()
@@ -119,7 +133,7 @@ class PushMarker:
     def _write(self) -> None:
         marker_id = uuid.uuid4().hex
         key = f"{PUSHES_PREFIX}{marker_id}.json"
-        self._written_at = time.monotonic()
+        self._written_at = held_clock()
         self.store.put_bytes(key, _holder_doc(marker_id), if_none_match=True, content_type="application/json")
         self.key = key
         try:
@@ -139,8 +153,12 @@ class PushMarker:
                         _where(self.store, key), exc, self.times.marker_stale_s / 3600)
 
     def fresh(self) -> bool:
-        """Whether gc still counts this marker as live (with the margin for one more write)."""
-        return time.monotonic() - self._written_at < self.times.marker_stale_s - self.times.margin_s
+        """Whether gc still counts this marker as live (with the margin for one more write), and it is
+        still there: a gc that judged it stale (the push stalled past the bound where this host's clock
+        did not see it, a VM paused) removed it, and may have deleted objects the push listed."""
+        if held_clock() - self._written_at >= self.times.marker_stale_s - self.times.margin_s:
+            return False
+        return self.store.exists(self.key)
 
     def renew(self) -> None:
         """A new marker (and a new look at the gc lock) for a push that ran close to the stale bound."""
@@ -153,20 +171,20 @@ class PushMarker:
 
     def _wait_out_gc(self) -> None:
         mine = _info(self.store, self.key)
-        listed_at = time.monotonic()  # the marker's LastModified is at or before the store's clock now
+        listed_at = held_clock()  # the marker's LastModified is at or before the store's clock now
         waited_from = listed_at
         announced = False
         while (lock := _info(self.store, GC_LOCK_KEY)) is not None:
             # The lock's age on the store's clock: our marker's LastModified minus the lock's, plus the
             # time since we listed the marker (never more than the true age).
             base = mine.modified if mine is not None else lock.modified
-            age = base - lock.modified + (time.monotonic() - listed_at)
+            age = base - lock.modified + (held_clock() - listed_at)
             where = _where(self.store, GC_LOCK_KEY)
             if age >= self.times.lock_abandoned_s:
                 log.warning("%s is %.0f s old (%s): abandoned by a gc that died; pushing anyway", where, age,
                             describe_holder(self.store, GC_LOCK_KEY))
                 return
-            waited = time.monotonic() - waited_from
+            waited = held_clock() - waited_from
             if waited >= self.times.push_wait_s:
                 raise StoreBusy(f"a datasets gc holds {where} ({describe_holder(self.store, GC_LOCK_KEY)}); "
                                 f"waited {waited:.0f} s; push again when it ends")
@@ -191,7 +209,7 @@ class GcLock:
         self.store = store
         self.etag = etag
         self.times = times
-        self._acquired_at = acquired_at  # monotonic, before the lock's PUT
+        self._acquired_at = acquired_at  # held_clock, before the lock's PUT
         self._lock_modified = lock_modified  # the lock's LastModified: the store's clock when we took it
 
     @classmethod
@@ -199,7 +217,7 @@ class GcLock:
         """Take the lock, or take over an abandoned one; `StoreBusy` naming the holder otherwise."""
         where = _where(store, GC_LOCK_KEY)
         body = _holder_doc(uuid.uuid4().hex)
-        started = time.monotonic()
+        started = held_clock()
         try:
             etag = store.put_bytes(GC_LOCK_KEY, body, if_none_match=True, content_type="application/json")
         except PreconditionFailed:
@@ -243,14 +261,19 @@ class GcLock:
 
     def check_held(self) -> None:
         """`StoreBusy` unless this gc may still delete: within its bound, and the lock still its own."""
-        where = _where(self.store, GC_LOCK_KEY)
         if self.store.etag(GC_LOCK_KEY) != self.etag:
-            raise StoreBusy(f"{where} is no longer this gc's (taken over by another gc); stopped deleting, "
-                            "run gc again when that one ends")
-        held = time.monotonic() - self._acquired_at
+            raise StoreBusy(f"{_where(self.store, GC_LOCK_KEY)} is no longer this gc's (taken over by another gc); "
+                            "stopped deleting, run gc again when that one ends")
+        self.check_within_bound()
+
+    def check_within_bound(self) -> None:
+        """`StoreBusy` once this gc has held the lock close to the age at which pushes treat it as
+        abandoned (no request: cheap enough before every delete)."""
+        held = held_clock() - self._acquired_at
         if held >= self.times.lock_abandoned_s - self.times.margin_s:
-            raise StoreBusy(f"this gc has held {where} for {held:.0f} s, close to the {self.times.lock_abandoned_s:.0f}"
-                            " s after which pushes treat it as abandoned; stopped deleting, run gc again")
+            raise StoreBusy(f"this gc has held {_where(self.store, GC_LOCK_KEY)} for {held:.0f} s, close to the "
+                            f"{self.times.lock_abandoned_s:.0f} s after which pushes treat it as abandoned; stopped "
+                            "deleting, run gc again")
 
     def release(self) -> None:
         # Only our own lock: a gc that took it over holds it now. (The read and the delete are two

@@ -270,11 +270,10 @@ def test_a_second_gc_is_refused_while_the_first_runs(
     assert not store.exists(GC_LOCK_KEY)
 
 
-def test_a_push_slower_than_the_marker_bound_renews_it_and_lists_again(
-        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A push paused after its listing until its marker is stale: gc removes the marker and deletes the old
-    orphans the push found; the push notices its marker aged out, writes a new one, lists again and
-    uploads what is gone, so its dataset is complete."""
+def push_paused_past_its_marker_bound(data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push paused after its listing until its marker is stale on the store's clock: gc removes the
+    marker and deletes the old orphans the push found. The push must notice, write a new marker, list
+    again and upload what is gone, so its dataset is complete."""
     store = open_store(s3_bucket)
     short = replace(FAST, marker_stale_s=2.0, margin_s=0.5)
     fp, objects = orphaned(store, data)
@@ -304,6 +303,58 @@ def test_a_push_slower_than_the_marker_bound_renews_it_and_lists_again(
     assert (outcome["stale_push_markers_removed"], outcome["deleted"]) == (1, objects)
     assert listings == [objects, 0] and pushed["value"].uploaded == objects
     assert store.list(PUSHES_PREFIX) == []
+
+
+def test_a_push_slower_than_the_marker_bound_renews_it_and_lists_again(
+        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    push_paused_past_its_marker_bound(data, s3_bucket, monkeypatch)
+
+
+def test_a_push_whose_clock_stood_still_finds_its_marker_gone_and_lists_again(
+        data: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same pause on a host whose clock did not count it (a laptop suspended mid-push, a paused
+    VM): by its own clock the marker is fresh, but gc removed it as stale by the store's."""
+    monkeypatch.setattr(coordination, "held_clock", lambda: 0.0)
+    push_paused_past_its_marker_bound(data, s3_bucket, monkeypatch)
+
+
+def test_gc_checks_its_bound_before_every_delete_not_only_every_batch(data: Path, s3_bucket: str) -> None:
+    """A batch is a hundred delete requests, each with the S3 client's timeouts and retries: a gc that
+    reaches its bound inside one stops there, before a push takes its lock for abandoned."""
+    store = open_store(s3_bucket)
+    _, objects = orphaned(store, data)
+    assert objects >= 3
+    plan = dataset_gc.plan_objects_gc(store, 0)
+
+    class LockRunningOut:
+        """Held (its etag is its own) and within its bound for two more deletes."""
+
+        checks = 0
+
+        def check_held(self) -> None:
+            pass
+
+        def check_within_bound(self) -> None:
+            self.checks += 1
+            if self.checks > 2:
+                raise StoreBusy("close to the bound")
+
+    with pytest.raises(StoreBusy):
+        dataset_gc.apply_objects_gc(store, plan, LockRunningOut())  # type: ignore[arg-type]
+    assert len(store.list(f"{OBJECTS_PREFIX}/")) == objects - 2
+
+
+def test_held_clock_counts_time_a_suspended_host_slept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Linux the clock gc and push judge their bounds by is CLOCK_BOOTTIME: time.monotonic does
+    not count a suspend."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("CLOCK_BOOTTIME is Linux's")
+    assert coordination.BOOT_CLOCK == time.CLOCK_BOOTTIME
+    real = time.clock_gettime
+    monkeypatch.setattr(time, "clock_gettime", lambda clock: 1e9 if clock == time.CLOCK_BOOTTIME else real(clock))
+    assert coordination.held_clock() == 1e9
 
 
 def test_the_push_log_counts_what_it_uploaded_before_a_renewal_as_uploaded(
