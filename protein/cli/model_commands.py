@@ -101,6 +101,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def models_gc(args: argparse.Namespace, registry: Any) -> int:
+    from protein.registry.retention import check_age
+
+    uploads_age_s = args.uploads_older_than_hours * 3600
+    check_age("--uploads-older-than-hours", uploads_age_s, 3600)  # before anything is deleted
     plan = registry.plan_gc(older_than_s=args.older_than_hours * 3600, runs=args.runs,
                             run_age_s=args.run_age_days * 86400, keep_last=args.keep_last,
                             run_min_age_s=args.run_min_age_hours * 3600)
@@ -108,7 +112,7 @@ def models_gc(args: argparse.Namespace, registry: Any) -> int:
     delete_versions = args.yes and not args.dry_run
     if not args.dry_run:
         registry.apply_gc(plan, delete_versions=delete_versions)
-    stale = registry.store.clean_stale_uploads(older_than_s=args.older_than_hours * 3600, dry_run=args.dry_run)
+    stale = registry.store.clean_stale_uploads(older_than_s=uploads_age_s, dry_run=args.dry_run)
     result: dict[str, Any] = {"orphans": sorted(plan.orphans), "stale_uploads": stale, "deleted": not args.dry_run}
     if args.runs:
         result["runs"] = sorted(plan.runs)

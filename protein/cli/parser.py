@@ -14,7 +14,7 @@ from protein.cli.train_commands import cmd_archs, cmd_train, cmd_train_job
 from protein.config import RECIPES, TrainConfig
 from protein.data.channels import DEFAULT_CHANNEL, check_channel_name
 from protein.errors import DataError
-from protein.registry.retention import RUN_MIN_AGE_S
+from protein.registry.retention import RUN_MIN_AGE_S, UPLOADS_MIN_AGE_S
 
 DATA_HELP = ("dataset: a folder or the competition zip (flat, or Kaggle's 'Human protein atlas/' layout), "
              "s3://bucket/prefix/ or s3://bucket/key.zip")
@@ -202,8 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gc":
             mp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
             mp.add_argument("--older-than-hours", type=float, default=1.0,
-                            help="remove incomplete versions and interrupted uploads only when older than this "
+                            help="remove incomplete versions and leftover probes only when older than this "
                                  "(a registration in progress is younger)")
+            mp.add_argument("--uploads-older-than-hours", type=float, default=UPLOADS_MIN_AGE_S / 3600,
+                            help="abort interrupted uploads (S3 multipart uploads, local temp files) anywhere in "
+                                 "the store only when started longer ago than this: a long upload in progress "
+                                 "(a decoded split pushed to the shared cache, large weights) is younger")
             mp.add_argument("--runs", action="store_true",
                             help="also delete runs/<id>/ checkpoints of runs whose version is registered, and of "
                                  "unfinished runs older than --run-age-days; never what a version's model.json "

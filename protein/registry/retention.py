@@ -50,6 +50,9 @@ ClaimState = Literal["in progress", "deleted", "unreadable"]
 # No run touched within a day is collected, registered or not: a retrain resuming a run, or one whose
 # registration is about to start, writes its checkpoint at least once per epoch.
 RUN_MIN_AGE_S = 1 * DAY_S
+# Interrupted uploads are aborted store-wide, so only once older than the longest upload in progress
+# can be: a decoded training split pushed to the shared cache is tens of GB, on a slow link hours.
+UPLOADS_MIN_AGE_S = 1 * DAY_S
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Both backends run the same suite through `open_store`, the path users take.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -357,6 +358,31 @@ def test_young_temp_files_are_left_alone(tmp_path: Path) -> None:
     store.put_bytes("warm-up", b"x")
     (store.root / ".protein+meta" / "tmp" / "put-inflight.tmp").write_bytes(b"being written right now")
     assert store.clean_stale_uploads(older_than_s=3600) == 0
+
+
+def test_models_gc_aborts_only_uploads_older_than_a_day_unless_told(tmp_path: Path, protein_cli: Any) -> None:
+    """Interrupted uploads are aborted store-wide (a decoded split pushed to the shared cache, big
+    weights), so `--older-than-hours 0`, meant for incomplete versions, does not reach an upload two
+    hours old: that takes `--uploads-older-than-hours` (default 24)."""
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("warm-up", b"x")
+    tmp = store.root / ".protein+meta" / "tmp"
+    for name, hours in (("put-two-hours.tmp", 2), ("put-two-days.tmp", 48)):
+        (tmp / name).write_bytes(b"part of an upload")
+        old = time.time() - hours * 3600
+        os.utime(tmp / name, (old, old))
+
+    def gc(*options: str) -> dict[str, Any]:
+        result = protein_cli("models", "gc", "--store", str(store.root), *options)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert gc("--older-than-hours", "0")["stale_uploads"] == 1
+    assert sorted(p.name for p in tmp.iterdir()) == ["put-two-hours.tmp"]
+    assert gc("--uploads-older-than-hours", "1")["stale_uploads"] == 1
+    assert list(tmp.iterdir()) == []
+    refused = protein_cli("models", "gc", "--store", str(store.root), "--uploads-older-than-hours", "-1")
+    assert refused.returncode == 2 and "--uploads-older-than-hours must be a finite number >= 0" in refused.stderr
 
 
 # --- create-only files, big byte payloads, listings with times -------------------------------------------
