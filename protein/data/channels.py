@@ -24,6 +24,7 @@ from typing import Any
 
 from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
 from protein.storage import Store, open_store
+from protein.storage.records import record_cap
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def read_channel(store: Store, name: str) -> Channel:
     # The etag is read before the bytes: a write landing in between makes our compare-and-swap
     # fail safe (a spurious retry), never lose a push.
     try:
-        doc = json.loads(store.get_bytes(key))
+        # Under the records' size cap, like every record read from the store (a RecordError, exit 8).
+        doc = json.loads(store.get_bytes(key, max_bytes=record_cap()))
         history = tuple(ChannelEntry.from_dict(e) for e in doc["history"])
     except NotFound:
         return Channel(name, (), None)

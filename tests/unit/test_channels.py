@@ -135,3 +135,16 @@ def test_only_a_stored_failing_verdict_refuses_data(tmp_path: Path) -> None:
     assert refused_by_validation(store, "d" * 16) is False
     stored_verdict(store, "d" * 16, False)
     assert refused_by_validation(store, "d" * 16) is True
+
+
+def test_a_channel_record_over_the_size_cap_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read under the records' cap, like every record: a channel grown (or written) past it is refused
+    with one line naming it, never parsed into memory whole."""
+    from protein.errors import RecordError
+    from protein.storage.records import MAX_RECORD_BYTES_ENV
+
+    store = LocalStore(tmp_path)
+    push(store, "a" * 16, "e1")
+    monkeypatch.setenv(MAX_RECORD_BYTES_ENV, "64")
+    with pytest.raises(RecordError, match=r"datasets/channels/latest\.json: .* bytes is larger than the 64-byte cap"):
+        read_channel(store, "latest")
