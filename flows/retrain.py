@@ -23,7 +23,7 @@ from flows.params import (
 )
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
-from protein.errors import EvidenceRefused
+from protein.errors import EvidenceRefused, PromotionConflict
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
@@ -33,7 +33,14 @@ from tasks.channels import data_push_order, resolve_dataset
 from tasks.deployment_check import check_deployment, definition_gate_of_this_run
 from tasks.dispatch import dispatch as dispatch_step
 from tasks.dispatch import lost_after_refusal
-from tasks.evaluation import check_challenger_split, evaluate_models, gate, gate_evaluation_of_run
+from tasks.evaluation import (
+    check_challenger_split,
+    earlier_gate_decision,
+    evaluate_models,
+    gate,
+    gate_evaluation_of_run,
+    withdraw_gate_pass,
+)
 from tasks.prediction import predict_submission, publish_submission_of_run
 from tasks.registry import current_champion, find_run_model, promote_model
 from tasks.summary import (
@@ -131,8 +138,15 @@ def retrain(
         return Completed(message=message, data={"skipped": True, "superseded_by": resolved["sequence"]})
     champion = current_champion(store)
     summary["champion_before"] = summary["champion_after"] = champion
-    if skip_if_unchanged and (why := already_judged(data, store, resolved, champion, train)):
-        current, message = why
+    judged = already_judged(data, store, resolved, champion, train) if skip_if_unchanged else None
+    if judged and (earlier := model_of_an_earlier_attempt(store, judged[0])):
+        # A rerun (Retry in the UI, Prefect's retries) of a run that trained this data and stopped
+        # before its end (a failed submission, a lost lease): what it judged is its own work.
+        logger.info("not skipped: an earlier attempt of this run registered %s on this data; this attempt goes "
+                    "on from where it stopped", earlier)
+        judged = None
+    if judged:
+        current, message = judged
         logger.info(message)
         publish_run_summary({**summary, "outcome": "skipped, data unchanged", "data_fingerprint": current,
                              "message": message})
@@ -178,27 +192,41 @@ def retrain(
                                  expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
     summary["challenger"] = challenger
 
-    # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
-    try:
-        evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
-                                     score_deployment, dispatch, gate_config.metric)
-    except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
-        return Failed(message=str(exc))
-    order = data_push_order(named, store, report["data_fingerprint"],
-                            champion_data_fingerprint(store, champion) if champion else None)
-    decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
-                    gate_config.to_config(), DataOrder(**order, allow_older=allow_older_data,
-                                                       allowed_by=flow_actor() if allow_older_data else None),
-                    {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
-    if decision["promote"]:
-        champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
-                                 decision=decision)["champion"]
+    if challenger == champion:
+        # A rerun whose earlier attempt gated and promoted this challenger, then stopped: gating the
+        # champion against itself would overwrite the record of its promotion with a refusal.
+        decision = decision_of_an_earlier_attempt(store, challenger)
+    else:
+        # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
+        try:
+            evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
+                                         score_deployment, dispatch, gate_config.metric)
+        except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
+            return Failed(message=str(exc))
+        order = data_push_order(named, store, report["data_fingerprint"],
+                                champion_data_fingerprint(store, champion) if champion else None)
+        decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
+                        gate_config.to_config(), DataOrder(**order, allow_older=allow_older_data,
+                                                           allowed_by=flow_actor() if allow_older_data else None),
+                        {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
+        if decision["promote"]:
+            try:
+                champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
+                                         decision=decision)["champion"]
+            except PromotionConflict as exc:  # another promotion moved the champion since this run read it
+                withdraw_gate_pass(store, challenger, str(exc))
+                message = (f"PromotionConflict: {exc}; the gate passed {challenger}, which does not serve: its "
+                           "gate record says so, and the next scheduled run judges this data against the champion "
+                           "now")
+                publish_run_summary({**summary, "outcome": "gate passed, promotion lost", "gate": decision,
+                                     "message": message})
+                return Failed(message=message)
     outcome = "promoted" if decision["promote"] else "kept champion" if champion else "refused, no champion yet"
     logger.info("gate: %s (%s)", outcome, "; ".join(decision["reasons"]))
-    links = {**summary["links"], "gate record": decision["record_uri"], "training plot": decision["plot_uri"]}
+    links = {**summary["links"], "gate record": decision["record_uri"], "training plot": decision.get("plot_uri")}
     result = {"champion": champion, "challenger": challenger, "promoted": decision["promote"],
               "reasons": decision["reasons"], "challenger_score": decision["challenger_score"],
-              "champion_score": decision["champion_score"], "submission": None,
+              "champion_score": decision.get("champion_score"), "submission": None,
               "data_fingerprint": report["data_fingerprint"], "run_id": run_id}
     if champion is None:  # a first challenger the gate refused: no model may write a submission
         logger.info("no submission: there is no champion to write it")
@@ -213,6 +241,27 @@ def retrain(
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
     return {**result, "submission": submission}
+
+
+def model_of_an_earlier_attempt(store: str, data_fingerprint: str) -> str | None:
+    """The model an earlier attempt of this flow run registered on this data (None on a first attempt)."""
+    if (flow_run.run_count or 1) <= 1 or not flow_run.id:
+        return None
+    return find_run_model(store, flow_training_run_id(data_fingerprint, flow_run.id))
+
+
+def decision_of_an_earlier_attempt(store: str, challenger: str) -> dict[str, Any]:
+    """What the gate decided for this run's challenger, already the champion: the decision its gate
+    recorded when an earlier attempt promoted it, or, where no gate ever judged it (a person promoted
+    it meanwhile), that it was not gated against itself."""
+    earlier = earlier_gate_decision(store, challenger)
+    if earlier is None:
+        return {"promote": False, "challenger_score": None, "champion_score": None, "record_uri": None,
+                "reasons": [f"{challenger}, this run's challenger, is already the champion (promoted outside this "
+                            "run's gate); not gated against itself"]}
+    return {**earlier, "reasons": [*earlier.get("reasons", []), f"{challenger}, this run's challenger, was "
+                                   "promoted by an earlier attempt of this run; this attempt went on to the "
+                                   "submission"]}
 
 
 def trigger_event_id(trigger_event: str | None) -> str | None:

@@ -112,3 +112,21 @@ def gate(store: str, challenger_id: str, champion_id: str | None, challenger_eva
         events.gate_decided(challenger_id, champion_id, store, False, decision["challenger_score"],
                             decision.get("champion_score"), decision["reasons"], dataset)
     return decision
+
+
+@task(name="read-earlier-gate-decision", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def earlier_gate_decision(store: str, challenger_id: str) -> dict[str, Any] | None:
+    """The decision the gate recorded for this challenger (None: never gated)."""
+    from protein.pipeline.evaluation import earlier_gate_decision as recorded
+
+    return recorded(store, challenger_id)
+
+
+@task(name="withdraw-gate-pass", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def withdraw_gate_pass(store: str, challenger_id: str, why: str) -> None:
+    """The gate passed, the promotion did not land: the records say so (protein.pipeline.evaluation)."""
+    from protein.pipeline.evaluation import withdraw_gate_pass as withdraw
+
+    withdraw(store, challenger_id, why)

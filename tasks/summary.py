@@ -16,6 +16,7 @@ from protein.errors import DataError
 from protein.evaluation.gated_data import gated_before
 from protein.registry import Registry
 from protein.storage import open_store
+from tasks.retry import retry_transient
 
 
 def dataset_uri_problem(data: object) -> str | None:
@@ -41,19 +42,22 @@ def dataset_uri_problem(data: object) -> str | None:
     return f"{text!r} is not an s3:// URI, file:// URI or absolute path"
 
 
-@task(name="champion-data-fingerprint", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="champion-data-fingerprint", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def champion_data_fingerprint(store: str, champion: str) -> str | None:
     """The fingerprint of the data the champion was trained on (its model.json)."""
     return Registry(open_store(store)).spec(champion).get("data_fingerprint")
 
 
-@task(name="gate-judged-data", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="gate-judged-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def gate_judged_data(store: str, data_fingerprint: str, config: TrainConfig) -> dict[str, Any] | None:
     """The gate's last judgement of a challenger trained on this data with this config, or None."""
     return gated_before(store, data_fingerprint, config)
 
 
-@task(name="data-fingerprint", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
+@task(name="data-fingerprint", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def data_fingerprint(data: str) -> str:
     return fingerprint(open_dataset(data))
 
@@ -77,10 +81,11 @@ def run_summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- challenger: `{summary['challenger']}`")
     if summary.get("gate"):
         gate = summary["gate"]
-        scores = f"challenger {gate['challenger_score']:.4f}"
+        scores = "not scored" if gate.get("challenger_score") is None else f"challenger {gate['challenger_score']:.4f}"
         if gate.get("champion_score") is not None:
             scores += f", champion {gate['champion_score']:.4f}"
-        lines += [f"- gate: **{'promoted' if gate['promote'] else 'kept champion'}** ({gate['metric']}: {scores})",
+        lines += [f"- gate: **{'promoted' if gate['promote'] else 'kept champion'}** "
+                  f"({gate.get('metric', 'f1_samples')}: {scores})",
                   "", "## Gate reasons", *[f"- {reason}" for reason in gate["reasons"]]]
     if summary.get("message"):
         lines += ["", summary["message"]]

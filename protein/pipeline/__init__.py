@@ -9,12 +9,14 @@ prediction: the test-set submission and its publication.
 """
 
 from protein.pipeline.evaluation import (
+    earlier_gate_decision,
     evaluate_for_gate,
     evaluate_version,
     gate_rows,
     publish_training_plot,
     record_gate_decision,
     recorded_split,
+    withdraw_gate_pass,
 )
 from protein.pipeline.inputs import (
     check_fingerprint,
@@ -42,8 +44,9 @@ from protein.pipeline.training import (
 
 __all__ = [
     "TestSetPrediction", "TrainingInputs", "check_fingerprint",
-    "describe_weights", "evaluate_for_gate", "evaluate_version", "gate_rows", "holdout_split",
+    "describe_weights", "earlier_gate_decision", "evaluate_for_gate", "evaluate_version", "gate_rows", "holdout_split",
     "load_predictor", "load_split_images", "new_run_id", "open_training_inputs", "predict_and_publish",
     "predict_test_set", "publish_submission", "publish_training_plot", "record_gate_decision", "recorded_split",
     "summarize", "train_and_register", "train_on_ranks", "training_label_profile", "training_split",
+    "withdraw_gate_pass",
 ]

@@ -13,16 +13,17 @@ import numpy as np
 
 from protein.config import TrainConfig
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import EvidenceRefused
+from protein.errors import EvidenceRefused, NotFound
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.gated_data import record_gated_data
+from protein.evaluation.gated_data import config_digest, gated_key, record_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images, training_split
 from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry, check_version_id
 from protein.storage import open_store
+from protein.storage.records import RecordSchema, load_record, record_location
 
 
 def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint: str
@@ -232,11 +233,19 @@ def evaluate_for_gate(
     return assemble_gate_evaluation(plan, challenger, champion, champion_id)
 
 
+GATE_RECORD = RecordSchema("gate record", required={"challenger": str, "decision": dict},
+                           optional={"champion": (str, type(None)), "decided": str, "promotion": dict})
+
+
+def gate_record_key(challenger_id: str) -> str:
+    return f"gates/{check_version_id(challenger_id)}.json"
+
+
 def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | None, decision: dict[str, Any],
                          challenger_eval: dict[str, Any], champion_eval: dict[str, Any] | None) -> str:
     """Keep every gate decision in the store, beside the models it judged."""
     store = open_store(store_uri)
-    key = f"gates/{check_version_id(challenger_id)}.json"
+    key = gate_record_key(challenger_id)
     doc = {"challenger": challenger_id, "champion": champion_id, "decision": decision,
            "challenger_eval": challenger_eval, "champion_eval": champion_eval,
            "decided": dt.datetime.now(dt.UTC).isoformat()}
@@ -244,6 +253,41 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
     # After the record it points at: a scheduled run skips this data and config from now on.
     record_gated_data(store, challenger_id, Registry(store).spec(challenger_id), decision)
     return f"{store.uri.rstrip('/')}/{key}"
+
+
+def earlier_gate_decision(store_uri: str, challenger_id: str) -> dict[str, Any] | None:
+    """The decision gates/<challenger>.json records (with record_uri), or None when the gate never
+    judged it: for a rerun whose earlier attempt gated and promoted its challenger."""
+    store = open_store(store_uri)
+    key = gate_record_key(challenger_id)
+    try:
+        record = load_record(store, key, GATE_RECORD)
+    except NotFound:
+        return None
+    return {**record["decision"], "record_uri": record_location(store, key)}
+
+
+def withdraw_gate_pass(store_uri: str, challenger_id: str, why: str) -> None:
+    """A passed gate whose promotion did not land (another promotion moved the champion first):
+    gates/<challenger>.json says so, and the judgement of its data and config under gates/by-data/
+    is removed while it still names this challenger. Left in place, it said "promoted", and every
+    scheduled run skipped that data as judged, though its challenger never served."""
+    store = open_store(store_uri)
+    key = gate_record_key(challenger_id)
+    record = load_record(store, key, GATE_RECORD)
+    record["promotion"] = {"landed": False, "why": why, "at": dt.datetime.now(dt.UTC).isoformat()}
+    store.put_bytes(key, json.dumps(record, indent=2).encode())
+    spec = Registry(store).spec(challenger_id)
+    fingerprint_, train_config = spec.get("data_fingerprint"), spec.get("train_config")
+    if not isinstance(fingerprint_, str) or not isinstance(train_config, dict):
+        return
+    judged_key = gated_key(fingerprint_, config_digest(train_config))
+    try:
+        judged = json.loads(store.get_bytes(judged_key))
+    except NotFound:
+        return
+    if isinstance(judged, dict) and judged.get("challenger") == challenger_id:
+        store.delete(judged_key)
 
 
 def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],

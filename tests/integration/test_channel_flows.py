@@ -141,11 +141,19 @@ def test_a_channel_with_no_push_fails_the_run_in_one_line(prefect_harness: None,
     assert state.message.startswith("data channel:latest: channel:latest: no dataset was pushed on channel 'latest'")
 
 
+def submission_key(store: str, uri: str) -> str:
+    """The store key of a submission the flow reported as a file:// URI."""
+    return str(Path(uri.removeprefix("file://")).relative_to(Path(store).resolve()))
+
+
 def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
     pushes: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A run's retry (Retry in the UI, Prefect's retries) starts the flow again: it takes the push
-    its first attempt resolved, under the same training run id, instead of training the newer push."""
+    its first attempt resolved, under the same training run id, instead of training the newer push.
+    The first attempt promoted its challenger: the retry neither skips as "data unchanged" (its own
+    work; the submission may be what failed) nor gates the champion against itself (which would
+    overwrite the record of its promotion with a refusal); it goes on to the submission."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.flow_engine import run_flow
@@ -157,12 +165,16 @@ def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
     store = str(tmp_path / "store")
     first = push(older, store, capsys)
     parameters = {"data": "channel:latest", "store": store, "train": TRAIN.model_dump(),
-                  "gate_config": LENIENT.model_dump(), "validation": VALIDATION.model_dump()}
+                  "gate_config": LENIENT.model_dump(), "validation": VALIDATION.model_dump(),
+                  "skip_if_unchanged": True}
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(retrain, parameters=parameters)
         state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
         assert state.is_completed(), state.message
         attempt_1 = state.result()
+        assert attempt_1["promoted"] and attempt_1["champion"] == attempt_1["challenger"]
+        gate_record = open_store(store).get_bytes(f"gates/{attempt_1['challenger']}.json")
+        open_store(store).delete(submission_key(store, attempt_1["submission"]))  # as if writing it had failed
         push(newer, store, capsys)  # a push lands before the operator retries the run
         client.set_flow_run_state(run.id, State(type=StateType.SCHEDULED, name="AwaitingRetry"), force=True)
         state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
@@ -171,3 +183,8 @@ def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
     assert attempt_1["data_fingerprint"] == attempt_2["data_fingerprint"] == first["fingerprint"]
     assert attempt_2["run_id"] == attempt_1["run_id"] and attempt_2["challenger"] == attempt_1["challenger"]
     assert len(Registry(open_store(store)).versions()) == 1  # the newer push is its own run's to train
+    assert attempt_2["promoted"] and attempt_2["champion"] == attempt_1["challenger"]
+    assert any("promoted by an earlier attempt of this run" in reason for reason in attempt_2["reasons"])
+    assert open_store(store).get_bytes(f"gates/{attempt_1['challenger']}.json") == gate_record  # not re-gated
+    assert len(Registry(open_store(store)).champion().history) == 1
+    assert open_store(store).exists(submission_key(store, attempt_2["submission"]))  # written again

@@ -11,6 +11,7 @@ import pytest
 
 from flows.params import TrainParams
 from protein.config import TrainConfig
+from protein.evaluation.gated_data import config_digest, gated_key
 from protein.pipeline import train_and_register
 from protein.registry import Registry
 from protein.storage import open_store
@@ -89,3 +90,18 @@ def test_two_retrains_racing_on_one_store_leave_one_line_of_history(
     registry = Registry(open_store(store))
     losers = set(registry.versions()) - {seeded, winner["challenger"]}
     assert len(losers) == 1 and registry.orphans() == []
+
+    # Its gate passed, its promotion did not land: its records say so, and its data and config are
+    # no longer marked judged (a scheduled run would have skipped them as "promoted" for ever).
+    [loser] = losers
+    assert f"the gate passed {loser}, which does not serve" in lost[0].message
+    gates = open_store(store)
+    loser_gate = json.loads(gates.get_bytes(f"gates/{loser}.json"))
+    assert loser_gate["decision"]["promote"] is True and loser_gate["promotion"]["landed"] is False
+    assert "PromotionConflict" not in loser_gate["promotion"]["why"] and "expected" in loser_gate["promotion"]["why"]
+
+    def judged(version: str) -> bool:
+        spec = registry.spec(version)
+        return gates.exists(gated_key(spec["data_fingerprint"], config_digest(spec["train_config"])))
+
+    assert not judged(loser) and judged(winner["challenger"])
