@@ -25,7 +25,6 @@ repairs a complete dataset's objects).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 from protein.data.gc_coordination import DEFAULT_TIMES, PUSHES_PREFIX, CoordinationTimes, GcLock, holders
@@ -98,10 +97,12 @@ def check_age_guard(min_age_s: float) -> None:
 
 def plan_objects_gc(store: Store, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | None = None) -> ObjectsGcPlan:
     """What gc would delete. Objects are listed after the manifests, so an object a push uploads after the
-    manifest listing is younger than the guard."""
+    manifest listing is younger than the guard. Ages are on the store's clock (``now``: the store's
+    time, read from it when not given), never this host's: a host running fast would see a push's
+    fresh objects as old."""
     check_age_guard(min_age_s)
     manifests, named = named_objects(store)
-    cutoff = (time.time() if now is None else now) - min_age_s
+    cutoff = (store.clock() if now is None else now) - min_age_s
     orphans: list[str] = []
     young: list[str] = []
     orphan_bytes = 0

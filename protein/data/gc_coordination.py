@@ -33,8 +33,8 @@ a host clock against the server's):
   that treats an old lock as abandoned never races a live gc: one delete request (bounded by the S3
   client's timeouts and retries, minutes) fits in the margin. A second gc takes an abandoned lock
   over by a compare-and-swap on its etag (`If-Match`): of two gcs doing so at once, one wins; it
-  judges the lock's age by its own clock against the LastModified time, so hosts' clocks must agree
-  to well within the hour (NTP).
+  judges the lock's age by the store's clock (`Store.clock`) against the LastModified time, so no
+  host's clock enters.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class GcLock:
                 return store.put_bytes(GC_LOCK_KEY, body, if_none_match=True, content_type="application/json")
             except PreconditionFailed:
                 raise StoreBusy(f"another datasets gc took {where} just now; run gc again when it ends") from None
-        age = time.time() - info.modified
+        age = store.clock() - info.modified  # both the store's clock
         if age < times.lock_abandoned_s:
             raise StoreBusy(f"another datasets gc holds {where} ({holder}); run gc again when it ends (a lock "
                             f"older than {times.lock_abandoned_s / 3600:g} h counts as abandoned)")

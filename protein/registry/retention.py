@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,7 +104,7 @@ class RetentionMixin:
         by_version: dict[str, list[ObjectInfo]] = {}
         for info in self.store.list_info(version_prefix(version) if version else "models/"):
             by_version.setdefault(info.key.split("/")[1], []).append(info)
-        cutoff = time.time() - older_than_s
+        cutoff = self.store.clock() - older_than_s  # LastModified is the store's clock, not this host's
         return {
             name: [i.key for i in infos]
             for name, infos in by_version.items()
@@ -166,8 +165,7 @@ class RetentionMixin:
     def _collectable_run(self, run: str, infos: list[ObjectInfo], registered: set[str],
                          claims: dict[str, ClaimState],
                          protected: set[str], run_age_s: float, run_min_age_s: float,
-                         kept: dict[str, str]) -> list[str]:
-        now = time.time()
+                         kept: dict[str, str], now: float) -> list[str]:
         newest = max(i.modified for i in infos)
         if newest > now - run_min_age_s:
             kept[run] = f"touched {int(now - newest)} s ago (younger than {int(run_min_age_s)} s)"
@@ -197,7 +195,7 @@ class RetentionMixin:
         check_age("--run-age-days", run_age_s, DAY_S)
         check_age("--run-min-age-hours", run_min_age_s, 3600)
         orphans = self._orphan_objects(older_than_s)
-        cutoff = time.time() - older_than_s
+        cutoff = self.store.clock() - older_than_s
         probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
         run_objects: dict[str, list[str]] = {}
         kept: dict[str, str] = {}
@@ -209,11 +207,12 @@ class RetentionMixin:
             claims = self._claims_of_unindexed_runs(index, registered)
             protected = self.protected_keys()
             by_run: dict[str, list[ObjectInfo]] = {}
+            now = self.store.clock()  # before the listing: ages are never overstated
             for info in self.store.list_info("runs/"):
                 by_run.setdefault(info.key.split("/")[1], []).append(info)
             for run, infos in by_run.items():
                 objects = self._collectable_run(run, infos, registered, claims, protected, run_age_s,
-                                                run_min_age_s, kept)
+                                                run_min_age_s, kept, now)
                 if objects:
                     run_objects[run] = objects
         old_versions: list[str] = []
@@ -233,7 +232,7 @@ class RetentionMixin:
     def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float) -> int:
         # Re-listed now: a run that a retrain resumed since the plan (a new checkpoint) is skipped whole.
         infos = self.store.list_info(f"runs/{run}/")
-        if infos and max(i.modified for i in infos) > time.time() - min_age_s:
+        if infos and max(i.modified for i in infos) > self.store.clock() - min_age_s:
             log.info("run %s was written since gc planned; kept", run)
             return 0
         current = {i.key for i in infos}

@@ -107,6 +107,13 @@ class Store(Protocol):
         """(size, SHA-256 recorded at write time or None) from metadata only; None if missing."""
         ...
 
+    def clock(self) -> float:
+        """The store's own time now, in seconds since the epoch: the clock its ``modified`` times are
+        stamped by (S3: the end of the second the server's Date header names; a local folder: this
+        host's). Ages
+        of objects are measured against it, never against a host clock that may run fast."""
+        ...
+
     def url(self, key: str, expires_s: int = 3600) -> str:
         """A presigned GET URL on S3, a ``file://`` URI locally. For display only: never persist it."""
         ...

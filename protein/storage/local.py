@@ -309,6 +309,9 @@ class LocalStore:
                 return None
             return size, self._read_sidecar(key)
 
+    def clock(self) -> float:
+        return time.time()  # the files' mtimes are this host's clock
+
     def etag(self, key: str) -> str | None:
         validate_key(key)
         with self._os_errors(key), self._locked(exclusive=False):

@@ -173,6 +173,21 @@ class S3Store(RawObjectReads):
             raise
         self._bucket_seen = True
 
+    def clock(self) -> float:
+        """The server's Date header of a one-key listing of the store's prefix (the request
+        `_require_bucket` makes, which every role may)."""
+        import email.utils
+
+        with self._translating(operation="ListObjectsV2"):
+            response = self._client().list_objects_v2(Bucket=self.bucket, Prefix=self._root_prefix(), MaxKeys=1)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            raise StoreError(f"{self.uri}: the server's answer carries no Date header; cannot read its clock")
+        # Date is truncated to the second: the server's time is within the second after it. The end
+        # of that second, so an object written before this request is never younger than "now" (an
+        # age guard of 0 takes it); at most a second early, against guards of hours.
+        return email.utils.parsedate_to_datetime(date).timestamp() + 1.0
+
     def _head(self, key: str) -> dict[str, Any] | None:
         object_key = self._object_key(key)
         client = self._client()

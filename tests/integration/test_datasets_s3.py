@@ -300,6 +300,12 @@ def test_gc_on_s3_keeps_named_objects_and_deletes_old_orphans(kaggle, s3_bucket,
     assert protein_main(["datasets", "gc", "--store", s3_bucket]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["deleted"], out["kept_young_orphans"], out["named_objects"]) == (0, 1, len(named))
+    # Ages are on the store's clock: a gc host whose clock runs two days fast still sees them young.
+    real_time = time.time
+    with pytest.MonkeyPatch.context() as host:
+        host.setattr(time, "time", lambda: real_time() + 2 * 86400)
+        assert plan_objects_gc(store, min_age_s=86400).orphans == []
+    assert abs(store.clock() - time.time()) < 5  # moto's Date header: the machine's own clock
     # Seen from two days on, every object is old: only the orphan goes.
     plan = plan_objects_gc(store, min_age_s=86400, now=time.time() + 2 * 86400)
     assert plan.orphans == [orphan]

@@ -264,3 +264,20 @@ def test_free_running_gc_never_breaks_a_registration(any_registry, trained, tmp_
     for version in registered:
         assert registry.resolve(version) == version
     assert registry.orphans() == []
+
+
+@pytest.mark.integration
+def test_a_gc_host_whose_clock_runs_fast_collects_no_registration_in_progress(s3_bucket, monkeypatch):
+    """Ages are measured on the store's clock (S3's Date header), which stamps LastModified: a host two
+    hours fast would otherwise see weights uploaded a moment ago as an hour-old orphan."""
+    from protein.storage import open_store
+
+    store = open_store(s3_bucket)
+    registry = Registry(store)
+    store.put_bytes("models/20261207-000000-in-progress/model.safetensors", b"weights being registered")
+    store.put_bytes("runs/r-live/checkpoint.pt", b"an epoch ago")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 2 * 3600)
+    plan = registry.plan_gc(older_than_s=3600, runs=True, run_age_s=3600, run_min_age_s=3600)
+    assert not plan.orphans and not plan.runs
+    assert "r-live" in plan.kept
