@@ -79,7 +79,7 @@ class CacheEntry:
     """One removable unit of the cache: its files, their total size and when it was last used."""
 
     name: str
-    paths: tuple[Path, ...]
+    paths: tuple[Path, ...]  # the first one's mtime is last_used
     size: int
     last_used: float
     lock: Path | None = None  # held shared while a process reads the entry in place: then never removed
@@ -139,7 +139,9 @@ def _image_entries(root: Path) -> Iterator[CacheEntry]:
         if meta_stat is None:
             continue
         size = meta_stat.st_size + (array_stat.st_size if array_stat else 0)
-        yield CacheEntry(f"images/{meta.stem}", (array, meta), size, meta_stat.st_mtime)
+        # The meta first: its mtime is the entry's last use (re-read before removal), and a split
+        # without it reads as absent, never as a meta whose array is gone.
+        yield CacheEntry(f"images/{meta.stem}", (meta, array), size, meta_stat.st_mtime)
 
 
 def _model_entries(root: Path) -> Iterator[CacheEntry]:
@@ -339,14 +341,14 @@ def _in_use(entry: CacheEntry) -> bool:
 
 
 def _remove(entry: CacheEntry) -> bool:
-    """Remove the entry's files unless a process took its lock or used it since it was listed."""
+    """Remove the entry's files unless a process took its lock or used it since it was listed (a
+    reader about to hold it, a download into a model folder: both move its mtime)."""
     with _exclusive_now(entry.lock) as free:
         if not free:
             return False
-        if entry.lock is not None:
-            st = _stat(entry.paths[0])
-            if st is not None and st.st_mtime > entry.last_used:  # touched by a reader about to hold it
-                return False
+        st = _stat(entry.paths[0])
+        if st is not None and st.st_mtime > entry.last_used:
+            return False
         for path in entry.paths:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -97,6 +97,26 @@ def test_the_budget_removes_whole_entries_oldest_first(tmp_path: Path) -> None:
     assert sum(e.size for e in cache_entries(tmp_path)) <= 3100
 
 
+def test_an_entry_used_after_the_listing_is_not_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the bound's listing and its delete, another process starts using an old entry (loads
+    a model folder, reads a decoded split): it touched it, so the bound leaves it."""
+    import protein.cache_budget as budget
+
+    make_cache(tmp_path)
+    listed = budget.cache_entries
+
+    def listing_then_a_reader_arrives(root: Path) -> list[CacheEntry]:
+        entries = listed(root)
+        budget.touch(tmp_path / "models" / "m1")
+        budget.touch(tmp_path / "split-b.json")
+        return entries
+
+    monkeypatch.setattr(budget, "cache_entries", listing_then_a_reader_arrives)
+    removed = enforce_cache_budget(tmp_path, max_bytes=3100)
+    assert "models/m1" not in removed and "images/split-b" not in removed
+    assert (tmp_path / "models" / "m1").is_dir() and (tmp_path / "split-b.npy").exists()
+
+
 def test_what_was_used_within_the_hour_stays_even_over_the_bound(tmp_path: Path) -> None:
     make_cache(tmp_path)
     enforce_cache_budget(tmp_path, max_bytes=0)
