@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from protein.config import GateConfig
+from protein.errors import EvidenceRefused
 from protein.evaluation.bootstrap import PerImage, bootstrap
 from protein.labels import LABELS
 
@@ -109,8 +110,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: 
                             score_interval=score_interval)
 
     if challenger.get("rows", {}).get("sha256") != champion.get("rows", {}).get("sha256"):
-        raise ValueError("evaluations come from different rows: "
-                         f"{challenger.get('rows', {}).get('sha256')} vs {champion.get('rows', {}).get('sha256')}")
+        # Not retried (a retry compares the same evaluations again): the scores cannot be compared.
+        raise EvidenceRefused("evaluations come from different rows: "
+                              f"{challenger.get('rows', {}).get('sha256')} vs {champion.get('rows', {}).get('sha256')}")
     problem = challenger["rows"].get("problem")
     n_rows = int(challenger["rows"]["n"])
     if problem:

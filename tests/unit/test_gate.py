@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from protein.config import GateConfig
+from protein.errors import EvidenceRefused
 from protein.evaluation.bootstrap import (
     METRICS,
     PerImage,
@@ -205,8 +206,13 @@ def test_classes_absent_from_the_rows_do_not_block():
 def test_refuses_evaluations_from_different_rows():
     targets, champion, challenger = pair(60, 30)
     other = evaluation(champion, targets, ids=[f"x{i}" for i in range(60)])
-    with pytest.raises(ValueError, match="different rows"):
+    with pytest.raises(EvidenceRefused, match="different rows") as refused:
         decide(evaluation(challenger, targets), other, CONFIG)
+    from prefect.states import Failed
+
+    from tasks.retry import retry_transient
+
+    assert retry_transient(None, None, Failed(data=refused.value)) is False  # a retry compares the same again
 
 
 def test_the_artifact_shows_the_interval_and_the_rows():
