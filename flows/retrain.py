@@ -237,7 +237,10 @@ def retrain(
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
     except (RuntimeError, EvidenceRefused) as exc:
-        return Failed(message=f"{exc} (the gate's decision stands: champion is {champion})")
+        message = f"{exc} (the gate's decision stands: champion is {champion})"
+        publish_run_summary({**summary, "outcome": f"{outcome}; no submission", "champion_after": champion,
+                             "gate": decision, "links": links, "message": message})
+        return Failed(message=message)
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
     return {**result, "submission": submission}

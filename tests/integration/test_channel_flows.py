@@ -147,13 +147,27 @@ def submission_key(store: str, uri: str) -> str:
 
 
 def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
-    pushes: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pushes: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run's retry (Retry in the UI, Prefect's retries) starts the flow again: it takes the push
     its first attempt resolved, under the same training run id, instead of training the newer push.
-    The first attempt promoted its challenger: the retry neither skips as "data unchanged" (its own
-    work; the submission may be what failed) nor gates the champion against itself (which would
-    overwrite the record of its promotion with a refusal); it goes on to the submission."""
+    The first attempt promoted its challenger, then its submission failed: the retry neither skips as
+    "data unchanged" (that data and champion are its own work) nor gates the champion against itself
+    (which would overwrite the record of its promotion with a refusal); it goes on to the submission."""
+    import flows.retrain as retrain_module
+    from tests.integration.test_flows import read_artifact
+
+    submissions = retrain_module.submission_uri
+    calls: list[int] = []
+
+    def fails_the_first_time(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("score-predict on the gpu pool failed (simulated)")
+        return submissions(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "submission_uri", fails_the_first_time)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.flow_engine import run_flow
@@ -170,21 +184,22 @@ def test_a_retry_after_a_push_resumes_the_push_its_first_attempt_resolved(
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(retrain, parameters=parameters)
         state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
-        assert state.is_completed(), state.message
-        attempt_1 = state.result()
-        assert attempt_1["promoted"] and attempt_1["champion"] == attempt_1["challenger"]
-        gate_record = open_store(store).get_bytes(f"gates/{attempt_1['challenger']}.json")
-        open_store(store).delete(submission_key(store, attempt_1["submission"]))  # as if writing it had failed
+        assert state.is_failed() and "the gate's decision stands: champion is " in state.message, state.message
+        champion = Registry(open_store(store)).champion().champion
+        summary = read_artifact("retrain-summary", run.id)
+        assert summary is not None and "# Retrain: promoted; no submission" in summary.data
+        gate_record = open_store(store).get_bytes(f"gates/{champion}.json")
         push(newer, store, capsys)  # a push lands before the operator retries the run
         client.set_flow_run_state(run.id, State(type=StateType.SCHEDULED, name="AwaitingRetry"), force=True)
         state = run_flow(retrain, flow_run=client.read_flow_run(run.id), parameters=parameters, return_type="state")
         assert state.is_completed(), state.message
         attempt_2 = state.result()
-    assert attempt_1["data_fingerprint"] == attempt_2["data_fingerprint"] == first["fingerprint"]
-    assert attempt_2["run_id"] == attempt_1["run_id"] and attempt_2["challenger"] == attempt_1["challenger"]
+    assert attempt_2["data_fingerprint"] == first["fingerprint"]
+    assert attempt_2["challenger"] == champion and attempt_2["run_id"] == Registry(open_store(store)).spec(
+        champion)["run_id"]  # the first attempt's training run, resumed (done: not trained again)
     assert len(Registry(open_store(store)).versions()) == 1  # the newer push is its own run's to train
-    assert attempt_2["promoted"] and attempt_2["champion"] == attempt_1["challenger"]
+    assert attempt_2["promoted"] and attempt_2["champion"] == champion
     assert any("promoted by an earlier attempt of this run" in reason for reason in attempt_2["reasons"])
-    assert open_store(store).get_bytes(f"gates/{attempt_1['challenger']}.json") == gate_record  # not re-gated
+    assert open_store(store).get_bytes(f"gates/{champion}.json") == gate_record  # not re-gated
     assert len(Registry(open_store(store)).champion().history) == 1
-    assert open_store(store).exists(submission_key(store, attempt_2["submission"]))  # written again
+    assert open_store(store).exists(submission_key(store, attempt_2["submission"]))

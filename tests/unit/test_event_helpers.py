@@ -60,6 +60,20 @@ def test_run_summary_lists_data_champions_gate_and_links() -> None:
     assert "validation report" not in text, "a missing link is left out"
 
 
+@pytest.mark.parametrize(("champion_before", "gate", "line"), [
+    (None, {"promote": False, "metric": "f1_samples", "challenger_score": 0.1, "reasons": ["below 0.2"]},
+     "- gate: **refused, no champion yet** (f1_samples: challenger 0.1000)"),
+    ("m1", {"promote": False, "metric": "f1_samples", "challenger_score": 0.1, "champion_score": 0.2,
+            "reasons": ["worse"]}, "- gate: **kept champion** (f1_samples: challenger 0.1000, champion 0.2000)"),
+    # A rerun whose earlier attempt's promotion is the champion, with no gate record: nothing scored.
+    ("m2", {"promote": False, "challenger_score": None, "champion_score": None, "reasons": ["already"]},
+     "- gate: **kept champion** (f1_samples: not scored)"),
+])
+def test_run_summary_says_what_the_gate_did(champion_before: str | None, gate: dict[str, object], line: str) -> None:
+    text = run_summary_markdown({"outcome": "x", "data": "d", "champion_before": champion_before, "gate": gate})
+    assert line in text.splitlines(), text
+
+
 def test_object_uri_is_durable(tmp_path: Path) -> None:
     assert object_uri(open_store("s3://bucket/prod"), "models/m1/model.json") == "s3://bucket/prod/models/m1/model.json"
     assert object_uri(open_store(str(tmp_path)), "a/b.csv") == (tmp_path / "a" / "b.csv").as_uri()
