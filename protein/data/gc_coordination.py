@@ -29,7 +29,8 @@ a host clock against the server's):
   the lock again and re-lists before its manifest, so a slow push is never unguarded.
 - A lock is abandoned once it is `lock_abandoned_s` (1 h) old. A gc stops deleting (`StoreBusy`) when
   it has held the lock that long less `margin_s` by its own clock (`held_clock`), checked before each
-  delete, and checks before each batch of deletes that the lock is still its own (etag), so a push
+  delete, and checks before each batch of deletes that the lock is still its own (etag) and younger
+  than that on the store's clock (a paused VM's clocks stand still), so a push
   that treats an old lock as abandoned never races a live gc: one delete request (bounded by the S3
   client's timeouts and retries, minutes) fits in the margin. A second gc takes an abandoned lock
   over by a compare-and-swap on its etag (`If-Match`): of two gcs doing so at once, one wins; it
@@ -260,11 +261,19 @@ class GcLock:
         return PushMarkers(live, stale)
 
     def check_held(self) -> None:
-        """`StoreBusy` unless this gc may still delete: within its bound, and the lock still its own."""
+        """`StoreBusy` unless this gc may still delete: the lock still its own, and within its bound by
+        this host's clock and by the store's (a VM paused by its hypervisor does not count the pause on
+        any clock of its own, but the lock's age on the store's clock, the one pushes judge it by, does)."""
+        where = _where(self.store, GC_LOCK_KEY)
         if self.store.etag(GC_LOCK_KEY) != self.etag:
-            raise StoreBusy(f"{_where(self.store, GC_LOCK_KEY)} is no longer this gc's (taken over by another gc); "
-                            "stopped deleting, run gc again when that one ends")
+            raise StoreBusy(f"{where} is no longer this gc's (taken over by another gc); stopped deleting, run gc "
+                            "again when that one ends")
         self.check_within_bound()
+        age = self.store.clock() - self._lock_modified
+        if age >= self.times.lock_abandoned_s - self.times.margin_s:
+            raise StoreBusy(f"{where} is {age:.0f} s old on the store's clock, close to the "
+                            f"{self.times.lock_abandoned_s:.0f} s after which pushes treat it as abandoned (this gc "
+                            "was paused?); stopped deleting, run gc again")
 
     def check_within_bound(self) -> None:
         """`StoreBusy` once this gc has held the lock close to the age at which pushes treat it as

@@ -100,11 +100,14 @@ class RetentionMixin:
         older than ``older_than_s``: a registration in progress is younger and left alone."""
         return sorted(self._orphan_objects(older_than_s))
 
-    def _orphan_objects(self, older_than_s: float, version: str | None = None) -> dict[str, list[str]]:
+    def _orphan_objects(self, older_than_s: float, version: str | None = None,
+                        now: float | None = None) -> dict[str, list[str]]:
+        """``now``: the store's clock, read before the listing (read after it when not given)."""
         by_version: dict[str, list[ObjectInfo]] = {}
         for info in self.store.list_info(version_prefix(version) if version else "models/"):
             by_version.setdefault(info.key.split("/")[1], []).append(info)
-        cutoff = self.store.clock() - older_than_s  # LastModified is the store's clock, not this host's
+        # LastModified is the store's clock, not this host's.
+        cutoff = (self.store.clock() if now is None else now) - older_than_s
         return {
             name: [i.key for i in infos]
             for name, infos in by_version.items()
@@ -207,7 +210,7 @@ class RetentionMixin:
             claims = self._claims_of_unindexed_runs(index, registered)
             protected = self.protected_keys()
             by_run: dict[str, list[ObjectInfo]] = {}
-            now = self.store.clock()  # before the listing: ages are never overstated
+            now = self.store.clock()  # before the listing: what is written after it reads as younger, kept
             for info in self.store.list_info("runs/"):
                 by_run.setdefault(info.key.split("/")[1], []).append(info)
             for run, infos in by_run.items():
@@ -229,19 +232,21 @@ class RetentionMixin:
         return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes, kept=kept,
                       older_than_s=older_than_s, run_min_age_s=run_min_age_s)
 
-    def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float) -> int:
+    def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float, now: float) -> int:
         # Re-listed now: a run that a retrain resumed since the plan (a new checkpoint) is skipped whole.
         infos = self.store.list_info(f"runs/{run}/")
-        if infos and max(i.modified for i in infos) > self.store.clock() - min_age_s:
+        if infos and max(i.modified for i in infos) > now - min_age_s:
             log.info("run %s was written since gc planned; kept", run)
             return 0
         current = {i.key for i in infos}
         return self.store.delete_keys([k for k in planned if k in current])
 
     def apply_gc(self, plan: GcPlan, delete_versions: bool = False) -> None:
+        # The store's clock once, before the re-listings: an earlier "now" only understates ages.
+        now = self.store.clock()
         for version in plan.orphans:
             # Re-listed one by one: a registration that completed (or wrote again) since the plan keeps all.
-            objects = self._orphan_objects(plan.older_than_s, version).get(version)
+            objects = self._orphan_objects(plan.older_than_s, version, now).get(version)
             if objects is None:
                 log.info("model version %s was completed or written since gc planned; kept", version)
                 continue
@@ -249,7 +254,7 @@ class RetentionMixin:
         if plan.runs:
             protected = self.protected_keys()  # re-read: a version registered since the plan may name one
             for run, objects in plan.runs.items():
-                self._delete_run_objects(run, [k for k in objects if k not in protected], plan.run_min_age_s)
+                self._delete_run_objects(run, [k for k in objects if k not in protected], plan.run_min_age_s, now)
         self.store.delete_keys(plan.probes)
         if delete_versions:
             protected_versions = self.protected_versions()  # re-read: a promotion may have landed since

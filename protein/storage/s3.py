@@ -183,10 +183,17 @@ class S3Store(RawObjectReads):
         date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         if not date:
             raise StoreError(f"{self.uri}: the server's answer carries no Date header; cannot read its clock")
+        try:
+            stamped = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.uri}: the server's Date header {date!r} is not an HTTP date; cannot read its "
+                             "clock") from None
+        if stamped.tzinfo is None:  # '-0000' or asctime form: HTTP dates are UTC (RFC 9110), never local time
+            stamped = stamped.replace(tzinfo=dt.UTC)
         # Date is truncated to the second: the server's time is within the second after it. The end
         # of that second, so an object written before this request is never younger than "now" (an
-        # age guard of 0 takes it); at most a second early, against guards of hours.
-        return email.utils.parsedate_to_datetime(date).timestamp() + 1.0
+        # age guard of 0 takes it); ages are overstated by under a second, against guards of hours.
+        return stamped.timestamp() + 1.0
 
     def _head(self, key: str) -> dict[str, Any] | None:
         object_key = self._object_key(key)
@@ -446,7 +453,8 @@ class S3Store(RawObjectReads):
     def clean_stale_uploads(self, older_than_s: float = 3600, dry_run: bool = False) -> int:
         # An interrupted multipart upload is invisible to GET/LIST but its parts cost storage.
         client = self._client()
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)
+        # Initiated is the store's clock: measured against it, never this host's.
+        cutoff = dt.datetime.fromtimestamp(self.clock(), dt.UTC) - dt.timedelta(seconds=older_than_s)
         stale: list[tuple[str, str]] = []
         with self._translating(operation="ListMultipartUploads"):
             paginator = client.get_paginator("list_multipart_uploads")

@@ -250,6 +250,21 @@ def test_a_gc_near_its_lock_bound_stops_deleting(s3_bucket: str) -> None:
     lock.release()
 
 
+def test_a_gc_paused_past_its_bound_stops_deleting_by_the_stores_clock(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM paused by its hypervisor counts the pause on none of its clocks: the gc wakes within its
+    bound by its own, but its lock is an hour old on the store's, and pushes take it for abandoned."""
+    store = open_store(s3_bucket)
+    lock = GcLock.acquire(store, FAST)
+    lock.check_held()
+    monkeypatch.setattr(coordination, "held_clock", lambda: lock._acquired_at)  # noqa: SLF001 (the clock stood still)
+    real_clock = store.clock
+    monkeypatch.setattr(store, "clock", lambda: real_clock() + FAST.lock_abandoned_s)
+    with pytest.raises(StoreBusy, match=r"old on the store's clock, close to the 3600 s after which pushes"):
+        lock.check_held()
+    lock.release()
+
+
 def test_a_second_gc_is_refused_while_the_first_runs(
         data: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str],
         paused_gc_plan: tuple[threading.Event, threading.Event]) -> None:

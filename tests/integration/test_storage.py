@@ -353,6 +353,49 @@ def test_stale_interrupted_uploads_are_cleaned(store: Store) -> None:
     assert "runs/r1/checkpoint.pt" not in store.list()
 
 
+def test_stale_uploads_are_judged_on_the_stores_clock(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto dates every multipart upload 2010: a store whose clock says 2000 holds no upload an hour
+    old, whatever this host's clock says (a host running fast aborted live uploads)."""
+    store = open_store(s3_bucket)
+    leave_interrupted_upload(store, "cache/split.npy")
+    monkeypatch.setattr(store, "clock", lambda: 946684800.0)  # 2000-01-01 on the store
+    assert store.clean_stale_uploads(older_than_s=3600, dry_run=True) == 0
+    monkeypatch.undo()
+    assert store.clean_stale_uploads(older_than_s=3600, dry_run=True) == 1
+
+
+@pytest.mark.parametrize(("date", "expected"), [
+    ("Mon, 07 Dec 2026 10:00:00 GMT", 1796637601.0),
+    ("Mon, 07 Dec 2026 10:00:00 -0000", 1796637601.0),  # no zone named: UTC, never this host's local time
+    ("Mon Dec  7 10:00:00 2026", 1796637601.0),  # asctime form, which HTTP allows
+    ("yesterday", None),
+    (None, None),
+])
+def test_the_stores_clock_is_its_date_header_read_as_utc(date: str | None, expected: float | None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store("s3://clock-bucket/prefix")
+    headers = {"date": date} if date else {}
+
+    class Client:
+        def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
+            assert kwargs == {"Bucket": "clock-bucket", "Prefix": "prefix/", "MaxKeys": 1}
+            return {"ResponseMetadata": {"HTTPHeaders": headers}}
+
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        monkeypatch.setattr(store, "_client", Client)
+        if expected is None:
+            refused = r"^s3://clock-bucket/prefix: the server's (answer carries no Date|Date header)"
+            with pytest.raises(StoreError, match=refused):
+                store.clock()
+        else:
+            assert store.clock() == expected  # the end of the second the header names
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_young_temp_files_are_left_alone(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "store"))
     store.put_bytes("warm-up", b"x")
