@@ -68,6 +68,8 @@ def server_automations(client: Any, page: int) -> list[Any]:
     limit, 200, a request), in name order so that the pages neither overlap nor skip."""
     from prefect.client.schemas.sorting import AutomationSort
 
+    if page < 1:
+        raise ValueError(f"automations are read in pages of at least one, got {page}")
     found: list[Any] = []
     while True:
         batch = client.read_automations(sort=AutomationSort.NAME_ASC, limit=page, offset=len(found))

@@ -23,7 +23,7 @@ from flows.params import (
 )
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
-from protein.errors import EvidenceRefused, PromotionConflict
+from protein.errors import EvidenceRefused, OutOfMemory, PromotionConflict, ProteinError
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
@@ -188,14 +188,23 @@ def retrain(
         except EvidenceRefused as exc:
             return Failed(message=str(exc))
     else:
-        challenger = train_model(data, store, config, run_id, train.share_cache,
-                                 expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
+        try:
+            challenger = train_model(data, store, config, run_id, train.share_cache,
+                                     expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
+        except OutOfMemory as exc:  # says what to change; the deployment path reports it through dispatch
+            return Failed(message=str(exc))
     summary["challenger"] = challenger
 
-    if challenger == champion:
-        # A rerun whose earlier attempt gated and promoted this challenger, then stopped: gating the
-        # champion against itself would overwrite the record of its promotion with a refusal.
-        decision = decision_of_an_earlier_attempt(store, challenger)
+    # A rerun whose earlier attempt gated this challenger (and promoted it, or not), then stopped: its
+    # gate record stands. Gating it again would overwrite that record, and could promote it over a
+    # rollback made since; the champion against itself would be refused.
+    try:
+        earlier = earlier_gate_decision(store, challenger)
+    except ProteinError as exc:
+        return Failed(message=f"{exc}; nothing was gated or promoted")
+    if earlier is not None or challenger == champion:
+        decision = decision_of_an_earlier_attempt(challenger, champion, earlier)
+        promote_now = bool(decision.pop("promote_now", False))
     else:
         # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
         try:
@@ -205,22 +214,20 @@ def retrain(
             return Failed(message=str(exc))
         order = data_push_order(named, store, report["data_fingerprint"],
                                 champion_data_fingerprint(store, champion) if champion else None)
-        decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
-                        gate_config.to_config(), DataOrder(**order, allow_older=allow_older_data,
-                                                           allowed_by=flow_actor() if allow_older_data else None),
-                        {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
-        if decision["promote"]:
-            try:
-                champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
-                                         decision=decision)["champion"]
-            except PromotionConflict as exc:  # another promotion moved the champion since this run read it
-                withdraw_gate_pass(store, challenger, str(exc))
-                message = (f"PromotionConflict: {exc}; the gate passed {challenger}, which does not serve: its "
-                           "gate record says so, and the next scheduled run judges this data against the champion "
-                           "now")
-                publish_run_summary({**summary, "outcome": "gate passed, promotion lost", "gate": decision,
-                                     "message": message})
-                return Failed(message=message)
+        try:
+            decision = gate(store, challenger, champion, evaluation["challenger"], evaluation["champion"],
+                            gate_config.to_config(), DataOrder(**order, allow_older=allow_older_data,
+                                                               allowed_by=flow_actor() if allow_older_data else None),
+                            {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
+        except EvidenceRefused as exc:  # the two evaluations cannot be compared
+            return Failed(message=f"{exc}; nothing was promoted")
+        promote_now = bool(decision["promote"])
+    if promote_now:
+        try:
+            champion = promote_model(store, challenger, champion, reason="; ".join(decision["reasons"]),
+                                     decision=decision)["champion"]
+        except PromotionConflict as exc:  # another promotion moved the champion since this run read it
+            return lost_promotion(store, challenger, exc, summary, decision)
     outcome = "promoted" if decision["promote"] else "kept champion" if champion else "refused, no champion yet"
     logger.info("gate: %s (%s)", outcome, "; ".join(decision["reasons"]))
     links = {**summary["links"], "gate record": decision["record_uri"], "training plot": decision.get("plot_uri")}
@@ -253,18 +260,57 @@ def model_of_an_earlier_attempt(store: str, data_fingerprint: str) -> str | None
     return find_run_model(store, flow_training_run_id(data_fingerprint, flow_run.id))
 
 
-def decision_of_an_earlier_attempt(store: str, challenger: str) -> dict[str, Any]:
-    """What the gate decided for this run's challenger, already the champion: the decision its gate
-    recorded when an earlier attempt promoted it, or, where no gate ever judged it (a person promoted
-    it meanwhile), that it was not gated against itself."""
-    earlier = earlier_gate_decision(store, challenger)
-    if earlier is None:
+def decision_of_an_earlier_attempt(challenger: str, champion: str | None,
+                                   earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """This attempt's decision for a challenger an earlier attempt of this run gated (``earlier``: its
+    gate record's decision, with whether the challenger ever served), or that is already the
+    champion. It is never gated again. ``promote_now``: the earlier attempt passed it against the
+    champion that still serves and stopped before promoting; this attempt promotes it."""
+    if earlier is None:  # already the champion, with no gate of this run's: a person promoted it
         return {"promote": False, "challenger_score": None, "champion_score": None, "record_uri": None,
                 "reasons": [f"{challenger}, this run's challenger, is already the champion (promoted outside this "
                             "run's gate); not gated against itself"]}
-    return {**earlier, "reasons": [*earlier.get("reasons", []), f"{challenger}, this run's challenger, was "
-                                   "promoted by an earlier attempt of this run; this attempt went on to the "
-                                   "submission"]}
+    promote, promote_now = False, False
+    if earlier.get("served"):
+        promote = challenger == champion
+        why = (f"{challenger} was promoted by an earlier attempt of this run; this attempt went on to the submission"
+               if promote else f"{challenger} was promoted by an earlier attempt of this run, and the champion is "
+               f"{champion or 'none'} now (rolled back or replaced since): not judged or promoted again")
+    elif earlier.get("promote") and (earlier.get("promotion") or {}).get("landed", True):
+        judged_against = earlier.get("judged_against")
+        promote = promote_now = judged_against == champion
+        why = (f"an earlier attempt of this run passed {challenger} against {judged_against or 'no champion'}, the "
+               "champion still, and stopped before promoting it: promoted now" if promote else
+               f"an earlier attempt of this run passed {challenger} against {judged_against or 'no champion'}, but the "
+               f"champion is {champion or 'none'} now: not promoted on a judgement of another champion")
+    elif earlier.get("promote"):
+        why = f"an earlier attempt of this run passed {challenger}, but its promotion lost to another; not retried"
+    else:
+        why = f"the gate refused {challenger} in an earlier attempt of this run; not judged again"
+    return {**earlier, "promote": promote, "promote_now": promote_now, "reasons": [*earlier.get("reasons", []), why]}
+
+
+def winner(store: str) -> str | None:
+    try:
+        return current_champion(store)
+    except ProteinError:
+        return None
+
+
+def lost_promotion(store: str, challenger: str, conflict: PromotionConflict, summary: dict[str, Any],
+                   decision: dict[str, Any]) -> State:
+    """The gate passed, the promotion lost the compare-and-swap: the gate's records withdraw the pass
+    (protein.pipeline.evaluation.withdraw_gate_pass), the summary says so, the run fails in one line."""
+    message = (f"PromotionConflict: {conflict}; the gate passed {challenger}, which does not serve: its gate record "
+               "says so, and the next scheduled run judges this data against the champion now")
+    try:
+        withdraw_gate_pass(store, challenger, str(conflict))
+    except ProteinError as exc:
+        message = (f"PromotionConflict: {conflict}; the gate passed {challenger}, which does not serve, and its "
+                   f"records could not say so ({exc}): gates/by-data/ may still call this data promoted")
+    publish_run_summary({**summary, "outcome": "gate passed, promotion lost", "champion_after": winner(store),
+                         "gate": {**decision, "verdict": "passed, promotion lost to another"}, "message": message})
+    return Failed(message=message)
 
 
 def trigger_event_id(trigger_event: str | None) -> str | None:

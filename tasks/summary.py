@@ -84,8 +84,8 @@ def run_summary_markdown(summary: dict[str, Any]) -> str:
         scores = "not scored" if gate.get("challenger_score") is None else f"challenger {gate['challenger_score']:.4f}"
         if gate.get("champion_score") is not None:
             scores += f", champion {gate['champion_score']:.4f}"
-        verdict = ("promoted" if gate["promote"] else "kept champion" if summary.get("champion_before")
-                   else "refused, no champion yet")
+        verdict = gate.get("verdict") or ("promoted" if gate["promote"] else "kept champion"
+                                          if summary.get("champion_before") else "refused, no champion yet")
         lines += [f"- gate: **{verdict}** "
                   f"({gate.get('metric', 'f1_samples')}: {scores})",
                   "", "## Gate reasons", *[f"- {reason}" for reason in gate["reasons"]]]

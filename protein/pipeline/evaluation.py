@@ -256,15 +256,19 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
 
 
 def earlier_gate_decision(store_uri: str, challenger_id: str) -> dict[str, Any] | None:
-    """The decision gates/<challenger>.json records (with record_uri), or None when the gate never
-    judged it: for a rerun whose earlier attempt gated and promoted its challenger."""
+    """The decision gates/<challenger>.json records (with record_uri, the champion it was judged
+    against, what became of its promotion, and whether the challenger ever served), or None when the
+    gate never judged it: for a rerun whose earlier attempt gated its challenger."""
     store = open_store(store_uri)
     key = gate_record_key(challenger_id)
     try:
         record = load_record(store, key, GATE_RECORD)
     except NotFound:
         return None
-    return {**record["decision"], "record_uri": record_location(store, key)}
+    served = any(event.get("action") == "promote" and event.get("model_id") == challenger_id
+                 for event in Registry(store).champion().history)
+    return {**record["decision"], "record_uri": record_location(store, key), "promotion": record.get("promotion"),
+            "judged_against": record.get("champion"), "served": served}
 
 
 def withdraw_gate_pass(store_uri: str, challenger_id: str, why: str) -> None:

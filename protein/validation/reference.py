@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from protein.errors import NotFound, PreconditionFailed, RecordError, StoreError
+from protein.errors import NotFound, PreconditionFailed, ProteinError, RecordError, StoreError
 from protein.storage.records import RecordSchema, load_record
 from protein.validation.drift import PIXEL_PROFILE_KEYS, REFERENCE_PROFILE, check_profile, profile_hash
 
@@ -156,7 +156,7 @@ def move_champion(store: Any, target: str, move: Callable[[], Any]) -> tuple[Any
     except BaseException as exc:
         try:
             _restore_after_failed_move(store, target, before, ours)
-        except StoreError as restore_error:
+        except ProteinError as restore_error:  # a store fault, or a champion record it cannot read
             raise StoreError(f"the champion did not move to {target} ({exc}), and the drift reference could not "
                              f"be made to describe the champion again ({restore_error}): {_uri(store)} may "
                              f"describe {target}'s training data; run `protein validate --accept` on the "
