@@ -37,13 +37,21 @@ def gated_key(data_fingerprint: str, digest: str) -> str:
     return f"gates/by-data/{data_fingerprint}/{digest}.json"
 
 
-def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], decision: dict[str, Any]) -> str | None:
-    """Note that the gate judged a challenger trained on spec's data with spec's config (the newest
-    judgement wins); None for a version whose model.json does not say what it trained on."""
+def gated_key_of(spec: dict[str, Any]) -> str | None:
+    """The judgement's key for a version trained on spec's data with spec's config; None for a version
+    whose model.json does not say what it trained on."""
     fingerprint, train_config = spec.get("data_fingerprint"), spec.get("train_config")
     if not isinstance(fingerprint, str) or not isinstance(train_config, dict):
         return None
-    key = gated_key(fingerprint, config_digest(train_config))
+    return gated_key(fingerprint, config_digest(train_config))
+
+
+def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], decision: dict[str, Any]) -> str | None:
+    """Note that the gate judged a challenger trained on spec's data with spec's config (the newest
+    judgement wins); None for a version whose model.json does not say what it trained on."""
+    key = gated_key_of(spec)
+    if key is None:
+        return None
     # Where this data stood in push order when it was judged (the gate's data-order rule read it:
     # its newest push on the run's channel, None when never pushed there): a later push of the same
     # data is new input (covers()).

@@ -16,7 +16,7 @@ from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import EvidenceRefused, NotFound
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.gated_data import config_digest, gated_key, record_gated_data
+from protein.evaluation.gated_data import gated_key_of, record_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images, training_split
@@ -252,7 +252,7 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
     store.put_bytes(key, json.dumps(doc, indent=2).encode())
     # After the record it points at: a scheduled run skips this data and config from now on.
     record_gated_data(store, challenger_id, Registry(store).spec(challenger_id), decision)
-    return f"{store.uri.rstrip('/')}/{key}"
+    return record_location(store, key)
 
 
 def earlier_gate_decision(store_uri: str, challenger_id: str) -> dict[str, Any] | None:
@@ -281,11 +281,9 @@ def withdraw_gate_pass(store_uri: str, challenger_id: str, why: str) -> None:
     record = load_record(store, key, GATE_RECORD)
     record["promotion"] = {"landed": False, "why": why, "at": dt.datetime.now(dt.UTC).isoformat()}
     store.put_bytes(key, json.dumps(record, indent=2).encode())
-    spec = Registry(store).spec(challenger_id)
-    fingerprint_, train_config = spec.get("data_fingerprint"), spec.get("train_config")
-    if not isinstance(fingerprint_, str) or not isinstance(train_config, dict):
+    judged_key = gated_key_of(Registry(store).spec(challenger_id))
+    if judged_key is None:
         return
-    judged_key = gated_key(fingerprint_, config_digest(train_config))
     try:
         judged = json.loads(store.get_bytes(judged_key))
     except NotFound:

@@ -245,8 +245,9 @@ def train_on_ranks(
 def out_of_memory_message(error: BaseException, config: TrainConfig, run_id: str, ranks: int) -> str:
     """One line: what ran out, at which split of the batch, and what to change. A retry cannot
     change the config (a resume refuses another one), so the run is not retried."""
-    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    per_pass = config.batch_size // (config.accumulate * ranks)
+    lines = str(error).strip().splitlines()
+    what = lines[0] if lines else type(error).__name__
+    per_pass = check_batch_split(config, ranks)  # the split training ran with (checked before it started)
     return (f"training run {run_id} ran out of memory at batch size {config.batch_size} "
             f"(--accumulate {config.accumulate}, {ranks} rank(s): {per_pass} images a forward pass): {what}. "
             "Not retried: the same config runs out of memory again. Start a new run with a smaller "

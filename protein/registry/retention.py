@@ -197,8 +197,10 @@ class RetentionMixin:
         check_age("--older-than-hours", older_than_s, 3600)
         check_age("--run-age-days", run_age_s, DAY_S)
         check_age("--run-min-age-hours", run_min_age_s, 3600)
-        orphans = self._orphan_objects(older_than_s)
-        cutoff = self.store.clock() - older_than_s
+        # The store's clock once, before every listing: what is written after it reads as younger, kept.
+        now = self.store.clock()
+        orphans = self._orphan_objects(older_than_s, now=now)
+        cutoff = now - older_than_s
         probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
         run_objects: dict[str, list[str]] = {}
         kept: dict[str, str] = {}
@@ -210,7 +212,6 @@ class RetentionMixin:
             claims = self._claims_of_unindexed_runs(index, registered)
             protected = self.protected_keys()
             by_run: dict[str, list[ObjectInfo]] = {}
-            now = self.store.clock()  # before the listing: what is written after it reads as younger, kept
             for info in self.store.list_info("runs/"):
                 by_run.setdefault(info.key.split("/")[1], []).append(info)
             for run, infos in by_run.items():

@@ -110,8 +110,7 @@ class Store(Protocol):
     def clock(self) -> float:
         """The store's own time now, in seconds since the epoch: the clock its ``modified`` times are
         stamped by (S3: the end of the second the server's Date header names; a local folder: this
-        host's). Ages
-        of objects are measured against it, never against a host clock that may run fast."""
+        host's). Ages of objects are measured against it, never against a host clock that may run fast."""
         ...
 
     def url(self, key: str, expires_s: int = 3600) -> str:
