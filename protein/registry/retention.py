@@ -227,9 +227,14 @@ class RetentionMixin:
             written = {i.key.split("/")[1]: i.modified for i in self.store.list_info("models/")
                        if i.key.endswith("/" + SPEC_FILE)}
             by_age = sorted(written, key=lambda v: (written[v], v))
-            newest = set(by_age[len(by_age) - keep_last:]) if keep_last else set()
+            # by_age[-n:] holds them all when n exceeds their count (len - n would be a negative
+            # index, keeping only the newest few).
+            newest = set(by_age[-keep_last:]) if keep_last else set()
+            # A version written within the age guard may be a challenger a retrain is gating right now.
+            in_flight = {v for v in by_age if written[v] > cutoff}
             protected_versions = self.protected_versions()
-            old_versions = [v for v in by_age if v not in newest and v not in protected_versions]
+            old_versions = [v for v in by_age
+                            if v not in newest and v not in in_flight and v not in protected_versions]
         return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes, kept=kept,
                       older_than_s=older_than_s, run_min_age_s=run_min_age_s)
 

@@ -418,6 +418,7 @@ def test_gc_keep_last_spares_the_champion_and_its_history(registry, trained, cap
     registry.promote(versions[0], expected_champion=None)
     registry.promote(versions[1], expected_champion=versions[0])
     registry.rollback()  # champion v0 again; v1 stays in the history
+    age_versions(registry, [a, *versions], hours=2)  # past the one-hour guard
     uri = registry.store.uri
     assert main(["models", "gc", "--keep-last", "1", "--store", uri]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -429,6 +430,31 @@ def test_gc_keep_last_spares_the_champion_and_its_history(registry, trained, cap
     assert registry.store.list(f"models/{versions[2]}/") == []
     with pytest.raises(RegistryError, match="promotion history"):
         registry.delete_version(versions[1])
+
+
+def age_versions(registry: Registry, versions: list[str], hours: float) -> None:
+    """Dates each version's model.json `hours` back, oldest first in list order (a local store)."""
+    for i, version in enumerate(versions):
+        when = time.time() - hours * 3600 - (len(versions) - i)
+        os.utime(registry.store.root / "models" / version / "model.json", (when, when))
+
+
+def test_gc_keep_last_above_the_count_keeps_every_version(registry, trained):
+    versions = [trained["model_id"], *(add_version(registry, trained["model_id"], f"k{i}") for i in range(3))]
+    age_versions(registry, versions, hours=2)
+    for keep_last in (4, 5, 40):
+        assert registry.plan_gc(keep_last=keep_last).versions == [], keep_last
+    assert registry.plan_gc(keep_last=3).versions == [versions[0]]
+    assert registry.plan_gc(keep_last=0).versions == versions
+
+
+def test_gc_keep_last_spares_a_version_younger_than_the_age_guard(registry, trained):
+    # A retrain registers its challenger, then gates it: the version is minutes old while it is judged.
+    old = [trained["model_id"], *(add_version(registry, trained["model_id"], f"o{i}") for i in range(2))]
+    age_versions(registry, old, hours=2)
+    challenger = add_version(registry, trained["model_id"], "just-registered")
+    assert registry.plan_gc(keep_last=0).versions == old
+    assert challenger in registry.plan_gc(keep_last=0, older_than_s=0).versions
 
 
 def test_gc_runs_deletes_checkpoints_of_registered_and_abandoned_runs(registry, trained, capsys):
