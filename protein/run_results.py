@@ -164,8 +164,12 @@ def publish_run_submission(data_path: str | os.PathLike[str], store_uri: str, ru
         raise EvidenceRefused(f"{store.uri.rstrip('/')}/{record['key']}: line {line} is not what the CPU host derives "
                               f"from {where} with the thresholds of {model_id}; not published")
     spot_check(predictor, data, "test", data.test_ids, probs, check, draw_seed(), where, "test set")
-    extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
-    return publish_submission(store, model_id, derived, data_fingerprint, extra=extra)
+    # One version's submission has no extra fields (an ensemble's members are never a run's): what
+    # the scoring host wrote there would reach submissions/latest.json unchecked.
+    if record.get("extra"):
+        raise EvidenceRefused(f"{_uri(store, run_id, SUBMISSION)}: extra is {record['extra']!r}, expected none for "
+                              f"one model version's submission; not published")
+    return publish_submission(store, model_id, derived, data_fingerprint)
 
 
 def _load_validated(data_path: str | os.PathLike[str], data_fingerprint: str, require_test: bool,

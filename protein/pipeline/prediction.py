@@ -116,9 +116,9 @@ def publish_submission(
     if out is not None:
         write_bytes_atomic(Path(out), csv_bytes)
     store.put_bytes(key, csv_bytes, content_type="text/csv")
-    pointer = {"model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
-               "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1,
-               **(extra or {})}
+    # extra adds fields (an ensemble's members and thresholds); it never replaces those written here.
+    pointer = {**(extra or {}), "model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
+               "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1}
     store.put_bytes("submissions/latest.json", json.dumps(pointer, indent=2).encode())
     if out is not None:
         pointer["local_path"] = str(Path(out).resolve())

@@ -135,6 +135,31 @@ def test_a_submission_for_another_model_or_data_is_not_published(trained: dict, 
     assert store.list("submissions/") == []
 
 
+def test_extra_fields_in_a_run_submission_record_are_refused(trained: dict, store_uri: str) -> None:
+    # The trainer role writes runs/<id>/submission.json; its "extra" went into latest.json after the
+    # fields the CPU host checked, so it could point every reader at another model's or bucket's CSV.
+    store = open_store(store_uri)
+    predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
+    record = json.loads(store.get_bytes(result_key(RUN, "submission.json")))
+    record["extra"] = {"model_id": "some-other-model", "uri": "s3://elsewhere/forged.csv"}
+    store.put_bytes(result_key(RUN, "submission.json"), json.dumps(record).encode())
+    with pytest.raises(EvidenceRefused, match=r"submission\.json: extra is .*expected none"):
+        publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
+                               cache_dir=trained["cache"])
+    assert store.list("submissions/") == []
+
+
+def test_extra_fields_never_replace_the_published_pointers_own(trained: dict, store_uri: str) -> None:
+    from protein.pipeline.prediction import publish_submission
+
+    store = open_store(store_uri)
+    pointer = publish_submission(store, trained["model_id"], b"Image,Label\n1,0\n", "a" * 64,
+                                 extra={"model_id": "x", "key": "elsewhere", "members": ["m1", "m2"]})
+    latest = json.loads(store.get_bytes("submissions/latest.json"))
+    assert latest["model_id"] == trained["model_id"] and latest["key"] == pointer["key"] != "elsewhere"
+    assert latest["key"].startswith(f"submissions/{trained['model_id']}/") and latest["members"] == ["m1", "m2"]
+
+
 # --- forged results: written with the scoring host's rights, refused by what the CPU host derives -----------
 
 
