@@ -19,7 +19,7 @@ Settings (environment variables of the deploying shell):
   PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
   PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
   PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
-  PROTEIN_ZOMBIE_AFTER_S     seconds without heartbeat before a run is crashed (default: the file's)
+  PROTEIN_ZOMBIE_AFTER_S     seconds without heartbeat before a run is crashed, >= 60 (default: the file's)
 Exit codes: 0 deployed (or checked), 2 a setting or check failed, 1 `prefect` itself failed.
 """
 
@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, apply
 from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
@@ -46,6 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 POOLS = ("cpu", "gpu")
 SHA = re.compile(r"^[0-9a-f]{40}$")
+SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:you/protein-pipeline.git
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml's job env (a test checks they agree): the zombie
+# automation's window must outlast two of them, so one late heartbeat never crashes a healthy run.
+HEARTBEAT_FREQUENCY_S = 30
+ZOMBIE_AFTER_MIN_S = 2 * HEARTBEAT_FREQUENCY_S
 REQUIRED = {
     "PROTEIN_REPOSITORY": "the git URL workers clone the code from, e.g. https://github.com/you/protein-pipeline.git",
     "PROTEIN_STORE": "the store every host shares, e.g. s3://bucket/prefix",
@@ -82,6 +88,8 @@ def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
         if "://" not in value and not Path(value).is_absolute():
             raise SettingError(f"{name}={value!r} is a relative path, which means another folder on every host; "
                                "use an s3:// URI (or an absolute path that exists on every worker)")
+    check_repository_url(values["PROTEIN_REPOSITORY"])
+    check_webhook_url(values["PROTEIN_ALERT_WEBHOOK_URL"])
     commit = env.get("PROTEIN_COMMIT", "").strip() or head
     if not commit:
         raise SettingError("PROTEIN_COMMIT is not set and this checkout has uncommitted changes (or is not a git "
@@ -93,10 +101,45 @@ def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
     if not slots.isdigit() or int(slots) < 1:
         raise SettingError(f"PROTEIN_GPU_SLOTS={slots!r} must be a whole number >= 1 (GPUs across gpu-pool workers)")
     zombie = env.get("PROTEIN_ZOMBIE_AFTER_S", "").strip()
-    if zombie and (not zombie.isdigit() or int(zombie) < 1):
-        raise SettingError(f"PROTEIN_ZOMBIE_AFTER_S={zombie!r} must be a whole number of seconds >= 1")
+    if zombie and (not zombie.isdigit() or int(zombie) < ZOMBIE_AFTER_MIN_S):
+        raise SettingError(f"PROTEIN_ZOMBIE_AFTER_S={zombie!r} must be a whole number of seconds >= "
+                           f"{ZOMBIE_AFTER_MIN_S}: flow runs send a heartbeat every {HEARTBEAT_FREQUENCY_S} s "
+                           f"(prefect.yaml), and a window shorter than two of them crashes healthy runs")
     return DeploySettings(values["PROTEIN_REPOSITORY"], commit, values["PROTEIN_STORE"],
                           values["PROTEIN_ALERT_WEBHOOK_URL"], int(slots), int(zombie) if zombie else None)
+
+
+def check_repository_url(repository: str) -> None:
+    """SettingError for a repository URL that workers on other hosts could not clone as meant (a
+    relative path is another folder on every host) or that holds credentials: the URL is printed
+    and stored in every deployment's pull step on the server. The error never repeats the URL."""
+    if "://" in repository:
+        try:
+            parts = urlsplit(repository)
+            parts.port  # noqa: B018 - parsed on access: a malformed one raises here, not in git at 02:00
+        except ValueError:
+            raise SettingError("PROTEIN_REPOSITORY is not a URL git can read (a malformed host or port)") from None
+        if parts.password is not None or (parts.username is not None and parts.scheme in ("http", "https")):
+            raise SettingError("PROTEIN_REPOSITORY holds credentials before its host (user:token@): they would be "
+                               "printed and stored in every deployment on the Prefect server; give the workers a "
+                               "git credential helper or a deploy key instead")
+    elif not SCP_LIKE.match(repository) and not Path(repository).is_absolute():
+        raise SettingError(f"PROTEIN_REPOSITORY={repository!r} is a relative path, which every worker would clone "
+                           "from its own working folder; use the git URL workers reach (https://, ssh://, "
+                           "git@host:path) or an absolute path that exists on every worker")
+
+
+def check_webhook_url(url: str) -> None:
+    """SettingError for a webhook URL every alert would fail on (no http(s) scheme or no host). The
+    error never repeats the URL: an incoming-webhook URL is itself a secret."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError("PROTEIN_ALERT_WEBHOOK_URL is not an http:// or https:// URL with a host; every "
+                           "alert would fail to send")
 
 
 def clean_head(repo: Path) -> str | None:

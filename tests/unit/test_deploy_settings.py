@@ -23,6 +23,15 @@ def test_complete_settings_pin_the_clean_head_and_one_gpu_slot() -> None:
     ({"PROTEIN_ZOMBIE_AFTER_S": "soon"}, "PROTEIN_ZOMBIE_AFTER_S='soon' must be a whole number"),
     ({"PROTEIN_COMMIT": "v1.2"}, "PROTEIN_COMMIT='v1.2' is not a full 40-hex commit sha"),
     ({"PROTEIN_GPU_SLOTS": "0"}, "PROTEIN_GPU_SLOTS='0' must be a whole number >= 1"),
+    # Shorter than two heartbeats: every healthy run would be crashed between two of them.
+    ({"PROTEIN_ZOMBIE_AFTER_S": "20"}, "PROTEIN_ZOMBIE_AFTER_S='20' must be a whole number of seconds >= 60"),
+    ({"PROTEIN_ZOMBIE_AFTER_S": "59"}, "PROTEIN_ZOMBIE_AFTER_S='59' must be a whole number of seconds >= 60"),
+    ({"PROTEIN_REPOSITORY": "."}, "PROTEIN_REPOSITORY='.' is a relative path"),
+    ({"PROTEIN_REPOSITORY": "checkout/protein"}, "PROTEIN_REPOSITORY='checkout/protein' is a relative path"),
+    ({"PROTEIN_REPOSITORY": "https://[::1/r.git"}, "PROTEIN_REPOSITORY is not a URL git can read"),
+    ({"PROTEIN_ALERT_WEBHOOK_URL": "hooks.slack.com/services/T0"}, "PROTEIN_ALERT_WEBHOOK_URL is not an http"),
+    ({"PROTEIN_ALERT_WEBHOOK_URL": "ftp://hooks.example/T0"}, "PROTEIN_ALERT_WEBHOOK_URL is not an http"),
+    ({"PROTEIN_ALERT_WEBHOOK_URL": "https://"}, "PROTEIN_ALERT_WEBHOOK_URL is not an http"),
 ])
 def test_a_bad_setting_is_named(change: dict[str, str], named: str) -> None:
     with pytest.raises(SettingError, match=named.replace("$", r"\$").replace("{", r"\{")):
@@ -33,3 +42,38 @@ def test_a_dirty_checkout_needs_an_explicit_commit() -> None:
     with pytest.raises(SettingError, match="PROTEIN_COMMIT is not set and this checkout has uncommitted changes"):
         check_settings(GOOD, None)
     assert check_settings({**GOOD, "PROTEIN_COMMIT": "b" * 40}, None).commit == "b" * 40
+
+
+@pytest.mark.parametrize("repository", ["https://bot:ghp_SECRET123@github.com/you/p.git",
+                                        "https://ghp_SECRET123@github.com/you/p.git",
+                                        "ssh://git:ghp_SECRET123@github.com/you/p.git"])
+def test_a_repository_url_with_credentials_is_refused_without_repeating_them(repository: str) -> None:
+    # The URL is printed by the checks and stored in every deployment's pull step on the server.
+    with pytest.raises(SettingError, match="PROTEIN_REPOSITORY holds credentials") as refused:
+        check_settings({**GOOD, "PROTEIN_REPOSITORY": repository}, HEAD)
+    assert "SECRET123" not in str(refused.value)
+
+
+@pytest.mark.parametrize("repository", ["git@github.com:you/protein-pipeline.git", "ssh://git@github.com/you/p.git",
+                                        "/srv/git/protein-pipeline.git", "file:///srv/git/protein-pipeline.git",
+                                        "https://github.com/you/protein-pipeline.git"])
+def test_repository_urls_workers_clone_are_accepted(repository: str) -> None:
+    assert check_settings({**GOOD, "PROTEIN_REPOSITORY": repository}, HEAD).repository == repository
+
+
+def test_a_webhook_url_refused_is_never_repeated() -> None:
+    # An incoming-webhook URL is itself a credential.
+    with pytest.raises(SettingError) as refused:
+        check_settings({**GOOD, "PROTEIN_ALERT_WEBHOOK_URL": "hooks.slack.com/services/T0/SECRET"}, HEAD)
+    assert "SECRET" not in str(refused.value)
+
+
+def test_the_zombie_minimum_follows_the_heartbeat_prefect_yaml_sets() -> None:
+    import yaml
+
+    from deployments.deploy import HEARTBEAT_FREQUENCY_S, PREFECT_FILE, ZOMBIE_AFTER_MIN_S
+
+    env = yaml.safe_load(PREFECT_FILE.read_text())["definitions"]["env"]
+    assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == HEARTBEAT_FREQUENCY_S
+    assert ZOMBIE_AFTER_MIN_S == 2 * HEARTBEAT_FREQUENCY_S
+    assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 60
