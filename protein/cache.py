@@ -24,6 +24,7 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,19 @@ CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough
 # Bump when load_image's output changes for the same bytes (resize filter, colour handling).
 PREPROCESS_VERSION = 1
 SUFFIXES = (".npy", ".json", ".lock")
+
+
+# The oldest age a cache gc takes: a century (timedelta cannot hold a billion days).
+MAX_CACHE_AGE_DAYS = 36500.0
+
+
+def check_cache_age(older_than_days: float) -> None:
+    """ValueError unless the age is a finite number of days in [0, MAX_CACHE_AGE_DAYS]: NaN fails
+    every comparison and a negative age puts the cutoff in the future, so either would remove every
+    entry, in use or not."""
+    if not (math.isfinite(older_than_days) and 0 <= older_than_days <= MAX_CACHE_AGE_DAYS):
+        raise ValueError(f"--older-than-days must be a number of days from 0 to {MAX_CACHE_AGE_DAYS:g}, "
+                         f"got {older_than_days:g}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,7 @@ class ImageCache:
         root and datasets/; never one written within the hour or whose writer holds its lock); returns
         their names. Lock files stay: a process waiting on one must find the entry's state through
         that same file."""
+        check_cache_age(older_than_days)
         if not self.root.is_dir():
             return []
         now = time.time()
@@ -269,6 +284,7 @@ class ImageCache:
     def gc_store(store: Store, older_than_days: float, dry_run: bool = False) -> list[str]:
         """Remove shared entries under cache/ created more than older_than_days ago (the store has
         no last-use time; a worker that needs a removed entry rebuilds and pushes it again)."""
+        check_cache_age(older_than_days)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=older_than_days)
         removed = []
         for meta_key in sorted(k for k in store.list("cache/") if k.endswith(".json")):

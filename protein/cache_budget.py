@@ -10,7 +10,9 @@ written without that call: the next one counts them.
 What counts as an entry, under the cache root (every folder the cache holds is one of these kinds,
 or is named below as never evicted):
 - a decoded split: `<name>.npy` + `<name>.json` (last use: the .json's mtime, touched on every hit);
-  its `<name>.lock` stays, so two processes always lock the same file;
+  its `<name>.lock` stays, so two processes always lock the same file; a `<name>.npy` without its
+  .json (a build or pull that died before the meta) is an entry of its own, never removed while a
+  build holds `<name>.lock`;
 - a downloaded model version: `models/<version>/` (last use: the folder's mtime, touched on use);
 - a dataset file or zip fetched from S3: `datasets/objects/**`, `datasets/zips/*` (last use: mtime,
   touched on read and on every cache hit);
@@ -142,6 +144,16 @@ def _image_entries(root: Path) -> Iterator[CacheEntry]:
         # The meta first: its mtime is the entry's last use (re-read before removal), and a split
         # without it reads as absent, never as a meta whose array is gone.
         yield CacheEntry(f"images/{meta.stem}", (meta, array), size, meta_stat.st_mtime)
+    # An array without its meta: a build killed between moving the array into place and writing the
+    # meta (it hashes the array in between), or a pull whose meta download failed. Nothing reads or
+    # rebuilds it once its data is superseded, so it is an entry too, under the lock a build holds.
+    for array in root.glob("*.npy"):
+        if array.with_suffix(".json").exists():
+            continue
+        array_stat = _stat(array)
+        if array_stat is not None:
+            yield CacheEntry(f"images/{array.stem}", (array,), array_stat.st_size, array_stat.st_mtime,
+                             root / f"{array.stem}.lock")
 
 
 def _model_entries(root: Path) -> Iterator[CacheEntry]:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from protein.cache import CacheKey, ImageCache
 from protein.data import fingerprint, load_competition, load_image
@@ -180,6 +181,30 @@ def test_cache_gc_removes_old_local_and_shared_entries(tmp_path, capsys):
     assert result["local"] == [old.name] and result["shared"] == [old.name]
     assert not any(p.exists() for p in cache.paths(old)) and all(p.exists() for p in cache.paths(new))
     assert not store.exists(f"cache/{old.name}.npy") and store.exists(f"cache/{new.name}.npy")
+
+
+@pytest.mark.parametrize("age", ["nan", "-1", "inf", "1e10"])
+def test_cache_gc_refuses_an_age_that_would_remove_everything_or_overflow(tmp_path, capsys, age):
+    # NaN fails every comparison and -1 puts the cutoff in the future: each removed every entry,
+    # in use or not, local and shared; inf and 1e10 ended in a traceback (OverflowError), exit 1.
+    import json
+
+    from protein.cli import main
+    from protein.storage import open_store
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    store = open_store(str(tmp_path / "store"))
+    cache = ImageCache(tmp_path / "cache")
+    key = CacheKey("fresh", "train", 16)
+    cache.build(load_competition(root), "train", 16, key=key, shared=store)
+    capsys.readouterr()
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["cache", "gc", "--cache-dir", str(tmp_path / "cache"), "--older-than-days", age,
+                     "--store", str(tmp_path / "store"), *dry_run]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and "--older-than-days must be a number of days" in err, err
+    assert all(p.exists() for p in cache.paths(key)) and store.exists(f"cache/{key.name}.json")
+    assert json.loads(store.get_bytes(f"cache/{key.name}.json"))
 
 
 class _RacingStore:

@@ -299,12 +299,27 @@ def test_every_file_the_cache_holds_counts_toward_its_bound_or_is_a_lock_or_a_te
     make_month_old_history(tmp_path)
     write_aged(data_cache_dir(tmp_path) / "zips" / "0123.zip", 1000, DAY)
     EntryHold(data_cache_dir(tmp_path) / "zips" / "0123.zip").release()  # leaves its lock in datasets/locks/
+    write_aged(tmp_path / "died-before-its-meta.npy", 700, 30 * DAY)  # a build killed while hashing
     counted = {f for e in cache_entries(tmp_path) for p in e.paths
                for f in ([q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p])}
     assert sum(e.size for e in cache_entries(tmp_path)) == sum(f.stat().st_size for f in counted)
     uncounted = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
                  if p.is_file() and p not in counted and p.suffix != ".lock" and not p.name.endswith(".tmp")}
     assert uncounted == set(), "files no bound would ever count or remove"
+
+
+def test_a_split_whose_meta_was_never_written_is_evicted_but_never_while_its_build_holds_the_lock(
+        tmp_path: Path) -> None:
+    # _build_locked moves the array into place, hashes it, then writes the meta; a kill in between
+    # (or a pull whose meta download failed) left an array no bound counted: 22 GB at 512 px, for good.
+    name = "f00d-train-512px-p1-pil11.0.0"
+    orphan = write_aged(tmp_path / f"{name}.npy", 5000, 2 * RECENT_USE_S)
+    assert [(e.name, e.size) for e in cache_entries(tmp_path)] == [(f"images/{name}", 5000)]
+    with ImageCache(tmp_path).lock_by_name(name):  # a build of the same key, hashing right now
+        assert enforce_cache_budget(tmp_path, max_bytes=0) == [] and orphan.exists()
+    fresh = write_aged(tmp_path / "beef-train-16px-p1-pil11.0.0.npy", 5000, 60)  # a build minutes old
+    assert enforce_cache_budget(tmp_path, max_bytes=0) == [f"images/{name}"]
+    assert not orphan.exists() and fresh.exists()
 
 
 def test_the_mirror_loses_old_files_first_then_the_folders_they_left_empty(tmp_path: Path) -> None:
