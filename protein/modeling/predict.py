@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from protein.errors import RegistryError
+from protein.errors import RecordError, RegistryError
 from protein.evaluation.metrics import binarize
 from protein.labels import LABELS, format_label_set
 from protein.modeling.model import build_model
@@ -29,6 +30,27 @@ def label_strings(probs: np.ndarray, thresholds: np.ndarray) -> list[str]:
     """Tuned per-class thresholds; an image never goes without a label (top class)."""
     predicted = binarize(probs, thresholds, ensure_one=True)
     return [format_label_set(np.flatnonzero(row)) for row in predicted]
+
+
+def _numbers(value: Any, count: int) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+
+
+def check_inference_fields(spec: dict[str, Any], where: str) -> None:
+    """RecordError naming `where` unless the record holds what prediction reads beyond the schema's
+    required fields: the normalization training used and one threshold per class. A version
+    registered without them passed every record check, then failed mid-prediction with a KeyError
+    traceback (or a shape error naming neither the version nor its record)."""
+    norm = spec.get("normalization")
+    if not (isinstance(norm, dict) and _numbers(norm.get("mean"), 3) and _numbers(norm.get("std"), 3)
+            and all(x > 0 for x in norm["std"])):
+        raise RecordError(f"{where}: normalization must be {{mean: 3 numbers, std: 3 positive numbers}}, "
+                          f"got {str(norm)[:80]}")
+    thresholds = spec.get("thresholds")
+    if not (_numbers(thresholds, len(LABELS)) and all(0 <= t <= 1 for t in thresholds)):
+        shown = f"{len(thresholds)} values" if isinstance(thresholds, list) else str(thresholds)[:40]
+        raise RecordError(f"{where}: thresholds must be {len(LABELS)} numbers in [0, 1], one per class, got {shown}")
 
 
 @dataclass
@@ -70,6 +92,7 @@ class Predictor:
         spec = json.loads((model_dir / SPEC_FILE).read_text())
         if list(spec.get("class_names", [])) != list(LABELS):
             raise RegistryError(f"{model_dir}: model classes {spec.get('class_names')} differ from {list(LABELS)}")
+        check_inference_fields(spec, str(model_dir / SPEC_FILE))
         # Checked again at load, not only at download: a cached folder may have been altered since.
         check_local_weights(model_dir, spec)
         try:

@@ -227,6 +227,32 @@ def test_weights_rewritten_in_the_bucket_are_refused_and_nothing_is_predicted(
     assert not (tmp_path / "sub.csv").exists() and registry.store.list("submissions/") == []
 
 
+@pytest.mark.parametrize(("change", "named"), [
+    ({"normalization": None}, "normalization must be {mean: 3 numbers, std: 3 positive numbers}"),
+    ({"normalization": {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.0, 0.2]}}, "normalization must be"),
+    ({"thresholds": [0.5, 0.5, 0.5]}, "thresholds must be 10 numbers in [0, 1], one per class, got 3 values"),
+    ({"thresholds": [2.0] * 10}, "thresholds must be 10 numbers in [0, 1]"),
+])
+def test_a_version_without_what_prediction_reads_is_refused_in_one_line(registry, trained, tmp_path, capsys,
+                                                                        change, named):
+    # model.json's schema requires only the fields every record has; prediction also reads these.
+    from protein.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = registry.download(trained["model_id"], Path(tmp))
+        spec = json.loads((local / "model.json").read_text())
+        fields = {k: spec[k] for k in ("arch", "image_size", "class_names", "thresholds", "normalization")}
+        version = registry.register(local / "model.safetensors",
+                                    {k: v for k, v in {**fields, **change}.items() if v is not None}, version="odd")
+    capsys.readouterr()
+    code = main(["predict", "--data", str(trained["data"]), "--store", registry.store.uri, "--model", version,
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "sub.csv")])
+    err = capsys.readouterr().err
+    assert code == 8, err
+    assert err.count("\n") == 1 and f"models/{version}/model.json: {named}" in err, err
+    assert not (tmp_path / "sub.csv").exists() and registry.store.list("submissions/") == []
+
+
 def test_missing_weights_are_refused_before_promotion(registry, trained):
     version = trained["model_id"]
     registry.store.delete(f"models/{version}/model.safetensors")
