@@ -46,14 +46,17 @@ def parse_csv_bytes(raw: bytes, where: str, columns: tuple[str, ...] = LABEL_COL
         raise DataError(f"{where}: empty file (expected a header row {','.join(columns)})")
     # The csv module, not pandas: pandas silently turns a row with one field too many into
     # an index and shifts every column; here such a row is an error naming its line.
-    rows = list(csv.reader(io.StringIO(text, newline="")))
+    rows, lines = _csv_rows(text, where)
     header = [c.strip() for c in rows[0]]
-    for line_number, row in enumerate(rows[1:], start=2):
+    for line_number, row in zip(lines[1:], rows[1:], strict=True):
         if row and len(row) != len(header):
             raise DataError(
                 f"{where} line {line_number}: {len(row)} fields, expected {len(header)} ({','.join(header)})"
             )
     frame = pd.DataFrame([r for r in rows[1:] if r], columns=header, dtype=str)
+    # The line each data row starts on, as an editor numbers them: blank lines skipped above and
+    # quoted fields spanning lines would shift a count of rows.
+    frame.attrs["lines"] = [line for line, row in zip(lines[1:], rows[1:], strict=True) if row]
     frame.columns = [str(c).strip() for c in frame.columns]
     if tuple(frame.columns) != columns:
         missing = [c for c in columns if c not in frame.columns]
@@ -64,9 +67,29 @@ def parse_csv_bytes(raw: bytes, where: str, columns: tuple[str, ...] = LABEL_COL
     return frame
 
 
-def csv_line(row_index: int) -> int:
-    """Data row index -> the line number a user sees in an editor (header is line 1)."""
-    return row_index + 2
+def _csv_rows(text: str, where: str) -> tuple[list[list[str]], list[int]]:
+    """The rows and the line each starts on; DataError naming the line of a row the csv module
+    cannot read (an unclosed quote runs on to the end of the file and overflows its field limit)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows, lines
+        except csv.Error as exc:
+            raise DataError(f"{where} line {start}: not a CSV row ({exc}); look for an unclosed quote") from None
+        rows.append(row)
+        lines.append(start)
+
+
+def csv_line(row_index: int, frame: pd.DataFrame | None = None) -> int:
+    """Data row index -> the line number a user sees in an editor (header is line 1): the line the
+    row starts on when `frame` came from parse_csv_bytes, else the index counted from line 2."""
+    lines = frame.attrs.get("lines") if frame is not None else None
+    return lines[row_index] if lines is not None and row_index < len(lines) else row_index + 2
 
 
 def parse_labels_table(frame: pd.DataFrame, where: str) -> tuple[list[str], list[frozenset[int]]]:
@@ -75,11 +98,11 @@ def parse_labels_table(frame: pd.DataFrame, where: str) -> tuple[list[str], list
     label_sets: list[frozenset[int]] = []
     seen: dict[str, int] = {}
     for i, (image_id, label) in enumerate(zip(frame["Image"], frame["Label"], strict=True)):
-        line = f"{where} line {csv_line(i)}"
+        line = f"{where} line {csv_line(i, frame)}"
         image_id = image_id.strip()
         check_image_id(image_id, line)
         if image_id in seen:
-            raise DataError(f"{line}: image id {image_id!r} repeats line {csv_line(seen[image_id])}")
+            raise DataError(f"{line}: image id {image_id!r} repeats line {csv_line(seen[image_id], frame)}")
         seen[image_id] = i
         try:
             label_sets.append(parse_label_set(label))
@@ -87,6 +110,21 @@ def parse_labels_table(frame: pd.DataFrame, where: str) -> tuple[list[str], list
             raise DataError(f"{line} (Image {image_id!r}): {exc}") from None
         ids.append(image_id)
     return ids, label_sets
+
+
+def test_ids_of(sample: pd.DataFrame, where: str) -> list[str]:
+    """The submission template's ids in order; DataError naming the line of a bad or repeated one (a
+    repeated id would be predicted, published and scored twice)."""
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(sample["Image"]):
+        line = f"{where} line {csv_line(i, sample)}"
+        image_id = check_image_id(value.strip(), line)
+        if image_id in seen:
+            raise DataError(f"{line}: image id {image_id!r} repeats line {csv_line(seen[image_id], sample)}")
+        seen[image_id] = i
+        ids.append(image_id)
+    return ids
 
 
 @dataclass
@@ -128,7 +166,7 @@ def load_competition(
     if source.exists(SAMPLE_SUBMISSION_CSV):
         sample = read_csv_table(source, SAMPLE_SUBMISSION_CSV)
         where = source.locate(SAMPLE_SUBMISSION_CSV)
-        test_ids = [check_image_id(v.strip(), f"{where} line {csv_line(i)}") for i, v in enumerate(sample["Image"])]
+        test_ids = test_ids_of(sample, where)
     elif require_test:
         raise DataError(f"{source.description}: no submission template (it gives the test ids and their order; "
                         f"{TEMPLATE_HINT})")

@@ -73,6 +73,12 @@ def test_bom_and_crlf_are_accepted(tiny):
     ("Image,Label\n", "no data rows"),
     ("Image,Label\n1,0\n2,4,5\n", "line 3: 3 fields, expected 2"),
     ("", "empty file"),
+    # Lines as an editor numbers them: blank lines and a quoted field over two lines count.
+    ("Image,Label\n1,0\n\n\n../x,0\n", "line 5: image id '../x' is not a safe id"),
+    ("Image,Label\n1,0\n2,\"4\n6\"\n1,2\n", "line 3 (Image '2'): expected integer class ids"),
+    ("Image,Label\n1,0\n\n1,2\n", "line 4: image id '1' repeats line 2"),
+    # An unclosed quote swallows the rest of the file: csv.Error, a traceback with exit 1, before.
+    ("Image,Label\n1,0\n2,\"2 3\n" + "5,1\n" * 40000, "line 3: not a CSV row (field larger than field limit"),
 ])
 def test_bad_train_csv_names_the_row(tiny, content, needle):
     (tiny / "train.csv").write_text(content)
@@ -80,6 +86,23 @@ def test_bad_train_csv_names_the_row(tiny, content, needle):
         load_competition(tiny)
     assert needle in str(info.value)
     assert "train.csv" in str(info.value)
+
+
+def test_a_repeated_test_id_in_the_template_names_both_lines(tiny):
+    # Every id of the template is predicted and published: a repeat would be a submission row twice.
+    (tiny / "sample_submission.csv").write_text("Image,Label\n9,0\n\n9,0\n")
+    with pytest.raises(DataError, match=r"sample_submission\.csv line 4: image id '9' repeats line 2"):
+        load_competition(tiny)
+
+
+def test_an_unclosed_quote_is_one_line_and_exit_2_from_the_cli(tiny, tmp_path, capsys):
+    from protein.cli import main
+
+    (tiny / "train.csv").write_text("Image,Label\n1,\"0\n" + "2,1\n" * 40000)
+    assert main(["datasets", "push", "--data", str(tiny), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.csv line 2: not a CSV row" in err, err
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.json"))
 
 
 def test_missing_train_csv(tmp_path):
