@@ -28,7 +28,7 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
     def resolve() -> dict[str, Any]:
         try:
             resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
-        except DataError as exc:
+        except (DataError, ValueError) as exc:  # ValueError: a store URI open_store refuses; no retry mends it
             return {"problem": str(exc)}
         result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
         if trigger_event_id and resolved.channel:

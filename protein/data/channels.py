@@ -198,9 +198,12 @@ def resolve_data(data: str, store_uri: str, refused: Callable[[Store, str], bool
     if not history:
         raise DataError(f"{ref.describe()}: no dataset was pushed on channel {ref.name!r} in {store.uri} "
                         f"(run `protein datasets push --data DATA --store {store.uri}` first)")
+    # Verdicts are where runs store their validation reports: the run's own store, which is not the
+    # channel's when ``data`` names a channel in another store.
+    verdicts = store if ref.store is None else open_store(store_uri)
     passed_over: list[int] = []
     for entry in reversed(history):
-        if entry.event_id == own_event_id or refused is None or not refused(store, entry.fingerprint):
+        if entry.event_id == own_event_id or refused is None or not refused(verdicts, entry.fingerprint):
             if passed_over:
                 log.warning("channel %s: pushes %s were refused by validation; using push %d (%s)", ref.name,
                             ", ".join(f"#{n}" for n in passed_over), entry.sequence, entry.fingerprint[:12])

@@ -137,6 +137,29 @@ def test_only_a_stored_failing_verdict_refuses_data(tmp_path: Path) -> None:
     assert refused_by_validation(store, "d" * 16) is True
 
 
+def test_a_channel_in_another_store_is_judged_by_the_verdicts_of_the_runs_store(tmp_path: Path) -> None:
+    # data=s3://data/datasets@latest with store=s3://models: runs write their reports to the models
+    # store, so a refusal read from the data store was never found and every nightly took the bad push.
+    data_store, run_store = LocalStore(tmp_path / "data"), LocalStore(tmp_path / "models")
+    for n, fp in enumerate(("a" * 16, "b" * 16), start=1):
+        push(data_store, fp, f"e{n}")
+    stored_verdict(run_store, "b" * 16, False)
+    resolved = resolve_data(f"{tmp_path / 'data'}/datasets@latest", str(tmp_path / "models"),
+                            refused=refused_by_validation)
+    assert (resolved.fingerprint, resolved.sequence, resolved.passed_over) == ("a" * 16, 1, [2])
+    stored_verdict(data_store, "a" * 16, False)  # a verdict in the data store is no run's: not read
+    assert resolve_data(f"{tmp_path / 'data'}/datasets@latest", str(tmp_path / "models"),
+                        refused=refused_by_validation).sequence == 1
+
+
+@pytest.mark.parametrize("store", ["ftp://host/store", "s3://b/prefix"])
+def test_a_store_uri_nothing_can_open_is_the_runs_one_line_problem_not_retried(store: str) -> None:
+    from tasks.channels import resolve_dataset
+
+    # A ValueError left the task: retried as transient three times (~42 s), then a traceback.
+    assert resolve_dataset.fn("channel:latest", store)["problem"].startswith(store.split("/prefix")[0])
+
+
 def test_a_channel_record_over_the_size_cap_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read under the records' cap, like every record: a channel grown (or written) past it is refused
     with one line naming it, never parsed into memory whole."""
