@@ -28,7 +28,11 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
             s3://bucket/prefix; empty takes the worker's PROTEIN_STORE (default work/store)
         validation: what the data must look like
     """
-    resolved = resolve_dataset(data, store or default_store_uri())
+    # One store for both: resolved with the worker's store but validated without one, the data was
+    # judged against the built-in drift profile, not the champion's, and no report was kept for the
+    # nightly's channel resolution to pass a refused push over.
+    store = store or default_store_uri()
+    resolved = resolve_dataset(data, store)
     if resolved.get("problem"):
         return Failed(message=f"data {data}: {resolved['problem']}")
     report = validate_data(resolved["uri"], validation.to_config(), store)

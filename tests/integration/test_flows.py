@@ -141,10 +141,15 @@ def test_predict_flow_writes_a_submission(promoted_store, dataset):
     assert result["model_id"] == first["champion"]
 
 
-def test_validate_flow_passes_good_data(prefect_harness, dataset):
+def test_validate_flow_passes_good_data_and_keeps_its_report_in_the_workers_store(prefect_harness, dataset,
+                                                                                  tmp_path, monkeypatch):
     from flows.validate import validate
 
-    assert validate(data=dataset, validation=VALIDATION)["success"] is True
+    # No store given: the worker's PROTEIN_STORE, for the report and the drift reference alike.
+    monkeypatch.setenv("PROTEIN_STORE", str(tmp_path / "store"))
+    report = validate(data=dataset, validation=VALIDATION)
+    assert report["success"] is True
+    assert (tmp_path / "store" / "validation" / report["data_fingerprint"] / "report.json").is_file()
 
 
 def test_a_validation_in_a_flow_leaves_no_folder_on_the_host(prefect_harness, dataset, tmp_path, monkeypatch):
