@@ -54,7 +54,11 @@ LOWEST_LOST_AFTER_S = 10.0
 # beat is then at most ~10 s old), so a beat held back one flush never looks like a death.
 FLUSHES_PER_BOUND = 4
 # Gateway answers of a proxy in front of a restarting API: the API is unreachable, not refusing.
-UNREACHABLE_STATUS = frozenset({502, 503, 504})
+# And 500: while PostgreSQL restarts or fails over (60-120 s on a managed database) Prefect 3.9's
+# APIs answer 500, not 503 (deployments/ha_stack/stack.py); the client's retries of it last ~62 s,
+# after which the dispatcher waits the rest of its outage bound instead of failing the retrain
+# while its child trains on, unwatched. A 500 that a bug repeats costs that bound, then fails.
+UNREACHABLE_STATUS = frozenset({500, 502, 503, 504})
 # What a server that does not say is taken to use: Prefect's own default (5 s).
 DEFAULT_EVENT_FLUSH_S = float(ServerServicesEventPersisterSettings.model_fields["flush_interval"].default)
 WORKER_BEATS_OF_SILENCE = 2

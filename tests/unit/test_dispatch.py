@@ -231,6 +231,20 @@ def test_api_outage_is_waited_out_and_other_errors_are_not(monkeypatch: pytest.M
     with pytest.raises(ValueError, match="a real answer"):
         through_outage(lambda: (_ for _ in ()).throw(ValueError("a real answer")), config,
                        logging.getLogger("test"), "reading")
+    # The database behind the API restarting: Prefect answers 500 until it is back.
+    database_down = httpx.HTTPStatusError("internal server error", request=request,
+                                          response=httpx.Response(500, request=request))
+    assert api_unreachable(database_down)
+    outage = iter([database_down] * 2)
+
+    def answered_after_the_database() -> str:
+        if (error := next(outage, None)) is not None:
+            raise error
+        return "answered"
+
+    assert through_outage(answered_after_the_database, config, logging.getLogger("test"),
+                          "reading") == ("answered", True)
+    assert slept == [1, 2, 4, 1, 2]
 
 
 def test_gpu_pool_without_cuda_fails_loudly_unless_cpu_is_allowed() -> None:
