@@ -49,3 +49,14 @@ def test_gpu_out_of_memory_is_not_retried(error_class: type[Exception]) -> None:
 
 def test_other_runtime_errors_stay_transient() -> None:
     assert is_transient(RuntimeError("CUDA error: unspecified launch failure")) is True
+
+
+def test_a_dead_training_process_is_retried_to_resume() -> None:
+    # A rank of a multi-GPU run killed (host OOM killer, GPU fault): exit 7, "rerun to resume". The
+    # train task's retry resumes from the last checkpoint; a single-process run killed the same way
+    # is re-dispatched as lost, so without the retry the night was lost only with more ranks.
+    from protein.errors import TrainingFailed
+    from tasks.training import train_model
+
+    assert is_transient(TrainingFailed("rank 1 exited with signal 9; rerun with run id r to resume")) is True
+    assert retry_transient(train_model, None, Failed(data=TrainingFailed("rank 1 exited -9"))) is True
