@@ -74,12 +74,18 @@ class DispatchConfig:
     # (tasks.liveness); a run heard only through Prefect's 30 s heartbeats gets at least 45 s.
     lost_after_s: float = 120.0
     api_outage_s: float = 600.0  # how long an unreachable Prefect API is waited out
+    # Before dispatching again after an attempt that was lost before it ever ran (its pull step's
+    # clone failed, the worker could not start its process): doubled for each such attempt in a row.
+    # What stops a run before it starts is mostly outside it (the git host, the worker's disk), and
+    # dispatching again at once spent every attempt within a minute of a short outage. An attempt
+    # lost while training is dispatched again at once: its resume waits for nothing.
+    unstarted_backoff_s: float = 60.0
 
     def __post_init__(self) -> None:
         if (self.timeout_s <= 0 or self.attempts < 1 or self.poll_s <= 0 or self.lost_after_s <= 0
-                or self.api_outage_s < 0):
+                or self.api_outage_s < 0 or not self.unstarted_backoff_s >= 0):
             raise ValueError(f"dispatch needs timeout_s, poll_s, lost_after_s > 0, attempts >= 1, "
-                             f"api_outage_s >= 0; got {self}")
+                             f"api_outage_s, unstarted_backoff_s >= 0; got {self}")
 
 
 class Step(Enum):
@@ -214,6 +220,7 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
     watched: list[str] = []
     abandoned: set[int] = set()
     dispatched = 0
+    unstarted = 0  # attempts in a row lost before they ran
     while True:
         attempts, _ = through_outage(lambda: existing_attempts(prefix), config, logger, f"reading {step} attempts")
         action, number = plan({n: r.state_type for n, r in attempts.items()}, abandoned)
@@ -240,13 +247,17 @@ def dispatch(step: str, deployment: str, parameters: dict[str, Any], run_id: str
             logger.info("%s attempt %d (flow run %s) is %s: waiting on it", step, number, child.name,
                         child.state_name)
         watched.append(str(child.id))
-        outcome, state = wait_for(child.id, config, logger)
+        outcome, state, started = wait_for(child.id, config, logger)
         if outcome is Step.DONE:
             return {"flow_run_ids": watched, "attempts": number}
         if outcome in (Step.FAILED, Step.NEVER_STARTED):
             raise RuntimeError(f"{step} {child.name} ({deployment}) {outcome.value}: {state}")
         abandoned.add(number)
-        logger.warning("%s attempt %d %s (%s); dispatching run %s again", step, number, outcome.value, state, run_id)
+        unstarted = 0 if started else unstarted + 1
+        delay = unstarted_delay_s(config, unstarted) if dispatched < config.attempts else 0.0
+        logger.warning("%s attempt %d %s (%s); dispatching run %s again%s", step, number, outcome.value, state, run_id,
+                       f" in {delay:.0f}s (it never ran)" if delay else "")
+        time.sleep(delay)
 
 
 def lost_after_refusal(config: DispatchConfig,
@@ -259,8 +270,15 @@ def lost_after_refusal(config: DispatchConfig,
     return lost_after_problem(config.lost_after_s, event_flush_s)
 
 
+def unstarted_delay_s(config: DispatchConfig, unstarted: int) -> float:
+    """The wait before the next attempt after `unstarted` attempts in a row lost before they ran."""
+    return config.unstarted_backoff_s * 2 ** (unstarted - 1) if unstarted > 0 else 0.0
+
+
 def wait_for(flow_run_id: Any, config: DispatchConfig,
-             logger: logging.Logger | logging.LoggerAdapter | None = None) -> tuple[Step, str]:
+             logger: logging.Logger | logging.LoggerAdapter | None = None) -> tuple[Step, str, bool]:
+    """Watch one attempt until it is done or given up on: the step, what its state said, and
+    whether it ever reached Running."""
     logger = logger or run_logger()
     start = time.monotonic()
     started = False
@@ -273,7 +291,8 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
             if outage:
                 watch.forget()  # nothing was seen during the outage: silence counts from now
             state = run.state.type if run.state else None
-            started = started or state == StateType.RUNNING
+            # start_time: set when the run first went Running, also between two polls.
+            started = started or state == StateType.RUNNING or run.start_time is not None
             alive, why = watch.judge(evidence, time.monotonic()) if state in JUDGED_STATES else (None, "")
             step = decide(state, started, alive, time.monotonic() - start, config.timeout_s)
             described = f"{run.state.name if run.state else 'no state'}: {run.state.message if run.state else ''}"
@@ -291,7 +310,7 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
                                        force=True), config, logger, f"cancelling flow run {flow_run_id}")
                 described = f"{message} (was {described})"
             if step is not Step.WAIT:
-                return step, described
+                return step, described, started
             time.sleep(config.poll_s)
 
 

@@ -266,3 +266,64 @@ def test_policy_reads_the_environment() -> None:
     assert DevicePolicy.from_env({"PROTEIN_REQUIRE_CUDA": "1", "PROTEIN_ALLOW_CPU": "true"}) == DevicePolicy(True, True)
     assert DevicePolicy.from_env({}, allow_cpu=True) == DevicePolicy(False, True)
     assert DevicePolicy.from_env({"PROTEIN_REQUIRE_CUDA": "0"}) == DevicePolicy()
+
+
+class _Attempt:
+    """A dispatched flow run as existing_attempts returns it."""
+
+    def __init__(self, number: int) -> None:
+        self.id, self.name, self.state_type, self.state_name = f"run-{number}", f"train-r-{number}", None, "Scheduled"
+
+
+def dispatch_with(monkeypatch: pytest.MonkeyPatch, outcomes: list[tuple[Step, bool]],
+                  config: DispatchConfig) -> tuple[list[float], list[int], dict | Exception]:
+    """dispatch.fn against stubs: attempt n ends as outcomes[n - 1] (step, whether it ever ran).
+    Returns the sleeps between attempts, the attempts dispatched, and the result or the error."""
+    import tasks.dispatch as dispatch_module
+
+    created: dict[int, _Attempt] = {}
+    slept: list[float] = []
+
+    def run_deployment(name: str, parameters: dict, timeout: int, flow_run_name: str, idempotency_key: str):
+        number = int(idempotency_key.rsplit("-", 1)[1])
+        created[number] = _Attempt(number)
+        return created[number]
+
+    def wait_for(flow_run_id: str, config: DispatchConfig, logger: object) -> tuple[Step, str, bool]:
+        number = int(flow_run_id.rsplit("-", 1)[1])
+        step, started = outcomes[number - 1]
+        created[number].state_type = StateType.COMPLETED if step is Step.DONE else StateType.CRASHED
+        return step, "Crashed: the clone failed" if not started else "lost mid-epoch", started
+
+    monkeypatch.setattr(dispatch_module, "lost_after_refusal", lambda config, logger=None: None)
+    monkeypatch.setattr(dispatch_module, "existing_attempts", lambda prefix: dict(created))
+    monkeypatch.setattr(dispatch_module, "run_deployment", run_deployment)
+    monkeypatch.setattr(dispatch_module, "wait_for", wait_for)
+    monkeypatch.setattr(dispatch_module.time, "sleep", slept.append)
+    try:
+        result: dict | Exception = dispatch_module.dispatch.fn("train", "train/gpu", {"data": "d"}, "r", config)
+    except RuntimeError as exc:
+        result = exc
+    return slept, sorted(created), result
+
+
+def test_an_attempt_lost_before_it_ran_is_dispatched_again_after_a_growing_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A git host down for a minute at 02:00: each attempt's clone fails before the flow runs. Dispatched
+    # again at once, all three attempts were spent within a minute and the night was lost.
+    config = DispatchConfig(unstarted_backoff_s=60)
+    slept, attempts, result = dispatch_with(monkeypatch, [(Step.LOST, False), (Step.LOST, False), (Step.DONE, True)],
+                                            config)
+    assert slept == [60, 120] and attempts == [1, 2, 3]
+    assert result == {"flow_run_ids": ["run-1", "run-2", "run-3"], "attempts": 3}
+
+
+def test_an_attempt_lost_while_training_is_dispatched_again_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept, attempts, result = dispatch_with(monkeypatch, [(Step.LOST, True), (Step.LOST, False), (Step.DONE, True)],
+                                            DispatchConfig(unstarted_backoff_s=60))
+    assert slept == [0.0, 60] and attempts == [1, 2, 3] and result["attempts"] == 3
+    # The last attempt lost: nothing left to wait for.
+    slept, _, result = dispatch_with(monkeypatch, [(Step.LOST, False)] * 2, DispatchConfig(attempts=2))
+    assert slept == [60, 0.0] and isinstance(result, RuntimeError) and "did not complete in 2 attempts" in str(result)
+    with pytest.raises(ValueError, match="unstarted_backoff_s >= 0"):
+        DispatchConfig(unstarted_backoff_s=float("nan"))
