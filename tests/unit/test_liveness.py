@@ -168,9 +168,9 @@ def test_the_dispatch_waits_on_a_stalled_event_pipeline_until_the_attempts_timeo
     monkeypatch.setattr(tasks.dispatch, "get_client", lambda sync_client: nullcontext(server))
     monkeypatch.setattr(tasks.dispatch, "time", SimpleNamespace(
         monotonic=lambda: float(server.now_s), sleep=lambda s: server.advance(server.now_s + s)))
-    step, described = wait_for(RUN_ID, DispatchConfig(timeout_s=600, poll_s=POLL_S, lost_after_s=LOST_AFTER_S),
-                               logging.getLogger("test"))
-    assert step is Step.TIMED_OUT, described
+    step, described, started = wait_for(RUN_ID, DispatchConfig(timeout_s=600, poll_s=POLL_S,
+                                                               lost_after_s=LOST_AFTER_S), logging.getLogger("test"))
+    assert step is Step.TIMED_OUT and started, described
     assert [state.type for state in server.states_set] == [StateType.CANCELLING]
     assert 600 < server.now_s <= 600 + POLL_S
 
