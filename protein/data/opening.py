@@ -14,6 +14,7 @@ from protein.data.pushed_folder import PushedFolderSource, read_local_manifest
 from protein.data.s3 import open_s3_source
 from protein.data.sources import DatasetSource, FolderSource, ZipSource
 from protein.errors import DataError
+from protein.storage.s3_clients import redacted_uri
 
 
 def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) -> DatasetSource:
@@ -24,7 +25,8 @@ def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) ->
     if isinstance(text, str) and text.startswith("s3://"):
         return open_s3_source(text, cache_dir)
     if isinstance(text, str) and "://" in text:
-        raise DataError(f"{text}: unsupported dataset URI (use a local folder, a .zip, or s3://bucket/prefix/)")
+        raise DataError(f"{redacted_uri(text)}: unsupported dataset URI (use a local folder, a .zip, or "
+                        "s3://bucket/prefix/)")
     p = Path(text)
     if not p.exists():
         raise DataError(f"{p}: dataset not found (expected a folder or the competition .zip)")

@@ -34,6 +34,7 @@ from protein.storage.base import (
 )
 from protein.storage.local import LOCAL_META_DIR, LocalStore
 from protein.storage.s3 import ALLOW_LAST_WRITER_WINS_ENV, S3Store
+from protein.storage.s3_clients import redacted_uri
 
 __all__ = [
     "ALLOW_LAST_WRITER_WINS_ENV",
@@ -62,8 +63,8 @@ def open_store(uri: str) -> Store:
     if uri.startswith("file://"):
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri}: file:// URIs must name a local path (no host)")
+            raise ValueError(f"{redacted_uri(uri)}: file:// URIs must name a local path (no host)")
         return LocalStore(Path(url2pathname(parts.path)))
     if "://" in uri:
-        raise ValueError(f"{uri}: unsupported store URI (use s3://bucket/prefix or a local folder)")
+        raise ValueError(f"{redacted_uri(uri)}: unsupported store URI (use s3://bucket/prefix or a local folder)")
     return LocalStore(Path(uri))

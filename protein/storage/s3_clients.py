@@ -49,6 +49,24 @@ _INVALID_ENDPOINT = "Invalid endpoint: "
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#]*@")
 
 
+def redacted_uri(uri: str) -> str:
+    """``uri`` without what may hold a secret: user:password@ before the host, and the query and
+    fragment (a presigned link's X-Amz-Credential, X-Amz-Security-Token and X-Amz-Signature). For a
+    URI a user passed where it is refused: the refusal names it, and may reach logs and run states."""
+    text = uri.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    # The userinfo ends at the last '@' before the path (a password may itself hold '@').
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    shown = f"{scheme}://{authority}{slash}{path}"
+    for mark in "?#":
+        if mark in shown:
+            shown = shown.split(mark, 1)[0] + f"{mark}(hidden)"
+    return shown
+
+
 def redacted_endpoint(url: str) -> str:
     """``scheme://host:port`` of an endpoint URL: no user:password@, path or query, which may hold secrets.
 

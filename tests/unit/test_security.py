@@ -152,3 +152,29 @@ def test_deployments_hold_no_secrets():
 
     walk(document, "prefect.yaml")
     assert found == []
+
+
+PRESIGNED = ("https://bkt.s3.amazonaws.com/ds.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLEKEY"
+             "%2F20261207%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Security-Token=SESSIONTOKEN&X-Amz-Signature=SIGNATURE")
+
+
+@pytest.mark.parametrize("uri", [PRESIGNED, "https://user:PASSWORD@host.example/ds?token=SESSIONTOKEN",
+                                 "file://user:PASSWORD@nas/share?sig=SIGNATURE"])
+def test_a_refused_uri_is_named_without_its_credentials(tmp_path, capsys, uri):
+    # A presigned link pasted as --data or --store: the refusal is printed, logged and kept in run states.
+    from protein.cli import main
+    from protein.data import open_dataset
+    from protein.errors import DataError
+    from protein.storage import open_store
+
+    secrets = ("AKIAEXAMPLEKEY", "SESSIONTOKEN", "SIGNATURE", "PASSWORD")
+    with pytest.raises(DataError) as refused_data:
+        open_dataset(uri)
+    with pytest.raises(ValueError) as refused_store:
+        open_store(uri)
+    assert main(["validate", "--data", uri, "--store", str(tmp_path / "store")]) == 2
+    printed = capsys.readouterr()
+    for text in (str(refused_data.value), str(refused_store.value), printed.out + printed.err):
+        assert "(hidden)" in text or "host" in text, text
+        assert not any(secret in text for secret in secrets), text
+    assert str(refused_data.value).startswith(uri.split("?")[0].replace("user:PASSWORD@", ""))
