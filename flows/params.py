@@ -103,10 +103,15 @@ class DispatchParams(BaseModel):
                     "is validated")
     api_outage_minutes: float = Field(10, ge=0, title="API outage waited out (min)",
                                       description="how long an unreachable Prefect API is waited out")
+    unstarted_backoff_seconds: float = Field(
+        60, ge=0, title="Wait after an attempt that never ran (s)",
+        description="before dispatching again after an attempt lost before it ran (its clone failed, its "
+                    "process never started); doubled for each such attempt in a row")
 
     def to_config(self) -> DispatchConfig:
         return DispatchConfig(timeout_s=self.timeout_minutes * 60, attempts=self.attempts, poll_s=self.poll_seconds,
-                              lost_after_s=self.lost_after_seconds, api_outage_s=self.api_outage_minutes * 60)
+                              lost_after_s=self.lost_after_seconds, api_outage_s=self.api_outage_minutes * 60,
+                              unstarted_backoff_s=self.unstarted_backoff_seconds)
 
 
 class GateParams(BaseModel):

@@ -76,7 +76,8 @@ class TrainingFailed(ProteinError):
 
 
 class RankZeroError(ProteinError):
-    """The error rank 0 of a `train --nproc` run stopped on, with that error's own exit code."""
+    """The error a rank of a `train --nproc` run stopped on (rank 0's, else the lowest rank's that
+    wrote one), with that error's own exit code."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

@@ -270,6 +270,12 @@ def lost_after_refusal(config: DispatchConfig,
     return lost_after_problem(config.lost_after_s, event_flush_s)
 
 
+def ever_ran(run: FlowRun) -> bool:
+    """Whether the run went Running, also between two polls: its run count (a Running state counts
+    one). Not its start_time: Prefect fills that in when a run ends, also for one that never ran."""
+    return (run.state.type if run.state else None) == StateType.RUNNING or (run.run_count or 0) > 0
+
+
 def unstarted_delay_s(config: DispatchConfig, unstarted: int) -> float:
     """The wait before the next attempt after `unstarted` attempts in a row lost before they ran."""
     return config.unstarted_backoff_s * 2 ** (unstarted - 1) if unstarted > 0 else 0.0
@@ -291,8 +297,7 @@ def wait_for(flow_run_id: Any, config: DispatchConfig,
             if outage:
                 watch.forget()  # nothing was seen during the outage: silence counts from now
             state = run.state.type if run.state else None
-            # start_time: set when the run first went Running, also between two polls.
-            started = started or state == StateType.RUNNING or run.start_time is not None
+            started = started or ever_ran(run)
             alive, why = watch.judge(evidence, time.monotonic()) if state in JUDGED_STATES else (None, "")
             step = decide(state, started, alive, time.monotonic() - start, config.timeout_s)
             described = f"{run.state.name if run.state else 'no state'}: {run.state.message if run.state else ''}"

@@ -119,9 +119,10 @@ def cmd_train_job(args: argparse.Namespace) -> int:
                                     cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
                                     expected_fingerprint=job.get("expected_fingerprint"))
     except ProteinError as exc:
-        # Rank 0's own error, for the launcher to raise with its exit code (a superseded checkpoint
-        # is 10, not "a rank died, rerun": a rerun would be superseded again).
-        distributed.write_result({"error": str(exc), "exit_code": exc.exit_code})
+        # The rank's own error, for the launcher to raise with its exit code (a superseded checkpoint
+        # is 10, an out-of-memory 11, not 7's "a rank died, rerun": a rerun would repeat them). Any
+        # rank's: one that stops first takes the others down with it.
+        distributed.write_error(str(exc), exc.exit_code)
         raise
     distributed.write_result(result)
     return 0

@@ -179,11 +179,11 @@ def launch(nproc: int, module_argv: Sequence[str]) -> tuple[int, dict[str, Any] 
         command = torchrun_command(nproc, module_argv)
         log.info("launching %d ranks: %s", nproc, " ".join(command))
         code = subprocess.run(command, env=env, check=False).returncode
-        if not result_path.exists():
-            return code or 1, None
-        result = json.loads(result_path.read_text())
-        if code != 0 and "error" not in result:
-            return code, None
+        result = json.loads(result_path.read_text()) if result_path.exists() else None
+        if code != 0 and (result is None or "error" not in result):
+            # Rank 0 said nothing of why: another rank's own error (an out-of-memory on rank 1 stops
+            # the run as surely as on rank 0), else None: a rank died without one (killed).
+            return code or 1, rank_error(result_path)
         return code, result
 
 
@@ -192,3 +192,30 @@ def write_result(result: dict[str, Any]) -> None:
     path = os.environ.get(RESULT_FILE_ENV)
     if path and current().is_main:
         Path(path).write_text(json.dumps(result, default=str))
+
+
+def write_error(message: str, exit_code: int) -> None:
+    """Any rank hands the error it stopped on to the launcher: rank 0 as its result, another rank
+    beside it (no-op outside a launched run)."""
+    path = os.environ.get(RESULT_FILE_ENV)
+    if not path:
+        return
+    rank = current()
+    target = Path(path) if rank.is_main else Path(f"{path}.rank{rank.rank}")
+    target.write_text(json.dumps({"error": message, "exit_code": exit_code, "rank": rank.rank}))
+
+
+def rank_error(result_path: Path) -> dict[str, Any] | None:
+    """The error of the lowest rank other than 0 that wrote one (write_error), or None."""
+    def rank_of(path: Path) -> int:
+        number = path.name.rsplit("rank", 1)[1]
+        return int(number) if number.isdigit() else 1 << 30
+
+    for path in sorted(result_path.parent.glob(f"{result_path.name}.rank*"), key=rank_of):
+        try:
+            error = json.loads(path.read_text())
+        except (OSError, ValueError):  # a rank killed while writing it: no error to hand on
+            continue
+        if isinstance(error, dict) and "error" in error:
+            return error
+    return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses as dc
 import datetime as dt
 import logging
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -327,3 +328,19 @@ def test_an_attempt_lost_while_training_is_dispatched_again_at_once(monkeypatch:
     assert slept == [60, 0.0] and isinstance(result, RuntimeError) and "did not complete in 2 attempts" in str(result)
     with pytest.raises(ValueError, match="unstarted_backoff_s >= 0"):
         DispatchConfig(unstarted_backoff_s=float("nan"))
+
+
+def test_a_run_crashed_before_it_ran_never_ran_whatever_its_start_time() -> None:
+    # Prefect fills in start_time when a run ends, also for one that never ran (its SetEndTime rule):
+    # read as "ran", it made the wait before the next attempt never happen.
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Crashed, Pending, Running
+
+    from tasks.dispatch import ever_ran
+
+    now = dt.datetime.now(dt.UTC)
+    clone_failed = FlowRun(flow_id=uuid4(), state=Crashed(message="git clone failed"), start_time=now, run_count=0)
+    assert not ever_ran(clone_failed)
+    assert not ever_ran(FlowRun(flow_id=uuid4(), state=Pending(), run_count=0))
+    assert ever_ran(FlowRun(flow_id=uuid4(), state=Running(), run_count=0))  # the poll caught it Running
+    assert ever_ran(FlowRun(flow_id=uuid4(), state=Crashed(message="killed"), start_time=now, run_count=1))

@@ -185,3 +185,40 @@ def test_launch_hands_back_rank_zeros_error_but_no_result_from_a_failed_run(monk
     assert distributed.launch(2, ["train-job", "job.json"]) == (1, None)
     monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes({"model_id": "m"}, 0))
     assert distributed.launch(2, ["train-job", "job.json"]) == (0, {"model_id": "m"})
+
+
+def test_another_ranks_own_error_reaches_the_launcher_and_only_a_silent_death_is_a_dead_rank(
+        tmp_path, monkeypatch):
+    """Rank 1 out of memory stops the run as surely as rank 0: its error (exit 11) reaches the
+    launcher, so the train task does not retry the same config twice as it retries a rank that
+    died without a word (TrainingFailed, exit 7: killed, resumable)."""
+    import json
+    import subprocess
+
+    from protein.errors import RankZeroError, TrainingFailed
+    from tasks.retry import is_transient
+
+    result_file = tmp_path / "result.json"
+    monkeypatch.setenv(distributed.RESULT_FILE_ENV, str(result_file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    distributed.write_error("run r ran out of memory on rank 1", 11)
+    assert not result_file.exists()
+    side = json.loads((tmp_path / "result.json.rank1").read_text())
+    assert side == {"error": "run r ran out of memory on rank 1", "exit_code": 11, "rank": 1}
+
+    def torchrun(rank_files: dict[str, dict], code: int):  # noqa: ANN202
+        def run(command, env, check):  # noqa: ANN001, ANN202
+            for suffix, written in rank_files.items():
+                with open(env[distributed.RESULT_FILE_ENV] + suffix, "w") as out:
+                    json.dump(written, out)
+            return subprocess.CompletedProcess(command, code)
+        return run
+
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(distributed.subprocess, "run", torchrun({".rank3": {"error": "late", "exit_code": 2},
+                                                                  ".rank1": side}, 1))
+    assert distributed.launch(4, ["train-job", "job.json"]) == (1, side)  # the lowest rank's
+    monkeypatch.setattr(distributed.subprocess, "run", torchrun({}, 1))
+    assert distributed.launch(2, ["train-job", "job.json"]) == (1, None)  # a rank killed: nothing said
+    assert not is_transient(RankZeroError(side["error"], side["exit_code"])) and is_transient(TrainingFailed("x"))
