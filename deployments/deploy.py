@@ -19,7 +19,7 @@ Settings (environment variables of the deploying shell):
   PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
   PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
   PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
-  PROTEIN_ZOMBIE_AFTER_S     seconds without heartbeat before a run is crashed, >= 60 (default: the file's)
+  PROTEIN_ZOMBIE_AFTER_S     seconds without heartbeat before a run is crashed, >= 90 (default: the file's)
 Exit codes: 0 deployed (or checked), 2 a setting or check failed, 1 `prefect` itself failed.
 """
 
@@ -47,11 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 POOLS = ("cpu", "gpu")
 SHA = re.compile(r"^[0-9a-f]{40}$")
-SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:you/protein-pipeline.git
+# git's scp-like form, host:path with an optional user@ (git@github.com:you/p.git, or an ssh-config
+# alias: gh:you/p.git): a colon before any slash. A user holding a colon is a user:token.
+SCP_LIKE = re.compile(r"^(?:[^/:@]+@)?[^/:@]+:(?!//)")
+SCP_CREDENTIALS = re.compile(r"^[^/@]*:[^/@]*@")
 # PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml's job env (a test checks they agree): the zombie
-# automation's window must outlast two of them, so one late heartbeat never crashes a healthy run.
+# automation's window must hold three of them, so one missed heartbeat (a gap of two periods) and a
+# late one after it never crash a healthy run.
 HEARTBEAT_FREQUENCY_S = 30
-ZOMBIE_AFTER_MIN_S = 2 * HEARTBEAT_FREQUENCY_S
+ZOMBIE_AFTER_MIN_S = 3 * HEARTBEAT_FREQUENCY_S
 REQUIRED = {
     "PROTEIN_REPOSITORY": "the git URL workers clone the code from, e.g. https://github.com/you/protein-pipeline.git",
     "PROTEIN_STORE": "the store every host shares, e.g. s3://bucket/prefix",
@@ -104,7 +108,8 @@ def check_settings(env: Mapping[str, str], head: str | None) -> DeploySettings:
     if zombie and (not zombie.isdigit() or int(zombie) < ZOMBIE_AFTER_MIN_S):
         raise SettingError(f"PROTEIN_ZOMBIE_AFTER_S={zombie!r} must be a whole number of seconds >= "
                            f"{ZOMBIE_AFTER_MIN_S}: flow runs send a heartbeat every {HEARTBEAT_FREQUENCY_S} s "
-                           f"(prefect.yaml), and a window shorter than two of them crashes healthy runs")
+                           f"(prefect.yaml), and a window shorter than three of them crashes a healthy run "
+                           f"that misses one")
     return DeploySettings(values["PROTEIN_REPOSITORY"], commit, values["PROTEIN_STORE"],
                           values["PROTEIN_ALERT_WEBHOOK_URL"], int(slots), int(zombie) if zombie else None)
 
@@ -123,6 +128,10 @@ def check_repository_url(repository: str) -> None:
             raise SettingError("PROTEIN_REPOSITORY holds credentials before its host (user:token@): they would be "
                                "printed and stored in every deployment on the Prefect server; give the workers a "
                                "git credential helper or a deploy key instead")
+    elif SCP_CREDENTIALS.match(repository):
+        raise SettingError("PROTEIN_REPOSITORY holds credentials before its host (user:token@): they would be "
+                           "printed and stored in every deployment on the Prefect server; give the workers a "
+                           "git credential helper or a deploy key instead")
     elif not SCP_LIKE.match(repository) and not Path(repository).is_absolute():
         raise SettingError(f"PROTEIN_REPOSITORY={repository!r} is a relative path, which every worker would clone "
                            "from its own working folder; use the git URL workers reach (https://, ssh://, "

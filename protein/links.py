@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from protein.storage import Store, open_store, validate_key
+from protein.storage.s3_clients import redacted_uri
 
 MAX_LINK_S = 7 * 24 * 3600
 DEFAULT_LINK_S = 24 * 3600
@@ -33,5 +34,5 @@ def shareable_url(uri: str, expires_s: int = DEFAULT_LINK_S) -> str:
     if uri.startswith("file://"):
         return uri
     if "://" in uri:
-        raise ValueError(f"{uri}: unsupported URI (use s3://bucket/key or a local path)")
+        raise ValueError(f"{redacted_uri(uri)}: unsupported URI (use s3://bucket/key or a local path)")
     return Path(uri).resolve().as_uri()

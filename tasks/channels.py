@@ -39,7 +39,10 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
 
     if run_key is None:
         return resolve()
-    result, kept = resolve_once(data, store, run_key, resolve)
+    try:
+        result, kept = resolve_once(data, store, run_key, resolve)
+    except ValueError as exc:  # the store URI itself, refused before anything is read
+        return {"problem": str(exc)}
     if kept:
         get_run_logger().info("data %s: push #%s (%s), as this run's first attempt resolved it", data,
                               result.get("sequence"), str(result.get("fingerprint"))[:12])

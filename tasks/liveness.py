@@ -220,7 +220,9 @@ def server_event_flush_s(client: SyncPrefectClient) -> float:
         response.raise_for_status()
         flush = float(response.json()["server"]["services"]["event_persister"]["flush_interval"])
     except httpx.HTTPStatusError as exc:
-        if exc.response.status_code in UNREACHABLE_STATUS:  # for the caller's outage handling
+        # A gateway's answer is for the caller's outage handling; a 500 from this one endpoint (a
+        # locked-down proxy, a bug) is an answer without the setting, as before 500 meant an outage.
+        if exc.response.status_code in UNREACHABLE_STATUS - {500}:
             raise
         return DEFAULT_EVENT_FLUSH_S
     except (KeyError, TypeError, ValueError):  # an answer without the setting

@@ -16,6 +16,7 @@ from protein.errors import DataError
 from protein.evaluation.gated_data import gated_before
 from protein.registry import Registry
 from protein.storage import open_store
+from protein.storage.s3_clients import redacted_uri
 from tasks.retry import retry_transient
 
 
@@ -39,7 +40,7 @@ def dataset_uri_problem(data: object) -> str | None:
         return None if bucket and key.strip("/") else f"{text!r} is not s3://bucket/key"
     if text.startswith("file:///") or text.startswith("/"):
         return None
-    return f"{text!r} is not an s3:// URI, file:// URI or absolute path"
+    return f"{redacted_uri(text)!r} is not an s3:// URI, file:// URI or absolute path"
 
 
 @task(name="champion-data-fingerprint", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,

@@ -57,14 +57,14 @@ def redacted_uri(uri: str) -> str:
     scheme, sep, rest = text.partition("://")
     if not sep:
         return text
-    # The userinfo ends at the last '@' before the path (a password may itself hold '@').
-    authority, slash, path = rest.partition("/")
-    authority = authority.rpartition("@")[2]
-    shown = f"{scheme}://{authority}{slash}{path}"
+    hidden = ""
     for mark in "?#":
-        if mark in shown:
-            shown = shown.split(mark, 1)[0] + f"{mark}(hidden)"
-    return shown
+        if mark in rest:
+            rest, hidden = rest.split(mark, 1)[0], f"{mark}(hidden)"
+    # Everything up to the last '@': a password may itself hold '@' or '/' (an AWS secret key does).
+    if "@" in rest:
+        rest = "(hidden)@" + rest.rpartition("@")[2]
+    return f"{scheme}://{rest}{hidden}"
 
 
 def redacted_endpoint(url: str) -> str:

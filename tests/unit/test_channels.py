@@ -158,6 +158,8 @@ def test_a_store_uri_nothing_can_open_is_the_runs_one_line_problem_not_retried(s
 
     # A ValueError left the task: retried as transient three times (~42 s), then a traceback.
     assert resolve_dataset.fn("channel:latest", store)["problem"].startswith(store.split("/prefix")[0])
+    # With the run's key (a retrain keeps its first resolution in the store): the same one line.
+    assert resolve_dataset.fn("channel:latest", store, None, "run-1")["problem"].startswith(store.split("/prefix")[0])
 
 
 def test_a_channel_record_over_the_size_cap_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,8 @@ def test_complete_settings_pin_the_clean_head_and_one_gpu_slot() -> None:
     ({"PROTEIN_COMMIT": "v1.2"}, "PROTEIN_COMMIT='v1.2' is not a full 40-hex commit sha"),
     ({"PROTEIN_GPU_SLOTS": "0"}, "PROTEIN_GPU_SLOTS='0' must be a whole number >= 1"),
     # Shorter than two heartbeats: every healthy run would be crashed between two of them.
-    ({"PROTEIN_ZOMBIE_AFTER_S": "20"}, "PROTEIN_ZOMBIE_AFTER_S='20' must be a whole number of seconds >= 60"),
-    ({"PROTEIN_ZOMBIE_AFTER_S": "59"}, "PROTEIN_ZOMBIE_AFTER_S='59' must be a whole number of seconds >= 60"),
+    ({"PROTEIN_ZOMBIE_AFTER_S": "20"}, "PROTEIN_ZOMBIE_AFTER_S='20' must be a whole number of seconds >= 90"),
+    ({"PROTEIN_ZOMBIE_AFTER_S": "89"}, "PROTEIN_ZOMBIE_AFTER_S='89' must be a whole number of seconds >= 90"),
     ({"PROTEIN_REPOSITORY": "."}, "PROTEIN_REPOSITORY='.' is a relative path"),
     ({"PROTEIN_REPOSITORY": "checkout/protein"}, "PROTEIN_REPOSITORY='checkout/protein' is a relative path"),
     ({"PROTEIN_REPOSITORY": "https://[::1/r.git"}, "PROTEIN_REPOSITORY is not a URL git can read"),
@@ -46,7 +46,8 @@ def test_a_dirty_checkout_needs_an_explicit_commit() -> None:
 
 @pytest.mark.parametrize("repository", ["https://bot:ghp_SECRET123@github.com/you/p.git",
                                         "https://ghp_SECRET123@github.com/you/p.git",
-                                        "ssh://git:ghp_SECRET123@github.com/you/p.git"])
+                                        "ssh://git:ghp_SECRET123@github.com/you/p.git",
+                                        "bot:ghp_SECRET123@github.com:you/p.git"])
 def test_a_repository_url_with_credentials_is_refused_without_repeating_them(repository: str) -> None:
     # The URL is printed by the checks and stored in every deployment's pull step on the server.
     with pytest.raises(SettingError, match="PROTEIN_REPOSITORY holds credentials") as refused:
@@ -55,6 +56,7 @@ def test_a_repository_url_with_credentials_is_refused_without_repeating_them(rep
 
 
 @pytest.mark.parametrize("repository", ["git@github.com:you/protein-pipeline.git", "ssh://git@github.com/you/p.git",
+                                        "github.com:you/p.git", "gh:you/p.git",
                                         "/srv/git/protein-pipeline.git", "file:///srv/git/protein-pipeline.git",
                                         "https://github.com/you/protein-pipeline.git"])
 def test_repository_urls_workers_clone_are_accepted(repository: str) -> None:
@@ -75,5 +77,5 @@ def test_the_zombie_minimum_follows_the_heartbeat_prefect_yaml_sets() -> None:
 
     env = yaml.safe_load(PREFECT_FILE.read_text())["definitions"]["env"]
     assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == HEARTBEAT_FREQUENCY_S
-    assert ZOMBIE_AFTER_MIN_S == 2 * HEARTBEAT_FREQUENCY_S
-    assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 60
+    assert ZOMBIE_AFTER_MIN_S == 3 * HEARTBEAT_FREQUENCY_S
+    assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 90

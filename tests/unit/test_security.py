@@ -159,7 +159,8 @@ PRESIGNED = ("https://bkt.s3.amazonaws.com/ds.zip?X-Amz-Algorithm=AWS4-HMAC-SHA2
 
 
 @pytest.mark.parametrize("uri", [PRESIGNED, "https://user:PASSWORD@host.example/ds?token=SESSIONTOKEN",
-                                 "file://user:PASSWORD@nas/share?sig=SIGNATURE"])
+                                 "file://user:PASSWORD@nas/share?sig=SIGNATURE",
+                                 "https://AKIAEXAMPLEKEY:wJal/PASSWORD/bPx@host.example/ds.zip"])
 def test_a_refused_uri_is_named_without_its_credentials(tmp_path, capsys, uri):
     # A presigned link pasted as --data or --store: the refusal is printed, logged and kept in run states.
     from protein.cli import main
@@ -177,4 +178,16 @@ def test_a_refused_uri_is_named_without_its_credentials(tmp_path, capsys, uri):
     for text in (str(refused_data.value), str(refused_store.value), printed.out + printed.err):
         assert "(hidden)" in text or "host" in text, text
         assert not any(secret in text for secret in secrets), text
-    assert str(refused_data.value).startswith(uri.split("?")[0].replace("user:PASSWORD@", ""))
+    host = uri.split("?")[0].rpartition("@")[2].split("://")[-1].split("/")[0]
+    assert host in str(refused_data.value) and host in str(refused_store.value)
+
+
+def test_links_and_summaries_name_a_refused_uri_without_its_query() -> None:
+    from protein.links import shareable_url
+    from tasks.summary import dataset_uri_problem
+
+    with pytest.raises(ValueError) as refused:
+        shareable_url(PRESIGNED)
+    problem = dataset_uri_problem(PRESIGNED)
+    for text in (str(refused.value), problem or ""):
+        assert "bkt.s3.amazonaws.com" in text and not any(s in text for s in ("SIGNATURE", "SESSIONTOKEN")), text
