@@ -102,6 +102,16 @@ class TrainConfig:
             raise ValueError(f"accumulate must be >= 1 and divide batch_size {self.batch_size}, got {self.accumulate}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        # NaN passes every `x < 0` check: each bound below is written so that NaN fails it. An lr of 0
+        # trains a model that never learns; inf or NaN one whose weights are NaN.
+        if not (0.0 < self.lr < 1e3):
+            raise ValueError(f"lr must be a number in (0, 1000), got {self.lr}")
+        if not (0.0 <= self.weight_decay < 1e3):
+            raise ValueError(f"weight_decay must be a number in [0, 1000), got {self.weight_decay}")
+        if not (0.0 <= self.focal_gamma <= 100.0):
+            raise ValueError(f"focal_gamma must be a number in [0, 100], got {self.focal_gamma}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be a whole number in [0, 2^32), got {self.seed}")
         if self.loss not in ("bce", "focal"):
             raise ValueError(f"loss must be 'bce' or 'focal', got {self.loss!r}")
         if not 0.0 <= self.jitter < 1.0:

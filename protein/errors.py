@@ -106,6 +106,14 @@ class CheckpointSuperseded(ProteinError):
     exit_code = 10
 
 
+class TrainingDiverged(ProteinError):
+    """An epoch's training loss is not finite (NaN or inf): the weights are no longer numbers, and
+    a retry of the same config diverges again. Nothing of that epoch is checkpointed or registered;
+    the message names the learning rate to lower."""
+
+    exit_code = 12
+
+
 class EvidenceRefused(IntegrityError):
     """What a scoring host reported does not agree with what this host derives or computes
     itself (docs/security.md): the result is refused, never retried."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -375,6 +376,15 @@ def fit(
         # this frame alive while the error is kept, and Prefect retries in this process.
         with contextlib.closing(batches):
             stats = run.train_epoch(config, batches, device, generators, on_batch)
+        if not math.isfinite(stats["train_loss"]):
+            # Before its checkpoint: NaN weights written there would be resumed, and registered by a
+            # refit (no holdout to catch them), with metrics that are not this model's.
+            from protein.errors import TrainingDiverged
+
+            raise TrainingDiverged(f"training run {run_id} diverged at epoch {epoch + 1}: the training loss is "
+                                   f"{stats['train_loss']}; nothing of this epoch was kept and nothing is registered. "
+                                   f"Lower the learning rate (lr {config.lr:g}, lr_scaling {config.lr_scaling}) "
+                                   f"or the weight decay ({config.weight_decay:g}), in a new run")
         distributed.sync_from_main(model, device)
         if ema is not None:
             distributed.sync_from_main(ema, device)

@@ -1,0 +1,52 @@
+"""A training whose loss stops being a number ends at that epoch with one line naming the learning
+rate, registers nothing and keeps no NaN checkpoint; learning rates and seeds that cannot train are
+refused before anything runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from protein.config import TrainConfig
+from protein.errors import TrainingDiverged
+from protein.modeling import train as train_module
+from tests.helpers import TINY_ARCH, write_dataset
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", 0.0), ("lr", math.nan), ("lr", math.inf), ("lr", -1e-3),
+                                              ("weight_decay", -1.0), ("weight_decay", math.nan),
+                                              ("focal_gamma", math.nan), ("seed", -1), ("seed", 2**40)])
+def test_a_setting_that_cannot_train_is_refused_naming_it(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_a_loss_that_is_no_longer_a_number_stops_the_run_registering_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from protein.cli import main
+    from protein.modeling.checkpoints import load_checkpoint
+    from protein.storage import open_store
+
+    real = train_module.Training.train_epoch
+    epochs_run: list[int] = []
+
+    def diverging(self, config, batches, device, generators, on_batch=None):  # noqa: ANN001, ANN202
+        stats = real(self, config, batches, device, generators, on_batch)
+        epochs_run.append(len(epochs_run) + 1)
+        return {**stats, "train_loss": math.nan} if len(epochs_run) == 2 else stats
+
+    monkeypatch.setattr(train_module.Training, "train_epoch", diverging)
+    data = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(20)}, ["900"], size=16)
+    store = tmp_path / "store"
+    code = main(["train", "--data", str(data), "--store", str(store), "--arch", TINY_ARCH, "--device", "cpu",
+                 "--image-size", "16", "--epochs", "3", "--batch-size", "4", "--run-id", "r-nan"])
+    err = capsys.readouterr().err
+    assert code == TrainingDiverged.exit_code == 12, err
+    line = [line for line in err.splitlines() if "error:" in line]
+    assert len(line) == 1 and "Traceback" not in err
+    assert "training run r-nan diverged at epoch 2: the training loss is nan" in line[0] and "lr 0.002" in line[0]
+    assert epochs_run == [1, 2] and not (store / "models").exists()
+    checkpoint = load_checkpoint(open_store(str(store)), "r-nan")
+    assert checkpoint is not None and checkpoint["epoch"] == 1  # the last finite epoch, never the NaN one
