@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 # A documented exit code of its own: the protein CLI uses 1-5 for data, store and registry.
 EXIT_PREFECT_UNAVAILABLE = 6
@@ -224,6 +225,29 @@ def console_without_tracebacks() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, WithoutTraceback):
             handler.setFormatter(WithoutTraceback(handler.formatter))
+
+
+T = TypeVar("T")
+
+
+def checked_params(command: str, build: Callable[[], T]) -> T | int:
+    """The flow's parameters from a module's options, or exit 2 after one line when an option is
+    out of its parameter's bounds: before any Prefect server starts, never a pydantic traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(part) for part in first.get("loc", ())) or exc.title
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        print(f"{command}: error: {exc.title} {where}: {first.get('msg', 'invalid')}, got {first.get('input')!r}"
+              f"{more}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a bound across fields, checked by the library's config
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_with_prefect(command: str, run: Callable[[], int], announce: Callable[[str], None] | None = None) -> int:

@@ -71,7 +71,8 @@ class TrainParams(BaseModel):
     loss: Literal["bce", "focal"] | None = Field(None, title="Loss", description="default bce")
     holdout_fraction: float | None = Field(None, gt=0, lt=1, title="Holdout share",
                                            description="stratified holdout for thresholds and the gate (default 0.2)")
-    seed: int | None = Field(None, title="Seed", description="split, initialisation and augmentation seed (default 0)")
+    seed: int | None = Field(None, ge=0, lt=2**32, title="Seed",
+                             description="split, initialisation and augmentation seed (default 0)")
     weights: str | None = Field(None, title="Pretrained weights",
                                 description="'imagenet' (torchvision's file in the worker's $TORCH_HOME, never "
                                             "downloaded) or a local safetensors/state-dict file; empty: the recipe's "

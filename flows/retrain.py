@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from flows.cli import run_with_prefect
+from flows.cli import checked_params, run_with_prefect
 from flows.params import (
     DispatchParams,
     GateParams,
@@ -108,6 +108,10 @@ def retrain(
         allow_older_data: promote even when the challenger's data is older (in the channel's push
             order) than the champion's; the promotion records that this run allowed it
     """
+    try:  # the form checks each field; the config the bounds across them (batch and accumulate, device)
+        train.to_config()
+    except ValueError as exc:
+        return Failed(message=f"train settings: {exc}; nothing was run")
     logger = get_run_logger()
     route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):
@@ -386,13 +390,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="promote even if the data is older in push order than the champion's (recorded)")
     args = parser.parse_args(argv)
 
+    def parameters() -> tuple[TrainParams, GateParams, ValidationParams]:
+        train = TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                            batch_size=args.batch_size, seed=args.seed)
+        train.to_config()  # the bounds across fields (batch and accumulate), before any server starts
+        return (train, GateParams(min_score=args.min_score, min_gain=args.min_gain),
+                ValidationParams(image_size=args.expected_image_size))
+
+    params = checked_params("python -m flows.retrain", parameters)
+    if isinstance(params, int):
+        return params
+    train, gate_config, validation = params
+
     def run() -> int:
         state = retrain(
-            data=args.data, store=args.store,
-            train=TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-                              batch_size=args.batch_size, seed=args.seed),
-            gate_config=GateParams(min_score=args.min_score, min_gain=args.min_gain),
-            validation=ValidationParams(image_size=args.expected_image_size),
+            data=args.data, store=args.store, train=train, gate_config=gate_config, validation=validation,
             train_deployment=args.train_deployment,
             score_deployment=args.score_deployment,
             allow_older_data=args.allow_older_data,

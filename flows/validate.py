@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Failed
 
-from flows.cli import run_with_prefect
+from flows.cli import checked_params, run_with_prefect
 from flows.params import ValidationParams, report_state
 from protein.locations import default_store_uri
 from tasks.channels import resolve_dataset
@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=ValidationParams().image_size)
     parser.add_argument("--drift-action", choices=("fail", "warn"), default="fail")
     args = parser.parse_args(argv)
-    params = ValidationParams(image_size=args.image_size, drift_action=args.drift_action)
+    params = checked_params("python -m flows.validate",
+                            lambda: ValidationParams(image_size=args.image_size, drift_action=args.drift_action))
+    if isinstance(params, int):
+        return params
 
     def run() -> int:
         state = validate(data=args.data, store=args.store, validation=params, return_state=True)

@@ -7,10 +7,13 @@ model version and prediction, and rebuilt from them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from protein.modeling.arch_names import check_arch
+
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 DEFAULT_IMAGE_SIZE = 128
 COMPETITION_IMAGE_SIZE = 512
@@ -110,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a number in [0, 1000), got {self.weight_decay}")
         if not (0.0 <= self.focal_gamma <= 100.0):
             raise ValueError(f"focal_gamma must be a number in [0, 100], got {self.focal_gamma}")
+        if not DEVICE_NAME.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N (N a GPU index), got {self.device!r}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be a whole number in [0, 2^32), got {self.seed}")
         if self.loss not in ("bce", "focal"):
@@ -159,10 +164,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
-    """The recipe's TrainConfig with every override that is not None applied on top."""
+    """The recipe's TrainConfig with every override that is not None (or empty text) applied on top."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r} (expected one of {', '.join(RECIPES)})")
-    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}, "recipe": recipe}
+    # An empty text is no value, as in the UI's form ("empty: the recipe's"): `--weights ""` trained
+    # the winner recipe from scratch instead of from its ImageNet weights ('none' says that).
+    given = {k: v for k, v in overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    values = {**RECIPES[recipe], **given, "recipe": recipe}
     return TrainConfig(**values)
 
 

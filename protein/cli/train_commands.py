@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from protein.cli.output import emit, progress_bar
-from protein.config import TrainConfig, recipe_config
+from protein.config import DEVICE_NAME, TrainConfig, recipe_config
 
 log = logging.getLogger("protein")
 
@@ -27,7 +26,6 @@ def parse_fold(text: str | None) -> tuple[int | None, int | None]:
 
 
 # What --device may name: torch accepts more (xpu, meta, ...), but training here only knows these.
-DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def check_device(text: str | None) -> str | None:

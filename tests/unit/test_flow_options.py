@@ -1,0 +1,54 @@
+"""A flow module's option out of its parameter's bounds is one line and exit 2, before any Prefect
+server starts (it was a pydantic traceback, exit 1, after the server came up)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize(("module", "argv", "named"), [
+    ("flows.validate", ["--image-size", "0"], "ValidationParams image_size: Input should be greater than or equal"),
+    ("flows.retrain", ["--epochs", "0"], "TrainParams epochs: Input should be greater than or equal to 1, got 0"),
+    ("flows.retrain", ["--batch-size", "2000"], "TrainParams batch_size: Input should be less than or equal"),
+    ("flows.retrain", ["--seed", "-1"], "TrainParams seed: Input should be greater than or equal to 0"),
+])
+def test_an_option_out_of_bounds_is_one_line_before_any_server(module: str, argv: list[str], named: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    import flows.cli
+
+    def no_server(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a Prefect API was started for options that were refused")
+
+    monkeypatch.setattr(flows.cli, "prefect_api", no_server)
+    main = importlib.import_module(module).main
+    assert main(["--data", "/nowhere", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"python -m {module}: error: {named}" in err, err
+
+
+def test_train_settings_refused_by_the_config_fail_the_retrain_before_any_task() -> None:
+    from prefect.states import State
+
+    from flows.params import TrainParams
+    from flows.retrain import retrain
+
+    # Batch 10 in 3 micro-batches: the form's fields pass one by one, the config refuses them together.
+    state = retrain.fn(data="/nowhere", store="/nowhere/store", train=TrainParams(batch_size=10, accumulate=3))
+    assert isinstance(state, State) and state.is_failed()
+    assert state.message.startswith("train settings: accumulate must be >= 1 and divide batch_size 10")
+
+
+def test_an_empty_text_field_takes_the_recipes_value_and_a_device_torch_cannot_name_is_refused() -> None:
+    from flows.params import TrainParams
+    from protein.config import RECIPES, TrainConfig, recipe_config
+
+    # "empty: the recipe's", as the form says: it trained the winner recipe from scratch.
+    assert RECIPES["winner"]["weights"] == "imagenet"
+    assert TrainParams(recipe="winner", weights="").to_config().weights == "imagenet"
+    assert recipe_config("winner", weights="  ", arch="").weights == "imagenet"
+    for device in ("gpu7", "", "cuda:x"):
+        with pytest.raises(ValueError, match="device must be auto, cpu, mps, cuda or cuda:N"):
+            TrainConfig(device=device)
