@@ -144,7 +144,7 @@ class ValidationParams(BaseModel):
         ValidationConfig.drift_min_relative_change, ge=0, title="Smallest relative label-share change that is drift",
         description="0.25: a class share must move by a quarter of its reference value (and be significant)")
     drift_action: Literal["fail", "warn"] = Field("fail", title="On label drift")
-    max_image_bytes: int = Field(ValidationConfig.max_image_bytes, ge=1, title="Largest image file (bytes)",
+    max_image_bytes: int = Field(ValidationConfig.max_image_bytes, ge=1, le=2**30, title="Largest image file (bytes)",
                                  description="larger files or zip members are refused without being read")
 
     def to_config(self) -> ValidationConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,8 @@ SUMMARY_EXAMPLES = 5
 # A competition PNG is 0.1-1 MB; anything this large is not one, and reading it whole into
 # memory (a zip bomb member, a mislabelled video) could take the worker down.
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+# Larger than any image this pipeline decodes; a bound beyond it only postpones the refusal to the read.
+MAX_IMAGE_BYTES_BOUND = 1024 * 1024 * 1024
 # Hamming distance (of 64 bits) within which two difference hashes make a near-duplicate pair.
 # Re-encoded (JPEG quality 90), brightness-scaled (+15 %) or resized (512 -> 384 -> 512 px) copies
 # of synthetic images moved 0-5 bits; unrelated images differed in 13 or more (docs/validation.md).
@@ -56,17 +59,20 @@ class ValidationConfig:
             raise ValueError(f"need 0 <= min_rows <= max_rows, got {self.min_rows}, {self.max_rows}")
         if not 0 < self.drift_alpha < 1:
             raise ValueError(f"drift_alpha is a significance level between 0 and 1, got {self.drift_alpha}")
-        if self.drift_min_relative_change < 0:
-            raise ValueError(f"drift_min_relative_change must be >= 0, got {self.drift_min_relative_change}")
+        # Written so that NaN fails them too (NaN < 0 is false, and GX then refused it in three lines).
+        if not 0 <= self.drift_min_relative_change < math.inf:
+            raise ValueError(f"drift_min_relative_change must be a finite number >= 0, got "
+                             f"{self.drift_min_relative_change}")
         if not 0 < self.drift_min_absolute_change <= 1:
             raise ValueError(f"drift_min_absolute_change is a share in (0, 1], got {self.drift_min_absolute_change}")
-        if self.image_drift_min_relative_change < 0:
-            raise ValueError(f"image_drift_min_relative_change must be >= 0, got "
+        if not 0 <= self.image_drift_min_relative_change < math.inf:
+            raise ValueError(f"image_drift_min_relative_change must be a finite number >= 0, got "
                              f"{self.image_drift_min_relative_change}")
         if self.drift_action not in ("fail", "warn"):
             raise ValueError(f"drift_action must be 'fail' or 'warn', got {self.drift_action!r}")
-        if self.max_image_bytes < 1:
-            raise ValueError(f"max_image_bytes must be positive, got {self.max_image_bytes}")
+        if not 1 <= self.max_image_bytes <= MAX_IMAGE_BYTES_BOUND:
+            raise ValueError(f"max_image_bytes must be 1 to {MAX_IMAGE_BYTES_BOUND:,} (1 GiB), "
+                             f"got {self.max_image_bytes}")
         if not 0 <= self.near_duplicate_max_distance <= MAX_NEAR_DUPLICATE_DISTANCE:
             raise ValueError(f"near_duplicate_max_distance is 0 to {MAX_NEAR_DUPLICATE_DISTANCE} bits, got "
                              f"{self.near_duplicate_max_distance}")

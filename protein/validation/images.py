@@ -80,7 +80,7 @@ class ImageReader:
                 if size > self.max_bytes:
                     return size, b"", b""
                 if self.check_pixels:
-                    data = f.read(self.max_bytes + 1)
+                    data = f.read(min(size, self.max_bytes) + 1)  # the file's size, never the bound's
                     return len(data), data, data[-len(PNG_TRAILER):]
                 head = f.read(PNG_HEADER_BYTES)
                 if size <= PNG_HEADER_BYTES:

@@ -114,3 +114,25 @@ def test_data_docs_explain_a_drift_failure(tmp_path: Path, capsys: pytest.Captur
     for text in ("Data asset: drift", "Label drift ( all rows )", "Shares that drifted", "Centrosome", "5.4 %",
                  "0.0 %", "adjusted p (Holm)"):
         assert text in " ".join(re.sub(r"<[^>]+>", " ", html).split()), text
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [
+    ("--max-image-bytes", "100000000000000000000000", "max_image_bytes must be 1 to 1,073,741,824"),
+    ("--max-image-bytes", "2000000000", "max_image_bytes must be 1 to 1,073,741,824"),
+    ("--drift-min-relative-change", "nan", "drift_min_relative_change must be a finite number >= 0, got nan"),
+    ("--drift-min-relative-change", "inf", "drift_min_relative_change must be a finite number >= 0, got inf"),
+])
+def test_a_validation_option_out_of_bounds_is_one_line_before_any_check(
+        base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, option: str, value: str, named: str) -> None:
+    # The bound was read as the size of a buffer: OverflowError or MemoryError, a traceback, exit 1
+    # ("data failed validation"); NaN reached GX after the other suites ran, three lines.
+    assert main(["validate", "--data", str(base), "--store", str(tmp_path / "store"), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_large_bound_reads_only_the_file(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 1 GiB allowed: each image is read at its own size, not into a buffer of the bound's.
+    assert main(["validate", "--data", str(base), "--store", str(tmp_path / "store"), "--image-size", str(SIZE),
+                 "--max-image-bytes", str(2**30)]) == 0, capsys.readouterr().err
