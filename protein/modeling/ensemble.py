@@ -39,10 +39,13 @@ def load_holdout_probs(store: Store, key: str) -> tuple[list[str], np.ndarray]:
 
 
 def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: CompetitionData,
-                           metric: str = "f1_samples", seed: int = 0) -> tuple[CrossFit, dict[str, Any]]:
+                           metric: str = "f1_samples", seed: int = 0,
+                           data_fingerprint: str | None = None) -> tuple[CrossFit, dict[str, Any]]:
     """Thresholds tuned on the out-of-fold probabilities of K fold models of one dataset: every
     row is predicted by the one model that did not train on it. Refuses models that are not the
-    distinct folds of one K-fold split of one dataset."""
+    distinct folds of one K-fold split of one dataset, and, given `data_fingerprint` (a refit's
+    data), folds of another dataset: relabelled rows under the same ids would tune the thresholds
+    on the old data's probabilities against the new labels."""
     specs = {m: registry.spec(m) for m in model_ids}
     folds = {m: (s.get("holdout") or {}) for m, s in specs.items()}
     problems = [m for m, h in folds.items() if h.get("fold") is None or not h.get("probs_key")]
@@ -54,7 +57,12 @@ def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: C
     if len(plans) != 1 or len(set(numbers)) != len(numbers):
         raise RegistryError(f"models {', '.join(model_ids)} are not distinct folds of one K-fold split of one dataset "
                             f"(folds/seed/data: {sorted(map(str, plans))}, folds {numbers})")
-    k, _, data_fingerprint = plans.pop()
+    k, _, folds_fingerprint = plans.pop()
+    if data_fingerprint is not None and folds_fingerprint != data_fingerprint:
+        raise DataError(f"{data.source.description}: data fingerprint {data_fingerprint}, but the fold models "
+                        f"{', '.join(model_ids)} were trained on {folds_fingerprint}; refit on the data the folds "
+                        "were trained on, or train new folds on this data")
+    data_fingerprint = folds_fingerprint
     ids: list[str] = []
     probs: list[np.ndarray] = []
     for model_id in model_ids:

@@ -117,7 +117,8 @@ def _train_and_register(
                 "resumed_from_epoch": spec["train_config"]["epochs"], "device": spec.get("device")}
     oof: tuple[CrossFit, dict[str, Any]] | None = None
     if config.refit:  # fail before training if the fold models cannot supply thresholds
-        oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed)
+        oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed,
+                                     data_fingerprint)
     # One decoder per host: its first rank decodes (or finds the cache `--nproc` built before
     # launching); the others wait and memory-map the finished file.
     if rank.local_rank == 0:

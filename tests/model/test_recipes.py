@@ -164,6 +164,26 @@ def test_refit_on_every_row_records_out_of_fold_thresholds(folds, tiny_dataset, 
     assert spec["thresholds"] == spec["metrics"]["thresholds"]
 
 
+def test_a_refit_on_other_data_than_its_folds_is_refused_before_training(folds, tiny_dataset, tmp_path):
+    import shutil
+
+    from protein.errors import DataError
+    from protein.pipeline import train_and_register
+
+    # The same ids relabelled: tuning would pair the folds' probabilities with labels they never saw.
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(tiny_dataset, relabelled)
+    lines = (relabelled / "train.csv").read_text().splitlines()
+    (relabelled / "train.csv").write_text("\n".join([lines[0], *(f"{line.split(',')[0]},9" for line in lines[1:])])
+                                          + "\n")
+    versions = set(Registry(open_store(folds["store"])).versions())
+    config = recipe_config(**{**FOLD.__dict__, "refit": True, "thresholds_from": tuple(folds["ids"]),
+                              "recipe": "default"})
+    with pytest.raises(DataError, match=r"data fingerprint \w+, but the fold models .* were trained on \w+"):
+        train_and_register(relabelled, folds["store"], config, cache_dir=tmp_path / "cache")
+    assert set(Registry(open_store(folds["store"])).versions()) == versions
+
+
 def test_an_ensemble_of_non_fold_models_uses_the_mean_of_their_thresholds(folds, trained, tiny_dataset):
     registry = Registry(open_store(folds["store"]))
     registry.import_version(Registry(open_store(trained["store"])), trained["model_id"])
