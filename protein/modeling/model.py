@@ -92,6 +92,35 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, weights: str | None =
     return model
 
 
+def check_input_size(arch: str, image_size: int) -> None:
+    """ValueError naming the architecture and the size when it cannot take image_size px images
+    (convnext below 32 px, inception_v3 below 75, ViT at a size its patch does not divide): found
+    by a forward pass on the meta device (shapes only, no memory or arithmetic: well under a second),
+    before hours of decoding, where training met it at its first step with a traceback. A builder
+    the meta device cannot run (RegNet reads its widths back) is left for training to tell."""
+    import torch
+
+    def refused(exc: BaseException) -> ValueError:
+        lines = str(exc).strip().splitlines()
+        return ValueError(f"{arch} cannot take {image_size} px images ({lines[0] if lines else type(exc).__name__}); "
+                          "choose a larger image size or another architecture")
+
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, NUM_CLASSES, image_size=image_size).eval()
+    except (AssertionError, ValueError) as exc:  # the builder's own check (ViT: a patch must divide it)
+        raise refused(exc) from None
+    except Exception:  # noqa: BLE001 - the meta device cannot run this builder: no answer here
+        return
+    try:
+        with torch.device("meta"):
+            model(torch.empty(2, 3, image_size, image_size))
+    except NotImplementedError:
+        return
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise refused(exc) from None
+
+
 @dataclass(frozen=True)
 class ImagenetWeights:
     enum_name: str  # e.g. EfficientNet_B1_Weights.IMAGENET1K_V2

@@ -19,7 +19,7 @@ from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
 from protein.modeling import distributed
 from protein.modeling.ensemble import out_of_fold_thresholds, save_holdout_probs
-from protein.modeling.model import IMAGENET, imagenet_weights
+from protein.modeling.model import IMAGENET, check_input_size, imagenet_weights
 from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
 from protein.modeling.scaling import check_batch_split
 from protein.modeling.train import EpochCallback, fit, select_device
@@ -103,6 +103,7 @@ def _train_and_register(
     if rank.distributed and run_id is None:
         # A derived id carries the time: ranks would disagree on it, and on the checkpoint to resume.
         raise ValueError("a run on several ranks needs --run-id (the launcher of `protein train --nproc` sets it)")
+    check_input_size(config.arch, config.image_size)  # before the data is opened or decoded
     inputs = open_training_inputs(data_path, store_uri, run_id, cache_dir, expected_fingerprint)
     store, data, data_fingerprint, run_id = inputs.store, inputs.data, inputs.data_fingerprint, inputs.run_id
     registry = Registry(store, actor=actor)
@@ -222,6 +223,7 @@ def train_on_ranks(
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+    check_input_size(config.arch, config.image_size)
     device = select_device(config.device)
     if device.type == "cuda" and nproc > torch_cuda_devices():
         raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")

@@ -165,3 +165,26 @@ def test_protein_archs_lists_the_registry(capsys):
 
     assert main(["archs"]) == 0
     assert tuple(json.loads(capsys.readouterr().out)) == architectures()
+
+
+@pytest.mark.parametrize(("arch", "size", "named"), [("convnext_tiny", 16, "Kernel size can't be greater"),
+                                                     ("vit_b_16", 24, "Input shape indivisible by patch size"),
+                                                     ("inception_v3", 64, "Kernel size can't be greater")])
+def test_a_size_an_architecture_cannot_take_is_refused_before_the_data_is_opened(
+        arch: str, size: int, named: str, tmp_path) -> None:
+    from protein.config import TrainConfig
+    from protein.pipeline import train_and_register
+
+    # Training met it at its first step, after decoding: a traceback, exit 1.
+    with pytest.raises(ValueError, match=f"^{arch} cannot take {size} px images \\(.*{named}"):
+        train_and_register(tmp_path / "never-opened", str(tmp_path / "store"),
+                           TrainConfig(arch=arch, image_size=size, device="cpu"))
+    assert not (tmp_path / "store").exists()
+
+
+def test_sizes_the_architectures_take_pass_the_check() -> None:
+    from protein.modeling.model import check_input_size
+
+    for arch, size in (("convnext_tiny", 32), ("vit_b_16", 32), ("resnet18", 16), ("efficientnet_b0", 16),
+                       ("regnet_y_400mf", 32)):  # RegNet: the meta device cannot build it, so no refusal
+        check_input_size(arch, size)
