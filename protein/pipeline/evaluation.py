@@ -153,11 +153,21 @@ def evaluate_version(
     seed = seed if seed is not None else holdout.get("seed", 0)
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    unseen = gate_rows(data, data_fingerprint, spec, None)  # the rows the model did not train on
     if recorded:
-        rows = gate_rows(data, data_fingerprint, spec, None)
+        rows = unseen
     else:
+        # Another split's rows, less those the model trained on: scored on them, the model looked
+        # better the more of its training rows the split held, and was still called its holdout.
         _, holdout_idx = holdout_split(data, fraction, seed)
-        rows = select_rows(data.train_ids[i] for i in holdout_idx)
+        split = {data.train_ids[i] for i in holdout_idx}
+        kept = split & set(unseen.ids)
+        if not kept:
+            raise ValueError(f"no row of the split (holdout fraction {fraction:g}, seed {seed}) is one {model_id} did "
+                             "not train on; leave out --holdout and --seed to score it on its own holdout")
+        rows = GateRows(tuple(sorted(kept)), f"{len(kept)} rows of the split (fraction {fraction:g}, seed {seed}) "
+                                             f"that {model_id} did not train on; {len(split) - len(kept)} it trained on "
+                                             "left out", excluded=len(split) - len(kept))
     result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
     return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
             "rows": rows.to_dict()}

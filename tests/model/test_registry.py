@@ -161,6 +161,18 @@ def test_evaluate_reports_holdout_metrics(trained):
     assert 0.0 <= metrics["f1_samples"] <= 1.0
 
 
+def test_evaluating_on_another_split_leaves_out_the_rows_the_model_trained_on(trained):
+    # --seed 7 or --holdout 0.9 drew rows the model trained on and still called them its holdout:
+    # its f1 rose with every training row in the split.
+    own = evaluate_version(trained["data"], trained["store"], trained["model_id"], cache_dir=trained["cache"])
+    held_out = set(own["rows"]["ids"])
+    for fraction, seed in ((None, 7), (0.9, None)):
+        other = evaluate_version(trained["data"], trained["store"], trained["model_id"], holdout_fraction=fraction,
+                                 seed=seed, cache_dir=trained["cache"])
+        assert set(other["rows"]["ids"]) <= held_out and other["rows"]["excluded"] > 0, other["rows"]
+        assert "did not train on" in other["rows"]["selection"]
+
+
 def test_orphaned_version_is_listed_and_collected(registry, trained):
     registry.store.put_bytes("models/half-written/model.safetensors", b"partial")
     assert registry.orphans() == ["half-written"]
