@@ -165,9 +165,10 @@ def evaluate_version(
         if not kept:
             raise ValueError(f"no row of the split (holdout fraction {fraction:g}, seed {seed}) is one {model_id} did "
                              "not train on; leave out --holdout and --seed to score it on its own holdout")
-        rows = GateRows(tuple(sorted(kept)), f"{len(kept)} rows of the split (fraction {fraction:g}, seed {seed}) "
-                                             f"that {model_id} did not train on; {len(split) - len(kept)} it trained on "
-                                             "left out", excluded=len(split) - len(kept))
+        left_out = len(split) - len(kept)
+        rows = GateRows(tuple(sorted(kept)), f"{len(kept)} rows of the split (fraction {fraction:g}, seed {seed}) that "
+                                             f"{model_id} did not train on; {left_out} it trained on left out",
+                        excluded=left_out)
     result = _evaluate_rows(registry, data, data_fingerprint, model_id, list(rows.ids), cache_dir)
     return {**result, "holdout": {"fraction": fraction, "seed": seed, "n_holdout": len(rows.ids)},
             "rows": rows.to_dict()}
