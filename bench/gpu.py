@@ -91,7 +91,7 @@ def spread(images: int, seconds: list[float]) -> dict[str, Any]:
 
 def bench_config(recipe: str, size: int, batch: int, device: torch.device) -> TrainConfig:
     # Random initialisation: the ImageNet file changes the numbers, not the speed.
-    return recipe_config(recipe, image_size=size, batch_size=batch, weights="", device=device.type,
+    return recipe_config(recipe, image_size=size, batch_size=batch, weights="none", device=device.type,
                          min_batch_per_rank=1, epochs=100)  # a schedule longer than the bench: it never runs out
 
 

@@ -39,7 +39,7 @@ HOLDOUT_FRACTION = 0.2
 
 
 def measure(arch: str, size: int, batch_size: int, steps: int, device: torch.device) -> dict[str, Any]:
-    config = recipe_config("winner", arch=arch, image_size=size, batch_size=batch_size, weights="",
+    config = recipe_config("winner", arch=arch, image_size=size, batch_size=batch_size, weights="none",
                            device=device.type)
     torch.manual_seed(0)
     model = build_model(arch, NUM_CLASSES, image_size=size).to(device)

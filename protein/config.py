@@ -95,6 +95,8 @@ class TrainConfig:
         check_arch(self.arch)
         # A config rebuilt from JSON carries a list; keep one type so equal configs compare equal.
         object.__setattr__(self, "thresholds_from", tuple(self.thresholds_from))
+        if isinstance(self.weights, str) and self.weights.strip().lower() == "none":  # `--weights none`: from scratch
+            object.__setattr__(self, "weights", None)
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be 16-1024 px, got {self.image_size}")
         if self.epochs < 1:

@@ -36,7 +36,7 @@ def test_the_gpu_bench_runs_fits_own_functions_with_the_recipes_config(monkeypat
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     targets = (rng.random((24, NUM_CLASSES)) < 0.3).astype(np.float32)
-    config = recipe_config("winner", image_size=32, batch_size=8, epochs=1, weights="", device="cpu", tta=False)
+    config = recipe_config("winner", image_size=32, batch_size=8, epochs=1, weights="none", device="cpu", tta=False)
     train.fit(config, images, targets, np.arange(16), np.arange(16, 24), open_store(str(tmp_path / "store")), "r")
     by_fit = {name for name, _ in calls}
     fit_config = next(arg for name, arg in calls if name == "build_training")

@@ -24,7 +24,7 @@ META = torch.device("meta")
 
 def tiny(recipe: str) -> TrainConfig:
     # The recipe's step (arch, jitter, EMA, loss, accumulation) at a size a meta run builds quickly.
-    return recipe_config(recipe, image_size=32, weights="", batch_size=8, min_batch_per_rank=1, device="cpu")
+    return recipe_config(recipe, image_size=32, weights="none", batch_size=8, min_batch_per_rank=1, device="cpu")
 
 
 @pytest.mark.parametrize("recipe", ["default", "winner"])

@@ -49,6 +49,8 @@ def test_an_empty_text_field_takes_the_recipes_value_and_a_device_torch_cannot_n
     assert RECIPES["winner"]["weights"] == "imagenet"
     assert TrainParams(recipe="winner", weights="").to_config().weights == "imagenet"
     assert recipe_config("winner", weights="  ", arch="").weights == "imagenet"
+    # 'none' says from scratch, as --weights documents (it was read as a file named none).
+    assert recipe_config("winner", weights="none").weights is None and TrainConfig(weights="None").weights is None
     for device in ("gpu7", "", "cuda:x"):
         with pytest.raises(ValueError, match="device must be auto, cpu, mps, cuda or cuda:N"):
             TrainConfig(device=device)
