@@ -150,7 +150,7 @@ def test_two_ranks_train_the_winner_recipe(protein_process: ProteinProcess, data
     # The recipe's own step on two ranks (EMA broadcast with its counter, jitter, TTA, the per-rank
     # floor of 8): 32 px, batch 16, 1 epoch, randomly initialised (no ImageNet file needed).
     code, out, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-winner", 1, "--recipe", "winner",
-                                      "--weights", "", "--batch-size", "16"))
+                                      "--weights", "none", "--batch-size", "16"))
     assert code == 0, err[-3000:]
     spec = Registry(open_store(str(tmp_path / "store"))).spec(json.loads(out.strip().splitlines()[-1])["model_id"])
     assert spec["recipe"] == "winner" and spec["tta"] is True
@@ -159,6 +159,6 @@ def test_two_ranks_train_the_winner_recipe(protein_process: ProteinProcess, data
 
     # Below the floor: refused before any rank starts, in one line.
     code, _, err = finish(train_cli(protein_process, dataset, tmp_path, "ddp-floor", 1, "--recipe", "winner",
-                                    "--weights", ""))
+                                    "--weights", "none"))
     assert code == 2 and "leaves 4 images per rank, below this recipe's floor of 8" in err, err[-2000:]
     assert "Traceback" not in err
