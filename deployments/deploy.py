@@ -124,15 +124,14 @@ def check_repository_url(repository: str) -> None:
             parts.port  # noqa: B018 - parsed on access: a malformed one raises here, not in git at 02:00
         except ValueError:
             raise SettingError("PROTEIN_REPOSITORY is not a URL git can read (a malformed host or port)") from None
-        if parts.password is not None or (parts.username is not None and parts.scheme in ("http", "https")):
-            raise SettingError("PROTEIN_REPOSITORY holds credentials before its host (user:token@): they would be "
-                               "printed and stored in every deployment on the Prefect server; give the workers a "
-                               "git credential helper or a deploy key instead")
-    elif SCP_CREDENTIALS.match(repository):
+        credentials = parts.password is not None or (parts.username is not None and parts.scheme in ("http", "https"))
+    else:
+        credentials = SCP_CREDENTIALS.match(repository) is not None
+    if credentials:
         raise SettingError("PROTEIN_REPOSITORY holds credentials before its host (user:token@): they would be "
                            "printed and stored in every deployment on the Prefect server; give the workers a "
                            "git credential helper or a deploy key instead")
-    elif not SCP_LIKE.match(repository) and not Path(repository).is_absolute():
+    if "://" not in repository and not SCP_LIKE.match(repository) and not Path(repository).is_absolute():
         raise SettingError(f"PROTEIN_REPOSITORY={repository!r} is a relative path, which every worker would clone "
                            "from its own working folder; use the git URL workers reach (https://, ssh://, "
                            "git@host:path) or an absolute path that exists on every worker")
