@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -132,8 +133,39 @@ def test_a_validation_option_out_of_bounds_is_one_line_before_any_check(
     assert not (tmp_path / "store").exists()
 
 
-def test_a_large_bound_reads_only_the_file(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # The bound's upper end is accepted. (Reading each image at its own size rather than into a buffer
-    # of the bound's is not observable here: a buffer the file never fills is not touched.)
+def test_a_large_bound_reads_only_the_file(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound's upper end is accepted, and an image is read at its own size: a read of the
+    bound's size asks for a 1 GiB buffer per image (per worker), which a host with a memory limit
+    refuses."""
     assert main(["validate", "--data", str(base), "--store", str(tmp_path / "store"), "--image-size", str(SIZE),
                  "--max-image-bytes", str(2**30)]) == 0, capsys.readouterr().err
+
+    from protein.data import FolderSource
+    from protein.validation import images
+
+    asked: list[int] = []
+
+    class Recorded:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Recorded:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def read(self, n: int = -1) -> bytes:
+            asked.append(n)
+            return self.f.read(n)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(images, "open", lambda path, mode: Recorded(open(path, mode)),  # noqa: SIM115 (closed by Recorded)
+                        raising=False)
+    [png] = sorted((base / "train").glob("*.png"))[:1]
+    size, data, _ = images.ImageReader(FolderSource(base), True, 2**30)._read(f"train/{png.name}")
+    assert size == png.stat().st_size == len(data)
+    assert asked == [size + 1], asked
