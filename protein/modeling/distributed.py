@@ -194,6 +194,14 @@ def write_result(result: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(result, default=str))
 
 
+RANK_ERROR_SUFFIX = ".rank"
+
+
+def rank_error_path(result_path: Path, rank: int) -> Path:
+    """Where a rank other than 0 leaves its error, beside the result file rank 0 writes."""
+    return result_path.with_name(f"{result_path.name}{RANK_ERROR_SUFFIX}{rank}")
+
+
 def write_error(message: str, exit_code: int) -> None:
     """Any rank hands the error it stopped on to the launcher: rank 0 as its result, another rank
     beside it (no-op outside a launched run)."""
@@ -201,17 +209,17 @@ def write_error(message: str, exit_code: int) -> None:
     if not path:
         return
     rank = current()
-    target = Path(path) if rank.is_main else Path(f"{path}.rank{rank.rank}")
+    target = Path(path) if rank.is_main else rank_error_path(Path(path), rank.rank)
     target.write_text(json.dumps({"error": message, "exit_code": exit_code, "rank": rank.rank}))
 
 
 def rank_error(result_path: Path) -> dict[str, Any] | None:
     """The error of the lowest rank other than 0 that wrote one (write_error), or None."""
     def rank_of(path: Path) -> int:
-        number = path.name.rsplit("rank", 1)[1]
+        number = path.name.removeprefix(f"{result_path.name}{RANK_ERROR_SUFFIX}")
         return int(number) if number.isdigit() else 1 << 30
 
-    for path in sorted(result_path.parent.glob(f"{result_path.name}.rank*"), key=rank_of):
+    for path in sorted(result_path.parent.glob(f"{result_path.name}{RANK_ERROR_SUFFIX}*"), key=rank_of):
         try:
             error = json.loads(path.read_text())
         except (OSError, ValueError):  # a rank killed while writing it: no error to hand on
