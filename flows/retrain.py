@@ -362,7 +362,7 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
                    score_deployment: str | None, dispatch: DispatchParams) -> str:
     """The champion's test-set submission, written here or by the score deployment."""
     if not score_deployment:
-        return predict_submission(data, store, champion)["uri"]
+        return predict_submission(data, store, champion, as_champion=True)["uri"]
     check_deployment(score_deployment)
     dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
                                                       "run_id": run_id, "model": champion},

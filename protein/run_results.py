@@ -169,7 +169,7 @@ def publish_run_submission(data_path: str | os.PathLike[str], store_uri: str, ru
     if record.get("extra"):
         raise EvidenceRefused(f"{_uri(store, run_id, SUBMISSION)}: extra is {record['extra']!r}, expected none for "
                               f"one model version's submission; not published")
-    return publish_submission(store, model_id, derived, data_fingerprint)
+    return publish_submission(store, model_id, derived, data_fingerprint, as_champion=True)
 
 
 def _load_validated(data_path: str | os.PathLike[str], data_fingerprint: str, require_test: bool,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,12 +17,15 @@ import pandas as pd
 from protein.atomic import write_bytes_atomic
 from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import fingerprint, load_competition
+from protein.errors import PreconditionFailed, StoreError
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
 from protein.modeling.predict import Predictor, label_strings
 from protein.pipeline.inputs import load_split_images
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
+
+log = logging.getLogger(__name__)
 
 
 def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
@@ -96,19 +100,28 @@ def predict_and_publish(
     out: Path | None = None,
     cache_dir: Path | None = None,
     device: str = "auto",
+    as_champion: bool = False,
 ) -> dict[str, Any]:
     """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
     submissions/latest.json to the store (and `out` locally when given). Several versions make
-    an ensemble, published under submissions/ensemble-<hash>/."""
+    an ensemble, published under submissions/ensemble-<hash>/. ``as_champion``: see
+    `publish_submission`."""
     prediction = predict_test_set(data_path, store_uri, model_id, cache_dir, device)
     return publish_submission(open_store(store_uri), prediction.model_id, prediction.csv_bytes,
-                              prediction.data_fingerprint, out, prediction.extra)
+                              prediction.data_fingerprint, out, prediction.extra, as_champion)
+
+
+LATEST_SUBMISSION = "submissions/latest.json"
+LATEST_ATTEMPTS = 5
 
 
 def publish_submission(
     store: Store, model_id: str, csv_bytes: bytes, data_fingerprint: str, out: Path | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, as_champion: bool = False,
 ) -> dict[str, Any]:
+    """Store the submission under its own key and point submissions/latest.json at it. With
+    ``as_champion`` (a retrain publishing the champion it read) latest.json moves only while
+    ``model_id`` is still the champion; ``pointer["latest"]`` says whether it moved."""
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%fZ}"
     key = f"submissions/{check_version_id(model_id)}/{stamp}/submission.csv"
     # The local copy first: a path that cannot be written must fail before latest.json points others
@@ -119,7 +132,36 @@ def publish_submission(
     # extra adds fields (an ensemble's members and thresholds); it never replaces those written here.
     pointer = {**(extra or {}), "model_id": model_id, "key": key, "uri": f"{store.uri.rstrip('/')}/{key}",
                "data_fingerprint": data_fingerprint, "created": stamp, "rows": csv_bytes.count(b"\n") - 1}
-    store.put_bytes("submissions/latest.json", json.dumps(pointer, indent=2).encode())
+    body = json.dumps(pointer, indent=2).encode()
+    if as_champion:
+        pointer["latest"] = point_latest_at_champion(store, model_id, body)
+    else:
+        store.put_bytes(LATEST_SUBMISSION, body)
+        pointer["latest"] = True
     if out is not None:
         pointer["local_path"] = str(Path(out).resolve())
     return pointer
+
+
+def point_latest_at_champion(store: Store, model_id: str, body: bytes) -> bool:
+    """Write latest.json only while ``model_id`` is the champion. Two retrains overlap: the one that
+    read the champion before the other promoted its own publishes last, and pointed latest.json back
+    at the old champion. The pointer's etag is read before the champion and the write is
+    conditional on it, so a publication in between (by a run that saw a newer champion) makes this
+    one read both again. False: the champion moved on; the submission stays under its own key."""
+    registry = Registry(store)
+    for _ in range(LATEST_ATTEMPTS):
+        etag = store.etag(LATEST_SUBMISSION)
+        if registry.champion().champion != model_id:
+            log.info("submissions/latest.json left as it is: %s is no longer the champion", model_id)
+            return False
+        try:
+            if etag is None:
+                store.put_bytes(LATEST_SUBMISSION, body, if_none_match=True)
+            else:
+                store.put_bytes(LATEST_SUBMISSION, body, if_match=etag)
+            return True
+        except PreconditionFailed:
+            continue
+    raise StoreError(f"{store.uri.rstrip('/')}/{LATEST_SUBMISSION}: rewritten by others {LATEST_ATTEMPTS} times "
+                     f"while this run published {model_id}; not moved")

@@ -104,6 +104,11 @@ def test_the_scoring_host_computes_the_submission_and_only_the_orchestrator_publ
     assert computed["model_id"] == model and computed["rows"] == 12
     assert store.list("submissions/") == [], "the scoring host publishes nothing"
 
+    # The retrain publishes its champion: latest.json moves only while the model still is one.
+    kept = publish_run_submission(trained["data"], store_uri, RUN, model, trained["data_fingerprint"],
+                                  cache_dir=trained["cache"])
+    assert kept["latest"] is False and not store.exists("submissions/latest.json")
+    Registry(store).promote(model, reason="test")
     published = publish_run_submission(trained["data"], store_uri, RUN, model, trained["data_fingerprint"],
                                        cache_dir=trained["cache"])
     latest = json.loads(store.get_bytes("submissions/latest.json"))
@@ -158,6 +163,42 @@ def test_extra_fields_never_replace_the_published_pointers_own(trained: dict, st
     latest = json.loads(store.get_bytes("submissions/latest.json"))
     assert latest["model_id"] == trained["model_id"] and latest["key"] == pointer["key"] != "elsewhere"
     assert latest["key"].startswith(f"submissions/{trained['model_id']}/") and latest["members"] == ["m1", "m2"]
+
+
+def test_a_retrain_points_latest_at_its_champion_only_while_it_still_is(trained: dict, store_uri: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two retrains overlap: the one that read the champion before the other promoted its own
+    published last and pointed submissions/latest.json back at the old champion."""
+    from protein.pipeline import prediction
+    from protein.registry.records import ChampionState
+
+    store, model, csv = open_store(store_uri), trained["model_id"], b"Image,Label\n1,0\n"
+    Registry(store).promote(model, reason="test")
+    first = prediction.publish_submission(store, model, csv, "a" * 64, as_champion=True)
+    assert first["latest"] is True and json.loads(store.get_bytes(prediction.LATEST_SUBMISSION))["key"] == first["key"]
+
+    # Not the champion: its submission is kept under its own key, latest.json stays on the champion's.
+    stale = prediction.publish_submission(store, "v-not-the-champion", csv, "a" * 64, as_champion=True)
+    assert stale["latest"] is False and store.get_bytes(stale["key"]) == csv
+    assert json.loads(store.get_bytes(prediction.LATEST_SUBMISSION))["key"] == first["key"]
+
+    # Another run promotes a newer champion and publishes it after this one read latest.json's etag and
+    # the champion, before it writes: the write is refused, this run reads both again and leaves
+    # latest.json on the newer champion's submission.
+    newer = {"model_id": "v-newer", "key": "submissions/v-newer/1/submission.csv"}
+    real_put, raced = store.put_bytes, []
+
+    def put_after_a_rival(key: str, data: bytes, **kwargs: object) -> str:
+        if key == prediction.LATEST_SUBMISSION and not raced:
+            raced.append(key)
+            real_put(key, json.dumps(newer).encode())
+            monkeypatch.setattr(Registry, "champion", lambda self: ChampionState("v-newer", [], "rival"))
+        return real_put(key, data, **kwargs)
+
+    monkeypatch.setattr(store, "put_bytes", put_after_a_rival)
+    late = prediction.publish_submission(store, model, csv, "a" * 64, as_champion=True)
+    assert raced and late["latest"] is False
+    assert json.loads(store.get_bytes(prediction.LATEST_SUBMISSION)) == newer
 
 
 # --- forged results: written with the scoring host's rights, refused by what the CPU host derives -----------

@@ -44,3 +44,16 @@ def test_a_rerun_reuses_what_its_earlier_attempt_decided(champion: str, record: 
 def test_a_challenger_promoted_by_hand_is_not_gated_against_itself() -> None:
     decision = decision_of_an_earlier_attempt("c", "c", None)
     assert decision["promote"] is False and "promoted outside this run's gate" in decision["reasons"][0]
+
+
+def test_the_retrains_submission_moves_latest_only_as_the_champion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retrain publishes the champion it read; another retrain may promote its own meanwhile
+    (protein.pipeline.publish_submission's as_champion, tested in tests/model/test_run_results.py)."""
+    import flows.retrain as retrain
+    from flows.params import DispatchParams
+
+    asked: list[dict[str, Any]] = []
+    monkeypatch.setattr(retrain, "predict_submission",
+                        lambda *args, **kwargs: asked.append({"args": args, **kwargs}) or {"uri": "s3://b/s.csv"})
+    assert retrain.submission_uri("d", "s", "run-1", "v1", "f" * 64, None, DispatchParams()) == "s3://b/s.csv"
+    assert asked == [{"args": ("d", "s", "v1"), "as_champion": True}]
