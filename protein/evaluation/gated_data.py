@@ -18,7 +18,7 @@ from typing import Any
 from protein.config import TrainConfig, to_dict
 from protein.data.fingerprint import FINGERPRINT_CHARS
 from protein.data.manifest import FINGERPRINT
-from protein.errors import NotFound
+from protein.errors import NotFound, PreconditionFailed
 from protein.storage import Store, open_store
 
 # Where a run trained, not what it produces: a config that differs only here is the same training.
@@ -61,6 +61,30 @@ def record_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], de
            "channel": order.get("channel"), "sequence": order.get("challenger_sequence")}
     store.put_bytes(key, json.dumps(doc, indent=2).encode())
     return key
+
+
+def withdraw_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], why: str) -> bool:
+    """A passed gate whose promotion did not land: its judgement of spec's data and config no longer
+    says "promoted" while it still names this challenger (gated_before then finds none). The record
+    is replaced, conditional on the etag read before its bytes, never deleted: a judgement another run
+    writes meanwhile (the same data and config, gated again) stands. True when withdrawn."""
+    key = gated_key_of(spec)
+    if key is None or (etag := store.etag(key)) is None:
+        return False
+    try:
+        judged = json.loads(store.get_bytes(key))
+    except NotFound:
+        return False
+    except ValueError:
+        judged = None
+    if not (isinstance(judged, dict) and judged.get("challenger") == challenger_id):
+        return False
+    doc = {"withdrawn": challenger_id, "why": why, "at": dt.datetime.now(dt.UTC).isoformat()}
+    try:
+        store.put_bytes(key, json.dumps(doc, indent=2).encode(), if_match=etag)
+    except PreconditionFailed:
+        return False
+    return True
 
 
 def gated_before(store_uri: str, data_fingerprint: str, config: TrainConfig) -> dict[str, Any] | None:

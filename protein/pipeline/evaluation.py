@@ -16,7 +16,7 @@ from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import EvidenceRefused, NotFound
 from protein.evaluation.bootstrap import to_bitmasks
 from protein.evaluation.gate import GateRows, select_rows
-from protein.evaluation.gated_data import gated_key_of, record_gated_data
+from protein.evaluation.gated_data import record_gated_data, withdraw_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images, training_split
@@ -285,22 +285,14 @@ def earlier_gate_decision(store_uri: str, challenger_id: str) -> dict[str, Any] 
 def withdraw_gate_pass(store_uri: str, challenger_id: str, why: str) -> None:
     """A passed gate whose promotion did not land (another promotion moved the champion first):
     gates/<challenger>.json says so, and the judgement of its data and config under gates/by-data/
-    is removed while it still names this challenger. Left in place, it said "promoted", and every
+    is withdrawn while it still names this challenger. Left in place, it said "promoted", and every
     scheduled run skipped that data as judged, though its challenger never served."""
     store = open_store(store_uri)
     key = gate_record_key(challenger_id)
     record = load_record(store, key, GATE_RECORD)
     record["promotion"] = {"landed": False, "why": why, "at": dt.datetime.now(dt.UTC).isoformat()}
     store.put_bytes(key, json.dumps(record, indent=2).encode())
-    judged_key = gated_key_of(Registry(store).spec(challenger_id))
-    if judged_key is None:
-        return
-    try:
-        judged = json.loads(store.get_bytes(judged_key))
-    except NotFound:
-        return
-    if isinstance(judged, dict) and judged.get("challenger") == challenger_id:
-        store.delete(judged_key)
+    withdraw_gated_data(store, challenger_id, Registry(store).spec(challenger_id), why)
 
 
 def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[str, Any],

@@ -102,6 +102,7 @@ def test_two_retrains_racing_on_one_store_leave_one_line_of_history(
 
     def judged(version: str) -> bool:
         spec = registry.spec(version)
-        return gates.exists(gated_key(spec["data_fingerprint"], config_digest(spec["train_config"])))
+        key = gated_key(spec["data_fingerprint"], config_digest(spec["train_config"]))
+        return gates.exists(key) and json.loads(gates.get_bytes(key)).get("challenger") == version  # not withdrawn
 
     assert not judged(loser) and judged(winner["challenger"])

@@ -9,7 +9,14 @@ import pytest
 
 from protein.config import TrainConfig, to_dict
 from protein.data.fingerprint import FINGERPRINT_CHARS
-from protein.evaluation.gated_data import config_digest, covers, gated_before, gated_key, record_gated_data
+from protein.evaluation.gated_data import (
+    config_digest,
+    covers,
+    gated_before,
+    gated_key,
+    record_gated_data,
+    withdraw_gated_data,
+)
 from protein.storage import LocalStore
 
 FINGERPRINT = "ab" * (FINGERPRINT_CHARS // 2)
@@ -74,3 +81,26 @@ def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
     assert never_pushed is not None and never_pushed["sequence"] is None
     assert not covers(never_pushed, {"channel": "latest", "sequence": 4})
     assert covers(never_pushed, {"channel": None, "sequence": None})  # the same dataset named directly again
+
+
+def test_a_withdrawn_pass_is_no_judgement_and_never_takes_a_newer_one_with_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    store, config = LocalStore(tmp_path), TrainConfig()
+    record_gated_data(store, "m-1", spec(config), {"promote": True})
+    assert not withdraw_gated_data(store, "m-0", spec(config), "lost"), "another challenger's judgement stands"
+    assert withdraw_gated_data(store, "m-1", spec(config), "its promotion lost to another")
+    assert gated_before(str(tmp_path), FINGERPRINT, config) is None
+
+    # Another run judges the same data and config between this one's read and its write: theirs stands.
+    record_gated_data(store, "m-1", spec(config), {"promote": True})
+    real_get = store.get_bytes
+
+    def read_then_a_rival_judges(key: str, **kwargs: object) -> bytes:
+        read = real_get(key, **kwargs)
+        record_gated_data(store, "m-2", spec(config), {"promote": False, "reasons": ["refused"]})
+        return read
+
+    monkeypatch.setattr(store, "get_bytes", read_then_a_rival_judges)
+    assert not withdraw_gated_data(store, "m-1", spec(config), "its promotion lost to another")
+    monkeypatch.undo()
+    assert gated_before(str(tmp_path), FINGERPRINT, config)["challenger"] == "m-2"  # type: ignore[index]
