@@ -188,7 +188,7 @@ def retrain(
         if challenger is None:
             return Failed(message=f"training run {run_id} completed but registered no model in {store}")
         try:  # the GPU host wrote its model.json: the gate's rows are this run's split, not the host's
-            check_challenger_split(data, store, challenger, config)
+            check_challenger_split(data, store, challenger, config, report["data_fingerprint"])
         except EvidenceRefused as exc:
             return Failed(message=str(exc))
     else:

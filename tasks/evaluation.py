@@ -60,11 +60,13 @@ def evaluate_models_into_store(data: str, store: str, run_id: str, challenger_id
 
 @task(name="check-challenger-split", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def check_challenger_split(data: str, store: str, challenger_id: str, config: TrainConfig) -> None:
-    """EvidenceRefused unless the challenger trained elsewhere declares the split this run asked for."""
+def check_challenger_split(data: str, store: str, challenger_id: str, config: TrainConfig,
+                           data_fingerprint: str) -> None:
+    """EvidenceRefused unless the challenger trained elsewhere declares the data, config, label
+    profile and split this run validated and asked for."""
     from protein.pipeline.evaluation import verify_challenger_split
 
-    verify_challenger_split(data, store, challenger_id, config)
+    verify_challenger_split(data, store, challenger_id, config, data_fingerprint)
 
 
 @task(name="read-gate-evaluation", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,

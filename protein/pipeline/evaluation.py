@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from protein.config import TrainConfig
+from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
 from protein.errors import EvidenceRefused, NotFound
 from protein.evaluation.bootstrap import to_bitmasks
@@ -52,7 +52,7 @@ def check_declared_split(spec: dict[str, Any], data: CompetitionData, config: Tr
     expected = {"training_rows": [data.train_ids[i] for i in train_idx],
                 "holdout": [data.train_ids[i] for i in holdout_idx]}
     for part, ids in expected.items():
-        declared = (spec.get(part) or {}).get("ids")
+        declared = part_doc.get("ids") if isinstance(part_doc := spec.get(part), dict) else None
         if declared != ids:
             count = f"{len(declared)} ids" if isinstance(declared, list) else "no id list"
             raise EvidenceRefused(
@@ -61,12 +61,38 @@ def check_declared_split(spec: dict[str, Any], data: CompetitionData, config: Tr
                 f"fold={config.fold}, refit={config.refit}); the gate does not score a model on rows it chose")
 
 
+def check_declared_lineage(spec: dict[str, Any], data: CompetitionData, data_fingerprint: str, config: TrainConfig,
+                           where: str) -> None:
+    """Refuse a challenger whose model.json says it trained on other data, with another config, or
+    with another label profile than this run validated and asked for. Once it serves, its data
+    fingerprint places it in push order (a forged older or newer one would let older data be
+    promoted, or make the newer push's run skip as trained), its fingerprint and config key the
+    gate's judgement of that data, and its label profile becomes the drift reference."""
+    from protein.evaluation.gated_data import config_digest
+    from protein.pipeline.training import training_label_profile
+
+    if spec.get("data_fingerprint") != data_fingerprint:
+        raise EvidenceRefused(f"{where}: its model.json says it trained on data {spec.get('data_fingerprint')!r}, but "
+                              f"this run validated and asked for {data_fingerprint}; not gated")
+    recorded = spec.get("train_config")
+    if not isinstance(recorded, dict) or config_digest(recorded) != config_digest(to_dict(config)):
+        raise EvidenceRefused(f"{where}: its model.json records another training config than the one this run "
+                              f"asked for; not gated")
+    profile = json.loads(json.dumps(training_label_profile(data.train_label_sets)))
+    if spec.get("label_profile") != profile:
+        raise EvidenceRefused(f"{where}: its model.json records another label profile than this run's data has; "
+                              f"not gated")
+
+
 def verify_challenger_split(data_path: str | os.PathLike[str], store_uri: str, challenger_id: str,
-                            config: TrainConfig, cache_dir: Path | None = None) -> None:
-    """check_declared_split for a registered challenger on the dataset at data_path."""
+                            config: TrainConfig, data_fingerprint: str, cache_dir: Path | None = None) -> None:
+    """check_declared_split and check_declared_lineage for a challenger registered elsewhere on the
+    dataset at data_path, which this run validated as data_fingerprint."""
     registry = Registry(open_store(store_uri))
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
-    check_declared_split(registry.spec(challenger_id), data, config, f"challenger {challenger_id}")
+    spec, where = registry.spec(challenger_id), f"challenger {challenger_id}"
+    check_declared_lineage(spec, data, data_fingerprint, config, where)
+    check_declared_split(spec, data, config, where)
 
 
 def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dict[str, Any],

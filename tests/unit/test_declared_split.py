@@ -4,15 +4,16 @@ it was made (recorded_split: folds and refits)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from protein.config import TrainConfig
+from protein.config import TrainConfig, to_dict
 from protein.errors import EvidenceRefused
-from protein.pipeline.evaluation import check_declared_split, recorded_split
+from protein.pipeline.evaluation import check_declared_lineage, check_declared_split, recorded_split
 from protein.pipeline.inputs import holdout_split, training_split
 
 
@@ -78,3 +79,37 @@ def test_an_older_refit_version_trained_on_every_row(data: Any):
     spec = {"data_fingerprint": "f" * 64, "refit": True, "holdout": {"fraction": None, "seed": 0}}
     assert recorded_split(spec, data, "f" * 64) == (data.train_ids, [])
     assert recorded_split({**spec, "refit": False}, data, "f" * 64) is None  # unknowable, not guessed
+
+
+def honest_lineage(data: Any, config: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    """What an honest trainer records of what it trained on (protein.pipeline.training)."""
+    from protein.pipeline.training import training_label_profile
+
+    return {"data_fingerprint": fingerprint, "train_config": to_dict(config),
+            "label_profile": json.loads(json.dumps(training_label_profile(data.train_label_sets)))}
+
+
+@pytest.mark.parametrize(("forged", "named"), [
+    ({"data_fingerprint": "0" * 16}, "says it trained on data '0000000000000000'"),
+    ({"data_fingerprint": None}, "says it trained on data None"),
+    ({"train_config": {**to_dict(TrainConfig()), "epochs": 99}}, "records another training config"),
+    ({"train_config": "resnet18"}, "records another training config"),
+    ({"label_profile": {"hash": "forged"}}, "records another label profile"),
+], ids=["other-data", "no-data", "other-config", "config-not-a-dict", "other-profile"])
+def test_a_challenger_claiming_other_data_config_or_profile_is_refused(data: Any, forged: dict[str, Any],
+                                                                       named: str):
+    """The GPU host writes model.json; once the version serves, its fingerprint places it in push order
+    and keys the gate's judgement of that data, and its profile becomes the drift reference."""
+    data.train_label_sets = [frozenset(np.flatnonzero(row).tolist()) for row in data.targets]
+    fingerprint = "ab" * 8
+    honest = honest_lineage(data, TrainConfig(), fingerprint)
+    check_declared_lineage({**honest, "train_config": {**honest["train_config"], "device": "cuda"}}, data,
+                           fingerprint, TrainConfig(), "challenger m-1")  # where it trained is not what
+    with pytest.raises(EvidenceRefused, match=f"challenger m-1: its model.json {named}"):
+        check_declared_lineage({**honest, **forged}, data, fingerprint, TrainConfig(), "challenger m-1")
+
+
+def test_a_split_part_that_is_not_an_object_is_refused_in_one_line(data: Any):
+    spec = {**spec_of(data, TrainConfig()), "training_rows": ["img001", "img002"]}  # an AttributeError traceback
+    with pytest.raises(EvidenceRefused, match=r"declares training_rows \(no id list\)"):
+        check_declared_split(spec, data, TrainConfig(), "challenger m-1")
