@@ -88,13 +88,24 @@ def withdraw_gated_data(store: Store, challenger_id: str, spec: dict[str, Any], 
 
 
 def gated_before(store_uri: str, data_fingerprint: str, config: TrainConfig) -> dict[str, Any] | None:
-    """The gate's last judgement of a challenger trained on this data with this config, or None."""
+    """The gate's last judgement of a challenger trained on this data with this config, or None. A
+    pass stands only once its promotion landed (the challenger is in the champion's history, served
+    or rolled back since): the gate records it before the promotion, and a run that died between the
+    two (a killed host, a tombstoned challenger, a store that stayed down) would otherwise have its
+    data skipped as "promoted" every night by a challenger that never served."""
+    from protein.registry import Registry
+
     store = open_store(store_uri)
     try:
         doc = json.loads(store.get_bytes(gated_key(data_fingerprint, config_digest(to_dict(config)))))
     except NotFound:
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("challenger"), str) else None
+    if not (isinstance(doc, dict) and isinstance(doc.get("challenger"), str)):
+        return None
+    if doc.get("promoted") and not any(event.get("action") == "promote" and event.get("model_id") == doc["challenger"]
+                                       for event in Registry(store).champion().history):
+        return None
+    return doc
 
 
 def covers(judged: dict[str, Any], resolved: dict[str, Any]) -> bool:

@@ -26,6 +26,14 @@ def spec(config: TrainConfig, fingerprint: str = FINGERPRINT) -> dict[str, objec
     return {"data_fingerprint": fingerprint, "train_config": to_dict(config)}
 
 
+def served(store: LocalStore, *versions: str) -> None:
+    """registry/champion.json with a promotion of each version, in order."""
+    import json
+
+    history = [{"action": "promote", "model_id": v, "previous": None} for v in versions]
+    store.put_bytes("registry/champion.json", json.dumps({"champion": versions[-1], "history": history}).encode())
+
+
 def test_a_judged_challenger_is_found_by_its_data_and_config(tmp_path: Path):
     store = LocalStore(tmp_path)
     config = TrainConfig(epochs=2)
@@ -37,6 +45,7 @@ def test_a_judged_challenger_is_found_by_its_data_and_config(tmp_path: Path):
     assert (judged["challenger"], judged["promoted"], judged["reasons"]) == ("m-1", False, ["score 0.3 < 0.5"])
     # The newest judgement wins.
     record_gated_data(store, "m-2", spec(config), {"promote": True, "reasons": []})
+    served(store, "m-2")
     assert gated_before(str(tmp_path), FINGERPRINT, config)["challenger"] == "m-2"  # type: ignore[index]
 
 
@@ -67,6 +76,7 @@ def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
     store = LocalStore(tmp_path)
     judged_order = {"channel": "latest", "challenger_sequence": 3, "champion_sequence": None}
     record_gated_data(store, "m-1", spec(TrainConfig()), {"promote": True, "data_order": judged_order})
+    served(store, "m-1")
     judged = gated_before(str(tmp_path), FINGERPRINT, TrainConfig())
     assert judged is not None and (judged["channel"], judged["sequence"]) == ("latest", 3)
     assert covers(judged, {"channel": "latest", "sequence": 3})  # the judged push itself (its queued run)
@@ -104,3 +114,15 @@ def test_a_withdrawn_pass_is_no_judgement_and_never_takes_a_newer_one_with_it(tm
     assert not withdraw_gated_data(store, "m-1", spec(config), "its promotion lost to another")
     monkeypatch.undo()
     assert gated_before(str(tmp_path), FINGERPRINT, config)["challenger"] == "m-2"  # type: ignore[index]
+
+
+def test_a_pass_whose_promotion_never_landed_is_no_judgement(tmp_path: Path):
+    """The gate records its pass before the promotion: a run that died between the two left the data
+    "promoted" for every scheduled run to skip, by a challenger that never served."""
+    store, config = LocalStore(tmp_path), TrainConfig()
+    record_gated_data(store, "m-1", spec(config), {"promote": True})
+    assert gated_before(str(tmp_path), FINGERPRINT, config) is None
+    served(store, "m-0")
+    assert gated_before(str(tmp_path), FINGERPRINT, config) is None
+    served(store, "m-0", "m-1", "m-0")  # served, then rolled back from: the judgement stands
+    assert gated_before(str(tmp_path), FINGERPRINT, config)["challenger"] == "m-1"  # type: ignore[index]
