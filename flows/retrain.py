@@ -125,6 +125,10 @@ def retrain(
         if gate_config != given:  # logged from the value now in force, so the line shows what the gate uses
             logger.warning("this %s run was given gate settings %s; it uses deployments/prefect.yaml's %s",
                            origin, given.model_dump(), gate_config.model_dump())
+        if allow_older_data:  # a person's decision, recorded with the promotion; no person started this run
+            logger.warning("this %s run was given allow_older_data; it is off: only a run a person starts may "
+                           "promote older data", origin)
+            allow_older_data = False
     # Once, here: every step below works on this immutable dataset, whatever is pushed meanwhile.
     resolved = resolve_dataset(data, store, trigger_event_id(trigger_event), str(flow_run.id) if flow_run.id else None)
     if resolved.get("problem"):

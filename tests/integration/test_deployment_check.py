@@ -168,11 +168,15 @@ def test_a_run_an_automation_started_takes_the_gate_from_git(deployments: dict[s
     # Data that does not exist: the run fails at validation, after the gate's settings were chosen.
     state = run_flow(retrain, flow_run=flow_run, return_type="state",
                      parameters={"data": str(tmp_path / "missing"), "store": str(tmp_path / "store"),
-                                 "gate_config": GateParams(min_score=0.0)})
+                                 "gate_config": GateParams(min_score=0.0), "allow_older_data": True})
     assert state.is_failed()
-    chose = [m for m in retrain_logs(client, flow_run.id) if "it uses deployments/prefect.yaml's" in m]
+    logs = retrain_logs(client, flow_run.id)
+    chose = [m for m in logs if "it uses deployments/prefect.yaml's" in m]
+    # Promoting older data is a person's decision: an automation's run given the flag through the API drops it.
+    older = [m for m in logs if "was given allow_older_data; it is off" in m]
     if by_automation:
         assert len(chose) == 1 and "'min_score': 0.0" in chose[0], chose
         assert f"'min_score': {GateParams().min_score}" in chose[0], chose
+        assert len(older) == 1, logs
     else:
-        assert chose == []
+        assert chose == [] and older == []
