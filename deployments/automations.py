@@ -24,6 +24,11 @@ OWN_PREFIX = "protein-"
 # Automations read a request when apply looks for the stale ones (the server's own default limit).
 AUTOMATIONS_PAGE = 200
 
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml's job env (a test checks they agree): the zombie
+# automation's window must hold three of them, so one missed heartbeat (a gap of two periods) and a
+# late one after it never crash a healthy run.
+HEARTBEAT_FREQUENCY_S = 30
+ZOMBIE_AFTER_MIN_S = 3 * HEARTBEAT_FREQUENCY_S
 
 def load_automations(path: Path, block_ids: dict[str, str], zombie_after_s: int | None = None) -> list[Any]:
     """Parse the file into Prefect Automation objects, each send-notification action's
@@ -111,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.webhook_url:
         print(f"automations: error: set {WEBHOOK_URL_ENV} or --webhook-url", file=sys.stderr)
+        return 2
+    if args.zombie_after_s is not None and args.zombie_after_s < ZOMBIE_AFTER_MIN_S:
+        # 0 became Prefect's 10 s: every healthy run Crashed between two heartbeats, and paged.
+        print(f"automations: error: --zombie-after-s {args.zombie_after_s} must be >= {ZOMBIE_AFTER_MIN_S}: flow runs "
+              f"send a heartbeat every {HEARTBEAT_FREQUENCY_S} s (prefect.yaml), and a shorter window crashes "
+              f"healthy runs", file=sys.stderr)
         return 2
     if not os.environ.get("PREFECT_API_URL"):
         print("automations: error: set PREFECT_API_URL to the Prefect server's API", file=sys.stderr)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, apply
+from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, HEARTBEAT_FREQUENCY_S, ZOMBIE_AFTER_MIN_S, apply
 from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
 
 if TYPE_CHECKING:
@@ -51,11 +51,6 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 # alias: gh:you/p.git): a colon before any slash. A user holding a colon is a user:token.
 SCP_LIKE = re.compile(r"^(?:[^/:@]+@)?[^/:@]+:(?!//)")
 SCP_CREDENTIALS = re.compile(r"^[^/@]*:[^/@]*@")
-# PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml's job env (a test checks they agree): the zombie
-# automation's window must hold three of them, so one missed heartbeat (a gap of two periods) and a
-# late one after it never crash a healthy run.
-HEARTBEAT_FREQUENCY_S = 30
-ZOMBIE_AFTER_MIN_S = 3 * HEARTBEAT_FREQUENCY_S
 REQUIRED = {
     "PROTEIN_REPOSITORY": "the git URL workers clone the code from, e.g. https://github.com/you/protein-pipeline.git",
     "PROTEIN_STORE": "the store every host shares, e.g. s3://bucket/prefix",

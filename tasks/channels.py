@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from protein.data.channels import channel_of, read_channel, resolve_data
 from protein.data.run_resolution import resolve_once
-from protein.errors import DataError
+from protein.errors import DataError, RecordError
 from protein.validation.reference import refused_by_validation
 from tasks.retry import retry_transient
 
@@ -28,7 +28,9 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
     def resolve() -> dict[str, Any]:
         try:
             resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
-        except (DataError, ValueError) as exc:  # ValueError: a store URI open_store refuses; no retry mends it
+        except (DataError, ValueError, RecordError) as exc:
+            # ValueError: a store URI open_store refuses; RecordError: a channel record that is not
+            # one, or over the record cap. No retry mends either.
             return {"problem": str(exc)}
         result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
         if trigger_event_id and resolved.channel:

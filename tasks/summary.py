@@ -37,7 +37,7 @@ def dataset_uri_problem(data: object) -> str | None:
         return None
     if text.startswith("s3://"):
         bucket, _, key = text.removeprefix("s3://").partition("/")
-        return None if bucket and key.strip("/") else f"{text!r} is not s3://bucket/key"
+        return None if bucket and key.strip("/") else f"{redacted_uri(text)!r} is not s3://bucket/key"
     if text.startswith("file:///") or text.startswith("/"):
         return None
     return f"{redacted_uri(text)!r} is not an s3:// URI, file:// URI or absolute path"

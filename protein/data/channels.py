@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from protein.errors import DataError, NotFound, PreconditionFailed, StoreError
+from protein.errors import DataError, NotFound, PreconditionFailed, RecordError, StoreError
 from protein.storage import Store, open_store
 from protein.storage.records import record_cap
 
@@ -135,8 +135,10 @@ def read_channel(store: Store, name: str) -> Channel:
     except NotFound:
         return Channel(name, (), None)
     except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{store.uri.rstrip('/')}/{key}: not a dataset channel ({exc}); "
-                         "restore it from the bucket's versions or push again after removing it") from None
+        # A RecordError (exit 8), not a StoreError: nothing a retry could mend. Only the operator's
+        # role may delete a channel record (docs/security.md).
+        raise RecordError(f"{store.uri.rstrip('/')}/{key}: not a dataset channel ({exc}); an operator restores it "
+                          "from the bucket's versions (docs/runbook.md)") from None
     return Channel(name, history, etag)
 
 

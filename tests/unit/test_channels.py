@@ -173,3 +173,25 @@ def test_a_channel_record_over_the_size_cap_is_refused_unread(tmp_path: Path, mo
     monkeypatch.setenv(MAX_RECORD_BYTES_ENV, "64")
     with pytest.raises(RecordError, match=r"datasets/channels/latest\.json: .* bytes is larger than the 64-byte cap"):
         read_channel(store, "latest")
+
+
+@pytest.mark.parametrize("record", [b"[1, 2]", b"{not json", b'{"history": [{"sequence": "one"}]}', None])
+def test_a_channel_record_that_is_not_one_is_the_runs_one_line_problem_not_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: bytes | None) -> None:
+    """A StoreError is transient: the task retried it three times (~42 s) on a record no retry
+    changes, then the run failed with a traceback. None: a record over the cap (RecordError)."""
+    from protein.storage.records import MAX_RECORD_BYTES_ENV
+    from tasks.channels import resolve_dataset
+    from tasks.retry import is_transient
+
+    store = LocalStore(tmp_path)
+    if record is None:
+        push(store, "a" * 16, "e1")
+        monkeypatch.setenv(MAX_RECORD_BYTES_ENV, "64")
+    else:
+        store.put_bytes("datasets/channels/latest.json", record)
+    with pytest.raises(Exception) as raised:
+        read_channel(store, "latest")
+    assert not is_transient(raised.value), raised.value
+    problem = resolve_dataset.fn("channel:latest", str(tmp_path))["problem"]
+    assert "datasets/channels/latest.json" in problem and "\n" not in problem, problem

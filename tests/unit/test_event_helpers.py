@@ -186,3 +186,22 @@ def test_link_cli_rejects_a_lifetime_over_seven_days(capsys: pytest.CaptureFixtu
     assert main(["link", "s3://bucket/key.csv", "--hours", "169"]) == 2
     assert capsys.readouterr().err.strip() == ("protein link: error: link lifetime must be 1..604800 s (7 days), "
                                                "got 608400")
+
+
+@pytest.mark.parametrize("window", ["0", "30", "89"])
+def test_the_standalone_apply_refuses_a_zombie_window_shorter_than_three_heartbeats(
+        window: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The deploy wrapper refused it; `python -m deployments.automations apply` took 0 as Prefect's
+    10 s: every healthy run Crashed between two heartbeats, and paged."""
+    from deployments import automations
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    monkeypatch.setattr(automations, "apply", lambda *a: pytest.fail("applied"))
+    assert automations.main(["apply", "--webhook-url", "https://hooks.example/x", "--zombie-after-s", window]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--zombie-after-s {window} must be >= 90" in err, err
+
+
+def test_a_malformed_s3_uri_is_named_without_its_credentials() -> None:
+    problem = dataset_uri_problem("s3://AKIAEXAMPLE:topsecret@bucket")
+    assert problem is not None and "topsecret" not in problem and "AKIAEXAMPLE" not in problem, problem
