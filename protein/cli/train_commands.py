@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def cmd_train_job(args: argparse.Namespace) -> int:
     from protein.modeling import distributed
     from protein.pipeline import train_and_register
 
+    if "LOCAL_RANK" in os.environ:  # started by torchrun (not a test calling this in process)
+        distributed.exit_with_launcher()
     job = json.loads(Path(args.job).read_text())
     config = from_dict(TrainConfig, job["config"])
     try:
@@ -120,7 +123,7 @@ def cmd_train_job(args: argparse.Namespace) -> int:
         # The rank's own error, for the launcher to raise with its exit code (a superseded checkpoint
         # is 10, an out-of-memory 11, not 7's "a rank died, rerun": a rerun would repeat them). Any
         # rank's: one that stops first takes the others down with it.
-        distributed.write_error(str(exc), exc.exit_code)
+        distributed.write_error(str(exc), exc.exit_code, type(exc).__name__)
         raise
     distributed.write_result(result)
     return 0

@@ -178,13 +178,57 @@ def launch(nproc: int, module_argv: Sequence[str]) -> tuple[int, dict[str, Any] 
                os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
         command = torchrun_command(nproc, module_argv)
         log.info("launching %d ranks: %s", nproc, " ".join(command))
-        code = subprocess.run(command, env=env, check=False).returncode
+        code = wait_stopping_on_exit(subprocess.Popen(command, env=env))
         result = json.loads(result_path.read_text()) if result_path.exists() else None
         if code != 0 and (result is None or "error" not in result):
             # Rank 0 said nothing of why: another rank's own error (an out-of-memory on rank 1 stops
             # the run as surely as on rank 0), else None: a rank died without one (killed).
             return code or 1, rank_error(result_path)
         return code, result
+
+
+# Seconds torchrun gets to stop its ranks after SIGTERM before it is killed: the ranks finish the
+# collective they are in (or time out of it) and exit; a checkpoint write in flight completes.
+LAUNCHER_STOP_GRACE_S = 30.0
+# How often a rank checks that its launcher still lives.
+LAUNCHER_CHECK_S = 1.0
+
+
+def wait_stopping_on_exit(process: subprocess.Popen[bytes], grace_s: float = LAUNCHER_STOP_GRACE_S) -> int:
+    """torchrun's exit code. When waiting is interrupted (the task's timeout, the worker's SIGTERM
+    when the run is cancelled), torchrun is asked to stop its ranks (SIGTERM) and killed only after
+    ``grace_s``. subprocess.run killed it at once: torchrun starts each rank in a session of its
+    own, so the ranks outlived it, held every GPU and trained on, and the retry's ranks failed out
+    of memory or lost the checkpoint to them."""
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+
+
+def exit_with_launcher(check_s: float = LAUNCHER_CHECK_S) -> None:
+    """A rank ends itself when its launcher is gone (torchrun killed without a chance to stop it:
+    the worker's SIGKILL after its grace period, the out-of-memory killer). A rank runs in a session
+    of its own, so nothing else reaches it: it would train on, unowned, on the GPU the run's
+    re-dispatch needs. Polls the parent pid from a daemon thread."""
+    import threading
+    import time
+
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(check_s)
+        log.error("rank %d: its launcher (pid %d) is gone; stopping", current().rank, launcher)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="protein-launcher-watch", daemon=True).start()
 
 
 def write_result(result: dict[str, Any]) -> None:
@@ -202,15 +246,16 @@ def rank_error_path(result_path: Path, rank: int) -> Path:
     return result_path.with_name(f"{result_path.name}{RANK_ERROR_SUFFIX}{rank}")
 
 
-def write_error(message: str, exit_code: int) -> None:
+def write_error(message: str, exit_code: int, kind: str | None = None) -> None:
     """Any rank hands the error it stopped on to the launcher: rank 0 as its result, another rank
-    beside it (no-op outside a launched run)."""
+    beside it (no-op outside a launched run). ``kind``: the error's class in protein.errors, so the
+    launcher raises it as that (a store outage is retried, an out-of-memory is not)."""
     path = os.environ.get(RESULT_FILE_ENV)
     if not path:
         return
     rank = current()
     target = Path(path) if rank.is_main else rank_error_path(Path(path), rank.rank)
-    target.write_text(json.dumps({"error": message, "exit_code": exit_code, "rank": rank.rank}))
+    target.write_text(json.dumps({"error": message, "exit_code": exit_code, "rank": rank.rank, "type": kind}))
 
 
 def rank_error(result_path: Path) -> dict[str, Any] | None:

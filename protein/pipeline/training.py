@@ -13,7 +13,7 @@ from typing import Any
 
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import OutOfMemory, RankZeroError, TrainingFailed, is_out_of_memory
+from protein.errors import OutOfMemory, ProteinError, RankZeroError, TrainingFailed, is_out_of_memory
 from protein.evaluation.gate import ids_digest
 from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
@@ -238,11 +238,30 @@ def train_on_ranks(
                                    "expected_fingerprint": inputs.data_fingerprint}))
         code, result = distributed.launch(nproc, ["train-job", str(job)])
     if result is not None and "error" in result:
-        raise RankZeroError(str(result["error"]), int(result.get("exit_code", TrainingFailed.exit_code)))
+        raise error_of_rank(result)
     if result is None:
         raise TrainingFailed(f"training run {run_id} on {nproc} ranks failed (torchrun exit {code}; the failing "
                              f"rank's error is above); rerun with run id {run_id} to resume from its last checkpoint")
     return result
+
+
+def error_of_rank(result: dict[str, Any]) -> ProteinError:
+    """A rank's own error (distributed.write_error) as the class it was raised as, so the train
+    task decides on it as on a one-rank run's: a store outage retried, an out-of-memory caught as
+    OutOfMemory. A class this module does not know (or one that names another exit code) comes back
+    as RankZeroError with the rank's message and exit code."""
+    from protein import errors
+
+    message, code = str(result["error"]), int(result.get("exit_code", TrainingFailed.exit_code))
+    known = getattr(errors, str(result.get("type")), None)
+    if isinstance(known, type) and issubclass(known, ProteinError) and known is not RankZeroError:
+        try:
+            error = known(message)
+        except TypeError:  # a class with other arguments
+            error = None
+        if error is not None and error.exit_code == code:
+            return error
+    return RankZeroError(message, code)
 
 
 def out_of_memory_message(error: BaseException, config: TrainConfig, run_id: str, ranks: int) -> str:

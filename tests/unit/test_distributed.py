@@ -1,5 +1,6 @@
 """Single-process parts of data-parallel training: sharding, the ragged batch, accumulation."""
 
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_rank_zeros_own_error_reaches_the_launcher_with_its_exit_code(tmp_path, 
                                "cache_dir": None}))
     assert main(["train-job", str(job)]) == 10  # rank 0 (no RANK set) writes its error, then exits with it
     assert json.loads(result_file.read_text())["exit_code"] == 10
+    assert json.loads(result_file.read_text())["type"] == "CheckpointSuperseded"
 
     # The launcher's side: torchrun failed, rank 0 said why.
     from protein.pipeline import training
@@ -172,18 +174,19 @@ def test_launch_hands_back_rank_zeros_error_but_no_result_from_a_failed_run(monk
     import subprocess
 
     def torchrun_that_writes(written, code):  # noqa: ANN001, ANN202
-        def run(command, env, check):  # noqa: ANN001, ANN202
+        def popen(command, env):  # noqa: ANN001, ANN202
             with open(env[distributed.RESULT_FILE_ENV], "w") as out:
                 json.dump(written, out)
-            return subprocess.CompletedProcess(command, code)
-        return run
+            return real_popen(["/bin/sh", "-c", f"exit {code}"])
+        return popen
 
+    real_popen = subprocess.Popen
     error = {"error": "runs/r/checkpoint.pt: superseded", "exit_code": 10}
-    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes(error, 1))
+    monkeypatch.setattr(distributed.subprocess, "Popen", torchrun_that_writes(error, 1))
     assert distributed.launch(2, ["train-job", "job.json"]) == (1, error)
-    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes({"model_id": "m"}, 1))
+    monkeypatch.setattr(distributed.subprocess, "Popen", torchrun_that_writes({"model_id": "m"}, 1))
     assert distributed.launch(2, ["train-job", "job.json"]) == (1, None)
-    monkeypatch.setattr(distributed.subprocess, "run", torchrun_that_writes({"model_id": "m"}, 0))
+    monkeypatch.setattr(distributed.subprocess, "Popen", torchrun_that_writes({"model_id": "m"}, 0))
     assert distributed.launch(2, ["train-job", "job.json"]) == (0, {"model_id": "m"})
 
 
@@ -205,20 +208,144 @@ def test_another_ranks_own_error_reaches_the_launcher_and_only_a_silent_death_is
     distributed.write_error("run r ran out of memory on rank 1", 11)
     assert not result_file.exists()
     side = json.loads((tmp_path / "result.json.rank1").read_text())
-    assert side == {"error": "run r ran out of memory on rank 1", "exit_code": 11, "rank": 1}
+    assert side == {"error": "run r ran out of memory on rank 1", "exit_code": 11, "rank": 1, "type": None}
 
     def torchrun(rank_files: dict[str, dict], code: int):  # noqa: ANN202
-        def run(command, env, check):  # noqa: ANN001, ANN202
+        def popen(command, env):  # noqa: ANN001, ANN202
             for suffix, written in rank_files.items():
                 with open(env[distributed.RESULT_FILE_ENV] + suffix, "w") as out:
                     json.dump(written, out)
-            return subprocess.CompletedProcess(command, code)
-        return run
+            return real_popen(["/bin/sh", "-c", f"exit {code}"])
+        return popen
 
+    real_popen = subprocess.Popen
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setattr(distributed.subprocess, "run", torchrun({".rank3": {"error": "late", "exit_code": 2},
-                                                                  ".rank1": side}, 1))
+    monkeypatch.setattr(distributed.subprocess, "Popen", torchrun({".rank3": {"error": "late", "exit_code": 2},
+                                                                    ".rank1": side}, 1))
     assert distributed.launch(4, ["train-job", "job.json"]) == (1, side)  # the lowest rank's
-    monkeypatch.setattr(distributed.subprocess, "run", torchrun({}, 1))
+    monkeypatch.setattr(distributed.subprocess, "Popen", torchrun({}, 1))
     assert distributed.launch(2, ["train-job", "job.json"]) == (1, None)  # a rank killed: nothing said
     assert not is_transient(RankZeroError(side["error"], side["exit_code"])) and is_transient(TrainingFailed("x"))
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping: not gone, not a zombie waiting for a parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_file(path, what):  # noqa: ANN001, ANN201
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+# torchrun as far as its ranks are concerned: each rank in a session of its own, stopped on SIGTERM.
+FAKE_TORCHRUN = """
+setsid sleep 120 & rank=$!
+trap 'kill $rank; wait $rank; exit 143' TERM
+echo $rank > "$0"
+wait $rank
+"""
+
+
+def test_an_interrupted_launch_stops_its_ranks_through_torchrun(tmp_path):
+    """The task's timeout or the worker's SIGTERM (a cancelled run) interrupts the wait: torchrun is
+    asked to stop its ranks. subprocess.run killed it at once, and the ranks, each in a session of
+    its own, trained on, holding the GPUs the retry needed."""
+    import signal
+    import subprocess
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_):  # noqa: ANN002, ANN202
+        raise Interrupted
+
+    launcher = subprocess.Popen(["/bin/sh", "-c", FAKE_TORCHRUN, str(tmp_path / "rank.pid")])
+    rank = wait_for_file(tmp_path / "rank.pid", "the fake torchrun never started its rank")
+    before = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(Interrupted):
+            distributed.wait_stopping_on_exit(launcher, grace_s=20)
+        assert launcher.returncode == 143, "torchrun stopped on SIGTERM, not killed"
+        assert not alive(rank), "the rank outlived its launcher"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        if alive(rank):
+            __import__("os").kill(rank, signal.SIGKILL)
+
+
+RANK_OF_A_KILLED_LAUNCHER = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c",
+    "from protein.modeling import distributed; import time; distributed.exit_with_launcher(0.1); time.sleep(120)"],
+    start_new_session=True)
+open(sys.argv[1], "w").write(str(rank.pid))
+time.sleep(120)
+"""
+
+
+def test_a_rank_ends_itself_when_its_launcher_is_killed(tmp_path, protein_process):
+    """torchrun SIGKILLed (the worker's kill after its grace period) cannot stop its ranks."""
+    import os
+    import signal
+    import time
+
+    launcher = protein_process.start_script(RANK_OF_A_KILLED_LAUNCHER, str(tmp_path / "rank.pid"))
+    rank = wait_for_file(tmp_path / "rank.pid", "the fake torchrun never started its rank")
+    try:
+        time.sleep(3)  # the rank imports torch and starts watching
+        assert alive(rank)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while alive(rank):
+            assert time.monotonic() < deadline, "the rank outlived its killed launcher"
+            time.sleep(0.1)
+    finally:
+        if alive(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("written", "raised", "transient"), [
+    ({"error": "s3://b/runs/r/checkpoint.pt: endpoint unreachable", "exit_code": 3, "type": "StoreError"},
+     "StoreError", True),
+    ({"error": "training run r ran out of memory", "exit_code": 11, "type": "OutOfMemory"}, "OutOfMemory", False),
+    ({"error": "superseded", "exit_code": 10, "type": "CheckpointSuperseded"}, "CheckpointSuperseded", False),
+    ({"error": "a class of another version", "exit_code": 3, "type": "SomethingNew"}, "RankZeroError", False),
+    ({"error": "exit code of another class", "exit_code": 5, "type": "StoreError"}, "RankZeroError", False),
+    ({"error": "written before types were", "exit_code": 3}, "RankZeroError", False),
+], ids=["store-outage", "out-of-memory", "superseded", "unknown-class", "other-exit-code", "no-type"])
+def test_a_ranks_error_comes_back_as_its_own_class(written, raised, transient):
+    """A store outage on rank 0 of a --nproc run is retried as on one rank (it came back as
+    RankZeroError, never retried: the night lost), and an out-of-memory is OutOfMemory, which the
+    retrain catches to fail in one line (it was a RankZeroError traceback)."""
+    from protein.pipeline.training import error_of_rank
+    from tasks.retry import is_transient
+
+    error = error_of_rank(written)
+    assert type(error).__name__ == raised and str(error) == written["error"]
+    assert error.exit_code == written["exit_code"] and is_transient(error) is transient
+
+
+def test_train_on_ranks_raises_the_ranks_error_as_its_class(tmp_path, monkeypatch):
+    from protein.errors import StoreError
+    from protein.pipeline import training
+
+    written = {"error": "s3://b/runs/r/checkpoint.pt: endpoint unreachable", "exit_code": 3, "type": "StoreError"}
+    monkeypatch.setattr(training.distributed, "launch", lambda nproc, argv: (1, written))
+    monkeypatch.setattr(training, "open_training_inputs",
+                        lambda *args: type("Inputs", (), {"run_id": "r", "data": None, "data_fingerprint": "f"})())
+    monkeypatch.setattr(training, "load_split_images", lambda *args, **kwargs: None)
+    with pytest.raises(StoreError, match="endpoint unreachable"):
+        training.train_on_ranks(2, tmp_path, str(tmp_path / "store"), TrainConfig(batch_size=8, device="cpu"), "r")
