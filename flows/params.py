@@ -87,6 +87,15 @@ class TrainParams(BaseModel):
     def to_config(self) -> TrainConfig:
         return recipe_config(**self.model_dump(exclude={"share_cache", "nproc"}))
 
+    def checked_config(self) -> TrainConfig:
+        """to_config, with the global batch checked to split over nproc ranks (ValueError naming
+        what to change): a retrain fails on it at its start, not after validation and dispatch."""
+        from protein.modeling.scaling import check_batch_split
+
+        config = self.to_config()
+        check_batch_split(config, self.nproc)
+        return config
+
 
 class DispatchParams(BaseModel):
     """How retrain waits for training on the gpu pool (only with a train deployment)."""

@@ -108,8 +108,8 @@ def retrain(
         allow_older_data: promote even when the challenger's data is older (in the channel's push
             order) than the champion's; the promotion records that this run allowed it
     """
-    try:  # the form checks each field; the config the bounds across them (batch and accumulate, device)
-        train.to_config()
+    try:  # the form checks each field; the config the bounds across them (batch, accumulate and nproc, device)
+        train.checked_config()
     except ValueError as exc:
         return Failed(message=f"train settings: {exc}; nothing was run")
     logger = get_run_logger()
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     def parameters() -> tuple[TrainParams, GateParams, ValidationParams]:
         train = TrainParams(arch=args.arch, epochs=args.epochs, image_size=args.image_size,
                             batch_size=args.batch_size, seed=args.seed)
-        train.to_config()  # the bounds across fields (batch and accumulate), before any server starts
+        train.checked_config()  # the bounds across fields (batch and accumulate), before any server starts
         return (train, GateParams(min_score=args.min_score, min_gain=args.min_gain),
                 ValidationParams(image_size=args.expected_image_size))
 

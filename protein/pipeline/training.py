@@ -220,13 +220,19 @@ def train_on_ranks(
 
     The decoded-image cache is built here, once, before any rank starts; the run id is fixed
     here so every rank (and a rerun after a failure) uses the same checkpoint."""
+    # Usage errors (ProteinError, exit 2), not ValueErrors, which the train task retries as transient:
+    # twice more on the same settings, then a traceback.
     if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+        raise ProteinError(f"nproc must be >= 1, got {nproc}")
+    try:
+        check_batch_split(config, nproc)  # before anything starts: one clear line, not N tracebacks
+    except ValueError as exc:
+        raise ProteinError(str(exc)) from None
     check_input_size(config.arch, config.image_size)
     device = select_device(config.device)
     if device.type == "cuda" and nproc > torch_cuda_devices():
-        raise ValueError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()}")
+        raise ProteinError(f"--nproc {nproc}: one process per GPU, but this machine has {torch_cuda_devices()} "
+                           "(CUDA_VISIBLE_DEVICES)")
     inputs = open_training_inputs(data_path, store_uri, run_id, cache_dir, expected_fingerprint)
     run_id = inputs.run_id
     load_split_images(inputs.data, "train", config.image_size, inputs.data_fingerprint, cache_dir, on_decode,

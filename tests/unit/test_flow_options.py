@@ -39,6 +39,22 @@ def test_train_settings_refused_by_the_config_fail_the_retrain_before_any_task()
     state = retrain.fn(data="/nowhere", store="/nowhere/store", train=TrainParams(batch_size=10, accumulate=3))
     assert isinstance(state, State) and state.is_failed()
     assert state.message.startswith("train settings: accumulate must be >= 1 and divide batch_size 10")
+    # Batch 30 over 4 ranks: it failed on the GPU host after validation and dispatch, retried as a ValueError.
+    state = retrain.fn(data="/nowhere", store="/nowhere/store", train=TrainParams(batch_size=30, nproc=4))
+    assert isinstance(state, State) and state.is_failed()
+    assert state.message.startswith("train settings: batch_size 30 (the global batch) must be a multiple of nproc x "
+                                    "accumulate = 4 x 1"), state.message
+
+
+def test_a_train_on_ranks_usage_error_is_not_retried(tmp_path) -> None:  # noqa: ANN001
+    from protein.config import TrainConfig
+    from protein.pipeline.training import train_on_ranks
+    from tasks.retry import is_transient
+
+    for nproc, config in ((0, TrainConfig()), (3, TrainConfig(batch_size=32, device="cpu"))):
+        with pytest.raises(Exception) as raised:
+            train_on_ranks(nproc, tmp_path, str(tmp_path / "store"), config, "r")
+        assert not is_transient(raised.value), raised.value
 
 
 def test_an_empty_text_field_takes_the_recipes_value_and_a_device_torch_cannot_name_is_refused() -> None:
