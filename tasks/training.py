@@ -18,6 +18,7 @@ from protein.config import TrainConfig
 from protein.modeling.devices import DevicePolicy, choose_device
 from protein.process_gc import import_frozen
 from tasks import events
+from tasks.registry import prefect_actor
 from tasks.retry import retry_transient
 
 
@@ -64,12 +65,13 @@ def train_model(data: str, store: str, config: TrainConfig, run_id: str, share_c
                     record["epochs"], record["train_loss"], record["holdout_f1_samples"],
                     record["train_images_per_s"])
 
+    actor = prefect_actor()  # the registration's event names this flow run, as a promotion's does
     if nproc > 1:
         result = train_on_ranks(nproc, data, store, config, run_id=run_id, share_cache=share_cache,
-                                expected_fingerprint=expected_fingerprint)
+                                expected_fingerprint=expected_fingerprint, actor=actor)
     else:
         result = train_and_register(data, store, config, run_id=run_id, on_epoch=on_epoch, share_cache=share_cache,
-                                    expected_fingerprint=expected_fingerprint)
+                                    expected_fingerprint=expected_fingerprint, actor=actor)
     if result["resumed_from_epoch"]:
         logger.info("run %s resumed from the checkpoint of epoch %d", run_id, result["resumed_from_epoch"])
     if history:  # empty when a retry resumed a run whose epochs were all done

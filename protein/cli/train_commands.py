@@ -118,7 +118,7 @@ def cmd_train_job(args: argparse.Namespace) -> int:
     try:
         result = train_and_register(job["data"], job["store"], config, run_id=job["run_id"],
                                     cache_dir=Path(job["cache_dir"]) if job["cache_dir"] else None,
-                                    expected_fingerprint=job.get("expected_fingerprint"))
+                                    expected_fingerprint=job.get("expected_fingerprint"), actor=job.get("actor"))
     except ProteinError as exc:
         # The rank's own error, for the launcher to raise with its exit code (a superseded checkpoint
         # is 10, an out-of-memory 11, not 7's "a rank died, rerun": a rerun would repeat them). Any

@@ -215,6 +215,7 @@ def train_on_ranks(
     on_decode: Callable[[int], None] | None = None,
     share_cache: bool = False,
     expected_fingerprint: str | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """train_and_register on nproc ranks of this host under torchrun (one per GPU; gloo on CPU).
 
@@ -241,7 +242,7 @@ def train_on_ranks(
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"data": str(data_path), "store": store_uri, "config": to_dict(config),
                                    "run_id": run_id, "cache_dir": str(cache_dir) if cache_dir else None,
-                                   "expected_fingerprint": inputs.data_fingerprint}))
+                                   "expected_fingerprint": inputs.data_fingerprint, "actor": actor}))
         code, result = distributed.launch(nproc, ["train-job", str(job)])
     if result is not None and "error" in result:
         raise error_of_rank(result)

@@ -175,3 +175,6 @@ def test_prefect_retry_of_the_train_task_resumes_after_the_last_checkpoint(
     assert registry.champion().champion == result["challenger"] == attempts[1]["result"]["model_id"]
     assert [h["epoch"] for h in registry.spec(result["challenger"])["history"]] == [1, 2]
     assert registry.versions() == [result["challenger"]]  # the failed attempt registered nothing
+    # The registration names the flow run that made it (it named user@host), as a promotion does.
+    registered_by = registry.spec(result["challenger"])["event"]["actor"]
+    assert registered_by == f"prefect-flow-run:{state.state_details.flow_run_id}", registered_by

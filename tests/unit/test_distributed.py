@@ -339,13 +339,23 @@ def test_a_ranks_error_comes_back_as_its_own_class(written, raised, transient):
 
 
 def test_train_on_ranks_raises_the_ranks_error_as_its_class(tmp_path, monkeypatch):
+    import json
+
     from protein.errors import StoreError
     from protein.pipeline import training
 
     written = {"error": "s3://b/runs/r/checkpoint.pt: endpoint unreachable", "exit_code": 3, "type": "StoreError"}
-    monkeypatch.setattr(training.distributed, "launch", lambda nproc, argv: (1, written))
+    jobs: list[dict] = []
+
+    def launch(nproc, argv):  # noqa: ANN001, ANN202
+        jobs.append(json.loads(__import__("pathlib").Path(argv[1]).read_text()))
+        return 1, written
+
+    monkeypatch.setattr(training.distributed, "launch", launch)
     monkeypatch.setattr(training, "open_training_inputs",
                         lambda *args: type("Inputs", (), {"run_id": "r", "data": None, "data_fingerprint": "f"})())
     monkeypatch.setattr(training, "load_split_images", lambda *args, **kwargs: None)
     with pytest.raises(StoreError, match="endpoint unreachable"):
-        training.train_on_ranks(2, tmp_path, str(tmp_path / "store"), TrainConfig(batch_size=8, device="cpu"), "r")
+        training.train_on_ranks(2, tmp_path, str(tmp_path / "store"), TrainConfig(batch_size=8, device="cpu"), "r",
+                                actor="prefect-flow-run:f")
+    assert jobs[0]["actor"] == "prefect-flow-run:f"  # the ranks register under the flow run that launched them
