@@ -66,12 +66,46 @@ def encode_probs(scored: dict[str, tuple[list[str], np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
+# Bytes of a .npy header and of an archive's directory and member headers, generously.
+NPY_HEADER_BYTES = 4096
+
+
+def member_bounds(expected: dict[str, list[str]]) -> dict[str, int]:
+    """The most bytes each member of an honest .npz of these probabilities holds: float64 at most,
+    ids as numpy's fixed-width UTF-32 text of the longest expected id."""
+    bounds: dict[str, int] = {}
+    for name, ids in expected.items():
+        longest = max((len(i) for i in ids), default=1)
+        bounds[name] = len(ids) * len(LABELS) * 8 + NPY_HEADER_BYTES
+        bounds[f"{name}_ids"] = len(ids) * 4 * longest + NPY_HEADER_BYTES
+    return bounds
+
+
+def probs_bound(expected: dict[str, list[str]]) -> int:
+    """The most bytes an honest (uncompressed, np.savez) .npz of these probabilities takes."""
+    bounds = member_bounds(expected)
+    return sum(bounds.values()) + NPY_HEADER_BYTES * (len(bounds) + 1)
+
+
 def decode_probs(raw: bytes, where: str, expected: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """The probabilities of each name in `expected`, refused unless they are finite, in [0, 1],
-    one row per expected id, in that order. Never unpickles (allow_pickle=False)."""
+    one row per expected id, in that order. Never unpickles (allow_pickle=False). Only the expected
+    members are read, each only when the archive's directory says it is no larger than an honest one
+    (a deflated member of zeros expands a thousandfold: a 200 MB archive would ask for 200 GB)."""
+    bounds = member_bounds(expected)
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            stored = {name: archive[name] for name in archive.files}
+            stored: dict[str, np.ndarray] = {}
+            for member, bound in bounds.items():
+                if member not in archive.files:
+                    continue
+                size = archive.zip.getinfo(f"{member}.npy").file_size
+                if size > bound:
+                    raise EvidenceRefused(f"{where}: member {member} holds {size} bytes, more than the {bound} its "
+                                          f"rows take")
+                stored[member] = archive[member]
+    except EvidenceRefused:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable archive is one refusal
         raise EvidenceRefused(f"{where}: not a readable .npz of probabilities ({type(exc).__name__})") from None
     probs: dict[str, np.ndarray] = {}
@@ -81,7 +115,7 @@ def decode_probs(raw: bytes, where: str, expected: dict[str, list[str]]) -> dict
             raise EvidenceRefused(f"{where}: no probabilities for the {name}")
         if stored_ids.tolist() != list(ids):
             raise EvidenceRefused(f"{where}: the {name}'s rows are not the {len(ids)} rows the CPU host expects "
-                                  f"(found {len(stored_ids)})")
+                                  f"(found {stored_ids.size})")  # a 0-d array has no len()
         if array.shape != (len(ids), len(LABELS)) or array.dtype.kind != "f":
             raise EvidenceRefused(f"{where}: the {name}'s probabilities have shape {array.shape} {array.dtype}, "
                                   f"expected ({len(ids)}, {len(LABELS)}) floats")

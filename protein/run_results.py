@@ -26,14 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import EvidenceRefused, StoreError
-from protein.evidence import GATE_PROBS, TEST_PROBS, SpotCheck, decode_probs, draw_seed, encode_probs, spot_check
+from protein.errors import EvidenceRefused, RecordError
+from protein.evidence import (
+    GATE_PROBS,
+    TEST_PROBS,
+    SpotCheck,
+    decode_probs,
+    draw_seed,
+    encode_probs,
+    probs_bound,
+    spot_check,
+)
 from protein.pipeline import evaluate_for_gate, load_predictor, predict_test_set, publish_submission
 from protein.pipeline.evaluation import assemble_gate_evaluation, evaluation_of_probs, plan_gate, row_index
 from protein.pipeline.prediction import submission_csv
 from protein.registry import Registry
 from protein.registry.records import check_run_id
 from protein.storage import Store, open_store
+from protein.storage.records import record_cap
 
 GATE_EVALUATION = "gate-evaluation.json"
 SUBMISSION = "submission.json"
@@ -108,7 +118,7 @@ def read_gate_evaluation(data_path: str | os.PathLike[str], store_uri: str, run_
                                                      "champion": champion_id, "data_fingerprint": data_fingerprint,
                                                      "metric": metric})
     if not isinstance(record.get("evaluation"), dict) or not isinstance(record["evaluation"].get("challenger"), dict):
-        raise StoreError(f"{_uri(store, run_id, GATE_EVALUATION)}: no challenger evaluation in the record")
+        raise EvidenceRefused(f"{_uri(store, run_id, GATE_EVALUATION)}: no challenger evaluation in the record")
     registry = Registry(store)
     data = _load_validated(data_path, data_fingerprint, False, cache_dir)
     plan = plan_gate(data, data_fingerprint, registry.spec(challenger_id),
@@ -118,7 +128,7 @@ def read_gate_evaluation(data_path: str | os.PathLike[str], store_uri: str, run_
         models["champion"] = champion_id
     rows = {name: plan.challenger_ids if name == "challenger" else list(plan.champion_ids or []) for name in models}
     where = _uri(store, run_id, GATE_PROBS)
-    probs = decode_probs(store.get_bytes(result_key(run_id, GATE_PROBS)), where, rows)
+    probs = decode_probs(_read_capped(store, result_key(run_id, GATE_PROBS), probs_bound(rows)), where, rows)
     seed = draw_seed()  # only now: the evidence is already written and read
     evaluations: dict[str, dict[str, Any]] = {}
     checks: dict[str, dict[str, Any]] = {}
@@ -149,18 +159,23 @@ def publish_run_submission(data_path: str | os.PathLike[str], store_uri: str, ru
     _expect(store, run_id, SUBMISSION, record, {"run_id": run_id, "requested_model": model_id,
                                                 "model_id": model_id, "data_fingerprint": data_fingerprint,
                                                 "key": result_key(run_id, SUBMISSION_CSV)})
-    csv_bytes = store.get_bytes(record["key"])
+    csv_bytes = _read_capped(store, record["key"], record_cap())
     if hashlib.sha256(csv_bytes).hexdigest() != record.get("sha256"):
-        raise StoreError(f"{store.uri.rstrip('/')}/{record['key']}: its SHA-256 is not the one "
-                         f"{_uri(store, run_id, SUBMISSION)} records; not published")
+        raise EvidenceRefused(f"{store.uri.rstrip('/')}/{record['key']}: its SHA-256 is not the one "
+                              f"{_uri(store, run_id, SUBMISSION)} records; not published")
     data = _load_validated(data_path, data_fingerprint, True, cache_dir)
     where = _uri(store, run_id, TEST_PROBS)
-    probs = decode_probs(store.get_bytes(result_key(run_id, TEST_PROBS)), where, {"model": data.test_ids})["model"]
+    expected = {"model": data.test_ids}
+    probs = decode_probs(_read_capped(store, result_key(run_id, TEST_PROBS), probs_bound(expected)), where,
+                         expected)["model"]
     predictor = load_predictor(Registry(store), model_id, cache_dir, "cpu")
     derived = submission_csv(data.test_ids, probs, predictor.thresholds)
     if derived != csv_bytes:
-        line = next(i for i, (a, b) in enumerate(zip(derived.splitlines() + [b""], csv_bytes.splitlines() + [b""],
-                                                     strict=False), 1) if a != b)
+        # The first line that differs; past the shorter one's end when they differ only in line ends
+        # (CRLF) or a trailing blank line (next() without a default raised StopIteration there).
+        ours, theirs = derived.split(b"\n"), csv_bytes.split(b"\n")
+        line = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False), 1) if a != b),
+                    min(len(ours), len(theirs)) + 1)
         raise EvidenceRefused(f"{store.uri.rstrip('/')}/{record['key']}: line {line} is not what the CPU host derives "
                               f"from {where} with the thresholds of {model_id}; not published")
     spot_check(predictor, data, "test", data.test_ids, probs, check, draw_seed(), where, "test set")
@@ -197,19 +212,30 @@ def _uri(store: Store, run_id: str, name: str) -> str:
     return f"{store.uri.rstrip('/')}/{result_key(run_id, name)}"
 
 
+def _read_capped(store: Store, key: str, max_bytes: int) -> bytes:
+    """What the scoring host wrote, read only up to what an honest result takes: over it is a
+    refusal (EvidenceRefused, never retried), not the CPU host's memory. NotFound names the URI."""
+    try:
+        return store.get_bytes(key, max_bytes=max_bytes)
+    except RecordError as exc:
+        raise EvidenceRefused(str(exc)) from None
+
+
 def _read_record(store: Store, run_id: str, name: str) -> dict[str, Any]:
-    raw = store.get_bytes(result_key(run_id, name))  # NotFound (a StoreError) names the URI
+    raw = _read_capped(store, result_key(run_id, name), record_cap())
     try:
         record = json.loads(raw)
     except ValueError:
         record = None
     if not isinstance(record, dict):
-        raise StoreError(f"{_uri(store, run_id, name)}: not a JSON object")
+        raise EvidenceRefused(f"{_uri(store, run_id, name)}: not a JSON object")
     return record
 
 
 def _expect(store: Store, run_id: str, name: str, record: dict[str, Any], expected: dict[str, Any]) -> None:
+    # Refusals, not transient StoreErrors: a retry reads the same answer to another question, and the
+    # retrain fails on EvidenceRefused in one line (a StoreError left it as a traceback).
     for field, value in expected.items():
         if record.get(field) != value:
-            raise StoreError(f"{_uri(store, run_id, name)}: {field} is {record.get(field)!r}, expected {value!r}; "
-                             "the scoring step answered another question, so its result is not used")
+            raise EvidenceRefused(f"{_uri(store, run_id, name)}: {field} is {record.get(field)!r}, expected "
+                                  f"{value!r}; the scoring step answered another question, so its result is not used")

@@ -81,19 +81,40 @@ def test_a_gate_evaluation_that_answers_another_question_is_refused(trained: dic
         with pytest.raises(NotFound, match="gate-evaluation.json"):
             read_gate_evaluation(trained["data"], store_uri, **question, cache_dir=trained["cache"])
         return
-    with pytest.raises(StoreError, match=f"{field} is .* expected"):
+    with pytest.raises(EvidenceRefused, match=f"{field} is .* expected"):
         read_gate_evaluation(trained["data"], store_uri, **question, cache_dir=trained["cache"])
 
 
 def test_a_gate_evaluation_that_is_not_a_record_is_refused(trained: dict, store_uri: str) -> None:
+    """Refused (EvidenceRefused: not retried, the run's one-line failure), each for its own reason."""
     store = open_store(store_uri)
-    for body in (b"not json", b"[1, 2]", json.dumps({"run_id": RUN, "challenger": trained["model_id"],
-                                                   "champion": None,
-                                                   "data_fingerprint": trained["data_fingerprint"]}).encode()):
+    answers_the_question = {"run_id": RUN, "challenger": trained["model_id"], "champion": None,
+                            "data_fingerprint": trained["data_fingerprint"], "metric": "f1_samples"}
+    for body, why in ((b"not json", "not a JSON object"), (b"[1, 2]", "not a JSON object"),
+                      (json.dumps(answers_the_question).encode(), "no challenger evaluation in the record"),
+                      (json.dumps({**answers_the_question, "evaluation": {"challenger": []}}).encode(),
+                       "no challenger evaluation in the record")):
         store.put_bytes(result_key(RUN, "gate-evaluation.json"), body)
-        with pytest.raises(StoreError, match="gate-evaluation.json"):
+        with pytest.raises(EvidenceRefused, match=f"gate-evaluation.json: {why}"):
             read_gate_evaluation(trained["data"], store_uri, RUN, trained["model_id"], None,
                                  trained["data_fingerprint"], cache_dir=trained["cache"])
+
+
+def test_a_submission_csv_that_differs_only_in_line_ends_is_refused_naming_a_line(trained: dict,
+                                                                                 store_uri: str) -> None:
+    """CRLF line ends (or a trailing blank line) left no line that differs: StopIteration, a traceback."""
+    store = open_store(store_uri)
+    predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
+    for forged in (lambda csv: csv.replace(b"\n", b"\r\n"), lambda csv: csv + b"\n"):
+        csv = forged(store.get_bytes(f"runs/{RUN}/submission.csv").replace(b"\r\n", b"\n").rstrip(b"\n") + b"\n")
+        store.put_bytes(f"runs/{RUN}/submission.csv", csv)
+        record = json.loads(store.get_bytes(result_key(RUN, "submission.json")))
+        record["sha256"] = __import__("hashlib").sha256(csv).hexdigest()
+        store.put_bytes(result_key(RUN, "submission.json"), json.dumps(record).encode())
+        with pytest.raises(EvidenceRefused, match=r"submission\.csv: line \d+ is not what the CPU host derives"):
+            publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
+                                   cache_dir=trained["cache"])
+    assert store.list("submissions/") == []
 
 
 def test_the_scoring_host_computes_the_submission_and_only_the_orchestrator_publishes_it(trained: dict,
@@ -124,7 +145,7 @@ def test_a_replaced_submission_csv_is_not_published(trained: dict, store_uri: st
     # A whole, valid object (the store's own checksum matches it), just not the CSV the record describes.
     original = store.get_bytes(f"runs/{RUN}/submission.csv")
     store.put_bytes(f"runs/{RUN}/submission.csv", original.replace(b"\n500,", b"\n500,0 1 2 3 ", 1))
-    with pytest.raises(StoreError, match="SHA-256 is not the one"):
+    with pytest.raises(EvidenceRefused, match="SHA-256 is not the one"):
         publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], trained["data_fingerprint"],
                                cache_dir=trained["cache"])
     assert store.list("submissions/") == []
@@ -133,9 +154,9 @@ def test_a_replaced_submission_csv_is_not_published(trained: dict, store_uri: st
 def test_a_submission_for_another_model_or_data_is_not_published(trained: dict, store_uri: str) -> None:
     store = open_store(store_uri)
     predict_for_run(trained["data"], store_uri, RUN, trained["model_id"], device="cpu", cache_dir=trained["cache"])
-    with pytest.raises(StoreError, match="requested_model is"):
+    with pytest.raises(EvidenceRefused, match="requested_model is"):
         publish_run_submission(trained["data"], store_uri, RUN, "another-version", trained["data_fingerprint"])
-    with pytest.raises(StoreError, match="data_fingerprint is"):
+    with pytest.raises(EvidenceRefused, match="data_fingerprint is"):
         publish_run_submission(trained["data"], store_uri, RUN, trained["model_id"], "f" * 64)
     assert store.list("submissions/") == []
 
@@ -234,6 +255,20 @@ def forge_gate(trained: dict, store_uri: str) -> None:
     forged = evaluation_of_probs(trained["model_id"], trained["data_fingerprint"], probs, targets, thresholds)
     record["evaluation"]["challenger"] = json.loads(json.dumps({**forged, "rows": record["evaluation"]["rows"]}))
     store.put_bytes(result_key(RUN, "gate-evaluation.json"), json.dumps(record).encode())
+
+
+def test_probabilities_larger_than_their_rows_take_are_refused_unread(trained: dict, store_uri: str) -> None:
+    """Read under the bound of an honest archive of the rows asked for: the CPU host's memory is not
+    the trainer role's to fill."""
+    from protein.evidence import probs_bound
+
+    store = open_store(store_uri)
+    score_for_gate(trained["data"], store_uri, RUN, trained["model_id"], None, device="cpu",
+                   cache_dir=trained["cache"])
+    store.put_bytes(result_key(RUN, GATE_PROBS), b"\0" * (probs_bound({"challenger": ["x" * 64] * 1000}) + 1))
+    with pytest.raises(EvidenceRefused, match=r"gate-probs\.npz: [\d,]+ bytes is larger than the [\d,]+-byte cap"):
+        read_gate_evaluation(trained["data"], store_uri, RUN, trained["model_id"], None, trained["data_fingerprint"],
+                             cache_dir=trained["cache"])
 
 
 def test_forged_probabilities_that_agree_with_the_verdict_fail_the_spot_check(trained: dict, store_uri: str) -> None:

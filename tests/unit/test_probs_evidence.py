@@ -1,0 +1,68 @@
+"""The scoring host's probabilities are read only up to what an honest archive of them takes
+(protein.evidence.decode_probs): the trainer role writes them, the CPU host reads them."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+
+from protein.errors import EvidenceRefused
+from protein.evidence import decode_probs, encode_probs, probs_bound
+
+IDS = [f"img{i:03d}" for i in range(5)]
+
+
+def honest() -> bytes:
+    return encode_probs({"challenger": (IDS, np.full((5, 10), 0.5, dtype=np.float32))})
+
+
+def with_member(raw: bytes, name: str, array: np.ndarray) -> bytes:
+    """The archive with one more (or a replaced) member, deflated."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as source, zipfile.ZipFile(buffer, "w") as target:
+        for info in source.infolist():
+            if info.filename != f"{name}.npy":
+                target.writestr(info, source.read(info))
+        member = io.BytesIO()
+        np.save(member, array)
+        target.writestr(f"{name}.npy", member.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
+
+
+def test_an_honest_archive_fits_its_bound_and_reads_back() -> None:
+    raw = honest()
+    assert len(raw) <= probs_bound({"challenger": IDS})
+    assert decode_probs(raw, "x", {"challenger": IDS})["challenger"].shape == (5, 10)
+
+
+def test_an_expected_member_larger_than_its_rows_is_refused_unread() -> None:
+    """A deflated member of zeros expands a thousandfold: it was loaded whole before any check."""
+    bomb = with_member(honest(), "challenger", np.zeros((2_000_000, 10)))  # 160 MB, deflated to ~155 KB
+    assert len(bomb) < 1_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(EvidenceRefused, match=r"x: member challenger holds 160000128 bytes, more than the 4496"):
+            decode_probs(bomb, "x", {"challenger": IDS})
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_member_nobody_asked_for_is_never_read() -> None:
+    extra = with_member(honest(), "padding", np.zeros((2_000_000, 10)))
+    tracemalloc.start()
+    try:
+        assert decode_probs(extra, "x", {"challenger": IDS})["challenger"].shape == (5, 10)
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_ids_that_are_not_a_list_of_rows_are_refused_in_one_line() -> None:
+    scalar_ids = with_member(honest(), "challenger_ids", np.array("img000"))  # 0-d: len() raised TypeError
+    with pytest.raises(EvidenceRefused, match="rows are not the 5 rows the CPU host expects"):
+        decode_probs(scalar_ids, "x", {"challenger": IDS})
