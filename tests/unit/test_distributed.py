@@ -75,9 +75,13 @@ def test_gradient_accumulation_matches_one_large_batch():
     images = torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8)
     targets = (torch.rand(16, 5) > 0.5).float()
     batches = [(images[:8], targets[:8]), (images[8:], targets[8:])]
-    weights = []
+    weights, passes = [], {}
     for accumulate in (1, 4):
         model = net()
+        # The size of each forward pass: with accumulate ignored, both runs are the same run and pass.
+        seen: list[int] = []
+        model.register_forward_pre_hook(lambda _module, args, seen=seen: seen.append(args[0].shape[0]))
+        passes[accumulate] = seen
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         stats = train_one_epoch(model, iter(batches), optimizer, scheduler, nn.BCEWithLogitsLoss(),
@@ -85,6 +89,7 @@ def test_gradient_accumulation_matches_one_large_batch():
         weights.append([p.detach().clone() for p in model.parameters()])
         assert stats["train_images"] == 16
     assert not torch.allclose(weights[0][0], net()[0].weight)  # it trained
+    assert passes == {1: [8, 8], 4: [2] * 8}, passes
     for a, b in zip(*weights, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
