@@ -8,7 +8,9 @@ ten minutes off, and a Prefect API that is unreachable for longer than the clien
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
+import re
 import threading
 import time
 import types
@@ -66,7 +68,14 @@ def skewed_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[dt.timedelta]:
     monkeypatch.setattr(time, "time", lambda: real_time() + SKEW.total_seconds())
     monkeypatch.setattr(prefect_datetime, "now", lambda tz="UTC": real_now(tz) + SKEW)
     for module in (tasks.dispatch, tasks.liveness):
-        monkeypatch.setattr(module, "dt", skewed_datetime, raising=False)
+        # Every wall clock these modules read is one skewed here: `time.time`, Prefect's `now`, or
+        # `datetime` imported as `dt` (a `from datetime import datetime` would read the true time,
+        # and a comparison of this host's clock with the server's would pass unskewed).
+        source = inspect.getsource(module)
+        assert not re.search(r"from (datetime|time) import|utcnow\(|monotonic_ns|perf_counter", source), module
+        assert ("import datetime as dt" in source) == hasattr(module, "dt"), module
+        if hasattr(module, "dt"):
+            monkeypatch.setattr(module, "dt", skewed_datetime)
     yield SKEW
 
 
