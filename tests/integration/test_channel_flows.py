@@ -33,13 +33,15 @@ def push(data: Path, store: str, capsys: pytest.CaptureFixture[str]) -> dict[str
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def latest_artifact(key: str) -> Any:
+def run_artifact(key: str, flow_run_id: Any) -> Any:
+    """The artifact `key` of that flow run, never another run's of the same session."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return sorted(found, key=lambda a: a.created)[-1]
+        [found] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_the_channel_is_resolved_once_trained_skipped_when_unchanged_and_never_g
     gate = json.loads(registry.store.get_bytes(f"gates/{result['challenger']}.json"))["decision"]
     assert gate["dataset"]["uri"] == second["uri"] and gate["dataset"]["sequence"] == 2
     assert gate["dataset"]["event_id"] == second["event_id"]
-    summary = latest_artifact("retrain-summary").data
+    summary = run_artifact("retrain-summary", state.state_details.flow_run_id).data
     assert f"- data: `{second['uri']}`" in summary
     assert f"- resolved from: channel `latest` push #2 (event `{second['event_id']}`)" in summary
 
