@@ -105,6 +105,8 @@ class Soak:
     quiet_nights_s: list[float] = field(default_factory=list)  # creation to end of each night without push or fault
     nights_s: list[tuple[float, str]] = field(default_factory=list)  # each night's duration and what it held
     outage_run: Any = None  # the run S3 went down under
+    # (fault, the retrain it struck, that retrain's training run then Running): each must recover.
+    struck: list[tuple[str, Any, Any]] = field(default_factory=list)
     # The killed API's replacement, started in the background as systemd restarts a unit: the
     # pushes meant to arrive during the retrain go on meanwhile. Joined at the end of the night.
     api_restart: threading.Thread | None = None
@@ -246,6 +248,7 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
             state = client.read_flow_run(run.id).state
         raise AssertionError(f"inconclusive: {run.name} ended {state.name} ({state.message}) before it trained\n"
                              f"{soak.stack.logs()}")
+    soak.struck.append((fault, run.id, train))
     if fault == "api-restart":
         killed = soak.stack.ha.kill_api(0)
         soak.restart_killed_api_later(after_s=2.0)
@@ -434,6 +437,22 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
         if not retried:
             yield f"no task of {run.name} was retried: the S3 outage was absorbed below the tasks' retries"
 
+    def fault_struck_runs_recovered() -> Iterator[str]:
+        """Each retrain a fault struck completed, and a training whose host was killed or restarted was
+        dispatched again under its run id, that attempt completing. Without this a broken re-dispatch
+        passed: the struck run failed with one alert, and the night's queued nightly trained its data."""
+        by_id = {r.id: r for r in runs}
+        for fault, run_id, train in soak.struck:
+            run = by_id[run_id]
+            if not run.state.is_completed():
+                yield f"{fault}: the retrain {run.name} it struck ended {run.state.name}: {run.state.message}"
+            if fault in ("sigkill", "restart"):
+                attempts = [t for t in train_runs(soak.stack, run_id)
+                            if t.parameters.get("run_id") == train.parameters.get("run_id")]
+                if len(attempts) < 2 or not attempts[-1].state.is_completed():
+                    yield (f"{fault}: training {train.parameters.get('run_id')} of {run.name} was not dispatched again "
+                           f"to completion: {[a.state.name for a in attempts]}")
+
     def hosts_clean_and_caches_bounded() -> Iterator[str]:
         def project_temp(root: Path) -> list[Path]:
             return [p for p in (root / "tmp").iterdir() if not p.name.startswith(TORCH_TEMP)] \
@@ -466,7 +485,7 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
     violations: list[str] = []
     for check in (pushes_accounted, champion_on_newest_valid_push, nothing_retrained_the_champions_data,
                   one_version_per_training_run, nothing_left_running, each_failure_alerted_once,
-                  outage_ridden_out_by_task_retries, hosts_clean_and_caches_bounded):
+                  outage_ridden_out_by_task_retries, fault_struck_runs_recovered, hosts_clean_and_caches_bounded):
         try:
             violations += list(check())
         except Exception as exc:  # a broken check is reported, never mistaken for a clean month
