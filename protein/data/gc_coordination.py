@@ -95,6 +95,26 @@ def _holder_doc(record_id: str) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
+def _put_holder(store: Store, key: str, body: bytes, if_match: str | None = None) -> str:
+    """Write a lock or marker conditionally (create-only, or over ``if_match``); its etag. A write
+    that landed but whose answer was lost is retried by the client, and the retry meets the write
+    itself (412): recognised as ours by the id in the body, it holds. It was refused, and left a
+    marker that blocked every gc for a day, or a lock that refused every push for an hour."""
+    try:
+        if if_match is None:
+            return store.put_bytes(key, body, if_none_match=True, content_type="application/json")
+        return store.put_bytes(key, body, if_match=if_match, content_type="application/json")
+    except PreconditionFailed:
+        etag = store.etag(key)  # before the bytes: a write after it makes our later checks fail safe
+        try:
+            found = load_record(store, key, HOLDER)
+        except (NotFound, RecordError):
+            found = {}
+        if etag is not None and found.get("id") == json.loads(body)["id"]:
+            return etag
+        raise
+
+
 def describe_holder(store: Store, key: str) -> str:
     """"host h pid p since t" from a lock or marker, or what is known when it cannot be read."""
     try:
@@ -135,7 +155,7 @@ class PushMarker:
         marker_id = uuid.uuid4().hex
         key = f"{PUSHES_PREFIX}{marker_id}.json"
         self._written_at = held_clock()
-        self.store.put_bytes(key, _holder_doc(marker_id), if_none_match=True, content_type="application/json")
+        _put_holder(self.store, key, _holder_doc(marker_id))
         self.key = key
         try:
             self._wait_out_gc()
@@ -220,7 +240,7 @@ class GcLock:
         body = _holder_doc(uuid.uuid4().hex)
         started = held_clock()
         try:
-            etag = store.put_bytes(GC_LOCK_KEY, body, if_none_match=True, content_type="application/json")
+            etag = _put_holder(store, GC_LOCK_KEY, body)
         except PreconditionFailed:
             etag = cls._take_over(store, body, times)
         info = _info(store, GC_LOCK_KEY)
@@ -236,7 +256,7 @@ class GcLock:
         holder = describe_holder(store, GC_LOCK_KEY)
         if etag is None or info is None:  # released between our PUT and now: try once more, create-only
             try:
-                return store.put_bytes(GC_LOCK_KEY, body, if_none_match=True, content_type="application/json")
+                return _put_holder(store, GC_LOCK_KEY, body)
             except PreconditionFailed:
                 raise StoreBusy(f"another datasets gc took {where} just now; run gc again when it ends") from None
         age = store.clock() - info.modified  # both the store's clock
@@ -244,7 +264,7 @@ class GcLock:
             raise StoreBusy(f"another datasets gc holds {where} ({holder}); run gc again when it ends (a lock "
                             f"older than {times.lock_abandoned_s / 3600:g} h counts as abandoned)")
         try:
-            new_etag = store.put_bytes(GC_LOCK_KEY, body, if_match=etag, content_type="application/json")
+            new_etag = _put_holder(store, GC_LOCK_KEY, body, if_match=etag)
         except PreconditionFailed:
             raise StoreBusy(f"another datasets gc took over the abandoned {where} first; run gc again when it "
                             "ends") from None
