@@ -21,7 +21,8 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
     """Validate a dataset; the run fails when the data does (see the validation-summary artifact).
 
     Args:
-        data: a dataset channel (channel:latest, resolved once at run start to its newest push) or
+        data: a dataset channel (channel:latest, resolved once at run start to its newest push,
+            even one validation refused before) or
             a dataset as the worker sees it: a folder, the competition zip, s3://bucket/prefix/ or
             s3://bucket/key.zip
         store: model store, where the report and the drift reference live: a local folder or
@@ -32,7 +33,9 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
     # judged against the built-in drift profile, not the champion's, and no report was kept for the
     # nightly's channel resolution to pass a refused push over.
     store = store or default_store_uri()
-    resolved = resolve_dataset(data, store)
+    # The channel's head, refused or not: a push validation refused is judged again here (its cause
+    # mended, say), where passing it over validated an older push and looked green.
+    resolved = resolve_dataset(data, store, pass_over_refused=False)
     if resolved.get("problem"):
         return Failed(message=f"data {data}: {resolved['problem']}")
     report = validate_data(resolved["uri"], validation.to_config(), store)

@@ -18,16 +18,19 @@ from tasks.retry import retry_transient
 @task(name="resolve-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
-                    run_key: str | None = None) -> dict[str, Any]:
+                    run_key: str | None = None, pass_over_refused: bool = True) -> dict[str, Any]:
     """``data`` resolved to an immutable dataset (ResolvedData as a dict), plus
     ``trigger_sequence``: the channel push whose event started this run, when it is on the channel.
     A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line.
     With ``run_key`` (the flow run's id) a retry of the run takes its first attempt's resolution
-    (protein.data.run_resolution), so it resumes that training instead of starting another."""
+    (protein.data.run_resolution), so it resumes that training instead of starting another.
+    ``pass_over_refused`` off: the channel's head even when validation refused it (a validate run
+    judges the newest push again, not the newest one that passed)."""
 
     def resolve() -> dict[str, Any]:
         try:
-            resolved = resolve_data(data, store, refused=refused_by_validation, own_event_id=trigger_event_id)
+            resolved = resolve_data(data, store, refused=refused_by_validation if pass_over_refused else None,
+                                    own_event_id=trigger_event_id)
         except (DataError, ValueError, RecordError) as exc:
             # ValueError: a store URI open_store refuses; RecordError: a channel record that is not
             # one, or over the record cap. No retry mends either.

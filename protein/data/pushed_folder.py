@@ -68,8 +68,8 @@ class PushedFolderSource(DatasetSource):
                              "store (push the dataset again from its source)") from None
         if len(blob) != entry.size or hashlib.sha256(blob).hexdigest() != entry.sha256:
             raise IntegrityError(f"{self.description} file {relpath}: content object {path} does not match its "
-                                 f"SHA-256 ({len(blob):,} bytes read, {entry.size:,} expected); push the dataset "
-                                 "again from its source")
+                                 f"SHA-256 ({len(blob):,} bytes read, {entry.size:,} expected); an operator deletes "
+                                 "it, then a push of the dataset from its source uploads it again (docs/datasets.md)")
         return blob
 
     def exists(self, relpath: str) -> bool:

@@ -164,8 +164,9 @@ def _download_verified(store: S3Store, remote: RemoteFile, target: Path) -> None
         where = _object_uri(store.bucket, remote.key)
         if remote.owner is not None and (writer.size != remote.size or writer.sha256.hexdigest() != remote.sha256):
             raise IntegrityError(f"{remote.owner}: content object {where} does not match its SHA-256 "
-                                 f"({writer.size:,} bytes read, {remote.size:,} expected); nothing was cached "
-                                 "(push the dataset again from its source)")
+                                 f"({writer.size:,} bytes read, {remote.size:,} expected); nothing was cached (an "
+                                 "operator deletes it, then a push of the dataset from its source uploads it again: "
+                                 "docs/datasets.md)")
         if writer.size != remote.size:
             raise _changed(store.bucket, remote.key,
                            f"changed size ({remote.size:,} bytes listed, {writer.size:,} read)")

@@ -195,3 +195,25 @@ def test_a_channel_record_that_is_not_one_is_the_runs_one_line_problem_not_retri
     assert not is_transient(raised.value), raised.value
     problem = resolve_dataset.fn("channel:latest", str(tmp_path))["problem"]
     assert "datasets/channels/latest.json" in problem and "\n" not in problem, problem
+
+
+def test_a_validate_run_judges_the_channels_head_even_a_refused_one(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validate deployment on channel:latest, run once the cause of a refusal is mended, validated
+    the older push that passed instead and looked green; the refused head kept being passed over."""
+    import flows.validate
+    from tasks.channels import resolve_dataset
+
+    store = LocalStore(tmp_path / "store")
+    for n, fp in enumerate(("a" * 16, "b" * 16), start=1):
+        push(store, fp, f"e{n}")
+    stored_verdict(store, "b" * 16, False)
+    uri = str(tmp_path / "store")
+    assert resolve_dataset.fn("channel:latest", uri)["fingerprint"] == "a" * 16  # a retrain passes it over
+    assert resolve_dataset.fn("channel:latest", uri, pass_over_refused=False)["fingerprint"] == "b" * 16
+
+    asked: list[dict] = []
+    monkeypatch.setattr(flows.validate, "resolve_dataset",
+                        lambda *args, **kwargs: asked.append(kwargs) or {"problem": "stop here"})
+    assert flows.validate.validate.fn("channel:latest", uri).is_failed()
+    assert asked == [{"pass_over_refused": False}]
