@@ -23,7 +23,7 @@ from flows.params import (
 )
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
-from protein.errors import EvidenceRefused, OutOfMemory, PromotionConflict, ProteinError
+from protein.errors import EvidenceRefused, FingerprintMismatch, OutOfMemory, PromotionConflict, ProteinError
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
@@ -218,7 +218,7 @@ def retrain(
         try:
             evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
                                          score_deployment, dispatch, gate_config.metric)
-        except (RuntimeError, EvidenceRefused) as exc:  # failed, never ran, or its result does not check out
+        except (RuntimeError, EvidenceRefused, FingerprintMismatch) as exc:  # failed, never ran, or does not check out
             return Failed(message=str(exc))
         order = data_push_order(named, store, report["data_fingerprint"],
                                 champion_data_fingerprint(store, champion) if champion else None)
@@ -251,7 +251,7 @@ def retrain(
     try:
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
-    except (RuntimeError, EvidenceRefused) as exc:
+    except (RuntimeError, EvidenceRefused, FingerprintMismatch) as exc:
         message = f"{exc} (the gate's decision stands: champion is {champion})"
         publish_run_summary({**summary, "outcome": f"{outcome}; no submission", "champion_after": champion,
                              "gate": decision, "links": links, "message": message})
@@ -354,7 +354,7 @@ def gate_evaluation(data: str, store: str, run_id: str, challenger: str, champio
     the score deployment on the gpu pool, whose result comes back through the store.
     RuntimeError when that deployment failed."""
     if not score_deployment:
-        return evaluate_models(data, store, challenger, champion, metric)
+        return evaluate_models(data, store, challenger, champion, metric, data_fingerprint)
     check_deployment(score_deployment)  # DeploymentChanged is a RuntimeError: the run fails naming it
     dispatch_step("score-gate", score_deployment, {"step": "gate", "data": data, "store": store, "run_id": run_id,
                                                    "model": challenger, "champion": champion, "metric": metric},
@@ -366,7 +366,7 @@ def submission_uri(data: str, store: str, run_id: str, champion: str, data_finge
                    score_deployment: str | None, dispatch: DispatchParams) -> str:
     """The champion's test-set submission, written here or by the score deployment."""
     if not score_deployment:
-        return predict_submission(data, store, champion, as_champion=True)["uri"]
+        return predict_submission(data, store, champion, as_champion=True, expected_fingerprint=data_fingerprint)["uri"]
     check_deployment(score_deployment)
     dispatch_step("score-predict", score_deployment, {"step": "predict", "data": data, "store": store,
                                                       "run_id": run_id, "model": champion},

@@ -36,12 +36,13 @@ def evaluate_model(data: str, store: str, model_id: str, holdout_fraction: float
 @task(name="evaluate-for-gate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
 def evaluate_models(data: str, store: str, challenger_id: str, champion_id: str | None,
-                    metric: str = "f1_samples") -> dict[str, Any]:
+                    metric: str = "f1_samples", expected_fingerprint: str | None = None) -> dict[str, Any]:
     """Challenger and champion scored on the same rows, none of which either trained on, with
-    thresholds tuned for the gate's metric."""
+    thresholds tuned for the gate's metric; on the data the run validated."""
     from protein.pipeline import evaluate_for_gate
 
-    return evaluate_for_gate(data, store, challenger_id, champion_id, metric=metric)
+    return evaluate_for_gate(data, store, challenger_id, champion_id, metric=metric,
+                             expected_fingerprint=expected_fingerprint)
 
 
 @task(name="evaluate-for-gate-into-store", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,

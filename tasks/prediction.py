@@ -24,12 +24,13 @@ from tasks.training import device_for
 @task(name="predict-test-set", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,
       timeout_seconds=3600, cache_policy=NO_CACHE)
 def predict_submission(data: str, store: str, model_id: str | list[str] = "champion",
-                       as_champion: bool = False) -> dict[str, Any]:
+                       as_champion: bool = False, expected_fingerprint: str | None = None) -> dict[str, Any]:
     """``as_champion``: a retrain's champion, which moves submissions/latest.json only while it
-    still is (protein.pipeline.publish_submission)."""
+    still is (protein.pipeline.publish_submission); ``expected_fingerprint``: the data it validated."""
     from protein.pipeline import predict_and_publish
 
-    result = predict_and_publish(data, store, model_id, as_champion=as_champion)
+    result = predict_and_publish(data, store, model_id, as_champion=as_champion,
+                                 expected_fingerprint=expected_fingerprint)
     announce_submission(store, result)
     return result
 

@@ -20,7 +20,7 @@ from protein.evaluation.gated_data import record_gated_data, withdraw_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import holdout_split, load_split_images, training_split
-from protein.pipeline.prediction import load_predictor
+from protein.pipeline.prediction import check_validated, load_predictor
 from protein.registry import Registry, check_version_id
 from protein.storage import open_store
 from protein.storage.records import RecordSchema, load_record, record_location
@@ -244,6 +244,7 @@ def evaluate_for_gate(
     device: str = "auto",
     probs_out: dict[str, tuple[list[str], np.ndarray]] | None = None,
     metric: str = "f1_samples",
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Score the challenger and the champion on the same rows, none of which either trained on,
     each with thresholds tuned for the gate's `metric` on other rows than the ones it is scored on.
@@ -252,7 +253,8 @@ def evaluate_for_gate(
     sha256, how it was chosen). With no fair row at all the champion is not scored and the
     challenger is scored on its own holdout, so the gate can still say what it saw.
     `device`: 'auto' (CUDA when present), 'cpu' or 'cuda[:n]'. `probs_out` receives each scored
-    model's row ids and probabilities ("challenger", "champion")."""
+    model's row ids and probabilities ("challenger", "champion"). `expected_fingerprint`: the data
+    a retrain validated (FingerprintMismatch when the data changed since)."""
     store = open_store(store_uri)
     registry = Registry(store)
     challenger_id = registry.resolve(challenger_id)
@@ -260,6 +262,7 @@ def evaluate_for_gate(
     champion_spec = registry.spec(champion_id) if champion_id else None
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_validated(data_path, data_fingerprint, expected_fingerprint, "gated")
     plan = plan_gate(data, data_fingerprint, challenger_spec, champion_spec)
     challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, plan.challenger_ids, cache_dir,
                                 device, probs_out, "challenger", metric)

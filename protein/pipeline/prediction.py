@@ -17,7 +17,7 @@ import pandas as pd
 from protein.atomic import write_bytes_atomic
 from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import fingerprint, load_competition
-from protein.errors import PreconditionFailed, StoreError
+from protein.errors import FingerprintMismatch, PreconditionFailed, StoreError
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
 from protein.modeling.predict import Predictor, label_strings
@@ -61,9 +61,11 @@ def predict_test_set(
     model_id: str | Sequence[str] = "champion",
     cache_dir: Path | None = None,
     device: str = "auto",
+    expected_fingerprint: str | None = None,
 ) -> TestSetPrediction:
     """The test set's submission CSV from one version, or from several as an ensemble: the mean
-    of their (test-time-augmented) probabilities."""
+    of their (test-time-augmented) probabilities. ``expected_fingerprint``: the data a retrain
+    validated (FingerprintMismatch when the data changed since)."""
     registry = Registry(open_store(store_uri))
     requested = [model_id] if isinstance(model_id, str) else list(model_id)
     if not requested:
@@ -73,6 +75,7 @@ def predict_test_set(
         raise ValueError(f"a model version is named twice in {requested}")
     data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
+    check_validated(data_path, data_fingerprint, expected_fingerprint, "predicted")
     if len(model_ids) == 1:
         predictor = load_predictor(registry, model_ids[0], cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
@@ -101,18 +104,28 @@ def predict_and_publish(
     cache_dir: Path | None = None,
     device: str = "auto",
     as_champion: bool = False,
+    expected_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Predict the test set and write submissions/<model>/<utc>/submission.csv plus
     submissions/latest.json to the store (and `out` locally when given). Several versions make
     an ensemble, published under submissions/ensemble-<hash>/. ``as_champion``: see
     `publish_submission`."""
-    prediction = predict_test_set(data_path, store_uri, model_id, cache_dir, device)
+    prediction = predict_test_set(data_path, store_uri, model_id, cache_dir, device, expected_fingerprint)
     return publish_submission(open_store(store_uri), prediction.model_id, prediction.csv_bytes,
                               prediction.data_fingerprint, out, prediction.extra, as_champion)
 
 
 LATEST_SUBMISSION = "submissions/latest.json"
 LATEST_ATTEMPTS = 5
+
+
+def check_validated(data_path: str | os.PathLike[str], actual: str, expected: str | None, what: str) -> None:
+    """FingerprintMismatch when the data at data_path is not what a retrain validated: a dataset
+    named directly (a folder, an s3:// prefix) can change during the hours of training, and its new
+    rows and labels never passed validation."""
+    if expected is not None and actual != expected:
+        raise FingerprintMismatch(f"{data_path}: data fingerprint {actual} differs from the {expected} this run "
+                                  f"validated (the data changed since); nothing {what}")
 
 
 def publish_submission(

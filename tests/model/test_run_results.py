@@ -222,6 +222,22 @@ def test_a_retrain_points_latest_at_its_champion_only_while_it_still_is(trained:
     assert json.loads(store.get_bytes(prediction.LATEST_SUBMISSION)) == newer
 
 
+def test_a_local_gate_and_submission_refuse_data_changed_since_validation(trained: dict, store_uri: str) -> None:
+    """Without a score deployment the retrain scores here, on data named directly (a folder, an s3://
+    prefix) that can change during the hours of training: its new rows never passed validation."""
+    from protein.errors import FingerprintMismatch
+
+    model, validated = trained["model_id"], trained["data_fingerprint"]
+    assert evaluate_for_gate(trained["data"], store_uri, model, None, trained["cache"],
+                             expected_fingerprint=validated)["rows"]["n"] > 0
+    with pytest.raises(FingerprintMismatch, match=f"differs from the {'0' * 16} this run validated .*nothing gated"):
+        evaluate_for_gate(trained["data"], store_uri, model, None, trained["cache"], expected_fingerprint="0" * 16)
+    with pytest.raises(FingerprintMismatch, match="nothing predicted"):
+        predict_and_publish(trained["data"], store_uri, model, cache_dir=trained["cache"],
+                            expected_fingerprint="0" * 16)
+    assert open_store(store_uri).list("submissions/") == []
+
+
 # --- forged results: written with the scoring host's rights, refused by what the CPU host derives -----------
 
 

@@ -56,4 +56,16 @@ def test_the_retrains_submission_moves_latest_only_as_the_champion(monkeypatch: 
     monkeypatch.setattr(retrain, "predict_submission",
                         lambda *args, **kwargs: asked.append({"args": args, **kwargs}) or {"uri": "s3://b/s.csv"})
     assert retrain.submission_uri("d", "s", "run-1", "v1", "f" * 64, None, DispatchParams()) == "s3://b/s.csv"
-    assert asked == [{"args": ("d", "s", "v1"), "as_champion": True}]
+    assert asked == [{"args": ("d", "s", "v1"), "as_champion": True, "expected_fingerprint": "f" * 64}]
+
+
+def test_the_retrains_own_gate_scores_the_data_it_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset named directly can change during training: the gate and the submission refuse data
+    other than what validation passed (FingerprintMismatch, tests/model/test_run_results.py)."""
+    import flows.retrain as retrain
+    from flows.params import DispatchParams
+
+    asked: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(retrain, "evaluate_models", lambda *args: asked.append(args) or {})
+    retrain.gate_evaluation("d", "s", "run-1", "c", "p", "f" * 64, None, DispatchParams())
+    assert asked == [("d", "s", "c", "p", "f1_samples", "f" * 64)]
