@@ -90,18 +90,41 @@ def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None, page:
 
     block_id = save_webhook_block(webhook_url)
     automations = load_automations(path, {BLOCK_NAME: block_id}, zombie_after_s)
-    names = {a.name for a in automations}
+    applied: set[str] = set()  # the ids this apply kept or created
     with get_client(sync_client=True) as client:
         for automation in automations:
-            for existing in client.read_automations_by_name(automation.name):
-                client.delete_automation(existing.id)
-            client.create_automation(automation)
+            existing = client.read_automations_by_name(automation.name)
+            if len(existing) == 1 and definition(existing[0]) == definition(automation):
+                # Unchanged: kept as it is. Replaced, it lost its trigger's state: the missing-nightly
+                # window started again (a deploy a day and it never fired) and the zombie watch forgot
+                # the runs that had just stopped heartbeating.
+                applied.add(str(existing[0].id))
+                continue
+            for old in existing:
+                client.delete_automation(old.id)
+            applied.add(str(client.create_automation(automation)))
         # One the file no longer has (renamed or removed) would go on firing for ever: a renamed
-        # failure alert would alert every failure twice. Only the project's own, by their prefix.
+        # failure alert would alert every failure twice. A second of one name (two deploys at once
+        # each deleted, then each created) would too. Only the project's own, by their prefix.
         for existing in server_automations(client, page):  # all read before the first delete shifts the pages
-            if existing.name.startswith(OWN_PREFIX) and existing.name not in names:
+            if existing.name.startswith(OWN_PREFIX) and str(existing.id) not in applied:
                 client.delete_automation(existing.id)
     return [a.name for a in automations]
+
+
+def definition(automation: Any) -> Any:
+    """What an automation does: its fields as the file defines them, without the ids the server and
+    Prefect's models assign (the automation's, its triggers')."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    def without_ids(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_ids(v) for k, v in value.items() if k != "id"}
+        if isinstance(value, list):
+            return [without_ids(v) for v in value]
+        return value
+
+    return without_ids(automation.model_dump(mode="json", include=set(AutomationCore.model_fields)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,14 @@ FIXTURE = "dead_run"  # the prefect_stack fixture starts one when a selected tes
 HEARD_WITHIN_S = 120.0
 ZOMBIE_FLOW = """
 import time
-from prefect import flow
+from prefect import flow, tags
 
 @flow(name="train", flow_run_name="PROBE_RUN_NAME")  # stands in for a training run whose process dies
 def train() -> None:
     time.sleep(600)
 
-train()
+with tags("protein"):  # the project's runs carry its deployments' tag, which the automations match
+    train()
 """
 
 

@@ -72,6 +72,10 @@ def test_applying_the_automations_removes_the_projects_that_the_file_no_longer_h
         path.write_text(text)
         return path
 
+    def automation_ids() -> dict[str, str]:
+        with get_client(sync_client=True) as client:
+            return {a.name: str(a.id) for a in client.read_automations() if a.name.startswith("protein-test-")}
+
     def project_automations() -> set[str]:
         with get_client(sync_client=True) as client:
             return {a.name for a in client.read_automations() if a.name.startswith("protein-test-")}
@@ -83,8 +87,18 @@ def test_applying_the_automations_removes_the_projects_that_the_file_no_longer_h
     try:
         automations.apply(automation_file(["protein-test-a", "protein-test-b"]), "http://127.0.0.1:9/hook")
         assert project_automations() == {"protein-test-a", "protein-test-b"}
+        kept = automation_ids()["protein-test-a"]
         automations.apply(automation_file(["protein-test-a", "protein-test-c"]), "http://127.0.0.1:9/hook")
         assert project_automations() == {"protein-test-a", "protein-test-c"}  # b renamed to c: b is gone
+        # a is unchanged: kept, with its trigger's state (replaced, a missing-nightly window restarted).
+        assert automation_ids()["protein-test-a"] == kept
+        # A second automation of one name (two deploys at once) is removed by the next apply.
+        with get_client(sync_client=True) as client:
+            [a] = client.read_automations_by_name("protein-test-a")
+            client.create_automation(AutomationCore.model_validate(a.model_dump(include=set(AutomationCore.model_fields))))
+        automations.apply(automation_file(["protein-test-a", "protein-test-c"]), "http://127.0.0.1:9/hook")
+        with get_client(sync_client=True) as client:
+            assert len(client.read_automations_by_name("protein-test-a")) == 1
         # Stale ones past the server's first page of answers are found too (pages of 2 here, of
         # the server's 200 in production): all but the first two of five would survive one page.
         five = [f"protein-test-{c}" for c in "defgh"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -108,7 +109,8 @@ def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> Non
     assert cancelled.expect == {"prefect.flow-run.Cancelled"}
     assert [dict(spec.root) for spec in cancelled.match_related] == [  # type: ignore[union-attr]
         {"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
-        {"prefect.resource.role": "creator", "prefect.resource.id": "prefect.automation.*"}]
+        {"prefect.resource.role": "creator", "prefect.resource.id": "prefect.automation.*"},
+        {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.protein"}]
     zombie = automations[ZOMBIE_AUTOMATION]
     assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 120
     assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"
@@ -128,7 +130,9 @@ def test_the_failed_run_alert_covers_every_deployed_flow() -> None:
         flow_names.add(getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function).name)
     failed = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: str(uuid.uuid4())})}[
         "protein-run-failed"].trigger
-    alerted = set(failed.match_related["prefect.resource.name"])  # type: ignore[index, call-overload]
+    specs = [dict(spec.root) for spec in failed.match_related]  # type: ignore[union-attr]
+    [by_flow] = [spec for spec in specs if spec.get("prefect.resource.role") == "flow"]
+    alerted = set(by_flow["prefect.resource.name"])
     # A standalone validate run answers whoever started it; bad data in the nightly fails the retrain.
     assert flow_names - {"validate"} <= alerted, f"a failure of {flow_names - alerted} would go unnoticed"
 
@@ -154,14 +158,54 @@ def test_a_nightly_that_never_completes_is_alerted_within_two_days() -> None:
 
     trigger = EventTrigger.model_validate(missing.trigger.model_dump())
 
-    def completed(deployment: str) -> ReceivedEvent:
-        return ReceivedEvent(occurred=dt.datetime.now(dt.UTC), event="prefect.flow-run.Completed", id=uuid.uuid4(),
-                             resource={"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"},
-                             related=[{"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}",
-                                       "prefect.resource.role": "deployment", "prefect.resource.name": deployment}])
+    def completed(deployment: str, flow: str = "retrain",
+                  tags: tuple[str, ...] = ("protein", "retrain")) -> ReceivedEvent:
+        return run_event("prefect.flow-run.Completed", flow, tags, deployment)
 
     assert trigger.covers(completed("nightly"))
     assert not trigger.covers(completed("push"))
+    # Another project's deployment named nightly, on the same server, keeps nobody quiet.
+    assert not trigger.covers(completed("nightly", flow="etl", tags=("etl",)))
+    assert not trigger.covers(completed("nightly", tags=("etl",)))
+
+
+def run_event(event: str, flow: str, tags: tuple[str, ...], deployment: str | None = None) -> Any:
+    """A flow-run event as the server receives it: the flow, the deployment and each tag related."""
+    import datetime as dt
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    related = [{"prefect.resource.id": f"prefect.flow.{uuid.uuid4()}", "prefect.resource.role": "flow",
+                "prefect.resource.name": flow}]
+    if deployment:
+        related.append({"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}",
+                        "prefect.resource.role": "deployment", "prefect.resource.name": deployment})
+    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in tags]
+    return ReceivedEvent(occurred=dt.datetime.now(dt.UTC), event=event, id=uuid.uuid4(),
+                         resource={"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"}, related=related)
+
+
+@pytest.mark.parametrize(("automation", "event"), [
+    ("protein-crash-zombie-runs", "prefect.flow-run.heartbeat"),
+    ("protein-run-failed", "prefect.flow-run.Failed"),
+    ("protein-push-retrain-cancelled", "prefect.flow-run.Cancelled"),
+])
+def test_the_run_automations_watch_this_projects_runs_only(automation: str, event: str) -> None:
+    """A shared server runs other projects' flows: another project's run named train that beats every
+    300 s was crashed healthy by the zombie watch, and its failures paged this project."""
+    from prefect.server.events.schemas.automations import EventTrigger
+
+    found = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: str(uuid.uuid4())})}[automation]
+    trigger = EventTrigger.model_validate(found.trigger.model_dump())
+    ours = run_event(event, "retrain", ("protein", "retrain"))
+    if automation == "protein-push-retrain-cancelled":
+        ours.related.append(ours.related[0].model_validate({"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}",
+                                                            "prefect.resource.role": "creator"}))
+    assert trigger.covers(ours)
+    theirs = ours.model_copy(update={"related": [r for r in ours.related if r.role != "tag"]
+                                     + [ours.related[0].model_validate({"prefect.resource.id": "prefect.tag.etl",
+                                                                        "prefect.resource.role": "tag"})]})
+    assert not trigger.covers(theirs)
 
 
 def test_an_automation_not_named_as_the_projects_is_refused(tmp_path: Path) -> None:
