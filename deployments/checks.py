@@ -114,4 +114,23 @@ def check_registered(prefect_file: Path) -> list[str]:
                 raise SettingError(f"deployment {name} holds a literal placeholder ({literal}): its variable was "
                                    "unset when it was deployed; deploy with `python -m deployments.deploy`")
             found.append(name)
+        if left := leftover_deployments(client, set(found)):
+            # Renamed or removed from the file: it keeps its schedule and trigger, pinned to an old
+            # commit, and every run of it fails its deployment check (a failure alert each night).
+            raise SettingError(f"deployment {left[0]} (tagged {PROJECT_TAG}) is not in {prefect_file}"
+                               f"{f' (nor {len(left) - 1} more)' if len(left) > 1 else ''}: it keeps its schedule "
+                               f"and trigger at an old commit; delete it with `prefect deployment delete {left[0]}`")
     return found
+
+
+PROJECT_TAG = "protein"  # every deployment of prefect.yaml carries it (a test checks)
+
+
+def leftover_deployments(client: Any, defined: set[str]) -> list[str]:
+    """'flow/deployment' of the server's deployments tagged as this project's that the file does not
+    define, sorted."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    tagged = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[PROJECT_TAG])))
+    flows = {flow_id: client.read_flow(flow_id).name for flow_id in {d.flow_id for d in tagged}}
+    return sorted(name for d in tagged if (name := f"{flows[d.flow_id]}/{d.name}") not in defined)

@@ -129,3 +129,25 @@ def test_verify_refuses_a_deployment_that_holds_a_literal_placeholder(prefect_st
     assert refused.stderr == ("deploy: deployment validate/cpu holds a literal placeholder (parameters.store: "
                               "{{ $PROTEIN_STORE }}): its variable was unset when it was deployed; deploy with "
                               "`python -m deployments.deploy`\n")
+
+
+def test_verify_refuses_a_deployment_the_file_no_longer_defines(prefect_stack: Stack) -> None:
+    """Renamed in prefect.yaml, the old deployment kept its schedule and trigger at an old commit: every
+    run of it failed its deployment check, an alert a night, until someone deleted it by hand."""
+    stack = prefect_stack
+    verify = [sys.executable, "-m", "deployments.deploy", "--verify"]
+    with stack.client() as client:
+        nightly = client.read_deployment_by_name("retrain/nightly")
+        old = client.create_deployment(nightly.flow_id, "nightly-old", entrypoint=nightly.entrypoint,
+                                       work_pool_name=nightly.work_pool_name, tags=["protein", "retrain"])
+        untagged = client.create_deployment(nightly.flow_id, "another-teams", entrypoint=nightly.entrypoint,
+                                            work_pool_name=nightly.work_pool_name)
+        try:
+            refused = subprocess.run(verify, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        finally:
+            client.delete_deployment(old)
+            client.delete_deployment(untagged)
+    assert refused.returncode == 2, f"{refused.stdout}{refused.stderr}"
+    err = refused.stderr
+    assert err.startswith("deploy: deployment retrain/nightly-old (tagged protein) is not in "), err
+    assert "prefect deployment delete retrain/nightly-old" in refused.stderr and refused.stderr.count("\n") == 1

@@ -92,3 +92,14 @@ def test_the_nightly_follows_the_channel_and_queues_instead_of_cancelling() -> N
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     assert nightly["triggers"][0]["parameters"]["data"] == "channel:{{ event.payload.channel | default('') }}"
     assert "PROTEIN_DATA" not in PREFECT_FILE.read_text(), "no dataset is pinned at deploy time"
+
+
+def test_every_deployment_carries_the_project_tag() -> None:
+    """The deploy check finds leftover deployments by it, and the run automations match runs by it."""
+    import yaml
+
+    from deployments.checks import PROJECT_TAG
+    from deployments.deploy import PREFECT_FILE
+
+    for deployment in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
+        assert PROJECT_TAG in deployment.get("tags", []), deployment["name"]
