@@ -470,6 +470,12 @@ def audit(soak: Soak, pushes: dict[int, dict[str, Any]], plan: Plan) -> tuple[li
             while removing(left := project_temp(root)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if root in soak.killed:  # what the killed flow runs left: counted, bounded below
+                # Only what was there at the kill: a restarted host serves the rest of the month, and
+                # what its later runs leave is a leak like any other host's.
+                later = [p for p in left if changed_at(p) > soak.killed[root]]
+                if later:
+                    yield f"{root.name}'s temp folder holds {sorted(p.name for p in later)} from after its kill"
+                left = [p for p in left if p not in later]
                 soak.debris += left
                 workspaces += sum(1 for p in left if run_workspace(p))
             elif left:
