@@ -296,6 +296,40 @@ def test_forged_probabilities_that_agree_with_the_verdict_fail_the_spot_check(tr
         read_gate_evaluation(store_uri=store_uri, **gate_question(trained))
 
 
+def test_a_champion_made_to_look_worse_fails_its_own_spot_check(trained: dict, store_uri: str) -> None:
+    """The trainer rewrites the champion's probabilities (every label wrong) and the record to agree
+    with them: only the champion's spot-check stands between a forger and a won gate."""
+    from protein.pipeline.evaluation import assemble_gate_evaluation, plan_gate
+    from tests.model.test_registry import add_version
+
+    store = open_store(store_uri)
+    registry = Registry(store)
+    challenger, fingerprint = trained["model_id"], trained["data_fingerprint"]
+    spec = registry.spec(challenger)
+    champion = add_version(registry, challenger, "the-champion", **{
+        k: spec[k] for k in ("data_fingerprint", "holdout", "training_rows", "train_config")})
+    score_for_gate(trained["data"], store_uri, RUN, challenger, champion, device="cpu", cache_dir=trained["cache"])
+    record = json.loads(store.get_bytes(result_key(RUN, "gate-evaluation.json")))
+    ids = record["evaluation"]["rows"]["ids"]
+    honest = decode_probs(store.get_bytes(result_key(RUN, GATE_PROBS)), "x", {"challenger": ids, "champion": ids})
+    data = load_competition(trained["data"], require_test=False)
+    targets = data.targets[row_index(data, ids)]
+    worse = (1.0 - targets).astype("float32")
+    store.put_bytes(result_key(RUN, GATE_PROBS), encode_probs({"challenger": (ids, honest["challenger"]),
+                                                               "champion": (ids, worse)}))
+    plan = plan_gate(data, fingerprint, spec, registry.spec(champion))
+
+    def evaluation(model: str, probs: np.ndarray) -> dict:
+        return evaluation_of_probs(model, fingerprint, probs, targets, np.asarray(registry.spec(model)["thresholds"]))
+
+    record["evaluation"] = json.loads(json.dumps(assemble_gate_evaluation(
+        plan, evaluation(challenger, honest["challenger"]), evaluation(champion, worse), champion)))
+    store.put_bytes(result_key(RUN, "gate-evaluation.json"), json.dumps(record).encode())
+    question = {**gate_question(trained), "champion_id": champion}
+    with pytest.raises(EvidenceRefused, match=r"champion's probabilities for image \w+ differ from what the CPU host"):
+        read_gate_evaluation(store_uri=store_uri, **question)
+
+
 def test_each_read_draws_its_own_spot_check_seed(trained: dict, store_uri: str) -> None:
     score_for_gate(trained["data"], store_uri, RUN, trained["model_id"], None, device="cpu",
                    cache_dir=trained["cache"])
