@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,3 +97,15 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class ModuleClock:
+    """The `time` module as one module of the code under test sees it, with some functions replaced:
+    `monkeypatch.setattr(module, "time", ModuleClock(sleep=slept.append))`. Patching `time.sleep`
+    itself replaces it for every thread of the test process (pytest's, the Prefect client's)."""
+
+    def __init__(self, **replaced: object) -> None:
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)

@@ -25,7 +25,7 @@ from protein.data.manifest import OBJECTS_PREFIX, manifest_key
 from protein.data.push import push_dataset
 from protein.errors import StoreBusy
 from protein.storage import Store, open_store
-from tests.helpers import write_dataset
+from tests.helpers import ModuleClock, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -366,8 +366,8 @@ def test_held_clock_counts_time_a_suspended_host_slept(monkeypatch: pytest.Monke
     boot_clock = 77  # a clock id of this test's own: both branches run on every platform
     real = time.clock_gettime
     monkeypatch.setattr(coordination, "BOOT_CLOCK", boot_clock)
-    monkeypatch.setattr(time, "clock_gettime", lambda clock: 1e9 if clock == boot_clock else real(clock))
-    monkeypatch.setattr(time, "monotonic", lambda: 5.0)
+    monkeypatch.setattr(coordination, "time", ModuleClock(
+        clock_gettime=lambda clock: 1e9 if clock == boot_clock else real(clock), monotonic=lambda: 5.0))
     assert coordination.held_clock() == 1e9
     monkeypatch.setattr(coordination, "BOOT_CLOCK", None)
     assert coordination.held_clock() == 5.0

@@ -38,6 +38,7 @@ from tasks.liveness import (
     server_event_flush_s,
 )
 from tests.conftest import MotoServer
+from tests.helpers import ModuleClock
 
 GPU_POOL = DevicePolicy(require_cuda=True)
 
@@ -215,7 +216,7 @@ def test_api_outage_is_waited_out_and_other_errors_are_not(monkeypatch: pytest.M
     assert [backoff_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
 
     slept: list[float] = []
-    monkeypatch.setattr("tasks.dispatch.time.sleep", slept.append)
+    monkeypatch.setattr("tasks.dispatch.time", ModuleClock(sleep=slept.append))
     failures = iter([httpx.ConnectError("refused", request=request)] * 3)
 
     def call() -> str:
@@ -300,7 +301,7 @@ def dispatch_with(monkeypatch: pytest.MonkeyPatch, outcomes: list[tuple[Step, bo
     monkeypatch.setattr(dispatch_module, "existing_attempts", lambda prefix: dict(created))
     monkeypatch.setattr(dispatch_module, "run_deployment", run_deployment)
     monkeypatch.setattr(dispatch_module, "wait_for", wait_for)
-    monkeypatch.setattr(dispatch_module.time, "sleep", slept.append)
+    monkeypatch.setattr(dispatch_module, "time", ModuleClock(sleep=slept.append))
     try:
         result: dict | Exception = dispatch_module.dispatch.fn("train", "train/gpu", {"data": "d"}, "r", config)
     except RuntimeError as exc:
