@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import secrets
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,23 +88,52 @@ def probs_bound(expected: dict[str, list[str]]) -> int:
     return sum(bounds.values()) + NPY_HEADER_BYTES * (len(bounds) + 1)
 
 
+def read_npy_member(archive: zipfile.ZipFile, name: str, bound: int, where: str) -> np.ndarray:
+    """One .npy member, read only as far as ``bound`` bytes: the directory's size first, then the
+    shape and type its header declares, then exactly those bytes. Object arrays are refused."""
+    from numpy.lib import format as npy
+
+    info = archive.getinfo(name)
+    if info.file_size > bound:
+        raise EvidenceRefused(f"{where}: member {name} holds {info.file_size} bytes, more than the {bound} its rows "
+                              "take")
+    with archive.open(info) as member:
+        version = npy.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(member)
+        else:
+            raise EvidenceRefused(f"{where}: member {name} is .npy format {version}, expected 1.0 or 2.0")
+        if dtype.hasobject:
+            raise EvidenceRefused(f"{where}: member {name} holds Python objects")
+        count = 1
+        for side in shape:
+            count *= int(side)
+        size = count * dtype.itemsize
+        if size > bound:
+            raise EvidenceRefused(f"{where}: member {name} declares {shape} {dtype}, {size} bytes, more than the "
+                                  f"{bound} its rows take")
+        data = member.read(size)
+    if len(data) != size:
+        raise EvidenceRefused(f"{where}: member {name} ends after {len(data)} of its {size} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
 def decode_probs(raw: bytes, where: str, expected: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """The probabilities of each name in `expected`, refused unless they are finite, in [0, 1],
-    one row per expected id, in that order. Never unpickles (allow_pickle=False). Only the expected
-    members are read, each only when the archive's directory says it is no larger than an honest one
-    (a deflated member of zeros expands a thousandfold: a 200 MB archive would ask for 200 GB)."""
+    one row per expected id, in that order. Never unpickles. Only the expected members
+    (``<name>.npy``, ``<name>_ids.npy``) are read, each only when the archive's directory and then
+    its own header say it holds no more than an honest one: a deflated member of zeros expands a
+    thousandfold, a bzip2 one far more. The archive is read with zipfile, member by exact name:
+    numpy's NpzFile maps "x" to a member named "x" before "x.npy", so a check of "x.npy" and a load
+    of "x" could read two different members."""
     bounds = member_bounds(expected)
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            stored: dict[str, np.ndarray] = {}
-            for member, bound in bounds.items():
-                if member not in archive.files:
-                    continue
-                size = archive.zip.getinfo(f"{member}.npy").file_size
-                if size > bound:
-                    raise EvidenceRefused(f"{where}: member {member} holds {size} bytes, more than the {bound} its "
-                                          f"rows take")
-                stored[member] = archive[member]
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            present = set(archive.namelist())
+            stored = {member: read_npy_member(archive, f"{member}.npy", bound, where)
+                      for member, bound in bounds.items() if f"{member}.npy" in present}
     except EvidenceRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable archive is one refusal

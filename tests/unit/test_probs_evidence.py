@@ -20,16 +20,22 @@ def honest() -> bytes:
     return encode_probs({"challenger": (IDS, np.full((5, 10), 0.5, dtype=np.float32))})
 
 
-def with_member(raw: bytes, name: str, array: np.ndarray) -> bytes:
-    """The archive with one more (or a replaced) member, deflated."""
+def with_member(raw: bytes, name: str, array: np.ndarray | bytes, filename: str | None = None,
+                compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """The archive with one more (or a replaced) member, compressed."""
+    filename = filename or f"{name}.npy"
     buffer = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(raw)) as source, zipfile.ZipFile(buffer, "w") as target:
         for info in source.infolist():
-            if info.filename != f"{name}.npy":
+            if info.filename != filename:
                 target.writestr(info, source.read(info))
-        member = io.BytesIO()
-        np.save(member, array)
-        target.writestr(f"{name}.npy", member.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+        if isinstance(array, bytes):
+            body = array
+        else:
+            member = io.BytesIO()
+            np.save(member, array)
+            body = member.getvalue()
+        target.writestr(filename, body, compress_type=compression)
     return buffer.getvalue()
 
 
@@ -45,7 +51,8 @@ def test_an_expected_member_larger_than_its_rows_is_refused_unread() -> None:
     assert len(bomb) < 1_000_000
     tracemalloc.start()
     try:
-        with pytest.raises(EvidenceRefused, match=r"x: member challenger holds 160000128 bytes, more than the 4496"):
+        with pytest.raises(EvidenceRefused,
+                           match=r"x: member challenger\.npy holds 160000128 bytes, more than the 4496"):
             decode_probs(bomb, "x", {"challenger": IDS})
         assert tracemalloc.get_traced_memory()[1] < 20_000_000
     finally:
@@ -66,3 +73,32 @@ def test_ids_that_are_not_a_list_of_rows_are_refused_in_one_line() -> None:
     scalar_ids = with_member(honest(), "challenger_ids", np.array("img000"))  # 0-d: len() raised TypeError
     with pytest.raises(EvidenceRefused, match="rows are not the 5 rows the CPU host expects"):
         decode_probs(scalar_ids, "x", {"challenger": IDS})
+
+
+def test_a_member_named_like_a_key_is_never_read_in_place_of_its_npy() -> None:
+    """numpy's NpzFile maps "challenger" to a member named "challenger" before "challenger.npy": the
+    size check read one member and the load the other (a bzip2 body of zeros, 991 bytes, asked for
+    131 MB; 1.4 MB would ask for terabytes)."""
+    shadow = with_member(honest(), "challenger", b"\0" * 50_000_000, filename="challenger",
+                         compression=zipfile.ZIP_BZIP2)
+    assert len(shadow) < 5_000
+    tracemalloc.start()
+    try:
+        assert decode_probs(shadow, "x", {"challenger": IDS})["challenger"].shape == (5, 10)
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_header_that_declares_more_rows_than_it_holds_is_refused_unread() -> None:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (1_000_000_000, 10)})
+    lying = with_member(honest(), "challenger", header.getvalue() + b"\0" * 64)
+    tracemalloc.start()
+    try:
+        with pytest.raises(EvidenceRefused, match=r"member challenger\.npy declares \(1000000000, 10\) float64"):
+            decode_probs(lying, "x", {"challenger": IDS})
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    finally:
+        tracemalloc.stop()
