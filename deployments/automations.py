@@ -3,8 +3,9 @@
     PREFECT_API_URL=http://prefect:4200/api PROTEIN_ALERT_WEBHOOK_URL=https://hooks.example/T0 \\
         python -m deployments.automations apply
 
-Idempotent: the block is saved with overwrite, each automation replaces the one of the same
-name, and a `protein-` automation the file no longer has is deleted. Exit 2 on a missing setting
+Idempotent: the block is saved with overwrite, an automation the file defines as it stands is
+kept (its trigger's state with it), a changed one replaces the one of the same name, and a
+`protein-` automation the file no longer has, or a second of one name, is deleted. Exit 2 on a missing setting
 or a malformed file, 1 when the server refuses."""
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def server_automations(client: Any, page: int) -> list[Any]:
 
 
 def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None, page: int = AUTOMATIONS_PAGE) -> list[str]:
-    """Save the webhook block, create or replace every automation by name, and delete the project's
-    automations (OWN_PREFIX) the file no longer has, on every page of the server's automations."""
+    """Save the webhook block, keep each automation that stands as defined and create or replace the
+    others by name, and delete the project's automations (OWN_PREFIX) the file no longer has and
+    every second one of a name, on every page of the server's automations."""
     from prefect.client.orchestration import get_client
 
     block_id = save_webhook_block(webhook_url)
     automations = load_automations(path, {BLOCK_NAME: block_id}, zombie_after_s)
-    applied: set[str] = set()  # the ids this apply kept or created
+    names = {a.name for a in automations}
     with get_client(sync_client=True) as client:
         for automation in automations:
             existing = client.read_automations_by_name(automation.name)
@@ -98,17 +100,24 @@ def apply(path: Path, webhook_url: str, zombie_after_s: int | None = None, page:
                 # Unchanged: kept as it is. Replaced, it lost its trigger's state: the missing-nightly
                 # window started again (a deploy a day and it never fired) and the zombie watch forgot
                 # the runs that had just stopped heartbeating.
-                applied.add(str(existing[0].id))
                 continue
             for old in existing:
                 client.delete_automation(old.id)
-            applied.add(str(client.create_automation(automation)))
+            client.create_automation(automation)
         # One the file no longer has (renamed or removed) would go on firing for ever: a renamed
-        # failure alert would alert every failure twice. A second of one name (two deploys at once
-        # each deleted, then each created) would too. Only the project's own, by their prefix.
+        # failure alert would alert every failure twice. So would a second of one name (two deploys at
+        # once each deleted, then each created): one is kept, the same one whichever apply decides
+        # (the smallest id), so two applies at once never delete each other's and leave none. Only the
+        # project's own, by their prefix.
+        found: dict[str, list[Any]] = {}
         for existing in server_automations(client, page):  # all read before the first delete shifts the pages
-            if existing.name.startswith(OWN_PREFIX) and str(existing.id) not in applied:
-                client.delete_automation(existing.id)
+            if existing.name.startswith(OWN_PREFIX):
+                found.setdefault(existing.name, []).append(existing)
+        for name, same_name in found.items():
+            kept = min(same_name, key=lambda a: str(a.id)) if name in names else None
+            for existing in same_name:
+                if existing is not kept:
+                    client.delete_automation(existing.id)
     return [a.name for a in automations]
 
 
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.automations", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("apply", help="save the webhook block and create or replace the automations")
+    p = sub.add_parser("apply", help="save the webhook block and create, keep or replace the automations")
     p.add_argument("--file", type=Path, default=AUTOMATIONS_FILE)
     p.add_argument("--webhook-url", default=os.environ.get(WEBHOOK_URL_ENV),
                    help=f"where notifications are POSTed (env {WEBHOOK_URL_ENV})")

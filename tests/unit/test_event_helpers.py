@@ -249,3 +249,85 @@ def test_the_standalone_apply_refuses_a_zombie_window_shorter_than_three_heartbe
 def test_a_malformed_s3_uri_is_named_without_its_credentials() -> None:
     problem = dataset_uri_problem("s3://AKIAEXAMPLE:topsecret@bucket")
     assert problem is not None and "topsecret" not in problem and "AKIAEXAMPLE" not in problem, problem
+
+
+class OneServersAutomations:
+    """The automations endpoints of one server, shared by the clients of two applies at once: both
+    read the failure alert's automations before either changes them, and both have created theirs
+    before either goes on."""
+
+    def __init__(self, reads_meet: Any) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.automations: dict[str, Any] = {}
+        self.reads_meet = reads_meet
+
+    def __enter__(self) -> OneServersAutomations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read_automations_by_name(self, name: str) -> list[Any]:
+        with self.lock:
+            found = [a for a in self.automations.values() if a.name == name]
+        if name == "protein-run-failed":
+            self.reads_meet.wait(timeout=10)
+        return found
+
+    def read_automations(self, sort: Any = None, limit: int = 200, offset: int = 0) -> list[Any]:
+        with self.lock:
+            found = sorted(self.automations.values(), key=lambda a: (a.name, str(a.id)))
+        return found[offset:offset + limit]
+
+    def delete_automation(self, automation_id: Any) -> None:
+        with self.lock:
+            self.automations.pop(str(automation_id), None)  # a 404 is no error, as in Prefect's client
+
+    def create_automation(self, automation: Any) -> Any:
+        from prefect.events.schemas.automations import Automation
+
+        created = Automation.model_validate({**automation.model_dump(), "id": uuid.uuid4()})
+        with self.lock:
+            self.automations[str(created.id)] = created
+        if automation.name == "protein-run-failed":
+            self.reads_meet.wait(timeout=10)
+        return created.id
+
+
+def test_two_applies_at_once_leave_each_automation_exactly_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each apply deleted what it had not created itself: two at once (CI and an operator) deleted
+    each other's, and the server was left with no failure alert and no zombie watch."""
+    import threading
+
+    import prefect.client.orchestration
+
+    from deployments import automations
+
+    server = OneServersAutomations(threading.Barrier(2))
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: server)
+    block = str(uuid.uuid4())
+    monkeypatch.setattr(automations, "save_webhook_block", lambda url: block)
+    defined = load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: block})
+    # Deployed before, and changed in the file since: both applies replace it.
+    from prefect.events.schemas.automations import Automation
+
+    old = Automation.model_validate({**defined[0].model_dump(), "description": "as it was", "id": uuid.uuid4()})
+    server.automations[str(old.id)] = old
+    assert defined[0].name == "protein-run-failed"
+    errors: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            automations.apply(AUTOMATIONS_FILE, "https://hooks.example/x")
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    applies = [threading.Thread(target=apply) for _ in range(2)]
+    for thread in applies:
+        thread.start()
+    for thread in applies:
+        thread.join(timeout=30)
+    assert errors == []
+    assert sorted(a.name for a in server.automations.values()) == sorted(a.name for a in defined)
