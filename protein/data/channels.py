@@ -138,7 +138,7 @@ def read_channel(store: Store, name: str) -> Channel:
         # A RecordError (exit 8), not a StoreError: nothing a retry could mend. Only the operator's
         # role may delete a channel record (docs/security.md).
         raise RecordError(f"{store.uri.rstrip('/')}/{key}: not a dataset channel ({exc}); an operator restores it "
-                          "from the bucket's versions (docs/runbook.md)") from None
+                          "(docs/runbook.md, 'not a dataset channel')") from None
     return Channel(name, history, etag)
 
 

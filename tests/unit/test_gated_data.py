@@ -96,6 +96,7 @@ def test_a_later_push_of_the_same_data_is_new_input(tmp_path: Path):
 def test_a_withdrawn_pass_is_no_judgement_and_never_takes_a_newer_one_with_it(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch):
     store, config = LocalStore(tmp_path), TrainConfig()
+    served(store, "m-1")  # so that only the withdrawal can make the pass no judgement below
     record_gated_data(store, "m-1", spec(config), {"promote": True})
     assert not withdraw_gated_data(store, "m-0", spec(config), "lost"), "another challenger's judgement stands"
     assert withdraw_gated_data(store, "m-1", spec(config), "its promotion lost to another")
