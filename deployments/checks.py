@@ -123,7 +123,9 @@ def check_registered(prefect_file: Path) -> list[str]:
     return found
 
 
-PROJECT_TAG = "protein"  # every deployment of prefect.yaml carries it (a test checks)
+# Every deployment of prefect.yaml carries it (a test checks), and the run automations match it: a
+# name of this project's own, not "protein", which another team on a shared server may well use.
+PROJECT_TAG = "protein-pipeline"
 
 
 def leftover_deployments(client: Any, defined: set[str]) -> list[str]:

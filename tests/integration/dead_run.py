@@ -36,7 +36,7 @@ from prefect import flow, tags
 def train() -> None:
     time.sleep(600)
 
-with tags("protein"):  # the project's runs carry its deployments' tag, which the automations match
+with tags("protein-pipeline"):  # the project tag its deployments give their runs, which the automations match
     train()
 """
 

@@ -139,7 +139,7 @@ def test_verify_refuses_a_deployment_the_file_no_longer_defines(prefect_stack: S
     with stack.client() as client:
         nightly = client.read_deployment_by_name("retrain/nightly")
         old = client.create_deployment(nightly.flow_id, "nightly-old", entrypoint=nightly.entrypoint,
-                                       work_pool_name=nightly.work_pool_name, tags=["protein", "retrain"])
+                                       work_pool_name=nightly.work_pool_name, tags=["protein-pipeline", "retrain"])
         untagged = client.create_deployment(nightly.flow_id, "another-teams", entrypoint=nightly.entrypoint,
                                             work_pool_name=nightly.work_pool_name)
         try:
@@ -149,5 +149,5 @@ def test_verify_refuses_a_deployment_the_file_no_longer_defines(prefect_stack: S
             client.delete_deployment(untagged)
     assert refused.returncode == 2, f"{refused.stdout}{refused.stderr}"
     err = refused.stderr
-    assert err.startswith("deploy: deployment retrain/nightly-old (tagged protein) is not in "), err
+    assert err.startswith("deploy: deployment retrain/nightly-old (tagged protein-pipeline) is not in "), err
     assert "prefect deployment delete retrain/nightly-old" in refused.stderr and refused.stderr.count("\n") == 1

@@ -110,7 +110,7 @@ def test_automations_file_names_the_webhook_block_and_the_zombie_window() -> Non
     assert [dict(spec.root) for spec in cancelled.match_related] == [  # type: ignore[union-attr]
         {"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
         {"prefect.resource.role": "creator", "prefect.resource.id": "prefect.automation.*"},
-        {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.protein"}]
+        {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.protein-pipeline"}]
     zombie = automations[ZOMBIE_AUTOMATION]
     assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 120
     assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"
@@ -159,14 +159,14 @@ def test_a_nightly_that_never_completes_is_alerted_within_two_days() -> None:
     trigger = EventTrigger.model_validate(missing.trigger.model_dump())
 
     def completed(deployment: str, flow: str = "retrain",
-                  tags: tuple[str, ...] = ("protein", "retrain")) -> ReceivedEvent:
+                  tags: tuple[str, ...] = ("protein-pipeline", "protein", "retrain")) -> ReceivedEvent:
         return run_event("prefect.flow-run.Completed", flow, tags, deployment)
 
     assert trigger.covers(completed("nightly"))
     assert not trigger.covers(completed("push"))
     # Another project's deployment named nightly, on the same server, keeps nobody quiet.
     assert not trigger.covers(completed("nightly", flow="etl", tags=("etl",)))
-    assert not trigger.covers(completed("nightly", tags=("etl",)))
+    assert not trigger.covers(completed("nightly", tags=("protein", "retrain")))
 
 
 def run_event(event: str, flow: str, tags: tuple[str, ...], deployment: str | None = None) -> Any:
@@ -197,13 +197,14 @@ def test_the_run_automations_watch_this_projects_runs_only(automation: str, even
 
     found = {a.name: a for a in load_automations(AUTOMATIONS_FILE, {BLOCK_NAME: str(uuid.uuid4())})}[automation]
     trigger = EventTrigger.model_validate(found.trigger.model_dump())
-    ours = run_event(event, "retrain", ("protein", "retrain"))
+    ours = run_event(event, "retrain", ("protein-pipeline", "protein", "retrain"))
     if automation == "protein-push-retrain-cancelled":
         ours.related.append(ours.related[0].model_validate({"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}",
                                                             "prefect.resource.role": "creator"}))
     assert trigger.covers(ours)
+    # Another team's run, even one tagged "protein" (a word a biology group may well use).
     theirs = ours.model_copy(update={"related": [r for r in ours.related if r.role != "tag"]
-                                     + [ours.related[0].model_validate({"prefect.resource.id": "prefect.tag.etl",
+                                     + [ours.related[0].model_validate({"prefect.resource.id": "prefect.tag.protein",
                                                                         "prefect.resource.role": "tag"})]})
     assert not trigger.covers(theirs)
 
