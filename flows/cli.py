@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -74,6 +74,21 @@ def startup_timeout_s() -> float:
         raise PrefectUnavailable(f"{STARTUP_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
+# Where a server keeps its state and talks to its peers: settings an operator exports to run the
+# production stack's `prefect server database upgrade` or its services. A local server given them
+# would migrate the production database, run a second scheduler and automations on it, and join the
+# production Redis consumer groups.
+SERVER_STATE_SETTINGS = ("PREFECT_API_DATABASE_", "PREFECT_SERVER_DATABASE_", "PREFECT_MESSAGING_",
+                         "PREFECT_REDIS_", "PREFECT_SERVER_DOCKET_", "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING",
+                         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE")
+
+
+def local_server_env(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` for the demo's own local server: no API URL of another server, and none of the
+    settings that would point it at another server's database, broker or credential."""
+    return {k: v for k, v in base.items() if k != "PREFECT_API_URL" and not k.startswith(SERVER_STATE_SETTINGS)}
+
+
 class LocalServer:
     """`prefect server start` on 127.0.0.1 as a child process, stopped when the command ends."""
 
@@ -88,9 +103,8 @@ class LocalServer:
 
     def start(self, on_wait: Callable[[float], None] | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_UI_API_URL": self.api_url,
+        env = {**local_server_env(os.environ), "PREFECT_HOME": str(self.home), "PREFECT_UI_API_URL": self.api_url,
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-        env.pop("PREFECT_API_URL", None)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],

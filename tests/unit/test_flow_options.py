@@ -70,3 +70,40 @@ def test_an_empty_text_field_takes_the_recipes_value_and_a_device_torch_cannot_n
     for device in ("gpu7", "", "cuda:x"):
         with pytest.raises(ValueError, match="device must be auto, cpu, mps, cuda or cuda:N"):
             TrainConfig(device=device)
+
+
+def test_the_demos_local_server_never_gets_another_servers_database_or_broker(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """An operator's shell that ran the production stack's `prefect server database upgrade` holds its
+    database URL and Redis settings: the demo's local server started with them migrated the
+    production database and ran a second scheduler and automations on it."""
+    from flows.cli import local_server_env
+
+    shell = {"PATH": "/usr/bin", "PREFECT_API_URL": "https://prefect.example/api",
+             "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://prefect:pw@db/prefect",
+             "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://prefect:pw@db/prefect",
+             "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+             "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+             "PREFECT_REDIS_MESSAGING_HOST": "redis.example", "PREFECT_SERVER_DOCKET_URL": "redis://redis.example/1",
+             "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+             "PREFECT_LOGGING_LEVEL": "INFO"}
+    assert local_server_env(shell) == {"PATH": "/usr/bin", "PREFECT_LOGGING_LEVEL": "INFO"}
+
+    # ... and the local server is started with that environment.
+    import flows.cli
+
+    started: list[dict[str, str]] = []
+
+    def popen(*args: object, env: dict[str, str], **kwargs: object) -> None:
+        started.append(env)
+        raise OSError("not started in this test")
+
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(flows.cli.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="not started in this test"):
+        flows.cli.LocalServer(tmp_path, 1.0).start()
+    leaked = [k for k in started[0] if k == "PREFECT_API_URL"
+              or k.startswith(("PREFECT_API_DATABASE", "PREFECT_REDIS", "PREFECT_MESSAGING"))]
+    assert leaked == [], leaked
