@@ -51,9 +51,14 @@ def check_store(store: str) -> str:
     from protein.storage import open_store
 
     try:
-        open_store(store).check()
+        opened = open_store(store)
+        opened.check()
     except (ProteinError, ValueError, OSError) as exc:
         raise SettingError(f"PROTEIN_STORE={store}: {exc}") from None
+    if getattr(opened, "conditional_writes_verified", True) is False:
+        # The operator's keys may not write probes/ (only the trainer's may): said, not claimed.
+        return (f"store {store} answers; conditional writes NOT verified (these credentials may not write the "
+                "probe, or PROTEIN_ALLOW_LAST_WRITER_WINS is set): the trainer's first run checks them")
     return f"store {store} answers and supports conditional writes"
 
 

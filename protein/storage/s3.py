@@ -77,6 +77,7 @@ class S3Store(RawObjectReads):
         self.bucket = bucket
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.conditional_writes_verified: bool | None = None  # set by check()
         # Re-entrant: translating an error may need the client (to tell a missing bucket from a key).
         self._client_lock = threading.RLock()
         self._client_obj: Any = None
@@ -480,7 +481,8 @@ class S3Store(RawObjectReads):
             )
 
     def check(self) -> None:
-        """Reachable bucket, and conditional writes honoured (unless the user opted out)."""
+        """Reachable bucket, and conditional writes honoured (unless the user opted out, or these
+        credentials may not write the probe: ``conditional_writes_verified`` says which)."""
         self._bucket_seen = False
         self._require_bucket()
-        require_conditional_writes(self, self._endpoint())
+        self.conditional_writes_verified = require_conditional_writes(self, self._endpoint())

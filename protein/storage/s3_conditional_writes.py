@@ -22,18 +22,19 @@ def last_writer_wins_allowed() -> bool:
     return os.environ.get(ALLOW_LAST_WRITER_WINS_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def require_conditional_writes(store: Store, endpoint: str = "") -> None:
+def require_conditional_writes(store: Store, endpoint: str = "") -> bool:
     """Raise `StoreError` unless ``store`` refuses a second create-only write and a swap on a stale
-    etag; skipped (with a warning) when the user accepted last-writer-wins. ``endpoint`` is the
+    etag; True when that was verified, False when it was not checked (the user accepted
+    last-writer-wins, or these credentials may not write the probe). ``endpoint`` is the
     " scheme://host:port" text error messages name."""
     if last_writer_wins_allowed():
         logger.warning("%s: conditional writes not checked (%s is set): concurrent promotions are "
                        "last-writer-wins", store.uri, ALLOW_LAST_WRITER_WINS_ENV)
-        return
-    _probe(store, endpoint)
+        return False
+    return _probe(store, endpoint)
 
 
-def _probe(store: Store, endpoint: str) -> None:
+def _probe(store: Store, endpoint: str) -> bool:
     # A fresh key per check: two hosts checking at once never see each other's probe.
     probe = f"{PROBE_PREFIX}/conditional-write-{secrets.token_hex(8)}"
     missing = None
@@ -44,7 +45,7 @@ def _probe(store: Store, endpoint: str) -> None:
             raise
         # A read-only caller (a predict role) never writes conditionally: nothing to verify.
         logger.info("conditional writes not checked: this caller may not write %s (%s)", PROBE_PREFIX, exc)
-        return
+        return False
     try:
         try:
             store.put_bytes(probe, b"probe again", if_none_match=True)
@@ -71,3 +72,4 @@ def _probe(store: Store, endpoint: str) -> None:
             f"(use an endpoint that honours conditional writes, or set {ALLOW_LAST_WRITER_WINS_ENV}=1 "
             "to accept last-writer-wins promotions)"
         )
+    return True

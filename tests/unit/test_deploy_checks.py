@@ -103,3 +103,32 @@ def test_every_deployment_carries_the_project_tag() -> None:
 
     for deployment in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
         assert PROJECT_TAG in deployment.get("tags", []), deployment["name"]
+
+
+def test_the_store_check_says_when_conditional_writes_were_not_verified(monkeypatch) -> None:  # noqa: ANN001
+    """The operator's keys may not write probes/ (only the trainer's may): the probe was skipped, and the
+    wrapper still printed 'supports conditional writes'."""
+    import protein.storage
+    from deployments.checks import check_store
+    from protein.errors import StoreError
+    from protein.storage.s3_conditional_writes import require_conditional_writes
+
+    class DeniedProbe:
+        uri = "s3://b/p"
+
+        def put_bytes(self, key: str, data: bytes, **kwargs: object) -> str:
+            raise StoreError(f"s3://b/p/{key}: access denied: s3:PutObject")
+
+    assert require_conditional_writes(DeniedProbe()) is False  # type: ignore[arg-type]
+
+    class Checked:
+        def __init__(self, verified: bool) -> None:
+            self.verified = verified
+
+        def check(self) -> None:
+            self.conditional_writes_verified = self.verified
+
+    monkeypatch.setattr(protein.storage, "open_store", lambda uri: Checked(False))
+    assert "conditional writes NOT verified" in check_store("s3://b/p")
+    monkeypatch.setattr(protein.storage, "open_store", lambda uri: Checked(True))
+    assert check_store("s3://b/p") == "store s3://b/p answers and supports conditional writes"
