@@ -100,7 +100,11 @@ class Postgres:
         self.root.chmod(0o755)
         self.data.mkdir(mode=0o700)
         password_file = self.root / "pwfile"
-        password_file.write_text(self.password)
+        # Created 0600, never readable by others for a moment: the root is 0755 (the database user must
+        # get in), and the superuser's password lets any local user run code as that user.
+        descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(self.password)
         if os.geteuid() == 0:
             shutil.chown(self.data, PG_OS_USER)
             shutil.chown(password_file, PG_OS_USER)
