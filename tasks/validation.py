@@ -25,17 +25,24 @@ from tasks.retry import retry_transient
 VALIDATION_CACHE_EXPIRY = dt.timedelta(days=7)
 
 
+# Rules the verdict applies from outside protein/validation/, relative to protein/.
+VERDICT_RULES_OUTSIDE = ("data/png.py", "data/layout.py", "data/tables.py", "labels.py")
+
+
 @functools.cache
 def validation_code_version() -> str:
     """What the verdict depends on besides data, settings and reference: the project version, the
-    validation package's source (suites, custom Expectations, drift rules, image checks), and the
-    Great Expectations and Pillow versions (Pillow decodes every image)."""
+    validation package's source (suites, custom Expectations, drift rules, image checks), the rules
+    it applies from outside that package (the PNG decoder whose verdict counts, the id and table
+    rules, the label parser), and the Great Expectations and Pillow versions (Pillow decodes every
+    image). A checkout rarely bumps the project version: a fix to the decoder kept old passes."""
     import protein.validation
 
-    package = Path(protein.validation.__file__).parent
+    project = Path(protein.validation.__file__).parents[1]
+    sources = [*sorted((project / "validation").glob("*.py")), *(project / rule for rule in VERDICT_RULES_OUTSIDE)]
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sources:
+        digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
     versions = "|".join(f"{name}={importlib.metadata.version(name)}"
                         for name in ("protein-pipeline", "great_expectations", "pillow"))
     return hashlib.sha256(versions.encode() + digest.digest()).hexdigest()[:16]

@@ -21,15 +21,28 @@ def fresh_version() -> None:
     task_module.validation_code_version.cache_clear()
 
 
-def test_a_changed_rule_changes_the_code_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("changed", "old", "new"), [
+    ("validation/suites.py", "each Image id must appear once", "ids may repeat"),
+    # The decoder whose verdict counts, and the label parser: outside protein/validation/, and a fix
+    # to them kept old passes for a week (a checkout rarely bumps the project's version).
+    ("data/png.py", "def decode_png", "def decode_png_changed"),
+    ("labels.py", "def parse_label_set", "def parse_label_set_changed"),
+])
+def test_a_changed_rule_changes_the_code_version(changed: str, old: str, new: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     before = task_module.validation_code_version()
-    copy = tmp_path / "validation"
-    shutil.copytree(Path(protein.validation.__file__).parent, copy)
-    monkeypatch.setattr(protein.validation, "__file__", str(copy / "__init__.py"))
+    project = Path(protein.validation.__file__).parents[1]
+    copy = tmp_path / "protein"
+    shutil.copytree(project / "validation", copy / "validation")
+    for rule in task_module.VERDICT_RULES_OUTSIDE:
+        (copy / rule).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / rule, copy / rule)
+    monkeypatch.setattr(protein.validation, "__file__", str(copy / "validation" / "__init__.py"))
     task_module.validation_code_version.cache_clear()
     assert task_module.validation_code_version() == before  # same source, same version
-    suites = copy / "suites.py"
-    suites.write_text(suites.read_text().replace("each Image id must appear once", "ids may repeat"))
+    source = copy / changed
+    assert old in source.read_text()
+    source.write_text(source.read_text().replace(old, new))
     task_module.validation_code_version.cache_clear()
     assert task_module.validation_code_version() != before
 
