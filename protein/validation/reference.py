@@ -32,9 +32,12 @@ def report_key(data_fingerprint: str) -> str:
 
 
 def refused_by_validation(store: Any, data_fingerprint: str) -> bool:
-    """Whether the store holds a validation report for this data whose verdict is a failure. No
-    report (never validated here) is not a refusal; neither is an unreadable one (logged): passing
-    over data must rest on a verdict that was actually stored."""
+    """Whether the store holds a validation report for this data whose verdict is a failure, judged
+    against the reference profile in force now. No report (never validated here) is not a refusal;
+    neither is an unreadable one (logged): passing over data must rest on a verdict that was actually
+    stored. Nor is a failure judged against another reference (a champion promoted, then rolled
+    back): drift against a reference no longer in force said nothing of the data, and it was passed
+    over by every nightly after the rollback."""
     try:
         report = load_record(store, report_key(data_fingerprint), VALIDATION_REPORT)
     except NotFound:
@@ -42,7 +45,15 @@ def refused_by_validation(store: Any, data_fingerprint: str) -> bool:
     except RecordError as exc:
         log.warning("ignoring an unreadable validation report: %s", exc)
         return False
-    return report.get("success") is False
+    if report.get("success") is not False:
+        return False
+    reference = report.get("reference")
+    judged_against = reference.get("hash") if isinstance(reference, dict) else None
+    if judged_against is not None and judged_against != (current := load_reference(store)["hash"]):
+        log.info("data %s failed validation against reference %s, not the %s in force now: validated again",
+                 data_fingerprint[:12], str(judged_against)[:12], current[:12])
+        return False
+    return True
 
 
 def load_reference(store: Any | None) -> dict:

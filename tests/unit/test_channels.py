@@ -217,3 +217,19 @@ def test_a_validate_run_judges_the_channels_head_even_a_refused_one(tmp_path: Pa
                         lambda *args, **kwargs: asked.append(kwargs) or {"problem": "stop here"})
     assert flows.validate.validate.fn("channel:latest", uri).is_failed()
     assert asked == [{"pass_over_refused": False}]
+
+
+def test_a_refusal_judged_against_another_reference_is_no_refusal_now(tmp_path: Path) -> None:
+    """Push X failed drift against champion B's reference; B was rolled back: every nightly after it
+    passed X over on a verdict about a reference no longer in force."""
+    from protein.validation.reference import load_reference
+
+    store = LocalStore(tmp_path / "store")
+    push(store, "a" * 16, "e1")
+    push(store, "b" * 16, "e2")
+    in_force = load_reference(store)["hash"]
+    for judged_against, passed_over in ((in_force, True), ("another-reference", False)):
+        store.put_bytes(report_key("b" * 16), json.dumps({"success": False, "profile": {},
+                                                          "reference": {"hash": judged_against}}).encode())
+        resolved = resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation)
+        assert (resolved.fingerprint == "a" * 16) is passed_over, (judged_against, resolved)
