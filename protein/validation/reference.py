@@ -126,7 +126,7 @@ def champion_reference(store: Any, model_id: str) -> dict | None:
         except ValueError as exc:
             log.warning("model %s: unusable label_profile (%s); trying its validation report", model_id, exc)
         else:
-            return reference_record({**_pixel_profile(store, data_fingerprint), **profile},
+            return reference_record({**stored_pixel_profile(store, data_fingerprint), **profile},
                                     source=f"champion {model_id} training data", model_id=model_id,
                                     data_fingerprint=data_fingerprint)
     key = report_key(str(data_fingerprint)) if data_fingerprint else None
@@ -208,7 +208,7 @@ def _described_model(reference: bytes) -> str | None:
     return doc.get("model_id") if isinstance(doc, dict) else None
 
 
-def _pixel_profile(store: Any, data_fingerprint: Any) -> dict:
+def stored_pixel_profile(store: Any, data_fingerprint: Any) -> dict:
     """Row hashes and image statistics from the validation report of the data (model.json's
     label profile has only label shares); empty when there is no usable report."""
     key = report_key(str(data_fingerprint)) if data_fingerprint else None

@@ -29,6 +29,7 @@ from protein.validation.checkpoint import GX_DOCS, GX_RESULTS, run_checkpoint
 from protein.validation.config import PIXEL_CHECKS, ValidationConfig
 from protein.validation.drift import (
     IMAGE_STATISTICS,
+    PIXEL_PROFILE_KEYS,
     canonical_label,
     check_profile,
     moments,
@@ -46,7 +47,13 @@ from protein.validation.history import (
     upload_new,
 )
 from protein.validation.images import ImageReader, inspect_images, integrity_records
-from protein.validation.reference import STORE_PREFIX, load_reference, report_key, save_reference
+from protein.validation.reference import (
+    STORE_PREFIX,
+    load_reference,
+    report_key,
+    save_reference,
+    stored_pixel_profile,
+)
 from protein.validation.report import ValidationReport
 
 log = logging.getLogger(__name__)
@@ -251,6 +258,7 @@ def run_validation(
             # Durable URIs, never presigned URLs: this report ends up in Prefect's database.
             report.docs_uri = object_uri(store, f"{DOCS_PREFIX}/index.html")
             report.report_uri = object_uri(store, report_key(report.data_fingerprint))
+            keep_pixel_profile(store, report)
             _put_report(store, report)
             if accept:
                 if not report.success:
@@ -274,6 +282,16 @@ def run_validation(
 
 def _report_text(report: ValidationReport) -> str:
     return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+def keep_pixel_profile(store: Any, report: ValidationReport) -> None:
+    """A run that decoded no pixel (--headers-only) knows no row hashes or image statistics; an
+    earlier run on the same data (the same fingerprint: the same images) did. They are kept in the
+    report this run writes: a promotion builds the drift reference from them, and overwritten by a
+    headers-only trial run, the new-rows and image-statistics drift checks went quiet."""
+    missing = [k for k in PIXEL_PROFILE_KEYS if report.profile.get(k) is None]
+    if missing and (earlier := stored_pixel_profile(store, report.data_fingerprint)):
+        report.profile.update({k: earlier[k] for k in missing if k in earlier})
 
 
 def _put_report(store: Any, report: ValidationReport) -> None:

@@ -52,6 +52,24 @@ def test_a_report_folder_named_relative_to_the_working_folder(base: Path, tmp_pa
     assert sorted(p.name for p in (tmp_path / "reports" / "today").iterdir()) == ["docs", "report.json"]
 
 
+def test_a_headers_only_run_keeps_the_pixel_profile_an_earlier_run_stored(base: Path, tmp_path: Path) -> None:
+    """A headers-only trial run on the store replaced the report a promotion builds its drift reference
+    from, without the row hashes and image statistics: new-rows and image drift went quiet."""
+    from protein.storage import open_store
+    from protein.validation.drift import PIXEL_PROFILE_KEYS
+    from protein.validation.reference import report_key
+
+    store = str(tmp_path / "store")
+    assert validate("--data", str(base), "--store", store, "--report", str(tmp_path / "full")) == 0
+    key = report_key(fingerprint(open_dataset(base)))
+    full = json.loads(open_store(store).get_bytes(key))["profile"]
+    assert all(full.get(k) for k in PIXEL_PROFILE_KEYS), sorted(full)
+    assert validate("--data", str(base), "--store", store, "--headers-only", "--report", str(tmp_path / "h")) == 0
+    after = json.loads(open_store(store).get_bytes(key))
+    assert after["skipped"] == list(PIXEL_CHECKS)  # this run's own verdict, written
+    assert {k: after["profile"].get(k) for k in PIXEL_PROFILE_KEYS} == {k: full[k] for k in PIXEL_PROFILE_KEYS}
+
+
 def test_the_nightly_decodes_every_image() -> None:
     from flows.params import ValidationParams
 

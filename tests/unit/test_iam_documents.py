@@ -30,7 +30,8 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
     store_arn = "arn:aws:s3:::ml-models/protein/"
     for role in ROLES:
         for statement in statements(role):
-            assert statement["Effect"] == "Allow", (role, statement)
+            # Allows only, but for the one Deny that narrows an Allow (the publisher's, on the gc lock).
+            assert statement["Effect"] == "Allow" or statement.get("Sid") == "NeverTheDatasetsGcLock", (role, statement)
             for action in as_list(statement["Action"]):
                 # No wildcard actions, nothing account-wide, nothing that changes the bucket itself.
                 assert action.startswith("s3:") and "*" not in action, (role, action)
@@ -64,10 +65,13 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
         [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
         + [root + "registry/champion.json"] * 2)
-    # The publisher touches datasets/ only, creates objects there only if absent, and moves channel pointers.
+    # The publisher touches datasets/ only, creates objects there only if absent, never the gc lock (a data
+    # host could plant one that stalls gc and every push for an hour), and moves channel pointers.
     assert grants("publisher", "s3:GetObject") == [root + "datasets/*"]
     assert sorted(grants("publisher", "s3:PutObject")) == sorted([root + "datasets/*"] * 2
                                                                  + [root + "datasets/channels/*"])
+    assert [(s["Action"], s["Resource"]) for s in statements("publisher") if s["Effect"] == "Deny"] == [
+        ("s3:PutObject", root + "datasets/gc.lock")]
 
 
 def test_policy_documents_state_the_write_conditions_moto_cannot_check() -> None:

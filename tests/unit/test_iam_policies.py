@@ -98,6 +98,10 @@ def test_only_the_operator_takes_the_datasets_gc_lock_and_only_conditionally() -
     assert not put("operator", f"datasets/{FOLDER}/manifest.json", if_match=True)  # no dataset rewritten by swap
     assert not put(ADMIN, lock) and put(ADMIN, lock, if_match=True)  # the bucket policy binds everyone
     assert not put("publisher", lock, if_match=True)
+    # Nor create it: a data host could plant a lock that stalls gc and every push for an hour.
+    assert not put("publisher", lock, if_none_match=True)
+    assert put("publisher", f"datasets/{FOLDER}/manifest.json", if_none_match=True)
+    assert put("publisher", "datasets/objects/ab/abcd", if_none_match=True)
     assert not put("publisher", "datasets/pushes/p1.json") and put("publisher", "datasets/pushes/p1.json",
                                                                   if_none_match=True)
     # Everything below datasets/<folder>/ stays create-only for every principal, the lock's exemption aside.
