@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -54,10 +55,29 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def api_tls_context(api_url: str) -> ssl.SSLContext | None:
+    """The TLS settings Prefect's own client uses for this API (PREFECT_API_SSL_CERT_FILE, a
+    private CA's bundle; PREFECT_API_TLS_INSECURE_SKIP_VERIFY): the health check used the system's
+    CA store only, and a server behind a private CA, which Prefect's client reached, was "not
+    reachable" (exit 6) to every flow's command line."""
+    if not api_url.startswith("https://"):
+        return None
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings().api
+    if settings.tls_insecure_skip_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=settings.ssl_cert_file or None)
+
+
 def api_health(api_url: str, timeout_s: float = 5.0) -> str | None:
     """None when the API answers its health check, else why not (one line)."""
     try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s,
+                                    context=api_tls_context(api_url)) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         return f"HTTP {exc.code} {exc.reason}"

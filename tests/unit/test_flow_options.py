@@ -3,6 +3,8 @@ server starts (it was a pydantic traceback, exit 1, after the server came up).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -107,3 +109,66 @@ def test_the_demos_local_server_never_gets_another_servers_database_or_broker(
     leaked = [k for k in started[0] if k == "PREFECT_API_URL"
               or k.startswith(("PREFECT_API_DATABASE", "PREFECT_REDIS", "PREFECT_MESSAGING"))]
     assert leaked == [], leaked
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself, and its key: a private CA's server."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "protein test CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "ca.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_the_health_check_trusts_the_ca_prefects_client_is_given(tmp_path: Path) -> None:
+    """A server behind a private CA: Prefect's client reached it with PREFECT_API_SSL_CERT_FILE, the
+    command line's health check used the system store only and said 'not reachable' (exit 6)."""
+    import http.server
+    import ssl
+    import threading
+
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, temporary_settings
+
+    from flows.cli import api_health
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's name
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    cert, key = self_signed(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        assert "CERTIFICATE_VERIFY_FAILED" in (api_health(url) or "")  # the system store does not know it
+        with temporary_settings(updates={PREFECT_API_SSL_CERT_FILE: str(cert)}):
+            assert api_health(url) is None
+    finally:
+        server.shutdown()
+        server.server_close()
