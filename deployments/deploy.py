@@ -158,6 +158,28 @@ def clean_head(repo: Path) -> str | None:
     return None if dirty else head
 
 
+# What `prefect deploy` and the automations apply read from this checkout (not from the commit the
+# workers clone): they must be the commit's own.
+DEFINITION_FILES = ("deployments/prefect.yaml", "deployments/automations.yaml")
+
+
+def check_definitions_at(commit: str, repo: Path) -> None:
+    """SettingError unless this checkout's deployment definitions are those of ``commit``. With
+    PROTEIN_COMMIT set, the checkout may be anything (the clean-checkout check is for HEAD): a dirty
+    or other checkout registered its own prefect.yaml against the commit's code, and every nightly
+    then refused to dispatch to a deployment that was not what the commit's prefect.yaml defines."""
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo, capture_output=True)
+    if known.returncode != 0:
+        raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not in this checkout: fetch it (deploy from a checkout "
+                           "that has it, so its deployment definitions are the ones registered)")
+    differ = subprocess.run(["git", "diff", "--quiet", commit, "--", *DEFINITION_FILES], cwd=repo,
+                            capture_output=True)
+    if differ.returncode != 0:
+        raise SettingError(f"this checkout's {' or '.join(DEFINITION_FILES)} differ from PROTEIN_COMMIT="
+                           f"{commit[:12]}'s: the workers would run that commit's code under these definitions; "
+                           "check out the commit, or commit and push these and deploy that")
+
+
 def prefect(*args: str, env: Mapping[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "prefect"
     return subprocess.run([str(exe), *args], cwd=REPO, env=dict(env), check=check, capture_output=True, text=True)
@@ -265,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verified {len(names)} deployments: no literal placeholder ({', '.join(names)})")
             return 0
         settings = check_settings(os.environ, clean_head(REPO))
+        check_definitions_at(settings.commit, REPO)
         env = {**os.environ, **settings.env(), "PREFECT_CLI_PROMPT": "false"}
         found = preflight(settings)
         if args.check:

@@ -79,3 +79,29 @@ def test_the_zombie_minimum_follows_the_heartbeat_prefect_yaml_sets() -> None:
     assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == HEARTBEAT_FREQUENCY_S
     assert ZOMBIE_AFTER_MIN_S == 3 * HEARTBEAT_FREQUENCY_S
     assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 90
+
+
+def test_the_definitions_registered_are_the_pinned_commits(tmp_path) -> None:  # noqa: ANN001
+    """PROTEIN_COMMIT skips the clean-checkout check: a checkout with another prefect.yaml registered it
+    against the commit's code, and every nightly refused to dispatch to what the commit does not define."""
+    import subprocess
+
+    from deployments.deploy import DEFINITION_FILES, check_definitions_at
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    for name in DEFINITION_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    git("add", ".")
+    git("commit", "-qm", "definitions")
+    commit = git("rev-parse", "HEAD")
+    check_definitions_at(commit, tmp_path)
+    (tmp_path / "deployments" / "prefect.yaml").write_text("# edited, not committed\n")
+    with pytest.raises(SettingError, match=f"differ from PROTEIN_COMMIT={commit[:12]}'s"):
+        check_definitions_at(commit, tmp_path)
+    with pytest.raises(SettingError, match="PROTEIN_COMMIT=111111111111 is not in this checkout"):
+        check_definitions_at("1" * 40, tmp_path)
