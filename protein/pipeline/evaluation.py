@@ -19,8 +19,8 @@ from protein.evaluation.gate import GateRows, select_rows
 from protein.evaluation.gated_data import record_gated_data, withdraw_gated_data
 from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
-from protein.pipeline.inputs import holdout_split, load_split_images, training_split
-from protein.pipeline.prediction import check_validated, load_predictor
+from protein.pipeline.inputs import check_fingerprint, holdout_split, load_split_images, training_split
+from protein.pipeline.prediction import load_predictor
 from protein.registry import Registry, check_version_id
 from protein.storage import open_store
 from protein.storage.records import RecordSchema, load_record, record_location
@@ -262,7 +262,7 @@ def evaluate_for_gate(
     champion_spec = registry.spec(champion_id) if champion_id else None
     data = load_competition(data_path, require_test=False, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    check_validated(data_path, data_fingerprint, expected_fingerprint, "gated")
+    check_fingerprint(str(data_path), data_fingerprint, expected_fingerprint, "nothing gated")
     plan = plan_gate(data, data_fingerprint, challenger_spec, champion_spec)
     challenger = _evaluate_rows(registry, data, data_fingerprint, challenger_id, plan.challenger_ids, cache_dir,
                                 device, probs_out, "challenger", metric)

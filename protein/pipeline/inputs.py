@@ -63,11 +63,14 @@ def load_split_images(
                                                               shared=shared)
 
 
-def check_fingerprint(where: str, actual: str, expected: str | None) -> None:
+def check_fingerprint(where: str, actual: str, expected: str | None, refusal: str = "refusing to train on it") -> None:
+    """FingerprintMismatch when the data a run opened is not what it validated: a dataset named
+    directly (a folder, an s3:// prefix) can change during the hours of a run, and its new rows and
+    labels never passed validation. ``refusal`` says what is not done."""
     if expected is not None and expected.strip() and actual != expected.strip():
         raise FingerprintMismatch(
             f"{where}: data fingerprint {actual} differs from the expected {expected.strip()} (the data changed "
-            "since it was validated); refusing to train on it"
+            f"since it was validated); {refusal}"
         )
 
 

@@ -17,11 +17,11 @@ import pandas as pd
 from protein.atomic import write_bytes_atomic
 from protein.cache_budget import enforce_cache_budget, touch
 from protein.data import fingerprint, load_competition
-from protein.errors import FingerprintMismatch, PreconditionFailed, StoreError
+from protein.errors import PreconditionFailed, StoreError
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
 from protein.modeling.predict import Predictor, label_strings
-from protein.pipeline.inputs import load_split_images
+from protein.pipeline.inputs import check_fingerprint, load_split_images
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
 
@@ -75,7 +75,7 @@ def predict_test_set(
         raise ValueError(f"a model version is named twice in {requested}")
     data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
-    check_validated(data_path, data_fingerprint, expected_fingerprint, "predicted")
+    check_fingerprint(str(data_path), data_fingerprint, expected_fingerprint, "nothing predicted")
     if len(model_ids) == 1:
         predictor = load_predictor(registry, model_ids[0], cache_dir, device)
         images = load_split_images(data, "test", predictor.image_size, data_fingerprint, cache_dir)
@@ -117,15 +117,6 @@ def predict_and_publish(
 
 LATEST_SUBMISSION = "submissions/latest.json"
 LATEST_ATTEMPTS = 5
-
-
-def check_validated(data_path: str | os.PathLike[str], actual: str, expected: str | None, what: str) -> None:
-    """FingerprintMismatch when the data at data_path is not what a retrain validated: a dataset
-    named directly (a folder, an s3:// prefix) can change during the hours of training, and its new
-    rows and labels never passed validation."""
-    if expected is not None and actual != expected:
-        raise FingerprintMismatch(f"{data_path}: data fingerprint {actual} differs from the {expected} this run "
-                                  f"validated (the data changed since); nothing {what}")
 
 
 def publish_submission(
