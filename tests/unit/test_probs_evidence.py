@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import tracemalloc
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -39,6 +41,16 @@ def with_member(raw: bytes, name: str, array: np.ndarray | bytes, filename: str 
     return buffer.getvalue()
 
 
+@contextmanager
+def memory_peak() -> Iterator[Callable[[], int]]:
+    """Traces this process's allocations; the callable gives the peak so far, in bytes."""
+    tracemalloc.start()
+    try:
+        yield lambda: tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_an_honest_archive_fits_its_bound_and_reads_back() -> None:
     raw = honest()
     assert len(raw) <= probs_bound({"challenger": IDS})
@@ -49,24 +61,18 @@ def test_an_expected_member_larger_than_its_rows_is_refused_unread() -> None:
     """A deflated member of zeros expands a thousandfold: it was loaded whole before any check."""
     bomb = with_member(honest(), "challenger", np.zeros((2_000_000, 10)))  # 160 MB, deflated to ~155 KB
     assert len(bomb) < 1_000_000
-    tracemalloc.start()
-    try:
+    with memory_peak() as peak:
         with pytest.raises(EvidenceRefused,
                            match=r"x: member challenger\.npy holds 160000128 bytes, more than the 4496"):
             decode_probs(bomb, "x", {"challenger": IDS})
-        assert tracemalloc.get_traced_memory()[1] < 20_000_000
-    finally:
-        tracemalloc.stop()
+        assert peak() < 20_000_000
 
 
 def test_a_member_nobody_asked_for_is_never_read() -> None:
     extra = with_member(honest(), "padding", np.zeros((2_000_000, 10)))
-    tracemalloc.start()
-    try:
+    with memory_peak() as peak:
         assert decode_probs(extra, "x", {"challenger": IDS})["challenger"].shape == (5, 10)
-        assert tracemalloc.get_traced_memory()[1] < 20_000_000
-    finally:
-        tracemalloc.stop()
+        assert peak() < 20_000_000
 
 
 def test_ids_that_are_not_a_list_of_rows_are_refused_in_one_line() -> None:
@@ -82,12 +88,9 @@ def test_a_member_named_like_a_key_is_never_read_in_place_of_its_npy() -> None:
     shadow = with_member(honest(), "challenger", b"\0" * 50_000_000, filename="challenger",
                          compression=zipfile.ZIP_BZIP2)
     assert len(shadow) < 5_000
-    tracemalloc.start()
-    try:
+    with memory_peak() as peak:
         assert decode_probs(shadow, "x", {"challenger": IDS})["challenger"].shape == (5, 10)
-        assert tracemalloc.get_traced_memory()[1] < 20_000_000
-    finally:
-        tracemalloc.stop()
+        assert peak() < 20_000_000
 
 
 def test_a_header_that_declares_more_rows_than_it_holds_is_refused_unread() -> None:
@@ -95,10 +98,7 @@ def test_a_header_that_declares_more_rows_than_it_holds_is_refused_unread() -> N
     np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
                                                   "shape": (1_000_000_000, 10)})
     lying = with_member(honest(), "challenger", header.getvalue() + b"\0" * 64)
-    tracemalloc.start()
-    try:
+    with memory_peak() as peak:
         with pytest.raises(EvidenceRefused, match=r"member challenger\.npy declares \(1000000000, 10\) float64"):
             decode_probs(lying, "x", {"challenger": IDS})
-        assert tracemalloc.get_traced_memory()[1] < 20_000_000
-    finally:
-        tracemalloc.stop()
+        assert peak() < 20_000_000
