@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,3 +109,24 @@ class ModuleClock:
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
+
+
+def run_in_threads(target: Callable[[], object], count: int, timeout_s: float) -> list[BaseException]:
+    """Run ``target`` in ``count`` threads at once and wait up to ``timeout_s`` for each; what any of
+    them raised, kept for the test to assert on (a thread's exception is otherwise only a warning)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    return errors

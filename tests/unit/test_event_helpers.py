@@ -15,6 +15,7 @@ from protein.links import MAX_LINK_S, object_uri, shareable_url
 from protein.storage import open_store
 from tasks import events
 from tasks.summary import dataset_uri_problem, run_summary_markdown
+from tests.helpers import run_in_threads
 
 
 def test_events_do_nothing_without_a_prefect_api() -> None:
@@ -317,18 +318,6 @@ def test_two_applies_at_once_leave_each_automation_exactly_once(monkeypatch: pyt
     old = Automation.model_validate({**defined[0].model_dump(), "description": "as it was", "id": uuid.uuid4()})
     server.automations[str(old.id)] = old
     assert defined[0].name == "protein-run-failed"
-    errors: list[BaseException] = []
-
-    def apply() -> None:
-        try:
-            automations.apply(AUTOMATIONS_FILE, "https://hooks.example/x")
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    applies = [threading.Thread(target=apply) for _ in range(2)]
-    for thread in applies:
-        thread.start()
-    for thread in applies:
-        thread.join(timeout=30)
+    errors = run_in_threads(lambda: automations.apply(AUTOMATIONS_FILE, "https://hooks.example/x"), 2, 30)
     assert errors == []
     assert sorted(a.name for a in server.automations.values()) == sorted(a.name for a in defined)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from protein.validation.gx_loading import defer_import
+from tests.helpers import run_in_threads
 
 MODULE_CODE = """
 import time
@@ -110,21 +111,13 @@ def test_threads_reading_first_at_once_wait_for_one_run(deferred_package) -> Non
     defer_import(package.name)
     module = sys.modules[package.name]
     seen: list[object] = []
-    errors: list[BaseException] = []
     start = threading.Barrier(4)
 
     def read() -> None:
         start.wait()
-        try:
-            seen.append(module.VALUE)
-        except BaseException as exc:  # kept and asserted on below, not swallowed
-            errors.append(exc)
+        seen.append(module.VALUE)
 
-    threads = [threading.Thread(target=read) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
+    errors = run_in_threads(read, 4, 10)  # kept and asserted on, not swallowed
     assert errors == [] and seen == [42] * 4
     assert package.record == ["ran"]
 
