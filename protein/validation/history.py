@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from protein.atomic import write_bytes_atomic
+from protein.atomic import atomic_path, write_bytes_atomic
 from protein.cache_budget import MIRROR_FOLDER
 from protein.errors import NotFound, StoreError
 from protein.locations import default_cache_dir
@@ -223,4 +223,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:  # another filesystem, or links not allowed
-        shutil.copyfile(source, target)
+        # Through a temp file: a copy cut short (a full disk, a kill) under the final name would be
+        # trusted as complete by every later run, which skips a mirror file that exists.
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
