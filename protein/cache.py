@@ -36,7 +36,7 @@ import numpy as np
 import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
-from protein.cache_budget import enforce_cache_budget, remove_stale_temps, touch
+from protein.cache_budget import enforce_cache_budget, exclusive_now, remove_stale_temps, touch
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.errors import IntegrityError, NotFound
 from protein.pools import pool_context
@@ -122,6 +122,13 @@ def decode_all(
             raise
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed by another process since it was listed
+        return None
+
+
 class ImageCache:
     """A folder of decoded splits: <key>.npy (N, S, S, 3) uint8 plus <key>.json (ids)."""
 
@@ -173,25 +180,44 @@ class ImageCache:
         removed = []
         for meta_path in sorted(self.root.glob("*.json")):
             name = meta_path.stem
-            array_path = meta_path.with_suffix(".npy")
-            try:
-                last_used = max(meta_path.stat().st_mtime, array_path.stat().st_mtime if array_path.exists() else 0)
-            except OSError:
+            if self._last_used(name) >= cutoff:
                 continue
-            if last_used >= cutoff:
+            if dry_run:
+                removed.append(name)
                 continue
-            removed.append(name)
-            if not dry_run:
-                with self.lock_by_name(name):
-                    for suffix in (".npy", ".json"):
-                        (self.root / f"{name}{suffix}").unlink(missing_ok=True)
-        # An .npy without its ids file is a build that died: remove it once it is old too.
-        for array_path in self.root.glob("*.npy"):
-            if not array_path.with_suffix(".json").exists() and array_path.stat().st_mtime < cutoff:
-                removed.append(array_path.stem)
+            with self.lock_by_name(name):
+                # Re-read under the lock: a build or a load may have renewed the entry while gc waited.
+                if self._last_used(name) >= cutoff:
+                    continue
+                removed.append(name)
+                for suffix in (".npy", ".json"):
+                    (self.root / f"{name}{suffix}").unlink(missing_ok=True)
+        # An .npy without its ids file is a build that died, or one still running between moving the
+        # array into place and writing its ids: remove it once it is old too, never while its lock is held.
+        for array_path in sorted(self.root.glob("*.npy")):
+            name = array_path.stem
+            if self._orphan_last_used(name) >= cutoff:
+                continue
+            with exclusive_now(self.root / f"{name}.lock") as free:
+                if not free or self._orphan_last_used(name) >= cutoff:
+                    continue
+                removed.append(name)
                 if not dry_run:
                     array_path.unlink(missing_ok=True)
         return removed + remove_stale_temps(self.root, older_than_days * 86400, now, dry_run)
+
+    def _last_used(self, name: str) -> float:
+        """The entry's last use (its newer file's mtime); infinite once its ids file is gone, so this
+        entry's gc leaves what is left to the orphans' rule."""
+        meta_used = _mtime(self.root / f"{name}.json")
+        return math.inf if meta_used is None else max(meta_used, _mtime(self.root / f"{name}.npy") or 0.0)
+
+    def _orphan_last_used(self, name: str) -> float:
+        """The array's mtime while it has no ids file; infinite once it has one (a whole entry) or is gone."""
+        if (self.root / f"{name}.json").exists():
+            return math.inf
+        array_used = _mtime(self.root / f"{name}.npy")
+        return math.inf if array_used is None else array_used
 
     @contextlib.contextmanager
     def lock_by_name(self, name: str) -> Iterator[None]:

@@ -263,7 +263,7 @@ class EntryHold:
 
 
 @contextlib.contextmanager
-def _exclusive_now(lock: Path | None) -> Iterator[bool]:
+def exclusive_now(lock: Path | None) -> Iterator[bool]:
     """An exclusive flock on `lock` without waiting, held for the block: True if nobody else holds it
     (True for no lock at all). Readers and writers that come after wait until the block ends."""
     if lock is None:
@@ -327,7 +327,7 @@ def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, now: floa
         st = _stat(path)
         if st is None or st.st_mtime >= cutoff:
             continue
-        with _exclusive_now(_writer_lock(root, path)) as free:
+        with exclusive_now(_writer_lock(root, path)) as free:
             # Re-read under the writer's lock: a resumed download may have written since the listing.
             st = _stat(path)
             if not free or st is None or st.st_mtime >= cutoff:
@@ -348,14 +348,14 @@ def touch(path: Path) -> None:
 
 
 def _in_use(entry: CacheEntry) -> bool:
-    with _exclusive_now(entry.lock) as free:
+    with exclusive_now(entry.lock) as free:
         return not free
 
 
 def _remove(entry: CacheEntry) -> bool:
     """Remove the entry's files unless a process took its lock or used it since it was listed (a
     reader about to hold it, a download into a model folder: both move its mtime)."""
-    with _exclusive_now(entry.lock) as free:
+    with exclusive_now(entry.lock) as free:
         if not free:
             return False
         st = _stat(entry.paths[0])

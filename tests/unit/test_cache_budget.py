@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -166,6 +167,33 @@ def test_gc_leaves_lock_files(tmp_path: Path) -> None:
     removed = ImageCache(tmp_path).gc(older_than_days=3)
     assert removed == ["split-b"]
     assert (tmp_path / "split-b.lock").exists() and not (tmp_path / "split-b.npy").exists()
+
+
+def test_gc_never_removes_an_array_whose_build_holds_its_lock(tmp_path: Path) -> None:
+    """A build moves its array into place, hashes it, then writes its ids: meanwhile the array has no
+    ids file, as a dead build's has, but its builder holds the lock and is about to read it again."""
+    array = write_aged(tmp_path / "k.npy", 5000, 60)
+    cache = ImageCache(tmp_path)
+    with cache.lock_by_name("k"):
+        assert cache.gc(older_than_days=0) == [] and array.exists()
+    assert cache.gc(older_than_days=0) == ["k"] and not array.exists()
+
+
+def test_gc_keeps_an_entry_used_while_it_waited_for_its_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc finds split-b unused for 8 days, then waits on its lock: the holder was rebuilding or loading
+    it, so when gc gets the lock the entry is fresh and stays."""
+    make_cache(tmp_path)
+    cache = ImageCache(tmp_path)
+    lock = cache.lock_by_name
+
+    def after_a_holder_renewed_it(name: str) -> contextlib.AbstractContextManager[None]:
+        os.utime(tmp_path / f"{name}.json")
+        return lock(name)
+
+    monkeypatch.setattr(cache, "lock_by_name", after_a_holder_renewed_it)
+    assert cache.gc(older_than_days=3) == []
+    assert (tmp_path / "split-b.npy").exists() and (tmp_path / "split-b.json").exists()
 
 
 def write_aged(path: Path, size: int, seconds: float) -> Path:
