@@ -36,7 +36,7 @@ import numpy as np
 import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
-from protein.cache_budget import enforce_cache_budget, exclusive_now, remove_stale_temps, touch
+from protein.cache_budget import enforce_cache_budget, exclusive_now, max_cache_bytes, remove_stale_temps, touch
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.errors import IntegrityError, NotFound
 from protein.pools import pool_context
@@ -268,6 +268,7 @@ class ImageCache:
         progress: Callable[[int], None] | None,
         shared: Store | None,
     ) -> np.ndarray:
+        max_cache_bytes()  # a bad bound fails now, not after the decode it would have bounded
         image_size = key.image_size
         if shared is not None and self.pull(shared, key):
             cached = self.load(key, image_ids)

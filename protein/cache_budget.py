@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import shutil
 import time
@@ -96,7 +97,7 @@ def max_cache_bytes() -> int:
         value = float(text)
     except ValueError:
         raise ValueError(f"{MAX_GB_ENV}={text!r}: expected a positive number of GiB") from None
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):  # inf would overflow the int of bytes, NaN bounds nothing
         raise ValueError(f"{MAX_GB_ENV}={text!r}: expected a positive number of GiB")
     return int(value * 2**30)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protein.cache_budget import EntryHold, download_lock, enforce_cache_budget, touch
+from protein.cache_budget import EntryHold, download_lock, enforce_cache_budget, max_cache_bytes, touch
 from protein.data.digests import FileDigest, data_cache_dir, hash_file, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.manifest import DATASET_MANIFEST, MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
@@ -187,6 +187,7 @@ def fetch_object(store: S3Store, info: ListedObject, folder: Path, suffix: str =
     if final.is_file() and final.stat().st_size == info.size:
         touch(final)  # a hit is a use: else the size bound removes the zip a run reads every night
         return final
+    max_cache_bytes()  # a bad bound fails now, not after the download it would have bounded
     part = folder / f"{identity}{suffix}.part"
     uri = _object_uri(store.bucket, info.key)
     # An encrypted object's ETag is no MD5: the bytes are then held to their version (If-Match) and size.
@@ -396,6 +397,7 @@ class S3Source(DatasetSource):
         todo = [r for r, path in zip(relpaths, paths, strict=True) if not path.is_file()]
         if not todo:
             return 0
+        max_cache_bytes()  # a bad bound fails now, not after the downloads it would have bounded
         group = hashlib.sha256(f"{self.uri}\0{todo[0].rpartition('/')[0]}".encode()).hexdigest()[:24]
         with _file_lock(self.cache_root / "locks" / f"{group}.lock"):
             todo = [r for r in todo if not self.local_path(self._remote(r)).is_file()]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from protein.atomic import write_bytes_atomic
-from protein.cache_budget import enforce_cache_budget, touch
+from protein.cache_budget import enforce_cache_budget, max_cache_bytes, touch
 from protein.data import fingerprint, load_competition
 from protein.errors import PreconditionFailed, StoreError
 from protein.locations import default_cache_dir
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 def load_predictor(registry: Registry, model_id: str, cache_dir: Path | None = None,
                    device: str = "auto") -> Predictor:
     root = cache_dir or default_cache_dir()
+    max_cache_bytes()  # a bad bound fails now, not after the download it would have bounded
     local = registry.download(model_id, root / "models")
     touch(local)
     enforce_cache_budget(root, keep=[f"models/{local.name}"])

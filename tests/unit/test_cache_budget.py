@@ -135,6 +135,26 @@ def test_the_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         max_cache_bytes()
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf", "nan"])
+def test_a_bound_that_is_no_finite_number_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", value)
+    with pytest.raises(ValueError, match=f"PROTEIN_CACHE_MAX_GB='{value}': expected a positive number of GiB"):
+        max_cache_bytes()
+
+
+def test_a_bad_bound_fails_a_build_before_it_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import protein.cache
+
+    def no_decode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded before the bound was checked")
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    monkeypatch.setattr(protein.cache, "decode_all", no_decode)
+    monkeypatch.setenv("PROTEIN_CACHE_MAX_GB", "inf")
+    with pytest.raises(ValueError, match="PROTEIN_CACHE_MAX_GB='inf'"):
+        ImageCache(tmp_path / "cache").build(load_competition(root), "train", 16)
+
+
 def test_building_a_split_keeps_the_cache_within_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(8)}, ["t"], size=16)
     cache_root = tmp_path / "cache"
