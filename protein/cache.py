@@ -169,7 +169,8 @@ class ImageCache:
 
     def gc(self, older_than_days: float, dry_run: bool = False) -> list[str]:
         """Remove entries not used for older_than_days, and temp files of writers that died (under the
-        root and datasets/; never one written within the hour or whose writer holds its lock); returns
+        root, datasets/, the validation mirror and models/; never one written within the hour or whose
+        writer holds its lock); returns
         their names. Lock files stay: a process waiting on one must find the entry's state through
         that same file."""
         check_cache_age(older_than_days)

@@ -295,15 +295,17 @@ def _writer_lock(root: Path, path: Path) -> Path | None:
         return root / f"{stem}.lock" if suffix in IMAGE_SUFFIXES else None
     if path.parent.parent == root / "datasets" and path.parent.name in ("zips", "manifests"):
         return download_lock(path.parent / target)  # protein.data.s3.fetch_object holds it while it writes
-    return None  # an object (its folder's download lock names no file) or a hash cache: the age alone says
+    return None  # an object (its folder's download lock names no file), a hash cache, a mirror or model file:
+    # the age alone says
 
 
 def _temp_files(root: Path) -> Iterator[Path]:
     yield from root.glob(".*.tmp")
     datasets = root / "datasets"
-    # And the mirror: a validation killed while downloading into it (an atomic write, no lock: the age
-    # alone says).
-    for folder in (datasets, root / MIRROR_FOLDER):
+    # And the mirror and the model folders: a validation or a model download killed while writing into
+    # them (a temp file renamed when whole, no lock: the age alone says). A model folder in daily use is
+    # never the least recently used, so the bound would never take its temps with it.
+    for folder in (datasets, root / MIRROR_FOLDER, root / "models"):
         for dirpath, dirnames, filenames in os.walk(folder):
             if Path(dirpath) == datasets and "locks" in dirnames:
                 dirnames.remove("locks")
@@ -314,8 +316,8 @@ def _temp_files(root: Path) -> Iterator[Path]:
 
 def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, now: float | None = None,
                        dry_run: bool = False) -> list[str]:
-    """Remove temp and partial files under the cache root, datasets/ and the validation mirror that
-    were not written for `older_than_s` (at least `STALE_TEMP_S`) and whose writer's lock is free;
+    """Remove temp and partial files under the cache root, datasets/, the validation mirror and models/
+    that were not written for `older_than_s` (at least `STALE_TEMP_S`) and whose writer's lock is free;
     returns their paths relative to the root. What a process killed mid-write left: nothing else ever
     removes it."""
     root = Path(root)

@@ -250,6 +250,19 @@ def test_cache_gc_removes_temp_files_as_old_as_it_is_told_but_never_a_fresh_one(
     assert not day_old.exists() and fresh.exists()
 
 
+def test_a_killed_model_downloads_temp_file_goes_though_its_folder_is_used_every_night(tmp_path: Path) -> None:
+    """Registry.download writes the weights through a temp file beside them; a kill leaves it in the
+    champion's folder, which is used every night, so no eviction of the folder would ever take it."""
+    killed = write_aged(tmp_path / "models" / "v1" / ".model.safetensors.0123456789abcdef.tmp", 5000, 3 * DAY)
+    (tmp_path / "models" / "v1" / "model.safetensors").write_bytes(b"w" * 1000)
+    in_flight = write_aged(tmp_path / "models" / "v2" / ".model.safetensors.fedcba9876543210.tmp", 500, 60)
+    assert enforce_cache_budget(tmp_path, max_bytes=10**9) == ["models/v1/.model.safetensors.0123456789abcdef.tmp"]
+    assert not killed.exists() and in_flight.exists() and (tmp_path / "models" / "v1" / "model.safetensors").exists()
+    killed = write_aged(killed, 5000, 3 * DAY)
+    assert ImageCache(tmp_path).gc(older_than_days=2) == ["models/v1/.model.safetensors.0123456789abcdef.tmp"]
+    assert not killed.exists() and in_flight.exists()
+
+
 def test_lock_files_and_partial_downloads_are_not_entries(tmp_path: Path) -> None:
     zips = tmp_path / "datasets" / "zips"
     legacy_lock = write_aged(zips / "abc.lock", 0, 2 * DAY)  # where zip locks lived before datasets/locks/
