@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from protein.cache_budget import EntryHold
+from protein.cache_budget import EntryHold, touch
 from protein.data.digests import FileDigest, HashCache, cache_file_for, data_cache_dir, md5_bytes
 from protein.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, Layout, resolve_layout
 from protein.errors import DataError
@@ -294,6 +294,7 @@ class ZipSource(DatasetSource):
         try:
             cached = json.loads(cache_path.read_text())
             if all(name in cached for name in names):
+                touch(cache_path)  # a hit is a use: else the size bound evicts it first and the zip is re-hashed
                 return {name: FileDigest(*cached[name]) for name in names}
         except (OSError, ValueError, TypeError):
             pass

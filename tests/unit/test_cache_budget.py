@@ -443,3 +443,17 @@ def test_a_hash_cache_read_without_a_miss_counts_as_a_use(tmp_path: Path) -> Non
     os.utime(cache.path, (month_ago, month_ago))
     assert cache.hexdigests({"data.bin": data}) == first  # all hits
     assert cache.path.stat().st_mtime > time.time() - 60
+
+
+def test_a_zip_hash_cache_read_without_a_miss_counts_as_a_use(tmp_path: Path) -> None:
+    """As for a folder's hash cache: a zip fingerprinted every night from its cache must not go as if
+    unused, or the next fingerprint decompresses and hashes every member again."""
+    data = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    cache = tmp_path / "cache"
+    source = ZipSource(zip_folder(data, tmp_path / "data.zip"), cache_dir=cache)
+    first = source.digests()
+    [hash_cache] = (cache / "datasets" / "hashes").rglob("*.json")
+    month_ago = time.time() - MONTH
+    os.utime(hash_cache, (month_ago, month_ago))
+    assert source.digests() == first  # a hit
+    assert hash_cache.stat().st_mtime > time.time() - 60
