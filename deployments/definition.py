@@ -11,6 +11,7 @@ from that definition too. Pure: no Prefect import; the thin task is tasks/deploy
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,21 +21,29 @@ import yaml
 
 PREFECT_FILE = Path(__file__).resolve().parent / "prefect.yaml"
 GIT_CLONE = "prefect.deployments.steps.git_clone"
+# A private repository's clone token: only ever a Secret block reference, resolved on the worker
+# when the run starts; a literal token would be stored by the server and shown to every reader.
+SECRET_BLOCK = re.compile(r"\{\{ *prefect\.blocks\.secret\.[\w-]+ *\}\}")
 
 
 @dataclass(frozen=True)
 class ExpectedDeployment:
     """What `flow/name` must be on the server: the definition's entrypoint and pool, and one
-    git_clone pull step of this repository at this commit."""
+    git_clone pull step of this repository at this commit, with the definition's access_token
+    (a Secret block reference) when it has one."""
 
     name: str
     entrypoint: str
     work_pool: str
     repository: str
     commit: str
+    access_token: str | None = None
 
     def pull_steps(self) -> list[dict[str, Any]]:
-        return [{GIT_CLONE: {"repository": self.repository, "commit_sha": self.commit}}]
+        step = {"repository": self.repository, "commit_sha": self.commit}
+        if self.access_token is not None:
+            step["access_token"] = self.access_token
+        return [{GIT_CLONE: step}]
 
 
 def load_definition(path: Path = PREFECT_FILE) -> dict[str, Any]:
@@ -60,17 +69,36 @@ def expected_deployment(definition: Mapping[str, Any], name: str, repository: st
     pull = definition.get("pull") or []
     if [list(step) for step in pull] != [[GIT_CLONE]]:
         raise ValueError(f"deployments/prefect.yaml: expected one {GIT_CLONE} pull step, found {pull}")
-    return ExpectedDeployment(name, entry["entrypoint"], entry["work_pool"]["name"], repository, commit)
+    access_token = (pull[0][GIT_CLONE] or {}).get("access_token")
+    if access_token is not None and not SECRET_BLOCK.fullmatch(str(access_token)):
+        raise ValueError(f"deployments/prefect.yaml: the {GIT_CLONE} step's access_token must be a Secret block "
+                         "reference ({{ prefect.blocks.secret.<name> }}), never a literal token")
+    return ExpectedDeployment(name, entry["entrypoint"], entry["work_pool"]["name"], repository, commit,
+                              None if access_token is None else str(access_token))
 
 
 def git_clone_source(pull_steps: list[dict[str, Any]] | None) -> tuple[str, str] | None:
-    """(repository, commit) of a deployment's single git_clone pull step; None for anything else."""
+    """(repository, commit) of a deployment's single git_clone pull step, which may also carry an
+    access_token that is a Secret block reference; None for anything else."""
     if not pull_steps or len(pull_steps) != 1 or list(pull_steps[0]) != [GIT_CLONE]:
         return None
     step = pull_steps[0][GIT_CLONE] or {}
-    if set(step) != {"repository", "commit_sha"}:
+    if set(step) - {"access_token"} != {"repository", "commit_sha"}:
+        return None
+    if "access_token" in step and not SECRET_BLOCK.fullmatch(str(step["access_token"])):
         return None
     return str(step["repository"]), str(step["commit_sha"])
+
+
+def _without_literal_tokens(value: Any) -> Any:
+    """`value` with any access_token that is not a Secret block reference shown as '***': the
+    refusal is logged and kept in the run's state."""
+    if isinstance(value, Mapping):
+        return {key: "***" if key == "access_token" and not SECRET_BLOCK.fullmatch(str(item))
+                else _without_literal_tokens(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_literal_tokens(item) for item in value]
+    return value
 
 
 def deployment_problems(expected: ExpectedDeployment, entrypoint: str | None, pull_steps: list[dict[str, Any]] | None,
@@ -80,8 +108,13 @@ def deployment_problems(expected: ExpectedDeployment, entrypoint: str | None, pu
     if entrypoint != expected.entrypoint:
         problems.append(f"entrypoint is {entrypoint!r}, expected {expected.entrypoint!r}")
     if pull_steps != expected.pull_steps():
-        problems.append(f"pull step is {git_clone_source(pull_steps) or pull_steps!r}, expected a git clone of "
-                        f"{expected.repository} at {expected.commit}")
+        source = git_clone_source(pull_steps)
+        if source == (expected.repository, expected.commit):
+            token = (pull_steps or [{}])[0][GIT_CLONE].get("access_token")
+            problems.append(f"pull step's access_token is {token!r}, expected {expected.access_token!r}")
+        else:
+            problems.append(f"pull step is {source or _without_literal_tokens(pull_steps)!r}, expected a git clone "
+                            f"of {expected.repository} at {expected.commit}")
     if work_pool != expected.work_pool:
         problems.append(f"work pool is {work_pool!r}, expected {expected.work_pool!r}")
     return problems
