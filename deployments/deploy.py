@@ -15,7 +15,7 @@ alerts and the zombie-run detection) with the webhook block, and checks what the
 
 Settings (environment variables of the deploying shell):
   PROTEIN_REPOSITORY         git URL the workers clone the code from (required)
-  PROTEIN_COMMIT             commit to run; default: HEAD of this checkout, which must be clean
+  PROTEIN_COMMIT             commit to run, which must be this checkout's HEAD; default: HEAD, which must be clean
   PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
   PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
   PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from deployments.automations import AUTOMATIONS_FILE, BLOCK_NAME, HEARTBEAT_FREQUENCY_S, ZOMBIE_AFTER_MIN_S, apply
-from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store
+from deployments.checks import SettingError, check_data, check_registered, check_repository, check_store, git
 
 if TYPE_CHECKING:
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -158,6 +158,34 @@ def clean_head(repo: Path) -> str | None:
     return None if dirty else head
 
 
+# The folders whose modules `prefect deploy` imports from this checkout (the flows and what they
+# import) to register each flow's parameter schema.
+CODE_FOLDERS = ("protein", "tasks", "flows", "deployments")
+
+
+def check_checkout_is(commit: str, repo: Path) -> None:
+    """SettingError unless the code `prefect deploy` loads here is ``commit``'s: it imports the
+    flows of this checkout and registers their parameter schemas, while the workers run the clone
+    of ``commit``. So HEAD must be ``commit``, and no file the commit lacks may sit in a code
+    folder: an untracked module that committed code imports deploys fine here, and every worker
+    run fails with ImportError at 02:00."""
+    try:
+        head = git("rev-parse", "HEAD", cwd=repo)
+        untracked = git("ls-files", "-z", "--others", "--exclude-standard", "--", *CODE_FOLDERS, cwd=repo)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SettingError(f"{repo}: git failed ({exc}); deploy from a git checkout of PROTEIN_COMMIT") from None
+    if head.returncode != 0 or untracked.returncode != 0:
+        raise SettingError(f"{repo} is not a git checkout; deploy from a checkout of PROTEIN_COMMIT={commit[:12]}")
+    if head.stdout.strip() != commit:
+        raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not this checkout's HEAD ({head.stdout.strip()[:12]}): "
+                           "`prefect deploy` registers the flows of the checkout it runs in; check out the commit, "
+                           "or leave PROTEIN_COMMIT unset to deploy HEAD")
+    if files := [name for name in untracked.stdout.split("\0") if name]:
+        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+        raise SettingError(f"{files[0]}{more} is untracked in this checkout: `prefect deploy` would import it here, "
+                           f"but workers clone {commit[:12]} without it; commit and push it, or remove it")
+
+
 # What `prefect deploy` and the automations apply read from this checkout (not from the commit the
 # workers clone): they must be the commit's own.
 DEFINITION_FILES = ("deployments/prefect.yaml", "deployments/automations.yaml")
@@ -165,9 +193,10 @@ DEFINITION_FILES = ("deployments/prefect.yaml", "deployments/automations.yaml")
 
 def check_definitions_at(commit: str, repo: Path) -> None:
     """SettingError unless this checkout's deployment definitions are those of ``commit``. With
-    PROTEIN_COMMIT set, the checkout may be anything (the clean-checkout check is for HEAD): a dirty
-    or other checkout registered its own prefect.yaml against the commit's code, and every nightly
-    then refused to dispatch to a deployment that was not what the commit's prefect.yaml defines."""
+    PROTEIN_COMMIT set, tracked files may have uncommitted changes (the clean-checkout check is for
+    an unset one): a dirty checkout registered its own prefect.yaml against the commit's code, and
+    every nightly then refused to dispatch to a deployment that was not what the commit's
+    prefect.yaml defines."""
     known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo, capture_output=True)
     if known.returncode != 0:
         raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not in this checkout: fetch it (deploy from a checkout "
@@ -287,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verified {len(names)} deployments: no literal placeholder ({', '.join(names)})")
             return 0
         settings = check_settings(os.environ, clean_head(REPO))
+        check_checkout_is(settings.commit, REPO)
         check_definitions_at(settings.commit, REPO)
         env = {**os.environ, **settings.env(), "PREFECT_CLI_PROMPT": "false"}
         found = preflight(settings)

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from deployments.deploy import SettingError, check_settings
@@ -105,3 +108,58 @@ def test_the_definitions_registered_are_the_pinned_commits(tmp_path) -> None:  #
         check_definitions_at(commit, tmp_path)
     with pytest.raises(SettingError, match="PROTEIN_COMMIT=111111111111 is not in this checkout"):
         check_definitions_at("1" * 40, tmp_path)
+
+
+def committed_checkout(root: Path) -> tuple[Callable[..., str], str]:
+    """A git checkout with one commit holding protein/ and a .gitignore; (its git, HEAD)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=root,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (root / "protein").mkdir()
+    (root / "protein" / "__init__.py").write_text("")
+    (root / ".gitignore").write_text("__pycache__/\n")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    return git, git("rev-parse", "HEAD")
+
+
+def test_the_code_deploy_registers_is_the_pinned_commits(tmp_path: Path) -> None:
+    """`prefect deploy` imports the flows of the deploying checkout: it must be PROTEIN_COMMIT, with
+    no untracked module in a code folder that committed code could import (workers never get it)."""
+    from deployments.deploy import check_checkout_is
+
+    git, first = committed_checkout(tmp_path)
+    (tmp_path / "protein" / "__pycache__").mkdir()
+    (tmp_path / "protein" / "__pycache__" / "x.pyc").write_bytes(b"")  # git-ignored: not the commit's code
+    (tmp_path / "notes.txt").write_text("outside the code folders\n")
+    check_checkout_is(first, tmp_path)
+    (tmp_path / "protein" / "helper.py").write_text("")
+    with pytest.raises(SettingError, match=r"^protein/helper\.py is untracked in this checkout: .* workers clone "
+                                           f"{first[:12]} without it"):
+        check_checkout_is(first, tmp_path)
+    git("add", "protein/helper.py")
+    git("commit", "-qm", "helper")
+    second = git("rev-parse", "HEAD")
+    with pytest.raises(SettingError, match=f"^PROTEIN_COMMIT={first[:12]} is not this checkout's HEAD "
+                                           rf"\({second[:12]}\)"):
+        check_checkout_is(first, tmp_path)
+    check_checkout_is(second, tmp_path)
+
+
+def test_deploy_refuses_a_commit_other_than_head_before_anything_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from deployments import deploy
+
+    _, head = committed_checkout(tmp_path)
+    monkeypatch.setattr(deploy, "REPO", tmp_path)
+    monkeypatch.setattr(deploy, "preflight", lambda settings: pytest.fail("checked the store after the refusal"))
+    for name, value in {**GOOD, "PROTEIN_COMMIT": "b" * 40}.items():
+        monkeypatch.setenv(name, value)
+    assert deploy.main(["--check"]) == 2
+    assert capsys.readouterr().err == (f"deploy: PROTEIN_COMMIT={'b' * 12} is not this checkout's HEAD ({head[:12]}): "
+                                       "`prefect deploy` registers the flows of the checkout it runs in; check out "
+                                       "the commit, or leave PROTEIN_COMMIT unset to deploy HEAD\n")
