@@ -79,6 +79,8 @@ def test_kubernetes_job_requests_one_gpu_and_reads_the_store_keys_from_a_secret(
     # The image's entrypoint starts a worker; the job runs the flow run instead, in one process.
     assert container["command"] == ["/usr/bin/env"]
     assert container["args"][:3] == ["python", "-m", "prefect.engine"]
+    # A finished Job's pod keeps its node's ephemeral storage (an in-pod cache) until deleted.
+    assert manifest["spec"]["ttlSecondsAfterFinished"] == 3600
     assert_no_credentials(manifest)
 
 
@@ -92,6 +94,8 @@ def test_docker_container_requests_one_gpu_and_carries_no_credentials(
     assert configuration.container_create_kwargs["entrypoint"] == ["/usr/bin/env"]
     assert configuration.command.startswith("python -m prefect.engine")
     assert configuration.env["PROTEIN_REQUIRE_CUDA"] == "1"
+    # An exited container keeps its writable layer (an in-container cache) until removed: the disk fills.
+    assert configuration.auto_remove is True
     assert_no_credentials(configuration.model_dump(mode="json"))
 
 
