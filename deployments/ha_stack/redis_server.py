@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 from deployments.ha_stack.daemons import Daemon, StartError, start_listening
 
@@ -14,11 +15,15 @@ from deployments.ha_stack.daemons import Daemon, StartError, start_listening
 EVENTS_KEPT_FOR_IDLE_SERVICES_S = 24 * 3600
 
 
-def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
+def redis_settings(host: str, port: int, docket_db: int = 1, password: str | None = None) -> dict[str, str]:
     """The Redis settings of Prefect's self-hosting guide (the event broker and cache, causal
     ordering, concurrency lease storage, the background services' Docket queue), and those a
     month of operation needs beyond it: events kept for a services process that is down, and
-    the workers' clean-up messages shared by every server process."""
+    the workers' clean-up messages shared by every server process. ``password``: that of a Redis
+    with `requirepass`, carried by every setting that reaches it."""
+    # The Docket and clean-up queue URLs must carry the password themselves: with a URL set,
+    # prefect_redis ignores the host and password settings.
+    credentials = f":{quote(password, safe='')}@" if password else ""
     return {
         "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
         "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
@@ -27,7 +32,8 @@ def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
         "PREFECT_REDIS_MESSAGING_HOST": host,
         "PREFECT_REDIS_MESSAGING_PORT": str(port),
         "PREFECT_REDIS_MESSAGING_DB": "0",
-        "PREFECT_SERVER_DOCKET_URL": f"redis://{host}:{port}/{docket_db}",
+        **({"PREFECT_REDIS_MESSAGING_PASSWORD": password} if password else {}),
+        "PREFECT_SERVER_DOCKET_URL": f"redis://{credentials}{host}:{port}/{docket_db}",
         # Each event an API receives goes to Redis before it reads the next. The default holds up
         # to 4 received events in the API's memory for up to 10 s: a SIGKILLed API loses them,
         # and a client that has moved on never resends (task-run states arrive only as events,
@@ -45,7 +51,7 @@ def redis_settings(host: str, port: int, docket_db: int = 1) -> dict[str, str]:
         # stuck in Cancelling) live by default in that process's memory, where no worker reads them:
         # workers fetch them from an API process.
         "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
-        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_URL": f"redis://{host}:{port}/0",
+        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_URL": f"redis://{credentials}{host}:{port}/0",
     }
 
 
