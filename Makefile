@@ -18,12 +18,13 @@ venv: $(STAMP)
 
 # Reinstall only when the project's dependencies change. The lock's exact versions and hashes are
 # installed first (the same libraries on every host, hash-checked), then the project itself without
-# resolving anything. pip's pages of output go to a log shown (its tail) only when the install fails.
+# resolving anything, built with the lock's setuptools and wheel (build isolation would download
+# unpinned ones). pip's pages of output go to a log shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "installing the project into $(VENV) (first time: 2-3 minutes; log: $(INSTALL_LOG))"
 	@( test -x $(PY) || $(PYTHON) -m venv $(VENV) ) > $(INSTALL_LOG) 2>&1 \
 	  && $(PY) -m pip install --require-hashes -r $(LOCK) >> $(INSTALL_LOG) 2>&1 \
-	  && $(PY) -m pip install --no-deps -e . >> $(INSTALL_LOG) 2>&1 \
+	  && $(PY) -m pip install --no-deps --no-build-isolation -e . >> $(INSTALL_LOG) 2>&1 \
 	  || { echo "install failed; the last lines of $(INSTALL_LOG):" >&2; tail -n 40 $(INSTALL_LOG) >&2; exit 1; }
 	@touch $(STAMP)
 	@echo "installed"
