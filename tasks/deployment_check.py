@@ -72,8 +72,15 @@ def check_deployment(name: str) -> dict[str, Any]:
         expected = expected_deployment(load_definition(), name, repository, commit)
     except ValueError as exc:  # not a deployment git defines: nothing to compare it with
         raise DeploymentChanged(f"{exc}; nothing was dispatched to it") from None
+    from prefect.exceptions import ObjectNotFound
+
     with get_client(sync_client=True) as client:
-        actual = client.read_deployment_by_name(name)
+        try:
+            actual = client.read_deployment_by_name(name)
+        except ObjectNotFound:  # stays missing until someone deploys it: refused at once, not retried
+            defined_in = f"{PREFECT_FILE.parent.name}/{PREFECT_FILE.name}"
+            raise DeploymentChanged(f"deployment {name} does not exist on the server; deploy it ({defined_in}); "
+                                    "nothing was dispatched") from None
     problems = deployment_problems(expected, actual.entrypoint, actual.pull_steps, actual.work_pool_name)
     if problems:
         raise DeploymentChanged(f"deployment {name} is not what {PREFECT_FILE.name} defines: {'; '.join(problems)}; "
