@@ -163,6 +163,13 @@ def retrain(
 
     if (train_deployment or score_deployment) and (problem := lost_after_refusal(dispatch.to_config())):
         return Failed(message=f"{problem}; nothing was validated or trained")  # not after minutes of validation
+    # Both before anything is validated, and each again before its dispatch: a changed score deployment
+    # first found after hours of training left nothing judged, and every night trained again.
+    try:
+        for deployment in filter(None, (train_deployment, score_deployment)):
+            check_deployment(deployment)
+    except RuntimeError as exc:  # DeploymentChanged: one line naming it
+        return Failed(message=str(exc))
     report = validate_data(data, validation.to_config(), store)
     summary["data_fingerprint"] = report["data_fingerprint"]
     if resolved["fingerprint"] and report["data_fingerprint"] != resolved["fingerprint"]:
