@@ -7,10 +7,11 @@ attempt outlives its timeout, the run is marked Crashed/Cancelling and dispatche
 same run id: training resumes from the last epoch checkpoint in the store, scoring simply runs
 again (it writes its result to the store under the run id; nothing of a lost attempt is kept).
 
-Liveness is judged from server-stamped values only (when the server received a heartbeat, when
-it recorded a worker's heartbeat or start), and "silent for how long" is measured on this host's
-monotonic clock since such a value last changed: this host's wall clock is never compared with
-the server's, so clock skew cannot crash a healthy run. A worker restarted under the same name
+Liveness is judged from server-stamped values only (when the server received a heartbeat and how
+many it holds, when it recorded a worker's heartbeat or start), and "silent for how long" is
+measured on this host's monotonic clock since such a value last changed: this host's wall clock is
+never compared with the server's, nor are the beats taken in the order of their senders' clocks,
+so clock skew or a clock stepped back cannot crash a healthy run. A worker restarted under the same name
 is a new process: a `prefect.worker.started` the server received after it handed the run over
 means the process that took the run is gone. A run's silence counts only while the server is
 seen persisting events (the dispatcher's own probe events, tasks.liveness.Watch): with the

@@ -4,7 +4,10 @@ Every time here is one the server wrote: when it received an event (`received`) 
 worker's heartbeat. Event filters need an `occurred` window, and `occurred` is stamped by the
 emitting host, so the window is a wide one around the run's server-stamped creation, never "now"
 on this host (Prefect's default `until` is this host's clock: a CPU host running behind would
-not see the newest heartbeats).
+not see the newest heartbeats). A query returns the newest events by `occurred` too, so a sender
+whose clock stepped back (an NTP step) sends beats that sort below its older ones, off the page:
+a run's beats are also counted (Heard.count), and a count that grows is a run heard, whatever
+the beats' `occurred`.
 
 A dispatched run also pulses: while its flow body runs it sends `protein.flow-run.pulse` as often
 as its dispatcher asked (a quarter of the dispatcher's lost-after bound). Prefect's own flow-run
@@ -78,6 +81,7 @@ class Evidence:
     """What the server says about the process under one flow run."""
 
     run_heartbeat: dt.datetime | None = None  # received: the run's latest heartbeat or pulse
+    run_beats: int = 0  # how many heartbeats and pulses of the run the server holds
     run_pulses: bool = False  # the run is seen pulsing (PULSE_EVENT), not only heartbeating
     # The run was dispatched with pulse_seconds: its flow body pulses first thing, a moment after
     # Prefect's engine sends its first heartbeat (both through the process's one events connection),
@@ -93,6 +97,17 @@ class Evidence:
     # comes through another channel, the REST API, and may beat the worker's started event.)
     handed_over: dt.datetime | None = None
     probe_persisted: dt.datetime | None = None  # received: the newest persisted probe about this run (PROBE_EVENT)
+    probes_persisted: int = 0  # how many probes about this run the server holds
+
+    @property
+    def run_heard(self) -> tuple[dt.datetime | None, int]:
+        """What changes whenever a beat of the run is persisted, whatever its sender's clock."""
+        return self.run_heartbeat, self.run_beats
+
+    @property
+    def probe_heard(self) -> tuple[dt.datetime | None, int]:
+        """What changes whenever a probe is persisted, whatever this host's clock."""
+        return self.probe_persisted, self.probes_persisted
 
 
 class Silence:
@@ -130,7 +145,7 @@ class Watch:
         self._silence = Silence()
         self._logger = logger
         self._stalled_since: float | None = None  # monotonic: the last time a newer probe was seen
-        self._probe_when_stalled: dt.datetime | None = None
+        self._probe_when_stalled: tuple[dt.datetime | None, int] | None = None
 
     def forget(self) -> None:
         """After a time in which nothing could be seen (an API outage): count afresh."""
@@ -140,7 +155,7 @@ class Watch:
         """Whether the run's process is alive, and why not (process_alive); now: this host's
         monotonic clock. The run's silence counts only up to the last time a newer probe became
         readable: a run that went quiet while nothing was persisted proves nothing."""
-        if self._stalled_since is not None and evidence.probe_persisted != self._probe_when_stalled:
+        if self._stalled_since is not None and evidence.probe_heard != self._probe_when_stalled:
             # What the run sent during the stall may never be persisted (Redis trims a stream past
             # a consumer idle too long, or loses it in a restart): its silence counts from now, as
             # after an API outage.
@@ -148,16 +163,16 @@ class Watch:
                                  now - self._stalled_since, self.watched)
             self._stalled_since = None
             self._silence.forget()
-        unpersisted_s = self._silence.of("probe", evidence.probe_persisted, now)
+        unpersisted_s = self._silence.of("probe", evidence.probe_heard, now)
         if self._stalled_since is None and unpersisted_s > self.stalled_after_s:
             self._stalled_since = now - unpersisted_s
-            self._probe_when_stalled = evidence.probe_persisted
+            self._probe_when_stalled = evidence.probe_heard
             self._logger.warning(
                 "the Prefect server has persisted none of this dispatcher's events for %.0fs: events are not "
                 "being persisted (is the server's services process, `prefect server services start`, down?). "
                 "%s is not called lost while its silence proves nothing; waiting for events to be persisted "
                 "again, within the attempt's timeout", unpersisted_s, self.watched)
-        run_silent_s = max(0.0, self._silence.of("run", evidence.run_heartbeat, now) - unpersisted_s)
+        run_silent_s = max(0.0, self._silence.of("run", evidence.run_heard, now) - unpersisted_s)
         # A worker's heartbeat is written by the API itself, not through events: its silence stands.
         return process_alive(evidence, run_silent_s, self._silence.of("worker", evidence.worker_heartbeat, now),
                              self.lost_after_s)
@@ -293,17 +308,18 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
     # The probe before the beats: the persister writes events roughly in the order the APIs queued
     # them, so the beats sent before a readable probe are readable too (the run is not taken for
     # silent at the poll where a stalled persister catches up).
-    probe = latest_received(client, probe_resource(run.id), PROBE_EVENT, window)
+    probes = heard(client, probe_resource(run.id), [PROBE_EVENT], window)
+    probe = {"probe_persisted": probes.newest.get(PROBE_EVENT), "probes_persisted": probes.count}
     worker = (run.labels or {}).get(WORKER_NAME_LABEL)
-    beats = newest_received(client, f"prefect.flow-run.{run.id}", [HEARTBEAT_EVENT, PULSE_EVENT], window)
-    if beats or not worker or not run.work_pool_name:
-        return run, Evidence(run_heartbeat=max(beats.values(), default=None), run_pulses=PULSE_EVENT in beats,
-                             pulses_asked=bool((run.parameters or {}).get("pulse_seconds")), worker=worker,
-                             probe_persisted=probe)
+    beats = heard(client, f"prefect.flow-run.{run.id}", [HEARTBEAT_EVENT, PULSE_EVENT], window)
+    if beats.newest or not worker or not run.work_pool_name:
+        return run, Evidence(run_heartbeat=max(beats.newest.values(), default=None), run_beats=beats.count,
+                             run_pulses=PULSE_EVENT in beats.newest,
+                             pulses_asked=bool((run.parameters or {}).get("pulse_seconds")), worker=worker, **probe)
     # The API filters workers by heartbeat and status, not by name; a pool has few workers.
     found = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker), None)
     if found is None:
-        return run, Evidence(worker=worker, probe_persisted=probe)
+        return run, Evidence(worker=worker, **probe)
     from prefect.utilities.slugify import slugify
 
     resource = f"prefect.worker.{(run.labels or {}).get(WORKER_TYPE_LABEL, 'process')}.{slugify(worker)}"
@@ -318,20 +334,31 @@ def observe(client: SyncPrefectClient, flow_run_id: Any, handed_over: dict[str, 
                                   (handed_over["at"] - SKEW_MARGIN, handed_over["at"] + HORIZON))
     return run, Evidence(worker=worker, worker_heartbeat=found.last_heartbeat_time,
                          worker_interval_s=found.heartbeat_interval_seconds, worker_started=started,
-                         handed_over=handed_over.get("at"), probe_persisted=probe)
+                         handed_over=handed_over.get("at"), **probe)
 
 
 def latest_received(client: SyncPrefectClient, resource_id: str, event: str,
                     occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> dt.datetime | None:
     """When the server received the newest `event` of `resource_id` (None: none yet); related:
     `resource_id` may be a related resource of the event rather than its subject."""
-    return newest_received(client, resource_id, [event], occurred, related).get(event)
+    return heard(client, resource_id, [event], occurred, related).newest.get(event)
 
 
-def newest_received(client: SyncPrefectClient, resource_id: str, events: list[str],
-                    occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> dict[str, dt.datetime]:
-    """When the server received the newest of each of `events` about `resource_id`, for those
-    among the last few it received (a name missing: none of it lately)."""
+@dataclass(frozen=True)
+class Heard:
+    """Events about one resource, as the server holds them."""
+
+    # received: the newest of each name among the page of the newest by `occurred` (a name missing:
+    # none of it lately). `occurred` is the sender's clock: a sender whose clock stepped back sends
+    # events that sort below its older ones, and these times stop changing.
+    newest: dict[str, dt.datetime]
+    count: int  # all of them: one more with each event persisted, whatever its `occurred`
+
+
+def heard(client: SyncPrefectClient, resource_id: str, events: list[str],
+          occurred: tuple[dt.datetime, dt.datetime], related: bool = False) -> Heard:
+    """The `events` about `resource_id` the server holds (related: `resource_id` may be a related
+    resource of the event rather than its subject)."""
     from prefect.events.filters import (
         EventAnyResourceFilter,
         EventFilter,
@@ -350,4 +377,4 @@ def newest_received(client: SyncPrefectClient, resource_id: str, events: list[st
     for event in page.events:
         if event.event not in newest or event.received > newest[event.event]:
             newest[event.event] = event.received
-    return newest
+    return Heard(newest, page.total)

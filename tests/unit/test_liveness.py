@@ -46,13 +46,28 @@ class Stall:
         return self.start_s <= t and (self.end_s is None or t < self.end_s)
 
 
+@dataclass(frozen=True)
+class ClockStep:
+    """A host steps its clock back by back_s at at_s (an NTP step): what it sends from then on is
+    stamped `occurred` back_s earlier than the server's time."""
+
+    at_s: int
+    back_s: int
+
+    def back_at(self, t: int) -> int:
+        return self.back_s if t >= self.at_s else 0
+
+
 @dataclass
 class FakeServer:
     """The Prefect API as the dispatcher uses it: events it accepts (POST /events, the run's
-    pulses) get `received` and become readable only when the persister flushes them."""
+    pulses) get `received` and become readable only when the persister flushes them. A query
+    returns them newest `occurred` first, the sender's clock, as Prefect's event storage does."""
 
     run_dies_at: int | None = None
     stall: Stall | None = None
+    run_clock_step: ClockStep | None = None
+    dispatcher_clock_step: ClockStep | None = None
     now_s: int = -1
     accepted: list[SimpleNamespace] = field(default_factory=list)
     persisted: list[SimpleNamespace] = field(default_factory=list)
@@ -67,21 +82,24 @@ class FakeServer:
         for t in range(self.now_s + 1, int(to_s) + 1):
             self.now_s = t
             if (self.run_dies_at is None or t < self.run_dies_at) and t % PULSE_S == 0:
-                self.accept(PULSE_EVENT, f"prefect.flow-run.{RUN_ID}")
+                self.accept(PULSE_EVENT, f"prefect.flow-run.{RUN_ID}",
+                            self.run_clock_step.back_at(t) if self.run_clock_step else 0)
             if self.stall and self.stall.drops and t == self.stall.end_s:
                 self.accepted.clear()
             if not (self.stall and self.stall.covers(t)) and t % FLUSH_S == 0:
                 self.persisted += self.accepted
                 self.accepted = []
 
-    def accept(self, event: str, resource_id: str) -> None:
+    def accept(self, event: str, resource_id: str, clock_back_s: int = 0) -> None:
         self.accepted.append(SimpleNamespace(event=event, resource_id=resource_id,
-                                             received=T0 + dt.timedelta(seconds=self.now_s)))
+                                             received=T0 + dt.timedelta(seconds=self.now_s),
+                                             occurred=T0 + dt.timedelta(seconds=self.now_s - clock_back_s)))
 
     def request(self, method: str, path: str, json: list[dict[str, Any]]) -> httpx.Response:
         assert (method, path) == ("POST", "/events")
-        for event in json:
-            self.accept(event["event"], event["resource"]["prefect.resource.id"])
+        for event in json:  # the dispatcher's probes
+            self.accept(event["event"], event["resource"]["prefect.resource.id"],
+                        self.dispatcher_clock_step.back_at(self.now_s) if self.dispatcher_clock_step else 0)
         return httpx.Response(204, request=httpx.Request(method, f"http://prefect.test/api{path}"))
 
     def read_flow_run(self, flow_run_id: Any) -> SimpleNamespace:
@@ -89,8 +107,10 @@ class FakeServer:
 
     def read_events(self, filter: Any, limit: int) -> SimpleNamespace:
         ids = (filter.resource or filter.any_resource).id
-        found = [e for e in self.persisted if e.event in filter.event.name and e.resource_id in ids]
-        return SimpleNamespace(events=sorted(found, key=lambda e: e.received, reverse=True)[:limit])
+        found = [e for e in self.persisted if e.event in filter.event.name and e.resource_id in ids
+                 and filter.occurred.since <= e.occurred <= filter.occurred.until]
+        newest_first = sorted(found, key=lambda e: e.occurred, reverse=True)  # Prefect orders by occurred
+        return SimpleNamespace(events=newest_first[:limit], total=len(found))
 
     def set_flow_run_state(self, flow_run_id: Any, state: State, force: bool = False) -> None:
         self.states_set.append(state)
@@ -134,6 +154,31 @@ def test_a_run_whose_beats_stop_is_lost_while_the_dispatchers_own_events_are_per
     server = FakeServer(run_dies_at=100)  # last pulse at 90 s
     lost_at = first_lost(poll(server, 900, logging.getLogger("test")))
     assert lost_at is not None and 90 + LOST_AFTER_S < lost_at <= 90 + LOST_AFTER_S + 2 * POLL_S
+
+
+@pytest.mark.parametrize("run_dies_at", [None, 700])
+def test_a_run_whose_hosts_clock_steps_back_is_judged_by_the_beats_that_arrive(run_dies_at: int | None) -> None:
+    """The GPU host's clock steps back 10 minutes (past the bound) at 400 s: its pulses from then on
+    sort below the fourteen it sent before (0-390 s), so a query's page of the newest by `occurred`
+    holds only old ones until its clock passes 390 s again (at 990 s). Before, the run was called
+    lost at ~515 s while it pulsed, crashed and trained twice. One that dies is still lost."""
+    server = FakeServer(run_dies_at=run_dies_at, run_clock_step=ClockStep(at_s=400, back_s=600))
+    lost_at = first_lost(poll(server, 1200, logging.getLogger("test")))
+    if run_dies_at is None:
+        assert lost_at is None, f"lost at {lost_at} s"
+    else:  # last pulse at 690 s
+        assert lost_at is not None and 690 + LOST_AFTER_S < lost_at <= 690 + LOST_AFTER_S + 2 * POLL_S
+
+
+def test_a_dispatcher_whose_clock_steps_back_still_sees_its_probes_persisted(caplog: pytest.LogCaptureFixture) -> None:
+    """The same step on the CPU host: its probes sort below the ones before it. Before, the persister
+    looked stalled for 10 minutes, and a run that died meanwhile was not called lost until the
+    clock had caught up."""
+    server = FakeServer(run_dies_at=700, dispatcher_clock_step=ClockStep(at_s=400, back_s=600))
+    with caplog.at_level(logging.WARNING):
+        lost_at = first_lost(poll(server, 1200, logging.getLogger("test")))
+    assert lost_at is not None and 690 + LOST_AFTER_S < lost_at <= 690 + LOST_AFTER_S + 2 * POLL_S
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize(("run_dies_at", "drops"), [
