@@ -154,7 +154,9 @@ class S3Store(RawObjectReads):
                 except StoreError as bucket_error:
                     if str(bucket_error).endswith("does not exist"):
                         raise
-            raise error from exc
+            # Not chained: botocore's own message names the endpoint URL whole, user:password@ too
+            # should someone have put credentials there, and Prefect logs a failed task's chain.
+            raise error from None
 
     def _require_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -166,11 +168,11 @@ class S3Store(RawObjectReads):
         except ClientError as exc:
             code, status = s3_errors.error_code(exc)
             if code in s3_errors.NOT_FOUND_CODES | {"NoSuchBucket"} or status == 404:
-                raise StoreError(f"{self.uri}: bucket '{self.bucket}' does not exist") from exc
-            raise self._error(exc) from exc
+                raise StoreError(f"{self.uri}: bucket '{self.bucket}' does not exist") from None
+            raise self._error(exc) from None  # not chained: see _translating
         except Exception as exc:
             if s3_errors.is_boto_error(exc):
-                raise self._error(exc) from exc
+                raise self._error(exc) from None
             raise
         self._bucket_seen = True
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 
@@ -60,6 +61,20 @@ def test_unreachable_endpoint_fails_fast(
     assert_clean(info.value, caplog)
     with pytest.raises(StoreError, match="cannot reach"):
         store.put_bytes("k", b"x")
+
+
+def test_credentials_in_the_endpoint_url_are_in_no_error_nor_its_traceback(
+    s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, closed_port: int
+) -> None:
+    """botocore's own error names the endpoint URL whole; Prefect logs a failed task's exception
+    chain into its database, so the store's one-line error carries no botocore cause."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://AKIAUSER:{FAKE_SECRET}@127.0.0.1:{closed_port}")
+    store = open_store("s3://some-bucket/p")
+    for call in (store.check, lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x")):
+        with pytest.raises(StoreError, match="cannot reach the S3 endpoint") as info:
+            call()
+        shown = "".join(traceback.format_exception(info.value))
+        assert FAKE_SECRET not in shown and "AKIAUSER" not in shown, shown
 
 
 def test_server_going_away_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
