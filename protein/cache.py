@@ -36,7 +36,14 @@ import numpy as np
 import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
-from protein.cache_budget import enforce_cache_budget, exclusive_now, max_cache_bytes, remove_stale_temps, touch
+from protein.cache_budget import (
+    STALE_TEMP_S,
+    enforce_cache_budget,
+    exclusive_now,
+    max_cache_bytes,
+    remove_stale_temps,
+    touch,
+)
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.errors import IntegrityError, NotFound
 from protein.pools import pool_context
@@ -310,24 +317,34 @@ class ImageCache:
 
     @staticmethod
     def gc_store(store: Store, older_than_days: float, dry_run: bool = False) -> list[str]:
-        """Remove shared entries under cache/ created more than older_than_days ago (the store has
-        no last-use time; a worker that needs a removed entry rebuilds and pushes it again)."""
+        """Remove shared entries under cache/ pushed more than older_than_days ago (the store has no
+        last-use time; a worker that needs a removed entry rebuilds and pushes it again), and arrays
+        whose ids file never came (a push killed between the two uploads) once an hour old too.
+
+        Ages are the store's own (its listing's last-modified, against its clock), never the ids
+        file's `created`: a GPU host writes that file, and a date in the future would keep its entry
+        for ever; nor is the file read, which a GPU host could make any size."""
         check_cache_age(older_than_days)
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=older_than_days)
+        now = store.clock()
+        cutoff = now - older_than_days * 86400
+        listed = {info.key: info.modified for info in store.list_info("cache/")}
         removed = []
-        for meta_key in sorted(k for k in store.list("cache/") if k.endswith(".json")):
-            try:
-                created = dt.datetime.fromisoformat(json.loads(store.get_bytes(meta_key))["created"])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("%s: no creation time (%s); removing it as stale", meta_key, exc)
-                created = None
-            if created is not None and created >= cutoff:
+        for key, modified in sorted(listed.items()):
+            stem, suffix = key[len("cache/"):].rpartition(".")[::2]
+            if suffix == "json":
+                stale = modified < cutoff
+            elif suffix == "npy" and f"cache/{stem}.json" not in listed:
+                # A push uploads the array, then the ids file: an hour's grace for one still going.
+                stale = modified < min(cutoff, now - STALE_TEMP_S)
+            else:
                 continue
-            removed.append(meta_key[len("cache/") : -len(".json")])
+            if not stale:
+                continue
+            removed.append(stem)
             if not dry_run:
                 # The ids file first: without it pull() treats the entry as absent.
-                store.delete(meta_key)
-                store.delete(meta_key[: -len(".json")] + ".npy")
+                store.delete(f"cache/{stem}.json")
+                store.delete(f"cache/{stem}.npy")
         return removed
 
     def pull(self, store: Store, key: CacheKey) -> bool:

@@ -1,3 +1,7 @@
+import json
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -171,9 +175,8 @@ def test_cache_gc_removes_old_local_and_shared_entries(tmp_path, capsys):
     ten_days_ago = dt.datetime.now().timestamp() - 10 * 86400
     for path in cache.paths(old):
         os.utime(path, (ten_days_ago, ten_days_ago))
-    stale = json.loads(store.get_bytes(f"cache/{old.name}.json"))
-    stale["created"] = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat()
-    store.put_bytes(f"cache/{old.name}.json", json.dumps(stale).encode())
+    for suffix in ("npy", "json"):
+        age_in_store(store, f"cache/{old.name}.{suffix}", days=10)
 
     assert main(["cache", "gc", "--cache-dir", str(tmp_path / "cache"), "--older-than-days", "7",
                  "--store", str(tmp_path / "store")]) == 0
@@ -207,6 +210,13 @@ def test_cache_gc_refuses_an_age_that_would_remove_everything_or_overflow(tmp_pa
     assert json.loads(store.get_bytes(f"cache/{key.name}.json"))
 
 
+def age_in_store(store, key: str, days: float) -> None:
+    """Dates a LocalStore object `days` back, as its listing shows it."""
+    path = store.root / key
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
 class _RacingStore:
     """A LocalStore on which `cache gc --store --older-than-days 0` lands between pull()'s downloads
     of the array and of its ids file (the store has no lock that would keep them apart)."""
@@ -223,14 +233,8 @@ class _RacingStore:
     def get_file(self, key, path):
         out = self.inner.get_file(key, path)
         if key.endswith(".npy"):
-            # The entry made old (its creation time, as gc_store reads it), then collected.
-            import datetime as dt
-            import json
-
-            meta_key = key[: -len(".npy")] + ".json"
-            meta = json.loads(self.inner.get_bytes(meta_key))
-            meta["created"] = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat()
-            self.inner.put_bytes(meta_key, json.dumps(meta).encode())
+            # The entry made old (its upload's time in the store, as gc_store reads it), then collected.
+            age_in_store(self.inner, key[: -len(".npy")] + ".json", days=10)
             assert ImageCache.gc_store(self.inner, 1), "the race did not happen: nothing was collected"
         return out
 
@@ -306,3 +310,46 @@ def test_cache_gc_removes_the_temp_file_of_a_killed_build(tmp_path, capsys, prot
     assert main([*args[:-1], "1"]) == 0
     assert json.loads(capsys.readouterr().out)["local"] == [temp.name]
     assert not temp.exists()
+
+
+class _NoCacheReads:
+    """A LocalStore whose shared cache's files may be listed and deleted, never read: a GPU host
+    writes them, and may make them any size."""
+
+    def __init__(self, root):
+        from protein.storage import LocalStore
+
+        self.inner = LocalStore(root)
+        self.uri = self.inner.uri
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get_bytes(self, key, **kwargs):
+        assert not key.startswith("cache/"), f"gc read {key}"
+        return self.inner.get_bytes(key, **kwargs)
+
+
+def test_store_gc_ages_entries_by_the_stores_clock_never_by_what_their_pusher_wrote(tmp_path):
+    import datetime as dt
+
+    from protein.storage import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=3650)).isoformat()
+    for name, days in (("old", 10), ("new", 0)):
+        store.put_bytes(f"cache/{name}.npy", b"x" * 16)
+        store.put_bytes(f"cache/{name}.json", json.dumps({"ids": ["1"], "created": future}).encode())
+        for suffix in ("npy", "json"):
+            age_in_store(store, f"cache/{name}.{suffix}", days)
+    # Arrays whose ids file never came: a push killed between its two uploads, and one still going.
+    for name, days in (("killed", 2), ("uploading", 0.01)):
+        store.put_bytes(f"cache/{name}.npy", b"x" * 16)
+        age_in_store(store, f"cache/{name}.npy", days)
+    reading_nothing = _NoCacheReads(tmp_path / "store")
+    assert ImageCache.gc_store(reading_nothing, 1, dry_run=True) == ["killed", "old"]
+    assert ImageCache.gc_store(reading_nothing, 1) == ["killed", "old"]
+    assert sorted(store.list("cache/")) == ["cache/new.json", "cache/new.npy", "cache/uploading.npy"]
+    # Even at 0 days an array whose ids file may still be on its way stays its hour.
+    assert ImageCache.gc_store(reading_nothing, 0) == ["new"]
+    assert store.list("cache/") == ["cache/uploading.npy"]
