@@ -17,6 +17,7 @@ is one line that says what failed and what to do, never a traceback.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import ssl
@@ -29,6 +30,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from protein.storage.s3_clients import redacted_uri
 
 # A documented exit code of its own: the protein CLI uses 1-5 for data, store and registry.
 EXIT_PREFECT_UNAVAILABLE = 6
@@ -84,6 +87,8 @@ def api_health(api_url: str, timeout_s: float = 5.0) -> str | None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return str(reason) or type(exc).__name__
+    except (http.client.InvalidURL, ValueError):  # its message quotes the URL, password included
+        return "not a valid URL"
 
 
 def startup_timeout_s() -> float:
@@ -175,10 +180,10 @@ def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
         reason = api_health(configured)
         if reason is not None:
             raise PrefectUnavailable(
-                f"the Prefect API at {configured} (PREFECT_API_URL) is not reachable ({reason}); start it "
-                "(`prefect server start`) or unset PREFECT_API_URL to run against a temporary local server")
+                f"the Prefect API at {redacted_uri(configured)} (PREFECT_API_URL) is not reachable ({reason}); "
+                "start it (`prefect server start`) or unset PREFECT_API_URL to run against a temporary local server")
         if announce:
-            announce(f"using the server at {configured} (PREFECT_API_URL)")
+            announce(f"using the server at {redacted_uri(configured)} (PREFECT_API_URL)")
         yield configured
         return
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from protein.storage import Store, open_store, validate_key
+from protein.storage.s3 import split_s3_uri
 from protein.storage.s3_clients import redacted_uri
 
 MAX_LINK_S = 7 * 24 * 3600
@@ -27,9 +28,9 @@ def shareable_url(uri: str, expires_s: int = DEFAULT_LINK_S) -> str:
     if not 1 <= expires_s <= MAX_LINK_S:
         raise ValueError(f"link lifetime must be 1..{MAX_LINK_S} s (7 days), got {expires_s}")
     if uri.startswith("s3://"):
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        bucket, key = split_s3_uri(uri)
         if not bucket or not key:
-            raise ValueError(f"{uri}: expected s3://bucket/key")
+            raise ValueError(f"{redacted_uri(uri)}: expected s3://bucket/key")
         return open_store(f"s3://{bucket}").url(key, expires_s=expires_s)
     if uri.startswith("file://"):
         return uri

@@ -38,6 +38,8 @@ from protein.data.sources import DatasetSource, ZipSource
 from protein.errors import DataError, IntegrityError, NotFound, PreconditionFailed, StoreError
 from protein.storage import ListedObject, S3Store
 from protein.storage.records import parse_record
+from protein.storage.s3 import split_s3_uri
+from protein.storage.s3_clients import redacted_uri
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ class RemoteFile:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        bucket, key = split_s3_uri(uri)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     if any(ord(c) < 32 for c in key) or ".." in key.split("/"):
-        raise DataError(f"{uri}: invalid S3 key (control characters or '..')")
+        raise DataError(f"{redacted_uri(uri)}: invalid S3 key (control characters or '..')")
     return bucket, key
 
 
@@ -73,7 +78,7 @@ def _s3_store(bucket: str, uri: str) -> S3Store:
     try:
         return S3Store(bucket)
     except ValueError as exc:
-        raise DataError(f"{uri}: {exc}") from None
+        raise DataError(f"{redacted_uri(uri)}: {exc}") from None
 
 
 def open_s3_source(uri: str, cache_dir: Path | None = None) -> DatasetSource:

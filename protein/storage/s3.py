@@ -37,7 +37,7 @@ from protein.storage.base import (
     validate_prefix,
     verify,
 )
-from protein.storage.s3_clients import client_setup_error, redacted_endpoint, shared_client
+from protein.storage.s3_clients import client_setup_error, redacted_endpoint, redacted_uri, shared_client
 
 # Re-exported: these lived here before the probe had a module of its own, and callers import them from here.
 from protein.storage.s3_conditional_writes import (  # noqa: F401
@@ -60,6 +60,18 @@ MULTIPART_WORKERS = 8
 MAX_PARTS = 10_000  # S3's limit per upload
 
 _BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """Bucket and key (or prefix) of ``s3://bucket/key``. A URI carrying user info (``s3://KEY:SECRET@bucket``)
+    or a host:port before the bucket is refused, named without what precedes its last '@': a secret key
+    may hold '/', so the text up to the first '/' need not be the whole user info."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if "@" in bucket or ":" in bucket:
+        shown = redacted_uri(uri) if "@" in uri else f"s3://(hidden)/{key}"
+        raise ValueError(f"{shown}: credentials or an endpoint in an s3:// URI are not accepted (name "
+                         "s3://bucket/prefix; credentials and endpoint come from boto3's standard chain)")
+    return bucket, key
 
 
 class S3Store(RawObjectReads):
@@ -87,8 +99,7 @@ class S3Store(RawObjectReads):
 
     @classmethod
     def from_uri(cls, uri: str) -> S3Store:
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        return cls(bucket, prefix)
+        return cls(*split_s3_uri(uri))
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r})"

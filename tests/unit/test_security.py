@@ -191,3 +191,38 @@ def test_links_and_summaries_name_a_refused_uri_without_its_query() -> None:
     problem = dataset_uri_problem(PRESIGNED)
     for text in (str(refused.value), problem or ""):
         assert "bkt.s3.amazonaws.com" in text and not any(s in text for s in ("SIGNATURE", "SESSIONTOKEN")), text
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLEKEY:wJalrSECRETKEY@bucket/p",
+                                 "s3://AKIAEXAMPLEKEY:wJal/rSECRETKEY@bucket/p",
+                                 "s3://AKIAEXAMPLEKEY@bucket/p", "s3://AKIAEXAMPLEKEY:wJalrSECRETKEY/bucket/p"])
+def test_an_s3_uri_with_credentials_is_refused_without_them(tmp_path, capsys, uri):
+    # `--store s3://KEY:SECRET@bucket/p` made the whole user info the "bucket", and the refusal named it.
+    from protein.cli import main
+    from protein.data import open_dataset
+    from protein.links import shareable_url
+
+    secrets = ("AKIAEXAMPLEKEY", "SECRETKEY")
+    with pytest.raises(ValueError) as refused_store:
+        open_store(uri)
+    with pytest.raises(DataError) as refused_data:
+        open_dataset(uri + "/")
+    with pytest.raises(ValueError) as refused_link:
+        shareable_url(uri + "/key.png")
+    assert main(["validate", "--data", str(tmp_path / "data"), "--store", uri]) == 2
+    assert main(["validate", "--data", uri, "--store", str(tmp_path / "store")]) == 2
+    printed = capsys.readouterr()
+    for text in (str(refused_store.value), str(refused_data.value), str(refused_link.value), printed.err):
+        assert "credentials or an endpoint in an s3:// URI are not accepted" in text, text
+        assert not any(secret in text for secret in secrets), text
+
+
+@pytest.mark.parametrize("api_url", ["http://user:SECRETPASSWORD@127.0.0.1:9/api",
+                                     "http://user:SECRETPASSWORD@localhost/api"])
+def test_an_unreachable_prefect_api_is_named_without_its_password(monkeypatch, api_url):
+    from flows.cli import PrefectUnavailable, prefect_api
+
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    with pytest.raises(PrefectUnavailable) as refused, prefect_api():
+        pass
+    assert "SECRETPASSWORD" not in str(refused.value) and "(hidden)@" in str(refused.value), refused.value
