@@ -14,6 +14,7 @@ from protein.data.pushed_folder import PushedFolderSource, read_local_manifest
 from protein.data.s3 import open_s3_source
 from protein.data.sources import DatasetSource, FolderSource, ZipSource
 from protein.errors import DataError
+from protein.storage.s3 import misspelled_s3_uri
 from protein.storage.s3_clients import redacted_uri
 
 
@@ -22,6 +23,10 @@ def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) ->
     cache_dir is the cache root (default `protein.locations.default_cache_dir`): S3 downloads and hash
     caches go to its datasets/."""
     text = os.fspath(path)
+    misspelled = misspelled_s3_uri(text) if isinstance(text, str) else None
+    if misspelled is not None:
+        raise DataError(f"{misspelled}: not a dataset URI (expected s3://bucket/prefix/, or a local "
+                        "folder or zip whose name does not start with 's3:' or 's3//')")
     if isinstance(text, str) and text.startswith("s3://"):
         return open_s3_source(text, cache_dir)
     if isinstance(text, str) and "://" in text:

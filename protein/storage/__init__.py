@@ -33,7 +33,7 @@ from protein.storage.base import (
     validate_prefix,
 )
 from protein.storage.local import LOCAL_META_DIR, LocalStore
-from protein.storage.s3 import ALLOW_LAST_WRITER_WINS_ENV, S3Store
+from protein.storage.s3 import ALLOW_LAST_WRITER_WINS_ENV, S3Store, misspelled_s3_uri
 from protein.storage.s3_clients import redacted_uri
 
 __all__ = [
@@ -58,6 +58,10 @@ def open_store(uri: str) -> Store:
     if not isinstance(uri, str) or not uri.strip():
         raise ValueError("store URI must be a non-empty string")
     uri = uri.strip()
+    misspelled = misspelled_s3_uri(uri)
+    if misspelled is not None:
+        raise ValueError(f"{misspelled}: not a store URI (expected s3://bucket/prefix, or a local folder "
+                         "whose name does not start with 's3:' or 's3//')")
     if uri.startswith("s3://"):
         return S3Store.from_uri(uri)
     if uri.startswith("file://"):

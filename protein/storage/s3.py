@@ -12,6 +12,7 @@ import concurrent.futures
 import datetime as dt
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +61,21 @@ MULTIPART_WORKERS = 8
 MAX_PARTS = 10_000  # S3's limit per upload
 
 _BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+# `s3:/bucket`, `s3:bucket`, `s3//bucket`, `S3://bucket`: no "://" in the first three, so each named a local
+# folder, and a command wrote to local disk and exited 0 where the user meant a bucket.
+_MISSPELLED_S3 = re.compile(r"(?i)s3(:|//)")
+
+
+def misspelled_s3_uri(text: str) -> str | None:
+    """When ``text`` starts like an s3:// URI but is not one: the text to name it by, without what precedes
+    its last '@' (`redacted_uri` finds user info only after "://"). Else None."""
+    if not _MISSPELLED_S3.match(text) or text.startswith("s3://"):
+        return None
+    if "://" in text:
+        return redacted_uri(text)
+    return f"(hidden)@{text.rpartition('@')[2]}" if "@" in text else text
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -127,3 +127,24 @@ def test_link_names_hours_when_it_is_not_a_number_of_hours(tmp_path: Path, prote
     assert result.returncode == 2
     assert only_line(result.stderr) == (f"protein link: error: --hours expects a finite number of hours "
                                         f"(at most 168, 7 days), got {float(hours)}")
+
+
+# --- a misspelled s3:// URI -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", ["s3:/bucket/p", "s3:bucket/p", "s3//bucket/p", "S3:/bucket/p", "S3://bucket/p"])
+def test_a_misspelled_s3_uri_is_refused_not_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str], uri: str) -> None:
+    # Each opened a LocalStore under the working directory; commands wrote there and exited 0.
+    from protein.cli import main
+    from protein.data import open_dataset
+    from protein.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="expected s3://bucket/prefix"):
+        open_store(uri)
+    with pytest.raises(DataError, match="expected s3://bucket/prefix/"):
+        open_dataset(uri)
+    assert main(["models", "list", "--store", uri]) == 2
+    assert "expected s3://bucket/prefix" in only_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
