@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from protein.data import CompetitionData
-from protein.errors import DataError, RegistryError
+from protein.errors import DataError, RecordError, RegistryError
 from protein.evaluation.thresholds import METRICS, CrossFit, cross_fit
-from protein.registry import Registry, check_version_id
+from protein.labels import LABELS
+from protein.registry import SPEC_FILE, Registry, check_version_id, version_prefix
 from protein.storage import Store
+
+# Headers and the zip directory of np.savez's archive, beyond its arrays' own bytes.
+NPZ_OVERHEAD_BYTES = 64 * 1024
 
 
 def holdout_probs_key(run_id: str) -> str:
@@ -33,9 +38,63 @@ def save_holdout_probs(store: Store, run_id: str, data: CompetitionData, holdout
     return key
 
 
-def load_holdout_probs(store: Store, key: str) -> tuple[list[str], np.ndarray]:
-    with np.load(io.BytesIO(store.get_bytes(key)), allow_pickle=False) as archive:
-        return [str(i) for i in archive["image_ids"]], np.asarray(archive["probs"], dtype=np.float32)
+def holdout_probs_bound(train_ids: Sequence[str]) -> int:
+    """The most bytes an honest holdout archive of some of ``train_ids`` takes: a probability per class
+    (float32, counted as float64) and the id ('<U', 4 bytes a character) per row."""
+    longest = max((len(i) for i in train_ids), default=1)
+    return len(train_ids) * (len(LABELS) * 8 + 4 * longest) + NPZ_OVERHEAD_BYTES
+
+
+def load_holdout_probs(store: Store, key: str, max_bytes: int | None = None,
+                       where: str | None = None) -> tuple[list[str], np.ndarray]:
+    """The ids and (rows, C) probabilities `save_holdout_probs` wrote; RecordError naming ``where``
+    (default: the object's URI) for an archive over ``max_bytes`` (stored or unpacked) or not of that shape."""
+    where = where or f"{store.uri.rstrip('/')}/{key}"
+    raw = store.get_bytes(key, max_bytes=max_bytes)
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as packed:
+            unpacked = sum(info.file_size for info in packed.infolist())
+        if max_bytes is not None and unpacked > max_bytes:
+            raise RecordError(f"{where}: unpacks to {unpacked:,} bytes, more than the {max_bytes:,} its rows take")
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            ids = [str(i) for i in archive["image_ids"]]
+            probs = np.asarray(archive["probs"], dtype=np.float32)
+    except RecordError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable archive is one refusal naming it
+        raise RecordError(f"{where}: not an .npz of image_ids and probs ({type(exc).__name__})") from None
+    if probs.shape != (len(ids), len(LABELS)) or not np.all(np.isfinite(probs)):
+        raise RecordError(f"{where}: probs of shape {probs.shape} for {len(ids)} ids, expected "
+                          f"({len(ids)}, {len(LABELS)}) finite numbers")
+    return ids, probs
+
+
+def spec_uri(registry: Registry, version: str) -> str:
+    return f"{registry.store.uri.rstrip('/')}/{version_prefix(version)}{SPEC_FILE}"
+
+
+def fold_holdout(registry: Registry, version: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A fold model's holdout record, checked: integer fold (1..folds), folds and seed, and a probs_key
+    that is the key this project derives from the version's run id, so model.json cannot point the
+    thresholds at another run's (or any other) object. RecordError naming the version's model.json."""
+    where = spec_uri(registry, version)
+    holdout = spec.get("holdout") or {}
+    for field in ("fold", "folds", "seed"):
+        value = holdout.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RecordError(f"{where}: holdout.{field} must be a non-negative integer for a fold model, "
+                              f"got {str(value)[:40]}")
+    if not 1 <= holdout["fold"] <= holdout["folds"]:
+        raise RecordError(f"{where}: holdout.fold {holdout['fold']} is not in 1..{holdout['folds']} (holdout.folds)")
+    run_id = spec.get("run_id")
+    try:
+        expected = holdout_probs_key(run_id)
+    except RegistryError:
+        raise RecordError(f"{where}: a fold model needs its run_id, got {str(run_id)[:40]}") from None
+    if holdout.get("probs_key") != expected:
+        raise RecordError(f"{where}: holdout.probs_key is {str(holdout.get('probs_key'))[:80]}, expected {expected} "
+                          "(its run's own holdout probabilities)")
+    return holdout
 
 
 def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: CompetitionData,
@@ -47,11 +106,11 @@ def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: C
     data), folds of another dataset: relabelled rows under the same ids would tune the thresholds
     on the old data's probabilities against the new labels."""
     specs = {m: registry.spec(m) for m in model_ids}
-    folds = {m: (s.get("holdout") or {}) for m, s in specs.items()}
-    problems = [m for m, h in folds.items() if h.get("fold") is None or not h.get("probs_key")]
+    problems = [m for m, s in specs.items() if not is_fold_model(s)]
     if problems:
         raise RegistryError(f"out-of-fold thresholds need K-fold models (trained with --fold i/K) that saved their "
                             f"holdout probabilities; not: {', '.join(problems)}")
+    folds = {m: fold_holdout(registry, m, s) for m, s in specs.items()}
     plans = {(h["folds"], h["seed"], specs[m].get("data_fingerprint")) for m, h in folds.items()}
     numbers = sorted(h["fold"] for h in folds.values())
     if len(plans) != 1 or len(set(numbers)) != len(numbers):
@@ -65,8 +124,10 @@ def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: C
     data_fingerprint = folds_fingerprint
     ids: list[str] = []
     probs: list[np.ndarray] = []
+    bound = holdout_probs_bound(data.train_ids)
     for model_id in model_ids:
-        fold_ids, fold_probs = load_holdout_probs(registry.store, folds[model_id]["probs_key"])
+        fold_ids, fold_probs = load_holdout_probs(registry.store, folds[model_id]["probs_key"], bound,
+                                                  f"model {model_id}: holdout probabilities")
         ids += fold_ids
         probs.append(fold_probs)
     row_of = {image_id: i for i, image_id in enumerate(data.train_ids)}
@@ -96,10 +157,11 @@ def ensemble_thresholds(registry: Registry, model_ids: Sequence[str], data: Comp
                         metric: str = "f1_samples") -> tuple[np.ndarray, dict[str, Any]]:
     """Thresholds for the mean of several versions' probabilities: tuned on out-of-fold
     probabilities when the versions are the folds of one K-fold split, otherwise the mean of
-    the members' own thresholds (said so in the returned info)."""
+    the members' own thresholds (said so in the returned info). Each member's model.json must have
+    passed `protein.modeling.predict.check_inference_fields` (its thresholds are read here)."""
     specs = [registry.spec(m) for m in model_ids]
     if all(is_fold_model(s) for s in specs):
-        seed = int(specs[0]["holdout"]["seed"])
+        seed = fold_holdout(registry, model_ids[0], specs[0])["seed"]
         tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, seed)
         return tuned.thresholds, {**info, "held_out": {k: tuned.held_out[k] for k in METRICS}}
     thresholds = np.mean([np.asarray(s["thresholds"], dtype=np.float64) for s in specs], axis=0)

@@ -19,8 +19,8 @@ from protein.cache_budget import enforce_cache_budget, max_cache_bytes, touch
 from protein.data import fingerprint, load_competition
 from protein.errors import PreconditionFailed, StoreError
 from protein.locations import default_cache_dir
-from protein.modeling.ensemble import ensemble_id, ensemble_thresholds
-from protein.modeling.predict import Predictor, label_strings
+from protein.modeling.ensemble import ensemble_id, ensemble_thresholds, spec_uri
+from protein.modeling.predict import Predictor, check_inference_fields, label_strings
 from protein.pipeline.inputs import check_fingerprint, load_split_images
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
@@ -84,6 +84,8 @@ def predict_test_set(
         return TestSetPrediction(model_ids[0], submission_csv(data.test_ids, probs, predictor.thresholds),
                                  data_fingerprint, {}, probs)
 
+    for member in model_ids:  # before their thresholds are averaged, not only when each is loaded
+        check_inference_fields(registry.spec(member), spec_uri(registry, member))
     thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
     total: np.ndarray | None = None
     for member in model_ids:  # one member in memory at a time

@@ -1,0 +1,123 @@
+"""An ensemble reads each member's model.json before any member is loaded: its thresholds, its fold
+plan and the object its holdout probabilities are in. A record without them, or naming another
+run's object, was a KeyError or numpy traceback (exit 1) naming no version; it is one RecordError line
+naming the version's model.json (exit 8)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from protein.errors import RecordError
+from protein.labels import LABELS
+from protein.modeling.ensemble import holdout_probs_key
+from protein.pipeline.prediction import predict_test_set
+from protein.registry import Registry
+from protein.storage import LocalStore
+from tests.helpers import write_dataset
+
+TRAIN = {f"r{i}": str(i % len(LABELS)) for i in range(8)}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data", TRAIN, ["t0", "t1"], size=8)
+
+
+def fold_spec(run_id: str, fold: int, **replaced: Any) -> dict[str, Any]:
+    """model.json of fold `fold` of 2, as training writes it (protein.pipeline.training)."""
+    spec: dict[str, Any] = {
+        "arch": "resnet18", "image_size": 8, "class_names": list(LABELS),
+        "normalization": {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]},
+        "thresholds": [0.5] * len(LABELS), "run_id": run_id, "data_fingerprint": None,
+        "holdout": {"fold": fold, "folds": 2, "seed": 0, "probs_key": holdout_probs_key(run_id)},
+    }
+    return {**spec, **replaced}
+
+
+def register(store: LocalStore, tmp_path: Path, spec: dict[str, Any], rows: list[str]) -> str:
+    weights = tmp_path / f"{spec['run_id']}.safetensors"
+    weights.write_bytes(spec["run_id"].encode())
+    buffer = io.BytesIO()
+    np.savez(buffer, image_ids=np.asarray(rows, dtype=str), probs=np.full((len(rows), len(LABELS)), 0.5, np.float32))
+    store.put_bytes(holdout_probs_key(spec["run_id"]), buffer.getvalue())
+    return Registry(store).register(weights, spec)
+
+
+def refusal(data: Path, store: LocalStore, versions: list[str]) -> str:
+    with pytest.raises(RecordError) as refused:
+        predict_test_set(data, store.uri, versions, cache_dir=store.root.parent / "cache")
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
+def folds(store: LocalStore, tmp_path: Path, second: dict[str, Any]) -> list[str]:
+    return [register(store, tmp_path, fold_spec("run-a", 1), ["r0", "r1", "r2", "r3"]),
+            register(store, tmp_path, second, ["r4", "r5", "r6", "r7"])]
+
+
+def test_a_member_without_thresholds_is_named(data: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    plain = fold_spec("run-a", 1, holdout=None)
+    versions = [register(store, tmp_path, plain, []),
+                register(store, tmp_path, {k: v for k, v in fold_spec("run-b", 2, holdout=None).items()
+                                           if k != "thresholds"}, [])]
+    assert f"models/{versions[1]}/model.json: thresholds must be {len(LABELS)} numbers" in refusal(data, store,
+                                                                                                    versions)
+
+
+def test_members_with_thresholds_of_other_lengths_are_named(data: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    versions = [register(store, tmp_path, fold_spec("run-a", 1, holdout=None), []),
+                register(store, tmp_path, fold_spec("run-b", 2, holdout=None, thresholds=[0.5] * 3), [])]
+    assert f"models/{versions[1]}/model.json: thresholds must be" in refusal(data, store, versions)
+
+
+@pytest.mark.parametrize("field", ["seed", "folds"])
+def test_a_fold_model_without_its_plan_is_named(data: Path, tmp_path: Path, field: str) -> None:
+    store = LocalStore(tmp_path / "store")
+    second = fold_spec("run-b", 2)
+    second["holdout"] = {k: v for k, v in second["holdout"].items() if k != field}
+    versions = folds(store, tmp_path, second)
+    assert f"models/{versions[1]}/model.json: holdout.{field} must be" in refusal(data, store, versions)
+
+
+def test_a_probs_key_of_another_run_is_refused(data: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    second = fold_spec("run-b", 2)
+    second["holdout"] = {**second["holdout"], "probs_key": "registry/champion.json"}
+    versions = folds(store, tmp_path, second)
+    message = refusal(data, store, versions)
+    assert f"models/{versions[1]}/model.json: holdout.probs_key" in message and "runs/run-b/" in message
+
+
+def test_holdout_probs_larger_than_the_data_takes_are_not_read(data: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    versions = folds(store, tmp_path, fold_spec("run-b", 2))
+    store.put_bytes(holdout_probs_key("run-b"), b"\0" * 10_000_000)
+    message = refusal(data, store, versions)
+    assert "larger than the" in message and "runs/run-b/holdout_probs.npz" in message
+
+
+def test_holdout_probs_not_of_the_saved_shape_are_named(data: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    versions = folds(store, tmp_path, fold_spec("run-b", 2))
+    buffer = io.BytesIO()
+    np.savez(buffer, image_ids=np.asarray(["r4"]), probs=np.zeros((1, 3), np.float32))
+    store.put_bytes(holdout_probs_key("run-b"), buffer.getvalue())
+    assert f"model {versions[1]}: holdout probabilities: probs of shape (1, 3)" in refusal(data, store, versions)
+
+
+def test_honest_fold_records_tune_out_of_fold_thresholds(data: Path, tmp_path: Path) -> None:
+    from protein.data import load_competition
+    from protein.modeling.ensemble import ensemble_thresholds
+
+    store = LocalStore(tmp_path / "store")
+    versions = folds(store, tmp_path, fold_spec("run-b", 2))
+    thresholds, info = ensemble_thresholds(Registry(store), versions, load_competition(data, cache_dir=tmp_path / "c"))
+    assert info["source"] == "out-of-fold" and info["n_rows"] == len(TRAIN) and thresholds.shape == (len(LABELS),)
