@@ -154,16 +154,25 @@ def is_fold_model(spec: dict[str, Any]) -> bool:
 
 
 def ensemble_thresholds(registry: Registry, model_ids: Sequence[str], data: CompetitionData,
-                        metric: str = "f1_samples") -> tuple[np.ndarray, dict[str, Any]]:
+                        data_fingerprint: str, metric: str = "f1_samples") -> tuple[np.ndarray, dict[str, Any]]:
     """Thresholds for the mean of several versions' probabilities: tuned on out-of-fold
-    probabilities when the versions are the folds of one K-fold split, otherwise the mean of
-    the members' own thresholds (said so in the returned info). Each member's model.json must have
-    passed `protein.modeling.predict.check_inference_fields` (its thresholds are read here)."""
+    probabilities when the versions are the folds of one K-fold split of the data predicted
+    (``data_fingerprint``), otherwise the mean of the members' own thresholds (said so in the
+    returned info). Folds of other data fall back to that mean: their out-of-fold probabilities
+    are of the old data's rows, and this data's labels under the same ids would tune them wrong.
+    Each member's model.json must have passed `protein.modeling.predict.check_inference_fields`
+    (its thresholds are read here)."""
     specs = [registry.spec(m) for m in model_ids]
+    reason = "not all are fold models with saved holdout probabilities"
     if all(is_fold_model(s) for s in specs):
-        seed = fold_holdout(registry, model_ids[0], specs[0])["seed"]
-        tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, seed)
-        return tuned.thresholds, {**info, "held_out": {k: tuned.held_out[k] for k in METRICS}}
+        trained_on = {s.get("data_fingerprint") for s in specs}
+        if len(trained_on) == 1 and trained_on != {data_fingerprint}:
+            reason = (f"the folds were trained on data {trained_on.pop()}, not the data predicted "
+                      f"({data_fingerprint}); out-of-fold thresholds would be tuned against this data's labels")
+        else:
+            seed = fold_holdout(registry, model_ids[0], specs[0])["seed"]
+            tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, seed, data_fingerprint)
+            return tuned.thresholds, {**info, "held_out": {k: tuned.held_out[k] for k in METRICS}}
     thresholds = np.mean([np.asarray(s["thresholds"], dtype=np.float64) for s in specs], axis=0)
-    return thresholds.astype(np.float32), {"source": "mean of the members' thresholds (not all are fold models "
-                                                     "with saved holdout probabilities)", "models": list(model_ids)}
+    return thresholds.astype(np.float32), {"source": f"mean of the members' thresholds ({reason})",
+                                           "models": list(model_ids)}

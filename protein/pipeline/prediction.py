@@ -86,7 +86,7 @@ def predict_test_set(
 
     for member in model_ids:  # before their thresholds are averaged, not only when each is loaded
         check_inference_fields(registry.spec(member), spec_uri(registry, member))
-    thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data)
+    thresholds, threshold_info = ensemble_thresholds(registry, model_ids, data, data_fingerprint)
     total: np.ndarray | None = None
     for member in model_ids:  # one member in memory at a time
         predictor = load_predictor(registry, member, cache_dir, device)

@@ -28,6 +28,13 @@ def data(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", TRAIN, ["t0", "t1"], size=8)
 
 
+@pytest.fixture
+def data_fingerprint(data: Path) -> str:
+    from protein.data import fingerprint, open_dataset
+
+    return fingerprint(open_dataset(data))
+
+
 def fold_spec(run_id: str, fold: int, **replaced: Any) -> dict[str, Any]:
     """model.json of fold `fold` of 2, as training writes it (protein.pipeline.training)."""
     spec: dict[str, Any] = {
@@ -56,9 +63,11 @@ def refusal(data: Path, store: LocalStore, versions: list[str]) -> str:
     return message
 
 
-def folds(store: LocalStore, tmp_path: Path, second: dict[str, Any]) -> list[str]:
-    return [register(store, tmp_path, fold_spec("run-a", 1), ["r0", "r1", "r2", "r3"]),
-            register(store, tmp_path, second, ["r4", "r5", "r6", "r7"])]
+def folds(store: LocalStore, tmp_path: Path, second: dict[str, Any], data_fingerprint: str) -> list[str]:
+    """Two folds of the data predicted, the second as given."""
+    first = fold_spec("run-a", 1, data_fingerprint=data_fingerprint)
+    return [register(store, tmp_path, first, ["r0", "r1", "r2", "r3"]),
+            register(store, tmp_path, {**second, "data_fingerprint": data_fingerprint}, ["r4", "r5", "r6", "r7"])]
 
 
 def test_a_member_without_thresholds_is_named(data: Path, tmp_path: Path) -> None:
@@ -79,34 +88,35 @@ def test_members_with_thresholds_of_other_lengths_are_named(data: Path, tmp_path
 
 
 @pytest.mark.parametrize("field", ["seed", "folds"])
-def test_a_fold_model_without_its_plan_is_named(data: Path, tmp_path: Path, field: str) -> None:
+def test_a_fold_model_without_its_plan_is_named(data: Path, tmp_path: Path, data_fingerprint: str, field: str) -> None:
     store = LocalStore(tmp_path / "store")
     second = fold_spec("run-b", 2)
     second["holdout"] = {k: v for k, v in second["holdout"].items() if k != field}
-    versions = folds(store, tmp_path, second)
+    versions = folds(store, tmp_path, second, data_fingerprint)
     assert f"models/{versions[1]}/model.json: holdout.{field} must be" in refusal(data, store, versions)
 
 
-def test_a_probs_key_of_another_run_is_refused(data: Path, tmp_path: Path) -> None:
+def test_a_probs_key_of_another_run_is_refused(data: Path, tmp_path: Path, data_fingerprint: str) -> None:
     store = LocalStore(tmp_path / "store")
     second = fold_spec("run-b", 2)
     second["holdout"] = {**second["holdout"], "probs_key": "registry/champion.json"}
-    versions = folds(store, tmp_path, second)
+    versions = folds(store, tmp_path, second, data_fingerprint)
     message = refusal(data, store, versions)
     assert f"models/{versions[1]}/model.json: holdout.probs_key" in message and "runs/run-b/" in message
 
 
-def test_holdout_probs_larger_than_the_data_takes_are_not_read(data: Path, tmp_path: Path) -> None:
+def test_holdout_probs_larger_than_the_data_takes_are_not_read(data: Path, tmp_path: Path,
+                                                               data_fingerprint: str) -> None:
     store = LocalStore(tmp_path / "store")
-    versions = folds(store, tmp_path, fold_spec("run-b", 2))
+    versions = folds(store, tmp_path, fold_spec("run-b", 2), data_fingerprint)
     store.put_bytes(holdout_probs_key("run-b"), b"\0" * 10_000_000)
     message = refusal(data, store, versions)
     assert "larger than the" in message and "runs/run-b/holdout_probs.npz" in message
 
 
-def test_holdout_probs_not_of_the_saved_shape_are_named(data: Path, tmp_path: Path) -> None:
+def test_holdout_probs_not_of_the_saved_shape_are_named(data: Path, tmp_path: Path, data_fingerprint: str) -> None:
     store = LocalStore(tmp_path / "store")
-    versions = folds(store, tmp_path, fold_spec("run-b", 2))
+    versions = folds(store, tmp_path, fold_spec("run-b", 2), data_fingerprint)
     buffer = io.BytesIO()
     np.savez(buffer, image_ids=np.asarray(["r4"]), probs=np.zeros((1, 3), np.float32))
     store.put_bytes(holdout_probs_key("run-b"), buffer.getvalue())
@@ -114,10 +124,42 @@ def test_holdout_probs_not_of_the_saved_shape_are_named(data: Path, tmp_path: Pa
 
 
 def test_honest_fold_records_tune_out_of_fold_thresholds(data: Path, tmp_path: Path) -> None:
-    from protein.data import load_competition
+    from protein.data import fingerprint, load_competition
     from protein.modeling.ensemble import ensemble_thresholds
 
+    competition = load_competition(data, cache_dir=tmp_path / "c")
+    fp = fingerprint(competition.source)
     store = LocalStore(tmp_path / "store")
-    versions = folds(store, tmp_path, fold_spec("run-b", 2))
-    thresholds, info = ensemble_thresholds(Registry(store), versions, load_competition(data, cache_dir=tmp_path / "c"))
+    versions = [register(store, tmp_path, fold_spec("run-a", 1, data_fingerprint=fp), ["r0", "r1", "r2", "r3"]),
+                register(store, tmp_path, fold_spec("run-b", 2, data_fingerprint=fp), ["r4", "r5", "r6", "r7"])]
+    thresholds, info = ensemble_thresholds(Registry(store), versions, competition, fp)
     assert info["source"] == "out-of-fold" and info["n_rows"] == len(TRAIN) and thresholds.shape == (len(LABELS),)
+
+
+class FakePredictor:
+    """What predict_test_set asks of a member, without weights."""
+
+    image_size = 8
+
+    def predict_probs(self, images: Any) -> np.ndarray:
+        return np.full((len(images), len(LABELS)), 0.6, np.float32)
+
+
+def test_folds_of_other_data_fall_back_to_the_members_thresholds(data: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The folds' out-of-fold probabilities are of the old data's rows: tuned against this data's labels under
+    # the same ids, the thresholds were fitted to labels those probabilities never saw.
+    import protein.pipeline.prediction as prediction
+
+    monkeypatch.setattr(prediction, "load_predictor", lambda *args, **kwargs: FakePredictor())
+    store = LocalStore(tmp_path / "store")
+    old = "0123456789abcdef"
+    versions = [register(store, tmp_path, fold_spec("run-a", 1, data_fingerprint=old, thresholds=[0.2] * len(LABELS)),
+                         ["r0", "r1", "r2", "r3"]),
+                register(store, tmp_path, fold_spec("run-b", 2, data_fingerprint=old, thresholds=[0.4] * len(LABELS)),
+                         ["r4", "r5", "r6", "r7"])]
+    result = predict_test_set(data, store.uri, versions, cache_dir=tmp_path / "cache")
+    source = result.extra["thresholds_from"]["source"]
+    assert source.startswith("mean of the members' thresholds (the folds were trained on data 0123456789abcdef, "
+                             f"not the data predicted ({result.data_fingerprint})"), source
+    assert result.extra["thresholds"] == pytest.approx([0.3] * len(LABELS))
