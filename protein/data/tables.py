@@ -48,6 +48,8 @@ def parse_csv_bytes(raw: bytes, where: str, columns: tuple[str, ...] = LABEL_COL
     # an index and shifts every column; here such a row is an error naming its line.
     rows, lines = _csv_rows(text, where)
     header = [c.strip() for c in rows[0]]
+    if not any(header):  # else every data row was "N fields, expected 0 ()"
+        raise DataError(f"{where} line 1: blank; expected the header {','.join(columns)}")
     for line_number, row in zip(lines[1:], rows[1:], strict=True):
         if row and len(row) != len(header):
             raise DataError(

@@ -73,6 +73,8 @@ def test_bom_and_crlf_are_accepted(tiny):
     ("Image,Label\n", "no data rows"),
     ("Image,Label\n1,0\n2,4,5\n", "line 3: 3 fields, expected 2"),
     ("", "empty file"),
+    ("\nImage,Label\n1,0\n", "train.csv line 1: blank; expected the header Image,Label"),
+    ("  \nImage,Label\n1,0\n", "train.csv line 1: blank; expected the header Image,Label"),
     # Lines as an editor numbers them: blank lines and a quoted field over two lines count.
     ("Image,Label\n1,0\n\n\n../x,0\n", "line 5: image id '../x' is not a safe id"),
     ("Image,Label\n1,0\n2,\"4\n6\"\n1,2\n", "line 3 (Image '2'): expected integer class ids"),
