@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from protein.storage.s3_clients import redacted_uri
 
-# A documented exit code of its own: the protein CLI uses 1-5 for data, store and registry.
+# A documented exit code of its own: the protein CLI uses 1-5 and 7-12 (protein.errors).
 EXIT_PREFECT_UNAVAILABLE = 6
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 STARTUP_TIMEOUT_ENV = "PROTEIN_PREFECT_STARTUP_TIMEOUT_S"

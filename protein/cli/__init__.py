@@ -9,7 +9,8 @@ champion.json, a run index entry, a manifest) is over its size cap, not JSON, or
 push is in progress (gc deleted nothing); nothing was changed, run it again later. 10 a training
 run was taken over: another attempt of the same run id wrote its checkpoint since this one read it
 (this attempt stopped; the other goes on). 11 training ran out of memory: start a new run with a
-smaller --batch-size or with --accumulate K.
+smaller --batch-size or with --accumulate K. 12 training diverged (an epoch's loss is NaN or inf;
+nothing of that epoch is kept or registered): lower --lr.
 """
 
 from __future__ import annotations
