@@ -8,13 +8,30 @@ import logging
 import sys
 from typing import Literal
 
-from prefect.states import State
+from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig, recipe_config
 from protein.validation import ValidationConfig
 from tasks.dispatch import DispatchConfig
 from tasks.liveness import LOWEST_LOST_AFTER_S
+
+
+class FlowProblem(Exception):
+    """Why a flow failed without an exception of its own (a task's problem dict), with the exit code
+    the CLI gives that cause; `report_state` exits with it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message, exit_code)  # both in args: a persisted result unpickles whole
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def failed(message: str, exit_code: int) -> State:
+    """A Failed state whose result carries ``exit_code``: a bare Failed(message) ended the command line in 1."""
+    return Failed(message=message, data=FlowProblem(message, exit_code))
 
 
 def report_state(state: State, flow_name: str) -> int:

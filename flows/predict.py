@@ -7,10 +7,10 @@ import sys
 from typing import Any
 
 from prefect import flow
-from prefect.states import Failed, State
+from prefect.states import State
 
 from flows.cli import run_with_prefect
-from flows.params import report_state
+from flows.params import failed, report_state
 from protein.locations import default_store_uri
 from tasks.channels import resolve_dataset
 from tasks.prediction import predict_submission
@@ -32,7 +32,7 @@ def predict(data: str, store: str | None = None, model: str | list[str] = "champ
     store = store or default_store_uri()
     resolved = resolve_dataset(data, store)
     if resolved.get("problem"):
-        return Failed(message=f"data {data}: {resolved['problem']}")
+        return failed(f"data {data}: {resolved['problem']}", resolved.get("exit_code", 1))
     return predict_submission(resolved["uri"], store, model)
 
 

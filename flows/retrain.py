@@ -18,6 +18,7 @@ from flows.params import (
     GateParams,
     TrainParams,
     ValidationParams,
+    failed,
     report_state,
     route_library_logs,
 )
@@ -132,7 +133,7 @@ def retrain(
     # Once, here: every step below works on this immutable dataset, whatever is pushed meanwhile.
     resolved = resolve_dataset(data, store, trigger_event_id(trigger_event), str(flow_run.id) if flow_run.id else None)
     if resolved.get("problem"):
-        return Failed(message=f"data {data}: {resolved['problem']}")
+        return failed(f"data {data}: {resolved['problem']}", resolved.get("exit_code", 1))
     named, data = data, resolved["uri"]
     summary: dict[str, Any] = {"data": data, "links": {}, "resolved_from": resolved if resolved["channel"] else None}
     if (pushed := resolved["trigger_sequence"]) is not None and pushed < resolved["sequence"]:

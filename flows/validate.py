@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.states import Failed
 
 from flows.cli import checked_params, run_with_prefect
-from flows.params import ValidationParams, report_state
+from flows.params import ValidationParams, failed, report_state
 from protein.locations import default_store_uri
 from tasks.channels import resolve_dataset
 from tasks.validation import validate_data
@@ -37,7 +37,7 @@ def validate(data: str, store: str | None = None, validation: ValidationParams =
     # mended, say), where passing it over validated an older push and looked green.
     resolved = resolve_dataset(data, store, pass_over_refused=False)
     if resolved.get("problem"):
-        return Failed(message=f"data {data}: {resolved['problem']}")
+        return failed(f"data {data}: {resolved['problem']}", resolved.get("exit_code", 1))
     report = validate_data(resolved["uri"], validation.to_config(), store)
     if not report["success"]:
         return Failed(message=f"data failed validation: {'; '.join(report['failures'][:3])}")

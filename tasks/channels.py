@@ -21,7 +21,8 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
                     run_key: str | None = None, pass_over_refused: bool = True) -> dict[str, Any]:
     """``data`` resolved to an immutable dataset (ResolvedData as a dict), plus
     ``trigger_sequence``: the channel push whose event started this run, when it is on the channel.
-    A channel that cannot be resolved is ``{"problem": ...}``, for the flow to fail on in one line.
+    A channel that cannot be resolved is ``{"problem": ..., "exit_code": ...}``, for the flow to fail on
+    in one line with the CLI's exit code for its cause (2 no push or a refused URI, 8 a damaged record).
     With ``run_key`` (the flow run's id) a retry of the run takes its first attempt's resolution
     (protein.data.run_resolution), so it resumes that training instead of starting another.
     ``pass_over_refused`` off: the channel's head even when validation refused it (a validate run
@@ -34,7 +35,7 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
         except (DataError, ValueError, RecordError) as exc:
             # ValueError: a store URI open_store refuses; RecordError: a channel record that is not
             # one, or over the record cap. No retry mends either.
-            return {"problem": str(exc)}
+            return {"problem": str(exc), "exit_code": getattr(exc, "exit_code", 2)}
         result: dict[str, Any] = {**resolved.to_dict(), "trigger_sequence": None}
         if trigger_event_id and resolved.channel:
             store_, name = channel_of(data, store)
@@ -47,7 +48,7 @@ def resolve_dataset(data: str, store: str, trigger_event_id: str | None = None,
     try:
         result, kept = resolve_once(data, store, run_key, resolve)
     except ValueError as exc:  # the store URI itself, refused before anything is read
-        return {"problem": str(exc)}
+        return {"problem": str(exc), "exit_code": 2}
     if kept:
         get_run_logger().info("data %s: push #%s (%s), as this run's first attempt resolved it", data,
                               result.get("sequence"), str(result.get("fingerprint"))[:12])

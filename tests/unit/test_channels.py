@@ -233,3 +233,32 @@ def test_a_refusal_judged_against_another_reference_is_no_refusal_now(tmp_path: 
                                                           "reference": {"hash": judged_against}}).encode())
         resolved = resolve_data("channel:latest", str(tmp_path / "store"), refused=refused_by_validation)
         assert (resolved.fingerprint == "a" * 16) is passed_over, (judged_against, resolved)
+
+
+@pytest.mark.parametrize(("record", "exit_code"), [(b"{not json", 8), (None, 2)])
+@pytest.mark.parametrize("flow_module", ["flows.predict", "flows.validate", "flows.retrain"])
+def test_a_flow_on_a_channel_it_cannot_resolve_exits_as_the_cli_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], record: bytes | None,
+        exit_code: int, flow_module: str) -> None:
+    """A damaged channel record (RecordError, docs/runbook.md: exit 8) and a channel with no push yet
+    (DataError: 2, data that is not there) both ended the flow's command line in 1."""
+    import importlib
+    import logging
+
+    from flows.params import report_state
+    from tasks.channels import resolve_dataset
+
+    module = importlib.import_module(flow_module)
+    flow_fn = getattr(module, flow_module.rpartition(".")[2]).fn
+    store = LocalStore(tmp_path)
+    if record is not None:
+        store.put_bytes("datasets/channels/latest.json", record)
+    resolved = resolve_dataset.fn("channel:latest", str(tmp_path))
+    assert resolved["exit_code"] == exit_code, resolved
+    monkeypatch.setattr(module, "resolve_dataset", lambda *args, **kwargs: resolve_dataset.fn(*args, **kwargs))
+    if hasattr(module, "get_run_logger"):  # the retrain logs before it resolves; no flow run here
+        monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger(flow_module))
+    state = flow_fn("channel:latest", str(tmp_path))
+    assert report_state(state, flow_module) == exit_code
+    err = capsys.readouterr().err
+    assert err.startswith(f"{flow_module} failed: data channel:latest: ") and err.count("\n") == 1, err
