@@ -5,6 +5,8 @@ it was made (recorded_split: folds and refits)."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -113,3 +115,84 @@ def test_a_split_part_that_is_not_an_object_is_refused_in_one_line(data: Any):
     spec = {**spec_of(data, TrainConfig()), "training_rows": ["img001", "img002"]}  # an AttributeError traceback
     with pytest.raises(EvidenceRefused, match=r"declares training_rows \(no id list\)"):
         check_declared_split(spec, data, TrainConfig(), "challenger m-1")
+
+
+def register_challenger(tmp_path: Path, lie: dict[str, Any]) -> tuple[Path, str, str, str]:
+    """A dataset, and a store holding a challenger registered by a GPU host whose model.json is
+    honest but for ``lie``: (dataset, store URI, version, the fingerprint this run validated)."""
+    from protein.data.tables import load_competition
+    from protein.registry import Registry
+    from protein.storage import open_store
+    from tests.helpers import write_dataset
+
+    dataset = write_dataset(tmp_path / "ds", {f"img{i:03d}": f"{i % 10} {(i + 3) % 10}" for i in range(30)},
+                            ["t1"], size=16)
+    data, config, fingerprint = load_competition(dataset, require_test=False), TrainConfig(), "cd" * 32
+    store = str(tmp_path / "store")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    spec = {"arch": "resnet18", "image_size": 128, **honest_lineage(data, config, fingerprint), **spec_of(data, config)}
+    if lie.get("holdout") == "training_rows":
+        spec["holdout"] = {"ids": list(spec["training_rows"]["ids"])}
+    else:
+        spec.update(lie)
+    version = Registry(open_store(store)).register(weights, spec, version="gpu-host-1")
+    return dataset, store, version, fingerprint
+
+
+LIES = [({"holdout": "training_rows"}, r"challenger gpu-host-1: its model.json declares holdout \(25 ids\)"),
+        ({"data_fingerprint": "0" * 64}, "challenger gpu-host-1: its model.json says it trained on data '000")]
+
+
+@pytest.mark.parametrize(("lie", "refusal"), LIES, ids=["holdout-is-its-training-rows", "other-data"])
+def test_a_registered_challenger_whose_model_json_lies_is_refused(tmp_path: Path, lie: dict[str, Any],
+                                                                   refusal: str):
+    """Where the retrain checks it: the model.json the GPU host registered in the store, read back."""
+    from protein.pipeline.evaluation import verify_challenger_split
+
+    dataset, store, version, fingerprint = register_challenger(tmp_path / "honest", {})
+    verify_challenger_split(dataset, store, version, TrainConfig(), fingerprint)
+    dataset, store, version, fingerprint = register_challenger(tmp_path / "lying", lie)
+    with pytest.raises(EvidenceRefused, match=refusal):
+        verify_challenger_split(dataset, store, version, TrainConfig(), fingerprint)
+
+
+@pytest.mark.parametrize(("lie", "refusal"), LIES, ids=["holdout-is-its-training-rows", "other-data"])
+def test_the_retrain_refuses_a_challenger_trained_elsewhere_whose_model_json_lies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: dict[str, Any], refusal: str):
+    """The retrain, its other steps played by stand-ins: the train deployment "registers" a lying
+    challenger; the run fails naming it, and nothing is gated or promoted."""
+    import logging
+    import uuid
+
+    import flows.retrain as retrain
+    from protein.registry import Registry
+    from protein.storage import open_store
+    from tasks.evaluation import check_challenger_split
+
+    dataset, store, version, fingerprint = register_challenger(tmp_path, lie)
+
+    def after_the_refusal(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the lying challenger went on to be gated")
+
+    monkeypatch.setattr(retrain, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(retrain, "flow_run", SimpleNamespace(id=uuid.uuid4(), parameters={}))
+    monkeypatch.setattr(retrain, "definition_gate_of_this_run", lambda: None)
+    monkeypatch.setattr(retrain, "resolve_dataset", lambda *args: {"uri": str(dataset), "channel": None,
+                                                                    "trigger_sequence": None, "fingerprint": None})
+    monkeypatch.setattr(retrain, "current_champion", lambda store: None)
+    monkeypatch.setattr(retrain, "lost_after_refusal", lambda config: None)
+    monkeypatch.setattr(retrain, "check_deployment", lambda name: {"deployment": name, "commit": "1" * 40})
+    monkeypatch.setattr(retrain, "validate_data", lambda *args: {"data_fingerprint": fingerprint, "success": True,
+                                                                 "report_uri": None, "failures": []})
+    monkeypatch.setattr(retrain, "preload", lambda modules: None)
+    monkeypatch.setattr(retrain, "dispatch_step", lambda *args: None)
+    monkeypatch.setattr(retrain, "find_run_model", lambda store, run_id: version)
+    monkeypatch.setattr(retrain, "check_challenger_split", check_challenger_split.fn)  # the task's own body
+    for step in ("earlier_gate_decision", "gate_evaluation", "gate", "promote_model", "submission_uri"):
+        monkeypatch.setattr(retrain, step, after_the_refusal)
+    state = retrain.retrain.fn(data=str(dataset), store=store, train_deployment="train/gpu",
+                               score_deployment="score/gpu")
+    assert state.is_failed() and state.message is not None and len(state.message.splitlines()) == 1, state
+    assert re.match(refusal, state.message), state.message
+    assert Registry(open_store(store)).champion().champion is None
