@@ -186,42 +186,6 @@ def test_extra_fields_never_replace_the_published_pointers_own(trained: dict, st
     assert latest["key"].startswith(f"submissions/{trained['model_id']}/") and latest["members"] == ["m1", "m2"]
 
 
-def test_a_retrain_points_latest_at_its_champion_only_while_it_still_is(trained: dict, store_uri: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two retrains overlap: the one that read the champion before the other promoted its own
-    published last and pointed submissions/latest.json back at the old champion."""
-    from protein.pipeline import prediction
-    from protein.registry.records import ChampionState
-
-    store, model, csv = open_store(store_uri), trained["model_id"], b"Image,Label\n1,0\n"
-    Registry(store).promote(model, reason="test")
-    first = prediction.publish_submission(store, model, csv, "a" * 64, as_champion=True)
-    assert first["latest"] is True and json.loads(store.get_bytes(prediction.LATEST_SUBMISSION))["key"] == first["key"]
-
-    # Not the champion: its submission is kept under its own key, latest.json stays on the champion's.
-    stale = prediction.publish_submission(store, "v-not-the-champion", csv, "a" * 64, as_champion=True)
-    assert stale["latest"] is False and store.get_bytes(stale["key"]) == csv
-    assert json.loads(store.get_bytes(prediction.LATEST_SUBMISSION))["key"] == first["key"]
-
-    # Another run promotes a newer champion and publishes it after this one read latest.json's etag and
-    # the champion, before it writes: the write is refused, this run reads both again and leaves
-    # latest.json on the newer champion's submission.
-    newer = {"model_id": "v-newer", "key": "submissions/v-newer/1/submission.csv"}
-    real_put, raced = store.put_bytes, []
-
-    def put_after_a_rival(key: str, data: bytes, **kwargs: object) -> str:
-        if key == prediction.LATEST_SUBMISSION and not raced:
-            raced.append(key)
-            real_put(key, json.dumps(newer).encode())
-            monkeypatch.setattr(Registry, "champion", lambda self: ChampionState("v-newer", [], "rival"))
-        return real_put(key, data, **kwargs)
-
-    monkeypatch.setattr(store, "put_bytes", put_after_a_rival)
-    late = prediction.publish_submission(store, model, csv, "a" * 64, as_champion=True)
-    assert raced and late["latest"] is False
-    assert json.loads(store.get_bytes(prediction.LATEST_SUBMISSION)) == newer
-
-
 def test_a_local_gate_and_submission_refuse_data_changed_since_validation(trained: dict, store_uri: str) -> None:
     """Without a score deployment the retrain scores here, on data named directly (a folder, an s3://
     prefix) that can change during the hours of training: its new rows never passed validation."""

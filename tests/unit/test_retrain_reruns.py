@@ -48,7 +48,7 @@ def test_a_challenger_promoted_by_hand_is_not_gated_against_itself() -> None:
 
 def test_the_retrains_submission_moves_latest_only_as_the_champion(monkeypatch: pytest.MonkeyPatch) -> None:
     """A retrain publishes the champion it read; another retrain may promote its own meanwhile
-    (protein.pipeline.publish_submission's as_champion, tested in tests/model/test_run_results.py)."""
+    (protein.pipeline.publish_submission's as_champion, tested in tests/unit/test_latest_submission.py)."""
     import flows.retrain as retrain
     from flows.params import DispatchParams
 
