@@ -62,6 +62,31 @@ def test_a_push_that_loses_the_compare_and_swap_lands_after_the_winner(tmp_path:
     assert [e.event_id for e in read_channel(store, "latest").history] == ["e1", "rival", "e2"]
 
 
+class ReadThenRacingStore(LocalStore):
+    """A real local store where another push lands right after this push has read the channel's
+    bytes, once: between its two reads if it read the bytes before the etag."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.raced = False
+
+    def get_bytes(self, key: str, **kwargs):  # type: ignore[no-untyped-def]
+        read = super().get_bytes(key, **kwargs)
+        if key == channel_key("latest") and not self.raced:
+            self.raced = True
+            advance_channel(LocalStore(self.root), "latest", "other", "c" * 16, "rival", "rival@host", "t")
+        return read
+
+
+def test_a_push_landing_between_the_reads_of_the_channel_is_kept(tmp_path: Path) -> None:
+    """The etag is read before the bytes: read after them, it would be the rival's, and this push's
+    compare-and-swap would win over bytes without the rival's push in them."""
+    store = ReadThenRacingStore(tmp_path)
+    push(LocalStore(tmp_path), "a" * 16, "e1")
+    assert push(store, "b" * 16, "e2") == 3 and store.raced
+    assert [e.event_id for e in read_channel(store, "latest").history] == ["e1", "rival", "e2"]
+
+
 def test_push_order_of_data_pushed_again_is_its_newest_push(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     for fp, event in (("a" * 16, "e1"), ("b" * 16, "e2"), ("a" * 16, "e3")):

@@ -147,6 +147,38 @@ def test_another_write_between_the_checks_is_not_taken_for_this_attempts_own(sto
     assert store.get_bytes(checkpoint_key("r")) == b"the other attempt's next epoch"
 
 
+class WrittenAfterTheBytes:
+    """Another attempt writes its checkpoint right after this one has read the checkpoint's bytes:
+    between the two reads if the bytes were read before the etag."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.raced = False
+
+    def get_bytes(self, key: str, **kwargs: Any) -> bytes:
+        read = self.store.get_bytes(key, **kwargs)
+        if key == checkpoint_key("r") and not self.raced:
+            self.raced = True
+            self.store.put_bytes(key, b"the other attempt's next epoch")
+        return read
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_checkpoint_written_between_the_reads_is_never_overwritten(store: Store) -> None:
+    """The etag is read before the bytes: read after them, it would be the other attempt's, and this
+    attempt's next write would replace a checkpoint it never saw."""
+    state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
+    save_checkpoint(store, "r", state)
+    racing = WrittenAfterTheBytes(store)
+    read, etag = read_checkpoint(racing, "r")  # type: ignore[arg-type]
+    assert racing.raced and read is not None and read["epoch"] == 1
+    with pytest.raises(CheckpointSuperseded):
+        save_checkpoint(store, "r", {**state, "epoch": 2}, expected_etag=etag)
+    assert store.get_bytes(checkpoint_key("r")) == b"the other attempt's next epoch"
+
+
 def test_a_checkpoint_deleted_under_an_attempt_stops_it_and_says_so(store: Store) -> None:
     state = {"format": "protein-train-checkpoint/1", "epoch": 1, "history": []}
     first = save_checkpoint(store, "r", state)
