@@ -84,34 +84,27 @@ def test_the_zombie_minimum_follows_the_heartbeat_prefect_yaml_sets() -> None:
     assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 90
 
 
-def test_the_definitions_registered_are_the_pinned_commits(tmp_path) -> None:  # noqa: ANN001
+# Spelled out, not DEFINITION_FILES: a file dropped from that tuple would drop its case here too.
+DEFINITIONS = ("deployments/prefect.yaml", "deployments/automations.yaml")
+
+
+@pytest.mark.parametrize("edited", DEFINITIONS)
+def test_the_definitions_registered_are_the_pinned_commits(tmp_path: Path, edited: str) -> None:
     """PROTEIN_COMMIT skips the clean-checkout check: a checkout with another prefect.yaml registered it
     against the commit's code, and every nightly refused to dispatch to what the commit does not define."""
-    import subprocess
+    from deployments.deploy import check_definitions_at
 
-    from deployments.deploy import DEFINITION_FILES, check_definitions_at
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=tmp_path,
-                              check=True, capture_output=True, text=True).stdout.strip()
-
-    git("init", "-q")
-    for name in DEFINITION_FILES:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(f"# {name}\n")
-    git("add", ".")
-    git("commit", "-qm", "definitions")
-    commit = git("rev-parse", "HEAD")
+    _, commit = committed_checkout(tmp_path, DEFINITIONS)
     check_definitions_at(commit, tmp_path)
-    (tmp_path / "deployments" / "prefect.yaml").write_text("# edited, not committed\n")
+    (tmp_path / edited).write_text("# edited, not committed\n")
     with pytest.raises(SettingError, match=f"differ from PROTEIN_COMMIT={commit[:12]}'s"):
         check_definitions_at(commit, tmp_path)
     with pytest.raises(SettingError, match="PROTEIN_COMMIT=111111111111 is not in this checkout"):
         check_definitions_at("1" * 40, tmp_path)
 
 
-def committed_checkout(root: Path) -> tuple[Callable[..., str], str]:
-    """A git checkout with one commit holding protein/ and a .gitignore; (its git, HEAD)."""
+def committed_checkout(root: Path, files: tuple[str, ...] = ()) -> tuple[Callable[..., str], str]:
+    """A git checkout with one commit holding protein/, a .gitignore and ``files``; (its git, HEAD)."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -122,6 +115,9 @@ def committed_checkout(root: Path) -> tuple[Callable[..., str], str]:
     (root / "protein").mkdir()
     (root / "protein" / "__init__.py").write_text("")
     (root / ".gitignore").write_text("__pycache__/\n")
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
     git("add", ".")
     git("commit", "-qm", "code")
     return git, git("rev-parse", "HEAD")
@@ -163,3 +159,20 @@ def test_deploy_refuses_a_commit_other_than_head_before_anything_else(
     assert capsys.readouterr().err == (f"deploy: PROTEIN_COMMIT={'b' * 12} is not this checkout's HEAD ({head[:12]}): "
                                        "`prefect deploy` registers the flows of the checkout it runs in; check out "
                                        "the commit, or leave PROTEIN_COMMIT unset to deploy HEAD\n")
+
+
+def test_deploy_refuses_definitions_edited_since_the_pinned_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """PROTEIN_COMMIT set to HEAD passes the HEAD check with tracked files edited (only an unset one
+    needs a clean checkout): the definitions check is what stops an edited automations.yaml."""
+    from deployments import deploy
+
+    _, head = committed_checkout(tmp_path, DEFINITIONS)
+    (tmp_path / "deployments" / "automations.yaml").write_text("# edited, not committed\n")
+    monkeypatch.setattr(deploy, "REPO", tmp_path)
+    monkeypatch.setattr(deploy, "preflight", lambda settings: pytest.fail("checked the store after the refusal"))
+    for name, value in {**GOOD, "PROTEIN_COMMIT": head}.items():
+        monkeypatch.setenv(name, value)
+    assert deploy.main(["--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deploy: this checkout's ") and f"differ from PROTEIN_COMMIT={head[:12]}'s" in err, err
