@@ -27,16 +27,19 @@ def fresh_version() -> None:
     # to them kept old passes for a week (a checkout rarely bumps the project's version).
     ("data/png.py", "def decode_png", "def decode_png_changed"),
     ("labels.py", "def parse_label_set", "def parse_label_set_changed"),
+    # The image id rule and the strict train.csv parser: a row refused or let through by them changes
+    # the verdict as surely as a suite does.
+    ("data/layout.py", "def check_image_id", "def check_image_id_changed"),
+    ("data/tables.py", "def parse_labels_table", "def parse_labels_table_changed"),
 ])
 def test_a_changed_rule_changes_the_code_version(changed: str, old: str, new: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     before = task_module.validation_code_version()
     project = Path(protein.validation.__file__).parents[1]
     copy = tmp_path / "protein"
-    shutil.copytree(project / "validation", copy / "validation")
-    for rule in task_module.VERDICT_RULES_OUTSIDE:
-        (copy / rule).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(project / rule, copy / rule)
+    # The whole package, not VERDICT_RULES_OUTSIDE: a rule dropped from that tuple must fail the
+    # assertion below, not go missing from the copy.
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(protein.validation, "__file__", str(copy / "validation" / "__init__.py"))
     task_module.validation_code_version.cache_clear()
     assert task_module.validation_code_version() == before  # same source, same version
