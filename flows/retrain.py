@@ -24,7 +24,14 @@ from flows.params import (
 )
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import parse_channel_ref
-from protein.errors import EvidenceRefused, FingerprintMismatch, OutOfMemory, PromotionConflict, ProteinError
+from protein.errors import (
+    DataError,
+    EvidenceRefused,
+    FingerprintMismatch,
+    OutOfMemory,
+    PromotionConflict,
+    ProteinError,
+)
 from protein.evaluation.data_order import DataOrder
 from protein.evaluation.gated_data import covers
 from protein.locations import default_store_uri
@@ -112,13 +119,13 @@ def retrain(
     try:  # the form checks each field; the config the bounds across them (batch, accumulate and nproc, device)
         train.checked_config()
     except ValueError as exc:
-        return Failed(message=f"train settings: {exc}; nothing was run")
+        return failed(f"train settings: {exc}; nothing was run", ProteinError.exit_code)  # usage, as the CLI
     logger = get_run_logger()
     route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):
         # Fail before any task: the run's message names the event and the field, not a stack trace.
         field = "payload.channel" if data.strip().startswith("channel:") else "payload.uri"
-        return Failed(message=f"event {trigger_event}: field {field} is {problem}; nothing was run")
+        return failed(f"event {trigger_event}: field {field} is {problem}; nothing was run", DataError.exit_code)
     store = store or default_store_uri()  # read on the worker at run time, not at import
     if defined := definition_gate_of_this_run():  # no person started it: git's gate, not the API's
         origin, values = defined
@@ -174,8 +181,8 @@ def retrain(
     report = validate_data(data, validation.to_config(), store)
     summary["data_fingerprint"] = report["data_fingerprint"]
     if resolved["fingerprint"] and report["data_fingerprint"] != resolved["fingerprint"]:
-        return Failed(message=f"{data} has fingerprint {report['data_fingerprint']}, but channel "
-                              f"{resolved['channel']!r} recorded {resolved['fingerprint']} for it; nothing was trained")
+        return failed(f"{data} has fingerprint {report['data_fingerprint']}, but channel {resolved['channel']!r} "
+                      f"recorded {resolved['fingerprint']} for it; nothing was trained", FingerprintMismatch.exit_code)
     summary["links"]["validation report"] = report["report_uri"]
     if not report["success"]:
         message = (f"data failed validation ({len(report['failures'])} findings): "
@@ -202,13 +209,13 @@ def retrain(
         try:  # the GPU host wrote its model.json: the gate's rows are this run's split, not the host's
             check_challenger_split(data, store, challenger, config, report["data_fingerprint"])
         except EvidenceRefused as exc:
-            return Failed(message=str(exc))
+            return failed(str(exc), exc.exit_code)
     else:
         try:
             challenger = train_model(data, store, config, run_id, train.share_cache,
                                      expected_fingerprint=report["data_fingerprint"], nproc=train.nproc)["model_id"]
         except OutOfMemory as exc:  # says what to change; the deployment path reports it through dispatch
-            return Failed(message=str(exc))
+            return failed(str(exc), exc.exit_code)
     summary["challenger"] = challenger
 
     # A rerun whose earlier attempt gated this challenger (and promoted it, or not), then stopped: its
@@ -217,7 +224,7 @@ def retrain(
     try:
         earlier = earlier_gate_decision(store, challenger)
     except ProteinError as exc:
-        return Failed(message=f"{exc}; nothing was gated or promoted")
+        return failed(f"{exc}; nothing was gated or promoted", exc.exit_code)
     if earlier is not None or challenger == champion:
         decision = decision_of_an_earlier_attempt(challenger, champion, earlier)
         promote_now = bool(decision.pop("promote_now", False))
@@ -227,7 +234,7 @@ def retrain(
             evaluation = gate_evaluation(data, store, run_id, challenger, champion, report["data_fingerprint"],
                                          score_deployment, dispatch, gate_config.metric)
         except (RuntimeError, EvidenceRefused, FingerprintMismatch) as exc:  # failed, never ran, or does not check out
-            return Failed(message=str(exc))
+            return failed(str(exc), getattr(exc, "exit_code", 1))
         order = data_push_order(named, store, report["data_fingerprint"],
                                 champion_data_fingerprint(store, champion) if champion else None)
         try:
@@ -236,7 +243,7 @@ def retrain(
                                                                allowed_by=flow_actor() if allow_older_data else None),
                             {**resolved, "uri": data, "fingerprint": report["data_fingerprint"]})
         except EvidenceRefused as exc:  # the two evaluations cannot be compared
-            return Failed(message=f"{exc}; nothing was promoted")
+            return failed(f"{exc}; nothing was promoted", exc.exit_code)
         promote_now = bool(decision["promote"])
     if promote_now:
         try:
