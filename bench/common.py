@@ -169,9 +169,15 @@ def run_in_checkout(code: Path, timer: str, args: Sequence[str], env: dict[str, 
 
 
 def git_head(code: Path) -> str:
-    """The short commit a checkout is at, for a results file."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The short commit a checkout is at, for a results file, with ``-dirty`` when a tracked file
+    differs from it: a run with uncommitted changes measured code that no commit holds."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    # Exit 1: tracked files differ from HEAD (untracked files are not the code that was measured).
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=code, capture_output=True).returncode
+    if changed not in (0, 1):
+        raise RuntimeError(f"git diff --quiet HEAD in {code} exited {changed}")
+    return f"{commit}-dirty" if changed else commit
 
 
 def process_cpu_s(code: str, *args: str) -> float:
