@@ -11,7 +11,8 @@ channels_last, the EMA on the device, the scaled learning rate), then
 and fit's ratio to the ceiling. Each figure is timed over 3 windows (cuda synchronize around
 each; warm-up excluded) and reported as the median with the spread (min-max) of the 3. Also:
 inference images/s through `predict_probs` with the recipe's TTA (8 views for the winner), and
-peak GPU memory. It prints the card, driver, CUDA and torch it ran on, and writes JSON.
+peak GPU memory. It prints the card, driver, CUDA and torch it ran on, and writes JSON with them
+and the commit it ran at (`commit`: `-dirty` with uncommitted changes).
 
     python -m bench.gpu [--device cuda|cpu] [--quick] [--recipes winner default] [--out FILE]
     make bench-gpu
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import bench_dataset, data_dir, format_table, machine_info, median, publish
+from bench.common import REPO, bench_dataset, data_dir, format_table, git_head, machine_info, median, publish
 from protein.cache import ImageCache, default_workers
 from protein.config import TrainConfig, recipe_config
 from protein.data import load_competition
@@ -174,6 +175,16 @@ def card(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def commit() -> str | None:
+    """The commit the run measured (``-dirty`` with uncommitted changes), or None where this copy of
+    the tree has no git history: a GPU run's figures are worth keeping without their label."""
+    try:
+        return git_head(REPO)
+    except (OSError, subprocess.CalledProcessError):
+        log.warning("no git commit for %s: the result's commit is null", REPO)
+        return None
+
+
 def run(plan: Plan, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_competition(bench_dataset(plan.n_images, max(s for s, _ in plan.sizes.values())))
@@ -196,7 +207,8 @@ def run(plan: Plan, device: torch.device) -> dict[str, Any]:
             del images
             if device.type == "cuda":  # the next recipe starts from an empty allocator
                 torch.cuda.empty_cache()
-    return {"benchmark": NAME, "device": str(device), "card": card(device), "device_name": card(device)["name"],
+    return {"benchmark": NAME, "commit": commit(), "device": str(device), "card": card(device),
+            "device_name": card(device)["name"],
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "windows": WINDOWS,
             "plan": asdict(plan), "cache_build_s": cache_build_s, "results": results, "errors": errors,
             "wall_s": time.perf_counter() - started, "machine": machine_info()}

@@ -3,6 +3,7 @@ training (spied on in protein.modeling.train), with the recipe's own config, not
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ def test_the_gpu_bench_runs_fits_own_functions_with_the_recipes_config(monkeypat
     for field in ("arch", "recipe", "jitter", "ema_half_life_epochs", "loss", "channels_last", "lr_scaling"):
         assert getattr(bench_config, field) == getattr(fit_config, field), field
     assert result["errors"] == [] and {r["loader"] for r in result["results"]} == {"model-only", "fit"}
+    # The written result says what code it measured: the checkout's commit, -dirty if edited.
+    from bench.common import REPO, git_head
+
+    assert json.loads((tmp_path / "gpu.json").read_text())["commit"] == git_head(REPO)
+
+
+def test_the_gpu_bench_records_no_commit_where_the_tree_has_no_git_history(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    from bench import gpu
+
+    monkeypatch.setattr(gpu, "REPO", tmp_path)  # a copy of the tree without .git, as on a lent machine
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert gpu.commit() is None
 
 
 def test_the_gpu_bench_ends_the_prefetch_thread_when_a_step_fails(monkeypatch: pytest.MonkeyPatch,
