@@ -15,7 +15,8 @@ alerts and the zombie-run detection) with the webhook block, and checks what the
 
 Settings (environment variables of the deploying shell):
   PROTEIN_REPOSITORY         git URL the workers clone the code from (required)
-  PROTEIN_COMMIT             commit to run, which must be this checkout's HEAD; default: HEAD, which must be clean
+  PROTEIN_COMMIT             commit to run, which must be this checkout's HEAD, its code folders unedited; default: HEAD,
+                             which must be clean
   PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
   PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
   PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
@@ -165,48 +166,33 @@ CODE_FOLDERS = ("protein", "tasks", "flows", "deployments")
 
 def check_checkout_is(commit: str, repo: Path) -> None:
     """SettingError unless the code `prefect deploy` loads here is ``commit``'s: it imports the
-    flows of this checkout and registers their parameter schemas, while the workers run the clone
-    of ``commit``. So HEAD must be ``commit``, and no file the commit lacks may sit in a code
-    folder: an untracked module that committed code imports deploys fine here, and every worker
-    run fails with ImportError at 02:00."""
+    flows of this checkout and registers their parameter schemas, and reads its deployment and
+    automation definitions, while the workers run the clone of ``commit``. So HEAD must be
+    ``commit``, and the code folders must hold exactly the commit: a file edited since (a renamed
+    parameter, another prefect.yaml) is registered here and refused or mis-run at 02:00, and an
+    untracked module that committed code imports deploys fine here while every worker run fails
+    with ImportError."""
     try:
         head = git("rev-parse", "HEAD", cwd=repo)
         untracked = git("ls-files", "-z", "--others", "--exclude-standard", "--", *CODE_FOLDERS, cwd=repo)
+        changed = git("diff", "--name-only", "-z", "HEAD", "--", *CODE_FOLDERS, cwd=repo)  # staged or not
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SettingError(f"{repo}: git failed ({exc}); deploy from a git checkout of PROTEIN_COMMIT") from None
-    if head.returncode != 0 or untracked.returncode != 0:
+    if head.returncode != 0 or untracked.returncode != 0 or changed.returncode != 0:
         raise SettingError(f"{repo} is not a git checkout; deploy from a checkout of PROTEIN_COMMIT={commit[:12]}")
     if head.stdout.strip() != commit:
         raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not this checkout's HEAD ({head.stdout.strip()[:12]}): "
                            "`prefect deploy` registers the flows of the checkout it runs in; check out the commit, "
                            "or leave PROTEIN_COMMIT unset to deploy HEAD")
+    if files := [name for name in changed.stdout.split("\0") if name]:
+        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+        raise SettingError(f"{files[0]}{more} has changes not committed in {commit[:12]}: `prefect deploy` would "
+                           "register this checkout's version, while workers run the commit's; commit and push them "
+                           "and deploy that commit, or stash them")
     if files := [name for name in untracked.stdout.split("\0") if name]:
         more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
         raise SettingError(f"{files[0]}{more} is untracked in this checkout: `prefect deploy` would import it here, "
                            f"but workers clone {commit[:12]} without it; commit and push it, or remove it")
-
-
-# What `prefect deploy` and the automations apply read from this checkout (not from the commit the
-# workers clone): they must be the commit's own.
-DEFINITION_FILES = ("deployments/prefect.yaml", "deployments/automations.yaml")
-
-
-def check_definitions_at(commit: str, repo: Path) -> None:
-    """SettingError unless this checkout's deployment definitions are those of ``commit``. With
-    PROTEIN_COMMIT set, tracked files may have uncommitted changes (the clean-checkout check is for
-    an unset one): a dirty checkout registered its own prefect.yaml against the commit's code, and
-    every nightly then refused to dispatch to a deployment that was not what the commit's
-    prefect.yaml defines."""
-    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo, capture_output=True)
-    if known.returncode != 0:
-        raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not in this checkout: fetch it (deploy from a checkout "
-                           "that has it, so its deployment definitions are the ones registered)")
-    differ = subprocess.run(["git", "diff", "--quiet", commit, "--", *DEFINITION_FILES], cwd=repo,
-                            capture_output=True)
-    if differ.returncode != 0:
-        raise SettingError(f"this checkout's {' or '.join(DEFINITION_FILES)} differ from PROTEIN_COMMIT="
-                           f"{commit[:12]}'s: the workers would run that commit's code under these definitions; "
-                           "check out the commit, or commit and push these and deploy that")
 
 
 def prefect(*args: str, env: Mapping[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -317,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         settings = check_settings(os.environ, clean_head(REPO))
         check_checkout_is(settings.commit, REPO)
-        check_definitions_at(settings.commit, REPO)
         env = {**os.environ, **settings.env(), "PREFECT_CLI_PROMPT": "false"}
         found = preflight(settings)
         if args.check:

@@ -25,6 +25,11 @@ def test_check_prints_the_plan_and_changes_nothing(prefect_harness: None, tmp_pa
     assert protein_main(["datasets", "push", "--data", str(data), "--store", str(store)]) == 0
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True,
                           text=True).stdout.strip()
+    # Deployed from a clone of HEAD, as an operator deploys: this checkout may hold work not yet
+    # committed, which deploy refuses to register.
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True, capture_output=True)
+    monkeypatch.setattr(deploy, "REPO", checkout)
     for name, value in {"PROTEIN_REPOSITORY": str(REPO), "PROTEIN_COMMIT": head, "PROTEIN_STORE": str(store),
                         "PROTEIN_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}.items():
         monkeypatch.setenv(name, value)

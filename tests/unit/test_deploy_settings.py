@@ -84,23 +84,25 @@ def test_the_zombie_minimum_follows_the_heartbeat_prefect_yaml_sets() -> None:
     assert check_settings({**GOOD, "PROTEIN_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_MIN_S)}, HEAD).zombie_after_s == 90
 
 
-# Spelled out, not DEFINITION_FILES: a file dropped from that tuple would drop its case here too.
+# What `prefect deploy` reads from the deploying checkout besides the flows: each edited file must
+# be refused, spelled out here so that the check's folders cannot drop one unnoticed.
 DEFINITIONS = ("deployments/prefect.yaml", "deployments/automations.yaml")
 
 
-@pytest.mark.parametrize("edited", DEFINITIONS)
-def test_the_definitions_registered_are_the_pinned_commits(tmp_path: Path, edited: str) -> None:
-    """PROTEIN_COMMIT skips the clean-checkout check: a checkout with another prefect.yaml registered it
-    against the commit's code, and every nightly refused to dispatch to what the commit does not define."""
-    from deployments.deploy import check_definitions_at
+@pytest.mark.parametrize("edited", [*DEFINITIONS, "flows/retrain.py", "protein/__init__.py"])
+def test_an_edit_the_pinned_commit_lacks_is_refused(tmp_path: Path, edited: str) -> None:
+    """`prefect deploy` registers this checkout's flows (their parameter schemas) and definitions,
+    while the workers run the commit: an edit since the commit, staged or not, is refused."""
+    from deployments.deploy import check_checkout_is
 
-    _, commit = committed_checkout(tmp_path, DEFINITIONS)
-    check_definitions_at(commit, tmp_path)
+    git, commit = committed_checkout(tmp_path, (*DEFINITIONS, "flows/retrain.py"))
+    check_checkout_is(commit, tmp_path)
     (tmp_path / edited).write_text("# edited, not committed\n")
-    with pytest.raises(SettingError, match=f"differ from PROTEIN_COMMIT={commit[:12]}'s"):
-        check_definitions_at(commit, tmp_path)
-    with pytest.raises(SettingError, match="PROTEIN_COMMIT=111111111111 is not in this checkout"):
-        check_definitions_at("1" * 40, tmp_path)
+    with pytest.raises(SettingError, match=f"^{edited} has changes not committed in {commit[:12]}: "):
+        check_checkout_is(commit, tmp_path)
+    git("add", edited)  # staged is not committed either
+    with pytest.raises(SettingError, match=f"^{edited} has changes not committed in {commit[:12]}: "):
+        check_checkout_is(commit, tmp_path)
 
 
 def committed_checkout(root: Path, files: tuple[str, ...] = ()) -> tuple[Callable[..., str], str]:
@@ -163,8 +165,8 @@ def test_deploy_refuses_a_commit_other_than_head_before_anything_else(
 
 def test_deploy_refuses_definitions_edited_since_the_pinned_commit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """PROTEIN_COMMIT set to HEAD passes the HEAD check with tracked files edited (only an unset one
-    needs a clean checkout): the definitions check is what stops an edited automations.yaml."""
+    """PROTEIN_COMMIT set to HEAD skips the clean-checkout check (only an unset one needs it): the
+    checkout check is what stops an edited automations.yaml, before anything reaches the server."""
     from deployments import deploy
 
     _, head = committed_checkout(tmp_path, DEFINITIONS)
@@ -175,4 +177,5 @@ def test_deploy_refuses_definitions_edited_since_the_pinned_commit(
         monkeypatch.setenv(name, value)
     assert deploy.main(["--check"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("deploy: this checkout's ") and f"differ from PROTEIN_COMMIT={head[:12]}'s" in err, err
+    assert err.startswith(f"deploy: deployments/automations.yaml has changes not committed in {head[:12]}: "), err
+    assert err.count("\n") == 1, err
