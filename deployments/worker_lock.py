@@ -7,7 +7,8 @@ The image installs exactly those (`pip install --require-hashes --no-deps`), so 
 versions the CPU host and CI tested, and two builds of one tag hold the same libraries. The CUDA
 variant takes the lock whole: PyPI's Linux torch wheel and the CUDA libraries it needs are in it.
 The CPU variant installs torch from PyTorch's CPU index first (other wheels, other hashes) and takes
-the lock without torch, torchvision and the packages only the CUDA wheel needs (triton, nvidia-*).
+the lock without torch, torchvision and the packages only the CUDA wheel needs (triton, nvidia-*,
+cuda-*).
 
 It runs in the image before the project is installed: the standard library only. Exit codes: 0
 printed, 2 an unknown variant (one line on stderr).
@@ -20,7 +21,7 @@ import sys
 
 VARIANTS = ("cpu", "cuda")
 # Installed from PyTorch's CPU index by the CPU variant, or needed only by PyPI's CUDA torch wheel.
-CPU_VARIANT_LEAVES_OUT = re.compile(r"^(torch|torchvision|triton|nvidia-[a-z0-9-]+)==", re.IGNORECASE)
+CPU_VARIANT_LEAVES_OUT = re.compile(r"^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==", re.IGNORECASE)
 
 
 def lock_for_variant(lock: str, variant: str) -> str:
