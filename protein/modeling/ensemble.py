@@ -167,8 +167,11 @@ def ensemble_thresholds(registry: Registry, model_ids: Sequence[str], data: Comp
     if all(is_fold_model(s) for s in specs):
         trained_on = {s.get("data_fingerprint") for s in specs}
         if len(trained_on) == 1 and trained_on != {data_fingerprint}:
+            # The fingerprint covers the test images and the template too: data whose train split is
+            # the folds' falls back as well. Safe (never tuned against relabelled rows), and said so.
             reason = (f"the folds were trained on data {trained_on.pop()}, not the data predicted "
-                      f"({data_fingerprint}); out-of-fold thresholds would be tuned against this data's labels")
+                      f"({data_fingerprint}), whose labels may differ under the same ids; the fingerprint "
+                      "covers the test images and template too")
         else:
             seed = fold_holdout(registry, model_ids[0], specs[0])["seed"]
             tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, seed, data_fingerprint)
