@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from protein.config import TrainConfig, from_dict, to_dict
+from protein.errors import DataError, ProteinError
 from protein.evaluation.metrics import evaluate_predictions
 from protein.evaluation.thresholds import cross_fit
 from protein.labels import LABELS
@@ -321,10 +322,12 @@ def fit(
     run_id: str,
     on_epoch: EpochCallback | None = None,
     on_batch: Callable[[int], None] | None = None,
+    data_fingerprint: str | None = None,
 ) -> FitResult:
     """Train for config.epochs, checkpointing every epoch under runs/<run_id>/ in the store.
 
-    If that run already has a checkpoint it resumes from the epoch after it. Batch order,
+    If that run already has a checkpoint it resumes from the epoch after it, only on the data it
+    was started on (``data_fingerprint``, recorded in the checkpoint). Batch order,
     augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
     uninterrupted one. With config.ema_half_life_epochs the moving average of the weights is
     what is evaluated and returned. An empty holdout (a refit on every row) skips evaluation:
@@ -345,14 +348,21 @@ def fit(
     if state is not None:
         saved = from_dict(TrainConfig, state["config"])
         if saved != config:
-            raise ValueError(
+            raise ProteinError(
                 f"run {run_id} was started with a different config; use a new --run-id "
                 f"(saved: {to_dict(saved)}, now: {to_dict(config)})"
             )
+        # Other data under the same run id (a push between two attempts of a standalone train, a
+        # rerun with --run-id): the weights would go on from rows the new split may hold out, and
+        # the scheduler's steps were counted for the old row count.
+        started_on = state.get("data_fingerprint")
+        if data_fingerprint is not None and started_on is not None and started_on != data_fingerprint:
+            raise DataError(f"run {run_id} was started on data {str(started_on)[:16]}, not this data "
+                            f"({data_fingerprint[:16]}): its weights trained on that data's rows; use a new --run-id")
         start_epoch = int(state["epoch"])
         if start_epoch < config.epochs:  # the last epoch's checkpoint has none: nothing trains after it
             if not {"optimizer", "scheduler"} <= state.keys():
-                raise ValueError(f"{record_location(store, checkpoint_key(run_id))}: the checkpoint of epoch "
+                raise ProteinError(f"{record_location(store, checkpoint_key(run_id))}: the checkpoint of epoch "
                                  f"{start_epoch} of {config.epochs} holds no optimizer state to continue from; "
                                  "use a new --run-id")
             optimizer.load_state_dict(state["optimizer"])
@@ -415,6 +425,7 @@ def fit(
             "ema": ema.state_dict() if ema is not None else {},
             **resumable,
             "config": to_dict(config),
+            "data_fingerprint": data_fingerprint,
             "class_names": list(LABELS),
             "history": [json.dumps(h) for h in history],
         }, expected_etag=checkpoint_etag)

@@ -13,7 +13,7 @@ from typing import Any
 
 from protein.config import TrainConfig, to_dict
 from protein.data import CompetitionData, fingerprint, load_competition
-from protein.errors import OutOfMemory, ProteinError, RankZeroError, TrainingFailed, is_out_of_memory
+from protein.errors import DataError, OutOfMemory, ProteinError, RankZeroError, TrainingFailed, is_out_of_memory
 from protein.evaluation.gate import ids_digest
 from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
@@ -112,6 +112,10 @@ def _train_and_register(
         # A retry after the version was registered (e.g. the task died while reporting):
         # the run is done, registering it twice would only duplicate the version.
         spec = registry.spec(finished)
+        if spec.get("data_fingerprint") != data_fingerprint:  # not this data's model, whatever the run id says
+            raise DataError(f"run {run_id} already registered {finished}, trained on data "
+                            f"{str(spec.get('data_fingerprint'))[:16]}, not this data ({data_fingerprint[:16]}); "
+                            "use a new --run-id")
         log.info("run %s already registered %s; not training again", run_id, finished)
         return {"model_id": finished, "path": f"{store.uri.rstrip('/')}/models/{finished}", "run_id": run_id,
                 "data_fingerprint": data_fingerprint, "metrics": summarize(spec.get("metrics", {})),
@@ -130,7 +134,8 @@ def _train_and_register(
         images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir)
     train_idx, holdout_idx = training_split(data, config)
     try:
-        result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch)
+        result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch,
+                     data_fingerprint=data_fingerprint)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise OutOfMemory(out_of_memory_message(exc, config, run_id, rank.world_size)) from exc

@@ -33,3 +33,15 @@ def test_an_event_naming_no_dataset_exits_2(retrain_fn, tmp_path: Path, capsys: 
     assert report_state(state, "python -m flows.retrain") == 2
     err = capsys.readouterr().err
     assert "event protein.dataset.pushed 1234: field payload.uri is " in err and err.count("\n") == 1, err
+
+
+def test_a_standalone_train_whose_batch_cannot_split_exits_2_before_reading_data(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It failed inside training, after the whole split was decoded, as a ValueError retried twice."""
+    from flows import train as train_module
+
+    monkeypatch.setattr(train_module, "train_model", lambda *args, **kwargs: pytest.fail("trained"))
+    state = train_module.train.fn(str(tmp_path), "r1", str(tmp_path), train=TrainParams(batch_size=32, accumulate=32))
+    assert report_state(state, "train") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train failed: train settings: ") and err.count("\n") == 1, err

@@ -1,3 +1,4 @@
+import dataclasses
 import threading
 
 import numpy as np
@@ -243,7 +244,47 @@ def test_only_a_checkpoint_that_training_continues_from_holds_the_optimizer_stat
         assert torch.equal(weight, again.model.state_dict()[name]), name
 
     save_checkpoint(store, "r2", {**seen[1], "epoch": 1})  # epoch 1 of 2, without the optimizer's state
-    with pytest.raises(ValueError, match=r"store/runs/r2/checkpoint\.pt: the checkpoint of epoch 1 of 2 holds no "
+    from protein.errors import DataError, ProteinError
+
+    with pytest.raises(ProteinError, match=r"store/runs/r2/checkpoint\.pt: the checkpoint of epoch 1 of 2 holds no "
                                          r"optimizer state to continue from; use a new --run-id"):
         fit(config, images, targets, np.arange(18), np.arange(18, 24), store, "r2")
     assert checkpoint_key("r2") in store.list("runs/")
+
+    # Another dataset under the run id (a push between two attempts of a standalone train): refused,
+    # one line, before a step; the same data resumes; a usage error (exit 2), never retried as transient.
+    three = dataclasses.replace(config, epochs=3)
+    save_checkpoint(store, "r3", {**seen[0], "config": seen[0]["config"] | {"epochs": 3}, "data_fingerprint": "a" * 32})
+    refused = r"^run r3 was started on data a{16}, not this data \(b{16}\): .* new --run-id$"
+    with pytest.raises(DataError, match=refused):
+        fit(three, images, targets, np.arange(18), np.arange(18, 24), store, "r3", data_fingerprint="b" * 32,
+            on_batch=lambda n: pytest.fail("trained on other data"))
+    resumed = fit(three, images, targets, np.arange(18), np.arange(18, 24), store, "r3", data_fingerprint="a" * 32)
+    assert resumed.resumed_from_epoch == 1
+    assert load_checkpoint(store, "r3")["data_fingerprint"] == "a" * 32
+
+
+def test_a_run_id_that_registered_a_model_of_other_data_is_refused_not_returned(tmp_path, monkeypatch):
+    """A rerun of a finished run id on other data (a push since, a reused --run-id) returned the old
+    model as this data's, its data_fingerprint written in the result as the new data's."""
+    from protein.config import TrainConfig
+    from protein.errors import DataError
+    from protein.pipeline import training
+    from tests.helpers import TINY_ARCH, write_dataset
+
+    class RegistryWithTheRun:
+        def __init__(self, store, actor=None):
+            pass
+
+        def find_by_run(self, run_id):
+            return "v-old" if run_id == "r1" else None
+
+        def spec(self, version):
+            return {"data_fingerprint": "0" * 32, "train_config": {"epochs": 1}, "metrics": {}}
+
+    monkeypatch.setattr(training, "Registry", RegistryWithTheRun)
+    monkeypatch.setattr(training, "load_split_images", lambda *args, **kwargs: pytest.fail("decoded after the refusal"))
+    data = write_dataset(tmp_path / "ds", {str(i): "0" for i in range(6)}, ["9"], size=8)
+    config = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=2, device="cpu")
+    with pytest.raises(DataError, match=r"^run r1 already registered v-old, trained on data 0{16}, not this data "):
+        training.train_and_register(data, str(tmp_path / "store"), config, run_id="r1")
