@@ -15,8 +15,8 @@ alerts and the zombie-run detection) with the webhook block, and checks what the
 
 Settings (environment variables of the deploying shell):
   PROTEIN_REPOSITORY         git URL the workers clone the code from (required)
-  PROTEIN_COMMIT             commit to run, which must be this checkout's HEAD, its code folders unedited; default: HEAD,
-                             which must be clean
+  PROTEIN_COMMIT             commit to run: this checkout's HEAD, its code folders unedited (default: HEAD,
+                             which must be clean)
   PROTEIN_STORE              s3://bucket/prefix of the store every host shares (required)
   PROTEIN_ALERT_WEBHOOK_URL  where the automations' notifications are POSTed (required)
   PROTEIN_GPU_SLOTS          GPUs across all gpu-pool workers = gpu pool concurrency (default 1)
