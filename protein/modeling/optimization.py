@@ -22,7 +22,9 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         p_t = torch.exp(-bce)
-        return ((1 - p_t) ** self.gamma * bce).mean()
+        # Floored: at a confident logit p_t rounds to 1, and (1 - p_t) ** gamma with gamma < 1 has an
+        # infinite derivative at 0 (a NaN gradient from a loss of ~0.005).
+        return ((1 - p_t).clamp_min(1e-12) ** self.gamma * bce).mean()
 
 
 def make_loss(config: TrainConfig) -> nn.Module:

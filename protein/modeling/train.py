@@ -312,6 +312,12 @@ def epoch_batches(config: TrainConfig, images: np.ndarray, targets: np.ndarray, 
     return batches, generators
 
 
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is a finite number: one reduction per parameter, one device sync."""
+    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(checks).all().item()) if checks else True
+
+
 def fit(
     config: TrainConfig,
     images: np.ndarray,
@@ -386,13 +392,17 @@ def fit(
         # this frame alive while the error is kept, and Prefect retries in this process.
         with contextlib.closing(batches):
             stats = run.train_epoch(config, batches, device, generators, on_batch)
-        if not math.isfinite(stats["train_loss"]):
+        # The epoch's loss is each step's before its update: the weights the last step left are
+        # checked too (one device sync an epoch).
+        if not math.isfinite(stats["train_loss"]) or not weights_finite(model):
             # Before its checkpoint: NaN weights written there would be resumed, and registered by a
             # refit (no holdout to catch them), with metrics that are not this model's.
             from protein.errors import TrainingDiverged
 
-            raise TrainingDiverged(f"training run {run_id} diverged at epoch {epoch + 1}: the training loss is "
-                                   f"{stats['train_loss']}; nothing of this epoch was kept and nothing is registered. "
+            what = (f"the training loss is {stats['train_loss']}" if not math.isfinite(stats["train_loss"])
+                    else "its weights after the epoch's last step are not finite numbers")
+            raise TrainingDiverged(f"training run {run_id} diverged at epoch {epoch + 1}: {what}; "
+                                   "nothing of this epoch was kept and nothing is registered. "
                                    f"Lower the learning rate (lr {config.lr:g}, lr_scaling {config.lr_scaling}) "
                                    f"or the weight decay ({config.weight_decay:g}), in a new run")
         distributed.sync_from_main(model, device)

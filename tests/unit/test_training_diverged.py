@@ -50,3 +50,49 @@ def test_a_loss_that_is_no_longer_a_number_stops_the_run_registering_nothing(
     assert epochs_run == [1, 2] and not (store / "models").exists()
     checkpoint = load_checkpoint(open_store(str(store)), "r-nan")
     assert checkpoint is not None and checkpoint["epoch"] == 1  # the last finite epoch, never the NaN one
+
+
+def test_weights_the_last_step_left_not_finite_stop_the_run_before_their_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The epoch's loss is each step's before its update: an epoch whose last step broke the weights
+    reported a finite loss, and its NaN weights were checkpointed (and registered on the last epoch)."""
+    import torch
+
+    from protein.cli import main
+    from protein.modeling.checkpoints import load_checkpoint
+    from protein.storage import open_store
+
+    real = train_module.Training.train_epoch
+    epochs_run: list[int] = []
+
+    def last_step_breaks(self, config, batches, device, generators, on_batch=None):  # noqa: ANN001, ANN202
+        stats = real(self, config, batches, device, generators, on_batch)
+        epochs_run.append(len(epochs_run) + 1)
+        if len(epochs_run) == 2:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(math.nan)
+        return stats
+
+    monkeypatch.setattr(train_module.Training, "train_epoch", last_step_breaks)
+    data = write_dataset(tmp_path / "ds", {str(i): str(i % 10) for i in range(20)}, ["900"], size=16)
+    store = tmp_path / "store"
+    code = main(["train", "--data", str(data), "--store", str(store), "--arch", TINY_ARCH, "--device", "cpu",
+                 "--image-size", "16", "--epochs", "2", "--batch-size", "4", "--run-id", "r-nan-weights"])
+    err = capsys.readouterr().err
+    assert code == TrainingDiverged.exit_code, err
+    assert "training run r-nan-weights diverged at epoch 2: its weights after the epoch's last step are not " \
+           "finite numbers" in err and "Traceback" not in err
+    assert not (store / "models").exists()
+    assert load_checkpoint(open_store(str(store)), "r-nan-weights")["epoch"] == 1
+
+
+def test_focal_loss_gradients_stay_finite_at_confident_logits_for_every_gamma() -> None:
+    import torch
+
+    from protein.modeling.optimization import FocalLoss
+
+    for gamma in (0.0, 0.5, 1.0, 2.0):
+        logits = torch.tensor([[20.0, -20.0, 0.3]], requires_grad=True)
+        loss = FocalLoss(gamma)(logits, torch.tensor([[1.0, 0.0, 1.0]]))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logits.grad).all(), (gamma, logits.grad)
