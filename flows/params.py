@@ -12,6 +12,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from protein.config import DEFAULT_IMAGE_SIZE, GateConfig, TrainConfig, recipe_config
+from protein.errors import ProteinError
 from protein.validation import ValidationConfig
 from tasks.dispatch import DispatchConfig
 from tasks.liveness import LOWEST_LOST_AFTER_S
@@ -112,6 +113,15 @@ class TrainParams(BaseModel):
         config = self.to_config()
         check_batch_split(config, self.nproc)
         return config
+
+    def refusal(self) -> State | None:
+        """The Failed state a flow returns first when these settings cannot train (checked_config's
+        refusal, with the CLI's usage exit code), before any data is read; None when they can."""
+        try:
+            self.checked_config()
+        except ValueError as exc:
+            return failed(f"train settings: {exc}; nothing was run", ProteinError.exit_code)
+        return None
 
 
 class DispatchParams(BaseModel):

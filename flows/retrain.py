@@ -116,10 +116,9 @@ def retrain(
         allow_older_data: promote even when the challenger's data is older (in the channel's push
             order) than the champion's; the promotion records that this run allowed it
     """
-    try:  # the form checks each field; the config the bounds across them (batch, accumulate and nproc, device)
-        train.checked_config()
-    except ValueError as exc:
-        return failed(f"train settings: {exc}; nothing was run", ProteinError.exit_code)  # usage, as the CLI
+    # The form checks each field; the config the bounds across them (batch, accumulate and nproc, device).
+    if refused := train.refusal():
+        return refused
     logger = get_run_logger()
     route_library_logs()
     if trigger_event and (problem := dataset_uri_problem(data)):

@@ -7,8 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import TrainParams, failed, route_library_logs
-from protein.errors import ProteinError
+from flows.params import TrainParams, route_library_logs
 from protein.locations import default_store_uri
 from protein.modeling.devices import DevicePolicy
 from tasks.liveness import pulsing
@@ -35,14 +34,12 @@ def train(data: str, run_id: str, store: str | None = None, train: TrainParams =
         pulse_seconds: send a protein.flow-run.pulse event this often while training (the dispatch
             that started this run sets it from its lost-after bound); empty: none
     """
-    try:  # before any data is read or decoded: the global batch must split over ranks and accumulation
-        config = train.checked_config()
-    except ValueError as exc:
-        return failed(f"train settings: {exc}; nothing was run", ProteinError.exit_code)
+    if refused := train.refusal():  # before any data is read or decoded
+        return refused
     with pulsing(pulse_seconds):
         route_library_logs()
         # Which checkout ran: on a worker host this is the pull step's clone of the pinned commit.
         get_run_logger().info("train flow code: %s", Path(__file__).resolve())
         policy = DevicePolicy.from_env(allow_cpu=allow_cpu)  # read on the worker at run time
-        return train_model(data, store or default_store_uri(), config, run_id, train.share_cache, policy,
+        return train_model(data, store or default_store_uri(), train.to_config(), run_id, train.share_cache, policy,
                            expected_fingerprint, train.nproc)
