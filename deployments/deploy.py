@@ -184,15 +184,21 @@ def check_checkout_is(commit: str, repo: Path) -> None:
         raise SettingError(f"PROTEIN_COMMIT={commit[:12]} is not this checkout's HEAD ({head.stdout.strip()[:12]}): "
                            "`prefect deploy` registers the flows of the checkout it runs in; check out the commit, "
                            "or leave PROTEIN_COMMIT unset to deploy HEAD")
-    if files := [name for name in changed.stdout.split("\0") if name]:
-        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
-        raise SettingError(f"{files[0]}{more} has changes not committed in {commit[:12]}: `prefect deploy` would "
+    if files := first_of(changed.stdout):
+        raise SettingError(f"{files} has changes not committed in {commit[:12]}: `prefect deploy` would "
                            "register this checkout's version, while workers run the commit's; commit and push them "
                            "and deploy that commit, or stash them")
-    if files := [name for name in untracked.stdout.split("\0") if name]:
-        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
-        raise SettingError(f"{files[0]}{more} is untracked in this checkout: `prefect deploy` would import it here, "
+    if files := first_of(untracked.stdout):
+        raise SettingError(f"{files} is untracked in this checkout: `prefect deploy` would import it here, "
                            f"but workers clone {commit[:12]} without it; commit and push it, or remove it")
+
+
+def first_of(listing: str) -> str:
+    """The first path of git's NUL-separated ``listing`` and how many more ("" for none)."""
+    files = [name for name in listing.split("\0") if name]
+    if not files:
+        return ""
+    return files[0] + (f" (and {len(files) - 1} more)" if len(files) > 1 else "")
 
 
 def prefect(*args: str, env: Mapping[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
