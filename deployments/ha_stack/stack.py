@@ -91,6 +91,22 @@ def start_api(root: Path, env: Mapping[str, str], index: int, ui: bool) -> Daemo
     return start_listening(f"prefect API {index}", launch, lambda port: http_ok(f"http://127.0.0.1:{port}/api/health"))
 
 
+# Flow runs (with their task runs, logs and artifacts) kept this long after they end. Prefect's
+# default deletes old events only: every night's retrain, its children and their artifacts stayed
+# in the database for good, growing it, its nightly dump and the UI's run lists for as long as the
+# pipeline ran. Nothing in the pipeline reads a run this old (push order, champions and gate records
+# live in the store).
+RUN_HISTORY_KEPT_DAYS = 90
+
+
+def run_history_retention(days: int = RUN_HISTORY_KEPT_DAYS) -> dict[str, str]:
+    """The settings of the services process (and, harmlessly, the APIs) that have Prefect's database
+    vacuum delete finished top-level flow runs ``days`` after they end, children and all, besides
+    old events (its default); orphaned logs and artifacts are swept daily with them."""
+    return {"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(days * 24 * 3600)}
+
+
 def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: bool = False,
                      scheduler: bool = False, api_count: int = 2) -> HAPrefect:
     """A stack on a new database of ``pg`` with a Redis of its own. ``base_env``: what every
@@ -113,6 +129,7 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         # that much longer before a replacement API answers.
         "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
+        **run_history_retention(),
         **redis_settings("127.0.0.1", redis.port),
     })
     started: list[Daemon] = [redis]
