@@ -1,7 +1,9 @@
-"""Atomic local writes: readers see the old file or the new one, never half of it."""
+"""Atomic local writes: readers see the old file or the new one, never half of it; durable ones also
+survive a power loss."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -23,26 +25,61 @@ def _create_beside(path: Path) -> Path:
         return tmp
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush `folder`'s entries to disk. A rename lives in the folder, not in the file: until the folder
+    is fsynced, a power loss can undo an os.replace whose file data was already fsynced (a promoted
+    champion.json reverting to the previous champion)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some network and FUSE filesystems cannot fsync a folder: the rename is then as durable as
+        # that filesystem makes it, which is no reason to fail a write that succeeded.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(folder: Path) -> None:
+    """`mkdir -p` that also fsyncs the folder above each one it creates: a new folder's own entry is
+    lost to a power loss just as a renamed file's is, and takes every object under it along."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        fsync_dir(created.parent)
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on error it vanishes."""
+def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path`, on error it vanishes.
+    ``durable=False`` is for caches, which a power loss may roll back: their next use rebuilds them,
+    so they skip the folder fsyncs."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if durable:
+        make_dirs_durably(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+def write_text_atomic(path: Path, text: str, *, durable: bool = True) -> None:
+    write_bytes_atomic(path, text.encode(), durable=durable)

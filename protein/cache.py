@@ -288,7 +288,7 @@ class ImageCache:
         rels = [f"{folder}/{i}.png" for i in image_ids]
         self.root.mkdir(parents=True, exist_ok=True)
         array_path, meta_path = self.paths(key)
-        with atomic_path(array_path) as tmp:
+        with atomic_path(array_path, durable=False) as tmp:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.uint8, shape=(len(rels), image_size, image_size, 3)
             )
@@ -297,7 +297,8 @@ class ImageCache:
             del out
         write_text_atomic(meta_path, json.dumps({"ids": image_ids, "key": key.__dict__,
                                                  "sha256": sha256_file(array_path),
-                                                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}))
+                                                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}),
+                          durable=False)
         log.info("image cache built: %s (%d images)", key.name, len(image_ids))
         enforce_cache_budget(self.root, keep=[f"images/{key.name}"])
         if shared is not None:

@@ -133,7 +133,7 @@ class HashCache:
     def _save(self, entries: dict[str, list]) -> None:
         try:
             doc = {"version": HASH_CACHE_VERSION, "algorithm": self.algorithm, "entries": entries}
-            write_bytes_atomic(self.path, json.dumps(doc).encode())
+            write_bytes_atomic(self.path, json.dumps(doc).encode(), durable=False)
         except OSError as exc:  # a read-only cache only costs speed
             log.warning("could not write the hash cache %s: %s", self.path, exc)
 

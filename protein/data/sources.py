@@ -303,7 +303,8 @@ class ZipSource(DatasetSource):
         from protein.atomic import write_bytes_atomic
 
         try:
-            write_bytes_atomic(cache_path, json.dumps({k: [v.size, v.md5] for k, v in out.items()}).encode())
+            write_bytes_atomic(cache_path, json.dumps({k: [v.size, v.md5] for k, v in out.items()}).encode(),
+                               durable=False)
         except OSError as exc:
             log.warning("could not write the hash cache %s: %s", cache_path, exc)
         return out

@@ -17,6 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
+from protein.atomic import fsync_dir, make_dirs_durably
 from protein.errors import NotFound, PreconditionFailed, StoreError
 from protein.storage.base import (
     ObjectInfo,
@@ -116,16 +117,19 @@ class LocalStore:
 
     def _commit(self, key: str, tmp: Path, digest: str) -> None:
         # Caller holds the exclusive lock. Sidecar first: a crash in between leaves a mismatch that
-        # reads report, never an unverified new object.
+        # reads report, never an unverified new object. Each rename's folder is fsynced before the
+        # next step, so a power loss keeps that order too, and a write that returned stays written.
         target = self._path(key)
         if target.is_dir():
             raise StoreError(f"{self._uri(key)}: a folder of other objects has this name")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(target.parent)
         sidecar = self._sidecars / key
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(sidecar.parent)
         side_tmp, _ = self._write_temp(f"{digest}\n".encode("ascii"))
         os.replace(side_tmp, sidecar)
+        fsync_dir(sidecar.parent)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
 
     def _prune_empty_dirs(self, start: Path, stop: Path) -> None:
         # Leftover empty folders would block a later object with the folder's name.
@@ -223,6 +227,7 @@ class LocalStore:
                     os.fsync(dst.fileno())
                 verify(self._uri(key), expected, actual)
                 os.replace(tmp, path)
+                fsync_dir(path.parent)  # callers commit on it (a model.json written beside these weights)
             finally:
                 tmp.unlink(missing_ok=True)
         return actual

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from protein.atomic import fsync_dir
 from protein.errors import NotFound, PreconditionFailed, StoreError
 from protein.storage import s3_errors
 from protein.storage.base import (
@@ -420,6 +421,7 @@ class S3Store(RawObjectReads):
             actual = digest.hexdigest()
             verify(self._uri(key), expected, actual)
             os.replace(tmp, path)
+            fsync_dir(path.parent)  # callers commit on it (a model.json written beside these weights)
         finally:
             tmp.unlink(missing_ok=True)
         return actual

@@ -172,7 +172,7 @@ def sync_down(store: Any, prefix: str, keys: set[str], mirror: Path, folder: Pat
         downloaded += 1
         target.write_bytes(data)
         try:
-            write_bytes_atomic(cached, data)
+            write_bytes_atomic(cached, data, durable=False)
         except OSError as exc:  # a run on this host pruned its folder meanwhile: fetched again next time
             log.debug("not mirrored: %s (%s)", cached, exc)
     if downloaded:
@@ -225,5 +225,5 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:  # another filesystem, or links not allowed
         # Through a temp file: a copy cut short (a full disk, a kill) under the final name would be
         # trusted as complete by every later run, which skips a mirror file that exists.
-        with atomic_path(target) as tmp:
+        with atomic_path(target, durable=False) as tmp:
             shutil.copyfile(source, tmp)
