@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from protein.errors import PreconditionFailed, StoreError
+from protein.errors import PreconditionFailed, RecordError, StoreError
 from protein.storage.base import Store, logger
 
 # An endpoint without conditional writes can still be used when the user says so (then concurrent
@@ -34,12 +34,28 @@ def require_conditional_writes(store: Store, endpoint: str = "") -> bool:
     return _probe(store, endpoint)
 
 
+def _create_probe(store: Store, probe: str, body: bytes) -> None:
+    """Write the probe create-only. A write that landed but whose answer was lost (a read timeout) is
+    retried by the client, and the retry meets the write itself (412): recognised by its body, it
+    holds. It was refused as "already exists" on a key that was random and new, failing the check
+    and leaving the probe behind."""
+    try:
+        store.put_bytes(probe, body, if_none_match=True)
+    except PreconditionFailed:
+        try:
+            found = store.get_bytes(probe, max_bytes=len(body))
+        except (StoreError, RecordError):  # gone, unreadable or larger: not this probe
+            found = None
+        if found != body:
+            raise
 def _probe(store: Store, endpoint: str) -> bool:
     # A fresh key per check: two hosts checking at once never see each other's probe.
-    probe = f"{PROBE_PREFIX}/conditional-write-{secrets.token_hex(8)}"
+    token = secrets.token_hex(8)
+    probe = f"{PROBE_PREFIX}/conditional-write-{token}"
+    body = f"conditional-write probe {token}".encode()
     missing = None
     try:
-        store.put_bytes(probe, b"probe", if_none_match=True)
+        _create_probe(store, probe, body)
     except StoreError as exc:
         if " access denied: " not in str(exc):
             raise
@@ -48,7 +64,7 @@ def _probe(store: Store, endpoint: str) -> bool:
         return False
     try:
         try:
-            store.put_bytes(probe, b"probe again", if_none_match=True)
+            store.put_bytes(probe, body + b" again", if_none_match=True)
             missing = "If-None-Match (create-only writes)"
         except PreconditionFailed:
             pass
@@ -62,7 +78,7 @@ def _probe(store: Store, endpoint: str) -> bool:
         try:
             store.delete(probe)
         except StoreError as exc:
-            # The capability is proven either way; a leftover 5-byte probe is harmless and
+            # The capability is proven either way; a leftover probe of a few bytes is harmless and
             # `protein models gc` removes old ones.
             logger.warning("could not remove the conditional-write probe: %s", exc)
     if missing is not None:

@@ -61,6 +61,9 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
+    # It reads its probe back when the create-only PUT's answer was lost and the client's retry met the
+    # probe itself (412): without the read, that 412 failed the store check before training.
+    assert root + "probes/*" in grants("trainer", "s3:GetObject")
     # The orchestrator writes reports, gates, submissions and the pointer; never models or datasets.
     assert sorted(grants("orchestrator", "s3:PutObject")) == sorted(
         [root + p for p in ("validation/*", "gates/*", "reports/*", "submissions/*")]
