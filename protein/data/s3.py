@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protein.atomic import write_bytes_atomic
 from protein.cache_budget import EntryHold, download_lock, enforce_cache_budget, max_cache_bytes, touch
-from protein.data.digests import FileDigest, data_cache_dir, hash_file, md5_file
+from protein.data.digests import FileDigest, cache_file_for, data_cache_dir, hash_file, md5_file
 from protein.data.layout import EXPECTED_LAYOUT, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, resolve_layout
 from protein.data.manifest import DATASET_MANIFEST, MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
 from protein.data.sources import DatasetSource, ZipSource
@@ -270,26 +272,63 @@ class S3Source(DatasetSource):
                 children.setdefault("".join(f"{p}/" for p in parts[:depth]), set()).add(part)
         layout = resolve_layout(lambda rel: rel in listed, lambda d: sorted(children.get(d, ())), self.description,
                                 strict=True)
-        files: dict[str, RemoteFile] = {}
-        # An encrypted bucket's (SSE-KMS) ETags are not MD5s: taken as such, the fingerprint would
-        # be another than the same files' anywhere else, and a push would find every file "changed
-        # while being pushed". One HEAD of train.csv tells; then the MD5s come from the bytes.
-        etags_are_md5 = self._s3().etag_is_md5(listed[layout.root + TRAIN_CSV].key)
-
-        def add(logical: str, physical: str) -> None:
-            o = listed[physical]
-            match = MD5_ETAG.match(o.etag) if etags_are_md5 else None
-            files[logical] = RemoteFile(o.key, o.size, o.etag, match.group(1) if match else None)
-
-        add(TRAIN_CSV, layout.root + TRAIN_CSV)
+        physical: dict[str, str] = {TRAIN_CSV: layout.root + TRAIN_CSV}
         if layout.template is not None:
-            add(SAMPLE_SUBMISSION_CSV, layout.template)
+            physical[SAMPLE_SUBMISSION_CSV] = layout.template
         for folder in (TRAIN_DIR, TEST_DIR):
             inside = f"{layout.root}{folder}/"
             for name in listed:
                 if name.startswith(inside) and "/" not in name[len(inside) :] and name != inside:
-                    add(f"{folder}/{name[len(inside):]}", name)
+                    physical[f"{folder}/{name[len(inside):]}"] = name
+        md5_etags = self._md5_etags([listed[name] for name in physical.values()])
+        files: dict[str, RemoteFile] = {}
+        for logical, name in physical.items():
+            o = listed[name]
+            files[logical] = RemoteFile(o.key, o.size, o.etag, md5_etags.get(o.key))
         return files
+
+    def _md5_etags(self, objects: list[ListedObject]) -> dict[str, str]:
+        """The MD5 each object's ETag gives, for the objects whose ETag is one.
+
+        An encrypted object's (SSE-KMS, SSE-C) ETag looks like an MD5 but is not one: taken as such, the
+        fingerprint is another than the same files' anywhere else, and a push finds the file "changed
+        while being pushed". Encryption is per object (a bucket's default switched to KMS later, images
+        synced with --sse aws:kms), and the listing does not show it, so each single-part object gets a
+        HEAD; a multipart ETag ("-N") is no MD5 whatever the encryption. Trusting the ETags and
+        re-hashing at push only where the bytes disagree would mend the push but not the fingerprint
+        that validation and training take from the listing. What a HEAD said is kept per (key, ETag)
+        (an object rewritten gets a new ETag), so a prefix costs its HEADs once per host."""
+        single_part = {o.key: (o.etag, match.group(1)) for o in objects if (match := MD5_ETAG.match(o.etag))}
+        cache_path = cache_file_for(self.cache_root, "s3-etags", ["s3", self.bucket, self.prefix])
+        try:
+            cached = json.loads(cache_path.read_text())
+            touch(cache_path)  # a hit is a use: else the size bound evicts it first and every HEAD is redone
+        except (OSError, ValueError):
+            cached = {}
+        known: dict[str, bool] = {}
+        for key, (etag, _) in single_part.items():
+            entry = cached.get(key) if isinstance(cached, dict) else None
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] == etag and isinstance(entry[1], bool):
+                known[key] = entry[1]
+        todo = [key for key in single_part if key not in known]
+        if todo:
+            store = self._s3()
+
+            def etag_is_md5(key: str) -> bool:
+                try:
+                    return store.etag_is_md5(key, single_part[key][0])
+                except NotFound:  # deleted since the listing: its download says so
+                    return False
+
+            with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+                known.update(zip(todo, pool.map(etag_is_md5, todo), strict=True))
+            try:
+                write_bytes_atomic(cache_path, json.dumps({key: [single_part[key][0], is_md5]
+                                                           for key, is_md5 in known.items()}).encode(),
+                                   durable=False)
+            except OSError as exc:  # a read-only cache only costs the HEADs again
+                log.warning("could not write the ETag cache %s: %s", cache_path, exc)
+        return {key: md5 for key, (_, md5) in single_part.items() if known[key]}
 
     def _from_manifest(self, listed: dict[str, ListedObject]) -> tuple[dict[str, RemoteFile], dict[str, Any]]:
         info = listed[MANIFEST]

@@ -52,9 +52,13 @@ class RawObjectReads:
                 dest.write(chunk)
         return str(response.get("ETag", ""))
 
-    def etag_is_md5(self, key: str) -> bool:
+    def etag_is_md5(self, key: str, etag: str | None = None) -> bool:
         """Whether the object's (single-part) ETag is the MD5 of its bytes: not under SSE-KMS or
-        with a customer key (SSE-C), where a listing's ETag says nothing about the bytes. One HEAD."""
+        with a customer key (SSE-C), where a listing's ETag says nothing about the bytes. One HEAD.
+        With ``etag`` (the listing's), also False when the object is no longer that version: the
+        HEAD then describes another."""
         with self._translating(key, operation="HeadObject"):
             head = self._client().head_object(Bucket=self.bucket, Key=key)
+        if etag is not None and head.get("ETag") != etag:
+            return False
         return head.get("ServerSideEncryption") not in OPAQUE_ETAG_ENCRYPTION and not head.get("SSECustomerAlgorithm")

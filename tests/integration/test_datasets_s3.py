@@ -94,6 +94,28 @@ def test_an_encrypted_prefix_takes_its_md5s_from_the_bytes_not_the_etags(kaggle,
     assert all(remote.md5 is not None for remote in open_dataset(f"s3://{bucket}/plain/").files.values())
 
 
+def test_a_prefix_encrypted_differently_per_object_takes_each_etag_for_what_it_is(kaggle, bucket, cache, monkeypatch):
+    """train.csv under SSE-S3 and the images under SSE-KMS (a bucket's default switched to KMS later):
+    one HEAD of train.csv took every image's ETag for an MD5, so the fingerprint was another than the
+    same files' elsewhere, and a push from the prefix failed with "changed while being pushed"."""
+    client = boto3.client("s3")
+    for path in sorted(kaggle.rglob("*")):
+        if path.is_file():
+            extra = {} if path.suffix == ".csv" else {"ExtraArgs": {"ServerSideEncryption": "aws:kms"}}
+            client.upload_file(str(path), bucket, "mixed/" + path.relative_to(kaggle).as_posix(), **extra)
+    source = open_dataset(f"s3://{bucket}/mixed/")
+    assert source.files["train.csv"].md5 is not None
+    images = [name for name in source.files if name.endswith(".png")]
+    assert images and all(source.files[name].md5 is None for name in images)
+    assert fingerprint(source) == fingerprint(open_dataset(kaggle))
+    csv = source.files["train.csv"]
+    assert S3Store(bucket).etag_is_md5(csv.key, csv.etag)
+    assert not S3Store(bucket).etag_is_md5(csv.key, '"' + "0" * 32 + '"')  # a HEAD of another version
+    # What each HEAD said is kept per key and ETag: the prefix opened again asks nothing.
+    monkeypatch.setattr(S3Store, "etag_is_md5", lambda *args: pytest.fail("HEAD repeated"))
+    assert open_dataset(f"s3://{bucket}/mixed/").files == source.files
+
+
 def test_decode_worker_processes_read_an_s3_dataset(kaggle, bucket, cache, monkeypatch):
     import numpy as np
 
