@@ -265,11 +265,12 @@ def retrain(
     try:
         submission = submission_uri(data, store, run_id, champion, report["data_fingerprint"], score_deployment,
                                     dispatch)
-    except (RuntimeError, EvidenceRefused, FingerprintMismatch) as exc:
-        message = f"{exc} (the gate's decision stands: champion is {champion})"
+    except Exception as exc:  # the store down past retries, a bad record, an OOM: the promotion above still stands
+        reason = str(exc) if isinstance(exc, (ProteinError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+        message = f"{reason} (the gate's decision stands: champion is {champion})"
         publish_run_summary({**summary, "outcome": f"{outcome}; no submission", "champion_after": champion,
                              "gate": decision, "links": links, "message": message})
-        return Failed(message=message)
+        return failed(message, getattr(exc, "exit_code", 1))
     publish_run_summary({**summary, "outcome": outcome, "champion_after": champion, "gate": decision,
                          "links": {**links, "submission": submission}})
     return {**result, "submission": submission}

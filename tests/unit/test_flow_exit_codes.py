@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flows import retrain as retrain_module
 from flows.params import TrainParams, report_state
+from protein.errors import EvidenceRefused, FingerprintMismatch, RecordError, StoreError
 
 
 @pytest.fixture
@@ -45,3 +47,60 @@ def test_a_standalone_train_whose_batch_cannot_split_exits_2_before_reading_data
     assert report_state(state, "train") == 2
     err = capsys.readouterr().err
     assert err.startswith("train failed: train settings: ") and err.count("\n") == 1, err
+
+
+class Promoted:
+    """retrain's tasks faked up to a gate that passed challenger v2 over champion v1: what the flow
+    body does after them runs as written."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.summaries: list[dict[str, Any]] = []
+        fakes: dict[str, Any] = {
+            "get_run_logger": lambda: logging.getLogger("retrain"),
+            "definition_gate_of_this_run": lambda: None,
+            "resolve_dataset": lambda data, *args: {"uri": data, "channel": None, "trigger_sequence": None,
+                                                    "sequence": None, "fingerprint": None},
+            "current_champion": lambda store: "v1",
+            "validate_data": lambda *args: {"data_fingerprint": "f" * 64, "report_uri": "file:///r.html",
+                                            "success": True, "failures": []},
+            "flow_training_run_id": lambda *args: "ffffffff-run",
+            "train_model": lambda *args, **kwargs: {"model_id": "v2"},
+            "earlier_gate_decision": lambda store, challenger: None,
+            "gate_evaluation": lambda *args: {"challenger": {}, "champion": {}},
+            "champion_data_fingerprint": lambda store, champion: "e" * 64,
+            "data_push_order": lambda *args: {"channel": "", "challenger_sequence": None, "champion_sequence": None},
+            "gate": lambda *args: {"promote": True, "reasons": ["v2 beats v1"], "record_uri": "file:///g.json",
+                                   "challenger_score": 0.6, "champion_score": 0.5},
+            "promote_model": lambda store, challenger, *args, **kwargs: {"champion": challenger},
+            "publish_run_summary": self.summaries.append,
+        }
+        for name, fake in fakes.items():
+            monkeypatch.setattr(retrain_module, name, fake)
+
+
+@pytest.mark.parametrize(("error", "exit_code"), [
+    (StoreError("s3://bucket/models/v2/model.safetensors: unreachable after 5 tries"), 3),
+    (RecordError("s3://bucket/models/v2/model.json: not JSON"), 8),
+    (FingerprintMismatch("the data changed since it was validated"), 2),
+    (EvidenceRefused("the score host's probabilities do not check out"), 3),
+    (RuntimeError("score-predict on the gpu pool failed"), 1),
+    (KeyError("rows"), 1),
+])
+def test_a_submission_that_fails_after_a_promotion_says_the_champion_and_keeps_the_summary(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        error: Exception, exit_code: int) -> None:
+    """A StoreError (S3 down past its retries) escaped the flow: no retrain-summary, and the alert's
+    body was the S3 error alone, never the champion the gate's promotion left serving."""
+    promoted = Promoted(monkeypatch)
+
+    def submission_fails(*args: Any) -> str:
+        raise error
+
+    monkeypatch.setattr(retrain_module, "submission_uri", submission_fails)
+    state = retrain_module.retrain.fn(str(tmp_path / "data"), str(tmp_path / "store"))
+    assert state.is_failed() and state.message.endswith("(the gate's decision stands: champion is v2)"), state.message
+    assert report_state(state, "python -m flows.retrain") == exit_code
+    assert capsys.readouterr().err.count("\n") == 1
+    [summary] = promoted.summaries
+    assert (summary["outcome"], summary["champion_after"], summary["message"]) == (
+        "promoted; no submission", "v2", state.message)
