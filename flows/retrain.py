@@ -333,7 +333,7 @@ def lost_promotion(store: str, challenger: str, conflict: PromotionConflict, sum
                    f"records could not say so ({exc}): gates/by-data/ may still call this data promoted")
     publish_run_summary({**summary, "outcome": "gate passed, promotion lost", "champion_after": winner(store),
                          "gate": {**decision, "verdict": "passed, promotion lost to another"}, "message": message})
-    return Failed(message=message)
+    return failed(message, conflict.exit_code)
 
 
 def trigger_event_id(trigger_event: str | None) -> str | None:

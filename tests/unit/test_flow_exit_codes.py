@@ -11,7 +11,7 @@ import pytest
 
 from flows import retrain as retrain_module
 from flows.params import TrainParams, report_state
-from protein.errors import EvidenceRefused, FingerprintMismatch, RecordError, StoreError
+from protein.errors import EvidenceRefused, FingerprintMismatch, PromotionConflict, RecordError, StoreError
 
 
 @pytest.fixture
@@ -104,3 +104,24 @@ def test_a_submission_that_fails_after_a_promotion_says_the_champion_and_keeps_t
     [summary] = promoted.summaries
     assert (summary["outcome"], summary["champion_after"], summary["message"]) == (
         "promoted; no submission", "v2", state.message)
+
+
+def test_a_promotion_that_lost_its_compare_and_swap_exits_5(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/cli.md: 5 is a promotion conflict; the flow's bare Failed ended the command line in 1."""
+    promoted = Promoted(monkeypatch)
+    withdrawn: list[str] = []
+
+    def another_promotion_won(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise PromotionConflict("the champion is v3, not v1")
+
+    monkeypatch.setattr(retrain_module, "promote_model", another_promotion_won)
+    monkeypatch.setattr(retrain_module, "withdraw_gate_pass",
+                        lambda store, challenger, why: withdrawn.append(challenger))
+    monkeypatch.setattr(retrain_module, "submission_uri", lambda *args: pytest.fail("submitted after a lost promotion"))
+    state = retrain_module.retrain.fn(str(tmp_path / "data"), str(tmp_path / "store"))
+    assert report_state(state, "python -m flows.retrain") == 5
+    err = capsys.readouterr().err
+    assert err.startswith("python -m flows.retrain failed: PromotionConflict: the champion is v3, not v1; the gate "
+                          "passed v2, which does not serve") and err.count("\n") == 1, err
+    assert withdrawn == ["v2"] and promoted.summaries[-1]["outcome"] == "gate passed, promotion lost"
