@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.cli import run_with_prefect
+from flows.cli import checked_params, run_with_prefect
 from flows.params import GateParams, TrainParams, ValidationParams
 from flows.retrain import retrain
 from protein.config import SynthConfig
@@ -104,9 +104,16 @@ def ensure_dataset(work: Path) -> tuple[Path, Path | None]:
     return dataset, truth if truth.exists() else None
 
 
-def run_demo(args: argparse.Namespace, work: Path, dataset: Path, truth: Path | None) -> int:
+def demo_train_params(epochs: int, image_size: int) -> TrainParams:
+    """DEMO_TRAIN with the options' values, validated (model_copy does not validate: `--epochs 0`
+    started a server and failed the run, exit 1)."""
+    train = TrainParams(**{**DEMO_TRAIN.model_dump(), "epochs": epochs, "image_size": image_size})
+    train.checked_config()  # the bounds across fields, as python -m flows.retrain checks them
+    return train
+
+
+def run_demo(args: argparse.Namespace, train: TrainParams, work: Path, dataset: Path, truth: Path | None) -> int:
     store = args.store or str(work / "store")
-    train = DEMO_TRAIN.model_copy(update={"epochs": args.epochs, "image_size": args.image_size})
     results: list[dict[str, Any]] = []
     for attempt in (1, 2):
         say(f"[{attempt + 2}/4] retrain run {attempt}: validate -> train {train.arch} {train.epochs} epochs at "
@@ -124,7 +131,19 @@ def run_demo(args: argparse.Namespace, work: Path, dataset: Path, truth: Path | 
         for reason in result["reasons"]:
             say(f"     - {reason}")
 
+    (work / "last_run.json").write_text(json.dumps(show_result(store, results, dataset, truth), indent=2, default=str))
+    return 0
+
+
+def show_result(store: str, results: list[dict[str, Any]], dataset: Path, truth: Path | None) -> dict[str, Any]:
+    """The console's result of both runs, and what last_run.json keeps of them."""
     final = results[-1]
+    summary: dict[str, Any] = {"runs": results}
+    if final["champion"] is None:  # both runs completed and the gate refused both challengers: nothing serves
+        say("\n=== result ===")
+        say(f"no champion: the gate refused both challengers ({'; '.join(final['reasons'])}), so no submission was "
+            "written; more --epochs train a model that can clear it")
+        return summary
     spec = Registry(open_store(store)).spec(final["champion"])
     say("\n=== result ===")
     say(f"champion:    {final['champion']}")
@@ -132,7 +151,6 @@ def run_demo(args: argparse.Namespace, work: Path, dataset: Path, truth: Path | 
     say(f"checkpoint:  {store}/runs/{spec['run_id']}/checkpoint.pt")
     say(f"model:       {store}/models/{final['champion']}/model.safetensors")
     say(f"submission:  {final['submission']}")
-    summary: dict[str, Any] = {"runs": results}
     if truth is not None and not store.startswith("s3://"):
         submission = Path(final["submission"].removeprefix("file://"))
         scores = score_submission(submission, truth, Path(dataset) / "train.csv")
@@ -142,8 +160,7 @@ def run_demo(args: argparse.Namespace, work: Path, dataset: Path, truth: Path | 
         say(f"  prior baseline: {prior['f1_samples']:.4f} / {prior['f1_macro']:.4f} / {prior['course_f_score']:.4f}")
         keys = ("f1_samples", "f1_macro", "course_f_score")
         summary["test_scores"] = {"model": {k: model[k] for k in keys}, "prior_baseline": {k: prior[k] for k in keys}}
-    (work / "last_run.json").write_text(json.dumps(summary, indent=2, default=str))
-    return 0
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=DEMO_TRAIN.epochs)
     parser.add_argument("--image-size", type=int, default=DEMO_TRAIN.image_size)
     args = parser.parse_args(argv)
+    train = checked_params("python -m flows.demo", lambda: demo_train_params(args.epochs, args.image_size))
+    if isinstance(train, int):  # refused in one line before anything is written or started
+        return train
     work = args.work.resolve()
     args.log = work / "demo.log"
     # The demo keeps everything it makes under WORK, so `make clean` removes all of it.
@@ -166,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[1/4] dataset: {dataset}")
     else:
         dataset, truth = ensure_dataset(work)
-    code = run_with_prefect(COMMAND, lambda: run_demo(args, work, dataset, truth),
+    code = run_with_prefect(COMMAND, lambda: run_demo(args, train, work, dataset, truth),
                             announce=lambda line: say(f"[2/4] Prefect: {line}"))
     if code == 0:
         say(f"\ndone in {time.monotonic() - started:.0f} s (full log: {args.log})")

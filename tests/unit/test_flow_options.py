@@ -172,3 +172,41 @@ def test_the_health_check_trusts_the_ca_prefects_client_is_given(tmp_path: Path)
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--epochs", "0"], "TrainParams epochs: Input should be greater than or equal to 1, got 0"),
+    (["--image-size", "8"], "TrainParams image_size: Input should be greater than or equal to 16, got 8"),
+])
+def test_a_demo_option_out_of_bounds_is_one_line_before_anything_is_written_or_started(
+        argv: list[str], named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo copied its options into TrainParams unvalidated: a server started, the run failed, exit 1."""
+    import flows.cli
+    import flows.demo
+
+    def no_server(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a Prefect API was started for options that were refused")
+
+    monkeypatch.setattr(flows.cli, "prefect_api", no_server)
+    work = tmp_path / "work"
+    assert flows.demo.main(["--work", str(work), "--data", str(tmp_path / "data"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"python -m flows.demo: error: {named}" in err, err
+    assert not work.exists()
+
+
+def test_a_demo_whose_gate_refused_both_challengers_says_so_in_one_line(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """No champion after both runs (--epochs 1 under min_score, or --data on other data) read the
+    registry for version None: a RegistryError traceback, exit 1."""
+    from flows.demo import show_result
+
+    refused = {"champion": None, "challenger": "v1", "promoted": False, "submission": None,
+               "reasons": ["f1_samples 0.1200 is below the minimum 0.3000"]}
+    results = [refused, {**refused, "challenger": "v2"}]
+    summary = show_result(str(tmp_path / "store"), results, tmp_path / "data", tmp_path / "truth.csv")
+    assert summary == {"runs": results}
+    out = capsys.readouterr().out
+    assert ("no champion: the gate refused both challengers (f1_samples 0.1200 is below the minimum 0.3000), so no "
+            "submission was written; more --epochs train a model that can clear it\n") in out, out
