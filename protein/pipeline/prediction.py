@@ -17,7 +17,7 @@ import pandas as pd
 from protein.atomic import write_bytes_atomic
 from protein.cache_budget import enforce_cache_budget, max_cache_bytes, touch
 from protein.data import fingerprint, load_competition
-from protein.errors import PreconditionFailed, StoreError
+from protein.errors import PreconditionFailed, ProteinError, StoreError
 from protein.locations import default_cache_dir
 from protein.modeling.ensemble import ensemble_id, ensemble_thresholds, spec_uri
 from protein.modeling.predict import Predictor, check_inference_fields, label_strings
@@ -69,11 +69,14 @@ def predict_test_set(
     validated (FingerprintMismatch when the data changed since)."""
     registry = Registry(open_store(store_uri))
     requested = [model_id] if isinstance(model_id, str) else list(model_id)
+    # Bad input, exit 2: a ValueError was retried by the predict task (tasks/retry.py) and then exited 1.
     if not requested:
-        raise ValueError("predict needs at least one model version")
+        raise ProteinError("predict needs at least one model version")
     model_ids = [registry.resolve(m) for m in requested]
-    if len(set(model_ids)) != len(model_ids):
-        raise ValueError(f"a model version is named twice in {requested}")
+    if twice := sorted({m for m in model_ids if model_ids.count(m) > 1}):
+        champion = f" ('champion' is {model_ids[requested.index('champion')]})" if "champion" in requested else ""
+        raise ProteinError(f"the models {requested} name version {', '.join(twice)} twice{champion}; an ensemble "
+                           "names each version once")
     data = load_competition(data_path, require_test=True, cache_dir=cache_dir)
     data_fingerprint = fingerprint(data.source)
     check_fingerprint(str(data_path), data_fingerprint, expected_fingerprint, "nothing predicted")

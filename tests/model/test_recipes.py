@@ -16,6 +16,7 @@ import torchvision
 from protein.cli import main
 from protein.config import TrainConfig, recipe_config
 from protein.data import fingerprint, load_competition
+from protein.errors import ProteinError
 from protein.evaluation.metrics import binarize
 from protein.modeling.model import imagenet_weights
 from protein.pipeline import (
@@ -193,5 +194,5 @@ def test_an_ensemble_of_non_fold_models_uses_the_mean_of_their_thresholds(folds,
     expected = np.mean([registry.spec(folds["ids"][0])["thresholds"], registry.spec(trained["model_id"])["thresholds"]],
                        axis=0)
     assert np.allclose(pointer["thresholds"], expected, atol=1e-6)
-    with pytest.raises(ValueError, match="named twice"):
+    with pytest.raises(ProteinError, match=f"name version {folds['ids'][0]} twice"):
         predict_and_publish(tiny_dataset, folds["store"], [folds["ids"][0], folds["ids"][0]], cache_dir=folds["cache"])

@@ -163,3 +163,23 @@ def test_folds_of_other_data_fall_back_to_the_members_thresholds(data: Path, tmp
     assert source.startswith("mean of the members' thresholds (the folds were trained on data 0123456789abcdef, "
                              f"not the data predicted ({result.data_fingerprint})"), source
     assert result.extra["thresholds"] == pytest.approx([0.3] * len(LABELS))
+
+
+@pytest.mark.parametrize("named", [["champion", "self"], ["self", "self"]])
+def test_a_version_named_twice_is_bad_input_that_is_not_retried(data: Path, tmp_path: Path, named: list[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m flows.predict --model <champion id> champion` was a ValueError: the predict task
+    retried it (5 s, 30 s), then the command exited 1, not 2."""
+    import protein.pipeline.prediction as prediction
+    from protein.errors import ProteinError
+    from tasks.retry import is_transient
+
+    monkeypatch.setattr(prediction, "load_competition", lambda *args, **kwargs: pytest.fail("read the data"))
+    store = LocalStore(tmp_path / "store")
+    version = register(store, tmp_path, fold_spec("run-a", 1), ["r0", "r1", "r2", "r3"])
+    Registry(store).promote(version)
+    requested = [version if name == "self" else name for name in named]
+    with pytest.raises(ProteinError) as refused:
+        predict_test_set(data, store.uri, requested, cache_dir=tmp_path / "cache")
+    assert refused.value.exit_code == 2 and not is_transient(refused.value)
+    assert str(refused.value).startswith(f"the models {requested} name version {version} twice"), refused.value
