@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +39,7 @@ import PIL
 
 from protein.atomic import atomic_path, write_text_atomic
 from protein.cache_budget import (
+    MAX_GB_ENV,
     STALE_TEMP_S,
     enforce_cache_budget,
     exclusive_now,
@@ -45,7 +48,8 @@ from protein.cache_budget import (
     touch,
 )
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
-from protein.errors import IntegrityError, NotFound
+from protein.errors import IntegrityError, NotFound, ProteinError
+from protein.locations import CACHE_DIR_ENV
 from protein.pools import pool_context
 from protein.storage import Store
 from protein.storage.base import sha256_file
@@ -127,6 +131,34 @@ def decode_all(
             # The first corrupt image decides the outcome: do not decode the rest first.
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def reserve_disk_space(tmp: Path, entry: Path) -> None:
+    """Allocate every block of the sparse temp file `tmp` now, or raise ProteinError naming `entry`.
+
+    A memory-mapped write that finds the disk full is not an OSError but SIGBUS: the process dies
+    with "Bus error" before any handler or cleanup runs, and its temp file (as large as the split)
+    fills the disk until the stale-temp rule removes it an hour later. Reserved blocks cannot run out."""
+    size = tmp.stat().st_size
+    try:
+        with open(tmp, "rb+") as handle:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise _no_room(entry, size) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    # A filesystem without fallocate: the free space is the best check left (racy, but it catches
+    # a disk that is already full).
+    if shutil.disk_usage(tmp.parent).free < size - tmp.stat().st_blocks * 512:
+        raise _no_room(entry, size)
+
+
+def _no_room(entry: Path, size: int) -> ProteinError:
+    return ProteinError(f"{entry}: no space left on device for this decoded image cache entry ({size:,} bytes "
+                        f"needed): free space there (`protein cache gc`), keep ${MAX_GB_ENV} (the cache's size "
+                        f"bound) below what that disk holds, or point ${CACHE_DIR_ENV} or --cache-dir at a larger one")
 
 
 def _mtime(path: Path) -> float | None:
@@ -292,6 +324,8 @@ class ImageCache:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.uint8, shape=(len(rels), image_size, image_size, 3)
             )
+            # Before the first page is written: open_memmap only wrote the header and set the length.
+            reserve_disk_space(tmp, array_path)
             decode_all(data.source, rels, image_size, out, workers or default_workers(), progress)
             out.flush()
             del out

@@ -353,3 +353,53 @@ def test_store_gc_ages_entries_by_the_stores_clock_never_by_what_their_pusher_wr
     # Even at 0 days an array whose ids file may still be on its way stays its hour.
     assert ImageCache.gc_store(reading_nothing, 0) == ["new"]
     assert store.list("cache/") == ["cache/uploading.npy"]
+
+
+def test_a_full_disk_fails_the_cache_build_with_one_line_not_a_bus_error(tmp_path, monkeypatch):
+    """A memory-mapped write to a full disk is SIGBUS, not an OSError: the space is reserved
+    before the first page is written, so a full disk is a ProteinError (the CLI's one line) naming
+    the entry, and no temp file is left to keep the disk full."""
+    import errno
+
+    from protein.errors import ProteinError
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+    cache = ImageCache(tmp_path / "cache")
+
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    monkeypatch.setattr("protein.cache.decode_all", lambda *a, **k: pytest.fail("decoded into unreserved pages"))
+    with pytest.raises(ProteinError) as raised:
+        cache.build(data, "train", 16)
+    message = str(raised.value)
+    array_path = cache.paths(CacheKey(fingerprint(data.source), "train", 16))[0]
+    assert "\n" not in message and message.startswith(f"{array_path}: no space left")
+    assert "PROTEIN_CACHE_DIR" in message and "PROTEIN_CACHE_MAX_GB" in message
+    assert [p.suffix for p in cache.root.iterdir()] == [".lock"]  # no temp file, no entry
+
+
+def test_a_filesystem_without_fallocate_checks_the_free_space(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from protein.errors import ProteinError
+
+    root = write_dataset(tmp_path / "ds", {"1": "0", "2": "4"}, ["9"], size=16)
+    data = load_competition(root)
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    # 2 images of 64x64x3 bytes: more than the one block the header takes, which is all that is allocated.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 100))
+    with pytest.raises(ProteinError, match="no space left"):
+        ImageCache(tmp_path / "cache").build(data, "train", 64)
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert ImageCache(tmp_path / "cache").build(data, "train", 64).shape == (2, 64, 64, 3)
