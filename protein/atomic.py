@@ -54,6 +54,19 @@ def make_dirs_durably(folder: Path) -> None:
 
 
 @contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside that names no file gets `path` as its file name (errno and type kept).
+    write(), flush() and fsync() on a full disk raise one naming nothing, so the CLI's one line
+    would say "No space left on device" without saying where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+@contextmanager
 def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path`, on error it vanishes.
     ``durable=False`` is for caches, which a power loss may roll back: their next use rebuilds them,
@@ -65,12 +78,13 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(path)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
+        with naming(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if durable:
+                fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protein.atomic import naming
 from protein.config import SynthConfig
 from protein.errors import DataError
 from protein.labels import format_label_set
@@ -57,7 +58,8 @@ def _image_rng(seed: int, split: int, index: int) -> np.random.Generator:
 
 def _render_job(job: _Job) -> None:
     rgb = render_image(frozenset(job.labels), job.size, _image_rng(job.seed, job.split, job.index))
-    Path(job.path).write_bytes(encode_png(rgb))
+    with naming(Path(job.path)):
+        Path(job.path).write_bytes(encode_png(rgb))
 
 
 def _render_chunk(jobs: Sequence[_Job]) -> int:
@@ -122,7 +124,7 @@ def _refuse_existing(out: Path, truth: Path) -> None:
 
 
 def _write_csv(path: Path, rows: Iterable[tuple[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with naming(path), path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(("Image", "Label"))
         writer.writerows(rows)

@@ -120,3 +120,25 @@ def test_durable_atomic_writes_fsync_the_folder_and_caches_do_not(
     disk_events.clear()
     write_bytes_atomic(tmp_path / "cache.json", b"{}", durable=False)
     assert ("fsync", str(tmp_path)) not in disk_events
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_full_disk_names_the_file_being_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  failing: str) -> None:
+    """write() and fsync() on a full disk raise an OSError naming no file: the CLI's one line must
+    still say which file it was."""
+    import errno
+
+    from protein.cli import os_error_line
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full) if failing == "write" else monkeypatch.setattr(
+        os, "fsync", disk_full)
+    target = tmp_path / "submission.csv"
+    with pytest.raises(OSError) as raised:
+        write_bytes_atomic(target, b"new")
+    assert raised.value.errno == errno.ENOSPC
+    assert os_error_line(raised.value) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []

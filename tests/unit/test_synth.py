@@ -271,3 +271,34 @@ def test_a_small_reference_model_beats_the_prior_clearly_but_is_far_from_perfect
     assert np.all(f1 < 0.96), dict(enumerate(np.round(f1, 3)))  # no class is solved
     assert np.all(f1[list(CONFUSABLE)] < 0.85), dict(enumerate(np.round(f1, 3)))
     assert scores["f1_macro"] < 0.8
+
+
+def test_a_full_disk_during_synth_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A PNG write that fills the disk raises ENOSPC naming no file; the CLI's line names the image."""
+    import errno
+
+    from protein.cli import main
+
+    plain_write_bytes = Path.write_bytes
+
+    def png_disk_full(path: Path, data: bytes) -> int:
+        if path.suffix == ".png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return plain_write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", png_disk_full)
+    out = tmp_path / "ds"
+    assert main(["synth", "--out", str(out), "--train", "2", "--test", "1", "--size", "16"]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"protein synth: error: {tmp_path}/.ds.tmp-") and line.endswith(
+        ".png: No space left on device"), line
+
+
+def test_a_full_disk_during_a_csv_write_names_the_csv() -> None:
+    """/dev/full accepts the open and fails the write (at flush or close) with ENOSPC, naming no file."""
+    from protein.synth.dataset import _write_csv
+
+    with pytest.raises(OSError) as raised:
+        _write_csv(Path("/dev/full"), [("1", "0")] * 10_000)
+    assert raised.value.filename == "/dev/full"
