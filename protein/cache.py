@@ -50,7 +50,7 @@ from protein.cache_budget import (
 from protein.data import TEST_DIR, TRAIN_DIR, CompetitionData, DatasetSource, fingerprint, load_image
 from protein.errors import IntegrityError, NotFound, ProteinError
 from protein.locations import CACHE_DIR_ENV
-from protein.pools import pool_context
+from protein.pools import ignore_interrupts, pool_context
 from protein.storage import Store
 from protein.storage.base import sha256_file
 
@@ -116,9 +116,9 @@ def decode_all(
                 progress(len(chunk))
         return
     # Never fork: the caller may be a training process with torch's or Prefect's threads running,
-    # whose locks a forked child inherits in whatever state they were. forkserver workers start
-    # from a clean server process and import only this module's needs (numpy, PIL).
-    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
+    # whose locks a forked child inherits in whatever state they were (protein.pools). Workers ignore
+    # Ctrl-C: on the parent's KeyboardInterrupt below, each finishes the one chunk it holds.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(), initializer=ignore_interrupts) as pool:
         futures = [pool.submit(_decode_chunk, source, chunk, image_size) for chunk in chunks]
         start = 0
         try:

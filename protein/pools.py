@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from multiprocessing.context import BaseContext
 
 
@@ -15,3 +16,11 @@ def pool_context() -> BaseContext:
     workers start clean, with the caller's current environment, and import only what the pool's
     function needs (about a second each; pools are used only above a few hundred images)."""
     return multiprocessing.get_context("spawn")
+
+
+def ignore_interrupts() -> None:
+    """Every pool's worker initializer (or the first thing its own initializer does): Ctrl-C sends
+    SIGINT to the terminal's whole process group, workers included, and each one printed a
+    KeyboardInterrupt traceback before the command's `interrupted` line. The parent alone handles it
+    (its KeyboardInterrupt leaves the pool's `with`, which stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from protein.atomic import naming
 from protein.config import SynthConfig
 from protein.errors import DataError
 from protein.labels import format_label_set
+from protein.pools import ignore_interrupts, pool_context
 from protein.synth.labels import label_cell, perturb_label_set, sample_label_sets
 from protein.synth.png import encode_png
 from protein.synth.render import render_image
@@ -210,11 +210,9 @@ def _render_all(jobs: Sequence[_Job], workers: int, progress: Callable[[int], No
             if progress is not None:
                 progress(1)
         return
-    # Spawn, not fork: the caller may hold threads (torch, Prefect) that fork would copy mid-flight.
-    context = multiprocessing.get_context("spawn")
     chunk = max(1, min(16, len(jobs) // (workers * 4)))
     chunks = list(_chunks(jobs, chunk))
-    with context.Pool(processes=min(workers, len(chunks))) as pool:
+    with pool_context().Pool(processes=min(workers, len(chunks)), initializer=ignore_interrupts) as pool:
         for done in pool.imap_unordered(_render_chunk, chunks):
             if progress is not None:
                 progress(done)

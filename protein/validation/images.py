@@ -21,7 +21,7 @@ import numpy as np
 
 from protein.data import PNG_SIGNATURE, DatasetSource, FolderSource, ZipSource, decode_png
 from protein.errors import DataError
-from protein.pools import pool_context
+from protein.pools import ignore_interrupts, pool_context
 from protein.validation.drift import CHANNELS, IMAGE_STATISTICS
 from protein.validation.neardup import difference_hash
 
@@ -203,6 +203,7 @@ _worker_reader: ImageReader | None = None
 
 def _init_worker(reader: ImageReader) -> None:
     global _worker_reader
+    ignore_interrupts()
     _worker_reader = reader
 
 
