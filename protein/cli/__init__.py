@@ -10,7 +10,8 @@ push is in progress (gc deleted nothing); nothing was changed, run it again late
 run was taken over: another attempt of the same run id wrote its checkpoint since this one read it
 (this attempt stopped; the other goes on). 11 training ran out of memory: start a new run with a
 smaller --batch-size or with --accumulate K. 12 training diverged (an epoch's loss is NaN or inf;
-nothing of that epoch is kept or registered): lower --lr.
+nothing of that epoch is kept or registered): lower --lr. 130 interrupted (Ctrl-C): the one line
+is `protein VERB: interrupted`, without a traceback from the verb or its worker processes.
 """
 
 from __future__ import annotations
