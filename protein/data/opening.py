@@ -42,6 +42,12 @@ def open_dataset(path: str | os.PathLike[str], cache_dir: Path | None = None) ->
         if manifest is not None and manifest.content_addressed:
             return PushedFolderSource(p.resolve(), manifest, cache_dir=cache_dir)
         return FolderSource(p, cache_dir=cache_dir)
-    if zipfile.is_zipfile(p):
+    try:
+        # Opened here: is_zipfile swallows every OSError, so an unreadable zip was "not a zip file".
+        with open(p, "rb") as handle:
+            is_zip = zipfile.is_zipfile(handle)
+    except OSError as exc:  # not transient (no retry): the file is what it is until someone changes it
+        raise DataError(f"{p}: {exc.strerror or exc}") from None
+    if is_zip:
         return ZipSource(p, cache_dir=cache_dir)
     raise DataError(f"{p}: not a folder or a zip file")

@@ -52,6 +52,31 @@ def test_folder_and_zip_read_the_same(tiny, tmp_path):
     assert zipped.source.list_dir("test") == ["10.png", "11.png"]
 
 
+def test_an_unreadable_zip_is_named_with_its_os_error_not_called_no_zip(tiny, tmp_path, monkeypatch):
+    """zipfile.is_zipfile answers False for a file it cannot open, so `--data` on a zip without read
+    permission said "not a folder or a zip file". Tests run as root, which reads any file: open is
+    made to refuse it, wherever it is called from."""
+    import builtins
+
+    import protein.data.opening
+
+    archive = tmp_path / "competition.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tiny / "train.csv", "train.csv")
+    plain_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(archive):
+            raise PermissionError(13, "Permission denied", str(file))
+        return plain_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(protein.data.opening, "open", refusing_open, raising=False)
+    monkeypatch.setattr(zipfile, "open", refusing_open, raising=False)
+    with pytest.raises(DataError) as raised:
+        open_dataset(archive)
+    assert str(raised.value) == f"{archive}: Permission denied"
+
+
 def test_nested_folder_is_found(tiny, tmp_path):
     outer = tmp_path / "outer"
     outer.mkdir()
