@@ -197,31 +197,3 @@ def test_validate_leakage_exits_1_naming_both_files(dataset, tmp_path, protein_c
 def test_validate_usage_errors_exit_2(dataset, protein_cli):
     result = protein_cli("validate", "--data", str(dataset), "--drift-alpha", "2")
     assert result.returncode == 2 and "drift_alpha" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_ctrl_c_during_a_pooled_verb_prints_one_line_and_no_worker_tracebacks(protein_process, tmp_path):
-    """Ctrl-C signals the terminal's whole process group, pool workers included; only the parent
-    reports it (`interrupted`, 130). SIGINT goes to the group once a worker has written an image,
-    so the workers are past their initializer."""
-    import os
-    import signal
-    import time
-
-    process = protein_process.popen("synth", "--out", str(tmp_path / "ds"), "--train", "4000", "--test", "0",
-                                    "--size", "128", "--workers", "2", env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".ds.tmp-*/train/*.png")):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)  # both workers busy rendering
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        protein_process.kill_group(process)
-    assert process.returncode == 130, stderr[-2000:]
-    # Besides the log lines, only the parent's one line: a worker's report starts "Process SpawnPoolWorker-N:"
-    # and may be cut short by the pool's terminate before its traceback.
-    not_logged = [line for line in stderr.splitlines() if line and not re.match(r"\d{4}-\d\d-\d\d ", line)]
-    assert not_logged == ["protein synth: interrupted"], stderr[-2000:]
-    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.tmp-*"))
