@@ -13,6 +13,11 @@ its health endpoint with its own bounded, generous timeout (migrations included,
 production runs, with its log kept in PREFECT_HOME, and its UI can be watched while the command
 runs. With PREFECT_API_URL set, the API is checked once up front instead. Either way a failure
 is one line that says what failed and what to do, never a traceback.
+
+SIGTERM (`kill PID`, `timeout`, a service manager stopping only the main process) ends the command
+like Ctrl-C does: through the code that stops that server. Python's default for SIGTERM ends the
+process at once, and the server child went on listening on its port and holding PREFECT_HOME's
+database, which the next command's server shares.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -35,6 +41,9 @@ from protein.storage.s3_clients import redacted_uri
 
 # A documented exit code of its own: the protein CLI uses 1-5 and 7-12 (protein.errors).
 EXIT_PREFECT_UNAVAILABLE = 6
+# What a shell reports for a process a signal ended (128 + the signal), as Ctrl-C's 130 is.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 STARTUP_TIMEOUT_ENV = "PROTEIN_PREFECT_STARTUP_TIMEOUT_S"
 SERVER_LOG_NAME = "local-server.log"
@@ -44,6 +53,39 @@ class PrefectUnavailable(Exception):
     """The Prefect API could not be started or reached; the message says what to do."""
 
     exit_code = EXIT_PREFECT_UNAVAILABLE
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the command. A BaseException, as KeyboardInterrupt is, so that no
+    `except Exception` on the way out takes it for an error of the work."""
+
+
+@contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread for the duration of the block, so the blocks it
+    unwinds (the local server's stop) run.
+
+    During a flow run Prefect's engine puts its own handler in place (capture_sigterm): it marks the
+    run Crashed, puts back the handler it replaced, this one, and sends the signal again, which
+    raises Terminated from there. Only the first SIGTERM raises: a second one while the server is
+    being stopped would cut that stop short."""
+    received = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal received
+        if not received:
+            received = True
+            raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread, where only Python can handle signals: left as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def prefect_home() -> Path:
@@ -295,14 +337,17 @@ def run_with_prefect(command: str, run: Callable[[], int], announce: Callable[[s
     The policy of the protein CLI: a failure is one line on stderr and a documented exit code."""
     console_without_tracebacks()
     try:
-        with prefect_api(announce):
+        with sigterm_raises_terminated(), prefect_api(announce):
             return run()
     except PrefectUnavailable as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:
         line = api_error_line(exc)
         if line is None:

@@ -190,10 +190,11 @@ class ProteinProcess:
         return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                               cwd=cwd, timeout=timeout)
 
-    def popen(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-        """The entry point started in a session of its own: `kill_group` ends it and every process it
-        started (torchrun's ranks), whatever the test's outcome."""
-        return subprocess.Popen([sys.executable, "-m", "protein.cli", *args], env=env, text=True,
+    def popen(self, *args: str, env: dict[str, str], module: str = "protein.cli") -> subprocess.Popen[str]:
+        """The entry point (or `python -m module`) started in a session of its own: `kill_group` ends it
+        and every process it started (torchrun's ranks, a flow module's Prefect server), whatever the
+        test's outcome."""
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
     @staticmethod

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 from pathlib import Path
 
 import pytest
 
-from flows.cli import EXIT_PREFECT_UNAVAILABLE, SERVER_LOG_NAME
+from flows.cli import EXIT_PREFECT_UNAVAILABLE, EXIT_TERMINATED, SERVER_LOG_NAME
 from tests.conftest import ProteinProcess, holding_a_closed_port
 from tests.helpers import REPO, write_dataset
 
@@ -93,3 +95,35 @@ def test_a_server_that_does_not_come_up_in_time_is_one_line_and_is_stopped(tmp_p
     assert "PROTEIN_PREFECT_STARTUP_TIMEOUT_S" in lines[0] and str(home / SERVER_LOG_NAME) in lines[0]
     assert re.search(r"127\.0\.0\.1:\d+/api", lines[0])
     assert processes_with_env("PREFECT_HOME", str(home)) == [], "the half-started server was left running"
+
+
+def test_sigterm_during_a_run_stops_the_local_server_and_exits_143(tmp_path: Path, tiny_dataset: Path,
+        protein_process: ProteinProcess) -> None:
+    # `kill PID` (or `timeout`, or a service manager that signals only the main process) mid-run: the
+    # process died at once and its server child went on listening and holding PREFECT_HOME's database.
+    home = tmp_path / "home"
+    process = protein_process.popen("--data", str(tiny_dataset), "--store", str(tmp_path / "store"), "--epochs",
+                                    "1", "--image-size", "32", "--expected-image-size", "32", "--min-score", "0",
+                                    env=fresh_env(home), module="flows.retrain")
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # Prefect logs the flow run's start once its server is up
+            seen.append(line)
+            if "Beginning flow run" in line:
+                break
+        servers = [pid for pid in processes_with_env("PREFECT_HOME", str(home)) if pid != process.pid]
+        assert len(servers) == 1, "".join(seen)[-3000:]
+        command_line = (Path("/proc") / str(servers[0]) / "cmdline").read_bytes().split(b"\0")
+        port = int(command_line[command_line.index(b"--port") + 1])
+        os.kill(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert not Path(f"/proc/{servers[0]}").exists(), f"the server child outlived the command: {stderr[-3000:]}"
+        assert processes_with_env("PREFECT_HOME", str(home)) == []
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert process.returncode == EXIT_TERMINATED, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == "python -m flows.retrain: terminated (SIGTERM)"
+        assert "Traceback" not in stderr
+    finally:
+        ProteinProcess.kill_group(process)

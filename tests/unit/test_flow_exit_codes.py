@@ -125,3 +125,43 @@ def test_a_promotion_that_lost_its_compare_and_swap_exits_5(monkeypatch: pytest.
     assert err.startswith("python -m flows.retrain failed: PromotionConflict: the champion is v3, not v1; the gate "
                           "passed v2, which does not serve") and err.count("\n") == 1, err
     assert withdrawn == ["v2"] and promoted.summaries[-1]["outcome"] == "gate passed, promotion lost"
+
+
+def test_sigterm_outside_a_flow_run_stops_the_local_server_and_exits_143(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM while the command waits for its server or between flows; the real server, and a run
+    in progress, are tests/integration/test_first_run.py's."""
+    import contextlib
+    import os
+    import signal
+    from collections.abc import Iterator
+
+    import flows.cli
+
+    stopped: list[str] = []
+    unhandled: list[int] = []
+
+    @contextlib.contextmanager
+    def local_server(announce: object = None) -> Iterator[str]:
+        try:
+            yield "http://127.0.0.1:1/api"
+        finally:
+            stopped.append("server")
+
+    def killed() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr(flows.cli, "prefect_api", local_server)
+    # Without a handler of the command's own, this one records the signal instead of ending pytest.
+    def recording(signum: int, frame: object) -> None:
+        unhandled.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, recording)
+    try:
+        code = flows.cli.run_with_prefect("python -m flows.retrain", killed)
+        assert signal.getsignal(signal.SIGTERM) is recording, "the handler in place before was not put back"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (code, stopped, unhandled) == (flows.cli.EXIT_TERMINATED, ["server"], [])
+    assert capsys.readouterr().err == "python -m flows.retrain: terminated (SIGTERM)\n"
