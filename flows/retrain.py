@@ -50,7 +50,7 @@ from tasks.evaluation import (
     withdraw_gate_pass,
 )
 from tasks.prediction import predict_submission, publish_submission_of_run
-from tasks.registry import current_champion, find_run_model, promote_model
+from tasks.registry import current_champion, find_run_model, promote_model, report_promotion_again
 from tasks.summary import (
     champion_data_fingerprint,
     data_fingerprint,
@@ -227,6 +227,8 @@ def retrain(
     if earlier is not None or challenger == champion:
         decision = decision_of_an_earlier_attempt(challenger, champion, earlier)
         promote_now = bool(decision.pop("promote_now", False))
+        if earlier is not None and earlier.get("served") and decision["promote"]:
+            report_promotion_again(store, challenger, decision)
     else:
         # Both on rows neither trained on (the champion may predate a data change): see docs/gate.md.
         try:

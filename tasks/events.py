@@ -29,6 +29,8 @@ SUBMISSION_WRITTEN = "protein.submission.written"
 CLI_EMIT_TIMEOUT_S = 10.0
 # Findings and reasons are cut so an event stays far below the server's size limit.
 MAX_LIST_ITEMS = 20
+# Names the ids of protein.model.promoted events (promotion_event_id); changing it changes every id.
+PROMOTION_EVENTS = uuid.uuid5(uuid.NAMESPACE_URL, "urn:protein:event:" + MODEL_PROMOTED)
 
 
 def api_configured() -> bool:
@@ -50,7 +52,7 @@ def _related(kind: str, ident: str, name: str) -> dict[str, str]:
 
 
 def _emit(event: str, resource: dict[str, str], payload: Mapping[str, Any],
-          related: Sequence[dict[str, str]] = ()) -> bool:
+          related: Sequence[dict[str, str]] = (), event_id: uuid.UUID | None = None) -> bool:
     """Queue an event on Prefect's events worker; inside a flow or task run it gets the run,
     flow and deployment as related resources, which the automations match on."""
     if not api_configured():
@@ -58,7 +60,8 @@ def _emit(event: str, resource: dict[str, str], payload: Mapping[str, Any],
     from prefect.events import emit_event
 
     try:
-        sent = emit_event(event=event, resource=resource, payload=dict(payload), related=list(related))
+        sent = emit_event(event=event, resource=resource, payload=dict(payload), related=list(related),
+                          **({"id": event_id} if event_id else {}))
     except Exception as exc:  # an event reports on the work; losing one must not fail the work
         logger.warning("could not emit %s: %s", event, exc)
         return False
@@ -119,19 +122,43 @@ def model_registered(model_id: str, store: str, data_fingerprint: str, metrics: 
                  related=[_related("dataset", data_fingerprint, data_fingerprint)] if data_fingerprint else [])
 
 
+def promotion_event_id(promotion_record_id: str) -> uuid.UUID:
+    """The id of the protein.model.promoted event for the promotion the registry recorded under
+    ``promotion_record_id`` (its history event's id): every report of one promotion carries this id,
+    so the server can tell a report sent again from a new promotion."""
+    return uuid.uuid5(PROMOTION_EVENTS, promotion_record_id)
+
+
+def event_received(event_id: uuid.UUID) -> bool:
+    """Whether the server holds an event with this id. False also when it cannot be asked: a caller
+    sends its event again, and the server drops a copy of an event it took in the last minutes (it
+    deduplicates by id) and stores one event per id."""
+    if not api_configured():
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventIDFilter
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_events(EventFilter(id=EventIDFilter(id=[event_id])), limit=1).total > 0
+    except Exception as exc:  # an event reports on the work; asking about one must not fail the work
+        logger.warning("could not ask the server for event %s: %s", event_id, exc)
+        return False
+
+
 def gate_decided(challenger: str, champion_before: str | None, store: str, promoted: bool,
                  challenger_score: float | None, champion_score: float | None, reasons: Sequence[str],
-                 dataset: Mapping[str, Any] | None = None) -> bool:
+                 dataset: Mapping[str, Any] | None = None, event_id: uuid.UUID | None = None) -> bool:
     """protein.model.promoted after the champion pointer moved, protein.model.rejected when the
     gate kept the champion: version, champion, scores, reasons, and the dataset the run resolved
-    (immutable URI, fingerprint, channel push)."""
+    (immutable URI, fingerprint, channel push). ``event_id``: promotion_event_id of the promotion."""
     payload = {"version": challenger, "champion_before": champion_before,
                "champion": challenger if promoted else champion_before, "store": store,
                "challenger_score": challenger_score, "champion_score": champion_score,
                "reasons": list(reasons)[:MAX_LIST_ITEMS], "dataset": dict(dataset) if dataset else None}
     related = [_related("model", champion_before, champion_before)] if champion_before else []
     return _emit(MODEL_PROMOTED if promoted else MODEL_REJECTED,
-                 _resource("model", challenger, challenger, **{"protein.store": store}), payload, related)
+                 _resource("model", challenger, challenger, **{"protein.store": store}), payload, related, event_id)
 
 
 def submission_written(uri: str, model_id: str, rows: int) -> bool:

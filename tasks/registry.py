@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
 from protein.links import object_uri
-from protein.registry import Registry
+from protein.registry import Registry, newest_promotion
 from protein.storage import open_store
 from protein.validation.reference import move_champion
 from tasks import events
@@ -38,7 +38,8 @@ def find_run_model(store: str, run_id: str) -> str | None:
 def promote_model(store: str, model_id: str, expected_champion: str | None, reason: str,
                   decision: dict[str, Any] | None = None) -> dict[str, Any]:
     """Move the champion pointer (compare-and-swap); ``decision`` is the gate's, reported in the
-    protein.model.promoted event once the pointer has moved."""
+    protein.model.promoted event once the pointer has moved (and again by report_promotion_again
+    when this attempt stopped before it was sent)."""
     # A lost compare-and-swap (PromotionConflict) is a decision, not a fault: retry_transient never
     # retries it. Transient store faults are retried safely: the task run id is the same on every retry of
     # this task, so a retry after the promotion landed (its answer lost) finds this event id in the history
@@ -49,14 +50,37 @@ def promote_model(store: str, model_id: str, expected_champion: str | None, reas
     state, reference = move_champion(registry.store, model_id, lambda: registry.promote(
         model_id, expected_champion=expected_champion, reason=reason,
         event_id=str(task_run.id) if task_run.id else None))
+    # The event before the artifact: an artifact that cannot be created (an API outage past the retries)
+    # failed the task after the pointer moved, and a rerun finds the challenger served, so no promotion
+    # alert ever fired for that change of champion.
+    promotion = newest_promotion(state.history, model_id)
+    decision = decision or {}
+    events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
+                        decision.get("champion_score"), decision.get("reasons", [reason]), decision.get("dataset"),
+                        events.promotion_event_id(promotion["event_id"]) if promotion else None)
     # The store URI, not a presigned URL: a signed link would sit in the Prefect database long after
     # it expired, and it names the access key id.
     uri = object_uri(registry.store, f"models/{model_id}/model.json")
     create_markdown_artifact(f"Champion is now `{model_id}` (was `{expected_champion or 'none'}`): `{uri}`",
                              key="champion-model",
                              description=f"the model version now serving; open with `protein link {uri}`")
-    decision = decision or {}
-    events.gate_decided(model_id, expected_champion, store, True, decision.get("challenger_score"),
-                        decision.get("champion_score"), decision.get("reasons", [reason]), decision.get("dataset"))
     return {"champion": state.champion, "previous": expected_champion, "history_length": len(state.history),
             "reference_profile": reference}
+
+
+@task(name="report-promotion-again", cache_policy=NO_CACHE)
+def report_promotion_again(store: str, model_id: str, decision: dict[str, Any]) -> bool:
+    """The protein.model.promoted event of a promotion an earlier attempt of this run made, sent
+    again unless the server holds it (True: sent). That attempt may have stopped before it reached
+    the server (its process died with the event queued), and this attempt, finding the challenger
+    served, does not promote. The id is the promotion's own (promotion_event_id), so a copy of an
+    event still on its way is dropped by the server rather than alerting twice."""
+    record_id = decision.get("promotion_event_id")
+    if not record_id:  # a promotion recorded without an id: nothing to tell a report sent again by
+        return False
+    event_id = events.promotion_event_id(record_id)
+    if events.event_received(event_id):
+        return False
+    return events.gate_decided(model_id, decision.get("judged_against"), store, True,
+                               decision.get("challenger_score"), decision.get("champion_score"),
+                               decision.get("reasons", []), decision.get("dataset"), event_id)

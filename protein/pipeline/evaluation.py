@@ -21,7 +21,7 @@ from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import check_fingerprint, holdout_split, load_split_images, training_split
 from protein.pipeline.prediction import load_predictor
-from protein.registry import Registry, check_version_id
+from protein.registry import Registry, check_version_id, newest_promotion
 from protein.storage import open_store
 from protein.storage.records import RecordSchema, load_record, record_location
 
@@ -297,18 +297,19 @@ def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | 
 
 def earlier_gate_decision(store_uri: str, challenger_id: str) -> dict[str, Any] | None:
     """The decision gates/<challenger>.json records (with record_uri, the champion it was judged
-    against, what became of its promotion, and whether the challenger ever served), or None when the
-    gate never judged it: for a rerun whose earlier attempt gated its challenger."""
+    against, what became of its promotion, whether the challenger ever served and the registry's
+    event id of its newest promotion), or None when the gate never judged it: for a rerun whose
+    earlier attempt gated its challenger."""
     store = open_store(store_uri)
     key = gate_record_key(challenger_id)
     try:
         record = load_record(store, key, GATE_RECORD)
     except NotFound:
         return None
-    served = any(event.get("action") == "promote" and event.get("model_id") == challenger_id
-                 for event in Registry(store).champion().history)
+    promotion = newest_promotion(Registry(store).champion().history, challenger_id)
     return {**record["decision"], "record_uri": record_location(store, key), "promotion": record.get("promotion"),
-            "judged_against": record.get("champion"), "served": served}
+            "judged_against": record.get("champion"), "served": promotion is not None,
+            "promotion_event_id": promotion.get("event_id") if promotion else None}
 
 
 def withdraw_gate_pass(store_uri: str, challenger_id: str, why: str) -> None:

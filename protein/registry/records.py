@@ -162,6 +162,14 @@ def promotion_stack(history: Iterable[dict[str, Any]]) -> list[str]:
     return stack
 
 
+def newest_promotion(history: Iterable[dict[str, Any]], version: str) -> dict[str, Any] | None:
+    """The newest promote event that made ``version`` the champion (None: it never served)."""
+    for event in reversed(list(history)):
+        if event.get("action") == "promote" and event.get("model_id") == version:
+            return event
+    return None
+
+
 def pinned_hashes(history: Iterable[dict[str, Any]], version: str) -> tuple[str, str] | None:
     """(weights SHA-256, model.json SHA-256) the newest event that made ``version`` the champion
     recorded, or None if none did (a version never served, or promoted before events were pinned)."""
