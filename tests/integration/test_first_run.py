@@ -52,8 +52,10 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", labels, ["t1", "t2", "t3"], size=32)
 
 
-def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, tiny_dataset: Path,
-        protein_process: ProteinProcess) -> None:
+def test_retrain_module_completes_in_a_brand_new_prefect_home_then_sigterm_stops_its_server(tmp_path: Path,
+        tiny_dataset: Path, protein_process: ProteinProcess) -> None:
+    """Then a second run in that home (migrated now: its server is up in seconds, where a brand-new
+    home's migration is the test's longest wait) is SIGTERMed mid-run."""
     home = tmp_path / "new-prefect-home"  # does not exist yet: nothing migrated, nothing cached
     store = tmp_path / "store"
     result = protein_process.module("flows.retrain", "--data", str(tiny_dataset), "--store", str(store), "--epochs",
@@ -67,6 +69,7 @@ def test_retrain_module_completes_in_a_brand_new_prefect_home(tmp_path: Path, ti
     # The run went through a server this command started in that home, which created its database there.
     assert (home / "prefect.db").exists()
     assert (home / SERVER_LOG_NAME).exists()
+    sigterm_mid_run_stops_the_server(protein_process, home, tiny_dataset, tmp_path / "store-of-the-killed-run")
 
 
 def test_unreachable_api_is_one_line_with_its_own_exit_code(tmp_path: Path, tiny_dataset: Path,
@@ -97,12 +100,11 @@ def test_a_server_that_does_not_come_up_in_time_is_one_line_and_is_stopped(tmp_p
     assert processes_with_env("PREFECT_HOME", str(home)) == [], "the half-started server was left running"
 
 
-def test_sigterm_during_a_run_stops_the_local_server_and_exits_143(tmp_path: Path, tiny_dataset: Path,
-        protein_process: ProteinProcess) -> None:
+def sigterm_mid_run_stops_the_server(protein_process: ProteinProcess, home: Path, tiny_dataset: Path,
+                                     store: Path) -> None:
     # `kill PID` (or `timeout`, or a service manager that signals only the main process) mid-run: the
     # process died at once and its server child went on listening and holding PREFECT_HOME's database.
-    home = tmp_path / "home"
-    process = protein_process.popen("--data", str(tiny_dataset), "--store", str(tmp_path / "store"), "--epochs",
+    process = protein_process.popen("--data", str(tiny_dataset), "--store", str(store), "--epochs",
                                     "1", "--image-size", "32", "--expected-image-size", "32", "--min-score", "0",
                                     env=fresh_env(home), module="flows.retrain")
     try:
