@@ -117,6 +117,7 @@ def models_gc(args: argparse.Namespace, registry: Any) -> int:
     if args.runs:
         result["runs"] = sorted(plan.runs)
         result["runs_kept"] = plan.kept
+        result["abandoned_claims"] = sorted(plan.claims)
     if args.keep_last is not None:
         result["versions"] = plan.versions
         result["versions_deleted"] = delete_versions

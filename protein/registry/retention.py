@@ -7,6 +7,9 @@
   `RUN_MIN_AGE_S`), has no registration in progress (a claim without its model.json), and never
   an object a complete version's model.json names (its ``holdout.probs_key``: ensembles and
   `--thresholds-from` read it). Each run is re-listed before its delete and skipped if it moved.
+  A claim older than ``run_age_s`` whose version has no object at all is abandoned (the
+  registration failed and nobody retried it): its run is collected like one that never registered,
+  and the claim with it.
 - A complete version is deleted only if it never served, and never behind a promotion's back: a
   tombstone is written first (create-only), the champion history is read again, then model.json and
   the weights go. A promotion checks for the tombstone before its swap and again after it, and undoes
@@ -34,6 +37,7 @@ from protein.registry.records import (
     TOMBSTONE_PREFIX,
     ChampionState,
     check_version_id,
+    claim_key,
     run_index_key,
     tombstone_key,
     version_prefix,
@@ -44,7 +48,7 @@ from protein.storage.records import load_record
 log = logging.getLogger("protein.registry")
 
 # What gc --runs knows of a run claimed for registration but not in the run index.
-ClaimState = Literal["in progress", "deleted", "unreadable"]
+ClaimState = Literal["in progress", "deleted", "abandoned", "unreadable"]
 
 # No run touched within a day is collected, registered or not: a retrain resuming a run, or one whose
 # registration is about to start, writes its checkpoint at least once per epoch.
@@ -60,6 +64,7 @@ class GcPlan:
 
     orphans: dict[str, list[str]] = field(default_factory=dict)  # version -> its incomplete objects
     runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> its collectable objects
+    claims: dict[str, str] = field(default_factory=dict)  # run id -> version of its abandoned claim
     versions: list[str] = field(default_factory=list)  # complete versions past --keep-last
     probes: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # run id or key -> why it is kept
@@ -145,43 +150,57 @@ class RetentionMixin:
                 keys.add(probs_key)
         return keys
 
-    def _claims_of_unindexed_runs(self, index: list[str], registered: set[str]) -> dict[str, ClaimState]:
-        """Each run claimed for registration but not indexed: "deleted" when its claimed version was
-        deleted (tombstoned: `delete_version` removes the run's index entry, and the claim stays so
-        that a retry of the run never registers the deleted id again), "in progress" otherwise, or
-        "unreadable"."""
-        tombstoned = {k[len(TOMBSTONE_PREFIX):-len(".json")] for k in index if k.startswith(TOMBSTONE_PREFIX)}
-        claims: dict[str, ClaimState] = {}
-        for key in index:
+    def _claims_of_unindexed_runs(self, index: list[ObjectInfo], registered: set[str], run_age_s: float,
+                                  now: float) -> dict[str, tuple[ClaimState, str | None]]:
+        """Each run claimed for registration but not indexed, with the version it claimed: "deleted"
+        when that version was deleted (tombstoned: `delete_version` removes the run's index entry, and
+        the claim stays so that a retry of the run never registers the deleted id again),
+        "abandoned" when the claim is older than ``run_age_s`` and its version has no object at all,
+        "in progress" otherwise, or "unreadable"."""
+        tombstoned = {i.key[len(TOMBSTONE_PREFIX):-len(".json")] for i in index
+                      if i.key.startswith(TOMBSTONE_PREFIX)}
+        claims: dict[str, tuple[ClaimState, str | None]] = {}
+        for info in index:
+            key = info.key
             run = key[len(CLAIM_PREFIX):-len(".json")]
             if not key.startswith(CLAIM_PREFIX) or not key.endswith(".json") or run in registered:
                 continue
             try:
-                deleted = load_record(self.store, key, CLAIM_RECORD)["model_id"] in tombstoned
+                version = check_version_id(load_record(self.store, key, CLAIM_RECORD)["model_id"])
             except ProteinError as exc:
                 log.warning("registration claim %s cannot be read: %s", key, exc)
-                claims[run] = "unreadable"
+                claims[run] = ("unreadable", None)
                 continue
-            claims[run] = "deleted" if deleted else "in progress"
+            if version in tombstoned:
+                claims[run] = ("deleted", version)
+            # A failed registration nobody retried (the next retrain gets a new run id) would otherwise
+            # pin its run for ever. A claim written within run_age_s may have its upload in flight, and
+            # any object under models/<claimed>/ (weights, an incomplete version gc has not yet
+            # collected) means it got that far: both keep it in progress.
+            elif info.modified <= now - run_age_s and not self.store.list(version_prefix(version)):
+                claims[run] = ("abandoned", version)
+            else:
+                claims[run] = ("in progress", version)
         return claims
 
     def _collectable_run(self, run: str, infos: list[ObjectInfo], registered: set[str],
-                         claims: dict[str, ClaimState],
+                         claims: dict[str, tuple[ClaimState, str | None]],
                          protected: set[str], run_age_s: float, run_min_age_s: float,
                          kept: dict[str, str], now: float) -> list[str]:
         newest = max(i.modified for i in infos)
         if newest > now - run_min_age_s:
             kept[run] = f"touched {int(now - newest)} s ago (younger than {int(run_min_age_s)} s)"
             return []
-        claim = claims.get(run)
+        claim = claims.get(run, (None, None))[0]
         if claim == "unreadable":  # what it claimed is unknown: nothing of the run goes
             kept[run] = "its registration claim cannot be read"
             return []
         if claim == "in progress":
             kept[run] = "its registration is in progress (claimed, not yet indexed)"
             return []
-        # A claim for a version deleted since (its index entry went with it): nothing will ever
-        # register for the run again, so it is collected like any run that never registered.
+        # A claim for a version deleted since (its index entry went with it), or an abandoned one:
+        # nothing will ever register for the run again, so it is collected like any run that never
+        # registered.
         if run not in registered and newest > now - run_age_s:
             kept[run] = "not registered and not yet abandoned"
             return []
@@ -203,13 +222,14 @@ class RetentionMixin:
         cutoff = now - older_than_s
         probes = [i.key for i in self.store.list_info(PROBE_PREFIX) if i.modified <= cutoff]
         run_objects: dict[str, list[str]] = {}
+        abandoned_claims: dict[str, str] = {}
         kept: dict[str, str] = {}
         if runs:
-            index = self.store.list(RUN_INDEX_PREFIX)
+            index = self.store.list_info(RUN_INDEX_PREFIX)
             # Top-level entries only: claims and tombstones sit in folders below.
-            registered = {k[len(RUN_INDEX_PREFIX):-len(".json")] for k in index
-                          if k.endswith(".json") and "/" not in k[len(RUN_INDEX_PREFIX):]}
-            claims = self._claims_of_unindexed_runs(index, registered)
+            registered = {i.key[len(RUN_INDEX_PREFIX):-len(".json")] for i in index
+                          if i.key.endswith(".json") and "/" not in i.key[len(RUN_INDEX_PREFIX):]}
+            claims = self._claims_of_unindexed_runs(index, registered, run_age_s, now)
             protected = self.protected_keys()
             by_run: dict[str, list[ObjectInfo]] = {}
             for info in self.store.list_info("runs/"):
@@ -219,6 +239,11 @@ class RetentionMixin:
                                                 run_min_age_s, kept, now)
                 if objects:
                     run_objects[run] = objects
+            # An abandoned claim goes with its run, or alone when the run left nothing under runs/;
+            # never while any of the run's objects is kept.
+            abandoned_claims = {run: version for run, (state, version) in claims.items()
+                                if state == "abandoned" and version is not None
+                                and (run in run_objects or run not in by_run) and run not in kept}
         old_versions: list[str] = []
         if keep_last is not None:
             if keep_last < 0:
@@ -235,15 +260,16 @@ class RetentionMixin:
             protected_versions = self.protected_versions()
             old_versions = [v for v in by_age
                             if v not in newest and v not in in_flight and v not in protected_versions]
-        return GcPlan(orphans=orphans, runs=run_objects, versions=old_versions, probes=probes, kept=kept,
-                      older_than_s=older_than_s, run_min_age_s=run_min_age_s)
+        return GcPlan(orphans=orphans, runs=run_objects, claims=abandoned_claims, versions=old_versions, probes=probes,
+                      kept=kept, older_than_s=older_than_s, run_min_age_s=run_min_age_s)
 
-    def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float, now: float) -> int:
+    def _delete_run_objects(self, run: str, planned: list[str], min_age_s: float, now: float) -> int | None:
+        """How many objects went; None when the run was skipped."""
         # Re-listed now: a run that a retrain resumed since the plan (a new checkpoint) is skipped whole.
         infos = self.store.list_info(f"runs/{run}/")
         if infos and max(i.modified for i in infos) > now - min_age_s:
             log.info("run %s was written since gc planned; kept", run)
-            return 0
+            return None
         current = {i.key for i in infos}
         return self.store.delete_keys([k for k in planned if k in current])
 
@@ -257,10 +283,19 @@ class RetentionMixin:
                 log.info("model version %s was completed or written since gc planned; kept", version)
                 continue
             self.store.delete_keys(objects)
-        if plan.runs:
+        if plan.runs or plan.claims:
             protected = self.protected_keys()  # re-read: a version registered since the plan may name one
-            for run, objects in plan.runs.items():
-                self._delete_run_objects(run, [k for k in objects if k not in protected], plan.run_min_age_s, now)
+            for run in sorted(plan.runs.keys() | plan.claims.keys()):
+                claimed = plan.claims.get(run)
+                # Re-listed now: a retry of the registration that uploaded since the plan keeps its run.
+                if claimed is not None and self.store.list(version_prefix(claimed)):
+                    log.info("run %s resumed its registration of %s since gc planned; kept", run, claimed)
+                    continue
+                if run in plan.runs and self._delete_run_objects(
+                        run, [k for k in plan.runs[run] if k not in protected], plan.run_min_age_s, now) is None:
+                    continue
+                if claimed is not None:
+                    self.store.delete(claim_key(run))
         self.store.delete_keys(plan.probes)
         if delete_versions:
             protected_versions = self.protected_versions()  # re-read: a promotion may have landed since

@@ -80,21 +80,74 @@ def test_gc_runs_keeps_what_a_live_version_names(any_registry, trained, capsys):
     assert registry.store.list("runs/") == [probs]
 
 
+def claim(store: LocalStore, run: str, version: str) -> None:
+    store.put_bytes(f"registry/runs/claims/{run}.json", json.dumps({"run_id": run, "model_id": version}).encode())
+
+
+IN_PROGRESS = "its registration is in progress (claimed, not yet indexed)"
+
+
 def test_gc_runs_has_an_age_guard_and_skips_registrations_in_flight(registry, trained, capsys):
     store = registry.store
     add_version(registry, trained["model_id"], "fresh", run_id="r-fresh")
     store.put_bytes("runs/r-fresh/checkpoint.pt", b"ckpt")  # registered an hour ago: within the guard
     age(store, "runs/r-fresh/", 3600)
-    store.put_bytes("runs/r-claimed/checkpoint.pt", b"ckpt")  # claimed, model.json not yet written
-    store.put_bytes("registry/runs/claims/r-claimed.json", json.dumps({"run_id": "r-claimed",
-                                                                        "model_id": "pending"}).encode())
+    # Trained 10 days ago, claimed just now: the registration may be uploading.
+    store.put_bytes("runs/r-claimed/checkpoint.pt", b"ckpt")
+    claim(store, "r-claimed", "pending")
     age(store, "runs/r-claimed/", 10 * 86400)
+    # Claimed 10 days ago, but its version has weights (incomplete, not yet collected): it got that far.
+    store.put_bytes("runs/r-uploaded/checkpoint.pt", b"ckpt")
+    claim(store, "r-uploaded", "uploaded")
+    store.put_bytes("models/uploaded/model.safetensors", b"weights")
+    age(store, "runs/r-uploaded/", 10 * 86400)
+    age(store, "registry/runs/claims/r-uploaded.json", 10 * 86400)
     assert main(["models", "gc", "--runs", "--store", store.uri]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["runs"] == []
+    assert result["runs"] == [] and result["abandoned_claims"] == []
     assert result["runs_kept"]["r-fresh"].startswith("touched 3")
-    assert result["runs_kept"]["r-claimed"] == "its registration is in progress (claimed, not yet indexed)"
-    assert store.list("runs/") == ["runs/r-claimed/checkpoint.pt", "runs/r-fresh/checkpoint.pt"]
+    assert result["runs_kept"]["r-claimed"] == IN_PROGRESS
+    assert result["runs_kept"]["r-uploaded"] == IN_PROGRESS
+    assert store.list("runs/") == ["runs/r-claimed/checkpoint.pt", "runs/r-fresh/checkpoint.pt",
+                                   "runs/r-uploaded/checkpoint.pt"]
+    assert store.list("registry/runs/claims/") == ["registry/runs/claims/r-claimed.json",
+                                                   "registry/runs/claims/r-fresh.json",
+                                                   "registry/runs/claims/r-uploaded.json"]
+
+
+def test_gc_runs_collects_the_run_of_an_abandoned_claim(registry, capsys):
+    """A registration that failed after its claim (S3 down past every retry, the host killed) and that
+    nobody retried (the next retrain gets a new run id): once gc collected its incomplete version, the
+    claim names nothing. Older than --run-age-days, it no longer pins the run: run and claim go."""
+    store = registry.store
+    store.put_bytes("runs/r-failed/checkpoint.pt", b"ckpt")
+    store.put_bytes("runs/r-failed/metrics.jsonl", b"{}")
+    claim(store, "r-failed", "never-landed")
+    claim(store, "r-local", "never-landed-either")  # trained off the store: a claim and nothing else
+    store.put_bytes("runs/r-recent/checkpoint.pt", b"ckpt")  # claimed 2 days ago: not yet abandoned
+    claim(store, "r-recent", "still-young")
+    age(store, "runs/", 10 * 86400)
+    age(store, "registry/runs/claims/", 10 * 86400)
+    age(store, "registry/runs/claims/r-recent.json", 2 * 86400)
+    assert main(["models", "gc", "--runs", "--store", store.uri]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == ["r-failed"] and result["abandoned_claims"] == ["r-failed", "r-local"]
+    assert result["runs_kept"] == {"r-recent": IN_PROGRESS}
+    assert store.list("runs/") == ["runs/r-recent/checkpoint.pt"]
+    assert store.list("registry/runs/claims/") == ["registry/runs/claims/r-recent.json"]
+
+
+def test_gc_runs_keeps_an_abandoned_claim_whose_registration_resumed_since_the_plan(registry):
+    store = registry.store
+    store.put_bytes("runs/r-late/checkpoint.pt", b"ckpt")
+    claim(store, "r-late", "late")
+    age(store, "runs/", 10 * 86400)
+    age(store, "registry/runs/claims/", 10 * 86400)
+    plan = registry.plan_gc(runs=True)
+    assert plan.claims == {"r-late": "late"} and list(plan.runs) == ["r-late"]
+    store.put_bytes("models/late/model.safetensors", b"weights")  # a retry of the registration uploads
+    registry.apply_gc(plan)
+    assert store.exists("runs/r-late/checkpoint.pt") and store.exists("registry/runs/claims/r-late.json")
 
 
 def test_gc_runs_collects_the_run_of_a_deleted_version(registry, trained, capsys):
@@ -105,13 +158,12 @@ def test_gc_runs_collects_the_run_of_a_deleted_version(registry, trained, capsys
     store.put_bytes("runs/r-gone/checkpoint.pt", b"ckpt")
     registry.delete_version("gone")
     store.put_bytes("runs/r-pending/checkpoint.pt", b"ckpt")  # claimed for a version not yet written
-    store.put_bytes("registry/runs/claims/r-pending.json", json.dumps({"run_id": "r-pending",
-                                                                        "model_id": "pending"}).encode())
+    claim(store, "r-pending", "pending")
     age(store, "runs/", 10 * 86400)
     assert main(["models", "gc", "--runs", "--store", store.uri]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["runs"] == ["r-gone"]
-    assert result["runs_kept"] == {"r-pending": "its registration is in progress (claimed, not yet indexed)"}
+    assert result["runs_kept"] == {"r-pending": IN_PROGRESS}
     assert store.list("runs/") == ["runs/r-pending/checkpoint.pt"]
     assert store.exists("registry/runs/claims/r-gone.json")  # still refuses a retry's registration
 
