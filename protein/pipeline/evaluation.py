@@ -21,7 +21,7 @@ from protein.evaluation.thresholds import cross_fitted_rows, predict_labels
 from protein.links import object_uri
 from protein.pipeline.inputs import check_fingerprint, holdout_split, load_split_images, training_split
 from protein.pipeline.prediction import load_predictor
-from protein.registry import Registry, check_version_id, newest_promotion
+from protein.registry import Registry, gate_record_key, newest_promotion, report_prefix
 from protein.storage import open_store
 from protein.storage.records import RecordSchema, load_record, record_location
 
@@ -277,10 +277,6 @@ GATE_RECORD = RecordSchema("gate record", required={"challenger": str, "decision
                            optional={"champion": (str, type(None)), "decided": str, "promotion": dict})
 
 
-def gate_record_key(challenger_id: str) -> str:
-    return f"gates/{check_version_id(challenger_id)}.json"
-
-
 def record_gate_decision(store_uri: str, challenger_id: str, champion_id: str | None, decision: dict[str, Any],
                          challenger_eval: dict[str, Any], champion_eval: dict[str, Any] | None) -> str:
     """Keep every gate decision in the store, beside the models it judged."""
@@ -335,6 +331,6 @@ def publish_training_plot(store_uri: str, model_id: str, challenger_eval: dict[s
     spec = Registry(store).spec(model_id)
     png = training_plot_png(spec.get("history", []), challenger_eval["per_class"]["f1"],
                             champion_eval["per_class"]["f1"] if champion_eval else None, title=model_id)
-    key = f"reports/{check_version_id(model_id)}/training.png"
+    key = f"{report_prefix(model_id)}training.png"
     store.put_bytes(key, png, content_type="image/png")
     return object_uri(store, key)

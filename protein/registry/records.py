@@ -100,6 +100,16 @@ def tombstone_key(version: str) -> str:
     return f"{TOMBSTONE_PREFIX}{check_version_id(version)}.json"
 
 
+def gate_record_key(version: str) -> str:
+    """The gate's decision on ``version`` (both evaluations, the rows), written by the gate."""
+    return f"gates/{check_version_id(version)}.json"
+
+
+def report_prefix(version: str) -> str:
+    """The gate's reports on ``version`` (training.png)."""
+    return f"reports/{check_version_id(version)}/"
+
+
 _TEXT_OR_NULL = (str, type(None))
 MODEL_RECORD = RecordSchema(
     "model record",

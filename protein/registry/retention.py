@@ -12,8 +12,9 @@
   and the claim with it.
 - A complete version is deleted only if it never served, and never behind a promotion's back: a
   tombstone is written first (create-only), the champion history is read again, then model.json and
-  the weights go. A promotion checks for the tombstone before its swap and again after it, and undoes
-  its own swap if the tombstone appeared: either the delete or the promotion wins, never both.
+  the weights go, and last the gate's record and reports on it. A promotion checks for the tombstone
+  before its swap and again after it, and undoes its own swap if the tombstone appeared: either the
+  delete or the promotion wins, never both.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from protein.registry.records import (
     ChampionState,
     check_version_id,
     claim_key,
+    gate_record_key,
+    report_prefix,
     run_index_key,
     tombstone_key,
     version_prefix,
@@ -306,7 +309,8 @@ class RetentionMixin:
     def delete_version(self, version: str) -> int:
         """Remove a complete, never-served version, for good: its id is tombstoned first (never
         registered or promoted again), the champion is read again, then model.json goes (so it is never
-        listed as complete while its weights go), then the rest."""
+        listed as complete while its weights go), then the rest, then the gate's record and reports
+        on it."""
         check_version_id(version)
         if version in self.protected_versions():
             raise RegistryError(f"model version {version} is the champion or in its promotion history; kept")
@@ -336,4 +340,8 @@ class RetentionMixin:
                     self.store.delete(run_index_key(run_id))
             except (NotFound, ProteinError) as exc:
                 log.warning("run index of %s left as is: %s", run_id, exc)
+        # Last: a delete that fails before here leaves at worst a record of a deleted version, never a
+        # listed version without its gate record (a rerun would take it for never judged and gate again).
+        self.store.delete(gate_record_key(version))
+        self.store.delete_prefix(report_prefix(version))
         return count

@@ -473,6 +473,27 @@ def test_gc_keep_last_spares_the_champion_and_its_history(registry, trained, cap
         registry.delete_version(versions[1])
 
 
+def test_gc_deleting_a_version_deletes_the_gate_record_and_reports_on_it(registry, trained, capsys):
+    """Nothing else may delete them (the operator's policy is the only one that can): left behind, a deleted
+    version's gate record (both evaluations, the rows) and its report stayed in the store for ever."""
+    from protein.cli import main
+
+    store, champion = registry.store, trained["model_id"]
+    registry.promote(champion, expected_champion=None)
+    # "old-b" shares the deleted id's first characters: its records are another version's.
+    old, old_b, newest = (add_version(registry, champion, v) for v in ("old", "old-b", "newest"))
+    age_versions(registry, [champion, old, old_b, newest], hours=2)
+    for version in (champion, old, old_b, newest):
+        store.put_bytes(f"gates/{version}.json", b"{}")
+        store.put_bytes(f"reports/{version}/training.png", b"png")
+    judged = "gates/by-data/c0ffee0123456789/0123456789abcdef.json"  # the orchestrator's, of data and config
+    store.put_bytes(judged, b"{}")
+    assert main(["models", "gc", "--keep-last", "2", "--yes", "--store", store.uri]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"] == [old]
+    assert store.list("gates/") == sorted([judged, *(f"gates/{v}.json" for v in (champion, old_b, newest))])
+    assert store.list("reports/") == sorted(f"reports/{v}/training.png" for v in (champion, old_b, newest))
+
+
 def age_versions(registry: Registry, versions: list[str], hours: float) -> None:
     """Dates each version's model.json `hours` back, oldest first in list order (a local store)."""
     for i, version in enumerate(versions):

@@ -30,8 +30,10 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
     store_arn = "arn:aws:s3:::ml-models/protein/"
     for role in ROLES:
         for statement in statements(role):
-            # Allows only, but for the one Deny that narrows an Allow (the publisher's, on the gc lock).
-            assert statement["Effect"] == "Allow" or statement.get("Sid") == "NeverTheDatasetsGcLock", (role, statement)
+            # Allows only, but for the Denys that narrow an Allow (the publisher's, on the gc lock; the
+            # operator's, on the gate's records below gates/, which `gates/*.json` would match too).
+            assert statement["Effect"] == "Allow" or statement.get("Sid") in {
+                "NeverTheDatasetsGcLock", "NeverTheGateJudgementsOfDataOrRetrains"}, (role, statement)
             for action in as_list(statement["Action"]):
                 # No wildcard actions, nothing account-wide, nothing that changes the bucket itself.
                 assert action.startswith("s3:") and "*" not in action, (role, action)
@@ -55,9 +57,13 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
         root + "validation/docs/validations/*", root + "validation/results/*"]
     assert grants("publisher", "s3:DeleteObject") == [root + "datasets/pushes/*"]
     assert grants("trainer", "s3:DeleteObject") == [root + "probes/*"]
+    # gc deleting a version deletes the gate's record and reports on it too; the judgements below gates/
+    # (of data, of a retrain's resolution) are denied.
     assert sorted(grants("operator", "s3:DeleteObject")) == [
-        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "models/*",
-                           "probes/*", "registry/runs/*", "runs/*")]
+        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "gates/*.json",
+                           "models/*", "probes/*", "registry/runs/*", "reports/*/*", "runs/*")]
+    assert [(s["Action"], s["Resource"]) for s in statements("operator") if s["Effect"] == "Deny"] == [
+        ("s3:DeleteObject", root + "gates/*/*")]
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}

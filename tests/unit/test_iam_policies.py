@@ -122,6 +122,17 @@ def test_push_markers_are_deleted_by_their_push_or_by_gc_and_nothing_else_by_the
     assert not deletes("operator", f"datasets/{FOLDER}/manifest.json")
 
 
+def test_the_operator_deletes_a_deleted_versions_gate_record_and_reports_and_no_other_gate_record() -> None:
+    assert deletes("operator", "gates/20261207-000000-resnet18-abcd1234.json")
+    assert deletes("operator", "reports/20261207-000000-resnet18-abcd1234/training.png")
+    # The judgement of a dataset and config, and a retrain's resolved push, are the orchestrator's and stay.
+    assert not deletes("operator", f"gates/by-data/{FOLDER}/0123456789abcdef.json")
+    assert not deletes("operator", "gates/retrains/0b7c/resolved.json")
+    assert not deletes("operator", "submissions/latest.json")
+    for role in ("trainer", "publisher", "orchestrator"):
+        assert not deletes(role, "gates/v1.json") and not deletes(role, "reports/v1/training.png"), role
+
+
 def test_the_bucket_policy_binds_every_principal() -> None:
     # An administrator's keys (Allow *) still cannot rewrite a version, blindly set the pointer, or use plain HTTP.
     assert put(ADMIN, "models/v1/model.json", if_none_match=True)
