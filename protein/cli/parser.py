@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "validate a dataset with Great Expectations (exit 1 if it fails)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     store_arg(p)
-    p.add_argument("--report", help="folder for report.json and Data Docs HTML (an existing file there: exit 2)")
+    p.add_argument("--report", help="folder for report.json and Data Docs HTML in docs/; an earlier validate's "
+                                    "output there is replaced; an existing file, or a docs/ or report.json it "
+                                    "did not write, is refused (exit 2)")
     p.add_argument("--image-size", type=int, default=512, help="expected width and height of every image")
     p.add_argument("--headers-only", action="store_true",
                    help="read only each image's header and trailer (faster); skips the pixel decode, content "

@@ -58,6 +58,10 @@ from protein.validation.report import ValidationReport
 
 log = logging.getLogger(__name__)
 
+# Written inside the docs/ this command puts in a report folder: a later run may replace that docs/
+# and the report.json beside it, and nothing else (`--report .` in a checkout once wiped its docs/).
+REPORT_MARKER = ".protein-report"
+
 # Under these, a file that exists in the store is an earlier run's and is not uploaded again.
 DOCS_PREFIX = f"{STORE_PREFIX}/docs"
 RESULTS_PREFIX = f"{STORE_PREFIX}/results"
@@ -226,8 +230,8 @@ def run_validation(
 
     open_dataset(path)  # not a dataset at all: DataError before anything is written
     keep_runs = keep_runs_setting()  # a bad setting, too
-    if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
-        raise DataError(f"--report {report_dir}: exists and is not a folder (report.json and docs/ go in a folder)")
+    if report_dir is not None:
+        check_report_dir(Path(report_dir))
     store = open_store(store_uri) if store_uri else None
     reference = load_reference(store)
     # Absolute: Great Expectations refuses a project folder given relative to the working folder.
@@ -270,6 +274,8 @@ def run_validation(
                         data_fingerprint=report.data_fingerprint, dataset=report.dataset)}
                     _put_report(store, report)
         docs = out / "docs"
+        (staged_docs / REPORT_MARKER).write_text("written by protein validate: the next run into this "
+                                                 "folder replaces docs/ and report.json\n")
         _replace_dir(staged_docs, docs)
     finally:
         shutil.rmtree(project, ignore_errors=True)
@@ -278,6 +284,19 @@ def run_validation(
     log.info("validation %s for %s (%s): report %s", "passed" if report.success else "FAILED",
              report.dataset, report.data_fingerprint, report.report_uri or out / "report.json")
     return report
+
+
+def check_report_dir(report_dir: Path) -> None:
+    """DataError unless `report_dir` can take this run's docs/ and report.json without losing
+    anything this command did not write there."""
+    if report_dir.exists() and not report_dir.is_dir():
+        raise DataError(f"--report {report_dir}: exists and is not a folder (report.json and docs/ go in a folder)")
+    ours = (report_dir / "docs" / REPORT_MARKER).is_file()
+    for name in ("docs", "report.json"):
+        taken = report_dir / name
+        if (taken.exists() or taken.is_symlink()) and not ours:
+            raise DataError(f"--report {report_dir}: {taken} exists and was not written by protein validate "
+                            "(expected a new or empty folder, or one an earlier validate wrote)")
 
 
 def _report_text(report: ValidationReport) -> str:

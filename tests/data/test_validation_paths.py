@@ -91,6 +91,35 @@ def test_report_at_an_existing_file_is_a_usage_error(base: Path, tmp_path: Path,
     assert target.read_text() == "mine" and not (tmp_path / "store").exists()
 
 
+def test_a_report_folder_keeps_what_validate_did_not_write(base: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """`--report .` in a project checkout once moved its docs/ aside and deleted it. Someone else's
+    docs/ or report.json is refused; a folder an earlier validate wrote is replaced, run after run."""
+    mine = tmp_path / "checkout"
+    (mine / "docs").mkdir(parents=True)
+    (mine / "docs" / "notes.md").write_text("mine")
+    code = validate("--data", str(base), "--headers-only", "--report", str(mine))
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip() == (f"protein validate: error: --report {mine}: {mine / 'docs'} exists and was not "
+                           "written by protein validate (expected a new or empty folder, or one an earlier "
+                           "validate wrote)")
+    assert (mine / "docs" / "notes.md").read_text() == "mine"
+    assert sorted(p.name for p in mine.iterdir()) == ["docs"]
+
+    only_report = tmp_path / "other"
+    only_report.mkdir()
+    (only_report / "report.json").write_text("{}")
+    assert validate("--data", str(base), "--headers-only", "--report", str(only_report)) == 2
+    assert (only_report / "report.json").read_text() == "{}"
+
+    again = tmp_path / "again"
+    for _ in range(2):
+        assert validate("--data", str(base), "--headers-only", "--report", str(again)) == 0
+        assert sorted(p.name for p in again.iterdir()) == ["docs", "report.json"]
+        assert (again / "docs" / "index.html").is_file()
+
+
 def test_a_store_failure_leaves_nothing_half_written_and_the_reference_unmoved(
         base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     store = tmp_path / "store"
