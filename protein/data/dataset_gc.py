@@ -16,7 +16,8 @@ reading the other's, so at least one of them sees the other. `collect_orphans` i
 Defence in depth, kept: the age guard, and the manifests listed again just before deleting (anything a
 manifest written meanwhile names is kept; only those are parsed, since a manifest is never rewritten:
 a store of a year of daily pushes pays each manifest's parse once a gc, not twice). A manifest that
-cannot be read stops gc before anything is deleted: what it names is unknown. Should an object a
+cannot be read stops gc before anything is deleted: what it names is unknown (so does a store
+folder that cannot be listed: the store raises, never lists it as empty). Should an object a
 dataset names go missing anyway (deleted by hand), reading that dataset fails in one line naming the
 file and the object, and pushing the same data again re-uploads what is missing (`push_dataset`
 repairs a complete dataset's objects).

@@ -239,9 +239,11 @@ class LocalStore:
         validate_prefix(prefix)
         # Walk only the folder the prefix names (up to its last '/'), not the whole store.
         start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        if not self._root_is_folder():
+            return []
         keys: list[str] = []
         with self._os_errors():
-            for dirpath, dirnames, filenames in os.walk(start):
+            for dirpath, dirnames, filenames in os.walk(start, onerror=self._unlistable):
                 rel = Path(dirpath).relative_to(self.root).as_posix()
                 base = "" if rel == "." else f"{rel}/"
                 dirnames[:] = sorted(
@@ -255,6 +257,23 @@ class LocalStore:
                     if f"{base}{name}".startswith(prefix) and is_valid_key(f"{base}{name}")
                 )
         return sorted(keys)
+
+    def _root_is_folder(self) -> bool:
+        """False for a store never written; StoreError for a root that is something else (a file
+        given as --store once listed as an empty store, and gc reported what it had deleted)."""
+        if self.root.is_dir():
+            return True
+        if os.path.lexists(self.root):
+            raise StoreError(f"{self.uri}: not a folder (a local store is a folder)")
+        return False
+
+    def _unlistable(self, exc: OSError) -> None:
+        # os.walk skips a folder it cannot read unless told otherwise: an unreadable datasets/<fp>/
+        # (another user's umask on a shared store) listed as empty, and gc deleted the objects of
+        # the complete dataset whose manifest it hid. Only a folder that is not there is empty.
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            return  # never written, removed since the walk began, or an object where a folder would be
+        raise StoreError(f"{exc.filename}: cannot list this store folder ({exc.strerror or type(exc).__name__})")
 
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         found = []
@@ -281,7 +300,7 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         validate_key(key)
-        if not self.root.is_dir():
+        if not self._root_is_folder():
             return  # nothing was ever written; do not create the store just to delete from it
         with self._os_errors(key), self._locked(exclusive=True):
             self._delete_locked(key)
@@ -299,7 +318,7 @@ class LocalStore:
     def delete_keys(self, keys: list[str]) -> int:
         for key in keys:
             validate_key(key)
-        if keys and self.root.is_dir():
+        if keys and self._root_is_folder():
             with self._os_errors(), self._locked(exclusive=True):
                 for key in keys:
                     self._delete_locked(key)

@@ -232,3 +232,40 @@ def test_a_bad_age_guard_is_one_line_and_takes_no_lock(tmp_path, store, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"protein datasets: error: the gc age guard must be >= 0 hours, got {float(hours):g}"]
     assert objects(store) == {object_key("a" * 64)} and store.list("datasets/") == [object_key("a" * 64)]
+
+
+def test_gc_stops_on_a_store_folder_it_cannot_list(tmp_path, store, capsys, monkeypatch):
+    """os.walk skipped an unreadable datasets/<fp>/ (another user's umask 077 on a shared store) as
+    empty: the dataset looked incomplete and gc deleted every object it names."""
+    pushed = push_dataset(str(write_dataset(tmp_path / "d", LABELS, TEST_IDS)), store)
+    named = objects(store)
+    age(store, named, 3 * 86400)
+    hidden = store.root / "datasets" / pushed.fingerprint
+    real_scandir = os.scandir
+
+    def scandir(path=None):
+        if os.fspath(path) == str(hidden):  # chmod does not deny root, which runs these tests
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StoreError, match=f"^{hidden}: cannot list this store folder \\(Permission denied\\)$"):
+        store.list("datasets/")
+    assert protein_main(["datasets", "gc", "--store", store.uri, "--older-than-hours", "1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"protein datasets: error: {hidden}: cannot list this store folder (Permission denied)"]
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    assert objects(store) == named
+    assert not store.exists("datasets/gc.lock")
+
+
+def test_a_file_given_as_the_store_is_refused(tmp_path, capsys):
+    """A file as --store listed as an empty store: `datasets list` said "no datasets" and gc exited 0."""
+    not_a_store = tmp_path / "passwd"
+    not_a_store.write_text("root:x:0:0\n")
+    for verb in (["datasets", "list"], ["datasets", "gc"], ["models", "gc"]):
+        assert protein_main([*verb, "--store", str(not_a_store)]) == 3, verb
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(not_a_store) in err[0], (verb, err)
+    assert open_store(str(tmp_path / "never-written")).list("datasets/") == []
+    assert not_a_store.read_text() == "root:x:0:0\n"
