@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
     from protein.data.tables import (
         MAX_CSV_BYTES,
         CompetitionData,
+        blank_header_problem,
         csv_line,
         load_competition,
         parse_csv_bytes,
@@ -50,8 +51,8 @@ if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
 # that only opens, lists or fingerprints a dataset (a nightly that finds its data unchanged, a push)
 # would otherwise import at start (docs/testing.md: ~0.2 CPU-s a run).
 _LAZY = {name: "png" for name in ("MAX_IMAGE_PIXELS", "PNG_SIGNATURE", "decode_png", "load_image", "png_end")} | {
-    name: "tables" for name in ("MAX_CSV_BYTES", "CompetitionData", "csv_line", "load_competition",
-                                "parse_csv_bytes", "parse_labels_table", "read_csv_table")}
+    name: "tables" for name in ("MAX_CSV_BYTES", "CompetitionData", "blank_header_problem", "csv_line",
+                                "load_competition", "parse_csv_bytes", "parse_labels_table", "read_csv_table")}
 
 __all__ = [
     "open_dataset",
@@ -72,6 +73,7 @@ __all__ = [
     "FolderSource",
     "Layout",
     "ZipSource",
+    "blank_header_problem",
     "check_image_id",
     "csv_line",
     "data_cache_dir",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from protein.data import MAX_CSV_BYTES, SAFE_ID, TEST_DIR, TRAIN_DIR, DatasetSource
+from protein.data import MAX_CSV_BYTES, SAFE_ID, TEST_DIR, TRAIN_DIR, DatasetSource, blank_header_problem
 from protein.errors import DataError
 from protein.validation.config import ValidationConfig
 from protein.validation.drift import CELLS, IMAGE_STATISTICS, profile_shares
@@ -87,11 +87,13 @@ def read_csv(source: DatasetSource, relpath: str) -> tuple[Csv | None, str | Non
     records: list[list[str]] = []
     try:
         for record in reader:
-            if not record:
-                continue  # blank line
             if header is None:
+                if (problem := blank_header_problem(relpath, record)) is not None:
+                    return None, problem
                 header = [c.strip() for c in record]
                 continue
+            if not record:
+                continue  # blank line
             rows.append(reader.line_num)
             records.append(record)
     except csv.Error as exc:
