@@ -35,7 +35,7 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class ListedObject:
-    """One S3 object as a raw listing shows it: its full key in the bucket, size and ETag (quotes kept).
+    """One S3 object as a raw listing shows it: its full key in the bucket, size and ETag (quoted: `quoted_etag`).
     For reading datasets other tools wrote (`S3Store.list_objects`)."""
 
     key: str
@@ -187,6 +187,13 @@ def check_if_match(value: str | None) -> None:
     the write through whatever the object holds now."""
     if value is not None and (not value.strip() or value.strip().strip('"') in ("", "*")):
         raise ValueError(f"if_match must be the etag read from the object, got {value!r}")
+
+
+def quoted_etag(value: object) -> str:
+    """An S3 ETag in the one form this package hands out and compares: the opaque value in double quotes.
+    Ceph RGW (and MinIO before 2020) answer CompleteMultipartUpload with the ETag unquoted where HEAD
+    quotes it; compared as given, every multipart object would look changed the moment it was written."""
+    return '"' + str(value).strip().strip('"') + '"'
 
 
 def too_large(uri: str, size: int, max_bytes: int) -> RecordError:

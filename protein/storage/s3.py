@@ -31,6 +31,7 @@ from protein.storage.base import (
     env_number,
     is_valid_key,
     logger,
+    quoted_etag,
     read_capped,
     sha256_file,
     temp_beside,
@@ -256,7 +257,7 @@ class S3Store(RawObjectReads):
         if if_none_match:
             args["IfNoneMatch"] = "*"
         if if_match is not None:
-            args["IfMatch"] = if_match
+            args["IfMatch"] = quoted_etag(if_match)
         client = self._client()
         try:
             if len(data) > MULTIPART_THRESHOLD:
@@ -266,7 +267,7 @@ class S3Store(RawObjectReads):
                                            len(data), metadata, if_none_match, if_match, content_type)
             else:
                 with self._translating(key):
-                    etag = str(client.put_object(**args)["ETag"])
+                    etag = quoted_etag(client.put_object(**args)["ETag"])
         except NotFound as exc:
             if if_match is None:
                 raise
@@ -329,7 +330,7 @@ class S3Store(RawObjectReads):
         # CompleteMultipartUpload, and failing before the upload saves sending the parts.
         if create_only and self._head(key) is not None:
             raise PreconditionFailed(f"{self._uri(key)}: already exists")
-        if if_match is not None and self.etag(key) != if_match:
+        if if_match is not None and self.etag(key) != quoted_etag(if_match):
             raise PreconditionFailed(f"{self._uri(key)}: changed since its etag was read")
         chunk = max(MULTIPART_CHUNKSIZE, -(-size // MAX_PARTS))
         client = self._client()
@@ -354,7 +355,7 @@ class S3Store(RawObjectReads):
             if create_only:
                 args["IfNoneMatch"] = "*"
             if if_match is not None:
-                args["IfMatch"] = if_match
+                args["IfMatch"] = quoted_etag(if_match)
             with self._translating(key, "CompleteMultipartUpload"):
                 response = client.complete_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
                                                             MultipartUpload={"Parts": parts}, **args)
@@ -367,7 +368,7 @@ class S3Store(RawObjectReads):
                 logger.warning("%s: could not abort the interrupted multipart upload (%s); "
                                "`protein models gc` removes it later", self._uri(key), self._error(exc, key))
             raise
-        return str(response["ETag"])
+        return quoted_etag(response["ETag"])
 
     # --- reads ----------------------------------------------------------------------------------
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
@@ -437,7 +438,7 @@ class S3Store(RawObjectReads):
 
     def etag(self, key: str) -> str | None:
         head = self._head(key)
-        return None if head is None else str(head["ETag"])
+        return None if head is None else quoted_etag(head["ETag"])
 
     def _listing(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
         validate_prefix(prefix)

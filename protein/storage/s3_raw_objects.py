@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import IO, Any
 
-from protein.storage.base import COPY_CHUNK_SIZE, ListedObject
+from protein.storage.base import COPY_CHUNK_SIZE, ListedObject, quoted_etag
 
 # Server-side encryption whose objects' ETags are not the MD5 of their bytes (AWS documents the
 # ETag as an MD5 only for single-part objects stored as plaintext or with SSE-S3).
@@ -32,7 +32,8 @@ class RawObjectReads:
         found: list[ListedObject] = []
         with self._translating(prefix or None, operation="ListObjectsV2"):
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                found += [ListedObject(o["Key"], int(o["Size"]), str(o["ETag"])) for o in page.get("Contents", [])]
+                found += [ListedObject(o["Key"], int(o["Size"]), quoted_etag(o["ETag"]))
+                          for o in page.get("Contents", [])]
         return sorted(found, key=lambda o: o.key)
 
     def download_object(self, key: str, dest: IO[bytes], *, if_match: str | None = None, start: int = 0) -> str:
@@ -43,14 +44,15 @@ class RawObjectReads:
         client = self._client()
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if if_match is not None:
-            args["IfMatch"] = if_match
+            args["IfMatch"] = quoted_etag(if_match)
         if start:
             args["Range"] = f"bytes={start}-"
         with self._translating(key, operation="GetObject"):
             response = client.get_object(**args)
             for chunk in response["Body"].iter_chunks(COPY_CHUNK_SIZE):
                 dest.write(chunk)
-        return str(response.get("ETag", ""))
+        served = response.get("ETag")
+        return quoted_etag(served) if served else ""
 
     def etag_is_md5(self, key: str, etag: str | None = None) -> bool:
         """Whether the object's (single-part) ETag is the MD5 of its bytes: not under SSE-KMS or
