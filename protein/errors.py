@@ -55,6 +55,11 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or changed since its etag was read."""
 
 
+class UnsupportedRequest(StoreError):
+    """The S3 endpoint does not implement what the request asked of it (501 NotImplemented): a condition
+    header, a checksum algorithm. The same request will be refused again."""
+
+
 class StoreBusy(ProteinError):
     """Another process holds what this one needs for now (a datasets gc running while a push waits, or a
     second gc): nothing was changed; run it again when the other ends."""

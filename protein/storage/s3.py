@@ -254,10 +254,6 @@ class S3Store(RawObjectReads):
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Body": data, "Metadata": metadata}
         if content_type:
             args["ContentType"] = content_type
-        if if_none_match:
-            args["IfNoneMatch"] = "*"
-        if if_match is not None:
-            args["IfMatch"] = quoted_etag(if_match)
         client = self._client()
         try:
             if len(data) > MULTIPART_THRESHOLD:
@@ -266,6 +262,7 @@ class S3Store(RawObjectReads):
                 etag = self._put_multipart(key, object_key, lambda offset, n: bytes(view[offset:offset + n]),
                                            len(data), metadata, if_none_match, if_match, content_type)
             else:
+                args |= self._condition_headers(key, if_none_match, if_match)
                 with self._translating(key):
                     etag = quoted_etag(client.put_object(**args)["ETag"])
         except NotFound as exc:
@@ -304,14 +301,32 @@ class S3Store(RawObjectReads):
 
     def _put_single(self, key: str, object_key: str, path: Path, metadata: dict[str, str], create_only: bool) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Metadata": metadata}
-        if create_only:
-            args["IfNoneMatch"] = "*"
+        args |= self._condition_headers(key, create_only, None)
         client = self._client()
         # Bytes, not a file handle: a retry resends exactly the bytes that were hashed, with no seek on a
         # file that may have changed. Below the multipart threshold, so bounded in memory.
         body = path.read_bytes()
         with self._translating(key, "PutObject"):
             client.put_object(Body=body, **args)
+
+    def _condition_headers(self, key: str, create_only: bool, if_match: str | None) -> dict[str, str]:
+        """What makes a write conditional. Under the last-writer-wins opt-out nothing is sent (some
+        endpoints refuse the headers with 501): the conditions are checked by a HEAD just before the
+        write instead, so a writer that is behind still loses, and two racing between HEAD and write
+        both succeed, the last write winning."""
+        if last_writer_wins_allowed():
+            self._check_before_write(key, create_only, if_match)
+            return {}
+        headers = {"IfNoneMatch": "*"} if create_only else {}
+        if if_match is not None:
+            headers["IfMatch"] = quoted_etag(if_match)
+        return headers
+
+    def _check_before_write(self, key: str, create_only: bool, if_match: str | None) -> None:
+        if create_only and self._head(key) is not None:
+            raise PreconditionFailed(f"{self._uri(key)}: already exists")
+        if if_match is not None and self.etag(key) != quoted_etag(if_match):
+            raise PreconditionFailed(f"{self._uri(key)}: changed since its etag was read")
 
     def _put_multipart(
         self,
@@ -328,10 +343,9 @@ class S3Store(RawObjectReads):
         # If-None-Match / If-Match on CompleteMultipartUpload, which is what makes it conditional.
         # Checked up front too: some endpoints (moto among them) ignore the conditions on
         # CompleteMultipartUpload, and failing before the upload saves sending the parts.
-        if create_only and self._head(key) is not None:
-            raise PreconditionFailed(f"{self._uri(key)}: already exists")
-        if if_match is not None and self.etag(key) != quoted_etag(if_match):
-            raise PreconditionFailed(f"{self._uri(key)}: changed since its etag was read")
+        conditions = self._condition_headers(key, create_only, if_match)
+        if conditions:
+            self._check_before_write(key, create_only, if_match)
         chunk = max(MULTIPART_CHUNKSIZE, -(-size // MAX_PARTS))
         client = self._client()
         extra = {"ContentType": content_type} if content_type else {}
@@ -351,14 +365,9 @@ class S3Store(RawObjectReads):
             numbers = range(1, -(-size // chunk) + 1)
             with concurrent.futures.ThreadPoolExecutor(MULTIPART_WORKERS) as pool:
                 parts = list(pool.map(upload_part, numbers))
-            args: dict[str, Any] = {}
-            if create_only:
-                args["IfNoneMatch"] = "*"
-            if if_match is not None:
-                args["IfMatch"] = quoted_etag(if_match)
             with self._translating(key, "CompleteMultipartUpload"):
                 response = client.complete_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
-                                                            MultipartUpload={"Parts": parts}, **args)
+                                                            MultipartUpload={"Parts": parts}, **conditions)
         except BaseException:
             # Parts of an abandoned upload are invisible but billed; `clean_stale_uploads` is the
             # backstop when even this abort cannot reach the endpoint.

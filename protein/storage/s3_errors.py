@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protein.errors import NotFound, PreconditionFailed, StoreError
+from protein.errors import NotFound, PreconditionFailed, StoreError, UnsupportedRequest
 
 # The IAM action each S3 API operation needs (https://docs.aws.amazon.com/service-authorization/latest/
 # reference/list_amazons3.html); HeadObject is authorised by s3:GetObject, HeadBucket by s3:ListBucket.
@@ -112,7 +112,10 @@ def translate(
             return access_denied(uri, operation)
         if code in PRECONDITION_CODES or status == 412:
             return PreconditionFailed(f"{uri}: precondition failed (changed concurrently)")
-        return StoreError(f"{uri}: S3 request {operation or ''} failed ({code or status})".replace("  ", " "))
+        failed = f"{uri}: S3 request {operation or ''} failed ({code or status})".replace("  ", " ")
+        if code == "NotImplemented" or status == 501:
+            return UnsupportedRequest(failed)
+        return StoreError(failed)
     if isinstance(exc, bce.BotoCoreError):
         return StoreError(f"{uri}: S3 client error ({type(exc).__name__})")
     return StoreError(f"{uri}: {type(exc).__name__}")

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from botocore.stub import ANY, Stubber
 
+from protein.errors import PreconditionFailed, StoreError
 from protein.modeling.checkpoints import check_still_ours, checkpoint_key
 from protein.storage import s3 as s3_module
-from protein.storage.s3 import S3Store
+from protein.storage.s3 import ALLOW_LAST_WRITER_WINS_ENV, S3Store
 
 BUCKET = "bucket"
 RUN_ID = "r"
@@ -23,7 +24,8 @@ BIG = b"x" * 100  # over the test's multipart threshold
 def store(monkeypatch: pytest.MonkeyPatch) -> S3Store:
     import boto3.session
 
-    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 10)
+    monkeypatch.delenv(ALLOW_LAST_WRITER_WINS_ENV, raising=False)
+    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 64)  # the probe's writes stay single PUTs
     client = boto3.session.Session().client(
         "s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
         aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -74,3 +76,77 @@ def test_an_unquoted_multipart_etag_is_still_ours_when_head_quotes_it(store: S3S
     head(stubber, '"abc-2"')  # the If-Match check before the next upload
     multipart(stubber, "def-2", {"IfMatch": '"abc-2"'})
     assert store.put_bytes(checkpoint_key(RUN_ID), BIG, if_match=etag) == '"def-2"'
+
+
+# --- endpoints that refuse condition headers with 501 NotImplemented (versitygw, s3gw, AWS If-Match before 2024)
+
+
+def probe_put(stubber: Stubber, conditions: dict[str, str], error: tuple[str, int] | None = None) -> None:
+    expected = {"Bucket": BUCKET, "Key": ANY, "Body": ANY, "Metadata": ANY, **conditions}
+    if error is None:
+        stubber.add_response("put_object", {"ETag": '"probe"'}, expected)
+    else:
+        stubber.add_client_error("put_object", service_error_code=error[0], http_status_code=error[1],
+                                 expected_params=expected)
+
+
+def check_until_probe(stubber: Stubber) -> None:
+    stubber.add_response("list_objects_v2", {}, {"Bucket": BUCKET, "Prefix": "p/", "MaxKeys": 1})
+
+
+def test_a_refused_if_none_match_names_conditional_writes_and_the_opt_out(store: S3Store, stubber: Stubber) -> None:
+    check_until_probe(stubber)
+    probe_put(stubber, {"IfNoneMatch": "*"}, ("NotImplemented", 501))
+    probe_put(stubber, {})  # the same write unconditionally goes through: the condition was refused
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    with pytest.raises(StoreError) as info:
+        store.check()
+    assert str(info.value).startswith("s3://bucket/p: the S3 endpoint http://127.0.0.1:9 does not implement "
+                                      "If-None-Match (create-only writes) on PutObject; ")
+    assert f"set {ALLOW_LAST_WRITER_WINS_ENV}=1" in str(info.value)
+
+
+def test_a_refused_if_match_names_compare_and_swap(store: S3Store, stubber: Stubber) -> None:
+    check_until_probe(stubber)
+    probe_put(stubber, {"IfNoneMatch": "*"})
+    probe_put(stubber, {"IfNoneMatch": "*"}, ("PreconditionFailed", 412))
+    probe_put(stubber, {"IfMatch": ANY}, ("NotImplemented", 501))
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    with pytest.raises(StoreError, match=r"does not implement If-Match \(compare-and-swap\) on PutObject; .*"
+                                         f"{ALLOW_LAST_WRITER_WINS_ENV}=1"):
+        store.check()
+
+
+def test_with_the_opt_out_no_write_carries_a_condition_header(
+    store: S3Store, stubber: Stubber, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The conditions are checked by a HEAD just before each write instead: a writer that is behind
+    still loses; only two racing between HEAD and write are last-writer-wins."""
+    monkeypatch.setenv(ALLOW_LAST_WRITER_WINS_ENV, "1")
+    key = checkpoint_key(RUN_ID)
+    plain = {"Bucket": BUCKET, "Key": OBJECT_KEY, "Body": ANY, "Metadata": ANY}
+
+    head(stubber, None)
+    stubber.add_response("put_object", {"ETag": '"v1"'}, plain)
+    assert store.put_bytes(key, b"small", if_none_match=True) == '"v1"'
+
+    head(stubber, '"v1"')
+    stubber.add_response("put_object", {"ETag": '"v2"'}, plain)
+    assert store.put_bytes(key, b"small", if_match='"v1"') == '"v2"'
+
+    head(stubber, '"v1"')
+    multipart(stubber, "v3", {})
+    assert store.put_bytes(key, BIG, if_none_match=False, if_match='"v1"') == '"v3"'
+
+    source = tmp_path / "weights"
+    source.write_bytes(b"small")
+    head(stubber, None)
+    stubber.add_response("put_object", {"ETag": '"v4"'}, plain)
+    store.put_file(key, source, if_none_match=True)
+
+    head(stubber, '"v9"')  # another writer moved it: this one is behind and loses, nothing is written
+    with pytest.raises(PreconditionFailed, match="changed since its etag was read"):
+        store.put_bytes(key, b"small", if_match='"v2"')
+    head(stubber, '"v9"')
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.put_bytes(key, b"small", if_none_match=True)
