@@ -43,6 +43,12 @@ CREDENTIAL_CODES = frozenset(
 PERMISSION_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# botocore >= 1.36 sends uploads aws-chunked with a trailing CRC32 unless told otherwise; GCS's S3 API
+# and other S3-compatible stores refuse such a body with one of these codes.
+CHECKSUM_REFUSAL_CODES = frozenset({"InvalidArgument", "NotImplemented"})
+UPLOAD_OPERATIONS = frozenset({"PutObject", "UploadPart"})
+CHECKSUM_HINT = ("; if the endpoint does not accept botocore's default upload checksums, set "
+                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required and AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
 
 
 def error_code(exc: Any) -> tuple[str, int | None]:
@@ -113,6 +119,8 @@ def translate(
         if code in PRECONDITION_CODES or status == 412:
             return PreconditionFailed(f"{uri}: precondition failed (changed concurrently)")
         failed = f"{uri}: S3 request {operation or ''} failed ({code or status})".replace("  ", " ")
+        if operation in UPLOAD_OPERATIONS and (code in CHECKSUM_REFUSAL_CODES or status == 501):
+            failed += CHECKSUM_HINT
         if code == "NotImplemented" or status == 501:
             return UnsupportedRequest(failed)
         return StoreError(failed)

@@ -39,6 +39,17 @@ def test_a_changed_environment_gets_a_client_for_it(monkeypatch: pytest.MonkeyPa
     assert third._request_signer._credentials.access_key == "another"
 
 
+def test_the_checksum_settings_docs_registry_md_names_reach_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from the environment by botocore itself: the store's own client settings must not override them."""
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    assert open_store("s3://bucket-a")._client().meta.config.request_checksum_calculation == "when_supported"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    config = open_store("s3://bucket-a")._client().meta.config
+    assert (config.request_checksum_calculation, config.response_checksum_validation) == ("when_required",) * 2
+
+
 def test_a_changed_client_setting_gets_its_own_client(monkeypatch: pytest.MonkeyPatch) -> None:
     first = open_store("s3://bucket-a")._client()
     monkeypatch.setenv("PROTEIN_S3_CONNECT_TIMEOUT_S", "7")

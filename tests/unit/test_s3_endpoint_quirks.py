@@ -150,3 +150,36 @@ def test_with_the_opt_out_no_write_carries_a_condition_header(
     head(stubber, '"v9"')
     with pytest.raises(PreconditionFailed, match="already exists"):
         store.put_bytes(key, b"small", if_none_match=True)
+
+
+# --- endpoints that refuse botocore's default upload checksums (aws-chunked, trailing CRC32): GCS's S3 API
+
+CHECKSUM_FIX = ("if the endpoint does not accept botocore's default upload checksums, set "
+                "AWS_REQUEST_CHECKSUM_CALCULATION=when_required and AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
+
+
+def test_a_refused_upload_names_the_checksum_setting(store: S3Store, stubber: Stubber) -> None:
+    key = checkpoint_key(RUN_ID)
+    stubber.add_client_error("put_object", service_error_code="InvalidArgument", http_status_code=400)
+    with pytest.raises(StoreError) as info:
+        store.put_bytes(key, b"small")
+    assert str(info.value) == f"s3://bucket/p/{key}: S3 request PutObject failed (InvalidArgument); {CHECKSUM_FIX}"
+
+    stubber.add_response("create_multipart_upload", {"UploadId": "u1"})
+    stubber.add_client_error("upload_part", service_error_code="NotImplemented", http_status_code=501)
+    stubber.add_response("abort_multipart_upload", {})
+    with pytest.raises(StoreError) as info:
+        store.put_bytes(key, BIG)
+    assert str(info.value) == f"s3://bucket/p/{key}: S3 request UploadPart failed (NotImplemented); {CHECKSUM_FIX}"
+
+
+def test_the_probe_blames_checksums_not_conditions_when_a_plain_write_is_refused_too(
+    store: S3Store, stubber: Stubber
+) -> None:
+    check_until_probe(stubber)
+    probe_put(stubber, {"IfNoneMatch": "*"}, ("NotImplemented", 501))
+    probe_put(stubber, {}, ("NotImplemented", 501))
+    with pytest.raises(StoreError) as info:
+        store.check()
+    assert str(info.value).endswith(f"S3 request PutObject failed (NotImplemented); {CHECKSUM_FIX}")
+    assert ALLOW_LAST_WRITER_WINS_ENV not in str(info.value)
