@@ -1,4 +1,4 @@
-"""Verbs about datasets: synth, validate, datasets push/list/gc, cache gc."""
+"""Verbs about datasets: synth, validate, datasets push/list/gc/remove, cache gc."""
 
 from __future__ import annotations
 
@@ -70,11 +70,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                              f"got {args.wait_for_gc_minutes:g}")
         times = dataclasses.replace(DEFAULT_TIMES, push_wait_s=args.wait_for_gc_minutes * 60)
         store.check()
+        moved: list[Any] = []
         with progress_bar(None, "push") as pushed:
-            result = push_dataset(args.data, store, args.cache_dir, pushed, times)
-        # The channel moves only once the dataset is complete; the event carries the same id as the
-        # channel entry, so a run started by it can tell whether a newer push superseded it.
-        entry = move_channel(store, args.channel, result.uri, result.fingerprint)
+            # The channel moves only once the dataset is complete, and while the push marker still keeps
+            # `datasets remove` away (it refuses a channel's head). The event carries the same id as the
+            # channel entry, so a run started by it can tell whether a newer push superseded it.
+            result = push_dataset(args.data, store, args.cache_dir, pushed, times, on_complete=lambda done: (
+                moved.append(move_channel(store, args.channel, done.uri, done.fingerprint))))
+        entry = moved[0]
         emit({"uri": result.uri, "fingerprint": result.fingerprint, "files": result.files, "bytes": result.bytes,
               "uploaded": result.uploaded, "uploaded_bytes": result.uploaded_bytes,
               "already_pushed": result.already_pushed, "channel": args.channel,
@@ -89,6 +92,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
         result_gc = collect_orphans(store, args.older_than_hours * 3600, dry_run=args.dry_run)
         emit({**result_gc, "dry_run": args.dry_run, "store": store.uri})
+    elif args.datasets_cmd == "remove":
+        from protein.data.dataset_removal import remove_dataset
+
+        emit({**remove_dataset(store, args.fingerprint, yes=args.yes), "store": store.uri})
     elif args.datasets_cmd == "list" and args.channel:
         list_channel(store, args.channel, args.json)
     elif args.datasets_cmd == "list":

@@ -260,4 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep orphans younger than this: a push in flight uploads its objects before its manifest")
     dp.add_argument("--dry-run", action="store_true",
                     help="only count what would be deleted (takes no lock, writes nothing)")
+    dp = datasets.add_parser("remove", help="remove a dataset nothing uses (its datasets/<fingerprint>/ manifest)",
+                             description="remove datasets/<FINGERPRINT>/ (the manifest) unless a channel's head, a "
+                             "registered model version's data or a run resolution younger than 24 h names it "
+                             "(exit 9, nothing removed); its content objects no other dataset names become orphans "
+                             "that the next `datasets gc` deletes. Without --yes only says what would be removed. "
+                             "Holds datasets/gc.lock like gc and removes nothing while a push is in progress (exit 9)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    store_arg(dp)
+    dp.add_argument("fingerprint", metavar="FINGERPRINT", help="the dataset's fingerprint (16 hex digits, as in "
+                    "datasets/<fingerprint>/)")
+    dp.add_argument("--yes", action="store_true", help="really remove it (without: a dry run, nothing deleted)")
     return parser

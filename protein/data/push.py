@@ -139,12 +139,14 @@ def _repair(store: Store, source: DatasetSource, key: str, uri: str) -> tuple[in
 
 def push_dataset(
     data: str, store: Store, cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
-    times: CoordinationTimes = DEFAULT_TIMES,
+    times: CoordinationTimes = DEFAULT_TIMES, on_complete: Callable[[PushResult], None] | None = None,
 ) -> PushResult:
     """Upload a dataset (folder, zip or s3:// URI) to `store` as content objects plus a format-2 manifest
     at datasets/<fingerprint>/manifest.json; only objects the store lacks travel. Everything that
     touches the store runs under a push marker, after any running `datasets gc` has ended
-    (protein.data.gc_coordination; `StoreBusy` if it does not end within ``times.push_wait_s``)."""
+    (protein.data.gc_coordination; `StoreBusy` if it does not end within ``times.push_wait_s``).
+    ``on_complete(result)`` runs once the manifest is there, still under the marker: the channel moves
+    there, so a `datasets remove` that sees no marker also sees the channel naming this dataset."""
     parsed = load_competition(data, require_test=False, cache_dir=cache_dir)  # refuse a non-dataset first
     source: DatasetSource = parsed.source
     digests = source.digests()
@@ -156,7 +158,10 @@ def push_dataset(
     with PushMarker(store, times) as marker:
         if store.exists(key):
             uploaded, uploaded_bytes = _repair(store, source, key, uri)
-            return PushResult(uri, fp, len(digests), total, uploaded, True, uploaded_bytes)
+            repaired = PushResult(uri, fp, len(digests), total, uploaded, True, uploaded_bytes)
+            if on_complete is not None:
+                on_complete(repaired)
+            return repaired
         for name in names:  # the manifest carries names: check them all before reading or writing anything
             if not is_dataset_file_name(name):
                 raise DataError(f"{source.locate(name)}: this file name cannot be an object key (use letters, "
@@ -193,10 +198,13 @@ def push_dataset(
             store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode(), if_none_match=True)
         except PreconditionFailed:
             log.info("%s was completed by a concurrent push of the same data", uri)
-    uploaded = sum(1 for size in sizes if size)
-    log.info("pushed %s: %d files, %d objects uploaded (%d bytes), %d already stored", uri, len(names), uploaded,
-             sum(sizes), sum(1 for name in names if entries[name].sha256 not in sent))
-    return PushResult(uri, fp, len(names), total, uploaded, False, sum(sizes))
+        uploaded = sum(1 for size in sizes if size)
+        log.info("pushed %s: %d files, %d objects uploaded (%d bytes), %d already stored", uri, len(names), uploaded,
+                 sum(sizes), sum(1 for name in names if entries[name].sha256 not in sent))
+        result = PushResult(uri, fp, len(names), total, uploaded, False, sum(sizes))
+        if on_complete is not None:
+            on_complete(result)
+    return result
 
 
 def list_datasets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
