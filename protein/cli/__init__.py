@@ -6,7 +6,8 @@ failures as one line on stderr with a specific exit code: 1 data failed validati
 (`train --nproc`; rerun with the same --run-id to resume), 8 a stored record (model.json,
 champion.json, a run index entry, a manifest) is over its size cap, not JSON, or not its schema,
 9 busy: a `datasets gc` holds the store's datasets (a second gc, or a push that waited its bound) or a
-push is in progress (gc deleted nothing); nothing was changed, run it again later. 10 a training
+push is in progress (gc deleted nothing); nothing was changed, run it again later; `datasets remove` also
+exits 9 for a dataset still in use (a channel's head, a registered version's data, a live run's). 10 a training
 run was taken over: another attempt of the same run id wrote its checkpoint since this one read it
 (this attempt stopped; the other goes on). 11 training ran out of memory: start a new run with a
 smaller --batch-size or with --accumulate K. 12 training diverged (an epoch's loss is NaN or inf;

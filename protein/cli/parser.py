@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "its promotion history) for deletion")
             mp.add_argument("--yes", action="store_true", help="with --keep-last: really delete those versions")
 
-    p = add("datasets", cmd_datasets, "push datasets to the object store and list them")
+    p = add("datasets", cmd_datasets, "push datasets to the object store, list, collect and remove them")
     datasets = p.add_subparsers(dest="datasets_cmd", required=True)
     dp = datasets.add_parser("push", help="upload a dataset to datasets/<fingerprint>/ and print its URI",
                              description="upload a dataset (any accepted layout) to datasets/<fingerprint>/ in the "

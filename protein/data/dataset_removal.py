@@ -39,7 +39,15 @@ from dataclasses import dataclass
 
 from protein.data.channels import CHANNEL_NAME, CHANNELS_PREFIX, read_channel
 from protein.data.gc_coordination import DEFAULT_TIMES, CoordinationTimes, GcLock, holders
-from protein.data.manifest import DATASET_MANIFEST, DATASETS_PREFIX, FINGERPRINT, MANIFEST, manifest_key, parse_manifest
+from protein.data.manifest import (
+    DATASET_MANIFEST,
+    DATASETS_PREFIX,
+    FINGERPRINT,
+    MANIFEST,
+    is_dataset_file_name,
+    manifest_key,
+    parse_manifest,
+)
 from protein.data.run_resolution import RESOLUTIONS_PREFIX
 from protein.errors import DataError, NotFound, RecordError, StoreBusy
 from protein.storage import Store
@@ -208,9 +216,12 @@ def remove_dataset(store: Store, fingerprint: str, *, yes: bool = False, times: 
         # A run that read a channel before the checks and wrote its resolution after them: it fails
         # in one line opening the dataset. Said now, loudly, rather than found in tomorrow's alerts.
         _refuse_if_used(store, fingerprint, live_resolution_s, after_delete=True)
-        rest = [k for k in store.list(f"{DATASETS_PREFIX}/{fingerprint}/") if k != key]
+        folder = f"{DATASETS_PREFIX}/{fingerprint}/"
+        # A format-1 full copy's own files (nothing for a format-2 dataset): only the names a dataset holds,
+        # the ones the operator's role may delete there (deployments/iam/operator.json).
+        rest = [k for k in store.list(folder) if k != key and is_dataset_file_name(k.removeprefix(folder))]
         lock.check_held()
-        store.delete_keys(rest)  # a format-1 full copy's own files; nothing for a format-2 dataset
+        store.delete_keys(rest)
     finally:
         lock.release()
     log.info("removed dataset %s from %s", fingerprint, store.uri)

@@ -381,7 +381,7 @@ def test_results_forged_with_the_trainer_keys_are_refused(iam_store: IamStore, d
 
 @pytest.mark.integration
 def test_push_and_datasets_gc_keep_out_of_each_others_way_under_their_roles(
-    iam_store: IamStore, dataset: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+    iam_store: IamStore, dataset: Path, monkeypatch: pytest.MonkeyPatch, cli: Any, tmp_path: Path
 ) -> None:
     """The publisher writes and removes its push marker; the operator takes and removes the gc lock, is
     refused (exit 9) while a push marker is live, and removes a stale one; the publisher may not delete
@@ -423,3 +423,24 @@ def test_push_and_datasets_gc_keep_out_of_each_others_way_under_their_roles(
     keys = iam_store.snapshot()
     assert manifest_key(fingerprint) in keys and object_key("e" * 64) not in keys
     assert GC_LOCK_KEY not in keys and not [k for k in keys if k.startswith(PUSHES_PREFIX)]
+
+    # `datasets remove` under the operator's role: refused while the dataset is its channel's head (and while a
+    # version trained on it, as every version here did on `dataset`), removed once the channel moved on; the
+    # publisher may not delete a manifest.
+    from protein.data.channels import advance_channel
+    from tests.helpers import write_dataset
+
+    with pytest.raises(StoreError, match=rf"{PREFIX}/{manifest_key(fingerprint)}: access denied"):
+        publisher.delete(manifest_key(fingerprint))
+    other = write_dataset(tmp_path / "other", {"1": "0", "2": "4"}, ["9"], size=16, seed=11)
+    pushed = cli("publisher", "datasets", "push", "--data", str(other), "--store", uri, "--channel", "iam-rm")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    unused = json.loads(pushed.stdout.strip().splitlines()[-1])["fingerprint"]
+    head = cli("operator", "datasets", "remove", "--store", uri, unused, "--yes")
+    assert head.returncode == 9 and "head of channel 'iam-rm'" in head.stderr, head.stderr[-2000:]
+    use_role(monkeypatch, iam_store, "publisher")
+    advance_channel(open_store(uri), "iam-rm", f"{uri}/datasets/{'f' * 16}/", "f" * 16, "moved-on", "iam", "2026-01-01")
+    removed = cli("operator", "datasets", "remove", "--store", uri, unused, "--yes")
+    assert removed.returncode == 0, removed.stderr[-3000:]
+    keys = iam_store.snapshot()
+    assert manifest_key(unused) not in keys and manifest_key(fingerprint) in keys and GC_LOCK_KEY not in keys

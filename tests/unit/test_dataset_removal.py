@@ -205,3 +205,12 @@ def test_what_is_not_a_dataset_is_one_line(store, old_and_new, capsys):
                    "`protein datasets list` shows the datasets in the store"]
     assert protein_main(["datasets", "remove", "--store", store.uri, "objects"]) == 2
     assert "is not a dataset fingerprint" in capsys.readouterr().err
+
+
+def test_an_old_full_copy_is_removed_whole(tmp_path, store):
+    from bench.dataset_push import push_full_copy
+
+    fp = push_full_copy(str(write_dataset(tmp_path / "full", LABELS, TEST_IDS)), store)
+    assert len(store.list(f"datasets/{fp}/")) > 1
+    assert remove_dataset(store, fp, yes=True)["format"] == "protein-dataset/1"
+    assert store.list("datasets/") == []

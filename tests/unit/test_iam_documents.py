@@ -47,8 +47,8 @@ def test_policy_documents_grant_only_named_actions_inside_the_store() -> None:
 def test_policy_documents_give_each_role_only_its_part() -> None:
     root = "arn:aws:s3:::ml-models/protein/"
     # Only the operator deletes data (the orchestrator only its own Data Docs pages), and never the champion
-    # pointer, submissions, dataset manifests or records
-    # (`datasets gc` removes only orphaned content objects); the trainer may remove only its own
+    # pointer, submissions, channels or records (`datasets gc` removes only orphaned content objects,
+    # `datasets remove` a datasets/<fingerprint>/ folder nothing uses); the trainer may remove only its own
     # conditional-write probe (a scratch object under probes/).
     # The publisher removes only its own push markers (datasets/pushes/, which keep datasets gc away).
     # The orchestrator prunes its own Data Docs history beyond the newest runs (protein.validation.history):
@@ -60,10 +60,17 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     # gc deleting a version deletes the gate's record and reports on it too; the judgements below gates/
     # (of data, of a retrain's resolution) are denied.
     assert sorted(grants("operator", "s3:DeleteObject")) == [
+<<<<<<< HEAD
         root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "gates/*.json",
                            "models/*", "probes/*", "registry/runs/*", "reports/*/*", "runs/*")]
     assert [(s["Action"], s["Resource"]) for s in statements("operator") if s["Effect"] == "Deny"] == [
         ("s3:DeleteObject", root + "gates/*/*")]
+=======
+        root + p for p in ("cache/*", "datasets/*/manifest.json", "datasets/*/sample_submission.csv",
+                           "datasets/*/test/*", "datasets/*/train.csv", "datasets/*/train/*", "datasets/gc.lock",
+                           "datasets/objects/*", "datasets/pushes/*", "models/*", "probes/*", "registry/runs/*",
+                           "runs/*")]
+>>>>>>> 072b8f0 (The operator's role could delete no dataset manifest, so removing a dataset needed bucket-admin keys; it may now delete exactly the names a dataset folder holds under datasets/*/ (no channel), and datasets remove deletes only those.)
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}

@@ -119,7 +119,13 @@ def test_push_markers_are_deleted_by_their_push_or_by_gc_and_nothing_else_by_the
     assert deletes("operator", "datasets/gc.lock") and not deletes("publisher", "datasets/gc.lock")
     for key in ("datasets/objects/ab/abcd", f"datasets/{FOLDER}/manifest.json", "datasets/channels/latest.json"):
         assert not deletes("publisher", key), key
-    assert not deletes("operator", f"datasets/{FOLDER}/manifest.json")
+    # `datasets remove`: the operator deletes the names a dataset folder holds (a format-2 one only its
+    # manifest), and still no channel. (The names, not a 16-character `?` pattern: moto's policy
+    # evaluation turns `?` into a regex quantifier and fails every request, tests/integration/test_iam.py.)
+    for key in ("manifest.json", "train.csv", "sample_submission.csv", "train/1.png", "test/2.png"):
+        assert deletes("operator", f"datasets/{FOLDER}/{key}"), key
+    for key in ("datasets/channels/latest.json", "datasets/manifest.json", f"datasets/{FOLDER}/report.json"):
+        assert not deletes("operator", key), key
 
 
 def test_the_operator_deletes_a_deleted_versions_gate_record_and_reports_and_no_other_gate_record() -> None:
