@@ -60,17 +60,12 @@ def test_policy_documents_give_each_role_only_its_part() -> None:
     # gc deleting a version deletes the gate's record and reports on it too; the judgements below gates/
     # (of data, of a retrain's resolution) are denied.
     assert sorted(grants("operator", "s3:DeleteObject")) == [
-<<<<<<< HEAD
-        root + p for p in ("cache/*", "datasets/gc.lock", "datasets/objects/*", "datasets/pushes/*", "gates/*.json",
-                           "models/*", "probes/*", "registry/runs/*", "reports/*/*", "runs/*")]
-    assert [(s["Action"], s["Resource"]) for s in statements("operator") if s["Effect"] == "Deny"] == [
-        ("s3:DeleteObject", root + "gates/*/*")]
-=======
         root + p for p in ("cache/*", "datasets/*/manifest.json", "datasets/*/sample_submission.csv",
                            "datasets/*/test/*", "datasets/*/train.csv", "datasets/*/train/*", "datasets/gc.lock",
-                           "datasets/objects/*", "datasets/pushes/*", "models/*", "probes/*", "registry/runs/*",
-                           "runs/*")]
->>>>>>> 072b8f0 (The operator's role could delete no dataset manifest, so removing a dataset needed bucket-admin keys; it may now delete exactly the names a dataset folder holds under datasets/*/ (no channel), and datasets remove deletes only those.)
+                           "datasets/objects/*", "datasets/pushes/*", "gates/*.json", "models/*", "probes/*",
+                           "registry/runs/*", "reports/*/*", "runs/*")]
+    assert [(s["Action"], s["Resource"]) for s in statements("operator") if s["Effect"] == "Deny"] == [
+        ("s3:DeleteObject", root + "gates/*/*")]
     # The trainer writes runs, caches, new versions and their run index; never the pointer or submissions.
     trainer_writes = set(grants("trainer", "s3:PutObject"))
     assert trainer_writes == {root + p for p in ("runs/*", "cache/*", "models/*", "registry/runs/*", "probes/*")}
