@@ -211,13 +211,15 @@ class LocalServer:
 
 
 @contextmanager
-def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
+def prefect_api(announce: Callable[[str], None] | None = None, local_only: bool = False) -> Iterator[str]:
     """The Prefect API URL to run flows against for the duration of the block.
 
-    PREFECT_API_URL set: that server, checked first. Unset: a local server started here."""
+    PREFECT_API_URL set: that server, checked first. Unset, or ``local_only``: a local server started
+    here (the demo's: run from a shell set up for production, it sent its synthetic retrains to the
+    production server, whose promotion alert announced a demo champion)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    configured = None if local_only else os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if configured:
         reason = api_health(configured)
         if reason is not None:
@@ -331,13 +333,15 @@ def checked_params(command: str, build: Callable[[], T]) -> T | int:
         return 2
 
 
-def run_with_prefect(command: str, run: Callable[[], int], announce: Callable[[str], None] | None = None) -> int:
-    """Run `run` (which calls a flow and returns an exit code) against a reachable Prefect API.
+def run_with_prefect(command: str, run: Callable[[], int], announce: Callable[[str], None] | None = None,
+                     local_only: bool = False) -> int:
+    """Run `run` (which calls a flow and returns an exit code) against a reachable Prefect API
+    (always a local one of its own with ``local_only``).
 
     The policy of the protein CLI: a failure is one line on stderr and a documented exit code."""
     console_without_tracebacks()
     try:
-        with sigterm_raises_terminated(), prefect_api(announce):
+        with sigterm_raises_terminated(), prefect_api(announce, local_only):
             return run()
     except PrefectUnavailable as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)

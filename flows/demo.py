@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return train
     work = args.work.resolve()
     args.log = work / "demo.log"
-    # The demo keeps everything it makes under WORK, so `make clean` removes all of it.
-    os.environ.setdefault(CACHE_DIR_ENV, str(work / "cache"))
+    # The demo keeps everything it makes under WORK, so `make clean` removes all of it: its own cache
+    # (not a PROTEIN_CACHE_DIR of the shell's) and its own Prefect server (not PREFECT_API_URL's).
+    os.environ[CACHE_DIR_ENV] = str(work / "cache")
     configure_logging(args.log)
     started = time.monotonic()
     if args.data:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dataset, truth = ensure_dataset(work)
     code = run_with_prefect(COMMAND, lambda: run_demo(args, train, work, dataset, truth),
-                            announce=lambda line: say(f"[2/4] Prefect: {line}"))
+                            announce=lambda line: say(f"[2/4] Prefect: {line}"), local_only=True)
     if code == 0:
         say(f"\ndone in {time.monotonic() - started:.0f} s (full log: {args.log})")
     return code

@@ -3,6 +3,7 @@ server starts (it was a pydantic traceback, exit 1, after the server came up).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,34 @@ def test_a_demo_whose_gate_refused_both_challengers_says_so_in_one_line(tmp_path
     out = capsys.readouterr().out
     assert ("no champion: the gate refused both challengers (f1_samples 0.1200 is below the minimum 0.3000), so no "
             "submission was written; more --epochs train a model that can clear it\n") in out, out
+
+
+def test_the_demo_starts_its_own_server_and_cache_whatever_the_shell_points_at(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` in a shell set up for production (PREFECT_API_URL, a shared PROTEIN_CACHE_DIR) sent
+    the demo's synthetic retrains to the production server, whose promotion alert announced a demo
+    champion."""
+    import flows.cli
+    import flows.demo
+    from protein.locations import CACHE_DIR_ENV
+
+    production = "http://prefect.example.internal/api"
+    monkeypatch.setenv("PREFECT_API_URL", production)
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "shared-cache"))
+    monkeypatch.setattr(flows.cli, "api_health", lambda url: pytest.fail(f"asked {url} for its health"))
+    started: list[Path] = []
+
+    class NotStarted(Exception):
+        pass
+
+    def start(server: flows.cli.LocalServer) -> None:
+        started.append(server.home)
+        raise NotStarted
+
+    monkeypatch.setattr(flows.cli.LocalServer, "start", start)
+    monkeypatch.setattr(flows.demo, "ensure_dataset", lambda work: (tmp_path / "data", None))
+    work = tmp_path / "work"
+    with pytest.raises(NotStarted):
+        flows.demo.main(["--work", str(work)])
+    assert len(started) == 1
+    assert os.environ[CACHE_DIR_ENV] == str(work.resolve() / "cache")
