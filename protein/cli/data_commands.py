@@ -83,7 +83,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
               "already_pushed": result.already_pushed, "channel": args.channel,
               "sequence": entry.sequence, "event_id": entry.event_id})
         # Starts retrain/nightly through its deployment trigger (when a Prefect API is configured).
-        # Also on a re-push: the run skips unchanged data only when asked to, so re-pushing retrains.
+        # Also on a re-push: the triggered run skips data the champion was trained on (the trigger's
+        # skip_if_unchanged), so a re-push retrains only data the champion does not have.
         pipeline_event("dataset_pushed", uri=result.uri, fingerprint=result.fingerprint,
                        counts={"files": result.files, "bytes": result.bytes, "uploaded": result.uploaded},
                        channel=args.channel, sequence=entry.sequence, event_id=entry.event_id)
