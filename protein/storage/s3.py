@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protein.atomic import fsync_dir
-from protein.errors import NotFound, PreconditionFailed, StoreError
+from protein.errors import NotFound, PreconditionFailed, StoreError, UnsupportedRequest
 from protein.storage import s3_errors
 from protein.storage.base import (
     COPY_CHUNK_SIZE,
@@ -262,9 +262,9 @@ class S3Store(RawObjectReads):
                 etag = self._put_multipart(key, object_key, lambda offset, n: bytes(view[offset:offset + n]),
                                            len(data), metadata, if_none_match, if_match, content_type)
             else:
-                args |= self._condition_headers(key, if_none_match, if_match)
-                with self._translating(key):
-                    etag = quoted_etag(client.put_object(**args)["ETag"])
+                conditions = self._condition_headers(key, if_none_match, if_match)
+                etag = quoted_etag(self._sending(key, "PutObject", conditions,
+                                                 lambda sent: client.put_object(**args, **sent))["ETag"])
         except NotFound as exc:
             if if_match is None:
                 raise
@@ -301,26 +301,39 @@ class S3Store(RawObjectReads):
 
     def _put_single(self, key: str, object_key: str, path: Path, metadata: dict[str, str], create_only: bool) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key, "Metadata": metadata}
-        args |= self._condition_headers(key, create_only, None)
+        conditions = self._condition_headers(key, create_only, None)
         client = self._client()
         # Bytes, not a file handle: a retry resends exactly the bytes that were hashed, with no seek on a
         # file that may have changed. Below the multipart threshold, so bounded in memory.
         body = path.read_bytes()
-        with self._translating(key, "PutObject"):
-            client.put_object(Body=body, **args)
+        self._sending(key, "PutObject", conditions, lambda sent: client.put_object(Body=body, **args, **sent))
 
     def _condition_headers(self, key: str, create_only: bool, if_match: str | None) -> dict[str, str]:
-        """What makes a write conditional. Under the last-writer-wins opt-out nothing is sent (some
-        endpoints refuse the headers with 501): the conditions are checked by a HEAD just before the
-        write instead, so a writer that is behind still loses, and two racing between HEAD and write
-        both succeed, the last write winning."""
-        if last_writer_wins_allowed():
-            self._check_before_write(key, create_only, if_match)
-            return {}
+        """What makes a write conditional. Under the last-writer-wins opt-out the conditions are also
+        checked by a HEAD just before the write (the endpoint may ignore the headers), so a writer that
+        is behind still loses, and two racing between HEAD and write both succeed, the last one winning.
+        The headers are still sent (the shipped bucket policy refuses create-only and swap writes
+        without them); `_sending` resends without them where the endpoint refuses them (501)."""
         headers = {"IfNoneMatch": "*"} if create_only else {}
         if if_match is not None:
             headers["IfMatch"] = quoted_etag(if_match)
+        if headers and last_writer_wins_allowed():
+            self._check_before_write(key, create_only, if_match)
         return headers
+
+    def _sending(self, key: str, operation: str, conditions: dict[str, str],
+                 write: Callable[[dict[str, str]], Any]) -> Any:
+        """`write(conditions)`; under the last-writer-wins opt-out, sent again without them when the
+        endpoint refuses them as not implemented (versitygw, s3gw, AWS's If-Match before 2024). An
+        opt-out that dropped them always made every write on AWS "access denied" by the bucket policy."""
+        try:
+            with self._translating(key, operation):
+                return write(conditions)
+        except UnsupportedRequest:
+            if not conditions or not last_writer_wins_allowed():
+                raise
+        with self._translating(key, operation):
+            return write({})
 
     def _check_before_write(self, key: str, create_only: bool, if_match: str | None) -> None:
         if create_only and self._head(key) is not None:
@@ -344,7 +357,7 @@ class S3Store(RawObjectReads):
         # Checked up front too: some endpoints (moto among them) ignore the conditions on
         # CompleteMultipartUpload, and failing before the upload saves sending the parts.
         conditions = self._condition_headers(key, create_only, if_match)
-        if conditions:
+        if conditions and not last_writer_wins_allowed():  # the opt-out's HEAD has checked them already
             self._check_before_write(key, create_only, if_match)
         chunk = max(MULTIPART_CHUNKSIZE, -(-size // MAX_PARTS))
         client = self._client()
@@ -365,9 +378,9 @@ class S3Store(RawObjectReads):
             numbers = range(1, -(-size // chunk) + 1)
             with concurrent.futures.ThreadPoolExecutor(MULTIPART_WORKERS) as pool:
                 parts = list(pool.map(upload_part, numbers))
-            with self._translating(key, "CompleteMultipartUpload"):
-                response = client.complete_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
-                                                            MultipartUpload={"Parts": parts}, **conditions)
+            response = self._sending(key, "CompleteMultipartUpload", conditions, lambda sent: (
+                client.complete_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                                                 MultipartUpload={"Parts": parts}, **sent)))
         except BaseException:
             # Parts of an abandoned upload are invisible but billed; `clean_stale_uploads` is the
             # backstop when even this abort cannot reach the endpoint.

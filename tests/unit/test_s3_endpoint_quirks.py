@@ -117,30 +117,44 @@ def test_a_refused_if_match_names_compare_and_swap(store: S3Store, stubber: Stub
         store.check()
 
 
-def test_with_the_opt_out_no_write_carries_a_condition_header(
+def test_with_the_opt_out_conditions_are_checked_by_head_and_resent_without_where_refused(
     store: S3Store, stubber: Stubber, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    """The conditions are checked by a HEAD just before each write instead: a writer that is behind
-    still loses; only two racing between HEAD and write are last-writer-wins."""
+    """The conditions are checked by a HEAD just before each write: a writer that is behind still loses;
+    only two racing between HEAD and write are last-writer-wins. The headers are still sent (the
+    shipped bucket policy refuses create-only and swap writes without them: dropping them made every
+    write on AWS "access denied"), and a write refused for carrying them (501) is sent again without."""
     monkeypatch.setenv(ALLOW_LAST_WRITER_WINS_ENV, "1")
     key = checkpoint_key(RUN_ID)
     plain = {"Bucket": BUCKET, "Key": OBJECT_KEY, "Body": ANY, "Metadata": ANY}
 
-    head(stubber, None)
-    stubber.add_response("put_object", {"ETag": '"v1"'}, plain)
+    head(stubber, None)  # an endpoint that honours them: sent, as the bucket policy requires
+    stubber.add_response("put_object", {"ETag": '"v1"'}, {**plain, "IfNoneMatch": "*"})
     assert store.put_bytes(key, b"small", if_none_match=True) == '"v1"'
 
-    head(stubber, '"v1"')
+    head(stubber, '"v1"')  # one that refuses them: sent again without
+    stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501,
+                             expected_params={**plain, "IfMatch": '"v1"'})
     stubber.add_response("put_object", {"ETag": '"v2"'}, plain)
     assert store.put_bytes(key, b"small", if_match='"v1"') == '"v2"'
 
-    head(stubber, '"v1"')
-    multipart(stubber, "v3", {})
-    assert store.put_bytes(key, BIG, if_none_match=False, if_match='"v1"') == '"v3"'
+    head(stubber, '"v2"')  # one HEAD only, then the parts; the completion refused with the condition
+    stubber.add_response("create_multipart_upload", {"UploadId": "u1"},
+                         {"Bucket": BUCKET, "Key": OBJECT_KEY, "Metadata": ANY})
+    stubber.add_response("upload_part", {"ETag": '"part-1"'},
+                         {"Bucket": BUCKET, "Key": OBJECT_KEY, "UploadId": "u1", "PartNumber": 1, "Body": ANY})
+    completion = {"Bucket": BUCKET, "Key": OBJECT_KEY, "UploadId": "u1",
+                  "MultipartUpload": {"Parts": [{"PartNumber": 1, "ETag": '"part-1"'}]}}
+    stubber.add_client_error("complete_multipart_upload", service_error_code="NotImplemented", http_status_code=501,
+                             expected_params={**completion, "IfMatch": '"v2"'})
+    stubber.add_response("complete_multipart_upload", {"ETag": '"v3"'}, completion)
+    assert store.put_bytes(key, BIG, if_none_match=False, if_match='"v2"') == '"v3"'
 
     source = tmp_path / "weights"
     source.write_bytes(b"small")
     head(stubber, None)
+    stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501,
+                             expected_params={**plain, "IfNoneMatch": "*"})
     stubber.add_response("put_object", {"ETag": '"v4"'}, plain)
     store.put_file(key, source, if_none_match=True)
 
@@ -150,6 +164,13 @@ def test_with_the_opt_out_no_write_carries_a_condition_header(
     head(stubber, '"v9"')
     with pytest.raises(PreconditionFailed, match="already exists"):
         store.put_bytes(key, b"small", if_none_match=True)
+
+
+def test_without_the_opt_out_a_refused_condition_is_not_sent_again_without_it(store: S3Store, stubber: Stubber) -> None:
+    stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501)
+    with pytest.raises(StoreError, match="NotImplemented"):
+        store.put_bytes(checkpoint_key(RUN_ID), b"small", if_none_match=True)
+    stubber.assert_no_pending_responses()
 
 
 # --- endpoints that refuse botocore's default upload checksums (aws-chunked, trailing CRC32): GCS's S3 API
