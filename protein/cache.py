@@ -141,9 +141,14 @@ def reserve_disk_space(tmp: Path, entry: Path) -> None:
     fills the disk until the stale-temp rule removes it an hour later. Reserved blocks cannot run out."""
     size = tmp.stat().st_size
     try:
-        with open(tmp, "rb+") as handle:
-            os.posix_fallocate(handle.fileno(), 0, size)
-        return
+        fallocate = os.posix_fallocate  # Linux and the BSDs; macOS has none
+    except AttributeError:
+        fallocate = None
+    try:
+        if fallocate is not None:
+            with open(tmp, "rb+") as handle:
+                fallocate(handle.fileno(), 0, size)
+            return
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise _no_room(entry, size) from None
