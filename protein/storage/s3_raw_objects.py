@@ -61,6 +61,6 @@ class RawObjectReads:
         HEAD then describes another."""
         with self._translating(key, operation="HeadObject"):
             head = self._client().head_object(Bucket=self.bucket, Key=key)
-        if etag is not None and head.get("ETag") != etag:
+        if etag is not None and quoted_etag(head.get("ETag", "")) != quoted_etag(etag):
             return False
         return head.get("ServerSideEncryption") not in OPAQUE_ETAG_ENCRYPTION and not head.get("SSECustomerAlgorithm")

@@ -204,3 +204,13 @@ def test_the_probe_blames_checksums_not_conditions_when_a_plain_write_is_refused
         store.check()
     assert str(info.value).endswith(f"S3 request PutObject failed (NotImplemented); {CHECKSUM_FIX}")
     assert ALLOW_LAST_WRITER_WINS_ENV not in str(info.value)
+
+
+def test_a_head_answering_an_unquoted_etag_still_describes_the_listed_version(store: S3Store, stubber: Stubber) -> None:
+    """The listing's ETags are quoted by the store; a HEAD spelling the same one bare is the same version.
+    Compared as spelled, every object of such an endpoint's prefix was taken as changed (not an MD5),
+    and the whole prefix downloaded and hashed on every host."""
+    listed = '"d41d8cd98f00b204e9800998ecf8427e"'
+    stubber.add_response("head_object", {"ETag": listed.strip('"'), "ContentLength": 0},
+                         {"Bucket": BUCKET, "Key": "raw/train.csv"})
+    assert store.etag_is_md5("raw/train.csv", listed) is True
