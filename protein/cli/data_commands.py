@@ -96,7 +96,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     elif args.datasets_cmd == "remove":
         from protein.data.dataset_removal import remove_dataset
 
-        emit({**remove_dataset(store, args.fingerprint, yes=args.yes), "store": store.uri})
+        models_stores = [open_store(uri) for uri in args.models_store] if args.models_store else None
+        emit({**remove_dataset(store, args.fingerprint, yes=args.yes, models_stores=models_stores), "store": store.uri})
     elif args.datasets_cmd == "list" and args.channel:
         list_channel(store, args.channel, args.json)
     elif args.datasets_cmd == "list":

@@ -263,12 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     dp = datasets.add_parser("remove", help="remove a dataset nothing uses (its datasets/<fingerprint>/ manifest)",
                              description="remove datasets/<FINGERPRINT>/ (the manifest) unless a channel's head, a "
                              "registered model version's data or a run resolution younger than 24 h names it "
-                             "(exit 9, nothing removed); its content objects no other dataset names become orphans "
+                             "(exit 9, nothing removed); versions and resolutions are read from --store and every "
+                             "--models-store; its content objects no other dataset names become orphans "
                              "that the next `datasets gc` deletes. Without --yes only says what would be removed. "
                              "Holds datasets/gc.lock like gc and removes nothing while a push is in progress (exit 9)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     store_arg(dp)
     dp.add_argument("fingerprint", metavar="FINGERPRINT", help="the dataset's fingerprint (16 hex digits, as in "
                     "datasets/<fingerprint>/)")
+    dp.add_argument("--models-store", action="append", metavar="URI",
+                    help="a store the runs training on --store's datasets write to (their flows' store when their "
+                         "data names this store's channel, s3://data/datasets@latest with store=s3://models): its "
+                         "model versions and run resolutions count as uses too; repeat for each. Required when "
+                         "--store holds no model registry (registry/, models/; exit 2): name --store itself when "
+                         "runs use it")
     dp.add_argument("--yes", action="store_true", help="really remove it (without: a dry run, nothing deleted)")
     return parser

@@ -17,6 +17,13 @@ A dataset is kept (`StoreBusy`, exit 9, nothing removed) while anything may stil
   that it finished, so liveness cannot be judged from the store: every resolution younger than the
   guard `protein models gc` keeps runs by (24 h) counts as a run still going, and its retries take it.
 
+Versions and resolutions are where runs write them: the run's own store, which is not the dataset's
+when a flow's ``data`` names a channel in another store (``s3://data/datasets@latest`` with
+``store=s3://models``). They are read from the dataset's store and from every models store named
+(``models_stores``, `--models-store`). A dataset store holding no registry (``registry/``, ``models/``) is what such a
+split looks like, and reading only it would find no use and remove data a run is training on: without
+``models_stores`` that is refused (`DataError`, exit 2); naming the dataset's own store says runs use it.
+
 Pushes and removals exclude each other exactly as pushes and gc do (protein.data.gc_coordination):
 the removal takes ``datasets/gc.lock`` and removes nothing while a push marker is live. A push moves
 its channel while its marker is held (`push_dataset`'s ``on_complete``), so a removal that sees no
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protein.data.channels import CHANNEL_NAME, CHANNELS_PREFIX, read_channel
@@ -50,7 +58,7 @@ from protein.data.manifest import (
 )
 from protein.data.run_resolution import RESOLUTIONS_PREFIX
 from protein.errors import DataError, NotFound, RecordError, StoreBusy
-from protein.storage import Store
+from protein.storage import Store, redacted_uri
 from protein.storage.records import load_record, record_cap
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,8 @@ log = logging.getLogger(__name__)
 # The run age guard of `protein models gc` (protein.registry.retention.RUN_MIN_AGE_S): a run untouched
 # that long counts as abandoned; a resolution younger than this counts as a run still going.
 LIVE_RESOLUTION_S = 24 * 3600
+# Where a registry writes (protein.registry): a store with neither never held a model version.
+REGISTRY_PREFIXES = ("registry/", "models/")
 ORPHANS_NOTE = ("its content objects that no other dataset names are now orphans: the next `protein datasets gc` "
                 "deletes them once older than its --older-than-hours")
 
@@ -66,27 +76,28 @@ ORPHANS_NOTE = ("its content objects that no other dataset names are now orphans
 class ResolutionSeen:
     """A run resolution as the store lists it: its key, the dataset it resolved to, its age on the store's clock."""
 
-    key: str
+    key: str  # where it is: the store's URI and the key
     fingerprint: str | None  # None: not readable as a resolution (kept as a use while young: it may be one)
     age_s: float
 
 
 @dataclass(frozen=True)
 class DatasetUses:
-    """Everything in the store that may read a dataset, gathered by `read_uses`."""
+    """Everything that may read a dataset of a store, gathered by `read_uses`."""
 
     channel_heads: dict[str, str]  # channel name -> its head's fingerprint
-    version_data: dict[str, str | None]  # complete model version -> its data_fingerprint
+    version_data: dict[tuple[str, str], str | None]  # (store URI, complete model version) -> its data_fingerprint
     resolutions: list[ResolutionSeen]
 
 
 def reasons_kept(fingerprint: str, uses: DatasetUses, live_resolution_s: float = LIVE_RESOLUTION_S) -> list[str]:
     """Why ``fingerprint`` may not be removed (empty: nothing uses it). Pure."""
     reasons = [f"head of channel {name!r}" for name, head in sorted(uses.channel_heads.items()) if head == fingerprint]
-    versions = sorted(v for v, data in uses.version_data.items() if data == fingerprint)
-    if versions:
-        shown = ", ".join(versions[:5]) + (f" and {len(versions) - 5} more" if len(versions) > 5 else "")
-        reasons.append(f"data of model version(s) {shown}")
+    for where in sorted({where for where, _ in uses.version_data}):
+        versions = sorted(v for (at, v), data in uses.version_data.items() if at == where and data == fingerprint)
+        if versions:
+            shown = ", ".join(versions[:5]) + (f" and {len(versions) - 5} more" if len(versions) > 5 else "")
+            reasons.append(f"data of model version(s) {shown} in {where}")
     for seen in uses.resolutions:
         if seen.age_s >= live_resolution_s or seen.fingerprint not in (fingerprint, None):
             continue
@@ -108,17 +119,18 @@ def _channel_heads(store: Store) -> dict[str, str]:
     return heads
 
 
-def _version_data(store: Store) -> dict[str, str | None]:
+def _version_data(store: Store) -> dict[tuple[str, str], str | None]:
     from protein.registry import Registry  # imported here: only this verb of protein.data needs it
 
     registry = Registry(store)
-    found: dict[str, str | None] = {}
+    where = redacted_uri(store.uri)
+    found: dict[tuple[str, str], str | None] = {}
     for version, spec in registry.specs(registry.versions()).items():
         if isinstance(spec, Exception):
             raise RecordError(f"{spec}; no dataset is removed while a model version's record cannot be read "
                               "(the data it trained on is unknown)") from None
         data = spec.get("data_fingerprint")
-        found[version] = data if isinstance(data, str) else None
+        found[(where, version)] = data if isinstance(data, str) else None
     return found
 
 
@@ -131,20 +143,45 @@ def _resolutions(store: Store, live_resolution_s: float) -> list[ResolutionSeen]
         age = now - info.modified
         if age >= live_resolution_s:
             continue  # old: not read at all
+        where = redacted_uri(_where(store, info.key))
         try:
             resolved = json.loads(store.get_bytes(info.key, max_bytes=record_cap()))["resolved"]
             fingerprint = resolved.get("fingerprint")
-            seen.append(ResolutionSeen(info.key, fingerprint if isinstance(fingerprint, str) else None, age))
+            seen.append(ResolutionSeen(where, fingerprint if isinstance(fingerprint, str) else None, age))
         except NotFound:
             continue  # removed since the listing
         except (ValueError, KeyError, TypeError, AttributeError, RecordError):
-            seen.append(ResolutionSeen(info.key, None, age))
+            seen.append(ResolutionSeen(where, None, age))
     return seen
 
 
-def read_uses(store: Store, live_resolution_s: float = LIVE_RESOLUTION_S) -> DatasetUses:
-    """What in the store may read a dataset now: channel heads, registered versions, young resolutions."""
-    return DatasetUses(_channel_heads(store), _version_data(store), _resolutions(store, live_resolution_s))
+def other_run_stores(store: Store, models_stores: Sequence[Store] | None) -> list[Store]:
+    """The stores besides ``store`` whose versions and resolutions count for its datasets: ``models_stores``
+    less ``store`` and repeats. Without ``models_stores``, `DataError` when ``store`` holds no registry:
+    likely a split setup whose runs write elsewhere, where reading ``store`` alone finds no use of anything."""
+    if models_stores is None:
+        if not any(store.list(prefix) for prefix in REGISTRY_PREFIXES):
+            raise DataError(f"{redacted_uri(store.uri)} holds no model registry (registry/, models/), so the runs that "
+                            "train on its datasets may record their versions and resolutions in another store: name "
+                            "it with --models-store URI (this store's own URI when runs use it); nothing removed")
+        return []
+    others: dict[str, Store] = {}
+    for other in models_stores:
+        if other.uri != store.uri:
+            others.setdefault(other.uri, other)
+    return list(others.values())
+
+
+def read_uses(store: Store, models_stores: Sequence[Store] = (),
+              live_resolution_s: float = LIVE_RESOLUTION_S) -> DatasetUses:
+    """What may read a dataset of ``store`` now: its channel heads, and the registered versions and young
+    resolutions in ``store`` and in each of ``models_stores`` (the other stores runs on its datasets write to)."""
+    version_data: dict[tuple[str, str], str | None] = {}
+    resolutions: list[ResolutionSeen] = []
+    for run_store in [store, *models_stores]:
+        version_data.update(_version_data(run_store))
+        resolutions.extend(_resolutions(run_store, live_resolution_s))
+    return DatasetUses(_channel_heads(store), version_data, resolutions)
 
 
 def check_fingerprint(fingerprint: str) -> str:
@@ -167,8 +204,9 @@ def _dataset_keys(store: Store, fingerprint: str) -> list[str]:
     return keys
 
 
-def _refuse_if_used(store: Store, fingerprint: str, live_resolution_s: float, after_delete: bool = False) -> None:
-    reasons = reasons_kept(fingerprint, read_uses(store, live_resolution_s), live_resolution_s)
+def _refuse_if_used(store: Store, fingerprint: str, models_stores: Sequence[Store], live_resolution_s: float,
+                    after_delete: bool = False) -> None:
+    reasons = reasons_kept(fingerprint, read_uses(store, models_stores, live_resolution_s), live_resolution_s)
     if reasons:
         where = _where(store, f"{DATASETS_PREFIX}/{fingerprint}/")
         if after_delete:
@@ -189,16 +227,19 @@ def _summary(store: Store, fingerprint: str, keys: list[str]) -> dict[str, objec
             "format": form, "files": files, "bytes": size, "keys": len(keys)}
 
 
-def remove_dataset(store: Store, fingerprint: str, *, yes: bool = False, times: CoordinationTimes = DEFAULT_TIMES,
-                   live_resolution_s: float = LIVE_RESOLUTION_S) -> dict[str, object]:
-    """What `protein datasets remove` prints. Without ``yes`` a dry run: checks, takes no lock, writes
-    nothing. With ``yes``, under the gc lock: refuses while a push is live (`StoreBusy`), checks again
+def remove_dataset(store: Store, fingerprint: str, *, yes: bool = False, models_stores: Sequence[Store] | None = None,
+                   times: CoordinationTimes = DEFAULT_TIMES, live_resolution_s: float = LIVE_RESOLUTION_S,
+                   ) -> dict[str, object]:
+    """What `protein datasets remove` prints. ``models_stores``: the stores runs on this store's datasets
+    write their versions and resolutions to (`other_run_stores`). Without ``yes`` a dry run: checks, takes
+    no lock, writes nothing. With ``yes``, under the gc lock: refuses while a push is live (`StoreBusy`), checks again
     that nothing uses the dataset, deletes its manifest, checks once more (`StoreBusy` if a use
     appeared meanwhile), then deletes the rest of ``datasets/<fingerprint>/``."""
     check_fingerprint(fingerprint)
+    others = other_run_stores(store, models_stores)
     if not yes:
         keys = _dataset_keys(store, fingerprint)
-        _refuse_if_used(store, fingerprint, live_resolution_s)
+        _refuse_if_used(store, fingerprint, others, live_resolution_s)
         return {**_summary(store, fingerprint, keys), "removed": False, "dry_run": True,
                 "note": f"dry run, nothing deleted; with --yes {ORPHANS_NOTE}"}
     lock = GcLock.acquire(store, times)
@@ -208,14 +249,14 @@ def remove_dataset(store: Store, fingerprint: str, *, yes: bool = False, times: 
             raise StoreBusy(f"removed nothing: {len(markers.live)} push(es) in progress: "
                             f"{holders(store, markers.live)}; run remove again when they end")
         keys = _dataset_keys(store, fingerprint)
-        _refuse_if_used(store, fingerprint, live_resolution_s)
+        _refuse_if_used(store, fingerprint, others, live_resolution_s)
         summary = _summary(store, fingerprint, keys)
         key = manifest_key(fingerprint)
         lock.check_held()
         store.delete(key)  # first: from here on the dataset is invisible to every reader
         # A run that read a channel before the checks and wrote its resolution after them: it fails
         # in one line opening the dataset. Said now, loudly, rather than found in tomorrow's alerts.
-        _refuse_if_used(store, fingerprint, live_resolution_s, after_delete=True)
+        _refuse_if_used(store, fingerprint, others, live_resolution_s, after_delete=True)
         folder = f"{DATASETS_PREFIX}/{fingerprint}/"
         # A format-1 full copy's own files (nothing for a format-2 dataset): only the names a dataset holds,
         # the ones the operator's role may delete there (deployments/iam/operator.json).

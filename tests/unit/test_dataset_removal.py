@@ -48,6 +48,11 @@ def age(store, keys, seconds):
         os.utime(store.root / key, (then, then))
 
 
+def remove_cli(store, *args):
+    """`protein datasets remove` on a store its runs use too (it names itself as the models store)."""
+    return protein_main(["datasets", "remove", "--store", store.uri, "--models-store", store.uri, *args])
+
+
 def on_channel(store, channel, pushed):
     advance_channel(store, channel, pushed.uri, pushed.fingerprint, str(uuid.uuid4()), "test", "2026-01-01T00:00:00Z")
 
@@ -73,7 +78,7 @@ def test_removing_an_old_dataset_lets_gc_free_its_own_objects_and_keep_the_share
     age(store, objects(store), 3 * DAY_S)
     assert collect_orphans(store, DAY_S)["deleted"] == 0  # before: every object is named, gc frees nothing
 
-    outcome = remove_dataset(store, old.fingerprint, yes=True)
+    outcome = remove_dataset(store, old.fingerprint, yes=True, models_stores=[store])
     assert outcome["removed"] and outcome["keys"] == 1 and "datasets gc" in outcome["note"]
     assert not store.list(f"datasets/{old.fingerprint}/")
     freed = collect_orphans(store, DAY_S)
@@ -93,11 +98,11 @@ def named_by(store, fp):
 def test_a_dry_run_deletes_nothing_and_the_cli_removes_with_yes(store, old_and_new, capsys):
     old, _, _ = old_and_new
     before = store.list("")
-    assert protein_main(["datasets", "remove", "--store", store.uri, old.fingerprint]) == 0
+    assert remove_cli(store, old.fingerprint) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["dry_run"] and not printed["removed"] and printed["fingerprint"] == old.fingerprint
     assert store.list("") == before
-    assert protein_main(["datasets", "remove", "--store", store.uri, old.fingerprint, "--yes"]) == 0
+    assert remove_cli(store, old.fingerprint, "--yes") == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["removed"]
     assert manifest_key(old.fingerprint) not in store.list("datasets/")
     assert GC_LOCK_KEY not in store.list("datasets/")
@@ -107,7 +112,7 @@ def refused(store, fp, capsys, reason):
     """Refused (exit 9, one line naming the reason), dry run or not, nothing deleted, the lock released."""
     before = store.list("")
     for extra in ([], ["--yes"]):
-        assert protein_main(["datasets", "remove", "--store", store.uri, fp, *extra]) == 9
+        assert remove_cli(store, fp, *extra) == 9
         err = [line for line in capsys.readouterr().err.splitlines() if " error: " in line]
         assert len(err) == 1 and "still in use, nothing removed" in err[0] and reason in err[0], err
     assert store.list("") == before
@@ -140,9 +145,38 @@ def resolve(store, fp):
 def test_a_young_run_resolution_is_refused_and_an_old_one_is_not(store, old_and_new, capsys):
     old, _, _ = old_and_new
     key = resolve(store, old.fingerprint)
-    refused(store, old.fingerprint, capsys, f"run resolution {key} (resolved to it")
+    refused(store, old.fingerprint, capsys, f"run resolution {store.uri}/{key} (resolved to it")
     age(store, [key], DAY_S + 60)  # a run resolved more than a day ago: finished, as far as the store can tell
-    assert remove_dataset(store, old.fingerprint, yes=True)["removed"]
+    assert remove_dataset(store, old.fingerprint, yes=True, models_stores=[store])["removed"]
+
+
+def test_versions_and_resolutions_in_the_models_store_runs_write_to_keep_the_dataset(tmp_path, store, old_and_new,
+                                                                                      capsys):
+    """Split stores: runs on ``<data store>/datasets@latest`` with ``store=<models store>`` write their
+    resolutions and versions to the models store; read from the data store alone, nothing used the data."""
+    old, _, _ = old_and_new
+    models = open_store(str(tmp_path / "models"))
+    models.put_bytes("registry/champion.json", b"{}")  # the models store is the one with a registry
+    before = store.list("")
+    assert protein_main(["datasets", "remove", "--store", store.uri, old.fingerprint, "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{store.uri} holds no model registry (registry/, models/), so the runs that train on its datasets "
+            "may record their versions and resolutions in another store: name it with --models-store URI") in err
+    assert store.list("") == before
+
+    key = resolve(models, old.fingerprint)
+    for extra in ([], ["--yes"]):
+        assert protein_main(["datasets", "remove", "--store", store.uri, "--models-store", models.uri,
+                             old.fingerprint, *extra]) == 9
+        assert f"run resolution {models.uri}/{key} (resolved to it" in capsys.readouterr().err
+    age(models, [key], DAY_S + 60)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights" * 100)
+    Registry(models).register(weights, {"arch": "resnet18", "image_size": 32, "data_fingerprint": old.fingerprint},
+                              version="v1")
+    with pytest.raises(StoreBusy, match=f"data of model version\\(s\\) v1 in {models.uri}"):
+        remove_dataset(store, old.fingerprint, yes=True, models_stores=[models])
+    assert store.list("") == before
 
 
 @pytest.mark.parametrize("holder", ["gc lock", "push marker"])
@@ -152,14 +186,14 @@ def test_a_held_gc_lock_or_a_live_push_is_busy_and_nothing_is_deleted(store, old
     if holder == "gc lock":
         lock = GcLock.acquire(store)
         try:
-            assert protein_main(["datasets", "remove", "--store", store.uri, old.fingerprint, "--yes"]) == 9
+            assert remove_cli(store, old.fingerprint, "--yes") == 9
         finally:
             lock.release()
         assert "another datasets gc holds" in capsys.readouterr().err
         assert store.list("") == before
         return
     with PushMarker(store):
-        assert protein_main(["datasets", "remove", "--store", store.uri, old.fingerprint, "--yes"]) == 9
+        assert remove_cli(store, old.fingerprint, "--yes") == 9
         assert [k for k in store.list("") if not k.startswith(PUSHES_PREFIX)] == before
     assert "removed nothing: 1 push(es) in progress" in capsys.readouterr().err
     assert store.list("") == before  # the lock released, the manifest there
@@ -194,16 +228,16 @@ def test_a_run_resolving_the_dataset_while_it_is_removed_is_said_loudly(store, o
 
     monkeypatch.setattr(store, "delete", delete_while_a_run_resolves)
     with pytest.raises(StoreBusy, match="its manifest was deleted, but a use appeared meanwhile: run resolution"):
-        remove_dataset(store, old.fingerprint, yes=True)
+        remove_dataset(store, old.fingerprint, yes=True, models_stores=[store])
     assert GC_LOCK_KEY not in store.list("datasets/")
 
 
 def test_what_is_not_a_dataset_is_one_line(store, old_and_new, capsys):
-    assert protein_main(["datasets", "remove", "--store", store.uri, "0123456789abcdef", "--yes"]) == 3
+    assert remove_cli(store, "0123456789abcdef", "--yes") == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"protein datasets: error: {store.uri}/datasets/0123456789abcdef/: no dataset (no manifest.json); "
                    "`protein datasets list` shows the datasets in the store"]
-    assert protein_main(["datasets", "remove", "--store", store.uri, "objects"]) == 2
+    assert remove_cli(store, "objects") == 2
     assert "is not a dataset fingerprint" in capsys.readouterr().err
 
 
@@ -212,5 +246,5 @@ def test_an_old_full_copy_is_removed_whole(tmp_path, store):
 
     fp = push_full_copy(str(write_dataset(tmp_path / "full", LABELS, TEST_IDS)), store)
     assert len(store.list(f"datasets/{fp}/")) > 1
-    assert remove_dataset(store, fp, yes=True)["format"] == "protein-dataset/1"
+    assert remove_dataset(store, fp, yes=True, models_stores=[store])["format"] == "protein-dataset/1"
     assert store.list("datasets/") == []
