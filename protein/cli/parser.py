@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dry-run", action="store_true",
                     help="only count what would be deleted (takes no lock, writes nothing)")
     dp = datasets.add_parser("remove", help="remove a dataset nothing uses (its datasets/<fingerprint>/ manifest)",
-                             description="remove datasets/<FINGERPRINT>/ (the manifest) unless a channel's head, a "
+                             description="remove datasets/<FINGERPRINT>/ (the manifest) unless a channel's head, "
+                             "what runs resolving a channel get (its newest push validation has not refused), a "
                              "registered model version's data or a run resolution younger than 24 h names it "
                              "(exit 9, nothing removed); versions and resolutions are read from --store and every "
                              "--models-store; its content objects no other dataset names become orphans "

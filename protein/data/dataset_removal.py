@@ -10,6 +10,9 @@ A dataset is kept (`StoreBusy`, exit 9, nothing removed) while anything may stil
 
 - it is the head of any channel (``datasets/channels/*.json``): every run resolving that channel
   trains on it;
+- it is what a run resolving a channel gets now (`resolve_data`): the newest push validation has not
+  refused (`refused_by_validation`, judged in each store runs write their verdicts to), which is not the
+  head after a refused push;
 - a registered model version (every complete one, the champion included) records it as its
   ``data_fingerprint``: evaluating, gating or rolling back to that version reads its data;
 - a run resolution (``gates/retrains/<flow run>/resolved.json``, protein.data.run_resolution) names
@@ -31,7 +34,8 @@ marker also sees the channel the push moved; a push that starts after the lock w
 finding the manifest gone, pushes the data whole again.
 
 What the store's records cannot show is a run between reading a channel and writing its resolution
-(a run that passes over newer pushes refused by validation may resolve to an older dataset): the uses
+(it resolved by the verdicts of then, and a verdict may have changed since: a rollback of the
+reference profile voids a refusal, so the checks see the channel resolve to a newer push): the uses
 are read again after the manifest is deleted and, if one appeared, the removal fails (exit 9) saying
 so; pushing the same data again restores the dataset (its objects stay until a gc). A training
 started by hand on the dataset's URI (``--data s3://.../datasets/<fp>/``) records no resolution:
@@ -43,9 +47,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from protein.data.channels import CHANNEL_NAME, CHANNELS_PREFIX, read_channel
+from protein.data.channels import (
+    CHANNEL_NAME,
+    CHANNEL_SCHEME,
+    CHANNELS_PREFIX,
+    STORE_CHANNEL_MARK,
+    read_channel,
+    resolve_data,
+)
 from protein.data.gc_coordination import DEFAULT_TIMES, CoordinationTimes, GcLock, holders
 from protein.data.manifest import (
     DATASET_MANIFEST,
@@ -88,11 +99,17 @@ class DatasetUses:
     channel_heads: dict[str, str]  # channel name -> its head's fingerprint
     version_data: dict[tuple[str, str], str | None]  # (store URI, complete model version) -> its data_fingerprint
     resolutions: list[ResolutionSeen]
+    # (channel name, store of the verdicts) -> what a run resolving the channel trains on now
+    channel_targets: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def reasons_kept(fingerprint: str, uses: DatasetUses, live_resolution_s: float = LIVE_RESOLUTION_S) -> list[str]:
     """Why ``fingerprint`` may not be removed (empty: nothing uses it). Pure."""
     reasons = [f"head of channel {name!r}" for name, head in sorted(uses.channel_heads.items()) if head == fingerprint]
+    for (name, verdicts), target in sorted(uses.channel_targets.items()):
+        if target == fingerprint and uses.channel_heads.get(name) != fingerprint:
+            reasons.append(f"what runs resolving channel {name!r} train on (its newer pushes were refused by "
+                           f"validation, verdicts in {verdicts})")
     for where in sorted({where for where, _ in uses.version_data}):
         versions = sorted(v for (at, v), data in uses.version_data.items() if at == where and data == fingerprint)
         if versions:
@@ -181,7 +198,28 @@ def read_uses(store: Store, models_stores: Sequence[Store] = (),
     for run_store in [store, *models_stores]:
         version_data.update(_version_data(run_store))
         resolutions.extend(_resolutions(run_store, live_resolution_s))
-    return DatasetUses(_channel_heads(store), version_data, resolutions)
+    heads = _channel_heads(store)
+    return DatasetUses(heads, version_data, resolutions, _channel_targets(store, sorted(heads), models_stores))
+
+
+def _channel_targets(store: Store, channels: list[str], models_stores: Sequence[Store]) -> dict[tuple[str, str], str]:
+    """What a run resolving each channel of ``store`` gets now, as the flows resolve it, for runs in
+    ``store`` and in each of ``models_stores`` (where each run's validation verdicts are)."""
+    from protein.validation.reference import refused_by_validation  # imported here: only this verb needs it
+
+    targets: dict[tuple[str, str], str] = {}
+    for name in channels:
+        for run_store in [store, *models_stores]:
+            # A run in the channel's store names it channel:<name>; a run elsewhere, <store>/datasets@<name>.
+            data = (f"{CHANNEL_SCHEME}{name}" if run_store is store
+                    else f"{store.uri.rstrip('/')}{STORE_CHANNEL_MARK}{name}")
+            try:
+                resolved = resolve_data(data, run_store.uri, refused=refused_by_validation)
+            except DataError:
+                continue  # every push refused: such a run fails before reading any dataset
+            if resolved.fingerprint is not None:
+                targets[(name, redacted_uri(run_store.uri))] = resolved.fingerprint
+    return targets
 
 
 def check_fingerprint(fingerprint: str) -> str:

@@ -4,6 +4,7 @@ and gc exactly as gc does."""
 
 import json
 import os
+import re
 import time
 import uuid
 
@@ -13,7 +14,7 @@ from protein.cli import main as protein_main
 from protein.data import fingerprint, open_dataset
 from protein.data.channels import advance_channel
 from protein.data.dataset_gc import collect_orphans
-from protein.data.dataset_removal import remove_dataset
+from protein.data.dataset_removal import DatasetUses, reasons_kept, remove_dataset
 from protein.data.gc_coordination import GC_LOCK_KEY, PUSHES_PREFIX, GcLock, PushMarker
 from protein.data.manifest import OBJECTS_PREFIX, manifest_key
 from protein.data.push import push_dataset
@@ -21,6 +22,7 @@ from protein.data.run_resolution import resolution_key
 from protein.errors import StoreBusy
 from protein.registry import Registry
 from protein.storage import open_store
+from protein.validation.reference import report_key
 from tests.helpers import write_dataset, write_png
 
 LABELS = {"1": "0", "2": "6 4", "3": "9", "4": "1"}
@@ -123,6 +125,31 @@ def test_the_head_of_any_channel_is_refused(store, old_and_new, capsys):
     refused(store, new.fingerprint, capsys, "head of channel 'latest'")
     on_channel(store, "nightly", old)  # the old data is the head of another channel
     refused(store, old.fingerprint, capsys, "head of channel 'nightly'")
+
+
+def refuse_by_validation(store, fp):
+    """A failing validation report for ``fp`` in ``store``, as a validate run leaves it."""
+    store.put_bytes(report_key(fp), json.dumps({"success": False, "profile": {}}).encode())
+
+
+@pytest.mark.parametrize("verdict_in", ["data store", "models store"])
+def test_what_runs_get_after_a_head_validation_refused_is_refused(tmp_path, store, old_and_new, capsys, verdict_in):
+    """The head ``new`` failed validation, so runs resolving the channel pass it over and train on ``old``
+    (protein.data.channels.resolve_data); the verdict is in the store the runs write theirs to."""
+    old, new, _ = old_and_new
+    reason = "what runs resolving channel 'latest' train on (its newer pushes were refused by validation"
+    targets = {("latest", "s3://models"): old.fingerprint}
+    assert reasons_kept(old.fingerprint, DatasetUses({"latest": new.fingerprint}, {}, [], targets)) == [
+        f"{reason}, verdicts in s3://models)"]
+    if verdict_in == "data store":
+        refuse_by_validation(store, new.fingerprint)
+        refused(store, old.fingerprint, capsys, f"{reason}, verdicts in {store.uri})")
+        return
+    models = open_store(str(tmp_path / "models"))
+    refuse_by_validation(models, new.fingerprint)
+    assert remove_cli(store, old.fingerprint) == 0  # runs in the data store itself would train on new
+    with pytest.raises(StoreBusy, match=re.escape(f"{reason}, verdicts in {models.uri})")):
+        remove_dataset(store, old.fingerprint, models_stores=[models])
 
 
 def test_the_data_of_a_registered_version_is_refused(tmp_path, store, old_and_new, capsys):
