@@ -4,6 +4,9 @@ Iterative stratification (Sechidis, Tsoumakas and Vlahavas, "On the stratificati
 data", ECML PKDD 2011), the algorithm of the `iterative-stratification` and scikit-multilearn
 packages. A plain random split leaves the rarest classes over- or under-represented in a holdout of
 a few thousand images, which makes their per-class scores and tuned thresholds noisy.
+
+Both splits take optional `groups`: rows with the same group (the same image content under two ids)
+land in the same subset, so a model never holds out an image whose exact pixels it trained on.
 """
 
 from __future__ import annotations
@@ -67,13 +70,26 @@ def _iterative_stratification(labels: np.ndarray, proportions: np.ndarray, rng: 
     return subset_of
 
 
+def _group_leaders(groups: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """int64 (N,) the first row of each row's group; arange(N) (every row alone) without groups."""
+    if groups is None:
+        return np.arange(n_rows, dtype=np.int64)
+    groups = np.asarray(groups)
+    if groups.shape != (n_rows,):
+        raise ValueError(f"expected groups of shape ({n_rows},), got {groups.shape}")
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    return first[inverse].astype(np.int64)
+
+
 def iterative_stratified_split(
-    targets: np.ndarray, holdout_fraction: float, seed: int
+    targets: np.ndarray, holdout_fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split rows of multi-hot (N, L) targets into (train_idx, holdout_idx) by iterative stratification.
 
     Returns sorted, disjoint int64 index arrays covering all rows, both non-empty, the holdout
     holding about `holdout_fraction` of the rows and of each label. Deterministic for a given seed.
+    Rows with equal `groups` values go where the group's first row goes; without groups, or with
+    every group a single row, the split is exactly the ungrouped one.
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"expected holdout_fraction strictly between 0 and 1, got {holdout_fraction}")
@@ -93,22 +109,30 @@ def iterative_stratified_split(
     proportions = np.array([1.0 - holdout_fraction, holdout_fraction])
     subset_of = np.empty(n_rows, dtype=np.int64)
     subset_of[order] = _iterative_stratification(targets[order].astype(bool), proportions, rng)
+    # Copies follow their group's first row after the stratified pass, rather than being dealt as
+    # one unit, so the rng draws, and with them every split of data without copies, stay the same.
+    leaders = _group_leaders(groups, n_rows)
+    subset_of = subset_of[leaders]
 
     # An empty side is useless downstream (nothing to train on, or nothing to score), which the
-    # algorithm allows for tiny inputs: move one seeded row across.
+    # algorithm allows for tiny inputs: move one seeded row (with its copies) across.
     for subset in (0, 1):
         if not np.any(subset_of == subset):
             donors = np.flatnonzero(subset_of != subset)
-            subset_of[donors[rng.integers(donors.size)]] = subset
+            subset_of[leaders == leaders[donors[rng.integers(donors.size)]]] = subset
+    if not (np.any(subset_of == 0) and np.any(subset_of == 1)):
+        raise ValueError(f"expected at least 2 distinct images to split, got {n_rows} rows of one image")
 
     train_idx = np.flatnonzero(subset_of == 0).astype(np.int64)
     holdout_idx = np.flatnonzero(subset_of == 1).astype(np.int64)
     return train_idx, holdout_idx
 
 
-def iterative_stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def iterative_stratified_folds(targets: np.ndarray, folds: int, seed: int,
+                               groups: np.ndarray | None = None) -> np.ndarray:
     """int64 (N,) fold number 0..folds-1 of every row: K parts of equal size, each holding about
-    1/K of each label. Deterministic for a given seed; fold k's rows are the holdout of model k."""
+    1/K of each label. Deterministic for a given seed; fold k's rows are the holdout of model k.
+    Rows with equal `groups` values share their group's first row's fold, as in the split."""
     targets = np.asarray(targets)
     if targets.ndim != 2:
         raise ValueError(f"expected targets to be 2-D (rows, labels), got shape {targets.shape}")
@@ -120,10 +144,14 @@ def iterative_stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np
     order = rng.permutation(targets.shape[0])
     fold_of = np.empty(targets.shape[0], dtype=np.int64)
     fold_of[order] = _iterative_stratification(targets[order].astype(bool), np.full(folds, 1.0 / folds), rng)
-    # Tiny inputs can leave a fold empty; give it one row from the largest fold.
+    leaders = _group_leaders(groups, targets.shape[0])
+    fold_of = fold_of[leaders]
+    # Tiny inputs can leave a fold empty; give it one row (with its copies) from the largest fold.
     for fold in range(folds):
         if not np.any(fold_of == fold):
             largest = int(np.bincount(fold_of, minlength=folds).argmax())
             donors = np.flatnonzero(fold_of == largest)
-            fold_of[donors[rng.integers(donors.size)]] = fold
+            fold_of[leaders == leaders[donors[rng.integers(donors.size)]]] = fold
+    if np.unique(fold_of).size < folds:
+        raise ValueError(f"expected at least {folds} distinct images for {folds} folds; copies left a fold empty")
     return fold_of

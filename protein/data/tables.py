@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,18 @@ class CompetitionData:
     train_ids: list[str]
     train_label_sets: list[frozenset[int]]
     test_ids: list[str]
+    _train_image_digests: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def train_image_digests(self) -> dict[str, str]:
+        """image id -> "size:md5" of its train image, for ids whose image the dataset holds. From the
+        digests the fingerprint already keeps (a folder's hash cache, a zip's cache, S3 ETags, a
+        pushed manifest), so no image is read again; kept for the life of this object."""
+        if self._train_image_digests is None:
+            digests = self.source.digests()
+            self._train_image_digests = {
+                image_id: f"{entry.size}:{entry.md5}" for image_id in self.train_ids
+                if (entry := digests.get(self.train_path(image_id))) is not None}
+        return self._train_image_digests
 
     @property
     def targets(self) -> np.ndarray:

@@ -4,7 +4,7 @@ evaluations on those rows and a GateConfig."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,15 +28,33 @@ class GateRows:
     from_champion_holdout: int = 0  # rows the champion held out when it trained
     new: int = 0  # rows the champion's training data did not have at all
     excluded: int = 0  # rows of the challenger's holdout dropped because the champion trained on them
+    copies: int = 0  # rows dropped because a model trained on the same image bytes under another id
     problem: str | None = None  # set when no fair row set can be built
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ids": list(self.ids), "n": len(self.ids), "sha256": ids_digest(self.ids)}
 
 
+def _trained_copies(rows: set[str], trained: Iterable[str], digest_of: Mapping[str, str] | None) -> set[str]:
+    """The rows whose image bytes equal those of a row in `trained` (ids of the current data only:
+    a trained id since removed from the data has no digest here)."""
+    if not digest_of:
+        return set()
+    seen = {digest_of[i] for i in trained if i in digest_of}
+    return {i for i in rows if digest_of.get(i) in seen}
+
+
+def _copies_note(copies: int) -> str:
+    return (f"; {copies} rows dropped because a model trained on the same image bytes under another id"
+            if copies else "")
+
+
 def select_rows(challenger_holdout: Iterable[str], champion_train: Iterable[str] | None = None,
-                champion_holdout: Iterable[str] | None = None, has_champion: bool = False) -> GateRows:
-    """Rows neither model trained on: the challenger's holdout minus the champion's training rows.
+                champion_holdout: Iterable[str] | None = None, has_champion: bool = False,
+                challenger_train: Iterable[str] = (), digest_of: Mapping[str, str] | None = None) -> GateRows:
+    """Rows neither model trained on: the challenger's holdout minus the champion's training rows,
+    and minus every row whose image bytes (`digest_of`: id -> content digest) either model trained
+    on under another id.
 
     On unchanged data with the same split this is the shared holdout. After a data change it is
     the champion's own holdout plus the rows that are new since the champion, both minus what
@@ -44,22 +62,28 @@ def select_rows(challenger_holdout: Iterable[str], champion_train: Iterable[str]
     training rows cannot be known; the gate then refuses to compare.
     """
     holdout = set(challenger_holdout)
+    challenger_train = list(challenger_train)
     if not has_champion:
-        return GateRows(tuple(sorted(holdout)), f"the challenger's holdout ({len(holdout)} rows)")
+        copies = _trained_copies(holdout, challenger_train, digest_of)
+        kept = holdout - copies
+        selection = f"the challenger's holdout ({len(holdout)} rows){_copies_note(len(copies))}"
+        return GateRows(tuple(sorted(kept)), selection, copies=len(copies))
     if champion_train is None:
         return GateRows((), "none", problem="the champion's training rows are unknown (its model.json records "
                         "neither its rows nor a fingerprint of the current data), so no row is known to be "
                         "unseen by it")
     trained = set(champion_train)
     kept = holdout - trained
+    excluded = len(holdout) - len(kept)
+    copies = _trained_copies(kept, [*challenger_train, *trained], digest_of)
+    kept -= copies
     seen_held_out = set(champion_holdout or ())
     in_champion_holdout = len(kept & seen_held_out)
     new = len(kept - seen_held_out)
-    excluded = len(holdout) - len(kept)
     selection = (f"{len(kept)} rows neither model trained on: {in_champion_holdout} from the champion's holdout, "
                  f"{new} new since the champion; {excluded} rows of the challenger's holdout dropped because "
-                 f"the champion trained on them")
-    return GateRows(tuple(sorted(kept)), selection, in_champion_holdout, new, excluded)
+                 f"the champion trained on them{_copies_note(len(copies))}")
+    return GateRows(tuple(sorted(kept)), selection, in_champion_holdout, new, excluded, len(copies))
 
 
 @dataclass(frozen=True)
@@ -81,7 +105,8 @@ class GateDecision:
 
 def _rows_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     rows = evaluation.get("rows", {})
-    return {k: rows[k] for k in ("n", "sha256", "selection", "from_champion_holdout", "new", "excluded", "problem")
+    return {k: rows[k] for k in ("n", "sha256", "selection", "from_champion_holdout", "new", "excluded", "copies",
+                                            "problem")
             if k in rows}
 
 

@@ -37,8 +37,14 @@ def recorded_split(spec: dict[str, Any], data: CompetitionData, data_fingerprint
         if holdout["fraction"] is None:  # a refit trained on every row of this data
             return (list(data.train_ids), []) if spec.get("refit") else None
         # A fold model's split is its fold of the stratified folds, not a fraction's split.
-        train_idx, holdout_idx = holdout_split(data, holdout["fraction"], holdout["seed"], holdout.get("fold"),
-                                               holdout.get("folds") or 5)
+        args = (holdout["fraction"], holdout["seed"], holdout.get("fold"), holdout.get("folds") or 5)
+        train_idx, holdout_idx = holdout_split(data, *args)
+        # A version this old may predate keeping byte-identical images on one side, and the two
+        # splits differ where the data holds such copies: count a row as trained on if either
+        # split trained on it, and as held out only if both held it out.
+        old_train_idx, old_holdout_idx = holdout_split(data, *args, grouped=False)
+        train_idx = np.union1d(train_idx, old_train_idx)
+        holdout_idx = np.intersect1d(holdout_idx, old_holdout_idx)
         return [data.train_ids[i] for i in train_idx], [data.train_ids[i] for i in holdout_idx]
     return None
 
@@ -101,18 +107,22 @@ def gate_rows(data: CompetitionData, data_fingerprint: str, challenger_spec: dic
     challenger = recorded_split(challenger_spec, data, data_fingerprint)
     if challenger is None:  # a model from elsewhere: its own split parameters on this data
         holdout = challenger_spec.get("holdout", {})
-        _, holdout_idx = holdout_split(data, holdout.get("fraction") or 0.2, holdout.get("seed", 0),
-                                       holdout.get("fold"), holdout.get("folds") or 5)
+        train_idx, holdout_idx = holdout_split(data, holdout.get("fraction") or 0.2, holdout.get("seed", 0),
+                                               holdout.get("fold"), holdout.get("folds") or 5)
+        challenger_train = [data.train_ids[i] for i in train_idx]
         challenger_holdout = [data.train_ids[i] for i in holdout_idx]
     else:
-        challenger_holdout = challenger[1]
+        challenger_train, challenger_holdout = challenger
     present = set(data.train_ids)
     challenger_holdout = [i for i in challenger_holdout if i in present]
+    # Content digests the fingerprint already holds: a row whose image bytes either model trained
+    # on under another id is no more unseen than the row it copies.
+    digest_of = data.train_image_digests()
     if champion_spec is None:
-        return select_rows(challenger_holdout)
+        return select_rows(challenger_holdout, challenger_train=challenger_train, digest_of=digest_of)
     champion = recorded_split(champion_spec, data, data_fingerprint)
     return select_rows(challenger_holdout, champion[0] if champion else None, champion[1] if champion else None,
-                       has_champion=True)
+                       has_champion=True, challenger_train=challenger_train, digest_of=digest_of)
 
 
 def evaluation_of_probs(model_id: str, data_fingerprint: str, probs: np.ndarray, targets: np.ndarray,

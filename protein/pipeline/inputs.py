@@ -28,14 +28,30 @@ def new_run_id(data_fingerprint: str) -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{data_fingerprint[:8]}-{secrets.token_hex(4)}"
 
 
+def content_groups(data: CompetitionData) -> np.ndarray:
+    """int64 (N,) per train row: the first row with the same image bytes (itself when unique). The
+    split keeps such rows on one side: a push that adds a byte-identical copy of an image under a
+    new id must not let a model train on the copy and be scored on the original."""
+    digests = data.train_image_digests()
+    first_row: dict[str, int] = {}
+    groups = np.arange(len(data.train_ids), dtype=np.int64)
+    for row, image_id in enumerate(data.train_ids):
+        if (digest := digests.get(image_id)) is not None:
+            groups[row] = first_row.setdefault(digest, row)
+    return groups
+
+
 def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int, fold: int | None = None,
-                  folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The holdout is a pure function of (labels, fraction, seed) or, with a fold, of (labels,
-    folds, seed, fold): a challenger and the champion evaluated with the same parameters see
-    exactly the same images. fold is 1-based: fold k of K holds out the k-th part."""
+                  folds: int = 5, grouped: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The holdout is a pure function of (labels, image digests, fraction, seed) or, with a fold,
+    of (labels, image digests, folds, seed, fold): a challenger and the champion evaluated with the
+    same parameters see exactly the same images. fold is 1-based: fold k of K holds out the k-th
+    part. Byte-identical images land on one side (`content_groups`); grouped=False rebuilds the
+    split of versions made before that, which differs only where the data holds such copies."""
+    groups = content_groups(data) if grouped else None
     if fold is None:
-        return iterative_stratified_split(data.targets, holdout_fraction, seed)
-    fold_of = iterative_stratified_folds(data.targets, folds, seed)
+        return iterative_stratified_split(data.targets, holdout_fraction, seed, groups)
+    fold_of = iterative_stratified_folds(data.targets, folds, seed, groups)
     return np.flatnonzero(fold_of != fold - 1).astype(np.int64), np.flatnonzero(fold_of == fold - 1).astype(np.int64)
 
 

@@ -24,7 +24,8 @@ def data() -> Any:
     rng = np.random.default_rng(7)
     targets = (rng.random((60, 10)) < 0.3).astype(np.float32)
     targets[targets.sum(axis=1) == 0, 4] = 1.0  # every image has a label, as in train.csv
-    return SimpleNamespace(train_ids=[f"img{i:03d}" for i in range(60)], targets=targets)
+    return SimpleNamespace(train_ids=[f"img{i:03d}" for i in range(60)], targets=targets,
+                           train_image_digests=dict)  # no image bytes: no copies
 
 
 def spec_of(data: Any, config: TrainConfig) -> dict[str, Any]:
@@ -196,3 +197,66 @@ def test_the_retrain_refuses_a_challenger_trained_elsewhere_whose_model_json_lie
     assert state.is_failed() and state.message is not None and len(state.message.splitlines()) == 1, state
     assert re.match(refusal, state.message), state.message
     assert Registry(open_store(store)).champion().champion is None
+
+
+def dataset_with_a_copy(tmp_path: Path) -> Any:
+    """40 images, then a push's 99999.png: a byte-identical copy of 123.png under a new id."""
+    import shutil
+
+    from protein.data.tables import load_competition
+    from tests.helpers import write_dataset
+
+    labels = {str(100 + i): f"{i % 10} {(i + 3) % 10}" for i in range(40)}
+    dataset = write_dataset(tmp_path / "ds", {**labels, "99999": labels["123"]}, ["t1"], size=16)
+    shutil.copyfile(dataset / "train" / "123.png", dataset / "train" / "99999.png")
+    return load_competition(dataset, require_test=False)
+
+
+def test_a_pushed_copy_lands_on_its_originals_side_of_every_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = dataset_with_a_copy(tmp_path)
+    row = {image_id: i for i, image_id in enumerate(data.train_ids)}
+    calls = []
+    digests = data.source.digests
+    monkeypatch.setattr(data.source, "digests", lambda: calls.append(1) or digests())
+    for seed in range(6):
+        for fold in (None, 1, 2, 3):
+            _, holdout_idx = holdout_split(data, 0.25, seed, fold, folds=3)
+            held_out = set(holdout_idx.tolist())
+            assert (row["123"] in held_out) == (row["99999"] in held_out), (seed, fold)
+    assert len(calls) == 1  # the fingerprint's digests, looked up once: no image is hashed per split
+
+
+def test_the_gate_drops_a_row_whose_copy_the_challenger_trained_on(tmp_path: Path):
+    """The review's case: 123 was in the champion's holdout; the challenger's model.json says it
+    trained on 99999 (123's bytes) and held out 123. 123 is not a row neither model saw."""
+    from protein.pipeline.evaluation import gate_rows
+
+    data = dataset_with_a_copy(tmp_path)
+    others = [i for i in data.train_ids if i not in ("123", "99999")]
+    champion = {"training_rows": {"ids": others[:30]}, "holdout": {"ids": ["123", *others[30:]]}}
+    challenger = {"training_rows": {"ids": ["99999", *others[:30]]}, "holdout": {"ids": ["123", *others[30:]]}}
+    rows = gate_rows(data, "fp", challenger, champion)
+    assert "123" not in rows.ids and rows.copies == 1 and set(rows.ids) == set(others[30:])
+    assert "123" not in gate_rows(data, "fp", challenger, None).ids  # the challenger alone, as evaluate does
+
+
+def test_an_older_version_without_id_lists_counts_a_copy_as_trained_on_by_either_split(tmp_path: Path):
+    """Rebuilt from fraction and seed, a version may have been split before copies were kept
+    together: a row either split trained on counts as trained on, and the gate keeps no row whose
+    bytes it may have trained on."""
+    from protein.pipeline.evaluation import gate_rows
+
+    data = dataset_with_a_copy(tmp_path)
+    original, copy = data.train_ids.index("123"), data.train_ids.index("99999")
+    # A seed whose old split held out 123 and trained on 99999; today's split holds out both.
+    seed = next(s for s in range(50) if original in (old := holdout_split(data, 0.25, s, grouped=False)[1].tolist())
+                and copy not in old)
+    train_idx, holdout_idx = holdout_split(data, 0.25, seed)
+    assert copy in holdout_idx.tolist()
+    legacy = {"data_fingerprint": "f" * 64, "holdout": {"fraction": 0.25, "seed": seed}}
+    train_ids, holdout_ids = recorded_split(legacy, data, "f" * 64)
+    assert "99999" in train_ids and "99999" not in holdout_ids
+    challenger = {"training_rows": {"ids": [data.train_ids[i] for i in train_idx]},
+                  "holdout": {"ids": [data.train_ids[i] for i in holdout_idx]}}
+    rows = gate_rows(data, "f" * 64, challenger, legacy)
+    assert not {"123", "99999"} & set(rows.ids) and rows.copies == 1

@@ -122,6 +122,27 @@ def test_unknown_champion_rows_are_a_problem_not_a_guess():
     assert select_rows(["2", "1"]).ids == ("1", "2")  # no champion: the challenger's holdout
 
 
+def test_a_row_whose_bytes_a_model_trained_on_under_another_id_is_not_a_gate_row():
+    """A push added 99999.png, a byte-identical copy of 123.png: the challenger trained on 99999
+    and holds out 123; the champion trained on x7, whose bytes new row n5 repeats."""
+    digest_of = {"123": "d-123", "99999": "d-123", "x7": "d-x7", "n5": "d-x7",
+                 **{i: f"d-{i}" for i in ("x1", "x2", "x8", "x9", "n1", "n2")}}
+    challenger_holdout, challenger_train = ["123", "x8", "x9", "n1", "n5"], ["99999", "x1", "x2", "x7", "n2"]
+    champion_train, champion_holdout = ["x1", "x2", "x7", "x8"], ["123", "x9"]
+    rows = select_rows(challenger_holdout, champion_train, champion_holdout, has_champion=True,
+                       challenger_train=challenger_train, digest_of=digest_of)
+    assert rows.ids == ("n1", "x9")
+    assert (rows.from_champion_holdout, rows.new, rows.excluded, rows.copies) == (1, 1, 1, 2)
+    assert rows.selection.endswith("; 2 rows dropped because a model trained on the same image bytes under another id")
+    assert rows.to_dict()["copies"] == 2
+    # No champion: the challenger's own copies are dropped all the same.
+    alone = select_rows(challenger_holdout, challenger_train=challenger_train, digest_of=digest_of)
+    assert alone.ids == ("n1", "x8", "x9") and alone.copies == 2  # the challenger trained on x7 too
+    # Without digests nothing changes: the rows (and the sentence) are those of ids alone.
+    assert select_rows(challenger_holdout, champion_train, champion_holdout, has_champion=True,
+                       challenger_train=challenger_train).ids == ("123", "n1", "n5", "x9")
+
+
 def pair(n: int, better_on: int, worse_on: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets, a champion that gets every image half right, and a challenger that fixes
     `better_on` images and breaks `worse_on` others."""

@@ -155,6 +155,54 @@ def test_k_folds_leave_no_fold_empty_on_tiny_input():
         iterative_stratified_folds(np.eye(3, dtype=bool), 4, seed=0)
 
 
+# The splits iterative_stratified_split/_folds made before groups existed, of
+# _random_multilabel(40, 5, seed=11): data without copies must keep exactly these.
+SPLIT_BEFORE_GROUPS = {0: [5, 12, 13, 14, 15, 16, 25, 26, 27, 30], 1: [5, 8, 10, 14, 18, 21, 26, 30, 38, 39],
+                       2: [0, 1, 4, 8, 19, 21, 25, 27, 31, 36]}
+FOLDS_BEFORE_GROUPS = {
+    0: [1, 3, 2, 3, 3, 0, 1, 3, 2, 3, 2, 3, 0, 1, 3, 2, 0, 1, 1, 0, 2, 2, 1, 0, 3, 0, 0, 1, 0, 2, 1, 1, 3, 0, 2, 2, 2,
+        3, 0, 1],
+    1: [2, 1, 1, 1, 3, 2, 3, 1, 2, 0, 2, 3, 3, 3, 1, 0, 1, 1, 1, 1, 2, 0, 2, 0, 1, 3, 2, 0, 3, 3, 0, 3, 0, 0, 2, 0, 3,
+        2, 0, 2],
+    2: [1, 0, 1, 3, 1, 0, 1, 0, 0, 2, 0, 3, 3, 3, 1, 2, 1, 3, 3, 1, 2, 2, 3, 2, 1, 1, 2, 3, 0, 3, 3, 2, 2, 2, 1, 0, 0,
+        0, 2, 0],
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_data_without_copies_keeps_the_split_it_had_before_groups(seed: int):
+    targets = _random_multilabel(40, 5, seed=11)
+    for groups in (None, np.arange(40), np.array([f"digest-{i}" for i in range(40)])):
+        assert iterative_stratified_split(targets, 0.25, seed, groups)[1].tolist() == SPLIT_BEFORE_GROUPS[seed]
+        assert iterative_stratified_folds(targets, 4, seed, groups).tolist() == FOLDS_BEFORE_GROUPS[seed]
+
+
+def test_copies_of_one_image_land_on_one_side_for_every_seed():
+    """A push adds byte-identical copies of images under new ids: a model must not train on a copy
+    and be scored on the original."""
+    targets = _random_multilabel(120, 6, seed=5)
+    groups = np.arange(120)
+    copies = {3: [97], 10: [50, 111], 42: [43], 60: [119]}  # original row -> rows holding its bytes
+    for original, rows in copies.items():
+        groups[rows] = original
+        targets[rows] = targets[original]  # a copy carries the original's labels, as a re-push would
+    for seed in range(8):
+        train_idx, holdout_idx = iterative_stratified_split(targets, 0.2, seed, groups)
+        _assert_partition(train_idx, holdout_idx, 120)
+        held_out = set(holdout_idx.tolist())
+        fold_of = iterative_stratified_folds(targets, 5, seed, groups)
+        for original, rows in copies.items():
+            assert len({row in held_out for row in [original, *rows]}) == 1, (seed, original)
+            assert len({int(fold_of[row]) for row in [original, *rows]}) == 1, (seed, original)
+
+
+def test_copies_that_leave_no_second_image_cannot_be_split():
+    with pytest.raises(ValueError, match="2 distinct images"):
+        iterative_stratified_split(np.eye(3, dtype=bool)[[0, 1]], 0.5, seed=0, groups=np.array([7, 7]))
+    fold_of = iterative_stratified_folds(np.eye(3, dtype=bool)[[0, 0, 0, 1]], 2, seed=0, groups=np.array([0, 0, 1, 1]))
+    assert fold_of[0] == fold_of[1] and fold_of[2] == fold_of[3] and fold_of[0] != fold_of[2]
+
+
 def test_trainings_of_the_same_data_started_in_the_same_second_get_run_ids_of_their_own(monkeypatch):
     """Two folds trained in a loop on a fast machine start within a second: with the second and the
     data fingerprint alone their run ids were equal, and the second fold resumed the first's finished
