@@ -74,7 +74,19 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
         new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
                         bias=old.bias is not None)
     setattr(parent, child, new)
+    if isinstance(parent, nn.Sequential):
+        # SqueezeNet's classifier is conv -> ReLU -> pool: harmless before ImageNet's softmax, but a
+        # logit kept >= 0 is a sigmoid probability >= 0.5 for every class, so a negative could never
+        # be predicted. Whatever follows our head in its block must stay linear.
+        after = list(parent._modules)[list(parent._modules).index(child) + 1:]
+        for key in after:
+            if _is_activation(parent.get_submodule(key)):
+                setattr(parent, key, nn.Identity())
     return name
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == nn.modules.activation.__name__
 
 
 def build_model(arch: str, num_classes: int = NUM_CLASSES, weights: str | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.models.regnet import BlockParams
 
 from protein.config import TrainConfig
@@ -41,13 +42,25 @@ def test_the_registry_lists_every_torchvision_classification_model():
 
 def test_every_architecture_builds_with_a_ten_logit_head(meta_safe_regnet):
     # On the meta device: shapes only, no memory and no arithmetic, so all 80 models take seconds.
+    # The meta device has no values, so "a logit can be negative" is checked by what runs after the
+    # head: an activation there (SqueezeNet's ReLU) kept every sigmoid probability >= 0.5.
     failures = []
     for arch in architectures():
         with torch.device("meta"):
             model = build_model(arch, 10, image_size=224).eval()
+            called: list[tuple[str, nn.Module]] = []
+            for name, module in model.named_modules():
+                if not list(module.children()):
+                    module.register_forward_hook(lambda m, i, o, n=name, seen=called: seen.append((n, m)))
             logits = model(torch.empty(2, 3, 224, 224))
         if tuple(logits.shape) != (2, 10):
             failures.append(f"{arch}: {tuple(logits.shape)}")
+        heads = [i for i, (_, m) in enumerate(called)
+                 if isinstance(m, nn.Linear | nn.Conv2d) and 10 in (getattr(m, "out_features", None),
+                                                                    getattr(m, "out_channels", None))]
+        after_head = [n for n, m in called[heads[-1] + 1:] if type(m).__module__ == nn.modules.activation.__name__]
+        if after_head:
+            failures.append(f"{arch}: activation after the head: {after_head}")
     assert failures == []
     with torch.device("meta"):  # ViT is built for the training size, not only ImageNet's 224
         assert build_model("vit_b_32", 10, image_size=64).eval()(torch.empty(1, 3, 64, 64)).shape == (1, 10)
@@ -63,7 +76,10 @@ def test_a_small_model_runs_for_real_at_training_sizes():
 def test_replace_head_handles_a_convolutional_classifier():
     model = torchvision.models.squeezenet1_1(weights=None)
     assert replace_head(model, 10) == "classifier.1"
-    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 10)
+    with torch.no_grad():
+        logits = model.eval()(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 10)
+    assert (logits < 0).any(), "the ReLU after the classifier kept every probability >= 0.5"
 
 
 def test_unknown_architecture_suggests_close_names():
