@@ -156,25 +156,33 @@ def is_fold_model(spec: dict[str, Any]) -> bool:
 def ensemble_thresholds(registry: Registry, model_ids: Sequence[str], data: CompetitionData,
                         data_fingerprint: str, metric: str = "f1_samples") -> tuple[np.ndarray, dict[str, Any]]:
     """Thresholds for the mean of several versions' probabilities: tuned on out-of-fold
-    probabilities when the versions are the folds of one K-fold split of the data predicted
-    (``data_fingerprint``), otherwise the mean of the members' own thresholds (said so in the
-    returned info). Folds of other data fall back to that mean: their out-of-fold probabilities
-    are of the old data's rows, and this data's labels under the same ids would tune them wrong.
+    probabilities when the versions are the distinct folds of one K-fold split (same fold count and
+    seed, one fold each) of the data predicted (``data_fingerprint``), otherwise the mean of the
+    members' own thresholds (said so in the returned info). Folds of other data fall back to that
+    mean: their out-of-fold probabilities are of the old data's rows, and this data's labels under
+    the same ids would tune them wrong.
     Each member's model.json must have passed `protein.modeling.predict.check_inference_fields`
     (its thresholds are read here)."""
     specs = [registry.spec(m) for m in model_ids]
     reason = "not all are fold models with saved holdout probabilities"
     if all(is_fold_model(s) for s in specs):
+        holdouts = [fold_holdout(registry, m, s) for m, s in zip(model_ids, specs, strict=True)]
+        plans = sorted({(h["folds"], h["seed"]) for h in holdouts})
+        numbers = sorted(h["fold"] for h in holdouts)
         trained_on = {s.get("data_fingerprint") for s in specs}
-        if len(trained_on) == 1 and trained_on != {data_fingerprint}:
+        if len(plans) != 1 or len(set(numbers)) != len(numbers) or len(trained_on) != 1:
+            # The same fold of two architectures or seeds, or folds of two pushes: their holdouts
+            # overlap or miss rows, so there are no out-of-fold probabilities to tune on.
+            reason = (f"not the distinct folds of one K-fold split of one dataset: folds/seed {plans}, "
+                      f"folds {numbers}, trained on {len(trained_on)} dataset(s)")
+        elif trained_on != {data_fingerprint}:
             # The fingerprint covers the test images and the template too: data whose train split is
             # the folds' falls back as well. Safe (never tuned against relabelled rows), and said so.
             reason = (f"the folds were trained on data {trained_on.pop()}, not the data predicted "
                       f"({data_fingerprint}), whose labels may differ under the same ids; the fingerprint "
                       "covers the test images and template too")
         else:
-            seed = fold_holdout(registry, model_ids[0], specs[0])["seed"]
-            tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, seed, data_fingerprint)
+            tuned, info = out_of_fold_thresholds(registry, model_ids, data, metric, plans[0][1], data_fingerprint)
             return tuned.thresholds, {**info, "held_out": {k: tuned.held_out[k] for k in METRICS}}
     thresholds = np.mean([np.asarray(s["thresholds"], dtype=np.float64) for s in specs], axis=0)
     return thresholds.astype(np.float32), {"source": f"mean of the members' thresholds ({reason})",

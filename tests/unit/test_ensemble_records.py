@@ -136,6 +136,37 @@ def test_honest_fold_records_tune_out_of_fold_thresholds(data: Path, tmp_path: P
     assert info["source"] == "out-of-fold" and info["n_rows"] == len(TRAIN) and thresholds.shape == (len(LABELS),)
 
 
+def with_holdout(spec: dict[str, Any], **holdout: Any) -> dict[str, Any]:
+    return {**spec, "holdout": {**spec["holdout"], **holdout}}
+
+
+@pytest.mark.parametrize("case", ["one fold of two architectures", "two seeds", "two pushes"])
+def test_fold_models_not_of_one_split_fall_back_to_the_mean_of_their_thresholds(data: Path, tmp_path: Path,
+                                                                                case: str) -> None:
+    """Documented: anything but the distinct folds of one split uses the members' mean threshold.
+    These were a RegistryError (exit 4) from out_of_fold_thresholds: no ensemble at all."""
+    from protein.data import fingerprint, load_competition
+    from protein.modeling.ensemble import ensemble_thresholds
+
+    competition = load_competition(data, cache_dir=tmp_path / "c")
+    fp = fingerprint(competition.source)
+    first = fold_spec("run-a", 1, data_fingerprint=fp, thresholds=[0.2] * len(LABELS))
+    second = fold_spec("run-b", 2, data_fingerprint=fp, thresholds=[0.4] * len(LABELS))
+    rows = ["r4", "r5", "r6", "r7"]
+    if case == "one fold of two architectures":
+        second, rows = with_holdout({**second, "arch": "efficientnet_b0"}, fold=1), ["r0", "r1", "r2", "r3"]
+    elif case == "two seeds":
+        second = with_holdout(second, seed=1)
+    else:
+        first = {**first, "data_fingerprint": "0123456789abcdef"}
+    store = LocalStore(tmp_path / "store")
+    versions = [register(store, tmp_path, first, ["r0", "r1", "r2", "r3"]), register(store, tmp_path, second, rows)]
+    thresholds, info = ensemble_thresholds(Registry(store), versions, competition, fp)
+    assert info["source"].startswith("mean of the members' thresholds (not the distinct folds of one K-fold split"), \
+        info["source"]
+    assert thresholds == pytest.approx([0.3] * len(LABELS))
+
+
 class FakePredictor:
     """What predict_test_set asks of a member, without weights."""
 
