@@ -3,6 +3,7 @@ tuned on them, and the mean of several versions' test-time-augmented probabiliti
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import zipfile
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from protein.config import TrainConfig
 from protein.data import CompetitionData
 from protein.errors import DataError, RecordError, RegistryError
 from protein.evaluation.thresholds import METRICS, CrossFit, cross_fit
@@ -140,6 +142,40 @@ def out_of_fold_thresholds(registry: Registry, model_ids: Sequence[str], data: C
     info = {"source": "out-of-fold", "models": list(model_ids), "folds": k, "fold_numbers": numbers,
             "complete": numbers == list(range(1, k + 1)), "n_rows": len(ids), "data_fingerprint": data_fingerprint}
     return tuned, info
+
+
+# TrainConfig fields a refit may set otherwise than its folds; every other field decides the model
+# and so the scale of its probabilities, on which the folds' out-of-fold thresholds were tuned.
+# - fold, folds, holdout_fraction, refit, thresholds_from: the split itself (a refit has none);
+# - seed: the folds' split seed, which for a refit only seeds its initialisation and order;
+# - threshold_metric: the refit tunes the out-of-fold thresholds itself, for its own metric;
+# - device, compile, channels_last, accumulate, sync_bn, min_batch_per_rank: where and how the
+#   same global batch runs (hardware and layout), not what is learnt;
+# - recipe: a recorded name; the fields it set are what is compared.
+REFIT_MAY_DIFFER = frozenset({"fold", "folds", "holdout_fraction", "refit", "thresholds_from", "seed",
+                              "threshold_metric", "device", "compile", "channels_last", "accumulate", "sync_bn",
+                              "min_batch_per_rank", "recipe"})
+
+
+def check_refit_matches_folds(registry: Registry, config: TrainConfig) -> None:
+    """RegistryError unless every fold model of ``config.thresholds_from`` was trained with the refit's
+    settings (all but REFIT_MAY_DIFFER): folds trained without TTA, or with another architecture or
+    image size, give probabilities of another scale, and the refit would ship their thresholds and
+    report their scores as its own. A field an older model.json lacks counts as TrainConfig's default."""
+    refit = dataclasses.asdict(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for model_id in config.thresholds_from:
+        trained = registry.spec(model_id).get("train_config")
+        if not isinstance(trained, dict):
+            raise RecordError(f"{spec_uri(registry, model_id)}: train_config must be an object, "
+                              f"got {str(trained)[:40]}")
+        differ = [f"{name}: fold {trained.get(name, defaults[name])!r}, refit {value!r}"
+                  for name, value in refit.items()
+                  if name not in REFIT_MAY_DIFFER and trained.get(name, defaults[name]) != value]
+        if differ:
+            raise RegistryError(f"fold model {model_id} was trained otherwise than this refit ({'; '.join(differ)}): "
+                                "its out-of-fold thresholds and scores would not be the refit's; refit with the "
+                                "folds' settings, or train folds with these")
 
 
 def ensemble_id(model_ids: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ from protein.evaluation.gate import ids_digest
 from protein.evaluation.thresholds import CrossFit
 from protein.labels import LABELS
 from protein.modeling import distributed
-from protein.modeling.ensemble import out_of_fold_thresholds, save_holdout_probs
+from protein.modeling.ensemble import check_refit_matches_folds, out_of_fold_thresholds, save_holdout_probs
 from protein.modeling.model import IMAGENET, check_input_size, imagenet_weights
 from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
 from protein.modeling.scaling import check_batch_split
@@ -124,6 +124,7 @@ def _train_and_register(
     if config.refit:  # fail before training if the fold models cannot supply thresholds
         oof = out_of_fold_thresholds(registry, config.thresholds_from, data, config.threshold_metric, config.seed,
                                      data_fingerprint)
+        check_refit_matches_folds(registry, config)
     # One decoder per host: its first rank decodes (or finds the cache `--nproc` built before
     # launching); the others wait and memory-map the finished file.
     if rank.local_rank == 0:

@@ -155,7 +155,7 @@ def test_ensemble_predicts_the_mean_tta_probabilities_with_out_of_fold_threshold
 
 def test_refit_on_every_row_records_out_of_fold_thresholds(folds, tiny_dataset, tmp_path, trainer):
     config = recipe_config(**{**FOLD.__dict__, "refit": True, "thresholds_from": tuple(folds["ids"]),
-                              "recipe": "default"})
+                              "tta": True, "recipe": "default"})  # the folds' settings: a refit refuses others
     result = trainer(tiny_dataset, folds["store"], config, cache_dir=folds["cache"])
     spec = Registry(open_store(folds["store"])).spec(result["model_id"])
     assert spec["holdout"]["n_train"] == 40 and spec["holdout"]["n_holdout"] == 0
@@ -179,7 +179,7 @@ def test_a_refit_on_other_data_than_its_folds_is_refused_before_training(folds, 
                                           + "\n")
     versions = set(Registry(open_store(folds["store"])).versions())
     config = recipe_config(**{**FOLD.__dict__, "refit": True, "thresholds_from": tuple(folds["ids"]),
-                              "recipe": "default"})
+                              "tta": True, "recipe": "default"})  # the folds' settings: a refit refuses others
     with pytest.raises(DataError, match=r"data fingerprint \w+, but the fold models .* were trained on \w+"):
         train_and_register(relabelled, folds["store"], config, cache_dir=tmp_path / "cache")
     assert set(Registry(open_store(folds["store"])).versions()) == versions

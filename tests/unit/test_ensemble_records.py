@@ -214,3 +214,54 @@ def test_a_version_named_twice_is_bad_input_that_is_not_retried(data: Path, tmp_
         predict_test_set(data, store.uri, requested, cache_dir=tmp_path / "cache")
     assert refused.value.exit_code == 2 and not is_transient(refused.value)
     assert str(refused.value).startswith(f"the models {requested} name version {version} twice"), refused.value
+
+
+def refit_folds(store: LocalStore, tmp_path: Path, data_fingerprint: str, **trained: Any) -> list[str]:
+    """Two fold models of the data whose model.json records the TrainConfig they were trained with."""
+    from protein.config import TrainConfig, to_dict
+
+    return [register(store, tmp_path, fold_spec(f"run-{fold}", fold, data_fingerprint=data_fingerprint,
+                                                train_config=to_dict(TrainConfig(fold=fold, folds=2, **trained))),
+                     rows)
+            for fold, rows in ((1, ["r0", "r1", "r2", "r3"]), (2, ["r4", "r5", "r6", "r7"]))]
+
+
+def test_a_refit_of_folds_trained_otherwise_is_refused_before_training(data: Path, tmp_path: Path,
+                                                                       data_fingerprint: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folds trained without TTA refit with it: the refit shipped thresholds tuned on the folds'
+    single-view probabilities and reported the folds' scores as its own."""
+    import protein.pipeline.training as training
+    from protein.config import TrainConfig
+    from protein.errors import RegistryError
+
+    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: pytest.fail("trained"))
+    store = LocalStore(tmp_path / "store")
+    versions = refit_folds(store, tmp_path, data_fingerprint, image_size=16, device="cpu")
+    before = set(Registry(store).versions())
+    config = TrainConfig(image_size=16, device="cpu", refit=True, thresholds_from=tuple(versions), tta=True)
+    with pytest.raises(RegistryError) as refused:
+        training.train_and_register(data, store.uri, config, cache_dir=tmp_path / "cache")
+    message = str(refused.value)
+    assert refused.value.exit_code == 4 and "\n" not in message
+    assert message.startswith(f"fold model {versions[0]} was trained otherwise than this refit (tta: fold False, "
+                              "refit True)"), message
+    assert set(Registry(store).versions()) == before
+
+
+def test_a_refit_may_differ_from_its_folds_only_where_the_model_does_not(tmp_path: Path,
+                                                                         data_fingerprint: str) -> None:
+    from protein.config import TrainConfig
+    from protein.errors import RegistryError
+    from protein.modeling.ensemble import check_refit_matches_folds
+
+    store = LocalStore(tmp_path / "store")
+    versions = refit_folds(store, tmp_path, data_fingerprint, image_size=16, tta=True)
+    registry = Registry(store)
+    same_model = TrainConfig(image_size=16, tta=True, refit=True, thresholds_from=tuple(versions), folds=5, seed=7,
+                             device="cpu", accumulate=2, compile=True, threshold_metric="f1_macro")
+    check_refit_matches_folds(registry, same_model)
+    for changed in ({"arch": "efficientnet_b0"}, {"image_size": 32}, {"epochs": 9}, {"weights": "imagenet"}):
+        config = TrainConfig(**{"image_size": 16, "tta": True, **changed}, refit=True, thresholds_from=tuple(versions))
+        with pytest.raises(RegistryError, match=f"\\({next(iter(changed))}: fold "):
+            check_refit_matches_folds(registry, config)
