@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     args.log = work / "demo.log"
     # The demo keeps everything it makes under WORK, so `make clean` removes all of it: its own cache
-    # (not a PROTEIN_CACHE_DIR of the shell's) and its own Prefect server (not PREFECT_API_URL's).
+    # (not a PROTEIN_CACHE_DIR of the shell's) and its own Prefect server (not PREFECT_API_URL's) on its
+    # own database (not the shell's PREFECT_HOME, which may be a production server's SQLite).
     os.environ[CACHE_DIR_ENV] = str(work / "cache")
+    os.environ["PREFECT_HOME"] = str(work / "prefect")
     configure_logging(args.log)
     started = time.monotonic()
     if args.data:

@@ -215,7 +215,7 @@ def test_a_demo_whose_gate_refused_both_challengers_says_so_in_one_line(tmp_path
 
 def test_the_demo_starts_its_own_server_and_cache_whatever_the_shell_points_at(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make run` in a shell set up for production (PREFECT_API_URL, a shared PROTEIN_CACHE_DIR) sent
+    """`make run` in a shell set up for production (PREFECT_API_URL, PREFECT_HOME, a shared PROTEIN_CACHE_DIR) sent
     the demo's synthetic retrains to the production server, whose promotion alert announced a demo
     champion."""
     import flows.cli
@@ -225,6 +225,7 @@ def test_the_demo_starts_its_own_server_and_cache_whatever_the_shell_points_at(
     production = "http://prefect.example.internal/api"
     monkeypatch.setenv("PREFECT_API_URL", production)
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "shared-cache"))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "production-home"))
     monkeypatch.setattr(flows.cli, "api_health", lambda url: pytest.fail(f"asked {url} for its health"))
     started: list[Path] = []
 
@@ -240,5 +241,5 @@ def test_the_demo_starts_its_own_server_and_cache_whatever_the_shell_points_at(
     work = tmp_path / "work"
     with pytest.raises(NotStarted):
         flows.demo.main(["--work", str(work)])
-    assert len(started) == 1
+    assert started == [work.resolve() / "prefect"]
     assert os.environ[CACHE_DIR_ENV] == str(work.resolve() / "cache")
