@@ -175,7 +175,8 @@ def _resolutions(store: Store, live_resolution_s: float) -> list[ResolutionSeen]
 def other_run_stores(store: Store, models_stores: Sequence[Store] | None) -> list[Store]:
     """The stores besides ``store`` whose versions and resolutions count for its datasets: ``models_stores``
     less ``store`` and repeats. Without ``models_stores``, `DataError` when ``store`` holds no registry:
-    likely a split setup whose runs write elsewhere, where reading ``store`` alone finds no use of anything."""
+    likely a split setup whose runs write elsewhere, where reading ``store`` alone finds no use of anything;
+    and when a named models store (other than ``store``) holds none either."""
     if models_stores is None:
         if not any(store.list(prefix) for prefix in REGISTRY_PREFIXES):
             raise DataError(f"{redacted_uri(store.uri)} holds no model registry (registry/, models/), so the runs that "
@@ -184,8 +185,14 @@ def other_run_stores(store: Store, models_stores: Sequence[Store] | None) -> lis
         return []
     others: dict[str, Store] = {}
     for other in models_stores:
-        if other.uri != store.uri:
-            others.setdefault(other.uri, other)
+        if other.uri == store.uri or other.uri in others:
+            continue
+        # A mistyped models store (another prefix of an existing bucket) reads as one where nothing is
+        # used: the dataset the real one's versions and runs train on would be removed.
+        if not any(other.list(prefix) for prefix in REGISTRY_PREFIXES):
+            raise DataError(f"--models-store {redacted_uri(other.uri)} holds no model registry (registry/, models/): "
+                            "name the store the runs record their versions and resolutions in; nothing removed")
+        others[other.uri] = other
     return list(others.values())
 
 

@@ -146,6 +146,7 @@ def test_what_runs_get_after_a_head_validation_refused_is_refused(tmp_path, stor
         refused(store, old.fingerprint, capsys, f"{reason}, verdicts in {store.uri})")
         return
     models = open_store(str(tmp_path / "models"))
+    models.put_bytes("registry/champion.json", b"{}")  # the models store is the one with a registry
     refuse_by_validation(models, new.fingerprint)
     assert remove_cli(store, old.fingerprint) == 0  # runs in the data store itself would train on new
     with pytest.raises(StoreBusy, match=re.escape(f"{reason}, verdicts in {models.uri})")):
@@ -189,6 +190,13 @@ def test_versions_and_resolutions_in_the_models_store_runs_write_to_keep_the_dat
     err = capsys.readouterr().err
     assert (f"{store.uri} holds no model registry (registry/, models/), so the runs that train on its datasets "
             "may record their versions and resolutions in another store: name it with --models-store URI") in err
+    assert store.list("") == before
+
+    mistyped = open_store(str(tmp_path / "modles"))
+    mistyped.put_bytes("datasets/channels/unrelated.json", b"{}")  # exists, but no registry
+    assert protein_main(["datasets", "remove", "--store", store.uri, "--models-store", mistyped.uri,
+                         old.fingerprint, "--yes"]) == 2
+    assert f"--models-store {mistyped.uri} holds no model registry" in capsys.readouterr().err
     assert store.list("") == before
 
     key = resolve(models, old.fingerprint)
