@@ -107,18 +107,12 @@ def run_history_retention(days: int = RUN_HISTORY_KEPT_DAYS) -> dict[str, str]:
             "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(days * 24 * 3600)}
 
 
-def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: bool = False,
-                     scheduler: bool = False, api_count: int = 2) -> HAPrefect:
-    """A stack on a new database of ``pg`` with a Redis of its own. ``base_env``: what every
-    Prefect process inherits (PREFECT_HOME, telemetry off, ...); the database and Redis settings
-    are added here. The scheduler is off unless asked for: a test's nightly cron must not add runs."""
-    root.mkdir(parents=True, exist_ok=True)
-    database = f"prefect_{secrets.token_hex(6)}"
-    url = pg.prefect_database(database, base_env)
-    redis = start_redis(root)
+def server_env(base_env: Mapping[str, str], database_url: str, redis_port: int, scheduler: bool) -> dict[str, str]:
+    """What every server process of the stack (APIs and services) runs with: ``base_env`` less the
+    client's PREFECT_API_URL, plus the database, the start-up, retention and Redis settings."""
     env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
     env.update({
-        "PREFECT_API_DATABASE_CONNECTION_URL": url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
         # Migrations and block types went into the template once, before any server; several
         # servers doing either as they start would race.
         "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
@@ -130,8 +124,21 @@ def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: 
         "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
         **run_history_retention(),
-        **redis_settings("127.0.0.1", redis.port),
+        **redis_settings("127.0.0.1", redis_port),
     })
+    return env
+
+
+def start_ha_prefect(root: Path, pg: Postgres, base_env: Mapping[str, str], ui: bool = False,
+                     scheduler: bool = False, api_count: int = 2) -> HAPrefect:
+    """A stack on a new database of ``pg`` with a Redis of its own. ``base_env``: what every
+    Prefect process inherits (PREFECT_HOME, telemetry off, ...); the database and Redis settings
+    are added here. The scheduler is off unless asked for: a test's nightly cron must not add runs."""
+    root.mkdir(parents=True, exist_ok=True)
+    database = f"prefect_{secrets.token_hex(6)}"
+    url = pg.prefect_database(database, base_env)
+    redis = start_redis(root)
+    env = server_env(base_env, url, redis.port, scheduler)
     started: list[Daemon] = [redis]
     nginx_temp = nginx_temp_root()
     try:
