@@ -436,11 +436,13 @@ def test_push_and_datasets_gc_keep_out_of_each_others_way_under_their_roles(
     pushed = cli("publisher", "datasets", "push", "--data", str(other), "--store", uri, "--channel", "iam-rm")
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     unused = json.loads(pushed.stdout.strip().splitlines()[-1])["fingerprint"]
-    head = cli("operator", "datasets", "remove", "--store", uri, unused, "--yes")
+    # Runs on this store record their versions and resolutions in it: named, as the docs say, since the
+    # store may hold no version yet when this test runs first.
+    head = cli("operator", "datasets", "remove", "--store", uri, "--models-store", uri, unused, "--yes")
     assert head.returncode == 9 and "head of channel 'iam-rm'" in head.stderr, head.stderr[-2000:]
     use_role(monkeypatch, iam_store, "publisher")
     advance_channel(open_store(uri), "iam-rm", f"{uri}/datasets/{'f' * 16}/", "f" * 16, "moved-on", "iam", "2026-01-01")
-    removed = cli("operator", "datasets", "remove", "--store", uri, unused, "--yes")
+    removed = cli("operator", "datasets", "remove", "--store", uri, "--models-store", uri, unused, "--yes")
     assert removed.returncode == 0, removed.stderr[-3000:]
     keys = iam_store.snapshot()
     assert manifest_key(unused) not in keys and manifest_key(fingerprint) in keys and GC_LOCK_KEY not in keys

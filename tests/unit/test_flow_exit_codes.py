@@ -142,7 +142,7 @@ def test_sigterm_outside_a_flow_run_stops_the_local_server_and_exits_143(
     unhandled: list[int] = []
 
     @contextlib.contextmanager
-    def local_server(announce: object = None) -> Iterator[str]:
+    def local_server(announce: object = None, local_only: bool = False) -> Iterator[str]:
         try:
             yield "http://127.0.0.1:1/api"
         finally:
