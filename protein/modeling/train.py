@@ -329,11 +329,15 @@ def fit(
     on_epoch: EpochCallback | None = None,
     on_batch: Callable[[int], None] | None = None,
     data_fingerprint: str | None = None,
+    split_digest: str | None = None,
+    unrecorded_split_may_differ: bool = False,
 ) -> FitResult:
     """Train for config.epochs, checkpointing every epoch under runs/<run_id>/ in the store.
 
     If that run already has a checkpoint it resumes from the epoch after it, only on the data it
-    was started on (``data_fingerprint``, recorded in the checkpoint). Batch order,
+    was started on (``data_fingerprint``) and split (``split_digest``), both recorded in the
+    checkpoint; a checkpoint without a split digest (written before it was recorded) resumes only
+    when not ``unrecorded_split_may_differ``. Batch order,
     augmentation and dropout are seeded per epoch, so on CPU a resumed run reproduces an
     uninterrupted one. With config.ema_half_life_epochs the moving average of the weights is
     what is evaluated and returned. An empty holdout (a refit on every row) skips evaluation:
@@ -365,6 +369,17 @@ def fit(
         if data_fingerprint is not None and started_on is not None and started_on != data_fingerprint:
             raise DataError(f"run {run_id} was started on data {str(started_on)[:16]}, not this data "
                             f"({data_fingerprint[:16]}): its weights trained on that data's rows; use a new --run-id")
+        # The same data split otherwise (byte-identical copies are kept on one side since the
+        # split digest was recorded): the weights would go on from rows now held out, and be scored on them.
+        split_of_run = state.get("split_digest")
+        if split_digest is not None and split_of_run is not None and split_of_run != split_digest:
+            raise DataError(f"run {run_id} was trained on split {str(split_of_run)[:16]}, not this run's split "
+                            f"({split_digest[:16]}): its weights trained on rows this split holds out; "
+                            "use a new --run-id")
+        if split_digest is not None and split_of_run is None and unrecorded_split_may_differ:
+            raise DataError(f"run {run_id}'s checkpoint does not record its split, and on this data (byte-identical "
+                            "images under two ids) the split has changed since it was written: its weights may "
+                            "have trained on rows now held out; start a new run with a new --run-id")
         start_epoch = int(state["epoch"])
         if start_epoch < config.epochs:  # the last epoch's checkpoint has none: nothing trains after it
             if not {"optimizer", "scheduler"} <= state.keys():
@@ -436,6 +451,7 @@ def fit(
             **resumable,
             "config": to_dict(config),
             "data_fingerprint": data_fingerprint,
+            "split_digest": split_digest,
             "class_names": list(LABELS),
             "history": [json.dumps(h) for h in history],
         }, expected_etag=checkpoint_etag)

@@ -4,6 +4,7 @@ decoded-image cache."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from protein.cache import CacheKey, ImageCache
 from protein.config import TrainConfig
 from protein.data import CompetitionData
 from protein.errors import FingerprintMismatch
+from protein.evaluation.gate import ids_digest
 from protein.locations import default_cache_dir
 from protein.split import iterative_stratified_folds, iterative_stratified_split
 from protein.storage import Store
@@ -39,6 +41,21 @@ def content_groups(data: CompetitionData) -> np.ndarray:
         if (digest := digests.get(image_id)) is not None:
             groups[row] = first_row.setdefault(digest, row)
     return groups
+
+
+def has_byte_identical_copies(data: CompetitionData) -> bool:
+    """Whether two train images hold the same bytes: only then does the grouped split differ from
+    the split made before grouping (`holdout_split`)."""
+    digests = data.train_image_digests()
+    return len(set(digests.values())) < len(digests)
+
+
+def split_digest(data: CompetitionData, train_idx: np.ndarray, holdout_idx: np.ndarray) -> str:
+    """sha256 naming a split by its train ids and its holdout ids: a checkpoint records it, so a
+    resume goes on only on the rows its weights trained on."""
+    train_ids = [data.train_ids[i] for i in train_idx]
+    holdout_ids = [data.train_ids[i] for i in holdout_idx]
+    return hashlib.sha256(f"{ids_digest(train_ids)}\n{ids_digest(holdout_ids)}".encode()).hexdigest()
 
 
 def holdout_split(data: CompetitionData, holdout_fraction: float, seed: int, fold: int | None = None,

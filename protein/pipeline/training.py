@@ -23,7 +23,15 @@ from protein.modeling.model import IMAGENET, check_input_size, imagenet_weights
 from protein.modeling.presets import IMAGE_MEAN, IMAGE_STD
 from protein.modeling.scaling import check_batch_split
 from protein.modeling.train import EpochCallback, fit, select_device
-from protein.pipeline.inputs import check_fingerprint, load_split_images, new_run_id, summarize, training_split
+from protein.pipeline.inputs import (
+    check_fingerprint,
+    has_byte_identical_copies,
+    load_split_images,
+    new_run_id,
+    split_digest,
+    summarize,
+    training_split,
+)
 from protein.registry import Registry, check_version_id
 from protein.storage import Store, open_store
 
@@ -135,8 +143,12 @@ def _train_and_register(
         images = load_split_images(data, "train", config.image_size, data_fingerprint, cache_dir)
     train_idx, holdout_idx = training_split(data, config)
     try:
+        # A checkpoint written before it recorded its split resumes only where the split is provably
+        # the one it trained on: a refit's (every row), or data without byte-identical copies.
         result = fit(config, images, data.targets, train_idx, holdout_idx, store, run_id, on_epoch, on_batch,
-                     data_fingerprint=data_fingerprint)
+                     data_fingerprint=data_fingerprint,
+                     split_digest=split_digest(data, train_idx, holdout_idx),
+                     unrecorded_split_may_differ=not config.refit and has_byte_identical_copies(data))
     except Exception as exc:
         if is_out_of_memory(exc):
             raise OutOfMemory(out_of_memory_message(exc, config, run_id, rank.world_size)) from exc

@@ -288,3 +288,59 @@ def test_a_run_id_that_registered_a_model_of_other_data_is_refused_not_returned(
     config = TrainConfig(arch=TINY_ARCH, image_size=32, epochs=1, batch_size=2, device="cpu")
     with pytest.raises(DataError, match=r"^run r1 already registered v-old, trained on data 0{16}, not this data "):
         training.train_and_register(data, str(tmp_path / "store"), config, run_id="r1")
+
+
+def test_a_resume_goes_on_only_on_the_split_its_checkpoint_trained_on(tmp_path):
+    """Since byte-identical images are kept on one side of the split, data with copies splits
+    otherwise than before; a checkpoint recorded only config and data, so a run checkpointed by the
+    old split resumed on the new one and its holdout held rows its weights trained on. The split is
+    recorded now: another split is refused, and a checkpoint without one resumes only on data
+    without copies (whose split is unchanged)."""
+    import shutil
+
+    from protein.config import TrainConfig
+    from protein.errors import DataError
+    from protein.modeling.checkpoints import checkpoint_key, load_checkpoint, save_checkpoint
+    from protein.pipeline import training
+    from protein.storage import open_store
+    from tests.helpers import TINY_ARCH, write_dataset
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_one(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Stop
+
+    def rewrite(store, state: dict) -> None:  # noqa: ANN001
+        save_checkpoint(store, "r", state, expected_etag=store.etag(checkpoint_key("r")))
+
+    labels = {str(i): str(i % 3) for i in range(12)}
+    config = TrainConfig(arch=TINY_ARCH, image_size=16, epochs=2, batch_size=4, device="cpu")
+    for name, copies in (("copies", True), ("unique", False)):
+        data = write_dataset(tmp_path / name, labels, ["90"], size=16)
+        if copies:
+            shutil.copyfile(data / "train" / "0.png", data / "train" / "7.png")
+        store_uri, cache = str(tmp_path / f"store-{name}"), tmp_path / f"cache-{name}"
+        with pytest.raises(Stop):
+            training.train_and_register(data, store_uri, config, run_id="r", cache_dir=cache,
+                                        on_epoch=stop_after_epoch_one)
+        store = open_store(store_uri)
+        state = load_checkpoint(store, "r")
+        assert len(state["split_digest"]) == 64
+
+        rewrite(store, {**state, "split_digest": "e" * 64})
+        with pytest.raises(DataError, match=r"^run r was trained on split e{16}, not this run's split \([0-9a-f]{16}\)"
+                                            r": .* use a new --run-id$"):
+            training.train_and_register(data, store_uri, config, run_id="r", cache_dir=cache,
+                                        on_batch=lambda n: pytest.fail("trained on another split"))
+
+        # Written before the split was recorded.
+        rewrite(store, {k: v for k, v in state.items() if k != "split_digest"})
+        if copies:
+            with pytest.raises(DataError, match=r"^run r's checkpoint does not record its split, .* start a new run"):
+                training.train_and_register(data, store_uri, config, run_id="r", cache_dir=cache,
+                                            on_batch=lambda n: pytest.fail("trained on a split that may differ"))
+            rewrite(store, state)
+        result = training.train_and_register(data, store_uri, config, run_id="r", cache_dir=cache)
+        assert result["resumed_from_epoch"] == 1
