@@ -254,6 +254,7 @@ class S3Source(DatasetSource):
         self.cache_root = cache_root
         self._store: S3Store | None = None
         self._pid = -1
+        self._digests: dict[str, FileDigest] | None = None
         listed = {o.key[len(prefix) :]: o for o in objects}
         if MANIFEST in listed:
             self.files, self.manifest = self._from_manifest(listed)
@@ -469,12 +470,13 @@ class S3Source(DatasetSource):
 
     def digests(self) -> dict[str, FileDigest]:
         # ETags (single-part) and manifests give each file's MD5 without a download; only objects
-        # uploaded in several parts need their bytes.
-        unknown = [name for name, remote in self.files.items() if remote.md5 is None]
-        if unknown:
-            self.fetch(unknown)
-        out = {}
-        for name, remote in self.files.items():
-            out[name] = (FileDigest(remote.size, remote.md5) if remote.md5 is not None
-                         else md5_file(self.local_path(remote)))
-        return out
+        # uploaded in several parts or encrypted with KMS need their bytes. Kept for the life of
+        # this source (its files are fixed by its listing): the fingerprint and the split's image
+        # digests would otherwise download and hash every such object once each.
+        if self._digests is None:
+            unknown = [name for name, remote in self.files.items() if remote.md5 is None]
+            if unknown:
+                self.fetch(unknown)
+            self._digests = {name: FileDigest(remote.size, remote.md5) if remote.md5 is not None
+                             else md5_file(self.local_path(remote)) for name, remote in self.files.items()}
+        return dict(self._digests)

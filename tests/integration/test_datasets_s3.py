@@ -94,6 +94,31 @@ def test_an_encrypted_prefix_takes_its_md5s_from_the_bytes_not_the_etags(kaggle,
     assert all(remote.md5 is not None for remote in open_dataset(f"s3://{bucket}/plain/").files.values())
 
 
+def test_an_encrypted_prefix_is_downloaded_and_hashed_once_per_source(kaggle, bucket, cache, monkeypatch):
+    """Training and the gate take the fingerprint and then the split's image digests from one source;
+    each call of digests() fetched and hashed every object whose ETag is no MD5 (SSE-KMS, multipart)
+    again, so the whole prefix was hashed twice (downloaded twice where the cache had evicted it)."""
+    import protein.data.s3 as s3
+
+    client = boto3.client("s3")
+    for path in sorted(kaggle.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, "kms/" + path.relative_to(kaggle).as_posix(),
+                               ExtraArgs={"ServerSideEncryption": "aws:kms"})
+    data = load_competition(f"s3://{bucket}/kms/", require_test=False)
+    downloaded, hashed = [], []
+    download, md5_file = s3._download_verified, s3.md5_file
+    monkeypatch.setattr(s3, "_download_verified", lambda store, remote, path: (downloaded.append(remote.key),
+                                                                                 download(store, remote, path))[1])
+    monkeypatch.setattr(s3, "md5_file", lambda path: (hashed.append(path), md5_file(path))[1])
+    first = fingerprint(data.source)
+    digests = data.train_image_digests()
+    assert fingerprint(data.source) == first == fingerprint(open_dataset(kaggle))
+    assert len(set(digests.values())) == len(LABELS)
+    assert len(hashed) == len(data.source.files)  # every object once: two CSVs, train and test images
+    assert sorted(downloaded) == sorted(set(downloaded))
+
+
 def test_a_prefix_encrypted_differently_per_object_takes_each_etag_for_what_it_is(kaggle, bucket, cache, monkeypatch):
     """train.csv under SSE-S3 and the images under SSE-KMS (a bucket's default switched to KMS later):
     one HEAD of train.csv took every image's ETag for an MD5, so the fingerprint was another than the
