@@ -10,6 +10,7 @@ the cap is refused from its size in the folder or the zip directory, before it i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from protein.data import PNG_SIGNATURE, DatasetSource, FolderSource, ZipSource, decode_png
-from protein.errors import DataError
+from protein.errors import DataError, ProteinError, StoreError
 from protein.pools import ignore_interrupts, pool_context
+from protein.storage.s3_clients import redacted_uri
 from protein.validation.drift import CHANNELS, IMAGE_STATISTICS
 from protein.validation.neardup import difference_hash
 
@@ -41,6 +43,25 @@ POOL_MIN_IMAGES_HEADERS = 8192
 MAX_WORKERS = 8
 
 Job = tuple[str, int, str, str]  # split, CSV line, image id, relative path
+
+# What a file in the dataset itself can cause when opened: a looping symlink, a folder where an
+# image goes. A listed file that is gone (ENOENT) was removed during the run (a missing image is
+# judged from the listing, and the fingerprint hashed this one). Any other OSError (ENOSPC or
+# EDQUOT in the download cache, EIO, EMFILE, ENOMEM, EACCES...) is this host's fault: a verdict
+# resting on either would be stored and refuse good data for days.
+DATA_ERRNOS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
+
+
+def host_read_error(source: DatasetSource, relpath: str, exc: OSError) -> ProteinError:
+    """The one-line refusal for an image this host could not read through no fault of the image."""
+    if exc.errno == errno.ENOENT:
+        return DataError(f"{redacted_uri(source.locate(relpath))}: vanished while validating the dataset; no "
+                         "verdict was recorded (validate again once nothing is changing it)")
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "no errno"
+    where = f" ({exc.filename})" if exc.filename is not None else ""
+    return StoreError(f"{redacted_uri(source.locate(relpath))}: cannot read it on this host{where}: "
+                      f"{exc.strerror or exc} [{code}]; no verdict was recorded (fix the host: free space, "
+                      "permissions, the disk; then validate again)")
 
 
 def declared_size(source: DatasetSource, relpath: str) -> int | None:
@@ -101,7 +122,13 @@ class ImageReader:
         record.update(row=row, split=split, Image=image_id, file=relpath)
         try:
             size, head, tail = self._read(relpath)
-        except (OSError, DataError, zipfile.BadZipFile, KeyError) as exc:
+        except OSError as exc:
+            if exc.errno is not None and exc.errno not in DATA_ERRNOS:
+                # Raised, not recorded: it crosses the process pool and no report is written.
+                raise host_read_error(self.source, relpath, exc) from None
+            record.update(format="unreadable", error=f"cannot read: {exc}")
+            return record
+        except (DataError, zipfile.BadZipFile, KeyError) as exc:
             record.update(format="unreadable", error=f"cannot read: {exc}")
             return record
         record["bytes"] = size

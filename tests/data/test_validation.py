@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
+import os
+import pickle
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -422,3 +428,67 @@ def test_a_docs_run_keeps_only_its_results_and_site_on_disk(tmp_path: Path) -> N
     assert outside == [], f"a docs run wrote project files: {outside}"
     assert f"{GX_DOCS.as_posix()}/index.html" in written
     assert any(p.startswith(f"{GX_RESULTS.as_posix()}/") and "run-1" in p for p in written)
+
+
+# ---- a host fault is no verdict ------------------------------------------------------------------
+
+
+def failing_open(suffix: str, code: int) -> Callable[..., Any]:
+    """`open` for the image inspection, failing with `code` on the one file ending in `suffix`."""
+
+    def opener(path: object, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith(suffix):
+            raise OSError(code, os.strerror(code), str(path))
+        return builtins.open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    return opener
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EMFILE, errno.EACCES])
+def test_a_host_read_error_raises_exit_3_and_records_no_verdict(base: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """A full download cache or a failing disk on the validating host says nothing about the data:
+    a stored failed report would refuse the push every night for a week (the task's cache)."""
+    import protein.validation.images
+    from protein.errors import StoreError
+    from protein.storage import open_store
+
+    monkeypatch.setattr(protein.validation.images, "open", failing_open("train/101.png", code), raising=False)
+    store_uri = str(tmp_path / "store")
+    with pytest.raises(StoreError) as raised:
+        run_validation(base, CONFIG, store_uri=store_uri, report_dir=tmp_path / "report")
+    assert raised.value.exit_code == 3
+    message = str(raised.value)
+    assert "train/101.png" in message and os.strerror(code) in message and errno.errorcode[code] in message
+    assert "\n" not in message
+    assert not (tmp_path / "report" / "report.json").exists()
+    assert not [k for k in open_store(store_uri).list("validation/") if k.endswith("report.json")]
+    # Raised inside a pool worker, it must reach the parent as itself.
+    crossed = pickle.loads(pickle.dumps(raised.value))
+    assert type(crossed) is StoreError and str(crossed) == message
+
+
+def test_an_image_gone_during_the_run_is_no_verdict_either(base: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A missing image is judged from the listing; one listed and fingerprinted, then gone, was removed mid-run.
+    import protein.validation.images
+
+    monkeypatch.setattr(protein.validation.images, "open", failing_open("train/101.png", errno.ENOENT), raising=False)
+    with pytest.raises(DataError, match="train/101.png: vanished while validating") as raised:
+        run_validation(base, CONFIG, report_dir=tmp_path / "report")
+    assert raised.value.exit_code == 2 and not (tmp_path / "report" / "report.json").exists()
+
+
+def test_an_image_the_data_breaks_is_still_unreadable_and_fails(base: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A folder where an image goes (EISDIR) and a corrupt PNG are the data's own faults: a verdict, exit 1.
+    import protein.validation.images
+
+    root = make_faulty(base, tmp_path / "ds", next(f for f in FAULTS if f.name == "corrupt_pixels"))
+    monkeypatch.setattr(protein.validation.images, "open", failing_open("train/104.png", errno.EISDIR), raising=False)
+    report = validate_dataset(root, CONFIG)
+    assert not report.success
+    records = {(f["column"], e.get("file"), e.get("value")) for f in report.failures for e in f["examples"]}
+    # Unreadable: no size, so "every listed image must be readable" (bytes not null) fails on it.
+    assert ("bytes", "train/104.png", None) in records, report.summary_lines()
+    assert ("decodes", "train/101.png", False) in records, report.summary_lines()
