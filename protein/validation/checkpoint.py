@@ -17,7 +17,9 @@ GX is imported inside functions only: importing it costs seconds.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,16 +205,36 @@ def run_checkpoint(tables: list[Table], run_name: str, project_dir: Path, docs: 
 def _build_docs(context: Any, result: Any) -> None:
     """Add this run to the Data Docs site, each page naming its Data Source and asset. GX's page
     header reads the asset from the result's batch spec, which fluent pandas assets leave without
-    it ("Data asset: None"); each suite is named after its asset, so the result says which."""
+    it ("Data asset: None"); each suite is named after its asset, so the result says which.
+
+    The site gets a copy of each result whose strings are HTML-escaped (`html_escaped`): GX 1.24
+    autoescapes only templates named .html and its templates are .j2, so the values it shows (ids,
+    labels, header, file names: whatever a pushed dataset holds) reach the pages as raw HTML. The
+    caller's result, and so report.json, keeps the values as the data holds them."""
     from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
     identifiers: list[Any] = []
     for key, validation in result.run_results.items():
+        validation = copy.deepcopy(validation)
+        for outcome in validation.results:
+            outcome.result = html_escaped(outcome.result or {})
+            outcome.exception_info = html_escaped(outcome.exception_info or {})
         spec = dict(validation.meta.get("batch_spec") or {})
         validation.meta["batch_spec"] = {**spec, "datasource": DATA_SOURCE, "data_asset_name": validation.suite_name}
         context.validation_results_store.set(key, validation)
         identifiers += [key, ExpectationSuiteIdentifier(name=validation.suite_name)]
     context.build_data_docs(resource_identifiers=identifiers, build_index=True)
+
+
+def html_escaped(value: Any) -> Any:
+    """``value`` with every string in it (dict keys included, at any depth) HTML-escaped."""
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, dict):
+        return {html_escaped(k): html_escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(html_escaped(v) for v in value)
+    return value
 
 
 def _exception_message(info: dict) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,28 @@ def test_a_large_bound_reads_only_the_file(base: Path, tmp_path: Path, capsys: p
     size, data, _ = images.ImageReader(FolderSource(base), True, 2**30)._read(f"train/{png.name}")
     assert size == png.stat().st_size == len(data)
     assert asked == [size + 1], asked
+
+
+def test_data_docs_escape_what_the_csv_holds(base: Path, tmp_path: Path) -> None:
+    """A pushed train.csv's ids, labels and header reached the Data Docs pages as raw HTML (GX
+    autoescapes only templates named .html, and its table cells are plain strings): every operator
+    opening the docs ran the file's script. The run fails as before and no page holds the markup."""
+    dataset = Path(shutil.copytree(base, tmp_path / "ds"))
+    script, image = "<script>alert(1)</script>", "<img src=x onerror=alert(1)>"
+    (dataset / "train.csv").write_text("\n".join([
+        f"Image,Label,{script}", f"{image},0,", f"{script},{script},", f"{script},{image},", "104,1 3,"]) + "\n")
+    assert validate("--data", str(dataset), "--report", str(tmp_path / "r"), "--store", str(tmp_path / "store")) == 1
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    # report.json is data: the values as the file holds them.
+    (ids,) = [f for f in report["failures"] if f["expectation"] == "expect_column_values_to_match_regex"
+              and f["column"] == "Image"]
+    assert [e["Image"] for e in ids["examples"]] == [image, script, script]
+    (header,) = [f for f in report["failures"] if f["table"] == "labels.train_csv"]
+    assert header["examples"][0]["value"] == f"Image,Label,{script}"
+    pages = list((tmp_path / "r" / "docs").rglob("*.html")) + list((tmp_path / "store").rglob("*.html"))
+    assert any(p.name == "index.html" for p in pages) and len(pages) > 2
+    shown = " ".join(p.read_text() for p in pages)
+    assert "&lt;img src=x onerror" in shown  # the failing values are still shown, as text
+    for page in pages:
+        html = page.read_text()
+        assert "<script>alert(1)" not in html and "<img src=x onerror" not in html, page
