@@ -68,8 +68,8 @@ def _example_text(example: dict) -> str:
         return (f"{what}: {example['reference']:.1%} -> {example['observed']:.1%} ({shift:+.1f} points, "
                 f"adjusted p={example.get('p_adjusted')})")
     parts = []
-    if "file" in example:
-        parts.append(str(example["file"]))
+    if "file" in example:  # repr, like ids: a name in test/ may hold a newline or an ANSI escape
+        parts.append(repr(example["file"]))
     elif "Image" in example:
         parts.append(f"Image {example['Image']!r}")
     if "row" in example:
@@ -78,7 +78,7 @@ def _example_text(example: dict) -> str:
     if "Label" in example:
         text += f" Label {example['Label']!r}"
     if "distance" in example:  # a near-duplicate pair
-        return f"{text} ~ {example['value']} ({example['distance']} bits apart)"
+        return f"{text} ~ {example['value']!r} ({example['distance']} bits apart)"
     if "value" in example:
         text += f" = {example['value']!r}"
     if "error" in example:

@@ -26,7 +26,7 @@ def test_train_csv_without_header_row_is_reported_as_missing_its_header(
     _, err = capsys.readouterr()
     assert code == 1  # data failed validation, not a crash
     assert "Traceback" not in err and "zip()" not in err
-    assert "train.csv must have exactly the columns Image,Label; e.g. train.csv row 1 = " in err
+    assert "train.csv must have exactly the columns Image,Label; e.g. 'train.csv' row 1 = " in err
 
 
 def test_a_blank_first_line_fails_validation_as_the_loader_refuses_it(

@@ -167,8 +167,8 @@ def test_validation_names_near_copies_as_warnings(tmp_path: Path, monkeypatch: p
     assert (within["file"], within["value"]) == ("train/106.png", "train/102.png")
     assert within["distance"] <= DEFAULT_NEAR_DUPLICATE_DISTANCE
     lines = report.warning_lines()  # what the CLI prints
-    assert any("test/202.png ~ train/103.png (" in line for line in lines)
-    assert any("train/106.png ~ train/102.png (" in line for line in lines)
+    assert any("'test/202.png' ~ 'train/103.png' (" in line for line in lines)
+    assert any("'train/106.png' ~ 'train/102.png' (" in line for line in lines)
 
     monkeypatch.setattr(custom_expectations()["expect_no_near_duplicate_images"], "_validate", always_passes)
     assert near_warnings(validate_dataset(dataset, CONFIG)) == {}
