@@ -364,7 +364,7 @@ def test_duplicates_in_train_warn_naming_the_group_and_blank_images_are_flagged(
     duplicate = found[("integrity", "duplicate_of")]
     assert duplicate["examples"] == [{"row": 6, "Image": "105", "file": "train/105.png", "split": "train",
                                       "value": "train/101.png"}]
-    assert "train/105.png row 6 = 'train/101.png'" in " ".join(report.warning_lines())
+    assert "'train/105.png' row 6 = 'train/101.png'" in " ".join(report.warning_lines())
     blank = found[("integrity", "constant")]
     assert [e["file"] for e in blank["examples"]] == ["train/106.png"]
 

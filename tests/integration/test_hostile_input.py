@@ -112,9 +112,9 @@ def test_hostile_images_fail_validation_naming_each_file(tmp_path):
                  "--image-size", str(IMAGE))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert json.loads(result.stdout)["success"] is False
-    for needle in ("train/5.png row 7 (cannot read: points outside the dataset folder",
-                   "train/6.png row 8 = '10000x10000'",
-                   "train/7.png row 9 = False (data after the IEND chunk (trailing garbage))"):
+    for needle in ("'train/5.png' row 7 (cannot read: points outside the dataset folder",
+                   "'train/6.png' row 8 = '10000x10000'",
+                   "'train/7.png' row 9 = False (data after the IEND chunk (trailing garbage))"):
         assert needle in result.stderr, result.stderr
     assert not (tmp_path / "store" / "models").exists()
 
