@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -265,11 +264,15 @@ def apply_fault(soak: Soak, fault: str, run: Any) -> None:
     soak.faults.append(f"{fault} of {host.name} while it ran {train.name}")
 
 
-def s3_outage(soak: Soak, run: Any, rng: random.Random) -> None:
-    with soak.stack.client() as client:
-        wait_until(soak, f"{run.name} running", lambda: client.read_flow_run(run.id).state_type.value != "SCHEDULED")
-    time.sleep(rng.uniform(0, 1))
+def s3_outage(soak: Soak, run: Any) -> None:
+    """S3 goes down as the nightly is created, before its process can start, and stays down S3_OUTAGE_S
+    once the run is Running, so its first store task meets the outage however long the host takes to
+    start the run. Taken down once the run had left Scheduled, it missed a run whose process was slow
+    to start under load: the outage ended before any store read and no task retried."""
     soak.proxy.stop()
+    with soak.stack.client() as client:
+        wait_until(soak, f"{run.name} running", lambda: client.read_flow_run(run.id).state_type.value
+                   not in ("SCHEDULED", "PENDING"))
     time.sleep(S3_OUTAGE_S)
     soak.proxy.start()
     soak.faults.append(f"S3 down {S3_OUTAGE_S:.0f}s during {run.name}")
@@ -279,7 +282,6 @@ def s3_outage(soak: Soak, run: Any, rng: random.Random) -> None:
 def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> tuple[list[Any], list[Any]]:
     """Play the calendar; returns the nightly runs and the push runs, all final. ``pushes``: each
     push's answer (sequence, event id, fingerprint) by its index, filled as they happen."""
-    rng = random.Random(plan.seed + 1)
     nightlies: list[Any] = []
     push_runs: list[Any] = []
     folder: Path | None = None
@@ -303,7 +305,7 @@ def live_calendar(soak: Soak, plan: Plan, pushes: dict[int, dict[str, Any]]) -> 
         scheduled = time.monotonic()
         nightly = schedule_nightly(soak, night)
         if night == plan.s3_outage_night:
-            s3_outage(soak, nightly, rng)
+            s3_outage(soak, nightly)
         started.append(nightly)
         for run in started:
             soak.stack.wait_final(run.id, FINAL_WAIT_S)
